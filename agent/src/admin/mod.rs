@@ -1,0 +1,128 @@
+//! The admin API: `/live`, `/ready`, `/metrics`, `/config`, `/log-level`.
+//!
+//! It runs on its own single-threaded runtime (as ztunnel's does) so a slow
+//! scrape or a large config dump never queues behind proxied traffic, and
+//! proxied traffic never starves the operator's view of the agent. It
+//! listens on loopback only (the config rejects anything else) because it
+//! has no authentication.
+
+mod ready;
+mod routes;
+
+pub use ready::Readiness;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::config::Config;
+use crate::telemetry::LogLevelHandle;
+
+/// What the admin API reads from the rest of the agent.
+pub struct AdminState {
+    pub readiness: Arc<Readiness>,
+    pub registry: Arc<prometheus_client::registry::Registry>,
+    /// Called before each scrape to refresh gauges sampled from elsewhere
+    /// (e.g. kernel map occupancy).
+    pub before_scrape: Box<dyn Fn() + Send + Sync>,
+    pub config: Arc<Config>,
+    pub log_level: LogLevelHandle,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("cannot bind the admin API on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start the admin runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// A running admin server; dropping it does not stop it, `stop` does.
+pub struct AdminServer {
+    pub local_addr: SocketAddr,
+    stop: CancellationToken,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl AdminServer {
+    /// Binds `addr` and serves on a dedicated thread.
+    pub fn start(addr: SocketAddr, state: AdminState) -> Result<Self, AdminError> {
+        let std_listener = std::net::TcpListener::bind(addr)
+            .map_err(|source| AdminError::Bind { addr, source })?;
+        std_listener
+            .set_nonblocking(true)
+            .map_err(|source| AdminError::Bind { addr, source })?;
+        let local_addr = std_listener
+            .local_addr()
+            .map_err(|source| AdminError::Bind { addr, source })?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .thread_name("waymark-admin")
+            .build()
+            .map_err(AdminError::Runtime)?;
+        let stop = CancellationToken::new();
+        let stop2 = stop.clone();
+        let state = Arc::new(state);
+        let thread = std::thread::Builder::new()
+            .name("waymark-admin".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    let listener = match TcpListener::from_std(std_listener) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            warn!(error = %e, "admin listener unusable");
+                            return;
+                        }
+                    };
+                    loop {
+                        let (stream, peer) = tokio::select! {
+                            _ = stop2.cancelled() => break,
+                            a = listener.accept() => match a {
+                                Ok(a) => a,
+                                Err(e) => {
+                                    warn!(error = %e, "admin accept failed");
+                                    continue;
+                                }
+                            },
+                        };
+                        let state = state.clone();
+                        tokio::spawn(async move {
+                            let svc = service_fn(move |req| {
+                                let state = state.clone();
+                                async move { routes::handle(&state, req).await }
+                            });
+                            if let Err(e) = http1::Builder::new()
+                                .serve_connection(TokioIo::new(stream), svc)
+                                .await
+                            {
+                                debug!(%peer, error = %e, "admin connection ended with an error");
+                            }
+                        });
+                    }
+                })
+            })
+            .map_err(AdminError::Runtime)?;
+        Ok(AdminServer {
+            local_addr,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops accepting and joins the admin thread.
+    pub fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

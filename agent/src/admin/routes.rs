@@ -1,0 +1,110 @@
+//! Request handlers of the admin API.
+
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode, header};
+
+use super::AdminState;
+
+type Body = Full<Bytes>;
+
+/// Largest request body the admin API reads (a log filter).
+const MAX_BODY: usize = 4096;
+
+pub async fn handle(
+    state: &AdminState,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_string();
+    let response = match (req.method(), path.as_str()) {
+        (&Method::GET, "/live") => text(StatusCode::OK, "live\n".into()),
+        (&Method::GET, "/ready") => ready(state),
+        (&Method::GET, "/metrics") => metrics(state),
+        (&Method::GET, "/config") => match serde_json::to_string_pretty(&*state.config) {
+            Ok(json) => with_type(StatusCode::OK, "application/json", json + "\n"),
+            Err(e) => text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot encode config: {e}\n"),
+            ),
+        },
+        (&Method::GET, "/log-level") => {
+            text(StatusCode::OK, format!("{}\n", state.log_level.get()))
+        }
+        (&Method::PUT, "/log-level") | (&Method::POST, "/log-level") => {
+            set_log_level(state, req).await
+        }
+        (_, "/live" | "/ready" | "/metrics" | "/config" | "/log-level") => text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("method not allowed on {path}\n"),
+        ),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no such admin endpoint: {path}\navailable: /live /ready /metrics /config /log-level\n"
+            ),
+        ),
+    };
+    Ok(response)
+}
+
+fn ready(state: &AdminState) -> Response<Body> {
+    let pending = state.readiness.pending();
+    if pending.is_empty() {
+        text(StatusCode::OK, "ready\n".into())
+    } else {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", pending.join(", ")),
+        )
+    }
+}
+
+fn metrics(state: &AdminState) -> Response<Body> {
+    (state.before_scrape)();
+    let mut out = String::new();
+    match prometheus_client::encoding::text::encode(&mut out, &state.registry) {
+        Ok(()) => with_type(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            out,
+        ),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot encode metrics: {e}\n"),
+        ),
+    }
+}
+
+async fn set_log_level(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("cannot read body: {e}\n")),
+    };
+    let Ok(filter) = std::str::from_utf8(&body) else {
+        return text(StatusCode::BAD_REQUEST, "log filter must be UTF-8\n".into());
+    };
+    match state.log_level.set(filter.trim()) {
+        Ok(()) => {
+            tracing::info!(filter = filter.trim(), "log level changed");
+            text(StatusCode::OK, format!("{}\n", state.log_level.get()))
+        }
+        Err(e) => text(StatusCode::BAD_REQUEST, format!("invalid log filter {e}\n")),
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Body> {
+    with_type(status, "text/plain; charset=utf-8", body)
+}
+
+fn with_type(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    r
+}

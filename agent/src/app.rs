@@ -1,0 +1,239 @@
+//! Wires the agent together and owns its lifecycle: start-up order,
+//! readiness, signal handling and the drain.
+//!
+//! Start-up order matters. Every pod's listener is bound *before* the
+//! programs are attached, so the first redirected connect already finds a
+//! listener (merbridge #167: a 503 on the first request after enrolment).
+//!
+//! Shutdown is the reverse: on SIGTERM/SIGINT the agent reports not-ready,
+//! detaches the programs first, then stops accepting, then gives open
+//! connections `shutdown.drain_grace` to finish before closing them.
+//!
+//! While no agent runs, the programs are not attached (the kernel detaches
+//! them when the agent's links close, also on a crash), so pods' new
+//! connections go straight to their destinations: waymark fails *open*.
+//! A pod is never blackholed by a dead agent; the price is that such
+//! connections bypass the proxy (no metrics, and later no mTLS) until an
+//! agent is back. Restart handover with pinned programs is the way to close
+//! that window for rollouts.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::admin::{AdminServer, AdminState, Readiness};
+use crate::config::Config;
+use crate::diagnostics::metrics::{MapLabels, Metrics};
+use crate::proxy::OriginalDst;
+use crate::proxy::listener::bind_in_netns;
+use crate::proxy::outbound::{Outbound, PodInfo};
+use crate::redirect::Redirect;
+use crate::telemetry::LogLevelHandle;
+
+const READY_PROGRAMS: &str = "redirect programs not attached";
+const READY_LISTENERS: &str = "pod listeners not bound";
+const READY_DRAINING: &str = "draining";
+
+/// The kernel's original-destination maps behind the proxy's trait. Lookups
+/// share a read lock (the map syscall is atomic on its own); only attach
+/// and detach take it exclusively.
+struct KernelOriginalDst(Arc<RwLock<Redirect>>);
+
+impl OriginalDst for KernelOriginalDst {
+    fn take(&self, netns_cookie: u64, client: SocketAddr) -> Result<Option<SocketAddr>, String> {
+        let r = self.0.read().unwrap_or_else(|e| e.into_inner());
+        r.take_original_dst(netns_cookie, client)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Runs the agent until SIGTERM/SIGINT and the drain are done.
+pub fn run(config: Config, log_level: LogLevelHandle) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.runtime.workers)
+        .thread_name("waymark-worker")
+        .enable_all()
+        .build()
+        .context("cannot start the data-path runtime")?;
+    runtime.block_on(run_async(config, log_level))
+}
+
+async fn run_async(config: Config, log_level: LogLevelHandle) -> Result<()> {
+    let config = Arc::new(config);
+    let readiness = Arc::new(Readiness::new(&[READY_PROGRAMS, READY_LISTENERS]));
+    let mut metrics = Metrics::new(config.metrics.max_destinations);
+
+    let redirect = Redirect::load(config.outbound.port, &config.excludes())
+        .context("cannot load the redirect programs into the kernel (waymark agent needs root, or CAP_BPF + CAP_NET_ADMIN + CAP_SYS_ADMIN, and a kernel with BTF and cgroup v2)")?;
+    let redirect = Arc::new(RwLock::new(redirect));
+
+    let tcp = metrics.tcp.clone();
+    let scrape_redirect = redirect.clone();
+    let before_scrape = Box::new(move || {
+        let r = scrape_redirect.read().unwrap_or_else(|e| e.into_inner());
+        match r.occupancy() {
+            Ok(o) => {
+                tcp.redirect_map_entries
+                    .get_or_create(&MapLabels {
+                        map: "original_dst_by_cookie",
+                    })
+                    .set(o.by_cookie as i64);
+                tcp.redirect_map_entries
+                    .get_or_create(&MapLabels {
+                        map: "original_dst_by_flow",
+                    })
+                    .set(o.by_flow as i64);
+            }
+            Err(e) => warn!(error = %e, "cannot read redirect map occupancy"),
+        }
+    });
+    let registry = Arc::new(std::mem::take(&mut metrics.registry));
+    let admin = AdminServer::start(
+        config.admin.listen,
+        AdminState {
+            readiness: readiness.clone(),
+            registry,
+            before_scrape,
+            config: config.clone(),
+            log_level,
+        },
+    )?;
+    info!(node = %config.node.name, admin = %admin.local_addr, "admin API listening");
+
+    // Bind every pod's listener before attaching (see the module doc).
+    let mut bound = Vec::new();
+    for pod in &config.pods {
+        let sockets = bind_in_netns(&pod.netns, config.outbound.port)
+            .with_context(|| format!("cannot set up the outbound listener of pod {}", pod.name))?;
+        if let Some(e) = &sockets.ipv6_unavailable {
+            warn!(pod = %pod.name, error = %e, "no IPv6 loopback in the pod; only IPv4 connections are proxied");
+        }
+        let info = Arc::new(PodInfo {
+            name: pod.name.clone(),
+            netns_cookie: sockets.netns_cookie,
+        });
+        for l in sockets.listeners {
+            let l = TcpListener::from_std(l).context("cannot register a pod listener")?;
+            bound.push((info.clone(), l));
+        }
+        info!(pod = %pod.name, netns = %pod.netns.display(), port = config.outbound.port, "outbound listener bound in pod");
+    }
+    readiness.set(READY_LISTENERS);
+
+    match &config.redirect.cgroup {
+        Some(cgroup) => {
+            let path = resolve_cgroup(cgroup)?;
+            redirect
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .attach(&path)
+                .with_context(|| {
+                    format!("cannot attach the redirect programs to {}", path.display())
+                })?;
+            info!(cgroup = %path.display(), "redirect programs attached");
+        }
+        None => info!(
+            "redirect.cgroup is not set: programs loaded but not attached; no pod traffic is redirected"
+        ),
+    }
+    readiness.set(READY_PROGRAMS);
+
+    let outbound = Arc::new(Outbound {
+        original_dst: Arc::new(KernelOriginalDst(redirect.clone())),
+        metrics: metrics.tcp.clone(),
+        connect_timeout: config.outbound.connect_timeout,
+        tracker: TaskTracker::new(),
+        force_close: CancellationToken::new(),
+    });
+    let stop_accepting = CancellationToken::new();
+    let acceptors = TaskTracker::new();
+    for (pod, listener) in bound {
+        acceptors.spawn(
+            outbound
+                .clone()
+                .serve(pod, listener, stop_accepting.clone()),
+        );
+    }
+    info!(pods = config.pods.len(), "waymark agent ready");
+
+    let signal_name = wait_for_signal().await?;
+    info!(signal = signal_name, grace = ?config.shutdown.drain_grace, "shutting down: detaching programs, then draining");
+    readiness.unset(READY_DRAINING);
+    redirect.write().unwrap_or_else(|e| e.into_inner()).detach();
+    stop_accepting.cancel();
+    acceptors.close();
+    acceptors.wait().await;
+    drain(&outbound, config.shutdown.drain_grace).await;
+    admin.stop();
+    info!("waymark agent stopped");
+    Ok(())
+}
+
+/// Waits for open connections up to `grace`, then closes the rest.
+async fn drain(outbound: &Outbound, grace: Duration) {
+    outbound.tracker.close();
+    let open = outbound.tracker.len();
+    if open == 0 {
+        return;
+    }
+    info!(open, "waiting for open connections to finish");
+    if tokio::time::timeout(grace, outbound.tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            open = outbound.tracker.len(),
+            "drain grace period over; closing the remaining connections"
+        );
+        outbound.force_close.cancel();
+        outbound.tracker.wait().await;
+    }
+}
+
+async fn wait_for_signal() -> Result<&'static str> {
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
+
+/// A relative `redirect.cgroup` is taken under the cgroup2 mount point.
+fn resolve_cgroup(cgroup: &std::path::Path) -> Result<PathBuf> {
+    let path = if cgroup.is_absolute() {
+        cgroup.to_path_buf()
+    } else {
+        cgroup2_mount()?.join(cgroup)
+    };
+    anyhow::ensure!(
+        path.join("cgroup.procs").exists(),
+        "redirect.cgroup {} is not a cgroup v2 directory (no cgroup.procs in it)",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// Where cgroup v2 is mounted (`/sys/fs/cgroup` on most Kubernetes nodes,
+/// `/sys/fs/cgroup/unified` on hybrid hosts), read from mountinfo.
+pub fn cgroup2_mount() -> Result<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .context("cannot read /proc/self/mountinfo")?;
+    info.lines()
+        .find_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            if right.split_whitespace().next()? != "cgroup2" {
+                return None;
+            }
+            left.split_whitespace().nth(4).map(PathBuf::from)
+        })
+        .context("no cgroup2 filesystem is mounted; waymark needs cgroup v2")
+}

@@ -1,0 +1,392 @@
+//! The agent's configuration: typed, with defaults that run on a plain Linux
+//! host, parsed from TOML and then validated as a whole.
+//!
+//! Validation reports every problem at once (an operator fixing a config file
+//! should not have to play whack-a-mole), and each message names the field
+//! path and what is wrong with it. A config that fails validation is never
+//! applied.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// The configuration the agent runs with when no `--config` is given: admin
+/// on loopback, programs loaded (so the kernel's support is checked) but not
+/// attached to any cgroup, no pods.
+pub const DEFAULT_CONFIG: &str = include_str!("default-config.toml");
+
+/// Default admin address: loopback only, Linkerd's admin port.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:4191";
+/// Default connect timeout towards the original destination.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Default drain grace period after SIGTERM/SIGINT.
+pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(10);
+/// Default cap on distinct destination label values in metrics.
+pub const DEFAULT_MAX_METRIC_DESTINATIONS: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {origin} is not valid TOML for waymark: {message}")]
+    Parse { origin: String, message: String },
+    #[error("config {origin} has {} problem(s):\n{}", .problems.len(), .problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid {
+        origin: String,
+        problems: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub node: NodeConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub outbound: OutboundConfig,
+    #[serde(default)]
+    pub redirect: RedirectConfig,
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+    /// The pods on this node whose connections the agent proxies.
+    #[serde(default)]
+    pub pods: Vec<PodConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Name of this node as shown in logs, metrics and diagnostics; defaults
+    /// to the host name.
+    #[serde(default = "default_node_name")]
+    pub name: String,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            name: default_node_name(),
+        }
+    }
+}
+
+fn default_node_name() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the admin API (`/live`, `/ready`, `/metrics`, `/config`).
+    /// It has no authentication, so it must stay on loopback.
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+fn default_admin_listen() -> SocketAddr {
+    DEFAULT_ADMIN_LISTEN.parse().expect("constant parses")
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OutboundConfig {
+    /// Port of the listener the agent binds on `127.0.0.1` and `::1` inside
+    /// every pod's network namespace; redirected connections land there.
+    #[serde(default = "default_outbound_port")]
+    pub port: u16,
+    /// How long to wait for the original destination to accept before the
+    /// client's connection is reset.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for OutboundConfig {
+    fn default() -> Self {
+        Self {
+            port: default_outbound_port(),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+        }
+    }
+}
+
+fn default_outbound_port() -> u16 {
+    waymark_common::DEFAULT_OUTBOUND_PORT
+}
+
+fn default_connect_timeout() -> Duration {
+    DEFAULT_CONNECT_TIMEOUT
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RedirectConfig {
+    /// The cgroup v2 directory holding this node's pods. The redirection
+    /// programs are attached there and act on every process below it. When
+    /// unset the programs are loaded (checking the kernel) but not attached.
+    /// A relative path is taken relative to the cgroup2 mount point.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
+    /// Destinations that are never redirected. Loopback is always excluded.
+    #[serde(default)]
+    pub exclude: Vec<ExcludeConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ExcludeConfig {
+    /// A CIDR, e.g. `10.0.0.0/24` or `fd00::/64`.
+    pub net: IpNet,
+    /// Only these destination ports; empty means every port.
+    #[serde(default)]
+    pub ports: Vec<u16>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// After SIGTERM/SIGINT, how long established connections may keep
+    /// running before they are closed.
+    #[serde(default = "default_drain_grace", with = "humantime_serde")]
+    pub drain_grace: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            drain_grace: DEFAULT_DRAIN_GRACE,
+        }
+    }
+}
+
+fn default_drain_grace() -> Duration {
+    DEFAULT_DRAIN_GRACE
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Distinct destination addresses that get their own label value; the
+    /// rest are counted under `target_addr="overflow"` so a scan cannot blow
+    /// up the metrics' cardinality.
+    #[serde(default = "default_max_destinations")]
+    pub max_destinations: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            max_destinations: DEFAULT_MAX_METRIC_DESTINATIONS,
+        }
+    }
+}
+
+fn default_max_destinations() -> usize {
+    DEFAULT_MAX_METRIC_DESTINATIONS
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Worker threads of the data-path runtime. The admin API always runs on
+    /// its own single thread so scrapes never queue behind traffic.
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            workers: default_workers(),
+        }
+    }
+}
+
+/// Two workers, like ztunnel: a node proxy shares the node with its pods.
+fn default_workers() -> usize {
+    DEFAULT_WORKERS
+}
+
+/// Default data-path worker threads.
+pub const DEFAULT_WORKERS: usize = 2;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PodConfig {
+    /// `namespace/name`, as Kubernetes would name it.
+    pub name: String,
+    /// Path of the pod's network namespace (e.g. `/var/run/netns/…`); the
+    /// agent binds the pod's outbound listener inside it.
+    pub netns: PathBuf,
+    /// The pod's addresses, used to name the source of connections.
+    #[serde(default)]
+    pub ips: Vec<IpAddr>,
+}
+
+impl Config {
+    /// Parses and validates a config from TOML text; `origin` names it in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_string(),
+            message: e.to_string(),
+        })?;
+        config.validate(origin)?;
+        Ok(config)
+    }
+
+    /// Reads, parses and validates a config file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// The embedded default.
+    pub fn embedded_default() -> Self {
+        Self::from_toml(DEFAULT_CONFIG, "(embedded default)").expect("embedded default is valid")
+    }
+
+    /// Cross-field rules that serde cannot express. Collects every problem.
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if self.node.name.trim().is_empty() {
+            problems.push("node.name: must not be empty".to_string());
+        }
+        if !self.admin.listen.ip().is_loopback() {
+            problems.push(format!(
+                "admin.listen: {} is not a loopback address; the admin API has no authentication and must listen on 127.0.0.1 or ::1",
+                self.admin.listen
+            ));
+        }
+        if self.outbound.port == 0 {
+            problems.push("outbound.port: must not be 0".to_string());
+        }
+        if self.outbound.connect_timeout.is_zero() {
+            problems.push("outbound.connect_timeout: must be greater than 0".to_string());
+        }
+        if self.runtime.workers == 0 || self.runtime.workers > 64 {
+            problems.push(format!(
+                "runtime.workers: {} is out of range; use 1 to 64",
+                self.runtime.workers
+            ));
+        }
+        if self.metrics.max_destinations == 0 {
+            problems.push("metrics.max_destinations: must be at least 1".to_string());
+        }
+        if self.redirect.exclude.len() > waymark_common::MAX_EXCLUDES as usize {
+            problems.push(format!(
+                "redirect.exclude: {} entries, at most {} are supported",
+                self.redirect.exclude.len(),
+                waymark_common::MAX_EXCLUDES
+            ));
+        }
+        for (i, ex) in self.redirect.exclude.iter().enumerate() {
+            if ex.ports.len() > waymark_common::MAX_EXCLUDE_PORTS {
+                problems.push(format!(
+                    "redirect.exclude[{i}].ports: {} ports, at most {} per entry are supported (split the entry)",
+                    ex.ports.len(),
+                    waymark_common::MAX_EXCLUDE_PORTS
+                ));
+            }
+            if ex.ports.contains(&0) {
+                problems.push(format!(
+                    "redirect.exclude[{i}].ports: port 0 is not a port; leave the list empty to exclude every port"
+                ));
+            }
+            if ex.net != ex.net.trunc() {
+                problems.push(format!(
+                    "redirect.exclude[{i}].net: {} has host bits set; did you mean {}?",
+                    ex.net,
+                    ex.net.trunc()
+                ));
+            }
+        }
+        for (i, ex) in self.redirect.exclude.iter().enumerate() {
+            if self.redirect.exclude[..i].iter().any(|e| e.net == ex.net) {
+                problems.push(format!(
+                    "redirect.exclude[{i}].net: {} is listed twice; merge the port lists",
+                    ex.net
+                ));
+            }
+        }
+        if !self.pods.is_empty() && self.redirect.cgroup.is_none() {
+            problems.push(
+                "redirect.cgroup: pods are declared but no cgroup is set, so their connections would never reach the agent"
+                    .to_string(),
+            );
+        }
+        for (i, pod) in self.pods.iter().enumerate() {
+            if pod.name.trim().is_empty() {
+                problems.push(format!("pods[{i}].name: must not be empty"));
+            } else if self.pods[..i].iter().any(|p| p.name == pod.name) {
+                problems.push(format!("pods[{i}].name: {:?} is declared twice", pod.name));
+            }
+            if !pod.netns.is_absolute() {
+                problems.push(format!(
+                    "pods[{i}].netns: {} must be an absolute path",
+                    pod.netns.display()
+                ));
+            }
+            for ip in &pod.ips {
+                if let Some((j, other)) = self.pods[..i]
+                    .iter()
+                    .enumerate()
+                    .find(|(_, p)| p.ips.contains(ip))
+                {
+                    problems.push(format!(
+                        "pods[{i}].ips: {ip} is already the address of pods[{j}] ({})",
+                        other.name
+                    ));
+                }
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid {
+                origin: origin.to_string(),
+                problems,
+            })
+        }
+    }
+
+    /// Excluded destinations as the redirect programs take them. Loopback is
+    /// not listed: the programs never redirect it.
+    pub fn excludes(&self) -> Vec<crate::redirect::Exclude> {
+        self.redirect
+            .exclude
+            .iter()
+            .map(|e| crate::redirect::Exclude {
+                net: e.net,
+                ports: e.ports.clone(),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,269 @@
+//! Prometheus metrics. Names follow linkerd2-proxy's where the meaning is the
+//! same (`tcp_open_total`, `tcp_close_total`, `tcp_read_bytes_total`, …) so
+//! existing dashboards keep working; waymark's own carry a `waymark_` prefix.
+//!
+//! Label values are bounded: destinations beyond `metrics.max_destinations`
+//! collapse into `target_addr="overflow"`, and an unknown value is written
+//! as `unknown`, never empty.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use std::fmt::Write as _;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Which way a connection runs through the agent, as Linkerd labels it.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Direction {
+    Outbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+        }
+    }
+}
+
+impl EncodeLabelValue for Direction {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
+        encoder.write_str(self.as_str())
+    }
+}
+
+/// Labels of every TCP series: the direction, the source pod and where the
+/// connection was going.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub direction: Direction,
+    /// Linkerd's `peer` label: which side of the proxy the series counts.
+    pub peer: &'static str,
+    pub pod: String,
+    pub target_addr: String,
+}
+
+/// Success or failure of a whole connection, Linkerd's `classification`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpCloseLabels {
+    pub direction: Direction,
+    pub peer: &'static str,
+    pub pod: String,
+    pub target_addr: String,
+    pub classification: &'static str,
+    /// Why the agent closed it: `eof`, `connect_refused`, `connect_timeout`,
+    /// `reset`, `drain`, ….
+    pub reason: &'static str,
+}
+
+impl TcpCloseLabels {
+    pub fn new(
+        base: &TcpLabels,
+        classification: &'static str,
+        reason: &'static str,
+    ) -> TcpCloseLabels {
+        TcpCloseLabels {
+            direction: base.direction,
+            peer: base.peer,
+            pod: base.pod.clone(),
+            target_addr: base.target_addr.clone(),
+            classification,
+            reason,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabels {
+    pub map: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PodLabels {
+    pub pod: String,
+}
+
+/// Connection-duration buckets in milliseconds: from a fast RPC to an
+/// hour-long stream.
+const DURATION_BUCKETS_MS: [f64; 12] = [
+    1.0,
+    5.0,
+    10.0,
+    50.0,
+    100.0,
+    500.0,
+    1_000.0,
+    5_000.0,
+    10_000.0,
+    60_000.0,
+    300_000.0,
+    3_600_000.0,
+];
+
+/// The TCP-level metrics of the proxy.
+pub struct TcpMetrics {
+    pub open_total: Family<TcpLabels, Counter>,
+    pub open_connections: Family<TcpLabels, Gauge>,
+    pub close_total: Family<TcpCloseLabels, Counter>,
+    pub read_bytes_total: Family<TcpLabels, Counter>,
+    pub write_bytes_total: Family<TcpLabels, Counter>,
+    pub connection_duration_ms: Family<TcpLabels, Histogram>,
+    /// Redirected connections whose original destination the kernel had no
+    /// record of. Should stay 0; anything else is a bug or a map overflow.
+    pub no_original_dst_total: Family<PodLabels, Counter>,
+    /// Entries in the original-destination maps, sampled at scrape time.
+    pub redirect_map_entries: Family<MapLabels, Gauge>,
+    destinations: Mutex<HashSet<String>>,
+    max_destinations: usize,
+}
+
+impl TcpMetrics {
+    pub fn new(registry: &mut Registry, max_destinations: usize) -> Self {
+        let m = TcpMetrics {
+            open_total: Family::default(),
+            open_connections: Family::default(),
+            close_total: Family::default(),
+            read_bytes_total: Family::default(),
+            write_bytes_total: Family::default(),
+            connection_duration_ms: Family::new_with_constructor(|| {
+                Histogram::new(DURATION_BUCKETS_MS)
+            }),
+            no_original_dst_total: Family::default(),
+            redirect_map_entries: Family::default(),
+            destinations: Mutex::new(HashSet::new()),
+            max_destinations,
+        };
+        registry.register(
+            "tcp_open",
+            "Total number of TCP connections opened",
+            m.open_total.clone(),
+        );
+        registry.register(
+            "tcp_open_connections",
+            "Number of currently open TCP connections",
+            m.open_connections.clone(),
+        );
+        registry.register(
+            "tcp_close",
+            "Total number of TCP connections closed, by classification and reason",
+            m.close_total.clone(),
+        );
+        registry.register(
+            "tcp_read_bytes",
+            "Total bytes read from the peer named by the peer label",
+            m.read_bytes_total.clone(),
+        );
+        registry.register(
+            "tcp_write_bytes",
+            "Total bytes written to the peer named by the peer label",
+            m.write_bytes_total.clone(),
+        );
+        registry.register(
+            "tcp_connection_duration_ms",
+            "Duration of closed TCP connections in milliseconds",
+            m.connection_duration_ms.clone(),
+        );
+        registry.register(
+            "waymark_outbound_no_original_dst",
+            "Redirected connections accepted without a recorded original destination",
+            m.no_original_dst_total.clone(),
+        );
+        registry.register(
+            "waymark_redirect_map_entries",
+            "Entries in the kernel's original-destination maps",
+            m.redirect_map_entries.clone(),
+        );
+        m
+    }
+
+    /// The label value for a destination, bounded by `max_destinations`.
+    pub fn target_label(&self, dst: SocketAddr) -> String {
+        let value = dst.to_string();
+        let mut seen = self.destinations.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.contains(&value) {
+            return value;
+        }
+        if seen.len() < self.max_destinations {
+            seen.insert(value.clone());
+            return value;
+        }
+        "overflow".to_string()
+    }
+
+    pub fn record_duration(&self, labels: &TcpLabels, d: Duration) {
+        self.connection_duration_ms
+            .get_or_create(labels)
+            .observe(d.as_secs_f64() * 1000.0);
+    }
+}
+
+/// Builds the registry and every metric family of the agent.
+pub struct Metrics {
+    pub registry: Registry,
+    pub tcp: std::sync::Arc<TcpMetrics>,
+}
+
+impl Metrics {
+    pub fn new(max_destinations: usize) -> Self {
+        let mut registry = Registry::default();
+        let tcp = std::sync::Arc::new(TcpMetrics::new(&mut registry, max_destinations));
+        Metrics { registry, tcp }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus_client::encoding::text::encode;
+
+    #[test]
+    fn destinations_beyond_the_cap_collapse_to_overflow() {
+        let m = Metrics::new(2);
+        let a = m.tcp.target_label("10.0.0.1:80".parse().unwrap());
+        let b = m.tcp.target_label("10.0.0.2:80".parse().unwrap());
+        let c = m.tcp.target_label("10.0.0.3:80".parse().unwrap());
+        assert_eq!(a, "10.0.0.1:80");
+        assert_eq!(b, "10.0.0.2:80");
+        assert_eq!(c, "overflow");
+        // Already admitted values keep their own label.
+        assert_eq!(
+            m.tcp.target_label("10.0.0.1:80".parse().unwrap()),
+            "10.0.0.1:80"
+        );
+    }
+
+    #[test]
+    fn text_output_uses_linkerd_names() {
+        let m = Metrics::new(8);
+        let labels = TcpLabels {
+            direction: Direction::Outbound,
+            peer: "dst",
+            pod: "default/a".into(),
+            target_addr: "10.2.0.2:80".into(),
+        };
+        m.tcp.open_total.get_or_create(&labels).inc();
+        m.tcp.read_bytes_total.get_or_create(&labels).inc_by(42);
+        m.tcp
+            .close_total
+            .get_or_create(&TcpCloseLabels::new(&labels, "success", "eof"))
+            .inc();
+        let mut out = String::new();
+        encode(&mut out, &m.registry).unwrap();
+        assert!(out.contains(
+            r#"tcp_open_total{direction="outbound",peer="dst",pod="default/a",target_addr="10.2.0.2:80"} 1"#
+        ), "{out}");
+        assert!(out.contains(r#"tcp_read_bytes_total{direction="outbound",peer="dst",pod="default/a",target_addr="10.2.0.2:80"} 42"#), "{out}");
+        assert!(
+            out.contains(r#"classification="success",reason="eof"} 1"#),
+            "{out}"
+        );
+    }
+}

@@ -1,0 +1,4 @@
+//! What the agent tells operators about the traffic it carries: metrics now;
+//! tap, traces, kernel counters and capture slot in beside them.
+
+pub mod metrics;

@@ -1,0 +1,96 @@
+//! `waymark`: the node agent (`waymark agent`) and the operator's CLI.
+
+mod admin;
+mod app;
+mod config;
+mod diagnostics;
+mod proxy;
+mod redirect;
+mod telemetry;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// waymark: a node-level transparent proxy steered by eBPF.
+#[derive(Parser)]
+#[command(name = "waymark", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node agent.
+    Agent {
+        /// Config file (TOML). Without it the embedded default runs: admin
+        /// API on 127.0.0.1:4191, programs loaded but not attached.
+        #[arg(long, short, env = "WAYMARK_CONFIG")]
+        config: Option<PathBuf>,
+        /// Log line format on stderr.
+        #[arg(long, value_enum, default_value_t = LogFormat::Plain, env = "WAYMARK_LOG_FORMAT")]
+        log_format: LogFormat,
+    },
+    /// Inspect configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a config file and report every problem in it.
+    Check { file: PathBuf },
+    /// Print the embedded default config.
+    Default,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Plain,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Agent { config, log_format } => {
+            let log = telemetry::init(matches!(log_format, LogFormat::Json));
+            let config = match config {
+                Some(path) => config::Config::from_file(&path),
+                None => Ok(config::Config::embedded_default()),
+            };
+            let config = match config {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    eprintln!("waymark: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match app::run(config, log) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("waymark: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Config(ConfigCommand::Check { file }) => match config::Config::from_file(&file) {
+            Ok(_) => {
+                println!("{}: valid", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Config(ConfigCommand::Default) => {
+            print!("{}", config::DEFAULT_CONFIG);
+            ExitCode::SUCCESS
+        }
+    }
+}

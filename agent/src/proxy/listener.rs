@@ -1,0 +1,113 @@
+//! Binding the outbound listener inside a pod's network namespace.
+//!
+//! The redirect programs rewrite a pod's `connect()` to `127.0.0.1:PORT`
+//! (`[::1]:PORT` for IPv6) — the pod's *own* loopback. So the agent, which
+//! lives in the node's namespace, enters each pod's namespace on a
+//! short-lived thread, binds there and leaves; a socket keeps the namespace
+//! it was created in. This works with any CNI (nothing depends on pod
+//! routing to the node), puts the pod→agent hop on loopback, and tells the
+//! agent the source pod by which listener accepted.
+
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+
+use nix::sched::{CloneFlags, setns};
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Accept backlog of each pod listener: a burst of connects from one pod
+/// must not be refused while the agent is busy.
+const BACKLOG: i32 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ListenerError {
+    #[error("cannot open network namespace {path}: {source}")]
+    OpenNetns { path: PathBuf, source: io::Error },
+    #[error("cannot enter network namespace {path}: {source}")]
+    EnterNetns { path: PathBuf, source: nix::Error },
+    #[error("cannot bind {addr} in network namespace {path}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("cannot read the netns cookie of the listener in {path}: {source}")]
+    Cookie { path: PathBuf, source: io::Error },
+    #[error("the thread binding in {path} panicked")]
+    Thread { path: PathBuf },
+}
+
+/// The listeners of one pod with the namespace's cookie (the key the kernel
+/// uses for the pod's connections).
+pub struct PodSockets {
+    pub listeners: Vec<std::net::TcpListener>,
+    pub netns_cookie: u64,
+    /// IPv6 could not be bound (no `::1` in the pod); IPv4 works.
+    pub ipv6_unavailable: Option<io::Error>,
+}
+
+/// Binds `127.0.0.1:port` and `[::1]:port` inside the namespace at `netns`.
+/// IPv4 is required; IPv6 is best effort (a pod with IPv6 disabled has no
+/// `::1`, and then its IPv6 connects are not redirected to anything).
+pub fn bind_in_netns(netns: &Path, port: u16) -> Result<PodSockets, ListenerError> {
+    let path = netns.to_path_buf();
+    let file = std::fs::File::open(netns).map_err(|source| ListenerError::OpenNetns {
+        path: path.clone(),
+        source,
+    })?;
+    let thread_path = path.clone();
+    let handle = std::thread::Builder::new()
+        .name("waymark-netns-bind".into())
+        .spawn(move || -> Result<PodSockets, ListenerError> {
+            // setns(CLONE_NEWNET) changes only this thread, which ends here.
+            setns(file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| {
+                ListenerError::EnterNetns {
+                    path: thread_path.clone(),
+                    source,
+                }
+            })?;
+            let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+            let v4l = bind(v4).map_err(|source| ListenerError::Bind {
+                addr: v4,
+                path: thread_path.clone(),
+                source,
+            })?;
+            let netns_cookie = crate::redirect::netns_cookie(v4l.as_fd()).map_err(|source| {
+                ListenerError::Cookie {
+                    path: thread_path.clone(),
+                    source,
+                }
+            })?;
+            let mut listeners = vec![v4l];
+            let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
+            let ipv6_unavailable = match bind(v6) {
+                Ok(l) => {
+                    listeners.push(l);
+                    None
+                }
+                Err(e) => Some(e),
+            };
+            Ok(PodSockets {
+                listeners,
+                netns_cookie,
+                ipv6_unavailable,
+            })
+        })
+        .map_err(|_| ListenerError::Thread { path: path.clone() })?;
+    handle.join().map_err(|_| ListenerError::Thread { path })?
+}
+
+fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    // A restarting agent binds beside the old one before the old one closes.
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}

@@ -1,0 +1,100 @@
+//! Errors of the redirect module: loading, configuring and attaching the
+//! kernel programs, and reading their maps.
+
+use std::{io, path::PathBuf};
+
+use ipnet::IpNet;
+
+/// What went wrong, with the input that caused it.
+#[derive(Debug, thiserror::Error)]
+pub enum RedirectError {
+    /// The agent was compiled with `WAYMARK_EBPF_STUB=1`.
+    #[error(
+        "this agent was built with WAYMARK_EBPF_STUB=1 and embeds no eBPF programs; \
+         rebuild without it (bpf-linker required) to enable redirection"
+    )]
+    StubObject,
+
+    /// The embedded object could not be parsed or its maps created.
+    #[error("loading the eBPF object failed")]
+    Load(#[source] Box<aya::EbpfError>),
+
+    /// The verifier (or the kernel) rejected a program.
+    #[error("loading eBPF program {program} failed")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+
+    /// A program or map the agent expects is not in the object: the object
+    /// and the agent were built from different sources.
+    #[error("the eBPF object has no {kind} named {name}")]
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
+
+    /// A map operation failed.
+    #[error("eBPF map {name}: {op} failed")]
+    Map {
+        name: &'static str,
+        op: &'static str,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+
+    /// A raw map syscall failed (one aya does not wrap).
+    #[error("eBPF map {name}: {op} failed")]
+    MapSyscall {
+        name: &'static str,
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+
+    /// Port 0 cannot be a listener; the kernel side would redirect nothing.
+    #[error("outbound port must not be 0")]
+    InvalidOutboundPort,
+
+    /// An exclusion lists more ports than one map entry holds.
+    #[error("exclusion {net} lists {count} ports, at most {max} are supported")]
+    TooManyPorts {
+        net: IpNet,
+        count: usize,
+        max: usize,
+    },
+
+    /// More exclusions of one address family than the map holds.
+    #[error("{count} {family} exclusions configured, at most {max} are supported")]
+    TooManyExcludes {
+        family: &'static str,
+        count: usize,
+        max: u32,
+    },
+
+    /// The cgroup directory could not be opened.
+    #[error("opening cgroup {path}")]
+    CgroupOpen {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    /// The path is not a directory of a cgroup v2 hierarchy.
+    #[error("{path} is not a cgroup v2 directory (programs attach to cgroup v2 only)")]
+    NotCgroup2 { path: PathBuf },
+
+    /// `attach` was called while the programs are attached.
+    #[error("redirect programs are already attached to {cgroup}")]
+    AlreadyAttached { cgroup: PathBuf },
+
+    /// The kernel refused to attach a program to the cgroup.
+    #[error("attaching eBPF program {program} to cgroup {cgroup}")]
+    Attach {
+        cgroup: PathBuf,
+        program: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+}

@@ -1,0 +1,451 @@
+//! Kernel-side redirection of pods' outbound TCP to the agent.
+//!
+//! The eBPF programs (crate `waymark-ebpf`, embedded at build time) attach to
+//! the cgroup v2 directory that holds the node's pods:
+//!
+//! 1. `connect4`/`connect6` rewrite a pod's TCP `connect()` to the agent's
+//!    listener bound *inside the pod's netns* on `127.0.0.1:PORT` /
+//!    `[::1]:PORT` and record the destination the pod asked for, keyed by
+//!    socket cookie. Loopback (`127.0.0.0/8`, `::1`, v4-mapped loopback),
+//!    unspecified (`0.0.0.0`, `::`, which `connect()` treats as this host)
+//!    and excluded destinations, and UDP, are left alone; any internal error
+//!    leaves the connection unredirected.
+//! 2. `sock_ops` copies that record, once the handshake completes, to a map
+//!    keyed by what the agent can see on the socket it accepted: the netns
+//!    cookie ([`netns_cookie`] of its listener) and the client address.
+//!    [`Redirect::take_original_dst`] reads and removes it. When the client
+//!    socket closes, its cookie entry goes; its flow entry goes too unless
+//!    the client closed gracefully, since the connection may then still
+//!    wait in the agent's accept queue (see `ebpf/kernel/src/sock_ops.rs`).
+//! 3. `getpeername4`/`getpeername6` make the application see the address it
+//!    dialled.
+//!
+//! The agent's own sockets are never redirected: cgroup hooks act on the
+//! cgroup of the process that created the socket, and the agent is not in
+//! the pods' cgroup.
+//!
+//! Lifetime: the programs stay attached while this process holds the
+//! [`Redirect`] (the kernel links are not pinned). If the agent exits, pods'
+//! connections go direct again (fail open); while attached but with no
+//! listener in a pod, the pod's connects are refused at once rather than
+//! hanging.
+
+mod error;
+mod maps;
+#[cfg(test)]
+mod tests;
+
+use std::{
+    fs::File,
+    io,
+    mem::size_of,
+    net::SocketAddr,
+    os::fd::{AsRawFd as _, BorrowedFd},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, IterableMap as _, LpmTrie, MapData},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, Program, SockOps, cgroup_sock_addr::CgroupSockAddrLinkId,
+        sock_ops::SockOpsLinkId,
+    },
+};
+use waymark_common::{
+    ExcludePorts, FlowKey, MAX_ORIGINAL_DST_BY_COOKIE, MAX_ORIGINAL_DST_BY_FLOW, RedirectSettings,
+    SockAddr,
+};
+
+pub use error::RedirectError;
+
+/// The object `agent/build.rs` built from `ebpf/kernel` (empty when built
+/// with `WAYMARK_EBPF_STUB=1`).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/waymark"));
+
+const SOCK_OPS: &str = "wm_sock_ops";
+const PEERNAME4: &str = "wm_peername4";
+const PEERNAME6: &str = "wm_peername6";
+const CONNECT4: &str = "wm_connect4";
+const CONNECT6: &str = "wm_connect6";
+/// Attach order. The connect hooks come last so that no connection is
+/// redirected before the programs that make it recoverable (sock_ops) and
+/// transparent (getpeername) are in place; detaching runs in reverse.
+const SOCK_ADDR_PROGRAMS: [&str; 4] = [PEERNAME4, PEERNAME6, CONNECT4, CONNECT6];
+
+const MAP_BY_COOKIE: &str = "ORIGINAL_DST_BY_COOKIE";
+const MAP_BY_FLOW: &str = "ORIGINAL_DST_BY_FLOW";
+const MAP_EXCLUDE_V4: &str = "EXCLUDE_V4";
+const MAP_EXCLUDE_V6: &str = "EXCLUDE_V6";
+const MAP_SETTINGS: &str = "SETTINGS";
+
+/// A destination the kernel never redirects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Exclude {
+    /// Destination network. Host bits are ignored; a v4-mapped IPv6 network
+    /// (`::ffff:a.b.c.d/n`, n >= 96) is the IPv4 network it denotes.
+    pub net: ipnet::IpNet,
+    /// Destination ports excluded under `net`; empty means all ports. At
+    /// most [`waymark_common::MAX_EXCLUDE_PORTS`] per network (entries for
+    /// the same network are merged first).
+    pub ports: Vec<u16>,
+}
+
+/// How many entries the two original-destination maps hold.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MapOccupancy {
+    /// Redirected sockets not yet closed (bounded by
+    /// [`MAX_ORIGINAL_DST_BY_COOKIE`]).
+    pub by_cookie: usize,
+    /// Established redirected connections the agent has not taken yet
+    /// (bounded by [`MAX_ORIGINAL_DST_BY_FLOW`]).
+    pub by_flow: usize,
+}
+
+/// The loaded redirect programs and their maps. Dropping it detaches and
+/// unloads everything.
+pub struct Redirect {
+    ebpf: Ebpf,
+    by_cookie: HashMap<MapData, u64, SockAddr>,
+    by_flow: HashMap<MapData, FlowKey, SockAddr>,
+    attached: Option<Attachment>,
+}
+
+struct Attachment {
+    cgroup: PathBuf,
+    sock_ops: Option<SockOpsLinkId>,
+    /// In attach order.
+    sock_addr: Vec<(&'static str, CgroupSockAddrLinkId)>,
+}
+
+impl Redirect {
+    /// Loads all programs (verifier runs here) and writes settings +
+    /// exclusions into maps. Does not attach.
+    ///
+    /// `outbound_port` is the port of the listener the agent binds in every
+    /// pod on `127.0.0.1` and `::1`.
+    pub fn load(outbound_port: u16, excludes: &[Exclude]) -> Result<Self, RedirectError> {
+        if OBJECT.is_empty() {
+            return Err(RedirectError::StubObject);
+        }
+        if outbound_port == 0 {
+            return Err(RedirectError::InvalidOutboundPort);
+        }
+        // Validate the configuration before touching the kernel.
+        let tables = maps::exclude_tables(excludes)?;
+
+        let mut ebpf = Ebpf::load(OBJECT).map_err(|e| RedirectError::Load(Box::new(e)))?;
+        for name in SOCK_ADDR_PROGRAMS {
+            sock_addr_program(&mut ebpf, name)?
+                .load()
+                .map_err(program_error(name))?;
+        }
+        sock_ops_program(&mut ebpf)?
+            .load()
+            .map_err(program_error(SOCK_OPS))?;
+
+        let settings = RedirectSettings {
+            outbound_port,
+            ..Default::default()
+        };
+        Array::<_, RedirectSettings>::try_from(map_mut(&mut ebpf, MAP_SETTINGS)?)
+            .and_then(|mut array| array.set(0, settings, 0))
+            .map_err(map_error(MAP_SETTINGS, "write"))?;
+        let mut v4 = LpmTrie::<_, u32, ExcludePorts>::try_from(map_mut(&mut ebpf, MAP_EXCLUDE_V4)?)
+            .map_err(map_error(MAP_EXCLUDE_V4, "open"))?;
+        for (key, ports) in &tables.v4 {
+            v4.insert(key, ports, 0)
+                .map_err(map_error(MAP_EXCLUDE_V4, "insert"))?;
+        }
+        let mut v6 =
+            LpmTrie::<_, [u32; 4], ExcludePorts>::try_from(map_mut(&mut ebpf, MAP_EXCLUDE_V6)?)
+                .map_err(map_error(MAP_EXCLUDE_V6, "open"))?;
+        for (key, ports) in &tables.v6 {
+            v6.insert(key, ports, 0)
+                .map_err(map_error(MAP_EXCLUDE_V6, "insert"))?;
+        }
+
+        let by_cookie = HashMap::try_from(take_map(&mut ebpf, MAP_BY_COOKIE)?)
+            .map_err(map_error(MAP_BY_COOKIE, "open"))?;
+        let by_flow = HashMap::try_from(take_map(&mut ebpf, MAP_BY_FLOW)?)
+            .map_err(map_error(MAP_BY_FLOW, "open"))?;
+        tracing::debug!(
+            outbound_port,
+            excludes_v4 = tables.v4.len(),
+            excludes_v6 = tables.v6.len(),
+            "redirect programs loaded"
+        );
+        Ok(Self {
+            ebpf,
+            by_cookie,
+            by_flow,
+            attached: None,
+        })
+    }
+
+    /// Attaches connect4/6, getpeername4/6 and sock_ops to the cgroup v2
+    /// directory at `cgroup` (a path).
+    ///
+    /// Programs are attached as BPF links, which the kernel always attaches
+    /// in multi mode (`BPF_F_ALLOW_MULTI` semantics): other programs on the
+    /// same cgroup or on its ancestors, such as a CNI's socket load balancer
+    /// on the root cgroup, keep running, and ours cannot be replaced by
+    /// someone else's. The kernel runs a cgroup's own programs before its
+    /// ancestors', so those see the already rewritten loopback destination
+    /// and leave it alone.
+    ///
+    /// Hence `CgroupAttachMode::Single` below: aya passes the mode as the
+    /// link's flags, and `BPF_LINK_CREATE` on a cgroup rejects any flag
+    /// (`AllowMultiple` fails with EINVAL). aya only falls back to the
+    /// exclusive legacy `BPF_PROG_ATTACH` on kernels before 5.7, where
+    /// these programs do not load anyway (`bpf_get_netns_cookie` in
+    /// sock_ops needs 5.15).
+    ///
+    /// All or nothing: if one program fails to attach, those already
+    /// attached are detached again.
+    pub fn attach(&mut self, cgroup: &Path) -> Result<(), RedirectError> {
+        if let Some(attached) = &self.attached {
+            return Err(RedirectError::AlreadyAttached {
+                cgroup: attached.cgroup.clone(),
+            });
+        }
+        let dir = File::open(cgroup).map_err(|source| RedirectError::CgroupOpen {
+            path: cgroup.to_owned(),
+            source,
+        })?;
+        let is_cgroup2 = nix::sys::statfs::fstatfs(&dir)
+            .map(|fs| fs.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
+            .map_err(|errno| RedirectError::CgroupOpen {
+                path: cgroup.to_owned(),
+                source: errno.into(),
+            })?;
+        if !is_cgroup2 {
+            return Err(RedirectError::NotCgroup2 {
+                path: cgroup.to_owned(),
+            });
+        }
+
+        // Recorded as we go so that a failure part-way can be rolled back
+        // by `detach`.
+        self.attached = Some(Attachment {
+            cgroup: cgroup.to_owned(),
+            sock_ops: None,
+            sock_addr: Vec::with_capacity(SOCK_ADDR_PROGRAMS.len()),
+        });
+        if let Err(err) = self.attach_all(&dir) {
+            self.detach();
+            return Err(err);
+        }
+        tracing::info!(cgroup = %cgroup.display(), "redirect programs attached");
+        Ok(())
+    }
+
+    fn attach_all(&mut self, dir: &File) -> Result<(), RedirectError> {
+        let Self { ebpf, attached, .. } = self;
+        let attached = attached.as_mut().expect("set by attach");
+        let attach_error = |program: &'static str| {
+            let cgroup = attached.cgroup.clone();
+            move |source| RedirectError::Attach {
+                cgroup,
+                program,
+                source: Box::new(source),
+            }
+        };
+        let id = sock_ops_program(ebpf)?
+            .attach(dir, CgroupAttachMode::Single)
+            .map_err(attach_error(SOCK_OPS))?;
+        attached.sock_ops = Some(id);
+        for name in SOCK_ADDR_PROGRAMS {
+            let id = sock_addr_program(ebpf, name)?
+                .attach(dir, CgroupAttachMode::Single)
+                .map_err(attach_error(name))?;
+            attached.sock_addr.push((name, id));
+        }
+        Ok(())
+    }
+
+    /// Detaches everything (idempotent). Also done on Drop.
+    ///
+    /// The connect hooks go first, so no new connection is redirected
+    /// without sock_ops and getpeername in place. Original destinations
+    /// already recorded stay in the maps until taken or closed.
+    pub fn detach(&mut self) {
+        let Some(attached) = self.attached.take() else {
+            return;
+        };
+        for (name, id) in attached.sock_addr.into_iter().rev() {
+            let result = sock_addr_program(&mut self.ebpf, name)
+                .and_then(|p| p.detach(id).map_err(program_error(name)));
+            if let Err(err) = result {
+                tracing::warn!(program = name, error = %err, "detaching redirect program");
+            }
+        }
+        if let Some(id) = attached.sock_ops {
+            let result = sock_ops_program(&mut self.ebpf)
+                .and_then(|p| p.detach(id).map_err(program_error(SOCK_OPS)));
+            if let Err(err) = result {
+                tracing::warn!(program = SOCK_OPS, error = %err, "detaching redirect program");
+            }
+        }
+        tracing::info!(cgroup = %attached.cgroup.display(), "redirect programs detached");
+    }
+
+    /// Whether the programs are attached to a cgroup.
+    #[allow(
+        dead_code,
+        reason = "part of the module's API; only tests use it so far"
+    )]
+    pub fn is_attached(&self) -> bool {
+        self.attached.is_some()
+    }
+
+    /// Looks up and REMOVES the original destination of a connection the
+    /// agent accepted in the pod netns with this cookie, `client` being the
+    /// accepted socket's peer address.
+    ///
+    /// `netns_cookie` is [`netns_cookie`] of the listener (or the accepted
+    /// socket; they share the netns). A v4-mapped original destination is
+    /// returned as plain IPv4. `Ok(None)` means there is nothing to route
+    /// to: the connection was not redirected (e.g. a pod dialled the
+    /// listener itself; proxying it would loop), was already taken, or was
+    /// reset by the client before the agent accepted it.
+    ///
+    /// One syscall, atomic and lock-free (safe to call from any number of
+    /// threads at once).
+    pub fn take_original_dst(
+        &self,
+        netns_cookie: u64,
+        client: SocketAddr,
+    ) -> Result<Option<SocketAddr>, RedirectError> {
+        let key = FlowKey {
+            netns_cookie,
+            client: maps::sock_addr(client),
+            _pad: 0,
+        };
+        let original: Option<SockAddr> = maps::lookup_and_delete(self.by_flow.map(), &key)
+            .map_err(|source| RedirectError::MapSyscall {
+                name: MAP_BY_FLOW,
+                op: "lookup-and-delete",
+                source,
+            })?;
+        Ok(original.as_ref().and_then(maps::socket_addr))
+    }
+
+    /// Counts entries in both original-destination maps (for metrics and
+    /// leak tests).
+    ///
+    /// This walks the keys, so it costs a syscall per entry; under heavy
+    /// churn the kernel may restart a walk whose current key was deleted,
+    /// so the count is approximate then (capped at the map size).
+    pub fn occupancy(&self) -> Result<MapOccupancy, RedirectError> {
+        Ok(MapOccupancy {
+            by_cookie: count(&self.by_cookie, MAP_BY_COOKIE, MAX_ORIGINAL_DST_BY_COOKIE)?,
+            by_flow: count(&self.by_flow, MAP_BY_FLOW, MAX_ORIGINAL_DST_BY_FLOW)?,
+        })
+    }
+}
+
+// `take_original_dst` and `occupancy` take `&self`: the agent can share one
+// `Redirect` between threads without a lock on the accept path.
+const _: fn() = || {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<Redirect>();
+};
+
+impl Drop for Redirect {
+    fn drop(&mut self) {
+        self.detach();
+    }
+}
+
+/// The network namespace cookie of a socket (`SO_NETNS_COOKIE`, Linux 5.14+):
+/// the value the `sock_ops` program keys flows by. Call it on the listener
+/// the agent bound inside a pod's netns.
+pub fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` and `len` are valid for writes of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if len as usize != size_of::<u64>() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("SO_NETNS_COOKIE returned {len} bytes"),
+        ));
+    }
+    Ok(cookie)
+}
+
+fn count<K: aya::Pod>(
+    map: &HashMap<MapData, K, SockAddr>,
+    name: &'static str,
+    max: u32,
+) -> Result<usize, RedirectError> {
+    map.keys()
+        .take(max as usize)
+        .try_fold(0, |n, key| key.map(|_| n + 1))
+        .map_err(map_error(name, "iterate"))
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Program, RedirectError> {
+    ebpf.program_mut(name).ok_or(RedirectError::Missing {
+        kind: "program",
+        name,
+    })
+}
+
+fn sock_addr_program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut CgroupSockAddr, RedirectError> {
+    program(ebpf, name)?.try_into().map_err(program_error(name))
+}
+
+fn sock_ops_program(ebpf: &mut Ebpf) -> Result<&mut SockOps, RedirectError> {
+    program(ebpf, SOCK_OPS)?
+        .try_into()
+        .map_err(program_error(SOCK_OPS))
+}
+
+fn map_mut<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut aya::maps::Map, RedirectError> {
+    ebpf.map_mut(name)
+        .ok_or(RedirectError::Missing { kind: "map", name })
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, RedirectError> {
+    ebpf.take_map(name)
+        .ok_or(RedirectError::Missing { kind: "map", name })
+}
+
+fn program_error(
+    program: &'static str,
+) -> impl FnOnce(aya::programs::ProgramError) -> RedirectError {
+    move |source| RedirectError::Program {
+        program,
+        source: Box::new(source),
+    }
+}
+
+fn map_error(
+    name: &'static str,
+    op: &'static str,
+) -> impl FnOnce(aya::maps::MapError) -> RedirectError {
+    move |source| RedirectError::Map {
+        name,
+        op,
+        source: Box::new(source),
+    }
+}

@@ -1,0 +1,89 @@
+//! Types shared by waymark's kernel programs and the agent.
+//!
+//! Every type here is `#[repr(C)]`, has no padding the verifier could
+//! complain about, and is read by both sides from the same BPF maps, so a
+//! change here is a change to the map layout.
+#![no_std]
+
+/// Port of the outbound listener the agent binds inside every pod's network
+/// namespace (on `127.0.0.1` and `::1`). Redirected connections land there.
+pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
+
+/// Address family tags stored in [`SockAddr::family`].
+pub const FAMILY_V4: u16 = 2; // AF_INET
+pub const FAMILY_V6: u16 = 10; // AF_INET6
+
+/// An IPv4 or IPv6 socket address in the kernel's byte order conventions:
+/// `addr` holds the address in network byte order (IPv4 in `addr[0]`), `port`
+/// is in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockAddr {
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub family: u16,
+}
+
+/// Key of the map that joins the connection the agent accepted to the
+/// destination the pod dialled: the client's own socket address as the agent
+/// sees it (its peer) plus the network namespace it lives in. Every pod
+/// connects from its own loopback, so the address alone is not unique across
+/// pods; the netns cookie makes it so.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowKey {
+    pub netns_cookie: u64,
+    pub client: SockAddr,
+    /// Always zero. `client` is 20 bytes, so without this field the struct
+    /// would end in 4 bytes of implicit padding; a hash map compares keys
+    /// byte for byte, and padding the two sides fill differently would make
+    /// equal keys miss.
+    pub _pad: u32,
+}
+
+/// One configured exclusion: destinations under a CIDR (the key of an LPM
+/// trie) are not redirected, on every port (`len == 0`) or only on the listed
+/// ports.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExcludePorts {
+    pub len: u32,
+    pub ports: [u16; MAX_EXCLUDE_PORTS],
+}
+
+/// How many ports one exclusion entry can list.
+pub const MAX_EXCLUDE_PORTS: usize = 16;
+
+/// Redirection settings the agent writes into a one-slot array map before it
+/// attaches the programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RedirectSettings {
+    /// Outbound listener port inside each pod (host byte order).
+    pub outbound_port: u16,
+    pub _pad: [u16; 3],
+}
+
+/// Upper bounds of the maps; both sides need them (the agent reports
+/// occupancy against them).
+pub const MAX_ORIGINAL_DST_BY_COOKIE: u32 = 65536;
+pub const MAX_ORIGINAL_DST_BY_FLOW: u32 = 65536;
+pub const MAX_EXCLUDES: u32 = 256;
+
+// The map layouts, pinned down: a field added without thinking about
+// padding fails the build here instead of failing lookups at run time.
+const _: () = {
+    assert!(core::mem::size_of::<SockAddr>() == 20);
+    assert!(core::mem::size_of::<FlowKey>() == 32);
+    assert!(core::mem::size_of::<ExcludePorts>() == 4 + 2 * MAX_EXCLUDE_PORTS);
+    assert!(core::mem::size_of::<RedirectSettings>() == 8);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are `repr(C)`, `Copy`, and valid for any bit pattern.
+    unsafe impl aya::Pod for super::SockAddr {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::ExcludePorts {}
+    unsafe impl aya::Pod for super::RedirectSettings {}
+}

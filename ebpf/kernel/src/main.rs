@@ -1,0 +1,41 @@
+//! waymark's kernel programs: transparent redirection of pods' outbound TCP.
+//!
+//! Everything here is attached to the cgroup v2 directory that holds the
+//! node's pods; the agent's own sockets live outside it and are never
+//! touched.
+//!
+//! * [`connect`]: `cgroup/connect4` and `cgroup/connect6` rewrite a pod's TCP
+//!   `connect()` to the agent's in-pod listener (`127.0.0.1:PORT` /
+//!   `[::1]:PORT` in the pod's own netns) and record the destination the pod
+//!   asked for, keyed by socket cookie.
+//! * [`sock_ops`]: re-keys that record by the connection as the agent sees it
+//!   (netns cookie + client address) once the handshake completes, and cleans
+//!   up when the socket closes.
+//! * [`peername`]: `cgroup/getpeername4` and `cgroup/getpeername6` hand the
+//!   application the address it dialled, not the proxy's.
+//!
+//! Every program fails open: on any internal error the connection proceeds
+//! unredirected rather than being refused.
+#![no_std]
+#![no_main]
+
+mod addr;
+mod connect;
+mod maps;
+mod peername;
+mod sock_ops;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier proves there is no path here (no unchecked indexing, no
+    // unwrap); BPF has no way to unwind anyway.
+    loop {}
+}
+
+/// None of the helpers used here is GPL-only, so the object carries the
+/// crate's own licence. Programs that need GPL-only helpers (e.g.
+/// `bpf_probe_read_kernel`) require a GPL-compatible string here.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 11] = *b"Apache-2.0\0";

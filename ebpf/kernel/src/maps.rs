@@ -1,0 +1,51 @@
+//! The maps shared with the agent. Names, key and value types must match
+//! `agent/src/redirect`; the types come from `waymark-common`.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, LpmTrie, LruHashMap},
+};
+use waymark_common::{
+    ExcludePorts, FlowKey, MAX_EXCLUDES, MAX_ORIGINAL_DST_BY_COOKIE, MAX_ORIGINAL_DST_BY_FLOW,
+    RedirectSettings, SockAddr,
+};
+
+/// Original destination of every redirected socket, by socket cookie.
+/// Written at connect, read by sock_ops and getpeername, deleted at close.
+/// LRU so that sockets whose close we never see (connect failed before the
+/// SYN left) age out instead of filling the map.
+#[map(name = "ORIGINAL_DST_BY_COOKIE")]
+pub static ORIGINAL_DST_BY_COOKIE: LruHashMap<u64, SockAddr> =
+    LruHashMap::with_max_entries(MAX_ORIGINAL_DST_BY_COOKIE, 0);
+
+/// Original destination by the connection as the agent's accepted socket
+/// sees it: the pod's netns cookie and the client's address. The agent
+/// removes an entry when it accepts the connection; sock_ops removes it when
+/// the connection dies before that (see `sock_ops::on_state_change`).
+#[map(name = "ORIGINAL_DST_BY_FLOW")]
+pub static ORIGINAL_DST_BY_FLOW: LruHashMap<FlowKey, SockAddr> =
+    LruHashMap::with_max_entries(MAX_ORIGINAL_DST_BY_FLOW, 0);
+
+/// IPv4 destinations that are never redirected; the key data is the address
+/// in network byte order, as `user_ip4` holds it.
+#[map(name = "EXCLUDE_V4")]
+pub static EXCLUDE_V4: LpmTrie<u32, ExcludePorts> = LpmTrie::with_max_entries(MAX_EXCLUDES, 0);
+
+/// IPv6 destinations that are never redirected (network byte order words).
+#[map(name = "EXCLUDE_V6")]
+pub static EXCLUDE_V6: LpmTrie<[u32; 4], ExcludePorts> = LpmTrie::with_max_entries(MAX_EXCLUDES, 0);
+
+/// One slot: the outbound listener port. The agent writes it before it
+/// attaches; a zero port means "not configured" and disables redirection.
+#[map(name = "SETTINGS")]
+pub static SETTINGS: Array<RedirectSettings> = Array::with_max_entries(1, 0);
+
+/// A copy of the recorded original destination of the socket with this
+/// cookie. Copied out at once: an LRU entry can be evicted and its memory
+/// reused while a program still holds a pointer into it.
+pub fn original_dst(cookie: u64) -> Option<SockAddr> {
+    let ptr = ORIGINAL_DST_BY_COOKIE.get_ptr(cookie)?;
+    // SAFETY: the pointer comes from a successful lookup and the value is
+    // plain data; at worst a concurrent update makes us read a newer value.
+    Some(unsafe { core::ptr::read(ptr) })
+}

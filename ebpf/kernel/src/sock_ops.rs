@@ -1,0 +1,180 @@
+//! `sock_ops`: makes the original destination findable from the agent's
+//! side of the connection, and cleans up after the socket.
+//!
+//! The connect hooks key the original destination by the *client* socket's
+//! cookie, which the agent cannot see: the socket it accepts is a different
+//! socket with a different cookie. What both sides share is the client's
+//! address and port, and the network namespace. So once the handshake has
+//! completed (`ACTIVE_ESTABLISHED`, which runs before the client's final ACK
+//! is sent, hence before the agent can `accept()`), this program copies the
+//! entry to [`ORIGINAL_DST_BY_FLOW`] under `(netns cookie, client address)`,
+//! where the agent takes it (reads and deletes it) when it accepts.
+//!
+//! Why not a `cgroup/getsockopt` program answering `SO_ORIGINAL_DST`, as
+//! Merbridge does: the getsockopt call is made by the *agent*, so that
+//! program would have to be attached to the agent's cgroup, outside the
+//! pods' cgroup these programs are confined to; and with the in-pod listener
+//! every pod dials from the same loopback addresses, so a 4-tuple alone is
+//! ambiguous across pods. The netns cookie disambiguates, and the agent
+//! learns its listener's netns cookie with `getsockopt(SO_NETNS_COOKIE)`.
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{
+        BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, BPF_TCP_CLOSING,
+        BPF_TCP_FIN_WAIT1, BPF_TCP_FIN_WAIT2, bpf_sock_ops,
+    },
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::sock_ops,
+    programs::SockOpsContext,
+};
+use core::ptr::{addr_of, read_volatile};
+use waymark_common::{FAMILY_V4, FAMILY_V6, FlowKey, SockAddr};
+
+use crate::{
+    addr::{AF_INET, AF_INET6, is_v4_mapped},
+    maps::{ORIGINAL_DST_BY_COOKIE, ORIGINAL_DST_BY_FLOW, original_dst},
+};
+
+/// sock_ops programs return 1; the answer to the kernel, where an op asks
+/// for one, goes in `reply`, which none of ours do.
+const OK: u32 = 1;
+
+/// Errors are negative errnos from helpers, or this for "the socket has no
+/// address family we key by".
+const UNKNOWN_FAMILY: i64 = -1;
+
+#[sock_ops]
+pub fn wm_sock_ops(ctx: SockOpsContext) -> u32 {
+    match try_sock_ops(&ctx) {
+        Ok(()) | Err(_) => OK,
+    }
+}
+
+fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), i64> {
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(ctx),
+        BPF_SOCK_OPS_STATE_CB => on_state_change(ctx),
+        _ => Ok(()),
+    }
+}
+
+/// The SYN is about to leave. State-change callbacks are off by default
+/// (they cost a call on every transition), so turn them on for redirected
+/// sockets only: we need to see their close.
+fn on_connect(ctx: &SockOpsContext) -> Result<(), i64> {
+    if original_dst(socket_cookie(ctx)).is_none() {
+        return Ok(());
+    }
+    let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
+    ctx.set_cb_flags(flags as i32).map_err(i64::from)
+}
+
+fn on_established(ctx: &SockOpsContext) -> Result<(), i64> {
+    let Some(original) = original_dst(socket_cookie(ctx)) else {
+        return Ok(());
+    };
+    // BPF_ANY: a stale entry left by an earlier connection from the same
+    // netns and port is overwritten, never read by the new one.
+    ORIGINAL_DST_BY_FLOW
+        .insert(flow_key(ctx)?, original, u64::from(BPF_ANY))
+        .map_err(i64::from)
+}
+
+/// The socket is closing for good.
+///
+/// The cookie entry always goes: nothing asks for it after the close.
+///
+/// The flow entry goes only if the connection ended without the client
+/// closing it gracefully first: it was refused or reset (old state
+/// `SYN_SENT`, `ESTABLISHED`, `CLOSE_WAIT`), or the agent had already closed
+/// its side, which it does only after taking the entry (`LAST_ACK`). After a
+/// graceful close by the client (old state `FIN_WAIT1`, `FIN_WAIT2`,
+/// `CLOSING`) the connection, possibly with request bytes, can still be
+/// waiting in the agent's accept queue: the client's socket reaches
+/// `TCP_CLOSE` as soon as its FIN is acknowledged, which the kernel does
+/// without the agent. Deleting then would leave the agent a connection it
+/// cannot route. Such an entry is removed when the agent takes it; if the
+/// agent never accepts the connection (its listener closed with a backlog)
+/// it stays until the LRU evicts it or a later connection from the same
+/// netns and port overwrites it (see `on_established`).
+fn on_state_change(ctx: &SockOpsContext) -> Result<(), i64> {
+    // args[0] is the old state, args[1] the new one.
+    if ctx.arg(1) != BPF_TCP_CLOSE {
+        return Ok(());
+    }
+    // Either entry may already be gone (taken by the agent, or evicted):
+    // not an error.
+    let _ = ORIGINAL_DST_BY_COOKIE.remove(socket_cookie(ctx));
+    if matches!(
+        ctx.arg(0),
+        BPF_TCP_FIN_WAIT1 | BPF_TCP_FIN_WAIT2 | BPF_TCP_CLOSING
+    ) {
+        return Ok(());
+    }
+    // Runs before the kernel releases the local port, so the flow key can
+    // still be rebuilt from the socket.
+    let _ = ORIGINAL_DST_BY_FLOW.remove(flow_key(ctx)?);
+    Ok(())
+}
+
+fn socket_cookie(ctx: &SockOpsContext) -> u64 {
+    // SAFETY: the helper only reads the socket behind the context.
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
+/// The key the agent will rebuild from its accepted socket: the pod's netns
+/// cookie and the client socket's own address, which is the accepted
+/// socket's peer. A v4-mapped client (a dual-stack socket that dialled an
+/// IPv4 address) reaches the agent's IPv4 listener, which sees a plain IPv4
+/// peer, so it is keyed as IPv4.
+fn flow_key(ctx: &SockOpsContext) -> Result<FlowKey, i64> {
+    // local_port, unlike remote_port, is in host byte order.
+    let port = ctx.local_port() as u16;
+    let client = match ctx.family() {
+        AF_INET => SockAddr {
+            addr: [ctx.local_ip4(), 0, 0, 0],
+            port,
+            family: FAMILY_V4,
+        },
+        AF_INET6 => {
+            let ip = read_local_ip6(ctx.ops);
+            if is_v4_mapped(&ip) {
+                SockAddr {
+                    addr: [ip[3], 0, 0, 0],
+                    port,
+                    family: FAMILY_V4,
+                }
+            } else {
+                SockAddr {
+                    addr: ip,
+                    port,
+                    family: FAMILY_V6,
+                }
+            }
+        }
+        _ => return Err(UNKNOWN_FAMILY),
+    };
+    Ok(FlowKey {
+        // SAFETY: the helper only reads the socket behind the context.
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        client,
+        _pad: 0,
+    })
+}
+
+/// One 32-bit load per word: sock_ops only allows 4-byte context reads of
+/// `local_ip6`, and a plain array copy may be compiled into 8-byte loads.
+fn read_local_ip6(ops: *mut bpf_sock_ops) -> [u32; 4] {
+    // SAFETY: in-bounds context field reads, checked by the verifier.
+    unsafe {
+        [
+            read_volatile(addr_of!((*ops).local_ip6[0])),
+            read_volatile(addr_of!((*ops).local_ip6[1])),
+            read_volatile(addr_of!((*ops).local_ip6[2])),
+            read_volatile(addr_of!((*ops).local_ip6[3])),
+        ]
+    }
+}

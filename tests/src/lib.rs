@@ -1,0 +1,16 @@
+//! End-to-end test support for waymark.
+//!
+//! The [`world`] module builds a small cluster out of network namespaces on
+//! this machine (a fabric, nodes, pods with their own cgroups), runs real
+//! `waymark agent`s in the nodes and real workloads in the pods, and removes
+//! all of it again when the [`World`] is dropped. The `testpeer` binary of this
+//! package is the workload the tests run in pods. See `tests/README.md`.
+
+mod macros;
+pub mod world;
+
+pub use nix::sys::signal::Signal;
+pub use world::admin::metric_value;
+pub use world::process::{Server, testpeer, testpeer_bin};
+pub use world::wait::{DEFAULT_PATIENCE, eventually};
+pub use world::{Node, Pod, World, WorldBuilder, skip_reason};

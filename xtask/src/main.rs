@@ -1,0 +1,43 @@
+//! waymark's developer tasks: `cargo xtask <task>`.
+
+mod demo;
+mod setup;
+mod test;
+mod world;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "waymark's developer tasks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// The network-namespace test world (nodes, pods, agents) on this machine.
+    #[command(subcommand)]
+    World(world::WorldCmd),
+    /// Install what is missing, then run every test (what CI runs).
+    Test(test::TestArgs),
+    /// Install what is missing, bring up a world with real agents, send
+    /// traffic and show what the agents saw.
+    Demo,
+    /// Install what waymark's builds and tests need (apt packages,
+    /// rust-src, bpf-linker).
+    Setup,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::World(cmd) => world::run(cmd),
+        Task::Test(args) => test::run(args),
+        Task::Demo => demo::run(),
+        Task::Setup => setup::ensure_all(),
+    }
+}

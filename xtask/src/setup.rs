@@ -1,0 +1,144 @@
+//! Installs what waymark needs on a fresh machine of this kind (Debian, root,
+//! Rust stable via rustup): the distribution's tools the tests and demo run,
+//! `rust-src` for `-Z build-std=core`, and `bpf-linker` built against the
+//! LLVM that ships inside rustc (Debian's LLVM is too old to read rustc's
+//! bitcode). Everything is checked first and only what is missing is
+//! installed, so a second run costs nothing.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail, ensure};
+
+/// Commands the test world, tests and demo run, and the Debian package that
+/// provides each.
+pub const BASE_TOOLS: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("nsenter", "util-linux"),
+    ("curl", "curl"),
+    ("python3", "python3"),
+];
+
+/// Everything `cargo xtask test` and `cargo xtask demo` need.
+pub fn ensure_all() -> Result<()> {
+    ensure_tools(BASE_TOOLS)?;
+    ensure_rust_src()?;
+    ensure_bpf_linker()?;
+    Ok(())
+}
+
+/// Installs the packages of the tools that are not on PATH.
+pub fn ensure_tools(tools: &[(&str, &str)]) -> Result<()> {
+    let mut missing: Vec<&str> = tools
+        .iter()
+        .filter(|(bin, _)| !on_path(bin))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    missing.dedup();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    ensure!(
+        nix_is_root(),
+        "missing tools from packages {missing:?}; install them (apt-get install {}) or run as root",
+        missing.join(" ")
+    );
+    eprintln!("setup: installing {}", missing.join(" "));
+    run(Command::new("apt-get").arg("update").arg("-q"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    for (bin, pkg) in tools {
+        ensure!(
+            on_path(bin),
+            "{bin} is still missing after installing {pkg}"
+        );
+    }
+    Ok(())
+}
+
+fn ensure_rust_src() -> Result<()> {
+    let sysroot = sysroot()?;
+    if sysroot.join("lib/rustlib/src/rust/library/core").exists() {
+        return Ok(());
+    }
+    eprintln!("setup: rustup component add rust-src");
+    run(Command::new("rustup").args(["component", "add", "rust-src"]))
+}
+
+fn ensure_bpf_linker() -> Result<()> {
+    if Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return Ok(());
+    }
+    // Link bpf-linker against rustc's own LLVM (TOOLCHAIN.md): the dylib is
+    // named after the exact rustc version.
+    let sysroot = sysroot()?;
+    let version = String::from_utf8(Command::new("rustc").arg("--version").output()?.stdout)?;
+    let version = version
+        .split_whitespace()
+        .nth(1)
+        .context("cannot parse `rustc --version`")?
+        .to_string();
+    let llvm = std::fs::read_dir(sysroot.join("lib"))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .find(|n| n.starts_with("libLLVM") && n.contains(&version))
+        .context("no libLLVM in rustc's sysroot; cannot build bpf-linker")?;
+    let lib = llvm
+        .trim_start_matches("lib")
+        .trim_end_matches(".so")
+        .to_string();
+    let major = lib
+        .strip_prefix("LLVM-")
+        .and_then(|s| s.split(['-', '.']).next())
+        .context("cannot read the LLVM major version")?
+        .to_string();
+    let rustflags = format!(
+        "-L {sys}/lib -l dylib={lib} -C link-arg=-Wl,-rpath,{sys}/lib",
+        sys = sysroot.display()
+    );
+    eprintln!("setup: building bpf-linker against rustc's {lib} (about a minute)");
+    run(Command::new("cargo")
+        .args(["install", "bpf-linker", "--locked", "--no-default-features"])
+        .arg("--features")
+        .arg(format!("llvm-{major},no-llvm-linking"))
+        .env("RUSTFLAGS", rustflags))
+}
+
+fn sysroot() -> Result<PathBuf> {
+    let out = Command::new("rustc")
+        .args(["--print", "sysroot"])
+        .output()
+        .context("cannot run rustc")?;
+    ensure!(out.status.success(), "rustc --print sysroot failed");
+    Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
+}
+
+pub fn on_path(bin: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
+        .unwrap_or(false)
+        || ["/usr/sbin", "/sbin"]
+            .iter()
+            .any(|d| std::path::Path::new(d).join(bin).is_file())
+}
+
+fn nix_is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Runs a command, failing with its name when it fails.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
