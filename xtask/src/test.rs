@@ -39,12 +39,30 @@ pub fn run(args: TestArgs) -> Result<()> {
             cargo(&[
                 "clippy",
                 "--workspace",
+                "--exclude",
+                KERNEL_CRATE,
                 "--all-targets",
                 "--",
                 "-D",
                 "warnings",
             ]),
         )?;
+        // The kernel crate only builds for the BPF target; lint it there.
+        let mut kernel = cargo(&[
+            "clippy",
+            "--release",
+            "--package",
+            KERNEL_CRATE,
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--",
+            "-D",
+            "warnings",
+        ]);
+        kernel.env("RUSTC_BOOTSTRAP", "1");
+        step("cargo clippy (kernel programs, BPF target)", kernel)?;
     }
     step(
         "build the agent and test peers",
