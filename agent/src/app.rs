@@ -20,7 +20,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use tokio::net::TcpListener;
@@ -32,10 +32,14 @@ use tracing::{info, warn};
 use crate::admin::{AdminServer, AdminState, Readiness};
 use crate::config::Config;
 use crate::diagnostics::metrics::{MapLabels, Metrics};
+use crate::discovery::{Discovery, ServiceTable};
+use crate::http::forward::HttpProxy;
+use crate::http::pool::Pool;
 use crate::proxy::OriginalDst;
 use crate::proxy::listener::bind_in_netns;
 use crate::proxy::outbound::{Outbound, PodInfo};
 use crate::redirect::Redirect;
+use crate::reload::{ReloadMetrics, Reloader, SharedConfig};
 use crate::telemetry::LogLevelHandle;
 
 const READY_PROGRAMS: &str = "redirect programs not attached";
@@ -56,18 +60,29 @@ impl OriginalDst for KernelOriginalDst {
 }
 
 /// Runs the agent until SIGTERM/SIGINT and the drain are done.
-pub fn run(config: Config, log_level: LogLevelHandle) -> Result<()> {
+pub fn run(config: Config, path: Option<PathBuf>, log_level: LogLevelHandle) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.runtime.workers)
         .thread_name("waymark-worker")
         .enable_all()
         .build()
         .context("cannot start the data-path runtime")?;
-    runtime.block_on(run_async(config, log_level))
+    runtime.block_on(run_async(config, path, log_level))
 }
 
-async fn run_async(config: Config, log_level: LogLevelHandle) -> Result<()> {
+async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHandle) -> Result<()> {
+    let discovery = Arc::new(Discovery::new(
+        ServiceTable::build(
+            &config.services,
+            config.balancer.to_balance(),
+            None,
+            Instant::now(),
+        )
+        .context("cannot build the service table")?,
+    ));
+    let pool = Pool::new(config.outbound.connect_timeout);
     let config = Arc::new(config);
+    let shared_config: SharedConfig = Arc::new(RwLock::new(config.clone()));
     let readiness = Arc::new(Readiness::new(&[READY_PROGRAMS, READY_LISTENERS]));
     let mut metrics = Metrics::new(config.metrics.max_destinations);
 
@@ -76,8 +91,11 @@ async fn run_async(config: Config, log_level: LogLevelHandle) -> Result<()> {
     let redirect = Arc::new(RwLock::new(redirect));
 
     let tcp = metrics.tcp.clone();
+    let balancer_metrics = metrics.balancer.clone();
+    let scrape_discovery = discovery.clone();
     let scrape_redirect = redirect.clone();
     let before_scrape = Box::new(move || {
+        balancer_metrics.sample(&scrape_discovery.current(), Instant::now());
         let r = scrape_redirect.read().unwrap_or_else(|e| e.into_inner());
         match r.occupancy() {
             Ok(o) => {
@@ -95,6 +113,7 @@ async fn run_async(config: Config, log_level: LogLevelHandle) -> Result<()> {
             Err(e) => warn!(error = %e, "cannot read redirect map occupancy"),
         }
     });
+    let reload_metrics = ReloadMetrics::new(&mut metrics.registry);
     let registry = Arc::new(std::mem::take(&mut metrics.registry));
     let admin = AdminServer::start(
         config.admin.listen,
@@ -102,7 +121,7 @@ async fn run_async(config: Config, log_level: LogLevelHandle) -> Result<()> {
             readiness: readiness.clone(),
             registry,
             before_scrape,
-            config: config.clone(),
+            config: shared_config.clone(),
             log_level,
         },
     )?;
@@ -146,8 +165,18 @@ async fn run_async(config: Config, log_level: LogLevelHandle) -> Result<()> {
     }
     readiness.set(READY_PROGRAMS);
 
+    let http = Arc::new(HttpProxy {
+        node: config.node.name.clone(),
+        discovery: discovery.clone(),
+        pool: pool.clone(),
+        retry_buffer: config.proxy.retry_buffer_bytes,
+    });
     let outbound = Arc::new(Outbound {
         original_dst: Arc::new(KernelOriginalDst(redirect.clone())),
+        discovery: discovery.clone(),
+        http,
+        detect_timeout: config.proxy.detect_timeout,
+        opaque_ports: config.proxy.opaque_ports.clone(),
         metrics: metrics.tcp.clone(),
         connect_timeout: config.outbound.connect_timeout,
         tracker: TaskTracker::new(),
@@ -162,13 +191,29 @@ async fn run_async(config: Config, log_level: LogLevelHandle) -> Result<()> {
                 .serve(pod, listener, stop_accepting.clone()),
         );
     }
-    info!(pods = config.pods.len(), "waymark agent ready");
+    let stop_reload = CancellationToken::new();
+    if let Some(path) = path {
+        let reloader = Reloader {
+            path,
+            config: shared_config.clone(),
+            discovery: discovery.clone(),
+            pool: pool.clone(),
+            metrics: reload_metrics,
+        };
+        tokio::spawn(reloader.run(stop_reload.clone()));
+    }
+    info!(
+        pods = config.pods.len(),
+        services = config.services.len(),
+        "waymark agent ready"
+    );
 
     let signal_name = wait_for_signal().await?;
     info!(signal = signal_name, grace = ?config.shutdown.drain_grace, "shutting down: detaching programs, then draining");
     readiness.unset(READY_DRAINING);
     redirect.write().unwrap_or_else(|e| e.into_inner()).detach();
     stop_accepting.cancel();
+    stop_reload.cancel();
     acceptors.close();
     acceptors.wait().await;
     drain(&outbound, config.shutdown.drain_grace).await;

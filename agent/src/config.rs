@@ -11,7 +11,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
+
+pub mod services;
 use serde::{Deserialize, Serialize};
+pub use services::{BalancerConfig, ProxyConfig, ServiceConfig};
 
 /// The configuration the agent runs with when no `--config` is given: admin
 /// on loopback, programs loaded (so the kernel's support is checked) but not
@@ -60,6 +63,16 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub runtime: RuntimeConfig,
+    /// L7 proxy settings (protocol detection, retry buffering).
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    /// Per-request load balancing and failure accrual.
+    #[serde(default)]
+    pub balancer: BalancerConfig,
+    /// Services the agent routes to; destinations that are no service's
+    /// address are forwarded as plain TCP to where they were dialled.
+    #[serde(default)]
+    pub services: Vec<ServiceConfig>,
     /// The pods on this node whose connections the agent proxies.
     #[serde(default)]
     pub pods: Vec<PodConfig>,
@@ -364,6 +377,13 @@ impl Config {
                 }
             }
         }
+        if self.proxy.detect_timeout.is_zero() {
+            problems.push("proxy.detect_timeout: must be greater than 0".to_string());
+        }
+        if let Err(e) = self.balancer.to_balance().validate() {
+            problems.push(format!("balancer: {e}"));
+        }
+        services::validate(&self.services, &mut problems);
         if problems.is_empty() {
             Ok(())
         } else {

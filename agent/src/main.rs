@@ -2,10 +2,16 @@
 
 mod admin;
 mod app;
+mod balance;
 mod config;
 mod diagnostics;
+mod discovery;
+mod http;
 mod proxy;
 mod redirect;
+mod reload;
+mod retry;
+mod routing;
 mod telemetry;
 
 use std::path::PathBuf;
@@ -57,11 +63,11 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Agent { config, log_format } => {
             let log = telemetry::init(matches!(log_format, LogFormat::Json));
-            let config = match config {
-                Some(path) => config::Config::from_file(&path),
+            let loaded = match &config {
+                Some(path) => config::Config::from_file(path),
                 None => Ok(config::Config::embedded_default()),
             };
-            let config = match config {
+            let loaded = match loaded {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::error!("{e}");
@@ -69,7 +75,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            match app::run(config, log) {
+            match app::run(loaded, config, log) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");

@@ -21,7 +21,6 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::config::Config;
 use crate::telemetry::LogLevelHandle;
 
 /// What the admin API reads from the rest of the agent.
@@ -31,7 +30,7 @@ pub struct AdminState {
     /// Called before each scrape to refresh gauges sampled from elsewhere
     /// (e.g. kernel map occupancy).
     pub before_scrape: Box<dyn Fn() + Send + Sync>,
-    pub config: Arc<Config>,
+    pub config: crate::reload::SharedConfig,
     pub log_level: LogLevelHandle,
 }
 

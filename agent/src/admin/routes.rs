@@ -23,7 +23,9 @@ pub async fn handle(
         (&Method::GET, "/live") => text(StatusCode::OK, "live\n".into()),
         (&Method::GET, "/ready") => ready(state),
         (&Method::GET, "/metrics") => metrics(state),
-        (&Method::GET, "/config") => match serde_json::to_string_pretty(&*state.config) {
+        (&Method::GET, "/config") => match serde_json::to_string_pretty(
+            &**state.config.read().unwrap_or_else(|e| e.into_inner()),
+        ) {
             Ok(json) => with_type(StatusCode::OK, "application/json", json + "\n"),
             Err(e) => text(
                 StatusCode::INTERNAL_SERVER_ERROR,

@@ -205,17 +205,140 @@ impl TcpMetrics {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub service: String,
+    pub endpoint: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub service: String,
+}
+
+/// The balancer's and the retry budget's view of each service, sampled at
+/// scrape time from the live service table (so a removed endpoint's series
+/// disappear with it).
+pub struct BalancerMetrics {
+    pub latency_ewma_ms: Family<EndpointLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub in_flight: Family<EndpointLabels, Gauge>,
+    pub ejected: Family<EndpointLabels, Gauge>,
+    pub ejections: Family<EndpointLabels, Gauge>,
+    pub retry_budget_available: Family<ServiceLabels, Gauge>,
+    pub endpoints: Family<ServiceLabels, Gauge>,
+    pub endpoints_available: Family<ServiceLabels, Gauge>,
+}
+
+impl BalancerMetrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = BalancerMetrics {
+            latency_ewma_ms: Family::default(),
+            in_flight: Family::default(),
+            ejected: Family::default(),
+            ejections: Family::default(),
+            retry_budget_available: Family::default(),
+            endpoints: Family::default(),
+            endpoints_available: Family::default(),
+        };
+        registry.register(
+            "waymark_service_endpoints",
+            "Endpoints of each service",
+            m.endpoints.clone(),
+        );
+        registry.register(
+            "waymark_service_endpoints_available",
+            "Endpoints of each service not ejected by failure accrual",
+            m.endpoints_available.clone(),
+        );
+        registry.register(
+            "waymark_endpoint_latency_ewma_ms",
+            "The balancer's peak-EWMA latency estimate of each endpoint",
+            m.latency_ewma_ms.clone(),
+        );
+        registry.register(
+            "waymark_endpoint_in_flight",
+            "Requests (or opaque connections) in flight to each endpoint",
+            m.in_flight.clone(),
+        );
+        registry.register(
+            "waymark_endpoint_ejected",
+            "1 while failure accrual keeps the endpoint out of the balancer",
+            m.ejected.clone(),
+        );
+        registry.register(
+            "waymark_endpoint_ejections",
+            "Times the endpoint was ejected since it appeared (sampled counter)",
+            m.ejections.clone(),
+        );
+        registry.register(
+            "waymark_retry_budget_available",
+            "Retries the service's budget would allow right now",
+            m.retry_budget_available.clone(),
+        );
+        m
+    }
+
+    /// Replaces every series with the table's current state.
+    pub fn sample(&self, table: &crate::discovery::ServiceTable, now: std::time::Instant) {
+        self.latency_ewma_ms.clear();
+        self.in_flight.clear();
+        self.ejected.clear();
+        self.ejections.clear();
+        self.retry_budget_available.clear();
+        self.endpoints.clear();
+        self.endpoints_available.clear();
+        for service in table.services() {
+            let s = ServiceLabels {
+                service: service.name.clone(),
+            };
+            self.endpoints
+                .get_or_create(&s)
+                .set(service.balancer.len() as i64);
+            self.endpoints_available
+                .get_or_create(&s)
+                .set(service.balancer.available(now) as i64);
+            for (ep, stats) in service.balancer.entries() {
+                let l = EndpointLabels {
+                    service: service.name.clone(),
+                    endpoint: ep.addr.to_string(),
+                };
+                self.latency_ewma_ms
+                    .get_or_create(&l)
+                    .set(stats.ewma(now).as_secs_f64() * 1000.0);
+                self.in_flight
+                    .get_or_create(&l)
+                    .set(stats.in_flight() as i64);
+                self.ejected
+                    .get_or_create(&l)
+                    .set(stats.is_ejected(now) as i64);
+                self.ejections
+                    .get_or_create(&l)
+                    .set(stats.ejections_total() as i64);
+            }
+            self.retry_budget_available
+                .get_or_create(&s)
+                .set(service.budget.available(now) as i64);
+        }
+    }
+}
+
 /// Builds the registry and every metric family of the agent.
 pub struct Metrics {
     pub registry: Registry,
     pub tcp: std::sync::Arc<TcpMetrics>,
+    pub balancer: std::sync::Arc<BalancerMetrics>,
 }
 
 impl Metrics {
     pub fn new(max_destinations: usize) -> Self {
         let mut registry = Registry::default();
         let tcp = std::sync::Arc::new(TcpMetrics::new(&mut registry, max_destinations));
-        Metrics { registry, tcp }
+        let balancer = std::sync::Arc::new(BalancerMetrics::new(&mut registry));
+        Metrics {
+            registry,
+            tcp,
+            balancer,
+        }
     }
 }
 

@@ -61,15 +61,16 @@ pub struct Counters {
 }
 
 /// Copies both ways until both directions have seen EOF, or fails on the
-/// first I/O error. On error, the bytes moved so far are still reported.
+/// first I/O error. `t` counts as bytes move, so it is right also when the
+/// copy ends in an error or is cancelled (a drain).
 pub async fn bidirectional(
     client: &mut TcpStream,
     upstream: &mut TcpStream,
     counters: &Counters,
-) -> (Transferred, Result<(), CopyError>) {
+    t: &mut Transferred,
+) -> Result<(), CopyError> {
     let (mut cr, mut cw) = client.split();
     let (mut ur, mut uw) = upstream.split();
-    let mut t = Transferred::default();
     let c2u = pump(
         &mut cr,
         &mut uw,
@@ -86,8 +87,7 @@ pub async fn bidirectional(
         &counters.upstream_to_client,
         &mut t.upstream_to_client,
     );
-    let result = tokio::try_join!(c2u, u2c).map(|_| ());
-    (t, result)
+    tokio::try_join!(c2u, u2c).map(|_| ())
 }
 
 /// One direction: read until EOF, forward, then half-close the writer.
@@ -175,8 +175,10 @@ mod tests {
         let c = counters();
         let proxy = tokio::spawn(async move {
             let c = c;
-            let (t, r) = bidirectional(&mut proxy_client, &mut proxy_upstream, &c).await;
-            r.unwrap();
+            let mut t = Transferred::default();
+            bidirectional(&mut proxy_client, &mut proxy_upstream, &c, &mut t)
+                .await
+                .unwrap();
             (t, c.client_to_upstream.get(), c.upstream_to_client.get())
         });
         let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
@@ -212,8 +214,10 @@ mod tests {
             .unwrap();
         drop(app_server);
         let c = counters();
-        let (_, r) = bidirectional(&mut proxy_client, &mut proxy_upstream, &c).await;
-        let err = r.unwrap_err();
+        let mut t = Transferred::default();
+        let err = bidirectional(&mut proxy_client, &mut proxy_upstream, &c, &mut t)
+            .await
+            .unwrap_err();
         assert_eq!(err.side, Side::Upstream, "{err}");
     }
 }

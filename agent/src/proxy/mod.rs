@@ -7,6 +7,7 @@
 //! and choosing how to forward.
 
 pub mod copy;
+pub mod detect;
 pub mod listener;
 pub mod outbound;
 

@@ -13,7 +13,13 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::OriginalDst;
 use super::copy::{self, Counters, Side};
+use super::detect::{self, Protocol};
+use crate::config::services::ProtocolHint;
 use crate::diagnostics::metrics::{Direction, PodLabels, TcpCloseLabels, TcpLabels, TcpMetrics};
+use crate::discovery::Discovery;
+use crate::http::forward::{ConnCtx, HttpProxy};
+use crate::http::pool::Version;
+use crate::http::server as http_server;
 
 /// One pod as the proxy knows it.
 #[derive(Debug, Clone)]
@@ -25,6 +31,12 @@ pub struct PodInfo {
 /// Everything an outbound connection needs, shared by all of them.
 pub struct Outbound {
     pub original_dst: Arc<dyn OriginalDst>,
+    /// Services by the addresses pods dial.
+    pub discovery: Arc<Discovery>,
+    pub http: Arc<HttpProxy>,
+    pub detect_timeout: Duration,
+    /// Destination ports never inspected.
+    pub opaque_ports: Vec<u16>,
     pub metrics: Arc<TcpMetrics>,
     pub connect_timeout: Duration,
     /// Connections in flight; the drain waits on it.
@@ -43,6 +55,7 @@ enum Close {
     ConnectFailed,
     ClientError,
     UpstreamError,
+    NoEndpoints,
     Drain,
 }
 
@@ -55,6 +68,7 @@ impl Close {
             Close::ConnectFailed => "connect_failed",
             Close::ClientError => "client_error",
             Close::UpstreamError => "upstream_error",
+            Close::NoEndpoints => "no_endpoints",
             Close::Drain => "drain",
         }
     }
@@ -101,29 +115,26 @@ impl Outbound {
         debug!(pod = %pod.name, listener = ?local, "stopped accepting");
     }
 
-    async fn proxy(&self, pod: Arc<PodInfo>, mut client: TcpStream, peer: SocketAddr) {
+    async fn proxy(&self, pod: Arc<PodInfo>, client: TcpStream, peer: SocketAddr) {
         let start = Instant::now();
-        let dst = match self.original_dst.take(pod.netns_cookie, peer) {
+        let lookup = self.original_dst.take(pod.netns_cookie, peer);
+        let dst = match lookup {
             Ok(Some(dst)) => dst,
-            Ok(None) => {
+            Ok(None) | Err(_) => {
                 self.metrics
                     .no_original_dst_total
                     .get_or_create(&PodLabels {
                         pod: pod.name.clone(),
                     })
                     .inc();
-                warn!("no original destination recorded for this connection; resetting it");
-                reset(client);
-                return;
-            }
-            Err(e) => {
-                self.metrics
-                    .no_original_dst_total
-                    .get_or_create(&PodLabels {
-                        pod: pod.name.clone(),
-                    })
-                    .inc();
-                warn!(error = %e, "original destination lookup failed; resetting the connection");
+                match lookup {
+                    Err(e) => {
+                        warn!(error = %e, "original destination lookup failed; resetting the connection")
+                    }
+                    _ => {
+                        warn!("no original destination recorded for this connection; resetting it")
+                    }
+                }
                 reset(client);
                 return;
             }
@@ -140,7 +151,12 @@ impl Outbound {
         open.inc();
         let _ = client.set_nodelay(true);
 
-        let (close, transferred, detail) = self.forward(&mut client, dst, &labels).await;
+        let mut transferred = copy::Transferred::default();
+        let (close, detail) = tokio::select! {
+            biased;
+            _ = self.force_close.cancelled() => (Close::Drain, None),
+            r = self.dispatch(&pod, client, peer, dst, &labels, &mut transferred) => r,
+        };
         open.dec();
         let elapsed = start.elapsed();
         self.metrics.record_duration(&labels, elapsed);
@@ -152,28 +168,95 @@ impl Outbound {
                 close.reason(),
             ))
             .inc();
-        let fields = (
+        let (bytes_out, bytes_in, duration_ms) = (
             transferred.client_to_upstream,
             transferred.upstream_to_client,
             elapsed.as_secs_f64() * 1000.0,
         );
         match close {
             Close::Eof | Close::Drain => debug!(
-                bytes_out = fields.0,
-                bytes_in = fields.1,
-                duration_ms = fields.2,
+                bytes_out,
+                bytes_in,
+                duration_ms,
                 reason = close.reason(),
                 "connection closed"
             ),
             _ => info!(
-                bytes_out = fields.0,
-                bytes_in = fields.1,
-                duration_ms = fields.2,
+                bytes_out,
+                bytes_in,
+                duration_ms,
                 reason = close.reason(),
                 error = detail.as_deref().unwrap_or(""),
                 "connection failed"
             ),
         }
+    }
+
+    /// Chooses how to carry the connection: destinations that are no
+    /// service go, opaque, where they were dialled; a service's connections
+    /// are inspected (unless opaque) and HTTP is routed per request, other
+    /// bytes go to an endpoint the balancer picks.
+    async fn dispatch(
+        &self,
+        pod: &PodInfo,
+        client: TcpStream,
+        peer: SocketAddr,
+        dst: SocketAddr,
+        labels: &TcpLabels,
+        transferred: &mut copy::Transferred,
+    ) -> (Close, Option<String>) {
+        let table = self.discovery.current();
+        let Some(service) = table.by_addr(&dst).cloned() else {
+            return self.opaque(client, dst, labels, transferred).await;
+        };
+        let protocol = if service.protocol == ProtocolHint::Opaque
+            || self.opaque_ports.contains(&dst.port())
+        {
+            Protocol::Opaque
+        } else {
+            let (p, outcome) = detect::detect(&client, self.detect_timeout).await;
+            if outcome == detect::Outcome::Closed {
+                return (Close::Eof, None);
+            }
+            debug!(protocol = p.as_str(), ?outcome, service = %service.name, "protocol detected");
+            p
+        };
+        let version = match protocol {
+            Protocol::Http1 => Version::Http1,
+            Protocol::Http2 => Version::Http2,
+            Protocol::Tls | Protocol::Opaque => {
+                let Some(pick) = service.balancer.pick(Instant::now()) else {
+                    reset(client);
+                    return (
+                        Close::NoEndpoints,
+                        Some(format!("service {} has no endpoints", service.name)),
+                    );
+                };
+                let target = pick.endpoint().addr;
+                // The pick stays alive for the connection: in-flight is the
+                // number of open connections for opaque traffic.
+                return self.opaque(client, target, labels, transferred).await;
+            }
+        };
+        let ctx = Arc::new(ConnCtx {
+            pod: pod.name.clone(),
+            client: peer,
+            dst,
+            version,
+        });
+        http_server::serve(self.http.clone(), ctx, client).await;
+        (Close::Eof, None)
+    }
+
+    /// Opaque TCP to `target`: connect, then copy until both sides are done.
+    async fn opaque(
+        &self,
+        mut client: TcpStream,
+        target: SocketAddr,
+        labels: &TcpLabels,
+        transferred: &mut copy::Transferred,
+    ) -> (Close, Option<String>) {
+        let (close, detail) = self.forward(&mut client, target, labels, transferred).await;
         match close {
             // The client must learn promptly that its peer is gone: an RST,
             // as it would get from the destination itself.
@@ -183,6 +266,7 @@ impl Outbound {
             | Close::UpstreamError => reset(client),
             _ => drop(client),
         }
+        (close, detail)
     }
 
     /// Connects to `dst` and copies until both sides are done.
@@ -191,18 +275,13 @@ impl Outbound {
         client: &mut TcpStream,
         dst: SocketAddr,
         labels: &TcpLabels,
-    ) -> (Close, copy::Transferred, Option<String>) {
-        let none = copy::Transferred::default();
-        let connect = tokio::select! {
-            biased;
-            _ = self.force_close.cancelled() => return (Close::Drain, none, None),
-            c = tokio::time::timeout(self.connect_timeout, TcpStream::connect(dst)) => c,
-        };
+        transferred: &mut copy::Transferred,
+    ) -> (Close, Option<String>) {
+        let connect = tokio::time::timeout(self.connect_timeout, TcpStream::connect(dst)).await;
         let mut upstream = match connect {
             Err(_) => {
                 return (
                     Close::ConnectTimeout,
-                    none,
                     Some(format!(
                         "no answer from {dst} within {:?}",
                         self.connect_timeout
@@ -215,7 +294,7 @@ impl Outbound {
                 } else {
                     Close::ConnectFailed
                 };
-                return (close, none, Some(e.to_string()));
+                return (close, Some(e.to_string()));
             }
             Ok(Ok(s)) => s,
         };
@@ -225,22 +304,16 @@ impl Outbound {
             client_to_upstream: self.metrics.write_bytes_total.get_or_create(labels).clone(),
             upstream_to_client: self.metrics.read_bytes_total.get_or_create(labels).clone(),
         };
-        let copied = tokio::select! {
-            biased;
-            _ = self.force_close.cancelled() => None,
-            r = copy::bidirectional(client, &mut upstream, &counters) => Some(r),
-        };
-        match copied {
-            None => (Close::Drain, none, None),
-            Some((t, Ok(()))) => (Close::Eof, t, None),
-            Some((t, Err(e))) => {
+        match copy::bidirectional(client, &mut upstream, &counters, transferred).await {
+            Ok(()) => (Close::Eof, None),
+            Err(e) => {
                 let detail = Some(e.to_string());
                 match e.side {
-                    Side::Upstream => (Close::UpstreamError, t, detail),
+                    Side::Upstream => (Close::UpstreamError, detail),
                     Side::Client => {
                         // Tell the destination the client went away abruptly.
                         reset(upstream);
-                        (Close::ClientError, t, detail)
+                        (Close::ClientError, detail)
                     }
                 }
             }

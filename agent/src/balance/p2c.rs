@@ -1,0 +1,549 @@
+//! Power of two choices: sample two endpoints at random and send the request
+//! to the cheaper one. Cheap to compute, and it avoids both the herd effect
+//! of always choosing the global best and the blindness of pure random.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+
+use super::BalanceConfig;
+use super::stats::{EndpointStats, Role, Snapshot};
+
+/// Random pairs to try before scanning every endpoint: with few endpoints
+/// out, a pair of available ones is almost always found at once.
+const PAIR_TRIES: usize = 3;
+/// Scans to try before giving up on a race over a probe claim.
+const SCAN_TRIES: usize = 3;
+
+/// A service's endpoints (`E`: address and whatever else the proxy needs)
+/// with their shared statistics. Immutable: a config change builds a new
+/// one, reusing the statistics of endpoints that stay.
+#[derive(Debug)]
+pub struct Balancer<E> {
+    endpoints: Vec<(E, Arc<EndpointStats>)>,
+    config: BalanceConfig,
+}
+
+impl<E> Balancer<E> {
+    /// Fresh statistics for every endpoint, stamped with the current time.
+    #[cfg(test)]
+    pub fn new(endpoints: Vec<E>, config: BalanceConfig) -> Self {
+        let now = Instant::now();
+        let endpoints = endpoints
+            .into_iter()
+            .map(|e| (e, Arc::new(EndpointStats::new(now, &config))))
+            .collect();
+        Self { endpoints, config }
+    }
+
+    /// Endpoints with existing statistics (kept from a previous balancer via
+    /// [`Balancer::stats_of`]), so estimates and ejections survive a reload.
+    /// The new config's decay applies to them from now on.
+    pub fn with_stats(endpoints: Vec<(E, Arc<EndpointStats>)>, config: BalanceConfig) -> Self {
+        for (_, stats) in &endpoints {
+            stats.set_decay(config.decay);
+        }
+        Self { endpoints, config }
+    }
+
+    /// The statistics of an endpoint equal to `endpoint`, to carry over.
+    pub fn stats_of(&self, endpoint: &E) -> Option<Arc<EndpointStats>>
+    where
+        E: PartialEq,
+    {
+        self.endpoints
+            .iter()
+            .find(|(e, _)| e == endpoint)
+            .map(|(_, stats)| Arc::clone(stats))
+    }
+
+    pub fn endpoints(&self) -> impl Iterator<Item = &E> {
+        self.endpoints.iter().map(|(e, _)| e)
+    }
+
+    /// Endpoints with their statistics, for diagnostics.
+    pub fn entries(&self) -> impl Iterator<Item = (&E, &Arc<EndpointStats>)> {
+        self.endpoints.iter().map(|(e, stats)| (e, stats))
+    }
+
+    #[cfg(test)]
+    pub fn config(&self) -> &BalanceConfig {
+        &self.config
+    }
+
+    pub fn len(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    #[cfg(test)]
+    pub fn is_empty(&self) -> bool {
+        self.endpoints.is_empty()
+    }
+
+    /// Endpoints not ejected at `now` (in service or on probation).
+    pub fn available(&self, now: Instant) -> usize {
+        self.endpoints
+            .iter()
+            .filter(|(_, stats)| !stats.is_ejected(now))
+            .count()
+    }
+
+    /// Picks two distinct random available endpoints and returns the one
+    /// with the lower cost, `ewma × (in_flight + 1)`. Ejected endpoints are
+    /// skipped, except that one whose ejection has expired is on probation:
+    /// it may be picked for a single probe request, whose success readmits
+    /// it and whose failure ejects it again for twice as long.
+    ///
+    /// When no endpoint is available this still returns the one whose
+    /// ejection ends soonest ("panic mode"): ejection is a guess from recent
+    /// failures, and when it has guessed that every endpoint is bad, failing
+    /// every request outright is certainly worse than trying the one most
+    /// likely to have recovered. `None` only when there are no endpoints.
+    pub fn pick(&self, now: Instant) -> Option<Pick<'_, E>> {
+        self.pick_with(now, &mut rand::rng())
+    }
+
+    fn pick_with<R: Rng + ?Sized>(&self, now: Instant, rng: &mut R) -> Option<Pick<'_, E>> {
+        let n = self.endpoints.len();
+        if n == 0 {
+            return None;
+        }
+        if n >= 2 {
+            for _ in 0..PAIR_TRIES {
+                let a = rng.random_range(..n);
+                let b = match rng.random_range(..n - 1) {
+                    b if b >= a => b + 1,
+                    b => b,
+                };
+                let (sa, sb) = (self.snapshot(a, now), self.snapshot(b, now));
+                if sa.available
+                    && sb.available
+                    && let Some(pick) = self.acquire_cheaper((a, sa), (b, sb), now, rng)
+                {
+                    return Some(pick);
+                }
+            }
+        }
+        // Several endpoints are out: choose among the available ones only.
+        let mut fallback = 0;
+        for _ in 0..SCAN_TRIES {
+            let scan = self.scan(now, rng);
+            fallback = scan.soonest;
+            let pick = match scan.sample {
+                [Some(a), Some(b)] => self.acquire_cheaper(a, b, now, rng),
+                [Some((a, _)), None] => self.acquire(a, now),
+                _ => return Some(Pick::new(self, scan.soonest, Role::Panic)),
+            };
+            if pick.is_some() {
+                return pick;
+            }
+        }
+        // Only reached when other tasks keep winning the probe claims this
+        // task saw as free; serve the request rather than spin.
+        Some(Pick::new(self, fallback, Role::Panic))
+    }
+
+    fn snapshot(&self, index: usize, now: Instant) -> Snapshot {
+        self.endpoints[index].1.snapshot(now)
+    }
+
+    fn acquire(&self, index: usize, now: Instant) -> Option<Pick<'_, E>> {
+        let role = self.endpoints[index].1.try_acquire(now)?;
+        Some(Pick::new(self, index, role))
+    }
+
+    /// The cheaper of two candidates, or the other if the cheaper one was
+    /// claimed meanwhile (a probe taken by another task). Equal costs are
+    /// broken at random so that identical endpoints share load evenly.
+    fn acquire_cheaper<R: Rng + ?Sized>(
+        &self,
+        a: (usize, Snapshot),
+        b: (usize, Snapshot),
+        now: Instant,
+        rng: &mut R,
+    ) -> Option<Pick<'_, E>> {
+        let a_first = match a.1.cost.total_cmp(&b.1.cost) {
+            std::cmp::Ordering::Less => true,
+            std::cmp::Ordering::Greater => false,
+            std::cmp::Ordering::Equal => rng.random(),
+        };
+        let (first, second) = if a_first { (a.0, b.0) } else { (b.0, a.0) };
+        self.acquire(first, now)
+            .or_else(|| self.acquire(second, now))
+    }
+
+    /// One pass over all endpoints: a uniform sample of two available ones
+    /// (reservoir sampling, so no allocation per request) and the endpoint
+    /// whose ejection ends soonest, ties broken at random.
+    fn scan<R: Rng + ?Sized>(&self, now: Instant, rng: &mut R) -> Scan {
+        let mut sample = [None, None];
+        let mut available = 0usize;
+        let mut soonest: Option<(Option<Instant>, usize)> = None;
+        let mut ties = 0u32;
+        for (index, (_, stats)) in self.endpoints.iter().enumerate() {
+            let snapshot = stats.snapshot(now);
+            if snapshot.available {
+                if available < 2 {
+                    sample[available] = Some((index, snapshot));
+                } else {
+                    let slot = rng.random_range(..=available);
+                    if slot < 2 {
+                        sample[slot] = Some((index, snapshot));
+                    }
+                }
+                available += 1;
+            }
+            // `None` (in service) sorts before any instant.
+            let key = snapshot.ejected_until;
+            match soonest {
+                Some((best, _)) if key > best => {}
+                Some((best, _)) if key == best => {
+                    ties += 1;
+                    if rng.random_range(..=ties) == 0 {
+                        soonest = Some((key, index));
+                    }
+                }
+                _ => {
+                    soonest = Some((key, index));
+                    ties = 0;
+                }
+            }
+        }
+        Scan {
+            sample,
+            soonest: soonest.map_or(0, |(_, index)| index),
+        }
+    }
+}
+
+struct Scan {
+    sample: [Option<(usize, Snapshot)>; 2],
+    soonest: usize,
+}
+
+/// One request's hold on an endpoint. Counts as in flight from creation to
+/// drop; [`Pick::complete`] reports the outcome. Dropping it without
+/// completing (the request was cancelled) reports nothing: a cancellation
+/// says nothing about the endpoint's health.
+#[derive(Debug)]
+pub struct Pick<'a, E> {
+    balancer: &'a Balancer<E>,
+    index: usize,
+    role: Role,
+    completed: bool,
+}
+
+impl<'a, E> Pick<'a, E> {
+    fn new(balancer: &'a Balancer<E>, index: usize, role: Role) -> Self {
+        balancer.endpoints[index].1.start();
+        Self {
+            balancer,
+            index,
+            role,
+            completed: false,
+        }
+    }
+
+    pub fn endpoint(&self) -> &E {
+        &self.balancer.endpoints[self.index].0
+    }
+
+    pub fn stats(&self) -> &Arc<EndpointStats> {
+        &self.balancer.endpoints[self.index].1
+    }
+
+    /// This request tests an endpoint whose ejection expired.
+    pub fn is_probe(&self) -> bool {
+        self.role == Role::Probe
+    }
+
+    /// Every endpoint was out and this one was chosen anyway.
+    pub fn is_panic(&self) -> bool {
+        self.role == Role::Panic
+    }
+
+    /// Reports how the request went: `latency` feeds the estimate, `success`
+    /// the failure accrual.
+    pub fn complete(mut self, now: Instant, latency: Duration, success: bool) {
+        self.stats()
+            .finish(self.role, now, latency, success, &self.balancer.config);
+        self.completed = true;
+    }
+}
+
+impl<E> Drop for Pick<'_, E> {
+    fn drop(&mut self) {
+        let stats = self.stats();
+        if !self.completed {
+            stats.cancel(self.role);
+        }
+        stats.end();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    const MS: Duration = Duration::from_millis(1);
+    const SEC: Duration = Duration::from_secs(1);
+
+    fn balancer(n: usize) -> (Balancer<usize>, Instant) {
+        let b = Balancer::new((0..n).collect(), BalanceConfig::default());
+        (b, Instant::now())
+    }
+
+    fn rng() -> StdRng {
+        StdRng::seed_from_u64(0x5eed)
+    }
+
+    /// Ejects endpoint `i` at `now` with threshold-many failures.
+    fn eject(b: &Balancer<usize>, i: usize, now: Instant) {
+        for _ in 0..b.config().failure_threshold {
+            b.acquire(i, now).unwrap().complete(now, MS, false);
+        }
+        assert!(b.endpoints[i].1.is_ejected(now));
+    }
+
+    #[test]
+    fn no_endpoints_no_pick() {
+        let (b, now) = balancer(0);
+        assert!(b.pick(now).is_none());
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn single_endpoint_is_always_picked_even_when_ejected() {
+        let (b, now) = balancer(1);
+        let p = b.pick(now).unwrap();
+        assert_eq!(*p.endpoint(), 0);
+        assert!(!p.is_panic());
+        drop(p);
+        eject(&b, 0, now);
+        assert_eq!(b.available(now), 0);
+        let p = b.pick(now).unwrap();
+        assert!(p.is_panic());
+    }
+
+    #[test]
+    fn equal_endpoints_share_load_evenly() {
+        let (b, t0) = balancer(4);
+        let mut rng = rng();
+        let mut counts = [0u32; 4];
+        for i in 0..10_000 {
+            let now = t0 + i * MS / 10;
+            let p = b.pick_with(now, &mut rng).unwrap();
+            counts[*p.endpoint()] += 1;
+            p.complete(now, BalanceConfig::default().default_rtt, true);
+        }
+        for c in counts {
+            assert!((2_250..=2_750).contains(&c), "{counts:?}");
+        }
+    }
+
+    /// Endpoints faster than the 30 ms prior: the unmeasured ones look worse
+    /// at first, but requests in flight raise the measured ones' cost until
+    /// every endpoint is measured and load evens out.
+    #[test]
+    fn equal_endpoints_under_concurrency_share_load_evenly() {
+        let (b, t0) = balancer(4);
+        let mut rng = rng();
+        let mut counts = [0u32; 4];
+        let mut outstanding = std::collections::VecDeque::new();
+        for i in 0..10_000 {
+            let now = t0 + i * MS / 10;
+            if outstanding.len() == 8 {
+                let p: Pick<'_, usize> = outstanding.pop_front().unwrap();
+                p.complete(now, 10 * MS, true);
+            }
+            let p = b.pick_with(now, &mut rng).unwrap();
+            counts[*p.endpoint()] += 1;
+            outstanding.push_back(p);
+        }
+        for c in counts {
+            assert!((2_250..=2_750).contains(&c), "{counts:?}");
+        }
+    }
+
+    #[test]
+    fn slow_endpoint_gets_fewer_picks() {
+        let (b, t0) = balancer(3);
+        let mut rng = rng();
+        let mut counts = [0u32; 3];
+        for i in 0..3_000 {
+            let now = t0 + i * MS;
+            let p = b.pick_with(now, &mut rng).unwrap();
+            let latency = if *p.endpoint() == 0 {
+                100 * MS
+            } else {
+                10 * MS
+            };
+            counts[*p.endpoint()] += 1;
+            p.complete(now, latency, true);
+        }
+        assert!(counts[0] < 30, "{counts:?}");
+        assert!(counts[1] > 1_000 && counts[2] > 1_000, "{counts:?}");
+    }
+
+    #[test]
+    fn busy_endpoint_gets_fewer_picks() {
+        let (b, now) = balancer(3);
+        let mut rng = rng();
+        let held: Vec<_> = (0..20).map(|_| b.acquire(0, now).unwrap()).collect();
+        assert_eq!(b.endpoints[0].1.in_flight(), 20);
+        let mut counts = [0u32; 3];
+        for _ in 0..1_000 {
+            counts[*b.pick_with(now, &mut rng).unwrap().endpoint()] += 1;
+        }
+        // Endpoint 0 loses every pair it is in: 21× the cost of the other.
+        assert_eq!(counts[0], 0, "{counts:?}");
+        drop(held);
+        assert_eq!(b.endpoints[0].1.in_flight(), 0);
+    }
+
+    #[test]
+    fn ejected_endpoint_is_skipped_then_probed_then_readmitted() {
+        let (b, t0) = balancer(3);
+        let mut rng = rng();
+        eject(&b, 0, t0);
+        assert_eq!(b.available(t0), 2);
+        for _ in 0..500 {
+            assert_ne!(*b.pick_with(t0 + SEC, &mut rng).unwrap().endpoint(), 0);
+        }
+        // Expired: endpoint 0 is chosen once as a probe, and not again while
+        // that probe is out.
+        let t1 = t0 + 5 * SEC;
+        let mut probe = None;
+        for _ in 0..500 {
+            let p = b.pick_with(t1, &mut rng).unwrap();
+            if *p.endpoint() == 0 {
+                assert!(p.is_probe());
+                assert!(probe.is_none(), "second probe while one is out");
+                probe = Some(p);
+            }
+        }
+        probe.expect("probe picked").complete(t1, MS, true);
+        assert!(!b.endpoints[0].1.is_ejected(t1));
+        assert_eq!(b.endpoints[0].1.ejected_until(), None);
+        let p = b.acquire(0, t1).unwrap();
+        assert!(!p.is_probe() && !p.is_panic());
+    }
+
+    #[test]
+    fn all_ejected_picks_the_one_back_soonest() {
+        let (b, t0) = balancer(3);
+        let mut rng = rng();
+        eject(&b, 1, t0);
+        eject(&b, 0, t0 + SEC);
+        eject(&b, 2, t0 + 2 * SEC);
+        let p = b.pick_with(t0 + 3 * SEC, &mut rng).unwrap();
+        assert_eq!(*p.endpoint(), 1);
+        assert!(p.is_panic());
+        // A success in panic mode readmits it.
+        p.complete(t0 + 3 * SEC, MS, true);
+        assert_eq!(b.available(t0 + 3 * SEC), 1);
+        let p = b.pick_with(t0 + 3 * SEC, &mut rng).unwrap();
+        assert_eq!(*p.endpoint(), 1);
+        assert!(!p.is_panic());
+    }
+
+    #[test]
+    fn panic_mode_spreads_over_equal_ejections() {
+        let (b, t0) = balancer(3);
+        let mut rng = rng();
+        for i in 0..3 {
+            eject(&b, i, t0);
+        }
+        let mut seen = [false; 3];
+        for _ in 0..100 {
+            seen[*b.pick_with(t0, &mut rng).unwrap().endpoint()] = true;
+        }
+        assert_eq!(seen, [true; 3]);
+    }
+
+    #[test]
+    fn cancelled_picks_count_neither_way() {
+        let (b, now) = balancer(2);
+        for _ in 0..4 {
+            b.acquire(0, now).unwrap().complete(now, MS, false);
+        }
+        drop(b.acquire(0, now).unwrap());
+        let stats = &b.endpoints[0].1;
+        assert_eq!(stats.consecutive_failures(), 4);
+        assert_eq!(stats.in_flight(), 0);
+        b.acquire(0, now).unwrap().complete(now, MS, false);
+        assert!(stats.is_ejected(now));
+        // A cancelled probe frees the endpoint for the next probe.
+        let t1 = now + 5 * SEC;
+        let probe = b.acquire(0, t1).unwrap();
+        assert!(probe.is_probe());
+        assert!(b.acquire(0, t1).is_none());
+        drop(probe);
+        assert!(b.acquire(0, t1).unwrap().is_probe());
+    }
+
+    #[test]
+    fn stats_survive_a_rebuild() {
+        let (old, now) = balancer(3);
+        eject(&old, 1, now);
+        let kept = [1usize, 2, 7];
+        let entries = kept
+            .iter()
+            .map(|e| {
+                let stats = old
+                    .stats_of(e)
+                    .unwrap_or_else(|| Arc::new(EndpointStats::new(now, old.config())));
+                (*e, stats)
+            })
+            .collect();
+        let config = BalanceConfig {
+            decay: 2 * SEC,
+            ..Default::default()
+        };
+        let new = Balancer::with_stats(entries, config);
+        assert!(Arc::ptr_eq(
+            &new.stats_of(&1).unwrap(),
+            &old.stats_of(&1).unwrap()
+        ));
+        assert!(new.stats_of(&1).unwrap().is_ejected(now));
+        assert_eq!(new.stats_of(&7).unwrap().ejections_total(), 0);
+        assert_eq!(new.endpoints().copied().collect::<Vec<_>>(), kept);
+        assert_eq!(new.available(now), 2);
+    }
+
+    #[test]
+    fn usable_from_many_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Balancer<String>>();
+        assert_send_sync::<Pick<'static, String>>();
+        let b = Balancer::new((0..5).collect::<Vec<usize>>(), BalanceConfig::default());
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let b = &b;
+                s.spawn(move || {
+                    let held: Vec<_> = (0..2_000)
+                        .filter_map(|i| {
+                            let now = Instant::now();
+                            let p = b.pick(now)?;
+                            match i % 3 {
+                                0 => {
+                                    p.complete(now, MS * (t + 1), i % 7 != 0);
+                                    None
+                                }
+                                1 => None,
+                                _ => Some(p),
+                            }
+                        })
+                        .collect();
+                    drop(held);
+                });
+            }
+        });
+        for (_, stats) in b.entries() {
+            assert_eq!(stats.in_flight(), 0);
+        }
+    }
+}

@@ -1,0 +1,300 @@
+//! What the agent knows about services: which addresses belong to which
+//! service, its endpoints, its routes and their policies. The config file
+//! feeds it today; Kubernetes discovery will feed the same [`ServiceTable`].
+//!
+//! The table is immutable once built and swapped whole on reload, so a
+//! request sees one consistent snapshot. Endpoint statistics (latency
+//! estimate, in-flight count, ejection state) are carried over to the new
+//! table for endpoints that stay, so a reload does not reset the balancer.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use crate::balance::{BalanceConfig, Balancer, EndpointStats};
+use crate::config::services::{
+    HeaderMatchConfig, MatchConfig, PathMatchConfig, ProtocolHint, RouteConfig, ServiceConfig,
+};
+use crate::retry::{Backoff, RetryBudget, RetryOn};
+use crate::routing::{
+    GrpcMatch, HeaderMatch, PathMatch, Route, RouteMatch, RouteTable, ValueMatch, Weighted,
+};
+
+/// Name of the route that takes requests no declared route matches (the
+/// name `linkerd routes` users know).
+pub const DEFAULT_ROUTE: &str = "[DEFAULT]";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error("service {service}, route {route}: {message}")]
+    Route {
+        service: String,
+        route: String,
+        message: String,
+    },
+    #[error("service {service}: {message}")]
+    Service { service: String, message: String },
+}
+
+/// An endpoint as the balancer carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub node: Option<String>,
+}
+
+/// Retries of one route.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    pub attempts: u32,
+    pub on: Vec<RetryOn>,
+    pub backoff: Backoff,
+}
+
+/// What a matched route does with a request.
+pub struct RoutePolicy {
+    /// Names of the services that receive the traffic, weighted.
+    pub backends: Weighted<String>,
+    pub timeout: Option<Duration>,
+    pub per_try_timeout: Option<Duration>,
+    pub retry: Option<RetryPolicy>,
+}
+
+pub struct Service {
+    pub name: String,
+    pub protocol: ProtocolHint,
+    pub routes: RouteTable<RoutePolicy>,
+    /// Taken when no route matches: the service's own endpoints, no
+    /// timeout, no retries.
+    pub default_route: RoutePolicy,
+    pub balancer: Balancer<Endpoint>,
+    pub budget: RetryBudget,
+}
+
+/// One consistent snapshot of every service.
+#[derive(Default)]
+pub struct ServiceTable {
+    by_addr: HashMap<SocketAddr, Arc<Service>>,
+    by_name: HashMap<String, Arc<Service>>,
+}
+
+impl ServiceTable {
+    /// Builds the table from validated config, reusing endpoint statistics
+    /// from `previous`.
+    pub fn build(
+        services: &[ServiceConfig],
+        balance: BalanceConfig,
+        previous: Option<&ServiceTable>,
+        now: Instant,
+    ) -> Result<Self, DiscoveryError> {
+        let mut table = ServiceTable::default();
+        for svc in services {
+            let service = Arc::new(build_service(svc, balance, previous, now)?);
+            for addr in &svc.addresses {
+                table.by_addr.insert(*addr, service.clone());
+            }
+            table.by_name.insert(svc.name.clone(), service);
+        }
+        Ok(table)
+    }
+
+    /// The service whose address a pod dialled.
+    pub fn by_addr(&self, addr: &SocketAddr) -> Option<&Arc<Service>> {
+        self.by_addr.get(addr)
+    }
+
+    pub fn by_name(&self, name: &str) -> Option<&Arc<Service>> {
+        self.by_name.get(name)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
+        self.by_name.values()
+    }
+
+    /// Every endpoint address of every service (to prune idle connections
+    /// to endpoints that went away).
+    pub fn endpoint_addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.by_name
+            .values()
+            .flat_map(|s| s.balancer.endpoints().map(|e| e.addr))
+    }
+}
+
+/// The table in force; swapped whole on reload.
+#[derive(Default)]
+pub struct Discovery {
+    current: RwLock<Arc<ServiceTable>>,
+}
+
+impl Discovery {
+    pub fn new(table: ServiceTable) -> Self {
+        Discovery {
+            current: RwLock::new(Arc::new(table)),
+        }
+    }
+
+    pub fn current(&self) -> Arc<ServiceTable> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn replace(&self, table: ServiceTable) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
+    }
+}
+
+fn build_service(
+    svc: &ServiceConfig,
+    balance: BalanceConfig,
+    previous: Option<&ServiceTable>,
+    now: Instant,
+) -> Result<Service, DiscoveryError> {
+    let old = previous.and_then(|p| p.by_name(&svc.name));
+    let endpoints: Vec<(Endpoint, Arc<EndpointStats>)> = svc
+        .endpoints
+        .iter()
+        .map(|e| {
+            let ep = Endpoint {
+                addr: e.addr,
+                node: e.node.clone(),
+            };
+            let stats = old
+                .and_then(|o| o.balancer.stats_of(&ep))
+                .unwrap_or_else(|| Arc::new(EndpointStats::new(now, &balance)));
+            (ep, stats)
+        })
+        .collect();
+    let balancer = Balancer::with_stats(endpoints, balance);
+    let budget = RetryBudget::new(
+        svc.retry_budget.ratio,
+        svc.retry_budget.min_per_second,
+        svc.retry_budget.ttl,
+        now,
+    )
+    .map_err(|e| DiscoveryError::Service {
+        service: svc.name.clone(),
+        message: e.to_string(),
+    })?;
+    let self_backend = || Weighted::new(vec![(svc.name.clone(), 1)]);
+    let default_route = RoutePolicy {
+        backends: self_backend().map_err(|e| DiscoveryError::Service {
+            service: svc.name.clone(),
+            message: e.to_string(),
+        })?,
+        timeout: None,
+        per_try_timeout: None,
+        retry: None,
+    };
+    let mut routes = Vec::new();
+    for r in &svc.routes {
+        routes.push(build_route(svc, r)?);
+    }
+    Ok(Service {
+        name: svc.name.clone(),
+        protocol: svc.protocol,
+        routes: RouteTable::new(routes),
+        default_route,
+        balancer,
+        budget,
+    })
+}
+
+fn build_route(svc: &ServiceConfig, r: &RouteConfig) -> Result<Route<RoutePolicy>, DiscoveryError> {
+    let err = |message: String| DiscoveryError::Route {
+        service: svc.name.clone(),
+        route: r.name.clone(),
+        message,
+    };
+    let backends = if r.backends.is_empty() {
+        vec![(svc.name.clone(), 1)]
+    } else {
+        r.backends
+            .iter()
+            .map(|b| (b.service.clone(), b.weight))
+            .collect()
+    };
+    let backends = Weighted::new(backends).map_err(|e| err(e.to_string()))?;
+    let matches = r
+        .matches
+        .iter()
+        .map(build_match)
+        .collect::<Result<Vec<_>, String>>()
+        .map_err(err)?;
+    let retry = match &r.retry {
+        None => None,
+        Some(rc) => Some(RetryPolicy {
+            attempts: rc.attempts,
+            on: rc
+                .on
+                .iter()
+                .map(|s| s.parse::<RetryOn>().map_err(|e| err(e.to_string())))
+                .collect::<Result<_, _>>()?,
+            backoff: Backoff {
+                base: rc.backoff_base,
+                max: rc.backoff_max,
+            },
+        }),
+    };
+    Ok(Route {
+        name: r.name.clone(),
+        matches,
+        value: RoutePolicy {
+            backends,
+            timeout: r.timeout,
+            per_try_timeout: r.per_try_timeout,
+            retry,
+        },
+    })
+}
+
+fn build_match(m: &MatchConfig) -> Result<RouteMatch, String> {
+    let path = match &m.path {
+        None => None,
+        Some(PathMatchConfig::Exact(p)) => Some(PathMatch::exact(p).map_err(|e| e.to_string())?),
+        Some(PathMatchConfig::Prefix(p)) => Some(PathMatch::prefix(p).map_err(|e| e.to_string())?),
+        Some(PathMatchConfig::Regex(p)) => Some(PathMatch::regex(p).map_err(|e| e.to_string())?),
+    };
+    let method = m
+        .method
+        .as_deref()
+        .map(|s| http::Method::from_bytes(s.as_bytes()).map_err(|e| format!("method {s:?}: {e}")))
+        .transpose()?;
+    let headers = m
+        .headers
+        .iter()
+        .map(build_header_match)
+        .collect::<Result<Vec<_>, _>>()?;
+    let grpc = m
+        .grpc
+        .as_ref()
+        .map(|g| GrpcMatch::new(g.service.as_deref(), g.method.as_deref()))
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    Ok(RouteMatch {
+        path,
+        method,
+        headers,
+        grpc,
+    })
+}
+
+fn build_header_match(h: &HeaderMatchConfig) -> Result<HeaderMatch, String> {
+    let value = match (&h.exact, &h.regex) {
+        (Some(v), None) => ValueMatch::exact(v),
+        (None, Some(r)) => ValueMatch::regex(r).map_err(|e| e.to_string())?,
+        _ => {
+            return Err(format!(
+                "header {:?}: set exactly one of exact and regex",
+                h.name
+            ));
+        }
+    };
+    HeaderMatch::new(&h.name, value).map_err(|e| e.to_string())
+}

@@ -1,0 +1,150 @@
+//! The proxy's own answers when it cannot deliver a request. They must never
+//! be mistaken for the application's: each carries `l5d-proxy-error` (the
+//! header Linkerd users already look for) and `waymark-proxy-error` naming
+//! the reason, and a short body naming the agent, the service and the cause.
+//! gRPC clients get a trailers-only response with the matching
+//! `grpc-status`, since they ignore HTTP status codes.
+
+use http::{HeaderValue, Response, StatusCode, header};
+
+use super::body::{ProxyBody, full};
+
+/// Why the proxy answered instead of an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyError {
+    /// The service has no endpoints (or none after routing).
+    NoEndpoints,
+    /// Connecting to the endpoint failed (refused, unreachable).
+    ConnectFailed,
+    /// The endpoint reset or closed the connection mid-request.
+    UpstreamReset,
+    /// The request timeout passed before the response started.
+    Timeout,
+    /// The request was malformed in a way the proxy cannot forward.
+    BadRequest,
+}
+
+impl ProxyError {
+    pub fn reason(self) -> &'static str {
+        match self {
+            ProxyError::NoEndpoints => "no endpoints available",
+            ProxyError::ConnectFailed => "connection to the endpoint failed",
+            ProxyError::UpstreamReset => "the endpoint reset the connection",
+            ProxyError::Timeout => "request timed out",
+            ProxyError::BadRequest => "request cannot be forwarded",
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        match self {
+            ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::BadRequest => StatusCode::BAD_REQUEST,
+            ProxyError::UpstreamReset => StatusCode::BAD_GATEWAY,
+            ProxyError::NoEndpoints | ProxyError::ConnectFailed => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The gRPC status a gRPC client gets instead: DEADLINE_EXCEEDED (4)
+    /// for a timeout, INTERNAL (13) for a bad request, UNAVAILABLE (14)
+    /// otherwise.
+    pub fn grpc_status(self) -> u32 {
+        match self {
+            ProxyError::Timeout => 4,
+            ProxyError::BadRequest => 13,
+            _ => 14,
+        }
+    }
+}
+
+/// Renders the proxy's answer. `detail` adds specifics (the endpoint
+/// address, the OS error) to the body.
+pub fn response(
+    err: ProxyError,
+    node: &str,
+    service: &str,
+    detail: Option<&str>,
+    grpc: bool,
+) -> Response<ProxyBody> {
+    let message = match detail {
+        Some(d) => format!("waymark {node}: service {service}: {} ({d})", err.reason()),
+        None => format!("waymark {node}: service {service}: {}", err.reason()),
+    };
+    let mut resp = if grpc {
+        let mut r = Response::new(full(""));
+        *r.status_mut() = StatusCode::OK;
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert("grpc-status", HeaderValue::from(err.grpc_status()));
+        if let Ok(v) = HeaderValue::from_str(&percent_encode(&message)) {
+            h.insert("grpc-message", v);
+        }
+        r
+    } else {
+        let mut r = Response::new(full(format!("{message}\n")));
+        *r.status_mut() = err.status();
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        r
+    };
+    let reason = HeaderValue::from_static(err.reason());
+    resp.headers_mut().insert("l5d-proxy-error", reason.clone());
+    resp.headers_mut().insert("waymark-proxy-error", reason);
+    resp
+}
+
+/// grpc-message is percent-encoded (gRPC over HTTP/2 spec).
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn http_error_names_agent_service_and_reason() {
+        let r = response(
+            ProxyError::Timeout,
+            "node-a",
+            "hello",
+            Some("after 2s"),
+            false,
+        );
+        assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(r.headers()["l5d-proxy-error"], "request timed out");
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(
+            &body[..],
+            b"waymark node-a: service hello: request timed out (after 2s)\n"
+        );
+    }
+
+    #[test]
+    fn grpc_error_is_trailers_only_with_status() {
+        let r = response(ProxyError::NoEndpoints, "n", "s", None, true);
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()["grpc-status"], "14");
+        assert_eq!(r.headers()["content-type"], "application/grpc");
+        let r = response(ProxyError::Timeout, "n", "s", None, true);
+        assert_eq!(r.headers()["grpc-status"], "4");
+    }
+
+    #[test]
+    fn grpc_message_is_percent_encoded() {
+        assert_eq!(percent_encode("a%b\nc é"), "a%25b%0Ac %C3%A9");
+    }
+}

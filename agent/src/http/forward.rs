@@ -1,0 +1,507 @@
+//! Routing and sending one request: service → route → backend → endpoint,
+//! with the route's timeouts and retries.
+//!
+//! Balancing is per request, not per connection: a gRPC client that keeps
+//! one HTTP/2 connection open still has its calls spread over every
+//! endpoint (istio #56864). Each attempt picks an endpoint anew, so a retry
+//! goes to the endpoint the balancer now prefers, usually another one.
+//!
+//! Retries need the request body again. Bodies are buffered only when the
+//! route has a retry policy and the body's length is known and within
+//! `proxy.retry_buffer_bytes`; other requests stream and are tried once.
+//! Non-idempotent methods (POST, PATCH) are retried only after a failure to
+//! connect, when the endpoint cannot have seen them.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Incoming};
+use hyper_util::rt::TokioIo;
+use tracing::{Instrument, debug, info_span};
+
+use super::body::{ProxyBody, empty, full, incoming};
+use super::errors::{self, ProxyError};
+use super::headers::{strip_hop_by_hop, wants_upgrade};
+use super::pool::{ConnectError, Pool, Version};
+use crate::config::services::ProtocolHint;
+use crate::discovery::{DEFAULT_ROUTE, Discovery, Endpoint, RoutePolicy, Service};
+use crate::retry::{Outcome, is_idempotent};
+
+/// Per downstream connection: who is calling and what they dialled.
+pub struct ConnCtx {
+    pub pod: String,
+    pub client: SocketAddr,
+    pub dst: SocketAddr,
+    pub version: Version,
+}
+
+/// Shared by every HTTP connection of the agent.
+pub struct HttpProxy {
+    pub node: String,
+    pub discovery: Arc<Discovery>,
+    pub pool: Arc<Pool>,
+    pub retry_buffer: usize,
+}
+
+/// How one attempt ended.
+enum Attempt {
+    Response(Response<Incoming>),
+    Failed {
+        error: ProxyError,
+        detail: String,
+        observed: Outcome,
+    },
+}
+
+/// The request body: streamed once, or buffered and replayable.
+enum RequestBody {
+    Stream(Option<Incoming>),
+    Replay(Bytes),
+}
+
+impl RequestBody {
+    fn next(&mut self) -> Option<ProxyBody> {
+        match self {
+            RequestBody::Stream(b) => b.take().map(incoming),
+            RequestBody::Replay(b) => Some(full(b.clone())),
+        }
+    }
+}
+
+impl HttpProxy {
+    /// Handles one request from a pod. Never fails: problems become the
+    /// proxy's own error responses.
+    pub async fn handle(&self, ctx: &ConnCtx, req: Request<Incoming>) -> Response<ProxyBody> {
+        let table = self.discovery.current();
+        let Some(service) = table.by_addr(&ctx.dst).cloned() else {
+            // The service went away in a reload while this connection was
+            // open; its requests still go where they were dialled.
+            return self.passthrough(ctx, req).await;
+        };
+        let (route_name, route) = match service.routes.select(&request_head(&req)) {
+            Some((r, _)) => (r.name.as_str(), &r.value),
+            None => (DEFAULT_ROUTE, &service.default_route),
+        };
+        // HTTP/2 streams run in tasks of their own, outside the connection's
+        // span, so the request span names the caller itself.
+        let span = info_span!(
+            "request",
+            pod = %ctx.pod,
+            src = %ctx.client,
+            dst = %ctx.dst,
+            method = %req.method(),
+            path = req.uri().path(),
+            service = %service.name,
+            route = route_name,
+            endpoint = tracing::field::Empty,
+            status = tracing::field::Empty,
+        );
+        async {
+            let backend = table.by_name(route.backends.pick_random()).cloned();
+            let resp = match backend {
+                Some(backend) => self.route(ctx, &service, &backend, route, req).await,
+                None => self.error(
+                    ProxyError::NoEndpoints,
+                    &service.name,
+                    Some("route backend is not a service"),
+                    is_grpc(&req),
+                ),
+            };
+            tracing::Span::current().record("status", resp.status().as_u16());
+            resp
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn route(
+        &self,
+        ctx: &ConnCtx,
+        service: &Service,
+        backend: &Service,
+        route: &RoutePolicy,
+        req: Request<Incoming>,
+    ) -> Response<ProxyBody> {
+        let grpc = is_grpc(&req);
+        let start = Instant::now();
+        let deadline = route.timeout.map(|t| start + t);
+        let version = upstream_version(backend.protocol, ctx.version);
+        if ctx.version == Version::Http1 && wants_upgrade(req.headers()) {
+            return self.upgrade(backend, req).await;
+        }
+        let (parts, body) = req.into_parts();
+        let mut body = match &route.retry {
+            Some(_) if fits(&body, self.retry_buffer) => match body.collect().await {
+                Ok(b) => RequestBody::Replay(b.to_bytes()),
+                Err(e) => {
+                    let detail = format!("reading the request body: {e}");
+                    return self.error(ProxyError::BadRequest, &service.name, Some(&detail), grpc);
+                }
+            },
+            _ => RequestBody::Stream(Some(body)),
+        };
+        service.budget.deposit(start);
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let Some(req_body) = body.next() else {
+                // Unreachable: a streamed body is never retried.
+                return self.error(
+                    ProxyError::BadRequest,
+                    &service.name,
+                    Some("body already sent"),
+                    grpc,
+                );
+            };
+            let now = Instant::now();
+            let Some(pick) = backend.balancer.pick(now) else {
+                return self.error(ProxyError::NoEndpoints, &backend.name, None, grpc);
+            };
+            let addr = pick.endpoint().addr;
+            tracing::Span::current().record("endpoint", tracing::field::display(addr));
+            if pick.is_panic() {
+                debug!(%addr, "every endpoint is ejected; trying the one that recovers first");
+            } else if pick.is_probe() {
+                debug!(%addr, "probing an ejected endpoint");
+            }
+            let upstream = upstream_request(&parts, req_body, version);
+            let remaining = deadline.map(|d| d.saturating_duration_since(now));
+            let limit = match (route.per_try_timeout, remaining) {
+                (Some(p), Some(r)) => Some(p.min(r)),
+                (p, r) => p.or(r),
+            };
+            let outcome = match limit {
+                Some(limit) => {
+                    match tokio::time::timeout(limit, self.attempt(addr, version, upstream)).await {
+                        Ok(o) => o,
+                        Err(_) => Attempt::Failed {
+                            error: ProxyError::Timeout,
+                            detail: format!("no response from {addr} within {limit:?}"),
+                            observed: Outcome::Timeout,
+                        },
+                    }
+                }
+                None => self.attempt(addr, version, upstream).await,
+            };
+            let elapsed = now.elapsed();
+            let (observed, result) = match outcome {
+                Attempt::Response(resp) => {
+                    let observed = observed_in(&resp);
+                    pick.complete(Instant::now(), elapsed, !resp.status().is_server_error());
+                    (observed, Ok(resp))
+                }
+                Attempt::Failed {
+                    error,
+                    detail,
+                    observed,
+                } => {
+                    pick.complete(Instant::now(), elapsed, false);
+                    (Some(observed), Err((error, detail)))
+                }
+            };
+            let retry = observed.is_some_and(|o| {
+                self.may_retry(route, attempt, &body, &parts.method, o, deadline)
+                    && service.budget.try_withdraw(Instant::now())
+            });
+            if retry {
+                let policy = route.retry.as_ref().expect("may_retry checked the policy");
+                let mut delay = policy.backoff.delay(attempt, rand::random::<f64>());
+                if let Some(d) = deadline {
+                    delay = delay.min(d.saturating_duration_since(Instant::now()));
+                }
+                debug!(attempt, ?observed, ?delay, %addr, "retrying");
+                tokio::time::sleep(delay).await;
+                continue;
+            }
+            return match result {
+                Ok(resp) => finish(resp),
+                Err((error, detail)) => {
+                    // The whole-request deadline passing is a timeout even if
+                    // the last attempt failed otherwise.
+                    let error = if deadline.is_some_and(|d| Instant::now() >= d) {
+                        ProxyError::Timeout
+                    } else {
+                        error
+                    };
+                    self.error(error, &backend.name, Some(&detail), grpc)
+                }
+            };
+        }
+    }
+
+    fn may_retry(
+        &self,
+        route: &RoutePolicy,
+        attempt: u32,
+        body: &RequestBody,
+        method: &http::Method,
+        observed: Outcome,
+        deadline: Option<Instant>,
+    ) -> bool {
+        let Some(policy) = &route.retry else {
+            return false;
+        };
+        attempt <= policy.attempts
+            && matches!(body, RequestBody::Replay(_))
+            && (is_idempotent(method) || observed == Outcome::ConnectFailure)
+            && deadline.is_none_or(|d| Instant::now() < d)
+            && policy.on.iter().any(|c| c.applies_to(observed))
+    }
+
+    /// One try against one endpoint.
+    async fn attempt(
+        &self,
+        addr: SocketAddr,
+        version: Version,
+        req: Request<ProxyBody>,
+    ) -> Attempt {
+        let conn = match self.pool.checkout(addr, version).await {
+            Ok(c) => c,
+            Err(e) => {
+                let observed = match e {
+                    ConnectError::Handshake { .. } => Outcome::Reset,
+                    _ => Outcome::ConnectFailure,
+                };
+                return Attempt::Failed {
+                    error: ProxyError::ConnectFailed,
+                    detail: e.to_string(),
+                    observed,
+                };
+            }
+        };
+        match self.pool.send(addr, conn, req).await {
+            Ok(resp) => Attempt::Response(resp),
+            Err(e) => Attempt::Failed {
+                error: ProxyError::UpstreamReset,
+                detail: format!("{addr}: {e}"),
+                observed: Outcome::Reset,
+            },
+        }
+    }
+
+    /// A request to an address that is no longer a service: sent where it
+    /// was dialled, once.
+    async fn passthrough(&self, ctx: &ConnCtx, req: Request<Incoming>) -> Response<ProxyBody> {
+        let grpc = is_grpc(&req);
+        let (parts, body) = req.into_parts();
+        let upstream = upstream_request(&parts, incoming(body), ctx.version);
+        match self.attempt(ctx.dst, ctx.version, upstream).await {
+            Attempt::Response(resp) => finish(resp),
+            Attempt::Failed { error, detail, .. } => {
+                self.error(error, &ctx.dst.to_string(), Some(&detail), grpc)
+            }
+        }
+    }
+
+    /// HTTP/1.1 `Upgrade` (WebSocket): forwarded with its upgrade headers;
+    /// on `101 Switching Protocols` both connections are handed over to a
+    /// byte copy.
+    async fn upgrade(&self, backend: &Service, mut req: Request<Incoming>) -> Response<ProxyBody> {
+        let Some(pick) = backend.balancer.pick(Instant::now()) else {
+            return self.error(ProxyError::NoEndpoints, &backend.name, None, false);
+        };
+        let Endpoint { addr, .. } = pick.endpoint().clone();
+        drop(pick);
+        let downstream = hyper::upgrade::on(&mut req);
+        let (parts, body) = req.into_parts();
+        let mut upstream = Request::from_parts(parts.clone(), incoming(body));
+        *upstream.uri_mut() = origin_form(&parts.uri);
+        strip_hop_by_hop(upstream.headers_mut(), true);
+        let mut resp = match self.attempt(addr, Version::Http1, upstream).await {
+            Attempt::Response(r) => r,
+            Attempt::Failed { error, detail, .. } => {
+                return self.error(error, &backend.name, Some(&detail), false);
+            }
+        };
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            return finish(resp);
+        }
+        let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        tokio::spawn(
+            async move {
+                match tokio::try_join!(downstream, upstream_upgrade) {
+                    Ok((d, u)) => {
+                        let (mut d, mut u) = (TokioIo::new(d), TokioIo::new(u));
+                        match tokio::io::copy_bidirectional(&mut d, &mut u).await {
+                            Ok((up, down)) => debug!(
+                                bytes_out = up,
+                                bytes_in = down,
+                                "upgraded connection closed"
+                            ),
+                            Err(e) => debug!(error = %e, "upgraded connection failed"),
+                        }
+                    }
+                    Err(e) => debug!(error = %e, "upgrade did not complete"),
+                }
+            }
+            .instrument(tracing::Span::current()),
+        );
+        let (parts, _) = resp.into_parts();
+        Response::from_parts(parts, empty())
+    }
+
+    fn error(
+        &self,
+        err: ProxyError,
+        service: &str,
+        detail: Option<&str>,
+        grpc: bool,
+    ) -> Response<ProxyBody> {
+        debug!(
+            error = err.reason(),
+            detail = detail.unwrap_or(""),
+            "proxy error response"
+        );
+        errors::response(err, &self.node, service, detail, grpc)
+    }
+}
+
+/// The request head the route matcher looks at (method, URI, headers).
+fn request_head(req: &Request<Incoming>) -> http::request::Parts {
+    let mut b = Request::builder()
+        .method(req.method().clone())
+        .uri(req.uri().clone())
+        .version(req.version());
+    if let Some(h) = b.headers_mut() {
+        *h = req.headers().clone();
+    }
+    b.body(()).expect("parts of a valid request").into_parts().0
+}
+
+fn is_grpc(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// Whether a body can be buffered for replay: its length is known and
+/// within the limit (an empty body always is).
+fn fits(body: &Incoming, limit: usize) -> bool {
+    body.is_end_stream() || body.size_hint().exact().is_some_and(|n| n <= limit as u64)
+}
+
+/// Which protocol to speak upstream: what the service says, else what the
+/// client spoke.
+fn upstream_version(hint: ProtocolHint, downstream: Version) -> Version {
+    match hint {
+        ProtocolHint::Http2 | ProtocolHint::Grpc => Version::Http2,
+        ProtocolHint::Http1 => Version::Http1,
+        ProtocolHint::Auto | ProtocolHint::Opaque => downstream,
+    }
+}
+
+/// The upstream copy of a request: hop-by-hop headers removed, the URI and
+/// `Host`/`:authority` put in the form the upstream protocol wants, the
+/// authority the client used preserved either way.
+fn upstream_request(
+    parts: &http::request::Parts,
+    body: ProxyBody,
+    version: Version,
+) -> Request<ProxyBody> {
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        });
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.headers_mut() = parts.headers.clone();
+    strip_hop_by_hop(req.headers_mut(), false);
+    match version {
+        Version::Http1 => {
+            *req.version_mut() = http::Version::HTTP_11;
+            *req.uri_mut() = origin_form(&parts.uri);
+            if let Some(a) = &authority
+                && !req.headers().contains_key(header::HOST)
+                && let Ok(v) = HeaderValue::from_str(a)
+            {
+                req.headers_mut().insert(header::HOST, v);
+            }
+        }
+        Version::Http2 => {
+            *req.version_mut() = http::Version::HTTP_2;
+            let path = parts
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/");
+            let authority = authority.unwrap_or_else(|| "localhost".to_string());
+            *req.uri_mut() = Uri::builder()
+                .scheme("http")
+                .authority(authority.as_str())
+                .path_and_query(path)
+                .build()
+                .unwrap_or_else(|_| parts.uri.clone());
+            // HTTP/2 carries the authority in `:authority`.
+            req.headers_mut().remove(header::HOST);
+        }
+    }
+    req
+}
+
+fn origin_form(uri: &Uri) -> Uri {
+    uri.path_and_query()
+        .map(|p| Uri::from(p.clone()))
+        .unwrap_or_else(|| Uri::from_static("/"))
+}
+
+/// What a response says for retry purposes; `None` is a success.
+fn observed_in(resp: &Response<Incoming>) -> Option<Outcome> {
+    if let Some(code) = resp
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u32>().ok())
+        && code != 0
+    {
+        return Some(Outcome::GrpcStatus(code));
+    }
+    resp.status()
+        .is_server_error()
+        .then(|| Outcome::Status(resp.status().as_u16()))
+}
+
+/// The endpoint's response, on its way to the client.
+fn finish(resp: Response<Incoming>) -> Response<ProxyBody> {
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers, false);
+    Response::from_parts(parts, incoming(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_request_keeps_authority_and_strips_hop_by_hop() {
+        let req = Request::builder()
+            .method("GET")
+            .uri("/a?b=1")
+            .header("host", "hello.default:80")
+            .header("connection", "keep-alive")
+            .header("x-app", "1")
+            .body(())
+            .unwrap();
+        let (parts, ()) = req.into_parts();
+        let h1 = upstream_request(&parts, empty(), Version::Http1);
+        assert_eq!(h1.uri(), "/a?b=1");
+        assert_eq!(h1.headers()["host"], "hello.default:80");
+        assert!(h1.headers().get("connection").is_none());
+        let h2 = upstream_request(&parts, empty(), Version::Http2);
+        assert_eq!(h2.uri(), "http://hello.default:80/a?b=1");
+        assert!(h2.headers().get("host").is_none());
+        assert_eq!(h2.headers()["x-app"], "1");
+    }
+}

@@ -1,0 +1,191 @@
+//! Upstream connections, kept per endpoint and reused across requests and
+//! across the pods' downstream connections.
+//!
+//! HTTP/2 endpoints get one multiplexed connection (re-established when it
+//! closes); HTTP/1.1 endpoints get a set of connections, one request at a
+//! time each, with up to [`MAX_IDLE_H1`] kept between requests. A
+//! connection goes back to the set as soon as its response head arrives:
+//! hyper reports it busy (`is_ready() == false`) until the body is done, and
+//! a busy connection is skipped, never waited on.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::body::ProxyBody;
+
+/// Idle HTTP/1.1 connections kept per endpoint.
+pub const MAX_IDLE_H1: usize = 64;
+
+/// Which protocol to speak to the endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Version {
+    Http1,
+    Http2,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connection refused by {0}")]
+    Refused(SocketAddr),
+    #[error("no answer from {addr} within {timeout:?}")]
+    Timeout { addr: SocketAddr, timeout: Duration },
+    #[error("cannot connect to {addr}: {source}")]
+    Io { addr: SocketAddr, source: io::Error },
+    #[error("HTTP handshake with {addr} failed: {source}")]
+    Handshake {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
+}
+
+/// A checked-out upstream connection.
+pub enum Conn {
+    H1(http1::SendRequest<ProxyBody>),
+    H2(http2::SendRequest<ProxyBody>),
+}
+
+#[derive(Default)]
+struct Idle {
+    h1: Vec<http1::SendRequest<ProxyBody>>,
+    h2: Option<http2::SendRequest<ProxyBody>>,
+}
+
+pub struct Pool {
+    idle: Mutex<HashMap<SocketAddr, Idle>>,
+    connect_timeout: Duration,
+}
+
+impl Pool {
+    pub fn new(connect_timeout: Duration) -> Arc<Self> {
+        Arc::new(Pool {
+            idle: Mutex::new(HashMap::new()),
+            connect_timeout,
+        })
+    }
+
+    /// A connection to `addr`: an idle one if there is one, else a new one.
+    pub async fn checkout(&self, addr: SocketAddr, version: Version) -> Result<Conn, ConnectError> {
+        if let Some(conn) = self.take_idle(addr, version) {
+            return Ok(conn);
+        }
+        self.connect(addr, version).await
+    }
+
+    fn take_idle(&self, addr: SocketAddr, version: Version) -> Option<Conn> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = idle.get_mut(&addr)?;
+        match version {
+            Version::Http2 => {
+                let tx = entry.h2.as_ref()?;
+                if tx.is_closed() {
+                    entry.h2 = None;
+                    return None;
+                }
+                Some(Conn::H2(tx.clone()))
+            }
+            Version::Http1 => {
+                entry.h1.retain(|tx| !tx.is_closed());
+                let i = entry.h1.iter().position(|tx| tx.is_ready())?;
+                Some(Conn::H1(entry.h1.swap_remove(i)))
+            }
+        }
+    }
+
+    async fn connect(&self, addr: SocketAddr, version: Version) -> Result<Conn, ConnectError> {
+        let timeout = self.connect_timeout;
+        let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+            Err(_) => return Err(ConnectError::Timeout { addr, timeout }),
+            Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                return Err(ConnectError::Refused(addr));
+            }
+            Ok(Err(source)) => return Err(ConnectError::Io { addr, source }),
+            Ok(Ok(s)) => s,
+        };
+        let _ = stream.set_nodelay(true);
+        let io = TokioIo::new(stream);
+        match version {
+            Version::Http1 => {
+                let (tx, conn) = http1::Builder::new()
+                    .handshake(io)
+                    .await
+                    .map_err(|source| ConnectError::Handshake { addr, source })?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.with_upgrades().await {
+                        debug!(%addr, error = %e, "upstream HTTP/1 connection ended with an error");
+                    }
+                });
+                Ok(Conn::H1(tx))
+            }
+            Version::Http2 => {
+                let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .keep_alive_interval(Duration::from_secs(30))
+                    .handshake(io)
+                    .await
+                    .map_err(|source| ConnectError::Handshake { addr, source })?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        debug!(%addr, error = %e, "upstream HTTP/2 connection ended with an error");
+                    }
+                });
+                let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+                let entry = idle.entry(addr).or_default();
+                // Another request may have connected meanwhile; keep one.
+                match &entry.h2 {
+                    Some(existing) if !existing.is_closed() => Ok(Conn::H2(existing.clone())),
+                    _ => {
+                        entry.h2 = Some(tx.clone());
+                        Ok(Conn::H2(tx))
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends a request and returns the connection to the pool once the
+    /// response head has arrived.
+    pub async fn send(
+        &self,
+        addr: SocketAddr,
+        conn: Conn,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, hyper::Error> {
+        match conn {
+            Conn::H2(mut tx) => {
+                tx.ready().await?;
+                tx.send_request(req).await
+            }
+            Conn::H1(mut tx) => {
+                tx.ready().await?;
+                let resp = tx.send_request(req).await?;
+                // An upgraded connection belongs to the upgrade now.
+                if resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
+                    let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+                    let entry = idle.entry(addr).or_default();
+                    if entry.h1.len() < MAX_IDLE_H1 {
+                        entry.h1.push(tx);
+                    }
+                }
+                Ok(resp)
+            }
+        }
+    }
+
+    /// Drops idle connections to endpoints no longer in `keep`.
+    pub fn retain(&self, keep: impl Fn(&SocketAddr) -> bool) {
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|addr, _| keep(addr));
+    }
+}

@@ -1,0 +1,63 @@
+//! Serving a pod's HTTP connection (after detection said HTTP/1 or h2).
+//!
+//! hyper parses and enforces the protocol: malformed request lines, bad
+//! header names, oversized heads, h2 flow-control and stream limits all
+//! end in a protocol error for that connection, never in the proxy. Limits
+//! are set explicitly here, with the reason for each value.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::forward::{ConnCtx, HttpProxy};
+use super::pool::Version;
+
+/// Largest HTTP/1 request head accepted: generous for real clients (64 KiB
+/// cookies exist), small enough that a header flood cannot grow memory.
+const MAX_H1_HEAD: usize = 96 * 1024;
+/// HTTP/2 header list limit (decoded): a 64 KiB header block split over
+/// CONTINUATION frames fits; a CONTINUATION flood does not.
+const MAX_H2_HEADER_LIST: u32 = 128 * 1024;
+/// Concurrent streams per client connection (RFC 9113 recommends ≥ 100).
+const MAX_H2_STREAMS: u32 = 256;
+/// How long a client may take to send its request head (slowloris).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serves one downstream connection until it closes.
+pub async fn serve(proxy: Arc<HttpProxy>, ctx: Arc<ConnCtx>, stream: TcpStream) {
+    let io = TokioIo::new(stream);
+    let version = ctx.version;
+    let svc = service_fn(move |req| {
+        let proxy = proxy.clone();
+        let ctx = ctx.clone();
+        async move { Ok::<_, std::convert::Infallible>(proxy.handle(&ctx, req).await) }
+    });
+    let result = match version {
+        Version::Http1 => {
+            http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(MAX_H1_HEAD)
+                .keep_alive(true)
+                .serve_connection(io, svc)
+                .with_upgrades()
+                .await
+        }
+        Version::Http2 => {
+            http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(MAX_H2_STREAMS)
+                .max_header_list_size(MAX_H2_HEADER_LIST)
+                .serve_connection(io, svc)
+                .await
+        }
+    };
+    if let Err(e) = result {
+        debug!(error = %e, "HTTP connection ended with an error");
+    }
+}
