@@ -167,6 +167,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
 
     let http = Arc::new(HttpProxy {
         node: config.node.name.clone(),
+        metrics: metrics.http.clone(),
         discovery: discovery.clone(),
         pool: pool.clone(),
         retry_buffer: config.proxy.retry_buffer_bytes,

@@ -121,8 +121,36 @@ pub struct TcpMetrics {
     pub no_original_dst_total: Family<PodLabels, Counter>,
     /// Entries in the original-destination maps, sampled at scrape time.
     pub redirect_map_entries: Family<MapLabels, Gauge>,
-    destinations: Mutex<HashSet<String>>,
-    max_destinations: usize,
+    destinations: BoundedLabel,
+}
+
+/// Admits up to `max` distinct values for a label; later ones are written
+/// as `overflow`, so a scan or a client inventing authorities cannot grow
+/// the metrics without bound.
+pub struct BoundedLabel {
+    seen: Mutex<HashSet<String>>,
+    max: usize,
+}
+
+impl BoundedLabel {
+    pub fn new(max: usize) -> Self {
+        BoundedLabel {
+            seen: Mutex::new(HashSet::new()),
+            max,
+        }
+    }
+
+    pub fn get(&self, value: &str) -> String {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.contains(value) {
+            return value.to_string();
+        }
+        if seen.len() < self.max {
+            seen.insert(value.to_string());
+            return value.to_string();
+        }
+        "overflow".to_string()
+    }
 }
 
 impl TcpMetrics {
@@ -138,8 +166,7 @@ impl TcpMetrics {
             }),
             no_original_dst_total: Family::default(),
             redirect_map_entries: Family::default(),
-            destinations: Mutex::new(HashSet::new()),
-            max_destinations,
+            destinations: BoundedLabel::new(max_destinations),
         };
         registry.register(
             "tcp_open",
@@ -186,16 +213,7 @@ impl TcpMetrics {
 
     /// The label value for a destination, bounded by `max_destinations`.
     pub fn target_label(&self, dst: SocketAddr) -> String {
-        let value = dst.to_string();
-        let mut seen = self.destinations.lock().unwrap_or_else(|e| e.into_inner());
-        if seen.contains(&value) {
-            return value;
-        }
-        if seen.len() < self.max_destinations {
-            seen.insert(value.clone());
-            return value;
-        }
-        "overflow".to_string()
+        self.destinations.get(&dst.to_string())
     }
 
     pub fn record_duration(&self, labels: &TcpLabels, d: Duration) {
@@ -326,6 +344,7 @@ impl BalancerMetrics {
 pub struct Metrics {
     pub registry: Registry,
     pub tcp: std::sync::Arc<TcpMetrics>,
+    pub http: std::sync::Arc<super::http_metrics::HttpMetrics>,
     pub balancer: std::sync::Arc<BalancerMetrics>,
 }
 
@@ -333,10 +352,15 @@ impl Metrics {
     pub fn new(max_destinations: usize) -> Self {
         let mut registry = Registry::default();
         let tcp = std::sync::Arc::new(TcpMetrics::new(&mut registry, max_destinations));
+        let http = std::sync::Arc::new(super::http_metrics::HttpMetrics::new(
+            &mut registry,
+            max_destinations,
+        ));
         let balancer = std::sync::Arc::new(BalancerMetrics::new(&mut registry));
         Metrics {
             registry,
             tcp,
+            http,
             balancer,
         }
     }

@@ -29,6 +29,7 @@ use super::errors::{self, ProxyError};
 use super::headers::{strip_hop_by_hop, wants_upgrade};
 use super::pool::{ConnectError, Pool, Version};
 use crate::config::services::ProtocolHint;
+use crate::diagnostics::http_metrics::{HttpMetrics, observe};
 use crate::discovery::{DEFAULT_ROUTE, Discovery, Endpoint, RoutePolicy, Service};
 use crate::retry::{Outcome, is_idempotent};
 
@@ -43,6 +44,7 @@ pub struct ConnCtx {
 /// Shared by every HTTP connection of the agent.
 pub struct HttpProxy {
     pub node: String,
+    pub metrics: Arc<HttpMetrics>,
     pub discovery: Arc<Discovery>,
     pub pool: Arc<Pool>,
     pub retry_buffer: usize,
@@ -56,6 +58,18 @@ enum Attempt {
         detail: String,
         observed: Outcome,
     },
+}
+
+/// What happens after an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decision {
+    /// The response (or failure) goes to the client.
+    Done,
+    Retry,
+    /// Retryable, but the service's retry budget is spent.
+    BudgetExhausted,
+    /// Retryable, but the route's attempts are used up.
+    AttemptsExhausted,
 }
 
 /// The request body: streamed once, or buffered and replayable.
@@ -101,10 +115,18 @@ impl HttpProxy {
             endpoint = tracing::field::Empty,
             status = tracing::field::Empty,
         );
+        let grpc = is_grpc(&req);
+        let labels = self
+            .metrics
+            .request(&ctx.pod, authority(&req), &service.name, route_name);
+        let start = Instant::now();
         async {
             let backend = table.by_name(route.backends.pick_random()).cloned();
             let resp = match backend {
-                Some(backend) => self.route(ctx, &service, &backend, route, req).await,
+                Some(backend) => {
+                    self.route(ctx, &service, &backend, route_name, route, req)
+                        .await
+                }
                 None => self.error(
                     ProxyError::NoEndpoints,
                     &service.name,
@@ -113,7 +135,7 @@ impl HttpProxy {
                 ),
             };
             tracing::Span::current().record("status", resp.status().as_u16());
-            resp
+            observe(self.metrics.clone(), labels, start, resp, grpc)
         }
         .instrument(span)
         .await
@@ -124,6 +146,7 @@ impl HttpProxy {
         ctx: &ConnCtx,
         service: &Service,
         backend: &Service,
+        route_name: &str,
         route: &RoutePolicy,
         req: Request<Incoming>,
     ) -> Response<ProxyBody> {
@@ -204,11 +227,32 @@ impl HttpProxy {
                     (Some(observed), Err((error, detail)))
                 }
             };
-            let retry = observed.is_some_and(|o| {
-                self.may_retry(route, attempt, &body, &parts.method, o, deadline)
-                    && service.budget.try_withdraw(Instant::now())
-            });
-            if retry {
+            let decision = match observed {
+                None => Decision::Done,
+                Some(o) => self.may_retry(route, attempt, &body, &parts.method, o, deadline),
+            };
+            let decision = match decision {
+                Decision::Retry if !service.budget.try_withdraw(Instant::now()) => {
+                    Decision::BudgetExhausted
+                }
+                d => d,
+            };
+            match decision {
+                Decision::Retry => self.metrics.retry(&service.name, route_name, "retried"),
+                Decision::BudgetExhausted => {
+                    self.metrics
+                        .retry(&service.name, route_name, "budget_exhausted")
+                }
+                Decision::AttemptsExhausted => {
+                    self.metrics
+                        .retry(&service.name, route_name, "attempts_exhausted")
+                }
+                Decision::Done if attempt > 1 && observed.is_none() => {
+                    self.metrics.retry(&service.name, route_name, "recovered")
+                }
+                Decision::Done => {}
+            }
+            if decision == Decision::Retry {
                 let policy = route.retry.as_ref().expect("may_retry checked the policy");
                 let mut delay = policy.backoff.delay(attempt, rand::random::<f64>());
                 if let Some(d) = deadline {
@@ -234,6 +278,7 @@ impl HttpProxy {
         }
     }
 
+    /// Whether a failed attempt is retried (before asking the budget).
     fn may_retry(
         &self,
         route: &RoutePolicy,
@@ -242,15 +287,21 @@ impl HttpProxy {
         method: &http::Method,
         observed: Outcome,
         deadline: Option<Instant>,
-    ) -> bool {
+    ) -> Decision {
         let Some(policy) = &route.retry else {
-            return false;
+            return Decision::Done;
         };
-        attempt <= policy.attempts
-            && matches!(body, RequestBody::Replay(_))
+        let retryable = matches!(body, RequestBody::Replay(_))
             && (is_idempotent(method) || observed == Outcome::ConnectFailure)
             && deadline.is_none_or(|d| Instant::now() < d)
-            && policy.on.iter().any(|c| c.applies_to(observed))
+            && policy.on.iter().any(|c| c.applies_to(observed));
+        if !retryable {
+            Decision::Done
+        } else if attempt > policy.attempts {
+            Decision::AttemptsExhausted
+        } else {
+            Decision::Retry
+        }
     }
 
     /// One try against one endpoint.
@@ -288,14 +339,19 @@ impl HttpProxy {
     /// was dialled, once.
     async fn passthrough(&self, ctx: &ConnCtx, req: Request<Incoming>) -> Response<ProxyBody> {
         let grpc = is_grpc(&req);
+        let labels = self
+            .metrics
+            .request(&ctx.pod, authority(&req), "unknown", DEFAULT_ROUTE);
+        let start = Instant::now();
         let (parts, body) = req.into_parts();
         let upstream = upstream_request(&parts, incoming(body), ctx.version);
-        match self.attempt(ctx.dst, ctx.version, upstream).await {
+        let resp = match self.attempt(ctx.dst, ctx.version, upstream).await {
             Attempt::Response(resp) => finish(resp),
             Attempt::Failed { error, detail, .. } => {
                 self.error(error, &ctx.dst.to_string(), Some(&detail), grpc)
             }
-        }
+        };
+        observe(self.metrics.clone(), labels, start, resp, grpc)
     }
 
     /// HTTP/1.1 `Upgrade` (WebSocket): forwarded with its upgrade headers;
@@ -371,6 +427,15 @@ fn request_head(req: &Request<Incoming>) -> http::request::Parts {
         *h = req.headers().clone();
     }
     b.body(()).expect("parts of a valid request").into_parts().0
+}
+
+/// The authority the client addressed: `:authority` (HTTP/2, absolute
+/// URIs) or `Host`.
+fn authority(req: &Request<Incoming>) -> Option<&str> {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
 }
 
 fn is_grpc(req: &Request<Incoming>) -> bool {

@@ -1,0 +1,365 @@
+//! HTTP golden metrics with the names Linkerd users already chart:
+//! `request_total`, `response_total` (with `classification`, `status_code`
+//! and, for gRPC, `grpc_status`), `response_latency_ms`, plus per-route
+//! `route_*` series and retry outcomes.
+//!
+//! A response is classified when its body ends, not when its head arrives:
+//! a gRPC call's status usually comes in the trailers, and a response whose
+//! body breaks off mid-stream is a failure even though it started as a 200.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, SizeHint};
+use prometheus_client::encoding::{EncodeLabel, EncodeLabelSet, LabelSetEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use super::metrics::{BoundedLabel, Direction};
+use crate::http::body::{BoxError, ProxyBody};
+
+/// Latency buckets (ms), Linkerd's: 1 ms to 50 s.
+const LATENCY_BUCKETS_MS: [f64; 19] = [
+    1.0, 2.0, 3.0, 4.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 100.0, 200.0, 300.0, 400.0, 500.0,
+    1_000.0, 5_000.0, 10_000.0, 50_000.0,
+];
+
+/// Who asked for what: the labels every request series carries.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct RequestLabels {
+    pub direction: Direction,
+    pub pod: String,
+    /// The `Host`/`:authority` the client used, bounded in cardinality.
+    pub authority: String,
+    pub service: String,
+    pub route: String,
+}
+
+/// A request's labels plus how it ended.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct ResponseLabels {
+    pub request: RequestLabels,
+    /// The HTTP status, or 0 when no response head was sent.
+    pub status_code: u16,
+    pub classification: &'static str,
+    /// Only on gRPC responses.
+    pub grpc_status: Option<u32>,
+}
+
+impl EncodeLabelSet for ResponseLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> Result<(), std::fmt::Error> {
+        self.request.encode(encoder)?;
+        ("status_code", self.status_code).encode(encoder.encode_label())?;
+        ("classification", self.classification).encode(encoder.encode_label())?;
+        if let Some(g) = self.grpc_status {
+            ("grpc_status", g).encode(encoder.encode_label())?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct RetryLabels {
+    pub service: String,
+    pub route: String,
+    /// `retried`, `recovered` (succeeded after retrying),
+    /// `budget_exhausted`, `attempts_exhausted`.
+    pub result: &'static str,
+}
+
+pub struct HttpMetrics {
+    requests: Family<RequestLabels, Counter>,
+    responses: Family<ResponseLabels, Counter>,
+    latency: Family<ResponseLabels, Histogram>,
+    retries: Family<RetryLabels, Counter>,
+    authorities: BoundedLabel,
+}
+
+impl HttpMetrics {
+    pub fn new(registry: &mut Registry, max_authorities: usize) -> Self {
+        let m = HttpMetrics {
+            requests: Family::default(),
+            responses: Family::default(),
+            latency: Family::new_with_constructor(|| Histogram::new(LATENCY_BUCKETS_MS)),
+            retries: Family::default(),
+            authorities: BoundedLabel::new(max_authorities),
+        };
+        registry.register("request", "Total HTTP requests", m.requests.clone());
+        registry.register(
+            "response",
+            "Total HTTP responses, by status and classification (at end of stream)",
+            m.responses.clone(),
+        );
+        registry.register(
+            "response_latency_ms",
+            "Time from request to response head, in milliseconds",
+            m.latency.clone(),
+        );
+        registry.register(
+            "route_retry",
+            "Retry decisions per route: retried, recovered, budget_exhausted, attempts_exhausted",
+            m.retries.clone(),
+        );
+        m
+    }
+
+    /// Counts a request and returns its labels.
+    pub fn request(
+        &self,
+        pod: &str,
+        authority: Option<&str>,
+        service: &str,
+        route: &str,
+    ) -> RequestLabels {
+        let labels = RequestLabels {
+            direction: Direction::Outbound,
+            pod: pod.to_string(),
+            authority: authority.map_or_else(|| "unknown".to_string(), |a| self.authorities.get(a)),
+            service: service.to_string(),
+            route: route.to_string(),
+        };
+        self.requests.get_or_create(&labels).inc();
+        labels
+    }
+
+    pub fn retry(&self, service: &str, route: &str, result: &'static str) {
+        self.retries
+            .get_or_create(&RetryLabels {
+                service: service.to_string(),
+                route: route.to_string(),
+                result,
+            })
+            .inc();
+    }
+
+    fn record(&self, labels: &ResponseLabels, latency_ms: f64) {
+        self.responses.get_or_create(labels).inc();
+        self.latency.get_or_create(labels).observe(latency_ms);
+    }
+}
+
+/// Wraps a response on its way to the client so it is counted when its body
+/// ends (or is abandoned), classified by status and `grpc-status`.
+pub fn observe(
+    metrics: Arc<HttpMetrics>,
+    request: RequestLabels,
+    start: Instant,
+    resp: http::Response<ProxyBody>,
+    grpc: bool,
+) -> http::Response<ProxyBody> {
+    let status = resp.status().as_u16();
+    let head_grpc = grpc_status(resp.headers());
+    let latency_ms = start.elapsed().as_secs_f64() * 1000.0;
+    let (parts, body) = resp.into_parts();
+    let observed = Observed {
+        inner: body,
+        end: Some(End {
+            metrics,
+            request,
+            status,
+            grpc,
+            grpc_status: head_grpc,
+            latency_ms,
+        }),
+    };
+    http::Response::from_parts(parts, observed.boxed())
+}
+
+struct End {
+    metrics: Arc<HttpMetrics>,
+    request: RequestLabels,
+    status: u16,
+    grpc: bool,
+    grpc_status: Option<u32>,
+    latency_ms: f64,
+}
+
+impl End {
+    fn finish(self, stream_error: bool) {
+        let grpc_status = if self.grpc {
+            // A gRPC response without any grpc-status is itself an error
+            // (the gRPC spec): report it as UNKNOWN (2).
+            Some(self.grpc_status.unwrap_or(2))
+        } else {
+            None
+        };
+        let failed = stream_error
+            || self.status >= 500
+            || self.status == 0
+            || grpc_status.is_some_and(|g| g != 0);
+        let labels = ResponseLabels {
+            request: self.request.clone(),
+            status_code: self.status,
+            classification: if failed { "failure" } else { "success" },
+            grpc_status,
+        };
+        self.metrics.record(&labels, self.latency_ms);
+    }
+}
+
+struct Observed {
+    inner: ProxyBody,
+    end: Option<End>,
+}
+
+impl Body for Observed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(trailers), Some(end)) = (frame.trailers_ref(), self.end.as_mut())
+                    && let Some(g) = grpc_status(trailers)
+                {
+                    end.grpc_status = Some(g);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(end) = self.end.take() {
+                    end.finish(true);
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(end) = self.end.take() {
+                    end.finish(false);
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        // The client went away before the end of the body: a failure, unless
+        // there was nothing left to send.
+        if let Some(end) = self.end.take() {
+            let complete = self.inner.is_end_stream();
+            end.finish(!complete);
+        }
+    }
+}
+
+fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
+    headers
+        .get("grpc-status")?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::body::full;
+    use http_body_util::BodyExt;
+    use prometheus_client::encoding::text::encode;
+    use std::collections::VecDeque;
+
+    fn metrics() -> (Registry, Arc<HttpMetrics>) {
+        let mut r = Registry::default();
+        let m = Arc::new(HttpMetrics::new(&mut r, 8));
+        (r, m)
+    }
+
+    fn text(r: &Registry) -> String {
+        let mut s = String::new();
+        encode(&mut s, r).unwrap();
+        s
+    }
+
+    #[tokio::test]
+    async fn http_response_counted_at_end_of_body() {
+        let (r, m) = metrics();
+        let labels = m.request("default/a", Some("hello:80"), "hello", "[DEFAULT]");
+        let resp = http::Response::builder()
+            .status(200)
+            .body(full("hi"))
+            .unwrap();
+        let resp = observe(m.clone(), labels, Instant::now(), resp, false);
+        assert!(
+            !text(&r).contains("response_total{"),
+            "counted before the body ended"
+        );
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"hi");
+        let t = text(&r);
+        assert!(t.contains(r#"request_total{direction="outbound",pod="default/a",authority="hello:80",service="hello",route="[DEFAULT]"} 1"#), "{t}");
+        assert!(
+            t.contains(r#"route="[DEFAULT]",status_code="200",classification="success"} 1"#),
+            "{t}"
+        );
+        assert!(!t.contains("grpc_status"), "{t}");
+    }
+
+    #[tokio::test]
+    async fn grpc_status_in_trailers_classifies_the_call() {
+        let (r, m) = metrics();
+        let labels = m.request("p", None, "greeter", "[DEFAULT]");
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", "14".parse().unwrap());
+        let frames = vec![
+            Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"\0\0\0\0\0"))),
+            Ok(Frame::trailers(trailers)),
+        ];
+        let body = Frames(frames.into()).boxed();
+        let resp = http::Response::builder().status(200).body(body).unwrap();
+        let resp = observe(m.clone(), labels, Instant::now(), resp, true);
+        let _ = resp.into_body().collect().await.unwrap();
+        let t = text(&r);
+        assert!(t.contains(r#"authority="unknown""#), "{t}");
+        assert!(
+            t.contains(r#"status_code="200",classification="failure",grpc_status="14"} 1"#),
+            "{t}"
+        );
+    }
+
+    #[tokio::test]
+    async fn abandoned_body_is_a_failure() {
+        let (r, m) = metrics();
+        let labels = m.request("p", Some("a"), "s", "r");
+        let resp = http::Response::builder()
+            .status(200)
+            .body(full("unread"))
+            .unwrap();
+        drop(observe(m.clone(), labels, Instant::now(), resp, false));
+        assert!(text(&r).contains(r#"status_code="200",classification="failure"} 1"#));
+    }
+
+    /// A body that yields the given frames in order.
+    struct Frames(VecDeque<Result<Frame<Bytes>, BoxError>>);
+
+    impl Body for Frames {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            Poll::Ready(self.0.pop_front())
+        }
+    }
+}
