@@ -3,3 +3,4 @@
 
 pub mod http_metrics;
 pub mod metrics;
+pub mod trace;

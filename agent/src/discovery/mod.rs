@@ -54,6 +54,8 @@ pub struct RetryPolicy {
 
 /// What a matched route does with a request.
 pub struct RoutePolicy {
+    /// How each match reads, by match index (for diagnostic traces).
+    pub match_descriptions: Vec<String>,
     /// Names of the services that receive the traffic, weighted.
     pub backends: Weighted<String>,
     pub timeout: Option<Duration>,
@@ -184,6 +186,7 @@ fn build_service(
     })?;
     let self_backend = || Weighted::new(vec![(svc.name.clone(), 1)]);
     let default_route = RoutePolicy {
+        match_descriptions: vec!["no route matched".to_string()],
         backends: self_backend().map_err(|e| DiscoveryError::Service {
             service: svc.name.clone(),
             message: e.to_string(),
@@ -246,12 +249,50 @@ fn build_route(svc: &ServiceConfig, r: &RouteConfig) -> Result<Route<RoutePolicy
         name: r.name.clone(),
         matches,
         value: RoutePolicy {
+            match_descriptions: if r.matches.is_empty() {
+                vec!["every request".to_string()]
+            } else {
+                r.matches.iter().map(describe_match).collect()
+            },
             backends,
             timeout: r.timeout,
             per_try_timeout: r.per_try_timeout,
             retry,
         },
     })
+}
+
+/// A match as an operator would say it: `path prefix /hello, method GET`.
+fn describe_match(m: &MatchConfig) -> String {
+    let mut parts = Vec::new();
+    match &m.path {
+        Some(PathMatchConfig::Exact(p)) => parts.push(format!("path {p}")),
+        Some(PathMatchConfig::Prefix(p)) => parts.push(format!("path prefix {p}")),
+        Some(PathMatchConfig::Regex(p)) => parts.push(format!("path regex {p}")),
+        None => {}
+    }
+    if let Some(method) = &m.method {
+        parts.push(format!("method {method}"));
+    }
+    for h in &m.headers {
+        match (&h.exact, &h.regex) {
+            (Some(v), _) => parts.push(format!("header {}={v}", h.name)),
+            (_, Some(r)) => parts.push(format!("header {}~{r}", h.name)),
+            _ => {}
+        }
+    }
+    if let Some(g) = &m.grpc {
+        parts.push(format!(
+            "grpc {}/{}",
+            g.service.as_deref().unwrap_or("*"),
+            g.method.as_deref().unwrap_or("*")
+        ));
+    }
+    if parts.is_empty() {
+        "every request".to_string()
+    } else {
+        parts.join(", ")
+    }
 }
 
 fn build_match(m: &MatchConfig) -> Result<RouteMatch, String> {

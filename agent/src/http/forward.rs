@@ -30,6 +30,7 @@ use super::headers::{strip_hop_by_hop, wants_upgrade};
 use super::pool::{ConnectError, Pool, Version};
 use crate::config::services::ProtocolHint;
 use crate::diagnostics::http_metrics::{HttpMetrics, observe};
+use crate::diagnostics::trace;
 use crate::discovery::{DEFAULT_ROUTE, Discovery, Endpoint, RoutePolicy, Service};
 use crate::retry::{Outcome, is_idempotent};
 
@@ -58,6 +59,16 @@ enum Attempt {
         detail: String,
         observed: Outcome,
     },
+}
+
+/// Where a request goes: the service dialled, the route that matched and
+/// the backend service it picked.
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    service: &'a Service,
+    backend: &'a Service,
+    route_name: &'a str,
+    route: &'a RoutePolicy,
 }
 
 /// What happens after an attempt.
@@ -97,9 +108,9 @@ impl HttpProxy {
             // open; its requests still go where they were dialled.
             return self.passthrough(ctx, req).await;
         };
-        let (route_name, route) = match service.routes.select(&request_head(&req)) {
-            Some((r, _)) => (r.name.as_str(), &r.value),
-            None => (DEFAULT_ROUTE, &service.default_route),
+        let (route_name, route, match_index) = match service.routes.select(&request_head(&req)) {
+            Some((r, i)) => (r.name.as_str(), &r.value, i),
+            None => (DEFAULT_ROUTE, &service.default_route, 0),
         };
         // HTTP/2 streams run in tasks of their own, outside the connection's
         // span, so the request span names the caller itself.
@@ -120,21 +131,54 @@ impl HttpProxy {
             .metrics
             .request(&ctx.pod, authority(&req), &service.name, route_name);
         let start = Instant::now();
+        let mut req = req;
+        let trace_mode = trace::mode(req.method(), req.headers());
+        let mut context = trace_mode.map(|_| trace::Context {
+            node: self.node.clone(),
+            direction: "outbound",
+            dialled: Some(ctx.dst),
+            service: Some(service.name.clone()),
+            route: Some(route_name.to_string()),
+            route_match: route.match_descriptions.get(match_index).cloned(),
+            backends: route.backends.iter().map(|(n, w)| (n.clone(), w)).collect(),
+            ..Default::default()
+        });
         async {
-            let backend = table.by_name(route.backends.pick_random()).cloned();
-            let resp = match backend {
-                Some(backend) => {
-                    self.route(ctx, &service, &backend, route_name, route, req)
-                        .await
+            let resp = if trace_mode == Some(trace::Mode::Body) && !forwardable_trace(&mut req) {
+                // Max-Forwards reached 0: this hop is the final recipient
+                // (RFC 9110 §7.6.2) and answers with the request it got.
+                reflect(&req)
+            } else {
+                let backend_name = route.backends.pick_random();
+                if let Some(c) = context.as_mut() {
+                    c.chosen_backend = Some(backend_name.clone());
                 }
-                None => self.error(
-                    ProxyError::NoEndpoints,
-                    &service.name,
-                    Some("route backend is not a service"),
-                    is_grpc(&req),
-                ),
+                match table.by_name(backend_name).cloned() {
+                    Some(backend) => {
+                        let target = Target {
+                            service: &service,
+                            backend: &backend,
+                            route_name,
+                            route,
+                        };
+                        self.route(ctx, target, req, context.as_mut()).await
+                    }
+                    None => self.error(
+                        ProxyError::NoEndpoints,
+                        &service.name,
+                        Some("route backend is not a service"),
+                        grpc,
+                    ),
+                }
             };
             tracing::Span::current().record("status", resp.status().as_u16());
+            let resp = match (trace_mode, context) {
+                (Some(mode), Some(mut c)) => {
+                    c.duration = start.elapsed();
+                    add_context(resp, mode, &c).await
+                }
+                _ => resp,
+            };
             observe(self.metrics.clone(), labels, start, resp, grpc)
         }
         .instrument(span)
@@ -144,13 +188,20 @@ impl HttpProxy {
     async fn route(
         &self,
         ctx: &ConnCtx,
-        service: &Service,
-        backend: &Service,
-        route_name: &str,
-        route: &RoutePolicy,
+        target: Target<'_>,
         req: Request<Incoming>,
+        mut trace: Option<&mut trace::Context>,
     ) -> Response<ProxyBody> {
+        let Target {
+            service,
+            backend,
+            route_name,
+            route,
+        } = target;
         let grpc = is_grpc(&req);
+        if let Some(t) = trace.as_deref_mut() {
+            t.endpoints = backend.balancer.endpoints().map(|e| e.addr).collect();
+        }
         let start = Instant::now();
         let deadline = route.timeout.map(|t| start + t);
         let version = upstream_version(backend.protocol, ctx.version);
@@ -187,6 +238,14 @@ impl HttpProxy {
             };
             let addr = pick.endpoint().addr;
             tracing::Span::current().record("endpoint", tracing::field::display(addr));
+            if let Some(t) = trace.as_deref_mut() {
+                t.selected = Some(trace::Selected {
+                    addr,
+                    node: pick.endpoint().node.clone(),
+                    ewma: pick.stats().ewma(now),
+                    in_flight: pick.stats().in_flight().saturating_sub(1),
+                });
+            }
             if pick.is_panic() {
                 debug!(%addr, "every endpoint is ejected; trying the one that recovers first");
             } else if pick.is_probe() {
@@ -215,6 +274,12 @@ impl HttpProxy {
             let (observed, result) = match outcome {
                 Attempt::Response(resp) => {
                     let observed = observed_in(&resp);
+                    if let Some(t) = trace.as_deref_mut() {
+                        t.attempts.push(trace::AttemptRecord {
+                            endpoint: addr,
+                            result: resp.status().as_u16().to_string(),
+                        });
+                    }
                     pick.complete(Instant::now(), elapsed, !resp.status().is_server_error());
                     (observed, Ok(resp))
                 }
@@ -224,6 +289,12 @@ impl HttpProxy {
                     observed,
                 } => {
                     pick.complete(Instant::now(), elapsed, false);
+                    if let Some(t) = trace.as_deref_mut() {
+                        t.attempts.push(trace::AttemptRecord {
+                            endpoint: addr,
+                            result: detail.clone(),
+                        });
+                    }
                     (Some(observed), Err((error, detail)))
                 }
             };
@@ -415,6 +486,90 @@ impl HttpProxy {
         );
         errors::response(err, &self.node, service, detail, grpc)
     }
+}
+
+/// Largest response body a TRACE block is appended to; a bigger one is
+/// passed on untouched with the context in a header instead.
+const MAX_TRACE_BODY: usize = 1024 * 1024;
+
+/// Decrements `Max-Forwards` on a TRACE; false when it is already 0 and
+/// the request must not be forwarded.
+fn forwardable_trace(req: &mut Request<Incoming>) -> bool {
+    let Some(n) = req
+        .headers()
+        .get(header::MAX_FORWARDS)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+    else {
+        return true;
+    };
+    if n == 0 {
+        return false;
+    }
+    req.headers_mut()
+        .insert(header::MAX_FORWARDS, HeaderValue::from(n - 1));
+    true
+}
+
+/// The final recipient's answer to a TRACE: the request as received.
+fn reflect(req: &Request<Incoming>) -> Response<ProxyBody> {
+    let mut msg = format!("{} {} {:?}\r\n", req.method(), req.uri(), req.version());
+    for (name, value) in req.headers() {
+        msg.push_str(name.as_str());
+        msg.push_str(": ");
+        msg.push_str(&String::from_utf8_lossy(value.as_bytes()));
+        msg.push_str("\r\n");
+    }
+    msg.push_str("\r\n");
+    let mut resp = Response::new(full(msg));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("message/http"),
+    );
+    resp
+}
+
+/// Adds this hop's context to a response: appended to the body for TRACE
+/// (Content-Length fixed up by rebuilding the body), a header otherwise.
+async fn add_context(
+    resp: Response<ProxyBody>,
+    mode: trace::Mode,
+    context: &trace::Context,
+) -> Response<ProxyBody> {
+    let (mut parts, mut body) = resp.into_parts();
+    if mode == trace::Mode::Body
+        && body
+            .size_hint()
+            .upper()
+            .is_some_and(|n| n <= MAX_TRACE_BODY as u64)
+    {
+        // Read by hand rather than through `Limited`: its boxed error type
+        // trips the compiler's Send inference inside hyper's h2 executor.
+        // Trailers, which a TRACE response has no use for, are dropped.
+        let mut bytes = Vec::new();
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(frame) => {
+                    if let Ok(data) = frame.into_data() {
+                        bytes.extend_from_slice(&data);
+                    }
+                }
+                Err(e) => {
+                    let note =
+                        format!("waymark: the response body broke off while tracing it: {e}\n");
+                    bytes.extend_from_slice(note.as_bytes());
+                    break;
+                }
+            }
+        }
+        bytes.extend_from_slice(context.render_block().as_bytes());
+        parts.headers.remove(header::CONTENT_LENGTH);
+        return Response::from_parts(parts, full(bytes));
+    }
+    if let Ok(v) = HeaderValue::from_str(&context.render_header()) {
+        parts.headers.append(trace::CONTEXT_HEADER, v);
+    }
+    Response::from_parts(parts, body)
 }
 
 /// The request head the route matcher looks at (method, URI, headers).

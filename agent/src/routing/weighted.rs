@@ -41,6 +41,11 @@ impl<T> Weighted<T> {
         &self.items[index].0
     }
 
+    /// The items with their weights, in declaration order.
+    pub fn iter(&self) -> impl Iterator<Item = (&T, u32)> {
+        self.items.iter().map(|(t, w)| (t, *w))
+    }
+
     pub fn pick_random(&self) -> &T {
         self.pick(rand::random_range(..self.total()))
     }

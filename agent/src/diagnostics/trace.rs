@@ -1,0 +1,282 @@
+//! Diagnostic tracing, the way Linkerd 1 users know it: a request with
+//! method `TRACE` and `l5d-add-context: true` (or `waymark-add-context:
+//! true`) is routed like any other, and every agent it crosses appends a
+//! block to the response body saying what it did — so the innermost hop's
+//! block comes first and the outermost last. For other methods the same
+//! facts come back as one `l5d-context` response header per hop.
+//!
+//! Every fact is recorded from the live decision as it is made (the route
+//! that matched, the endpoint the balancer picked with its estimate at that
+//! moment, each attempt's result), never recomputed afterwards.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::HeaderMap;
+
+/// Headers that ask for context.
+pub const ADD_CONTEXT_HEADERS: [&str; 2] = ["l5d-add-context", "waymark-add-context"];
+/// The response header carrying one hop's context for non-TRACE requests.
+pub const CONTEXT_HEADER: &str = "l5d-context";
+
+/// How much context the client asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `TRACE` with the header: a block appended to the body.
+    Body,
+    /// Another method with the header: a response header.
+    Header,
+}
+
+/// Whether the request asks for context, and how.
+pub fn mode(method: &http::Method, headers: &HeaderMap) -> Option<Mode> {
+    let asked = ADD_CONTEXT_HEADERS.iter().any(|h| {
+        headers
+            .get(*h)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+    });
+    match (asked, method == http::Method::TRACE) {
+        (false, _) => None,
+        (true, true) => Some(Mode::Body),
+        (true, false) => Some(Mode::Header),
+    }
+}
+
+/// One try of the request.
+#[derive(Debug, Clone)]
+pub struct AttemptRecord {
+    pub endpoint: SocketAddr,
+    /// `503`, `200`, or an error such as `connection refused`.
+    pub result: String,
+}
+
+/// The endpoint the balancer chose, as it looked at that moment.
+#[derive(Debug, Clone)]
+pub struct Selected {
+    pub addr: SocketAddr,
+    pub node: Option<String>,
+    pub ewma: Duration,
+    pub in_flight: usize,
+}
+
+/// Everything one hop records about one request.
+#[derive(Debug, Clone, Default)]
+pub struct Context {
+    pub node: String,
+    pub direction: &'static str,
+    pub dialled: Option<SocketAddr>,
+    pub service: Option<String>,
+    pub route: Option<String>,
+    /// How the route matched, e.g. `path prefix /hello`.
+    pub route_match: Option<String>,
+    /// `(backend service, weight)` of the route.
+    pub backends: Vec<(String, u32)>,
+    pub chosen_backend: Option<String>,
+    pub endpoints: Vec<SocketAddr>,
+    pub selected: Option<Selected>,
+    pub attempts: Vec<AttemptRecord>,
+    pub duration: Duration,
+    /// The peer's TLS identity, `None` for plaintext.
+    pub peer_identity: Option<String>,
+}
+
+impl Context {
+    /// The block appended to a TRACE response body.
+    pub fn render_block(&self) -> String {
+        let mut b = String::new();
+        let _ = writeln!(b, "--- waymark {} {} ---", self.node, self.direction);
+        let _ = writeln!(b, "request duration: {}", ms(self.duration));
+        match (&self.service, self.dialled) {
+            (Some(s), Some(d)) => {
+                let _ = writeln!(b, "service name: {s} (dialled {d})");
+            }
+            (None, Some(d)) => {
+                let _ = writeln!(b, "service name: none (dialled {d}, forwarded as dialled)");
+            }
+            (Some(s), None) => {
+                let _ = writeln!(b, "service name: {s}");
+            }
+            (None, None) => {}
+        }
+        if let Some(route) = &self.route {
+            match &self.route_match {
+                Some(m) => {
+                    let _ = writeln!(b, "route: {route} ({m})");
+                }
+                None => {
+                    let _ = writeln!(b, "route: {route}");
+                }
+            }
+        }
+        let _ = writeln!(b, "resolution:");
+        if let (Some(d), Some(s)) = (self.dialled, &self.service) {
+            let _ = writeln!(b, "  {d} -> service {s}");
+        }
+        if let (Some(route), Some(chosen)) = (&self.route, &self.chosen_backend) {
+            let backends: Vec<String> = self
+                .backends
+                .iter()
+                .map(|(name, w)| format!("{name} ({w})"))
+                .collect();
+            let _ = writeln!(
+                b,
+                "  route {route} -> backends {} -> {chosen}",
+                backends.join(", ")
+            );
+        }
+        if let Some(chosen) = &self.chosen_backend {
+            let eps: Vec<String> = self.endpoints.iter().map(|e| e.to_string()).collect();
+            let _ = writeln!(b, "  {chosen} endpoints: [{}]", eps.join(", "));
+        }
+        match &self.selected {
+            Some(s) => {
+                let node = s.node.as_deref().unwrap_or("node unknown");
+                let _ = writeln!(
+                    b,
+                    "selected address: {} ({node}, ewma {}, {} in flight)",
+                    s.addr,
+                    ms(s.ewma),
+                    s.in_flight
+                );
+            }
+            None => {
+                let _ = writeln!(b, "selected address: none");
+            }
+        }
+        let retries = self.attempts.len().saturating_sub(1);
+        if retries == 0 {
+            let _ = writeln!(b, "retries: 0");
+        } else {
+            let earlier: Vec<String> = self.attempts[..retries]
+                .iter()
+                .enumerate()
+                .map(|(i, a)| format!("try {}: {} from {}", i + 1, a.result, a.endpoint))
+                .collect();
+            let _ = writeln!(b, "retries: {retries} ({})", earlier.join("; "));
+        }
+        let _ = writeln!(
+            b,
+            "peer identity: {}",
+            self.peer_identity.as_deref().unwrap_or("none (plaintext)")
+        );
+        b
+    }
+
+    /// The one-line form for the `l5d-context` header.
+    pub fn render_header(&self) -> String {
+        let mut h = format!(
+            "node={}; direction={}; duration_ms={:.3}",
+            self.node,
+            self.direction,
+            self.duration.as_secs_f64() * 1000.0
+        );
+        if let Some(s) = &self.service {
+            let _ = write!(h, "; service={s}");
+        }
+        if let Some(r) = &self.route {
+            let _ = write!(h, "; route={r}");
+        }
+        if let Some(c) = &self.chosen_backend {
+            let _ = write!(h, "; backend={c}");
+        }
+        if let Some(s) = &self.selected {
+            let _ = write!(h, "; endpoint={}", s.addr);
+        }
+        let _ = write!(h, "; retries={}", self.attempts.len().saturating_sub(1));
+        h
+    }
+}
+
+fn ms(d: Duration) -> String {
+    let ms = d.as_secs_f64() * 1000.0;
+    if ms < 10.0 {
+        format!("{ms:.2} ms")
+    } else {
+        format!("{ms:.0} ms")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Context {
+        Context {
+            node: "node-a".into(),
+            direction: "outbound",
+            dialled: Some("10.96.0.10:80".parse().unwrap()),
+            service: Some("hello".into()),
+            route: Some("get-hello".into()),
+            route_match: Some("path prefix /hello".into()),
+            backends: vec![("hello-v1".into(), 90), ("hello-v2".into(), 10)],
+            chosen_backend: Some("hello-v1".into()),
+            endpoints: vec![
+                "10.1.2.5:8080".parse().unwrap(),
+                "10.1.3.7:8080".parse().unwrap(),
+            ],
+            selected: Some(Selected {
+                addr: "10.1.3.7:8080".parse().unwrap(),
+                node: Some("node-b".into()),
+                ewma: Duration::from_micros(1200),
+                in_flight: 0,
+            }),
+            attempts: vec![
+                AttemptRecord {
+                    endpoint: "10.1.2.5:8080".parse().unwrap(),
+                    result: "503".into(),
+                },
+                AttemptRecord {
+                    endpoint: "10.1.3.7:8080".parse().unwrap(),
+                    result: "200".into(),
+                },
+            ],
+            duration: Duration::from_millis(3),
+            peer_identity: None,
+        }
+    }
+
+    #[test]
+    fn block_has_every_fact() {
+        let block = sample().render_block();
+        assert_eq!(
+            block,
+            "--- waymark node-a outbound ---\n\
+             request duration: 3.00 ms\n\
+             service name: hello (dialled 10.96.0.10:80)\n\
+             route: get-hello (path prefix /hello)\n\
+             resolution:\n\
+             \x20 10.96.0.10:80 -> service hello\n\
+             \x20 route get-hello -> backends hello-v1 (90), hello-v2 (10) -> hello-v1\n\
+             \x20 hello-v1 endpoints: [10.1.2.5:8080, 10.1.3.7:8080]\n\
+             selected address: 10.1.3.7:8080 (node-b, ewma 1.20 ms, 0 in flight)\n\
+             retries: 1 (try 1: 503 from 10.1.2.5:8080)\n\
+             peer identity: none (plaintext)\n"
+        );
+    }
+
+    #[test]
+    fn header_is_one_line() {
+        let h = sample().render_header();
+        assert_eq!(
+            h,
+            "node=node-a; direction=outbound; duration_ms=3.000; service=hello; route=get-hello; backend=hello-v1; endpoint=10.1.3.7:8080; retries=1"
+        );
+        assert!(http::HeaderValue::from_str(&h).is_ok());
+    }
+
+    #[test]
+    fn mode_needs_the_header() {
+        let mut h = HeaderMap::new();
+        assert_eq!(mode(&http::Method::TRACE, &h), None);
+        h.insert("l5d-add-context", "true".parse().unwrap());
+        assert_eq!(mode(&http::Method::TRACE, &h), Some(Mode::Body));
+        assert_eq!(mode(&http::Method::GET, &h), Some(Mode::Header));
+        let mut h = HeaderMap::new();
+        h.insert("waymark-add-context", "TRUE".parse().unwrap());
+        assert_eq!(mode(&http::Method::GET, &h), Some(Mode::Header));
+        h.insert("waymark-add-context", "false".parse().unwrap());
+        assert_eq!(mode(&http::Method::GET, &h), None);
+    }
+}
