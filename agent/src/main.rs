@@ -7,12 +7,14 @@ mod config;
 mod diagnostics;
 mod discovery;
 mod http;
+mod identity;
 mod proxy;
 mod redirect;
 mod reload;
 mod retry;
 mod routing;
 mod telemetry;
+mod tunnel;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -42,6 +44,25 @@ enum Command {
     /// Inspect configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Workload identities and their certificates.
+    #[command(subcommand)]
+    Identity(IdentityCommand),
+}
+
+#[derive(Subcommand)]
+enum IdentityCommand {
+    /// Create a development trust anchor and issuer (ca.crt, issuer.crt,
+    /// issuer.key). For production, give the agent a cert-manager issuer.
+    Init {
+        /// Directory for the PEM files (created if missing).
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = identity::init::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -91,6 +112,29 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("{e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Identity(IdentityCommand::Init {
+            dir,
+            trust_domain,
+            force,
+        }) => match identity::init::run(&dir, &trust_domain, force) {
+            Ok(report) => {
+                println!(
+                    "trust domain {}: wrote {}",
+                    report.trust_domain,
+                    report
+                        .files
+                        .iter()
+                        .map(|f| f.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("waymark: {e}");
                 ExitCode::from(2)
             }
         },

@@ -1,0 +1,351 @@
+//! The inbound tunnel server (port 15008): TLS with client certificates,
+//! HTTP/2, one `CONNECT` per proxied connection.
+//!
+//! Hostile input is bounded before it costs anything: a TLS handshake must
+//! finish within `handshake_timeout` (a stalled client is dropped), HTTP/2
+//! limits the number of concurrent streams and the size of a header list
+//! (an oversize `CONNECT` is refused by h2 before it reaches us), and
+//! garbage or plaintext on the port fails the handshake of that connection
+//! only.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tracing::{Instrument, debug, info_span, warn};
+
+use super::{DENY_REASON, ERROR_REASON, SOURCE_WORKLOAD};
+use crate::identity::{CertInfo, TlsFailure, peer_info};
+
+const SOURCE_MISMATCH: &str = "source workload header does not match the client certificate";
+
+/// Limits and timeouts of the inbound side.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub handshake_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub max_concurrent_streams: u32,
+    pub max_header_list_size: u32,
+    /// HTTP/2 flow-control windows: large enough that one bulk stream is not
+    /// throttled by round trips between nodes.
+    pub stream_window: u32,
+    pub connection_window: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            max_concurrent_streams: 1000,
+            max_header_list_size: 16 * 1024,
+            stream_window: 4 << 20,
+            connection_window: 16 << 20,
+        }
+    }
+}
+
+/// What the authorizer is asked about.
+#[derive(Debug)]
+pub struct ConnectInfo<'a> {
+    /// The verified client identity (from its certificate, not a header).
+    pub peer: &'a CertInfo,
+    pub target: SocketAddr,
+    pub headers: &'a HeaderMap,
+}
+
+/// Why a stream was refused; sent back in `x-waymark-deny-reason`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DenyReason(pub String);
+
+impl std::fmt::Display for DenyReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+pub type AuthorizeFuture<'a> = Pin<Box<dyn Future<Output = Result<(), DenyReason>> + Send + 'a>>;
+
+/// Authorization of a source identity for a target; async so a policy
+/// source (config, Kubernetes) can be consulted.
+pub trait Authorize: Send + Sync + 'static {
+    fn authorize<'a>(&'a self, req: ConnectInfo<'a>) -> AuthorizeFuture<'a>;
+}
+
+/// Synchronous closures are authorizers too.
+impl<F> Authorize for F
+where
+    F: Fn(&ConnectInfo<'_>) -> Result<(), DenyReason> + Send + Sync + 'static,
+{
+    fn authorize<'a>(&'a self, req: ConnectInfo<'a>) -> AuthorizeFuture<'a> {
+        Box::pin(std::future::ready(self(&req)))
+    }
+}
+
+/// Counters for metrics and tests.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    pub tcp_accepted: AtomicU64,
+    pub tls_established: AtomicU64,
+    pub handshake_timeouts: AtomicU64,
+    handshake_failures: [AtomicU64; 6],
+    pub streams_opened: AtomicU64,
+    pub streams_denied: AtomicU64,
+    pub connect_failed: AtomicU64,
+}
+
+const FAILURES: [TlsFailure; 6] = [
+    TlsFailure::UnknownCa,
+    TlsFailure::Expired,
+    TlsFailure::WrongIdentity,
+    TlsFailure::NoCertificate,
+    TlsFailure::BadCertificate,
+    TlsFailure::Protocol,
+];
+
+impl ServerStats {
+    pub fn handshake_failures(&self, why: TlsFailure) -> u64 {
+        let i = FAILURES
+            .iter()
+            .position(|f| *f == why)
+            .unwrap_or(FAILURES.len() - 1);
+        self.handshake_failures[i].load(Ordering::Relaxed)
+    }
+
+    fn count_failure(&self, why: TlsFailure) {
+        let i = FAILURES
+            .iter()
+            .position(|f| *f == why)
+            .unwrap_or(FAILURES.len() - 1);
+        self.handshake_failures[i].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+pub struct TunnelServer {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    acceptor: TlsAcceptor,
+    authorizer: Arc<dyn Authorize>,
+    config: ServerConfig,
+    stats: Arc<ServerStats>,
+}
+
+impl TunnelServer {
+    pub async fn bind(
+        addr: SocketAddr,
+        tls: Arc<rustls::ServerConfig>,
+        authorizer: Arc<dyn Authorize>,
+        config: ServerConfig,
+    ) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        let shared = Arc::new(Shared {
+            acceptor: TlsAcceptor::from(tls),
+            authorizer,
+            config,
+            stats: Arc::default(),
+        });
+        Ok(Self { listener, shared })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn stats(&self) -> Arc<ServerStats> {
+        self.shared.stats.clone()
+    }
+
+    /// Accepts until the task is dropped; each connection runs on its own task.
+    pub async fn serve(self) {
+        loop {
+            let (tcp, peer) = match self.listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "tunnel accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            self.shared
+                .stats
+                .tcp_accepted
+                .fetch_add(1, Ordering::Relaxed);
+            let shared = self.shared.clone();
+            tokio::spawn(
+                shared
+                    .connection(tcp)
+                    .instrument(info_span!("tunnel_in", %peer)),
+            );
+        }
+    }
+}
+
+impl Shared {
+    async fn connection(self: Arc<Self>, tcp: TcpStream) {
+        let _ = tcp.set_nodelay(true);
+        let tls = match tokio::time::timeout(
+            self.config.handshake_timeout,
+            self.acceptor.accept(tcp),
+        )
+        .await
+        {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                let why = TlsFailure::find(&e).unwrap_or(TlsFailure::Protocol);
+                self.stats.count_failure(why);
+                warn!(reason = why.as_str(), error = %e, "tunnel TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                self.stats
+                    .handshake_timeouts
+                    .fetch_add(1, Ordering::Relaxed);
+                warn!(timeout = ?self.config.handshake_timeout, "tunnel TLS handshake timed out");
+                return;
+            }
+        };
+        // The verifier accepted a chain with a SPIFFE ID, so this is present.
+        let Some(peer) = peer_info(tls.get_ref().1) else {
+            self.stats.count_failure(TlsFailure::WrongIdentity);
+            return;
+        };
+        self.stats.tls_established.fetch_add(1, Ordering::Relaxed);
+        debug!(peer_id = %peer.id, serial = %peer.serial, "tunnel connection established");
+        let peer = Arc::new(peer);
+        let this = self.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let this = this.clone();
+            let peer = peer.clone();
+            async move { Ok::<_, Infallible>(this.stream(req, peer).await) }
+        });
+        let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        h2.max_concurrent_streams(self.config.max_concurrent_streams)
+            .max_header_list_size(self.config.max_header_list_size)
+            .initial_stream_window_size(self.config.stream_window)
+            .initial_connection_window_size(self.config.connection_window)
+            .max_send_buf_size(1 << 20);
+        if let Err(e) = h2.serve_connection(TokioIo::new(tls), service).await {
+            debug!(error = %e, "tunnel connection ended with an error");
+        }
+    }
+
+    async fn stream(&self, req: Request<Incoming>, peer: Arc<CertInfo>) -> Response<Empty<Bytes>> {
+        if req.method() != Method::CONNECT {
+            return reply(
+                StatusCode::METHOD_NOT_ALLOWED,
+                ERROR_REASON,
+                "only CONNECT is served here",
+            );
+        }
+        let Some(target) = req
+            .uri()
+            .authority()
+            .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+        else {
+            return reply(
+                StatusCode::BAD_REQUEST,
+                ERROR_REASON,
+                "CONNECT authority must be ip:port",
+            );
+        };
+        let span = info_span!("tunnel_stream", peer_id = %peer.id, %target);
+        self.admit(req, &peer, target).instrument(span).await
+    }
+
+    /// Checks the source header and authorization, connects to the target
+    /// and, once the 200 is sent, splices the upgraded stream to it.
+    async fn admit(
+        &self,
+        mut req: Request<Incoming>,
+        peer: &CertInfo,
+        target: SocketAddr,
+    ) -> Response<Empty<Bytes>> {
+        if let Some(claimed) = req.headers().get(SOURCE_WORKLOAD)
+            && claimed.as_bytes() != peer.id.to_string().as_bytes()
+        {
+            self.stats.streams_denied.fetch_add(1, Ordering::Relaxed);
+            warn!(claimed = ?claimed, "{SOURCE_MISMATCH}");
+            return reply(StatusCode::FORBIDDEN, DENY_REASON, SOURCE_MISMATCH);
+        }
+        let info = ConnectInfo {
+            peer,
+            target,
+            headers: req.headers(),
+        };
+        if let Err(deny) = self.authorizer.authorize(info).await {
+            self.stats.streams_denied.fetch_add(1, Ordering::Relaxed);
+            warn!(reason = %deny, "tunnel stream denied");
+            return reply(StatusCode::FORBIDDEN, DENY_REASON, &deny.0);
+        }
+        let connect = tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(target));
+        let upstream = match connect.await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                self.stats.connect_failed.fetch_add(1, Ordering::Relaxed);
+                warn!(error = %e, "tunnel target connect failed");
+                let status = if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::BAD_GATEWAY
+                };
+                return reply(status, ERROR_REASON, &format!("connect to {target}: {e}"));
+            }
+            Err(_) => {
+                self.stats.connect_failed.fetch_add(1, Ordering::Relaxed);
+                let reason = format!("connect to {target} timed out");
+                return reply(StatusCode::GATEWAY_TIMEOUT, ERROR_REASON, &reason);
+            }
+        };
+        let _ = upstream.set_nodelay(true);
+        self.stats.streams_opened.fetch_add(1, Ordering::Relaxed);
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(
+            async move {
+                match upgrade.await {
+                    Ok(upgraded) => splice(TokioIo::new(upgraded), upstream).await,
+                    Err(e) => debug!(error = %e, "tunnel stream upgrade failed"),
+                }
+            }
+            .in_current_span(),
+        );
+        Response::new(Empty::new())
+    }
+}
+
+/// Copies both ways until both sides are done (half-closes propagate).
+async fn splice(mut tunnel: TokioIo<hyper::upgrade::Upgraded>, mut upstream: TcpStream) {
+    match tokio::io::copy_bidirectional_with_sizes(&mut tunnel, &mut upstream, 64 * 1024, 64 * 1024)
+        .await
+    {
+        Ok((up, down)) => debug!(
+            bytes_to_target = up,
+            bytes_from_target = down,
+            "tunnel stream closed"
+        ),
+        Err(e) => debug!(error = %e, "tunnel stream ended with an error"),
+    }
+}
+
+fn reply(status: StatusCode, header: http::HeaderName, reason: &str) -> Response<Empty<Bytes>> {
+    let mut resp = Response::new(Empty::new());
+    *resp.status_mut() = status;
+    let value = HeaderValue::from_str(reason)
+        .unwrap_or_else(|_| HeaderValue::from_static("invalid reason text"));
+    resp.headers_mut().insert(header, value);
+    resp
+}
