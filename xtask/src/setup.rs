@@ -17,6 +17,20 @@ pub const BASE_TOOLS: &[(&str, &str)] = &[
     ("nsenter", "util-linux"),
     ("curl", "curl"),
     ("python3", "python3"),
+    // The L7 end-to-end tests' peers (tests/tests/http_*.rs).
+    ("h2load", "nghttp2-client"),
+    ("openssl", "openssl"),
+    // Python modules have no binary: an absolute path names a file the
+    // package installs (`on_path` joins it onto each directory, which an
+    // absolute path replaces).
+    (
+        "/usr/lib/python3/dist-packages/grpc/__init__.py",
+        "python3-grpcio",
+    ),
+    (
+        "/usr/lib/python3/dist-packages/h2/__init__.py",
+        "python3-h2",
+    ),
 ];
 
 /// Everything `cargo xtask test` and `cargo xtask demo` need.

@@ -101,10 +101,35 @@ impl<E> Balancer<E> {
     /// every request outright is certainly worse than trying the one most
     /// likely to have recovered. `None` only when there are no endpoints.
     pub fn pick(&self, now: Instant) -> Option<Pick<'_, E>> {
-        self.pick_with(now, &mut rand::rng())
+        self.pick_with(now, &mut rand::rng(), &|_| false)
     }
 
-    fn pick_with<R: Rng + ?Sized>(&self, now: Instant, rng: &mut R) -> Option<Pick<'_, E>> {
+    /// Like [`pick`](Self::pick), but endpoints for which `avoid` is true
+    /// are passed over while any other endpoint is available. A retry uses
+    /// it to go elsewhere: an endpoint that fails fast (connection refused)
+    /// looks cheap to the latency estimate and would otherwise be picked
+    /// again for the very retry its failure caused.
+    pub fn pick_avoiding(&self, now: Instant, avoid: impl Fn(&E) -> bool) -> Option<Pick<'_, E>> {
+        let rng = &mut rand::rng();
+        let skip = |i: usize| avoid(&self.endpoints[i].0);
+        let has_other = self
+            .endpoints
+            .iter()
+            .enumerate()
+            .any(|(i, (_, stats))| !skip(i) && !stats.is_ejected(now));
+        if has_other {
+            self.pick_with(now, rng, &skip)
+        } else {
+            self.pick_with(now, rng, &|_| false)
+        }
+    }
+
+    fn pick_with<R: Rng + ?Sized>(
+        &self,
+        now: Instant,
+        rng: &mut R,
+        skip: &dyn Fn(usize) -> bool,
+    ) -> Option<Pick<'_, E>> {
         let n = self.endpoints.len();
         if n == 0 {
             return None;
@@ -119,6 +144,8 @@ impl<E> Balancer<E> {
                 let (sa, sb) = (self.snapshot(a, now), self.snapshot(b, now));
                 if sa.available
                     && sb.available
+                    && !skip(a)
+                    && !skip(b)
                     && let Some(pick) = self.acquire_cheaper((a, sa), (b, sb), now, rng)
                 {
                     return Some(pick);
@@ -128,7 +155,7 @@ impl<E> Balancer<E> {
         // Several endpoints are out: choose among the available ones only.
         let mut fallback = 0;
         for _ in 0..SCAN_TRIES {
-            let scan = self.scan(now, rng);
+            let scan = self.scan(now, rng, skip);
             fallback = scan.soonest;
             let pick = match scan.sample {
                 [Some(a), Some(b)] => self.acquire_cheaper(a, b, now, rng),
@@ -176,14 +203,19 @@ impl<E> Balancer<E> {
     /// One pass over all endpoints: a uniform sample of two available ones
     /// (reservoir sampling, so no allocation per request) and the endpoint
     /// whose ejection ends soonest, ties broken at random.
-    fn scan<R: Rng + ?Sized>(&self, now: Instant, rng: &mut R) -> Scan {
+    fn scan<R: Rng + ?Sized>(
+        &self,
+        now: Instant,
+        rng: &mut R,
+        skip: &dyn Fn(usize) -> bool,
+    ) -> Scan {
         let mut sample = [None, None];
         let mut available = 0usize;
         let mut soonest: Option<(Option<Instant>, usize)> = None;
         let mut ties = 0u32;
         for (index, (_, stats)) in self.endpoints.iter().enumerate() {
             let snapshot = stats.snapshot(now);
-            if snapshot.available {
+            if snapshot.available && !skip(index) {
                 if available < 2 {
                     sample[available] = Some((index, snapshot));
                 } else {
@@ -335,7 +367,7 @@ mod tests {
         let mut counts = [0u32; 4];
         for i in 0..10_000 {
             let now = t0 + i * MS / 10;
-            let p = b.pick_with(now, &mut rng).unwrap();
+            let p = b.pick_with(now, &mut rng, &|_| false).unwrap();
             counts[*p.endpoint()] += 1;
             p.complete(now, BalanceConfig::default().default_rtt, true);
         }
@@ -359,7 +391,7 @@ mod tests {
                 let p: Pick<'_, usize> = outstanding.pop_front().unwrap();
                 p.complete(now, 10 * MS, true);
             }
-            let p = b.pick_with(now, &mut rng).unwrap();
+            let p = b.pick_with(now, &mut rng, &|_| false).unwrap();
             counts[*p.endpoint()] += 1;
             outstanding.push_back(p);
         }
@@ -375,7 +407,7 @@ mod tests {
         let mut counts = [0u32; 3];
         for i in 0..3_000 {
             let now = t0 + i * MS;
-            let p = b.pick_with(now, &mut rng).unwrap();
+            let p = b.pick_with(now, &mut rng, &|_| false).unwrap();
             let latency = if *p.endpoint() == 0 {
                 100 * MS
             } else {
@@ -396,7 +428,7 @@ mod tests {
         assert_eq!(b.endpoints[0].1.in_flight(), 20);
         let mut counts = [0u32; 3];
         for _ in 0..1_000 {
-            counts[*b.pick_with(now, &mut rng).unwrap().endpoint()] += 1;
+            counts[*b.pick_with(now, &mut rng, &|_| false).unwrap().endpoint()] += 1;
         }
         // Endpoint 0 loses every pair it is in: 21× the cost of the other.
         assert_eq!(counts[0], 0, "{counts:?}");
@@ -411,14 +443,19 @@ mod tests {
         eject(&b, 0, t0);
         assert_eq!(b.available(t0), 2);
         for _ in 0..500 {
-            assert_ne!(*b.pick_with(t0 + SEC, &mut rng).unwrap().endpoint(), 0);
+            assert_ne!(
+                *b.pick_with(t0 + SEC, &mut rng, &|_| false)
+                    .unwrap()
+                    .endpoint(),
+                0
+            );
         }
         // Expired: endpoint 0 is chosen once as a probe, and not again while
         // that probe is out.
         let t1 = t0 + 5 * SEC;
         let mut probe = None;
         for _ in 0..500 {
-            let p = b.pick_with(t1, &mut rng).unwrap();
+            let p = b.pick_with(t1, &mut rng, &|_| false).unwrap();
             if *p.endpoint() == 0 {
                 assert!(p.is_probe());
                 assert!(probe.is_none(), "second probe while one is out");
@@ -439,13 +476,13 @@ mod tests {
         eject(&b, 1, t0);
         eject(&b, 0, t0 + SEC);
         eject(&b, 2, t0 + 2 * SEC);
-        let p = b.pick_with(t0 + 3 * SEC, &mut rng).unwrap();
+        let p = b.pick_with(t0 + 3 * SEC, &mut rng, &|_| false).unwrap();
         assert_eq!(*p.endpoint(), 1);
         assert!(p.is_panic());
         // A success in panic mode readmits it.
         p.complete(t0 + 3 * SEC, MS, true);
         assert_eq!(b.available(t0 + 3 * SEC), 1);
-        let p = b.pick_with(t0 + 3 * SEC, &mut rng).unwrap();
+        let p = b.pick_with(t0 + 3 * SEC, &mut rng, &|_| false).unwrap();
         assert_eq!(*p.endpoint(), 1);
         assert!(!p.is_panic());
     }
@@ -459,7 +496,7 @@ mod tests {
         }
         let mut seen = [false; 3];
         for _ in 0..100 {
-            seen[*b.pick_with(t0, &mut rng).unwrap().endpoint()] = true;
+            seen[*b.pick_with(t0, &mut rng, &|_| false).unwrap().endpoint()] = true;
         }
         assert_eq!(seen, [true; 3]);
     }
@@ -545,5 +582,17 @@ mod tests {
         for (_, stats) in b.entries() {
             assert_eq!(stats.in_flight(), 0);
         }
+    }
+
+    #[test]
+    fn pick_avoiding_goes_elsewhere_while_it_can() {
+        let b = Balancer::new(vec![0usize, 1, 2], BalanceConfig::default());
+        let now = Instant::now();
+        for _ in 0..200 {
+            let p = b.pick_avoiding(now, |e| *e == 0).unwrap();
+            assert_ne!(*p.endpoint(), 0);
+        }
+        // Everything avoided: still a pick, never None.
+        assert!(b.pick_avoiding(now, |_| true).is_some());
     }
 }

@@ -221,6 +221,7 @@ impl HttpProxy {
         };
         service.budget.deposit(start);
         let mut attempt = 0u32;
+        let mut tried: Vec<SocketAddr> = Vec::new();
         loop {
             attempt += 1;
             let Some(req_body) = body.next() else {
@@ -233,11 +234,17 @@ impl HttpProxy {
                 );
             };
             let now = Instant::now();
-            let Some(pick) = backend.balancer.pick(now) else {
+            let Some(pick) = backend
+                .balancer
+                .pick_avoiding(now, |e| tried.contains(&e.addr))
+            else {
                 return self.error(ProxyError::NoEndpoints, &backend.name, None, grpc);
             };
             let addr = pick.endpoint().addr;
-            tracing::Span::current().record("endpoint", tracing::field::display(addr));
+            tried.push(addr);
+            if attempt == 1 {
+                tracing::Span::current().record("endpoint", tracing::field::display(addr));
+            }
             if let Some(t) = trace.as_deref_mut() {
                 t.selected = Some(trace::Selected {
                     addr,

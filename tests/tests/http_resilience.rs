@@ -1,0 +1,742 @@
+//! End-to-end tests of the L7 data path when things go wrong: retries under a
+//! budget, timeouts, failure accrual, config reload, malformed input and the
+//! proxy's own error responses. Real agents, real servers in pods (small
+//! python3 HTTP servers), curl as the client; see tests/README.md.
+//!
+//! Services are declared in the agents' config (`[[services]]`); their
+//! addresses (10.96.0.x) are virtual IPs that route nowhere: the kernel
+//! redirects the pod's `connect()` to the agent before routing.
+//!
+//! The helpers at the top are shared in spirit with `http_routing.rs`
+//! (each test target is its own crate); keep them in step.
+
+// Children spawned through a world are reaped by the world when it shuts down.
+#![allow(clippy::zombie_processes)]
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use serde_json::Value;
+use waymark_tests::world::{agent, topology};
+use waymark_tests::{
+    DEFAULT_PATIENCE, Node, Pod, Server, World, WorldBuilder, eventually, metric_value,
+    require_agent_or_skip, world_name,
+};
+
+/// Builds the world and runs `body`; an error fails the test while the world
+/// still exists, so its agent logs are kept and shown.
+fn with_world(builder: WorldBuilder, body: impl FnOnce(&World) -> Result<()>) {
+    let world = builder
+        .build()
+        .unwrap_or_else(|e| panic!("building the world: {e:#}"));
+    if let Err(e) = body(&world) {
+        panic!("{e:#}");
+    }
+}
+
+/// Debian's python3 where it is, else whatever `python3` is on PATH.
+fn python() -> Command {
+    let debian = std::path::Path::new("/usr/bin/python3");
+    Command::new(if debian.exists() {
+        debian.as_os_str()
+    } else {
+        "python3".as_ref()
+    })
+}
+
+/// Pod `j` of node `i`'s address, known before the world exists (for configs).
+fn ip(i: usize, j: usize) -> String {
+    topology::pod_ip(i, j).to_string()
+}
+
+/// The HTTP/1.1 app server: answers every request with `x-pod: <pod name>`
+/// and prints `req <n> <method> <path> <status>` for each. Options:
+/// `fail=alternate` (every other request gets 503), `fail=all`, `delay=SECS`;
+/// a `?sleep=MS` query delays one request.
+const APP: &str = r#"
+import http.server, socketserver, sys, threading, time
+from urllib.parse import urlsplit, parse_qs
+name, port = sys.argv[1], int(sys.argv[2])
+o = dict(a.split("=", 1) for a in sys.argv[3:])
+fail, delay, count, lock = o.get("fail", "none"), float(o.get("delay", "0")), [0], threading.Lock()
+def say(*a):
+    with lock:
+        print(*a, flush=True)
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    def log_message(self, *a):
+        pass
+    def do_GET(self):
+        n = int(self.headers.get("content-length") or 0)
+        if n:
+            self.rfile.read(n)
+        with lock:
+            count[0] += 1
+            k = count[0]
+        status = 503 if fail == "all" or (fail == "alternate" and k % 2) else 200
+        u = urlsplit(self.path)
+        say("req", k, self.command, self.path, status)
+        wait = delay + float(parse_qs(u.query).get("sleep", ["0"])[0]) / 1000
+        if wait:
+            time.sleep(wait)
+        body = ("%s %s\n" % (name, u.path)).encode()
+        self.send_response(status)
+        self.send_header("x-pod", name)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        say("done", k, self.path)
+    do_POST = do_PUT = do_GET
+class S(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 256
+srv = S(("0.0.0.0", port), H)
+say("listening", "0.0.0.0:%d" % port)
+srv.serve_forever()
+"#;
+
+/// Starts the app server on `port` in `pod`, named after the pod.
+fn app(pod: &Pod, port: u16, opts: &[&str]) -> Result<Server> {
+    pod.serve(
+        python()
+            .args(["-u", "-c", APP, pod.name(), &port.to_string()])
+            .args(opts),
+    )
+}
+
+/// Requests an app server has received so far.
+fn seen(server: &Server) -> usize {
+    server
+        .lines()
+        .iter()
+        .filter(|l| l.starts_with("req "))
+        .count()
+}
+
+/// What curl said about each of its requests, tallied.
+#[derive(Debug, Default)]
+struct Tally {
+    requests: u32,
+    /// By status code; "000" when no response came.
+    status: BTreeMap<String, u32>,
+    /// By the pod that answered (`x-pod`), "" when none did.
+    pods: BTreeMap<String, u32>,
+    /// Answers of the proxy itself, by `l5d-proxy-error`.
+    proxy_errors: BTreeMap<String, u32>,
+    /// Connections curl opened.
+    connects: u32,
+    /// The slowest request.
+    max_secs: f64,
+}
+
+impl Tally {
+    fn status(&self, code: &str) -> u32 {
+        self.status.get(code).copied().unwrap_or(0)
+    }
+    fn pod(&self, name: &str) -> u32 {
+        self.pods.get(name).copied().unwrap_or(0)
+    }
+}
+
+const WRITE_OUT: &str =
+    "%{http_code} %{num_connects} %{time_total} pod=%header{x-pod} err=%header{l5d-proxy-error}\n";
+
+/// GETs `url` from `pod` with curl, whose URL globs make it many requests
+/// (`/a?i=[1-100]`) over keep-alive connections, `parallel` at a time.
+fn curl(pod: &Pod, url: &str, parallel: u32) -> Result<Tally> {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--noproxy", "*", "--max-time", "20"])
+        .args(["-o", "/dev/null", "-w", WRITE_OUT]);
+    if parallel > 1 {
+        cmd.args(["--parallel", "--parallel-max", &parallel.to_string()]);
+    }
+    let out = pod.run_timeout(cmd.arg(url), Duration::from_secs(120))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mut t = Tally::default();
+    for line in stdout.lines().filter(|l| !l.is_empty()) {
+        let bad = || format!("curl -w line {line:?}");
+        let (head, err) = line.split_once(" err=").with_context(bad)?;
+        let (head, pod_name) = head.split_once(" pod=").with_context(bad)?;
+        let mut f = head.split(' ');
+        let (code, connects, secs) = (f.next(), f.next(), f.next());
+        t.requests += 1;
+        *t.status.entry(code.unwrap_or("?").to_string()).or_default() += 1;
+        *t.pods.entry(pod_name.to_string()).or_default() += 1;
+        if !err.is_empty() {
+            *t.proxy_errors.entry(err.to_string()).or_default() += 1;
+        }
+        t.connects += connects.and_then(|c| c.parse().ok()).unwrap_or(0);
+        t.max_secs = t
+            .max_secs
+            .max(secs.and_then(|s| s.parse().ok()).unwrap_or(0.0));
+    }
+    Ok(t)
+}
+
+/// One GET with curl: status, headers (lower-case names), body, seconds.
+fn curl_one(pod: &Pod, url: &str) -> Result<(u16, BTreeMap<String, String>, String, f64)> {
+    let start = Instant::now();
+    let out = pod.run_ok(Command::new("curl").args([
+        "-sS",
+        "--noproxy",
+        "*",
+        "--max-time",
+        "10",
+        "-D",
+        "-",
+        url,
+    ]))?;
+    let secs = start.elapsed().as_secs_f64();
+    let (head, body) = out
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("no response head from {url}: {out:?}"))?;
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("no status line from {url}: {out:?}"))?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_lowercase(), v.trim().to_string()))
+        .collect();
+    Ok((status, headers, body.to_string(), secs))
+}
+
+/// The sum of the matching samples on `node`'s agent; 0 when there is none.
+fn metric(node: &Node, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
+    Ok(metric_value(&node.metrics()?, name, labels).unwrap_or(0.0))
+}
+
+/// Waits until the metric is exactly `want`.
+fn await_metric(node: &Node, name: &str, labels: &[(&str, &str)], want: f64) -> Result<()> {
+    eventually(DEFAULT_PATIENCE, || {
+        let v = metric(node, name, labels)?;
+        ensure!(v == want, "{name}{labels:?} is {v}, expected {want}");
+        Ok(())
+    })
+    .with_context(|| format!("on {}", node.name()))
+}
+
+/// (5) Retries: a route retrying 5xx twice hides an endpoint that fails every
+/// other request; under a full outage the retry budget caps the extra load.
+#[test]
+fn retries_hide_flaky_endpoint_and_budget_caps_an_outage() {
+    require_agent_or_skip!();
+    const FLAKY: &str = "10.96.0.15:80";
+    const DOWN: &str = "10.96.0.16:80";
+    // The outage service's budget: retries ≤ 0.2 × requests + 1/s × 10 s.
+    const RATIO: f64 = 0.2;
+    const RESERVE: f64 = 10.0;
+    let services = format!(
+        r#"
+[[services]]
+name = "flaky"
+addresses = ["{FLAKY}"]
+endpoints = [{{ addr = "{a}:8080" }}]
+# every request needs one retry: more than the default ratio (0.2) allows
+retry_budget = {{ ratio = 1.0, min_per_second = 10, ttl = "10s" }}
+[[services.routes]]
+name = "all"
+retry = {{ attempts = 2, on = ["5xx"], backoff_base = "2ms", backoff_max = "10ms" }}
+
+[[services]]
+name = "down"
+addresses = ["{DOWN}"]
+endpoints = [{{ addr = "{b}:8080" }}]
+retry_budget = {{ ratio = {RATIO}, min_per_second = 1, ttl = "10s" }}
+[[services.routes]]
+name = "all"
+retry = {{ attempts = 2, on = ["5xx"], backoff_base = "2ms", backoff_max = "10ms" }}
+"#,
+        a = ip(1, 0),
+        b = ip(1, 1),
+    );
+    let b = World::builder(world_name!()).agent_config_extra(services);
+    with_world(b, |world| {
+        let (cl, node) = (world.pod(0, 0), world.node(0));
+        let flaky = app(world.pod(1, 0), 8080, &["fail=alternate"])?;
+        let down = app(world.pod(1, 1), 8080, &["fail=all"])?;
+
+        // The server fails exactly every other request. Sequential requests:
+        // the first attempt of each gets a failing turn, the retry the next.
+        let t = curl(cl, &format!("http://{FLAKY}/f?i=[1-100]"), 1)?;
+        ensure!(
+            t.requests == 100 && t.status("200") == 100,
+            "the client saw failures through a retrying route: {t:?}"
+        );
+        ensure!(
+            seen(&flaky) == 200,
+            "expected each of the 100 requests tried twice (503, then 200); the server saw {}",
+            seen(&flaky)
+        );
+
+        // Full outage: every answer is the server's own 503, and retries add
+        // at most RATIO of the requests plus the reserve, all within one ttl
+        // (the run takes about a second); +2 of slack for rounding.
+        const R: u32 = 100;
+        let t = curl(cl, &format!("http://{DOWN}/d?i=[1-{R}]"), 1)?;
+        ensure!(
+            t.status("503") == R && t.pod(world.pod(1, 1).name()) == R,
+            "expected {R} × the server's 503: {t:?}"
+        );
+        let got = seen(&down) as f64;
+        eprintln!("outage: {R} requests, {got} reached the server");
+        let cap = f64::from(R) * (1.0 + RATIO) + RESERVE + 2.0;
+        ensure!(
+            got <= cap,
+            "the servers received {got} requests for {R}: more than the budget allows ({cap})"
+        );
+        ensure!(
+            got >= f64::from(R) + RESERVE,
+            "the servers received {got} requests for {R}: the budget's reserve ({RESERVE}) was not even used"
+        );
+        let left = metric(
+            node,
+            "waymark_retry_budget_available",
+            &[("service", "down")],
+        )?;
+        ensure!(
+            left < 1.0,
+            "after the outage the budget still allows {left} retries"
+        );
+        Ok(())
+    });
+}
+
+/// (6) Timeouts: an attempt that outlives `per_try_timeout` is retried on the
+/// fast endpoint; a route `timeout` ends in the proxy's 504, promptly.
+#[test]
+fn per_try_timeout_retries_elsewhere_and_route_timeout_gives_504() {
+    require_agent_or_skip!();
+    const MIXED: &str = "10.96.0.17:80";
+    const SLOW: &str = "10.96.0.18:80";
+    let (slow, fast) = (ip(1, 0), ip(1, 1));
+    // default_rtt 1ms: an endpoint not yet measured looks cheaper than one
+    // that answered in a few ms, so the slow endpoint is certainly tried by
+    // the second request (with Linkerd's 30 ms it may be passed over for
+    // ~10 s of sequential requests).
+    let services = format!(
+        r#"
+[balancer]
+default_rtt = "1ms"
+
+[[services]]
+name = "mixed"
+addresses = ["{MIXED}"]
+endpoints = [{{ addr = "{slow}:8080" }}, {{ addr = "{fast}:8080" }}]
+[[services.routes]]
+name = "all"
+per_try_timeout = "200ms"
+retry = {{ attempts = 2, on = ["gateway-error"], backoff_base = "2ms", backoff_max = "10ms" }}
+
+[[services]]
+name = "slowonly"
+addresses = ["{SLOW}"]
+endpoints = [{{ addr = "{slow}:8080" }}]
+[[services.routes]]
+name = "all"
+timeout = "300ms"
+"#
+    );
+    let b = World::builder(world_name!()).agent_config_extra(services);
+    with_world(b, |world| {
+        let cl = world.pod(0, 0);
+        let slow = app(world.pod(1, 0), 8080, &["delay=2"])?;
+        let _fast = app(world.pod(1, 1), 8080, &[])?;
+        let fast = world.pod(1, 1).name();
+
+        let t = curl(cl, &format!("http://{MIXED}/m?i=[1-20]"), 1)?;
+        ensure!(
+            t.status("200") == 20 && t.pod(fast) == 20,
+            "expected every request answered by the fast endpoint: {t:?}"
+        );
+        ensure!(
+            seen(&slow) >= 1,
+            "the slow endpoint was never tried, so no retry was exercised: {t:?}"
+        );
+        // One per-try timeout (200 ms) plus a retry; nobody waited out the
+        // slow endpoint's 2 s.
+        ensure!(
+            t.max_secs < 1.5,
+            "the slowest request took {} s: {t:?}",
+            t.max_secs
+        );
+
+        let (status, headers, body, secs) = curl_one(cl, &format!("http://{SLOW}/s"))?;
+        ensure!(
+            status == 504,
+            "expected 504 from the proxy, got {status}: {headers:?} {body}"
+        );
+        for h in ["l5d-proxy-error", "waymark-proxy-error"] {
+            ensure!(
+                headers.get(h).map(String::as_str) == Some("request timed out"),
+                "{h} is {:?}: {headers:?}",
+                headers.get(h)
+            );
+        }
+        ensure!(
+            body.contains("waymark node0") && body.contains("service slowonly"),
+            "the 504's body does not name the agent's node and the service: {body:?}"
+        );
+        ensure!(
+            secs < 1.5,
+            "the 504 took {secs} s for a 300 ms timeout (the endpoint needs 2 s)"
+        );
+        Ok(())
+    });
+}
+
+/// (7) Failure accrual: an endpoint refusing connections is ejected after
+/// `failure_threshold` (5) consecutive failures; then no request fails.
+#[test]
+fn dead_endpoint_is_ejected_and_traffic_keeps_flowing() {
+    require_agent_or_skip!();
+    const PLAIN: &str = "10.96.0.19:80";
+    const RETRYING: &str = "10.96.0.20:80";
+    let (a, b, dead) = (ip(1, 0), ip(1, 1), format!("{}:8099", ip(0, 1)));
+    // default_rtt 1ms keeps the dead endpoint attractive (its fast failures
+    // never raise its estimate), so it really is picked until ejected; a
+    // long ejection keeps probes out of the test's time.
+    let services = format!(
+        r#"
+[balancer]
+default_rtt = "1ms"
+failure_threshold = 5
+eject_base = "60s"
+eject_max = "120s"
+
+[[services]]
+name = "plain"
+addresses = ["{PLAIN}"]
+endpoints = [{{ addr = "{a}:8080" }}, {{ addr = "{b}:8080" }}, {{ addr = "{dead}" }}]
+
+[[services]]
+name = "retrying"
+addresses = ["{RETRYING}"]
+endpoints = [{{ addr = "{a}:8080" }}, {{ addr = "{b}:8080" }}, {{ addr = "{dead}" }}]
+[[services.routes]]
+name = "all"
+retry = {{ attempts = 5, on = ["connect-failure"], backoff_base = "2ms", backoff_max = "10ms" }}
+"#
+    );
+    let bld = World::builder(world_name!()).agent_config_extra(services);
+    with_world(bld, |world| {
+        let (cl, node) = (world.pod(0, 0), world.node(0));
+        let _a = app(world.pod(1, 0), 8080, &[])?;
+        let _b = app(world.pod(1, 1), 8080, &[])?;
+        let ejected = |svc: &'static str| vec![("service", svc), ("endpoint", dead.as_str())];
+
+        // Without retries, each pick of the dead endpoint is a failed request
+        // (the proxy's 503), until the fifth consecutive one ejects it.
+        let t = curl(cl, &format!("http://{PLAIN}/p?i=[1-60]"), 1)?;
+        ensure!(
+            t.status("503") == 5 && t.status("200") == 55,
+            "expected exactly 5 failures (the threshold) before the ejection: {t:?}"
+        );
+        ensure!(
+            t.proxy_errors.get("connection to the endpoint failed") == Some(&5),
+            "the failures are not the proxy's connect errors: {t:?}"
+        );
+        await_metric(node, "waymark_endpoint_ejected", &ejected("plain"), 1.0)?;
+        await_metric(
+            node,
+            "waymark_service_endpoints_available",
+            &[("service", "plain")],
+            2.0,
+        )?;
+        let t = curl(cl, &format!("http://{PLAIN}/p?i=[1-200]"), 4)?;
+        ensure!(
+            t.status("200") == 200,
+            "requests failed after the dead endpoint was ejected: {t:?}"
+        );
+
+        // With retries on connect-failure the client never sees it at all.
+        // Each try picks anew and the dead endpoint is the cheapest, so one
+        // request may hit it several times in a row; but six tries (five
+        // retries) cannot all fail: its fifth consecutive failure ejects it.
+        let t = curl(cl, &format!("http://{RETRYING}/r?i=[1-100]"), 1)?;
+        ensure!(
+            t.status("200") == 100,
+            "a retrying route let a connect failure through: {t:?}"
+        );
+        await_metric(node, "waymark_endpoint_ejected", &ejected("retrying"), 1.0)?;
+        ensure!(
+            metric(node, "waymark_endpoint_ejections", &ejected("retrying"))? >= 1.0,
+            "no ejection counted"
+        );
+        Ok(())
+    });
+}
+
+/// (7b) A retry after a refused connection goes to another endpoint when
+/// there is one ("a retry goes to the endpoint the balancer now prefers,
+/// usually another one", http/forward.rs). Ejection is off so that only the
+/// retry's choice of endpoint is measured; default_rtt 1ms makes the dead
+/// endpoint look as cheap as it does to a fresh balancer.
+#[test]
+fn retry_after_connect_failure_goes_to_another_endpoint() {
+    require_agent_or_skip!();
+    const VIP: &str = "10.96.0.21:80";
+    let services = format!(
+        r#"
+[balancer]
+default_rtt = "1ms"
+failure_threshold = 0
+
+[[services]]
+name = "retrying"
+addresses = ["{VIP}"]
+endpoints = [{{ addr = "{a}:8080" }}, {{ addr = "{b}:8080" }}, {{ addr = "{dead}:8099" }}]
+[[services.routes]]
+name = "all"
+retry = {{ attempts = 1, on = ["connect-failure"], backoff_base = "2ms", backoff_max = "10ms" }}
+"#,
+        a = ip(1, 0),
+        b = ip(1, 1),
+        dead = ip(0, 1),
+    );
+    let bld = World::builder(world_name!()).agent_config_extra(services);
+    with_world(bld, |world| {
+        let cl = world.pod(0, 0);
+        let _a = app(world.pod(1, 0), 8080, &[])?;
+        let _b = app(world.pod(1, 1), 8080, &[])?;
+        let t = curl(cl, &format!("http://{VIP}/r?i=[1-100]"), 1)?;
+        ensure!(
+            t.status("200") == 100,
+            "requests failed although a retry could have gone to a live endpoint: {t:?}"
+        );
+        Ok(())
+    });
+}
+
+/// The services of the reload test; `v` routes `/v` to `backend`.
+fn reload_services(vip: &str, backend: &str) -> String {
+    format!(
+        r#"
+[[services]]
+name = "web"
+addresses = ["{vip}"]
+endpoints = [{{ addr = "{origin}:8080" }}]
+[[services.routes]]
+name = "v"
+matches = [{{ path = {{ prefix = "/v" }} }}]
+backends = [{{ service = "{backend}" }}]
+
+[[services]]
+name = "blue"
+endpoints = [{{ addr = "{blue}:8080" }}]
+
+[[services]]
+name = "green"
+endpoints = [{{ addr = "{green}:8080" }}]
+"#,
+        origin = ip(0, 1),
+        blue = ip(1, 0),
+        green = ip(1, 1),
+    )
+}
+
+/// Replaces the node's `[[services]]` with those in `text`; the agent sees
+/// the file change by itself.
+fn set_services(node: &Node, text: &str) -> Result<()> {
+    let over: toml::Table = text.parse().context("services TOML")?;
+    node.update_config(|cfg| agent::merge(cfg, over))
+}
+
+/// (11) Reload: new routes apply to new requests while a request in flight
+/// completes; an invalid config is rejected, logged, and the old one stays.
+#[test]
+fn reload_changes_routes_keeps_inflight_and_rejects_invalid_config() {
+    require_agent_or_skip!();
+    const VIP: &str = "10.96.0.24:80";
+    const RELOADS: &str = "waymark_config_reloads_total";
+    let b = World::builder(world_name!()).agent_config_extra(reload_services(VIP, "blue"));
+    with_world(b, |world| {
+        let (cl, node) = (world.pod(0, 0), world.node(0));
+        let (origin, blue, green) = (world.pod(0, 1), world.pod(1, 0), world.pod(1, 1));
+        let _o = app(origin, 8080, &[])?;
+        let mut blue_srv = app(blue, 8080, &[])?;
+        let _g = app(green, 8080, &[])?;
+        let t = curl(cl, &format!("http://{VIP}/v/a?i=[1-3]"), 1)?;
+        ensure!(t.pod(blue.name()) == 3, "before the reload: {t:?}");
+
+        let success = [("result", "success")];
+        let before = metric(node, RELOADS, &success)?;
+        std::thread::scope(|s| -> Result<()> {
+            // 2.5 s in flight: the file is polled every second.
+            let inflight = s.spawn(|| curl(cl, &format!("http://{VIP}/v/slow?sleep=2500"), 1));
+            blue_srv.wait_line("req 4 GET /v/slow", Duration::from_secs(10))?;
+            set_services(node, &reload_services(VIP, "green"))?;
+            await_metric(node, RELOADS, &success, before + 1.0)?;
+            ensure!(
+                !inflight.is_finished(),
+                "the reload was only seen after the in-flight request ended; nothing was proven"
+            );
+            let t = inflight
+                .join()
+                .map_err(|_| anyhow::anyhow!("in-flight client panicked"))??;
+            ensure!(
+                t.status("200") == 1 && t.pod(blue.name()) == 1,
+                "the request in flight during the reload did not complete: {t:?}"
+            );
+            Ok(())
+        })?;
+        let t = curl(cl, &format!("http://{VIP}/v/b?i=[1-3]"), 1)?;
+        ensure!(t.pod(green.name()) == 3, "after the reload: {t:?}");
+        let t = curl(cl, &format!("http://{VIP}/other"), 1)?;
+        ensure!(t.pod(origin.name()) == 1, "unrouted request: {t:?}");
+
+        // Invalid: a backend that is no service. Were it applied, /v would
+        // go back to blue.
+        let failure = [("result", "failure")];
+        let bad = reload_services(VIP, "blue").replace(
+            "backends = [{ service = \"blue\" }]",
+            "backends = [{ service = \"blue\" }, { service = \"nope\" }]",
+        );
+        ensure!(bad.contains("nope"), "the invalid config was not built");
+        set_services(node, &bad)?;
+        await_metric(node, RELOADS, &failure, 1.0)?;
+        eventually(DEFAULT_PATIENCE, || {
+            let log = node.agent_log();
+            // The reason follows on the same record (problems are listed
+            // one per line).
+            let rejected = log
+                .find("config reload rejected")
+                .context("no rejection logged")?;
+            ensure!(
+                log[rejected..].contains("no service named \"nope\""),
+                "the agent log does not say why the reload was rejected"
+            );
+            Ok(())
+        })?;
+        let t = curl(cl, &format!("http://{VIP}/v/c?i=[1-3]"), 1)?;
+        ensure!(
+            t.pod(green.name()) == 3,
+            "after a rejected reload, routing changed: {t:?}"
+        );
+        ensure!(
+            metric(node, RELOADS, &success)? == before + 1.0,
+            "the invalid config counted as a success"
+        );
+        Ok(())
+    });
+}
+
+/// Malformed requests, each on a new connection; prints what came back.
+const BAD_CLIENT: &str = r#"
+import json, socket, sys
+cases = [
+    ("bad-request-line", b"GET /a b HTTP/1.1\r\nHost: x\r\n\r\n"),
+    ("bad-header-name", b"GET / HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n"),
+    ("absurd-content-length", b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999999999\r\n\r\nabc"),
+    ("huge-header", b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (200 * 1024) + b"\r\n\r\n"),
+]
+r = {}
+for name, data in cases:
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+    end, got = None, b""
+    try:
+        s.sendall(data)
+    except OSError as e:
+        end = "send failed: %r" % e
+    while end is None:
+        try:
+            d = s.recv(65536)
+        except socket.timeout:
+            end = "timeout"
+            break
+        except ConnectionResetError:
+            end = "reset"
+            break
+        if not d:
+            end = "eof"
+        got += d
+    s.close()
+    r[name] = {"end": end, "status_line": got.split(b"\r\n", 1)[0].decode("latin-1"), "bytes": len(got)}
+print(json.dumps(r))
+"#;
+
+/// (12) Errors: a service without endpoints gets the proxy's 503; malformed
+/// requests get a 4xx or a clean close, never reach the endpoint, and the
+/// agent keeps serving.
+#[test]
+fn proxy_errors_and_malformed_requests_leave_the_agent_serving() {
+    require_agent_or_skip!();
+    const EMPTY: &str = "10.96.0.25:80";
+    const WEB: &str = "10.96.0.26:80";
+    let services = format!(
+        r#"
+[[services]]
+name = "empty"
+addresses = ["{EMPTY}"]
+
+[[services]]
+name = "web"
+addresses = ["{WEB}"]
+endpoints = [{{ addr = "{web}:8080" }}]
+"#,
+        web = ip(1, 0)
+    );
+    let b = World::builder(world_name!()).agent_config_extra(services);
+    with_world(b, |world| {
+        let (cl, node) = (world.pod(0, 0), world.node(0));
+        let web = app(world.pod(1, 0), 8080, &[])?;
+
+        let (status, headers, body, _) = curl_one(cl, &format!("http://{EMPTY}/x"))?;
+        ensure!(status == 503, "no endpoints: {status} {headers:?} {body}");
+        for h in ["l5d-proxy-error", "waymark-proxy-error"] {
+            ensure!(
+                headers.get(h).map(String::as_str) == Some("no endpoints available"),
+                "{h}: {headers:?}"
+            );
+        }
+        ensure!(
+            body.contains("waymark node0") && body.contains("service empty"),
+            "the 503's body does not name the agent's node and the service: {body:?}"
+        );
+
+        let (host, port) = WEB.split_once(':').expect("ip:port");
+        let out = cl.run_ok(python().args(["-c", BAD_CLIENT, host, port]))?;
+        let r: Value = serde_json::from_str(out.trim()).context("bad client's report")?;
+        eprintln!("malformed requests: {r}");
+        for (case, got) in r.as_object().context("a JSON object")? {
+            let line = got["status_line"].as_str().unwrap_or_default();
+            let answered_4xx = line.starts_with("HTTP/1.1 4");
+            let closed = got["end"] == "eof" && got["bytes"] == 0;
+            ensure!(
+                answered_4xx || closed,
+                "{case}: expected a 4xx or a clean close, got {got}"
+            );
+            ensure!(
+                got["end"] == "eof",
+                "{case}: the connection was not closed cleanly: {got}"
+            );
+            if case == "huge-header" {
+                ensure!(
+                    line.starts_with("HTTP/1.1 431"),
+                    "a 200 KiB header (the limit is 96 KiB) should get 431: {got}"
+                );
+            }
+        }
+        ensure!(
+            seen(&web) == 0,
+            "a malformed request reached the endpoint: {:?}",
+            web.lines()
+        );
+
+        ensure!(node.agent_pid().is_some(), "the agent died");
+        let (status, body) = node.admin_get("/live")?;
+        ensure!(status == 200, "/live: {status} {body}");
+        let t = curl(cl, &format!("http://{WEB}/ok?i=[1-3]"), 1)?;
+        ensure!(
+            t.status("200") == 3 && seen(&web) == 3,
+            "good requests after the bad ones: {t:?}"
+        );
+        Ok(())
+    });
+}
