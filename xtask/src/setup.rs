@@ -21,8 +21,7 @@ pub const BASE_TOOLS: &[(&str, &str)] = &[
     ("h2load", "nghttp2-client"),
     ("openssl", "openssl"),
     // Python modules have no binary: an absolute path names a file the
-    // package installs (`on_path` joins it onto each directory, which an
-    // absolute path replaces).
+    // package installs.
     (
         "/usr/lib/python3/dist-packages/grpc/__init__.py",
         "python3-grpcio",
@@ -45,7 +44,7 @@ pub fn ensure_all() -> Result<()> {
 pub fn ensure_tools(tools: &[(&str, &str)]) -> Result<()> {
     let mut missing: Vec<&str> = tools
         .iter()
-        .filter(|(bin, _)| !on_path(bin))
+        .filter(|(what, _)| !present(what))
         .map(|(_, pkg)| *pkg)
         .collect();
     missing.dedup();
@@ -63,10 +62,10 @@ pub fn ensure_tools(tools: &[(&str, &str)]) -> Result<()> {
         .args(["install", "-y", "-q", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    for (bin, pkg) in tools {
+    for (what, pkg) in tools {
         ensure!(
-            on_path(bin),
-            "{bin} is still missing after installing {pkg}"
+            present(what),
+            "{what} is still missing after installing {pkg}"
         );
     }
     Ok(())
@@ -131,6 +130,16 @@ fn sysroot() -> Result<PathBuf> {
         .context("cannot run rustc")?;
     ensure!(out.status.success(), "rustc --print sysroot failed");
     Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
+}
+
+/// A command on PATH, or, for an absolute path, that file.
+fn present(what: &str) -> bool {
+    let path = std::path::Path::new(what);
+    if path.is_absolute() {
+        path.exists()
+    } else {
+        on_path(what)
+    }
 }
 
 pub fn on_path(bin: &str) -> bool {
