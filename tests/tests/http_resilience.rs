@@ -455,19 +455,16 @@ retry = {{ attempts = 5, on = ["connect-failure"], backoff_base = "2ms", backoff
             "requests failed after the dead endpoint was ejected: {t:?}"
         );
 
-        // With retries on connect-failure the client never sees it at all.
-        // Each try picks anew and the dead endpoint is the cheapest, so one
-        // request may hit it several times in a row; but six tries (five
-        // retries) cannot all fail: its fifth consecutive failure ejects it.
+        // With retries on connect-failure the client never sees it at all:
+        // a retry avoids the endpoints already tried, so one refused
+        // connection is followed by a try elsewhere. (Whether this service
+        // also ejects the dead endpoint depends on how often the balancer
+        // picks it first, so it is not asserted here; ejection itself is
+        // checked above.)
         let t = curl(cl, &format!("http://{RETRYING}/r?i=[1-100]"), 1)?;
         ensure!(
             t.status("200") == 100,
             "a retrying route let a connect failure through: {t:?}"
-        );
-        await_metric(node, "waymark_endpoint_ejected", &ejected("retrying"), 1.0)?;
-        ensure!(
-            metric(node, "waymark_endpoint_ejections", &ejected("retrying"))? >= 1.0,
-            "no ejection counted"
         );
         Ok(())
     });
