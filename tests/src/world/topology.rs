@@ -98,10 +98,17 @@ pub fn base_sysctls(netns: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A node forwards between its pods and the fabric.
+/// A node forwards between its pods and the fabric. Its agent opens one
+/// upstream connection per proxied connection from the node's address, so
+/// like any node that runs a proxy it gets the full ephemeral port range and
+/// reuse of TIME_WAIT ports for new outgoing connections; without them a
+/// burst of short connections to one destination runs out of source ports
+/// (EADDRNOTAVAIL) after ~28k connections in a minute.
 pub fn node_sysctls(netns: &Path) -> Result<()> {
     sysctl_in(netns, "net.ipv4.ip_forward", "1")?;
     sysctl_in(netns, "net.ipv6.conf.all.forwarding", "1")?;
+    sysctl_in(netns, "net.ipv4.ip_local_port_range", "1024 65535")?;
+    sysctl_in(netns, "net.ipv4.tcp_tw_reuse", "1")?;
     Ok(())
 }
 
