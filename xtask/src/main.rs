@@ -1,5 +1,6 @@
 //! waymark's developer tasks: `cargo xtask <task>`.
 
+mod bench;
 mod demo;
 mod setup;
 mod test;
@@ -28,6 +29,9 @@ enum Task {
     /// Install what is missing, bring up a world with real agents, send
     /// traffic and show what the agents saw.
     Demo,
+    /// Benchmark: waymark side by side with the direct path and HAProxy and
+    /// nginx, in one run (see bench/README.md).
+    Bench(bench::BenchArgs),
     /// Install what waymark's builds and tests need (apt packages,
     /// rust-src, bpf-linker).
     Setup,
@@ -39,5 +43,6 @@ fn main() -> anyhow::Result<()> {
         Task::Test(args) => test::run(args),
         Task::Demo => demo::run(),
         Task::Setup => setup::ensure_all(),
+        Task::Bench(args) => bench::run(args),
     }
 }

@@ -98,6 +98,47 @@ enum Cmd {
         #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+    /// Opens N connections (with `--http`, one HTTP/1.1 GET on each, kept
+    /// alive), prints `holding <ok> failed <n>` and keeps them open, idle,
+    /// until killed or `--hold` passes. For measuring a proxy's memory per
+    /// idle connection.
+    Hold {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        /// Send `GET / HTTP/1.1` on each connection and read the response
+        /// first, so that an HTTP proxy has an upstream side too.
+        #[arg(long)]
+        http: bool,
+        /// Connections being opened at once.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// How long to keep them open (then exit 0).
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        hold: Duration,
+    },
+    /// Constant-rate (open-loop) HTTP/1.1 load: `--rate` GET requests per
+    /// second in all, spread over `--conns` keep-alive connections, for
+    /// `--duration`. Latency is measured from when each request was *due*
+    /// (corrected for coordinated omission, like wrk2), so a path that
+    /// falls behind shows it. Prints one JSON object.
+    HttpRate {
+        #[arg(long)]
+        connect: SocketAddr,
+        /// Requests per second, all connections together.
+        #[arg(long)]
+        rate: u64,
+        #[arg(long, default_value_t = 16)]
+        conns: usize,
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        #[arg(long, default_value = "/")]
+        path: String,
+        /// Deadline of one response.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
 }
 
 fn say(line: impl std::fmt::Display) {
@@ -154,6 +195,21 @@ fn main() {
                 )
                 .await
             }
+            Cmd::Hold {
+                connect,
+                count,
+                http,
+                concurrency,
+                hold,
+            } => hold_conns(connect, count, http, concurrency, hold).await,
+            Cmd::HttpRate {
+                connect,
+                rate,
+                conns,
+                duration,
+                path,
+                timeout,
+            } => http_rate::run(connect, rate, conns, duration, &path, timeout),
         }
     });
     std::process::exit(code);
@@ -496,6 +552,87 @@ async fn many(
     if failed > 0 { 2 } else { 0 }
 }
 
+/// One `GET / HTTP/1.1` and its response on a fresh connection.
+async fn http_get_once(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let mut sock = TcpStream::connect(addr).await?;
+    let req = format!("GET / HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    sock.write_all(req.as_bytes()).await?;
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = sock.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "connection closed before the response ended",
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        match http_rate::response_len(&buf) {
+            Ok(Some((len, status))) if buf.len() >= len => {
+                if !(200..300).contains(&status) {
+                    return Err(std::io::Error::other(format!("HTTP status {status}")));
+                }
+                return Ok(sock);
+            }
+            Ok(_) => {}
+            Err(e) => return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
+        }
+    }
+}
+
+async fn hold_conns(
+    addr: SocketAddr,
+    count: usize,
+    http: bool,
+    concurrency: usize,
+    hold: Duration,
+) -> i32 {
+    if count > MAX_CONCURRENCY || concurrency == 0 {
+        eprintln!("testpeer: --count must be at most {MAX_CONCURRENCY}, --concurrency at least 1");
+        return 2;
+    }
+    let slots = Arc::new(Semaphore::new(concurrency));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..count {
+        let permit = slots.clone().acquire_owned().await.expect("never closed");
+        tasks.spawn(async move {
+            let r = tokio::time::timeout(Duration::from_secs(10), async {
+                if http {
+                    http_get_once(addr).await
+                } else {
+                    TcpStream::connect(addr).await
+                }
+            })
+            .await
+            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+            drop(permit);
+            r
+        });
+    }
+    let mut held = Vec::with_capacity(count);
+    let mut first_error = None;
+    while let Some(r) = tasks.join_next().await {
+        match r {
+            Ok(Ok(sock)) => held.push(sock),
+            Ok(Err(e)) => {
+                first_error.get_or_insert_with(|| describe(&e));
+            }
+            Err(e) => {
+                first_error.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+    let failed = count - held.len();
+    if let Some(e) = &first_error {
+        eprintln!("testpeer: hold: first error: {e}");
+    }
+    say(format_args!("holding {} failed {failed}", held.len()));
+    tokio::time::sleep(hold).await;
+    drop(held);
+    0
+}
+
 async fn fake_agent(config: &std::path::Path) -> i32 {
     let listen = std::fs::read_to_string(config)
         .map_err(|e| e.to_string())
@@ -576,9 +713,264 @@ async fn fake_agent(config: &std::path::Path) -> i32 {
     0
 }
 
+/// `testpeer http-rate`: constant-rate HTTP/1.1 GETs on blocking sockets,
+/// one OS thread per connection, so that sends leave on time (a 1 ms timer
+/// wheel would add up to 1 ms to every sample).
+mod http_rate {
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpStream};
+    use std::time::{Duration, Instant};
+
+    use serde_json::json;
+
+    /// Most samples kept per connection (a bound on memory).
+    const MAX_SAMPLES: usize = 2_000_000;
+
+    /// From the bytes of a response received so far: `Some((head + body
+    /// length, status))` once the head is complete. Needs `Content-Length`
+    /// (chunked responses are not supported: the servers here do not send
+    /// them for a fixed body).
+    pub fn response_len(buf: &[u8]) -> Result<Option<(usize, u16)>, String> {
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            if buf.len() > 64 * 1024 {
+                return Err("response head over 64 KiB".into());
+            }
+            return Ok(None);
+        };
+        let head = std::str::from_utf8(&buf[..end]).map_err(|_| "response head is not UTF-8")?;
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap_or_default();
+        let status: u16 = status_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("bad status line {status_line:?}"))?;
+        let mut len = None;
+        for l in lines {
+            if let Some((k, v)) = l.split_once(':') {
+                if k.trim().eq_ignore_ascii_case("content-length") {
+                    len = v.trim().parse::<usize>().ok();
+                } else if k.trim().eq_ignore_ascii_case("transfer-encoding") {
+                    return Err("chunked responses are not supported".into());
+                }
+            }
+        }
+        let len = len.ok_or("response without Content-Length")?;
+        Ok(Some((end + 4 + len, status)))
+    }
+
+    #[derive(Default)]
+    struct ConnResult {
+        /// Due → response complete, µs.
+        latency: Vec<u32>,
+        /// Sent → response complete, µs.
+        service: Vec<u32>,
+        ok: u64,
+        non_2xx: u64,
+        errors: u64,
+        reconnects: u64,
+        /// Requests sent more than 1 ms after they were due.
+        late: u64,
+        first_error: Option<String>,
+    }
+
+    fn us(d: Duration) -> u32 {
+        d.as_micros().min(u32::MAX as u128) as u32
+    }
+
+    fn connect(addr: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+        let s = TcpStream::connect_timeout(&addr, timeout)?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))?;
+        Ok(s)
+    }
+
+    /// One request on `sock`; returns the status.
+    fn exchange(sock: &mut TcpStream, req: &[u8], buf: &mut Vec<u8>) -> Result<u16, String> {
+        sock.write_all(req).map_err(|e| format!("write: {e}"))?;
+        buf.clear();
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            let n = sock.read(&mut chunk).map_err(|e| format!("read: {e}"))?;
+            if n == 0 {
+                return Err("connection closed mid-response".into());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some((len, status)) = response_len(buf)?
+                && buf.len() >= len
+            {
+                return Ok(status);
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn conn_loop(
+        addr: SocketAddr,
+        start: Instant,
+        first: Duration,
+        interval: Duration,
+        end: Duration,
+        timeout: Duration,
+        req: &[u8],
+    ) -> ConnResult {
+        // Precise wake-ups: the default 50 µs timer slack would show up in
+        // every sample.
+        // SAFETY: prctl(PR_SET_TIMERSLACK) on the calling thread.
+        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
+        let mut r = ConnResult::default();
+        let mut sock: Option<TcpStream> = None;
+        let mut buf = Vec::with_capacity(1024);
+        let mut k: u32 = 0;
+        loop {
+            let due_off = first + interval * k;
+            if due_off >= end {
+                break;
+            }
+            k += 1;
+            let due = start + due_off;
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            let sent = Instant::now();
+            if sent.duration_since(due) > Duration::from_millis(1) {
+                r.late += 1;
+            }
+            if sock.is_none() {
+                match connect(addr, timeout) {
+                    Ok(s) => sock = Some(s),
+                    Err(e) => {
+                        r.errors += 1;
+                        r.first_error.get_or_insert_with(|| format!("connect: {e}"));
+                        continue;
+                    }
+                }
+                if r.ok + r.non_2xx + r.errors > 0 {
+                    r.reconnects += 1;
+                }
+            }
+            let s = sock.as_mut().expect("connected above");
+            match exchange(s, req, &mut buf) {
+                Ok(status) => {
+                    let done = Instant::now();
+                    if (200..300).contains(&status) {
+                        r.ok += 1;
+                    } else {
+                        r.non_2xx += 1;
+                    }
+                    if r.latency.len() < MAX_SAMPLES {
+                        r.latency.push(us(done - due));
+                        r.service.push(us(done - sent));
+                    }
+                }
+                Err(e) => {
+                    r.errors += 1;
+                    r.first_error.get_or_insert(e);
+                    sock = None;
+                }
+            }
+        }
+        r
+    }
+
+    fn percentiles(v: &mut [u32]) -> serde_json::Value {
+        if v.is_empty() {
+            return serde_json::Value::Null;
+        }
+        v.sort_unstable();
+        let at = |q: f64| v[((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
+        let mean = v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
+        json!({
+            "p50": at(0.50), "p90": at(0.90), "p99": at(0.99), "p999": at(0.999),
+            "max": v[v.len() - 1], "mean": (mean * 10.0).round() / 10.0,
+        })
+    }
+
+    pub fn run(
+        addr: SocketAddr,
+        rate: u64,
+        conns: usize,
+        duration: Duration,
+        path: &str,
+        timeout: Duration,
+    ) -> i32 {
+        if rate == 0 || conns == 0 || conns > 1000 || rate > 1_000_000 {
+            eprintln!("testpeer: --rate must be 1..=1000000 and --conns 1..=1000");
+            return 2;
+        }
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: testpeer\r\n\r\n");
+        // Each connection sends every `interval`; connection i starts i/conns
+        // of an interval later, so the sends of all are evenly spread.
+        let interval = Duration::from_secs_f64(conns as f64 / rate as f64);
+        let start = Instant::now() + Duration::from_millis(20);
+        let handles: Vec<_> = (0..conns)
+            .map(|i| {
+                let req = req.clone().into_bytes();
+                let first = interval.mul_f64(i as f64 / conns as f64);
+                std::thread::spawn(move || {
+                    conn_loop(addr, start, first, interval, duration, timeout, &req)
+                })
+            })
+            .collect();
+        let mut all = ConnResult::default();
+        for h in handles {
+            let r = h.join().unwrap_or_else(|_| ConnResult {
+                errors: 1,
+                first_error: Some("a connection thread panicked".into()),
+                ..Default::default()
+            });
+            all.latency.extend(r.latency);
+            all.service.extend(r.service);
+            all.ok += r.ok;
+            all.non_2xx += r.non_2xx;
+            all.errors += r.errors;
+            all.reconnects += r.reconnects;
+            all.late += r.late;
+            if all.first_error.is_none() {
+                all.first_error = r.first_error;
+            }
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        let done = all.ok + all.non_2xx;
+        super::say(json!({
+            "target_rate": rate,
+            "conns": conns,
+            "duration_s": duration.as_secs_f64(),
+            "requests": done,
+            "ok": all.ok,
+            "non_2xx": all.non_2xx,
+            "errors": all.errors,
+            "reconnects": all.reconnects,
+            "late_sends": all.late,
+            "achieved_rate": (done as f64 / elapsed.max(1e-9)).round(),
+            "latency_us": percentiles(&mut all.latency),
+            "service_us": percentiles(&mut all.service),
+            "first_error": all.first_error,
+        }));
+        if all.errors > 0 || all.non_2xx > 0 {
+            2
+        } else {
+            0
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::Bytes;
+    use super::http_rate::response_len;
+
+    #[test]
+    fn response_length_from_the_head() {
+        let r = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nServer: x\r\n\r\nhello";
+        assert_eq!(response_len(&r[..10]), Ok(None));
+        assert_eq!(response_len(r), Ok(Some((r.len(), 200))));
+        let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert!(response_len(chunked).is_err());
+        assert!(response_len(b"HTTP/1.1 204 No Content\r\n\r\n").is_err());
+    }
 
     #[test]
     fn byte_stream_is_seeded_and_chunking_does_not_matter() {

@@ -1,0 +1,268 @@
+//! The load generators, all run in the client pod (0,0):
+//! - saturation: `wrk -t1 -c64` (closed loop: as fast as the path answers);
+//! - latency at a fixed rate: `testpeer http-rate` (open loop, constant
+//!   rate, latency from when each request was due; Debian has no wrk2);
+//! - bulk: `iperf3 -c … -J`;
+//! - idle connections: `testpeer hold`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use waymark_tests::{Pod, Server};
+
+/// wrk's connections and threads for saturation.
+pub const WRK_CONNS: usize = 64;
+/// Connections of the fixed-rate latency runs.
+pub const RATE_CONNS: usize = 16;
+
+/// Latency percentiles, µs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Pct {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+    pub mean: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct WrkErrors {
+    pub connect: u64,
+    pub read: u64,
+    pub write: u64,
+    /// Responses that were not 2xx/3xx.
+    pub status: u64,
+    pub timeout: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WrkResult {
+    pub requests: u64,
+    pub duration_us: u64,
+    pub bytes: u64,
+    pub errors: WrkErrors,
+    pub lat_us: Pct,
+}
+
+impl WrkResult {
+    pub fn rps(&self) -> f64 {
+        self.requests as f64 / (self.duration_us as f64 / 1e6).max(1e-9)
+    }
+}
+
+/// wrk's `done` hook: one JSON line with the counts and percentiles.
+const WRK_LUA: &str = r#"-- written by `cargo xtask bench`
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '{"requests":%d,"duration_us":%d,"bytes":%d,' ..
+    '"errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d},' ..
+    '"lat_us":{"p50":%.0f,"p90":%.0f,"p99":%.0f,"p999":%.0f,"max":%.0f,"mean":%.1f}}\n',
+    summary.requests, summary.duration, summary.bytes,
+    e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99),
+    latency:percentile(99.9), latency.max, latency.mean))
+end
+"#;
+
+pub fn write_wrk_script(dir: &Path) -> Result<PathBuf> {
+    let p = dir.join("bench-wrk.lua");
+    std::fs::write(&p, WRK_LUA)?;
+    Ok(p)
+}
+
+fn json_line<T: for<'de> Deserialize<'de>>(out: &str, starts: &str, what: &str) -> Result<T> {
+    let line = out
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with(starts))
+        .with_context(|| format!("{what} printed no JSON summary; output:\n{out}"))?;
+    serde_json::from_str(line).with_context(|| format!("parsing {what}'s summary {line:?}"))
+}
+
+/// `wrk -t1 -c64 -d<secs>s` against `http://addr/`.
+pub fn wrk(client: &Pod, script: &Path, addr: SocketAddr, secs: u64) -> Result<WrkResult> {
+    let out = client.run_timeout(
+        Command::new("wrk")
+            .arg("-t1")
+            .arg(format!("-c{WRK_CONNS}"))
+            .arg(format!("-d{secs}s"))
+            .arg("--timeout")
+            .arg("5s")
+            .arg("-s")
+            .arg(script)
+            .arg(format!("http://{addr}/")),
+        Duration::from_secs(secs + 30),
+    )?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "wrk failed ({}): {} {}",
+            out.status,
+            stdout.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    json_line(&stdout, "{\"requests\"", "wrk")
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RateResult {
+    pub target_rate: u64,
+    pub conns: u64,
+    pub requests: u64,
+    pub ok: u64,
+    pub non_2xx: u64,
+    pub errors: u64,
+    pub reconnects: u64,
+    pub late_sends: u64,
+    pub achieved_rate: f64,
+    /// From when each request was due (coordinated omission corrected).
+    pub latency_us: Option<Pct>,
+    /// From when each request was actually sent.
+    pub service_us: Option<Pct>,
+    pub first_error: Option<String>,
+}
+
+/// `testpeer http-rate`: `rate` requests/s over 16 connections for `secs`.
+pub fn http_rate(
+    client: &Pod,
+    testpeer: &Path,
+    addr: SocketAddr,
+    rate: u64,
+    secs: u64,
+) -> Result<RateResult> {
+    let out = client.run_timeout(
+        Command::new(testpeer)
+            .arg("http-rate")
+            .arg("--connect")
+            .arg(addr.to_string())
+            .arg("--rate")
+            .arg(rate.to_string())
+            .arg("--conns")
+            .arg(RATE_CONNS.to_string())
+            .arg("--duration")
+            .arg(format!("{secs}s")),
+        Duration::from_secs(secs + 30),
+    )?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let r: RateResult = json_line(&stdout, "{", "testpeer http-rate").with_context(|| {
+        format!(
+            "stderr: {}",
+            String::from_utf8_lossy(&out.stderr).trim_end()
+        )
+    })?;
+    Ok(r)
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct IperfResult {
+    pub gbit_s: f64,
+    pub bytes: u64,
+    pub seconds: f64,
+    pub retransmits: Option<u64>,
+}
+
+/// `iperf3 -c addr -t secs -J` (client → server), what the server received.
+pub fn iperf3(client: &Pod, addr: SocketAddr, secs: u64) -> Result<IperfResult> {
+    let out = client.run_timeout(
+        Command::new("iperf3")
+            .arg("-c")
+            .arg(addr.ip().to_string())
+            .arg("-p")
+            .arg(addr.port().to_string())
+            .arg("-t")
+            .arg(secs.to_string())
+            .arg("-J"),
+        Duration::from_secs(secs + 30),
+    )?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "iperf3 printed no JSON: {} {}",
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+    })?;
+    if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+        bail!("iperf3: {e}");
+    }
+    let recv = &v["end"]["sum_received"];
+    let bps = recv["bits_per_second"]
+        .as_f64()
+        .context("iperf3: no end.sum_received.bits_per_second")?;
+    Ok(IperfResult {
+        gbit_s: bps / 1e9,
+        bytes: recv["bytes"].as_u64().unwrap_or(0),
+        seconds: recv["seconds"].as_f64().unwrap_or(0.0),
+        retransmits: v["end"]["sum_sent"]["retransmits"].as_u64(),
+    })
+}
+
+/// `testpeer hold`: `count` keep-alive connections, one GET each, left
+/// idle. Returns the running client (connections close when it is dropped)
+/// and how many are held.
+pub fn hold(
+    client: &Pod,
+    testpeer: &Path,
+    addr: SocketAddr,
+    count: usize,
+) -> Result<(Server, usize, usize)> {
+    let mut srv = client.serve_until(
+        Command::new(testpeer)
+            .arg("hold")
+            .arg("--connect")
+            .arg(addr.to_string())
+            .arg("--count")
+            .arg(count.to_string())
+            .arg("--http")
+            .arg("--hold")
+            .arg("120s"),
+        "holding ",
+        Duration::from_secs(60),
+    )?;
+    let line = srv.wait_line("holding ", Duration::from_secs(1))?;
+    // "holding <ok> failed <n>"
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let held = f.get(1).and_then(|x| x.parse().ok()).unwrap_or(0);
+    let failed = f.get(3).and_then(|x| x.parse().ok()).unwrap_or(count);
+    Ok((srv, held, failed))
+}
+
+/// One GET through the path with curl: status and body length.
+pub fn probe(client: &Pod, addr: SocketAddr) -> Result<()> {
+    let out = client.run_ok(Command::new("curl").args([
+        "-sS",
+        "-m",
+        "5",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{size_download}",
+        &format!("http://{addr}/"),
+    ]))?;
+    if out.trim() != "200 100" {
+        bail!("GET http://{addr}/ gave `{}`, not `200 100`", out.trim());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_wrk_hook_line() {
+        let out = "Running 1s test @ http://x/\n  1 threads and 64 connections\n\
+                   {\"requests\":1000,\"duration_us\":1000000,\"bytes\":5,\"errors\":{\"connect\":0,\"read\":0,\"write\":0,\"status\":0,\"timeout\":0},\
+                   \"lat_us\":{\"p50\":100,\"p90\":200,\"p99\":300,\"p999\":400,\"max\":500,\"mean\":120.5}}\n";
+        let r: WrkResult = json_line(out, "{\"requests\"", "wrk").unwrap();
+        assert_eq!(r.requests, 1000);
+        assert_eq!(r.rps(), 1000.0);
+        assert_eq!(r.lat_us.p999, 400.0);
+    }
+}

@@ -1,0 +1,435 @@
+//! The paths the bench measures: who dials what, through which proxies, and
+//! what state the waymark agents must be in.
+//!
+//! ```text
+//! client pod (0,0) 10.1.0.2 ── node0 ── fabric ── node1 ── server pod (1,0) 10.2.0.2
+//!                                 └── server pod (0,1) 10.1.0.3 (same-node paths)
+//! ```
+//! Peer proxies run in the node netns, one process per path and node, and
+//! the client dials them explicitly: node 0's pods-bridge address
+//! 10.1.0.1:<port>. A two-hop peer's first proxy forwards to node 1's fabric
+//! address 10.0.0.2:<port>, where the second one listens.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+
+use waymark_tests::world::topology::{node_bridge_ip, node_fabric_ip, pod_ip};
+
+use super::peers::{Listener, Mode, PeerSpec, Software};
+
+/// The HTTP port of the backend nginx in the server pods.
+pub const HTTP_PORT: u16 = 80;
+/// iperf3's port in the server pods.
+pub const IPERF_PORT: u16 = 5201;
+
+/// The service address the `waymark-l7` row dials (a ClusterIP-like
+/// virtual address: the kernel programs redirect it before any routing).
+pub const SERVICE_ADDR: &str = "10.96.0.10:80";
+
+/// The agent config every bench agent gets: one worker, and the service of
+/// the `waymark-l7` row (HTTP/1.1, one endpoint: the backend in pod (1,0)).
+/// Other destinations are no service's address, so the L4 rows stay opaque
+/// TCP.
+pub fn agent_config_extra() -> String {
+    format!(
+        "[runtime]\nworkers = 1\n\n[[services]]\nname = \"bench\"\naddresses = [\"{SERVICE_ADDR}\"]\n\
+         protocol = \"http1\"\nendpoints = [ {{ addr = \"{}:{HTTP_PORT}\", node = \"node1\" }} ]\n",
+        server_ip()
+    )
+}
+
+/// What the waymark agent of node 0 must be doing while a path is measured.
+/// Node 1's agent is always stopped: waymark has no inbound proxy yet, so it
+/// would have nothing to do on these paths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum AgentState {
+    /// Stopped: the kernel programs are detached, pods connect directly
+    /// (waymark fails open). Direct and peer paths.
+    Stopped,
+    /// Running with this many data-path workers.
+    Workers(usize),
+}
+
+impl AgentState {
+    pub fn describe(self) -> String {
+        match self {
+            AgentState::Stopped => "agents stopped".into(),
+            AgentState::Workers(w) => format!("node0 agent, {w} worker(s)"),
+        }
+    }
+}
+
+/// A process whose CPU and memory count as the path's proxy cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyRef {
+    /// The waymark agent of this node.
+    Agent(usize),
+    /// This peer proxy (index into [`Plan::peers`]).
+    Peer(usize),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layer {
+    L4,
+    L7,
+}
+
+/// One measured path.
+#[derive(Debug, Clone)]
+pub struct PathSpec {
+    pub id: String,
+    pub label: String,
+    /// What exactly it is, for the report.
+    pub what: String,
+    /// Proxies on the way (0 for direct).
+    pub hops: usize,
+    pub layer: Layer,
+    pub same_node: bool,
+    pub agent: AgentState,
+    /// What the HTTP load generators dial.
+    pub http: SocketAddr,
+    /// What iperf3 dials (L4 paths only).
+    pub bulk: Option<SocketAddr>,
+    pub proxies: Vec<ProxyRef>,
+    /// The direct path this one is compared with.
+    pub baseline: &'static str,
+    /// Paths of this class are compared with each other ("best peer of the
+    /// same kind"); `None`: no peer of the same kind is measured.
+    pub class: Option<&'static str>,
+    /// In `--quick`.
+    pub quick: bool,
+    /// Whether the path's proxy is waymark (its metrics must show the
+    /// connections, or the row is not what it claims).
+    pub waymark: bool,
+}
+
+/// Everything the bench sets up: paths and the peer proxies they need.
+pub struct Plan {
+    pub paths: Vec<PathSpec>,
+    pub peers: Vec<PeerSpec>,
+}
+
+fn sa(ip: Ipv4Addr, port: u16) -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(ip, port))
+}
+
+/// The server pod of the cross-node paths, (1,0).
+pub fn server_ip() -> Ipv4Addr {
+    pod_ip(1, 0)
+}
+
+/// The server pod of the same-node paths, (0,1).
+pub fn same_node_server_ip() -> Ipv4Addr {
+    pod_ip(0, 1)
+}
+
+struct PeerKind {
+    software: Software,
+    mode: Mode,
+    /// Port offset; 1-hop ports are 10000+n (HTTP) and 10100+n (iperf3),
+    /// 2-hop ones 11000+n / 11100+n on node 0 and 12000+n / 12100+n on node 1.
+    n: u16,
+    slug: &'static str,
+    name: &'static str,
+}
+
+const PEER_KINDS: [PeerKind; 4] = [
+    PeerKind {
+        software: Software::Haproxy,
+        mode: Mode::Tcp,
+        n: 1,
+        slug: "haproxy-tcp",
+        name: "HAProxy TCP mode",
+    },
+    PeerKind {
+        software: Software::Haproxy,
+        mode: Mode::Http,
+        n: 2,
+        slug: "haproxy-http",
+        name: "HAProxy HTTP mode",
+    },
+    PeerKind {
+        software: Software::Nginx,
+        mode: Mode::Tcp,
+        n: 3,
+        slug: "nginx-stream",
+        name: "nginx stream",
+    },
+    PeerKind {
+        software: Software::Nginx,
+        mode: Mode::Http,
+        n: 4,
+        slug: "nginx-http",
+        name: "nginx http reverse proxy",
+    },
+];
+
+/// All paths, in report order.
+pub fn plan() -> Plan {
+    let client_node_bridge = node_bridge_ip(0);
+    let node1_fabric = node_fabric_ip(1);
+    let server = server_ip();
+    let local_server = same_node_server_ip();
+    let mut paths = vec![
+        PathSpec {
+            id: "direct".into(),
+            label: "direct pod→pod, across nodes".into(),
+            what: format!(
+                "client pod (0,0) dials {server}:{HTTP_PORT} in pod (1,0); routed by node0 and node1; \
+                 no proxy (agents stopped: nothing is attached)"
+            ),
+            hops: 0,
+            layer: Layer::L4,
+            same_node: false,
+            agent: AgentState::Stopped,
+            http: sa(server, HTTP_PORT),
+            bulk: Some(sa(server, IPERF_PORT)),
+            proxies: vec![],
+            baseline: "direct",
+            class: None,
+            quick: true,
+            waymark: false,
+        },
+        PathSpec {
+            id: "direct-same-node".into(),
+            label: "direct pod→pod, same node".into(),
+            what: format!(
+                "client pod (0,0) dials {local_server}:{HTTP_PORT} in pod (0,1) over node0's bridge; no proxy"
+            ),
+            hops: 0,
+            layer: Layer::L4,
+            same_node: true,
+            agent: AgentState::Stopped,
+            http: sa(local_server, HTTP_PORT),
+            bulk: Some(sa(local_server, IPERF_PORT)),
+            proxies: vec![],
+            baseline: "direct-same-node",
+            class: None,
+            quick: false,
+            waymark: false,
+        },
+        PathSpec {
+            id: "waymark".into(),
+            label: "waymark 1 hop (L4), 1 worker".into(),
+            what: format!(
+                "client dials {server}:{HTTP_PORT}; cgroup/connect4 redirects it to node0's agent \
+                 (listener in the client pod), which connects to the server pod and copies bytes. \
+                 One hop: there is no inbound proxy on node1 yet. `[runtime] workers = 1`"
+            ),
+            hops: 1,
+            layer: Layer::L4,
+            same_node: false,
+            agent: AgentState::Workers(1),
+            http: sa(server, HTTP_PORT),
+            bulk: Some(sa(server, IPERF_PORT)),
+            proxies: vec![ProxyRef::Agent(0)],
+            baseline: "direct",
+            class: Some("l4-1hop"),
+            quick: true,
+            waymark: true,
+        },
+        PathSpec {
+            id: "waymark-2w".into(),
+            label: "waymark 1 hop (L4), 2 workers".into(),
+            what: "the same as `waymark` with `[runtime] workers = 2`".into(),
+            hops: 1,
+            layer: Layer::L4,
+            same_node: false,
+            agent: AgentState::Workers(2),
+            http: sa(server, HTTP_PORT),
+            bulk: Some(sa(server, IPERF_PORT)),
+            proxies: vec![ProxyRef::Agent(0)],
+            baseline: "direct",
+            class: Some("l4-1hop"),
+            quick: false,
+            waymark: true,
+        },
+        PathSpec {
+            id: "waymark-l7".into(),
+            label: "waymark 1 hop (L7 HTTP/1.1 service), 1 worker".into(),
+            what: format!(
+                "client dials the service address {SERVICE_ADDR} (`[[services]]` in the agent's \
+                 config, protocol http1, one endpoint {server}:{HTTP_PORT}); node0's agent parses \
+                 each request, routes it ([DEFAULT] route), picks the endpoint (P2C peak-EWMA) \
+                 and forwards it. One hop. `[runtime] workers = 1`"
+            ),
+            hops: 1,
+            layer: Layer::L7,
+            same_node: false,
+            agent: AgentState::Workers(1),
+            http: SERVICE_ADDR.parse().expect("valid service address"),
+            bulk: None,
+            proxies: vec![ProxyRef::Agent(0)],
+            baseline: "direct",
+            class: Some("l7-1hop"),
+            quick: true,
+            waymark: true,
+        },
+        PathSpec {
+            id: "waymark-same-node".into(),
+            label: "waymark same node (L4), 1 worker".into(),
+            what: format!(
+                "client dials {local_server}:{HTTP_PORT} in pod (0,1); node0's agent proxies it \
+                 (no peer row of this kind: compare with direct same node)"
+            ),
+            hops: 1,
+            layer: Layer::L4,
+            same_node: true,
+            agent: AgentState::Workers(1),
+            http: sa(local_server, HTTP_PORT),
+            bulk: Some(sa(local_server, IPERF_PORT)),
+            proxies: vec![ProxyRef::Agent(0)],
+            baseline: "direct-same-node",
+            class: None,
+            quick: false,
+            waymark: true,
+        },
+    ];
+    let mut peers = Vec::new();
+    for hops in [1usize, 2] {
+        for k in &PEER_KINDS {
+            let tcp = k.mode == Mode::Tcp;
+            let (first_http, first_bulk) = match hops {
+                1 => (10_000 + k.n, 10_100 + k.n),
+                _ => (11_000 + k.n, 11_100 + k.n),
+            };
+            let http = sa(client_node_bridge, first_http);
+            let bulk = tcp.then(|| sa(client_node_bridge, first_bulk));
+            let mut proxies = Vec::new();
+            if hops == 1 {
+                let mut listeners = vec![Listener {
+                    listen: http,
+                    upstream: sa(server, HTTP_PORT),
+                }];
+                if let Some(b) = bulk {
+                    listeners.push(Listener {
+                        listen: b,
+                        upstream: sa(server, IPERF_PORT),
+                    });
+                }
+                proxies.push(ProxyRef::Peer(peers.len()));
+                peers.push(PeerSpec {
+                    name: format!("{}-1hop-node0", k.slug),
+                    software: k.software,
+                    mode: k.mode,
+                    node: 0,
+                    listeners,
+                });
+            } else {
+                let (second_http, second_bulk) = (12_000 + k.n, 12_100 + k.n);
+                let mut first = vec![Listener {
+                    listen: http,
+                    upstream: sa(node1_fabric, second_http),
+                }];
+                let mut second = vec![Listener {
+                    listen: sa(node1_fabric, second_http),
+                    upstream: sa(server, HTTP_PORT),
+                }];
+                if let Some(b) = bulk {
+                    first.push(Listener {
+                        listen: b,
+                        upstream: sa(node1_fabric, second_bulk),
+                    });
+                    second.push(Listener {
+                        listen: sa(node1_fabric, second_bulk),
+                        upstream: sa(server, IPERF_PORT),
+                    });
+                }
+                for (node, listeners) in [(0, first), (1, second)] {
+                    proxies.push(ProxyRef::Peer(peers.len()));
+                    peers.push(PeerSpec {
+                        name: format!("{}-2hop-node{node}", k.slug),
+                        software: k.software,
+                        mode: k.mode,
+                        node,
+                        listeners,
+                    });
+                }
+            }
+            let layer = if tcp { Layer::L4 } else { Layer::L7 };
+            let id = format!("{}-{hops}hop", k.slug);
+            let class: &'static str = match (layer, hops) {
+                (Layer::L4, 1) => "l4-1hop",
+                (Layer::L7, 1) => "l7-1hop",
+                (Layer::L4, _) => "l4-2hop",
+                (Layer::L7, _) => "l7-2hop",
+            };
+            let route = if hops == 1 {
+                format!(
+                    "client → {http} ({} on node0) → {server}:{HTTP_PORT}",
+                    k.name
+                )
+            } else {
+                format!(
+                    "client → {http} ({} on node0) → {node1_fabric}:{} (same on node1) → {server}:{HTTP_PORT}",
+                    k.name,
+                    12_000 + k.n
+                )
+            };
+            let level = if tcp {
+                "L4: bytes copied, HTTP not parsed"
+            } else {
+                "L7: HTTP parsed, upstream keep-alive pool"
+            };
+            paths.push(PathSpec {
+                id,
+                label: format!(
+                    "{} {hops} hop{} ({})",
+                    k.name,
+                    if hops == 1 { "" } else { "s" },
+                    if tcp { "L4" } else { "L7" }
+                ),
+                what: format!("{route}; one worker/thread per proxy; {level}"),
+                hops,
+                layer,
+                same_node: false,
+                agent: AgentState::Stopped,
+                http,
+                bulk,
+                proxies,
+                baseline: "direct",
+                class: Some(class),
+                quick: hops == 1 && k.slug != "haproxy-http",
+                waymark: false,
+            });
+        }
+    }
+    Plan { paths, peers }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_and_ids_are_unique_and_baselines_exist() {
+        let p = plan();
+        let mut ids: Vec<&str> = p.paths.iter().map(|x| x.id.as_str()).collect();
+        let n = ids.len();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), n);
+        for path in &p.paths {
+            assert!(ids.contains(&path.baseline), "{}", path.id);
+            if let Some(c) = path.class {
+                assert!(c.starts_with(if path.layer == Layer::L4 { "l4" } else { "l7" }));
+            }
+            for r in &path.proxies {
+                if let ProxyRef::Peer(i) = r {
+                    assert!(*i < p.peers.len());
+                }
+            }
+        }
+        let mut listens: Vec<SocketAddr> = p
+            .peers
+            .iter()
+            .flat_map(|s| s.listeners.iter().map(|l| l.listen))
+            .collect();
+        let m = listens.len();
+        listens.sort();
+        listens.dedup();
+        assert_eq!(listens.len(), m);
+        assert_eq!(p.paths.len(), 14);
+        assert!(agent_config_extra().parse::<toml::Table>().is_ok());
+    }
+}
