@@ -7,9 +7,11 @@
 //! package is the workload the tests run in pods. See `tests/README.md`.
 
 mod macros;
+pub mod support;
 pub mod world;
 
 pub use nix::sys::signal::Signal;
+pub use support::{await_metric, metric, pod_ip, python, with_world};
 pub use world::admin::metric_value;
 pub use world::process::{Server, testpeer, testpeer_bin};
 pub use world::wait::{DEFAULT_PATIENCE, eventually};

@@ -18,35 +18,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use waymark_tests::world::topology;
-use waymark_tests::{Node, Pod, Server, World, WorldBuilder, require_agent_or_skip, world_name};
+use waymark_tests::{
+    Node, Pod, Server, World, WorldBuilder, python, require_agent_or_skip, with_world, world_name,
+};
 
 /// How much the agent's resident set may grow over a flood: generous, as
 /// the allocator keeps freed memory, but far below what an unbounded queue
 /// of 20,000 streams or 8 MiB of header blocks per connection would take
 /// once repeated.
 const RSS_GROWTH_LIMIT_KIB: u64 = 64 * 1024;
-
-/// Builds the world and runs `body`; an error fails the test while the world
-/// still exists, so its agent logs are kept and shown.
-fn with_world(builder: WorldBuilder, body: impl FnOnce(&World) -> Result<()>) {
-    let world = builder
-        .build()
-        .unwrap_or_else(|e| panic!("building the world: {e:#}"));
-    if let Err(e) = body(&world) {
-        panic!("{e:#}");
-    }
-}
-
-/// Debian's python3 where it is (h2 and hpack come from Debian's packages),
-/// else whatever `python3` is on PATH.
-fn python() -> Command {
-    let debian = std::path::Path::new("/usr/bin/python3");
-    Command::new(if debian.exists() {
-        debian.as_os_str()
-    } else {
-        "python3".as_ref()
-    })
-}
 
 /// The HTTP/1.1 app server (as in `http_routing.rs`): answers every GET with
 /// `x-pod: <pod name>`.

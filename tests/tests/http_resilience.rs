@@ -19,37 +19,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
-use waymark_tests::world::{agent, topology};
+use waymark_tests::world::agent;
 use waymark_tests::{
-    DEFAULT_PATIENCE, Node, Pod, Server, World, WorldBuilder, eventually, metric_value,
-    require_agent_or_skip, world_name,
+    DEFAULT_PATIENCE, Node, Pod, Server, World, await_metric, eventually, metric, pod_ip, python,
+    require_agent_or_skip, with_world, world_name,
 };
-
-/// Builds the world and runs `body`; an error fails the test while the world
-/// still exists, so its agent logs are kept and shown.
-fn with_world(builder: WorldBuilder, body: impl FnOnce(&World) -> Result<()>) {
-    let world = builder
-        .build()
-        .unwrap_or_else(|e| panic!("building the world: {e:#}"));
-    if let Err(e) = body(&world) {
-        panic!("{e:#}");
-    }
-}
-
-/// Debian's python3 where it is, else whatever `python3` is on PATH.
-fn python() -> Command {
-    let debian = std::path::Path::new("/usr/bin/python3");
-    Command::new(if debian.exists() {
-        debian.as_os_str()
-    } else {
-        "python3".as_ref()
-    })
-}
-
-/// Pod `j` of node `i`'s address, known before the world exists (for configs).
-fn ip(i: usize, j: usize) -> String {
-    topology::pod_ip(i, j).to_string()
-}
 
 /// The HTTP/1.1 app server: answers every request with `x-pod: <pod name>`
 /// and prints `req <n> <method> <path> <status>` for each. Options:
@@ -207,21 +181,6 @@ fn curl_one(pod: &Pod, url: &str) -> Result<(u16, BTreeMap<String, String>, Stri
     Ok((status, headers, body.to_string(), secs))
 }
 
-/// The sum of the matching samples on `node`'s agent; 0 when there is none.
-fn metric(node: &Node, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
-    Ok(metric_value(&node.metrics()?, name, labels).unwrap_or(0.0))
-}
-
-/// Waits until the metric is exactly `want`.
-fn await_metric(node: &Node, name: &str, labels: &[(&str, &str)], want: f64) -> Result<()> {
-    eventually(DEFAULT_PATIENCE, || {
-        let v = metric(node, name, labels)?;
-        ensure!(v == want, "{name}{labels:?} is {v}, expected {want}");
-        Ok(())
-    })
-    .with_context(|| format!("on {}", node.name()))
-}
-
 /// (5) Retries: a route retrying 5xx twice hides an endpoint that fails every
 /// other request; under a full outage the retry budget caps the extra load.
 #[test]
@@ -253,8 +212,8 @@ retry_budget = {{ ratio = {RATIO}, min_per_second = 1, ttl = "10s" }}
 name = "all"
 retry = {{ attempts = 2, on = ["5xx"], backoff_base = "2ms", backoff_max = "10ms" }}
 "#,
-        a = ip(1, 0),
-        b = ip(1, 1),
+        a = pod_ip(1, 0),
+        b = pod_ip(1, 1),
     );
     let b = World::builder(world_name!()).agent_config_extra(services);
     with_world(b, |world| {
@@ -315,7 +274,7 @@ fn per_try_timeout_retries_elsewhere_and_route_timeout_gives_504() {
     require_agent_or_skip!();
     const MIXED: &str = "10.96.0.17:80";
     const SLOW: &str = "10.96.0.18:80";
-    let (slow, fast) = (ip(1, 0), ip(1, 1));
+    let (slow, fast) = (pod_ip(1, 0), pod_ip(1, 1));
     // default_rtt 1ms: an endpoint not yet measured looks cheaper than one
     // that answered in a few ms, so the slow endpoint is certainly tried by
     // the second request (with Linkerd's 30 ms it may be passed over for
@@ -398,7 +357,7 @@ fn dead_endpoint_is_ejected_and_traffic_keeps_flowing() {
     require_agent_or_skip!();
     const PLAIN: &str = "10.96.0.19:80";
     const RETRYING: &str = "10.96.0.20:80";
-    let (a, b, dead) = (ip(1, 0), ip(1, 1), format!("{}:8099", ip(0, 1)));
+    let (a, b, dead) = (pod_ip(1, 0), pod_ip(1, 1), format!("{}:8099", pod_ip(0, 1)));
     // default_rtt 1ms keeps the dead endpoint attractive (its fast failures
     // never raise its estimate), so it really is picked until ejected; a
     // long ejection keeps probes out of the test's time.
@@ -493,9 +452,9 @@ endpoints = [{{ addr = "{a}:8080" }}, {{ addr = "{b}:8080" }}, {{ addr = "{dead}
 name = "all"
 retry = {{ attempts = 1, on = ["connect-failure"], backoff_base = "2ms", backoff_max = "10ms" }}
 "#,
-        a = ip(1, 0),
-        b = ip(1, 1),
-        dead = ip(0, 1),
+        a = pod_ip(1, 0),
+        b = pod_ip(1, 1),
+        dead = pod_ip(0, 1),
     );
     let bld = World::builder(world_name!()).agent_config_extra(services);
     with_world(bld, |world| {
@@ -532,9 +491,9 @@ endpoints = [{{ addr = "{blue}:8080" }}]
 name = "green"
 endpoints = [{{ addr = "{green}:8080" }}]
 "#,
-        origin = ip(0, 1),
-        blue = ip(1, 0),
-        green = ip(1, 1),
+        origin = pod_ip(0, 1),
+        blue = pod_ip(1, 0),
+        green = pod_ip(1, 1),
     )
 }
 
@@ -677,7 +636,7 @@ name = "web"
 addresses = ["{WEB}"]
 endpoints = [{{ addr = "{web}:8080" }}]
 "#,
-        web = ip(1, 0)
+        web = pod_ip(1, 0)
     );
     let b = World::builder(world_name!()).agent_config_extra(services);
     with_world(b, |world| {

@@ -21,37 +21,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
-use waymark_tests::world::topology;
 use waymark_tests::{
-    Node, Pod, Server, World, WorldBuilder, metric_value, require_agent_or_skip, world_name,
+    Node, Pod, Server, World, metric, pod_ip, python, require_agent_or_skip, with_world, world_name,
 };
-
-/// Builds the world and runs `body`; an error fails the test while the world
-/// still exists, so its agent logs are kept and shown.
-fn with_world(builder: WorldBuilder, body: impl FnOnce(&World) -> Result<()>) {
-    let world = builder
-        .build()
-        .unwrap_or_else(|e| panic!("building the world: {e:#}"));
-    if let Err(e) = body(&world) {
-        panic!("{e:#}");
-    }
-}
-
-/// Debian's python3 where it is (grpcio and h2 come from Debian's
-/// packages), else whatever `python3` is on PATH.
-fn python() -> Command {
-    let debian = std::path::Path::new("/usr/bin/python3");
-    Command::new(if debian.exists() {
-        debian.as_os_str()
-    } else {
-        "python3".as_ref()
-    })
-}
-
-/// Pod `j` of node `i`'s address, known before the world exists (for configs).
-fn ip(i: usize, j: usize) -> String {
-    topology::pod_ip(i, j).to_string()
-}
 
 /// The HTTP/1.1 app server (the same as `http_resilience.rs`'s): answers
 /// every request with `x-pod: <pod name>` and prints `req <n> <method>
@@ -163,11 +135,6 @@ fn balancer_view(node: &Node) -> String {
         .filter(|l| l.starts_with("waymark_endpoint_"))
         .collect::<Vec<_>>()
         .join("\n")
-}
-
-/// The sum of the matching samples on `node`'s agent; 0 when there is none.
-fn metric(node: &Node, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
-    Ok(metric_value(&node.metrics()?, name, labels).unwrap_or(0.0))
 }
 
 /// Servers other than the app: `ws NAME PORT` (101, then echo), `banner NAME
@@ -545,9 +512,9 @@ endpoints = [{{ addr = "{api}:8080" }}]
 name = "canary"
 endpoints = [{{ addr = "{canary}:8080" }}]
 "#,
-        web = ip(1, 0),
-        api = ip(1, 1),
-        canary = ip(0, 1),
+        web = pod_ip(1, 0),
+        api = pod_ip(1, 1),
+        canary = pod_ip(0, 1),
     );
     let b = World::builder(world_name!()).agent_config_extra(services);
     with_world(b, |world| {
@@ -606,8 +573,8 @@ endpoints = [{{ addr = "{stable}:8080" }}]
 name = "canary"
 endpoints = [{{ addr = "{canary}:8080" }}]
 "#,
-        stable = ip(1, 0),
-        canary = ip(1, 1),
+        stable = pod_ip(1, 0),
+        canary = pod_ip(1, 1),
     );
     let b = World::builder(world_name!()).agent_config_extra(services);
     with_world(b, |world| {
@@ -663,9 +630,9 @@ addresses = ["{VIP}"]
 protocol = "http1"
 endpoints = [{{ addr = "{a}:8080" }}, {{ addr = "{b}:8080" }}, {{ addr = "{c}:8080" }}]
 "#,
-        a = ip(0, 1),
-        b = ip(1, 0),
-        c = ip(1, 1),
+        a = pod_ip(0, 1),
+        b = pod_ip(1, 0),
+        c = pod_ip(1, 1),
     );
     let b = World::builder(world_name!()).agent_config_extra(services);
     with_world(b, |world| {
@@ -738,9 +705,9 @@ endpoints = [{{ addr = "{a}:50051" }}, {{ addr = "{b}:50051" }}, {{ addr = "{c}:
 name = "grpc-empty"
 addresses = ["{EMPTY}"]
 "#,
-        a = ip(0, 1),
-        b = ip(1, 0),
-        c = ip(1, 1),
+        a = pod_ip(0, 1),
+        b = pod_ip(1, 0),
+        c = pod_ip(1, 1),
     );
     let b = World::builder(world_name!()).agent_config_extra(services);
     with_world(b, |world| {
@@ -825,7 +792,7 @@ name = "big"
 addresses = ["{VIP}"]
 endpoints = [{{ addr = "{srv}:8082" }}]
 "#,
-        srv = ip(1, 0)
+        srv = pod_ip(1, 0)
     );
     let b = World::builder(world_name!())
         .pods_per_node(1)
@@ -867,7 +834,7 @@ name = "ws"
 addresses = ["{VIP}"]
 endpoints = [{{ addr = "{srv}:8081" }}]
 "#,
-        srv = ip(1, 0)
+        srv = pod_ip(1, 0)
     );
     let b = World::builder(world_name!())
         .pods_per_node(1)
@@ -925,7 +892,7 @@ name = "smtp-opaque"
 addresses = ["{OPAQUE}"]
 endpoints = [{{ addr = "{srv}:2525" }}]
 "#,
-        srv = ip(1, 0)
+        srv = pod_ip(1, 0)
     );
     let b = World::builder(world_name!())
         .pods_per_node(1)
@@ -981,7 +948,7 @@ name = "tls"
 addresses = ["{VIP}"]
 endpoints = [{{ addr = "{srv}:8443" }}]
 "#,
-        srv = ip(1, 0)
+        srv = pod_ip(1, 0)
     );
     let b = World::builder(world_name!())
         .pods_per_node(1)

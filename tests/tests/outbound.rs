@@ -19,23 +19,12 @@ use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use waymark_tests::world::{agent, cgroup, in_ci, topology};
 use waymark_tests::{
-    DEFAULT_PATIENCE, Node, Pod, Signal, World, WorldBuilder, eventually, metric_value,
-    require_agent_or_skip, testpeer, testpeer_bin, world_name,
+    DEFAULT_PATIENCE, Node, Pod, Signal, World, eventually, metric, metric_value,
+    require_agent_or_skip, testpeer, testpeer_bin, with_world, world_name,
 };
 
 const OPEN: &str = "tcp_open_total";
 const CLOSE: &str = "tcp_close_total";
-
-/// Builds the world and runs `body`; an error fails the test while the world
-/// still exists, so its agent logs are kept and shown.
-fn with_world(builder: WorldBuilder, body: impl FnOnce(&World) -> Result<()>) {
-    let world = builder
-        .build()
-        .unwrap_or_else(|e| panic!("building the world: {e:#}"));
-    if let Err(e) = body(&world) {
-        panic!("{e:#}");
-    }
-}
 
 /// Runs `testpeer client ARGS…` in `pod` and parses its JSON report.
 fn client(pod: &Pod, args: &[&str]) -> Result<Value> {
@@ -105,11 +94,6 @@ fn conn<'a>(pod: &'a Pod, target: &'a str) -> Vec<(&'a str, &'a str)> {
         ("pod", pod.name()),
         ("target_addr", target),
     ]
-}
-
-/// The sum of the matching samples on `node`'s agent; 0 when there is none.
-fn metric(node: &Node, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
-    Ok(metric_value(&node.metrics()?, name, labels).unwrap_or(0.0))
 }
 
 /// Waits until the metric reaches `want`, then checks it is exactly `want`.

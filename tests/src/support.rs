@@ -1,0 +1,50 @@
+//! Small helpers every end-to-end test file uses.
+
+use std::process::Command;
+
+use anyhow::{Context, Result, ensure};
+
+use crate::world::{Node, World, WorldBuilder, topology};
+use crate::{DEFAULT_PATIENCE, eventually, metric_value};
+
+/// Builds the world and runs `body`; an error fails the test while the world
+/// still exists, so its agent logs are kept and shown.
+pub fn with_world(builder: WorldBuilder, body: impl FnOnce(&World) -> Result<()>) {
+    let world = builder
+        .build()
+        .unwrap_or_else(|e| panic!("building the world: {e:#}"));
+    if let Err(e) = body(&world) {
+        panic!("{e:#}");
+    }
+}
+
+/// Debian's python3 where it is (grpcio, h2 and hpack come from Debian's
+/// packages), else whatever `python3` is on PATH.
+pub fn python() -> Command {
+    let debian = std::path::Path::new("/usr/bin/python3");
+    Command::new(if debian.exists() {
+        debian.as_os_str()
+    } else {
+        "python3".as_ref()
+    })
+}
+
+/// Pod `j` of node `i`'s address, known before the world exists (for configs).
+pub fn pod_ip(i: usize, j: usize) -> String {
+    topology::pod_ip(i, j).to_string()
+}
+
+/// The sum of the matching samples on `node`'s agent; 0 when there is none.
+pub fn metric(node: &Node, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
+    Ok(metric_value(&node.metrics()?, name, labels).unwrap_or(0.0))
+}
+
+/// Waits until the metric is exactly `want`.
+pub fn await_metric(node: &Node, name: &str, labels: &[(&str, &str)], want: f64) -> Result<()> {
+    eventually(DEFAULT_PATIENCE, || {
+        let v = metric(node, name, labels)?;
+        ensure!(v == want, "{name}{labels:?} is {v}, expected {want}");
+        Ok(())
+    })
+    .with_context(|| format!("on {}", node.name()))
+}
