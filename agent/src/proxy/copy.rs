@@ -109,10 +109,12 @@ async fn pump(
                 side: from_side,
                 error,
             })?;
-        if buf.len() != size {
-            buf = vec![0; size];
+        // Reads go into uninitialised spare capacity: no zeroing per read.
+        if buf.capacity() < size {
+            buf = Vec::with_capacity(size);
         }
-        let n = match from.as_ref().try_read(&mut buf) {
+        buf.clear();
+        let n = match from.as_ref().try_read_buf(&mut buf) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(error) => {
@@ -137,7 +139,7 @@ async fn pump(
         })?;
         *total += n as u64;
         counter.inc_by(n as u64);
-        if n == buf.len() {
+        if n >= size {
             size = (size * 2).min(MAX_BUF);
         } else {
             // The socket is drained: let an idle connection hold no buffer.
