@@ -22,7 +22,7 @@ use http::{Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Incoming};
 use hyper_util::rt::TokioIo;
-use tracing::{Instrument, debug, info_span};
+use tracing::{Instrument, debug, debug_span};
 
 use super::body::{ProxyBody, empty, full, incoming};
 use super::errors::{self, ProxyError};
@@ -113,8 +113,10 @@ impl HttpProxy {
             None => (DEFAULT_ROUTE, &service.default_route, 0),
         };
         // HTTP/2 streams run in tasks of their own, outside the connection's
-        // span, so the request span names the caller itself.
-        let span = info_span!(
+        // span, so the request span names the caller itself. It is a debug
+        // span: at the default level its fields are never formatted, which
+        // the bench profile showed to cost ~3% of the L7 path.
+        let span = debug_span!(
             "request",
             pod = %ctx.pod,
             src = %ctx.client,
