@@ -40,8 +40,25 @@ pub fn ensure_all() -> Result<()> {
     Ok(())
 }
 
-/// Installs the packages of the tools that are not on PATH.
-pub fn ensure_tools(tools: &[(&str, &str)]) -> Result<()> {
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
+
+/// Removes the temporary policy-rc.d again, also on error.
+struct PolicyGuard(bool);
+
+impl Drop for PolicyGuard {
+    fn drop(&mut self) {
+        if self.0 {
+            let _ = std::fs::remove_file(POLICY_RC_D);
+        }
+    }
+}
+
+/// Installs the packages of the tools that are missing (a command on PATH,
+/// or an absolute path of a file the package installs) and returns the
+/// packages it installed. No package may start its system service while
+/// installing: a server such as haproxy or nginx would otherwise come up
+/// in the root network namespace, listening on :80.
+pub fn ensure_tools<'a>(tools: &[(&str, &'a str)]) -> Result<Vec<&'a str>> {
     let mut missing: Vec<&str> = tools
         .iter()
         .filter(|(what, _)| !present(what))
@@ -49,26 +66,42 @@ pub fn ensure_tools(tools: &[(&str, &str)]) -> Result<()> {
         .collect();
     missing.dedup();
     if missing.is_empty() {
-        return Ok(());
+        return Ok(missing);
     }
     ensure!(
         nix_is_root(),
         "missing tools from packages {missing:?}; install them (apt-get install {}) or run as root",
         missing.join(" ")
     );
+    // Debian's invoke-rc.d asks policy-rc.d whether a package may start its
+    // service; 101 means "no".
+    let guard = if std::path::Path::new(POLICY_RC_D).exists() {
+        eprintln!("setup: {POLICY_RC_D} exists already; leaving it as it is");
+        PolicyGuard(false)
+    } else {
+        std::fs::write(
+            POLICY_RC_D,
+            "#!/bin/sh\n# cargo xtask setup: no service starts during install\nexit 101\n",
+        )?;
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(POLICY_RC_D, std::fs::Permissions::from_mode(0o755))?;
+        PolicyGuard(true)
+    };
     eprintln!("setup: installing {}", missing.join(" "));
     run(Command::new("apt-get").arg("update").arg("-q"))?;
     run(Command::new("apt-get")
         .args(["install", "-y", "-q", "--no-install-recommends"])
         .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .env("RUNLEVEL", "1"))?;
+    drop(guard);
     for (what, pkg) in tools {
         ensure!(
             present(what),
             "{what} is still missing after installing {pkg}"
         );
     }
-    Ok(())
+    Ok(missing)
 }
 
 fn ensure_rust_src() -> Result<()> {
@@ -142,7 +175,7 @@ fn present(what: &str) -> bool {
     }
 }
 
-pub fn on_path(bin: &str) -> bool {
+fn on_path(bin: &str) -> bool {
     std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
         .unwrap_or(false)
