@@ -3,6 +3,7 @@
 mod admin;
 mod app;
 mod balance;
+mod cli;
 mod config;
 mod diagnostics;
 mod discovery;
@@ -47,6 +48,24 @@ enum Command {
     /// Workload identities and their certificates.
     #[command(subcommand)]
     Identity(IdentityCommand),
+    /// Read or change the agent's log filter without a restart.
+    LogLevel {
+        #[command(flatten)]
+        admin: cli::AdminArgs,
+        #[command(subcommand)]
+        cmd: Option<cli::log_level::LogLevelCommand>,
+    },
+}
+
+/// Exit status of a CLI subcommand: errors go to stderr with their context.
+fn cli_exit(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("waymark: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -138,6 +157,10 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::LogLevel { admin, cmd } => cli_exit(cli::log_level::run(
+            &cli::client::AdminClient::new(admin.admin),
+            cmd,
+        )),
         Command::Config(ConfigCommand::Default) => {
             print!("{}", config::DEFAULT_CONFIG);
             ExitCode::SUCCESS

@@ -234,9 +234,16 @@ pub struct World {
 impl World {
     /// A builder for a world named `name` (name it after the test: the name
     /// appears in paths, and two live worlds must not share it).
+    ///
+    /// `WAYMARK_WORLD_TAG`, when set, is appended to every world's name, so
+    /// two checkouts can run the same tests on one machine at once.
     pub fn builder(name: &str) -> WorldBuilder {
+        let name = match std::env::var("WAYMARK_WORLD_TAG") {
+            Ok(tag) if !tag.is_empty() => format!("{name}-{tag}"),
+            _ => name.to_string(),
+        };
         WorldBuilder {
-            name: name.to_string(),
+            name,
             nodes: 2,
             pods: 2,
             agent: true,

@@ -33,15 +33,15 @@ pub fn validate_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// The short id of a world: the first 4 hex digits of the FNV-1a hash of its
-/// name. Stable across runs and builds, so `down` can recompute it.
+/// The short id of a world: the first 6 hex digits of the FNV-1a hash of its
+/// name (24 bits: a few hundred worlds alive at once rarely share one). Stable across runs and builds, so `down` can recompute it.
 pub fn world_id(name: &str) -> String {
     let mut h: u32 = 0x811c_9dc5;
     for b in name.bytes() {
         h ^= u32::from(b);
         h = h.wrapping_mul(0x0100_0193);
     }
-    format!("{:04x}", h >> 16)
+    format!("{:06x}", h >> 8)
 }
 
 /// The prefix of every network namespace of the world with id `id`.
@@ -132,13 +132,13 @@ mod tests {
     #[test]
     fn ids_are_short_stable_and_spread() {
         assert_eq!(world_id("dev"), world_id("dev"));
-        assert_eq!(world_id("dev").len(), 4);
+        assert_eq!(world_id("dev").len(), 6);
         assert_ne!(
             world_id("pods_reach_across_nodes"),
             world_id("pods_reach_across_nodes6")
         );
-        // The longest netns name stays short.
-        assert!(format!("{}n49p199", netns_prefix(&world_id("x"))).len() <= 15);
+        // The longest netns name stays short enough to read in `ip netns`.
+        assert!(format!("{}n49p199", netns_prefix(&world_id("x"))).len() <= 16);
     }
 
     #[test]
