@@ -22,6 +22,9 @@ const SCAN_TRIES: usize = 3;
 #[derive(Debug)]
 pub struct Balancer<E> {
     endpoints: Vec<(E, Arc<EndpointStats>)>,
+    /// Relative capacity per endpoint (same index as `endpoints`), all 1.0
+    /// unless [`Balancer::with_weights`] says otherwise.
+    weights: Vec<f64>,
     config: BalanceConfig,
 }
 
@@ -33,8 +36,13 @@ impl<E> Balancer<E> {
         let endpoints = endpoints
             .into_iter()
             .map(|e| (e, Arc::new(EndpointStats::new(now, &config))))
-            .collect();
-        Self { endpoints, config }
+            .collect::<Vec<_>>();
+        let weights = vec![1.0; endpoints.len()];
+        Self {
+            endpoints,
+            weights,
+            config,
+        }
     }
 
     /// Endpoints with existing statistics (kept from a previous balancer via
@@ -44,17 +52,48 @@ impl<E> Balancer<E> {
         for (_, stats) in &endpoints {
             stats.set_decay(config.decay);
         }
-        Self { endpoints, config }
+        let weights = vec![1.0; endpoints.len()];
+        Self {
+            endpoints,
+            weights,
+            config,
+        }
+    }
+
+    /// Gives endpoints relative weights, as Linkerd does: the cost P2C
+    /// compares is divided by the weight, so an endpoint of weight 2 looks
+    /// half as loaded as an equal one of weight 1 and gets about twice the
+    /// requests. Weight 0 drains an endpoint: it is picked only when no
+    /// weighted endpoint is available (as a last resort, like panic mode).
+    pub fn with_weights(mut self, weight: impl Fn(&E) -> u32) -> Self {
+        self.weights = self
+            .endpoints
+            .iter()
+            .map(|(e, _)| f64::from(weight(e)))
+            .collect();
+        self
+    }
+
+    /// The weight of endpoint `index` (1 unless set).
+    fn weight(&self, index: usize) -> f64 {
+        self.weights.get(index).copied().unwrap_or(1.0)
     }
 
     /// The statistics of an endpoint equal to `endpoint`, to carry over.
+    #[cfg(test)]
     pub fn stats_of(&self, endpoint: &E) -> Option<Arc<EndpointStats>>
     where
         E: PartialEq,
     {
+        self.stats_where(|e| e == endpoint)
+    }
+
+    /// The statistics of the first endpoint `same` accepts (e.g. the same
+    /// address, whatever its weight now), to carry over a reload.
+    pub fn stats_where(&self, same: impl Fn(&E) -> bool) -> Option<Arc<EndpointStats>> {
         self.endpoints
             .iter()
-            .find(|(e, _)| e == endpoint)
+            .find(|(e, _)| same(e))
             .map(|(_, stats)| Arc::clone(stats))
     }
 
@@ -101,7 +140,11 @@ impl<E> Balancer<E> {
     /// every request outright is certainly worse than trying the one most
     /// likely to have recovered. `None` only when there are no endpoints.
     pub fn pick(&self, now: Instant) -> Option<Pick<'_, E>> {
-        self.pick_with(now, &mut rand::rng(), &|_| false)
+        if self.weights.iter().all(|w| *w > 0.0) {
+            self.pick_with(now, &mut rand::rng(), &|_| false)
+        } else {
+            self.pick_avoiding(now, |_| false)
+        }
     }
 
     /// Like [`pick`](Self::pick), but endpoints for which `avoid` is true
@@ -111,7 +154,7 @@ impl<E> Balancer<E> {
     /// again for the very retry its failure caused.
     pub fn pick_avoiding(&self, now: Instant, avoid: impl Fn(&E) -> bool) -> Option<Pick<'_, E>> {
         let rng = &mut rand::rng();
-        let skip = |i: usize| avoid(&self.endpoints[i].0);
+        let skip = |i: usize| avoid(&self.endpoints[i].0) || self.weight(i) == 0.0;
         let has_other = self
             .endpoints
             .iter()
@@ -190,7 +233,11 @@ impl<E> Balancer<E> {
         now: Instant,
         rng: &mut R,
     ) -> Option<Pick<'_, E>> {
-        let a_first = match a.1.cost.total_cmp(&b.1.cost) {
+        let (cost_a, cost_b) = (
+            weighted_cost(a.1.cost, self.weight(a.0)),
+            weighted_cost(b.1.cost, self.weight(b.0)),
+        );
+        let a_first = match cost_a.total_cmp(&cost_b) {
             std::cmp::Ordering::Less => true,
             std::cmp::Ordering::Greater => false,
             std::cmp::Ordering::Equal => rng.random(),
@@ -246,6 +293,15 @@ impl<E> Balancer<E> {
             sample,
             soonest: soonest.map_or(0, |(_, index)| index),
         }
+    }
+}
+
+/// Cost per unit of capacity; a drained endpoint (weight 0) costs the most.
+fn weighted_cost(cost: f64, weight: f64) -> f64 {
+    if weight > 0.0 {
+        cost / weight
+    } else {
+        f64::INFINITY
     }
 }
 
@@ -549,6 +605,44 @@ mod tests {
         assert_eq!(new.stats_of(&7).unwrap().ejections_total(), 0);
         assert_eq!(new.endpoints().copied().collect::<Vec<_>>(), kept);
         assert_eq!(new.available(now), 2);
+    }
+
+    #[test]
+    fn weights_share_load_in_proportion() {
+        let now = Instant::now();
+        let b = Balancer::new(vec![0usize, 1, 2], BalanceConfig::default())
+            .with_weights(|e| if *e == 0 { 2 } else { 1 });
+        let mut counts = [0u32; 3];
+        let mut rng = rng();
+        // Hold every pick so in-flight counts drive the choice, as under
+        // load; equal latencies, so only the weights differ.
+        let mut held = Vec::new();
+        for _ in 0..4000 {
+            let p = b.pick_with(now, &mut rng, &|_| false).unwrap();
+            counts[p.index] += 1;
+            held.push(p);
+            if held.len() == 8 {
+                for p in held.drain(..) {
+                    p.complete(now, MS, true);
+                }
+            }
+        }
+        let ratio = f64::from(counts[0]) / f64::from(counts[1] + counts[2]) * 2.0;
+        assert!((1.6..2.4).contains(&ratio), "weight 2 vs 1: {counts:?}");
+    }
+
+    #[test]
+    fn weight_zero_drains_unless_nothing_else_is_left() {
+        let now = Instant::now();
+        let b = Balancer::new(vec![0usize, 1], BalanceConfig::default())
+            .with_weights(|e| u32::from(*e != 0));
+        for _ in 0..200 {
+            assert_eq!(*b.pick(now).unwrap().endpoint(), 1);
+        }
+        eject(&b, 1, now);
+        assert_eq!(*b.pick(now).unwrap().endpoint(), 0, "last resort");
+        let alone = Balancer::new(vec![0usize], BalanceConfig::default()).with_weights(|_| 0);
+        assert!(alone.pick(now).is_some());
     }
 
     #[test]

@@ -124,3 +124,32 @@ fn missing_file_names_the_path() {
         "{err}"
     );
 }
+
+#[test]
+fn endpoint_weight_and_zone() {
+    let svc = |endpoints: &str| {
+        format!(
+            "[[services]]\nname = \"s\"\naddresses = [\"10.96.0.1:80\"]\nendpoints = [{endpoints}]\n"
+        )
+    };
+    let c = Config::from_toml(
+        &svc(r#"{ addr = "10.1.0.2:80" }, { addr = "10.1.0.3:80", weight = 3, zone = "z1" }"#),
+        "t",
+    )
+    .unwrap();
+    let eps = &c.services[0].endpoints;
+    assert_eq!((eps[0].weight, eps[0].zone.as_deref()), (1, None));
+    assert_eq!((eps[1].weight, eps[1].zone.as_deref()), (3, Some("z1")));
+
+    let e = Config::from_toml(
+        &svc(r#"{ addr = "10.1.0.2:80", weight = 1000000 }, { addr = "10.1.0.3:80", zone = " " }"#),
+        "t",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("endpoints[0].weight: 1000000 is above the maximum 10000"),
+        "{e}"
+    );
+    assert!(e.contains("endpoints[1].zone: must not be empty"), "{e}");
+}

@@ -57,6 +57,9 @@ pub struct AttemptRecord {
 pub struct Selected {
     pub addr: SocketAddr,
     pub node: Option<String>,
+    pub zone: Option<String>,
+    /// Shown only when it is not the default 1.
+    pub weight: u32,
     pub ewma: Duration,
     pub in_flight: usize,
 }
@@ -133,9 +136,19 @@ impl Context {
         match &self.selected {
             Some(s) => {
                 let node = s.node.as_deref().unwrap_or("node unknown");
+                let zone = s
+                    .zone
+                    .as_deref()
+                    .map(|z| format!(", zone {z}"))
+                    .unwrap_or_default();
+                let weight = if s.weight == 1 {
+                    String::new()
+                } else {
+                    format!(", weight {}", s.weight)
+                };
                 let _ = writeln!(
                     b,
-                    "selected address: {} ({node}, ewma {}, {} in flight)",
+                    "selected address: {} ({node}{zone}{weight}, ewma {}, {} in flight)",
                     s.addr,
                     ms(s.ewma),
                     s.in_flight
@@ -219,6 +232,8 @@ mod tests {
             selected: Some(Selected {
                 addr: "10.1.3.7:8080".parse().unwrap(),
                 node: Some("node-b".into()),
+                zone: None,
+                weight: 1,
                 ewma: Duration::from_micros(1200),
                 in_flight: 0,
             }),
@@ -254,6 +269,18 @@ mod tests {
              retries: 1 (try 1: 503 from 10.1.2.5:8080)\n\
              peer identity: none (plaintext)\n"
         );
+    }
+
+    #[test]
+    fn zone_and_weight_show_when_set() {
+        let mut c = sample();
+        if let Some(s) = c.selected.as_mut() {
+            s.zone = Some("zone-b".into());
+            s.weight = 3;
+        }
+        assert!(c.render_block().contains(
+            "selected address: 10.1.3.7:8080 (node-b, zone zone-b, weight 3, ewma 1.20 ms, 0 in flight)\n"
+        ));
     }
 
     #[test]

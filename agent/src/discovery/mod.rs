@@ -42,6 +42,8 @@ pub enum DiscoveryError {
 pub struct Endpoint {
     pub addr: SocketAddr,
     pub node: Option<String>,
+    pub weight: u32,
+    pub zone: Option<String>,
 }
 
 /// Retries of one route.
@@ -166,14 +168,18 @@ fn build_service(
             let ep = Endpoint {
                 addr: e.addr,
                 node: e.node.clone(),
+                weight: e.weight,
+                zone: e.zone.clone(),
             };
+            // Same address, same endpoint: its estimate and ejection
+            // survive a change of weight, zone or node.
             let stats = old
-                .and_then(|o| o.balancer.stats_of(&ep))
+                .and_then(|o| o.balancer.stats_where(|x| x.addr == ep.addr))
                 .unwrap_or_else(|| Arc::new(EndpointStats::new(now, &balance)));
             (ep, stats)
         })
         .collect();
-    let balancer = Balancer::with_stats(endpoints, balance);
+    let balancer = Balancer::with_stats(endpoints, balance).with_weights(|e| e.weight);
     let budget = RetryBudget::new(
         svc.retry_budget.ratio,
         svc.retry_budget.min_per_second,
@@ -338,4 +344,62 @@ fn build_header_match(h: &HeaderMatchConfig) -> Result<HeaderMatch, String> {
         }
     };
     HeaderMatch::new(&h.name, value).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn table(endpoints: &str, previous: Option<&ServiceTable>) -> ServiceTable {
+        let c = Config::from_toml(
+            &format!(
+                "[[services]]\nname = \"s\"\naddresses = [\"10.96.0.1:80\"]\nendpoints = [{endpoints}]\n"
+            ),
+            "t",
+        )
+        .unwrap();
+        ServiceTable::build(
+            &c.services,
+            BalanceConfig::default(),
+            previous,
+            Instant::now(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn an_endpoint_keeps_its_statistics_when_its_weight_or_zone_changes() {
+        let old = table(
+            r#"{ addr = "10.1.0.2:80" }, { addr = "10.1.0.3:80" }"#,
+            None,
+        );
+        let new = table(
+            r#"{ addr = "10.1.0.2:80", weight = 5, zone = "z" }, { addr = "10.1.0.4:80" }"#,
+            Some(&old),
+        );
+        let stats = |t: &ServiceTable, addr: &str| {
+            let addr: SocketAddr = addr.parse().unwrap();
+            t.by_name("s")
+                .unwrap()
+                .balancer
+                .stats_where(|e| e.addr == addr)
+                .unwrap()
+        };
+        assert!(Arc::ptr_eq(
+            &stats(&old, "10.1.0.2:80"),
+            &stats(&new, "10.1.0.2:80")
+        ));
+        let ep = new
+            .by_name("s")
+            .unwrap()
+            .balancer
+            .endpoints()
+            .next()
+            .cloned();
+        assert_eq!(
+            ep.map(|e| (e.weight, e.zone)),
+            Some((5, Some("z".to_string())))
+        );
+    }
 }

@@ -251,6 +251,8 @@ impl HttpProxy {
                 t.selected = Some(trace::Selected {
                     addr,
                     node: pick.endpoint().node.clone(),
+                    zone: pick.endpoint().zone.clone(),
+                    weight: pick.endpoint().weight,
                     ewma: pick.stats().ewma(now),
                     in_flight: pick.stats().in_flight().saturating_sub(1),
                 });
