@@ -32,8 +32,9 @@ pub struct ProxyConfig {
     /// Destination ports never inspected (always opaque TCP).
     #[serde(default = "default_opaque_ports")]
     pub opaque_ports: Vec<u16>,
-    /// Request bodies up to this size are buffered so they can be retried;
-    /// larger ones stream and are not retried.
+    /// On a retrying route, a copy of up to this many bytes of the request
+    /// body is kept while it streams, so it can be sent again; a larger
+    /// body streams on without a copy and is not retried.
     #[serde(default = "default_retry_buffer_bytes")]
     pub retry_buffer_bytes: usize,
 }

@@ -6,17 +6,20 @@
 //! endpoint (istio #56864). Each attempt picks an endpoint anew, so a retry
 //! goes to the endpoint the balancer now prefers, usually another one.
 //!
-//! Retries need the request body again. Bodies are buffered only when the
-//! route has a retry policy and the body's length is known and within
-//! `proxy.retry_buffer_bytes`; other requests stream and are tried once.
+//! Retries need the request body again. When the route has a retry policy,
+//! the body streams to the first attempt while a copy of up to
+//! `proxy.retry_buffer_bytes` is kept (`replay`), so chunked uploads and
+//! gRPC calls (which carry no `content-length`) are retryable too; a body
+//! known to be larger streams without a copy and is tried once.
 //! Non-idempotent methods (POST, PATCH) are retried only after a failure to
-//! connect, when the endpoint cannot have seen them.
+//! connect, when the endpoint cannot have seen them, or on a gRPC status the
+//! route lists (gRPC calls are all POSTs; the route's conditions are the
+//! operator's statement that those failures are safe to repeat).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
@@ -28,6 +31,7 @@ use super::body::{ProxyBody, empty, full, incoming};
 use super::errors::{self, ProxyError};
 use super::headers::{strip_hop_by_hop, wants_upgrade};
 use super::pool::{ConnectError, Pool, Version};
+use super::replay::ReplayBody;
 use crate::config::services::ProtocolHint;
 use crate::diagnostics::http_metrics::{HttpMetrics, observe};
 use crate::diagnostics::trace;
@@ -83,17 +87,24 @@ enum Decision {
     AttemptsExhausted,
 }
 
-/// The request body: streamed once, or buffered and replayable.
+/// The request body: streamed once, or replayable for retries.
 enum RequestBody {
     Stream(Option<Incoming>),
-    Replay(Bytes),
+    Replay(ReplayBody<Incoming>),
 }
 
 impl RequestBody {
     fn next(&mut self) -> Option<ProxyBody> {
         match self {
             RequestBody::Stream(b) => b.take().map(incoming),
-            RequestBody::Replay(b) => Some(full(b.clone())),
+            RequestBody::Replay(b) => Some(b.replay().boxed()),
+        }
+    }
+
+    fn can_replay(&self) -> bool {
+        match self {
+            RequestBody::Stream(_) => false,
+            RequestBody::Replay(b) => b.can_replay(),
         }
     }
 }
@@ -212,13 +223,9 @@ impl HttpProxy {
         }
         let (parts, body) = req.into_parts();
         let mut body = match &route.retry {
-            Some(_) if fits(&body, self.retry_buffer) => match body.collect().await {
-                Ok(b) => RequestBody::Replay(b.to_bytes()),
-                Err(e) => {
-                    let detail = format!("reading the request body: {e}");
-                    return self.error(ProxyError::BadRequest, &service.name, Some(&detail), grpc);
-                }
-            },
+            Some(_) if may_fit(&body, self.retry_buffer) => {
+                RequestBody::Replay(ReplayBody::new(body, self.retry_buffer))
+            }
             _ => RequestBody::Stream(Some(body)),
         };
         service.budget.deposit(start);
@@ -373,8 +380,15 @@ impl HttpProxy {
         let Some(policy) = &route.retry else {
             return Decision::Done;
         };
-        let retryable = matches!(body, RequestBody::Replay(_))
-            && (is_idempotent(method) || observed == Outcome::ConnectFailure)
+        // Every gRPC call is a POST; a gRPC status is the server's own
+        // verdict, and a route that lists that code (e.g. `unavailable`)
+        // declares the call safe to repeat, as Linkerd's and Envoy's gRPC
+        // retry policies do.
+        let safe = is_idempotent(method)
+            || observed == Outcome::ConnectFailure
+            || matches!(observed, Outcome::GrpcStatus(_));
+        let retryable = body.can_replay()
+            && safe
             && deadline.is_none_or(|d| Instant::now() < d)
             && policy.on.iter().any(|c| c.applies_to(observed));
         if !retryable {
@@ -611,10 +625,9 @@ fn is_grpc(req: &Request<Incoming>) -> bool {
         .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
-/// Whether a body can be buffered for replay: its length is known and
-/// within the limit (an empty body always is).
-fn fits(body: &Incoming, limit: usize) -> bool {
-    body.is_end_stream() || body.size_hint().exact().is_some_and(|n| n <= limit as u64)
+/// Whether a body may fit the replay buffer: not known to be larger.
+fn may_fit(body: &Incoming, limit: usize) -> bool {
+    body.is_end_stream() || body.size_hint().lower() <= limit as u64
 }
 
 /// Which protocol to speak upstream: what the service says, else what the

@@ -13,4 +13,5 @@ pub mod errors;
 pub mod forward;
 pub mod headers;
 pub mod pool;
+pub mod replay;
 pub mod server;

@@ -239,7 +239,12 @@ impl World {
     /// two checkouts can run the same tests on one machine at once.
     pub fn builder(name: &str) -> WorldBuilder {
         let name = match std::env::var("WAYMARK_WORLD_TAG") {
-            Ok(tag) if !tag.is_empty() => format!("{name}-{tag}"),
+            Ok(tag) if !tag.is_empty() => {
+                // Keep within the 64 characters a name may have.
+                let keep = 63usize.saturating_sub(tag.len()).min(name.len());
+                let base = name.get(..keep).unwrap_or(name);
+                format!("{base}-{tag}")
+            }
             _ => name.to_string(),
         };
         WorldBuilder {
