@@ -1,26 +1,10 @@
 //! `waymark`: the node agent (`waymark agent`) and the operator's CLI.
 
-mod admin;
-mod app;
-mod balance;
-mod cli;
-mod config;
-mod diagnostics;
-mod discovery;
-mod http;
-mod identity;
-mod proxy;
-mod redirect;
-mod reload;
-mod retry;
-mod routing;
-mod telemetry;
-mod tunnel;
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use waymark_agent::{app, cli, config, identity, telemetry};
 
 /// waymark: a node-level transparent proxy steered by eBPF.
 #[derive(Parser)]

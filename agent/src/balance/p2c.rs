@@ -115,7 +115,6 @@ impl<E> Balancer<E> {
         self.endpoints.len()
     }
 
-    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.endpoints.is_empty()
     }

@@ -116,6 +116,10 @@ impl ServiceTable {
         self.by_name.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+
     pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
         self.by_name.values()
     }

@@ -1,0 +1,20 @@
+//! The waymark node agent and its operator CLI, as a library: the `waymark`
+//! binary (`main.rs`) is a thin command-line front end over it, and the
+//! benchmarks (`agent/benches`) measure its hot pieces directly.
+
+pub mod admin;
+pub mod app;
+pub mod balance;
+pub mod cli;
+pub mod config;
+pub mod diagnostics;
+pub mod discovery;
+pub mod http;
+pub mod identity;
+pub mod proxy;
+pub mod redirect;
+pub mod reload;
+pub mod retry;
+pub mod routing;
+pub mod telemetry;
+pub mod tunnel;
