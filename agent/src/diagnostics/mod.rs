@@ -1,6 +1,7 @@
 //! What the agent tells operators about the traffic it carries: metrics now;
 //! tap, traces, kernel counters and capture slot in beside them.
 
+pub mod capture;
 pub mod http_metrics;
 pub mod metrics;
 pub mod trace;
