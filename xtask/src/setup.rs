@@ -17,6 +17,13 @@ pub const BASE_TOOLS: &[(&str, &str)] = &[
     ("nsenter", "util-linux"),
     ("curl", "curl"),
     ("python3", "python3"),
+    // Packet capture: the agent links libpcap to compile tcpdump filters
+    // (the `pcap` crate needs its headers and pkg-config file to build; the
+    // binary then needs libpcap0.8, which libpcap-dev pulls in); the capture
+    // tests read the files with tshark; tcpdump is there for people.
+    ("/usr/include/pcap/pcap.h", "libpcap-dev"),
+    ("tshark", "tshark"),
+    ("tcpdump", "tcpdump"),
     // The L7 end-to-end tests' peers (tests/tests/http_*.rs).
     ("h2load", "nghttp2-client"),
     ("openssl", "openssl"),

@@ -16,7 +16,11 @@ use crate::diagnostics::capture::{CaptureError, CaptureParams, Requester, filter
 /// what Wireshark's own tools use).
 pub const CONTENT_TYPE: &str = "application/x-pcapng";
 
-pub async fn handle(state: &AdminState, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+pub async fn handle(
+    state: &AdminState,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let config = state
         .config
         .read()

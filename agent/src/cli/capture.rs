@@ -3,7 +3,7 @@
 //! `tshark -r -` / `wireshark -k -i -`. The agent applies the filter and the
 //! bounds; the CLI copies the stream and prints a summary on stderr.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -91,6 +91,11 @@ impl CaptureArgs {
 
 pub fn run(client: &AdminClient, args: CaptureArgs) -> Result<()> {
     let to_stdout = args.write.as_os_str() == "-";
+    if to_stdout && std::io::stdout().is_terminal() {
+        bail!(
+            "refusing to write pcapng to a terminal; pipe it (-w - | tshark -r -) or write a file (-w out.pcapng)"
+        );
+    }
     let out: Box<dyn Write> = if to_stdout {
         Box::new(std::io::stdout().lock())
     } else {
@@ -156,7 +161,10 @@ async fn copy_stream(
             .await
             .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
             .unwrap_or_default();
-        bail!("the agent refused the capture ({status}): {}", text.trim_end());
+        bail!(
+            "the agent refused the capture ({status}): {}",
+            text.trim_end()
+        );
     }
     let mut summary = StreamSummary::default();
     let mut written = 0u64;
@@ -202,8 +210,19 @@ mod tests {
     #[test]
     fn the_request_carries_every_option() {
         let cli = Cli::parse_from([
-            "x", "--pod", "default/web", "--filter", "tcp port 80", "--duration", "5s", "-c", "10",
-            "--snaplen", "96", "-w", "-",
+            "x",
+            "--pod",
+            "default/web",
+            "--filter",
+            "tcp port 80",
+            "--duration",
+            "5s",
+            "-c",
+            "10",
+            "--snaplen",
+            "96",
+            "-w",
+            "-",
         ]);
         assert_eq!(
             cli.args.path(),

@@ -73,10 +73,7 @@ pub fn compile(expression: &str, snaplen: u32) -> Result<KernelFilter, FilterErr
     // A link-layer primitive (`ether host …`) has no meaning on raw IP; such
     // a filter simply matches nothing there.
     let raw = compile_for(DLT_RAW, expression).unwrap_or_else(|_| vec![ret(0)]);
-    let program = dispatch(
-        &set_snaplen(ethernet, snaplen),
-        &set_snaplen(raw, snaplen),
-    );
+    let program = dispatch(&set_snaplen(ethernet, snaplen), &set_snaplen(raw, snaplen));
     if program.len() > MAX_INSNS {
         return Err(FilterError::TooLong {
             expression: expression.to_string(),
@@ -292,13 +289,31 @@ mod tests {
     fn a_port_filter_matches_on_ethernet_and_raw_ip_devices() {
         let f = compile("tcp port 8080", 200).unwrap();
         let p = &f.program;
-        assert_eq!(run(p, &tcp_packet(true, 40000, 8080), libc::ARPHRD_ETHER), 200);
-        assert_eq!(run(p, &tcp_packet(true, 8080, 1), libc::ARPHRD_LOOPBACK), 200);
-        assert_eq!(run(p, &tcp_packet(true, 40000, 9090), libc::ARPHRD_ETHER), 0);
-        assert_eq!(run(p, &tcp_packet(false, 40000, 8080), libc::ARPHRD_NONE), 200);
-        assert_eq!(run(p, &tcp_packet(false, 40000, 9090), libc::ARPHRD_NONE), 0);
+        assert_eq!(
+            run(p, &tcp_packet(true, 40000, 8080), libc::ARPHRD_ETHER),
+            200
+        );
+        assert_eq!(
+            run(p, &tcp_packet(true, 8080, 1), libc::ARPHRD_LOOPBACK),
+            200
+        );
+        assert_eq!(
+            run(p, &tcp_packet(true, 40000, 9090), libc::ARPHRD_ETHER),
+            0
+        );
+        assert_eq!(
+            run(p, &tcp_packet(false, 40000, 8080), libc::ARPHRD_NONE),
+            200
+        );
+        assert_eq!(
+            run(p, &tcp_packet(false, 40000, 9090), libc::ARPHRD_NONE),
+            0
+        );
         // The same raw bytes on an Ethernet device are not read as raw IP.
-        assert_eq!(run(p, &tcp_packet(false, 40000, 8080), libc::ARPHRD_ETHER), 0);
+        assert_eq!(
+            run(p, &tcp_packet(false, 40000, 8080), libc::ARPHRD_ETHER),
+            0
+        );
         // Unknown link types are never captured.
         assert_eq!(run(p, &tcp_packet(true, 40000, 8080), 1_000), 0);
     }
@@ -306,14 +321,23 @@ mod tests {
     #[test]
     fn an_empty_filter_takes_everything_up_to_snaplen() {
         let f = compile("", 96).unwrap();
-        assert_eq!(run(&f.program, &tcp_packet(true, 1, 2), libc::ARPHRD_ETHER), 96);
-        assert_eq!(run(&f.program, &tcp_packet(false, 1, 2), libc::ARPHRD_TUNNEL), 96);
+        assert_eq!(
+            run(&f.program, &tcp_packet(true, 1, 2), libc::ARPHRD_ETHER),
+            96
+        );
+        assert_eq!(
+            run(&f.program, &tcp_packet(false, 1, 2), libc::ARPHRD_TUNNEL),
+            96
+        );
     }
 
     #[test]
     fn link_layer_filters_match_nothing_on_raw_ip() {
         let f = compile("ether host 02:00:00:00:00:01", 100).unwrap();
-        assert_eq!(run(&f.program, &tcp_packet(false, 1, 2), libc::ARPHRD_NONE), 0);
+        assert_eq!(
+            run(&f.program, &tcp_packet(false, 1, 2), libc::ARPHRD_NONE),
+            0
+        );
     }
 
     #[test]

@@ -142,8 +142,8 @@ impl CaptureParams {
         let (mut max_packets, mut max_bytes, mut snaplen, mut keylog) = (None, None, None, false);
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let value =
-                percent_decode(value).ok_or_else(|| bad(format!("{key}: bad percent-encoding or not UTF-8")))?;
+            let value = percent_decode(value)
+                .ok_or_else(|| bad(format!("{key}: bad percent-encoding or not UTF-8")))?;
             match key {
                 "pod" => pod = Some(value),
                 "node" => node = flag(key, &value)?,
@@ -369,7 +369,10 @@ impl Captures {
     }
 
     /// The TLS key log the tunnel's rustls configs take (see [`keylog`]).
-    #[allow(dead_code, reason = "the tunnel's TLS configs take it once they are wired")]
+    #[allow(
+        dead_code,
+        reason = "the tunnel's TLS configs take it once they are wired"
+    )]
     pub fn key_log(&self) -> Arc<KeyLogSink> {
         self.key_log.clone()
     }
@@ -407,24 +410,23 @@ impl Captures {
     ) -> Result<CaptureBody, CaptureError> {
         let Some(slot) = self.reserve(limits.max_concurrent) else {
             self.refused("busy");
-            warn!(peer = %who.peer, user_agent = %who.user_agent, target = %params.target, filter = %params.filter,
+            warn!(peer = %who.peer, user_agent = %who.user_agent, target = %params.target, filter = ?params.filter,
                 max = limits.max_concurrent, "packet capture refused: too many running");
             return Err(CaptureError::Busy {
                 max: limits.max_concurrent,
             });
         };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let netns = match &params.target {
-            Target::Pod { netns, .. } => {
-                Some(
-                    std::fs::File::open(netns).map_err(|source| CaptureError::Netns {
+        let netns =
+            match &params.target {
+                Target::Pod { netns, .. } => Some(std::fs::File::open(netns).map_err(
+                    |source| CaptureError::Netns {
                         target: params.target.to_string(),
                         source,
-                    })?,
-                )
-            }
-            Target::Node { .. } => None,
-        };
+                    },
+                )?),
+                Target::Node { .. } => None,
+            };
         let (tx, rx) = mpsc::channel(CHANNEL);
         let (ready_tx, ready_rx) = oneshot::channel();
         let key_log = params.keylog.then(|| self.key_log.clone());
@@ -503,7 +505,7 @@ impl Captures {
             peer = %who.peer,
             user_agent = %who.user_agent,
             target = %params.target,
-            filter = %params.filter,
+            filter = ?params.filter,
             duration = %humantime::format_duration(params.duration),
             max_packets = %max_packets,
             max_bytes = params.max_bytes,
@@ -711,9 +713,17 @@ fn run(
             "{STOP_COMMENT_PREFIX}{reason} ({packets} packets, {bytes_before_trailer} bytes, {kernel_drops} dropped by the kernel, {:.1}s)",
             elapsed.as_secs_f64()
         );
-        if out.finish(now_since_epoch(), kernel_drops, &comment).is_ok() {
+        if out
+            .finish(now_since_epoch(), kernel_drops, &comment)
+            .is_ok()
+        {
             // The trailer may go out a little after the deadline.
-            let _ = send(&tx, out.take(), Instant::now() + Duration::from_secs(2), stopping);
+            let _ = send(
+                &tx,
+                out.take(),
+                Instant::now() + Duration::from_secs(2),
+                stopping,
+            );
         }
     }
     Outcome {

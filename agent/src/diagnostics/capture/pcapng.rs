@@ -344,13 +344,29 @@ mod tests {
         let eth0 = w.add_interface("eth0", DataLink::ETHERNET).unwrap();
         let lo = w.add_interface("lo", DataLink::ETHERNET).unwrap();
         let frame = [0u8; 60];
-        w.packet(eth0, Duration::from_nanos(1_700_000_000_123_456_789), &frame, 60, Direction::Inbound)
-            .unwrap();
+        w.packet(
+            eth0,
+            Duration::from_nanos(1_700_000_000_123_456_789),
+            &frame,
+            60,
+            Direction::Inbound,
+        )
+        .unwrap();
         w.tls_secrets("CLIENT_RANDOM 00 11\n").unwrap();
-        w.packet(lo, Duration::from_secs(1_700_000_001), &frame[..54], 1500, Direction::Outbound)
-            .unwrap();
-        w.finish(Duration::from_secs(1_700_000_002), 3, "waymark capture stopped: max_packets (2 packets)")
-            .unwrap();
+        w.packet(
+            lo,
+            Duration::from_secs(1_700_000_001),
+            &frame[..54],
+            1500,
+            Direction::Outbound,
+        )
+        .unwrap();
+        w.finish(
+            Duration::from_secs(1_700_000_002),
+            3,
+            "waymark capture stopped: max_packets (2 packets)",
+        )
+        .unwrap();
         assert_eq!(w.pending() as u64 + out.len() as u64, w.written());
         out.extend(w.take());
         out
@@ -382,7 +398,10 @@ mod tests {
             let block = block.unwrap();
             kinds.push(match block {
                 pcap_file::pcapng::Block::InterfaceDescription(i) => {
-                    assert!(i.options.contains(&InterfaceDescriptionOption::IfTsResol(9)));
+                    assert!(
+                        i.options
+                            .contains(&InterfaceDescriptionOption::IfTsResol(9))
+                    );
                     "idb"
                 }
                 pcap_file::pcapng::Block::EnhancedPacket(p) => {
@@ -404,7 +423,10 @@ mod tests {
     /// packets, and the secrets block.
     #[test]
     fn tshark_reads_the_file() {
-        let Ok(out) = std::process::Command::new("tshark").arg("--version").output() else {
+        let Ok(out) = std::process::Command::new("tshark")
+            .arg("--version")
+            .output()
+        else {
             eprintln!("SKIPPED tshark_reads_the_file: no tshark");
             return;
         };
@@ -416,12 +438,27 @@ mod tests {
         let out = std::process::Command::new("tshark")
             .args(["-r"])
             .arg(&file)
-            .args(["-T", "fields", "-e", "frame.interface_name", "-e", "frame.len"])
+            .args([
+                "-T",
+                "fields",
+                "-e",
+                "frame.interface_name",
+                "-e",
+                "frame.len",
+            ])
             .output()
             .unwrap();
         let _ = std::fs::remove_dir_all(&dir);
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        assert_eq!(stdout.lines().collect::<Vec<_>>(), ["eth0\t60", "lo\t1500"], "{stdout}");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            stdout.lines().collect::<Vec<_>>(),
+            ["eth0\t60", "lo\t1500"],
+            "{stdout}"
+        );
     }
 }

@@ -79,8 +79,18 @@ impl PacketSocket {
             filter: filter.program.as_ptr().cast_mut(),
         };
         setsockopt(&fd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &prog)?;
-        setsockopt(&fd, libc::SOL_PACKET, libc::PACKET_AUXDATA, &1 as &libc::c_int)?;
-        setsockopt(&fd, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, &1 as &libc::c_int)?;
+        setsockopt(
+            &fd,
+            libc::SOL_PACKET,
+            libc::PACKET_AUXDATA,
+            &1 as &libc::c_int,
+        )?;
+        setsockopt(
+            &fd,
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMPNS,
+            &1 as &libc::c_int,
+        )?;
         // FORCE needs CAP_NET_ADMIN (the agent has it); else the capped size.
         if setsockopt(&fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &RCVBUF).is_err() {
             let _ = setsockopt(&fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &RCVBUF);
@@ -168,8 +178,7 @@ impl PacketSocket {
                     let aux: libc::tpacket_auxdata =
                         std::ptr::read_unaligned(libc::CMSG_DATA(c).cast());
                     original_len = aux.tp_len;
-                } else if h.cmsg_level == libc::SOL_SOCKET && h.cmsg_type == libc::SCM_TIMESTAMPNS
-                {
+                } else if h.cmsg_level == libc::SOL_SOCKET && h.cmsg_type == libc::SCM_TIMESTAMPNS {
                     let ts: libc::timespec = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast());
                     timestamp = Some(Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32));
                 }
@@ -208,7 +217,11 @@ impl PacketSocket {
                 &mut len,
             )
         };
-        if ret < 0 { 0 } else { u64::from(stats.tp_drops) }
+        if ret < 0 {
+            0
+        } else {
+            u64::from(stats.tp_drops)
+        }
     }
 }
 

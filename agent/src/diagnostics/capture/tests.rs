@@ -67,13 +67,22 @@ fn bad_requests_say_what_is_wrong() {
     let cases = [
         ("", "say where to capture"),
         ("pod=default/web&node=1", "not both"),
-        ("pod=default/nope", "unknown pod \"default/nope\": it is not on node n1 (pods here: default/web)"),
+        (
+            "pod=default/nope",
+            "unknown pod \"default/nope\": it is not on node n1 (pods here: default/web)",
+        ),
         ("node=1&duration=1h", "duration 1h is out of range"),
         ("node=1&duration=soon", "duration \"soon\""),
-        ("node=1&max_bytes=999999999999", "max_bytes 999999999999 is out of range"),
+        (
+            "node=1&max_bytes=999999999999",
+            "max_bytes 999999999999 is out of range",
+        ),
         ("node=1&max_packets=0", "max_packets must be at least 1"),
         ("node=1&snaplen=0", "snaplen 0 is out of range"),
-        ("node=1&max_packets=ten", "max_packets: \"ten\" is not a whole number"),
+        (
+            "node=1&max_packets=ten",
+            "max_packets: \"ten\" is not a whole number",
+        ),
         ("node=1&colour=blue", "unknown parameter \"colour\""),
         ("pod=default/web&keylog=1", "keylog=1 needs node=1"),
         ("node=1&filter=%zz", "bad percent-encoding"),
@@ -91,17 +100,28 @@ fn the_config_can_forbid_captures_and_secrets() {
     assert!(e.forbidden);
     assert!(e.message.contains("capture.keylog = true"), "{}", e.message);
     let c = config("[capture]\nkeylog = true\n");
-    assert!(CaptureParams::from_query("node=1&keylog=1", &c).unwrap().keylog);
+    assert!(
+        CaptureParams::from_query("node=1&keylog=1", &c)
+            .unwrap()
+            .keylog
+    );
     let c = config("[capture]\nenabled = false\n");
     let e = CaptureParams::from_query("node=1", &c).unwrap_err();
-    assert!(e.forbidden && e.message.contains("disabled"), "{}", e.message);
+    assert!(
+        e.forbidden && e.message.contains("disabled"),
+        "{}",
+        e.message
+    );
 }
 
 #[test]
 fn capture_limits_are_validated() {
-    let e = Config::from_toml("[capture]\nmax_concurrent = 0\nmax_duration = \"2h\"\nmax_bytes = 1\n", "t")
-        .unwrap_err()
-        .to_string();
+    let e = Config::from_toml(
+        "[capture]\nmax_concurrent = 0\nmax_duration = \"2h\"\nmax_bytes = 1\n",
+        "t",
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("capture.max_concurrent"), "{e}");
     assert!(e.contains("capture.max_duration"), "{e}");
     assert!(e.contains("capture.max_bytes"), "{e}");
