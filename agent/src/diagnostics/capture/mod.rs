@@ -663,6 +663,14 @@ fn run(
             if p.hatype == libc::ARPHRD_LOOPBACK && p.pkttype == libc::PACKET_OUTGOING {
                 continue;
             }
+            // A secret is logged before the records it protects are sent,
+            // so draining here puts it in the file before them (Wireshark
+            // reads the file in order).
+            if let Some(s) = &secrets
+                && let Err(e) = out.tls_secrets(&s.drain())
+            {
+                break 'capture StopReason::Error(e.to_string());
+            }
             let iface = match interfaces.get(&p.ifindex) {
                 Some(i) => *i,
                 None => {
@@ -758,3 +766,5 @@ impl hyper::body::Body for CaptureBody {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tls_tests;
