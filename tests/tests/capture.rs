@@ -176,7 +176,7 @@ fn a_pod_capture_holds_its_http_exchange_and_nothing_else() {
                 "--filter",
                 "tcp port 8080",
                 "--duration",
-                "4s",
+                "8s",
             ],
         )?;
         cap.started()?;
@@ -315,6 +315,10 @@ fn bad_requests_and_a_third_capture_are_refused() {
             &["--pod", &pod, "--filter", "tcp prot 80"],
         )?;
         ensure!(!status.success(), "an invalid filter was accepted");
+        ensure!(
+            !world.dir().join("bad-filter.pcapng").exists(),
+            "a refused capture left a file behind"
+        );
         ensure!(
             stderr.contains("400")
                 && stderr.contains("invalid filter \"tcp prot 80\"")

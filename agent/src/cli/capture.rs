@@ -96,16 +96,8 @@ pub fn run(client: &AdminClient, args: CaptureArgs) -> Result<()> {
             "refusing to write pcapng to a terminal; pipe it (-w - | tshark -r -) or write a file (-w out.pcapng)"
         );
     }
-    let out: Box<dyn Write> = if to_stdout {
-        Box::new(std::io::stdout().lock())
-    } else {
-        Box::new(
-            std::fs::File::create(&args.write)
-                .with_context(|| format!("cannot create {}", args.write.display()))?,
-        )
-    };
     let start = Instant::now();
-    let (summary, bytes, ended) = block_on(copy_stream(client, &args, out))?;
+    let (summary, bytes, ended) = block_on(copy_stream(client, &args))?;
     let dest = if to_stdout {
         "stdout".to_string()
     } else {
@@ -146,10 +138,20 @@ enum Ended {
     OutputClosed,
 }
 
+/// The output, opened once the agent has accepted (a refused capture
+/// leaves no empty file behind).
+fn open_output(path: &std::path::Path) -> Result<Box<dyn Write>> {
+    if path.as_os_str() == "-" {
+        return Ok(Box::new(std::io::stdout().lock()));
+    }
+    Ok(Box::new(std::fs::File::create(path).with_context(
+        || format!("cannot create {}", path.display()),
+    )?))
+}
+
 async fn copy_stream(
     client: &AdminClient,
     args: &CaptureArgs,
-    mut out: Box<dyn Write>,
 ) -> Result<(StreamSummary, u64, Ended)> {
     let path = args.path();
     let rsp = client.send(Method::POST, &path, Bytes::new()).await?;
@@ -166,6 +168,7 @@ async fn copy_stream(
             text.trim_end()
         );
     }
+    let mut out = open_output(&args.write)?;
     let mut summary = StreamSummary::default();
     let mut written = 0u64;
     let ctrl_c = tokio::signal::ctrl_c();

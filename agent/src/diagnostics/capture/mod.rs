@@ -15,6 +15,9 @@
 //! snap length at most 256 KiB. Every capture is logged with who asked (the
 //! admin peer and the client's user agent), the target, the filter and the
 //! limits, and again when it ends with its counts and why it stopped.
+//!
+//! Not handled: VLAN tags the NIC stripped (offload) are not re-inserted, and
+//! a filter that names a host makes libpcap resolve it on the node.
 
 pub mod filter;
 pub mod keylog;
@@ -417,16 +420,21 @@ impl Captures {
             });
         };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let netns =
-            match &params.target {
-                Target::Pod { netns, .. } => Some(std::fs::File::open(netns).map_err(
-                    |source| CaptureError::Netns {
+        let netns = match &params.target {
+            Target::Pod { netns, .. } => match std::fs::File::open(netns) {
+                Ok(f) => Some(f),
+                Err(source) => {
+                    let e = CaptureError::Netns {
                         target: params.target.to_string(),
                         source,
-                    },
-                )?),
-                Target::Node { .. } => None,
-            };
+                    };
+                    self.refused("error");
+                    warn!(capture = id, peer = %who.peer, error = %e, "packet capture failed to start");
+                    return Err(e);
+                }
+            },
+            Target::Node { .. } => None,
+        };
         let (tx, rx) = mpsc::channel(CHANNEL);
         let (ready_tx, ready_rx) = oneshot::channel();
         let key_log = params.keylog.then(|| self.key_log.clone());
