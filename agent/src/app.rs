@@ -31,6 +31,7 @@ use tracing::{info, warn};
 
 use crate::admin::{AdminServer, AdminState, Readiness};
 use crate::config::Config;
+use crate::diagnostics::capture::Captures;
 use crate::diagnostics::metrics::{MapLabels, Metrics};
 use crate::discovery::{Discovery, ServiceTable};
 use crate::http::forward::HttpProxy;
@@ -114,6 +115,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         }
     });
     let reload_metrics = ReloadMetrics::new(&mut metrics.registry);
+    let captures = Captures::new(&mut metrics.registry);
     let registry = Arc::new(std::mem::take(&mut metrics.registry));
     let admin = AdminServer::start(
         config.admin.listen,
@@ -123,6 +125,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
             before_scrape,
             config: shared_config.clone(),
             log_level,
+            captures: captures.clone(),
         },
     )?;
     info!(node = %config.node.name, admin = %admin.local_addr, "admin API listening");
@@ -215,6 +218,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
     redirect.write().unwrap_or_else(|e| e.into_inner()).detach();
     stop_accepting.cancel();
     stop_reload.cancel();
+    captures.shutdown();
     acceptors.close();
     acceptors.wait().await;
     drain(&outbound, config.shutdown.drain_grace).await;

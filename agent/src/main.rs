@@ -32,6 +32,14 @@ enum Command {
     /// Workload identities and their certificates.
     #[command(subcommand)]
     Identity(IdentityCommand),
+    /// Capture packets in a pod's network namespace (or the node's) as
+    /// pcapng: `waymark capture --pod ns/name -f 'tcp port 80' -w - | tshark -r -`.
+    Capture {
+        #[command(flatten)]
+        admin: cli::AdminArgs,
+        #[command(flatten)]
+        args: cli::capture::CaptureArgs,
+    },
     /// Read or change the agent's log filter without a restart.
     LogLevel {
         #[command(flatten)]
@@ -141,6 +149,10 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Capture { admin, args } => cli_exit(cli::capture::run(
+            &cli::client::AdminClient::new(admin.admin),
+            args,
+        )),
         Command::LogLevel { admin, cmd } => cli_exit(cli::log_level::run(
             &cli::client::AdminClient::new(admin.admin),
             cmd,

@@ -10,6 +10,17 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail, ensure};
 
+/// What building the agent needs beyond Rust: libpcap's headers (the
+/// `pcap` crate, packet-capture filters). Every command that builds the
+/// agent ensures it.
+pub const LIBPCAP_DEV: (&str, &str) = ("/usr/include/pcap/pcap.h", "libpcap-dev");
+
+/// Installs what building the agent needs (for commands that build it
+/// without the rest of `ensure_all`).
+pub fn ensure_build_deps() -> Result<()> {
+    ensure_tools(&[LIBPCAP_DEV]).map(drop)
+}
+
 /// Commands the test world, tests and demo run, and the Debian package that
 /// provides each.
 pub const BASE_TOOLS: &[(&str, &str)] = &[
@@ -17,6 +28,13 @@ pub const BASE_TOOLS: &[(&str, &str)] = &[
     ("nsenter", "util-linux"),
     ("curl", "curl"),
     ("python3", "python3"),
+    // Packet capture: the agent links libpcap to compile tcpdump filters
+    // (the `pcap` crate needs its headers and pkg-config file to build; the
+    // binary then needs libpcap0.8, which libpcap-dev pulls in); the capture
+    // tests read the files with tshark; tcpdump is there for people.
+    LIBPCAP_DEV,
+    ("tshark", "tshark"),
+    ("tcpdump", "tcpdump"),
     // The L7 end-to-end tests' peers (tests/tests/http_*.rs).
     ("h2load", "nghttp2-client"),
     ("openssl", "openssl"),

@@ -98,6 +98,7 @@ fn up(
     require_root()?;
     if agent && build && std::env::var_os("WAYMARK_BIN").is_none() {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        crate::setup::ensure_build_deps()?;
         eprintln!("building the agent: cargo build -p waymark-agent");
         let st = Command::new(cargo)
             .args(["build", "-p", "waymark-agent"])

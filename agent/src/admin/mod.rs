@@ -1,4 +1,5 @@
-//! The admin API: `/live`, `/ready`, `/metrics`, `/config`, `/log-level`.
+//! The admin API: `/live`, `/ready`, `/metrics`, `/config`, `/log-level`,
+//! `/capture`.
 //!
 //! It runs on its own single-threaded runtime (as ztunnel's does) so a slow
 //! scrape or a large config dump never queues behind proxied traffic, and
@@ -6,6 +7,7 @@
 //! listens on loopback only (the config rejects anything else) because it
 //! has no authentication.
 
+mod capture;
 mod ready;
 mod routes;
 
@@ -32,6 +34,8 @@ pub struct AdminState {
     pub before_scrape: Box<dyn Fn() + Send + Sync>,
     pub config: crate::reload::SharedConfig,
     pub log_level: LogLevelHandle,
+    /// Packet captures (`POST /capture`).
+    pub captures: Arc<crate::diagnostics::capture::Captures>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,7 +101,7 @@ impl AdminServer {
                         tokio::spawn(async move {
                             let svc = service_fn(move |req| {
                                 let state = state.clone();
-                                async move { routes::handle(&state, req).await }
+                                async move { routes::handle(&state, peer, req).await }
                             });
                             if let Err(e) = http1::Builder::new()
                                 .serve_connection(TokioIo::new(stream), svc)

@@ -1,21 +1,25 @@
 //! Request handlers of the admin API.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 
 use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode, header};
 
 use super::AdminState;
 
-type Body = Full<Bytes>;
+/// Whole answers, or a stream (a capture).
+pub(super) type Body = UnsyncBoxBody<Bytes, Infallible>;
 
 /// Largest request body the admin API reads (a log filter).
 const MAX_BODY: usize = 4096;
 
 pub async fn handle(
     state: &AdminState,
+    peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_string();
@@ -38,14 +42,15 @@ pub async fn handle(
         (&Method::PUT, "/log-level") | (&Method::POST, "/log-level") => {
             set_log_level(state, req).await
         }
-        (_, "/live" | "/ready" | "/metrics" | "/config" | "/log-level") => text(
+        (&Method::POST, "/capture") => super::capture::handle(state, peer, req).await,
+        (_, "/live" | "/ready" | "/metrics" | "/config" | "/log-level" | "/capture") => text(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("method not allowed on {path}\n"),
         ),
         _ => text(
             StatusCode::NOT_FOUND,
             format!(
-                "no such admin endpoint: {path}\navailable: /live /ready /metrics /config /log-level\n"
+                "no such admin endpoint: {path}\navailable: /live /ready /metrics /config /log-level /capture\n"
             ),
         ),
     };
@@ -97,12 +102,12 @@ async fn set_log_level(state: &AdminState, req: Request<Incoming>) -> Response<B
     }
 }
 
-fn text(status: StatusCode, body: String) -> Response<Body> {
+pub(super) fn text(status: StatusCode, body: String) -> Response<Body> {
     with_type(status, "text/plain; charset=utf-8", body)
 }
 
 fn with_type(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+    let mut r = Response::new(Full::new(Bytes::from(body)).boxed_unsync());
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -56,6 +56,7 @@ impl AdminClient {
             .method(method)
             .uri(path_and_query)
             .header(hyper::header::HOST, self.addr.to_string())
+            .header(hyper::header::USER_AGENT, user_agent())
             .body(Full::new(body))
             .context("cannot build the admin request")?;
         sender
@@ -102,6 +103,22 @@ impl AdminClient {
     }
 }
 
+/// Names the CLI and who runs it; the agent logs it with requests that
+/// matter (captures).
+fn user_agent() -> String {
+    let uid = nix::unistd::getuid();
+    let user = std::env::var("SUDO_USER")
+        .ok()
+        .map(|u| format!("{u} via sudo"))
+        .or_else(|| std::env::var("USER").ok())
+        .unwrap_or_else(|| "-".to_string());
+    format!(
+        "waymark-cli/{} (user {user}, uid {uid}, pid {})",
+        env!("CARGO_PKG_VERSION"),
+        std::process::id()
+    )
+}
+
 /// Runs one CLI future on a small current-thread runtime.
 pub fn block_on<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
     tokio::runtime::Builder::new_current_thread()
@@ -112,7 +129,6 @@ pub fn block_on<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T>
 }
 
 /// Percent-encodes a query parameter value (RFC 3986 unreserved kept).
-#[allow(dead_code, reason = "for the filtering subcommands (tap, drops)")]
 pub fn encode_query_value(v: &str) -> String {
     let mut out = String::with_capacity(v.len());
     for b in v.bytes() {

@@ -5,6 +5,7 @@
 //! subcommand takes `--admin ADDR` (default `127.0.0.1:4191`, or
 //! `WAYMARK_ADMIN`).
 
+pub mod capture;
 pub mod client;
 pub mod log_level;
 

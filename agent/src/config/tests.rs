@@ -7,6 +7,7 @@ fn embedded_default_is_valid_and_runs_without_pods() {
     assert_eq!(c.outbound.port, 15001);
     assert!(c.redirect.cgroup.is_none());
     assert!(c.pods.is_empty());
+    assert_eq!(c.capture, CaptureConfig::default());
 }
 
 #[test]

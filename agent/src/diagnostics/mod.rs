@@ -1,6 +1,8 @@
-//! What the agent tells operators about the traffic it carries: metrics now;
-//! tap, traces, kernel counters and capture slot in beside them.
+//! What the agent tells operators about the traffic it carries: metrics,
+//! diagnostic traces and packet capture; tap and kernel counters slot in
+//! beside them.
 
+pub mod capture;
 pub mod http_metrics;
 pub mod metrics;
 pub mod trace;

@@ -125,6 +125,7 @@ fn build(no_build: bool, agent: bool) -> Result<Bins> {
     if !no_build {
         let mut a = vec!["build", "--release", "-p", "waymark-tests", "--bins"];
         if agent {
+            setup::ensure_build_deps()?;
             a.extend(["-p", "waymark-agent"]);
         }
         eprintln!("bench: cargo {}", a.join(" "));

@@ -1,0 +1,396 @@
+//! End-to-end tests of packet capture (`waymark capture`, admin `POST
+//! /capture`) against real agents: the capture of a pod holds its HTTP
+//! exchange and nothing the filter or the pod's namespace excludes, limits
+//! stop it, bad requests are refused with their reason, and the concurrency
+//! bound holds. The files are read back with Debian's tshark. See
+//! tests/README.md.
+
+// Children spawned through a world are reaped by the world when it shuts down.
+#![allow(clippy::zombie_processes)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use waymark_tests::world::agent::waymark_bin;
+use waymark_tests::{
+    Node, Pod, Server, World, await_metric, eventually, metric, python, require_agent_or_skip,
+    testpeer, with_world, world_name,
+};
+
+/// An HTTP/1.1 server on PORT that answers every GET with 200 and the path.
+const HTTP_SERVER: &str = r#"
+import http.server, sys
+port = int(sys.argv[1])
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a):
+        pass
+    def do_GET(self):
+        body = ("got %s\n" % self.path).encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+srv = http.server.ThreadingHTTPServer(("0.0.0.0", port), H)
+print("listening", "0.0.0.0:%d" % port, flush=True)
+srv.serve_forever()
+"#;
+
+fn http_server(pod: &Pod, port: u16) -> Result<Server> {
+    pod.serve(python().args(["-c", HTTP_SERVER, &port.to_string()]))
+}
+
+/// One GET with curl from `pod`; the body.
+fn curl(pod: &Pod, url: &str) -> Result<String> {
+    pod.run_ok(Command::new("curl").args(["-sS", "--max-time", "5", url]))
+}
+
+/// A `waymark capture` running on a node, writing to a file.
+struct Capture {
+    child: Child,
+    file: PathBuf,
+    stderr: PathBuf,
+}
+
+fn capture(world: &World, node: &Node, tag: &str, args: &[&str]) -> Result<Capture> {
+    let file = world.dir().join(format!("{tag}.pcapng"));
+    let stderr = world.dir().join(format!("{tag}.stderr"));
+    let mut cmd = Command::new(waymark_bin()?);
+    cmd.args(["capture", "--admin", &node.admin_addr().to_string()])
+        .args(args)
+        .arg("-w")
+        .arg(&file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr)?);
+    let child = node.spawn(&mut cmd)?;
+    Ok(Capture {
+        child,
+        file,
+        stderr,
+    })
+}
+
+impl Capture {
+    /// Waits until the agent has opened the socket (the stream's section
+    /// header is in the file).
+    fn started(&mut self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if std::fs::metadata(&self.file).is_ok_and(|m| m.len() > 0) {
+                return Ok(());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "capture exited ({status}) before starting: {}",
+                    self.stderr_text()
+                );
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "capture did not start: {}",
+                self.stderr_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for the CLI to exit on its own; its status and stderr.
+    fn finish(mut self, timeout: Duration) -> Result<(ExitStatus, String, PathBuf)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok((status, self.stderr_text(), self.file.clone()));
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                bail!(
+                    "capture still running after {timeout:?}: {}",
+                    self.stderr_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stderr_text(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+}
+
+/// Runs `waymark capture ARGS -w FILE` on `node` to completion.
+fn capture_once(
+    world: &World,
+    node: &Node,
+    tag: &str,
+    args: &[&str],
+) -> Result<(ExitStatus, String)> {
+    let (status, stderr, _) = capture(world, node, tag, args)?.finish(Duration::from_secs(30))?;
+    Ok((status, stderr))
+}
+
+/// `tshark -r FILE ARGS…`: stdout lines.
+fn tshark(file: &Path, args: &[&str]) -> Result<Vec<String>> {
+    let out = Command::new("tshark")
+        .arg("-r")
+        .arg(file)
+        .args(args)
+        .output()
+        .context("running tshark (apt-get install tshark)")?;
+    ensure!(
+        out.status.success(),
+        "tshark -r {} {args:?} failed: {}",
+        file.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect())
+}
+
+/// The capture of a pod holds the HTTP request it served (tshark decodes
+/// it), on the pod's own interface; the filter keeps other ports out, and
+/// the same traffic to another pod is absent (the capture is scoped to the
+/// pod's namespace).
+#[test]
+fn a_pod_capture_holds_its_http_exchange_and_nothing_else() {
+    require_agent_or_skip!();
+    let builder = World::builder(world_name!()).nodes(1).pods_per_node(3);
+    with_world(builder, |world| {
+        let node = world.node(0);
+        let (client, server, other) = (world.pod(0, 0), world.pod(0, 1), world.pod(0, 2));
+        let _web = http_server(server, 8080)?;
+        let _other_web = http_server(other, 8080)?;
+        let _echo = server.serve(&mut testpeer(["echo", "--listen", "0.0.0.0:9090"]))?;
+
+        let mut cap = capture(
+            world,
+            node,
+            "http",
+            &[
+                "--pod",
+                server.name(),
+                "--filter",
+                "tcp port 8080",
+                "--duration",
+                "8s",
+            ],
+        )?;
+        cap.started()?;
+        let body = curl(
+            client,
+            &format!("http://{}:8080/capture-marker-1", server.ip()),
+        )?;
+        ensure!(body.contains("got /capture-marker-1"), "curl got {body:?}");
+        // Same port, another pod: outside the capture's namespace.
+        curl(
+            client,
+            &format!("http://{}:8080/other-pod-marker", other.ip()),
+        )?;
+        // The captured pod, another port: outside the filter.
+        let out = client.run_ok(&mut testpeer([
+            "client",
+            "--connect",
+            &format!("{}:9090", server.ip()),
+            "--bytes",
+            "100",
+        ]))?;
+        ensure!(out.contains("\"identical\":true"), "echo: {out}");
+        let (status, stderr, file) = cap.finish(Duration::from_secs(20))?;
+        ensure!(status.success(), "capture failed: {stderr}");
+        ensure!(stderr.contains("stopped: duration"), "summary: {stderr}");
+        ensure!(
+            stderr.contains(&format!("pod {}", server.name())),
+            "summary: {stderr}"
+        );
+
+        let uris = tshark(
+            &file,
+            &[
+                "-Y",
+                "http.request",
+                "-T",
+                "fields",
+                "-e",
+                "http.request.uri",
+            ],
+        )?;
+        ensure!(
+            uris == ["/capture-marker-1"],
+            "HTTP requests in the capture: {uris:?}"
+        );
+        let ports = tshark(
+            &file,
+            &["-T", "fields", "-e", "tcp.srcport", "-e", "tcp.dstport"],
+        )?;
+        ensure!(ports.len() >= 6, "too few packets: {ports:?}");
+        ensure!(
+            ports
+                .iter()
+                .all(|p| p.split('\t').any(|port| port == "8080")),
+            "a packet outside the filter: {ports:?}"
+        );
+        let hosts = tshark(&file, &["-T", "fields", "-e", "ip.dst"])?;
+        ensure!(
+            !hosts.iter().any(|h| h == &other.ip().to_string()),
+            "a packet to the other pod: {hosts:?}"
+        );
+        // Interfaces are named in the file.
+        let ifaces = tshark(&file, &["-T", "fields", "-e", "frame.interface_name"])?;
+        ensure!(ifaces.iter().all(|i| i == "eth0"), "interfaces: {ifaces:?}");
+        Ok(())
+    });
+}
+
+/// `--max-packets` stops the capture, and `-w -` streams into a pipe that
+/// tshark reads. In the node's namespace this time.
+#[test]
+fn max_packets_stops_a_node_capture_streamed_to_tshark() {
+    require_agent_or_skip!();
+    let builder = World::builder(world_name!()).nodes(1).pods_per_node(2);
+    with_world(builder, |world| {
+        let node = world.node(0);
+        let (client, server) = (world.pod(0, 0), world.pod(0, 1));
+        let _echo = server.serve(&mut testpeer(["echo", "--listen", "0.0.0.0:7000"]))?;
+        let script = format!(
+            "{} capture --admin {} --node --filter 'tcp port 7000' --max-packets 5 --duration 20s -w - | tshark -r - -T fields -e frame.number -e tcp.dstport",
+            waymark_bin()?.display(),
+            node.admin_addr()
+        );
+        std::thread::scope(|s| -> Result<()> {
+            let piped = s.spawn(|| {
+                node.run_timeout(
+                    Command::new("sh").args(["-c", &script]),
+                    Duration::from_secs(30),
+                )
+            });
+            await_metric(node, "waymark_captures_active", &[], 1.0)?;
+            let out = client.run_ok(&mut testpeer([
+                "client",
+                "--connect",
+                &format!("{}:7000", server.ip()),
+                "--bytes",
+                "5000",
+            ]))?;
+            ensure!(out.contains("\"identical\":true"), "echo: {out}");
+            let out = piped.join().expect("capture thread")?;
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            ensure!(out.status.success(), "pipeline failed: {stderr}");
+            let frames: Vec<&str> = stdout.lines().collect();
+            ensure!(
+                frames.len() == 5,
+                "expected 5 packets, tshark read {frames:?}; stderr {stderr}"
+            );
+            ensure!(
+                stderr.contains("5 packets") && stderr.contains("stopped: max_packets"),
+                "summary: {stderr}"
+            );
+            Ok(())
+        })?;
+        await_metric(node, "waymark_captures_active", &[], 0.0)?;
+        ensure!(metric(node, "waymark_captures_started_total", &[("scope", "node")])? >= 1.0);
+        Ok(())
+    });
+}
+
+/// An invalid filter and an unknown pod are refused with their reason; a
+/// third concurrent capture gets 429; a client that goes away ends its
+/// capture; every capture is in the agent's log.
+#[test]
+fn bad_requests_and_a_third_capture_are_refused() {
+    require_agent_or_skip!();
+    let builder = World::builder(world_name!()).nodes(1).pods_per_node(1);
+    with_world(builder, |world| {
+        let node = world.node(0);
+        let pod = world.pod(0, 0).name().to_string();
+
+        let (status, stderr) = capture_once(
+            world,
+            node,
+            "bad-filter",
+            &["--pod", &pod, "--filter", "tcp prot 80"],
+        )?;
+        ensure!(!status.success(), "an invalid filter was accepted");
+        ensure!(
+            !world.dir().join("bad-filter.pcapng").exists(),
+            "a refused capture left a file behind"
+        );
+        ensure!(
+            stderr.contains("400")
+                && stderr.contains("invalid filter \"tcp prot 80\"")
+                && stderr.contains("syntax error"),
+            "{stderr}"
+        );
+
+        let (status, stderr) = capture_once(world, node, "bad-pod", &["--pod", "default/nope"])?;
+        ensure!(!status.success(), "an unknown pod was accepted");
+        ensure!(
+            stderr.contains("400")
+                && stderr.contains("unknown pod \"default/nope\"")
+                && stderr.contains(&pod),
+            "{stderr}"
+        );
+
+        let mut first = capture(world, node, "first", &["--pod", &pod, "--duration", "20s"])?;
+        let mut second = capture(world, node, "second", &["--node", "--duration", "20s"])?;
+        first.started()?;
+        second.started()?;
+        let (status, stderr) = capture_once(world, node, "third", &["--pod", &pod])?;
+        ensure!(!status.success(), "a third capture was accepted");
+        ensure!(
+            stderr.contains("429") && stderr.contains("2 captures are already running"),
+            "{stderr}"
+        );
+        ensure!(
+            metric(
+                node,
+                "waymark_captures_refused_total",
+                &[("reason", "busy")]
+            )? == 1.0
+        );
+        ensure!(
+            metric(
+                node,
+                "waymark_captures_refused_total",
+                &[("reason", "invalid")]
+            )? == 2.0
+        );
+
+        // The clients go away: the agent ends both captures.
+        for mut c in [first, second] {
+            c.child.kill()?;
+            c.child.wait()?;
+        }
+        await_metric(node, "waymark_captures_active", &[], 0.0)?;
+        // A slot is free again.
+        let (status, stderr) =
+            capture_once(world, node, "again", &["--pod", &pod, "--duration", "1s"])?;
+        ensure!(
+            status.success() && stderr.contains("stopped: duration"),
+            "{stderr}"
+        );
+
+        eventually(Duration::from_secs(5), || {
+            let log = node.agent_log();
+            ensure!(log.matches("packet capture started").count() == 3, "{log}");
+            ensure!(
+                log.matches("reason=client_disconnected").count() == 2,
+                "{log}"
+            );
+            // Refusals are logged with their reason too.
+            ensure!(log.matches("packet capture refused").count() == 3, "{log}");
+            ensure!(log.contains("invalid filter \"tcp prot 80\""), "{log}");
+            ensure!(
+                log.contains("waymark-cli/"),
+                "the user agent is not logged: {log}"
+            );
+            Ok(())
+        })
+        .with_context(|| "agent log".to_string())?;
+        Ok(())
+    });
+}
