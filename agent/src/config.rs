@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+pub mod kernel;
 pub mod services;
+pub use kernel::KernelConfig;
 use serde::{Deserialize, Serialize};
 pub use services::{BalancerConfig, ProxyConfig, ServiceConfig};
 
@@ -69,6 +71,9 @@ pub struct Config {
     /// Per-request load balancing and failure accrual.
     #[serde(default)]
     pub balancer: BalancerConfig,
+    /// Kernel diagnostics: drops, retransmits, resets, traffic per pod.
+    #[serde(default)]
+    pub kernel: KernelConfig,
     /// Services the agent routes to; destinations that are no service's
     /// address are forwarded as plain TCP to where they were dialled.
     #[serde(default)]
@@ -384,6 +389,7 @@ impl Config {
             problems.push(format!("balancer: {e}"));
         }
         services::validate(&self.services, &mut problems);
+        self.kernel.validate(&mut problems);
         if problems.is_empty() {
             Ok(())
         } else {

@@ -1,4 +1,5 @@
-//! The admin API: `/live`, `/ready`, `/metrics`, `/config`, `/log-level`.
+//! The admin API: `/live`, `/ready`, `/metrics`, `/config`, `/log-level`,
+//! `/drops`, `/drops/follow`.
 //!
 //! It runs on its own single-threaded runtime (as ztunnel's does) so a slow
 //! scrape or a large config dump never queues behind proxied traffic, and
@@ -6,6 +7,7 @@
 //! listens on loopback only (the config rejects anything else) because it
 //! has no authentication.
 
+mod drops;
 mod ready;
 mod routes;
 
@@ -32,6 +34,8 @@ pub struct AdminState {
     pub before_scrape: Box<dyn Fn() + Send + Sync>,
     pub config: crate::reload::SharedConfig,
     pub log_level: LogLevelHandle,
+    /// The kernel diagnostics behind `/drops`, if they loaded.
+    pub kernel: Option<Arc<crate::diagnostics::kernel::KernelDiag>>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -3,13 +3,15 @@
 use std::convert::Infallible;
 
 use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode, header};
 
 use super::AdminState;
 
-type Body = Full<Bytes>;
+/// Whole answers and streams (`/drops/follow`) alike.
+pub(super) type Body = BoxBody<Bytes, Infallible>;
 
 /// Largest request body the admin API reads (a log filter).
 const MAX_BODY: usize = 4096;
@@ -38,14 +40,19 @@ pub async fn handle(
         (&Method::PUT, "/log-level") | (&Method::POST, "/log-level") => {
             set_log_level(state, req).await
         }
-        (_, "/live" | "/ready" | "/metrics" | "/config" | "/log-level") => text(
+        (&Method::GET, "/drops") => super::drops::report(state, req.uri().query()),
+        (&Method::GET, "/drops/follow") => super::drops::follow(state, req.uri().query()),
+        (
+            _,
+            "/live" | "/ready" | "/metrics" | "/config" | "/log-level" | "/drops" | "/drops/follow",
+        ) => text(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("method not allowed on {path}\n"),
         ),
         _ => text(
             StatusCode::NOT_FOUND,
             format!(
-                "no such admin endpoint: {path}\navailable: /live /ready /metrics /config /log-level\n"
+                "no such admin endpoint: {path}\navailable: /live /ready /metrics /config /log-level /drops /drops/follow\n"
             ),
         ),
     };
@@ -97,12 +104,16 @@ async fn set_log_level(state: &AdminState, req: Request<Incoming>) -> Response<B
     }
 }
 
-fn text(status: StatusCode, body: String) -> Response<Body> {
+pub(super) fn text(status: StatusCode, body: String) -> Response<Body> {
     with_type(status, "text/plain; charset=utf-8", body)
 }
 
-fn with_type(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+pub(super) fn with_type(
+    status: StatusCode,
+    content_type: &'static str,
+    body: String,
+) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body)).boxed());
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,

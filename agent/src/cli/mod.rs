@@ -6,6 +6,7 @@
 //! `WAYMARK_ADMIN`).
 
 pub mod client;
+pub mod drops;
 pub mod log_level;
 
 use std::net::SocketAddr;

@@ -2,5 +2,6 @@
 //! tap, traces, kernel counters and capture slot in beside them.
 
 pub mod http_metrics;
+pub mod kernel;
 pub mod metrics;
 pub mod trace;
