@@ -25,8 +25,9 @@ use anyhow::{Context as _, anyhow};
 const STUB_VAR: &str = "WAYMARK_EBPF_STUB";
 const BOOTSTRAP_VAR: &str = "RUSTC_BOOTSTRAP";
 const KERNEL_PACKAGE: &str = "waymark-ebpf";
-/// The kernel crate's binary; aya-build copies it to `OUT_DIR/<bin name>`.
-const OBJECT_NAME: &str = "waymark";
+/// The kernel crate's binaries (the redirection programs and the kernel
+/// diagnostics); aya-build copies each to `OUT_DIR/<bin name>`.
+const OBJECT_NAMES: [&str; 2] = ["waymark", "waymark-diag"];
 
 fn main() -> anyhow::Result<ExitCode> {
     println!("cargo:rerun-if-env-changed={STUB_VAR}");
@@ -34,9 +35,11 @@ fn main() -> anyhow::Result<ExitCode> {
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").context("OUT_DIR not set")?);
 
     if env::var_os(STUB_VAR).is_some_and(|v| v == "1") {
-        println!("cargo:warning={STUB_VAR}=1: embedding an empty eBPF object");
-        fs::write(out_dir.join(OBJECT_NAME), [])
-            .with_context(|| format!("writing stub object to {}", out_dir.display()))?;
+        println!("cargo:warning={STUB_VAR}=1: embedding empty eBPF objects");
+        for name in OBJECT_NAMES {
+            fs::write(out_dir.join(name), [])
+                .with_context(|| format!("writing stub object to {}", out_dir.display()))?;
+        }
         return Ok(ExitCode::SUCCESS);
     }
 

@@ -32,6 +32,7 @@ use tracing::{info, warn};
 use crate::admin::{AdminServer, AdminState, Readiness};
 use crate::config::Config;
 use crate::diagnostics::capture::Captures;
+use crate::diagnostics::kernel as kernel_diag;
 use crate::diagnostics::metrics::{MapLabels, Metrics};
 use crate::discovery::{Discovery, ServiceTable};
 use crate::http::forward::HttpProxy;
@@ -114,6 +115,10 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
             Err(e) => warn!(error = %e, "cannot read redirect map occupancy"),
         }
     });
+    let kernel = kernel_diag::load_if_enabled(&config.kernel);
+    if let Some(k) = &kernel {
+        kernel_diag::register_metrics(&mut metrics.registry, k.clone());
+    }
     let reload_metrics = ReloadMetrics::new(&mut metrics.registry);
     let captures = Captures::new(&mut metrics.registry);
     let registry = Arc::new(std::mem::take(&mut metrics.registry));
@@ -126,12 +131,14 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
             config: shared_config.clone(),
             log_level,
             captures: captures.clone(),
+            kernel: kernel.clone(),
         },
     )?;
     info!(node = %config.node.name, admin = %admin.local_addr, "admin API listening");
 
     // Bind every pod's listener before attaching (see the module doc).
     let mut bound = Vec::new();
+    let mut pod_netns = Vec::new();
     for pod in &config.pods {
         let sockets = bind_in_netns(&pod.netns, config.outbound.port)
             .with_context(|| format!("cannot set up the outbound listener of pod {}", pod.name))?;
@@ -139,6 +146,10 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
             warn!(pod = %pod.name, error = %e, "no IPv6 loopback in the pod; only IPv4 connections are proxied");
         }
         let info = Arc::new(PodInfo {
+            name: pod.name.clone(),
+            netns_cookie: sockets.netns_cookie,
+        });
+        pod_netns.push(kernel_diag::PodNetns {
             name: pod.name.clone(),
             netns_cookie: sockets.netns_cookie,
         });
@@ -150,6 +161,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
     }
     readiness.set(READY_LISTENERS);
 
+    let mut pods_cgroup = None;
     match &config.redirect.cgroup {
         Some(cgroup) => {
             let path = resolve_cgroup(cgroup)?;
@@ -161,12 +173,17 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
                     format!("cannot attach the redirect programs to {}", path.display())
                 })?;
             info!(cgroup = %path.display(), "redirect programs attached");
+            pods_cgroup = Some(path);
         }
         None => info!(
             "redirect.cgroup is not set: programs loaded but not attached; no pod traffic is redirected"
         ),
     }
     readiness.set(READY_PROGRAMS);
+    let stop_kernel = CancellationToken::new();
+    if let Some(k) = &kernel {
+        k.start(&pod_netns, pods_cgroup.as_deref(), &stop_kernel);
+    }
 
     let http = Arc::new(HttpProxy {
         node: config.node.name.clone(),
@@ -216,6 +233,10 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
     info!(signal = signal_name, grace = ?config.shutdown.drain_grace, "shutting down: detaching programs, then draining");
     readiness.unset(READY_DRAINING);
     redirect.write().unwrap_or_else(|e| e.into_inner()).detach();
+    stop_kernel.cancel();
+    if let Some(k) = &kernel {
+        k.detach();
+    }
     stop_accepting.cancel();
     stop_reload.cancel();
     captures.shutdown();

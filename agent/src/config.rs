@@ -13,8 +13,10 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 pub mod capture;
+pub mod kernel;
 pub mod services;
 pub use capture::CaptureConfig;
+pub use kernel::KernelConfig;
 use serde::{Deserialize, Serialize};
 pub use services::{BalancerConfig, ProxyConfig, ServiceConfig};
 
@@ -74,6 +76,9 @@ pub struct Config {
     /// Packet capture on demand (admin API `POST /capture`).
     #[serde(default)]
     pub capture: CaptureConfig,
+    /// Kernel diagnostics: drops, retransmits, resets, traffic per pod.
+    #[serde(default)]
+    pub kernel: KernelConfig,
     /// Services the agent routes to; destinations that are no service's
     /// address are forwarded as plain TCP to where they were dialled.
     #[serde(default)]
@@ -390,6 +395,7 @@ impl Config {
         }
         services::validate(&self.services, &mut problems);
         capture::validate(&self.capture, &mut problems);
+        self.kernel.validate(&mut problems);
         if problems.is_empty() {
             Ok(())
         } else {

@@ -47,6 +47,14 @@ enum Command {
         #[command(subcommand)]
         cmd: Option<cli::log_level::LogLevelCommand>,
     },
+    /// What the kernel dropped, retransmitted and reset, per pod and drop
+    /// reason (`--follow` streams the events).
+    Drops {
+        #[command(flatten)]
+        admin: cli::AdminArgs,
+        #[command(flatten)]
+        args: cli::drops::DropsArgs,
+    },
 }
 
 /// Exit status of a CLI subcommand: errors go to stderr with their context.
@@ -156,6 +164,10 @@ fn main() -> ExitCode {
         Command::LogLevel { admin, cmd } => cli_exit(cli::log_level::run(
             &cli::client::AdminClient::new(admin.admin),
             cmd,
+        )),
+        Command::Drops { admin, args } => cli_exit(cli::drops::run(
+            &cli::client::AdminClient::new(admin.admin),
+            args,
         )),
         Command::Config(ConfigCommand::Default) => {
             print!("{}", config::DEFAULT_CONFIG);

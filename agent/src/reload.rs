@@ -188,6 +188,9 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.metrics != new.metrics {
         v.push("metrics");
     }
+    if old.kernel != new.kernel {
+        v.push("kernel");
+    }
     v
 }
 

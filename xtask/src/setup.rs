@@ -35,6 +35,9 @@ pub const BASE_TOOLS: &[(&str, &str)] = &[
     LIBPCAP_DEV,
     ("tshark", "tshark"),
     ("tcpdump", "tcpdump"),
+    // The kernel drop tests drop packets with nftables rules inside the
+    // world's namespaces (tests/tests/kernel_drops.rs).
+    ("nft", "nftables"),
     // The L7 end-to-end tests' peers (tests/tests/http_*.rs).
     ("h2load", "nghttp2-client"),
     ("openssl", "openssl"),

@@ -1,5 +1,5 @@
 //! The admin API: `/live`, `/ready`, `/metrics`, `/config`, `/log-level`,
-//! `/capture`.
+//! `/capture`, `/drops`, `/drops/follow`.
 //!
 //! It runs on its own single-threaded runtime (as ztunnel's does) so a slow
 //! scrape or a large config dump never queues behind proxied traffic, and
@@ -8,6 +8,7 @@
 //! has no authentication.
 
 mod capture;
+mod drops;
 mod ready;
 mod routes;
 
@@ -36,6 +37,8 @@ pub struct AdminState {
     pub log_level: LogLevelHandle,
     /// Packet captures (`POST /capture`).
     pub captures: Arc<crate::diagnostics::capture::Captures>,
+    /// The kernel diagnostics behind `/drops`, if they loaded.
+    pub kernel: Option<Arc<crate::diagnostics::kernel::KernelDiag>>,
 }
 
 #[derive(Debug, thiserror::Error)]

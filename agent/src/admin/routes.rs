@@ -11,8 +11,20 @@ use hyper::{Method, Request, Response, StatusCode, header};
 
 use super::AdminState;
 
-/// Whole answers, or a stream (a capture).
+/// Whole answers and streams (a capture, `/drops/follow`) alike.
 pub(super) type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// Every endpoint, for the 405 and 404 answers.
+const ENDPOINTS: &[&str] = &[
+    "/live",
+    "/ready",
+    "/metrics",
+    "/config",
+    "/log-level",
+    "/capture",
+    "/drops",
+    "/drops/follow",
+];
 
 /// Largest request body the admin API reads (a log filter).
 const MAX_BODY: usize = 4096;
@@ -43,14 +55,17 @@ pub async fn handle(
             set_log_level(state, req).await
         }
         (&Method::POST, "/capture") => super::capture::handle(state, peer, req).await,
-        (_, "/live" | "/ready" | "/metrics" | "/config" | "/log-level" | "/capture") => text(
+        (&Method::GET, "/drops") => super::drops::report(state, req.uri().query()),
+        (&Method::GET, "/drops/follow") => super::drops::follow(state, req.uri().query()),
+        (_, p) if ENDPOINTS.contains(&p) => text(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("method not allowed on {path}\n"),
         ),
         _ => text(
             StatusCode::NOT_FOUND,
             format!(
-                "no such admin endpoint: {path}\navailable: /live /ready /metrics /config /log-level /capture\n"
+                "no such admin endpoint: {path}\navailable: {}\n",
+                ENDPOINTS.join(" ")
             ),
         ),
     };
@@ -106,7 +121,11 @@ pub(super) fn text(status: StatusCode, body: String) -> Response<Body> {
     with_type(status, "text/plain; charset=utf-8", body)
 }
 
-fn with_type(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
+pub(super) fn with_type(
+    status: StatusCode,
+    content_type: &'static str,
+    body: String,
+) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::from(body)).boxed_unsync());
     *r.status_mut() = status;
     r.headers_mut().insert(

@@ -7,6 +7,7 @@
 
 pub mod capture;
 pub mod client;
+pub mod drops;
 pub mod log_level;
 
 use std::net::SocketAddr;

@@ -4,5 +4,6 @@
 
 pub mod capture;
 pub mod http_metrics;
+pub mod kernel;
 pub mod metrics;
 pub mod trace;

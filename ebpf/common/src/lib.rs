@@ -5,6 +5,8 @@
 //! change here is a change to the map layout.
 #![no_std]
 
+pub mod diag;
+
 /// Port of the outbound listener the agent binds inside every pod's network
 /// namespace (on `127.0.0.1` and `::1`). Redirected connections land there.
 pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
