@@ -1,4 +1,6 @@
-//! The admin API: `/live`, `/ready`, `/metrics`, `/config`, `/log-level`.
+//! The admin API: `/live`, `/ready`, `/metrics`, `/config`, `/log-level`,
+//! the sliding-window stats (`/stat`, `/routes`, `/edges`) and the facts
+//! `waymark check` judges (`/check`).
 //!
 //! It runs on its own single-threaded runtime (as ztunnel's does) so a slow
 //! scrape or a large config dump never queues behind proxied traffic, and
@@ -6,8 +8,10 @@
 //! listens on loopback only (the config rejects anything else) because it
 //! has no authentication.
 
+pub mod check;
 mod ready;
 mod routes;
+pub mod stats;
 
 pub use ready::Readiness;
 
@@ -32,6 +36,16 @@ pub struct AdminState {
     pub before_scrape: Box<dyn Fn() + Send + Sync>,
     pub config: crate::reload::SharedConfig,
     pub log_level: LogLevelHandle,
+    /// The sliding windows behind `/stat`, `/routes` and `/edges`.
+    pub stats: Arc<crate::diagnostics::stats::Stats>,
+    pub discovery: Arc<crate::discovery::Discovery>,
+    /// The config file the agent was started with (`None`: embedded default).
+    pub config_path: Option<std::path::PathBuf>,
+    /// The redirect programs as the kernel sees them now.
+    pub redirect_state: Box<dyn Fn() -> crate::redirect::query::RedirectState + Send + Sync>,
+    /// Validity of the workload certificates the agent holds (none until
+    /// identities are configured).
+    pub certificates: Box<dyn Fn() -> Vec<check::CertFacts> + Send + Sync>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -8,6 +8,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode, header};
 
 use super::AdminState;
+use super::stats::{self, Query};
 
 type Body = Full<Bytes>;
 
@@ -38,14 +39,38 @@ pub async fn handle(
         (&Method::PUT, "/log-level") | (&Method::POST, "/log-level") => {
             set_log_level(state, req).await
         }
-        (_, "/live" | "/ready" | "/metrics" | "/config" | "/log-level") => text(
+        (&Method::GET, "/stat" | "/routes" | "/edges") => {
+            let query = Query::parse(req.uri().query());
+            let answer = match path.as_str() {
+                "/stat" => stats::stat(state, &query),
+                "/routes" => stats::routes(state, &query),
+                _ => stats::edges(state, &query),
+            };
+            match answer {
+                Ok(body) => with_type(StatusCode::OK, "application/json", body),
+                Err((status, msg)) => text(status, msg + "\n"),
+            }
+        }
+        (&Method::GET, "/check") => match serde_json::to_string_pretty(&super::check::facts(state))
+        {
+            Ok(json) => with_type(StatusCode::OK, "application/json", json + "\n"),
+            Err(e) => text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot encode check facts: {e}\n"),
+            ),
+        },
+        (
+            _,
+            "/live" | "/ready" | "/metrics" | "/config" | "/log-level" | "/stat" | "/routes"
+            | "/edges" | "/check",
+        ) => text(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("method not allowed on {path}\n"),
         ),
         _ => text(
             StatusCode::NOT_FOUND,
             format!(
-                "no such admin endpoint: {path}\navailable: /live /ready /metrics /config /log-level\n"
+                "no such admin endpoint: {path}\navailable: /live /ready /metrics /config /log-level /stat /routes /edges /check\n"
             ),
         ),
     };

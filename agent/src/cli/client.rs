@@ -26,6 +26,10 @@ impl AdminClient {
         AdminClient { addr }
     }
 
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     /// Sends one request and returns the response with its body unread, so
     /// streaming endpoints (tap, drops --follow, capture) can be read as
     /// they arrive.
@@ -91,7 +95,6 @@ impl AdminClient {
     }
 
     /// GET returning the body decoded from JSON.
-    #[allow(dead_code, reason = "for the table subcommands (stat, routes, drops)")]
     pub async fn get_json<T: serde::de::DeserializeOwned>(
         &self,
         path_and_query: &str,
@@ -112,7 +115,6 @@ pub fn block_on<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T>
 }
 
 /// Percent-encodes a query parameter value (RFC 3986 unreserved kept).
-#[allow(dead_code, reason = "for the filtering subcommands (tap, drops)")]
 pub fn encode_query_value(v: &str) -> String {
     let mut out = String::with_capacity(v.len());
     for b in v.bytes() {

@@ -5,8 +5,11 @@
 //! subcommand takes `--admin ADDR` (default `127.0.0.1:4191`, or
 //! `WAYMARK_ADMIN`).
 
+pub mod check;
 pub mod client;
 pub mod log_level;
+pub mod stat;
+pub mod table;
 
 use std::net::SocketAddr;
 
