@@ -142,7 +142,10 @@ fn balancing(c: &mut Criterion) {
 
 fn metrics(c: &mut Criterion) {
     let mut registry = prometheus_client::registry::Registry::default();
-    let m = Arc::new(HttpMetrics::new(&mut registry, 100));
+    // The sliding windows behind `waymark stat` are recorded on the same
+    // path, so they are part of the figure.
+    let stats = Arc::new(waymark_agent::diagnostics::stats::Stats::new(1000));
+    let m = Arc::new(HttpMetrics::new(&mut registry, 100, stats));
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();

@@ -86,7 +86,10 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
     let config = Arc::new(config);
     let shared_config: SharedConfig = Arc::new(RwLock::new(config.clone()));
     let readiness = Arc::new(Readiness::new(&[READY_PROGRAMS, READY_LISTENERS]));
-    let mut metrics = Metrics::new(config.metrics.max_destinations);
+    let mut metrics = Metrics::new(
+        config.metrics.max_destinations,
+        config.metrics.max_stat_edges,
+    );
 
     let redirect = Redirect::load(config.outbound.port, &config.excludes())
         .context("cannot load the redirect programs into the kernel (waymark agent needs root, or CAP_BPF + CAP_NET_ADMIN + CAP_SYS_ADMIN, and a kernel with BTF and cgroup v2)")?;
@@ -122,6 +125,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
     let reload_metrics = ReloadMetrics::new(&mut metrics.registry);
     let captures = Captures::new(&mut metrics.registry);
     let registry = Arc::new(std::mem::take(&mut metrics.registry));
+    let check_redirect = redirect.clone();
     let admin = AdminServer::start(
         config.admin.listen,
         AdminState {
@@ -132,6 +136,18 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
             log_level,
             captures: captures.clone(),
             kernel: kernel.clone(),
+            stats: metrics.stats.clone(),
+            discovery: discovery.clone(),
+            config_path: path.clone(),
+            redirect_state: Box::new(move || {
+                check_redirect
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .verify()
+            }),
+            // Workload certificates join here when identities are
+            // configured (the mTLS data path); until then there are none.
+            certificates: Box::new(Vec::new),
         },
     )?;
     info!(node = %config.node.name, admin = %admin.local_addr, "admin API listening");

@@ -33,6 +33,8 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(10);
 /// Default cap on distinct destination label values in metrics.
 pub const DEFAULT_MAX_METRIC_DESTINATIONS: usize = 1024;
+/// Default cap on the edges `waymark stat` keeps windows for.
+pub const DEFAULT_MAX_STAT_EDGES: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -216,18 +218,28 @@ pub struct MetricsConfig {
     /// up the metrics' cardinality.
     #[serde(default = "default_max_destinations")]
     pub max_destinations: usize,
+    /// Edges (source pod, destination, route) with sliding windows for
+    /// `waymark stat`/`routes`/`edges`; traffic of further edges is counted
+    /// under `[other]`. Each busy edge costs a few KiB.
+    #[serde(default = "default_max_stat_edges")]
+    pub max_stat_edges: usize,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
         Self {
             max_destinations: DEFAULT_MAX_METRIC_DESTINATIONS,
+            max_stat_edges: DEFAULT_MAX_STAT_EDGES,
         }
     }
 }
 
 fn default_max_destinations() -> usize {
     DEFAULT_MAX_METRIC_DESTINATIONS
+}
+
+fn default_max_stat_edges() -> usize {
+    DEFAULT_MAX_STAT_EDGES
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -319,6 +331,9 @@ impl Config {
         }
         if self.metrics.max_destinations == 0 {
             problems.push("metrics.max_destinations: must be at least 1".to_string());
+        }
+        if self.metrics.max_stat_edges == 0 {
+            problems.push("metrics.max_stat_edges: must be at least 1".to_string());
         }
         if self.redirect.exclude.len() > waymark_common::MAX_EXCLUDES as usize {
             problems.push(format!(

@@ -55,6 +55,40 @@ enum Command {
         #[command(flatten)]
         args: cli::drops::DropsArgs,
     },
+    /// Success rate, requests per second, latency percentiles, TCP
+    /// connections and retries of services or pods, over a sliding window.
+    Stat {
+        #[command(flatten)]
+        admin: cli::AdminArgs,
+        #[command(flatten)]
+        args: cli::stat::StatArgs,
+    },
+    /// The same golden metrics per route of one service, [DEFAULT] included.
+    Routes {
+        #[command(flatten)]
+        admin: cli::AdminArgs,
+        #[command(flatten)]
+        args: cli::stat::RoutesArgs,
+    },
+    /// Which pod talks to which service: success rate, requests per second,
+    /// open connections and the identity each side proved.
+    Edges {
+        #[command(flatten)]
+        admin: cli::AdminArgs,
+        #[command(flatten)]
+        args: cli::stat::WindowArgs,
+    },
+    /// Check that this node can run waymark (--pre) and that its agent works.
+    Check {
+        #[command(flatten)]
+        admin: cli::AdminArgs,
+        #[command(flatten)]
+        args: cli::check::CheckArgs,
+    },
+}
+
+fn client(admin: &cli::AdminArgs) -> cli::client::AdminClient {
+    cli::client::AdminClient::new(admin.admin)
 }
 
 /// Exit status of a CLI subcommand: errors go to stderr with their context.
@@ -169,6 +203,14 @@ fn main() -> ExitCode {
             &cli::client::AdminClient::new(admin.admin),
             args,
         )),
+        Command::Stat { admin, args } => cli_exit(cli::stat::stat(&client(&admin), args)),
+        Command::Routes { admin, args } => cli_exit(cli::stat::routes(&client(&admin), args)),
+        Command::Edges { admin, args } => cli_exit(cli::stat::edges(&client(&admin), args)),
+        Command::Check { admin, args } => match cli::check::run(&client(&admin), &args) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => cli_exit(Err(e)),
+        },
         Command::Config(ConfigCommand::Default) => {
             print!("{}", config::DEFAULT_CONFIG);
             ExitCode::SUCCESS

@@ -1,5 +1,6 @@
 //! The admin API: `/live`, `/ready`, `/metrics`, `/config`, `/log-level`,
-//! `/capture`, `/drops`, `/drops/follow`.
+//! `/capture`, `/drops`, `/drops/follow`, the sliding-window stats (`/stat`,
+//! `/routes`, `/edges`) and the facts `waymark check` judges (`/check`).
 //!
 //! It runs on its own single-threaded runtime (as ztunnel's does) so a slow
 //! scrape or a large config dump never queues behind proxied traffic, and
@@ -8,9 +9,11 @@
 //! has no authentication.
 
 mod capture;
+pub mod check;
 mod drops;
 mod ready;
 mod routes;
+pub mod stats;
 
 pub use ready::Readiness;
 
@@ -39,6 +42,16 @@ pub struct AdminState {
     pub captures: Arc<crate::diagnostics::capture::Captures>,
     /// The kernel diagnostics behind `/drops`, if they loaded.
     pub kernel: Option<Arc<crate::diagnostics::kernel::KernelDiag>>,
+    /// The sliding windows behind `/stat`, `/routes` and `/edges`.
+    pub stats: Arc<crate::diagnostics::stats::Stats>,
+    pub discovery: Arc<crate::discovery::Discovery>,
+    /// The config file the agent was started with (`None`: embedded default).
+    pub config_path: Option<std::path::PathBuf>,
+    /// The redirect programs as the kernel sees them now.
+    pub redirect_state: Box<dyn Fn() -> crate::redirect::query::RedirectState + Send + Sync>,
+    /// Validity of the workload certificates the agent holds (none until
+    /// identities are configured).
+    pub certificates: Box<dyn Fn() -> Vec<check::CertFacts> + Send + Sync>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -10,6 +10,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode, header};
 
 use super::AdminState;
+use super::stats::{self, Query};
 
 /// Whole answers and streams (a capture, `/drops/follow`) alike.
 pub(super) type Body = UnsyncBoxBody<Bytes, Infallible>;
@@ -24,6 +25,10 @@ const ENDPOINTS: &[&str] = &[
     "/capture",
     "/drops",
     "/drops/follow",
+    "/stat",
+    "/routes",
+    "/edges",
+    "/check",
 ];
 
 /// Largest request body the admin API reads (a log filter).
@@ -57,6 +62,26 @@ pub async fn handle(
         (&Method::POST, "/capture") => super::capture::handle(state, peer, req).await,
         (&Method::GET, "/drops") => super::drops::report(state, req.uri().query()),
         (&Method::GET, "/drops/follow") => super::drops::follow(state, req.uri().query()),
+        (&Method::GET, "/stat" | "/routes" | "/edges") => {
+            let query = Query::parse(req.uri().query());
+            let answer = match path.as_str() {
+                "/stat" => stats::stat(state, &query),
+                "/routes" => stats::routes(state, &query),
+                _ => stats::edges(state, &query),
+            };
+            match answer {
+                Ok(body) => with_type(StatusCode::OK, "application/json", body),
+                Err((status, msg)) => text(status, msg + "\n"),
+            }
+        }
+        (&Method::GET, "/check") => match serde_json::to_string_pretty(&super::check::facts(state))
+        {
+            Ok(json) => with_type(StatusCode::OK, "application/json", json + "\n"),
+            Err(e) => text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot encode check facts: {e}\n"),
+            ),
+        },
         (_, p) if ENDPOINTS.contains(&p) => text(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("method not allowed on {path}\n"),

@@ -26,6 +26,10 @@ impl AdminClient {
         AdminClient { addr }
     }
 
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     /// Sends one request and returns the response with its body unread, so
     /// streaming endpoints (tap, drops --follow, capture) can be read as
     /// they arrive.

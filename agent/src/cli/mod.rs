@@ -6,9 +6,12 @@
 //! `WAYMARK_ADMIN`).
 
 pub mod capture;
+pub mod check;
 pub mod client;
 pub mod drops;
 pub mod log_level;
+pub mod stat;
+pub mod table;
 
 use std::net::SocketAddr;
 

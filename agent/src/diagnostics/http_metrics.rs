@@ -10,7 +10,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -22,6 +22,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use super::metrics::{BoundedLabel, Direction};
+use super::stats::{Edge, Outcome, Stats};
 use crate::http::body::{BoxError, ProxyBody};
 
 /// Latency buckets (ms), Linkerd's: 1 ms to 50 s.
@@ -79,16 +80,38 @@ pub struct HttpMetrics {
     latency: Family<ResponseLabels, Histogram>,
     retries: Family<RetryLabels, Counter>,
     authorities: BoundedLabel,
+    /// The sliding windows of `waymark stat`, fed by the same classification.
+    stats: Arc<Stats>,
+}
+
+/// A request being counted: its labels and its edge in the windows.
+pub struct Counted {
+    labels: RequestLabels,
+    edge: Arc<Edge>,
+}
+
+/// Attempts after the first that a response took, carried in its
+/// extensions from the retry loop to where the response is counted.
+#[derive(Clone, Copy, Debug)]
+pub struct Retries(pub u32);
+
+/// Marks a response as the outcome of `retries` retries (no-op for 0).
+pub fn retried<B>(mut resp: http::Response<B>, retries: u32) -> http::Response<B> {
+    if retries > 0 {
+        resp.extensions_mut().insert(Retries(retries));
+    }
+    resp
 }
 
 impl HttpMetrics {
-    pub fn new(registry: &mut Registry, max_authorities: usize) -> Self {
+    pub fn new(registry: &mut Registry, max_authorities: usize, stats: Arc<Stats>) -> Self {
         let m = HttpMetrics {
             requests: Family::default(),
             responses: Family::default(),
             latency: Family::new_with_constructor(|| Histogram::new(LATENCY_BUCKETS_MS)),
             retries: Family::default(),
             authorities: BoundedLabel::new(max_authorities),
+            stats,
         };
         registry.register("request", "Total HTTP requests", m.requests.clone());
         registry.register(
@@ -109,14 +132,15 @@ impl HttpMetrics {
         m
     }
 
-    /// Counts a request and returns its labels.
+    /// Counts a request; what it returns goes to [`observe`] with the
+    /// response.
     pub fn request(
         &self,
         pod: &str,
         authority: Option<&str>,
         service: &str,
         route: &str,
-    ) -> RequestLabels {
+    ) -> Counted {
         let labels = RequestLabels {
             direction: Direction::Outbound,
             pod: pod.to_string(),
@@ -125,7 +149,10 @@ impl HttpMetrics {
             route: route.to_string(),
         };
         self.requests.get_or_create(&labels).inc();
-        labels
+        Counted {
+            labels,
+            edge: self.stats.request_edge(pod, service, route),
+        }
     }
 
     pub fn retry(&self, service: &str, route: &str, result: &'static str) {
@@ -138,9 +165,11 @@ impl HttpMetrics {
             .inc();
     }
 
-    fn record(&self, labels: &ResponseLabels, latency_ms: f64) {
+    fn record(&self, labels: &ResponseLabels, latency: Duration) {
         self.responses.get_or_create(labels).inc();
-        self.latency.get_or_create(labels).observe(latency_ms);
+        self.latency
+            .get_or_create(labels)
+            .observe(latency.as_secs_f64() * 1000.0);
     }
 }
 
@@ -148,14 +177,15 @@ impl HttpMetrics {
 /// ends (or is abandoned), classified by status and `grpc-status`.
 pub fn observe(
     metrics: Arc<HttpMetrics>,
-    request: RequestLabels,
+    request: Counted,
     start: Instant,
-    resp: http::Response<ProxyBody>,
+    mut resp: http::Response<ProxyBody>,
     grpc: bool,
 ) -> http::Response<ProxyBody> {
     let status = resp.status().as_u16();
     let head_grpc = grpc_status(resp.headers());
-    let latency_ms = start.elapsed().as_secs_f64() * 1000.0;
+    let latency = start.elapsed();
+    let retries = resp.extensions_mut().remove::<Retries>().map_or(0, |r| r.0);
     let (parts, body) = resp.into_parts();
     let observed = Observed {
         inner: body,
@@ -165,7 +195,8 @@ pub fn observe(
             status,
             grpc,
             grpc_status: head_grpc,
-            latency_ms,
+            latency,
+            retries,
         }),
     };
     http::Response::from_parts(parts, observed.boxed())
@@ -173,11 +204,12 @@ pub fn observe(
 
 struct End {
     metrics: Arc<HttpMetrics>,
-    request: RequestLabels,
+    request: Counted,
     status: u16,
     grpc: bool,
     grpc_status: Option<u32>,
-    latency_ms: f64,
+    latency: Duration,
+    retries: u32,
 }
 
 impl End {
@@ -194,12 +226,20 @@ impl End {
             || self.status == 0
             || grpc_status.is_some_and(|g| g != 0);
         let labels = ResponseLabels {
-            request: self.request.clone(),
+            request: self.request.labels.clone(),
             status_code: self.status,
             classification: if failed { "failure" } else { "success" },
             grpc_status,
         };
-        self.metrics.record(&labels, self.latency_ms);
+        self.metrics.record(&labels, self.latency);
+        self.metrics.stats.record(
+            &self.request.edge,
+            Outcome {
+                success: !failed,
+                latency: self.latency,
+                retries: self.retries,
+            },
+        );
     }
 }
 
@@ -280,7 +320,7 @@ mod tests {
 
     fn metrics() -> (Registry, Arc<HttpMetrics>) {
         let mut r = Registry::default();
-        let m = Arc::new(HttpMetrics::new(&mut r, 8));
+        let m = Arc::new(HttpMetrics::new(&mut r, 8, Arc::new(Stats::new(8))));
         (r, m)
     }
 

@@ -122,6 +122,8 @@ pub struct TcpMetrics {
     /// Entries in the original-destination maps, sampled at scrape time.
     pub redirect_map_entries: Family<MapLabels, Gauge>,
     destinations: BoundedLabel,
+    /// The sliding windows of `waymark stat` (connections per edge).
+    pub stats: std::sync::Arc<super::stats::Stats>,
 }
 
 /// Admits up to `max` distinct values for a label; later ones are written
@@ -154,7 +156,11 @@ impl BoundedLabel {
 }
 
 impl TcpMetrics {
-    pub fn new(registry: &mut Registry, max_destinations: usize) -> Self {
+    pub fn new(
+        registry: &mut Registry,
+        max_destinations: usize,
+        stats: std::sync::Arc<super::stats::Stats>,
+    ) -> Self {
         let m = TcpMetrics {
             open_total: Family::default(),
             open_connections: Family::default(),
@@ -167,6 +173,7 @@ impl TcpMetrics {
             no_original_dst_total: Family::default(),
             redirect_map_entries: Family::default(),
             destinations: BoundedLabel::new(max_destinations),
+            stats,
         };
         registry.register(
             "tcp_open",
@@ -214,6 +221,22 @@ impl TcpMetrics {
     /// The label value for a destination, bounded by `max_destinations`.
     pub fn target_label(&self, dst: SocketAddr) -> String {
         self.destinations.get(&dst.to_string())
+    }
+
+    /// Counts a connection of `labels.pod` on its edge in the windows, to
+    /// the service `dst` belongs to, else to the address; open until the
+    /// guard is dropped.
+    pub fn open_edge(
+        &self,
+        labels: &TcpLabels,
+        discovery: &crate::discovery::Discovery,
+        dst: SocketAddr,
+    ) -> super::stats::OpenConnection {
+        let table = discovery.current();
+        let name = table
+            .by_addr(&dst)
+            .map_or(labels.target_addr.as_str(), |s| s.name.as_str());
+        self.stats.connection(&labels.pod, name)
     }
 
     pub fn record_duration(&self, labels: &TcpLabels, d: Duration) {
@@ -346,15 +369,23 @@ pub struct Metrics {
     pub tcp: std::sync::Arc<TcpMetrics>,
     pub http: std::sync::Arc<super::http_metrics::HttpMetrics>,
     pub balancer: std::sync::Arc<BalancerMetrics>,
+    pub stats: std::sync::Arc<super::stats::Stats>,
 }
 
 impl Metrics {
-    pub fn new(max_destinations: usize) -> Self {
+    /// `max_stat_edges` bounds the edges of the sliding windows.
+    pub fn new(max_destinations: usize, max_stat_edges: usize) -> Self {
         let mut registry = Registry::default();
-        let tcp = std::sync::Arc::new(TcpMetrics::new(&mut registry, max_destinations));
+        let stats = std::sync::Arc::new(super::stats::Stats::new(max_stat_edges));
+        let tcp = std::sync::Arc::new(TcpMetrics::new(
+            &mut registry,
+            max_destinations,
+            stats.clone(),
+        ));
         let http = std::sync::Arc::new(super::http_metrics::HttpMetrics::new(
             &mut registry,
             max_destinations,
+            stats.clone(),
         ));
         let balancer = std::sync::Arc::new(BalancerMetrics::new(&mut registry));
         Metrics {
@@ -362,6 +393,7 @@ impl Metrics {
             tcp,
             http,
             balancer,
+            stats,
         }
     }
 }
@@ -373,7 +405,7 @@ mod tests {
 
     #[test]
     fn destinations_beyond_the_cap_collapse_to_overflow() {
-        let m = Metrics::new(2);
+        let m = Metrics::new(2, 8);
         let a = m.tcp.target_label("10.0.0.1:80".parse().unwrap());
         let b = m.tcp.target_label("10.0.0.2:80".parse().unwrap());
         let c = m.tcp.target_label("10.0.0.3:80".parse().unwrap());
@@ -389,7 +421,7 @@ mod tests {
 
     #[test]
     fn text_output_uses_linkerd_names() {
-        let m = Metrics::new(8);
+        let m = Metrics::new(8, 8);
         let labels = TcpLabels {
             direction: Direction::Outbound,
             peer: "dst",

@@ -1,9 +1,11 @@
-//! What the agent tells operators about the traffic it carries: metrics,
-//! diagnostic traces and packet capture; tap and kernel counters slot in
-//! beside them.
+//! What the agent tells operators about the traffic it carries: metrics, the
+//! sliding windows behind `waymark stat`, diagnostic traces, the kernel's
+//! drop/retransmit/reset counters and packet capture.
 
 pub mod capture;
 pub mod http_metrics;
 pub mod kernel;
 pub mod metrics;
+pub mod stats;
+pub mod stats_view;
 pub mod trace;

@@ -33,7 +33,7 @@ use super::headers::{strip_hop_by_hop, wants_upgrade};
 use super::pool::{ConnectError, Pool, Version};
 use super::replay::ReplayBody;
 use crate::config::services::ProtocolHint;
-use crate::diagnostics::http_metrics::{HttpMetrics, observe};
+use crate::diagnostics::http_metrics::{HttpMetrics, observe, retried};
 use crate::diagnostics::trace;
 use crate::discovery::{DEFAULT_ROUTE, Discovery, Endpoint, RoutePolicy, Service};
 use crate::retry::{Outcome, is_idempotent};
@@ -351,7 +351,7 @@ impl HttpProxy {
                 tokio::time::sleep(delay).await;
                 continue;
             }
-            return match result {
+            let resp = match result {
                 Ok(resp) => finish(resp),
                 Err((error, detail)) => {
                     // The whole-request deadline passing is a timeout even if
@@ -364,6 +364,7 @@ impl HttpProxy {
                     self.error(error, &backend.name, Some(&detail), grpc)
                 }
             };
+            return retried(resp, attempt - 1);
         }
     }
 

@@ -111,3 +111,90 @@ fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     socket.listen(BACKLOG)?;
     Ok(socket.into())
 }
+
+/// Whether a socket listens on `127.0.0.1:port` and on `[::1]:port` inside
+/// the network namespace at `netns`, as the kernel's socket table there
+/// says (for `waymark check`: the pod's redirected connects land there).
+pub fn listening_in_netns(netns: &Path, port: u16) -> io::Result<(bool, bool)> {
+    let file = std::fs::File::open(netns)?;
+    std::thread::Builder::new()
+        .name("waymark-netns-check".into())
+        .spawn(move || -> io::Result<(bool, bool)> {
+            setns(file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+            // /proc/thread-self/net is this thread's namespace, not the
+            // process's.
+            let v4 = std::fs::read_to_string("/proc/thread-self/net/tcp")?;
+            let v6 = std::fs::read_to_string("/proc/thread-self/net/tcp6").unwrap_or_default();
+            Ok((
+                listens(&v4, Ipv4Addr::LOCALHOST.into(), port),
+                listens(&v6, Ipv6Addr::LOCALHOST.into(), port),
+            ))
+        })?
+        .join()
+        .map_err(|_| io::Error::other("the netns check thread panicked"))?
+}
+
+/// Whether `/proc/net/tcp{,6}` text lists a LISTEN socket on `ip:port`.
+/// Addresses are printed as 32-bit words in host byte order.
+fn listens(table: &str, ip: std::net::IpAddr, port: u16) -> bool {
+    const LISTEN: &str = "0A";
+    let want: Vec<u8> = match ip {
+        std::net::IpAddr::V4(a) => a.octets().to_vec(),
+        std::net::IpAddr::V6(a) => a.octets().to_vec(),
+    };
+    table.lines().skip(1).any(|line| {
+        let mut f = line.split_whitespace();
+        let (Some(local), Some(_remote), Some(state)) = (f.nth(1), f.next(), f.next()) else {
+            return false;
+        };
+        let Some((addr, p)) = local.split_once(':') else {
+            return false;
+        };
+        let bytes: Option<Vec<u8>> = (0..addr.len() / 8)
+            .map(|i| {
+                u32::from_str_radix(&addr[i * 8..i * 8 + 8], 16)
+                    .ok()
+                    .map(u32::to_ne_bytes)
+            })
+            .collect::<Option<Vec<_>>>()
+            .map(|words| words.concat());
+        state == LISTEN && u16::from_str_radix(p, 16) == Ok(port) && bytes == Some(want.clone())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listening_sockets_are_read_from_the_kernel_table() {
+        let v4 = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 0100007F:3A99 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0\n   1: 0100007F:3A98 0100007F:1F90 01 00000000:00000000 00:00000000 00000000     0        0 2 1 0 100 0 0 10 0\n";
+        if cfg!(target_endian = "little") {
+            assert!(listens(v4, Ipv4Addr::LOCALHOST.into(), 15001));
+            assert!(
+                !listens(v4, Ipv4Addr::LOCALHOST.into(), 15000),
+                "established, not listening"
+            );
+            let v6 = "  sl  local_address                         remote_address                        st\n   0: 00000000000000000000000001000000:3A99 00000000000000000000000000000000:0000 0A 0\n";
+            assert!(listens(v6, Ipv6Addr::LOCALHOST.into(), 15001));
+            assert!(!listens(v6, Ipv6Addr::UNSPECIFIED.into(), 15001));
+        }
+    }
+
+    #[test]
+    fn a_listener_bound_here_is_seen() {
+        // In this process's own namespace: bind on loopback, then look.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let (v4, _) = match listening_in_netns(Path::new("/proc/self/ns/net"), port) {
+            Ok(r) => r,
+            // setns needs CAP_SYS_ADMIN, even into one's own namespace.
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => return,
+            Err(e) => panic!("{e}"),
+        };
+        assert!(v4);
+        drop(l);
+        let (v4, _) = listening_in_netns(Path::new("/proc/self/ns/net"), port).unwrap();
+        assert!(!v4);
+    }
+}

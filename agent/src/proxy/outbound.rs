@@ -149,6 +149,7 @@ impl Outbound {
         self.metrics.open_total.get_or_create(&labels).inc();
         let open = self.metrics.open_connections.get_or_create(&labels).clone();
         open.inc();
+        let _edge = self.metrics.open_edge(&labels, &self.discovery, dst);
         let _ = client.set_nodelay(true);
 
         let mut transferred = copy::Transferred::default();

@@ -32,6 +32,7 @@
 
 mod error;
 mod maps;
+pub mod query;
 #[cfg(test)]
 mod tests;
 

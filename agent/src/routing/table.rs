@@ -127,7 +127,7 @@ impl<T> RouteTable<T> {
         })
     }
 
-    #[cfg(test)]
+    /// The routes in declaration order.
     pub fn routes(&self) -> &[Route<T>] {
         &self.routes
     }

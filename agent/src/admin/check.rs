@@ -1,0 +1,124 @@
+//! `GET /check`: the facts `waymark check` judges, as the agent sees them
+//! at the moment of the request: readiness, its programs as the kernel
+//! lists them on the cgroup, each pod's listeners in the kernel's socket
+//! table of the pod's namespace, services and their endpoints, its
+//! certificates and its clock. The CLI decides what passes.
+
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use super::AdminState;
+use crate::proxy::listener::listening_in_netns;
+use crate::redirect::query::RedirectState;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AgentFacts {
+    pub node: String,
+    pub version: String,
+    pub pid: u32,
+    /// The agent's CLOCK_REALTIME, seconds since the Unix epoch.
+    pub now_unix: f64,
+    /// Unmet readiness conditions; empty when ready.
+    pub pending: Vec<String>,
+    /// `redirect.cgroup` as configured (relative to the cgroup2 mount when
+    /// not absolute); `None` when the programs are attached nowhere.
+    pub cgroup_configured: Option<PathBuf>,
+    pub redirect: RedirectState,
+    pub pods: Vec<PodFacts>,
+    /// The file the agent was started with; `None` for the embedded default.
+    pub config_path: Option<PathBuf>,
+    pub services: Vec<ServiceFacts>,
+    /// Empty when no workload identities are configured.
+    pub certificates: Vec<CertFacts>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PodFacts {
+    pub name: String,
+    pub netns: PathBuf,
+    pub port: u16,
+    pub ipv4_listening: bool,
+    pub ipv6_listening: bool,
+    /// Why the pod's namespace could not be looked at.
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ServiceFacts {
+    pub name: String,
+    pub endpoints: usize,
+    /// Endpoints failure accrual has not ejected.
+    pub available: usize,
+}
+
+/// One workload certificate's validity.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CertFacts {
+    pub identity: String,
+    pub not_before_unix: i64,
+    pub not_after_unix: i64,
+}
+
+pub fn unix(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+pub fn facts(state: &AdminState) -> AgentFacts {
+    let config = state
+        .config
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let pods = config
+        .pods
+        .iter()
+        .map(|p| {
+            let (v4, v6, error) = match listening_in_netns(&p.netns, config.outbound.port) {
+                Ok((v4, v6)) => (v4, v6, None),
+                Err(e) => (false, false, Some(e.to_string())),
+            };
+            PodFacts {
+                name: p.name.clone(),
+                netns: p.netns.clone(),
+                port: config.outbound.port,
+                ipv4_listening: v4,
+                ipv6_listening: v6,
+                error,
+            }
+        })
+        .collect();
+    let now = std::time::Instant::now();
+    let mut services: Vec<ServiceFacts> = state
+        .discovery
+        .current()
+        .services()
+        .map(|s| ServiceFacts {
+            name: s.name.clone(),
+            endpoints: s.balancer.len(),
+            available: s.balancer.available(now),
+        })
+        .collect();
+    services.sort_by(|a, b| a.name.cmp(&b.name));
+    AgentFacts {
+        node: config.node.name.clone(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        pid: std::process::id(),
+        now_unix: unix(SystemTime::now()),
+        pending: state
+            .readiness
+            .pending()
+            .into_iter()
+            .map(str::to_string)
+            .collect(),
+        cgroup_configured: config.redirect.cgroup.clone(),
+        redirect: (state.redirect_state)(),
+        pods,
+        config_path: state.config_path.clone(),
+        services,
+        certificates: (state.certificates)(),
+    }
+}

@@ -1,0 +1,201 @@
+//! `GET /stat`, `/routes` and `/edges`: the sliding-window golden metrics
+//! as JSON, for `waymark stat`, `routes` and `edges` and for scripts.
+//!
+//! - `/stat?by=service|pod[&to=SERVICE][&window=1m]`
+//! - `/routes?service=NAME[&window=1m]`
+//! - `/edges[?window=1m]`
+
+use std::time::{Duration, Instant};
+
+use hyper::StatusCode;
+use serde::Serialize;
+
+use super::AdminState;
+use crate::diagnostics::stats::parse_window;
+use crate::diagnostics::stats_view::{self, By, EdgesReport, RoutesReport, StatReport};
+use crate::discovery::DEFAULT_ROUTE;
+
+/// The window when a query names none.
+pub const DEFAULT_WINDOW: &str = "1m";
+
+/// A handler's answer: JSON, or a status with a message.
+pub type Answer = Result<String, (StatusCode, String)>;
+
+/// Query parameters, percent-decoded (`+` is a space).
+pub struct Query(Vec<(String, String)>);
+
+impl Query {
+    pub fn parse(query: Option<&str>) -> Query {
+        Query(
+            query
+                .unwrap_or("")
+                .split('&')
+                .filter(|p| !p.is_empty())
+                .map(|p| {
+                    let (k, v) = p.split_once('=').unwrap_or((p, ""));
+                    (decode(k), decode(v))
+                })
+                .collect(),
+        )
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Rejects parameters the endpoint does not know (a typo would
+    /// otherwise silently widen the answer).
+    fn only(&self, known: &[&str]) -> Result<(), (StatusCode, String)> {
+        match self.0.iter().find(|(k, _)| !known.contains(&k.as_str())) {
+            Some((k, _)) => Err(bad(format!(
+                "unknown parameter {k:?}; this endpoint takes {}",
+                known.join(", ")
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    fn window(&self) -> Result<(String, Duration), (StatusCode, String)> {
+        let w = self.get("window").unwrap_or(DEFAULT_WINDOW);
+        parse_window(w).map(|d| (w.to_string(), d)).map_err(bad)
+    }
+}
+
+fn decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(hi), Some(lo)) => {
+                out.push(hi << 4 | lo);
+                i += 3;
+                continue;
+            }
+            (b'+', _, _) => out.push(b' '),
+            (c, _, _) => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn bad(msg: String) -> (StatusCode, String) {
+    (StatusCode::BAD_REQUEST, msg)
+}
+
+fn json(v: &impl Serialize) -> Answer {
+    serde_json::to_string_pretty(v)
+        .map(|s| s + "\n")
+        .map_err(|e| {
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot encode: {e}"),
+            )
+        })
+}
+
+fn pods(state: &AdminState) -> Vec<String> {
+    let config = state
+        .config
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    config.pods.iter().map(|p| p.name.clone()).collect()
+}
+
+pub fn stat(state: &AdminState, q: &Query) -> Answer {
+    q.only(&["by", "to", "window"])?;
+    let by: By = q.get("by").unwrap_or("service").parse().map_err(bad)?;
+    let (window, d) = q.window()?;
+    let to = q.get("to").filter(|t| !t.is_empty());
+    let w = state.stats.window(d, Instant::now());
+    let services: Vec<String> = state
+        .discovery
+        .current()
+        .services()
+        .map(|s| s.name.clone())
+        .collect();
+    let mut rows = stats_view::stat(&w, by, to, &services, &pods(state));
+    rows.sort_by(|a, b| a.name.cmp(&b.name));
+    json(&StatReport {
+        by,
+        to: to.map(str::to_string),
+        window,
+        window_seconds: w.covered.as_secs_f64(),
+        rows,
+    })
+}
+
+pub fn routes(state: &AdminState, q: &Query) -> Answer {
+    q.only(&["service", "window"])?;
+    let (window, d) = q.window()?;
+    let Some(service) = q.get("service").filter(|s| !s.is_empty()) else {
+        return Err(bad("name a service: /routes?service=NAME".into()));
+    };
+    let table = state.discovery.current();
+    let w = state.stats.window(d, Instant::now());
+    let declared: Vec<String> = match table.by_name(service) {
+        Some(s) => s
+            .routes
+            .routes()
+            .iter()
+            .map(|r| r.name.clone())
+            .chain([DEFAULT_ROUTE.to_string()])
+            .collect(),
+        None if w.edges.iter().any(|(k, _)| k.dst == service) => Vec::new(),
+        None => {
+            let mut known: Vec<_> = table.services().map(|s| s.name.as_str()).collect();
+            known.sort_unstable();
+            return Err((
+                StatusCode::NOT_FOUND,
+                format!(
+                    "no service {service:?} and no traffic to it; services: {}",
+                    known.join(", ")
+                ),
+            ));
+        }
+    };
+    json(&RoutesReport {
+        service: service.to_string(),
+        window,
+        window_seconds: w.covered.as_secs_f64(),
+        rows: stats_view::routes(&w, service, &declared),
+    })
+}
+
+pub fn edges(state: &AdminState, q: &Query) -> Answer {
+    q.only(&["window"])?;
+    let (window, d) = q.window()?;
+    let w = state.stats.window(d, Instant::now());
+    json(&EdgesReport {
+        window,
+        window_seconds: w.covered.as_secs_f64(),
+        rows: stats_view::edges(&w),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_parameters_are_decoded() {
+        let q = Query::parse(Some("service=web%2Dv2&window=30s&x=a+b&bad=%zz&end=%4"));
+        assert_eq!(q.get("service"), Some("web-v2"));
+        assert_eq!(q.get("window"), Some("30s"));
+        assert_eq!(q.get("x"), Some("a b"));
+        assert_eq!(q.get("bad"), Some("%zz"));
+        assert_eq!(q.get("end"), Some("%4"));
+        assert!(q.only(&["service"]).is_err());
+        assert_eq!(Query::parse(None).get("a"), None);
+    }
+}

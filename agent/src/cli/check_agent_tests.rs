@@ -1,0 +1,188 @@
+use super::super::Status;
+use super::*;
+use crate::admin::check::{PodFacts, ServiceFacts};
+use crate::redirect::query::{ProgramState, RedirectState};
+
+const NOW: f64 = 1_760_000_000.0;
+
+fn facts() -> AgentFacts {
+    AgentFacts {
+        node: "node0".into(),
+        version: "0.1.0".into(),
+        pid: 1,
+        now_unix: NOW,
+        pending: vec![],
+        cgroup_configured: Some("/sys/fs/cgroup/pods".into()),
+        redirect: RedirectState {
+            cgroup: Some("/sys/fs/cgroup/pods".into()),
+            programs: EXPECTED
+                .iter()
+                .enumerate()
+                .map(|(i, e)| ProgramState {
+                    name: e.name.into(),
+                    attach_type: e.attach_type.into(),
+                    id: Some(i as u32 + 10),
+                    attached: true,
+                    error: None,
+                })
+                .collect(),
+        },
+        pods: vec![PodFacts {
+            name: "default/a".into(),
+            netns: "/var/run/netns/a".into(),
+            port: 15001,
+            ipv4_listening: true,
+            ipv6_listening: true,
+            error: None,
+        }],
+        config_path: None,
+        services: vec![ServiceFacts {
+            name: "web".into(),
+            endpoints: 2,
+            available: 2,
+        }],
+        certificates: vec![],
+    }
+}
+
+#[test]
+fn detached_programs_fail_with_the_reattach_hint() {
+    let mut f = facts();
+    assert_eq!(programs_by_agent(&f).status, Status::Pass);
+    f.redirect.programs[1].attached = false;
+    let c = programs_by_agent(&f);
+    assert_eq!(c.status, Status::Fail);
+    assert!(c.what.contains("1 of its 5"), "{}", c.what);
+    assert!(c.detail[0].contains("wm_connect4"), "{:?}", c.detail);
+    assert!(c.hint.unwrap().contains("restart the agent"));
+    f.cgroup_configured = None;
+    assert_eq!(programs_by_agent(&f).status, Status::Warn);
+}
+
+#[test]
+fn pods_without_listeners_fail() {
+    let mut f = facts();
+    assert_eq!(listeners(&f).status, Status::Pass);
+    f.pods[0].ipv6_listening = false;
+    assert_eq!(listeners(&f).status, Status::Warn);
+    f.pods[0].ipv4_listening = false;
+    let c = listeners(&f);
+    assert_eq!(c.status, Status::Fail);
+    assert!(c.detail[0].contains("127.0.0.1:15001"), "{:?}", c.detail);
+}
+
+#[test]
+fn services_without_endpoints_fail() {
+    let mut f = facts();
+    assert_eq!(discovery(&f).status, Status::Pass);
+    f.services.push(ServiceFacts {
+        name: "empty".into(),
+        endpoints: 0,
+        available: 0,
+    });
+    f.services.push(ServiceFacts {
+        name: "sick".into(),
+        endpoints: 2,
+        available: 0,
+    });
+    let c = discovery(&f);
+    assert_eq!(c.status, Status::Fail);
+    assert_eq!(c.detail.len(), 2);
+    assert!(c.detail[0].contains("empty: no endpoints"));
+    assert!(c.detail[1].contains("ejected"));
+}
+
+#[test]
+fn certificates_expiring_soon_or_not_yet_valid_fail() {
+    assert_eq!(certificates(&[], NOW, 7).status, Status::Skip);
+    let cert = |from: f64, to: f64| CertFacts {
+        identity: "spiffe://cluster.local/ns/default/sa/web".into(),
+        not_before_unix: from as i64,
+        not_after_unix: to as i64,
+    };
+    let day = 86_400.0;
+    assert_eq!(
+        certificates(&[cert(NOW - day, NOW + 30.0 * day)], NOW, 7).status,
+        Status::Pass
+    );
+    let soon = certificates(&[cert(NOW - day, NOW + 2.0 * day)], NOW, 7);
+    assert_eq!(soon.status, Status::Fail);
+    assert!(
+        soon.detail[0].contains("within 7 days"),
+        "{:?}",
+        soon.detail
+    );
+    assert!(soon.hint.unwrap().contains("renew"));
+    let expired = certificates(&[cert(NOW - 2.0 * day, NOW - day)], NOW, 7);
+    assert!(expired.detail[0].contains("expired"));
+    let future = certificates(&[cert(NOW + day, NOW + 30.0 * day)], NOW, 7);
+    assert!(future.detail[0].contains("not valid yet"));
+}
+
+#[test]
+fn clock_checks_say_what_is_wrong() {
+    let f = facts();
+    assert_eq!(
+        clock(&f, NOW, Some(NOW - 10.0), Some(true)).status,
+        Status::Pass
+    );
+    assert_eq!(clock(&f, NOW, None, Some(false)).status, Status::Warn);
+    let future_file = clock(&f, NOW, Some(NOW + 3600.0), Some(true));
+    assert_eq!(future_file.status, Status::Fail);
+    assert!(future_file.detail[0].contains("in the future"));
+    let reset = clock(
+        &AgentFacts {
+            now_unix: 10.0,
+            ..f
+        },
+        10.0,
+        None,
+        Some(true),
+    );
+    assert_eq!(reset.status, Status::Fail);
+    assert!(
+        reset.detail[0].contains("before 2025"),
+        "{:?}",
+        reset.detail
+    );
+}
+
+#[test]
+fn the_file_on_disk_is_compared_with_the_config_in_force() {
+    let dir = std::env::temp_dir().join(format!("waymark-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("agent.toml");
+    let write = |text: &str| std::fs::write(&path, text).unwrap();
+    write("[node]\nname = \"n\"\n");
+    let cfg = crate::config::Config::from_file(&path).unwrap();
+    let in_force = serde_json::to_value(&cfg).unwrap();
+    let now = unix(SystemTime::now());
+    assert_eq!(config_against(&path, &in_force, now).status, Status::Pass);
+    // A comment changes nothing that is in force.
+    write("# edited\n[node]\nname = \"n\"\n");
+    assert_eq!(config_against(&path, &in_force, now).status, Status::Pass);
+    // A restart-only section.
+    write("[node]\nname = \"m\"\n");
+    let c = config_against(&path, &in_force, now);
+    assert_eq!(c.status, Status::Fail);
+    assert!(c.detail[0].contains("node"), "{:?}", c.detail);
+    assert!(c.hint.unwrap().contains("restart"));
+    // A service the agent did not take (long after the change).
+    write("[node]\nname = \"n\"\n[[services]]\nname = \"s\"\naddresses = [\"10.96.0.1:80\"]\n");
+    let c = config_against(&path, &in_force, now + 60.0);
+    assert_eq!(c.status, Status::Fail);
+    assert!(c.hint.unwrap().contains("rejected"));
+    // Just changed: not applied yet.
+    assert_eq!(config_against(&path, &in_force, now).status, Status::Warn);
+    // Invalid.
+    write("[node]\nname = \"\"\n");
+    let c = config_against(&path, &in_force, now);
+    assert_eq!(c.status, Status::Fail);
+    assert!(c.what.contains("invalid"));
+    assert!(
+        c.detail.iter().any(|d| d.contains("node.name")),
+        "{:?}",
+        c.detail
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,187 @@
+//! `waymark stat`, `waymark routes` and `waymark edges`: the agent's
+//! sliding-window golden metrics (success rate, requests per second,
+//! latency percentiles, TCP connections, retries) as aligned tables, or as
+//! the agent's JSON with `-o json`.
+
+use anyhow::{Result, bail};
+
+use super::Output;
+use super::client::{AdminClient, block_on, encode_query_value};
+use super::table::{ms, percent, render, rps};
+use crate::diagnostics::stats_view::{EdgesReport, Golden, RoutesReport, StatReport};
+
+/// What `stat` groups by.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Destination services, over every source pod.
+    #[value(alias = "svc", alias = "services")]
+    Service,
+    /// Source pods, over every destination (or the one `--to` names).
+    #[value(alias = "po", alias = "pods")]
+    Pod,
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct StatArgs {
+    /// Group by `service` (svc) or `pod` (po).
+    #[arg(value_enum, default_value = "service")]
+    pub kind: Kind,
+    /// Only this service or pod (`namespace/name`).
+    pub name: Option<String>,
+    /// Only traffic to this service.
+    #[arg(long)]
+    pub to: Option<String>,
+    #[command(flatten)]
+    pub common: WindowArgs,
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct RoutesArgs {
+    /// The service whose routes to show (the one pods dial).
+    pub service: String,
+    #[command(flatten)]
+    pub common: WindowArgs,
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct WindowArgs {
+    /// How far back to look: 10s to 10m, in 10 s steps (the current,
+    /// partial step is always included).
+    #[arg(long, short = 'w', default_value = "1m")]
+    pub window: String,
+    /// `table` for people, `json` for scripts.
+    #[arg(long, short = 'o', value_enum, default_value_t)]
+    pub output: Output,
+}
+
+fn window_query(w: &WindowArgs) -> String {
+    format!("window={}", encode_query_value(&w.window))
+}
+
+/// The columns every table shares, after its name columns.
+const GOLDEN: [&str; 5] = [
+    "SUCCESS",
+    "RPS",
+    "LATENCY_P50",
+    "LATENCY_P95",
+    "LATENCY_P99",
+];
+
+fn golden_cells(g: &Golden) -> Vec<String> {
+    vec![
+        percent(g.success_rate),
+        rps(g.requests, g.rps),
+        ms(g.latency_ms_p50),
+        ms(g.latency_ms_p95),
+        ms(g.latency_ms_p99),
+    ]
+}
+
+fn headers<'a>(names: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+    names.iter().chain(&GOLDEN).chain(extra).copied().collect()
+}
+
+/// Retries as a share of requests: how much load retrying adds.
+fn retries(g: &Golden) -> String {
+    percent((g.requests > 0).then(|| g.retries as f64 / g.requests as f64))
+}
+
+pub fn stat(client: &AdminClient, args: StatArgs) -> Result<()> {
+    let by = match args.kind {
+        Kind::Service => "service",
+        Kind::Pod => "pod",
+    };
+    let mut path = format!("/stat?by={by}&{}", window_query(&args.common));
+    if let Some(to) = &args.to {
+        path.push_str(&format!("&to={}", encode_query_value(to)));
+    }
+    let mut report: StatReport = block_on(client.get_json(&path))?;
+    if let Some(name) = &args.name {
+        report.rows.retain(|r| &r.name == name);
+        if report.rows.is_empty() {
+            bail!("no {by} {name:?} on this agent");
+        }
+    }
+    match args.common.output {
+        Output::Json => print_json(&report),
+        Output::Table => {
+            let rows: Vec<Vec<String>> = report
+                .rows
+                .iter()
+                .map(|r| {
+                    let mut row = vec![r.name.clone(), r.meshed.clone().unwrap_or("-".into())];
+                    row.extend(golden_cells(&r.golden));
+                    row.push(r.golden.tcp_open.to_string());
+                    row.push(retries(&r.golden));
+                    row
+                })
+                .collect();
+            let h = headers(&["NAME", "MESHED"], &["TCP_CONN", "RETRIES"]);
+            print!("{}", render(&h, &rows));
+            Ok(())
+        }
+    }
+}
+
+pub fn routes(client: &AdminClient, args: RoutesArgs) -> Result<()> {
+    let path = format!(
+        "/routes?service={}&{}",
+        encode_query_value(&args.service),
+        window_query(&args.common)
+    );
+    let report: RoutesReport = block_on(client.get_json(&path))?;
+    match args.common.output {
+        Output::Json => print_json(&report),
+        Output::Table => {
+            let rows: Vec<Vec<String>> = report
+                .rows
+                .iter()
+                .map(|r| {
+                    let mut row = vec![r.route.clone(), r.service.clone()];
+                    row.extend(golden_cells(&r.golden));
+                    row.push(retries(&r.golden));
+                    row
+                })
+                .collect();
+            let h = headers(&["ROUTE", "SERVICE"], &["RETRIES"]);
+            print!("{}", render(&h, &rows));
+            Ok(())
+        }
+    }
+}
+
+pub fn edges(client: &AdminClient, args: WindowArgs) -> Result<()> {
+    let path = format!("/edges?{}", window_query(&args));
+    let report: EdgesReport = block_on(client.get_json(&path))?;
+    match args.output {
+        Output::Json => print_json(&report),
+        Output::Table => {
+            let rows: Vec<Vec<String>> = report
+                .rows
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.src.clone(),
+                        r.dst.clone(),
+                        r.src_id.clone().unwrap_or("-".into()),
+                        r.dst_id.clone().unwrap_or("-".into()),
+                        r.tls.clone(),
+                        percent(r.golden.success_rate),
+                        rps(r.golden.requests, r.golden.rps),
+                        r.golden.tcp_open.to_string(),
+                    ]
+                })
+                .collect();
+            let h = [
+                "SRC", "DST", "SRC_ID", "DST_ID", "TLS", "SUCCESS", "RPS", "TCP_CONN",
+            ];
+            print!("{}", render(&h, &rows));
+            Ok(())
+        }
+    }
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
