@@ -32,6 +32,8 @@ use tracing::{info, warn};
 use crate::admin::{AdminServer, AdminState, Readiness};
 use crate::config::Config;
 use crate::diagnostics::metrics::{MapLabels, Metrics};
+use crate::diagnostics::tap::TapHub;
+use crate::diagnostics::tap::filter::Pods;
 use crate::discovery::{Discovery, ServiceTable};
 use crate::http::forward::HttpProxy;
 use crate::http::pool::Pool;
@@ -114,6 +116,14 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         }
     });
     let reload_metrics = ReloadMetrics::new(&mut metrics.registry);
+    let tap = Arc::new(TapHub::new(&mut metrics.registry));
+    tap.set_pods(Pods(
+        config
+            .pods
+            .iter()
+            .map(|p| (p.name.clone(), p.ips.clone()))
+            .collect(),
+    ));
     let registry = Arc::new(std::mem::take(&mut metrics.registry));
     let admin = AdminServer::start(
         config.admin.listen,
@@ -123,6 +133,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
             before_scrape,
             config: shared_config.clone(),
             log_level,
+            tap: tap.clone(),
         },
     )?;
     info!(node = %config.node.name, admin = %admin.local_addr, "admin API listening");
@@ -171,6 +182,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         discovery: discovery.clone(),
         pool: pool.clone(),
         retry_buffer: config.proxy.retry_buffer_bytes,
+        tap,
     });
     let outbound = Arc::new(Outbound {
         original_dst: Arc::new(KernelOriginalDst(redirect.clone())),

@@ -55,6 +55,22 @@ enum Command {
         #[command(subcommand)]
         cmd: Option<cli::log_level::LogLevelCommand>,
     },
+    /// Stream the requests the agent is proxying now (like `linkerd tap`).
+    Tap {
+        #[command(flatten)]
+        admin: cli::AdminArgs,
+        #[command(flatten)]
+        args: cli::tap::TapArgs,
+    },
+    /// Send a diagnostic trace request from a pod (through the kernel
+    /// redirect and the agent, as the pod's own traffic goes) and print
+    /// what every hop appended.
+    Trace {
+        #[command(flatten)]
+        admin: cli::AdminArgs,
+        #[command(flatten)]
+        args: cli::trace::TraceArgs,
+    },
 }
 
 /// Exit status of a CLI subcommand: errors go to stderr with their context.
@@ -160,6 +176,14 @@ fn main() -> ExitCode {
         Command::LogLevel { admin, cmd } => cli_exit(cli::log_level::run(
             &cli::client::AdminClient::new(admin.admin),
             cmd,
+        )),
+        Command::Tap { admin, args } => cli_exit(cli::tap::run(
+            &cli::client::AdminClient::new(admin.admin),
+            args,
+        )),
+        Command::Trace { admin, args } => cli_exit(cli::trace::run(
+            &cli::client::AdminClient::new(admin.admin),
+            args,
         )),
         Command::Config(ConfigCommand::Default) => {
             print!("{}", config::DEFAULT_CONFIG);

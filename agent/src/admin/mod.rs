@@ -1,4 +1,6 @@
-//! The admin API: `/live`, `/ready`, `/metrics`, `/config`, `/log-level`.
+//! The admin API: `/live`, `/ready`, `/metrics`, `/config`, `/log-level`,
+//! `/tap` (a stream of newline-delimited JSON that lasts as long as the
+//! client reads it; see `diagnostics::tap`).
 //!
 //! It runs on its own single-threaded runtime (as ztunnel's does) so a slow
 //! scrape or a large config dump never queues behind proxied traffic, and
@@ -32,6 +34,7 @@ pub struct AdminState {
     pub before_scrape: Box<dyn Fn() + Send + Sync>,
     pub config: crate::reload::SharedConfig,
     pub log_level: LogLevelHandle,
+    pub tap: Arc<crate::diagnostics::tap::TapHub>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -3,13 +3,16 @@
 use std::convert::Infallible;
 
 use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode, header};
 
 use super::AdminState;
+use crate::diagnostics::tap::filter::Filter;
 
-type Body = Full<Bytes>;
+/// Whole answers and the tap's stream share one body type.
+type Body = UnsyncBoxBody<Bytes, Infallible>;
 
 /// Largest request body the admin API reads (a log filter).
 const MAX_BODY: usize = 4096;
@@ -38,14 +41,15 @@ pub async fn handle(
         (&Method::PUT, "/log-level") | (&Method::POST, "/log-level") => {
             set_log_level(state, req).await
         }
-        (_, "/live" | "/ready" | "/metrics" | "/config" | "/log-level") => text(
+        (&Method::GET, "/tap") => tap(state, req.uri().query().unwrap_or("")),
+        (_, "/live" | "/ready" | "/metrics" | "/config" | "/log-level" | "/tap") => text(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("method not allowed on {path}\n"),
         ),
         _ => text(
             StatusCode::NOT_FOUND,
             format!(
-                "no such admin endpoint: {path}\navailable: /live /ready /metrics /config /log-level\n"
+                "no such admin endpoint: {path}\navailable: /live /ready /metrics /config /log-level /tap\n"
             ),
         ),
     };
@@ -97,12 +101,37 @@ async fn set_log_level(state: &AdminState, req: Request<Incoming>) -> Response<B
     }
 }
 
+/// `GET /tap?filters`: streams the matching requests' events, one JSON
+/// object a line, until the client goes away or the filter's `max` or
+/// `duration` is reached.
+fn tap(state: &AdminState, query: &str) -> Response<Body> {
+    let filter = match Filter::from_query(query, &state.tap.pods()) {
+        Ok(f) => f,
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+    };
+    match state.tap.open(filter) {
+        Ok(stream) => {
+            let mut r = Response::new(stream.boxed_unsync());
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/x-ndjson"),
+            );
+            r.headers_mut().insert(
+                header::CACHE_CONTROL,
+                header::HeaderValue::from_static("no-cache"),
+            );
+            r
+        }
+        Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+    }
+}
+
 fn text(status: StatusCode, body: String) -> Response<Body> {
     with_type(status, "text/plain; charset=utf-8", body)
 }
 
 fn with_type(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+    let mut r = Response::new(Full::new(Bytes::from(body)).boxed_unsync());
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,

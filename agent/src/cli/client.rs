@@ -91,7 +91,6 @@ impl AdminClient {
     }
 
     /// GET returning the body decoded from JSON.
-    #[allow(dead_code, reason = "for the table subcommands (stat, routes, drops)")]
     pub async fn get_json<T: serde::de::DeserializeOwned>(
         &self,
         path_and_query: &str,

@@ -7,6 +7,8 @@
 
 pub mod client;
 pub mod log_level;
+pub mod tap;
+pub mod trace;
 
 use std::net::SocketAddr;
 

@@ -3,4 +3,5 @@
 
 pub mod http_metrics;
 pub mod metrics;
+pub mod tap;
 pub mod trace;
