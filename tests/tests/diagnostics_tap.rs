@@ -452,6 +452,41 @@ fn tap_filters_show_exactly_the_matching_requests() {
         assert_eq!(header("x-api-key").as_deref(), Some("<redacted>"), "{req}");
         assert_eq!(header("x-visible").as_deref(), Some("shown"), "{req}");
 
+        // A connection to an address that is no service is opaque TCP: one
+        // `tcp` event when it closes, matched by source and destination.
+        let direct = format!("{}:8080", pod_ip(1, 0));
+        let out = tap(
+            node,
+            &[
+                "--from",
+                c0.name(),
+                "--to",
+                &direct,
+                "--max",
+                "1",
+                "--duration",
+                "30s",
+                "-o",
+                "json",
+            ],
+            || {
+                curl(c1, &[], &[format!("http://{direct}/x1")])?;
+                curl(c0, &[], &[format!("http://{direct}/m1")])?;
+                Ok(())
+            },
+        )?;
+        let ev = events(&out)?;
+        assert_eq!(ev.len(), 1, "{out}");
+        let tcp = &ev[0];
+        assert_eq!(tcp["type"], "tcp", "{tcp}");
+        assert_eq!(tcp["src"]["pod"], c0.name(), "{tcp}");
+        assert_eq!(tcp["dst"]["addr"], direct, "{tcp}");
+        assert_eq!(tcp["close"], "eof", "{tcp}");
+        assert!(
+            tcp["bytes_out"].as_u64() > Some(0) && tcp["bytes_in"].as_u64() > Some(0),
+            "{tcp}"
+        );
+
         // A bad filter is refused with the reason, before streaming.
         let out = node.run(waymark().args(["tap", "--status", "7xx"]))?;
         assert!(!out.status.success());

@@ -321,7 +321,7 @@ fn enter_pod(client: &AdminClient, pod: &str, cgroup: Option<&Path>) -> Result<O
     let procs = cgroup.join("cgroup.procs");
     std::fs::write(&procs, format!("{}\n", std::process::id())).with_context(|| {
         format!(
-            "cannot join the pod's cgroup {} (run as root on the pod's node)",
+            "cannot join the cgroup {} (run as root on the pod's node; where a cgroup with processes below it cannot take more, give the pod's own cgroup with --cgroup)",
             cgroup.display()
         )
     })?;

@@ -100,6 +100,19 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<String>,
     },
+    /// An opaque TCP connection (not HTTP, or a port kept opaque) ended.
+    Tcp {
+        #[serde(flatten)]
+        meta: Meta,
+        /// Bytes from the client to the destination, and back.
+        bytes_out: u64,
+        bytes_in: u64,
+        duration_us: u64,
+        /// How it closed: `eof`, `connect_refused`, `upstream_error`, …
+        close: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
     /// The consumer did not keep up: this many events were dropped (since
     /// the previous `dropped` line) instead of being buffered.
     Dropped { count: u64 },
@@ -163,6 +176,24 @@ impl Event {
                 let _ = write!(
                     s,
                     " duration={duration_us}µs response-length={response_bytes}B"
+                );
+                if let Some(e) = error {
+                    let _ = write!(s, " error={e:?}");
+                }
+                tail(&mut s, meta, wide);
+            }
+            Event::Tcp {
+                meta,
+                bytes_out,
+                bytes_in,
+                duration_us,
+                close,
+                error,
+            } => {
+                head(&mut s, "tcp", meta);
+                let _ = write!(
+                    s,
+                    " bytes-out={bytes_out}B bytes-in={bytes_in}B duration={duration_us}µs close={close}"
                 );
                 if let Some(e) = error {
                     let _ = write!(s, " error={e:?}");
@@ -367,6 +398,18 @@ mod tests {
             Event::Dropped { count: 7 }
                 .render(false)
                 .starts_with("dropped 7 events")
+        );
+        let tcp = Event::Tcp {
+            meta: meta(),
+            bytes_out: 100,
+            bytes_in: 200,
+            duration_us: 30,
+            close: "eof".into(),
+            error: None,
+        };
+        assert_eq!(
+            tcp.render(false),
+            "tcp id=3 proxy=out src=10.1.0.2:40142 dst=10.2.0.2:8080 tls=no_identity bytes-out=100B bytes-in=200B duration=30µs close=eof"
         );
     }
 

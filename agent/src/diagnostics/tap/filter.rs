@@ -280,6 +280,22 @@ impl Filter {
         }
     }
 
+    /// Whether an opaque TCP connection matches: only `from` and `to` can
+    /// (a filter with an HTTP key takes none).
+    pub fn matches_tcp(&self, pod: &str, src: SocketAddr, dst: &DstView<'_>) -> bool {
+        let http_only = self.authority.is_some()
+            || self.path.is_some()
+            || self.method.is_some()
+            || self.status.is_some()
+            || self.min_latency.is_some();
+        !http_only
+            && self
+                .from
+                .as_ref()
+                .is_none_or(|f| matches_source(f, pod, src))
+            && self.matches_dst(dst)
+    }
+
     /// Whether the filter needs the response head to decide.
     pub fn needs_response(&self) -> bool {
         self.status.is_some() || self.min_latency.is_some()
@@ -513,6 +529,23 @@ mod tests {
         assert!(!parse("to=10.2.0.2:9090").matches_dst(&d));
         assert!(parse("to=10.2.0.2").matches_dst(&d));
         assert!(parse("").matches_dst(&d));
+    }
+
+    #[test]
+    fn tcp_connections_match_only_source_and_destination() {
+        let src: SocketAddr = "10.1.0.2:40000".parse().unwrap();
+        let d = DstView {
+            addr: "10.2.0.2:7000".parse().unwrap(),
+            dialled: "10.2.0.2:7000".parse().unwrap(),
+            service: None,
+            backend: None,
+        };
+        assert!(parse("").matches_tcp("default/a", src, &d));
+        assert!(parse("from=default/a&to=10.2.0.2").matches_tcp("default/a", src, &d));
+        assert!(!parse("from=default/b").matches_tcp("default/a", src, &d));
+        assert!(!parse("to=10.2.0.3").matches_tcp("default/a", src, &d));
+        assert!(!parse("path=/").matches_tcp("default/a", src, &d));
+        assert!(!parse("status=2xx").matches_tcp("default/a", src, &d));
     }
 
     #[test]

@@ -19,7 +19,10 @@
 //! `http/forward.rs`: [`TapHub::request`] when a request arrives,
 //! [`dispatched`] when the balancer picks an endpoint, [`response`] when the
 //! response head is ready (which wraps the body to see its end). The tap
-//! of a request rides in the request's extensions between them.
+//! of a request rides in the request's extensions between them. Opaque TCP
+//! connections are one `tcp` event when they close
+//! ([`TapHub::tcp_closed`], in `proxy/outbound.rs`); only `from` and `to`
+//! filters can match them.
 
 pub mod event;
 pub mod filter;
@@ -334,6 +337,83 @@ impl TapHub {
         pods.ips(pod)
             .and_then(|ips| ips.iter().find(|ip| ip.is_ipv4() == src.is_ipv4()))
             .map_or(src, |ip| SocketAddr::new(*ip, src.port()))
+    }
+}
+
+/// An opaque TCP connection that ended, as `proxy/outbound.rs` knows it.
+pub struct TcpClosed<'a> {
+    pub pod: &'a str,
+    /// The client's address.
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub duration: Duration,
+    pub bytes_out: u64,
+    pub bytes_in: u64,
+    pub close: &'static str,
+    pub error: Option<&'a str>,
+}
+
+impl TapHub {
+    /// An opaque TCP connection closed; `conn` is only called while a tap
+    /// is open.
+    #[inline]
+    pub fn tcp_closed<'a>(&self, conn: impl FnOnce() -> TcpClosed<'a>) {
+        if self.active.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        self.tapped_tcp(conn());
+    }
+
+    #[cold]
+    fn tapped_tcp(&self, c: TcpClosed<'_>) {
+        let src = self.shown_source(c.pod, c.src);
+        let view = DstView {
+            addr: c.dst,
+            dialled: c.dst,
+            service: None,
+            backend: None,
+        };
+        let sinks: Vec<Arc<Sink>> = self
+            .sinks
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|s| s.accepting() && s.filter.matches_tcp(c.pod, src, &view))
+            .filter(|s| s.admit())
+            .cloned()
+            .collect();
+        let ready: Vec<&Arc<Sink>> = sinks.iter().filter(|s| s.has_room()).collect();
+        if !ready.is_empty() {
+            let line = Event::Tcp {
+                meta: Meta {
+                    id: self.next_request.fetch_add(1, Ordering::Relaxed),
+                    proxy: "out".into(),
+                    src: Src {
+                        addr: src,
+                        pod: Some(c.pod.to_string()),
+                    },
+                    dst: Dst {
+                        addr: c.dst,
+                        dialled: c.dst,
+                        service: None,
+                        backend: None,
+                    },
+                    tls: TLS_NONE.into(),
+                },
+                bytes_out: c.bytes_out,
+                bytes_in: c.bytes_in,
+                duration_us: micros(c.duration),
+                close: c.close.to_string(),
+                error: c.error.map(str::to_string),
+            }
+            .to_line();
+            for s in ready {
+                s.send(&line);
+            }
+        }
+        for s in &sinks {
+            s.request_ended();
+        }
     }
 }
 

@@ -73,6 +73,7 @@ fn kinds(events: &[Event]) -> Vec<String> {
             Event::Req { path, .. } => format!("req {path}"),
             Event::Rsp { status, .. } => format!("rsp {status}"),
             Event::End { response_bytes, .. } => format!("end {response_bytes}"),
+            Event::Tcp { close, .. } => format!("tcp {close}"),
             Event::Dropped { count } => format!("dropped {count}"),
         })
         .collect()
@@ -152,7 +153,7 @@ async fn a_request_is_req_rsp_end_with_its_facts() {
         .iter()
         .map(|e| match e {
             Event::Req { meta, .. } | Event::Rsp { meta, .. } | Event::End { meta, .. } => meta.id,
-            Event::Dropped { .. } => u64::MAX,
+            Event::Tcp { .. } | Event::Dropped { .. } => u64::MAX,
         })
         .collect();
     assert!(ids.iter().all(|i| *i == ids[0]), "{ids:?}");
@@ -324,4 +325,33 @@ async fn a_redirected_source_is_shown_with_the_pods_address() {
         hub.shown_source("default/other", addr("127.0.0.1:1")),
         addr("127.0.0.1:1")
     );
+}
+
+#[tokio::test]
+async fn opaque_connections_are_one_tcp_event() {
+    let hub = hub();
+    let mut all = hub.open(filter("max=1")).unwrap();
+    let mut http_only = hub.open(filter("path=/")).unwrap();
+    let mut called = false;
+    hub.tcp_closed(|| {
+        called = true;
+        TcpClosed {
+            pod: "p",
+            src: addr("10.1.0.2:5000"),
+            dst: addr("10.2.0.2:7000"),
+            duration: Duration::from_millis(2),
+            bytes_out: 10,
+            bytes_in: 20,
+            close: "eof",
+            error: None,
+        }
+    });
+    assert!(called);
+    let (events, ended) = drain(&mut all).await;
+    assert_eq!(kinds(&events), ["tcp eof"]);
+    assert!(ended, "max=1 counts the connection");
+    assert!(drain(&mut http_only).await.0.is_empty());
+    drop(http_only);
+    // With no tap open the connection is not even looked at.
+    hub.tcp_closed(|| unreachable!("built while no tap is open"));
 }
