@@ -34,6 +34,8 @@ use crate::config::Config;
 use crate::diagnostics::capture::Captures;
 use crate::diagnostics::kernel as kernel_diag;
 use crate::diagnostics::metrics::{MapLabels, Metrics};
+use crate::diagnostics::tap::TapHub;
+use crate::diagnostics::tap::filter::Pods;
 use crate::discovery::{Discovery, ServiceTable};
 use crate::http::forward::HttpProxy;
 use crate::http::pool::Pool;
@@ -124,6 +126,14 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
     }
     let reload_metrics = ReloadMetrics::new(&mut metrics.registry);
     let captures = Captures::new(&mut metrics.registry);
+    let tap = Arc::new(TapHub::new(&mut metrics.registry));
+    tap.set_pods(Pods(
+        config
+            .pods
+            .iter()
+            .map(|p| (p.name.clone(), p.ips.clone()))
+            .collect(),
+    ));
     let registry = Arc::new(std::mem::take(&mut metrics.registry));
     let check_redirect = redirect.clone();
     let admin = AdminServer::start(
@@ -148,6 +158,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
             // Workload certificates join here when identities are
             // configured (the mTLS data path); until then there are none.
             certificates: Box::new(Vec::new),
+            tap: tap.clone(),
         },
     )?;
     info!(node = %config.node.name, admin = %admin.local_addr, "admin API listening");
@@ -207,6 +218,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         discovery: discovery.clone(),
         pool: pool.clone(),
         retry_buffer: config.proxy.retry_buffer_bytes,
+        tap,
     });
     let outbound = Arc::new(Outbound {
         original_dst: Arc::new(KernelOriginalDst(redirect.clone())),

@@ -47,6 +47,22 @@ enum Command {
         #[command(subcommand)]
         cmd: Option<cli::log_level::LogLevelCommand>,
     },
+    /// Stream the requests the agent is proxying now (like `linkerd tap`).
+    Tap {
+        #[command(flatten)]
+        admin: cli::AdminArgs,
+        #[command(flatten)]
+        args: cli::tap::TapArgs,
+    },
+    /// Send a diagnostic trace request from a pod (through the kernel
+    /// redirect and the agent, as the pod's own traffic goes) and print
+    /// what every hop appended.
+    Trace {
+        #[command(flatten)]
+        admin: cli::AdminArgs,
+        #[command(flatten)]
+        args: cli::trace::TraceArgs,
+    },
     /// What the kernel dropped, retransmitted and reset, per pod and drop
     /// reason (`--follow` streams the events).
     Drops {
@@ -211,6 +227,14 @@ fn main() -> ExitCode {
             Ok(false) => ExitCode::FAILURE,
             Err(e) => cli_exit(Err(e)),
         },
+        Command::Tap { admin, args } => cli_exit(cli::tap::run(
+            &cli::client::AdminClient::new(admin.admin),
+            args,
+        )),
+        Command::Trace { admin, args } => cli_exit(cli::trace::run(
+            &cli::client::AdminClient::new(admin.admin),
+            args,
+        )),
         Command::Config(ConfigCommand::Default) => {
             print!("{}", config::DEFAULT_CONFIG);
             ExitCode::SUCCESS

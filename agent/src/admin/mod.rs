@@ -1,6 +1,8 @@
 //! The admin API: `/live`, `/ready`, `/metrics`, `/config`, `/log-level`,
 //! `/capture`, `/drops`, `/drops/follow`, the sliding-window stats (`/stat`,
-//! `/routes`, `/edges`) and the facts `waymark check` judges (`/check`).
+//! `/routes`, `/edges`), the facts `waymark check` judges (`/check`), and
+//! `/tap` (a stream of newline-delimited JSON that lasts as long as the
+//! client reads it; see `diagnostics::tap`).
 //!
 //! It runs on its own single-threaded runtime (as ztunnel's does) so a slow
 //! scrape or a large config dump never queues behind proxied traffic, and
@@ -52,6 +54,7 @@ pub struct AdminState {
     /// Validity of the workload certificates the agent holds (none until
     /// identities are configured).
     pub certificates: Box<dyn Fn() -> Vec<check::CertFacts> + Send + Sync>,
+    pub tap: Arc<crate::diagnostics::tap::TapHub>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -11,6 +11,7 @@ use hyper::{Method, Request, Response, StatusCode, header};
 
 use super::AdminState;
 use super::stats::{self, Query};
+use crate::diagnostics::tap::filter::Filter;
 
 /// Whole answers and streams (a capture, `/drops/follow`) alike.
 pub(super) type Body = UnsyncBoxBody<Bytes, Infallible>;
@@ -29,6 +30,7 @@ const ENDPOINTS: &[&str] = &[
     "/routes",
     "/edges",
     "/check",
+    "/tap",
 ];
 
 /// Largest request body the admin API reads (a log filter).
@@ -59,6 +61,7 @@ pub async fn handle(
         (&Method::PUT, "/log-level") | (&Method::POST, "/log-level") => {
             set_log_level(state, req).await
         }
+        (&Method::GET, "/tap") => tap(state, req.uri().query().unwrap_or("")),
         (&Method::POST, "/capture") => super::capture::handle(state, peer, req).await,
         (&Method::GET, "/drops") => super::drops::report(state, req.uri().query()),
         (&Method::GET, "/drops/follow") => super::drops::follow(state, req.uri().query()),
@@ -139,6 +142,31 @@ async fn set_log_level(state: &AdminState, req: Request<Incoming>) -> Response<B
             text(StatusCode::OK, format!("{}\n", state.log_level.get()))
         }
         Err(e) => text(StatusCode::BAD_REQUEST, format!("invalid log filter {e}\n")),
+    }
+}
+
+/// `GET /tap?filters`: streams the matching requests' events, one JSON
+/// object a line, until the client goes away or the filter's `max` or
+/// `duration` is reached.
+fn tap(state: &AdminState, query: &str) -> Response<Body> {
+    let filter = match Filter::from_query(query, &state.tap.pods()) {
+        Ok(f) => f,
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+    };
+    match state.tap.open(filter) {
+        Ok(stream) => {
+            let mut r = Response::new(stream.boxed_unsync());
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/x-ndjson"),
+            );
+            r.headers_mut().insert(
+                header::CACHE_CONTROL,
+                header::HeaderValue::from_static("no-cache"),
+            );
+            r
+        }
+        Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
     }
 }
 

@@ -12,6 +12,8 @@ pub mod drops;
 pub mod log_level;
 pub mod stat;
 pub mod table;
+pub mod tap;
+pub mod trace;
 
 use std::net::SocketAddr;
 

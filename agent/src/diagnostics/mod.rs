@@ -8,4 +8,5 @@ pub mod kernel;
 pub mod metrics;
 pub mod stats;
 pub mod stats_view;
+pub mod tap;
 pub mod trace;

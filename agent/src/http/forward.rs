@@ -34,7 +34,7 @@ use super::pool::{ConnectError, Pool, Version};
 use super::replay::ReplayBody;
 use crate::config::services::ProtocolHint;
 use crate::diagnostics::http_metrics::{HttpMetrics, observe, retried};
-use crate::diagnostics::trace;
+use crate::diagnostics::{tap, trace};
 use crate::discovery::{DEFAULT_ROUTE, Discovery, Endpoint, RoutePolicy, Service};
 use crate::retry::{Outcome, is_idempotent};
 
@@ -53,6 +53,7 @@ pub struct HttpProxy {
     pub discovery: Arc<Discovery>,
     pub pool: Arc<Pool>,
     pub retry_buffer: usize,
+    pub tap: Arc<tap::TapHub>,
 }
 
 /// How one attempt ended.
@@ -145,6 +146,9 @@ impl HttpProxy {
             .request(&ctx.pod, authority(&req), &service.name, route_name);
         let start = Instant::now();
         let mut req = req;
+        let tapped = self
+            .tap
+            .request(&ctx.pod, ctx.client, ctx.dst, Some(&service.name), &mut req);
         let trace_mode = trace::mode(req.method(), req.headers());
         let mut context = trace_mode.map(|_| trace::Context {
             node: self.node.clone(),
@@ -192,6 +196,7 @@ impl HttpProxy {
                 }
                 _ => resp,
             };
+            let resp = tap::response(tapped, resp);
             observe(self.metrics.clone(), labels, start, resp, grpc)
         }
         .instrument(span)
@@ -250,6 +255,7 @@ impl HttpProxy {
                 return self.error(ProxyError::NoEndpoints, &backend.name, None, grpc);
             };
             let addr = pick.endpoint().addr;
+            tap::dispatched(&parts.extensions, &backend.name, addr);
             tried.push(addr);
             if attempt == 1 {
                 tracing::Span::current().record("endpoint", tracing::field::display(addr));
@@ -440,6 +446,10 @@ impl HttpProxy {
             .metrics
             .request(&ctx.pod, authority(&req), "unknown", DEFAULT_ROUTE);
         let start = Instant::now();
+        let mut req = req;
+        let tapped = self
+            .tap
+            .request(&ctx.pod, ctx.client, ctx.dst, None, &mut req);
         let (parts, body) = req.into_parts();
         let upstream = upstream_request(&parts, incoming(body), ctx.version);
         let resp = match self.attempt(ctx.dst, ctx.version, upstream).await {
@@ -448,6 +458,7 @@ impl HttpProxy {
                 self.error(error, &ctx.dst.to_string(), Some(&detail), grpc)
             }
         };
+        let resp = tap::response(tapped, resp);
         observe(self.metrics.clone(), labels, start, resp, grpc)
     }
 

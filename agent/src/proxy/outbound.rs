@@ -16,6 +16,7 @@ use super::copy::{self, Counters, Side};
 use super::detect::{self, Protocol};
 use crate::config::services::ProtocolHint;
 use crate::diagnostics::metrics::{Direction, PodLabels, TcpCloseLabels, TcpLabels, TcpMetrics};
+use crate::diagnostics::tap::TcpClosed;
 use crate::discovery::Discovery;
 use crate::http::forward::{ConnCtx, HttpProxy};
 use crate::http::pool::Version;
@@ -208,7 +209,7 @@ impl Outbound {
     ) -> (Close, Option<String>) {
         let table = self.discovery.current();
         let Some(service) = table.by_addr(&dst).cloned() else {
-            return self.opaque(client, dst, labels, transferred).await;
+            return self.opaque(client, peer, dst, labels, transferred).await;
         };
         let protocol = if service.protocol == ProtocolHint::Opaque
             || self.opaque_ports.contains(&dst.port())
@@ -236,7 +237,7 @@ impl Outbound {
                 let target = pick.endpoint().addr;
                 // The pick stays alive for the connection: in-flight is the
                 // number of open connections for opaque traffic.
-                return self.opaque(client, target, labels, transferred).await;
+                return self.opaque(client, peer, target, labels, transferred).await;
             }
         };
         let ctx = Arc::new(ConnCtx {
@@ -253,11 +254,23 @@ impl Outbound {
     async fn opaque(
         &self,
         mut client: TcpStream,
+        peer: SocketAddr,
         target: SocketAddr,
         labels: &TcpLabels,
         transferred: &mut copy::Transferred,
     ) -> (Close, Option<String>) {
+        let start = Instant::now();
         let (close, detail) = self.forward(&mut client, target, labels, transferred).await;
+        self.http.tap.tcp_closed(|| TcpClosed {
+            pod: &labels.pod,
+            src: peer,
+            dst: target,
+            duration: start.elapsed(),
+            bytes_out: transferred.client_to_upstream,
+            bytes_in: transferred.upstream_to_client,
+            close: close.reason(),
+            error: detail.as_deref(),
+        });
         match close {
             // The client must learn promptly that its peer is gone: an RST,
             // as it would get from the destination itself.

@@ -1,0 +1,237 @@
+//! `waymark tap`: streams the requests the agent is proxying right now,
+//! like `linkerd viz tap`, from the admin API's `GET /tap`.
+//!
+//! ```text
+//! req id=3 proxy=out src=10.1.0.2:40142 dst=10.2.0.2:8080 tls=no_identity :method=GET :authority=hello :path=/hello
+//! rsp id=3 proxy=out src=10.1.0.2:40142 dst=10.2.0.2:8080 tls=no_identity :status=200 latency=1234µs
+//! end id=3 proxy=out src=10.1.0.2:40142 dst=10.2.0.2:8080 tls=no_identity duration=1377µs response-length=5B
+//! ```
+//!
+//! `-o json` prints the agent's lines as they come (one JSON object a line,
+//! request headers included, credentials redacted by the agent).
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
+use hyper::Method;
+
+use super::client::{AdminClient, block_on};
+use crate::diagnostics::tap::event::Event;
+use crate::diagnostics::tap::filter::{Filter, Pods, percent_encode};
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TapOutput {
+    /// One line per event, as `linkerd tap` prints them.
+    #[default]
+    Text,
+    /// The text lines plus the source pod and destination service.
+    Wide,
+    /// The agent's JSON lines, as they come.
+    Json,
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct TapArgs {
+    /// Source: a pod (`default/web-5d8f-x2`), a workload whose pods are
+    /// named `<workload>-…` (`default/web`), or an IP.
+    #[arg(long)]
+    from: Option<String>,
+    /// Destination: a service (dialled, or the backend a route chose), a pod
+    /// of this node, an IP or IP:port (endpoint or dialled address).
+    #[arg(long)]
+    to: Option<String>,
+    /// `:authority` / `Host`, exactly.
+    #[arg(long)]
+    authority: Option<String>,
+    /// A path prefix, e.g. `/api`.
+    #[arg(long)]
+    path: Option<String>,
+    /// An HTTP method, e.g. `POST`.
+    #[arg(long)]
+    method: Option<String>,
+    /// A status class (`2xx`, `4xx`, `5xx`) or one code (`503`).
+    #[arg(long)]
+    status: Option<String>,
+    /// Only responses whose head took at least this long (`100ms`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    min_latency: Option<Duration>,
+    /// Stop after this many requests have ended.
+    #[arg(long)]
+    max: Option<u64>,
+    /// Stop after this long (`30s`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t)]
+    output: TapOutput,
+}
+
+impl TapArgs {
+    /// The `/tap` query, checked here first so a typo is caught before the
+    /// agent is asked.
+    fn query(&self) -> Result<String> {
+        let mut pairs: Vec<(&str, String)> = Vec::new();
+        let mut put = |k, v: Option<String>| {
+            if let Some(v) = v {
+                pairs.push((k, v));
+            }
+        };
+        put("from", self.from.clone());
+        put("to", self.to.clone());
+        put("authority", self.authority.clone());
+        put("path", self.path.clone());
+        put("method", self.method.clone());
+        put("status", self.status.clone());
+        let fmt = |d: Duration| humantime::format_duration(d).to_string();
+        put("min_latency", self.min_latency.map(fmt));
+        put("max", self.max.map(|m| m.to_string()));
+        put("duration", self.duration.map(fmt));
+        let query = pairs
+            .iter()
+            .map(|(k, v)| format!("{k}={}", percent_encode(v)))
+            .collect::<Vec<_>>()
+            .join("&");
+        Filter::from_query(&query, &Pods::default()).map_err(anyhow::Error::msg)?;
+        Ok(query)
+    }
+}
+
+pub fn run(client: &AdminClient, args: TapArgs) -> Result<()> {
+    let query = args.query()?;
+    let path = if query.is_empty() {
+        "/tap".to_string()
+    } else {
+        format!("/tap?{query}")
+    };
+    block_on(async {
+        let rsp = client.send(Method::GET, &path, Bytes::new()).await?;
+        let status = rsp.status();
+        let mut body = rsp.into_body();
+        if !status.is_success() {
+            let text = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            bail!(
+                "agent answered {status} to {path}: {}",
+                String::from_utf8_lossy(&text).trim_end()
+            );
+        }
+        let mut out = std::io::stdout().lock();
+        let mut buf = BytesMut::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.context("the tap stream broke off")?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            buf.extend_from_slice(&data);
+            while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
+                let line = buf.split_to(nl + 1);
+                let line = &line[..nl];
+                if line.is_empty() {
+                    continue;
+                }
+                if print_line(&mut out, line, args.output).is_err() {
+                    // stdout closed (`| head`): stop quietly.
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+fn print_line(
+    out: &mut impl std::io::Write,
+    line: &[u8],
+    output: TapOutput,
+) -> std::io::Result<()> {
+    if output == TapOutput::Json {
+        out.write_all(line)?;
+        return out.write_all(b"\n");
+    }
+    match serde_json::from_slice::<Event>(line) {
+        Ok(ev) => writeln!(out, "{}", ev.render(output == TapOutput::Wide)),
+        // A newer agent's event this CLI does not know: show it as it is.
+        Err(_) => writeln!(out, "{}", String::from_utf8_lossy(line)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> TapArgs {
+        #[derive(clap::Parser)]
+        struct P {
+            #[command(flatten)]
+            a: TapArgs,
+        }
+        let mut argv = vec!["tap"];
+        argv.extend_from_slice(extra);
+        <P as clap::Parser>::try_parse_from(argv).unwrap().a
+    }
+
+    #[test]
+    fn flags_become_the_query() {
+        let q = args(&[
+            "--from",
+            "default/web",
+            "--to",
+            "10.2.0.2:8080",
+            "--path",
+            "/a b",
+            "--status",
+            "5xx",
+            "--min-latency",
+            "100ms",
+            "--max",
+            "3",
+            "--duration",
+            "30s",
+            "-o",
+            "json",
+        ])
+        .query()
+        .unwrap();
+        assert_eq!(
+            q,
+            "from=default/web&to=10.2.0.2:8080&path=/a%20b&status=5xx&min_latency=100ms&max=3&duration=30s"
+        );
+        assert_eq!(args(&[]).query().unwrap(), "");
+    }
+
+    #[test]
+    fn bad_flags_are_caught_before_asking_the_agent() {
+        let e = args(&["--status", "6xx"]).query().unwrap_err();
+        assert!(e.to_string().contains("5xx"), "{e}");
+        let e = args(&["--max", "0"]).query().unwrap_err();
+        assert!(e.to_string().contains("at least 1"), "{e}");
+    }
+
+    #[test]
+    fn lines_are_rendered_or_passed_through() {
+        let mut out = Vec::new();
+        print_line(
+            &mut out,
+            br#"{"type":"dropped","count":3}"#,
+            TapOutput::Text,
+        )
+        .unwrap();
+        print_line(
+            &mut out,
+            br#"{"type":"dropped","count":3}"#,
+            TapOutput::Json,
+        )
+        .unwrap();
+        print_line(&mut out, br#"{"type":"new"}"#, TapOutput::Text).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("dropped 3 events"), "{text}");
+        assert_eq!(lines[1], r#"{"type":"dropped","count":3}"#);
+        assert_eq!(lines[2], r#"{"type":"new"}"#);
+    }
+}

@@ -1,0 +1,529 @@
+//! What a tap stream carries: one JSON object a line, `req`, `rsp` and
+//! `end` per request and `dropped` when the consumer fell behind, and the
+//! text form `waymark tap` prints (Linkerd's `tap` layout).
+//!
+//! The agent serializes and the CLI parses the same types, so the two can
+//! only disagree across versions.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// What `tls=` says while the data path is plaintext (Linkerd's wording).
+pub const TLS_NONE: &str = "no_identity";
+
+/// Request headers kept in a `req` event; more are counted, not shown.
+pub const MAX_HEADERS: usize = 32;
+/// Longest header value shown, in bytes; longer ones are cut.
+pub const MAX_VALUE: usize = 256;
+/// What a credential-like header's value is replaced with.
+pub const REDACTED: &str = "<redacted>";
+
+/// The client side of a request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Src {
+    pub addr: SocketAddr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+}
+
+/// Where a request went: the endpoint (or, before one was picked, the
+/// address the client dialled), the service dialled and the backend
+/// service the route chose.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dst {
+    pub addr: SocketAddr,
+    pub dialled: SocketAddr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+}
+
+/// Fields every event of a request repeats, so each line stands alone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meta {
+    pub id: u64,
+    /// `out`: the only direction the agent proxies today.
+    pub proxy: String,
+    pub src: Src,
+    pub dst: Dst,
+    pub tls: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    pub name: String,
+    pub value: String,
+}
+
+/// One line of a tap stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    /// The request, when the agent sends it to its endpoint (or answers it
+    /// itself).
+    Req {
+        #[serde(flatten)]
+        meta: Meta,
+        method: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        authority: Option<String>,
+        /// Path and query.
+        path: String,
+        /// Up to [`MAX_HEADERS`], credential-like values redacted.
+        headers: Vec<Header>,
+        /// Headers beyond [`MAX_HEADERS`], not shown.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        headers_omitted: usize,
+    },
+    /// The response head reached the agent (or the agent made its own).
+    Rsp {
+        #[serde(flatten)]
+        meta: Meta,
+        status: u16,
+        /// From the request's arrival to the response head, µs.
+        latency_us: u64,
+    },
+    /// The response body ended, broke off or was abandoned.
+    End {
+        #[serde(flatten)]
+        meta: Meta,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        grpc_status: Option<u32>,
+        /// From the request's arrival to the end of the response, µs.
+        duration_us: u64,
+        response_bytes: u64,
+        /// Why the proxy failed the request (its own error response), or
+        /// how the response body ended badly.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+    /// An opaque TCP connection (not HTTP, or a port kept opaque) ended.
+    Tcp {
+        #[serde(flatten)]
+        meta: Meta,
+        /// Bytes from the client to the destination, and back.
+        bytes_out: u64,
+        bytes_in: u64,
+        duration_us: u64,
+        /// How it closed: `eof`, `connect_refused`, `upstream_error`, …
+        close: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+    /// The consumer did not keep up: this many events were dropped (since
+    /// the previous `dropped` line) instead of being buffered.
+    Dropped { count: u64 },
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+impl Event {
+    /// The JSON line sent on the wire (with its newline).
+    pub fn to_line(&self) -> bytes::Bytes {
+        let mut v = serde_json::to_vec(self).unwrap_or_else(|e| {
+            format!("{{\"type\":\"error\",\"message\":\"cannot encode a tap event: {e}\"}}")
+                .into_bytes()
+        });
+        v.push(b'\n');
+        v.into()
+    }
+
+    /// The line `waymark tap` prints: Linkerd's layout, with `wide` adding
+    /// the source pod and the destination service.
+    pub fn render(&self, wide: bool) -> String {
+        let mut s = String::new();
+        match self {
+            Event::Req {
+                meta,
+                method,
+                authority,
+                path,
+                ..
+            } => {
+                head(&mut s, "req", meta);
+                let _ = write!(
+                    s,
+                    " :method={method} :authority={} :path={path}",
+                    authority.as_deref().unwrap_or("")
+                );
+                tail(&mut s, meta, wide);
+            }
+            Event::Rsp {
+                meta,
+                status,
+                latency_us,
+            } => {
+                head(&mut s, "rsp", meta);
+                let _ = write!(s, " :status={status} latency={latency_us}µs");
+                tail(&mut s, meta, wide);
+            }
+            Event::End {
+                meta,
+                grpc_status,
+                duration_us,
+                response_bytes,
+                error,
+            } => {
+                head(&mut s, "end", meta);
+                if let Some(g) = grpc_status {
+                    let _ = write!(s, " grpc-status={}", grpc_status_name(*g));
+                }
+                let _ = write!(
+                    s,
+                    " duration={duration_us}µs response-length={response_bytes}B"
+                );
+                if let Some(e) = error {
+                    let _ = write!(s, " error={e:?}");
+                }
+                tail(&mut s, meta, wide);
+            }
+            Event::Tcp {
+                meta,
+                bytes_out,
+                bytes_in,
+                duration_us,
+                close,
+                error,
+            } => {
+                head(&mut s, "tcp", meta);
+                let _ = write!(
+                    s,
+                    " bytes-out={bytes_out}B bytes-in={bytes_in}B duration={duration_us}µs close={close}"
+                );
+                if let Some(e) = error {
+                    let _ = write!(s, " error={e:?}");
+                }
+                tail(&mut s, meta, wide);
+            }
+            Event::Dropped { count } => {
+                let _ = write!(
+                    s,
+                    "dropped {count} events (this tap fell behind; the agent drops events rather than buffer them)"
+                );
+            }
+        }
+        s
+    }
+}
+
+fn head(s: &mut String, kind: &str, m: &Meta) {
+    let _ = write!(
+        s,
+        "{kind} id={} proxy={} src={} dst={} tls={}",
+        m.id, m.proxy, m.src.addr, m.dst.addr, m.tls
+    );
+}
+
+fn tail(s: &mut String, m: &Meta, wide: bool) {
+    if wide {
+        let _ = write!(
+            s,
+            " src_pod={} dst_service={}",
+            m.src.pod.as_deref().unwrap_or("-"),
+            m.dst
+                .backend
+                .as_deref()
+                .or(m.dst.service.as_deref())
+                .unwrap_or("-")
+        );
+    }
+}
+
+/// gRPC status codes by name, as `linkerd tap` prints them.
+pub fn grpc_status_name(code: u32) -> String {
+    const NAMES: [&str; 17] = [
+        "OK",
+        "Cancelled",
+        "Unknown",
+        "InvalidArgument",
+        "DeadlineExceeded",
+        "NotFound",
+        "AlreadyExists",
+        "PermissionDenied",
+        "ResourceExhausted",
+        "FailedPrecondition",
+        "Aborted",
+        "OutOfRange",
+        "Unimplemented",
+        "Internal",
+        "Unavailable",
+        "DataLoss",
+        "Unauthenticated",
+    ];
+    NAMES
+        .get(code as usize)
+        .map_or_else(|| code.to_string(), |n| (*n).to_string())
+}
+
+/// Whether a header's value is a credential (or as good as one) and must
+/// never leave the agent: `authorization`, `cookie` and their kin, and any
+/// name that says token, secret, password, session, API key or signature.
+pub fn is_sensitive(name: &str) -> bool {
+    const EXACT: [&str; 6] = [
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "set-cookie",
+        "www-authenticate",
+        "proxy-authenticate",
+    ];
+    const PARTS: [&str; 10] = [
+        "authorization",
+        "token",
+        "secret",
+        "password",
+        "passwd",
+        "session",
+        "api-key",
+        "apikey",
+        "credential",
+        "signature",
+    ];
+    let n = name.to_ascii_lowercase();
+    EXACT.contains(&n.as_str()) || PARTS.iter().any(|p| n.contains(p))
+}
+
+/// The value a header is shown with: redacted when [`is_sensitive`] (an
+/// `Authorization` scheme such as `Bearer` is kept: it is no secret and
+/// tells which kind of credential was sent), else as text cut at
+/// [`MAX_VALUE`] bytes.
+pub fn shown_value(name: &str, value: &[u8]) -> String {
+    if is_sensitive(name) {
+        let n = name.to_ascii_lowercase();
+        if n.ends_with("authorization")
+            && let Some((scheme, _)) = std::str::from_utf8(value)
+                .ok()
+                .and_then(|v| v.trim().split_once(' '))
+            && !scheme.is_empty()
+            && scheme.len() <= 32
+            && scheme
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return format!("{scheme} {REDACTED}");
+        }
+        return REDACTED.to_string();
+    }
+    if value.len() <= MAX_VALUE {
+        return String::from_utf8_lossy(value).into_owned();
+    }
+    let mut cut = MAX_VALUE;
+    // Cut on a character boundary of the lossy text.
+    while cut > 0 && (value[cut] & 0xC0) == 0x80 {
+        cut -= 1;
+    }
+    format!(
+        "{}…(+{} bytes)",
+        String::from_utf8_lossy(&value[..cut]),
+        value.len() - cut
+    )
+}
+
+/// The headers a `req` event shows, and how many were left out.
+pub fn shown_headers(headers: &http::HeaderMap) -> (Vec<Header>, usize) {
+    let shown: Vec<Header> = headers
+        .iter()
+        .take(MAX_HEADERS)
+        .map(|(n, v)| Header {
+            name: n.as_str().to_string(),
+            value: shown_value(n.as_str(), v.as_bytes()),
+        })
+        .collect();
+    let omitted = headers.len().saturating_sub(shown.len());
+    (shown, omitted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta() -> Meta {
+        Meta {
+            id: 3,
+            proxy: "out".into(),
+            src: Src {
+                addr: "10.1.0.2:40142".parse().unwrap(),
+                pod: Some("default/web-1".into()),
+            },
+            dst: Dst {
+                addr: "10.2.0.2:8080".parse().unwrap(),
+                dialled: "10.96.0.10:80".parse().unwrap(),
+                service: Some("hello".into()),
+                backend: Some("hello-v1".into()),
+            },
+            tls: TLS_NONE.into(),
+        }
+    }
+
+    #[test]
+    fn lines_read_like_linkerd_tap() {
+        let req = Event::Req {
+            meta: meta(),
+            method: "GET".into(),
+            authority: Some("hello".into()),
+            path: "/hello".into(),
+            headers: vec![],
+            headers_omitted: 0,
+        };
+        assert_eq!(
+            req.render(false),
+            "req id=3 proxy=out src=10.1.0.2:40142 dst=10.2.0.2:8080 tls=no_identity :method=GET :authority=hello :path=/hello"
+        );
+        let rsp = Event::Rsp {
+            meta: meta(),
+            status: 200,
+            latency_us: 1234,
+        };
+        assert_eq!(
+            rsp.render(false),
+            "rsp id=3 proxy=out src=10.1.0.2:40142 dst=10.2.0.2:8080 tls=no_identity :status=200 latency=1234µs"
+        );
+        let end = Event::End {
+            meta: meta(),
+            grpc_status: Some(14),
+            duration_us: 20,
+            response_bytes: 5,
+            error: Some("no endpoints available".into()),
+        };
+        assert_eq!(
+            end.render(true),
+            "end id=3 proxy=out src=10.1.0.2:40142 dst=10.2.0.2:8080 tls=no_identity grpc-status=Unavailable duration=20µs response-length=5B error=\"no endpoints available\" src_pod=default/web-1 dst_service=hello-v1"
+        );
+        assert!(
+            Event::Dropped { count: 7 }
+                .render(false)
+                .starts_with("dropped 7 events")
+        );
+        let tcp = Event::Tcp {
+            meta: meta(),
+            bytes_out: 100,
+            bytes_in: 200,
+            duration_us: 30,
+            close: "eof".into(),
+            error: None,
+        };
+        assert_eq!(
+            tcp.render(false),
+            "tcp id=3 proxy=out src=10.1.0.2:40142 dst=10.2.0.2:8080 tls=no_identity bytes-out=100B bytes-in=200B duration=30µs close=eof"
+        );
+    }
+
+    #[test]
+    fn events_round_trip_through_json_lines() {
+        let (headers, omitted) = shown_headers(&{
+            let mut h = http::HeaderMap::new();
+            h.insert("x-app", "1".parse().unwrap());
+            h
+        });
+        let events = [
+            Event::Req {
+                meta: meta(),
+                method: "POST".into(),
+                authority: None,
+                path: "/a?b=c".into(),
+                headers,
+                headers_omitted: omitted,
+            },
+            Event::End {
+                meta: meta(),
+                grpc_status: None,
+                duration_us: 1,
+                response_bytes: 0,
+                error: None,
+            },
+            Event::Dropped { count: 2 },
+        ];
+        for e in events {
+            let line = e.to_line();
+            assert_eq!(line.last(), Some(&b'\n'));
+            let text = std::str::from_utf8(&line).unwrap();
+            assert_eq!(text.matches('\n').count(), 1, "{text}");
+            let back: Event = serde_json::from_str(text).unwrap();
+            assert_eq!(back, e);
+        }
+        let v: serde_json::Value =
+            serde_json::from_slice(&Event::Dropped { count: 2 }.to_line()).unwrap();
+        assert_eq!(v, serde_json::json!({"type": "dropped", "count": 2}));
+    }
+
+    #[test]
+    fn credentials_are_redacted() {
+        assert_eq!(
+            shown_value("Authorization", b"Bearer s3cr3t"),
+            "Bearer <redacted>"
+        );
+        assert_eq!(
+            shown_value("proxy-authorization", b"Basic dXNlcjpwYXNz"),
+            "Basic <redacted>"
+        );
+        assert_eq!(shown_value("authorization", b"s3cr3t"), REDACTED);
+        assert_eq!(shown_value("authorization", b"we!rd s3cr3t"), REDACTED);
+        for name in [
+            "cookie",
+            "Set-Cookie",
+            "x-api-key",
+            "X-Auth-Token",
+            "x-csrf-token",
+            "x-amz-security-token",
+            "x-client-secret",
+            "x-session-id",
+            "x-db-password",
+            "x-forwarded-authorization",
+            "x-hub-signature-256",
+        ] {
+            assert!(is_sensitive(name), "{name}");
+            assert_eq!(
+                shown_value(name, b"session=abc; s3cr3t"),
+                REDACTED,
+                "{name}"
+            );
+        }
+        for name in [
+            "x-request-id",
+            "user-agent",
+            "accept",
+            "host",
+            "content-type",
+        ] {
+            assert!(!is_sensitive(name), "{name}");
+        }
+        assert_eq!(shown_value("x-request-id", b"abc"), "abc");
+    }
+
+    #[test]
+    fn long_values_and_many_headers_are_cut() {
+        let long = "é".repeat(200); // 400 bytes
+        let shown = shown_value("x-long", long.as_bytes());
+        assert!(shown.starts_with("éé"));
+        assert!(shown.ends_with("…(+144 bytes)"), "{shown}");
+        assert!(
+            !shown.contains('\u{FFFD}'),
+            "cut inside a character: {shown}"
+        );
+        let mut h = http::HeaderMap::new();
+        for i in 0..40 {
+            h.insert(
+                http::HeaderName::from_bytes(format!("x-h{i}").as_bytes()).unwrap(),
+                "v".parse().unwrap(),
+            );
+        }
+        h.insert("authorization", "Bearer s3cr3t".parse().unwrap());
+        let (shown, omitted) = shown_headers(&h);
+        assert_eq!(shown.len(), MAX_HEADERS);
+        assert_eq!(omitted, 41 - MAX_HEADERS);
+        let json = serde_json::to_string(&shown).unwrap();
+        assert!(!json.contains("s3cr3t"));
+    }
+
+    #[test]
+    fn grpc_status_names() {
+        assert_eq!(grpc_status_name(0), "OK");
+        assert_eq!(grpc_status_name(14), "Unavailable");
+        assert_eq!(grpc_status_name(99), "99");
+    }
+}

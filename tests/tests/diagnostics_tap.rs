@@ -1,0 +1,770 @@
+//! End-to-end tests of the operator's diagnostics on real agents: the live
+//! tap (`waymark tap`, the admin API's `/tap`), diagnostic traces sent from
+//! a pod (`waymark trace`), and changing the log filter at runtime
+//! (`waymark log-level`).
+//!
+//! The taps' filters are checked against a known mix of requests (paths,
+//! methods, statuses, authorities, latencies, source pods, services) sent
+//! with curl from pods: each tap must show exactly the requests that match,
+//! in order, and nothing else. Servers are python3 in pods (see
+//! tests/README.md).
+
+// Children spawned through a world are reaped by the world when it shuts down.
+#![allow(clippy::zombie_processes)]
+
+use std::io::{Read, Write};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::Value;
+use waymark_tests::{
+    Node, Pod, Server, World, await_metric, eventually, metric, pod_ip, python,
+    require_agent_or_skip, testpeer, with_world, world_name,
+};
+
+/// An HTTP/1.1 app server for every method: `/status/N` answers N,
+/// `/slow/MS` answers 200 after MS milliseconds, anything else 200 with
+/// `<pod> <path>`; TRACE is answered with the request it got
+/// (`message/http`). Prints `req <method> <path> <status>` per request.
+const APP: &str = r#"
+import http.server, socketserver, sys, threading, time
+name, port, lock = sys.argv[1], int(sys.argv[2]), threading.Lock()
+def say(*a):
+    with lock:
+        print(*a, flush=True)
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    def log_message(self, *a):
+        pass
+    def answer(self):
+        n = int(self.headers.get("content-length") or 0)
+        if n:
+            self.rfile.read(n)
+        path = self.path.split("?")[0]
+        status, body, ctype = 200, ("%s %s\n" % (name, self.path)).encode(), "text/plain"
+        if path.startswith("/status/"):
+            status = int(path.split("/")[2])
+        elif path.startswith("/slow/"):
+            time.sleep(int(path.split("/")[2]) / 1000)
+        if self.command == "TRACE":
+            ctype = "message/http"
+            body = ("%s %s %s\r\n" % (self.command, self.path, self.request_version)).encode()
+            body += b"".join(("%s: %s\r\n" % kv).encode() for kv in self.headers.items()) + b"\r\n"
+        say("req", self.command, self.path, status)
+        self.send_response(status)
+        self.send_header("x-pod", name)
+        self.send_header("content-type", ctype)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    do_GET = do_POST = do_PUT = do_DELETE = do_TRACE = answer
+class S(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 256
+srv = S(("0.0.0.0", port), H)
+say("listening", "0.0.0.0:%d" % port)
+srv.serve_forever()
+"#;
+
+/// A fast HTTP/1.1 server for load: a fixed 200 to every request head on
+/// keep-alive connections (asyncio; no parsing beyond the head's end).
+const FAST: &str = r#"
+import asyncio, sys
+port = int(sys.argv[1])
+RESP = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+async def handle(r, w):
+    try:
+        while True:
+            await r.readuntil(b"\r\n\r\n")
+            w.write(RESP)
+            await w.drain()
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+        pass
+    w.close()
+async def main():
+    srv = await asyncio.start_server(handle, "0.0.0.0", port, limit=1 << 20, backlog=512)
+    print("listening", "0.0.0.0:%d" % port, flush=True)
+    await srv.serve_forever()
+asyncio.run(main())
+"#;
+
+const WEB: &str = "10.96.0.30:80";
+const API: &str = "10.96.0.31:80";
+
+/// Two services on node 1's pods: `web` (n1p0) and `api` (n1p1).
+fn services() -> String {
+    format!(
+        r#"
+[[services]]
+name = "web"
+addresses = ["{WEB}"]
+endpoints = [{{ addr = "{web}:8080" }}]
+
+[[services]]
+name = "api"
+addresses = ["{API}"]
+endpoints = [{{ addr = "{api}:8080" }}]
+"#,
+        web = pod_ip(1, 0),
+        api = pod_ip(1, 1),
+    )
+}
+
+fn app(pod: &Pod, port: u16) -> Result<Server> {
+    pod.serve(python().args(["-u", "-c", APP, pod.name(), &port.to_string()]))
+}
+
+fn waymark() -> Command {
+    let bin = waymark_tests::world::agent::waymark_bin().expect("the waymark binary");
+    Command::new(bin)
+}
+
+/// Requests `urls` from `pod` with curl, one after another on one
+/// connection; `extra` are more curl arguments. Returns the status codes.
+fn curl(pod: &Pod, extra: &[&str], urls: &[String]) -> Result<Vec<String>> {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--noproxy", "*", "--max-time", "20"])
+        .args(["-w", "%{http_code}\n"])
+        .args(extra);
+    for u in urls {
+        cmd.args(["-o", "/dev/null", u]);
+    }
+    let out = pod.run_timeout(&mut cmd, Duration::from_secs(60))?;
+    let codes: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    ensure!(
+        codes.len() == urls.len() && codes.iter().all(|c| c != "000"),
+        "curl {extra:?} {urls:?} from {}: {codes:?} {}",
+        pod.name(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(codes)
+}
+
+fn url(vip: &str, path: &str) -> String {
+    format!("http://{vip}{path}")
+}
+
+/// Runs `waymark tap ARGS` on `node` while `traffic` runs, once the agent
+/// has the tap open; returns what the tap printed. The tap must end by
+/// itself (its `--max` or `--duration`).
+fn tap(node: &Node, args: &[&str], traffic: impl FnOnce() -> Result<()>) -> Result<String> {
+    std::thread::scope(|s| {
+        let cli =
+            s.spawn(|| node.run_timeout(waymark().arg("tap").args(args), Duration::from_secs(90)));
+        let opened = await_metric(node, "waymark_tap_streams", &[], 1.0);
+        let sent = opened.and_then(|()| traffic());
+        let out: Output = cli.join().expect("the tap thread")?;
+        sent?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        ensure!(
+            out.status.success(),
+            "waymark tap {args:?}: {}\nstdout: {stdout}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(stdout)
+    })
+}
+
+/// The JSON events of a `-o json` tap.
+fn events(out: &str) -> Result<Vec<Value>> {
+    out.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).with_context(|| format!("tap line {l:?}")))
+        .collect()
+}
+
+/// The `t=` tags of the requests a JSON tap showed, in order, after
+/// checking that each shown request has its `req`, `rsp` and `end`.
+fn tags(events: &[Value]) -> Result<Vec<String>> {
+    let mut tags = Vec::new();
+    for req in events.iter().filter(|e| e["type"] == "req") {
+        let id = &req["id"];
+        for kind in ["rsp", "end"] {
+            ensure!(
+                events.iter().any(|e| e["type"] == kind && &e["id"] == id),
+                "no {kind} for {req}"
+            );
+        }
+        let path = req["path"].as_str().unwrap_or_default();
+        let tag = path.split("t=").nth(1).unwrap_or(path);
+        tags.push(tag.to_string());
+    }
+    let n = |k: &str| events.iter().filter(|e| e["type"] == k).count();
+    ensure!(
+        n("rsp") == tags.len() && n("end") == tags.len(),
+        "unpaired events: {events:?}"
+    );
+    Ok(tags)
+}
+
+/// (1) Each filter shows exactly the requests that match it: source pod,
+/// destination service, path prefix and method together; status class and
+/// authority; minimum latency. The sample limit ends the stream by itself,
+/// and the text lines read like `linkerd tap`'s. Credentials never leave
+/// the agent.
+#[test]
+fn tap_filters_show_exactly_the_matching_requests() {
+    require_agent_or_skip!();
+    let b = World::builder(world_name!()).agent_config_extra(services());
+    with_world(b, |world| {
+        let node = world.node(0);
+        let (c0, c1) = (world.pod(0, 0), world.pod(0, 1));
+        let _servers = [app(world.pod(1, 0), 8080)?, app(world.pod(1, 1), 8080)?];
+        let get = |pod, vip, paths: &[&str]| {
+            curl(
+                pod,
+                &[],
+                &paths.iter().map(|p| url(vip, p)).collect::<Vec<_>>(),
+            )
+        };
+
+        // From n0p0, to web, path /a, GET: m1..m3 match; x* each miss one key.
+        let out = tap(
+            node,
+            &[
+                "--from",
+                c0.name(),
+                "--to",
+                "web",
+                "--path",
+                "/a",
+                "--method",
+                "GET",
+                "--max",
+                "3",
+                "--duration",
+                "30s",
+                "-o",
+                "json",
+            ],
+            || {
+                get(c0, WEB, &["/b?t=x1"])?;
+                curl(c0, &["-X", "POST"], &[url(WEB, "/a?t=x2")])?;
+                get(c1, WEB, &["/a?t=x3"])?;
+                get(c0, API, &["/a?t=x4"])?;
+                get(c0, WEB, &["/a?t=m1"])?;
+                curl(c0, &["-X", "DELETE"], &[url(WEB, "/a/deep?t=x5")])?;
+                get(c1, API, &["/a/deep?t=x6"])?;
+                get(c0, WEB, &["/a/deep?t=m2", "/c?t=x7", "/a?t=m3"])?;
+                Ok(())
+            },
+        )?;
+        let ev = events(&out)?;
+        assert_eq!(tags(&ev)?, ["m1", "m2", "m3"], "{out}");
+        let req = ev.iter().find(|e| e["type"] == "req").unwrap();
+        assert_eq!(req["src"]["pod"], c0.name(), "{req}");
+        assert_eq!(
+            req["src"]["addr"].as_str().unwrap().split(':').next(),
+            Some(pod_ip(0, 0).as_str())
+        );
+        assert_eq!(
+            req["dst"]["addr"],
+            format!("{}:8080", pod_ip(1, 0)),
+            "{req}"
+        );
+        assert_eq!(req["dst"]["dialled"], WEB, "{req}");
+        assert_eq!(req["dst"]["service"], "web", "{req}");
+        assert_eq!(req["method"], "GET", "{req}");
+        let end = ev.iter().find(|e| e["type"] == "end").unwrap();
+        assert_eq!(
+            end["response_bytes"].as_u64(),
+            Some(format!("{} /a?t=m1\n", world.pod(1, 0).name()).len() as u64),
+            "{end}"
+        );
+
+        // Status class and authority: only 5xx answers to web.test.
+        let out = tap(
+            node,
+            &[
+                "--status",
+                "5xx",
+                "--authority",
+                "web.test",
+                "--max",
+                "2",
+                "--duration",
+                "30s",
+                "-o",
+                "json",
+            ],
+            || {
+                let host = ["-H", "Host: web.test"];
+                curl(
+                    c0,
+                    &host,
+                    &[url(WEB, "/status/200?t=x1"), url(WEB, "/status/404?t=x2")],
+                )?;
+                curl(c1, &host, &[url(WEB, "/status/503?t=m1")])?;
+                curl(
+                    c0,
+                    &["-H", "Host: other.test"],
+                    &[url(WEB, "/status/500?t=x3")],
+                )?;
+                curl(
+                    c0,
+                    &host,
+                    &[url(API, "/status/201?t=x4"), url(API, "/status/500?t=m2")],
+                )?;
+                Ok(())
+            },
+        )?;
+        let ev = events(&out)?;
+        assert_eq!(tags(&ev)?, ["m1", "m2"], "{out}");
+        let statuses: Vec<u64> = ev
+            .iter()
+            .filter(|e| e["type"] == "rsp")
+            .filter_map(|e| e["status"].as_u64())
+            .collect();
+        assert_eq!(statuses, [503, 500]);
+
+        // Minimum latency: only the slow request.
+        let out = tap(
+            node,
+            &[
+                "--min-latency",
+                "300ms",
+                "--max",
+                "1",
+                "--duration",
+                "30s",
+                "-o",
+                "json",
+            ],
+            || {
+                get(
+                    c0,
+                    WEB,
+                    &[
+                        "/slow/0?t=x1",
+                        "/slow/10?t=x2",
+                        "/slow/500?t=m1",
+                        "/slow/0?t=x3",
+                    ],
+                )?;
+                Ok(())
+            },
+        )?;
+        let ev = events(&out)?;
+        assert_eq!(tags(&ev)?, ["m1"], "{out}");
+        let rsp = ev.iter().find(|e| e["type"] == "rsp").unwrap();
+        assert!(rsp["latency_us"].as_u64().unwrap() >= 300_000, "{rsp}");
+
+        // The sample limit alone ends the stream (no --duration), in text.
+        let started = Instant::now();
+        let out = tap(node, &["--max", "5"], || {
+            let urls: Vec<String> = (1..=20).map(|i| url(WEB, &format!("/n?i={i}"))).collect();
+            curl(c0, &[], &urls)?;
+            Ok(())
+        })?;
+        assert!(started.elapsed() < Duration::from_secs(60));
+        let lines: Vec<&str> = out.lines().collect();
+        let count = |k: &str| lines.iter().filter(|l| l.starts_with(k)).count();
+        assert_eq!(
+            (count("req "), count("rsp "), count("end ")),
+            (5, 5, 5),
+            "{out}"
+        );
+        assert_eq!(lines.len(), 15, "{out}");
+        let src = format!("src={}:", pod_ip(0, 0));
+        let dst = format!("dst={}:8080 tls=no_identity", pod_ip(1, 0));
+        for l in &lines {
+            assert!(
+                l.contains(" proxy=out ") && l.contains(&src) && l.contains(&dst),
+                "{l}"
+            );
+        }
+        let req = lines.iter().find(|l| l.starts_with("req ")).unwrap();
+        assert!(
+            // curl leaves the default port out of Host.
+            req.contains(&format!(
+                ":method=GET :authority={} :path=/n?i=1",
+                WEB.trim_end_matches(":80")
+            )),
+            "{req}"
+        );
+        let rsp = lines.iter().find(|l| l.starts_with("rsp ")).unwrap();
+        assert!(
+            rsp.contains(":status=200 latency=") && rsp.ends_with("µs"),
+            "{rsp}"
+        );
+        let end = lines.iter().find(|l| l.starts_with("end ")).unwrap();
+        assert!(
+            end.contains(" duration=") && end.contains(" response-length="),
+            "{end}"
+        );
+        await_metric(node, "waymark_tap_streams", &[], 0.0)?;
+
+        // Credentials are redacted; other headers are shown.
+        let out = tap(
+            node,
+            &[
+                "--path",
+                "/secret",
+                "--max",
+                "1",
+                "--duration",
+                "30s",
+                "-o",
+                "json",
+            ],
+            || {
+                let h = [
+                    "-H",
+                    "Authorization: Bearer s3cr3t-t0ken",
+                    "-H",
+                    "Cookie: session=c00kie-value",
+                    "-H",
+                    "x-api-key: k3y-value",
+                    "-H",
+                    "x-visible: shown",
+                ];
+                curl(c0, &h, &[url(WEB, "/secret")])?;
+                Ok(())
+            },
+        )?;
+        for secret in ["s3cr3t", "c00kie", "k3y-value"] {
+            assert!(!out.contains(secret), "{secret} leaked: {out}");
+        }
+        let ev = events(&out)?;
+        let req = ev.iter().find(|e| e["type"] == "req").context("no req")?;
+        let header = |n: &str| {
+            req["headers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|h| h["name"] == n)
+                .and_then(|h| h["value"].as_str())
+                .map(str::to_string)
+        };
+        assert_eq!(
+            header("authorization").as_deref(),
+            Some("Bearer <redacted>"),
+            "{req}"
+        );
+        assert_eq!(header("cookie").as_deref(), Some("<redacted>"), "{req}");
+        assert_eq!(header("x-api-key").as_deref(), Some("<redacted>"), "{req}");
+        assert_eq!(header("x-visible").as_deref(), Some("shown"), "{req}");
+
+        // A connection to an address that is no service is opaque TCP: one
+        // `tcp` event when it closes, matched by source and destination.
+        let direct = format!("{}:8080", pod_ip(1, 0));
+        let out = tap(
+            node,
+            &[
+                "--from",
+                c0.name(),
+                "--to",
+                &direct,
+                "--max",
+                "1",
+                "--duration",
+                "30s",
+                "-o",
+                "json",
+            ],
+            || {
+                curl(c1, &[], &[format!("http://{direct}/x1")])?;
+                curl(c0, &[], &[format!("http://{direct}/m1")])?;
+                Ok(())
+            },
+        )?;
+        let ev = events(&out)?;
+        assert_eq!(ev.len(), 1, "{out}");
+        let tcp = &ev[0];
+        assert_eq!(tcp["type"], "tcp", "{tcp}");
+        assert_eq!(tcp["src"]["pod"], c0.name(), "{tcp}");
+        assert_eq!(tcp["dst"]["addr"], direct, "{tcp}");
+        assert_eq!(tcp["close"], "eof", "{tcp}");
+        assert!(
+            tcp["bytes_out"].as_u64() > Some(0) && tcp["bytes_in"].as_u64() > Some(0),
+            "{tcp}"
+        );
+
+        // A bad filter is refused with the reason, before streaming.
+        let out = node.run(waymark().args(["tap", "--status", "7xx"]))?;
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("5xx"));
+        let (status, body) = node.admin_get("/tap?colour=red")?;
+        assert_eq!(status, 400, "{body}");
+        assert!(body.contains("unknown tap filter"), "{body}");
+        Ok(())
+    });
+}
+
+/// The agent's resident memory, KiB.
+fn rss_kib(node: &Node) -> Result<u64> {
+    let pid = node.agent_pid().context("no agent")?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS")
+}
+
+/// Opens `/tap` on a raw connection and returns it (head not read).
+fn raw_tap(node: &Node, query: &str) -> Result<std::net::TcpStream> {
+    let mut s = node.tcp_connect(node.admin_addr(), Duration::from_secs(2))?;
+    write!(s, "GET /tap{query} HTTP/1.1\r\nHost: admin\r\n\r\n")?;
+    Ok(s)
+}
+
+/// (2) A tap whose consumer never reads does not slow traffic or grow the
+/// agent's memory with the events it cannot deliver: they are dropped,
+/// counted, and the stream says so once it is read again. A client that
+/// goes away ends its tap, also while nothing is being sent.
+#[test]
+fn a_stuck_tap_consumer_is_bounded_and_told() {
+    require_agent_or_skip!();
+    const FAST_VIP: &str = "10.96.0.33:80";
+    const REQUESTS: u32 = 8_000;
+    let cfg = format!(
+        r#"
+[[services]]
+name = "fast"
+addresses = ["{FAST_VIP}"]
+endpoints = [{{ addr = "{}:8080" }}]
+"#,
+        pod_ip(1, 0)
+    );
+    let b = World::builder(world_name!())
+        .pods_per_node(1)
+        .agent_config_extra(cfg);
+    with_world(b, |world| {
+        let node = world.node(0);
+        let _fast = world
+            .pod(1, 0)
+            .serve(python().args(["-u", "-c", FAST, "8080"]))?;
+        // Warm up (pool, allocator) before the baseline.
+        curl(world.pod(0, 0), &[], &[url(FAST_VIP, "/warm")])?;
+        let before = rss_kib(node)?;
+
+        let mut stuck = raw_tap(node, "")?;
+        await_metric(node, "waymark_tap_streams", &[], 1.0)?;
+        // 30 headers of 240 bytes: every req event is ~8 KiB, so this run's
+        // events (~65 MiB) do not fit in the bound the agent must keep to.
+        let pad = "p".repeat(240);
+        let headers: Vec<String> = (0..30).map(|i| format!("x-pad-{i:02}: {pad}")).collect();
+        let mut cmd = Command::new("h2load");
+        cmd.args(["--h1", "-n", &REQUESTS.to_string(), "-c", "8", "-t", "1"]);
+        for h in &headers {
+            cmd.args(["-H", h]);
+        }
+        cmd.arg(url(FAST_VIP, "/load"));
+        let started = Instant::now();
+        let out = world
+            .pod(0, 0)
+            .run_timeout(&mut cmd, Duration::from_secs(240))?;
+        let took = started.elapsed();
+        let report = String::from_utf8_lossy(&out.stdout).into_owned();
+        let want = format!("{REQUESTS} succeeded, 0 failed, 0 errored, 0 timeout");
+        assert!(
+            report.contains(&want),
+            "h2load through the tapped agent:\n{report}"
+        );
+        let after = rss_kib(node)?;
+        let grown = after.saturating_sub(before);
+        eprintln!("{REQUESTS} requests in {took:?}; agent RSS {before} KiB -> {after} KiB");
+        assert!(
+            grown < 32 * 1024,
+            "agent memory grew by {grown} KiB while the tap consumer was stuck"
+        );
+        let dropped = metric(node, "waymark_tap_dropped_events_total", &[])?;
+        assert!(dropped > 0.0, "nothing was dropped");
+
+        // Now read: the queued events, then the report of what was lost.
+        stuck.set_read_timeout(Some(Duration::from_millis(200)))?;
+        let mut seen = Vec::new();
+        let mut buf = vec![0u8; 1 << 16];
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let found = loop {
+            if let Some(i) = find(&seen, br#""type":"dropped","count":"#) {
+                break Some(i);
+            }
+            if Instant::now() > deadline {
+                break None;
+            }
+            match stuck.read(&mut buf) {
+                Ok(0) => break None,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(e) => bail!("reading the tap: {e}"),
+            }
+            // Keep the search window small.
+            if seen.len() > 1 << 20 {
+                seen.drain(..seen.len() - 4096);
+            }
+        };
+        let at = found.context("the stream never said events were dropped")?;
+        let tail = String::from_utf8_lossy(&seen[at..]).into_owned();
+        let count: u64 = tail
+            .split(|c: char| !c.is_ascii_digit())
+            .find(|s| !s.is_empty())
+            .and_then(|s| s.parse().ok())
+            .context("dropped count")?;
+        assert!(count > 0, "{tail}");
+
+        // Untapped traffic still flows, and going away ends the tap.
+        drop(stuck);
+        await_metric(node, "waymark_tap_streams", &[], 0.0)?;
+        curl(world.pod(0, 0), &[], &[url(FAST_VIP, "/after")])?;
+
+        // An idle tap whose client leaves is closed too.
+        let idle = raw_tap(node, "?path=/nothing")?;
+        await_metric(node, "waymark_tap_streams", &[], 1.0)?;
+        drop(idle);
+        await_metric(node, "waymark_tap_streams", &[], 0.0)?;
+        Ok(())
+    });
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// (3) `waymark trace --pod` sends from inside the pod (its cgroup and
+/// netns): the kernel redirects it to the agent like the pod's own traffic,
+/// and the answer carries the agent's hop block naming the endpoint it
+/// selected. `--node` sends it unproxied, for comparison.
+#[test]
+fn trace_from_a_pod_shows_the_hop_block() {
+    require_agent_or_skip!();
+    let b = World::builder(world_name!()).agent_config_extra(services());
+    with_world(b, |world| {
+        let node = world.node(0);
+        let web = world.pod(1, 0);
+        let server = app(web, 8080)?;
+        // A process of the pod, as a real pod has, whose cgroup the CLI joins.
+        world.pod(0, 0).spawn(Command::new("sleep").arg("120"))?;
+        let endpoint = format!("{}:8080", web.ip());
+
+        let out =
+            node.run_ok(waymark().args(["trace", &url(WEB, "/hello"), "--pod", "default/n0p0"]))?;
+        assert!(out.contains("HTTP/1.1 200 OK"), "{out}");
+        assert!(
+            out.contains(&format!("--- waymark {} outbound ---", node.name())),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!("service name: web (dialled {WEB})")),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!("selected address: {endpoint}")),
+            "{out}"
+        );
+        assert!(
+            out.contains("TRACE /hello HTTP/1.1"),
+            "the endpoint's echo: {out}"
+        );
+        assert!(
+            out.contains(&format!("from pod {}", world.pod(0, 0).name())),
+            "{out}"
+        );
+        assert!(out.contains(&pod_ip(0, 0)), "{out}");
+        assert!(server.lines().iter().any(|l| l == "req TRACE /hello 200"));
+
+        // Another method: the hop's context comes back as a header.
+        let out = node.run_ok(waymark().args([
+            "trace",
+            &url(WEB, "/hi"),
+            "--pod",
+            "n0p1",
+            "-X",
+            "GET",
+            "-H",
+            "x-test: 1",
+        ]))?;
+        assert!(out.contains("l5d-context: "), "{out}");
+        assert!(out.contains(&format!("endpoint={endpoint}")), "{out}");
+        assert!(out.contains(&format!("{} /hi", web.name())), "{out}");
+
+        // From the node: straight to the endpoint, no hop block.
+        let out =
+            node.run_ok(waymark().args(["trace", &format!("http://{endpoint}/direct"), "--node"]))?;
+        assert!(out.contains("HTTP/1.1 200 OK"), "{out}");
+        assert!(!out.contains("--- waymark"), "{out}");
+
+        // A pod the agent does not have is an error that lists its pods.
+        let out = node.run(waymark().args(["trace", &url(WEB, "/"), "--pod", "nope"]))?;
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("default/n0p0"), "{err}");
+        Ok(())
+    });
+}
+
+/// (4) `waymark log-level set` changes the agent's filter at runtime: debug
+/// lines appear in its log from then on and `get` shows the filter; a bad
+/// filter is refused and the one in force stays.
+#[test]
+fn log_level_changes_at_runtime() {
+    require_agent_or_skip!();
+    let b = World::builder(world_name!())
+        .nodes(1)
+        .agent_env("RUST_LOG", "waymark=info,warn");
+    with_world(b, |world| {
+        let node = world.node(0);
+        let (client, server) = (world.pod(0, 0), world.pod(0, 1));
+        let _echo = server.serve(&mut testpeer(["echo", "--listen", "0.0.0.0:7000"]))?;
+        let target = format!("{}:7000", server.ip());
+        let connect = || -> Result<()> {
+            client.run_ok(&mut testpeer([
+                "client",
+                "--connect",
+                &target,
+                "--bytes",
+                "100",
+            ]))?;
+            Ok(())
+        };
+        let debug_lines = || {
+            node.agent_log()
+                .lines()
+                .filter(|l| l.contains(" DEBUG ") && l.contains("connection closed"))
+                .count()
+        };
+        let log_level = |args: &[&str]| node.run(waymark().arg("log-level").args(args));
+
+        let got = log_level(&["get"])?;
+        let shown = String::from_utf8_lossy(&got.stdout).into_owned();
+        assert!(shown.contains("waymark=info"), "{got:?}");
+        connect()?;
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            debug_lines(),
+            0,
+            "debug lines at info:\n{}",
+            node.agent_log()
+        );
+
+        let set = log_level(&["set", "waymark=debug"])?;
+        assert!(set.status.success(), "{set:?}");
+        assert_eq!(String::from_utf8_lossy(&set.stdout).trim(), "waymark=debug");
+        let got = log_level(&["get"])?;
+        assert_eq!(String::from_utf8_lossy(&got.stdout).trim(), "waymark=debug");
+        connect()?;
+        eventually(Duration::from_secs(10), || {
+            ensure!(debug_lines() > 0, "no debug line yet");
+            Ok(())
+        })
+        .with_context(|| node.agent_log())?;
+
+        let bad = log_level(&["set", "waymark=loud"])?;
+        assert!(!bad.status.success(), "a bad filter was accepted: {bad:?}");
+        let err = String::from_utf8_lossy(&bad.stderr);
+        assert!(err.contains("400") && err.contains("waymark=loud"), "{err}");
+        let got = log_level(&["get"])?;
+        assert_eq!(String::from_utf8_lossy(&got.stdout).trim(), "waymark=debug");
+        Ok(())
+    });
+}
