@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+pub mod mesh;
 pub mod services;
+pub use mesh::{AuthorizationConfig, IdentityConfig, InboundConfig, NodeEntry};
 use serde::{Deserialize, Serialize};
 pub use services::{BalancerConfig, ProxyConfig, ServiceConfig};
 
@@ -76,6 +78,20 @@ pub struct Config {
     /// The pods on this node whose connections the agent proxies.
     #[serde(default)]
     pub pods: Vec<PodConfig>,
+    /// Node-to-node mTLS: trust bundle, issuer and leaf lifetime. mTLS is
+    /// off without this section.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<IdentityConfig>,
+    /// The inbound tunnel listener (used when `[identity]` is set).
+    #[serde(default)]
+    pub inbound: InboundConfig,
+    /// The other nodes' agents: tunnel address and identity, by node name
+    /// (the `node` of service endpoints).
+    #[serde(default)]
+    pub nodes: Vec<NodeEntry>,
+    /// Which source identities may reach this node's pods.
+    #[serde(default)]
+    pub authorization: AuthorizationConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -256,6 +272,11 @@ pub struct PodConfig {
     /// The pod's addresses, used to name the source of connections.
     #[serde(default)]
     pub ips: Vec<IpAddr>,
+    /// The pod's workload identity (`spiffe://<td>/ns/<ns>/sa/<sa>`); its
+    /// connections to other nodes go through the mTLS tunnel with a leaf
+    /// for it. Without one they stay plaintext.
+    #[serde(default)]
+    pub identity: Option<String>,
 }
 
 impl Config {
@@ -384,6 +405,7 @@ impl Config {
             problems.push(format!("balancer: {e}"));
         }
         services::validate(&self.services, &mut problems);
+        mesh::validate(self, &mut problems);
         if problems.is_empty() {
             Ok(())
         } else {

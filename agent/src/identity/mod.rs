@@ -7,6 +7,8 @@
 //!   workload's SPIFFE ID.
 //! - [`store`]: the current leaf per identity, rotated at half-life and
 //!   swapped atomically so only new handshakes see the new leaf.
+//! - [`manager`]: mints every local leaf at start, renews them, reloads
+//!   the bundle and issuer files when they change.
 //! - [`tls`]: rustls client/server configs (TLS 1.3, ALPN h2, mutual auth,
 //!   SPIFFE ID checks) and the classification of handshake failures.
 //!
@@ -45,11 +47,9 @@
 //! rest of this module is unchanged: [`store::CertStore`] takes leaves from
 //! any source, and the verifiers only need the bundle.
 
-// Wired into the data path next (outbound tunnel client, inbound port 15008).
-#![allow(dead_code, unused_imports)]
-
 pub mod init;
 pub mod issuer;
+pub mod manager;
 pub mod spiffe;
 pub mod store;
 #[cfg(test)]
@@ -58,7 +58,7 @@ pub mod tls;
 #[cfg(test)]
 mod tls_tests;
 
-pub use issuer::{CertInfo, Issuer, IssuerError, Leaf, TrustBundle};
+pub use issuer::{CertInfo, Issuer, IssuerError, TrustBundle};
 pub use spiffe::{SpiffeId, SpiffeIdError};
-pub use store::{CertStore, Expiry, StoreError};
+pub use store::{CertStore, StoreError};
 pub use tls::{TlsConfigError, TlsFailure, client_config, peer_info, server_config};

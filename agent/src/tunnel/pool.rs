@@ -155,7 +155,7 @@ impl Conn {
 
 pub struct TunnelPool {
     store: Arc<CertStore>,
-    bundle: TrustBundle,
+    bundle: std::sync::RwLock<TrustBundle>,
     config: PoolConfig,
     slots: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<Vec<Conn>>>>>,
     tls_configs: Mutex<HashMap<(SpiffeId, SpiffeId), Arc<rustls::ClientConfig>>>,
@@ -166,12 +166,22 @@ impl TunnelPool {
     pub fn new(store: Arc<CertStore>, bundle: TrustBundle, config: PoolConfig) -> Self {
         Self {
             store,
-            bundle,
+            bundle: std::sync::RwLock::new(bundle),
             config,
             slots: Mutex::default(),
             tls_configs: Mutex::default(),
             connections_opened: AtomicU64::new(0),
         }
+    }
+
+    /// Verifies peer agents against `bundle` from now on. Connections
+    /// already established stay (they were verified when they were made).
+    pub fn set_bundle(&self, bundle: TrustBundle) {
+        *self.bundle.write().unwrap_or_else(|e| e.into_inner()) = bundle;
+        self.tls_configs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     /// TLS connections this pool has established so far.
@@ -347,10 +357,15 @@ impl TunnelPool {
         if let Some(c) = cache.get(&(local.clone(), expected.clone())) {
             return Ok(c.clone());
         }
+        let bundle = self
+            .bundle
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let c = client_config(
             self.store.clone(),
             local.clone(),
-            &self.bundle,
+            &bundle,
             Some(expected.clone()),
         )?;
         cache.insert((local.clone(), expected.clone()), c.clone());
