@@ -39,16 +39,23 @@ use crate::diagnostics::tap::filter::Pods;
 use crate::discovery::{Discovery, ServiceTable};
 use crate::http::forward::HttpProxy;
 use crate::http::pool::Pool;
+use crate::identity::SpiffeId;
+use crate::identity::manager::IdentityManager;
 use crate::proxy::OriginalDst;
+use crate::proxy::authz::InboundAuthz;
+use crate::proxy::inbound::{Inbound, TunnelCollector};
 use crate::proxy::listener::bind_in_netns;
 use crate::proxy::outbound::{Outbound, PodInfo};
+use crate::proxy::upstream::{Mesh, Upstreams};
 use crate::redirect::Redirect;
 use crate::reload::{ReloadMetrics, Reloader, SharedConfig};
 use crate::telemetry::LogLevelHandle;
+use crate::tunnel::{PoolConfig, TunnelPool};
 
 const READY_PROGRAMS: &str = "redirect programs not attached";
 const READY_LISTENERS: &str = "pod listeners not bound";
 const READY_DRAINING: &str = "draining";
+const READY_CERTS: &str = "workload certificates missing or expired";
 
 /// The kernel's original-destination maps behind the proxy's trait. Lookups
 /// share a read lock (the map syscall is atomic on its own); only attach
@@ -84,7 +91,6 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         )
         .context("cannot build the service table")?,
     ));
-    let pool = Pool::new(config.outbound.connect_timeout);
     let config = Arc::new(config);
     let shared_config: SharedConfig = Arc::new(RwLock::new(config.clone()));
     let readiness = Arc::new(Readiness::new(&[READY_PROGRAMS, READY_LISTENERS]));
@@ -92,6 +98,79 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         config.metrics.max_destinations,
         config.metrics.max_stat_edges,
     );
+
+    // mTLS: certificates first (a node that cannot get them should not
+    // start), then the tunnel client, then the inbound listener.
+    let identity = match &config.identity {
+        Some(id) => Some(
+            IdentityManager::start(id, local_identities(&config), &mut metrics.registry)
+                .context("cannot issue this node's workload certificates")?,
+        ),
+        None => None,
+    };
+    let mesh = identity.as_ref().map(|m| {
+        let pool = TunnelPool::new(
+            m.store(),
+            m.bundle(),
+            PoolConfig {
+                connect_timeout: config.outbound.connect_timeout,
+                ..Default::default()
+            },
+        );
+        Mesh::new(pool, &config)
+    });
+    let upstreams = Arc::new(Upstreams::new(&config, mesh));
+    let pool = Pool::new(upstreams.clone());
+    let background = TaskTracker::new();
+    let stop_background = CancellationToken::new();
+    let mut authz = None;
+    let mut inbound_stats = None;
+    if let (Some(manager), Some(id)) = (&identity, &config.identity) {
+        let node_identity = id
+            .node_identity(&config.node.name)
+            .context("no valid node identity")?;
+        let a = InboundAuthz::new(&config, discovery.clone(), &mut metrics.registry);
+        let server = crate::tunnel::ServerConfig {
+            handshake_timeout: config.inbound.handshake_timeout,
+            connect_timeout: config.outbound.connect_timeout,
+            ..Default::default()
+        };
+        let inbound = Arc::new(
+            Inbound::start(
+                &config.inbound.listen,
+                server,
+                manager.store(),
+                node_identity,
+                &manager.bundle(),
+                a.clone(),
+                &background,
+            )
+            .await?,
+        );
+        inbound_stats = Some(inbound.stats.clone());
+        let up = upstreams.clone();
+        manager.on_bundle_change(Box::new(move |bundle| {
+            inbound.set_bundle(bundle);
+            if let Some(m) = up.mesh() {
+                m.pool.set_bundle(bundle.clone());
+            }
+        }));
+        let ready = readiness.clone();
+        background.spawn(manager.clone().run(stop_background.clone(), move |ok| {
+            if ok {
+                ready.set(READY_CERTS);
+            } else {
+                ready.unset(READY_CERTS);
+            }
+        }));
+        authz = Some(a);
+    }
+    metrics
+        .registry
+        .register_collector(Box::new(TunnelCollector {
+            inbound: inbound_stats,
+            upstreams: upstreams.clone(),
+        }));
 
     let redirect = Redirect::load(config.outbound.port, &config.excludes())
         .context("cannot load the redirect programs into the kernel (waymark agent needs root, or CAP_BPF + CAP_NET_ADMIN + CAP_SYS_ADMIN, and a kernel with BTF and cgroup v2)")?;
@@ -101,8 +180,12 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
     let balancer_metrics = metrics.balancer.clone();
     let scrape_discovery = discovery.clone();
     let scrape_redirect = redirect.clone();
+    let scrape_identity = identity.clone();
     let before_scrape = Box::new(move || {
         balancer_metrics.sample(&scrape_discovery.current(), Instant::now());
+        if let Some(m) = &scrape_identity {
+            m.sample(std::time::SystemTime::now());
+        }
         let r = scrape_redirect.read().unwrap_or_else(|e| e.into_inner());
         match r.occupancy() {
             Ok(o) => {
@@ -175,6 +258,11 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         let info = Arc::new(PodInfo {
             name: pod.name.clone(),
             netns_cookie: sockets.netns_cookie,
+            ips: pod.ips.clone(),
+            identity: identity
+                .as_ref()
+                .and(pod.identity.as_deref())
+                .and_then(|s| s.parse::<SpiffeId>().ok()),
         });
         pod_netns.push(kernel_diag::PodNetns {
             name: pod.name.clone(),
@@ -227,7 +315,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         detect_timeout: config.proxy.detect_timeout,
         opaque_ports: config.proxy.opaque_ports.clone(),
         metrics: metrics.tcp.clone(),
-        connect_timeout: config.outbound.connect_timeout,
+        upstreams: upstreams.clone(),
         tracker: TaskTracker::new(),
         force_close: CancellationToken::new(),
     });
@@ -247,6 +335,8 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
             config: shared_config.clone(),
             discovery: discovery.clone(),
             pool: pool.clone(),
+            upstreams: upstreams.clone(),
+            authz: authz.clone(),
             metrics: reload_metrics,
         };
         tokio::spawn(reloader.run(stop_reload.clone()));
@@ -254,6 +344,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
     info!(
         pods = config.pods.len(),
         services = config.services.len(),
+        mtls = identity.is_some(),
         "waymark agent ready"
     );
 
@@ -268,12 +359,33 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
     stop_accepting.cancel();
     stop_reload.cancel();
     captures.shutdown();
+    stop_background.cancel();
     acceptors.close();
     acceptors.wait().await;
     drain(&outbound, config.shutdown.drain_grace).await;
     admin.stop();
     info!("waymark agent stopped");
     Ok(())
+}
+
+/// Every identity this node needs a leaf for: its own (the tunnel server's)
+/// and its pods'.
+fn local_identities(config: &Config) -> Vec<SpiffeId> {
+    let mut ids: Vec<SpiffeId> = Vec::new();
+    let node = config
+        .identity
+        .as_ref()
+        .and_then(|i| i.node_identity(&config.node.name));
+    let pods = config
+        .pods
+        .iter()
+        .filter_map(|p| p.identity.as_deref()?.parse().ok());
+    for id in node.into_iter().chain(pods) {
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    ids
 }
 
 /// Waits for open connections up to `grace`, then closes the rest.

@@ -14,9 +14,11 @@ use ipnet::IpNet;
 
 pub mod capture;
 pub mod kernel;
+pub mod mesh;
 pub mod services;
 pub use capture::CaptureConfig;
 pub use kernel::KernelConfig;
+pub use mesh::{AuthorizationConfig, IdentityConfig, InboundConfig, NodeEntry};
 use serde::{Deserialize, Serialize};
 pub use services::{BalancerConfig, ProxyConfig, ServiceConfig};
 
@@ -88,6 +90,20 @@ pub struct Config {
     /// The pods on this node whose connections the agent proxies.
     #[serde(default)]
     pub pods: Vec<PodConfig>,
+    /// Node-to-node mTLS: trust bundle, issuer and leaf lifetime. mTLS is
+    /// off without this section.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<IdentityConfig>,
+    /// The inbound tunnel listener (used when `[identity]` is set).
+    #[serde(default)]
+    pub inbound: InboundConfig,
+    /// The other nodes' agents: tunnel address and identity, by node name
+    /// (the `node` of service endpoints).
+    #[serde(default)]
+    pub nodes: Vec<NodeEntry>,
+    /// Which source identities may reach this node's pods.
+    #[serde(default)]
+    pub authorization: AuthorizationConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -278,6 +294,11 @@ pub struct PodConfig {
     /// The pod's addresses, used to name the source of connections.
     #[serde(default)]
     pub ips: Vec<IpAddr>,
+    /// The pod's workload identity (`spiffe://<td>/ns/<ns>/sa/<sa>`); its
+    /// connections to other nodes go through the mTLS tunnel with a leaf
+    /// for it. Without one they stay plaintext.
+    #[serde(default)]
+    pub identity: Option<String>,
 }
 
 impl Config {
@@ -411,6 +432,7 @@ impl Config {
         services::validate(&self.services, &mut problems);
         capture::validate(&self.capture, &mut problems);
         self.kernel.validate(&mut problems);
+        mesh::validate(self, &mut problems);
         if problems.is_empty() {
             Ok(())
         } else {

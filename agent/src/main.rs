@@ -191,12 +191,13 @@ fn main() -> ExitCode {
         }) => match identity::init::run(&dir, &trust_domain, force) {
             Ok(report) => {
                 println!(
-                    "trust domain {}: wrote {}",
+                    "trust domain {}: wrote in {}: {}",
                     report.trust_domain,
+                    report.dir.display(),
                     report
                         .files
                         .iter()
-                        .map(|f| f.display().to_string())
+                        .map(|f| f.file_name().unwrap_or(f.as_os_str()).to_string_lossy())
                         .collect::<Vec<_>>()
                         .join(", ")
                 );

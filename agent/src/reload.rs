@@ -2,8 +2,10 @@
 //!
 //! A new config must parse and validate, and its service table must build,
 //! before it replaces anything; otherwise the old one stays in force and the
-//! failure is logged and counted. Only the services section takes effect
-//! without a restart; other changes are reported as needing one. Open
+//! failure is logged and counted. The services, balancer, nodes and
+//! authorization sections take effect without a restart; other changes are
+//! reported as needing one (the identity *files* are reloaded by
+//! `identity::manager` when they change). Open
 //! connections are untouched: HTTP requests pick up the new routes on
 //! their next request.
 
@@ -23,6 +25,8 @@ use tracing::{error, info, warn};
 use crate::config::Config;
 use crate::discovery::{Discovery, ServiceTable};
 use crate::http::pool::Pool;
+use crate::proxy::authz::InboundAuthz;
+use crate::proxy::upstream::Upstreams;
 
 /// How often the file's modification time is checked.
 const POLL: Duration = Duration::from_secs(1);
@@ -66,6 +70,10 @@ pub struct Reloader {
     pub config: SharedConfig,
     pub discovery: Arc<Discovery>,
     pub pool: Arc<Pool>,
+    /// The node table of the tunnel client.
+    pub upstreams: Arc<Upstreams>,
+    /// The inbound authorization rules (mTLS on).
+    pub authz: Option<Arc<InboundAuthz>>,
     pub metrics: ReloadMetrics,
 }
 
@@ -137,6 +145,12 @@ impl Reloader {
                 let mut merged = (*old).clone();
                 merged.services = new.services;
                 merged.balancer = new.balancer;
+                merged.nodes = new.nodes;
+                merged.authorization = new.authorization;
+                self.upstreams.reload(&merged);
+                if let Some(a) = &self.authz {
+                    a.reload(&merged);
+                }
                 *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(merged);
                 self.metrics
                     .reloads
@@ -190,6 +204,12 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     }
     if old.kernel != new.kernel {
         v.push("kernel");
+    }
+    if old.identity != new.identity {
+        v.push("identity");
+    }
+    if old.inbound != new.inbound {
+        v.push("inbound");
     }
     v
 }

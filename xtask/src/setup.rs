@@ -53,6 +53,14 @@ pub const BASE_TOOLS: &[(&str, &str)] = &[
         "/usr/lib/python3/dist-packages/h2/__init__.py",
         "python3-h2",
     ),
+    // The mTLS end-to-end tests (tests/tests/mtls.rs): captures on the
+    // fabric, reading them, and forged certificates.
+    ("tcpdump", "tcpdump"),
+    ("tshark", "tshark"),
+    (
+        "/usr/lib/python3/dist-packages/cryptography/__init__.py",
+        "python3-cryptography",
+    ),
 ];
 
 /// Everything `cargo xtask test` and `cargo xtask demo` need.

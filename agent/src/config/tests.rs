@@ -7,7 +7,6 @@ fn embedded_default_is_valid_and_runs_without_pods() {
     assert_eq!(c.outbound.port, 15001);
     assert!(c.redirect.cgroup.is_none());
     assert!(c.pods.is_empty());
-    assert_eq!(c.capture, CaptureConfig::default());
 }
 
 #[test]
@@ -124,6 +123,173 @@ fn missing_file_names_the_path() {
         err.to_string().contains("/nonexistent/waymark.toml"),
         "{err}"
     );
+}
+
+/// A development CA in a fresh directory; returns the directory.
+fn dev_ca() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "waymark-config-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    crate::identity::init::run(&dir, "cluster.local", false).unwrap();
+    dir
+}
+
+fn identity_section(dir: &Path) -> String {
+    format!(
+        "[identity]\ntrust_bundle = \"{0}/ca.crt\"\nissuer_cert = \"{0}/issuer.crt\"\nissuer_key = \"{0}/issuer.key\"\nleaf_lifetime = \"1h\"\n",
+        dir.display()
+    )
+}
+
+#[test]
+fn mesh_sections_parse_and_default_is_plaintext() {
+    let c = Config::embedded_default();
+    assert!(c.identity.is_none());
+    assert_eq!(c.inbound.listen, vec!["0.0.0.0:15008".parse().unwrap()]);
+    let dir = dev_ca();
+    let text = format!(
+        r#"
+[node]
+name = "node0"
+[redirect]
+cgroup = "/sys/fs/cgroup/pods"
+{}
+[inbound]
+listen = ["10.0.0.1:15008", "[fd00::1]:15008"]
+[[nodes]]
+name = "node1"
+tunnel = "10.0.0.2:15008"
+[[nodes]]
+name = "node2"
+tunnel = "10.0.0.3:15008"
+identity = "spiffe://cluster.local/ns/waymark-system/sa/agent-2"
+[[pods]]
+name = "default/web"
+netns = "/var/run/netns/web"
+ips = ["10.1.0.2"]
+identity = "spiffe://cluster.local/ns/default/sa/web"
+[[services]]
+name = "api"
+addresses = ["10.96.0.1:80"]
+endpoints = [ {{ addr = "10.2.0.2:8080", node = "node1" }}, {{ addr = "10.1.0.3:8080", node = "node0" }} ]
+[authorization]
+default = "deny"
+[[authorization.rules]]
+name = "web-to-api"
+action = "allow"
+sources = ["spiffe://cluster.local/ns/default/sa/web", "spiffe://cluster.local/ns/ops/sa/*"]
+services = ["api"]
+ports = [8080]
+"#,
+        identity_section(&dir)
+    );
+    let c = Config::from_toml(&text, "t").unwrap();
+    let id = c.identity.as_ref().unwrap();
+    assert_eq!(id.trust_domain, "cluster.local");
+    assert_eq!(id.leaf_lifetime, Duration::from_secs(3600));
+    assert_eq!(
+        id.node_identity("node0").unwrap().to_string(),
+        "spiffe://cluster.local/ns/waymark-system/sa/node0"
+    );
+    assert_eq!(
+        c.nodes[1].identity("cluster.local").unwrap().to_string(),
+        "spiffe://cluster.local/ns/waymark-system/sa/agent-2"
+    );
+    assert_eq!(c.authorization.rules[0].ports, vec![8080]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn mesh_problems_are_all_reported() {
+    let dir = dev_ca();
+    let text = format!(
+        r#"
+[node]
+name = "node0"
+[redirect]
+cgroup = "/sys/fs/cgroup/pods"
+[identity]
+trust_bundle = "{0}/ca.crt"
+issuer_cert = "{0}/issuer.crt"
+issuer_key = "/nonexistent/issuer.key"
+leaf_lifetime = "1s"
+[inbound]
+listen = []
+[[nodes]]
+name = "node1"
+tunnel = "0.0.0.0:15008"
+[[nodes]]
+name = "node1"
+tunnel = "10.0.0.3:0"
+[[pods]]
+name = "default/web"
+netns = "/var/run/netns/web"
+identity = "spiffe://other.org/ns/default/sa/web"
+[[services]]
+name = "api"
+endpoints = [ {{ addr = "10.3.0.2:8080", node = "node9" }} ]
+[[authorization.rules]]
+action = "deny"
+sources = ["spiffe://cluster.local/ns/default", "spiffe://other.org/ns/a/sa/*"]
+services = ["nope"]
+ports = [0]
+[[authorization.rules]]
+action = "allow"
+sources = []
+"#,
+        dir.display()
+    );
+    let err = Config::from_toml(&text, "mesh.toml").unwrap_err();
+    let msg = err.to_string();
+    for needle in [
+        "identity: cannot read /nonexistent/issuer.key",
+        "identity.leaf_lifetime: 1s is not within 5s..=",
+        "inbound.listen: empty",
+        "nodes[0].tunnel: 0.0.0.0:15008 is not an address a peer can dial",
+        "nodes[1].name: \"node1\" is declared twice",
+        "nodes[1].tunnel: 10.0.0.3:0 has port 0",
+        "pods[0].identity: spiffe://other.org/ns/default/sa/web is outside the trust domain \"cluster.local\"",
+        "services[0] (api).endpoints[0].node: node \"node9\" is not in [[nodes]]",
+        "authorization.rules[0].sources[0]:",
+        "authorization.rules[0].sources[1]: \"spiffe://other.org/ns/a/sa/*\" is in trust domain \"other.org\"",
+        "authorization.rules[0].services[0]: no service named \"nope\"",
+        "authorization.rules[0].ports: port 0",
+        "authorization.rules[1].sources: empty",
+    ] {
+        assert!(msg.contains(needle), "missing {needle:?} in:\n{msg}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn mesh_sections_need_identity() {
+    let err = Config::from_toml(
+        r#"
+[redirect]
+cgroup = "/sys/fs/cgroup/pods"
+[[nodes]]
+name = "node1"
+tunnel = "10.0.0.2:15008"
+[[pods]]
+name = "default/web"
+netns = "/x"
+identity = "spiffe://cluster.local/ns/default/sa/web"
+[authorization]
+default = "deny"
+"#,
+        "t",
+    )
+    .unwrap_err()
+    .to_string();
+    for needle in [
+        "nodes: declared but there is no [identity] section",
+        "authorization: set but there is no [identity] section",
+        "pods[0].identity: set but there is no [identity] section",
+    ] {
+        assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+    }
 }
 
 #[test]

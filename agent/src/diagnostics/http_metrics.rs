@@ -21,7 +21,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use super::metrics::{BoundedLabel, Direction};
+use super::metrics::{BoundedLabel, Direction, NoTlsReason, TlsLabel};
 use super::stats::{Edge, Outcome, Stats};
 use crate::http::body::{BoxError, ProxyBody};
 
@@ -51,6 +51,8 @@ pub struct ResponseLabels {
     pub classification: &'static str,
     /// Only on gRPC responses.
     pub grpc_status: Option<u32>,
+    /// How the (last) attempt reached the endpoint.
+    pub tls: TlsLabel,
 }
 
 impl EncodeLabelSet for ResponseLabels {
@@ -61,7 +63,7 @@ impl EncodeLabelSet for ResponseLabels {
         if let Some(g) = self.grpc_status {
             ("grpc_status", g).encode(encoder.encode_label())?;
         }
-        Ok(())
+        self.tls.encode(encoder)
     }
 }
 
@@ -184,6 +186,13 @@ pub fn observe(
 ) -> http::Response<ProxyBody> {
     let status = resp.status().as_u16();
     let head_grpc = grpc_status(resp.headers());
+    // Set by the forwarder from the path of the last attempt; none means
+    // no upstream connection was tried.
+    let tls = resp
+        .extensions()
+        .get::<TlsLabel>()
+        .copied()
+        .unwrap_or(TlsLabel::NoIdentity(NoTlsReason::NoConnection));
     let latency = start.elapsed();
     let retries = resp.extensions_mut().remove::<Retries>().map_or(0, |r| r.0);
     let (parts, body) = resp.into_parts();
@@ -197,6 +206,7 @@ pub fn observe(
             grpc_status: head_grpc,
             latency,
             retries,
+            tls,
         }),
     };
     http::Response::from_parts(parts, observed.boxed())
@@ -210,6 +220,7 @@ struct End {
     grpc_status: Option<u32>,
     latency: Duration,
     retries: u32,
+    tls: TlsLabel,
 }
 
 impl End {
@@ -230,6 +241,7 @@ impl End {
             status_code: self.status,
             classification: if failed { "failure" } else { "success" },
             grpc_status,
+            tls: self.tls,
         };
         self.metrics.record(&labels, self.latency);
         self.metrics.stats.record(
@@ -348,7 +360,7 @@ mod tests {
         let t = text(&r);
         assert!(t.contains(r#"request_total{direction="outbound",pod="default/a",authority="hello:80",service="hello",route="[DEFAULT]"} 1"#), "{t}");
         assert!(
-            t.contains(r#"route="[DEFAULT]",status_code="200",classification="success"} 1"#),
+            t.contains(r#"route="[DEFAULT]",status_code="200",classification="success",tls="no_identity",no_tls_reason="no_connection"} 1"#),
             "{t}"
         );
         assert!(!t.contains("grpc_status"), "{t}");
@@ -371,7 +383,9 @@ mod tests {
         let t = text(&r);
         assert!(t.contains(r#"authority="unknown""#), "{t}");
         assert!(
-            t.contains(r#"status_code="200",classification="failure",grpc_status="14"} 1"#),
+            t.contains(
+                r#"status_code="200",classification="failure",grpc_status="14",tls="no_identity""#
+            ),
             "{t}"
         );
     }
@@ -380,12 +394,13 @@ mod tests {
     async fn abandoned_body_is_a_failure() {
         let (r, m) = metrics();
         let labels = m.request("p", Some("a"), "s", "r");
-        let resp = http::Response::builder()
+        let mut resp = http::Response::builder()
             .status(200)
             .body(full("unread"))
             .unwrap();
+        resp.extensions_mut().insert(TlsLabel::True);
         drop(observe(m.clone(), labels, Instant::now(), resp, false));
-        assert!(text(&r).contains(r#"status_code="200",classification="failure"} 1"#));
+        assert!(text(&r).contains(r#"status_code="200",classification="failure",tls="true"} 1"#));
     }
 
     /// A body that yields the given frames in order.

@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use std::fmt::Write as _;
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::encoding::{
+    EncodeLabelSet, EncodeLabelValue, LabelSetEncoder, LabelValueEncoder,
+};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -40,8 +42,70 @@ impl EncodeLabelValue for Direction {
     }
 }
 
-/// Labels of every TCP series: the direction, the source pod and where the
-/// connection was going.
+/// Why a connection or request was carried in plaintext, Linkerd's
+/// `no_tls_reason`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum NoTlsReason {
+    /// This agent has no `[identity]`: mTLS is off.
+    Disabled,
+    /// The source pod has no identity.
+    NoSourceIdentity,
+    /// The endpoint runs on this node: no wire between nodes to protect.
+    LocalEndpoint,
+    /// Discovery does not say which node the endpoint is on (or the
+    /// destination is no service), so there is no peer agent to tunnel to.
+    NotProvidedByServiceDiscovery,
+    /// The proxy answered before any upstream connection was made (no
+    /// endpoints, bad request, the client left during detection).
+    NoConnection,
+}
+
+impl NoTlsReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Disabled => "disabled",
+            Self::NoSourceIdentity => "no_source_identity",
+            Self::LocalEndpoint => "local_endpoint",
+            Self::NotProvidedByServiceDiscovery => "not_provided_by_service_discovery",
+            Self::NoConnection => "no_connection",
+        }
+    }
+}
+
+/// Linkerd's `tls` label (`true`, or `no_identity` with a `no_tls_reason`),
+/// plus `per_request` for the TCP series of connections that carry HTTP:
+/// each request picks its own endpoint, and `request`/`response` series
+/// say which went through the tunnel.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum TlsLabel {
+    True,
+    NoIdentity(NoTlsReason),
+    PerRequest,
+}
+
+impl TlsLabel {
+    pub fn value(self) -> &'static str {
+        match self {
+            Self::True => "true",
+            Self::NoIdentity(_) => "no_identity",
+            Self::PerRequest => "per_request",
+        }
+    }
+}
+
+impl EncodeLabelSet for TlsLabel {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> std::fmt::Result {
+        use prometheus_client::encoding::EncodeLabel;
+        ("tls", self.value()).encode(encoder.encode_label())?;
+        if let Self::NoIdentity(reason) = self {
+            ("no_tls_reason", reason.as_str()).encode(encoder.encode_label())?;
+        }
+        Ok(())
+    }
+}
+
+/// Labels of every TCP series: the direction, the source pod, where the
+/// connection was going and whether it crossed nodes in mTLS.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TcpLabels {
     pub direction: Direction,
@@ -49,6 +113,8 @@ pub struct TcpLabels {
     pub peer: &'static str,
     pub pod: String,
     pub target_addr: String,
+    #[prometheus(flatten)]
+    pub tls: TlsLabel,
 }
 
 /// Success or failure of a whole connection, Linkerd's `classification`.
@@ -58,6 +124,8 @@ pub struct TcpCloseLabels {
     pub peer: &'static str,
     pub pod: String,
     pub target_addr: String,
+    #[prometheus(flatten)]
+    pub tls: TlsLabel,
     pub classification: &'static str,
     /// Why the agent closed it: `eof`, `connect_refused`, `connect_timeout`,
     /// `reset`, `drain`, ….
@@ -75,6 +143,7 @@ impl TcpCloseLabels {
             peer: base.peer,
             pod: base.pod.clone(),
             target_addr: base.target_addr.clone(),
+            tls: base.tls,
             classification,
             reason,
         }
@@ -427,6 +496,7 @@ mod tests {
             peer: "dst",
             pod: "default/a".into(),
             target_addr: "10.2.0.2:80".into(),
+            tls: TlsLabel::True,
         };
         m.tcp.open_total.get_or_create(&labels).inc();
         m.tcp.read_bytes_total.get_or_create(&labels).inc_by(42);
@@ -437,11 +507,22 @@ mod tests {
         let mut out = String::new();
         encode(&mut out, &m.registry).unwrap();
         assert!(out.contains(
-            r#"tcp_open_total{direction="outbound",peer="dst",pod="default/a",target_addr="10.2.0.2:80"} 1"#
+            r#"tcp_open_total{direction="outbound",peer="dst",pod="default/a",target_addr="10.2.0.2:80",tls="true"} 1"#
         ), "{out}");
-        assert!(out.contains(r#"tcp_read_bytes_total{direction="outbound",peer="dst",pod="default/a",target_addr="10.2.0.2:80"} 42"#), "{out}");
+        assert!(out.contains(r#"tcp_read_bytes_total{direction="outbound",peer="dst",pod="default/a",target_addr="10.2.0.2:80",tls="true"} 42"#), "{out}");
         assert!(
-            out.contains(r#"classification="success",reason="eof"} 1"#),
+            out.contains(r#"tls="true",classification="success",reason="eof"} 1"#),
+            "{out}"
+        );
+        let plain = TcpLabels {
+            tls: TlsLabel::NoIdentity(NoTlsReason::LocalEndpoint),
+            ..labels
+        };
+        m.tcp.open_total.get_or_create(&plain).inc();
+        let mut out = String::new();
+        encode(&mut out, &m.registry).unwrap();
+        assert!(
+            out.contains(r#"tls="no_identity",no_tls_reason="local_endpoint"} 1"#),
             "{out}"
         );
     }

@@ -81,7 +81,8 @@ pub struct Context {
     pub selected: Option<Selected>,
     pub attempts: Vec<AttemptRecord>,
     pub duration: Duration,
-    /// The peer's TLS identity, `None` for plaintext.
+    /// The identity of the peer agent the request went to through the mTLS
+    /// tunnel (verified in the handshake); `None` for plaintext.
     pub peer_identity: Option<String>,
 }
 
@@ -198,6 +199,9 @@ impl Context {
             let _ = write!(h, "; endpoint={}", s.addr);
         }
         let _ = write!(h, "; retries={}", self.attempts.len().saturating_sub(1));
+        if let Some(id) = &self.peer_identity {
+            let _ = write!(h, "; peer_identity={id}");
+        }
         h
     }
 }
@@ -291,6 +295,20 @@ mod tests {
             "node=node-a; direction=outbound; duration_ms=3.000; service=hello; route=get-hello; backend=hello-v1; endpoint=10.1.3.7:8080; retries=1"
         );
         assert!(http::HeaderValue::from_str(&h).is_ok());
+        let tunnelled = Context {
+            peer_identity: Some("spiffe://cluster.local/ns/waymark-system/sa/node-b".into()),
+            ..sample()
+        };
+        assert!(
+            tunnelled
+                .render_header()
+                .ends_with("; peer_identity=spiffe://cluster.local/ns/waymark-system/sa/node-b")
+        );
+        assert!(
+            tunnelled
+                .render_block()
+                .ends_with("peer identity: spiffe://cluster.local/ns/waymark-system/sa/node-b\n")
+        );
     }
 
     #[test]

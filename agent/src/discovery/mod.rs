@@ -81,6 +81,9 @@ pub struct Service {
 pub struct ServiceTable {
     by_addr: HashMap<SocketAddr, Arc<Service>>,
     by_name: HashMap<String, Arc<Service>>,
+    /// Names of the services each endpoint address serves (inbound
+    /// authorization asks which services a target belongs to).
+    by_endpoint: HashMap<SocketAddr, Vec<String>>,
 }
 
 impl ServiceTable {
@@ -98,6 +101,12 @@ impl ServiceTable {
             for addr in &svc.addresses {
                 table.by_addr.insert(*addr, service.clone());
             }
+            for ep in &svc.endpoints {
+                let names = table.by_endpoint.entry(ep.addr).or_default();
+                if !names.contains(&svc.name) {
+                    names.push(svc.name.clone());
+                }
+            }
             table.by_name.insert(svc.name.clone(), service);
         }
         Ok(table)
@@ -110,6 +119,11 @@ impl ServiceTable {
 
     pub fn by_name(&self, name: &str) -> Option<&Arc<Service>> {
         self.by_name.get(name)
+    }
+
+    /// The services `addr` is an endpoint of, in config order.
+    pub fn services_of_endpoint(&self, addr: &SocketAddr) -> &[String] {
+        self.by_endpoint.get(addr).map_or(&[], Vec::as_slice)
     }
 
     pub fn len(&self) -> usize {

@@ -22,6 +22,9 @@ pub enum ProxyError {
     Timeout,
     /// The request was malformed in a way the proxy cannot forward.
     BadRequest,
+    /// The destination node's agent refused the source identity
+    /// (authorization policy).
+    Forbidden,
 }
 
 impl ProxyError {
@@ -32,6 +35,7 @@ impl ProxyError {
             ProxyError::UpstreamReset => "the endpoint reset the connection",
             ProxyError::Timeout => "request timed out",
             ProxyError::BadRequest => "request cannot be forwarded",
+            ProxyError::Forbidden => "forbidden by the destination's authorization policy",
         }
     }
 
@@ -39,17 +43,19 @@ impl ProxyError {
         match self {
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest => StatusCode::BAD_REQUEST,
+            ProxyError::Forbidden => StatusCode::FORBIDDEN,
             ProxyError::UpstreamReset => StatusCode::BAD_GATEWAY,
             ProxyError::NoEndpoints | ProxyError::ConnectFailed => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
     /// The gRPC status a gRPC client gets instead: DEADLINE_EXCEEDED (4)
-    /// for a timeout, INTERNAL (13) for a bad request, UNAVAILABLE (14)
-    /// otherwise.
+    /// for a timeout, PERMISSION_DENIED (7) for a policy denial, INTERNAL
+    /// (13) for a bad request, UNAVAILABLE (14) otherwise.
     pub fn grpc_status(self) -> u32 {
         match self {
             ProxyError::Timeout => 4,
+            ProxyError::Forbidden => 7,
             ProxyError::BadRequest => 13,
             _ => 14,
         }

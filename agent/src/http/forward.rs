@@ -30,18 +30,26 @@ use tracing::{Instrument, debug, debug_span};
 use super::body::{ProxyBody, empty, full, incoming};
 use super::errors::{self, ProxyError};
 use super::headers::{strip_hop_by_hop, wants_upgrade};
-use super::pool::{ConnectError, Pool, Version};
+use super::pool::{ConnectError, Key, Pool, Version};
 use super::replay::ReplayBody;
 use crate::config::services::ProtocolHint;
 use crate::diagnostics::http_metrics::{HttpMetrics, observe, retried};
 use crate::diagnostics::{tap, trace};
 use crate::discovery::{DEFAULT_ROUTE, Discovery, Endpoint, RoutePolicy, Service};
+use crate::identity::SpiffeId;
+use crate::proxy::upstream::new_request_id;
 use crate::retry::{Outcome, is_idempotent};
+use crate::tunnel::{ConnectHeaders, REQUEST_ID};
 
 /// Per downstream connection: who is calling and what they dialled.
 pub struct ConnCtx {
     pub pod: String,
+    /// The pod's workload identity (mTLS on and one declared).
+    pub identity: Option<SpiffeId>,
     pub client: SocketAddr,
+    /// The pod's own address and the client's port (the `forwarded: for=`
+    /// of tunnel streams), when the pod's address is known.
+    pub source_addr: Option<SocketAddr>,
     pub dst: SocketAddr,
     pub version: Version,
 }
@@ -224,7 +232,7 @@ impl HttpProxy {
         let deadline = route.timeout.map(|t| start + t);
         let version = upstream_version(backend.protocol, ctx.version);
         if ctx.version == Version::Http1 && wants_upgrade(req.headers()) {
-            return self.upgrade(backend, req).await;
+            return self.upgrade(ctx, backend, req).await;
         }
         let (parts, body) = req.into_parts();
         let mut body = match &route.retry {
@@ -236,6 +244,7 @@ impl HttpProxy {
         service.budget.deposit(start);
         let mut attempt = 0u32;
         let mut tried: Vec<SocketAddr> = Vec::new();
+
         loop {
             attempt += 1;
             let Some(req_body) = body.next() else {
@@ -256,6 +265,10 @@ impl HttpProxy {
             };
             let addr = pick.endpoint().addr;
             tap::dispatched(&parts.extensions, &backend.name, addr);
+            let path = self
+                .pool
+                .upstreams()
+                .path(ctx.identity.as_ref(), pick.endpoint().node.as_deref());
             tried.push(addr);
             if attempt == 1 {
                 tracing::Span::current().record("endpoint", tracing::field::display(addr));
@@ -281,9 +294,12 @@ impl HttpProxy {
                 (Some(p), Some(r)) => Some(p.min(r)),
                 (p, r) => p.or(r),
             };
+            let key = Key { addr, path };
             let outcome = match limit {
                 Some(limit) => {
-                    match tokio::time::timeout(limit, self.attempt(addr, version, upstream)).await {
+                    match tokio::time::timeout(limit, self.attempt(ctx, &key, version, upstream))
+                        .await
+                    {
                         Ok(o) => o,
                         Err(_) => Attempt::Failed {
                             error: ProxyError::Timeout,
@@ -292,7 +308,7 @@ impl HttpProxy {
                         },
                     }
                 }
-                None => self.attempt(addr, version, upstream).await,
+                None => self.attempt(ctx, &key, version, upstream).await,
             };
             let elapsed = now.elapsed();
             let (observed, result) = match outcome {
@@ -357,7 +373,12 @@ impl HttpProxy {
                 tokio::time::sleep(delay).await;
                 continue;
             }
-            let resp = match result {
+            // How this last attempt was carried: the response's `tls`
+            // label and the trace's peer identity.
+            if let (Some(t), Some(id)) = (trace.as_deref_mut(), key.path.peer_identity()) {
+                t.peer_identity = Some(id.to_string());
+            }
+            let mut resp = match result {
                 Ok(resp) => finish(resp),
                 Err((error, detail)) => {
                     // The whole-request deadline passing is a timeout even if
@@ -370,6 +391,7 @@ impl HttpProxy {
                     self.error(error, &backend.name, Some(&detail), grpc)
                 }
             };
+            resp.extensions_mut().insert(key.path.tls());
             return retried(resp, attempt - 1);
         }
     }
@@ -407,28 +429,47 @@ impl HttpProxy {
         }
     }
 
-    /// One try against one endpoint.
+    /// One try against one endpoint, along `key.path`.
     async fn attempt(
         &self,
-        addr: SocketAddr,
+        ctx: &ConnCtx,
+        key: &Key,
         version: Version,
         req: Request<ProxyBody>,
     ) -> Attempt {
-        let conn = match self.pool.checkout(addr, version).await {
+        let addr = key.addr;
+        let headers = || ConnectHeaders {
+            source_workload: ctx.identity.clone(),
+            source_addr: ctx.source_addr,
+            request_id: Some(
+                req.headers()
+                    .get(REQUEST_ID)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+                    .unwrap_or_else(new_request_id),
+            ),
+        };
+        let conn = match self.pool.checkout(key, version, headers).await {
             Ok(c) => c,
             Err(e) => {
-                let observed = match e {
-                    ConnectError::Handshake { .. } => Outcome::Reset,
-                    _ => Outcome::ConnectFailure,
+                let (error, observed) = match &e {
+                    ConnectError::Handshake { .. } => (ProxyError::ConnectFailed, Outcome::Reset),
+                    // Policy answers the same way every time: never retried.
+                    ConnectError::Upstream(u) if u.is_denied() => {
+                        (ProxyError::Forbidden, Outcome::Status(403))
+                    }
+                    ConnectError::Upstream(_) => {
+                        (ProxyError::ConnectFailed, Outcome::ConnectFailure)
+                    }
                 };
                 return Attempt::Failed {
-                    error: ProxyError::ConnectFailed,
+                    error,
                     detail: e.to_string(),
                     observed,
                 };
             }
         };
-        match self.pool.send(addr, conn, req).await {
+        match self.pool.send(key, conn, req).await {
             Ok(resp) => Attempt::Response(resp),
             Err(e) => Attempt::Failed {
                 error: ProxyError::UpstreamReset,
@@ -452,12 +493,17 @@ impl HttpProxy {
             .request(&ctx.pod, ctx.client, ctx.dst, None, &mut req);
         let (parts, body) = req.into_parts();
         let upstream = upstream_request(&parts, incoming(body), ctx.version);
-        let resp = match self.attempt(ctx.dst, ctx.version, upstream).await {
+        let key = Key {
+            addr: ctx.dst,
+            path: self.pool.upstreams().path(ctx.identity.as_ref(), None),
+        };
+        let mut resp = match self.attempt(ctx, &key, ctx.version, upstream).await {
             Attempt::Response(resp) => finish(resp),
             Attempt::Failed { error, detail, .. } => {
                 self.error(error, &ctx.dst.to_string(), Some(&detail), grpc)
             }
         };
+        resp.extensions_mut().insert(key.path.tls());
         let resp = tap::response(tapped, resp);
         observe(self.metrics.clone(), labels, start, resp, grpc)
     }
@@ -465,25 +511,41 @@ impl HttpProxy {
     /// HTTP/1.1 `Upgrade` (WebSocket): forwarded with its upgrade headers;
     /// on `101 Switching Protocols` both connections are handed over to a
     /// byte copy.
-    async fn upgrade(&self, backend: &Service, mut req: Request<Incoming>) -> Response<ProxyBody> {
+    async fn upgrade(
+        &self,
+        ctx: &ConnCtx,
+        backend: &Service,
+        mut req: Request<Incoming>,
+    ) -> Response<ProxyBody> {
         let Some(pick) = backend.balancer.pick(Instant::now()) else {
             return self.error(ProxyError::NoEndpoints, &backend.name, None, false);
         };
-        let Endpoint { addr, .. } = pick.endpoint().clone();
+        let Endpoint { addr, node, .. } = pick.endpoint().clone();
         drop(pick);
+        let key = Key {
+            addr,
+            path: self
+                .pool
+                .upstreams()
+                .path(ctx.identity.as_ref(), node.as_deref()),
+        };
         let downstream = hyper::upgrade::on(&mut req);
         let (parts, body) = req.into_parts();
         let mut upstream = Request::from_parts(parts.clone(), incoming(body));
         *upstream.uri_mut() = origin_form(&parts.uri);
         strip_hop_by_hop(upstream.headers_mut(), true);
-        let mut resp = match self.attempt(addr, Version::Http1, upstream).await {
+        let mut resp = match self.attempt(ctx, &key, Version::Http1, upstream).await {
             Attempt::Response(r) => r,
             Attempt::Failed { error, detail, .. } => {
-                return self.error(error, &backend.name, Some(&detail), false);
+                let mut resp = self.error(error, &backend.name, Some(&detail), false);
+                resp.extensions_mut().insert(key.path.tls());
+                return resp;
             }
         };
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-            return finish(resp);
+            let mut resp = finish(resp);
+            resp.extensions_mut().insert(key.path.tls());
+            return resp;
         }
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
         tokio::spawn(
@@ -506,7 +568,9 @@ impl HttpProxy {
             .instrument(tracing::Span::current()),
         );
         let (parts, _) = resp.into_parts();
-        Response::from_parts(parts, empty())
+        let mut resp = Response::from_parts(parts, empty());
+        resp.extensions_mut().insert(key.path.tls());
+        resp
     }
 
     fn error(

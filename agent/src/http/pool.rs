@@ -9,7 +9,6 @@
 //! a busy connection is skipped, never waited on.
 
 use std::collections::HashMap;
-use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,10 +17,11 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::body::ProxyBody;
+use crate::proxy::upstream::{Path, UpstreamError, Upstreams};
+use crate::tunnel::ConnectHeaders;
 
 /// Idle HTTP/1.1 connections kept per endpoint.
 pub const MAX_IDLE_H1: usize = 64;
@@ -33,14 +33,11 @@ pub enum Version {
     Http2,
 }
 
+/// Why no upstream connection could be had.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("connection refused by {0}")]
-    Refused(SocketAddr),
-    #[error("no answer from {addr} within {timeout:?}")]
-    Timeout { addr: SocketAddr, timeout: Duration },
-    #[error("cannot connect to {addr}: {source}")]
-    Io { addr: SocketAddr, source: io::Error },
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
     #[error("HTTP handshake with {addr} failed: {source}")]
     Handshake {
         addr: SocketAddr,
@@ -60,30 +57,49 @@ struct Idle {
     h2: Option<http2::SendRequest<ProxyBody>>,
 }
 
+/// Connections are shared only by requests that take the same path to the
+/// same endpoint: a tunnelled connection carries its source workload's
+/// certificate, so two workloads never share one.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Key {
+    pub addr: SocketAddr,
+    pub path: Path,
+}
+
 pub struct Pool {
-    idle: Mutex<HashMap<SocketAddr, Idle>>,
-    connect_timeout: Duration,
+    idle: Mutex<HashMap<Key, Idle>>,
+    upstreams: Arc<Upstreams>,
 }
 
 impl Pool {
-    pub fn new(connect_timeout: Duration) -> Arc<Self> {
+    pub fn new(upstreams: Arc<Upstreams>) -> Arc<Self> {
         Arc::new(Pool {
             idle: Mutex::new(HashMap::new()),
-            connect_timeout,
+            upstreams,
         })
     }
 
-    /// A connection to `addr`: an idle one if there is one, else a new one.
-    pub async fn checkout(&self, addr: SocketAddr, version: Version) -> Result<Conn, ConnectError> {
-        if let Some(conn) = self.take_idle(addr, version) {
-            return Ok(conn);
-        }
-        self.connect(addr, version).await
+    pub fn upstreams(&self) -> &Upstreams {
+        &self.upstreams
     }
 
-    fn take_idle(&self, addr: SocketAddr, version: Version) -> Option<Conn> {
+    /// A connection to `key`: an idle one if there is one, else a new one.
+    /// `headers` go with the tunnel `CONNECT` when a new one is opened.
+    pub async fn checkout(
+        &self,
+        key: &Key,
+        version: Version,
+        headers: impl FnOnce() -> ConnectHeaders,
+    ) -> Result<Conn, ConnectError> {
+        if let Some(conn) = self.take_idle(key, version) {
+            return Ok(conn);
+        }
+        self.connect(key, version, headers()).await
+    }
+
+    fn take_idle(&self, key: &Key, version: Version) -> Option<Conn> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = idle.get_mut(&addr)?;
+        let entry = idle.get_mut(key)?;
         match version {
             Version::Http2 => {
                 let tx = entry.h2.as_ref()?;
@@ -101,17 +117,14 @@ impl Pool {
         }
     }
 
-    async fn connect(&self, addr: SocketAddr, version: Version) -> Result<Conn, ConnectError> {
-        let timeout = self.connect_timeout;
-        let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-            Err(_) => return Err(ConnectError::Timeout { addr, timeout }),
-            Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                return Err(ConnectError::Refused(addr));
-            }
-            Ok(Err(source)) => return Err(ConnectError::Io { addr, source }),
-            Ok(Ok(s)) => s,
-        };
-        let _ = stream.set_nodelay(true);
+    async fn connect(
+        &self,
+        key: &Key,
+        version: Version,
+        headers: ConnectHeaders,
+    ) -> Result<Conn, ConnectError> {
+        let addr = key.addr;
+        let stream = self.upstreams.connect(&key.path, addr, headers).await?;
         let io = TokioIo::new(stream);
         match version {
             Version::Http1 => {
@@ -139,7 +152,7 @@ impl Pool {
                     }
                 });
                 let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-                let entry = idle.entry(addr).or_default();
+                let entry = idle.entry(key.clone()).or_default();
                 // Another request may have connected meanwhile; keep one.
                 match &entry.h2 {
                     Some(existing) if !existing.is_closed() => Ok(Conn::H2(existing.clone())),
@@ -156,7 +169,7 @@ impl Pool {
     /// response head has arrived.
     pub async fn send(
         &self,
-        addr: SocketAddr,
+        key: &Key,
         conn: Conn,
         req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, hyper::Error> {
@@ -171,7 +184,7 @@ impl Pool {
                 // An upgraded connection belongs to the upgrade now.
                 if resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
                     let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-                    let entry = idle.entry(addr).or_default();
+                    let entry = idle.entry(key.clone()).or_default();
                     if entry.h1.len() < MAX_IDLE_H1 {
                         entry.h1.push(tx);
                     }
@@ -186,6 +199,6 @@ impl Pool {
         self.idle
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|addr, _| keep(addr));
+            .retain(|key, _| keep(&key.addr));
     }
 }

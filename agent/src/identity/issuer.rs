@@ -96,6 +96,9 @@ pub struct Leaf {
     pub key: PrivatePkcs8KeyDer<'static>,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
+    /// When it was minted. `not_before` is backdated by the clock-skew
+    /// allowance, so rotation is timed from here, not from `not_before`.
+    pub issued_at: SystemTime,
     /// Hex serial number: what a peer logs, and how tests tell leaves apart.
     pub serial: String,
 }
@@ -113,12 +116,6 @@ impl fmt::Debug for Leaf {
 }
 
 impl Leaf {
-    pub fn lifetime(&self) -> Duration {
-        self.not_after
-            .duration_since(self.not_before)
-            .unwrap_or_default()
-    }
-
     pub fn private_key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(self.key.clone_key())
     }
@@ -226,10 +223,6 @@ impl Issuer {
         self
     }
 
-    pub fn lifetime(&self) -> Duration {
-        self.lifetime
-    }
-
     pub fn bundle(&self) -> &TrustBundle {
         &self.bundle
     }
@@ -279,12 +272,14 @@ impl Issuer {
         let cert = params.signed_by(&key, &self.signer).map_err(mint)?;
         let der = cert.der().clone();
         let serial = cert_serial(&der).unwrap_or_default();
+        let issued_at = SystemTime::now().clamp(not_before, not_after.max(not_before));
         Ok(Leaf {
             id: id.clone(),
             chain: vec![der, self.issuer_cert.clone()],
             key: PrivatePkcs8KeyDer::from(key.serialize_der()),
             not_before: truncate_to_secs(not_before),
             not_after: truncate_to_secs(not_after),
+            issued_at,
             serial,
         })
     }

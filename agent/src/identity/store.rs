@@ -22,8 +22,6 @@ pub const ROTATE_AT_FRACTION: f64 = 0.5;
 
 #[derive(Debug, Error)]
 pub enum StoreError {
-    #[error("no certificate for {0}; is the workload declared on this node?")]
-    Unknown(SpiffeId),
     #[error(transparent)]
     Issue(#[from] IssuerError),
     #[error("leaf for {id} is unusable by rustls: {source}")]
@@ -86,34 +84,10 @@ impl CertStore {
         self.read().get(id).cloned()
     }
 
-    pub fn remove(&self, id: &SpiffeId) -> bool {
-        self.write().remove(id).is_some()
-    }
-
     /// True when `id` has no leaf or its leaf is past the rotation point.
     pub fn needs_rotation(&self, id: &SpiffeId, now: SystemTime) -> bool {
         self.current(id)
             .is_none_or(|c| now >= rotate_after(&c.leaf))
-    }
-
-    /// Rotates every leaf that is due; returns the identities rotated and
-    /// the failures (each identity is tried independently).
-    pub fn rotate_due(&self, issuer: &Issuer, now: SystemTime) -> (Vec<SpiffeId>, Vec<StoreError>) {
-        let due: Vec<SpiffeId> = self
-            .read()
-            .values()
-            .filter(|c| now >= rotate_after(&c.leaf))
-            .map(|c| c.leaf.id.clone())
-            .collect();
-        let mut rotated = Vec::new();
-        let mut failed = Vec::new();
-        for id in due {
-            match self.rotate(issuer, &id) {
-                Ok(_) => rotated.push(id),
-                Err(e) => failed.push(e),
-            }
-        }
-        (rotated, failed)
     }
 
     /// Expiry of every leaf, sorted by identity.
@@ -143,8 +117,15 @@ impl CertStore {
     }
 }
 
+/// `ROTATE_AT_FRACTION` of the time between minting and expiry. Counting
+/// from `not_before` instead would include the clock-skew backdating, and a
+/// leaf living less than twice that (tests use seconds) would be due at once.
 fn rotate_after(leaf: &Leaf) -> SystemTime {
-    leaf.not_before + Duration::from_secs_f64(leaf.lifetime().as_secs_f64() * ROTATE_AT_FRACTION)
+    let usable = leaf
+        .not_after
+        .duration_since(leaf.issued_at)
+        .unwrap_or_default();
+    leaf.issued_at + Duration::from_secs_f64(usable.as_secs_f64() * ROTATE_AT_FRACTION)
 }
 
 #[cfg(test)]
@@ -163,17 +144,18 @@ mod tests {
         let id: SpiffeId = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
         assert!(store.needs_rotation(&id, SystemTime::now()));
         let first = store.rotate(&issuer, &id).unwrap();
-        let nb = first.leaf.not_before;
-        // The window includes the clock-skew allowance before "now".
-        let half = nb + first.leaf.lifetime() / 2;
+        // Half of the time from minting to expiry (the backdated
+        // clock-skew allowance before "now" does not count).
+        let issued = first.leaf.issued_at;
+        let half = issued + first.leaf.not_after.duration_since(issued).unwrap() / 2;
+        // About 500 s after minting, not ~650 s (half of lifetime + skew).
+        assert!(half.duration_since(issued).unwrap() <= Duration::from_secs(500));
         assert!(!store.needs_rotation(&id, half - Duration::from_secs(1)));
+        let half = half + Duration::from_millis(1);
         assert!(store.needs_rotation(&id, half));
 
-        let (rotated, failed) = store.rotate_due(&issuer, SystemTime::now());
-        assert!(rotated.is_empty() && failed.is_empty());
-        let (rotated, failed) = store.rotate_due(&issuer, half);
-        assert_eq!(rotated, vec![id.clone()]);
-        assert!(failed.is_empty());
+        assert!(!store.needs_rotation(&id, SystemTime::now()));
+        store.rotate(&issuer, &id).unwrap();
         let second = store.current(&id).unwrap();
         assert_ne!(second.leaf.serial, first.leaf.serial);
         // A holder of the old Arc (an open connection) still has its leaf.

@@ -14,9 +14,9 @@
 use std::io;
 
 use prometheus_client::metrics::counter::Counter;
-use tokio::io::{AsyncWriteExt, Interest};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{ReadHalf, WriteHalf};
+use tokio::net::tcp::ReadHalf;
 
 /// First buffer of a direction: enough for a typical request or response.
 const MIN_BUF: usize = 8 * 1024;
@@ -90,10 +90,77 @@ pub async fn bidirectional(
     tokio::try_join!(c2u, u2c).map(|_| ())
 }
 
+/// The same with any byte stream upstream (a tunnel stream): the client
+/// side keeps the socket's read-readiness wait (no buffer while idle).
+pub async fn bidirectional_io<U: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut TcpStream,
+    upstream: U,
+    counters: &Counters,
+    t: &mut Transferred,
+) -> Result<(), CopyError> {
+    let (mut cr, mut cw) = client.split();
+    let (ur, mut uw) = tokio::io::split(upstream);
+    let mut ur = Stream(ur);
+    let c2u = pump(
+        &mut cr,
+        &mut uw,
+        Side::Client,
+        Side::Upstream,
+        &counters.client_to_upstream,
+        &mut t.client_to_upstream,
+    );
+    let u2c = pump(
+        &mut ur,
+        &mut cw,
+        Side::Upstream,
+        Side::Client,
+        &counters.upstream_to_client,
+        &mut t.upstream_to_client,
+    );
+    tokio::try_join!(c2u, u2c).map(|_| ())
+}
+
+/// Where a direction reads from.
+trait Source {
+    /// Reads up to `size` bytes into `buf` (emptied first); 0 is EOF.
+    async fn read_into(&mut self, buf: &mut Vec<u8>, size: usize) -> io::Result<usize>;
+}
+
+/// A socket: wait until readable before taking a buffer, so an idle
+/// connection holds none; read into uninitialised spare capacity.
+impl Source for ReadHalf<'_> {
+    async fn read_into(&mut self, buf: &mut Vec<u8>, size: usize) -> io::Result<usize> {
+        loop {
+            self.as_ref().ready(Interest::READABLE).await?;
+            if buf.capacity() < size {
+                *buf = Vec::with_capacity(size);
+            }
+            buf.clear();
+            match self.as_ref().try_read_buf(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return r,
+            }
+        }
+    }
+}
+
+/// Any other reader (a tunnel stream) needs its buffer while it waits.
+struct Stream<R>(R);
+
+impl<R: AsyncRead + Unpin> Source for Stream<R> {
+    async fn read_into(&mut self, buf: &mut Vec<u8>, size: usize) -> io::Result<usize> {
+        if buf.capacity() < size {
+            *buf = Vec::with_capacity(size);
+        }
+        buf.clear();
+        self.0.read_buf(buf).await
+    }
+}
+
 /// One direction: read until EOF, forward, then half-close the writer.
-async fn pump(
-    from: &mut ReadHalf<'_>,
-    to: &mut WriteHalf<'_>,
+async fn pump<W: AsyncWrite + Unpin>(
+    from: &mut impl Source,
+    to: &mut W,
     from_side: Side,
     to_side: Side,
     counter: &Counter,
@@ -102,28 +169,13 @@ async fn pump(
     let mut size = MIN_BUF;
     let mut buf: Vec<u8> = Vec::new();
     loop {
-        from.as_ref()
-            .ready(Interest::READABLE)
+        let n = from
+            .read_into(&mut buf, size)
             .await
             .map_err(|error| CopyError {
                 side: from_side,
                 error,
             })?;
-        // Reads go into uninitialised spare capacity: no zeroing per read.
-        if buf.capacity() < size {
-            buf = Vec::with_capacity(size);
-        }
-        buf.clear();
-        let n = match from.as_ref().try_read_buf(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(error) => {
-                return Err(CopyError {
-                    side: from_side,
-                    error,
-                });
-            }
-        };
         if n == 0 {
             // EOF from this side: forward the half-close and stop this
             // direction; the other one keeps running.

@@ -1,15 +1,18 @@
 //! The data path in userspace: connections the kernel redirected to the
 //! agent are accepted here and forwarded.
 //!
-//! Today every connection is forwarded as opaque TCP to the destination the
-//! pod dialled. Protocol detection (HTTP/1, HTTP/2, gRPC, TLS) hooks into
-//! [`outbound::Outbound::serve`] between learning the original destination
-//! and choosing how to forward.
+//! [`outbound`] takes pods' connections, detects the protocol and forwards
+//! them along the [`upstream`] path of the chosen endpoint: directly, or
+//! through the mTLS tunnel to the endpoint node's agent, whose [`inbound`]
+//! side authorizes the source ([`authz`]) and connects to the pod.
 
+pub mod authz;
 pub mod copy;
 pub mod detect;
+pub mod inbound;
 pub mod listener;
 pub mod outbound;
+pub mod upstream;
 
 use std::net::SocketAddr;
 

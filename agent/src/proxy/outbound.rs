@@ -1,7 +1,6 @@
 //! Outbound: connections a pod dialled, redirected by the kernel to the
 //! pod's listener, forwarded to where the pod meant to go.
 
-use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,22 +10,32 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use prometheus_client::metrics::gauge::Gauge;
+
 use super::OriginalDst;
 use super::copy::{self, Counters, Side};
 use super::detect::{self, Protocol};
+use super::upstream::{Path, UpstreamError, UpstreamIo, Upstreams, new_request_id};
 use crate::config::services::ProtocolHint;
-use crate::diagnostics::metrics::{Direction, PodLabels, TcpCloseLabels, TcpLabels, TcpMetrics};
+use crate::diagnostics::metrics::{
+    Direction, NoTlsReason, PodLabels, TcpCloseLabels, TcpLabels, TcpMetrics, TlsLabel,
+};
 use crate::diagnostics::tap::TcpClosed;
 use crate::discovery::Discovery;
 use crate::http::forward::{ConnCtx, HttpProxy};
 use crate::http::pool::Version;
 use crate::http::server as http_server;
+use crate::identity::SpiffeId;
+use crate::tunnel::{ConnectHeaders, TunnelError};
 
 /// One pod as the proxy knows it.
 #[derive(Debug, Clone)]
 pub struct PodInfo {
     pub name: String,
     pub netns_cookie: u64,
+    pub ips: Vec<std::net::IpAddr>,
+    /// Its workload identity when mTLS is on.
+    pub identity: Option<SpiffeId>,
 }
 
 /// Everything an outbound connection needs, shared by all of them.
@@ -39,7 +48,8 @@ pub struct Outbound {
     /// Destination ports never inspected.
     pub opaque_ports: Vec<u16>,
     pub metrics: Arc<TcpMetrics>,
-    pub connect_timeout: Duration,
+    /// Direct or through the tunnel, per endpoint.
+    pub upstreams: Arc<Upstreams>,
     /// Connections in flight; the drain waits on it.
     pub tracker: TaskTracker,
     /// Cancelled when the drain grace period is over: connections still open
@@ -58,6 +68,12 @@ enum Close {
     UpstreamError,
     NoEndpoints,
     Drain,
+    /// The destination's agent refused the stream (authorization).
+    TunnelDenied,
+    /// mTLS with the destination's agent failed (certificate, identity).
+    TunnelTls,
+    /// The tunnel to the destination's agent failed otherwise.
+    TunnelFailed,
 }
 
 impl Close {
@@ -71,6 +87,46 @@ impl Close {
             Close::UpstreamError => "upstream_error",
             Close::NoEndpoints => "no_endpoints",
             Close::Drain => "drain",
+            Close::TunnelDenied => "tunnel_denied",
+            Close::TunnelTls => "tunnel_tls_failed",
+            Close::TunnelFailed => "tunnel_failed",
+        }
+    }
+
+    /// Failed before a byte reached the destination.
+    fn is_failure_before_data(self) -> bool {
+        matches!(
+            self,
+            Close::ConnectRefused
+                | Close::ConnectTimeout
+                | Close::ConnectFailed
+                | Close::TunnelDenied
+                | Close::TunnelTls
+                | Close::TunnelFailed
+        )
+    }
+
+    fn from_upstream(e: &UpstreamError) -> Self {
+        match e {
+            UpstreamError::Refused(_) => Close::ConnectRefused,
+            UpstreamError::Timeout { .. } => Close::ConnectTimeout,
+            UpstreamError::Io { .. } => Close::ConnectFailed,
+            UpstreamError::Tunnel(t) => match t {
+                TunnelError::Denied { .. } => Close::TunnelDenied,
+                TunnelError::Tls { .. } | TunnelError::NoCertificate(_) => Close::TunnelTls,
+                // The peer agent reached the pod's address and was refused.
+                TunnelError::Refused { status, .. }
+                    if *status == http::StatusCode::SERVICE_UNAVAILABLE =>
+                {
+                    Close::ConnectRefused
+                }
+                TunnelError::Refused { status, .. }
+                    if *status == http::StatusCode::GATEWAY_TIMEOUT =>
+                {
+                    Close::ConnectTimeout
+                }
+                _ => Close::TunnelFailed,
+            },
         }
     }
 
@@ -80,6 +136,15 @@ impl Close {
             _ => "failure",
         }
     }
+}
+
+/// The TCP series of a connection once its path is known: counted open
+/// then, closed by `proxy` whatever happens after.
+struct Opened {
+    labels: TcpLabels,
+    gauge: Gauge,
+    /// The connection's place in the sliding windows of `waymark edges`.
+    _edge: crate::diagnostics::stats::OpenConnection,
 }
 
 impl Outbound {
@@ -141,25 +206,27 @@ impl Outbound {
             }
         };
         tracing::Span::current().record("dst", tracing::field::display(dst));
-        let labels = TcpLabels {
-            direction: Direction::Outbound,
-            peer: "dst",
-            pod: pod.name.clone(),
-            target_addr: self.metrics.target_label(dst),
-        };
-        self.metrics.open_total.get_or_create(&labels).inc();
-        let open = self.metrics.open_connections.get_or_create(&labels).clone();
-        open.inc();
-        let _edge = self.metrics.open_edge(&labels, &self.discovery, dst);
         let _ = client.set_nodelay(true);
 
+        let mut opened = None;
         let mut transferred = copy::Transferred::default();
+        let conn = Conn {
+            pod: &pod,
+            peer,
+            dst,
+        };
         let (close, detail) = tokio::select! {
             biased;
             _ = self.force_close.cancelled() => (Close::Drain, None),
-            r = self.dispatch(&pod, client, peer, dst, &labels, &mut transferred) => r,
+            r = self.dispatch(&conn, client, &mut opened, &mut transferred) => r,
         };
-        open.dec();
+        // A connection that ended before its path was known (the client
+        // left during detection, no endpoints) is counted all the same.
+        let Opened { labels, gauge, .. } = match opened {
+            Some(o) => o,
+            None => self.open(&conn, TlsLabel::NoIdentity(NoTlsReason::NoConnection)),
+        };
+        gauge.dec();
         let elapsed = start.elapsed();
         self.metrics.record_duration(&labels, elapsed);
         self.metrics
@@ -175,11 +242,13 @@ impl Outbound {
             transferred.upstream_to_client,
             elapsed.as_secs_f64() * 1000.0,
         );
+        let tls = labels.tls.value();
         match close {
             Close::Eof | Close::Drain => debug!(
                 bytes_out,
                 bytes_in,
                 duration_ms,
+                tls,
                 reason = close.reason(),
                 "connection closed"
             ),
@@ -187,10 +256,31 @@ impl Outbound {
                 bytes_out,
                 bytes_in,
                 duration_ms,
+                tls,
                 reason = close.reason(),
                 error = detail.as_deref().unwrap_or(""),
                 "connection failed"
             ),
+        }
+    }
+
+    /// Counts the connection open under its path's `tls` label.
+    fn open(&self, conn: &Conn<'_>, tls: TlsLabel) -> Opened {
+        let labels = TcpLabels {
+            direction: Direction::Outbound,
+            peer: "dst",
+            pod: conn.pod.name.clone(),
+            target_addr: self.metrics.target_label(conn.dst),
+            tls,
+        };
+        self.metrics.open_total.get_or_create(&labels).inc();
+        let gauge = self.metrics.open_connections.get_or_create(&labels).clone();
+        gauge.inc();
+        let _edge = self.metrics.open_edge(&labels, &self.discovery, conn.dst);
+        Opened {
+            labels,
+            gauge,
+            _edge,
         }
     }
 
@@ -200,19 +290,21 @@ impl Outbound {
     /// bytes go to an endpoint the balancer picks.
     async fn dispatch(
         &self,
-        pod: &PodInfo,
+        conn: &Conn<'_>,
         client: TcpStream,
-        peer: SocketAddr,
-        dst: SocketAddr,
-        labels: &TcpLabels,
+        opened: &mut Option<Opened>,
         transferred: &mut copy::Transferred,
     ) -> (Close, Option<String>) {
         let table = self.discovery.current();
-        let Some(service) = table.by_addr(&dst).cloned() else {
-            return self.opaque(client, peer, dst, labels, transferred).await;
+        let Some(service) = table.by_addr(&conn.dst).cloned() else {
+            let path = self.upstreams.path(conn.pod.identity.as_ref(), None);
+            let o = opened.insert(self.open(conn, path.tls()));
+            return self
+                .opaque(client, conn, &path, conn.dst, &o.labels, transferred)
+                .await;
         };
         let protocol = if service.protocol == ProtocolHint::Opaque
-            || self.opaque_ports.contains(&dst.port())
+            || self.opaque_ports.contains(&conn.dst.port())
         {
             Protocol::Opaque
         } else {
@@ -234,36 +326,49 @@ impl Outbound {
                         Some(format!("service {} has no endpoints", service.name)),
                     );
                 };
-                let target = pick.endpoint().addr;
+                let endpoint = pick.endpoint();
+                let path = self
+                    .upstreams
+                    .path(conn.pod.identity.as_ref(), endpoint.node.as_deref());
+                let o = opened.insert(self.open(conn, path.tls()));
                 // The pick stays alive for the connection: in-flight is the
                 // number of open connections for opaque traffic.
-                return self.opaque(client, peer, target, labels, transferred).await;
+                return self
+                    .opaque(client, conn, &path, endpoint.addr, &o.labels, transferred)
+                    .await;
             }
         };
+        opened.get_or_insert_with(|| self.open(conn, TlsLabel::PerRequest));
         let ctx = Arc::new(ConnCtx {
-            pod: pod.name.clone(),
-            client: peer,
-            dst,
+            pod: conn.pod.name.clone(),
+            identity: conn.pod.identity.clone(),
+            client: conn.peer,
+            source_addr: conn.source_addr(),
+            dst: conn.dst,
             version,
         });
         http_server::serve(self.http.clone(), ctx, client).await;
         (Close::Eof, None)
     }
 
-    /// Opaque TCP to `target`: connect, then copy until both sides are done.
+    /// Opaque TCP to `target`: connect along `path`, then copy until both
+    /// sides are done.
     async fn opaque(
         &self,
         mut client: TcpStream,
-        peer: SocketAddr,
+        conn: &Conn<'_>,
+        path: &Path,
         target: SocketAddr,
         labels: &TcpLabels,
         transferred: &mut copy::Transferred,
     ) -> (Close, Option<String>) {
         let start = Instant::now();
-        let (close, detail) = self.forward(&mut client, target, labels, transferred).await;
+        let (close, detail) = self
+            .forward(&mut client, conn, path, target, labels, transferred)
+            .await;
         self.http.tap.tcp_closed(|| TcpClosed {
             pod: &labels.pod,
-            src: peer,
+            src: conn.peer,
             dst: target,
             duration: start.elapsed(),
             bytes_out: transferred.client_to_upstream,
@@ -271,67 +376,101 @@ impl Outbound {
             close: close.reason(),
             error: detail.as_deref(),
         });
-        match close {
-            // The client must learn promptly that its peer is gone: an RST,
-            // as it would get from the destination itself.
-            Close::ConnectRefused
-            | Close::ConnectTimeout
-            | Close::ConnectFailed
-            | Close::UpstreamError => reset(client),
-            _ => drop(client),
+        if close.is_failure_before_data() || close == Close::UpstreamError {
+            // The client must learn promptly that its peer is gone (or
+            // refused it): an RST, as it would get from the destination.
+            reset(client);
+        } else {
+            drop(client);
         }
         (close, detail)
     }
 
-    /// Connects to `dst` and copies until both sides are done.
+    /// Connects to `target` and copies until both sides are done.
     async fn forward(
         &self,
         client: &mut TcpStream,
-        dst: SocketAddr,
+        conn: &Conn<'_>,
+        path: &Path,
+        target: SocketAddr,
         labels: &TcpLabels,
         transferred: &mut copy::Transferred,
     ) -> (Close, Option<String>) {
-        let connect = tokio::time::timeout(self.connect_timeout, TcpStream::connect(dst)).await;
-        let mut upstream = match connect {
-            Err(_) => {
-                return (
-                    Close::ConnectTimeout,
-                    Some(format!(
-                        "no answer from {dst} within {:?}",
-                        self.connect_timeout
-                    )),
-                );
-            }
-            Ok(Err(e)) => {
-                let close = if e.kind() == io::ErrorKind::ConnectionRefused {
-                    Close::ConnectRefused
-                } else {
-                    Close::ConnectFailed
-                };
+        let headers = ConnectHeaders {
+            source_workload: conn.pod.identity.clone(),
+            source_addr: conn.source_addr(),
+            request_id: Some(new_request_id()),
+        };
+        let upstream = match self.upstreams.connect(path, target, headers.clone()).await {
+            Ok(u) => u,
+            Err(e) => {
+                let close = Close::from_upstream(&e);
+                if e.is_denied() {
+                    warn!(
+                        source = %conn.pod.identity.as_ref().map(ToString::to_string).unwrap_or_default(),
+                        peer_identity = %path.peer_identity().map(ToString::to_string).unwrap_or_default(),
+                        %target,
+                        error = %e,
+                        "the destination's agent denied the connection"
+                    );
+                }
                 return (close, Some(e.to_string()));
             }
-            Ok(Ok(s)) => s,
         };
-        let _ = upstream.set_nodelay(true);
-        debug!(upstream_local = ?upstream.local_addr().ok(), "connected");
+        if let (Some(id), Some(rid)) = (path.peer_identity(), &headers.request_id) {
+            debug!(peer_identity = %id, request_id = %rid, %target, "connected through the tunnel");
+        } else {
+            debug!(%target, "connected");
+        }
         let counters = Counters {
             client_to_upstream: self.metrics.write_bytes_total.get_or_create(labels).clone(),
             upstream_to_client: self.metrics.read_bytes_total.get_or_create(labels).clone(),
         };
-        match copy::bidirectional(client, &mut upstream, &counters, transferred).await {
+        let result = match upstream {
+            UpstreamIo::Tcp(mut tcp) => {
+                let r = copy::bidirectional(client, &mut tcp, &counters, transferred).await;
+                if matches!(&r, Err(e) if e.side == Side::Client) {
+                    // Tell the destination the client went away abruptly.
+                    reset(tcp);
+                }
+                r
+            }
+            // Dropping a tunnel stream resets it, which the peer agent
+            // passes on to the destination.
+            UpstreamIo::Tunnel(t) => {
+                copy::bidirectional_io(client, t, &counters, transferred).await
+            }
+        };
+        match result {
             Ok(()) => (Close::Eof, None),
             Err(e) => {
                 let detail = Some(e.to_string());
                 match e.side {
                     Side::Upstream => (Close::UpstreamError, detail),
-                    Side::Client => {
-                        // Tell the destination the client went away abruptly.
-                        reset(upstream);
-                        (Close::ClientError, detail)
-                    }
+                    Side::Client => (Close::ClientError, detail),
                 }
             }
         }
+    }
+}
+
+/// The connection being proxied.
+struct Conn<'a> {
+    pod: &'a PodInfo,
+    peer: SocketAddr,
+    dst: SocketAddr,
+}
+
+impl Conn<'_> {
+    /// The client as the network knows it: the pod's address (of the
+    /// dialled family when it has one) and the client's port; the accepted
+    /// peer is the pod's loopback.
+    fn source_addr(&self) -> Option<SocketAddr> {
+        let ips = &self.pod.ips;
+        ips.iter()
+            .find(|ip| ip.is_ipv4() == self.dst.is_ipv4())
+            .or(ips.first())
+            .map(|ip| SocketAddr::new(*ip, self.peer.port()))
     }
 }
 

@@ -12,9 +12,6 @@
 //! Because the wire format is the one ztunnel uses, tshark's HTTP/2
 //! dissector shows the streams given the key log.
 
-// Wired into the data path next (outbound remote endpoints, inbound :15008).
-#![allow(dead_code, unused_imports)]
-
 pub mod pool;
 pub mod server;
 mod stream;

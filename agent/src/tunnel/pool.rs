@@ -155,7 +155,7 @@ impl Conn {
 
 pub struct TunnelPool {
     store: Arc<CertStore>,
-    bundle: TrustBundle,
+    bundle: std::sync::RwLock<TrustBundle>,
     config: PoolConfig,
     slots: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<Vec<Conn>>>>>,
     tls_configs: Mutex<HashMap<(SpiffeId, SpiffeId), Arc<rustls::ClientConfig>>>,
@@ -166,12 +166,22 @@ impl TunnelPool {
     pub fn new(store: Arc<CertStore>, bundle: TrustBundle, config: PoolConfig) -> Self {
         Self {
             store,
-            bundle,
+            bundle: std::sync::RwLock::new(bundle),
             config,
             slots: Mutex::default(),
             tls_configs: Mutex::default(),
             connections_opened: AtomicU64::new(0),
         }
+    }
+
+    /// Verifies peer agents against `bundle` from now on. Connections
+    /// already established stay (they were verified when they were made).
+    pub fn set_bundle(&self, bundle: TrustBundle) {
+        *self.bundle.write().unwrap_or_else(|e| e.into_inner()) = bundle;
+        self.tls_configs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     /// TLS connections this pool has established so far.
@@ -292,6 +302,7 @@ impl TunnelPool {
             failure: TlsFailure::find(&e).unwrap_or(TlsFailure::Protocol),
             detail: e.to_string(),
         })?;
+        let (tls, first) = self.server_verdict(peer, tls).await?;
         let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())
@@ -303,6 +314,7 @@ impl TunnelPool {
         let tls_failure = Arc::new(OnceLock::new());
         let io = Observed {
             inner: tls,
+            first,
             failure: tls_failure.clone(),
         };
         let (sender, connection) = builder
@@ -338,6 +350,40 @@ impl TunnelPool {
         })
     }
 
+    /// In TLS 1.3 the client's handshake is done before the server has
+    /// checked the client certificate; its verdict is an alert, or its
+    /// HTTP/2 SETTINGS (the server speaks first). Reading up to that first
+    /// record here turns a refusal into a typed error for this connect. Its
+    /// alert would otherwise race our first writes: a write that meets the
+    /// server's close fails with a reset, and the alert is never read.
+    async fn server_verdict<T: AsyncRead + Unpin>(
+        &self,
+        peer: SocketAddr,
+        mut tls: T,
+    ) -> Result<(T, Bytes), TunnelError> {
+        use tokio::io::AsyncReadExt;
+        let mut buf = Vec::with_capacity(16 * 1024);
+        let read = tokio::time::timeout(self.config.handshake_timeout, tls.read_buf(&mut buf))
+            .await
+            .map_err(|_| TunnelError::Timeout {
+                peer,
+                what: "the peer agent's first HTTP/2 frame",
+            })?;
+        match read {
+            Ok(0) => Err(TunnelError::Tls {
+                peer,
+                failure: TlsFailure::Protocol,
+                detail: "the peer agent closed the connection after the handshake".into(),
+            }),
+            Ok(_) => Ok((tls, Bytes::from(buf))),
+            Err(e) => Err(TunnelError::Tls {
+                peer,
+                failure: TlsFailure::find(&e).unwrap_or(TlsFailure::Protocol),
+                detail: e.to_string(),
+            }),
+        }
+    }
+
     fn tls_config(
         &self,
         local: &SpiffeId,
@@ -347,10 +393,15 @@ impl TunnelPool {
         if let Some(c) = cache.get(&(local.clone(), expected.clone())) {
             return Ok(c.clone());
         }
+        let bundle = self
+            .bundle
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let c = client_config(
             self.store.clone(),
             local.clone(),
-            &self.bundle,
+            &bundle,
             Some(expected.clone()),
         )?;
         cache.insert((local.clone(), expected.clone()), c.clone());
@@ -385,6 +436,8 @@ async fn why_failed(peer: SocketAddr, e: hyper::Error, conn: &mut Conn) -> Tunne
 /// The TLS stream under h2, recording the first TLS failure it carries.
 struct Observed<T> {
     inner: T,
+    /// What was read before h2 took over (see `server_verdict`).
+    first: Bytes,
     failure: Arc<OnceLock<TlsFailure>>,
 }
 
@@ -405,6 +458,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for Observed<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        if !self.first.is_empty() {
+            let n = self.first.len().min(buf.remaining());
+            buf.put_slice(&self.first.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         self.note(r)
     }

@@ -105,7 +105,8 @@ pub struct ServerStats {
     pub connect_failed: AtomicU64,
 }
 
-const FAILURES: [TlsFailure; 6] = [
+/// Every failure kind, in the order the counters keep them.
+pub const FAILURES: [TlsFailure; 6] = [
     TlsFailure::UnknownCa,
     TlsFailure::Expired,
     TlsFailure::WrongIdentity,
@@ -137,14 +138,35 @@ pub struct TunnelServer {
     shared: Arc<Shared>,
 }
 
+/// The server's TLS configuration, replaceable while it runs (a new trust
+/// bundle): each handshake takes the one current when it starts.
+pub struct ServerTls(std::sync::RwLock<TlsAcceptor>);
+
+impl ServerTls {
+    pub fn new(config: Arc<rustls::ServerConfig>) -> Arc<Self> {
+        Arc::new(Self(std::sync::RwLock::new(TlsAcceptor::from(config))))
+    }
+
+    pub fn set(&self, config: Arc<rustls::ServerConfig>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = TlsAcceptor::from(config);
+    }
+
+    fn current(&self) -> TlsAcceptor {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
 struct Shared {
-    acceptor: TlsAcceptor,
+    tls: Arc<ServerTls>,
     authorizer: Arc<dyn Authorize>,
     config: ServerConfig,
     stats: Arc<ServerStats>,
 }
 
 impl TunnelServer {
+    /// Binds `addr` with counters and TLS of its own (the unit tests' way;
+    /// the agent binds its listeners itself and uses [`TunnelServer::new`]).
+    #[cfg(test)]
     pub async fn bind(
         addr: SocketAddr,
         tls: Arc<rustls::ServerConfig>,
@@ -152,19 +174,38 @@ impl TunnelServer {
         config: ServerConfig,
     ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
-        let shared = Arc::new(Shared {
-            acceptor: TlsAcceptor::from(tls),
+        Ok(Self::new(
+            listener,
+            ServerTls::new(tls),
             authorizer,
             config,
-            stats: Arc::default(),
+            Arc::default(),
+        ))
+    }
+
+    /// A server on an already bound listener; several servers (one per
+    /// listen address) may share the TLS configuration and the counters.
+    pub fn new(
+        listener: TcpListener,
+        tls: Arc<ServerTls>,
+        authorizer: Arc<dyn Authorize>,
+        config: ServerConfig,
+        stats: Arc<ServerStats>,
+    ) -> Self {
+        let shared = Arc::new(Shared {
+            tls,
+            authorizer,
+            config,
+            stats,
         });
-        Ok(Self { listener, shared })
+        Self { listener, shared }
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
     }
 
+    #[cfg(test)]
     pub fn stats(&self) -> Arc<ServerStats> {
         self.shared.stats.clone()
     }
@@ -200,7 +241,7 @@ impl Shared {
         let _ = tcp.set_nodelay(true);
         let tls = match tokio::time::timeout(
             self.config.handshake_timeout,
-            self.acceptor.accept(tcp),
+            self.tls.current().accept(tcp),
         )
         .await
         {

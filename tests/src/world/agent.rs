@@ -139,6 +139,95 @@ pub(crate) fn base_config(
     t
 }
 
+/// The trust domain of worlds with mTLS.
+pub const TRUST_DOMAIN: &str = "cluster.local";
+/// The agents' inbound tunnel port.
+pub const TUNNEL_PORT: u16 = 15008;
+
+/// The SPIFFE ID the world gives a pod (`default/n<i>p<j>` →
+/// `spiffe://cluster.local/ns/default/sa/n<i>p<j>`).
+pub fn pod_identity(pod_name: &str) -> String {
+    let (ns, name) = pod_name.split_once('/').unwrap_or(("default", pod_name));
+    format!("spiffe://{TRUST_DOMAIN}/ns/{ns}/sa/{name}")
+}
+
+/// Runs `waymark identity init` into `dir` (a new trust anchor and issuer).
+pub(crate) fn identity_init(bin: &Path, dir: &Path) -> Result<()> {
+    let out = std::process::Command::new(bin)
+        .args([
+            "identity",
+            "init",
+            "--force",
+            "--trust-domain",
+            TRUST_DOMAIN,
+            "--dir",
+        ])
+        .arg(dir)
+        .output()
+        .with_context(|| format!("running {} identity init", bin.display()))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{} identity init --dir {} failed: {}",
+        bin.display(),
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+/// What a world with mTLS adds to a node's config: `[identity]` from the
+/// files in `ca_dir`, the inbound tunnel on the node's fabric address,
+/// every node in `[[nodes]]`, and an identity for every pod.
+pub(crate) fn mtls_config(
+    cfg: &mut Table,
+    ca_dir: &Path,
+    leaf_lifetime: &str,
+    node_fabric_ip: std::net::IpAddr,
+    nodes: &[(String, std::net::IpAddr)],
+) {
+    let file = |name: &str| s(ca_dir.join(name).display());
+    cfg.insert(
+        "identity".into(),
+        table([
+            ("trust_domain", s(TRUST_DOMAIN)),
+            ("trust_bundle", file("ca.crt")),
+            ("issuer_cert", file("issuer.crt")),
+            ("issuer_key", file("issuer.key")),
+            ("leaf_lifetime", s(leaf_lifetime)),
+        ]),
+    );
+    cfg.insert(
+        "inbound".into(),
+        table([(
+            "listen",
+            Value::Array(vec![s(SocketAddr::new(node_fabric_ip, TUNNEL_PORT))]),
+        )]),
+    );
+    cfg.insert(
+        "nodes".into(),
+        Value::Array(
+            nodes
+                .iter()
+                .map(|(name, ip)| {
+                    table([
+                        ("name", s(name)),
+                        ("tunnel", s(SocketAddr::new(*ip, TUNNEL_PORT))),
+                    ])
+                })
+                .collect(),
+        ),
+    );
+    if let Some(Value::Array(pods)) = cfg.get_mut("pods") {
+        for pod in pods {
+            if let Value::Table(t) = pod {
+                let name = t.get("name").and_then(Value::as_str).unwrap_or_default();
+                let id = pod_identity(name);
+                t.insert("identity".into(), s(id));
+            }
+        }
+    }
+}
+
 /// Merges `over` into `base`: tables merge key by key, recursively; any other
 /// value (arrays included) replaces what was there.
 pub fn merge(base: &mut Table, over: Table) {

@@ -44,6 +44,15 @@ use net::{netns_inode, netns_path};
 use process::Tracker;
 use state::{NodeState, PodState, WorldState, netns_prefix, validate_name, world_dir, world_id};
 
+/// `90s`, `1500ms`: a duration as the agent's config reads it.
+fn humantime_str(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
 /// Why the world cannot be built here, if it cannot (checked once).
 pub fn skip_reason() -> Option<String> {
     static REASON: OnceLock<Option<String>> = OnceLock::new();
@@ -91,9 +100,58 @@ pub struct WorldBuilder {
     persistent: bool,
     agent_env: Vec<(String, String)>,
     agent_bin: Option<PathBuf>,
+    mtls: Option<MtlsOptions>,
+}
+
+/// Node-to-node mTLS for every agent of a world; see [`WorldBuilder::mtls`].
+#[derive(Debug, Clone)]
+struct MtlsOptions {
+    leaf_lifetime: String,
+    /// Nodes whose agent gets a trust anchor of its own.
+    foreign: Vec<usize>,
+}
+
+impl Default for MtlsOptions {
+    fn default() -> Self {
+        Self {
+            leaf_lifetime: "1h".into(),
+            foreign: Vec::new(),
+        }
+    }
 }
 
 impl WorldBuilder {
+    /// Turns on node-to-node mTLS: runs `waymark identity init` into
+    /// `<world dir>/identity` and gives every agent an `[identity]` from
+    /// it, its inbound tunnel on `<fabric ip>:15008`, every node in
+    /// `[[nodes]]`, and every pod the identity
+    /// `spiffe://cluster.local/ns/default/sa/n<i>p<j>` (see
+    /// [`agent::pod_identity`]). Applied before `agent_config_extra` and
+    /// `agent_config`, which can change any of it.
+    pub fn mtls(mut self, on: bool) -> Self {
+        self.mtls = on.then(|| self.mtls.take().unwrap_or_default());
+        self
+    }
+
+    /// Leaf lifetime of the agents' certificates with [`Self::mtls`]
+    /// (default 1h); short values exercise rotation.
+    pub fn mtls_leaf_lifetime(mut self, lifetime: Duration) -> Self {
+        let m = self.mtls.get_or_insert_with(Default::default);
+        m.leaf_lifetime = humantime_str(lifetime);
+        self
+    }
+
+    /// With [`Self::mtls`]: node `i`'s agent gets a trust anchor and issuer
+    /// of its own (`<world dir>/identity-node<i>`), so its peers reject its
+    /// certificates and it rejects theirs.
+    pub fn mtls_foreign_anchor(mut self, node: usize) -> Self {
+        self.mtls
+            .get_or_insert_with(Default::default)
+            .foreign
+            .push(node);
+        self
+    }
+
     /// Number of nodes (default 2).
     pub fn nodes(mut self, n: usize) -> Self {
         self.nodes = n;
@@ -258,6 +316,7 @@ impl World {
             persistent: false,
             agent_env: Vec::new(),
             agent_bin: None,
+            mtls: None,
         }
     }
 
@@ -426,6 +485,29 @@ impl World {
             }
         }
 
+        // Identity material (mTLS).
+        let mut ca_dirs: Vec<PathBuf> = Vec::new();
+        if let Some(m) = &b.mtls {
+            let bin = match &self.shared.agent_bin {
+                Some(b) => b.clone(),
+                None => agent::waymark_bin()?,
+            };
+            let shared_ca = self.shared.dir.join("identity");
+            agent::identity_init(&bin, &shared_ca)?;
+            for i in 0..b.nodes {
+                if m.foreign.contains(&i) {
+                    let own = self.shared.dir.join(format!("identity-node{i}"));
+                    agent::identity_init(&bin, &own)?;
+                    ca_dirs.push(own);
+                } else {
+                    ca_dirs.push(shared_ca.clone());
+                }
+            }
+        }
+        let node_addrs: Vec<(String, std::net::IpAddr)> = (0..b.nodes)
+            .map(|i| (format!("node{i}"), topology::node_fabric_ip(i).into()))
+            .collect();
+
         // Nodes, pods, agent configs.
         for (i, ns) in node_ns.iter().enumerate() {
             let node_cg = self.cgroup_root.join(format!("node{i}"));
@@ -451,6 +533,15 @@ impl World {
                 .collect();
             let node_name = format!("node{i}");
             let mut cfg = agent::base_config(&node_name, &node_cg, topology::FABRIC_NET, &entries);
+            if let Some(m) = &b.mtls {
+                agent::mtls_config(
+                    &mut cfg,
+                    &ca_dirs[i],
+                    &m.leaf_lifetime,
+                    topology::node_fabric_ip(i).into(),
+                    &node_addrs,
+                );
+            }
             for extra in &b.config_extra {
                 agent::merge_str(&mut cfg, extra)?;
             }
@@ -487,6 +578,15 @@ impl World {
             self.state().write()?;
         }
         Ok(())
+    }
+
+    /// Spawns `cmd` in the fabric's netns (where the nodes' links meet: a
+    /// capture on `br0` sees all traffic between nodes). Killed with the
+    /// world.
+    pub fn spawn_in_fabric(&self, cmd: &mut std::process::Command) -> Result<std::process::Child> {
+        let child = process::spawn_in(cmd, &netns_path(&self.fabric), None)?;
+        self.shared.tracker.track(child.id() as i32);
+        Ok(child)
     }
 
     /// Leaves the world running when this value is dropped (for `cargo xtask

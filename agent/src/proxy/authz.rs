@@ -1,0 +1,339 @@
+//! Inbound authorization: may this verified source identity open a tunnel
+//! stream to this target on our node?
+//!
+//! Two checks, in order:
+//! 1. the target must be an address of a pod on this node — the tunnel is
+//!    not an open proxy into the node's network;
+//! 2. the `[authorization]` rules, tried in order; the first whose sources,
+//!    services and ports all match decides, and `default` decides when none
+//!    does. A rule's `services` match when the target is an endpoint of one
+//!    of them (the inbound agent sees the endpoint, not the address the
+//!    client dialled).
+//!
+//! The source is the identity in the client certificate, verified by the
+//! TLS layer; nothing the client sends in headers is trusted for it.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, RwLock};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use tracing::{debug, warn};
+
+use crate::config::Config;
+use crate::config::mesh::{Action, SourcePattern};
+use crate::diagnostics::metrics::BoundedLabel;
+use crate::discovery::Discovery;
+use crate::identity::SpiffeId;
+use crate::tunnel::server::AuthorizeFuture;
+use crate::tunnel::{Authorize, ConnectInfo, DenyReason};
+
+/// Label value of decisions made by `default`, and of targets that are no
+/// service's endpoint.
+const DEFAULT_RULE: &str = "default";
+const NO_SERVICE: &str = "none";
+
+struct Rule {
+    label: String,
+    action: Action,
+    sources: Vec<SourcePattern>,
+    services: Vec<String>,
+    ports: Vec<u16>,
+}
+
+impl Rule {
+    fn matches(&self, source: &SpiffeId, services: &[String], port: u16) -> bool {
+        self.sources.iter().any(|p| p.matches(source))
+            && (self.services.is_empty() || self.services.iter().any(|s| services.contains(s)))
+            && (self.ports.is_empty() || self.ports.contains(&port))
+    }
+}
+
+/// A local pod as a tunnel target.
+#[derive(Debug, Clone)]
+struct LocalPod {
+    name: String,
+    identity: Option<SpiffeId>,
+}
+
+/// The compiled policy and this node's pods; swapped whole on reload.
+struct Policy {
+    default: Action,
+    rules: Vec<Rule>,
+    pods: HashMap<IpAddr, LocalPod>,
+}
+
+impl Policy {
+    /// From a validated config (patterns that do not parse are skipped:
+    /// validation has refused them already).
+    fn from_config(c: &Config) -> Self {
+        let rules = c
+            .authorization
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| Rule {
+                label: r.name.clone().unwrap_or_else(|| format!("rules[{i}]")),
+                action: r.action,
+                sources: r
+                    .sources
+                    .iter()
+                    .filter_map(|s| SourcePattern::parse(s).ok())
+                    .collect(),
+                services: r.services.clone(),
+                ports: r.ports.clone(),
+            })
+            .collect();
+        let pods = c
+            .pods
+            .iter()
+            .flat_map(|p| {
+                let pod = LocalPod {
+                    name: p.name.clone(),
+                    identity: p.identity.as_deref().and_then(|s| s.parse().ok()),
+                };
+                p.ips.iter().map(move |ip| (*ip, pod.clone()))
+            })
+            .collect();
+        Self {
+            default: c.authorization.default,
+            rules,
+            pods,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    decision: &'static str,
+    source_identity: String,
+    service: String,
+    rule: String,
+}
+
+/// What the inbound side decided, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub allow: bool,
+    pub rule: String,
+    pub service: String,
+    pub reason: String,
+}
+
+pub struct InboundAuthz {
+    node: String,
+    policy: RwLock<Arc<Policy>>,
+    discovery: Arc<Discovery>,
+    decisions: Family<DecisionLabels, Counter>,
+    sources: BoundedLabel,
+}
+
+impl InboundAuthz {
+    pub fn new(config: &Config, discovery: Arc<Discovery>, registry: &mut Registry) -> Arc<Self> {
+        let decisions = Family::default();
+        registry.register(
+            "waymark_inbound_authz_decisions",
+            "Inbound tunnel streams allowed or denied, by source identity, destination service and deciding rule",
+            decisions.clone(),
+        );
+        Arc::new(Self {
+            node: config.node.name.clone(),
+            policy: RwLock::new(Arc::new(Policy::from_config(config))),
+            discovery,
+            decisions,
+            sources: BoundedLabel::new(config.metrics.max_destinations),
+        })
+    }
+
+    /// Takes the rules of a reloaded config (pods need a restart).
+    pub fn reload(&self, config: &Config) {
+        let mut next = Policy::from_config(config);
+        let mut cur = self.policy.write().unwrap_or_else(|e| e.into_inner());
+        next.pods = cur.pods.clone();
+        *cur = Arc::new(next);
+    }
+
+    /// Decides one stream (and counts the decision).
+    pub fn decide(&self, source: &SpiffeId, target: SocketAddr) -> Decision {
+        let policy = self
+            .policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let decision = self.evaluate(&policy, source, target);
+        self.decisions
+            .get_or_create(&DecisionLabels {
+                decision: if decision.allow { "allow" } else { "deny" },
+                source_identity: self.sources.get(&source.to_string()),
+                service: decision.service.clone(),
+                rule: decision.rule.clone(),
+            })
+            .inc();
+        decision
+    }
+
+    fn evaluate(&self, policy: &Policy, source: &SpiffeId, target: SocketAddr) -> Decision {
+        let Some(pod) = policy.pods.get(&target.ip()) else {
+            return Decision {
+                allow: false,
+                rule: "not_a_local_pod".into(),
+                service: NO_SERVICE.into(),
+                reason: format!(
+                    "{source} may not reach {target}: it is not a pod on node {}",
+                    self.node
+                ),
+            };
+        };
+        let table = self.discovery.current();
+        let services = table.services_of_endpoint(&target);
+        let service = services.first().map_or(NO_SERVICE, String::as_str);
+        let destination = match &pod.identity {
+            Some(id) => format!("{id} ({}, {target})", pod.name),
+            None => format!("{} ({target})", pod.name),
+        };
+        let (action, rule) = policy
+            .rules
+            .iter()
+            .find(|r| r.matches(source, services, target.port()))
+            .map_or((policy.default, DEFAULT_RULE), |r| {
+                (r.action, r.label.as_str())
+            });
+        let allow = action == Action::Allow;
+        let reason = if allow {
+            format!("{source} may reach {destination}: rule {rule}")
+        } else if rule == DEFAULT_RULE {
+            format!(
+                "{source} may not reach {destination}: no rule allows it and the default is deny"
+            )
+        } else {
+            format!("{source} may not reach {destination}: denied by rule {rule}")
+        };
+        Decision {
+            allow,
+            rule: rule.to_string(),
+            service: service.to_string(),
+            reason,
+        }
+    }
+}
+
+impl Authorize for InboundAuthz {
+    fn authorize<'a>(&'a self, req: ConnectInfo<'a>) -> AuthorizeFuture<'a> {
+        let d = self.decide(&req.peer.id, req.target);
+        let result = if d.allow {
+            debug!(reason = %d.reason, "tunnel stream allowed");
+            Ok(())
+        } else {
+            let request_id = req
+                .headers
+                .get(crate::tunnel::REQUEST_ID)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            warn!(
+                source_identity = %req.peer.id,
+                target = %req.target,
+                service = %d.service,
+                rule = %d.rule,
+                request_id,
+                "authorization denied: {}",
+                d.reason
+            );
+            Err(DenyReason(format!("waymark {}: {}", self.node, d.reason)))
+        };
+        Box::pin(std::future::ready(result))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::ServiceTable;
+
+    fn authz(extra: &str) -> Arc<InboundAuthz> {
+        let text = format!(
+            r#"
+[node]
+name = "node1"
+[[pods]]
+name = "default/api"
+netns = "/x"
+ips = ["10.2.0.2"]
+identity = "spiffe://cluster.local/ns/default/sa/api"
+[[services]]
+name = "api"
+addresses = ["10.96.0.1:80"]
+endpoints = [ {{ addr = "10.2.0.2:8080", node = "node1" }} ]
+{extra}
+"#
+        );
+        let c: Config = toml::from_str(&text).unwrap();
+        let table = ServiceTable::build(
+            &c.services,
+            Default::default(),
+            None,
+            std::time::Instant::now(),
+        )
+        .unwrap();
+        InboundAuthz::new(
+            &c,
+            Arc::new(Discovery::new(table)),
+            &mut Registry::default(),
+        )
+    }
+
+    fn id(sa: &str) -> SpiffeId {
+        SpiffeId::new("cluster.local", "default", sa).unwrap()
+    }
+
+    const API: &str = "10.2.0.2:8080";
+
+    #[test]
+    fn first_matching_rule_decides_then_default() {
+        let a = authz(
+            r#"
+[authorization]
+default = "deny"
+[[authorization.rules]]
+name = "no-batch"
+action = "deny"
+sources = ["spiffe://cluster.local/ns/default/sa/batch"]
+[[authorization.rules]]
+action = "allow"
+sources = ["spiffe://cluster.local/ns/default/sa/*"]
+services = ["api"]
+ports = [8080]
+"#,
+        );
+        let d = a.decide(&id("batch"), API.parse().unwrap());
+        assert!(!d.allow);
+        assert_eq!(d.rule, "no-batch");
+        assert!(d.reason.contains("denied by rule no-batch"), "{}", d.reason);
+        assert!(
+            d.reason
+                .contains("spiffe://cluster.local/ns/default/sa/api (default/api"),
+            "{}",
+            d.reason
+        );
+        let d = a.decide(&id("web"), API.parse().unwrap());
+        assert!(d.allow, "{d:?}");
+        assert_eq!((d.rule.as_str(), d.service.as_str()), ("rules[1]", "api"));
+        // Another port of the same pod: no rule matches, default deny.
+        let d = a.decide(&id("web"), "10.2.0.2:9000".parse().unwrap());
+        assert!(!d.allow);
+        assert_eq!(d.rule, "default");
+        let other_ns = SpiffeId::new("cluster.local", "prod", "web").unwrap();
+        assert!(!a.decide(&other_ns, API.parse().unwrap()).allow);
+    }
+
+    #[test]
+    fn only_local_pods_are_targets() {
+        let a = authz("");
+        assert!(a.decide(&id("web"), API.parse().unwrap()).allow);
+        let d = a.decide(&id("web"), "10.0.0.1:4191".parse().unwrap());
+        assert!(!d.allow);
+        assert!(d.reason.contains("not a pod on node node1"), "{}", d.reason);
+    }
+}

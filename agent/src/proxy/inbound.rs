@@ -1,0 +1,208 @@
+//! Inbound: the tunnel listener (port 15008) through which other nodes'
+//! agents reach this node's pods, and the tunnel's metrics on both sides.
+//!
+//! The server presents this node's identity, requires a client leaf of the
+//! trust domain (the source workload's), authorizes that identity for the
+//! target ([`super::authz`]) and connects to the pod. A refused stream gets
+//! a 403 with the reason; the outbound agent turns it into the client's
+//! error.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use anyhow::{Context, Result};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
+use tokio_util::task::TaskTracker;
+use tracing::info;
+
+use super::authz::InboundAuthz;
+use super::upstream::Upstreams;
+use crate::identity::{CertStore, SpiffeId, TrustBundle, server_config};
+use crate::tunnel::server::{FAILURES, ServerTls};
+use crate::tunnel::{ServerConfig, ServerStats, TunnelServer};
+
+/// The running inbound side.
+pub struct Inbound {
+    pub stats: Arc<ServerStats>,
+    tls: Arc<ServerTls>,
+    store: Arc<CertStore>,
+    node_identity: SpiffeId,
+}
+
+impl Inbound {
+    /// Binds every listen address and serves on `tasks`.
+    pub async fn start(
+        listen: &[SocketAddr],
+        config: ServerConfig,
+        store: Arc<CertStore>,
+        node_identity: SpiffeId,
+        bundle: &TrustBundle,
+        authz: Arc<InboundAuthz>,
+        tasks: &TaskTracker,
+    ) -> Result<Self> {
+        let tls = ServerTls::new(
+            server_config(store.clone(), node_identity.clone(), bundle)
+                .context("cannot build the inbound TLS configuration")?,
+        );
+        let stats = Arc::new(ServerStats::default());
+        for addr in listen {
+            let listener = bind(*addr)
+                .with_context(|| format!("cannot bind the inbound tunnel listener on {addr}"))?;
+            let server = TunnelServer::new(
+                listener,
+                tls.clone(),
+                authz.clone(),
+                config.clone(),
+                stats.clone(),
+            );
+            info!(listen = %server.local_addr()?, identity = %node_identity, "inbound tunnel listening");
+            tasks.spawn(server.serve());
+        }
+        Ok(Self {
+            stats,
+            tls,
+            store,
+            node_identity,
+        })
+    }
+
+    /// Verifies clients against `bundle` from the next handshake on.
+    pub fn set_bundle(&self, bundle: &TrustBundle) {
+        match server_config(self.store.clone(), self.node_identity.clone(), bundle) {
+            Ok(c) => self.tls.set(c),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot rebuild the inbound TLS configuration; keeping the old trust bundle")
+            }
+        }
+    }
+}
+
+/// IPv6 listeners are v6-only so `0.0.0.0` and `[::]` can both be bound.
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirLabels {
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailureLabels {
+    direction: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StreamLabels {
+    direction: &'static str,
+    result: &'static str,
+}
+
+/// Reads the tunnel's own counters (kept as atomics by the server and the
+/// pool) at scrape time.
+pub struct TunnelCollector {
+    pub inbound: Option<Arc<ServerStats>>,
+    pub upstreams: Arc<Upstreams>,
+}
+
+impl std::fmt::Debug for TunnelCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelCollector").finish_non_exhaustive()
+    }
+}
+
+impl Collector for TunnelCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let mut connections = Vec::new();
+        let mut failures = Vec::new();
+        let mut streams = Vec::new();
+        if let Some(s) = &self.inbound {
+            let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+            connections.push(("inbound", load(&s.tls_established)));
+            for f in FAILURES {
+                failures.push(("inbound", f.as_str(), s.handshake_failures(f)));
+            }
+            failures.push(("inbound", "timeout", load(&s.handshake_timeouts)));
+            streams.push(("inbound", "opened", load(&s.streams_opened)));
+            streams.push(("inbound", "denied", load(&s.streams_denied)));
+            streams.push(("inbound", "connect_failed", load(&s.connect_failed)));
+        }
+        if let Some(m) = self.upstreams.mesh() {
+            connections.push(("outbound", m.pool.connections_opened()));
+            for f in FAILURES {
+                failures.push(("outbound", f.as_str(), m.handshake_failures(f)));
+            }
+            streams.push((
+                "outbound",
+                "opened",
+                m.streams_opened.load(Ordering::Relaxed),
+            ));
+            streams.push((
+                "outbound",
+                "denied",
+                m.streams_denied.load(Ordering::Relaxed),
+            ));
+            streams.push((
+                "outbound",
+                "failed",
+                m.streams_failed.load(Ordering::Relaxed),
+            ));
+        }
+        if connections.is_empty() {
+            return Ok(());
+        }
+        encode_counters(
+            &mut encoder,
+            "waymark_tunnel_connections",
+            "mTLS tunnel connections established between agents (outbound: by this agent's pool; inbound: accepted)",
+            connections
+                .into_iter()
+                .map(|(direction, v)| (DirLabels { direction }, v)),
+        )?;
+        encode_counters(
+            &mut encoder,
+            "waymark_tunnel_handshake_failures",
+            "Failed tunnel TLS handshakes by reason (unknown_ca, expired, wrong_identity, no_certificate, bad_certificate, protocol, timeout)",
+            failures
+                .into_iter()
+                .map(|(direction, reason, v)| (FailureLabels { direction, reason }, v)),
+        )?;
+        encode_counters(
+            &mut encoder,
+            "waymark_tunnel_streams",
+            "Tunnel CONNECT streams by result",
+            streams
+                .into_iter()
+                .map(|(direction, result, v)| (StreamLabels { direction, result }, v)),
+        )
+    }
+}
+
+fn encode_counters<L: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: impl Iterator<Item = (L, u64)>,
+) -> std::fmt::Result {
+    let counter = ConstCounter::new(0u64);
+    let mut metric = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
+    for (labels, v) in series {
+        let family = metric.encode_family(&labels)?;
+        ConstCounter::new(v).encode(family)?;
+    }
+    Ok(())
+}
