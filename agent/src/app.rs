@@ -98,6 +98,13 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         config.metrics.max_destinations,
         config.metrics.max_stat_edges,
     );
+    let captures = Captures::new(&mut metrics.registry);
+    // The tunnel's TLS secrets go to the capture's key log only where the
+    // config allows key-log captures at all (and even then, only while one
+    // runs: the sink formats nothing otherwise).
+    let key_log: Option<Arc<dyn rustls::KeyLog>> = (config.capture.enabled
+        && config.capture.keylog)
+        .then(|| captures.key_log() as Arc<dyn rustls::KeyLog>);
 
     // mTLS: certificates first (a node that cannot get them should not
     // start), then the tunnel client, then the inbound listener.
@@ -114,6 +121,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
             m.bundle(),
             PoolConfig {
                 connect_timeout: config.outbound.connect_timeout,
+                key_log: key_log.clone(),
                 ..Default::default()
             },
         );
@@ -133,6 +141,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         let server = crate::tunnel::ServerConfig {
             handshake_timeout: config.inbound.handshake_timeout,
             connect_timeout: config.outbound.connect_timeout,
+            key_log: key_log.clone(),
             ..Default::default()
         };
         let inbound = Arc::new(
@@ -208,7 +217,6 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         kernel_diag::register_metrics(&mut metrics.registry, k.clone());
     }
     let reload_metrics = ReloadMetrics::new(&mut metrics.registry);
-    let captures = Captures::new(&mut metrics.registry);
     let tap = Arc::new(TapHub::new(&mut metrics.registry));
     tap.set_pods(Pods(
         config

@@ -394,3 +394,77 @@ fn bad_requests_and_a_third_capture_are_refused() {
         Ok(())
     });
 }
+
+/// A node capture with `--keylog` of the node-to-node tunnel carries the TLS
+/// secrets the agent derived while it ran: tshark decrypts the TLS 1.3
+/// between the agents and shows the HTTP/2 `CONNECT` stream to the server
+/// pod. The same traffic captured without `--keylog` stays opaque.
+#[test]
+fn a_keylog_capture_of_the_tunnel_is_decrypted_by_tshark() {
+    require_agent_or_skip!();
+    const VIP: &str = "10.96.0.40:80";
+    let server_ip = waymark_tests::pod_ip(1, 0);
+    let extra = format!(
+        r#"
+[capture]
+keylog = true
+
+[[services]]
+name = "web"
+addresses = ["{VIP}"]
+protocol = "http1"
+endpoints = [ {{ addr = "{server_ip}:8080", node = "node1" }} ]
+"#
+    );
+    let builder = World::builder(world_name!())
+        .pods_per_node(1)
+        .mtls(true)
+        .agent_config_extra(extra);
+    with_world(builder, |world| {
+        let (node, client) = (world.node(0), world.pod(0, 0));
+        let _web = http_server(world.pod(1, 0), 8080)?;
+        let connect_streams = |tag: &str, keylog: bool| -> Result<Vec<String>> {
+            let mut args = vec!["--node", "--filter", "tcp port 15008", "--duration", "4s"];
+            if keylog {
+                args.push("--keylog");
+            }
+            let mut cap = capture(world, node, tag, &args)?;
+            cap.started()?;
+            let body = curl(client, &format!("http://{VIP}/{tag}-marker"))?;
+            ensure!(
+                body.contains(&format!("got /{tag}-marker")),
+                "curl got {body:?}"
+            );
+            let (status, stderr, file) = cap.finish(Duration::from_secs(20))?;
+            ensure!(status.success(), "capture failed: {stderr}");
+            tshark(
+                &file,
+                &[
+                    "-Y",
+                    "http2.headers.method == \"CONNECT\"",
+                    "-T",
+                    "fields",
+                    "-e",
+                    "http2.headers.authority",
+                ],
+            )
+        };
+        // The tunnel connection is opened (and its secrets derived) while
+        // the key-log capture runs: the first request across nodes.
+        let seen = connect_streams("keylog", true)?;
+        let want = format!("{server_ip}:8080");
+        ensure!(
+            seen.iter().any(|l| l.contains(&want)),
+            "tshark should decrypt a CONNECT to {want} with the embedded secrets; got {seen:?}"
+        );
+        // Without the secrets the same tunnel is opaque. Restarting nothing:
+        // the pooled connection is reused, so no handshake is captured, and
+        // no stream may be decoded.
+        let seen = connect_streams("plain", false)?;
+        ensure!(
+            seen.is_empty(),
+            "without --keylog the tunnel must stay opaque; tshark decoded {seen:?}"
+        );
+        Ok(())
+    });
+}

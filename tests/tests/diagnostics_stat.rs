@@ -463,7 +463,20 @@ endpoints = [{{ addr = "{}:8080" }}]
         // BPF links, which `bpftool cgroup detach` cannot remove (the kernel
         // only detaches a link-attached program through its link).
         let links = links_on(node)?;
-        ensure!(links.len() == 5, "links on the node's cgroup: {links:?}");
+        // The five redirect programs (the kernel diagnostics' cgroup_skb
+        // programs sit beside them).
+        for kind in [
+            "cgroup_sock_ops",
+            "cgroup_inet4_getpeername",
+            "cgroup_inet6_getpeername",
+            "cgroup_inet4_connect",
+            "cgroup_inet6_connect",
+        ] {
+            ensure!(
+                links.iter().any(|(_, t)| t == kind),
+                "no {kind} link on the node's cgroup: {links:?}"
+            );
+        }
         let (id, _) = links
             .iter()
             .find(|(_, t)| t == "cgroup_inet4_connect")

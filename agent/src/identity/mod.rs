@@ -39,4 +39,7 @@ mod tls_tests;
 pub use issuer::{CertInfo, Issuer, IssuerError, TrustBundle};
 pub use spiffe::{SpiffeId, SpiffeIdError};
 pub use store::{CertStore, StoreError};
-pub use tls::{TlsConfigError, TlsFailure, client_config, peer_info, server_config};
+pub use tls::{
+    TlsConfigError, TlsFailure, client_config, peer_info, server_config, with_client_key_log,
+    with_server_key_log,
+};

@@ -188,6 +188,39 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
+/// The same client config, giving its session secrets to `key_log` (the
+/// capture's sink, which formats nothing unless an operator runs a capture
+/// with `--keylog`). Separate from [`client_config`] so the TLS policy does
+/// not depend on diagnostics.
+pub fn with_client_key_log(
+    config: Arc<ClientConfig>,
+    key_log: Option<&Arc<dyn rustls::KeyLog>>,
+) -> Arc<ClientConfig> {
+    match key_log {
+        Some(k) => {
+            let mut c = (*config).clone();
+            c.key_log = k.clone();
+            Arc::new(c)
+        }
+        None => config,
+    }
+}
+
+/// The server-side twin of [`with_client_key_log`].
+pub fn with_server_key_log(
+    config: Arc<ServerConfig>,
+    key_log: Option<&Arc<dyn rustls::KeyLog>>,
+) -> Arc<ServerConfig> {
+    match key_log {
+        Some(k) => {
+            let mut c = (*config).clone();
+            c.key_log = k.clone();
+            Arc::new(c)
+        }
+        None => config,
+    }
+}
+
 /// The server name the client config is used with. Verification ignores it
 /// (peers are named by SPIFFE ID, not DNS), and SNI is off.
 pub fn server_name(addr: IpAddr) -> ServerName<'static> {

@@ -22,7 +22,7 @@ use tracing::info;
 
 use super::authz::InboundAuthz;
 use super::upstream::Upstreams;
-use crate::identity::{CertStore, SpiffeId, TrustBundle, server_config};
+use crate::identity::{CertStore, SpiffeId, TrustBundle, server_config, with_server_key_log};
 use crate::tunnel::server::{FAILURES, ServerTls};
 use crate::tunnel::{ServerConfig, ServerStats, TunnelServer};
 
@@ -32,6 +32,7 @@ pub struct Inbound {
     tls: Arc<ServerTls>,
     store: Arc<CertStore>,
     node_identity: SpiffeId,
+    key_log: Option<Arc<dyn rustls::KeyLog>>,
 }
 
 impl Inbound {
@@ -45,10 +46,12 @@ impl Inbound {
         authz: Arc<InboundAuthz>,
         tasks: &TaskTracker,
     ) -> Result<Self> {
-        let tls = ServerTls::new(
+        let key_log = config.key_log.clone();
+        let tls = ServerTls::new(with_server_key_log(
             server_config(store.clone(), node_identity.clone(), bundle)
                 .context("cannot build the inbound TLS configuration")?,
-        );
+            key_log.as_ref(),
+        ));
         let stats = Arc::new(ServerStats::default());
         for addr in listen {
             let listener = bind(*addr)
@@ -68,13 +71,14 @@ impl Inbound {
             tls,
             store,
             node_identity,
+            key_log,
         })
     }
 
     /// Verifies clients against `bundle` from the next handshake on.
     pub fn set_bundle(&self, bundle: &TrustBundle) {
         match server_config(self.store.clone(), self.node_identity.clone(), bundle) {
-            Ok(c) => self.tls.set(c),
+            Ok(c) => self.tls.set(with_server_key_log(c, self.key_log.as_ref())),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot rebuild the inbound TLS configuration; keeping the old trust bundle")
             }

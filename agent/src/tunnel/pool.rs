@@ -34,6 +34,7 @@ use super::{DENY_REASON, ERROR_REASON};
 use crate::identity::tls::server_name;
 use crate::identity::{
     CertStore, SpiffeId, TlsConfigError, TlsFailure, TrustBundle, client_config,
+    with_client_key_log,
 };
 
 #[derive(Debug, Clone)]
@@ -49,6 +50,8 @@ pub struct PoolConfig {
     /// HTTP/2 PING interval: finds a dead peer agent before a stream does.
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
+    /// Where session secrets go (a capture's key log); `None`: nowhere.
+    pub key_log: Option<Arc<dyn rustls::KeyLog>>,
 }
 
 impl Default for PoolConfig {
@@ -62,6 +65,7 @@ impl Default for PoolConfig {
             connection_window: 16 << 20,
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
+            key_log: None,
         }
     }
 }
@@ -398,12 +402,15 @@ impl TunnelPool {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let c = client_config(
-            self.store.clone(),
-            local.clone(),
-            &bundle,
-            Some(expected.clone()),
-        )?;
+        let c = with_client_key_log(
+            client_config(
+                self.store.clone(),
+                local.clone(),
+                &bundle,
+                Some(expected.clone()),
+            )?,
+            self.config.key_log.as_ref(),
+        );
         cache.insert((local.clone(), expected.clone()), c.clone());
         Ok(c)
     }

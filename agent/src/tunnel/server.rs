@@ -41,6 +41,8 @@ pub struct ServerConfig {
     /// throttled by round trips between nodes.
     pub stream_window: u32,
     pub connection_window: u32,
+    /// Where session secrets go (a capture's key log); `None`: nowhere.
+    pub key_log: Option<std::sync::Arc<dyn rustls::KeyLog>>,
 }
 
 impl Default for ServerConfig {
@@ -52,6 +54,7 @@ impl Default for ServerConfig {
             max_header_list_size: 16 * 1024,
             stream_window: 4 << 20,
             connection_window: 16 << 20,
+            key_log: None,
         }
     }
 }
