@@ -176,6 +176,7 @@ fn trace(c: &mut Criterion) {
             addr: "10.1.3.5:8080".parse().unwrap(),
             node: Some("node-b".into()),
             zone: None,
+            identity: None,
             weight: 1,
             ewma: Duration::from_micros(1200),
             in_flight: 0,

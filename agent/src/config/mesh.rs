@@ -337,6 +337,12 @@ pub fn validate(c: &super::Config, problems: &mut Vec<String>) {
                     svc.name
                 ));
             }
+            if let Some(id) = &ep.identity
+                && id.parse::<SpiffeId>().is_ok()
+            {
+                let at = format!("services[{i}] ({}).endpoints[{j}].identity", svc.name);
+                check_id(&at, id, td, problems);
+            }
         }
     }
     for (i, r) in c.authorization.rules.iter().enumerate() {

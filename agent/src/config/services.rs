@@ -182,6 +182,12 @@ pub struct EndpointConfig {
     /// in diagnostics and metrics.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zone: Option<String>,
+    /// The workload identity the endpoint serves as
+    /// (`spiffe://<trust-domain>/ns/<ns>/sa/<sa>`, what an EndpointSlice's
+    /// pod's service account gives), shown in diagnostic traces next to the
+    /// address the balancer chose.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 fn default_endpoint_weight() -> u32 {
@@ -348,6 +354,11 @@ pub fn validate(services: &[ServiceConfig], problems: &mut Vec<String>) {
                     "{at}.endpoints[{j}].weight: {} is above the maximum {MAX_ENDPOINT_WEIGHT}",
                     ep.weight
                 ));
+            }
+            if let Some(id) = &ep.identity
+                && let Err(e) = id.parse::<crate::identity::SpiffeId>()
+            {
+                problems.push(format!("{at}.endpoints[{j}].identity: {e}"));
             }
             if ep.zone.as_deref().is_some_and(|z| z.trim().is_empty()) {
                 problems.push(format!(

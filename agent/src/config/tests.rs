@@ -319,4 +319,18 @@ fn endpoint_weight_and_zone() {
         "{e}"
     );
     assert!(e.contains("endpoints[1].zone: must not be empty"), "{e}");
+
+    let e = Config::from_toml(&svc(r#"{ addr = "10.1.0.2:80", identity = "web" }"#), "t")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("endpoints[0].identity:"), "{e}");
+    let c = Config::from_toml(
+        &svc(r#"{ addr = "10.1.0.2:80", identity = "spiffe://cluster.local/ns/a/sa/b" }"#),
+        "t",
+    )
+    .unwrap();
+    assert_eq!(
+        c.services[0].endpoints[0].identity.as_deref(),
+        Some("spiffe://cluster.local/ns/a/sa/b")
+    );
 }

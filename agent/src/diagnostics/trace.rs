@@ -58,6 +58,8 @@ pub struct Selected {
     pub addr: SocketAddr,
     pub node: Option<String>,
     pub zone: Option<String>,
+    /// The endpoint's declared workload identity.
+    pub identity: Option<String>,
     /// Shown only when it is not the default 1.
     pub weight: u32,
     pub ewma: Duration,
@@ -142,6 +144,11 @@ impl Context {
                     .as_deref()
                     .map(|z| format!(", zone {z}"))
                     .unwrap_or_default();
+                let identity = s
+                    .identity
+                    .as_deref()
+                    .map(|i| format!(", identity {i}"))
+                    .unwrap_or_default();
                 let weight = if s.weight == 1 {
                     String::new()
                 } else {
@@ -149,7 +156,7 @@ impl Context {
                 };
                 let _ = writeln!(
                     b,
-                    "selected address: {} ({node}{zone}{weight}, ewma {}, {} in flight)",
+                    "selected address: {} ({node}{zone}{identity}{weight}, ewma {}, {} in flight)",
                     s.addr,
                     ms(s.ewma),
                     s.in_flight
@@ -237,6 +244,7 @@ mod tests {
                 addr: "10.1.3.7:8080".parse().unwrap(),
                 node: Some("node-b".into()),
                 zone: None,
+                identity: None,
                 weight: 1,
                 ewma: Duration::from_micros(1200),
                 in_flight: 0,
@@ -280,10 +288,11 @@ mod tests {
         let mut c = sample();
         if let Some(s) = c.selected.as_mut() {
             s.zone = Some("zone-b".into());
+            s.identity = Some("spiffe://cluster.local/ns/default/sa/hello".into());
             s.weight = 3;
         }
         assert!(c.render_block().contains(
-            "selected address: 10.1.3.7:8080 (node-b, zone zone-b, weight 3, ewma 1.20 ms, 0 in flight)\n"
+            "selected address: 10.1.3.7:8080 (node-b, zone zone-b, identity spiffe://cluster.local/ns/default/sa/hello, weight 3, ewma 1.20 ms, 0 in flight)\n"
         ));
     }
 

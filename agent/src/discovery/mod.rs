@@ -44,6 +44,7 @@ pub struct Endpoint {
     pub node: Option<String>,
     pub weight: u32,
     pub zone: Option<String>,
+    pub identity: Option<String>,
 }
 
 /// Retries of one route.
@@ -188,6 +189,7 @@ fn build_service(
                 node: e.node.clone(),
                 weight: e.weight,
                 zone: e.zone.clone(),
+                identity: e.identity.clone(),
             };
             // Same address, same endpoint: its estimate and ejection
             // survive a change of weight, zone or node.

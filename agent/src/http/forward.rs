@@ -278,6 +278,7 @@ impl HttpProxy {
                     addr,
                     node: pick.endpoint().node.clone(),
                     zone: pick.endpoint().zone.clone(),
+                    identity: pick.endpoint().identity.clone(),
                     weight: pick.endpoint().weight,
                     ewma: pick.stats().ewma(now),
                     in_flight: pick.stats().in_flight().saturating_sub(1),
