@@ -1,0 +1,119 @@
+//! End-to-end test of the tunnel pool surviving a peer agent's restart: the
+//! pooled HTTP/2-over-TLS connection to node 1's agent dies with it, the
+//! requests sent while it is down get the proxy's own attributable error
+//! (not a hang, not an application error), and once it is back new requests
+//! go through a fresh tunnel connection. Real agents with `.mtls(true)`,
+//! python3 server, curl client.
+
+// Children spawned through a world are reaped by the world when it shuts down.
+#![allow(clippy::zombie_processes)]
+
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use nix::sys::signal::Signal;
+use waymark_tests::{
+    Pod, Server, World, eventually, metric, pod_ip, python, require_agent_or_skip, with_world,
+    world_name,
+};
+
+const APP: &str = r#"
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a):
+        pass
+    def do_GET(self):
+        body = ("ok %s\n" % self.path).encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+srv = http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), H)
+print("listening", sys.argv[1], flush=True)
+srv.serve_forever()
+"#;
+
+const VIP: &str = "10.96.0.50:80";
+
+fn app(pod: &Pod) -> Result<Server> {
+    pod.serve(python().args(["-c", APP, "8080"]))
+}
+
+/// One GET from `pod`: (status, headers and body).
+fn get(pod: &Pod, path: &str) -> Result<(u16, String)> {
+    let out = pod.run_ok(
+        Command::new("curl")
+            .args(["-sS", "-i", "--noproxy", "*", "--max-time", "10"])
+            .args(["-w", "\n%{http_code}"])
+            .arg(format!("http://{VIP}{path}")),
+    )?;
+    let (text, code) = out.rsplit_once('\n').unwrap_or(("", out.as_str()));
+    Ok((code.trim().parse().unwrap_or(0), text.to_string()))
+}
+
+#[test]
+fn a_peer_agent_restart_is_survived_by_new_requests() {
+    require_agent_or_skip!();
+    let services = format!(
+        r#"
+[[services]]
+name = "web"
+addresses = ["{VIP}"]
+protocol = "http1"
+endpoints = [ {{ addr = "{}:8080", node = "node1" }} ]
+"#,
+        pod_ip(1, 0)
+    );
+    let b = World::builder(world_name!())
+        .pods_per_node(1)
+        .mtls(true)
+        .agent_config_extra(services);
+    with_world(b, |world| {
+        let (n0, n1, client) = (world.node(0), world.node(1), world.pod(0, 0));
+        let _app = app(world.pod(1, 0))?;
+        let opened = || {
+            metric(
+                n0,
+                "waymark_tunnel_connections_total",
+                &[("direction", "outbound")],
+            )
+        };
+
+        let (code, text) = get(client, "/before")?;
+        ensure!(code == 200 && text.contains("ok /before"), "{code} {text}");
+        let first = opened()?;
+        ensure!(first >= 1.0, "no tunnel connection was opened: {first}");
+
+        // The peer agent goes away: its pods are still there, but nothing
+        // answers on its tunnel port. The client gets the proxy's 502/503,
+        // named as such, promptly.
+        let status = n1.stop_agent(Signal::SIGTERM)?;
+        ensure!(status.success(), "node1's agent exited with {status}");
+        let (code, text) = get(client, "/during")?;
+        ensure!(
+            (code == 502 || code == 503) && text.to_lowercase().contains("l5d-proxy-error"),
+            "with the peer agent down, expected the proxy's own error: {code} {text}"
+        );
+
+        // Back again: the dead pooled connection is replaced.
+        n1.start_agent().context("restarting node1's agent")?;
+        eventually(Duration::from_secs(20), || {
+            let (code, text) = get(client, "/after")?;
+            ensure!(code == 200 && text.contains("ok /after"), "{code} {text}");
+            Ok(())
+        })
+        .context("requests after the peer agent came back")?;
+        for i in 0..20 {
+            let (code, text) = get(client, &format!("/again-{i}"))?;
+            ensure!(code == 200, "request {i} after the restart: {code} {text}");
+        }
+        let now = opened()?;
+        ensure!(
+            now > first,
+            "a new tunnel connection must have been opened after the restart ({first} -> {now})"
+        );
+        Ok(())
+    });
+}
