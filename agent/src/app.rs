@@ -188,6 +188,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         discovery: discovery.clone(),
         pool: pool.clone(),
         retry_buffer: config.proxy.retry_buffer_bytes,
+        kernel: kernel.clone(),
     });
     let outbound = Arc::new(Outbound {
         original_dst: Arc::new(KernelOriginalDst(redirect.clone())),

@@ -49,6 +49,8 @@ pub struct HttpProxy {
     pub discovery: Arc<Discovery>,
     pub pool: Arc<Pool>,
     pub retry_buffer: usize,
+    /// What the kernel saw on upstream connections, for diagnostic traces.
+    pub kernel: Option<Arc<crate::diagnostics::kernel::KernelDiag>>,
 }
 
 /// How one attempt ended.
@@ -177,6 +179,7 @@ impl HttpProxy {
             let resp = match (trace_mode, context) {
                 (Some(mode), Some(mut c)) => {
                     c.duration = start.elapsed();
+                    c.kernel = self.kernel_line(c.upstream);
                     add_context(resp, mode, &c).await
                 }
                 _ => resp,
@@ -266,9 +269,15 @@ impl HttpProxy {
                 (Some(p), Some(r)) => Some(p.min(r)),
                 (p, r) => p.or(r),
             };
+            let mut local = None;
             let outcome = match limit {
                 Some(limit) => {
-                    match tokio::time::timeout(limit, self.attempt(addr, version, upstream)).await {
+                    match tokio::time::timeout(
+                        limit,
+                        self.attempt(addr, version, upstream, &mut local),
+                    )
+                    .await
+                    {
                         Ok(o) => o,
                         Err(_) => Attempt::Failed {
                             error: ProxyError::Timeout,
@@ -277,8 +286,11 @@ impl HttpProxy {
                         },
                     }
                 }
-                None => self.attempt(addr, version, upstream).await,
+                None => self.attempt(addr, version, upstream, &mut local).await,
             };
+            if let (Some(t), Some(l)) = (trace.as_deref_mut(), local) {
+                t.upstream = Some((l, addr));
+            }
             let elapsed = now.elapsed();
             let (observed, result) = match outcome {
                 Attempt::Response(resp) => {
@@ -384,15 +396,36 @@ impl HttpProxy {
         }
     }
 
-    /// One try against one endpoint.
+    /// What the kernel counted on the upstream connection (local, peer).
+    fn kernel_line(&self, upstream: Option<(SocketAddr, SocketAddr)>) -> Option<trace::KernelFlow> {
+        let (local, peer) = upstream?;
+        let counters = self
+            .kernel
+            .as_ref()?
+            .flow_counters(local, peer)
+            .unwrap_or_default();
+        Some(trace::KernelFlow {
+            local,
+            peer,
+            drops: counters.drops,
+            retransmits: counters.retransmits,
+        })
+    }
+
+    /// One try against one endpoint; `local` gets the local address of the
+    /// connection it used.
     async fn attempt(
         &self,
         addr: SocketAddr,
         version: Version,
         req: Request<ProxyBody>,
+        local: &mut Option<SocketAddr>,
     ) -> Attempt {
         let conn = match self.pool.checkout(addr, version).await {
-            Ok(c) => c,
+            Ok(c) => {
+                *local = c.local();
+                c
+            }
             Err(e) => {
                 let observed = match e {
                     ConnectError::Handshake { .. } => Outcome::Reset,
@@ -425,7 +458,10 @@ impl HttpProxy {
         let start = Instant::now();
         let (parts, body) = req.into_parts();
         let upstream = upstream_request(&parts, incoming(body), ctx.version);
-        let resp = match self.attempt(ctx.dst, ctx.version, upstream).await {
+        let resp = match self
+            .attempt(ctx.dst, ctx.version, upstream, &mut None)
+            .await
+        {
             Attempt::Response(resp) => finish(resp),
             Attempt::Failed { error, detail, .. } => {
                 self.error(error, &ctx.dst.to_string(), Some(&detail), grpc)
@@ -448,7 +484,10 @@ impl HttpProxy {
         let mut upstream = Request::from_parts(parts.clone(), incoming(body));
         *upstream.uri_mut() = origin_form(&parts.uri);
         strip_hop_by_hop(upstream.headers_mut(), true);
-        let mut resp = match self.attempt(addr, Version::Http1, upstream).await {
+        let mut resp = match self
+            .attempt(addr, Version::Http1, upstream, &mut None)
+            .await
+        {
             Attempt::Response(r) => r,
             Attempt::Failed { error, detail, .. } => {
                 return self.error(error, &backend.name, Some(&detail), false);
