@@ -193,6 +193,16 @@ fn trace(c: &mut Criterion) {
         ],
         duration: Duration::from_millis(3),
         peer_identity: None,
+        upstream: Some((
+            "10.0.0.1:40512".parse().unwrap(),
+            "10.1.3.5:8080".parse().unwrap(),
+        )),
+        kernel: Some(waymark_agent::diagnostics::trace::KernelFlow {
+            local: "10.0.0.1:40512".parse().unwrap(),
+            peer: "10.1.3.5:8080".parse().unwrap(),
+            drops: 0,
+            retransmits: 1,
+        }),
     };
     let mut g = c.benchmark_group("trace");
     g.bench_function("render_block", |b| {

@@ -315,6 +315,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         pool: pool.clone(),
         retry_buffer: config.proxy.retry_buffer_bytes,
         tap,
+        kernel: kernel.clone(),
     });
     let outbound = Arc::new(Outbound {
         original_dst: Arc::new(KernelOriginalDst(redirect.clone())),

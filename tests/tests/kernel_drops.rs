@@ -15,8 +15,8 @@ use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use waymark_tests::world::agent::waymark_bin;
 use waymark_tests::{
-    DEFAULT_PATIENCE, Node, Pod, World, eventually, metric, require_agent_or_skip, testpeer,
-    with_world, world_name,
+    DEFAULT_PATIENCE, Node, Pod, World, eventually, metric, pod_ip, python, require_agent_or_skip,
+    testpeer, with_world, world_name,
 };
 
 const DROPS: &str = "waymark_kernel_drops_total";
@@ -320,4 +320,75 @@ fn bytes_per_pod_match_a_known_transfer() {
             Ok(())
         },
     );
+}
+
+/// An HTTP/1.1 server that answers TRACE (and GET) with 200 and the path.
+const TRACE_APP: &str = r#"
+import http.server, socketserver
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a):
+        pass
+    def answer(self):
+        body = ("ok %s\n" % self.path).encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    do_GET = do_TRACE = answer
+class S(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+srv = S(("0.0.0.0", 8080), H)
+print("listening 0.0.0.0:8080", flush=True)
+srv.serve_forever()
+"#;
+
+#[test]
+fn a_trace_shows_the_kernel_counts_of_its_upstream_flow() {
+    require_agent_or_skip!();
+    let services = format!(
+        "[[services]]\nname = \"web\"\naddresses = [\"10.96.0.10:80\"]\nendpoints = [{{ addr = \"{}:8080\" }}]\n",
+        pod_ip(1, 0)
+    );
+    let b = World::builder(world_name!())
+        .nodes(2)
+        .pods_per_node(1)
+        .agent_config_extra(services);
+    with_world(b, |world| {
+        let (client_pod, server) = (world.pod(0, 0), world.pod(1, 0));
+        let _app = server.serve(python().args(["-u", "-c", TRACE_APP]))?;
+        // Every other packet with data that reaches the server is dropped,
+        // the first one included: the agent's upstream socket has to
+        // retransmit the request.
+        nft_in(
+            server,
+            &[
+                "add table inet wmtest;",
+                "add chain inet wmtest in { type filter hook input priority 0; policy accept; };",
+                "add rule inet wmtest in tcp dport 8080 meta length > 100 numgen inc mod 2 == 0 counter drop",
+            ],
+        )?;
+        let out = client_pod.run_ok(Command::new("curl").args([
+            "-sS",
+            "-m",
+            "20",
+            "-X",
+            "TRACE",
+            "-H",
+            "l5d-add-context: true",
+            "http://10.96.0.10/x",
+        ]))?;
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("kernel: "))
+            .with_context(|| format!("no kernel line in the trace:\n{out}"))?;
+        // "kernel: 0 drops, 1 retransmits on 10.0.0.1:40000→10.2.0.2:8080"
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let retransmits: u64 = words.get(3).and_then(|w| w.parse().ok()).unwrap_or(0);
+        ensure!(retransmits >= 1, "the request was retransmitted: {line}");
+        let endpoint = format!("\u{2192}{}:8080", server.ip());
+        ensure!(line.ends_with(&endpoint), "{line}");
+        Ok(())
+    });
 }

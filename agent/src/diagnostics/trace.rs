@@ -86,6 +86,19 @@ pub struct Context {
     /// The identity of the peer agent the request went to through the mTLS
     /// tunnel (verified in the handshake); `None` for plaintext.
     pub peer_identity: Option<String>,
+    /// The upstream connection of the last attempt: (local, peer).
+    pub upstream: Option<(SocketAddr, SocketAddr)>,
+    /// What this node's kernel counted on that connection.
+    pub kernel: Option<KernelFlow>,
+}
+
+/// The kernel's counters of one upstream connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelFlow {
+    pub local: SocketAddr,
+    pub peer: SocketAddr,
+    pub drops: u64,
+    pub retransmits: u64,
 }
 
 impl Context {
@@ -182,6 +195,13 @@ impl Context {
             "peer identity: {}",
             self.peer_identity.as_deref().unwrap_or("none (plaintext)")
         );
+        if let Some(k) = &self.kernel {
+            let _ = writeln!(
+                b,
+                "kernel: {} drops, {} retransmits on {}\u{2192}{}",
+                k.drops, k.retransmits, k.local, k.peer
+            );
+        }
         b
     }
 
@@ -208,6 +228,13 @@ impl Context {
         let _ = write!(h, "; retries={}", self.attempts.len().saturating_sub(1));
         if let Some(id) = &self.peer_identity {
             let _ = write!(h, "; peer_identity={id}");
+        }
+        if let Some(k) = &self.kernel {
+            let _ = write!(
+                h,
+                "; kernel_drops={}; kernel_retransmits={}",
+                k.drops, k.retransmits
+            );
         }
         h
     }
@@ -261,7 +288,31 @@ mod tests {
             ],
             duration: Duration::from_millis(3),
             peer_identity: None,
+            upstream: None,
+            kernel: None,
         }
+    }
+
+    #[test]
+    fn the_kernel_line_names_the_upstream_flow() {
+        let mut c = sample();
+        c.kernel = Some(KernelFlow {
+            local: "10.1.0.1:43122".parse().unwrap(),
+            peer: "10.2.0.2:8080".parse().unwrap(),
+            drops: 0,
+            retransmits: 3,
+        });
+        let block = c.render_block();
+        assert!(
+            block.ends_with(
+                "peer identity: none (plaintext)\nkernel: 0 drops, 3 retransmits on 10.1.0.1:43122\u{2192}10.2.0.2:8080\n"
+            ),
+            "{block}"
+        );
+        assert!(
+            c.render_header()
+                .ends_with("; kernel_drops=0; kernel_retransmits=3")
+        );
     }
 
     #[test]

@@ -62,6 +62,8 @@ pub struct HttpProxy {
     pub pool: Arc<Pool>,
     pub retry_buffer: usize,
     pub tap: Arc<tap::TapHub>,
+    /// What the kernel saw on upstream connections, for diagnostic traces.
+    pub kernel: Option<Arc<crate::diagnostics::kernel::KernelDiag>>,
 }
 
 /// How one attempt ended.
@@ -200,6 +202,7 @@ impl HttpProxy {
             let resp = match (trace_mode, context) {
                 (Some(mode), Some(mut c)) => {
                     c.duration = start.elapsed();
+                    c.kernel = self.kernel_line(c.upstream);
                     add_context(resp, mode, &c).await
                 }
                 _ => resp,
@@ -296,10 +299,14 @@ impl HttpProxy {
                 (p, r) => p.or(r),
             };
             let key = Key { addr, path };
+            let mut local = None;
             let outcome = match limit {
                 Some(limit) => {
-                    match tokio::time::timeout(limit, self.attempt(ctx, &key, version, upstream))
-                        .await
+                    match tokio::time::timeout(
+                        limit,
+                        self.attempt(ctx, &key, version, upstream, &mut local),
+                    )
+                    .await
                     {
                         Ok(o) => o,
                         Err(_) => Attempt::Failed {
@@ -309,8 +316,11 @@ impl HttpProxy {
                         },
                     }
                 }
-                None => self.attempt(ctx, &key, version, upstream).await,
+                None => self.attempt(ctx, &key, version, upstream, &mut local).await,
             };
+            if let (Some(t), Some(l)) = (trace.as_deref_mut(), local) {
+                t.upstream = Some((l, addr));
+            }
             let elapsed = now.elapsed();
             let (observed, result) = match outcome {
                 Attempt::Response(resp) => {
@@ -430,13 +440,31 @@ impl HttpProxy {
         }
     }
 
-    /// One try against one endpoint, along `key.path`.
+    /// What the kernel counted on the upstream connection (local, peer).
+    fn kernel_line(&self, upstream: Option<(SocketAddr, SocketAddr)>) -> Option<trace::KernelFlow> {
+        let (local, peer) = upstream?;
+        let counters = self
+            .kernel
+            .as_ref()?
+            .flow_counters(local, peer)
+            .unwrap_or_default();
+        Some(trace::KernelFlow {
+            local,
+            peer,
+            drops: counters.drops,
+            retransmits: counters.retransmits,
+        })
+    }
+
+    /// One try against one endpoint, along `key.path`; `local` gets the
+    /// local address of the connection it used (none through the tunnel).
     async fn attempt(
         &self,
         ctx: &ConnCtx,
         key: &Key,
         version: Version,
         req: Request<ProxyBody>,
+        local: &mut Option<SocketAddr>,
     ) -> Attempt {
         let addr = key.addr;
         let headers = || ConnectHeaders {
@@ -451,7 +479,10 @@ impl HttpProxy {
             ),
         };
         let conn = match self.pool.checkout(key, version, headers).await {
-            Ok(c) => c,
+            Ok(c) => {
+                *local = c.local();
+                c
+            }
             Err(e) => {
                 let (error, observed) = match &e {
                     ConnectError::Handshake { .. } => (ProxyError::ConnectFailed, Outcome::Reset),
@@ -498,7 +529,10 @@ impl HttpProxy {
             addr: ctx.dst,
             path: self.pool.upstreams().path(ctx.identity.as_ref(), None),
         };
-        let mut resp = match self.attempt(ctx, &key, ctx.version, upstream).await {
+        let mut resp = match self
+            .attempt(ctx, &key, ctx.version, upstream, &mut None)
+            .await
+        {
             Attempt::Response(resp) => finish(resp),
             Attempt::Failed { error, detail, .. } => {
                 self.error(error, &ctx.dst.to_string(), Some(&detail), grpc)
@@ -535,7 +569,10 @@ impl HttpProxy {
         let mut upstream = Request::from_parts(parts.clone(), incoming(body));
         *upstream.uri_mut() = origin_form(&parts.uri);
         strip_hop_by_hop(upstream.headers_mut(), true);
-        let mut resp = match self.attempt(ctx, &key, Version::Http1, upstream).await {
+        let mut resp = match self
+            .attempt(ctx, &key, Version::Http1, upstream, &mut None)
+            .await
+        {
             Attempt::Response(r) => r,
             Attempt::Failed { error, detail, .. } => {
                 let mut resp = self.error(error, &backend.name, Some(&detail), false);

@@ -20,7 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tracing::debug;
 
 use super::body::ProxyBody;
-use crate::proxy::upstream::{Path, UpstreamError, Upstreams};
+use crate::proxy::upstream::{Path, UpstreamError, UpstreamIo, Upstreams};
 use crate::tunnel::ConnectHeaders;
 
 /// Idle HTTP/1.1 connections kept per endpoint.
@@ -45,16 +45,26 @@ pub enum ConnectError {
     },
 }
 
-/// A checked-out upstream connection.
+/// A checked-out upstream connection, with its local address (the kernel
+/// diagnostics look its flow up by it).
 pub enum Conn {
-    H1(http1::SendRequest<ProxyBody>),
-    H2(http2::SendRequest<ProxyBody>),
+    H1(http1::SendRequest<ProxyBody>, Option<SocketAddr>),
+    H2(http2::SendRequest<ProxyBody>, Option<SocketAddr>),
+}
+
+impl Conn {
+    /// The local address of the upstream socket.
+    pub fn local(&self) -> Option<SocketAddr> {
+        match self {
+            Conn::H1(_, local) | Conn::H2(_, local) => *local,
+        }
+    }
 }
 
 #[derive(Default)]
 struct Idle {
-    h1: Vec<http1::SendRequest<ProxyBody>>,
-    h2: Option<http2::SendRequest<ProxyBody>>,
+    h1: Vec<(http1::SendRequest<ProxyBody>, Option<SocketAddr>)>,
+    h2: Option<(http2::SendRequest<ProxyBody>, Option<SocketAddr>)>,
 }
 
 /// Connections are shared only by requests that take the same path to the
@@ -102,17 +112,18 @@ impl Pool {
         let entry = idle.get_mut(key)?;
         match version {
             Version::Http2 => {
-                let tx = entry.h2.as_ref()?;
+                let (tx, local) = entry.h2.as_ref()?;
                 if tx.is_closed() {
                     entry.h2 = None;
                     return None;
                 }
-                Some(Conn::H2(tx.clone()))
+                Some(Conn::H2(tx.clone(), *local))
             }
             Version::Http1 => {
-                entry.h1.retain(|tx| !tx.is_closed());
-                let i = entry.h1.iter().position(|tx| tx.is_ready())?;
-                Some(Conn::H1(entry.h1.swap_remove(i)))
+                entry.h1.retain(|(tx, _)| !tx.is_closed());
+                let i = entry.h1.iter().position(|(tx, _)| tx.is_ready())?;
+                let (tx, local) = entry.h1.swap_remove(i);
+                Some(Conn::H1(tx, local))
             }
         }
     }
@@ -125,6 +136,13 @@ impl Pool {
     ) -> Result<Conn, ConnectError> {
         let addr = key.addr;
         let stream = self.upstreams.connect(&key.path, addr, headers).await?;
+        // The kernel's per-flow counters are keyed by the TCP connection;
+        // a tunnel stream shares its connection with others (and goes to
+        // the peer agent), so it has none of its own.
+        let local = match &stream {
+            UpstreamIo::Tcp(s) => s.local_addr().ok(),
+            UpstreamIo::Tunnel(_) => None,
+        };
         let io = TokioIo::new(stream);
         match version {
             Version::Http1 => {
@@ -137,7 +155,7 @@ impl Pool {
                         debug!(%addr, error = %e, "upstream HTTP/1 connection ended with an error");
                     }
                 });
-                Ok(Conn::H1(tx))
+                Ok(Conn::H1(tx, local))
             }
             Version::Http2 => {
                 let (tx, conn) = http2::Builder::new(TokioExecutor::new())
@@ -155,10 +173,12 @@ impl Pool {
                 let entry = idle.entry(key.clone()).or_default();
                 // Another request may have connected meanwhile; keep one.
                 match &entry.h2 {
-                    Some(existing) if !existing.is_closed() => Ok(Conn::H2(existing.clone())),
+                    Some((existing, existing_local)) if !existing.is_closed() => {
+                        Ok(Conn::H2(existing.clone(), *existing_local))
+                    }
                     _ => {
-                        entry.h2 = Some(tx.clone());
-                        Ok(Conn::H2(tx))
+                        entry.h2 = Some((tx.clone(), local));
+                        Ok(Conn::H2(tx, local))
                     }
                 }
             }
@@ -174,11 +194,11 @@ impl Pool {
         req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, hyper::Error> {
         match conn {
-            Conn::H2(mut tx) => {
+            Conn::H2(mut tx, _) => {
                 tx.ready().await?;
                 tx.send_request(req).await
             }
-            Conn::H1(mut tx) => {
+            Conn::H1(mut tx, local) => {
                 tx.ready().await?;
                 let resp = tx.send_request(req).await?;
                 // An upgraded connection belongs to the upgrade now.
@@ -186,7 +206,7 @@ impl Pool {
                     let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
                     let entry = idle.entry(key.clone()).or_default();
                     if entry.h1.len() < MAX_IDLE_H1 {
-                        entry.h1.push(tx);
+                        entry.h1.push((tx, local));
                     }
                 }
                 Ok(resp)

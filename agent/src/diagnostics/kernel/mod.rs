@@ -366,10 +366,6 @@ impl KernelDiag {
     /// What the kernel counted on one TCP connection, seen from either end:
     /// `local` and `peer` as the caller's socket has them. `None` when the
     /// kernel saw nothing notable on it (no entry in the flow map).
-    #[allow(
-        dead_code,
-        reason = "the L7 join (diagnostic trace) asks for it once pooled connections know their local address"
-    )]
     pub fn flow_counters(&self, local: SocketAddr, peer: SocketAddr) -> Option<FlowCounters> {
         let forward = snapshot::flow_key(local, peer);
         let backward = snapshot::flow_key(peer, local);
