@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use waymark_tests::{
-    Node, Pod, Server, World, await_metric, eventually, metric, pod_ip, python,
+    DEFAULT_PATIENCE, Node, Pod, Server, World, await_metric, eventually, metric, pod_ip, python,
     require_agent_or_skip, testpeer, with_world, world_name,
 };
 
@@ -671,7 +671,16 @@ fn trace_from_a_pod_shows_the_hop_block() {
             "{out}"
         );
         assert!(out.contains(&pod_ip(0, 0)), "{out}");
-        assert!(server.lines().iter().any(|l| l == "req TRACE /hello 200"));
+        // The server's output is read by another thread: give it a moment.
+        eventually(DEFAULT_PATIENCE, || {
+            ensure!(
+                server.lines().iter().any(|l| l == "req TRACE /hello 200"),
+                "the server did not log the traced request: {:?}",
+                server.lines()
+            );
+            Ok(())
+        })
+        .unwrap();
 
         // Another method: the hop's context comes back as a header.
         let out = node.run_ok(waymark().args([

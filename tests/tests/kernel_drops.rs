@@ -369,6 +369,22 @@ fn a_trace_shows_the_kernel_counts_of_its_upstream_flow() {
                 "add rule inet wmtest in tcp dport 8080 meta length > 100 numgen inc mod 2 == 0 counter drop",
             ],
         )?;
+        // A tap of the same request reports the same flow's counters in its
+        // `end` event.
+        let node = world.node(0);
+        let mut tap = node.spawn(
+            Command::new(waymark_bin()?)
+                .args(["tap", "--max", "1", "-o", "json"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null()),
+        )?;
+        let tap_out = tap.stdout.take().context("no tap stdout")?;
+        eventually(DEFAULT_PATIENCE, || {
+            let open = metric(node, "waymark_tap_streams", &[])?;
+            ensure!(open == 1.0, "tap streams open: {open}");
+            Ok(())
+        })?;
         let out = client_pod.run_ok(Command::new("curl").args([
             "-sS",
             "-m",
@@ -389,6 +405,20 @@ fn a_trace_shows_the_kernel_counts_of_its_upstream_flow() {
         ensure!(retransmits >= 1, "the request was retransmitted: {line}");
         let endpoint = format!("\u{2192}{}:8080", server.ip());
         ensure!(line.ends_with(&endpoint), "{line}");
+
+        let end = BufReader::new(tap_out)
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| serde_json::from_str::<Value>(&l).ok())
+            .find(|e| e["type"] == "end")
+            .context("the tap ended without an end event")?;
+        let kernel = &end["kernel"];
+        ensure!(
+            kernel["retransmits"].as_u64().unwrap_or(0) >= 1
+                && kernel["peer"] == format!("{}:8080", server.ip()),
+            "the tap's end event must carry the upstream flow's kernel counters: {end}"
+        );
+        let _ = tap.wait();
         Ok(())
     });
 }

@@ -318,8 +318,11 @@ impl HttpProxy {
                 }
                 None => self.attempt(ctx, &key, version, upstream, &mut local).await,
             };
-            if let (Some(t), Some(l)) = (trace.as_deref_mut(), local) {
-                t.upstream = Some((l, addr));
+            if let Some(l) = local {
+                tap::upstream_connection(&parts.extensions, l, addr, self.kernel.as_ref());
+                if let Some(t) = trace.as_deref_mut() {
+                    t.upstream = Some((l, addr));
+                }
             }
             let elapsed = now.elapsed();
             let (observed, result) = match outcome {

@@ -72,6 +72,46 @@ const CHANNEL: usize = 16;
 /// Buffered pcapng that is sent on even in the middle of a batch.
 const FLUSH_BYTES: usize = 256 * 1024;
 
+/// In a key-log capture, how long packets wait before they are written.
+/// A secret is logged when rustls derives it, which for the peer's first
+/// encrypted records (in the same segment as its ServerHello) is *after*
+/// the packet reached this socket; holding packets briefly puts every
+/// secret in the file before the records it decrypts, as a one-pass reader
+/// (`waymark capture -w - | tshark -r -`) needs.
+const KEYLOG_HOLD: Duration = Duration::from_millis(200);
+/// At most this many bytes of packets are held; beyond it they go out at
+/// once (a bulk transfer's records need no new secrets anyway).
+const KEYLOG_HOLD_BYTES: usize = 4 << 20;
+
+/// A packet waiting for the secrets that may still come for it.
+struct Held {
+    at: Instant,
+    iface: u32,
+    timestamp: Duration,
+    data: Vec<u8>,
+    original_len: u32,
+    direction: Direction,
+}
+
+/// Writes the held packets that arrived before `until`, after the secrets
+/// logged so far.
+fn release_held(
+    out: &mut PcapNg,
+    held: &mut std::collections::VecDeque<Held>,
+    secrets: &KeyLogSubscription,
+    until: Instant,
+) -> Result<(), String> {
+    out.tls_secrets(&secrets.drain())
+        .map_err(|e| e.to_string())?;
+    while held.front().is_some_and(|h| h.at <= until) {
+        if let Some(h) = held.pop_front() {
+            out.packet(h.iface, h.timestamp, &h.data, h.original_len, h.direction)
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(())
+}
+
 /// Where a capture looks.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Target {
@@ -636,6 +676,8 @@ fn run(
     let mut interfaces: std::collections::HashMap<i32, Option<u32>> = Default::default();
     let mut packets = 0u64;
     let mut kernel_drops = 0u64;
+    let mut held = std::collections::VecDeque::new();
+    let mut held_bytes = 0usize;
     let reason = 'capture: loop {
         // The header goes out at once, so the client sees a capture start.
         if let Err(r) = send(&tx, out.take(), deadline, stopping) {
@@ -651,12 +693,23 @@ fn run(
         if tx.is_closed() {
             break StopReason::ClientGone;
         }
-        if let Some(s) = &secrets
-            && let Err(e) = out.tls_secrets(&s.drain())
-        {
-            break StopReason::Error(e.to_string());
+        if let Some(s) = &secrets {
+            if let Err(e) = release_held(
+                &mut out,
+                &mut held,
+                s,
+                now.checked_sub(KEYLOG_HOLD).unwrap_or(now),
+            ) {
+                break StopReason::Error(e);
+            }
+            held_bytes = held.iter().map(|h| h.data.len()).sum();
         }
-        match socket.wait(TICK.min(deadline - now)) {
+        let tick = if held.is_empty() {
+            TICK
+        } else {
+            KEYLOG_HOLD / 4
+        };
+        match socket.wait(tick.min(deadline - now)) {
             Ok(_) => {}
             Err(e) => break StopReason::Error(format!("poll: {e}")),
         }
@@ -670,14 +723,6 @@ fn run(
             // Loopback shows every packet twice (sent, then received).
             if p.hatype == libc::ARPHRD_LOOPBACK && p.pkttype == libc::PACKET_OUTGOING {
                 continue;
-            }
-            // A secret is logged before the records it protects are sent,
-            // so draining here puts it in the file before them (Wireshark
-            // reads the file in order).
-            if let Some(s) = &secrets
-                && let Err(e) = out.tls_secrets(&s.drain())
-            {
-                break 'capture StopReason::Error(e.to_string());
             }
             let iface = match interfaces.get(&p.ifindex) {
                 Some(i) => *i,
@@ -701,7 +746,24 @@ fn run(
             } else {
                 Direction::Inbound
             };
-            if let Err(e) = out.packet(iface, p.timestamp, p.data, p.original_len, direction) {
+            if let Some(s) = &secrets {
+                held_bytes += p.data.len();
+                held.push_back(Held {
+                    at: Instant::now(),
+                    iface,
+                    timestamp: p.timestamp,
+                    data: p.data.to_vec(),
+                    original_len: p.original_len,
+                    direction,
+                });
+                if held_bytes > KEYLOG_HOLD_BYTES {
+                    if let Err(e) = release_held(&mut out, &mut held, s, Instant::now()) {
+                        break 'capture StopReason::Error(e);
+                    }
+                    held_bytes = 0;
+                }
+            } else if let Err(e) = out.packet(iface, p.timestamp, p.data, p.original_len, direction)
+            {
                 break 'capture StopReason::Error(e.to_string());
             }
             packets += 1;
@@ -723,7 +785,9 @@ fn run(
     let bytes_before_trailer = out.written();
     if reason != StopReason::ClientGone {
         if let Some(s) = &secrets {
-            let _ = out.tls_secrets(&s.drain());
+            // The last secrets have had their chance: everything goes out.
+            std::thread::sleep(KEYLOG_HOLD.min(Duration::from_millis(50)));
+            let _ = release_held(&mut out, &mut held, s, Instant::now());
         }
         let comment = format!(
             "{STOP_COMMENT_PREFIX}{reason} ({packets} packets, {bytes_before_trailer} bytes, {kernel_drops} dropped by the kernel, {:.1}s)",

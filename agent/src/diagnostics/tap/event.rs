@@ -58,6 +58,15 @@ pub struct Header {
     pub value: String,
 }
 
+/// The kernel's counters of one upstream TCP connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelFlow {
+    pub local: SocketAddr,
+    pub peer: SocketAddr,
+    pub drops: u64,
+    pub retransmits: u64,
+}
+
 /// One line of a tap stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -99,6 +108,10 @@ pub enum Event {
         /// how the response body ended badly.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<String>,
+        /// What this node's kernel counted on the upstream connection of
+        /// the last attempt (when the kernel diagnostics run).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        kernel: Option<KernelFlow>,
     },
     /// An opaque TCP connection (not HTTP, or a port kept opaque) ended.
     Tcp {
@@ -168,6 +181,7 @@ impl Event {
                 duration_us,
                 response_bytes,
                 error,
+                kernel,
             } => {
                 head(&mut s, "end", meta);
                 if let Some(g) = grpc_status {
@@ -179,6 +193,13 @@ impl Event {
                 );
                 if let Some(e) = error {
                     let _ = write!(s, " error={e:?}");
+                }
+                if let Some(k) = kernel {
+                    let _ = write!(
+                        s,
+                        " kernel-drops={} kernel-retransmits={} upstream={}->{}",
+                        k.drops, k.retransmits, k.local, k.peer
+                    );
                 }
                 tail(&mut s, meta, wide);
             }
@@ -389,6 +410,7 @@ mod tests {
             duration_us: 20,
             response_bytes: 5,
             error: Some("no endpoints available".into()),
+            kernel: None,
         };
         assert_eq!(
             end.render(true),
@@ -435,6 +457,12 @@ mod tests {
                 duration_us: 1,
                 response_bytes: 0,
                 error: None,
+                kernel: Some(KernelFlow {
+                    local: "10.0.0.1:40512".parse().unwrap(),
+                    peer: "10.2.0.2:8080".parse().unwrap(),
+                    drops: 1,
+                    retransmits: 3,
+                }),
             },
             Event::Dropped { count: 2 },
         ];

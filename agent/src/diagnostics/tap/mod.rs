@@ -291,6 +291,7 @@ impl TapHub {
         let (headers, headers_omitted) = event::shown_headers(req.headers());
         let tap = Arc::new(TapRequest {
             start: Instant::now(),
+            upstream: Mutex::new(None),
             state: Mutex::new(State {
                 meta: Meta {
                     id: self.next_request.fetch_add(1, Ordering::Relaxed),
@@ -421,6 +422,15 @@ impl TapHub {
 pub struct TapRequest {
     start: Instant,
     state: Mutex<State>,
+    /// The upstream connection of the last attempt and where to read what
+    /// the kernel counted on it when the request ends.
+    upstream: Mutex<Option<Upstream>>,
+}
+
+struct Upstream {
+    local: SocketAddr,
+    peer: SocketAddr,
+    kernel: Arc<crate::diagnostics::kernel::KernelDiag>,
 }
 
 struct State {
@@ -577,12 +587,26 @@ impl TapRequest {
             return;
         }
         s.ended = true;
+        let upstream = &self.upstream;
         broadcast(&s.candidates, || Event::End {
             meta: s.meta.clone(),
             grpc_status,
             duration_us: micros(self.start.elapsed()),
             response_bytes,
             error,
+            kernel: upstream
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .map(|u| {
+                    let c = u.kernel.flow_counters(u.local, u.peer).unwrap_or_default();
+                    event::KernelFlow {
+                        local: u.local,
+                        peer: u.peer,
+                        drops: c.drops,
+                        retransmits: c.retransmits,
+                    }
+                }),
         });
         for c in s.candidates.iter().filter(|c| c.stage == Stage::Admitted) {
             c.sink.request_ended();
@@ -618,6 +642,24 @@ fn micros(d: Duration) -> u64 {
 pub fn dispatched(extensions: &http::Extensions, backend: &str, addr: SocketAddr) {
     if let Some(t) = extensions.get::<Arc<TapRequest>>() {
         t.dispatched(backend, addr);
+    }
+}
+
+/// The attempt of a tapped request went over the TCP connection `local` →
+/// `peer`: its `end` event reports what the kernel counted on it. Nothing
+/// to do unless the request is tapped and the kernel diagnostics run.
+pub fn upstream_connection(
+    extensions: &http::Extensions,
+    local: SocketAddr,
+    peer: SocketAddr,
+    kernel: Option<&Arc<crate::diagnostics::kernel::KernelDiag>>,
+) {
+    if let (Some(t), Some(kernel)) = (extensions.get::<Arc<TapRequest>>(), kernel) {
+        *t.upstream.lock().unwrap_or_else(|e| e.into_inner()) = Some(Upstream {
+            local,
+            peer,
+            kernel: kernel.clone(),
+        });
     }
 }
 
