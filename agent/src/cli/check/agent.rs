@@ -457,5 +457,5 @@ fn clock(f: &AgentFacts, now: f64, config_mtime: Option<f64>, ntp: Option<bool>)
 }
 
 #[cfg(test)]
-#[path = "check_agent_tests.rs"]
+#[path = "agent_tests.rs"]
 mod tests;
