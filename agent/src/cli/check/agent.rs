@@ -107,9 +107,10 @@ fn programs_by_agent(f: &AgentFacts) -> Check {
     } else {
         Check::fail(
             format!(
-                "agent: {} of its {} programs are no longer attached to {}",
+                "agent: {} of its {} programs {} no longer attached to {}",
                 lost.len(),
                 f.redirect.programs.len(),
+                if lost.len() == 1 { "is" } else { "are" },
                 cgroup.display()
             ),
             REATTACH,
@@ -222,9 +223,13 @@ fn listeners(f: &AgentFacts) -> Check {
         );
     }
     Check::pass(format!(
-        "every pod's listener is bound ({} pods, 127.0.0.1 and ::1)",
-        f.pods.len()
+        "every pod's listener is bound ({}, 127.0.0.1 and ::1)",
+        plural(f.pods.len(), "pod")
     ))
+}
+
+fn plural(n: usize, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
 }
 
 /// Top-level sections whose values differ between two config documents.
@@ -328,8 +333,8 @@ fn discovery(f: &AgentFacts) -> Check {
     }
     if bad.is_empty() {
         Check::pass(format!(
-            "discovery: all {} services have endpoints available",
-            f.services.len()
+            "discovery: endpoints available for every service ({})",
+            plural(f.services.len(), "service")
         ))
     } else {
         Check::fail(

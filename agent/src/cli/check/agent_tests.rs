@@ -52,7 +52,11 @@ fn detached_programs_fail_with_the_reattach_hint() {
     f.redirect.programs[1].attached = false;
     let c = programs_by_agent(&f);
     assert_eq!(c.status, Status::Fail);
-    assert!(c.what.contains("1 of its 5"), "{}", c.what);
+    assert!(
+        c.what.contains("1 of its 5 programs is no longer"),
+        "{}",
+        c.what
+    );
     assert!(c.detail[0].contains("wm_connect4"), "{:?}", c.detail);
     assert!(c.hint.unwrap().contains("restart the agent"));
     f.cgroup_configured = None;
