@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::admin::check::CertFacts;
 use crate::admin::{AdminServer, AdminState, Readiness};
 use crate::config::Config;
 use crate::diagnostics::capture::Captures;
@@ -246,9 +247,16 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
                     .unwrap_or_else(|e| e.into_inner())
                     .verify()
             }),
-            // Workload certificates join here when identities are
-            // configured (the mTLS data path); until then there are none.
-            certificates: Box::new(Vec::new),
+            // The workload leaves this node holds (none without mTLS).
+            certificates: {
+                let store = identity.as_ref().map(|m| m.store());
+                Box::new(move || {
+                    store
+                        .as_ref()
+                        .map(|s| s.expiries().iter().map(CertFacts::from).collect())
+                        .unwrap_or_default()
+                })
+            },
             tap: tap.clone(),
         },
     )?;

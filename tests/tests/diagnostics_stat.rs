@@ -426,8 +426,9 @@ fn links_on(node: &Node) -> Result<Vec<(u64, String)>> {
 
 /// `waymark check` passes on a healthy node; after the connect4 program is
 /// detached from the world's own cgroup it fails, names the program in the
-/// agent's and the kernel's view, and says to restart the agent; a config
-/// file changed in a section only a restart applies fails too.
+/// agent's and the kernel's view, and says to restart the agent; a service
+/// without endpoints and a config file changed in a section only a restart
+/// applies fail too.
 #[test]
 fn check_passes_when_healthy_and_fails_when_detached() {
     require_agent_or_skip!();
@@ -493,7 +494,7 @@ endpoints = [{{ addr = "{}:8080" }}]
         let (code, out) = waymark(node, &["check"])?;
         ensure!(code == 1, "check passed with a detached program:\n{out}");
         ensure!(
-            out.contains("✖ agent: 1 of its 5 programs are no longer attached"),
+            out.contains("✖ agent: 1 of its 5 programs is no longer attached"),
             "{out}"
         );
         ensure!(
@@ -508,6 +509,36 @@ endpoints = [{{ addr = "{}:8080" }}]
         let (code, out) = waymark(node, &["check", "-o", "json"])?;
         let report: Value = serde_json::from_str(&out).context(out.clone())?;
         ensure!(code == 1 && report["ok"] == false, "{report:#}");
+
+        // A service without endpoints (services reload live) cannot be served.
+        node.update_config(|c| {
+            let mut empty = toml::Table::new();
+            empty.insert("name".into(), "empty".into());
+            empty.insert(
+                "addresses".into(),
+                toml::Value::Array(vec!["10.96.0.11:80".into()]),
+            );
+            if let Some(toml::Value::Array(services)) = c.get_mut("services") {
+                services.push(toml::Value::Table(empty));
+            }
+        })?;
+        waymark_tests::eventually(Duration::from_secs(10), || {
+            let (code, out) = waymark(node, &["check"])?;
+            ensure!(
+                code == 1 && out.contains("✖ discovery: 1 of 2 services cannot be served"),
+                "{out}"
+            );
+            ensure!(
+                out.contains("empty: no endpoints")
+                    && out.contains("hint: a service without endpoints"),
+                "{out}"
+            );
+            ensure!(
+                out.contains("is valid and is the config in force"),
+                "not reloaded yet: {out}"
+            );
+            Ok(())
+        })?;
 
         // A restart-only change on disk is not the config in force.
         node.update_config(|c| {

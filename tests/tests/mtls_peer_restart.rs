@@ -117,3 +117,34 @@ endpoints = [ {{ addr = "{}:8080", node = "node1" }} ]
         Ok(())
     });
 }
+
+/// `waymark check` on a node with mTLS judges the workload leaves the agent
+/// holds: valid, rotated on time.
+#[test]
+fn check_judges_the_workload_certificates() {
+    require_agent_or_skip!();
+    let b = World::builder(world_name!())
+        .nodes(1)
+        .pods_per_node(2)
+        .mtls(true);
+    with_world(b, |world| {
+        let node = world.node(0);
+        let out = node.run(
+            Command::new(waymark_tests::world::agent::waymark_bin()?).args([
+                "check",
+                "--admin",
+                &node.admin_addr().to_string(),
+            ]),
+        )?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.success(),
+            "check failed on a healthy mTLS node:\n{text}"
+        );
+        ensure!(
+            text.contains("certificates: 2 valid"),
+            "the check must judge both pods' leaves:\n{text}"
+        );
+        Ok(())
+    });
+}

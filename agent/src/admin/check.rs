@@ -53,12 +53,40 @@ pub struct ServiceFacts {
     pub available: usize,
 }
 
-/// One workload certificate's validity.
+/// One certificate's validity, as `waymark check` judges it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CertFacts {
+    /// The SPIFFE ID (a leaf) or the subject (an issuer or trust anchor).
     pub identity: String,
-    pub not_before_unix: i64,
+    pub kind: CertKind,
+    pub not_before_unix: Option<i64>,
     pub not_after_unix: i64,
+    /// For leaves: when the store should have rotated it.
+    pub rotate_after_unix: Option<i64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CertKind {
+    /// A workload's short-lived certificate, rotated at half-life: it must
+    /// be valid and its rotation not overdue.
+    Leaf,
+    /// The agent's issuer or a trust anchor: it must stay valid for
+    /// `--expiry-days` more days.
+    Issuer,
+}
+
+impl From<&crate::identity::store::Expiry> for CertFacts {
+    fn from(e: &crate::identity::store::Expiry) -> Self {
+        let secs = |t: SystemTime| unix(t) as i64;
+        CertFacts {
+            identity: e.id.to_string(),
+            kind: CertKind::Leaf,
+            not_before_unix: None,
+            not_after_unix: secs(e.not_after),
+            rotate_after_unix: Some(secs(e.rotate_after)),
+        }
+    }
 }
 
 pub fn unix(t: SystemTime) -> f64 {
@@ -117,7 +145,11 @@ pub fn facts(state: &AdminState) -> AgentFacts {
         cgroup_configured: config.redirect.cgroup.clone(),
         redirect: (state.redirect_state)(),
         pods,
-        config_path: state.config_path.clone(),
+        // Absolute, so the CLI finds the file whatever its own directory.
+        config_path: state
+            .config_path
+            .as_ref()
+            .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone())),
         services,
         certificates: (state.certificates)(),
     }

@@ -18,9 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::Output;
 use super::client::AdminClient;
 
-#[path = "check_agent.rs"]
 mod agent;
-#[path = "check_host.rs"]
 mod host;
 
 #[derive(clap::Args, Clone, Debug)]

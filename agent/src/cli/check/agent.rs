@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::super::client::{AdminClient, block_on};
 use super::Check;
-use crate::admin::check::{AgentFacts, CertFacts, unix};
+use crate::admin::check::{AgentFacts, CertFacts, CertKind, unix};
 use crate::redirect::query::{EXPECTED, program_names};
 
 /// No clock reads earlier than this (2025-01-01T00:00:00Z), when this code
@@ -107,9 +107,10 @@ fn programs_by_agent(f: &AgentFacts) -> Check {
     } else {
         Check::fail(
             format!(
-                "agent: {} of its {} programs are no longer attached to {}",
+                "agent: {} of its {} programs {} no longer attached to {}",
                 lost.len(),
                 f.redirect.programs.len(),
+                if lost.len() == 1 { "is" } else { "are" },
                 cgroup.display()
             ),
             REATTACH,
@@ -222,9 +223,13 @@ fn listeners(f: &AgentFacts) -> Check {
         );
     }
     Check::pass(format!(
-        "every pod's listener is bound ({} pods, 127.0.0.1 and ::1)",
-        f.pods.len()
+        "every pod's listener is bound ({}, 127.0.0.1 and ::1)",
+        plural(f.pods.len(), "pod")
     ))
+}
+
+fn plural(n: usize, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
 }
 
 /// Top-level sections whose values differ between two config documents.
@@ -328,8 +333,8 @@ fn discovery(f: &AgentFacts) -> Check {
     }
     if bad.is_empty() {
         Check::pass(format!(
-            "discovery: all {} services have endpoints available",
-            f.services.len()
+            "discovery: endpoints available for every service ({})",
+            plural(f.services.len(), "service")
         ))
     } else {
         Check::fail(
@@ -340,6 +345,9 @@ fn discovery(f: &AgentFacts) -> Check {
     }
 }
 
+/// How late a leaf's rotation may be before the check calls it failing.
+const ROTATION_GRACE_SECS: f64 = 60.0;
+
 fn certificates(certs: &[CertFacts], now: f64, expiry_days: u64) -> Check {
     if certs.is_empty() {
         return Check::skip("certificates: no workload identities configured");
@@ -347,32 +355,45 @@ fn certificates(certs: &[CertFacts], now: f64, expiry_days: u64) -> Check {
     let soon = now + expiry_days as f64 * 86_400.0;
     let mut bad = Vec::new();
     for c in certs {
-        let (from, to) = (c.not_before_unix as f64, c.not_after_unix as f64);
-        if now < from {
+        let to = c.not_after_unix as f64;
+        let rotate = c.rotate_after_unix.map(|r| r as f64);
+        if let Some(from) = c.not_before_unix.map(|f| f as f64)
+            && now < from
+        {
             bad.push(format!(
-                "{}: not valid yet (from {}): this clock is behind the issuer's",
+                "{}: not valid until {}: this clock is behind the issuer's",
                 c.identity,
                 at(from)
             ));
         } else if now >= to {
             bad.push(format!("{}: expired at {}", c.identity, at(to)));
-        } else if to < soon {
+        } else if c.kind == CertKind::Issuer && to < soon {
             bad.push(format!(
                 "{}: expires at {}, within {expiry_days} days",
                 c.identity,
+                at(to)
+            ));
+        } else if let Some(r) = rotate
+            && c.kind == CertKind::Leaf
+            && now > r + ROTATION_GRACE_SECS
+        {
+            bad.push(format!(
+                "{}: due for rotation since {}, expires at {}: rotation is failing",
+                c.identity,
+                at(r),
                 at(to)
             ));
         }
     }
     if bad.is_empty() {
         Check::pass(format!(
-            "certificates: {} valid for more than {expiry_days} days",
+            "certificates: {} valid (issuers for more than {expiry_days} days, leaves rotated on time)",
             certs.len()
         ))
     } else {
         Check::fail(
             format!("certificates: {} of {} need attention", bad.len(), certs.len()),
-            "renew the issuer (cert-manager, or `waymark identity init --force` for development) before it expires; check the clock if one is not valid yet",
+            "renew an expiring issuer (cert-manager, or `waymark identity init --force` for development); a leaf whose rotation is overdue means the agent cannot issue: see its log; a certificate not valid yet means this clock is wrong",
         )
         .with_detail(bad)
     }
@@ -441,5 +462,5 @@ fn clock(f: &AgentFacts, now: f64, config_mtime: Option<f64>, ntp: Option<bool>)
 }
 
 #[cfg(test)]
-#[path = "check_agent_tests.rs"]
+#[path = "agent_tests.rs"]
 mod tests;

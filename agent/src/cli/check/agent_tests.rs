@@ -52,7 +52,11 @@ fn detached_programs_fail_with_the_reattach_hint() {
     f.redirect.programs[1].attached = false;
     let c = programs_by_agent(&f);
     assert_eq!(c.status, Status::Fail);
-    assert!(c.what.contains("1 of its 5"), "{}", c.what);
+    assert!(
+        c.what.contains("1 of its 5 programs is no longer"),
+        "{}",
+        c.what
+    );
     assert!(c.detail[0].contains("wm_connect4"), "{:?}", c.detail);
     assert!(c.hint.unwrap().contains("restart the agent"));
     f.cgroup_configured = None;
@@ -95,17 +99,19 @@ fn services_without_endpoints_fail() {
 #[test]
 fn certificates_expiring_soon_or_not_yet_valid_fail() {
     assert_eq!(certificates(&[], NOW, 7).status, Status::Skip);
-    let cert = |from: f64, to: f64| CertFacts {
-        identity: "spiffe://cluster.local/ns/default/sa/web".into(),
-        not_before_unix: from as i64,
+    let issuer = |from: f64, to: f64| CertFacts {
+        identity: "CN=waymark issuer".into(),
+        kind: CertKind::Issuer,
+        not_before_unix: Some(from as i64),
         not_after_unix: to as i64,
+        rotate_after_unix: None,
     };
     let day = 86_400.0;
     assert_eq!(
-        certificates(&[cert(NOW - day, NOW + 30.0 * day)], NOW, 7).status,
+        certificates(&[issuer(NOW - day, NOW + 30.0 * day)], NOW, 7).status,
         Status::Pass
     );
-    let soon = certificates(&[cert(NOW - day, NOW + 2.0 * day)], NOW, 7);
+    let soon = certificates(&[issuer(NOW - day, NOW + 2.0 * day)], NOW, 7);
     assert_eq!(soon.status, Status::Fail);
     assert!(
         soon.detail[0].contains("within 7 days"),
@@ -113,10 +119,34 @@ fn certificates_expiring_soon_or_not_yet_valid_fail() {
         soon.detail
     );
     assert!(soon.hint.unwrap().contains("renew"));
-    let expired = certificates(&[cert(NOW - 2.0 * day, NOW - day)], NOW, 7);
+    let expired = certificates(&[issuer(NOW - 2.0 * day, NOW - day)], NOW, 7);
     assert!(expired.detail[0].contains("expired"));
-    let future = certificates(&[cert(NOW + day, NOW + 30.0 * day)], NOW, 7);
-    assert!(future.detail[0].contains("not valid yet"));
+    let future = certificates(&[issuer(NOW + day, NOW + 30.0 * day)], NOW, 7);
+    assert!(future.detail[0].contains("not valid until"));
+}
+
+#[test]
+fn leaves_live_hours_and_must_be_rotated_on_time() {
+    let leaf = |rotate: f64, to: f64| CertFacts {
+        identity: "spiffe://cluster.local/ns/default/sa/web".into(),
+        kind: CertKind::Leaf,
+        not_before_unix: None,
+        not_after_unix: to as i64,
+        rotate_after_unix: Some(rotate as i64),
+    };
+    let hour = 3600.0;
+    // A 24 h leaf, 12 h left: fine although it expires within 7 days.
+    assert_eq!(
+        certificates(&[leaf(NOW, NOW + 12.0 * hour)], NOW, 7).status,
+        Status::Pass
+    );
+    let overdue = certificates(&[leaf(NOW - hour, NOW + 11.0 * hour)], NOW, 7);
+    assert_eq!(overdue.status, Status::Fail);
+    assert!(
+        overdue.detail[0].contains("rotation is failing"),
+        "{:?}",
+        overdue.detail
+    );
 }
 
 #[test]
