@@ -3,7 +3,9 @@
 //! - latency at a fixed rate: `testpeer http-rate` (open loop, constant
 //!   rate, latency from when each request was due; Debian has no wrk2);
 //! - bulk: `iperf3 -c … -J`;
-//! - idle connections: `testpeer hold`.
+//! - idle connections: `testpeer hold`;
+//! - HTTP/2 (h2c) saturation: `h2load -c4 -m16` (prior knowledge; 64
+//!   streams in flight, like wrk's 64 connections).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -16,6 +18,9 @@ use waymark_tests::{Pod, Server};
 
 /// wrk's connections and threads for saturation.
 pub const WRK_CONNS: usize = 64;
+/// h2load's connections and concurrent streams per connection.
+pub const H2_CONNS: usize = 4;
+pub const H2_STREAMS: usize = 16;
 /// Connections of the fixed-rate latency runs.
 pub const RATE_CONNS: usize = 16;
 
@@ -233,20 +238,134 @@ pub fn hold(
     Ok((srv, held, failed))
 }
 
-/// One GET through the path with curl: status and body length.
-pub fn probe(client: &Pod, addr: SocketAddr) -> Result<()> {
-    let out = client.run_ok(Command::new("curl").args([
+/// `h2load -t1 -c4 -m16 -D<secs>` against `http://addr/` (h2c, prior
+/// knowledge), as a [`WrkResult`]: h2load prints no percentiles, so they
+/// come from its per-request log (`--log-file`, written to `log`).
+pub fn h2load(client: &Pod, addr: SocketAddr, secs: u64, log: &Path) -> Result<WrkResult> {
+    let _ = std::fs::remove_file(log);
+    let out = client.run_timeout(
+        Command::new("h2load")
+            .arg("-t1")
+            .arg(format!("-c{H2_CONNS}"))
+            .arg(format!("-m{H2_STREAMS}"))
+            .arg(format!("-D{secs}"))
+            .arg(format!("--log-file={}", log.display()))
+            .arg(format!("http://{addr}/")),
+        Duration::from_secs(secs + 30),
+    )?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "h2load failed ({}): {} {}",
+            out.status,
+            stdout.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let log = std::fs::read_to_string(log).with_context(|| format!("reading {}", log.display()))?;
+    parse_h2load(&stdout, &log)
+}
+
+/// The numbers after `key` on the line starting with `prefix`, e.g.
+/// `requests: 10 total, 10 started, 9 done, 9 succeeded, 1 failed, …`.
+fn h2load_count(out: &str, prefix: &str, key: &str) -> Result<u64> {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .with_context(|| format!("h2load printed no `{prefix}` line; output:\n{out}"))?;
+    line.trim_start_matches(prefix)
+        .split(',')
+        .map(str::trim)
+        .find_map(|f| f.strip_suffix(key).map(str::trim))
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no `{key}` count in h2load's {line:?}"))
+}
+
+fn parse_h2load(out: &str, log: &str) -> Result<WrkResult> {
+    let finished = out
+        .lines()
+        .find_map(|l| l.strip_prefix("finished in "))
+        .context("h2load printed no `finished in` line")?;
+    let secs = finished
+        .split(',')
+        .next()
+        .map(str::trim)
+        .and_then(|d| {
+            d.strip_suffix("ms")
+                .and_then(|x| x.parse::<f64>().ok().map(|x| x / 1e3))
+                .or_else(|| d.strip_suffix('s').and_then(|x| x.parse().ok()))
+        })
+        .with_context(|| format!("h2load's duration {finished:?}"))?;
+    let succeeded = h2load_count(out, "requests:", "succeeded")?;
+    let failed = h2load_count(out, "requests:", "failed")?;
+    let errored = h2load_count(out, "requests:", "errored")?;
+    let timeout = h2load_count(out, "requests:", "timeout")?;
+    let bad =
+        h2load_count(out, "status codes:", "4xx")? + h2load_count(out, "status codes:", "5xx")?;
+    let bytes = out
+        .lines()
+        .find_map(|l| l.strip_prefix("traffic: "))
+        .and_then(|t| t.split_once('(')?.1.split_once(')')?.0.parse().ok())
+        .unwrap_or(0);
+    // Log lines: start (µs since the epoch) \t status \t µs to the end of the response.
+    let mut lat: Vec<f64> = log
+        .lines()
+        .filter_map(|l| l.split('\t').nth(2)?.trim().parse().ok())
+        .collect();
+    lat.sort_by(f64::total_cmp);
+    let pct = |q: f64| {
+        lat.get(((lat.len() as f64 * q).ceil() as usize).saturating_sub(1))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    let mean = lat.iter().sum::<f64>() / lat.len().max(1) as f64;
+    Ok(WrkResult {
+        requests: succeeded,
+        duration_us: (secs * 1e6) as u64,
+        bytes,
+        errors: WrkErrors {
+            // Requests that failed for another reason than their status.
+            connect: failed.saturating_sub(bad),
+            read: errored,
+            write: 0,
+            status: bad,
+            timeout,
+        },
+        lat_us: Pct {
+            p50: pct(0.5),
+            p90: pct(0.9),
+            p99: pct(0.99),
+            p999: pct(0.999),
+            max: lat.last().copied().unwrap_or(f64::NAN),
+            mean,
+        },
+    })
+}
+
+/// One GET through the path with curl (`--http2-prior-knowledge` for h2c
+/// paths): status and body length.
+pub fn probe(client: &Pod, addr: SocketAddr, h2c: bool) -> Result<()> {
+    let url = format!("http://{addr}/");
+    let mut args = vec![
         "-sS",
         "-m",
         "5",
         "-o",
         "/dev/null",
         "-w",
-        "%{http_code} %{size_download}",
-        &format!("http://{addr}/"),
-    ]))?;
-    if out.trim() != "200 100" {
-        bail!("GET http://{addr}/ gave `{}`, not `200 100`", out.trim());
+        "%{http_code} %{size_download} %{http_version}",
+    ];
+    if h2c {
+        args.push("--http2-prior-knowledge");
+    }
+    args.push(&url);
+    let out = client.run_ok(Command::new("curl").args(&args))?;
+    let want = if h2c { "200 100 2" } else { "200 100 1.1" };
+    if out.trim() != want {
+        bail!(
+            "GET {url} gave `{}`, not `{want}` (status, bytes, HTTP version)",
+            out.trim()
+        );
     }
     Ok(())
 }
@@ -264,5 +383,30 @@ mod tests {
         assert_eq!(r.requests, 1000);
         assert_eq!(r.rps(), 1000.0);
         assert_eq!(r.lat_us.p999, 400.0);
+    }
+
+    #[test]
+    fn parses_h2load_output_and_log() {
+        let out = "starting benchmark...\n\
+                   finished in 3.00s, 1000.00 req/s, 120.00KB/s\n\
+                   requests: 3002 total, 3066 started, 3002 done, 3000 succeeded, 2 failed, 1 errored, 0 timeout\n\
+                   status codes: 3000 2xx, 0 3xx, 1 4xx, 0 5xx\n\
+                   traffic: 351.56KB (360000) total, 1.2KB (1234) headers\n";
+        let log: String = (1..=100)
+            .map(|i| format!("1700000000000000\t200\t{i}\n"))
+            .collect();
+        let r = parse_h2load(out, &log).unwrap();
+        assert_eq!(r.requests, 3000);
+        assert_eq!(r.duration_us, 3_000_000);
+        assert_eq!(r.bytes, 360_000);
+        assert_eq!(
+            (r.errors.status, r.errors.connect, r.errors.read),
+            (1, 1, 1)
+        );
+        assert_eq!(
+            (r.lat_us.p50, r.lat_us.p99, r.lat_us.max),
+            (50.0, 99.0, 100.0)
+        );
+        assert!(parse_h2load("nothing", "").is_err());
     }
 }

@@ -29,7 +29,7 @@ use load::{RATE_CONNS, WRK_CONNS};
 use measure::{CpuUse, RssSampler, Window, cpu_seconds, loadavg, with_descendants};
 use peers::Proc;
 use report::{BulkSample, IdleSample, LatSample, PathResult, Run, SatSample, Settings};
-use topology::{AgentState, IPERF_PORT, PathSpec, ProxyRef};
+use topology::{AgentState, IPERF_PORT, PathSpec, Proto, ProxyRef};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -158,6 +158,8 @@ struct Ctx<'a> {
     world: &'a World,
     client: &'a Pod,
     bins: &'a Bins,
+    /// The bench's directory in the world (configs, logs, h2load's log).
+    dir: PathBuf,
     script: PathBuf,
     /// Indexed like `Plan::peers`; `None` when not started.
     peers: Vec<Option<Proc>>,
@@ -175,27 +177,42 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    /// Puts node 0's agent in the state a path needs.
+    /// Puts the agents in the state a path needs: node 0's with the
+    /// path's workers (or stopped), node 1's running only for the mTLS rows.
     fn set_agent(&mut self, want: AgentState) -> Result<()> {
         let node = self.world.node(0);
         let running = node.agent_pid().is_some();
-        if self.agent == want && (running == (want != AgentState::Stopped)) {
+        let workers = want.node0_workers();
+        let node0_ok = self.agent.node0_workers() == workers && running == workers.is_some();
+        let far = self.world.node(1);
+        let far_running = far.agent_pid().is_some();
+        let far_wanted = matches!(want, AgentState::Mesh(_));
+        if node0_ok && far_running == far_wanted {
+            self.agent = want;
             return Ok(());
         }
-        if running {
-            node.stop_agent(Signal::SIGTERM)
-                .context("stopping node0's agent")?;
+        if !node0_ok {
+            if running {
+                node.stop_agent(Signal::SIGTERM)
+                    .context("stopping node0's agent")?;
+            }
+            if let Some(w) = workers {
+                node.update_config(|c| {
+                    let rt = c
+                        .entry("runtime")
+                        .or_insert_with(|| toml::Value::Table(Default::default()));
+                    if let Some(t) = rt.as_table_mut() {
+                        t.insert("workers".into(), toml::Value::Integer(w as i64));
+                    }
+                })?;
+                node.start_agent().context("starting node0's agent")?;
+            }
         }
-        if let AgentState::Workers(w) = want {
-            node.update_config(|c| {
-                let rt = c
-                    .entry("runtime")
-                    .or_insert_with(|| toml::Value::Table(Default::default()));
-                if let Some(t) = rt.as_table_mut() {
-                    t.insert("workers".into(), toml::Value::Integer(w as i64));
-                }
-            })?;
-            node.start_agent().context("starting node0's agent")?;
+        if far_running && !far_wanted {
+            far.stop_agent(Signal::SIGTERM)
+                .context("stopping node1's agent")?;
+        } else if !far_running && far_wanted {
+            far.start_agent().context("starting node1's agent")?;
         }
         eprintln!("bench: {}", want.describe());
         self.agent = want;
@@ -242,13 +259,18 @@ impl Ctx<'_> {
     }
 
     /// Connections plus HTTP requests node0's agent has counted so far (no
-    /// sample yet: none).
-    fn opened(&self) -> Option<f64> {
+    /// sample yet: none). With `tunnel`, only those it carried through the
+    /// mTLS tunnel (`tls="true"`: opaque connections, and HTTP responses).
+    fn opened(&self, tunnel: bool) -> Option<f64> {
         let m = self.world.node(0).metrics().ok()?;
-        Some(
+        Some(if tunnel {
+            let tls = [("tls", "true")];
+            metric_value(&m, "tcp_open_total", &tls).unwrap_or(0.0)
+                + metric_value(&m, "response_total", &tls).unwrap_or(0.0)
+        } else {
             metric_value(&m, "tcp_open_total", &[]).unwrap_or(0.0)
-                + metric_value(&m, "request_total", &[]).unwrap_or(0.0),
-        )
+                + metric_value(&m, "request_total", &[]).unwrap_or(0.0)
+        })
     }
 
     fn window(&self) -> Window {
@@ -270,11 +292,18 @@ impl Ctx<'_> {
         let pids = self.proxy_pids(p)?;
         let backend = self.backend_pids(p);
         let load = self.note_load();
-        let opened0 = if p.waymark { self.opened() } else { None };
+        let opened0 = if p.waymark {
+            self.opened(p.tunnel)
+        } else {
+            None
+        };
         let window = self.window();
         let (cpu0, b0) = (cpu_seconds(&pids), cpu_seconds(&backend));
         let sampler = (!pids.is_empty()).then(|| RssSampler::start(pids.clone()));
-        let r = load::wrk(self.client, &self.script, p.http, secs);
+        let r = match p.proto {
+            Proto::Http1 => load::wrk(self.client, &self.script, p.http, secs),
+            Proto::H2c => load::h2load(self.client, p.http, secs, &self.dir.join("h2load.log")),
+        };
         let rss = sampler.map(RssSampler::stop);
         let (cpu1, b1) = (cpu_seconds(&pids), cpu_seconds(&backend));
         let cpu_use = window.close();
@@ -291,14 +320,16 @@ impl Ctx<'_> {
             );
         }
         let proxied = if p.waymark {
-            let n = match (opened0, self.opened()) {
+            let n = match (opened0, self.opened(p.tunnel)) {
                 (Some(a), Some(b)) => b - a,
                 _ => 0.0,
             };
             if n < WRK_CONNS as f64 {
                 bail!(
-                    "waymark's metrics count {n} new connections and requests during a run of \
-                     {WRK_CONNS} connections: the traffic did not go through the agent"
+                    "waymark's metrics count {n} new connections and requests{} during a run of \
+                     {WRK_CONNS} connections: the traffic did not go through the agent{}",
+                    if p.tunnel { " with tls=\"true\"" } else { "" },
+                    if p.tunnel { "'s mTLS tunnel" } else { "" }
                 );
             }
             Some(n)
@@ -476,6 +507,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .nodes(2)
         .pods_per_node(2)
         .agent_bin(&bins.waymark)
+        // Identities and the node-to-node tunnel: used by the `*-mtls`
+        // services only (the other rows' destinations are dialled directly).
+        .mtls(true)
         // Production-like logging: no line per connection.
         .agent_env("RUST_LOG", "info")
         .agent_config_extra(topology::agent_config_extra());
@@ -483,8 +517,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         builder = builder.agent_env(k, v);
     }
     let mut world = builder.build().context("building the bench world")?;
-    // No inbound proxy exists yet: node1's agent would only attach its
-    // programs to the server pods.
+    // Node1's agent runs only for the mTLS rows (`AgentState::Mesh`).
     world.node(1).stop_agent(Signal::SIGTERM)?;
     let dir = world.dir().join("bench");
     std::fs::create_dir_all(&dir)?;
@@ -494,6 +527,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         world.node(1),
         &dir,
         topology::HTTP_PORT,
+        topology::H2C_PORT,
     )?;
     let backend_near = peers::start_backend(
         "backend-n0p1",
@@ -501,6 +535,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         world.node(0),
         &dir,
         topology::HTTP_PORT,
+        topology::H2C_PORT,
     )?;
     let mut iperf_servers = Vec::new();
     for pod in [world.pod(1, 0), world.pod(0, 1)] {
@@ -522,6 +557,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
             ProxyRef::Agent(_) => None,
         })
         .collect();
+    if needed.iter().any(|&i| plan.peers[i].tls.is_some()) {
+        peers::make_peer_certs(&dir, waymark_tests::world::topology::node_fabric_ip(1))
+            .context("making the TLS peers' certificates")?;
+    }
     let mut peer_procs: Vec<Option<Proc>> = (0..plan.peers.len()).map(|_| None).collect();
     for &i in &needed {
         let spec = &plan.peers[i];
@@ -539,6 +578,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         client: world.pod(0, 0),
         bins: &bins,
         script: load::write_wrk_script(&dir)?,
+        dir: dir.clone(),
         peers: peer_procs,
         backend_far,
         backend_near,
@@ -574,17 +614,21 @@ pub fn run(args: BenchArgs) -> Result<()> {
             // The first time: one GET must come back right, or the path is
             // skipped (an error row) rather than measured.
             if rep == 0
-                && let Err(e) = load::probe(ctx.client, p.http)
+                && let Err(e) = load::probe(ctx.client, p.http, p.proto == Proto::H2c)
             {
                 progress(p, "probe", &format!("FAILED: {e:#}"));
                 results[i].errors.push(format!("probe: {e:#}"));
                 continue;
             }
+            let generator = match p.proto {
+                Proto::Http1 => "wrk",
+                Proto::H2c => "h2load",
+            };
             match ctx.saturate(p, rep, duration) {
                 Ok(s) => {
                     progress(
                         p,
-                        "wrk",
+                        generator,
                         &format!(
                             "{:>9.0} req/s  p99 {:>6.2} ms  proxy CPU {} s/100k  others {:.2} cores  load {:.2}",
                             s.rps,
@@ -599,8 +643,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     results[i].saturation.push(s);
                 }
                 Err(e) => {
-                    progress(p, "wrk", &format!("FAILED: {e:#}"));
-                    results[i].errors.push(format!("rep {rep}: wrk: {e:#}"));
+                    progress(p, generator, &format!("FAILED: {e:#}"));
+                    results[i]
+                        .errors
+                        .push(format!("rep {rep}: {generator}: {e:#}"));
                 }
             }
             match ctx.bulk(p, rep, bulk_secs) {
@@ -628,8 +674,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
 
     // One fixed rate for every path: below the saturation of all of them.
+    // HTTP/1.1 paths only: the fixed-rate generator speaks HTTP/1.1, and
+    // the h2c rows are not run at a fixed rate.
     let slowest = results
         .iter()
+        .zip(&selected)
+        .filter(|(_, p)| p.proto == Proto::Http1)
+        .map(|(r, _)| r)
         .filter_map(|r| report::median(&r.saturation.iter().map(|s| s.rps).collect::<Vec<_>>()))
         .reduce(f64::min);
     let (rate, rate_chosen_as) = match (args.rate, slowest) {
@@ -653,7 +704,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 round + 1
             );
             for &i in &order {
-                if !ok(&results, i) {
+                if !ok(&results, i) || selected[i].proto != Proto::Http1 {
                     continue;
                 }
                 let p = &selected[i];
@@ -692,7 +743,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     );
     for &i in &order {
         let p = &selected[i];
-        if !ok(&results, i) || p.proxies.is_empty() {
+        // `testpeer hold` speaks HTTP/1.1: no idle figure for h2c paths.
+        if !ok(&results, i) || p.proxies.is_empty() || p.proto != Proto::Http1 {
             continue;
         }
         ctx.set_agent(p.agent)?;
@@ -784,17 +836,20 @@ pub fn run(args: BenchArgs) -> Result<()> {
 fn not_measured() -> Vec<(String, String)> {
     [
         (
-            "waymark 2 hops (node0 agent → node1 agent, HBONE)",
-            "n/a: the tunnel is not on waymark's data path yet; its paths are one hop",
+            "waymark 2 hops without mTLS",
+            "n/a: waymark's second hop is the mTLS tunnel; its plaintext rows are one hop",
         ),
         (
-            "mTLS / TLS between nodes (waymark and peers)",
-            "n/a (mTLS not yet on waymark's data path)",
+            "gRPC rows",
+            "not measured: no gRPC load generator here (ghz is not packaged in Debian)",
         ),
         (
-            "HTTP/2 (h2c) and gRPC rows",
-            "not yet in the bench (h2load against nginx h2c and the agent's h2 proxying is the \
-             next row to add)",
+            "HTTP/2 through the peer proxies",
+            "not measured: the h2c rows compare waymark with the direct h2c path only",
+        ),
+        (
+            "fixed-rate latency and idle memory of the h2c rows",
+            "not measured: testpeer http-rate and hold speak HTTP/1.1",
         ),
         (
             "peer proxies on the same-node path",
@@ -811,10 +866,16 @@ fn notes() -> Vec<String> {
         "Two shared cores: the load generator, the backend and the proxies compete for them, \
          so requests/s mostly measures who got the CPU; CPU-s/100k is the fairer cost figure."
             .into(),
-        "waymark paths are one hop today; the peer 2-hop rows are the shape waymark will have \
-         (and what ANCHORS.md measured). Compare waymark L4 with the 1-hop L4 peers and \
-         waymark L7 with the 1-hop L7 peers."
+        "waymark's plaintext paths are one hop; its `*-mtls` rows are two hops (node0's agent → \
+         mTLS tunnel → node1's agent). Compare waymark L4/L7 one hop with the 1-hop L4/L7 peers, \
+         and the `*-mtls` rows with the peers' 2-hop TLS rows (`*-tls-2hop`)."
             .into(),
+        format!(
+            "h2c rows (`*-h2`): `h2load -t1 -c{} -m{} -D<duration>` (64 streams in flight), \
+             percentiles from h2load's per-request log; compared with `direct-h2` only.",
+            load::H2_CONNS,
+            load::H2_STREAMS
+        ),
         "Saturation latency (p50/p99 @sat) is wrk's closed-loop latency with 64 connections: \
          it grows with queueing, not only with the path."
             .into(),

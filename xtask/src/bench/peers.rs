@@ -44,6 +44,17 @@ pub struct Listener {
     pub upstream: SocketAddr,
 }
 
+/// Which end of the TLS hop between two peers a proxy is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerTls {
+    /// First hop: its upstream (node1's proxy) is dialled over TLS, with a
+    /// client certificate, and the server's is verified.
+    Client,
+    /// Second hop: its listeners take TLS only, with a verified client
+    /// certificate.
+    Server,
+}
+
 /// One peer proxy process on one node.
 #[derive(Debug, Clone)]
 pub struct PeerSpec {
@@ -52,9 +63,12 @@ pub struct PeerSpec {
     pub mode: Mode,
     pub node: usize,
     pub listeners: Vec<Listener>,
+    /// TLS between the two hops (`None`: plaintext).
+    pub tls: Option<PeerTls>,
 }
 
-pub fn haproxy_cfg(spec: &PeerSpec) -> String {
+pub fn haproxy_cfg(spec: &PeerSpec, dir: &Path) -> String {
+    let certs = PeerCerts::in_dir(dir);
     let mode = match spec.mode {
         Mode::Tcp => "tcp",
         Mode::Http => "http",
@@ -69,14 +83,156 @@ pub fn haproxy_cfg(spec: &PeerSpec) -> String {
     if spec.mode == Mode::Http {
         s.push_str("    option http-keep-alive\n    timeout http-keep-alive 300s\n");
     }
+    // TLS 1.3 only, both certificates verified, the server's name checked.
+    let (bind_tls, server_tls) = match spec.tls {
+        None => (String::new(), String::new()),
+        Some(PeerTls::Server) => (
+            format!(
+                " ssl crt {} ca-file {} verify required ssl-min-ver TLSv1.3",
+                certs.server_bundle.display(),
+                certs.ca.display()
+            ),
+            String::new(),
+        ),
+        Some(PeerTls::Client) => (
+            String::new(),
+            format!(
+                " ssl crt {} ca-file {} verify required verifyhost {SERVER_NAME} sni str({SERVER_NAME}) \
+                 ssl-min-ver TLSv1.3",
+                certs.client_bundle.display(),
+                certs.ca.display()
+            ),
+        ),
+    };
     for (i, l) in spec.listeners.iter().enumerate() {
         let _ = write!(
             s,
-            "\nfrontend f{i}\n    bind {}\n    default_backend b{i}\n\nbackend b{i}\n    server s{i} {}\n",
+            "\nfrontend f{i}\n    bind {}{bind_tls}\n    default_backend b{i}\n\nbackend b{i}\n    server s{i} {}{server_tls}\n",
             l.listen, l.upstream
         );
     }
     s
+}
+
+/// The name in node1's proxy certificate, which node0's proxy checks.
+pub const SERVER_NAME: &str = "node1.bench";
+
+/// Where the certificates of the TLS peer rows are (made by
+/// [`make_peer_certs`]): one CA, a server certificate for node1's proxies
+/// and a client certificate for node0's.
+pub struct PeerCerts {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    /// Certificate and key in one file (HAProxy's `crt`).
+    pub server_bundle: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    pub client_bundle: PathBuf,
+}
+
+impl PeerCerts {
+    pub fn in_dir(dir: &Path) -> Self {
+        let d = dir.join("peer-tls");
+        PeerCerts {
+            ca: d.join("ca.pem"),
+            server_cert: d.join("server.pem"),
+            server_key: d.join("server.key"),
+            server_bundle: d.join("server-bundle.pem"),
+            client_cert: d.join("client.pem"),
+            client_key: d.join("client.key"),
+            client_bundle: d.join("client-bundle.pem"),
+        }
+    }
+}
+
+/// Makes the TLS peers' certificates with `openssl` (EC P-256 like
+/// waymark's leaves, valid two days): a CA, node1's server certificate
+/// (`DNS:node1.bench`, its fabric address) and node0's client certificate.
+pub fn make_peer_certs(dir: &Path, server_ip: std::net::Ipv4Addr) -> Result<PeerCerts> {
+    let c = PeerCerts::in_dir(dir);
+    let d = dir.join("peer-tls");
+    std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+    let openssl = |args: &[&str]| -> Result<()> {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(&d)
+            .output()
+            .context("running openssl")?;
+        if !out.status.success() {
+            bail!(
+                "openssl {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut a = vec!["req", "-x509"];
+    a.extend(ec);
+    a.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=waymark-bench-peer-ca",
+    ]);
+    openssl(&a)?;
+    for (who, san, usage) in [
+        (
+            "server",
+            format!("DNS:{SERVER_NAME},IP:{server_ip}"),
+            "serverAuth",
+        ),
+        ("client", "DNS:node0.bench".to_string(), "clientAuth"),
+    ] {
+        let ext = format!("{who}.ext");
+        std::fs::write(
+            d.join(&ext),
+            format!("subjectAltName={san}\nextendedKeyUsage={usage}\n"),
+        )?;
+        let (key, csr, pem) = (
+            format!("{who}.key"),
+            format!("{who}.csr"),
+            format!("{who}.pem"),
+        );
+        let subj = format!("/CN={who}.bench");
+        let mut a = vec!["req"];
+        a.extend(ec);
+        a.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
+        openssl(&a)?;
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &pem,
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+        ])?;
+        let bundle =
+            std::fs::read_to_string(d.join(&pem))? + &std::fs::read_to_string(d.join(&key))?;
+        std::fs::write(d.join(format!("{who}-bundle.pem")), bundle)?;
+    }
+    Ok(c)
 }
 
 /// The top of every nginx config here: one worker, no daemon, files in `dir`.
@@ -105,15 +261,53 @@ fn nginx_http_common(name: &str, dir: &Path) -> String {
     )
 }
 
+/// nginx's TLS directives for one server block (`http` and `stream` spell
+/// them alike): the listener's `ssl` flag and the lines to add.
+fn nginx_tls(tls: Option<PeerTls>, dir: &Path, indent: &str) -> (&'static str, String) {
+    let c = PeerCerts::in_dir(dir);
+    match tls {
+        None => ("", String::new()),
+        Some(PeerTls::Server) => (
+            " ssl",
+            format!(
+                "{indent}ssl_certificate {};\n{indent}ssl_certificate_key {};\n\
+                 {indent}ssl_client_certificate {};\n{indent}ssl_verify_client on;\n\
+                 {indent}ssl_protocols TLSv1.3;\n",
+                c.server_cert.display(),
+                c.server_key.display(),
+                c.ca.display()
+            ),
+        ),
+        Some(PeerTls::Client) => (
+            "",
+            format!(
+                "{indent}proxy_ssl_certificate {};\n{indent}proxy_ssl_certificate_key {};\n\
+                 {indent}proxy_ssl_trusted_certificate {};\n{indent}proxy_ssl_verify on;\n\
+                 {indent}proxy_ssl_name {SERVER_NAME};\n{indent}proxy_ssl_server_name on;\n\
+                 {indent}proxy_ssl_protocols TLSv1.3;\n{indent}proxy_ssl_session_reuse on;\n",
+                c.client_cert.display(),
+                c.client_key.display(),
+                c.ca.display()
+            ),
+        ),
+    }
+}
+
 pub fn nginx_conf(spec: &PeerSpec, dir: &Path) -> String {
     let mut s = nginx_main(&spec.name, dir, spec.mode == Mode::Tcp);
     match spec.mode {
         Mode::Tcp => {
             s.push_str("stream {\n");
+            let (ssl, tls) = nginx_tls(spec.tls, dir, "        ");
+            let proxy_ssl = if spec.tls == Some(PeerTls::Client) {
+                "        proxy_ssl on;\n"
+            } else {
+                ""
+            };
             for l in &spec.listeners {
                 let _ = write!(
                     s,
-                    "    server {{\n        listen {};\n        proxy_pass {};\n        proxy_timeout {IDLE_TIMEOUT};\n    }}\n",
+                    "    server {{\n        listen {}{ssl};\n        proxy_pass {};\n        proxy_timeout {IDLE_TIMEOUT};\n{proxy_ssl}{tls}    }}\n",
                     l.listen, l.upstream
                 );
             }
@@ -122,12 +316,20 @@ pub fn nginx_conf(spec: &PeerSpec, dir: &Path) -> String {
         Mode::Http => {
             s.push_str("http {\n");
             s.push_str(&nginx_http_common(&spec.name, dir));
+            let (ssl, server_tls) = match spec.tls {
+                Some(PeerTls::Server) => nginx_tls(spec.tls, dir, "        "),
+                _ => ("", String::new()),
+            };
+            let (scheme, location_tls) = match spec.tls {
+                Some(PeerTls::Client) => ("https", nginx_tls(spec.tls, dir, "            ").1),
+                _ => ("http", String::new()),
+            };
             for (i, l) in spec.listeners.iter().enumerate() {
                 let _ = write!(
                     s,
                     "    upstream u{i} {{\n        server {};\n        keepalive 128;\n        keepalive_requests 1000000;\n        keepalive_timeout {IDLE_TIMEOUT};\n    }}\n\
-                     \x20   server {{\n        listen {};\n        location / {{\n            proxy_pass http://u{i};\n\
-                     \x20           proxy_http_version 1.1;\n            proxy_set_header Connection \"\";\n        }}\n    }}\n",
+                     \x20   server {{\n        listen {}{ssl};\n{server_tls}        location / {{\n            proxy_pass {scheme}://u{i};\n\
+                     \x20           proxy_http_version 1.1;\n            proxy_set_header Connection \"\";\n{location_tls}        }}\n    }}\n",
                     l.upstream, l.listen
                 );
             }
@@ -137,14 +339,17 @@ pub fn nginx_conf(spec: &PeerSpec, dir: &Path) -> String {
     s
 }
 
-/// The backend every path ends at: nginx, one worker, a 100-byte body.
-pub fn backend_conf(name: &str, dir: &Path, port: u16) -> String {
+/// The backend every path ends at: nginx, one worker, a 100-byte body;
+/// HTTP/1.1 on `port` and h2c (HTTP/2 with prior knowledge: nginx 1.22's
+/// `listen … http2` without `ssl`) on `h2c_port`.
+pub fn backend_conf(name: &str, dir: &Path, port: u16, h2c_port: u16) -> String {
     let mut s = nginx_main(name, dir, false);
     s.push_str("http {\n");
     s.push_str(&nginx_http_common(name, dir));
     let _ = write!(
         s,
         "    default_type text/plain;\n    server {{\n        listen {port} default_server;\n        \
+         listen {h2c_port} http2 default_server;\n        \
          location / {{\n            return 200 \"{BODY}\";\n        }}\n    }}\n}}\n"
     );
     s
@@ -204,7 +409,7 @@ fn command(spec: &PeerSpec, dir: &Path) -> Result<(Command, PathBuf)> {
     let mut cmd = match spec.software {
         Software::Haproxy => {
             let cfg = dir.join(format!("{}.cfg", spec.name));
-            std::fs::write(&cfg, haproxy_cfg(spec))?;
+            std::fs::write(&cfg, haproxy_cfg(spec, dir))?;
             let mut c = Command::new("haproxy");
             // -db: foreground, no master process: one process, one thread.
             c.arg("-db").arg("-f").arg(&cfg);
@@ -249,10 +454,17 @@ pub fn start_peer(spec: &PeerSpec, node: &Node, dir: &Path) -> Result<Proc> {
 }
 
 /// Starts the backend nginx in `pod`; `node` must route to it (any node does).
-pub fn start_backend(name: &str, pod: &Pod, node: &Node, dir: &Path, port: u16) -> Result<Proc> {
+pub fn start_backend(
+    name: &str,
+    pod: &Pod,
+    node: &Node,
+    dir: &Path,
+    port: u16,
+    h2c_port: u16,
+) -> Result<Proc> {
     let log = dir.join(format!("{name}.log"));
     let (out, err) = log_file(&log)?;
-    let mut cmd = nginx_command(name, dir, &backend_conf(name, dir, port))?;
+    let mut cmd = nginx_command(name, dir, &backend_conf(name, dir, port, h2c_port))?;
     cmd.stdin(Stdio::null()).stdout(out).stderr(err);
     let child = pod
         .spawn(&mut cmd)
@@ -263,6 +475,7 @@ pub fn start_backend(name: &str, pod: &Pod, node: &Node, dir: &Path, port: u16) 
         log,
     };
     wait_accepting(&mut p, node, SocketAddr::new(pod.ip().into(), port))?;
+    wait_accepting(&mut p, node, SocketAddr::new(pod.ip().into(), h2c_port))?;
     Ok(p)
 }
 
@@ -305,6 +518,7 @@ mod tests {
                     upstream: "10.2.0.2:5201".parse().unwrap(),
                 },
             ],
+            tls: None,
         }
     }
 
@@ -315,12 +529,50 @@ mod tests {
 
     #[test]
     fn haproxy_one_thread_and_every_listener() {
-        let c = haproxy_cfg(&spec(Software::Haproxy, Mode::Tcp));
+        let dir = Path::new("/tmp/x");
+        let c = haproxy_cfg(&spec(Software::Haproxy, Mode::Tcp), dir);
         assert!(c.contains("nbthread 1"));
         assert!(c.contains("mode tcp"));
-        assert!(c.contains("bind 10.1.0.1:10101") && c.contains("server s1 10.2.0.2:5201"));
-        let h = haproxy_cfg(&spec(Software::Haproxy, Mode::Http));
+        assert!(c.contains("bind 10.1.0.1:10101\n") && c.contains("server s1 10.2.0.2:5201\n"));
+        let h = haproxy_cfg(&spec(Software::Haproxy, Mode::Http), dir);
         assert!(h.contains("mode http") && h.contains("http-keep-alive"));
+        assert!(!h.contains("ssl"));
+    }
+
+    #[test]
+    fn tls_peers_verify_both_ends() {
+        let dir = Path::new("/tmp/x");
+        let mut client = spec(Software::Haproxy, Mode::Http);
+        client.tls = Some(PeerTls::Client);
+        let c = haproxy_cfg(&client, dir);
+        assert!(c.contains("server s0 10.2.0.2:80 ssl crt /tmp/x/peer-tls/client-bundle.pem"));
+        assert!(c.contains("verify required verifyhost node1.bench"));
+        assert!(c.contains("bind 10.1.0.1:10001\n"));
+        let mut server = spec(Software::Haproxy, Mode::Tcp);
+        server.tls = Some(PeerTls::Server);
+        let c = haproxy_cfg(&server, dir);
+        assert!(c.contains("bind 10.1.0.1:10001 ssl crt /tmp/x/peer-tls/server-bundle.pem"));
+        assert!(c.contains("ca-file /tmp/x/peer-tls/ca.pem verify required ssl-min-ver TLSv1.3"));
+
+        client.software = Software::Nginx;
+        let n = nginx_conf(&client, dir);
+        assert!(n.contains("proxy_pass https://u0;") && n.contains("proxy_ssl_verify on;"));
+        assert!(n.contains("proxy_ssl_name node1.bench;") && n.contains("listen 10.1.0.1:10001;"));
+        client.mode = Mode::Tcp;
+        let n = nginx_conf(&client, dir);
+        assert!(
+            n.contains("proxy_ssl on;")
+                && n.contains("proxy_ssl_certificate /tmp/x/peer-tls/client.pem;")
+        );
+        server.software = Software::Nginx;
+        for mode in [Mode::Tcp, Mode::Http] {
+            server.mode = mode;
+            let n = nginx_conf(&server, dir);
+            assert!(
+                n.contains("listen 10.1.0.1:10001 ssl;") && n.contains("ssl_verify_client on;")
+            );
+            assert!(!n.contains("proxy_ssl"));
+        }
     }
 
     #[test]
@@ -335,7 +587,8 @@ mod tests {
         assert!(!h.contains("load_module"));
         assert!(h.contains("proxy_pass http://u0;") && h.contains("keepalive 128;"));
         assert!(h.contains("proxy_set_header Connection \"\";"));
-        let b = backend_conf("b", dir, 80);
+        let b = backend_conf("b", dir, 80, 8080);
         assert!(b.contains(BODY) && b.contains("listen 80 default_server;"));
+        assert!(b.contains("listen 8080 http2 default_server;"));
     }
 }

@@ -584,7 +584,10 @@ pub fn text(run: &Run) -> String {
         run.elapsed_s
     );
     let _ = writeln!(s, "{}\n", load_line(run));
-    let _ = writeln!(s, "HTTP/1.1, 100-byte body, keep-alive:");
+    let _ = writeln!(
+        s,
+        "HTTP/1.1 (wrk; `*-h2` rows: HTTP/2 h2c, h2load), 100-byte body, keep-alive:"
+    );
     s.push_str(&text_table(&http_rows(run)));
     let _ = writeln!(
         s,
@@ -664,7 +667,7 @@ pub fn markdown(run: &Run) -> String {
     );
     let _ = writeln!(
         s,
-        "## HTTP/1.1 (100-byte body, keep-alive, 64 connections)\n"
+        "## HTTP/1.1 (100-byte body, keep-alive, 64 connections; `*-h2` rows: HTTP/2 h2c, 64 streams)\n"
     );
     s.push_str(&md_table(&http_rows(run)));
     let _ = writeln!(

@@ -16,6 +16,8 @@ const NEEDED: &[(&str, &str)] = &[
     ("wrk", "wrk"),
     ("iperf3", "iperf3"),
     ("curl", "curl"),
+    ("h2load", "nghttp2-client"),
+    ("openssl", "openssl"),
 ];
 
 /// Services packages may start on install, with their pid files.

@@ -14,39 +14,96 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use waymark_tests::world::topology::{node_bridge_ip, node_fabric_ip, pod_ip};
 
-use super::peers::{Listener, Mode, PeerSpec, Software};
+use super::peers::{Listener, Mode, PeerSpec, PeerTls, Software};
 
 /// The HTTP port of the backend nginx in the server pods.
 pub const HTTP_PORT: u16 = 80;
 /// iperf3's port in the server pods.
 pub const IPERF_PORT: u16 = 5201;
 
+/// The backend's h2c (HTTP/2 with prior knowledge, no TLS) port.
+pub const H2C_PORT: u16 = 8080;
+
 /// The service address the `waymark-l7` row dials (a ClusterIP-like
 /// virtual address: the kernel programs redirect it before any routing).
 pub const SERVICE_ADDR: &str = "10.96.0.10:80";
+/// `waymark-l7-mtls`: the same HTTP/1.1 service, endpoint on node1 (tunnelled).
+pub const MTLS_HTTP_ADDR: &str = "10.96.0.11:80";
+/// `waymark-l4-mtls`: an opaque service, endpoint on node1 (tunnelled); its
+/// port 5201 is the bulk (iperf3) service.
+pub const MTLS_TCP_ADDR: &str = "10.96.0.12:80";
+pub const MTLS_BULK_ADDR: &str = "10.96.0.12:5201";
+/// `waymark-h2`: an HTTP/2 service whose endpoint is the backend's h2c port.
+pub const H2_ADDR: &str = "10.96.0.13:80";
+/// `waymark-h2-mtls`: the same, endpoint on node1 (tunnelled).
+pub const MTLS_H2_ADDR: &str = "10.96.0.14:80";
 
-/// The agent config every bench agent gets: one worker, and the service of
-/// the `waymark-l7` row (HTTP/1.1, one endpoint: the backend in pod (1,0)).
-/// Other destinations are no service's address, so the L4 rows stay opaque
-/// TCP.
-pub fn agent_config_extra() -> String {
+/// One `[[services]]` entry: one endpoint, on `node` (tunnelled when the
+/// node is another one) or without a node (always dialled directly).
+fn service(
+    name: &str,
+    addr: &str,
+    protocol: &str,
+    endpoint: SocketAddr,
+    node: Option<&str>,
+) -> String {
+    let node = node
+        .map(|n| format!(", node = \"{n}\""))
+        .unwrap_or_default();
     format!(
-        "[runtime]\nworkers = 1\n\n[[services]]\nname = \"bench\"\naddresses = [\"{SERVICE_ADDR}\"]\n\
-         protocol = \"http1\"\nendpoints = [ {{ addr = \"{}:{HTTP_PORT}\", node = \"node1\" }} ]\n",
-        server_ip()
+        "\n[[services]]\nname = \"{name}\"\naddresses = [\"{addr}\"]\nprotocol = \"{protocol}\"\n\
+         endpoints = [ {{ addr = \"{endpoint}\"{node} }} ]\n"
     )
 }
 
-/// What the waymark agent of node 0 must be doing while a path is measured.
-/// Node 1's agent is always stopped: waymark has no inbound proxy yet, so it
-/// would have nothing to do on these paths.
+/// The agent config every bench agent gets (on top of the world's, which
+/// has mTLS on: `[identity]`, `[[nodes]]`, an identity per pod): one
+/// worker, and the services of the waymark L7, h2 and mTLS rows. The
+/// one-hop services' endpoints name no node, so they are dialled directly
+/// (mTLS applies only to an endpoint on another node in `[[nodes]]`); the
+/// `*-mtls` services' endpoint is on node1, so node0's agent tunnels to
+/// node1's. Other destinations are no service's address, so the L4 rows
+/// stay opaque TCP and direct.
+pub fn agent_config_extra() -> String {
+    let http = sa(server_ip(), HTTP_PORT);
+    let h2c = sa(server_ip(), H2C_PORT);
+    let bulk = sa(server_ip(), IPERF_PORT);
+    let mut s = String::from("[runtime]\nworkers = 1\n");
+    s += &service("bench", SERVICE_ADDR, "http1", http, None);
+    s += &service("bench-h2", H2_ADDR, "http2", h2c, None);
+    s += &service("bench-mtls", MTLS_HTTP_ADDR, "http1", http, Some("node1"));
+    s += &service(
+        "bench-mtls-tcp",
+        MTLS_TCP_ADDR,
+        "opaque",
+        http,
+        Some("node1"),
+    );
+    s += &service(
+        "bench-mtls-bulk",
+        MTLS_BULK_ADDR,
+        "opaque",
+        bulk,
+        Some("node1"),
+    );
+    s += &service("bench-mtls-h2", MTLS_H2_ADDR, "http2", h2c, Some("node1"));
+    s
+}
+
+/// What the waymark agents must be doing while a path is measured.
+/// Node 1's agent runs only for the two-hop (mTLS) rows: on the one-hop
+/// rows it would have nothing to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum AgentState {
     /// Stopped: the kernel programs are detached, pods connect directly
     /// (waymark fails open). Direct and peer paths.
     Stopped,
-    /// Running with this many data-path workers.
+    /// Node 0's agent running with this many data-path workers; node 1's
+    /// stopped.
     Workers(usize),
+    /// Both agents running (node 0's with this many workers, node 1's with
+    /// one): the mTLS tunnel rows.
+    Mesh(usize),
 }
 
 impl AgentState {
@@ -54,8 +111,28 @@ impl AgentState {
         match self {
             AgentState::Stopped => "agents stopped".into(),
             AgentState::Workers(w) => format!("node0 agent, {w} worker(s)"),
+            AgentState::Mesh(w) => format!("node0 agent ({w} worker(s)) + node1 agent (1), mTLS"),
         }
     }
+
+    /// Node 0's workers, if its agent runs.
+    pub fn node0_workers(self) -> Option<usize> {
+        match self {
+            AgentState::Stopped => None,
+            AgentState::Workers(w) | AgentState::Mesh(w) => Some(w),
+        }
+    }
+}
+
+/// What the HTTP load speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    /// HTTP/1.1: wrk, testpeer http-rate and hold.
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c): h2load; no fixed-rate and idle
+    /// runs (their generators speak HTTP/1.1).
+    H2c,
 }
 
 /// A process whose CPU and memory count as the path's proxy cost.
@@ -101,6 +178,10 @@ pub struct PathSpec {
     /// Whether the path's proxy is waymark (its metrics must show the
     /// connections, or the row is not what it claims).
     pub waymark: bool,
+    /// waymark through the node-to-node mTLS tunnel: the connections and
+    /// requests counted must carry `tls="true"`.
+    pub tunnel: bool,
+    pub proto: Proto,
 }
 
 /// Everything the bench sets up: paths and the peer proxies they need.
@@ -131,15 +212,18 @@ struct PeerKind {
     n: u16,
     slug: &'static str,
     name: &'static str,
+    /// TLS (mutual, TLS 1.3) between the two hops; two-hop rows only.
+    tls: bool,
 }
 
-const PEER_KINDS: [PeerKind; 4] = [
+const PEER_KINDS: [PeerKind; 8] = [
     PeerKind {
         software: Software::Haproxy,
         mode: Mode::Tcp,
         n: 1,
         slug: "haproxy-tcp",
         name: "HAProxy TCP mode",
+        tls: false,
     },
     PeerKind {
         software: Software::Haproxy,
@@ -147,6 +231,7 @@ const PEER_KINDS: [PeerKind; 4] = [
         n: 2,
         slug: "haproxy-http",
         name: "HAProxy HTTP mode",
+        tls: false,
     },
     PeerKind {
         software: Software::Nginx,
@@ -154,6 +239,7 @@ const PEER_KINDS: [PeerKind; 4] = [
         n: 3,
         slug: "nginx-stream",
         name: "nginx stream",
+        tls: false,
     },
     PeerKind {
         software: Software::Nginx,
@@ -161,6 +247,39 @@ const PEER_KINDS: [PeerKind; 4] = [
         n: 4,
         slug: "nginx-http",
         name: "nginx http reverse proxy",
+        tls: false,
+    },
+    PeerKind {
+        software: Software::Haproxy,
+        mode: Mode::Tcp,
+        n: 5,
+        slug: "haproxy-tcp-tls",
+        name: "HAProxy TCP mode",
+        tls: true,
+    },
+    PeerKind {
+        software: Software::Haproxy,
+        mode: Mode::Http,
+        n: 6,
+        slug: "haproxy-http-tls",
+        name: "HAProxy HTTP mode",
+        tls: true,
+    },
+    PeerKind {
+        software: Software::Nginx,
+        mode: Mode::Tcp,
+        n: 7,
+        slug: "nginx-stream-tls",
+        name: "nginx stream",
+        tls: true,
+    },
+    PeerKind {
+        software: Software::Nginx,
+        mode: Mode::Http,
+        n: 8,
+        slug: "nginx-http-tls",
+        name: "nginx http reverse proxy",
+        tls: true,
     },
 ];
 
@@ -189,6 +308,8 @@ pub fn plan() -> Plan {
             class: None,
             quick: true,
             waymark: false,
+            tunnel: false,
+            proto: Proto::Http1,
         },
         PathSpec {
             id: "direct-same-node".into(),
@@ -207,6 +328,8 @@ pub fn plan() -> Plan {
             class: None,
             quick: false,
             waymark: false,
+            tunnel: false,
+            proto: Proto::Http1,
         },
         PathSpec {
             id: "waymark".into(),
@@ -227,6 +350,8 @@ pub fn plan() -> Plan {
             class: Some("l4-1hop"),
             quick: true,
             waymark: true,
+            tunnel: false,
+            proto: Proto::Http1,
         },
         PathSpec {
             id: "waymark-2w".into(),
@@ -243,6 +368,8 @@ pub fn plan() -> Plan {
             class: Some("l4-1hop"),
             quick: false,
             waymark: true,
+            tunnel: false,
+            proto: Proto::Http1,
         },
         PathSpec {
             id: "waymark-l7".into(),
@@ -264,6 +391,8 @@ pub fn plan() -> Plan {
             class: Some("l7-1hop"),
             quick: true,
             waymark: true,
+            tunnel: false,
+            proto: Proto::Http1,
         },
         PathSpec {
             id: "waymark-same-node".into(),
@@ -283,11 +412,63 @@ pub fn plan() -> Plan {
             class: None,
             quick: false,
             waymark: true,
+            tunnel: false,
+            proto: Proto::Http1,
+        },
+        PathSpec {
+            id: "waymark-l7-mtls".into(),
+            label: "waymark 2 hops mTLS (L7 HTTP/1.1 service)".into(),
+            what: format!(
+                "client dials the service address {MTLS_HTTP_ADDR} (protocol http1, one endpoint \
+                 {server}:{HTTP_PORT} on node1); node0's agent parses and routes each request and \
+                 sends it through its pooled upstream connection, a CONNECT stream in the mTLS \
+                 tunnel (TLS 1.3, HTTP/2, port 15008) to node1's agent, which checks the client's \
+                 identity and connects to the server pod. Both agents `[runtime] workers = 1`"
+            ),
+            hops: 2,
+            layer: Layer::L7,
+            same_node: false,
+            agent: AgentState::Mesh(1),
+            http: MTLS_HTTP_ADDR.parse().expect("valid service address"),
+            bulk: None,
+            proxies: vec![ProxyRef::Agent(0), ProxyRef::Agent(1)],
+            baseline: "direct",
+            class: Some("l7-2hop-tls"),
+            quick: false,
+            waymark: true,
+            tunnel: true,
+            proto: Proto::Http1,
+        },
+        PathSpec {
+            id: "waymark-l4-mtls".into(),
+            label: "waymark 2 hops mTLS (L4 opaque service)".into(),
+            what: format!(
+                "client dials {MTLS_TCP_ADDR} (bulk: {MTLS_BULK_ADDR}), an opaque service whose \
+                 endpoint {server}:{HTTP_PORT} (:{IPERF_PORT}) is on node1: node0's agent opens one \
+                 CONNECT stream per connection in the mTLS tunnel to node1's agent, which connects \
+                 to the server pod; bytes copied, HTTP not parsed. Both agents `[runtime] workers = 1`"
+            ),
+            hops: 2,
+            layer: Layer::L4,
+            same_node: false,
+            agent: AgentState::Mesh(1),
+            http: MTLS_TCP_ADDR.parse().expect("valid service address"),
+            bulk: Some(MTLS_BULK_ADDR.parse().expect("valid service address")),
+            proxies: vec![ProxyRef::Agent(0), ProxyRef::Agent(1)],
+            baseline: "direct",
+            class: Some("l4-2hop-tls"),
+            quick: false,
+            waymark: true,
+            tunnel: true,
+            proto: Proto::Http1,
         },
     ];
     let mut peers = Vec::new();
     for hops in [1usize, 2] {
         for k in &PEER_KINDS {
+            if k.tls && hops == 1 {
+                continue;
+            }
             let tcp = k.mode == Mode::Tcp;
             let (first_http, first_bulk) = match hops {
                 1 => (10_000 + k.n, 10_100 + k.n),
@@ -314,6 +495,7 @@ pub fn plan() -> Plan {
                     mode: k.mode,
                     node: 0,
                     listeners,
+                    tls: None,
                 });
             } else {
                 let (second_http, second_bulk) = (12_000 + k.n, 12_100 + k.n);
@@ -335,7 +517,11 @@ pub fn plan() -> Plan {
                         upstream: sa(server, IPERF_PORT),
                     });
                 }
-                for (node, listeners) in [(0, first), (1, second)] {
+                let tls = [
+                    k.tls.then_some(PeerTls::Client),
+                    k.tls.then_some(PeerTls::Server),
+                ];
+                for ((node, listeners), tls) in [(0, first), (1, second)].into_iter().zip(tls) {
                     proxies.push(ProxyRef::Peer(peers.len()));
                     peers.push(PeerSpec {
                         name: format!("{}-2hop-node{node}", k.slug),
@@ -343,16 +529,19 @@ pub fn plan() -> Plan {
                         mode: k.mode,
                         node,
                         listeners,
+                        tls,
                     });
                 }
             }
             let layer = if tcp { Layer::L4 } else { Layer::L7 };
             let id = format!("{}-{hops}hop", k.slug);
-            let class: &'static str = match (layer, hops) {
-                (Layer::L4, 1) => "l4-1hop",
-                (Layer::L7, 1) => "l7-1hop",
-                (Layer::L4, _) => "l4-2hop",
-                (Layer::L7, _) => "l7-2hop",
+            let class: &'static str = match (layer, hops, k.tls) {
+                (Layer::L4, 1, _) => "l4-1hop",
+                (Layer::L7, 1, _) => "l7-1hop",
+                (Layer::L4, _, false) => "l4-2hop",
+                (Layer::L7, _, false) => "l7-2hop",
+                (Layer::L4, _, true) => "l4-2hop-tls",
+                (Layer::L7, _, true) => "l7-2hop-tls",
             };
             let route = if hops == 1 {
                 format!(
@@ -371,12 +560,21 @@ pub fn plan() -> Plan {
             } else {
                 "L7: HTTP parsed, upstream keep-alive pool"
             };
+            let level = if k.tls {
+                format!(
+                    "{level}; node0's proxy → node1's proxy over TLS 1.3 with client and server \
+                     certificates (EC P-256, one CA, made with openssl at run time), both verified"
+                )
+            } else {
+                level.to_string()
+            };
             paths.push(PathSpec {
                 id,
                 label: format!(
-                    "{} {hops} hop{} ({})",
+                    "{} {hops} hop{}{} ({})",
                     k.name,
                     if hops == 1 { "" } else { "s" },
+                    if k.tls { " mTLS" } else { "" },
                     if tcp { "L4" } else { "L7" }
                 ),
                 what: format!("{route}; one worker/thread per proxy; {level}"),
@@ -391,10 +589,78 @@ pub fn plan() -> Plan {
                 class: Some(class),
                 quick: hops == 1 && k.slug != "haproxy-http",
                 waymark: false,
+                tunnel: false,
+                proto: Proto::Http1,
             });
         }
     }
+    paths.extend(h2_paths());
     Plan { paths, peers }
+}
+
+/// The HTTP/2 rows: h2load with prior knowledge against the backend's h2c
+/// listener, directly and through waymark (one hop, and two hops in the
+/// mTLS tunnel). Compared with the direct h2c path only: no peer row.
+fn h2_paths() -> Vec<PathSpec> {
+    let server = server_ip();
+    let base = PathSpec {
+        id: "direct-h2".into(),
+        label: "direct HTTP/2 (h2c), across nodes".into(),
+        what: format!(
+            "h2load (prior knowledge) dials {server}:{H2C_PORT}, the backend nginx's h2c listener; \
+             no proxy (agents stopped)"
+        ),
+        hops: 0,
+        layer: Layer::L4,
+        same_node: false,
+        agent: AgentState::Stopped,
+        http: sa(server, H2C_PORT),
+        bulk: None,
+        proxies: vec![],
+        baseline: "direct-h2",
+        class: None,
+        quick: false,
+        waymark: false,
+        tunnel: false,
+        proto: Proto::H2c,
+    };
+    vec![
+        base.clone(),
+        PathSpec {
+            id: "waymark-h2".into(),
+            label: "waymark 1 hop (L7 HTTP/2 service)".into(),
+            what: format!(
+                "h2load dials the service address {H2_ADDR} (protocol http2, one endpoint \
+                 {server}:{H2C_PORT}); node0's agent serves HTTP/2, routes each stream and \
+                 forwards it over its HTTP/2 upstream connection. One hop. `[runtime] workers = 1`"
+            ),
+            hops: 1,
+            layer: Layer::L7,
+            agent: AgentState::Workers(1),
+            http: H2_ADDR.parse().expect("valid service address"),
+            proxies: vec![ProxyRef::Agent(0)],
+            waymark: true,
+            ..base.clone()
+        },
+        PathSpec {
+            id: "waymark-h2-mtls".into(),
+            label: "waymark 2 hops mTLS (L7 HTTP/2 service)".into(),
+            what: format!(
+                "h2load dials {MTLS_H2_ADDR} (protocol http2, endpoint {server}:{H2C_PORT} on \
+                 node1): node0's agent forwards each stream over its HTTP/2 upstream connection, \
+                 carried by a CONNECT stream in the mTLS tunnel to node1's agent. Both agents \
+                 `[runtime] workers = 1`"
+            ),
+            hops: 2,
+            layer: Layer::L7,
+            agent: AgentState::Mesh(1),
+            http: MTLS_H2_ADDR.parse().expect("valid service address"),
+            proxies: vec![ProxyRef::Agent(0), ProxyRef::Agent(1)],
+            waymark: true,
+            tunnel: true,
+            ..base
+        },
+    ]
 }
 
 #[cfg(test)]
@@ -429,7 +695,7 @@ mod tests {
         listens.sort();
         listens.dedup();
         assert_eq!(listens.len(), m);
-        assert_eq!(p.paths.len(), 14);
+        assert_eq!(p.paths.len(), 23);
         assert!(agent_config_extra().parse::<toml::Table>().is_ok());
     }
 }
