@@ -32,14 +32,32 @@ const LATENCY_BUCKETS_MS: [f64; 19] = [
 ];
 
 /// Who asked for what: the labels every request series carries.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct RequestLabels {
     pub direction: Direction,
+    /// Outbound: the calling pod; inbound: the pod called.
     pub pod: String,
     /// The `Host`/`:authority` the client used, bounded in cardinality.
     pub authority: String,
     pub service: String,
     pub route: String,
+    /// Inbound only: the client's verified identity (Linkerd's
+    /// `client_id`), bounded in cardinality.
+    pub client_id: Option<String>,
+}
+
+impl EncodeLabelSet for RequestLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> Result<(), std::fmt::Error> {
+        ("direction", self.direction.as_str()).encode(encoder.encode_label())?;
+        ("pod", self.pod.as_str()).encode(encoder.encode_label())?;
+        ("authority", self.authority.as_str()).encode(encoder.encode_label())?;
+        ("service", self.service.as_str()).encode(encoder.encode_label())?;
+        ("route", self.route.as_str()).encode(encoder.encode_label())?;
+        if let Some(id) = &self.client_id {
+            ("client_id", id.as_str()).encode(encoder.encode_label())?;
+        }
+        Ok(())
+    }
 }
 
 /// A request's labels plus how it ended.
@@ -82,6 +100,7 @@ pub struct HttpMetrics {
     latency: Family<ResponseLabels, Histogram>,
     retries: Family<RetryLabels, Counter>,
     authorities: BoundedLabel,
+    client_ids: BoundedLabel,
     /// The sliding windows of `waymark stat`, fed by the same classification.
     stats: Arc<Stats>,
 }
@@ -89,7 +108,9 @@ pub struct HttpMetrics {
 /// A request being counted: its labels and its edge in the windows.
 pub struct Counted {
     labels: RequestLabels,
-    edge: Arc<Edge>,
+    /// Outbound requests feed `waymark stat`'s windows; inbound ones do not
+    /// (the calling agent counts the same request there already).
+    edge: Option<Arc<Edge>>,
 }
 
 /// Attempts after the first that a response took, carried in its
@@ -113,6 +134,7 @@ impl HttpMetrics {
             latency: Family::new_with_constructor(|| Histogram::new(LATENCY_BUCKETS_MS)),
             retries: Family::default(),
             authorities: BoundedLabel::new(max_authorities),
+            client_ids: BoundedLabel::new(max_authorities),
             stats,
         };
         registry.register("request", "Total HTTP requests", m.requests.clone());
@@ -149,12 +171,34 @@ impl HttpMetrics {
             authority: authority.map_or_else(|| "unknown".to_string(), |a| self.authorities.get(a)),
             service: service.to_string(),
             route: route.to_string(),
+            client_id: None,
         };
         self.requests.get_or_create(&labels).inc();
         Counted {
             labels,
-            edge: self.stats.request_edge(pod, service, route),
+            edge: Some(self.stats.request_edge(pod, service, route)),
         }
+    }
+
+    /// Counts a request that arrived through the tunnel for local `pod`
+    /// from the verified `client_id`.
+    pub fn inbound_request(
+        &self,
+        pod: &str,
+        authority: Option<&str>,
+        service: &str,
+        client_id: &str,
+    ) -> Counted {
+        let labels = RequestLabels {
+            direction: Direction::Inbound,
+            pod: pod.to_string(),
+            authority: authority.map_or_else(|| "unknown".to_string(), |a| self.authorities.get(a)),
+            service: service.to_string(),
+            route: crate::discovery::DEFAULT_ROUTE.to_string(),
+            client_id: Some(self.client_ids.get(client_id)),
+        };
+        self.requests.get_or_create(&labels).inc();
+        Counted { labels, edge: None }
     }
 
     pub fn retry(&self, service: &str, route: &str, result: &'static str) {
@@ -244,14 +288,16 @@ impl End {
             tls: self.tls,
         };
         self.metrics.record(&labels, self.latency);
-        self.metrics.stats.record(
-            &self.request.edge,
-            Outcome {
-                success: !failed,
-                latency: self.latency,
-                retries: self.retries,
-            },
-        );
+        if let Some(edge) = &self.request.edge {
+            self.metrics.stats.record(
+                edge,
+                Outcome {
+                    success: !failed,
+                    latency: self.latency,
+                    retries: self.retries,
+                },
+            );
+        }
     }
 }
 
