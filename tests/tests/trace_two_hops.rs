@@ -83,7 +83,9 @@ fn services() -> String {
 [[services]]
 name = "web"
 addresses = ["{VIP}"]
-endpoints = [ {{ addr = "{good}:{PORT}", node = "node1" }}, {{ addr = "{bad}:{PORT}", node = "node1" }} ]
+# The failing endpoint looks 100 times bigger, so the balancer tries it
+# first until it is ejected.
+endpoints = [ {{ addr = "{good}:{PORT}", node = "node1" }}, {{ addr = "{bad}:{PORT}", node = "node1", weight = 100 }} ]
 retry_budget = {{ ratio = 1.0, min_per_second = 10, ttl = "10s" }}
 [[services.routes]]
 name = "all"
@@ -137,8 +139,8 @@ fn trace_shows_inbound_block_then_outbound_block() {
         let bad_addr = format!("{}:{PORT}", bad.ip());
         let client_id = pod_identity(client.name());
 
-        // The balancer picks the first endpoint itself; keep asking until a
-        // first attempt lands on the failing one (about every other time).
+        // The balancer picks the first endpoint itself (the weight makes it
+        // the failing one); keep asking until a first attempt lands there.
         let mut retried = None;
         for i in 0..30 {
             let (code, text) = curl(
@@ -198,6 +200,7 @@ fn trace_shows_inbound_block_then_outbound_block() {
             ensure!(outb.contains("retries: 0"), "{outb}");
         }
         let text = retried.context("in 30 TRACEs no first attempt went to the failing endpoint")?;
+        eprintln!("the traced response, as curl -i shows it:\n{text}");
         // The 503 went through node 1's agent too, answered by the bad pod.
         ensure!(
             bad_app
@@ -340,5 +343,112 @@ fn context_headers_chunked_trace_and_plain_requests() {
             "context without asking: {text}"
         );
         Ok(())
+    });
+}
+
+/// A WebSocket-shaped upgrade: argv `server PORT` answers an `Upgrade`
+/// request with `101` and then echoes bytes until EOF; argv `client HOST
+/// PORT` upgrades, sends 256 KiB, half-closes and prints `101 <identical>
+/// <eof>`.
+const UPGRADE: &str = r#"
+import os, socket, sys, threading
+def head(s):
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        d = s.recv(65536)
+        if not d:
+            return None, b""
+        buf += d
+    h, rest = buf.split(b"\r\n\r\n", 1)
+    return h.decode("latin-1"), rest
+def serve(port):
+    l = socket.socket()
+    l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    l.bind(("0.0.0.0", int(port)))
+    l.listen(64)
+    print("listening", port, flush=True)
+    def one(c):
+        h, rest = head(c)
+        if h is None:
+            return
+        print("upgrade", h.splitlines()[0], "upgrade: websocket" in h.lower(), flush=True)
+        c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n" + rest)
+        while True:
+            d = c.recv(65536)
+            if not d:
+                break
+            c.sendall(d)
+        c.shutdown(socket.SHUT_WR)
+    while True:
+        c, _ = l.accept()
+        threading.Thread(target=one, args=(c,), daemon=True).start()
+def client(host, port):
+    s = socket.create_connection((host, int(port)), timeout=10)
+    s.sendall(b"GET /chat HTTP/1.1\r\nHost: ws.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+    h, rest = head(s)
+    blob = os.urandom(256 * 1024)
+    def send():
+        s.sendall(blob)
+        s.shutdown(socket.SHUT_WR)
+    t = threading.Thread(target=send)
+    t.start()
+    got = rest
+    while True:
+        d = s.recv(65536)
+        if not d:
+            break
+        got += d
+    t.join()
+    print((h or "none").split(" ")[1] if h else "none", got == blob, True, flush=True)
+{"server": serve, "client": client}[sys.argv[1]](*sys.argv[2:])
+"#;
+
+/// An HTTP/1.1 upgrade crosses both agents and the tunnel: `101`, then
+/// bytes both ways, then EOF.
+#[test]
+fn upgrade_through_the_tunnel_carries_bytes_both_ways() {
+    require_agent_or_skip!();
+    const WS_VIP: &str = "10.96.0.42:80";
+    let services = format!(
+        r#"
+[[services]]
+name = "ws"
+addresses = ["{WS_VIP}"]
+protocol = "http1"
+endpoints = [ {{ addr = "{}:8081", node = "node1" }} ]
+"#,
+        pod_ip(1, 0)
+    );
+    let b = World::builder(world_name!())
+        .nodes(2)
+        .pods_per_node(1)
+        .mtls(true)
+        .agent_config_extra(services);
+    with_world(b, |world| {
+        let (client, server) = (world.pod(0, 0), world.pod(1, 0));
+        let ws = server.serve(python().args(["-u", "-c", UPGRADE, "server", "8081"]))?;
+        let (host, port) = WS_VIP.split_once(':').context("ip:port")?;
+        let out = client.run_ok(python().args(["-u", "-c", UPGRADE, "client", host, port]))?;
+        ensure!(
+            out.trim() == "101 True True",
+            "upgrade through the tunnel: {out}"
+        );
+        ensure!(
+            ws.lines()
+                .iter()
+                .any(|l| l == "upgrade GET /chat HTTP/1.1 True"),
+            "the endpoint did not get the Upgrade headers: {:?}",
+            ws.lines()
+        );
+        let n1 = world.node(1);
+        eventually(waymark_tests::DEFAULT_PATIENCE, || {
+            let inbound = metric(
+                n1,
+                "response_total",
+                &[("direction", "inbound"), ("status_code", "101")],
+            )?;
+            ensure!(inbound == 1.0, "the upgrade counted inbound: {inbound}");
+            Ok(())
+        })
     });
 }

@@ -27,7 +27,7 @@ use hyper::body::{Body, Incoming};
 use hyper_util::rt::TokioIo;
 use tracing::{Instrument, debug, debug_span};
 
-use super::body::{ProxyBody, empty, full, incoming};
+use super::body::{ProxyBody, empty, full, incoming, prefixed};
 use super::errors::{self, ProxyError};
 use super::headers::{strip_hop_by_hop, wants_upgrade};
 use super::pool::{ConnectError, Key, Pool, Version};
@@ -638,11 +638,13 @@ pub(crate) async fn add_context(
     context: &(impl trace::Hop + Sync),
 ) -> Response<ProxyBody> {
     let (mut parts, mut body) = resp.into_parts();
+    // A body of unknown length (chunked, HTTP/2 without content-length)
+    // is read up to the limit too.
     if mode == trace::Mode::Body
         && body
             .size_hint()
             .upper()
-            .is_some_and(|n| n <= MAX_TRACE_BODY as u64)
+            .is_none_or(|n| n <= MAX_TRACE_BODY as u64)
     {
         // Read by hand rather than through `Limited`: its boxed error type
         // trips the compiler's Send inference inside hyper's h2 executor.
@@ -653,6 +655,14 @@ pub(crate) async fn add_context(
                 Ok(frame) => {
                     if let Ok(data) = frame.into_data() {
                         bytes.extend_from_slice(&data);
+                    }
+                    if bytes.len() > MAX_TRACE_BODY {
+                        // Too big after all: what was read goes on first,
+                        // the rest as it comes, the context in a header.
+                        if let Ok(v) = HeaderValue::from_str(&context.header()) {
+                            parts.headers.append(trace::CONTEXT_HEADER, v);
+                        }
+                        return Response::from_parts(parts, prefixed(bytes.into(), body));
                     }
                 }
                 Err(e) => {
