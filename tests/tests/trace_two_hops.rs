@@ -180,6 +180,14 @@ fn trace_shows_inbound_block_then_outbound_block() {
             ensure!(inb.contains("authorization: allow (rule default)"), "{inb}");
             ensure!(inb.contains("endpoint of: web, good"), "{inb}");
             ensure!(inb.contains("result: 200"), "{inb}");
+            // The kernel diagnostics run in the world: their view of the
+            // agent's connection to the pod that answered.
+            ensure!(
+                inb.lines()
+                    .any(|l| l.starts_with("kernel: ")
+                        && l.ends_with(&format!("\u{2192}{good_addr}"))),
+                "{inb}"
+            );
             ensure!(inb.contains("request duration: "), "{inb}");
             ensure!(
                 inb.contains(&format!("client address: {}:", client.ip())),

@@ -449,6 +449,37 @@ mod tests {
         assert!(text(&r).contains(r#"status_code="200",classification="failure",tls="true"} 1"#));
     }
 
+    #[tokio::test]
+    async fn inbound_requests_carry_direction_and_client_id() {
+        let (r, m) = metrics();
+        let client = "spiffe://cluster.local/ns/default/sa/web";
+        let labels = m.inbound_request("default/api", Some("api:80"), "api", client);
+        let mut resp = http::Response::builder()
+            .status(200)
+            .body(full("ok"))
+            .unwrap();
+        resp.extensions_mut().insert(TlsLabel::True);
+        let resp = observe(m.clone(), labels, Instant::now(), resp, false);
+        let _ = resp.into_body().collect().await.unwrap();
+        let t = text(&r);
+        assert!(
+            t.contains(&format!(r#"request_total{{direction="inbound",pod="default/api",authority="api:80",service="api",route="[DEFAULT]",client_id="{client}"}} 1"#)),
+            "{t}"
+        );
+        assert!(
+            t.contains(&format!(
+                r#"client_id="{client}",status_code="200",classification="success",tls="true"}} 1"#
+            )),
+            "{t}"
+        );
+        // Not in `waymark stat`'s windows: the calling agent counts it there.
+        let window = m.stats.window(Duration::from_secs(10), Instant::now());
+        assert!(
+            window.edges.iter().all(|(k, _)| k.pod != "default/api"),
+            "inbound request fed the windows"
+        );
+    }
+
     /// A body that yields the given frames in order.
     struct Frames(VecDeque<Result<Frame<Bytes>, BoxError>>);
 

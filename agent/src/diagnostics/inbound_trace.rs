@@ -20,7 +20,7 @@ use super::trace::{Hop, ms};
 pub struct KernelLine {
     pub local: SocketAddr,
     pub pod: SocketAddr,
-    /// `None`: the kernel saw nothing notable on it.
+    /// `None`: the kernel saw nothing notable on it (all zero).
     pub counters: Option<FlowCounters>,
 }
 
@@ -78,19 +78,21 @@ impl Hop for InboundContext {
             let _ = writeln!(b, "result: {r}");
         }
         if let Some(k) = &self.kernel {
-            let _ = write!(b, "kernel: {} -> {}: ", k.local, k.pod);
-            match k.counters {
-                Some(c) => {
-                    let _ = writeln!(
-                        b,
-                        "{} drops, {} retransmits, {} resets sent, {} resets received",
-                        c.drops, c.retransmits, c.resets_sent, c.resets_received
-                    );
-                }
-                None => {
-                    let _ = writeln!(b, "no drops, retransmits or resets seen");
-                }
-            }
+            // The outbound block's form, plus resets when there were any.
+            let c = k.counters.unwrap_or_default();
+            let resets = if c.resets_sent + c.resets_received > 0 {
+                format!(
+                    ", {} resets sent, {} received",
+                    c.resets_sent, c.resets_received
+                )
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                b,
+                "kernel: {} drops, {} retransmits{resets} on {}\u{2192}{}",
+                c.drops, c.retransmits, k.local, k.pod
+            );
         }
         b
     }
@@ -112,6 +114,14 @@ impl Hop for InboundContext {
         }
         if let Some((decision, rule)) = &self.decision {
             let _ = write!(h, "; authorization={decision}; rule={rule}");
+        }
+        if let Some(k) = &self.kernel {
+            let c = k.counters.unwrap_or_default();
+            let _ = write!(
+                h,
+                "; kernel_drops={}; kernel_retransmits={}",
+                c.drops, c.retransmits
+            );
         }
         h
     }
@@ -152,7 +162,7 @@ mod tests {
              peer identity: spiffe://cluster.local/ns/default/sa/client (verified client certificate)\n\
              authorization: allow (rule default)\n\
              result: 200\n\
-             kernel: 10.2.0.1:50000 -> 10.2.0.2:8080: no drops, retransmits or resets seen\n"
+             kernel: 0 drops, 0 retransmits on 10.2.0.1:50000\u{2192}10.2.0.2:8080\n"
         );
         let mut c = sample();
         if let Some(k) = c.kernel.as_mut() {
@@ -164,7 +174,7 @@ mod tests {
             });
         }
         assert!(c.block().contains(
-            "kernel: 10.2.0.1:50000 -> 10.2.0.2:8080: 1 drops, 2 retransmits, 0 resets sent, 3 resets received\n"
+            "kernel: 1 drops, 2 retransmits, 0 resets sent, 3 received on 10.2.0.1:50000\u{2192}10.2.0.2:8080\n"
         ));
     }
 
@@ -173,7 +183,7 @@ mod tests {
         let h = sample().header();
         assert_eq!(
             h,
-            "node=node-b; direction=inbound; duration_ms=1.500; pod=default/web; endpoint=10.2.0.2:8080; peer_identity=spiffe://cluster.local/ns/default/sa/client; authorization=allow; rule=default"
+            "node=node-b; direction=inbound; duration_ms=1.500; pod=default/web; endpoint=10.2.0.2:8080; peer_identity=spiffe://cluster.local/ns/default/sa/client; authorization=allow; rule=default; kernel_drops=0; kernel_retransmits=0"
         );
         assert!(http::HeaderValue::from_str(&h).is_ok());
     }
