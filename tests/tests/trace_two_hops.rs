@@ -460,3 +460,110 @@ endpoints = [ {{ addr = "{}:8081", node = "node1" }} ]
         })
     });
 }
+
+/// h2c server (prior knowledge): answers every request with `200`, no
+/// content-length, a body `<name> <method> <path>` in two DATA frames and a
+/// trailer `x-done: yes`.
+const H2_APP: &str = r#"
+import socket, sys, threading
+import h2.config, h2.connection, h2.events
+name, port = sys.argv[1], int(sys.argv[2])
+def handle(c):
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+    conn.initiate_connection()
+    c.sendall(conn.data_to_send())
+    while True:
+        data = c.recv(65536)
+        if not data:
+            return
+        for ev in conn.receive_data(data):
+            if isinstance(ev, h2.events.RequestReceived):
+                h = dict(ev.headers)
+                body = ("%s %s %s\n" % (name, h[":method"], h[":path"])).encode()
+                print("req", h[":method"], h[":path"], flush=True)
+                conn.send_headers(ev.stream_id, [(":status", "200"), ("x-pod", name)])
+                conn.send_data(ev.stream_id, body[:4])
+                conn.send_data(ev.stream_id, body[4:])
+                conn.send_headers(ev.stream_id, [("x-done", "yes")], end_stream=True)
+            elif isinstance(ev, h2.events.ConnectionTerminated):
+                c.sendall(conn.data_to_send())
+                return
+        c.sendall(conn.data_to_send())
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("0.0.0.0", port))
+l.listen(64)
+print("listening", port, flush=True)
+while True:
+    c, _ = l.accept()
+    threading.Thread(target=handle, args=(c,), daemon=True).start()
+"#;
+
+/// HTTP/2 end to end (the service says `http2`, the client speaks h2c): the
+/// inbound agent detects the preface and serves h2; a TRACE answer of
+/// unknown length gets both blocks, a GET both context headers, and the
+/// endpoint's body and trailers arrive as sent.
+#[test]
+fn http2_through_the_tunnel_gets_both_hops() {
+    require_agent_or_skip!();
+    const H2_VIP: &str = "10.96.0.43:80";
+    let services = format!(
+        r#"
+[[services]]
+name = "h2web"
+addresses = ["{H2_VIP}"]
+protocol = "http2"
+endpoints = [ {{ addr = "{}:8082", node = "node1" }} ]
+"#,
+        pod_ip(1, 0)
+    );
+    let b = World::builder(world_name!())
+        .nodes(2)
+        .pods_per_node(1)
+        .mtls(true)
+        .agent_config_extra(services);
+    with_world(b, |world| {
+        let (client, server) = (world.pod(0, 0), world.pod(1, 0));
+        let _h2 = server.serve(python().args(["-u", "-c", H2_APP, server.name(), "8082"]))?;
+        let h2 = ["--http2-prior-knowledge"];
+        let (code, text) = curl(
+            client,
+            &format!("http://{H2_VIP}/t"),
+            &[&h2[..], &["-X", "TRACE", "-H", "l5d-add-context: true"]].concat(),
+        )?;
+        ensure!(code == 200, "{code}\n{text}");
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        ensure!(
+            body.starts_with(&format!("{} TRACE /t\n", server.name())),
+            "the endpoint's body first: {text}"
+        );
+        let (i, o) = (
+            body.find("--- waymark node1 inbound ---"),
+            body.find("--- waymark node0 outbound ---"),
+        );
+        ensure!(i.is_some() && i < o, "both blocks, inbound first: {text}");
+
+        let (code, text) = curl(
+            client,
+            &format!("http://{H2_VIP}/get"),
+            &[&h2[..], &["-H", "l5d-add-context: true", "--raw", "-v"]].concat(),
+        )?;
+        ensure!(code == 200, "{code}\n{text}");
+        let lower = text.to_lowercase();
+        let contexts: Vec<&str> = lower
+            .lines()
+            .filter_map(|l| l.strip_prefix("l5d-context: "))
+            .collect();
+        ensure!(
+            contexts.len() == 2
+                && contexts[0].starts_with("node=node1; direction=inbound;")
+                && contexts[1].starts_with("node=node0; direction=outbound;"),
+            "one context header per hop, inbound first: {text}"
+        );
+        ensure!(
+            text.contains(&format!("{} GET /get\n", server.name())),
+            "{text}"
+        );
+        Ok(())
+    });
+}

@@ -15,7 +15,9 @@
 //!
 //! A server-speaks-first protocol (SMTP, MySQL) would otherwise wait out
 //! the detection timeout a second time here: the pod's greeting arriving
-//! before any client byte ends detection at once as opaque.
+//! before any client byte ends detection at once as opaque — unless it is
+//! an HTTP/2 server's SETTINGS frame (h2 servers send theirs on accept), or
+//! a service of the target declares HTTP.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -102,6 +104,20 @@ impl InboundHttp {
         })
     }
 
+    /// Whether a service of the target declares HTTP (then the pod's first
+    /// bytes, an HTTP/2 server's SETTINGS say, are no greeting).
+    fn http_by_config(&self, services: &[String]) -> bool {
+        let table = self.discovery.current();
+        services.iter().any(|s| {
+            table.by_name(s).is_some_and(|s| {
+                matches!(
+                    s.protocol,
+                    ProtocolHint::Http1 | ProtocolHint::Http2 | ProtocolHint::Grpc
+                )
+            })
+        })
+    }
+
     async fn serve(self: Arc<Self>, stream: Admitted) {
         let Admitted {
             peer,
@@ -119,7 +135,9 @@ impl InboundHttp {
             debug!("opaque by config; splicing");
             return splice(tunnel, upstream).await;
         }
-        let (protocol, prefix) = first_bytes(&mut tunnel, &upstream, self.detect_timeout).await;
+        let watch_pod = !self.http_by_config(&services);
+        let (protocol, prefix) =
+            first_bytes(&mut tunnel, &upstream, self.detect_timeout, watch_pod).await;
         debug!(protocol = protocol.as_str(), "inbound protocol detected");
         let tunnel = Rewind::new(prefix.freeze(), tunnel);
         let version = match protocol {
@@ -190,11 +208,13 @@ impl StreamHandler for InboundHttp {
 
 /// Reads the client's first bytes until they say what protocol this is,
 /// the pod speaks first, the client closes, or `timeout` passes. Returns
-/// the verdict and every byte read (to be replayed).
+/// the verdict and every byte read (to be replayed). `watch_pod` false:
+/// the pod is known to speak HTTP, whatever it sends first.
 async fn first_bytes<T>(
     tunnel: &mut T,
     upstream: &TcpStream,
     timeout: Duration,
+    mut watch_pod: bool,
 ) -> (Protocol, BytesMut)
 where
     T: tokio::io::AsyncRead + Unpin,
@@ -213,9 +233,17 @@ where
                     Verdict::NeedMore => {}
                 },
             },
-            ready = upstream.ready(Interest::READABLE) => {
-                if ready.is_err() || pod_spoke(upstream) {
+            ready = upstream.ready(Interest::READABLE), if watch_pod => {
+                if ready.is_err() {
                     return (Protocol::Opaque, buf);
+                }
+                match pod_said(upstream) {
+                    PodSaid::Nothing => {}
+                    PodSaid::Greeting => return (Protocol::Opaque, buf),
+                    // An HTTP/2 server sends its SETTINGS at once; that is
+                    // no greeting, the client still speaks first.
+                    PodSaid::H2Settings => watch_pod = false,
+                    PodSaid::TooShort => tokio::time::sleep(Duration::from_millis(2)).await,
                 }
             }
             _ = tokio::time::sleep_until(deadline) => return (Protocol::Opaque, buf),
@@ -223,14 +251,47 @@ where
     }
 }
 
-/// Whether the pod has sent something (or closed) — readiness can be
-/// spurious, so a peek confirms it without consuming anything.
-fn pod_spoke(upstream: &TcpStream) -> bool {
+/// What the pod sent before the client said anything.
+#[derive(Debug, PartialEq, Eq)]
+enum PodSaid {
+    /// Nothing yet (readiness can be spurious).
+    Nothing,
+    /// A server-speaks-first greeting (or it closed).
+    Greeting,
+    /// The start of an HTTP/2 server preface (a SETTINGS frame).
+    H2Settings,
+    /// Too little to tell yet.
+    TooShort,
+}
+
+/// Peeks (without consuming) at what the pod sent.
+fn pod_said(upstream: &TcpStream) -> PodSaid {
+    use std::os::fd::AsRawFd;
+    let mut b = [0u8; 9];
     let peeked = upstream.try_io(Interest::READABLE, || {
-        let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
-        socket2::SockRef::from(upstream).peek(&mut b)
+        nix::sys::socket::recv(
+            upstream.as_raw_fd(),
+            &mut b,
+            nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+        )
+        .map_err(std::io::Error::from)
     });
-    !matches!(peeked, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    match peeked {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => PodSaid::Nothing,
+        Err(_) | Ok(0) => PodSaid::Greeting,
+        Ok(n) => classify_pod_bytes(&b[..n]),
+    }
+}
+
+/// A frame header of type SETTINGS (4) on stream 0 is an HTTP/2 server's
+/// preface (RFC 9113 §3.4); anything else is a greeting.
+fn classify_pod_bytes(b: &[u8]) -> PodSaid {
+    match b.get(3) {
+        None => PodSaid::TooShort,
+        Some(4) if b.len() < 9 => PodSaid::TooShort,
+        Some(4) if b[5..9] == [0, 0, 0, 0] => PodSaid::H2Settings,
+        Some(_) => PodSaid::Greeting,
+    }
 }
 
 #[cfg(test)]
@@ -252,7 +313,7 @@ mod tests {
         let (upstream, _pod) = pair().await;
         client_end.write_all(b"GET / HT").await.unwrap();
         let task = tokio::spawn(async move {
-            first_bytes(&mut tunnel, &upstream, Duration::from_secs(5)).await
+            first_bytes(&mut tunnel, &upstream, Duration::from_secs(5), true).await
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
         client_end
@@ -270,7 +331,7 @@ mod tests {
         let (upstream, mut pod) = pair().await;
         pod.write_all(b"220 smtp ready\r\n").await.unwrap();
         let started = std::time::Instant::now();
-        let (p, buf) = first_bytes(&mut tunnel, &upstream, Duration::from_secs(5)).await;
+        let (p, buf) = first_bytes(&mut tunnel, &upstream, Duration::from_secs(5), true).await;
         assert_eq!(p, Protocol::Opaque);
         assert!(buf.is_empty());
         assert!(started.elapsed() < Duration::from_secs(4));
@@ -281,10 +342,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_h2_server_preface_is_no_greeting() {
+        let (mut client_end, mut tunnel) = tokio::io::duplex(1024);
+        let (upstream, mut pod) = pair().await;
+        // An empty SETTINGS frame, as HTTP/2 servers send on accept.
+        pod.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        client_end.write_all(detect::H2_PREFACE).await.unwrap();
+        let (p, buf) = first_bytes(&mut tunnel, &upstream, Duration::from_secs(5), true).await;
+        assert_eq!(p, Protocol::Http2);
+        assert_eq!(&buf[..], detect::H2_PREFACE);
+    }
+
+    #[test]
+    fn pod_bytes_are_classified() {
+        assert_eq!(classify_pod_bytes(b"22"), PodSaid::TooShort);
+        assert_eq!(classify_pod_bytes(b"220 smtp"), PodSaid::Greeting);
+        assert_eq!(classify_pod_bytes(&[0, 0, 6, 4, 0]), PodSaid::TooShort);
+        assert_eq!(
+            classify_pod_bytes(&[0, 0, 6, 4, 0, 0, 0, 0, 0]),
+            PodSaid::H2Settings
+        );
+        // SETTINGS on a stream other than 0 is no preface.
+        assert_eq!(
+            classify_pod_bytes(&[0, 0, 6, 4, 0, 0, 0, 0, 1]),
+            PodSaid::Greeting
+        );
+    }
+
+    #[tokio::test]
     async fn silence_is_opaque_after_the_timeout() {
         let (_client_end, mut tunnel) = tokio::io::duplex(1024);
         let (upstream, _pod) = pair().await;
-        let (p, buf) = first_bytes(&mut tunnel, &upstream, Duration::from_millis(50)).await;
+        let (p, buf) = first_bytes(&mut tunnel, &upstream, Duration::from_millis(50), true).await;
         assert_eq!(p, Protocol::Opaque);
         assert!(buf.is_empty());
     }
