@@ -502,7 +502,7 @@ while True:
 /// HTTP/2 end to end (the service says `http2`, the client speaks h2c): the
 /// inbound agent detects the preface and serves h2; a TRACE answer of
 /// unknown length gets both blocks, a GET both context headers, and the
-/// endpoint's body and trailers arrive as sent.
+/// endpoint's body arrives as sent.
 #[test]
 fn http2_through_the_tunnel_gets_both_hops() {
     require_agent_or_skip!();
@@ -563,6 +563,80 @@ endpoints = [ {{ addr = "{}:8082", node = "node1" }} ]
         ensure!(
             text.contains(&format!("{} GET /get\n", server.name())),
             "{text}"
+        );
+        Ok(())
+    });
+}
+
+/// A server-speaks-first protocol on a port that is not in `opaque_ports`:
+/// the outbound agent gives up detection after `detect_timeout`, the
+/// inbound agent at once when the pod's greeting arrives; the client gets
+/// the banner, then its own bytes back, exactly.
+#[test]
+fn server_speaks_first_through_the_tunnel() {
+    require_agent_or_skip!();
+    const BANNER_VIP: &str = "10.96.0.44:2626";
+    const BANNER: &str = r#"
+import socket, sys, threading
+def one(c):
+    c.sendall(b"220 banner ready\r\n")
+    while True:
+        d = c.recv(65536)
+        if not d:
+            break
+        c.sendall(d)
+    c.shutdown(socket.SHUT_WR)
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("0.0.0.0", int(sys.argv[1])))
+l.listen(16)
+print("listening", sys.argv[1], flush=True)
+while True:
+    c, _ = l.accept()
+    threading.Thread(target=one, args=(c,), daemon=True).start()
+"#;
+    const CLIENT: &str = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+got = b""
+while b"\r\n" not in got:
+    d = s.recv(100)
+    if not d:
+        break
+    got += d
+s.sendall(b"hello after the banner\n")
+s.shutdown(socket.SHUT_WR)
+while True:
+    d = s.recv(65536)
+    if not d:
+        break
+    got += d
+print(repr(got))
+"#;
+    let services = format!(
+        r#"
+[proxy]
+detect_timeout = "500ms"
+[[services]]
+name = "banner"
+addresses = ["{BANNER_VIP}"]
+endpoints = [ {{ addr = "{}:2626", node = "node1" }} ]
+"#,
+        pod_ip(1, 0)
+    );
+    let b = World::builder(world_name!())
+        .nodes(2)
+        .pods_per_node(1)
+        .mtls(true)
+        .agent_config_extra(services);
+    with_world(b, |world| {
+        let (client, server) = (world.pod(0, 0), world.pod(1, 0));
+        let _banner = server.serve(python().args(["-u", "-c", BANNER, "2626"]))?;
+        let (host, port) = BANNER_VIP.split_once(':').context("ip:port")?;
+        let out = client.run_ok(python().args(["-u", "-c", CLIENT, host, port]))?;
+        ensure!(
+            out.trim() == r"b'220 banner ready\r\nhello after the banner\n'",
+            "banner then echo through both agents: {out}"
         );
         Ok(())
     });
