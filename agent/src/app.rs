@@ -45,6 +45,7 @@ use crate::identity::manager::IdentityManager;
 use crate::proxy::OriginalDst;
 use crate::proxy::authz::InboundAuthz;
 use crate::proxy::inbound::{Inbound, TunnelCollector};
+use crate::proxy::inbound_http::InboundHttp;
 use crate::proxy::listener::bind_in_netns;
 use crate::proxy::outbound::{Outbound, PodInfo};
 use crate::proxy::upstream::{Mesh, Upstreams};
@@ -134,6 +135,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
     let stop_background = CancellationToken::new();
     let mut authz = None;
     let mut inbound_stats = None;
+    let mut inbound_http = None;
     if let (Some(manager), Some(id)) = (&identity, &config.identity) {
         let node_identity = id
             .node_identity(&config.node.name)
@@ -145,6 +147,8 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
             key_log: key_log.clone(),
             ..Default::default()
         };
+        let http_in = InboundHttp::new(&config, metrics.http.clone(), discovery.clone(), a.clone());
+        inbound_http = Some(http_in.clone());
         let inbound = Arc::new(
             Inbound::start(
                 &config.inbound.listen,
@@ -152,7 +156,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
                 manager.store(),
                 node_identity,
                 &manager.bundle(),
-                a.clone(),
+                http_in,
                 &background,
             )
             .await?,
@@ -216,6 +220,9 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
     let kernel = kernel_diag::load_if_enabled(&config.kernel);
     if let Some(k) = &kernel {
         kernel_diag::register_metrics(&mut metrics.registry, k.clone());
+        if let Some(h) = &inbound_http {
+            h.set_kernel(k.clone());
+        }
     }
     let reload_metrics = ReloadMetrics::new(&mut metrics.registry);
     let tap = Arc::new(TapHub::new(&mut metrics.registry));

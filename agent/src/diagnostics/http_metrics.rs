@@ -32,14 +32,32 @@ const LATENCY_BUCKETS_MS: [f64; 19] = [
 ];
 
 /// Who asked for what: the labels every request series carries.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct RequestLabels {
     pub direction: Direction,
+    /// Outbound: the calling pod; inbound: the pod called.
     pub pod: String,
     /// The `Host`/`:authority` the client used, bounded in cardinality.
     pub authority: String,
     pub service: String,
     pub route: String,
+    /// Inbound only: the client's verified identity (Linkerd's
+    /// `client_id`), bounded in cardinality.
+    pub client_id: Option<String>,
+}
+
+impl EncodeLabelSet for RequestLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> Result<(), std::fmt::Error> {
+        ("direction", self.direction.as_str()).encode(encoder.encode_label())?;
+        ("pod", self.pod.as_str()).encode(encoder.encode_label())?;
+        ("authority", self.authority.as_str()).encode(encoder.encode_label())?;
+        ("service", self.service.as_str()).encode(encoder.encode_label())?;
+        ("route", self.route.as_str()).encode(encoder.encode_label())?;
+        if let Some(id) = &self.client_id {
+            ("client_id", id.as_str()).encode(encoder.encode_label())?;
+        }
+        Ok(())
+    }
 }
 
 /// A request's labels plus how it ended.
@@ -82,6 +100,7 @@ pub struct HttpMetrics {
     latency: Family<ResponseLabels, Histogram>,
     retries: Family<RetryLabels, Counter>,
     authorities: BoundedLabel,
+    client_ids: BoundedLabel,
     /// The sliding windows of `waymark stat`, fed by the same classification.
     stats: Arc<Stats>,
 }
@@ -89,7 +108,9 @@ pub struct HttpMetrics {
 /// A request being counted: its labels and its edge in the windows.
 pub struct Counted {
     labels: RequestLabels,
-    edge: Arc<Edge>,
+    /// Outbound requests feed `waymark stat`'s windows; inbound ones do not
+    /// (the calling agent counts the same request there already).
+    edge: Option<Arc<Edge>>,
 }
 
 /// Attempts after the first that a response took, carried in its
@@ -113,6 +134,7 @@ impl HttpMetrics {
             latency: Family::new_with_constructor(|| Histogram::new(LATENCY_BUCKETS_MS)),
             retries: Family::default(),
             authorities: BoundedLabel::new(max_authorities),
+            client_ids: BoundedLabel::new(max_authorities),
             stats,
         };
         registry.register("request", "Total HTTP requests", m.requests.clone());
@@ -149,12 +171,34 @@ impl HttpMetrics {
             authority: authority.map_or_else(|| "unknown".to_string(), |a| self.authorities.get(a)),
             service: service.to_string(),
             route: route.to_string(),
+            client_id: None,
         };
         self.requests.get_or_create(&labels).inc();
         Counted {
             labels,
-            edge: self.stats.request_edge(pod, service, route),
+            edge: Some(self.stats.request_edge(pod, service, route)),
         }
+    }
+
+    /// Counts a request that arrived through the tunnel for local `pod`
+    /// from the verified `client_id`.
+    pub fn inbound_request(
+        &self,
+        pod: &str,
+        authority: Option<&str>,
+        service: &str,
+        client_id: &str,
+    ) -> Counted {
+        let labels = RequestLabels {
+            direction: Direction::Inbound,
+            pod: pod.to_string(),
+            authority: authority.map_or_else(|| "unknown".to_string(), |a| self.authorities.get(a)),
+            service: service.to_string(),
+            route: crate::discovery::DEFAULT_ROUTE.to_string(),
+            client_id: Some(self.client_ids.get(client_id)),
+        };
+        self.requests.get_or_create(&labels).inc();
+        Counted { labels, edge: None }
     }
 
     pub fn retry(&self, service: &str, route: &str, result: &'static str) {
@@ -244,14 +288,16 @@ impl End {
             tls: self.tls,
         };
         self.metrics.record(&labels, self.latency);
-        self.metrics.stats.record(
-            &self.request.edge,
-            Outcome {
-                success: !failed,
-                latency: self.latency,
-                retries: self.retries,
-            },
-        );
+        if let Some(edge) = &self.request.edge {
+            self.metrics.stats.record(
+                edge,
+                Outcome {
+                    success: !failed,
+                    latency: self.latency,
+                    retries: self.retries,
+                },
+            );
+        }
     }
 }
 
@@ -401,6 +447,37 @@ mod tests {
         resp.extensions_mut().insert(TlsLabel::True);
         drop(observe(m.clone(), labels, Instant::now(), resp, false));
         assert!(text(&r).contains(r#"status_code="200",classification="failure",tls="true"} 1"#));
+    }
+
+    #[tokio::test]
+    async fn inbound_requests_carry_direction_and_client_id() {
+        let (r, m) = metrics();
+        let client = "spiffe://cluster.local/ns/default/sa/web";
+        let labels = m.inbound_request("default/api", Some("api:80"), "api", client);
+        let mut resp = http::Response::builder()
+            .status(200)
+            .body(full("ok"))
+            .unwrap();
+        resp.extensions_mut().insert(TlsLabel::True);
+        let resp = observe(m.clone(), labels, Instant::now(), resp, false);
+        let _ = resp.into_body().collect().await.unwrap();
+        let t = text(&r);
+        assert!(
+            t.contains(&format!(r#"request_total{{direction="inbound",pod="default/api",authority="api:80",service="api",route="[DEFAULT]",client_id="{client}"}} 1"#)),
+            "{t}"
+        );
+        assert!(
+            t.contains(&format!(
+                r#"client_id="{client}",status_code="200",classification="success",tls="true"}} 1"#
+            )),
+            "{t}"
+        );
+        // Not in `waymark stat`'s windows: the calling agent counts it there.
+        let window = m.stats.window(Duration::from_secs(10), Instant::now());
+        assert!(
+            window.edges.iter().all(|(k, _)| k.pod != "default/api"),
+            "inbound request fed the windows"
+        );
     }
 
     /// A body that yields the given frames in order.

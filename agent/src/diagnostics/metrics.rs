@@ -26,12 +26,15 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Direction {
     Outbound,
+    /// Requests that arrived through the tunnel for this node's pods.
+    Inbound,
 }
 
 impl Direction {
     pub fn as_str(self) -> &'static str {
         match self {
             Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
         }
     }
 }

@@ -240,7 +240,25 @@ impl Context {
     }
 }
 
-fn ms(d: Duration) -> String {
+/// One hop's context, however that hop renders it: the outbound
+/// [`Context`] or the inbound side's (`diagnostics::inbound_trace`).
+pub trait Hop {
+    /// The block appended to a TRACE response body.
+    fn block(&self) -> String;
+    /// The one-line `l5d-context` header value.
+    fn header(&self) -> String;
+}
+
+impl Hop for Context {
+    fn block(&self) -> String {
+        self.render_block()
+    }
+    fn header(&self) -> String {
+        self.render_header()
+    }
+}
+
+pub(crate) fn ms(d: Duration) -> String {
     let ms = d.as_secs_f64() * 1000.0;
     if ms < 10.0 {
         format!("{ms:.2} ms")

@@ -27,7 +27,7 @@ use hyper::body::{Body, Incoming};
 use hyper_util::rt::TokioIo;
 use tracing::{Instrument, debug, debug_span};
 
-use super::body::{ProxyBody, empty, full, incoming};
+use super::body::{ProxyBody, empty, full, incoming, prefixed};
 use super::errors::{self, ProxyError};
 use super::headers::{strip_hop_by_hop, wants_upgrade};
 use super::pool::{ConnectError, Key, Pool, Version};
@@ -636,7 +636,7 @@ const MAX_TRACE_BODY: usize = 1024 * 1024;
 
 /// Decrements `Max-Forwards` on a TRACE; false when it is already 0 and
 /// the request must not be forwarded.
-fn forwardable_trace(req: &mut Request<Incoming>) -> bool {
+pub(crate) fn forwardable_trace(req: &mut Request<Incoming>) -> bool {
     let Some(n) = req
         .headers()
         .get(header::MAX_FORWARDS)
@@ -654,7 +654,7 @@ fn forwardable_trace(req: &mut Request<Incoming>) -> bool {
 }
 
 /// The final recipient's answer to a TRACE: the request as received.
-fn reflect(req: &Request<Incoming>) -> Response<ProxyBody> {
+pub(crate) fn reflect(req: &Request<Incoming>) -> Response<ProxyBody> {
     let mut msg = format!("{} {} {:?}\r\n", req.method(), req.uri(), req.version());
     for (name, value) in req.headers() {
         msg.push_str(name.as_str());
@@ -673,17 +673,19 @@ fn reflect(req: &Request<Incoming>) -> Response<ProxyBody> {
 
 /// Adds this hop's context to a response: appended to the body for TRACE
 /// (Content-Length fixed up by rebuilding the body), a header otherwise.
-async fn add_context(
+pub(crate) async fn add_context(
     resp: Response<ProxyBody>,
     mode: trace::Mode,
-    context: &trace::Context,
+    context: &(impl trace::Hop + Sync),
 ) -> Response<ProxyBody> {
     let (mut parts, mut body) = resp.into_parts();
+    // A body of unknown length (chunked, HTTP/2 without content-length)
+    // is read up to the limit too.
     if mode == trace::Mode::Body
         && body
             .size_hint()
             .upper()
-            .is_some_and(|n| n <= MAX_TRACE_BODY as u64)
+            .is_none_or(|n| n <= MAX_TRACE_BODY as u64)
     {
         // Read by hand rather than through `Limited`: its boxed error type
         // trips the compiler's Send inference inside hyper's h2 executor.
@@ -695,6 +697,14 @@ async fn add_context(
                     if let Ok(data) = frame.into_data() {
                         bytes.extend_from_slice(&data);
                     }
+                    if bytes.len() > MAX_TRACE_BODY {
+                        // Too big after all: what was read goes on first,
+                        // the rest as it comes, the context in a header.
+                        if let Ok(v) = HeaderValue::from_str(&context.header()) {
+                            parts.headers.append(trace::CONTEXT_HEADER, v);
+                        }
+                        return Response::from_parts(parts, prefixed(bytes.into(), body));
+                    }
                 }
                 Err(e) => {
                     let note =
@@ -704,11 +714,11 @@ async fn add_context(
                 }
             }
         }
-        bytes.extend_from_slice(context.render_block().as_bytes());
+        bytes.extend_from_slice(context.block().as_bytes());
         parts.headers.remove(header::CONTENT_LENGTH);
         return Response::from_parts(parts, full(bytes));
     }
-    if let Ok(v) = HeaderValue::from_str(&context.render_header()) {
+    if let Ok(v) = HeaderValue::from_str(&context.header()) {
         parts.headers.append(trace::CONTEXT_HEADER, v);
     }
     Response::from_parts(parts, body)
@@ -728,14 +738,14 @@ fn request_head(req: &Request<Incoming>) -> http::request::Parts {
 
 /// The authority the client addressed: `:authority` (HTTP/2, absolute
 /// URIs) or `Host`.
-fn authority(req: &Request<Incoming>) -> Option<&str> {
+pub(crate) fn authority(req: &Request<Incoming>) -> Option<&str> {
     req.uri()
         .authority()
         .map(|a| a.as_str())
         .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
 }
 
-fn is_grpc(req: &Request<Incoming>) -> bool {
+pub(crate) fn is_grpc(req: &Request<Incoming>) -> bool {
     req.headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -760,7 +770,7 @@ fn upstream_version(hint: ProtocolHint, downstream: Version) -> Version {
 /// The upstream copy of a request: hop-by-hop headers removed, the URI and
 /// `Host`/`:authority` put in the form the upstream protocol wants, the
 /// authority the client used preserved either way.
-fn upstream_request(
+pub(crate) fn upstream_request(
     parts: &http::request::Parts,
     body: ProxyBody,
     version: Version,
@@ -812,7 +822,7 @@ fn upstream_request(
     req
 }
 
-fn origin_form(uri: &Uri) -> Uri {
+pub(crate) fn origin_form(uri: &Uri) -> Uri {
     uri.path_and_query()
         .map(|p| Uri::from(p.clone()))
         .unwrap_or_else(|| Uri::from_static("/"))
@@ -835,7 +845,7 @@ fn observed_in(resp: &Response<Incoming>) -> Option<Outcome> {
 }
 
 /// The endpoint's response, on its way to the client.
-fn finish(resp: Response<Incoming>) -> Response<ProxyBody> {
+pub(crate) fn finish(resp: Response<Incoming>) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
     Response::from_parts(parts, incoming(body))

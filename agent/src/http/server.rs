@@ -19,14 +19,14 @@ use super::pool::Version;
 
 /// Largest HTTP/1 request head accepted: generous for real clients (64 KiB
 /// cookies exist), small enough that a header flood cannot grow memory.
-const MAX_H1_HEAD: usize = 96 * 1024;
+pub(crate) const MAX_H1_HEAD: usize = 96 * 1024;
 /// HTTP/2 header list limit (decoded): a 64 KiB header block split over
 /// CONTINUATION frames fits; a CONTINUATION flood does not.
-const MAX_H2_HEADER_LIST: u32 = 128 * 1024;
+pub(crate) const MAX_H2_HEADER_LIST: u32 = 128 * 1024;
 /// Concurrent streams per client connection (RFC 9113 recommends ≥ 100).
-const MAX_H2_STREAMS: u32 = 256;
+pub(crate) const MAX_H2_STREAMS: u32 = 256;
 /// How long a client may take to send its request head (slowloris).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves one downstream connection until it closes.
 pub async fn serve(proxy: Arc<HttpProxy>, ctx: Arc<ConnCtx>, stream: TcpStream) {

@@ -175,6 +175,17 @@ impl InboundAuthz {
         decision
     }
 
+    /// The decision the current policy makes for `source` and `target`,
+    /// not counted: for the diagnostic trace of a stream admitted already.
+    pub fn explain(&self, source: &SpiffeId, target: SocketAddr) -> Decision {
+        let policy = self
+            .policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        self.evaluate(&policy, source, target)
+    }
+
     fn evaluate(&self, policy: &Policy, source: &SpiffeId, target: SocketAddr) -> Decision {
         let Some(pod) = policy.pods.get(&target.ip()) else {
             return Decision {

@@ -21,10 +21,11 @@ use tokio_util::task::TaskTracker;
 use tracing::info;
 
 use super::authz::InboundAuthz;
+use super::inbound_http::InboundHttp;
 use super::upstream::Upstreams;
 use crate::identity::{CertStore, SpiffeId, TrustBundle, server_config, with_server_key_log};
 use crate::tunnel::server::{FAILURES, ServerTls};
-use crate::tunnel::{ServerConfig, ServerStats, TunnelServer};
+use crate::tunnel::{ServerConfig, ServerStats, StreamHandler, TunnelServer};
 
 /// The running inbound side.
 pub struct Inbound {
@@ -36,16 +37,18 @@ pub struct Inbound {
 }
 
 impl Inbound {
-    /// Binds every listen address and serves on `tasks`.
+    /// Binds every listen address and serves on `tasks`: `http`'s
+    /// authorizer admits streams, and `http` serves them.
     pub async fn start(
         listen: &[SocketAddr],
         config: ServerConfig,
         store: Arc<CertStore>,
         node_identity: SpiffeId,
         bundle: &TrustBundle,
-        authz: Arc<InboundAuthz>,
+        http: Arc<InboundHttp>,
         tasks: &TaskTracker,
     ) -> Result<Self> {
+        let authz: Arc<InboundAuthz> = http.authz.clone();
         let key_log = config.key_log.clone();
         let tls = ServerTls::new(with_server_key_log(
             server_config(store.clone(), node_identity.clone(), bundle)
@@ -62,7 +65,8 @@ impl Inbound {
                 authz.clone(),
                 config.clone(),
                 stats.clone(),
-            );
+            )
+            .with_handler(http.clone() as Arc<dyn StreamHandler>);
             info!(listen = %server.local_addr()?, identity = %node_identity, "inbound tunnel listening");
             tasks.spawn(server.serve());
         }

@@ -4,14 +4,18 @@
 //! [`outbound`] takes pods' connections, detects the protocol and forwards
 //! them along the [`upstream`] path of the chosen endpoint: directly, or
 //! through the mTLS tunnel to the endpoint node's agent, whose [`inbound`]
-//! side authorizes the source ([`authz`]) and connects to the pod.
+//! side authorizes the source ([`authz`]) and connects to the pod; HTTP on
+//! those streams is served by [`inbound_http`] (metrics, trace block).
 
 pub mod authz;
 pub mod copy;
 pub mod detect;
 pub mod inbound;
+pub mod inbound_http;
+mod inbound_request;
 pub mod listener;
 pub mod outbound;
+mod rewind;
 pub mod upstream;
 
 use std::net::SocketAddr;

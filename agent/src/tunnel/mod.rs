@@ -25,7 +25,10 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use crate::identity::SpiffeId;
 
 pub use pool::{PoolConfig, TunnelError, TunnelPool};
-pub use server::{Authorize, ConnectInfo, DenyReason, ServerConfig, ServerStats, TunnelServer};
+pub use server::{
+    Admitted, Authorize, ConnectInfo, DenyReason, HandleFuture, ServerConfig, ServerStats,
+    StreamHandler, TunnelServer,
+};
 pub use stream::TunnelStream;
 
 /// The inbound tunnel port, as in ztunnel's HBONE.

@@ -164,6 +164,35 @@ struct Shared {
     authorizer: Arc<dyn Authorize>,
     config: ServerConfig,
     stats: Arc<ServerStats>,
+    handler: Arc<dyn StreamHandler>,
+}
+
+/// A stream that passed authorization and whose target is connected: the
+/// tunnel end (after the `200`) and the connection to the target.
+pub struct Admitted {
+    pub peer: Arc<CertInfo>,
+    pub target: SocketAddr,
+    /// The `CONNECT` request's headers (`forwarded`, `x-request-id`, …).
+    pub headers: HeaderMap,
+    pub tunnel: TokioIo<hyper::upgrade::Upgraded>,
+    pub upstream: TcpStream,
+}
+
+pub type HandleFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// What is done with an admitted stream: the agent looks at HTTP on it
+/// (`proxy::inbound_http`); without a handler the bytes are spliced.
+pub trait StreamHandler: Send + Sync + 'static {
+    fn handle(self: Arc<Self>, stream: Admitted) -> HandleFuture;
+}
+
+/// The default handler: bytes both ways, untouched.
+struct Splice;
+
+impl StreamHandler for Splice {
+    fn handle(self: Arc<Self>, stream: Admitted) -> HandleFuture {
+        Box::pin(splice(stream.tunnel, stream.upstream))
+    }
 }
 
 impl TunnelServer {
@@ -200,8 +229,17 @@ impl TunnelServer {
             authorizer,
             config,
             stats,
+            handler: Arc::new(Splice),
         });
         Self { listener, shared }
+    }
+
+    /// Hands admitted streams to `handler` instead of splicing them.
+    pub fn with_handler(mut self, handler: Arc<dyn StreamHandler>) -> Self {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.handler = handler;
+        }
+        self
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -308,7 +346,7 @@ impl Shared {
             );
         };
         let span = info_span!("tunnel_stream", peer_id = %peer.id, %target);
-        self.admit(req, &peer, target).instrument(span).await
+        self.admit(req, peer, target).instrument(span).await
     }
 
     /// Checks the source header and authorization, connects to the target
@@ -316,7 +354,7 @@ impl Shared {
     async fn admit(
         &self,
         mut req: Request<Incoming>,
-        peer: &CertInfo,
+        peer: Arc<CertInfo>,
         target: SocketAddr,
     ) -> Response<Empty<Bytes>> {
         if let Some(claimed) = req.headers().get(SOURCE_WORKLOAD)
@@ -327,7 +365,7 @@ impl Shared {
             return reply(StatusCode::FORBIDDEN, DENY_REASON, SOURCE_MISMATCH);
         }
         let info = ConnectInfo {
-            peer,
+            peer: &peer,
             target,
             headers: req.headers(),
         };
@@ -358,10 +396,21 @@ impl Shared {
         let _ = upstream.set_nodelay(true);
         self.stats.streams_opened.fetch_add(1, Ordering::Relaxed);
         let upgrade = hyper::upgrade::on(&mut req);
+        let handler = self.handler.clone();
+        let headers = std::mem::take(req.headers_mut());
         tokio::spawn(
             async move {
                 match upgrade.await {
-                    Ok(upgraded) => splice(TokioIo::new(upgraded), upstream).await,
+                    Ok(upgraded) => {
+                        let stream = Admitted {
+                            peer,
+                            target,
+                            headers,
+                            tunnel: TokioIo::new(upgraded),
+                            upstream,
+                        };
+                        handler.handle(stream).await
+                    }
                     Err(e) => debug!(error = %e, "tunnel stream upgrade failed"),
                 }
             }
@@ -372,7 +421,10 @@ impl Shared {
 }
 
 /// Copies both ways until both sides are done (half-closes propagate).
-async fn splice(mut tunnel: TokioIo<hyper::upgrade::Upgraded>, mut upstream: TcpStream) {
+pub async fn splice<T>(mut tunnel: T, mut upstream: TcpStream)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     match tokio::io::copy_bidirectional_with_sizes(&mut tunnel, &mut upstream, 64 * 1024, 64 * 1024)
         .await
     {
