@@ -141,9 +141,10 @@ fn check_judges_the_workload_certificates() {
             out.status.success(),
             "check failed on a healthy mTLS node:\n{text}"
         );
+        // Both pods' leaves and the agent's own (node identity).
         ensure!(
-            text.contains("certificates: 2 valid"),
-            "the check must judge both pods' leaves:\n{text}"
+            text.contains("✔ certificates: 3 valid"),
+            "the check must judge both pods' leaves and the node's:\n{text}"
         );
         Ok(())
     });
