@@ -1,13 +1,16 @@
 //! `cargo xtask demo`: the newcomer's tour. Builds a two-node world with a
-//! real `waymark agent` per node, runs real servers and clients in pods, and
-//! shows what the agent did: its log lines, its metrics, the kernel's maps,
-//! a refused destination, and what happens to pods when the agent stops.
+//! real `waymark agent` per node (mTLS between them), runs real servers and
+//! clients in pods, and shows what the agents did: a diagnostic trace across
+//! both agents, `waymark stat`, the kernel's counters (`waymark drops`),
+//! log lines, metrics, a refused destination, and what happens to pods when
+//! the agent stops.
 
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
-use waymark_tests::{Signal, World, metric_value, testpeer};
+use waymark_tests::world::agent::waymark_bin;
+use waymark_tests::{Node, Signal, World, metric_value, pod_ip, testpeer};
 
 use crate::{setup, test::cargo};
 
@@ -23,8 +26,30 @@ pub fn run() -> Result<()> {
         "--bins",
     ]))?;
 
-    section("Bringing up the world: 2 nodes x 2 pods, one waymark agent per node");
-    let world = World::builder("demo").nodes(2).pods_per_node(2).build()?;
+    section(
+        "Bringing up the world: 2 nodes x 2 pods, one waymark agent per node, mTLS between them",
+    );
+    // One HTTP service whose endpoint is on node 1: requests from node 0's
+    // pods cross both agents through the mTLS tunnel.
+    let services = format!(
+        r#"
+[[services]]
+name = "web"
+addresses = ["{WEB_VIP}"]
+protocol = "http1"
+endpoints = [ {{ addr = "{}:8080", node = "node1" }} ]
+[[services.routes]]
+name = "all"
+retry = {{ attempts = 2, on = ["5xx"] }}
+"#,
+        pod_ip(1, 0)
+    );
+    let world = World::builder("demo")
+        .nodes(2)
+        .pods_per_node(2)
+        .mtls(true)
+        .agent_config_extra(services)
+        .build()?;
     for node in world.nodes() {
         println!(
             "  {}  netns {}  fabric {}  admin {} (inside the node netns)",
@@ -46,12 +71,10 @@ pub fn run() -> Result<()> {
     let web = world.pod(1, 0);
     let echo = world.pod(1, 1);
 
-    section("Servers on node 1: python3 http.server and a TCP echo server");
+    section("Servers on node 1: a python3 HTTP app and a TCP echo server");
     let _http = web.serve_until(
-        Command::new("python3")
-            .args(["-u", "-m", "http.server", "8080", "--bind", "0.0.0.0"])
-            .current_dir(world.dir()),
-        "Serving HTTP",
+        Command::new("python3").args(["-u", "-c", WEB_APP, "8080"]),
+        "listening",
         Duration::from_secs(10),
     )?;
     let _echo = echo.serve(&mut testpeer(["echo", "--listen", "0.0.0.0:9000"]))?;
@@ -72,6 +95,50 @@ pub fn run() -> Result<()> {
     ]))?;
     print!("  {out}");
     println!("  (curl sees the address it dialled: getpeername is answered by the kernel program)");
+
+    section(&format!(
+        "The service web ({WEB_VIP}, endpoint on node 1): 50 requests from {}",
+        client.name()
+    ));
+    let out = client.run_ok(Command::new("curl").args([
+        "-sS",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} ",
+        &format!("http://{WEB_VIP}/hello?i=[1-50]"),
+    ]))?;
+    let ok = out.split_whitespace().filter(|c| *c == "200").count();
+    println!(
+        "  {ok} of 50 answered 200, through node 0's agent, the mTLS tunnel and node 1's agent"
+    );
+    ensure!(ok == 50, "expected 50 × 200 from the web service: {out}");
+
+    let node0 = world.node(0);
+    section(&format!(
+        "waymark trace http://{WEB_VIP}/hello --pod {}: each agent appends its block",
+        client.name()
+    ));
+    let out = cli(
+        node0,
+        &[
+            "trace",
+            &format!("http://{WEB_VIP}/hello"),
+            "--pod",
+            client.name(),
+        ],
+    )?;
+    for line in out.lines() {
+        println!("  {line}");
+    }
+
+    section(&format!(
+        "waymark stat on {} (sliding window in the agent)",
+        node0.name()
+    ));
+    print_indented(&cli(node0, &["stat", "--window", "1m"])?);
+    section(&format!("waymark edges on {}", node0.name()));
+    print_indented(&cli(node0, &["edges", "--window", "1m"])?);
 
     section("1 MiB through the echo server, then 200 connections, 50 at a time");
     let out = client.run_ok(&mut testpeer([
@@ -103,7 +170,12 @@ pub fn run() -> Result<()> {
     ]))?;
     println!("  {}", String::from_utf8_lossy(&out.stdout).trim());
 
-    let node0 = world.node(0);
+    section(&format!(
+        "waymark drops on {}: what the kernel dropped, retransmitted and reset",
+        node0.name()
+    ));
+    print_indented(&cli(node0, &["drops", "--window", "1m"])?);
+
     section(&format!(
         "What {}'s agent logged (connection lines)",
         node0.name()
@@ -159,6 +231,53 @@ pub fn run() -> Result<()> {
     drop(world);
     println!("  done: namespaces, cgroups and processes removed");
     Ok(())
+}
+
+/// The demo's web service address (a virtual IP, like a ClusterIP).
+const WEB_VIP: &str = "10.96.0.80:80";
+
+/// An HTTP/1.1 app that answers GET and TRACE (echoing the request, as
+/// RFC 9110 says TRACE does), so the diagnostic trace has a body to extend.
+const WEB_APP: &str = r#"
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a):
+        pass
+    def do_GET(self):
+        body = b"hello from web\n"
+        ctype = "text/plain"
+        if self.command == "TRACE":
+            ctype = "message/http"
+            body = ("%s %s %s\r\n" % (self.command, self.path, self.request_version)).encode()
+            body += b"".join(("%s: %s\r\n" % kv).encode() for kv in self.headers.items()) + b"\r\n"
+        self.send_response(200)
+        self.send_header("content-type", ctype)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    do_TRACE = do_GET
+srv = http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), H)
+print("listening", sys.argv[1], flush=True)
+srv.serve_forever()
+"#;
+
+/// Runs the `waymark` CLI on `node` (where its admin API listens).
+fn cli(node: &Node, args: &[&str]) -> Result<String> {
+    let out = node.run(Command::new(waymark_bin()?).args(args))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.status.success(),
+        "waymark {args:?} failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(stdout)
+}
+
+fn print_indented(text: &str) {
+    for line in text.lines() {
+        println!("  {line}");
+    }
 }
 
 fn section(title: &str) {
