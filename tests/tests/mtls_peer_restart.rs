@@ -149,3 +149,62 @@ fn check_judges_the_workload_certificates() {
         Ok(())
     });
 }
+
+/// `waymark edges` says which edges the mTLS tunnel carried and with which
+/// source identity.
+#[test]
+fn edges_show_the_tunnel_and_the_source_identity() {
+    require_agent_or_skip!();
+    let services = format!(
+        r#"
+[[services]]
+name = "web"
+addresses = ["{VIP}"]
+protocol = "http1"
+endpoints = [ {{ addr = "{}:8080", node = "node1" }} ]
+"#,
+        pod_ip(1, 0)
+    );
+    let b = World::builder(world_name!())
+        .pods_per_node(1)
+        .mtls(true)
+        .agent_config_extra(services);
+    with_world(b, |world| {
+        let (n0, client) = (world.node(0), world.pod(0, 0));
+        let _app = app(world.pod(1, 0))?;
+        for i in 0..10 {
+            let (code, text) = get(client, &format!("/edge-{i}"))?;
+            ensure!(code == 200, "{code} {text}");
+        }
+        let out = n0.run_ok(
+            Command::new(waymark_tests::world::agent::waymark_bin()?).args([
+                "edges",
+                "-o",
+                "json",
+                "--admin",
+                &n0.admin_addr().to_string(),
+            ]),
+        )?;
+        let report: serde_json::Value = serde_json::from_str(&out).context(out.clone())?;
+        let row = report["rows"]
+            .as_array()
+            .and_then(|rows| {
+                rows.iter()
+                    .find(|r| r["src"] == client.name() && r["dst"] == "web")
+            })
+            .with_context(|| format!("no edge from {} to web: {out}", client.name()))?;
+        ensure!(
+            row["tls"] == "true",
+            "the tunnel carried every request: {row}"
+        );
+        let want = format!(
+            "spiffe://cluster.local/ns/default/sa/{}",
+            client.name().rsplit('/').next().unwrap_or_default()
+        );
+        ensure!(
+            row["src_id"] == want.as_str(),
+            "source identity {want}: {row}"
+        );
+        Ok(())
+    });
+}

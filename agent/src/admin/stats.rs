@@ -179,8 +179,24 @@ pub fn edges(state: &AdminState, q: &Query) -> Answer {
     json(&EdgesReport {
         window,
         window_seconds: w.covered.as_secs_f64(),
-        rows: stats_view::edges(&w),
+        rows: stats_view::edges(&w, |name| identity_of(state, name)),
     })
+}
+
+/// The workload identity of a pod (from the config, when mTLS is on) or of
+/// a service (the identity all its endpoints declare, if they agree).
+fn identity_of(state: &AdminState, name: &str) -> Option<String> {
+    let config = state.config.read().unwrap_or_else(|e| e.into_inner());
+    config.identity.as_ref()?;
+    if let Some(pod) = config.pods.iter().find(|p| p.name == name) {
+        return pod.identity.clone();
+    }
+    let svc = config.services.iter().find(|s| s.name == name)?;
+    let first = svc.endpoints.first()?.identity.clone()?;
+    svc.endpoints
+        .iter()
+        .all(|e| e.identity.as_deref() == Some(first.as_str()))
+        .then_some(first)
 }
 
 #[cfg(test)]

@@ -295,6 +295,7 @@ impl End {
                     success: !failed,
                     latency: self.latency,
                     retries: self.retries,
+                    tls: matches!(self.tls, TlsLabel::True),
                 },
             );
         }

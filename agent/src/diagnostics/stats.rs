@@ -100,6 +100,8 @@ pub struct Outcome {
     pub latency: Duration,
     /// Attempts after the first.
     pub retries: u32,
+    /// The last attempt went through the mTLS tunnel.
+    pub tls: bool,
 }
 
 /// One edge's ring of buckets and, for connection edges, its open count.
@@ -179,6 +181,9 @@ pub struct Counts {
     pub retries: u64,
     /// Requests that needed more than one attempt.
     pub retried_requests: u64,
+    /// Requests carried by the mTLS tunnel.
+    #[serde(default)]
+    pub tls_requests: u64,
     /// TCP connections opened.
     pub tcp_opened: u64,
     /// TCP connections open now (not a bucket count: the edge's gauge).
@@ -204,6 +209,7 @@ impl Counts {
         self.successes += o.successes;
         self.retries += o.retries;
         self.retried_requests += o.retried_requests;
+        self.tls_requests += o.tls_requests;
         self.tcp_opened += o.tcp_opened;
         self.open += o.open;
     }
@@ -410,6 +416,7 @@ impl Stats {
             c.successes += outcome.success as u64;
             c.retries += outcome.retries as u64;
             c.retried_requests += (outcome.retries > 0) as u64;
+            c.tls_requests += outcome.tls as u64;
             b.hist.record(us);
         });
     }

@@ -5,6 +5,7 @@ fn ok(ms: u64) -> Outcome {
         success: true,
         latency: Duration::from_millis(ms),
         retries: 0,
+        tls: false,
     }
 }
 

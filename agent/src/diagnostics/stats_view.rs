@@ -123,10 +123,13 @@ pub struct RoutesReport {
 pub struct EdgeRow {
     pub src: String,
     pub dst: String,
-    /// The source and destination identities once mTLS carries them.
+    /// The source pod's workload identity (when mTLS is configured) and
+    /// the destination's (the identity its endpoints declare, when they
+    /// all declare the same one).
     pub src_id: Option<String>,
     pub dst_id: Option<String>,
-    /// `no_identity` until then.
+    /// How the window's requests travelled: `true` (all through the mTLS
+    /// tunnel), `no_identity` (none), or `partial` (some).
     pub tls: String,
     #[serde(flatten)]
     pub golden: Golden,
@@ -216,20 +219,31 @@ pub fn routes(w: &Window, service: &str, routes: &[String]) -> Vec<RouteRow> {
 }
 
 /// `edges`: one row per source pod and destination with traffic in the
-/// window (requests over every route, and TCP connections).
-pub fn edges(w: &Window) -> Vec<EdgeRow> {
+/// window (requests over every route, and TCP connections). `identity`
+/// names a pod's or a destination's workload identity, if it has one.
+pub fn edges(w: &Window, identity: impl Fn(&str) -> Option<String>) -> Vec<EdgeRow> {
     let seconds = w.covered.as_secs_f64();
     group(w, std::iter::empty(), |k| {
         Some((k.pod.clone(), k.dst.clone()))
     })
     .into_iter()
-    .map(|((src, dst), s)| EdgeRow {
-        src,
-        dst,
-        src_id: None,
-        dst_id: None,
-        tls: NO_IDENTITY.to_string(),
-        golden: Golden::of(&s, seconds),
+    .map(|((src, dst), s)| {
+        let c = &s.counts;
+        let tls = if c.requests > 0 && c.tls_requests == c.requests {
+            "true"
+        } else if c.tls_requests > 0 {
+            "partial"
+        } else {
+            NO_IDENTITY
+        };
+        EdgeRow {
+            src_id: identity(&src),
+            dst_id: identity(&dst),
+            src,
+            dst,
+            tls: tls.to_string(),
+            golden: Golden::of(&s, seconds),
+        }
     })
     .collect()
 }
@@ -246,6 +260,7 @@ mod tests {
             success,
             latency: Duration::from_millis(10),
             retries: 0,
+            tls: false,
         };
         for (pod, svc, route, n, fail) in [
             ("a", "web", "api", 6, 1),
@@ -311,7 +326,9 @@ mod tests {
     #[test]
     fn edges_join_requests_and_connections() {
         let w = world();
-        let rows = edges(&w);
+        let rows = edges(&w, |name| {
+            (name == "a").then(|| "spiffe://cluster.local/ns/default/sa/a".to_string())
+        });
         let got: Vec<_> = rows
             .iter()
             .map(|r| {
@@ -328,5 +345,10 @@ mod tests {
             [("a", "web", 10, 1), ("b", "db", 2, 0), ("b", "web", 10, 0)]
         );
         assert!(rows.iter().all(|r| r.tls == NO_IDENTITY));
+        assert_eq!(
+            rows[0].src_id.as_deref(),
+            Some("spiffe://cluster.local/ns/default/sa/a")
+        );
+        assert_eq!(rows[1].src_id, None);
     }
 }
