@@ -94,22 +94,24 @@ struct Held {
 }
 
 /// Writes the held packets that arrived before `until`, after the secrets
-/// logged so far.
+/// logged so far; returns how many bytes of packets it released.
 fn release_held(
     out: &mut PcapNg,
     held: &mut std::collections::VecDeque<Held>,
     secrets: &KeyLogSubscription,
     until: Instant,
-) -> Result<(), String> {
+) -> Result<usize, String> {
     out.tls_secrets(&secrets.drain())
         .map_err(|e| e.to_string())?;
+    let mut released = 0;
     while held.front().is_some_and(|h| h.at <= until) {
         if let Some(h) = held.pop_front() {
             out.packet(h.iface, h.timestamp, &h.data, h.original_len, h.direction)
                 .map_err(|e| e.to_string())?;
+            released += h.data.len();
         }
     }
-    Ok(())
+    Ok(released)
 }
 
 /// Where a capture looks.
@@ -694,15 +696,15 @@ fn run(
             break StopReason::ClientGone;
         }
         if let Some(s) = &secrets {
-            if let Err(e) = release_held(
+            match release_held(
                 &mut out,
                 &mut held,
                 s,
                 now.checked_sub(KEYLOG_HOLD).unwrap_or(now),
             ) {
-                break StopReason::Error(e);
+                Ok(released) => held_bytes -= released,
+                Err(e) => break StopReason::Error(e),
             }
-            held_bytes = held.iter().map(|h| h.data.len()).sum();
         }
         let tick = if held.is_empty() {
             TICK
@@ -757,10 +759,10 @@ fn run(
                     direction,
                 });
                 if held_bytes > KEYLOG_HOLD_BYTES {
-                    if let Err(e) = release_held(&mut out, &mut held, s, Instant::now()) {
-                        break 'capture StopReason::Error(e);
+                    match release_held(&mut out, &mut held, s, Instant::now()) {
+                        Ok(released) => held_bytes -= released,
+                        Err(e) => break 'capture StopReason::Error(e),
                     }
-                    held_bytes = 0;
                 }
             } else if let Err(e) = out.packet(iface, p.timestamp, p.data, p.original_len, direction)
             {
