@@ -16,8 +16,8 @@ use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use waymark_tests::world::agent::waymark_bin;
 use waymark_tests::{
-    Node, Pod, Server, World, metric, pod_ip, python, require_agent_or_skip, testpeer, with_world,
-    world_name,
+    Node, Pod, Server, World, curl_codes, metric, pod_ip, python, require_agent_or_skip, testpeer,
+    with_world, world_name,
 };
 
 const VIP: &str = "10.96.0.10:80";
@@ -85,29 +85,6 @@ retry = {{ attempts = 2, on = ["5xx"], backoff_base = "5ms", backoff_max = "10ms
     )
 }
 
-/// GETs every URL with curl, one after the other; returns the status codes.
-fn curl(pod: &Pod, urls: &[String]) -> Result<Vec<String>> {
-    let out = pod.run_timeout(
-        Command::new("curl")
-            .args([
-                "-sS",
-                "--noproxy",
-                "*",
-                "--max-time",
-                "20",
-                "-o",
-                "/dev/null",
-            ])
-            .args(["-w", "%{http_code}\n"])
-            .args(urls),
-        Duration::from_secs(120),
-    )?;
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect())
-}
-
 fn urls(path: &str, n: u32) -> Vec<String> {
     (1..=n)
         .map(|i| format!("http://{VIP}{path}?i={i}"))
@@ -165,9 +142,9 @@ fn stat_routes_and_edges_count_a_known_load() {
         let (client, node) = (world.pod(0, 0), world.node(0));
         let server = app(world.pod(1, 0))?;
         let load = Instant::now();
-        let mut codes = curl(client, &urls("/ok", 20))?;
-        codes.extend(curl(client, &urls("/fail", 5))?);
-        codes.extend(curl(client, &urls("/slow", 10))?);
+        let mut codes = curl_codes(client, &[], &urls("/ok", 20))?;
+        codes.extend(curl_codes(client, &[], &urls("/fail", 5))?);
+        codes.extend(curl_codes(client, &[], &urls("/slow", 10))?);
         let load = load.elapsed().as_secs_f64();
         let count = |c: &str| codes.iter().filter(|s| *s == c).count();
         ensure!(

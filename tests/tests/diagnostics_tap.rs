@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use waymark_tests::{
-    DEFAULT_PATIENCE, Node, Pod, Server, World, await_metric, eventually, metric, pod_ip, python,
-    require_agent_or_skip, testpeer, with_world, world_name,
+    DEFAULT_PATIENCE, Node, Pod, Server, World, await_metric, curl_codes, eventually, metric,
+    pod_ip, python, require_agent_or_skip, testpeer, with_world, world_name,
 };
 
 /// An HTTP/1.1 app server for every method: `/status/N` answers N,
@@ -122,30 +122,6 @@ fn waymark() -> Command {
     Command::new(bin)
 }
 
-/// Requests `urls` from `pod` with curl, one after another on one
-/// connection; `extra` are more curl arguments. Returns the status codes.
-fn curl(pod: &Pod, extra: &[&str], urls: &[String]) -> Result<Vec<String>> {
-    let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "--noproxy", "*", "--max-time", "20"])
-        .args(["-w", "%{http_code}\n"])
-        .args(extra);
-    for u in urls {
-        cmd.args(["-o", "/dev/null", u]);
-    }
-    let out = pod.run_timeout(&mut cmd, Duration::from_secs(60))?;
-    let codes: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect();
-    ensure!(
-        codes.len() == urls.len() && codes.iter().all(|c| c != "000"),
-        "curl {extra:?} {urls:?} from {}: {codes:?} {}",
-        pod.name(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(codes)
-}
-
 fn url(vip: &str, path: &str) -> String {
     format!("http://{vip}{path}")
 }
@@ -218,7 +194,7 @@ fn tap_filters_show_exactly_the_matching_requests() {
         let (c0, c1) = (world.pod(0, 0), world.pod(0, 1));
         let _servers = [app(world.pod(1, 0), 8080)?, app(world.pod(1, 1), 8080)?];
         let get = |pod, vip, paths: &[&str]| {
-            curl(
+            curl_codes(
                 pod,
                 &[],
                 &paths.iter().map(|p| url(vip, p)).collect::<Vec<_>>(),
@@ -246,11 +222,11 @@ fn tap_filters_show_exactly_the_matching_requests() {
             ],
             || {
                 get(c0, WEB, &["/b?t=x1"])?;
-                curl(c0, &["-X", "POST"], &[url(WEB, "/a?t=x2")])?;
+                curl_codes(c0, &["-X", "POST"], &[url(WEB, "/a?t=x2")])?;
                 get(c1, WEB, &["/a?t=x3"])?;
                 get(c0, API, &["/a?t=x4"])?;
                 get(c0, WEB, &["/a?t=m1"])?;
-                curl(c0, &["-X", "DELETE"], &[url(WEB, "/a/deep?t=x5")])?;
+                curl_codes(c0, &["-X", "DELETE"], &[url(WEB, "/a/deep?t=x5")])?;
                 get(c1, API, &["/a/deep?t=x6"])?;
                 get(c0, WEB, &["/a/deep?t=m2", "/c?t=x7", "/a?t=m3"])?;
                 Ok(())
@@ -296,18 +272,18 @@ fn tap_filters_show_exactly_the_matching_requests() {
             ],
             || {
                 let host = ["-H", "Host: web.test"];
-                curl(
+                curl_codes(
                     c0,
                     &host,
                     &[url(WEB, "/status/200?t=x1"), url(WEB, "/status/404?t=x2")],
                 )?;
-                curl(c1, &host, &[url(WEB, "/status/503?t=m1")])?;
-                curl(
+                curl_codes(c1, &host, &[url(WEB, "/status/503?t=m1")])?;
+                curl_codes(
                     c0,
                     &["-H", "Host: other.test"],
                     &[url(WEB, "/status/500?t=x3")],
                 )?;
-                curl(
+                curl_codes(
                     c0,
                     &host,
                     &[url(API, "/status/201?t=x4"), url(API, "/status/500?t=m2")],
@@ -360,7 +336,7 @@ fn tap_filters_show_exactly_the_matching_requests() {
         let started = Instant::now();
         let out = tap(node, &["--max", "5"], || {
             let urls: Vec<String> = (1..=20).map(|i| url(WEB, &format!("/n?i={i}"))).collect();
-            curl(c0, &[], &urls)?;
+            curl_codes(c0, &[], &urls)?;
             Ok(())
         })?;
         assert!(started.elapsed() < Duration::from_secs(60));
@@ -425,7 +401,7 @@ fn tap_filters_show_exactly_the_matching_requests() {
                     "-H",
                     "x-visible: shown",
                 ];
-                curl(c0, &h, &[url(WEB, "/secret")])?;
+                curl_codes(c0, &h, &[url(WEB, "/secret")])?;
                 Ok(())
             },
         )?;
@@ -470,8 +446,8 @@ fn tap_filters_show_exactly_the_matching_requests() {
                 "json",
             ],
             || {
-                curl(c1, &[], &[format!("http://{direct}/x1")])?;
-                curl(c0, &[], &[format!("http://{direct}/m1")])?;
+                curl_codes(c1, &[], &[format!("http://{direct}/x1")])?;
+                curl_codes(c0, &[], &[format!("http://{direct}/m1")])?;
                 Ok(())
             },
         )?;
@@ -543,7 +519,7 @@ endpoints = [{{ addr = "{}:8080" }}]
             .pod(1, 0)
             .serve(python().args(["-u", "-c", FAST, "8080"]))?;
         // Warm up (pool, allocator) before the baseline.
-        curl(world.pod(0, 0), &[], &[url(FAST_VIP, "/warm")])?;
+        curl_codes(world.pod(0, 0), &[], &[url(FAST_VIP, "/warm")])?;
         let before = rss_kib(node)?;
 
         let mut stuck = raw_tap(node, "")?;
@@ -616,7 +592,7 @@ endpoints = [{{ addr = "{}:8080" }}]
         // Untapped traffic still flows, and going away ends the tap.
         drop(stuck);
         await_metric(node, "waymark_tap_streams", &[], 0.0)?;
-        curl(world.pod(0, 0), &[], &[url(FAST_VIP, "/after")])?;
+        curl_codes(world.pod(0, 0), &[], &[url(FAST_VIP, "/after")])?;
 
         // An idle tap whose client leaves is closed too.
         let idle = raw_tap(node, "?path=/nothing")?;

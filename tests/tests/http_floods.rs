@@ -12,14 +12,14 @@
 // Children spawned through a world are reaped by the world when it shuts down.
 #![allow(clippy::zombie_processes)]
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use waymark_tests::world::topology;
 use waymark_tests::{
-    Node, Pod, Server, World, WorldBuilder, python, require_agent_or_skip, with_world, world_name,
+    Node, Pod, Server, World, WorldBuilder, curl, python, require_agent_or_skip, with_world,
+    world_name,
 };
 
 /// How much the agent's resident set may grow over a flood: generous, as
@@ -212,14 +212,9 @@ fn verdict(r: &Value) -> String {
 
 /// One curl GET to `vip` from `pod`: the status code.
 fn curl_status(pod: &Pod, vip: &str) -> Result<String> {
-    let out = pod.run_timeout(
-        Command::new("curl")
-            .args(["-sS", "--noproxy", "*", "--max-time", "10"])
-            .args(["-o", "/dev/null", "-w", "%{http_code}"])
-            .arg(format!("http://{vip}/after")),
-        Duration::from_secs(20),
-    )?;
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    Ok(curl(pod, &format!("http://{vip}/after"), &[])?
+        .0
+        .to_string())
 }
 
 /// Services: `flood` at `vip` with the HTTP/1.1 app in pod (1, 0).

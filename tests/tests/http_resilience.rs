@@ -6,9 +6,6 @@
 //! Services are declared in the agents' config (`[[services]]`); their
 //! addresses (10.96.0.x) are virtual IPs that route nowhere: the kernel
 //! redirects the pod's `connect()` to the agent before routing.
-//!
-//! The helpers at the top are shared in spirit with `http_routing.rs`
-//! (each test target is its own crate); keep them in step.
 
 // Children spawned through a world are reaped by the world when it shuts down.
 #![allow(clippy::zombie_processes)]
@@ -21,8 +18,8 @@ use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use waymark_tests::world::agent;
 use waymark_tests::{
-    DEFAULT_PATIENCE, Node, Pod, Server, World, await_metric, eventually, metric, pod_ip, python,
-    require_agent_or_skip, with_world, world_name,
+    DEFAULT_PATIENCE, Node, Pod, Server, World, await_metric, curl_many, eventually, metric,
+    pod_ip, python, require_agent_or_skip, with_world, world_name,
 };
 
 /// The HTTP/1.1 app server: answers every request with `x-pod: <pod name>`
@@ -89,66 +86,6 @@ fn seen(server: &Server) -> usize {
         .iter()
         .filter(|l| l.starts_with("req "))
         .count()
-}
-
-/// What curl said about each of its requests, tallied.
-#[derive(Debug, Default)]
-struct Tally {
-    requests: u32,
-    /// By status code; "000" when no response came.
-    status: BTreeMap<String, u32>,
-    /// By the pod that answered (`x-pod`), "" when none did.
-    pods: BTreeMap<String, u32>,
-    /// Answers of the proxy itself, by `l5d-proxy-error`.
-    proxy_errors: BTreeMap<String, u32>,
-    /// Connections curl opened.
-    connects: u32,
-    /// The slowest request.
-    max_secs: f64,
-}
-
-impl Tally {
-    fn status(&self, code: &str) -> u32 {
-        self.status.get(code).copied().unwrap_or(0)
-    }
-    fn pod(&self, name: &str) -> u32 {
-        self.pods.get(name).copied().unwrap_or(0)
-    }
-}
-
-const WRITE_OUT: &str =
-    "%{http_code} %{num_connects} %{time_total} pod=%header{x-pod} err=%header{l5d-proxy-error}\n";
-
-/// GETs `url` from `pod` with curl, whose URL globs make it many requests
-/// (`/a?i=[1-100]`) over keep-alive connections, `parallel` at a time.
-fn curl(pod: &Pod, url: &str, parallel: u32) -> Result<Tally> {
-    let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "--noproxy", "*", "--max-time", "20"])
-        .args(["-o", "/dev/null", "-w", WRITE_OUT]);
-    if parallel > 1 {
-        cmd.args(["--parallel", "--parallel-max", &parallel.to_string()]);
-    }
-    let out = pod.run_timeout(cmd.arg(url), Duration::from_secs(120))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let mut t = Tally::default();
-    for line in stdout.lines().filter(|l| !l.is_empty()) {
-        let bad = || format!("curl -w line {line:?}");
-        let (head, err) = line.split_once(" err=").with_context(bad)?;
-        let (head, pod_name) = head.split_once(" pod=").with_context(bad)?;
-        let mut f = head.split(' ');
-        let (code, connects, secs) = (f.next(), f.next(), f.next());
-        t.requests += 1;
-        *t.status.entry(code.unwrap_or("?").to_string()).or_default() += 1;
-        *t.pods.entry(pod_name.to_string()).or_default() += 1;
-        if !err.is_empty() {
-            *t.proxy_errors.entry(err.to_string()).or_default() += 1;
-        }
-        t.connects += connects.and_then(|c| c.parse().ok()).unwrap_or(0);
-        t.max_secs = t
-            .max_secs
-            .max(secs.and_then(|s| s.parse().ok()).unwrap_or(0.0));
-    }
-    Ok(t)
 }
 
 /// One GET with curl: status, headers (lower-case names), body, seconds.
@@ -223,7 +160,7 @@ retry = {{ attempts = 2, on = ["5xx"], backoff_base = "2ms", backoff_max = "10ms
 
         // The server fails exactly every other request. Sequential requests:
         // the first attempt of each gets a failing turn, the retry the next.
-        let t = curl(cl, &format!("http://{FLAKY}/f?i=[1-100]"), 1)?;
+        let t = curl_many(cl, &format!("http://{FLAKY}/f?i=[1-100]"), 1, &[])?;
         ensure!(
             t.requests == 100 && t.status("200") == 100,
             "the client saw failures through a retrying route: {t:?}"
@@ -238,7 +175,7 @@ retry = {{ attempts = 2, on = ["5xx"], backoff_base = "2ms", backoff_max = "10ms
         // at most RATIO of the requests plus the reserve, all within one ttl
         // (the run takes about a second); +2 of slack for rounding.
         const R: u32 = 100;
-        let t = curl(cl, &format!("http://{DOWN}/d?i=[1-{R}]"), 1)?;
+        let t = curl_many(cl, &format!("http://{DOWN}/d?i=[1-{R}]"), 1, &[])?;
         ensure!(
             t.status("503") == R && t.pod(world.pod(1, 1).name()) == R,
             "expected {R} × the server's 503: {t:?}"
@@ -309,7 +246,7 @@ timeout = "300ms"
         let _fast = app(world.pod(1, 1), 8080, &[])?;
         let fast = world.pod(1, 1).name();
 
-        let t = curl(cl, &format!("http://{MIXED}/m?i=[1-20]"), 1)?;
+        let t = curl_many(cl, &format!("http://{MIXED}/m?i=[1-20]"), 1, &[])?;
         ensure!(
             t.status("200") == 20 && t.pod(fast) == 20,
             "expected every request answered by the fast endpoint: {t:?}"
@@ -392,7 +329,7 @@ retry = {{ attempts = 5, on = ["connect-failure"], backoff_base = "2ms", backoff
 
         // Without retries, each pick of the dead endpoint is a failed request
         // (the proxy's 503), until the fifth consecutive one ejects it.
-        let t = curl(cl, &format!("http://{PLAIN}/p?i=[1-60]"), 1)?;
+        let t = curl_many(cl, &format!("http://{PLAIN}/p?i=[1-60]"), 1, &[])?;
         ensure!(
             t.status("503") == 5 && t.status("200") == 55,
             "expected exactly 5 failures (the threshold) before the ejection: {t:?}"
@@ -408,7 +345,7 @@ retry = {{ attempts = 5, on = ["connect-failure"], backoff_base = "2ms", backoff
             &[("service", "plain")],
             2.0,
         )?;
-        let t = curl(cl, &format!("http://{PLAIN}/p?i=[1-200]"), 4)?;
+        let t = curl_many(cl, &format!("http://{PLAIN}/p?i=[1-200]"), 4, &[])?;
         ensure!(
             t.status("200") == 200,
             "requests failed after the dead endpoint was ejected: {t:?}"
@@ -420,7 +357,7 @@ retry = {{ attempts = 5, on = ["connect-failure"], backoff_base = "2ms", backoff
         // also ejects the dead endpoint depends on how often the balancer
         // picks it first, so it is not asserted here; ejection itself is
         // checked above.)
-        let t = curl(cl, &format!("http://{RETRYING}/r?i=[1-100]"), 1)?;
+        let t = curl_many(cl, &format!("http://{RETRYING}/r?i=[1-100]"), 1, &[])?;
         ensure!(
             t.status("200") == 100,
             "a retrying route let a connect failure through: {t:?}"
@@ -461,7 +398,7 @@ retry = {{ attempts = 1, on = ["connect-failure"], backoff_base = "2ms", backoff
         let cl = world.pod(0, 0);
         let _a = app(world.pod(1, 0), 8080, &[])?;
         let _b = app(world.pod(1, 1), 8080, &[])?;
-        let t = curl(cl, &format!("http://{VIP}/r?i=[1-100]"), 1)?;
+        let t = curl_many(cl, &format!("http://{VIP}/r?i=[1-100]"), 1, &[])?;
         ensure!(
             t.status("200") == 100,
             "requests failed although a retry could have gone to a live endpoint: {t:?}"
@@ -518,14 +455,15 @@ fn reload_changes_routes_keeps_inflight_and_rejects_invalid_config() {
         let _o = app(origin, 8080, &[])?;
         let mut blue_srv = app(blue, 8080, &[])?;
         let _g = app(green, 8080, &[])?;
-        let t = curl(cl, &format!("http://{VIP}/v/a?i=[1-3]"), 1)?;
+        let t = curl_many(cl, &format!("http://{VIP}/v/a?i=[1-3]"), 1, &[])?;
         ensure!(t.pod(blue.name()) == 3, "before the reload: {t:?}");
 
         let success = [("result", "success")];
         let before = metric(node, RELOADS, &success)?;
         std::thread::scope(|s| -> Result<()> {
             // 2.5 s in flight: the file is polled every second.
-            let inflight = s.spawn(|| curl(cl, &format!("http://{VIP}/v/slow?sleep=2500"), 1));
+            let inflight =
+                s.spawn(|| curl_many(cl, &format!("http://{VIP}/v/slow?sleep=2500"), 1, &[]));
             blue_srv.wait_line("req 4 GET /v/slow", Duration::from_secs(10))?;
             set_services(node, &reload_services(VIP, "green"))?;
             await_metric(node, RELOADS, &success, before + 1.0)?;
@@ -542,9 +480,9 @@ fn reload_changes_routes_keeps_inflight_and_rejects_invalid_config() {
             );
             Ok(())
         })?;
-        let t = curl(cl, &format!("http://{VIP}/v/b?i=[1-3]"), 1)?;
+        let t = curl_many(cl, &format!("http://{VIP}/v/b?i=[1-3]"), 1, &[])?;
         ensure!(t.pod(green.name()) == 3, "after the reload: {t:?}");
-        let t = curl(cl, &format!("http://{VIP}/other"), 1)?;
+        let t = curl_many(cl, &format!("http://{VIP}/other"), 1, &[])?;
         ensure!(t.pod(origin.name()) == 1, "unrouted request: {t:?}");
 
         // Invalid: a backend that is no service. Were it applied, /v would
@@ -570,7 +508,7 @@ fn reload_changes_routes_keeps_inflight_and_rejects_invalid_config() {
             );
             Ok(())
         })?;
-        let t = curl(cl, &format!("http://{VIP}/v/c?i=[1-3]"), 1)?;
+        let t = curl_many(cl, &format!("http://{VIP}/v/c?i=[1-3]"), 1, &[])?;
         ensure!(
             t.pod(green.name()) == 3,
             "after a rejected reload, routing changed: {t:?}"
@@ -688,7 +626,7 @@ endpoints = [{{ addr = "{web}:8080" }}]
         ensure!(node.agent_pid().is_some(), "the agent died");
         let (status, body) = node.admin_get("/live")?;
         ensure!(status == 200, "/live: {status} {body}");
-        let t = curl(cl, &format!("http://{WEB}/ok?i=[1-3]"), 1)?;
+        let t = curl_many(cl, &format!("http://{WEB}/ok?i=[1-3]"), 1, &[])?;
         ensure!(
             t.status("200") == 3 && seen(&web) == 3,
             "good requests after the bad ones: {t:?}"

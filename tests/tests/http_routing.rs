@@ -8,21 +8,18 @@
 //! Services are declared in the agents' config (`[[services]]`); their
 //! addresses (10.96.0.x) are virtual IPs that route nowhere: the kernel
 //! redirects the pod's `connect()` to the agent before routing.
-//!
-//! The helpers at the top are shared in spirit with `http_resilience.rs`
-//! (each test target is its own crate); keep them in step.
 
 // Children spawned through a world are reaped by the world when it shuts down.
 #![allow(clippy::zombie_processes)]
 
-use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use waymark_tests::{
-    Node, Pod, Server, World, metric, pod_ip, python, require_agent_or_skip, with_world, world_name,
+    Node, Pod, Server, World, curl_many, metric, pod_ip, python, require_agent_or_skip, with_world,
+    world_name,
 };
 
 /// The HTTP/1.1 app server (the same as `http_resilience.rs`'s): answers
@@ -71,60 +68,6 @@ fn seen(server: &Server) -> usize {
         .iter()
         .filter(|l| l.starts_with("req "))
         .count()
-}
-
-/// What curl said about each of its requests, tallied.
-#[derive(Debug, Default)]
-struct Tally {
-    requests: u32,
-    /// By status code; "000" when no response came.
-    status: BTreeMap<String, u32>,
-    /// By the pod that answered (`x-pod`), "" when none did.
-    pods: BTreeMap<String, u32>,
-    /// Connections curl opened.
-    connects: u32,
-}
-
-impl Tally {
-    fn status(&self, code: &str) -> u32 {
-        self.status.get(code).copied().unwrap_or(0)
-    }
-    fn pod(&self, name: &str) -> u32 {
-        self.pods.get(name).copied().unwrap_or(0)
-    }
-}
-
-/// GETs `url` from `pod` with curl, whose URL globs make it many requests
-/// (`/a?i=[1-100]`) over keep-alive connections, `parallel` at a time;
-/// `extra` are more curl arguments (`-H NAME:VALUE`).
-fn curl(pod: &Pod, url: &str, parallel: u32, extra: &[&str]) -> Result<Tally> {
-    let mut cmd = Command::new("curl");
-    cmd.args([
-        "-sS",
-        "--noproxy",
-        "*",
-        "--max-time",
-        "20",
-        "-o",
-        "/dev/null",
-    ])
-    .args(["-w", "%{http_code} %{num_connects} pod=%header{x-pod}\n"]);
-    if parallel > 1 {
-        cmd.args(["--parallel", "--parallel-max", &parallel.to_string()]);
-    }
-    let out = pod.run_timeout(cmd.args(extra).arg(url), Duration::from_secs(120))?;
-    let mut t = Tally::default();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let (head, pod_name) = line
-            .split_once(" pod=")
-            .with_context(|| format!("curl -w line {line:?}"))?;
-        let (code, connects) = head.split_once(' ').unwrap_or((head, "0"));
-        t.requests += 1;
-        *t.status.entry(code.to_string()).or_default() += 1;
-        *t.pods.entry(pod_name.to_string()).or_default() += 1;
-        t.connects += connects.parse::<u32>().unwrap_or(0);
-    }
-    Ok(t)
 }
 
 /// The agent's per-endpoint balancer gauges, for failure messages.
@@ -538,7 +481,7 @@ endpoints = [{{ addr = "{canary}:8080" }}]
             } else {
                 "?i=[1-3]"
             };
-            let t = curl(cl, &format!("http://{VIP}{path}{glob}"), 1, headers)?;
+            let t = curl_many(cl, &format!("http://{VIP}{path}{glob}"), 1, headers)?;
             ensure!(
                 t.status("200") == 3 && t.pod(want.name()) == 3,
                 "GET {path} {headers:?}: expected 3 answers from {}: {t:?}",
@@ -581,7 +524,7 @@ endpoints = [{{ addr = "{canary}:8080" }}]
         let cl = world.pod(0, 0);
         let (stable, canary) = (world.pod(1, 0), world.pod(1, 1));
         let (s_srv, c_srv) = (app(stable, 8080)?, app(canary, 8080)?);
-        let t = curl(cl, &format!("http://{VIP}/s?i=[1-{N}]"), 4, &[])?;
+        let t = curl_many(cl, &format!("http://{VIP}/s?i=[1-{N}]"), 4, &[])?;
         ensure!(t.status("200") == N, "not every request succeeded: {t:?}");
         ensure!(
             t.connects <= 8,

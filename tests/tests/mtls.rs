@@ -20,8 +20,8 @@ use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use waymark_tests::world::agent::pod_identity;
 use waymark_tests::{
-    Node, Pod, Server, World, eventually, metric, pod_ip, python, require_agent_or_skip, testpeer,
-    with_world, world_name,
+    Node, Pod, Server, World, curl, curl_i, eventually, metric, pod_ip, python,
+    require_agent_or_skip, testpeer, with_world, world_name,
 };
 
 /// HTTP/1.1 app: answers `<pod name> <path>` with `x-pod`, prints `req
@@ -110,32 +110,6 @@ fn send(pod: &Pod, addr: &str, text: &str) -> Result<String> {
         .run_ok(python().args(["-c", SEND, host, port, text]))?
         .trim()
         .to_string())
-}
-
-/// `curl` from `pod`: (status, body).
-fn curl(pod: &Pod, url: &str, extra: &[&str]) -> Result<(u16, String)> {
-    let out = pod.run_ok(
-        Command::new("curl")
-            .args(["-sS", "--noproxy", "*", "--max-time", "10"])
-            .args(["-w", "\n%{http_code}"])
-            .args(extra)
-            .arg(url),
-    )?;
-    let (body, code) = out.rsplit_once('\n').unwrap_or(("", out.as_str()));
-    Ok((code.trim().parse().unwrap_or(0), body.to_string()))
-}
-
-/// `curl -i` from `pod`: (status, headers and body as one text).
-fn curl_full(pod: &Pod, url: &str, extra: &[&str]) -> Result<(u16, String)> {
-    let out = pod.run_ok(
-        Command::new("curl")
-            .args(["-sS", "-i", "--noproxy", "*", "--max-time", "10"])
-            .args(["-w", "\n%{http_code}"])
-            .args(extra)
-            .arg(url),
-    )?;
-    let (text, code) = out.rsplit_once('\n').unwrap_or(("", out.as_str()));
-    Ok((code.trim().parse().unwrap_or(0), text.to_string()))
 }
 
 fn marker(what: &str) -> String {
@@ -703,7 +677,7 @@ services = ["web", "echo"]
         );
         ensure!(send(allowed, ECHO_VIP, "ping")? == "ping", "allowed echo");
 
-        let (code, text) = curl_full(denied, &format!("http://{WEB_VIP}/hello"), &[])?;
+        let (code, text) = curl_i(denied, &format!("http://{WEB_VIP}/hello"), &[])?;
         ensure!(code == 403, "denied source got {code}: {text}");
         for needle in [
             "l5d-proxy-error: forbidden by the destination's authorization policy",

@@ -14,8 +14,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use nix::sys::signal::Signal;
 use waymark_tests::{
-    Pod, Server, World, eventually, metric, pod_ip, python, require_agent_or_skip, with_world,
-    world_name,
+    Pod, Server, World, curl_i, eventually, metric, pod_ip, python, require_agent_or_skip,
+    with_world, world_name,
 };
 
 const APP: &str = r#"
@@ -43,14 +43,7 @@ fn app(pod: &Pod) -> Result<Server> {
 
 /// One GET from `pod`: (status, headers and body).
 fn get(pod: &Pod, path: &str) -> Result<(u16, String)> {
-    let out = pod.run_ok(
-        Command::new("curl")
-            .args(["-sS", "-i", "--noproxy", "*", "--max-time", "10"])
-            .args(["-w", "\n%{http_code}"])
-            .arg(format!("http://{VIP}{path}")),
-    )?;
-    let (text, code) = out.rsplit_once('\n').unwrap_or(("", out.as_str()));
-    Ok((code.trim().parse().unwrap_or(0), text.to_string()))
+    curl_i(pod, &format!("http://{VIP}{path}"), &[])
 }
 
 #[test]

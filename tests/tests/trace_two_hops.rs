@@ -17,8 +17,8 @@ use std::process::Command;
 use anyhow::{Context, Result, ensure};
 use waymark_tests::world::agent::pod_identity;
 use waymark_tests::{
-    Pod, Server, World, eventually, metric, pod_ip, python, require_agent_or_skip, with_world,
-    world_name,
+    Pod, Server, World, curl_i, eventually, metric, pod_ip, python, require_agent_or_skip,
+    with_world, world_name,
 };
 
 /// HTTP/1.1 app. argv: name, port, mode (`ok` or `fail`: every answer
@@ -102,19 +102,6 @@ fn app(pod: &Pod, mode: &str) -> Result<Server> {
     pod.serve(python().args(["-u", "-c", APP, pod.name(), &PORT.to_string(), mode]))
 }
 
-/// `curl -i` from `pod`: (status, head and body as one text).
-fn curl(pod: &Pod, url: &str, extra: &[&str]) -> Result<(u16, String)> {
-    let out = pod.run_ok(
-        Command::new("curl")
-            .args(["-sS", "-i", "--noproxy", "*", "--max-time", "10"])
-            .args(["-w", "\n%{http_code}"])
-            .args(extra)
-            .arg(url),
-    )?;
-    let (text, code) = out.rsplit_once('\n').unwrap_or(("", out.as_str()));
-    Ok((code.trim().parse().unwrap_or(0), text.to_string()))
-}
-
 fn world(name: &str) -> waymark_tests::WorldBuilder {
     World::builder(name)
         .nodes(2)
@@ -143,7 +130,7 @@ fn trace_shows_inbound_block_then_outbound_block() {
         // the failing one); keep asking until a first attempt lands there.
         let mut retried = None;
         for i in 0..30 {
-            let (code, text) = curl(
+            let (code, text) = curl_i(
                 client,
                 &format!("http://{VIP}/trace?i={i}"),
                 &["-X", "TRACE", "-H", "l5d-add-context: true"],
@@ -269,7 +256,7 @@ fn context_headers_chunked_trace_and_plain_requests() {
         let _good = app(good, "ok")?;
         let good_addr = format!("{}:{PORT}", good.ip());
 
-        let (code, text) = curl(
+        let (code, text) = curl_i(
             client,
             &format!("http://{GOOD_VIP}/hello"),
             &["-H", "l5d-add-context: true"],
@@ -302,7 +289,7 @@ fn context_headers_chunked_trace_and_plain_requests() {
         );
 
         // A chunked response: the block is appended and the length fixed.
-        let (code, text) = curl(
+        let (code, text) = curl_i(
             client,
             &format!("http://{GOOD_VIP}/chunked"),
             &["-X", "TRACE", "-H", "l5d-add-context: true"],
@@ -344,7 +331,7 @@ fn context_headers_chunked_trace_and_plain_requests() {
             sums.split_whitespace().next() == want.split_whitespace().next(),
             "1 MiB through both agents: md5 {sums} != {want}"
         );
-        let (code, text) = curl(client, &format!("http://{GOOD_VIP}/plain"), &[])?;
+        let (code, text) = curl_i(client, &format!("http://{GOOD_VIP}/plain"), &[])?;
         ensure!(code == 200, "{code}\n{text}");
         ensure!(
             !text.to_lowercase().contains("l5d-context"),
@@ -526,7 +513,7 @@ endpoints = [ {{ addr = "{}:8082", node = "node1" }} ]
         let (client, server) = (world.pod(0, 0), world.pod(1, 0));
         let _h2 = server.serve(python().args(["-u", "-c", H2_APP, server.name(), "8082"]))?;
         let h2 = ["--http2-prior-knowledge"];
-        let (code, text) = curl(
+        let (code, text) = curl_i(
             client,
             &format!("http://{H2_VIP}/t"),
             &[&h2[..], &["-X", "TRACE", "-H", "l5d-add-context: true"]].concat(),
@@ -543,7 +530,7 @@ endpoints = [ {{ addr = "{}:8082", node = "node1" }} ]
         );
         ensure!(i.is_some() && i < o, "both blocks, inbound first: {text}");
 
-        let (code, text) = curl(
+        let (code, text) = curl_i(
             client,
             &format!("http://{H2_VIP}/get"),
             &[&h2[..], &["-H", "l5d-add-context: true", "--raw", "-v"]].concat(),

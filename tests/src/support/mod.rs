@@ -1,5 +1,7 @@
 //! Small helpers every end-to-end test file uses.
 
+pub mod curl;
+
 use std::process::Command;
 
 use anyhow::{Context, Result, ensure};
