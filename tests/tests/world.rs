@@ -194,15 +194,17 @@ fn processes_land_in_their_cgroup_and_netns() -> Result<()> {
         .agent(false)
         .build()?;
     let mount = cgroup::cgroup2_mount()?;
-    ensure!(world.name() == "processes_land_in_their_cgroup_and_netns");
-    ensure!(world.cgroup_root() == mount.join("waymark-processes_land_in_their_cgroup_and_netns"));
+    // The name is the test's, with `-TAG` when WAYMARK_WORLD_TAG is set.
+    let name = world.name().to_string();
+    ensure!(name.starts_with("processes_land_in_their_cgroup_and_netns"));
+    ensure!(world.cgroup_root() == mount.join(format!("waymark-{name}")));
 
     let pod = world.pod(1, 1);
     let child = pod.spawn(Command::new("sleep").arg("60"))?;
     let pid = child.id() as i32;
     let cg = cgroup::process_cgroup(pid).context("no cgroup line")?;
     ensure!(
-        cg == "/waymark-processes_land_in_their_cgroup_and_netns/node1/pod1",
+        cg == format!("/waymark-{name}/node1/pod1"),
         "pod process in cgroup {cg}"
     );
     ensure!(mount.join(cg.trim_start_matches('/')) == pod.cgroup_path());
@@ -235,7 +237,7 @@ fn processes_land_in_their_cgroup_and_netns() -> Result<()> {
     // The pod sees the cgroup2 mount (no /sys remount) and its own links.
     let out = pod.run_ok(Command::new("cat").arg("/proc/self/cgroup"))?;
     ensure!(
-        out.contains("0::/waymark-processes_land_in_their_cgroup_and_netns/node1/pod1"),
+        out.contains(&format!("0::/waymark-{name}/node1/pod1")),
         "{out}"
     );
     ensure!(mount.join("cgroup.procs").exists());
@@ -304,7 +306,7 @@ fn world_is_removed_after_drop_and_root_netns_is_untouched() -> Result<()> {
 #[test]
 fn world_is_removed_when_a_test_panics() -> Result<()> {
     require_root_or_skip!(Ok(()));
-    let mut seen: Option<(String, PathBuf, PathBuf, i32)> = None;
+    let mut seen: Option<(String, String, PathBuf, PathBuf, i32)> = None;
     let r = catch_unwind(AssertUnwindSafe(|| {
         let world = World::builder("removed_after_panic")
             .nodes(1)
@@ -317,6 +319,7 @@ fn world_is_removed_when_a_test_panics() -> Result<()> {
             .spawn(Command::new("sleep").arg("60"))
             .unwrap();
         seen = Some((
+            world.name().to_string(),
             state::netns_prefix(world.id()),
             world.cgroup_root().to_path_buf(),
             world.dir().to_path_buf(),
@@ -325,30 +328,31 @@ fn world_is_removed_when_a_test_panics() -> Result<()> {
         panic!("a test fails while its world runs");
     }));
     ensure!(r.is_err());
-    let (prefix, cg, dir, pid) = seen.context("the closure did not get far")?;
+    let (name, prefix, cg, dir, pid) = seen.context("the closure did not get far")?;
     // The directory (with logs) is kept after a failure; everything else goes.
     ensure!(dir.exists(), "logs should be kept after a panic");
     ensure!(!dir.join("state.json").exists());
-    cleanup::remove_world("removed_after_panic", Duration::from_secs(1))?;
+    cleanup::remove_world(&name, Duration::from_secs(1))?;
     no_world_left(&prefix, &cg, &dir, &[pid])
 }
 
 #[test]
 fn leftovers_of_a_crashed_run_are_removed() -> Result<()> {
     require_root_or_skip!(Ok(()));
-    let name = "crashed_run";
-    let world = World::builder(name)
+    let world = World::builder("crashed_run")
         .nodes(1)
         .pods_per_node(1)
         .agent(false)
         .build()?;
     let c = world.pod(0, 0).spawn(Command::new("sleep").arg("60"))?;
     let old_pid = c.id() as i32;
+    // The name with `-TAG` when WAYMARK_WORLD_TAG is set.
+    let name = world.name().to_string();
     world.detach(); // as if the test process had been killed
-    ensure!(!net::list_netns(&state::netns_prefix(&state::world_id(name))).is_empty());
+    ensure!(!net::list_netns(&state::netns_prefix(&state::world_id(&name))).is_empty());
 
     // The next world of the same name clears them first.
-    let world = World::builder(name)
+    let world = World::builder("crashed_run")
         .nodes(1)
         .pods_per_node(2)
         .agent(false)
@@ -366,8 +370,8 @@ fn leftovers_of_a_crashed_run_are_removed() -> Result<()> {
     world.detach();
 
     // And `xtask world down`'s way: twice, the second time nothing to do.
-    ensure!(!cleanup::remove_world(name, Duration::from_secs(1))?.is_empty());
-    ensure!(cleanup::remove_world(name, Duration::from_secs(1))?.is_empty());
+    ensure!(!cleanup::remove_world(&name, Duration::from_secs(1))?.is_empty());
+    ensure!(cleanup::remove_world(&name, Duration::from_secs(1))?.is_empty());
     no_world_left(&prefix, &cg, &dir, &[old_pid])
 }
 
