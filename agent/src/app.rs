@@ -147,7 +147,13 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
             key_log: key_log.clone(),
             ..Default::default()
         };
-        let http_in = InboundHttp::new(&config, metrics.http.clone(), discovery.clone(), a.clone());
+        let http_in = InboundHttp::new(
+            &config,
+            metrics.http.clone(),
+            metrics.tcp.clone(),
+            discovery.clone(),
+            a.clone(),
+        );
         inbound_http = Some(http_in.clone());
         let inbound = Arc::new(
             Inbound::start(

@@ -20,7 +20,7 @@ use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use waymark_tests::world::agent::pod_identity;
 use waymark_tests::{
-    Node, Pod, Server, World, curl, curl_i, eventually, metric, pod_ip, python,
+    Node, Pod, Server, World, await_metric, curl, curl_i, eventually, metric, pod_ip, python,
     require_agent_or_skip, testpeer, with_world, world_name,
 };
 
@@ -371,6 +371,51 @@ fn only_tls_crosses_the_fabric() {
             allowed >= 2.0,
             "inbound streams {allowed}\n{}",
             log_tail(n1)
+        );
+
+        // The receiving agent's side in Linkerd's TCP series: the echo's
+        // one stream with exactly its bytes each way, closed cleanly; the
+        // HTTP request's stream too.
+        let echo_target = format!("{}:{ECHO_PORT}", pod_ip(1, 0));
+        let inbound = |name: &str, target: &str| {
+            metric(
+                n1,
+                name,
+                &[("direction", "inbound"), ("target_addr", target)],
+            )
+        };
+        await_metric(
+            n1,
+            "tcp_close_total",
+            &[
+                ("direction", "inbound"),
+                ("target_addr", &echo_target),
+                ("classification", "success"),
+            ],
+            1.0,
+        )?;
+        let sent = tls_opaque.len() as f64;
+        let m = n1.metrics()?;
+        for (name, want) in [
+            ("tcp_open_total", 1.0),
+            ("tcp_open_connections", 0.0),
+            ("tcp_read_bytes_total", sent),
+            ("tcp_write_bytes_total", sent),
+        ] {
+            let got = inbound(name, &echo_target)?;
+            ensure!(
+                got == want,
+                "{name} inbound to {echo_target}: {got}, expected {want}\n{m}"
+            );
+        }
+        let web_target = format!("{}:{APP_PORT}", pod_ip(1, 0));
+        let (opened, read) = (
+            inbound("tcp_open_total", &web_target)?,
+            inbound("tcp_read_bytes_total", &web_target)?,
+        );
+        ensure!(
+            opened >= 1.0 && read > tls_http.len() as f64,
+            "inbound TCP series of the HTTP request: opened {opened}, read {read}\n{m}"
         );
         Ok(())
     });

@@ -35,11 +35,13 @@ use tracing::{Instrument, debug};
 use super::authz::InboundAuthz;
 use super::detect::{self, Protocol, Verdict};
 use super::inbound_request::{PodConn, StreamCtx};
+use super::inbound_tcp::{Counted, InboundConn};
 use super::rewind::Rewind;
 use crate::config::Config;
 use crate::config::services::ProtocolHint;
 use crate::diagnostics::http_metrics::HttpMetrics;
 use crate::diagnostics::kernel::KernelDiag;
+use crate::diagnostics::metrics::TcpMetrics;
 use crate::discovery::Discovery;
 use crate::http::pool::Version;
 use crate::http::server::{HEADER_READ_TIMEOUT, MAX_H1_HEAD, MAX_H2_HEADER_LIST, MAX_H2_STREAMS};
@@ -59,12 +61,15 @@ pub struct InboundHttp {
     pub(super) connect_timeout: Duration,
     /// Set once the kernel diagnostics are loaded (after the listener).
     pub(super) kernel: OnceLock<Arc<KernelDiag>>,
+    /// `tcp_*{direction="inbound"}`: one connection per admitted stream.
+    tcp: Arc<TcpMetrics>,
 }
 
 impl InboundHttp {
     pub fn new(
         config: &Config,
         metrics: Arc<HttpMetrics>,
+        tcp: Arc<TcpMetrics>,
         discovery: Arc<Discovery>,
         authz: Arc<InboundAuthz>,
     ) -> Arc<Self> {
@@ -83,6 +88,7 @@ impl InboundHttp {
             detect_timeout: config.proxy.detect_timeout,
             connect_timeout: config.outbound.connect_timeout,
             kernel: OnceLock::new(),
+            tcp,
         })
     }
 
@@ -123,9 +129,15 @@ impl InboundHttp {
             peer,
             target,
             headers,
-            mut tunnel,
+            tunnel,
             upstream,
         } = stream;
+        let mut opened = InboundConn::open(
+            self.tcp.clone(),
+            self.pods.get(&target.ip()).map(String::as_str),
+            target,
+        );
+        let mut tunnel = Counted::new(tunnel, opened.byte_counters());
         let services = self
             .discovery
             .current()
@@ -196,6 +208,7 @@ impl InboundHttp {
         };
         if let Err(e) = result {
             debug!(error = %e, "inbound HTTP stream ended with an error");
+            opened.failed("error");
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod detect;
 pub mod inbound;
 pub mod inbound_http;
 mod inbound_request;
+mod inbound_tcp;
 pub mod listener;
 pub mod outbound;
 mod rewind;
