@@ -52,6 +52,7 @@ use crate::proxy::upstream::{Mesh, Upstreams};
 use crate::redirect::Redirect;
 use crate::reload::{ReloadMetrics, Reloader, SharedConfig};
 use crate::telemetry::LogLevelHandle;
+use crate::tunnel::server::Drain as TunnelDrain;
 use crate::tunnel::{PoolConfig, TunnelPool};
 
 const READY_PROGRAMS: &str = "redirect programs not attached";
@@ -136,6 +137,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
     let mut authz = None;
     let mut inbound_stats = None;
     let mut inbound_http = None;
+    let mut inbound_drain = None;
     if let (Some(manager), Some(id)) = (&identity, &config.identity) {
         let node_identity = id
             .node_identity(&config.node.name)
@@ -168,6 +170,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
             .await?,
         );
         inbound_stats = Some(inbound.stats.clone());
+        inbound_drain = Some(inbound.drain.clone());
         let up = upstreams.clone();
         manager.on_bundle_change(Box::new(move |bundle| {
             inbound.set_bundle(bundle);
@@ -392,7 +395,12 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
     stop_background.cancel();
     acceptors.close();
     acceptors.wait().await;
-    drain(&outbound, config.shutdown.drain_grace).await;
+    drain(
+        &outbound,
+        inbound_drain.as_ref(),
+        config.shutdown.drain_grace,
+    )
+    .await;
     admin.stop();
     info!("waymark agent stopped");
     Ok(())
@@ -418,20 +426,36 @@ fn local_identities(config: &Config) -> Vec<SpiffeId> {
     ids
 }
 
-/// Waits for open connections up to `grace`, then closes the rest.
-async fn drain(outbound: &Outbound, grace: Duration) {
+/// Waits for open connections up to `grace`, then closes the rest: the
+/// pods' own (outbound) and the tunnel's connections and streams from
+/// other nodes (inbound: the listener closes and each connection gets a
+/// GOAWAY, so peers stop sending new streams here while those in flight
+/// finish).
+async fn drain(outbound: &Outbound, inbound: Option<&TunnelDrain>, grace: Duration) {
     outbound.tracker.close();
-    let open = outbound.tracker.len();
-    if open == 0 {
+    if let Some(d) = inbound {
+        d.stop.cancel();
+        d.tracker.close();
+    }
+    let open = || outbound.tracker.len() + inbound.map_or(0, |d| d.tracker.len());
+    if open() == 0 {
         return;
     }
-    info!(open, "waiting for open connections to finish");
-    if tokio::time::timeout(grace, outbound.tracker.wait())
-        .await
-        .is_err()
-    {
+    info!(
+        outbound = outbound.tracker.len(),
+        inbound = inbound.map_or(0, |d| d.tracker.len()),
+        "waiting for open connections to finish"
+    );
+    let all = async {
+        outbound.tracker.wait().await;
+        if let Some(d) = inbound {
+            d.tracker.wait().await;
+        }
+    };
+    if tokio::time::timeout(grace, all).await.is_err() {
+        // Inbound streams still open end with the process.
         warn!(
-            open = outbound.tracker.len(),
+            open = open(),
             "drain grace period over; closing the remaining connections"
         );
         outbound.force_close.cancel();

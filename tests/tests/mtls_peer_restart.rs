@@ -19,12 +19,15 @@ use waymark_tests::{
 };
 
 const APP: &str = r#"
-import http.server, sys
+import http.server, sys, time
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def log_message(self, *a):
         pass
     def do_GET(self):
+        print("req", self.path, flush=True)
+        if "sleep=" in self.path:
+            time.sleep(int(self.path.split("sleep=")[1]) / 1000)
         body = ("ok %s\n" % self.path).encode()
         self.send_response(200)
         self.send_header("content-length", str(len(body)))
@@ -106,6 +109,65 @@ endpoints = [ {{ addr = "{}:8080", node = "node1" }} ]
         ensure!(
             now > first,
             "a new tunnel connection must have been opened after the restart ({first} -> {now})"
+        );
+        Ok(())
+    });
+}
+
+/// A peer agent told to stop (SIGTERM) drains: the request in flight
+/// through its tunnel is answered in full, the pooled keep-alive stream the
+/// client agent holds is closed at once (not held until the grace runs
+/// out), and the agent exits well before its grace.
+#[test]
+fn a_stopping_agent_drains_the_streams_in_flight() {
+    require_agent_or_skip!();
+    let services = format!(
+        r#"
+[[services]]
+name = "web"
+addresses = ["{VIP}"]
+protocol = "http1"
+endpoints = [ {{ addr = "{}:8080", node = "node1" }} ]
+
+[shutdown]
+drain_grace = "40s"
+"#,
+        pod_ip(1, 0)
+    );
+    let b = World::builder(world_name!())
+        .pods_per_node(1)
+        .mtls(true)
+        .agent_config_extra(services);
+    with_world(b, |world| {
+        let (n1, client) = (world.node(1), world.pod(0, 0));
+        let app = app(world.pod(1, 0))?;
+        let (code, text) = get(client, "/warm")?;
+        ensure!(code == 200, "{code} {text}");
+
+        std::thread::scope(|s| -> Result<()> {
+            let slow = s.spawn(|| get(client, "/slow?sleep=3000"));
+            eventually(Duration::from_secs(10), || {
+                ensure!(app.lines().iter().any(|l| l.contains("/slow")));
+                Ok(())
+            })
+            .context("the slow request did not reach the app")?;
+            n1.signal_agent(Signal::SIGTERM)?;
+            // The grace is 40 s: exiting within 20 means nothing waited
+            // for it (the idle pooled stream was closed by the drain).
+            let status = n1.wait_agent_exit(Duration::from_secs(20))?;
+            ensure!(status.success(), "node1's agent exited with {status}");
+            let (code, text) = slow.join().expect("the slow request's thread")?;
+            ensure!(
+                code == 200 && text.contains("ok /slow"),
+                "the request in flight during the drain: {code} {text}"
+            );
+            Ok(())
+        })?;
+        let log = n1.agent_log();
+        ensure!(
+            log.contains("inbound tunnel listener closed for the drain")
+                && !log.contains("drain grace period over"),
+            "node1's agent log:\n{log}"
         );
         Ok(())
     });

@@ -24,12 +24,14 @@ use super::authz::InboundAuthz;
 use super::inbound_http::InboundHttp;
 use super::upstream::Upstreams;
 use crate::identity::{CertStore, SpiffeId, TrustBundle, server_config, with_server_key_log};
-use crate::tunnel::server::{FAILURES, ServerTls};
+use crate::tunnel::server::{Drain, FAILURES, ServerTls};
 use crate::tunnel::{ServerConfig, ServerStats, StreamHandler, TunnelServer};
 
 /// The running inbound side.
 pub struct Inbound {
     pub stats: Arc<ServerStats>,
+    /// Stops the listeners and is waited for when the agent shuts down.
+    pub drain: Drain,
     tls: Arc<ServerTls>,
     store: Arc<CertStore>,
     node_identity: SpiffeId,
@@ -56,6 +58,7 @@ impl Inbound {
             key_log.as_ref(),
         ));
         let stats = Arc::new(ServerStats::default());
+        let drain = Drain::default();
         for addr in listen {
             let listener = bind(*addr)
                 .with_context(|| format!("cannot bind the inbound tunnel listener on {addr}"))?;
@@ -66,12 +69,14 @@ impl Inbound {
                 config.clone(),
                 stats.clone(),
             )
-            .with_handler(http.clone() as Arc<dyn StreamHandler>);
+            .with_handler(http.clone() as Arc<dyn StreamHandler>)
+            .with_drain(drain.clone());
             info!(listen = %server.local_addr()?, identity = %node_identity, "inbound tunnel listening");
             tasks.spawn(server.serve());
         }
         Ok(Self {
             stats,
+            drain,
             tls,
             store,
             node_identity,

@@ -65,6 +65,25 @@ pub struct InboundHttp {
     tcp: Arc<TcpMetrics>,
 }
 
+/// Serves a hyper connection to its end; when the agent drains, asks it to
+/// finish gracefully (HTTP/1: close after the response in flight, at once
+/// when idle; HTTP/2: GOAWAY), so pooled keep-alive streams don't hold the
+/// drain up until its grace runs out. (A macro: the two connection types
+/// share no trait for `graceful_shutdown`.)
+macro_rules! until_drained {
+    ($conn:expr, $stop:expr) => {{
+        let conn = $conn;
+        tokio::pin!(conn);
+        tokio::select! {
+            out = conn.as_mut() => out,
+            _ = $stop.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
+    }};
+}
+
 impl InboundHttp {
     pub fn new(
         config: &Config,
@@ -129,6 +148,7 @@ impl InboundHttp {
             peer,
             target,
             headers,
+            stop,
             tunnel,
             upstream,
         } = stream;
@@ -188,22 +208,22 @@ impl InboundHttp {
         let io = TokioIo::new(tunnel);
         let result = match version {
             Version::Http1 => {
-                http1::Builder::new()
+                let conn = http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(HEADER_READ_TIMEOUT)
                     .max_buf_size(MAX_H1_HEAD)
                     .keep_alive(true)
                     .serve_connection(io, svc)
-                    .with_upgrades()
-                    .await
+                    .with_upgrades();
+                until_drained!(conn, stop)
             }
             Version::Http2 => {
-                http2::Builder::new(TokioExecutor::new())
+                let conn = http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .max_concurrent_streams(MAX_H2_STREAMS)
                     .max_header_list_size(MAX_H2_HEADER_LIST)
-                    .serve_connection(io, svc)
-                    .await
+                    .serve_connection(io, svc);
+                until_drained!(conn, stop)
             }
         };
         if let Err(e) = result {

@@ -23,7 +23,9 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
-use tracing::{Instrument, debug, info_span, warn};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{DENY_REASON, ERROR_REASON, SOURCE_WORKLOAD};
 use crate::identity::{CertInfo, TlsFailure, peer_info};
@@ -165,6 +167,18 @@ struct Shared {
     config: ServerConfig,
     stats: Arc<ServerStats>,
     handler: Arc<dyn StreamHandler>,
+    drain: Drain,
+}
+
+/// How the server winds down when the agent stops: `stop` closes the
+/// listener and sends every connection a GOAWAY (no new streams; the
+/// streams in flight go on, and HTTP served on them closes once its
+/// current request is answered); `tracker` holds every connection and
+/// stream, so the agent can wait for them up to its drain grace.
+#[derive(Clone, Debug, Default)]
+pub struct Drain {
+    pub stop: CancellationToken,
+    pub tracker: TaskTracker,
 }
 
 /// A stream that passed authorization and whose target is connected: the
@@ -174,6 +188,9 @@ pub struct Admitted {
     pub target: SocketAddr,
     /// The `CONNECT` request's headers (`forwarded`, `x-request-id`, …).
     pub headers: HeaderMap,
+    /// Cancelled when the agent drains: a handler serving HTTP on the
+    /// stream finishes the request in flight and closes.
+    pub stop: CancellationToken,
     pub tunnel: TokioIo<hyper::upgrade::Upgraded>,
     pub upstream: TcpStream,
 }
@@ -230,6 +247,7 @@ impl TunnelServer {
             config,
             stats,
             handler: Arc::new(Splice),
+            drain: Drain::default(),
         });
         Self { listener, shared }
     }
@@ -238,6 +256,14 @@ impl TunnelServer {
     pub fn with_handler(mut self, handler: Arc<dyn StreamHandler>) -> Self {
         if let Some(shared) = Arc::get_mut(&mut self.shared) {
             shared.handler = handler;
+        }
+        self
+    }
+
+    /// Stops and is waited for through `drain` (see [`Drain`]).
+    pub fn with_drain(mut self, drain: Drain) -> Self {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.drain = drain;
         }
         self
     }
@@ -251,10 +277,17 @@ impl TunnelServer {
         self.shared.stats.clone()
     }
 
-    /// Accepts until the task is dropped; each connection runs on its own task.
+    /// Accepts until the drain starts (or the task is dropped); each
+    /// connection runs on its own task.
     pub async fn serve(self) {
+        let stop = self.shared.drain.stop.clone();
         loop {
-            let (tcp, peer) = match self.listener.accept().await {
+            let accepted = tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                accepted = self.listener.accept() => accepted,
+            };
+            let (tcp, peer) = match accepted {
                 Ok(c) => c,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -268,12 +301,13 @@ impl TunnelServer {
                 .tcp_accepted
                 .fetch_add(1, Ordering::Relaxed);
             let shared = self.shared.clone();
-            tokio::spawn(
+            self.shared.drain.tracker.spawn(
                 shared
                     .connection(tcp)
                     .instrument(info_span!("tunnel_in", %peer)),
             );
         }
+        info!(listen = ?self.listener.local_addr().ok(), "inbound tunnel listener closed for the drain");
     }
 }
 
@@ -321,7 +355,17 @@ impl Shared {
             .initial_stream_window_size(self.config.stream_window)
             .initial_connection_window_size(self.config.connection_window)
             .max_send_buf_size(1 << 20);
-        if let Err(e) = h2.serve_connection(TokioIo::new(tls), service).await {
+        let conn = h2.serve_connection(TokioIo::new(tls), service);
+        tokio::pin!(conn);
+        let result = tokio::select! {
+            result = conn.as_mut() => result,
+            _ = self.drain.stop.cancelled() => {
+                debug!("draining: GOAWAY sent, waiting for the streams in flight");
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = result {
             debug!(error = %e, "tunnel connection ended with an error");
         }
     }
@@ -398,7 +442,8 @@ impl Shared {
         let upgrade = hyper::upgrade::on(&mut req);
         let handler = self.handler.clone();
         let headers = std::mem::take(req.headers_mut());
-        tokio::spawn(
+        let stop = self.drain.stop.clone();
+        self.drain.tracker.spawn(
             async move {
                 match upgrade.await {
                     Ok(upgraded) => {
@@ -406,6 +451,7 @@ impl Shared {
                             peer,
                             target,
                             headers,
+                            stop,
                             tunnel: TokioIo::new(upgraded),
                             upstream,
                         };
