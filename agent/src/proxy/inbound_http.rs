@@ -40,6 +40,7 @@ use crate::config::Config;
 use crate::config::services::ProtocolHint;
 use crate::diagnostics::http_metrics::HttpMetrics;
 use crate::diagnostics::kernel::KernelDiag;
+use crate::diagnostics::tap::TapHub;
 use crate::discovery::Discovery;
 use crate::http::pool::Version;
 use crate::http::server::{HEADER_READ_TIMEOUT, MAX_H1_HEAD, MAX_H2_HEADER_LIST, MAX_H2_STREAMS};
@@ -59,6 +60,8 @@ pub struct InboundHttp {
     pub(super) connect_timeout: Duration,
     /// Set once the kernel diagnostics are loaded (after the listener).
     pub(super) kernel: OnceLock<Arc<KernelDiag>>,
+    /// Set once the tap hub exists (`super::inbound_tap`).
+    pub(super) tap: OnceLock<Arc<TapHub>>,
 }
 
 impl InboundHttp {
@@ -83,7 +86,13 @@ impl InboundHttp {
             detect_timeout: config.proxy.detect_timeout,
             connect_timeout: config.outbound.connect_timeout,
             kernel: OnceLock::new(),
+            tap: OnceLock::new(),
         })
+    }
+
+    /// Lets `waymark tap` show the requests served here (`proxy=in`).
+    pub fn set_tap(&self, tap: Arc<TapHub>) {
+        let _ = self.tap.set(tap);
     }
 
     /// Lets traces carry the kernel's view of the connection to the pod.

@@ -1,6 +1,7 @@
 //! Live tap, as `linkerd viz tap` has it: an operator streams the requests
-//! the agent is proxying right now, filtered, as `req`/`rsp`/`end` events
-//! (see [`event`]), from the admin API's `GET /tap` (`waymark tap`).
+//! the agent is proxying right now, in both directions, filtered, as
+//! `req`/`rsp`/`end` events (see [`event`]), from the admin API's
+//! `GET /tap` (`waymark tap`).
 //!
 //! Cost when nobody taps: the data path reads one atomic counter per
 //! request ([`TapHub::request`]) with a relaxed load and goes on. Only while
@@ -21,11 +22,17 @@
 //! response head is ready (which wraps the body to see its end). The tap
 //! of a request rides in the request's extensions between them. Opaque TCP
 //! connections are one `tcp` event when they close
-//! ([`TapHub::tcp_closed`], in `proxy/outbound.rs`); only `from` and `to`
-//! filters can match them.
+//! ([`TapHub::tcp_closed`], in `proxy/outbound.rs`); only `from`, `to` and
+//! `direction` filters can match them.
+//!
+//! Those are `proxy=out` events. Requests that arrive through the mTLS
+//! tunnel for a pod of this node are `proxy=in` ([`inbound`]: the peer's
+//! verified identity as the source, the pod as the destination), tapped
+//! from `proxy/inbound_tap.rs` with the same hooks.
 
 pub mod event;
 pub mod filter;
+mod inbound;
 mod stream;
 
 use std::net::SocketAddr;
@@ -44,10 +51,11 @@ use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub use inbound::InboundArrival;
 pub use stream::TapStream;
 
 use self::event::{Dst, Event, Meta, Src, TLS_NONE};
-use self::filter::{DstView, Filter, Pods, RequestView};
+use self::filter::{Direction, DstView, Filter, Pods, RequestView, SrcView};
 use crate::http::body::{BoxError, ProxyBody};
 
 /// Events a tap's channel holds before it drops. A `req` line with every
@@ -258,6 +266,35 @@ impl TapHub {
         req: &mut http::Request<B>,
     ) -> Option<Arc<TapRequest>> {
         let src = self.shown_source(pod, src);
+        let meta = Meta {
+            id: 0,
+            proxy: event::OUTBOUND.into(),
+            src: Src {
+                addr: src,
+                pod: Some(pod.to_string()),
+                identity: None,
+            },
+            dst: Dst {
+                addr: dialled,
+                dialled,
+                service: service.map(str::to_string),
+                backend: None,
+                pod: None,
+            },
+            tls: TLS_NONE.into(),
+        };
+        self.start(Direction::Out, SrcView::pod(pod, src), req, || meta)
+    }
+
+    /// Tests a request against the open taps and, when any may want it,
+    /// tracks it: its tap goes in the request's extensions too.
+    fn start<B>(
+        &self,
+        direction: Direction,
+        src: SrcView<'_>,
+        req: &mut http::Request<B>,
+        meta: impl FnOnce() -> Meta,
+    ) -> Option<Arc<TapRequest>> {
         let authority = req
             .uri()
             .authority()
@@ -268,7 +305,7 @@ impl TapHub {
             .path_and_query()
             .map_or_else(|| req.uri().path(), |p| p.as_str());
         let view = RequestView {
-            pod,
+            direction,
             src,
             method: req.method(),
             authority,
@@ -289,25 +326,13 @@ impl TapHub {
             return None;
         }
         let (headers, headers_omitted) = event::shown_headers(req.headers());
+        let mut meta = meta();
+        meta.id = self.next_request.fetch_add(1, Ordering::Relaxed);
         let tap = Arc::new(TapRequest {
             start: Instant::now(),
             upstream: Mutex::new(None),
             state: Mutex::new(State {
-                meta: Meta {
-                    id: self.next_request.fetch_add(1, Ordering::Relaxed),
-                    proxy: "out".into(),
-                    src: Src {
-                        addr: src,
-                        pod: Some(pod.to_string()),
-                    },
-                    dst: Dst {
-                        addr: dialled,
-                        dialled,
-                        service: service.map(str::to_string),
-                        backend: None,
-                    },
-                    tls: TLS_NONE.into(),
-                },
+                meta,
                 req: ReqLine {
                     method: req.method().to_string(),
                     authority: authority.map(str::to_string),
@@ -373,34 +398,58 @@ impl TapHub {
             dialled: c.dst,
             service: None,
             backend: None,
+            pod: None,
         };
+        self.send_tcp(
+            Direction::Out,
+            &SrcView::pod(c.pod, src),
+            &view,
+            || Meta {
+                id: 0,
+                proxy: event::OUTBOUND.into(),
+                src: Src {
+                    addr: src,
+                    pod: Some(c.pod.to_string()),
+                    identity: None,
+                },
+                dst: Dst {
+                    addr: c.dst,
+                    dialled: c.dst,
+                    service: None,
+                    backend: None,
+                    pod: None,
+                },
+                tls: TLS_NONE.into(),
+            },
+            &c,
+        );
+    }
+
+    /// Sends the `tcp` event of a closed connection to the taps that match
+    /// it (encoded once, and not at all when none has room).
+    fn send_tcp(
+        &self,
+        direction: Direction,
+        src: &SrcView<'_>,
+        dst: &DstView<'_>,
+        meta: impl FnOnce() -> Meta,
+        c: &TcpClosed<'_>,
+    ) {
         let sinks: Vec<Arc<Sink>> = self
             .sinks
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .filter(|s| s.accepting() && s.filter.matches_tcp(c.pod, src, &view))
+            .filter(|s| s.accepting() && s.filter.matches_tcp(direction, src, dst))
             .filter(|s| s.admit())
             .cloned()
             .collect();
         let ready: Vec<&Arc<Sink>> = sinks.iter().filter(|s| s.has_room()).collect();
         if !ready.is_empty() {
+            let mut meta = meta();
+            meta.id = self.next_request.fetch_add(1, Ordering::Relaxed);
             let line = Event::Tcp {
-                meta: Meta {
-                    id: self.next_request.fetch_add(1, Ordering::Relaxed),
-                    proxy: "out".into(),
-                    src: Src {
-                        addr: src,
-                        pod: Some(c.pod.to_string()),
-                    },
-                    dst: Dst {
-                        addr: c.dst,
-                        dialled: c.dst,
-                        service: None,
-                        backend: None,
-                    },
-                    tls: TLS_NONE.into(),
-                },
+                meta,
                 bytes_out: c.bytes_out,
                 bytes_in: c.bytes_in,
                 duration_us: micros(c.duration),
@@ -503,6 +552,7 @@ impl State {
             dialled: d.dialled,
             service: d.service.as_deref(),
             backend: d.backend.as_deref(),
+            pod: d.pod.as_deref(),
         };
         for c in &mut self.candidates {
             if c.stage == Stage::Undecided {
@@ -547,6 +597,31 @@ impl State {
 }
 
 impl TapRequest {
+    /// The destination is known on arrival (inbound: the pod the tunnel
+    /// stream is for): the request is shown now, as outbound once its
+    /// endpoint is picked.
+    fn arrived(&self) {
+        let mut s = State::lock_poisoned(&self.state);
+        s.dispatched = true;
+        s.decide_dst();
+        s.admit(Stage::Undecided, |_| true);
+    }
+
+    /// The request's last attempt went over the TCP connection `local` →
+    /// `peer`: its `end` reads what the kernel counted on it.
+    pub fn upstream(
+        &self,
+        local: SocketAddr,
+        peer: SocketAddr,
+        kernel: &Arc<crate::diagnostics::kernel::KernelDiag>,
+    ) {
+        *self.upstream.lock().unwrap_or_else(|e| e.into_inner()) = Some(Upstream {
+            local,
+            peer,
+            kernel: kernel.clone(),
+        });
+    }
+
     /// The balancer picked `addr` of `backend` (again, on a retry: later
     /// events name the last endpoint tried).
     fn dispatched(&self, backend: &str, addr: SocketAddr) {
@@ -655,11 +730,7 @@ pub fn upstream_connection(
     kernel: Option<&Arc<crate::diagnostics::kernel::KernelDiag>>,
 ) {
     if let (Some(t), Some(kernel)) = (extensions.get::<Arc<TapRequest>>(), kernel) {
-        *t.upstream.lock().unwrap_or_else(|e| e.into_inner()) = Some(Upstream {
-            local,
-            peer,
-            kernel: kernel.clone(),
-        });
+        t.upstream(local, peer, kernel);
     }
 }
 
