@@ -610,7 +610,10 @@ mod tests {
         );
         let v: serde_json::Value = serde_json::from_slice(&rsp.to_line()).unwrap();
         assert_eq!(v["proxy"], "in");
-        assert_eq!(v["src"]["identity"], "spiffe://cluster.local/ns/default/sa/web");
+        assert_eq!(
+            v["src"]["identity"],
+            "spiffe://cluster.local/ns/default/sa/web"
+        );
         assert_eq!(v["dst"]["pod"], "default/hello-1");
         assert_eq!(serde_json::from_value::<Event>(v).unwrap(), rsp);
     }

@@ -356,10 +356,7 @@ impl Filter {
             || self.min_latency.is_some();
         !http_only
             && self.direction.is_none_or(|d| d == direction)
-            && self
-                .from
-                .as_ref()
-                .is_none_or(|f| matches_source(f, src))
+            && self.from.as_ref().is_none_or(|f| matches_source(f, src))
             && self.matches_dst(dst)
     }
 
@@ -640,8 +637,11 @@ mod tests {
                 pod: None,
                 workload: Some(workload),
                 identity: Some(Box::leak(
-                    format!("spiffe://cluster.local/ns/{}", workload.replace('/', "/sa/"))
-                        .into_boxed_str(),
+                    format!(
+                        "spiffe://cluster.local/ns/{}",
+                        workload.replace('/', "/sa/")
+                    )
+                    .into_boxed_str(),
                 )),
                 addr: "10.1.0.2:40000".parse().unwrap(),
             },
@@ -662,11 +662,13 @@ mod tests {
         assert!(parse("from=default/web").matches_request(&inbound("default/web-canary")));
         assert!(!parse("from=default/web").matches_request(&inbound("default/webhook")));
         // Outbound requests have no peer identity to match.
-        assert!(!parse("from=spiffe://cluster.local/ns/default/sa/web").matches_request(&req(
-            "default/web",
-            &get,
-            "/"
-        )));
+        assert!(
+            !parse("from=spiffe://cluster.local/ns/default/sa/web").matches_request(&req(
+                "default/web",
+                &get,
+                "/"
+            ))
+        );
         assert!(parse("direction=OUT").matches_request(&req("default/web", &get, "/")));
 
         let pods = Pods(vec![(
@@ -680,7 +682,12 @@ mod tests {
             backend: None,
             pod: Some("default/n1p0"),
         };
-        for q in ["to=default/n1p0", "to=web", "to=10.2.0.2:8080", "to=10.2.0.2"] {
+        for q in [
+            "to=default/n1p0",
+            "to=web",
+            "to=10.2.0.2:8080",
+            "to=10.2.0.2",
+        ] {
             assert!(Filter::from_query(q, &pods).unwrap().matches_dst(&d), "{q}");
             assert!(parse(q).matches_dst(&d), "{q} without the pod list");
         }
@@ -694,7 +701,10 @@ mod tests {
         assert_eq!(parse("direction=Out").direction, Some(Direction::Out));
         let e = Filter::from_query("direction=up", &Pods::default()).unwrap_err();
         assert!(e.contains("in or out"), "{e}");
-        assert_eq!(parse(&parse("direction=in&max=2").to_query()), parse("direction=in&max=2"));
+        assert_eq!(
+            parse(&parse("direction=in&max=2").to_query()),
+            parse("direction=in&max=2")
+        );
     }
 
     #[test]

@@ -183,7 +183,13 @@ mod tests {
         serve(&hub, "client", "/a?x=1", 200).await;
         let events = drain(&mut stream).await;
         assert_eq!(events.len(), 3, "{events:?}");
-        let Event::Req { meta, path, headers, .. } = &events[0] else {
+        let Event::Req {
+            meta,
+            path,
+            headers,
+            ..
+        } = &events[0]
+        else {
             panic!("{events:?}")
         };
         assert_eq!(path, "/a?x=1");
