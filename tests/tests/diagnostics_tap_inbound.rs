@@ -225,7 +225,8 @@ fn status_of(events: &[Value], id: &Value) -> Option<u64> {
 
 /// (a) Node 1's tap shows exactly the burst as inbound requests (the
 /// client's identity and address, the pod, `tls=true`, the statuses, the
-/// kernel's view of the pod connection), node 0's shows it as outbound;
+/// kernel's view of the pod connection), node 0's shows it as outbound
+/// (through the tunnel: `tls=true` too);
 /// path, direction, destination, source, status and sample-limit filters
 /// select exactly the matching requests; a filter that matches nothing
 /// shows nothing.
@@ -374,6 +375,8 @@ fn inbound_tap_shows_what_crossed_the_tunnel() {
         assert_eq!(req_paths(&reqs0), paths(), "{}", outs[1]);
         for e in &ev0 {
             assert_eq!(e["proxy"], "out", "{e}");
+            // The endpoint is on node 1: the request went through the tunnel.
+            assert_eq!(e["tls"], "true", "{e}");
             assert_eq!(e["src"]["pod"], client.name(), "{e}");
             assert_eq!(e["dst"]["addr"], server_addr.as_str(), "{e}");
             assert!(e["src"].get("identity").is_none(), "{e}");

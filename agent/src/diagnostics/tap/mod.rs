@@ -624,9 +624,12 @@ impl TapRequest {
 
     /// The balancer picked `addr` of `backend` (again, on a retry: later
     /// events name the last endpoint tried).
-    fn dispatched(&self, backend: &str, addr: SocketAddr) {
+    fn dispatched(&self, backend: &str, addr: SocketAddr, tls: &str) {
         let mut s = State::lock_poisoned(&self.state);
         s.meta.dst.addr = addr;
+        if s.meta.tls != tls {
+            s.meta.tls = tls.to_string();
+        }
         if s.meta.dst.backend.as_deref() != Some(backend) {
             s.meta.dst.backend = Some(backend.to_string());
         }
@@ -713,10 +716,11 @@ fn micros(d: Duration) -> u64 {
 }
 
 /// The balancer picked `addr` (of service `backend`) for the request whose
-/// extensions these are. Nothing to do unless it is tapped.
-pub fn dispatched(extensions: &http::Extensions, backend: &str, addr: SocketAddr) {
+/// extensions these are, to be reached over a path whose `tls=` is `tls`
+/// (`true` through the mTLS tunnel). Nothing to do unless it is tapped.
+pub fn dispatched(extensions: &http::Extensions, backend: &str, addr: SocketAddr, tls: &str) {
     if let Some(t) = extensions.get::<Arc<TapRequest>>() {
-        t.dispatched(backend, addr);
+        t.dispatched(backend, addr, tls);
     }
 }
 
