@@ -18,8 +18,8 @@ use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use waymark_tests::world::agent::pod_identity;
 use waymark_tests::{
-    Node, Pod, Server, World, await_metric, pod_ip, python, require_agent_or_skip, with_world,
-    world_name,
+    Node, Pod, Server, World, await_metric, pod_ip, python, require_agent_or_skip, testpeer,
+    with_world, world_name,
 };
 
 /// HTTP/1.1 server: `/b…` answers 500, anything else 200 with
@@ -49,6 +49,8 @@ srv.serve_forever()
 "#;
 
 const VIP: &str = "10.96.0.50:80";
+/// An opaque echo service (testpeer) on the same pod.
+const ECHO_VIP: &str = "10.96.0.51:7000";
 const PORT: u16 = 8080;
 /// Requests of one burst: every fourth to `/b`.
 const REQUESTS: usize = 40;
@@ -65,9 +67,14 @@ fn world(name: &str) -> waymark_tests::WorldBuilder {
 [[services]]
 name = "web"
 addresses = ["{VIP}"]
-endpoints = [ {{ addr = "{}:{PORT}", node = "node1" }} ]
+endpoints = [ {{ addr = "{ip}:{PORT}", node = "node1" }} ]
+
+[[services]]
+name = "echo"
+addresses = ["{ECHO_VIP}"]
+endpoints = [ {{ addr = "{ip}:7000", node = "node1" }} ]
 "#,
-            pod_ip(1, 0)
+            ip = pod_ip(1, 0)
         ))
 }
 
@@ -138,6 +145,15 @@ fn on<'a>(node: &'a Node, args: &[&str]) -> Run<'a> {
 /// streams open, sends the burst, and returns each command's stdout (each
 /// must end by itself: `--max` or `--duration`).
 fn during_burst(world: &World, runs: &[Run<'_>]) -> Result<Vec<String>> {
+    during(world, runs, || burst(world.pod(0, 0)))
+}
+
+/// [`during_burst`] with other traffic.
+fn during(
+    world: &World,
+    runs: &[Run<'_>],
+    traffic: impl FnOnce() -> Result<()>,
+) -> Result<Vec<String>> {
     std::thread::scope(|s| {
         let handles: Vec<_> = runs
             .iter()
@@ -155,7 +171,7 @@ fn during_burst(world: &World, runs: &[Run<'_>]) -> Result<Vec<String>> {
                 opened = await_metric(node, "waymark_tap_streams", &[], n as f64);
             }
         }
-        let sent = opened.and_then(|()| burst(world.pod(0, 0)));
+        let sent = opened.and_then(|()| traffic());
         let outs: Vec<Result<Output>> = handles
             .into_iter()
             .map(|h| h.join().expect("a CLI thread"))
@@ -229,7 +245,8 @@ fn status_of(events: &[Value], id: &Value) -> Option<u64> {
 /// (through the tunnel: `tls=true` too);
 /// path, direction, destination, source, status and sample-limit filters
 /// select exactly the matching requests; a filter that matches nothing
-/// shows nothing.
+/// shows nothing. An opaque stream through the tunnel is one inbound `tcp`
+/// event.
 #[test]
 fn inbound_tap_shows_what_crossed_the_tunnel() {
     require_agent_or_skip!();
@@ -439,6 +456,53 @@ fn inbound_tap_shows_what_crossed_the_tunnel() {
             lines[1]
         );
         assert!(lines[2].starts_with("end "), "{}", lines[2]);
+
+        // An opaque stream through the tunnel: one `tcp` event on node 1
+        // when it closes, with the bytes both ways; an HTTP-only filter
+        // does not take it.
+        let _echo = server.serve(&mut testpeer(["echo", "--listen", "0.0.0.0:7000"]))?;
+        let outs = during(
+            world,
+            &[
+                on(
+                    n1,
+                    &["tap", "--max", "1", "--duration", "60s", "-o", "json"],
+                ),
+                on(
+                    n1,
+                    &["tap", "--path", "/", "--duration", "12s", "-o", "json"],
+                ),
+            ],
+            || {
+                let out = client.run_ok(&mut testpeer([
+                    "client",
+                    "--connect",
+                    ECHO_VIP,
+                    "--bytes",
+                    "5000",
+                ]))?;
+                let report: Value = serde_json::from_str(out.trim())?;
+                ensure!(report["identical"] == true, "{report}");
+                Ok(())
+            },
+        )?;
+        let ev = events(&outs[0])?;
+        assert_eq!(ev.len(), 1, "{}", outs[0]);
+        let tcp = &ev[0];
+        assert_eq!(tcp["type"], "tcp", "{tcp}");
+        assert_eq!(tcp["proxy"], "in", "{tcp}");
+        assert_eq!(tcp["tls"], "true", "{tcp}");
+        assert_eq!(tcp["src"]["identity"], client_id.as_str(), "{tcp}");
+        assert_eq!(tcp["dst"]["addr"], format!("{}:7000", server.ip()), "{tcp}");
+        assert_eq!(tcp["dst"]["pod"], server.name(), "{tcp}");
+        assert_eq!(tcp["dst"]["service"], "echo", "{tcp}");
+        assert_eq!(tcp["close"], "eof", "{tcp}");
+        assert_eq!(
+            (tcp["bytes_out"].as_u64(), tcp["bytes_in"].as_u64()),
+            (Some(5000), Some(5000)),
+            "{tcp}"
+        );
+        assert_eq!(outs[1].trim(), "", "an HTTP filter took an opaque stream");
         Ok(())
     });
 }

@@ -35,6 +35,7 @@ use tracing::{Instrument, debug};
 use super::authz::InboundAuthz;
 use super::detect::{self, Protocol, Verdict};
 use super::inbound_request::{PodConn, StreamCtx};
+use super::inbound_tap::forwarded_for;
 use super::rewind::Rewind;
 use crate::config::Config;
 use crate::config::services::ProtocolHint;
@@ -44,7 +45,6 @@ use crate::diagnostics::tap::TapHub;
 use crate::discovery::Discovery;
 use crate::http::pool::Version;
 use crate::http::server::{HEADER_READ_TIMEOUT, MAX_H1_HEAD, MAX_H2_HEADER_LIST, MAX_H2_STREAMS};
-use crate::tunnel::server::splice;
 use crate::tunnel::{Admitted, HandleFuture, StreamHandler};
 
 /// The inbound HTTP side, shared by every tunnel stream.
@@ -54,7 +54,7 @@ pub struct InboundHttp {
     discovery: Arc<Discovery>,
     pub(super) authz: Arc<InboundAuthz>,
     /// This node's pods by address (pods change with a restart only).
-    pods: HashMap<IpAddr, String>,
+    pub(super) pods: HashMap<IpAddr, String>,
     opaque_ports: Vec<u16>,
     detect_timeout: Duration,
     pub(super) connect_timeout: Duration,
@@ -142,7 +142,9 @@ impl InboundHttp {
             .to_vec();
         if self.opaque_by_config(target, &services) {
             debug!("opaque by config; splicing");
-            return splice(tunnel, upstream).await;
+            return self
+                .splice(&peer, &headers, target, &services, tunnel, upstream)
+                .await;
         }
         let watch_pod = !self.http_by_config(&services);
         let (protocol, prefix) =
@@ -152,13 +154,13 @@ impl InboundHttp {
         let version = match protocol {
             Protocol::Http1 => Version::Http1,
             Protocol::Http2 => Version::Http2,
-            Protocol::Tls | Protocol::Opaque => return splice(tunnel, upstream).await,
+            Protocol::Tls | Protocol::Opaque => {
+                return self
+                    .splice(&peer, &headers, target, &services, tunnel, upstream)
+                    .await;
+            }
         };
-        let client = headers
-            .get(http::header::FORWARDED)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("for="))
-            .map(|v| v.trim_matches('"').to_string());
+        let client = forwarded_for(&headers).map(str::to_string);
         let ctx = Arc::new(StreamCtx {
             peer,
             target,

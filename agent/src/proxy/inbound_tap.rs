@@ -1,16 +1,31 @@
-//! The inbound side's two calls into the live tap
-//! (`diagnostics::tap::inbound`): when a request arrives on a tunnel
-//! stream, and when the pod's response head is ready. Kept here so the
-//! request handler stays one line per hook.
+//! The inbound side's calls into the live tap (`diagnostics::tap::inbound`):
+//! when a request arrives on a tunnel stream, when the pod's response head
+//! is ready, and when an opaque stream closes. Kept here so the handlers
+//! stay one line per hook.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
-use http::{Request, Response};
+use http::{HeaderMap, Request, Response};
+use tokio::net::TcpStream;
 
 use super::inbound_http::InboundHttp;
 use super::inbound_request::{PodConn, StreamCtx};
-use crate::diagnostics::tap::{self, InboundArrival, TapRequest};
+use crate::diagnostics::tap::{self, InboundArrival, InboundTcp, TapRequest};
 use crate::http::body::ProxyBody;
+use crate::identity::CertInfo;
+use crate::tunnel::server::splice_counted;
+
+/// The calling pod's address the sending agent put in the `CONNECT`'s
+/// `forwarded: for="ip:port"` (RFC 7239), quotes taken off.
+pub(super) fn forwarded_for(connect: &HeaderMap) -> Option<&str> {
+    connect
+        .get(http::header::FORWARDED)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("for="))
+        .map(|v| v.trim_matches('"'))
+}
 
 impl InboundHttp {
     /// The request's tap, when a tap is open and may want it (one relaxed
@@ -47,5 +62,43 @@ impl InboundHttp {
             t.upstream(local, ctx.target, kernel);
         }
         tap::response(tapped, resp)
+    }
+
+    /// Splices an opaque stream to the pod; a tap open when it closes gets
+    /// one `tcp` event.
+    pub(super) async fn splice<T>(
+        &self,
+        peer: &CertInfo,
+        connect: &HeaderMap,
+        target: SocketAddr,
+        services: &[String],
+        tunnel: T,
+        upstream: TcpStream,
+    ) where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let start = Instant::now();
+        let copied = splice_counted(tunnel, upstream).await;
+        let Some(hub) = self.tap.get() else {
+            return;
+        };
+        let error = copied.as_ref().err().map(|e| e.to_string());
+        hub.inbound_tcp_closed(|| {
+            let (bytes_out, bytes_in) = *copied.as_ref().unwrap_or(&(0, 0));
+            InboundTcp {
+                arrival: InboundArrival {
+                    peer: &peer.id,
+                    client: forwarded_for(connect),
+                    target,
+                    pod: self.pods.get(&target.ip()).map(String::as_str),
+                    service: services.first().map(String::as_str),
+                },
+                duration: start.elapsed(),
+                bytes_out,
+                bytes_in,
+                close: if copied.is_ok() { "eof" } else { "error" },
+                error: error.as_deref(),
+            }
+        });
     }
 }

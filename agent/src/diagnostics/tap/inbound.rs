@@ -12,15 +12,19 @@
 //! `CONNECT` target, a pod of this node), so the `req` line is shown at
 //! once. Every inbound request came through mTLS: `tls=true`.
 //!
+//! Opaque streams (not HTTP, or kept opaque by config) are one `tcp` event
+//! when they close ([`TapHub::inbound_tcp_closed`]).
+//!
 //! The cost when nobody taps is the outbound one: one relaxed load.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
-use super::event::{self, Dst, Meta, Src};
-use super::filter::{Direction, SrcView};
-use super::{TapHub, TapRequest};
+use super::event::{self, Dst, Event, Meta, Src};
+use super::filter::{Direction, DstView, SrcView};
+use super::{TapHub, TapRequest, micros};
 use crate::identity::SpiffeId;
 
 /// What the tunnel stream tells of a request that arrived on it.
@@ -38,7 +42,93 @@ pub struct InboundArrival<'a> {
     pub service: Option<&'a str>,
 }
 
+/// An opaque tunnel stream to a pod of this node that ended.
+pub struct InboundTcp<'a> {
+    pub arrival: InboundArrival<'a>,
+    pub duration: Duration,
+    /// Bytes from the client to the pod, and back.
+    pub bytes_out: u64,
+    pub bytes_in: u64,
+    /// `eof`, or `error` (then `error` says what broke).
+    pub close: &'static str,
+    pub error: Option<&'a str>,
+}
+
+impl InboundArrival<'_> {
+    /// The source as filters see it, from the identity's two spellings.
+    fn src<'a>(&self, identity: &'a str, workload: &'a str) -> SrcView<'a> {
+        SrcView {
+            pod: None,
+            workload: Some(workload),
+            identity: Some(identity),
+            addr: client_addr(self.client),
+        }
+    }
+
+    fn meta(&self, id: u64, identity: &str) -> Meta {
+        Meta {
+            id,
+            proxy: event::INBOUND.into(),
+            src: Src {
+                addr: client_addr(self.client),
+                pod: None,
+                identity: Some(identity.to_string()),
+            },
+            dst: Dst {
+                addr: self.target,
+                dialled: self.target,
+                service: self.service.map(str::to_string),
+                backend: None,
+                pod: self.pod.map(str::to_string),
+            },
+            tls: event::TLS_TRUE.into(),
+        }
+    }
+
+    /// The peer identity as its SPIFFE ID and as `<namespace>/<service
+    /// account>`.
+    fn identity(&self) -> (String, String) {
+        (
+            self.peer.to_string(),
+            format!("{}/{}", self.peer.namespace(), self.peer.service_account()),
+        )
+    }
+}
+
 impl TapHub {
+    /// An opaque stream through the tunnel closed; `conn` is only called
+    /// while a tap is open.
+    #[inline]
+    pub fn inbound_tcp_closed<'a>(&self, conn: impl FnOnce() -> InboundTcp<'a>) {
+        if self.active.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        self.tapped_inbound_tcp(conn());
+    }
+
+    #[cold]
+    fn tapped_inbound_tcp(&self, c: InboundTcp<'_>) {
+        let a = &c.arrival;
+        let (identity, workload) = a.identity();
+        let dst = DstView {
+            addr: a.target,
+            dialled: a.target,
+            service: a.service,
+            backend: None,
+            pod: a.pod,
+        };
+        self.send_tcp(Direction::In, &a.src(&identity, &workload), &dst, |id| {
+            Event::Tcp {
+                meta: a.meta(id, &identity),
+                bytes_out: c.bytes_out,
+                bytes_in: c.bytes_in,
+                duration_us: micros(c.duration),
+                close: c.close.to_string(),
+                error: c.error.map(str::to_string),
+            }
+        });
+    }
+
     /// A request arrived through the tunnel for a pod of this node. Returns
     /// its tap when an open tap may want it; with no tap open this is one
     /// relaxed load. Pass the result to [`super::response`].
@@ -60,33 +150,9 @@ impl TapHub {
         a: &InboundArrival<'_>,
         req: &mut http::Request<B>,
     ) -> Option<Arc<TapRequest>> {
-        let identity = a.peer.to_string();
-        let workload = format!("{}/{}", a.peer.namespace(), a.peer.service_account());
-        let client = client_addr(a.client);
-        let src = SrcView {
-            pod: None,
-            workload: Some(&workload),
-            identity: Some(&identity),
-            addr: client,
-        };
-        let meta = || Meta {
-            id: 0,
-            proxy: event::INBOUND.into(),
-            src: Src {
-                addr: client,
-                pod: None,
-                identity: Some(identity.clone()),
-            },
-            dst: Dst {
-                addr: a.target,
-                dialled: a.target,
-                service: a.service.map(str::to_string),
-                backend: None,
-                pod: a.pod.map(str::to_string),
-            },
-            tls: event::TLS_TRUE.into(),
-        };
-        let tap = self.start(Direction::In, src, req, meta)?;
+        let (identity, workload) = a.identity();
+        let src = a.src(&identity, &workload);
+        let tap = self.start(Direction::In, src, req, || a.meta(0, &identity))?;
         tap.arrived();
         Some(tap)
     }
@@ -248,6 +314,56 @@ mod tests {
         let ev = drain(&mut failures).await;
         assert_eq!(ev.len(), 3, "one request, req/rsp/end: {ev:?}");
         assert!(matches!(&ev[1], Event::Rsp { status: 500, .. }));
+    }
+
+    #[tokio::test]
+    async fn opaque_streams_are_one_tcp_event() {
+        let hub = hub();
+        let mut all = hub.open(Filter::default()).unwrap();
+        let mut http_only = hub
+            .open(Filter::from_query("path=/", &Pods::default()).unwrap())
+            .unwrap();
+        let mut outbound = hub
+            .open(Filter::from_query("direction=out", &Pods::default()).unwrap())
+            .unwrap();
+        let peer = peer("client");
+        hub.inbound_tcp_closed(|| InboundTcp {
+            arrival: InboundArrival {
+                peer: &peer,
+                client: Some("10.1.0.2:40000"),
+                target: "10.2.0.2:7000".parse().unwrap(),
+                pod: Some("default/n1p0"),
+                service: None,
+            },
+            duration: Duration::from_millis(3),
+            bytes_out: 100,
+            bytes_in: 200,
+            close: "eof",
+            error: None,
+        });
+        let events = drain(&mut all).await;
+        assert_eq!(events.len(), 1, "{events:?}");
+        let Event::Tcp {
+            meta,
+            bytes_out,
+            bytes_in,
+            duration_us,
+            close,
+            ..
+        } = &events[0]
+        else {
+            panic!("{events:?}")
+        };
+        assert_eq!((meta.proxy.as_str(), meta.tls.as_str()), ("in", "true"));
+        assert_eq!(
+            meta.src.identity.as_deref(),
+            Some("spiffe://cluster.local/ns/default/sa/client")
+        );
+        assert_eq!(meta.dst.pod.as_deref(), Some("default/n1p0"));
+        assert_eq!((*bytes_out, *bytes_in, *duration_us), (100, 200, 3000));
+        assert_eq!(close, "eof");
+        assert!(drain(&mut http_only).await.is_empty());
+        assert!(drain(&mut outbound).await.is_empty());
     }
 
     #[test]

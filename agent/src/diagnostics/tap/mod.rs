@@ -51,7 +51,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-pub use inbound::InboundArrival;
+pub use inbound::{InboundArrival, InboundTcp};
 pub use stream::TapStream;
 
 use self::event::{Dst, Event, Meta, Src, TLS_NONE};
@@ -400,40 +400,43 @@ impl TapHub {
             backend: None,
             pod: None,
         };
-        self.send_tcp(
-            Direction::Out,
-            &SrcView::pod(c.pod, src),
-            &view,
-            || Meta {
-                id: 0,
-                proxy: event::OUTBOUND.into(),
-                src: Src {
-                    addr: src,
-                    pod: Some(c.pod.to_string()),
-                    identity: None,
+        self.send_tcp(Direction::Out, &SrcView::pod(c.pod, src), &view, |id| {
+            Event::Tcp {
+                meta: Meta {
+                    id,
+                    proxy: event::OUTBOUND.into(),
+                    src: Src {
+                        addr: src,
+                        pod: Some(c.pod.to_string()),
+                        identity: None,
+                    },
+                    dst: Dst {
+                        addr: c.dst,
+                        dialled: c.dst,
+                        service: None,
+                        backend: None,
+                        pod: None,
+                    },
+                    tls: TLS_NONE.into(),
                 },
-                dst: Dst {
-                    addr: c.dst,
-                    dialled: c.dst,
-                    service: None,
-                    backend: None,
-                    pod: None,
-                },
-                tls: TLS_NONE.into(),
-            },
-            &c,
-        );
+                bytes_out: c.bytes_out,
+                bytes_in: c.bytes_in,
+                duration_us: micros(c.duration),
+                close: c.close.to_string(),
+                error: c.error.map(str::to_string),
+            }
+        });
     }
 
-    /// Sends the `tcp` event of a closed connection to the taps that match
-    /// it (encoded once, and not at all when none has room).
+    /// Sends the `tcp` event (`event`, given its id) of a closed connection
+    /// to the taps that match it: encoded once, and not at all when none
+    /// has room.
     fn send_tcp(
         &self,
         direction: Direction,
         src: &SrcView<'_>,
         dst: &DstView<'_>,
-        meta: impl FnOnce() -> Meta,
-        c: &TcpClosed<'_>,
+        event: impl FnOnce(u64) -> Event,
     ) {
         let sinks: Vec<Arc<Sink>> = self
             .sinks
@@ -446,17 +449,7 @@ impl TapHub {
             .collect();
         let ready: Vec<&Arc<Sink>> = sinks.iter().filter(|s| s.has_room()).collect();
         if !ready.is_empty() {
-            let mut meta = meta();
-            meta.id = self.next_request.fetch_add(1, Ordering::Relaxed);
-            let line = Event::Tcp {
-                meta,
-                bytes_out: c.bytes_out,
-                bytes_in: c.bytes_in,
-                duration_us: micros(c.duration),
-                close: c.close.to_string(),
-                error: c.error.map(str::to_string),
-            }
-            .to_line();
+            let line = event(self.next_request.fetch_add(1, Ordering::Relaxed)).to_line();
             for s in ready {
                 s.send(&line);
             }
