@@ -529,6 +529,8 @@ fn top_counts_the_burst_per_path() {
                 top(n1, &["-o", "json"]),
                 top(n0, &["-o", "json"]),
                 top(n1, &["--path", "/b", "-o", "json"]),
+                // Not a terminal, no --duration: the default 10s, one table.
+                on(n1, &["top", "--path", "/a"]),
             ],
         )?;
 
@@ -606,6 +608,15 @@ fn top_counts_the_burst_per_path() {
         assert_eq!(
             (rows[0]["path"].as_str(), rows[0]["count"].as_u64()),
             (Some("/b"), Some(TO_B as u64))
+        );
+        let lines: Vec<&str> = outs[4].lines().collect();
+        assert_eq!(lines.len(), 2, "{}", outs[4]);
+        let cells: Vec<&str> = lines[1].split_whitespace().collect();
+        assert_eq!(
+            (cells[3], cells[4], cells[8]),
+            ("/a", TO_A.to_string().as_str(), "100.00%"),
+            "{}",
+            outs[4]
         );
         Ok(())
     });
