@@ -41,7 +41,7 @@ impl InboundHttp {
             client: ctx.client.as_deref(),
             target: ctx.target,
             pod: ctx.pod.as_deref(),
-            service: ctx.service.as_deref(),
+            services: &ctx.services,
         };
         hub.inbound_request(&arrival, req)
     }
@@ -91,7 +91,7 @@ impl InboundHttp {
                     client: forwarded_for(connect),
                     target,
                     pod: self.pods.get(&target.ip()).map(String::as_str),
-                    service: services.first().map(String::as_str),
+                    services,
                 },
                 duration: start.elapsed(),
                 bytes_out,

@@ -156,6 +156,9 @@ pub struct DstView<'a> {
     pub backend: Option<&'a str>,
     /// The pod of this node it went to, when known by name (inbound).
     pub pod: Option<&'a str>,
+    /// Every service the destination is an endpoint of (inbound: the
+    /// `CONNECT` names the pod, not the service dialled).
+    pub services: &'a [String],
 }
 
 /// Keys the `/tap` endpoint accepts.
@@ -341,6 +344,7 @@ impl Filter {
                 d.service == Some(name.as_str())
                     || d.backend == Some(name.as_str())
                     || d.pod == Some(name.as_str())
+                    || d.services.iter().any(|s| s == name)
                     || pod_ips.contains(&d.addr.ip())
             }
         }
@@ -487,6 +491,7 @@ mod tests {
             service: Some(Box::leak(service.to_string().into_boxed_str())),
             backend: Some("web-v2"),
             pod: None,
+            services: &[],
         }
     }
 
@@ -614,6 +619,7 @@ mod tests {
             service: None,
             backend: None,
             pod: None,
+            services: &[],
         };
         let out = Direction::Out;
         assert!(parse("").matches_tcp(out, &src, &d));
@@ -681,6 +687,7 @@ mod tests {
             service: Some("web"),
             backend: None,
             pod: Some("default/n1p0"),
+            services: &["web".to_string(), "good".to_string()],
         };
         for q in [
             "to=default/n1p0",

@@ -38,8 +38,9 @@ pub struct InboundArrival<'a> {
     pub target: SocketAddr,
     /// The pod's name, when the target is a pod of this node.
     pub pod: Option<&'a str>,
-    /// The first service the target is an endpoint of.
-    pub service: Option<&'a str>,
+    /// The services the target is an endpoint of (events show the first;
+    /// `to` matches any).
+    pub services: &'a [String],
 }
 
 /// An opaque tunnel stream to a pod of this node that ended.
@@ -77,7 +78,7 @@ impl InboundArrival<'_> {
             dst: Dst {
                 addr: self.target,
                 dialled: self.target,
-                service: self.service.map(str::to_string),
+                service: self.services.first().cloned(),
                 backend: None,
                 pod: self.pod.map(str::to_string),
             },
@@ -113,9 +114,10 @@ impl TapHub {
         let dst = DstView {
             addr: a.target,
             dialled: a.target,
-            service: a.service,
+            service: None,
             backend: None,
             pod: a.pod,
+            services: a.services,
         };
         self.send_tcp(Direction::In, &a.src(&identity, &workload), &dst, |id| {
             Event::Tcp {
@@ -153,7 +155,7 @@ impl TapHub {
         let (identity, workload) = a.identity();
         let src = a.src(&identity, &workload);
         let tap = self.start(Direction::In, src, req, || a.meta(0, &identity))?;
-        tap.arrived();
+        tap.arrived(a.services);
         Some(tap)
     }
 }
@@ -195,12 +197,13 @@ mod tests {
     /// calls them.
     async fn serve(hub: &TapHub, sa: &str, path: &str, status: u16) {
         let peer = peer(sa);
+        let services = ["web".to_string(), "good".to_string()];
         let arrival = InboundArrival {
             peer: &peer,
             client: Some("10.1.0.2:40000"),
             target: "10.2.0.2:8080".parse().unwrap(),
             pod: Some("default/n1p0"),
-            service: Some("web"),
+            services: &services,
         };
         let mut req = http::Request::builder()
             .uri(path)
@@ -235,7 +238,7 @@ mod tests {
             client: None,
             target: "10.2.0.2:8080".parse().unwrap(),
             pod: None,
-            service: None,
+            services: &[],
         };
         let mut req = http::Request::new(());
         assert!(hub.inbound_request(&arrival, &mut req).is_none());
@@ -293,6 +296,8 @@ mod tests {
         let mut by_path = open("path=/b&direction=in");
         let mut outbound_only = open("direction=out");
         let mut by_peer = open("from=default/client&to=default/n1p0");
+        let mut by_second_service = open("to=good&max=1");
+        let mut other_service = open("to=api");
         let mut other_peer = open("from=default/other");
         let mut failures = open("status=5xx&max=1");
         serve(&hub, "client", "/a", 200).await;
@@ -311,6 +316,8 @@ mod tests {
         assert!(drain(&mut outbound_only).await.is_empty());
         assert_eq!(paths(drain(&mut by_peer).await), ["/a", "/b", "/b"]);
         assert!(drain(&mut other_peer).await.is_empty());
+        assert_eq!(paths(drain(&mut by_second_service).await), ["/a"]);
+        assert!(drain(&mut other_service).await.is_empty());
         let ev = drain(&mut failures).await;
         assert_eq!(ev.len(), 3, "one request, req/rsp/end: {ev:?}");
         assert!(matches!(&ev[1], Event::Rsp { status: 500, .. }));
@@ -333,7 +340,7 @@ mod tests {
                 client: Some("10.1.0.2:40000"),
                 target: "10.2.0.2:7000".parse().unwrap(),
                 pod: Some("default/n1p0"),
-                service: None,
+                services: &[],
             },
             duration: Duration::from_millis(3),
             bytes_out: 100,

@@ -342,6 +342,7 @@ impl TapHub {
                     headers,
                     headers_omitted,
                 },
+                services: Vec::new(),
                 dispatched: false,
                 candidates,
                 ended: false,
@@ -386,6 +387,9 @@ struct Upstream {
 struct State {
     meta: Meta,
     req: ReqLine,
+    /// Inbound: every service the destination pod is an endpoint of (for
+    /// `to`; `meta.dst.service` shows the first).
+    services: Vec<String>,
     dispatched: bool,
     candidates: Vec<Candidate>,
     ended: bool,
@@ -454,6 +458,7 @@ impl State {
             service: d.service.as_deref(),
             backend: d.backend.as_deref(),
             pod: d.pod.as_deref(),
+            services: &self.services,
         };
         for c in &mut self.candidates {
             if c.stage == Stage::Undecided {
@@ -501,8 +506,9 @@ impl TapRequest {
     /// The destination is known on arrival (inbound: the pod the tunnel
     /// stream is for): the request is shown now, as outbound once its
     /// endpoint is picked.
-    fn arrived(&self) {
+    fn arrived(&self, services: &[String]) {
         let mut s = State::lock_poisoned(&self.state);
+        s.services = services.to_vec();
         s.dispatched = true;
         s.decide_dst();
         s.admit(Stage::Undecided, |_| true);

@@ -45,6 +45,7 @@ impl TapHub {
             service: None,
             backend: None,
             pod: None,
+            services: &[],
         };
         self.send_tcp(Direction::Out, &SrcView::pod(c.pod, src), &view, |id| {
             Event::Tcp {
