@@ -235,6 +235,9 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
     }
     let reload_metrics = ReloadMetrics::new(&mut metrics.registry);
     let tap = Arc::new(TapHub::new(&mut metrics.registry));
+    if let Some(h) = &inbound_http {
+        h.set_tap(tap.clone());
+    }
     tap.set_pods(Pods(
         config
             .pods

@@ -54,6 +54,15 @@ enum Command {
         #[command(flatten)]
         args: cli::tap::TapArgs,
     },
+    /// The busiest request paths now, from the tap stream (like `linkerd
+    /// top`): count, best/worst/last latency and success rate per source,
+    /// destination, method and path.
+    Top {
+        #[command(flatten)]
+        admin: cli::AdminArgs,
+        #[command(flatten)]
+        args: cli::top::TopArgs,
+    },
     /// Send a diagnostic trace request from a pod (through the kernel
     /// redirect and the agent, as the pod's own traffic goes) and print
     /// what every hop appended.
@@ -232,6 +241,7 @@ fn main() -> ExitCode {
             &cli::client::AdminClient::new(admin.admin),
             args,
         )),
+        Command::Top { admin, args } => cli_exit(cli::top::run(&client(&admin), args)),
         Command::Trace { admin, args } => cli_exit(cli::trace::run(
             &cli::client::AdminClient::new(admin.admin),
             args,

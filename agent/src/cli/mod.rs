@@ -13,6 +13,7 @@ pub mod log_level;
 pub mod stat;
 pub mod table;
 pub mod tap;
+pub mod top;
 pub mod trace;
 
 use std::net::SocketAddr;

@@ -1,5 +1,7 @@
 //! `waymark tap`: streams the requests the agent is proxying right now,
-//! like `linkerd viz tap`, from the admin API's `GET /tap`.
+//! like `linkerd viz tap`, from the admin API's `GET /tap`: `proxy=out`
+//! for requests from this node's pods, `proxy=in` for requests that came
+//! through the mTLS tunnel to them.
 //!
 //! ```text
 //! req id=3 proxy=out src=10.1.0.2:40142 dst=10.2.0.2:8080 tls=no_identity :method=GET :authority=hello :path=/hello
@@ -16,6 +18,7 @@ use anyhow::{Context, Result, bail};
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use hyper::Method;
+use hyper::body::Incoming;
 
 use super::client::{AdminClient, block_on};
 use crate::diagnostics::tap::event::Event;
@@ -32,16 +35,25 @@ pub enum TapOutput {
     Json,
 }
 
-#[derive(clap::Args, Clone, Debug)]
-pub struct TapArgs {
+/// The filters `waymark tap` and `waymark top` share.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct TapFilterArgs {
     /// Source: a pod (`default/web-5d8f-x2`), a workload whose pods are
-    /// named `<workload>-…` (`default/web`), or an IP.
+    /// named `<workload>-…` (`default/web`), or an IP. Inbound requests
+    /// (`proxy=in`) match by the peer's verified identity: its
+    /// `<namespace>/<service account>` by the same rule, or its whole
+    /// SPIFFE ID, or by the calling pod's IP.
     #[arg(long)]
     from: Option<String>,
-    /// Destination: a service (dialled, or the backend a route chose), a pod
-    /// of this node, an IP or IP:port (endpoint or dialled address).
+    /// Destination: a service (dialled, the backend a route chose, or
+    /// inbound one the pod is an endpoint of), a pod of this node, an IP or
+    /// IP:port (endpoint or dialled address).
     #[arg(long)]
     to: Option<String>,
+    /// Only requests from this node's pods (`out`) or through the tunnel
+    /// to them (`in`).
+    #[arg(long, value_parser = ["in", "out"])]
+    direction: Option<String>,
     /// `:authority` / `Host`, exactly.
     #[arg(long)]
     authority: Option<String>,
@@ -57,6 +69,43 @@ pub struct TapArgs {
     /// Only responses whose head took at least this long (`100ms`).
     #[arg(long, value_parser = humantime::parse_duration)]
     min_latency: Option<Duration>,
+}
+
+impl TapFilterArgs {
+    /// The `/tap` query with `max` and `duration`, checked here first so a
+    /// typo is caught before the agent is asked.
+    pub(super) fn query(&self, max: Option<u64>, duration: Option<Duration>) -> Result<String> {
+        let mut pairs: Vec<(&str, String)> = Vec::new();
+        let mut put = |k, v: Option<String>| {
+            if let Some(v) = v {
+                pairs.push((k, v));
+            }
+        };
+        put("from", self.from.clone());
+        put("to", self.to.clone());
+        put("direction", self.direction.clone());
+        put("authority", self.authority.clone());
+        put("path", self.path.clone());
+        put("method", self.method.clone());
+        put("status", self.status.clone());
+        let fmt = |d: Duration| humantime::format_duration(d).to_string();
+        put("min_latency", self.min_latency.map(fmt));
+        put("max", max.map(|m| m.to_string()));
+        put("duration", duration.map(fmt));
+        let query = pairs
+            .iter()
+            .map(|(k, v)| format!("{k}={}", percent_encode(v)))
+            .collect::<Vec<_>>()
+            .join("&");
+        Filter::from_query(&query, &Pods::default()).map_err(anyhow::Error::msg)?;
+        Ok(query)
+    }
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct TapArgs {
+    #[command(flatten)]
+    filter: TapFilterArgs,
     /// Stop after this many requests have ended.
     #[arg(long)]
     max: Option<u64>,
@@ -69,72 +118,73 @@ pub struct TapArgs {
 }
 
 impl TapArgs {
-    /// The `/tap` query, checked here first so a typo is caught before the
-    /// agent is asked.
     fn query(&self) -> Result<String> {
-        let mut pairs: Vec<(&str, String)> = Vec::new();
-        let mut put = |k, v: Option<String>| {
-            if let Some(v) = v {
-                pairs.push((k, v));
-            }
-        };
-        put("from", self.from.clone());
-        put("to", self.to.clone());
-        put("authority", self.authority.clone());
-        put("path", self.path.clone());
-        put("method", self.method.clone());
-        put("status", self.status.clone());
-        let fmt = |d: Duration| humantime::format_duration(d).to_string();
-        put("min_latency", self.min_latency.map(fmt));
-        put("max", self.max.map(|m| m.to_string()));
-        put("duration", self.duration.map(fmt));
-        let query = pairs
-            .iter()
-            .map(|(k, v)| format!("{k}={}", percent_encode(v)))
-            .collect::<Vec<_>>()
-            .join("&");
-        Filter::from_query(&query, &Pods::default()).map_err(anyhow::Error::msg)?;
-        Ok(query)
+        self.filter.query(self.max, self.duration)
     }
 }
 
-pub fn run(client: &AdminClient, args: TapArgs) -> Result<()> {
-    let query = args.query()?;
+/// Opens the agent's tap stream for `query`; the body is newline-delimited
+/// JSON events ([`Lines`] splits it).
+pub(super) async fn open(client: &AdminClient, query: &str) -> Result<Incoming> {
     let path = if query.is_empty() {
         "/tap".to_string()
     } else {
         format!("/tap?{query}")
     };
-    block_on(async {
-        let rsp = client.send(Method::GET, &path, Bytes::new()).await?;
-        let status = rsp.status();
-        let mut body = rsp.into_body();
-        if !status.is_success() {
-            let text = body
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            bail!(
-                "agent answered {status} to {path}: {}",
-                String::from_utf8_lossy(&text).trim_end()
-            );
+    let rsp = client.send(Method::GET, &path, Bytes::new()).await?;
+    let status = rsp.status();
+    let body = rsp.into_body();
+    if !status.is_success() {
+        let text = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        bail!(
+            "agent answered {status} to {path}: {}",
+            String::from_utf8_lossy(&text).trim_end()
+        );
+    }
+    Ok(body)
+}
+
+/// Splits a byte stream into lines (without their newline, empty ones
+/// skipped) as the chunks arrive.
+#[derive(Default)]
+pub(super) struct Lines {
+    buf: BytesMut,
+}
+
+impl Lines {
+    pub(super) fn push(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    pub(super) fn next_line(&mut self) -> Option<Bytes> {
+        loop {
+            let nl = self.buf.iter().position(|b| *b == b'\n')?;
+            let line = self.buf.split_to(nl + 1).freeze().slice(..nl);
+            if !line.is_empty() {
+                return Some(line);
+            }
         }
+    }
+}
+
+pub fn run(client: &AdminClient, args: TapArgs) -> Result<()> {
+    let query = args.query()?;
+    block_on(async {
+        let mut body = open(client, &query).await?;
         let mut out = std::io::stdout().lock();
-        let mut buf = BytesMut::new();
+        let mut lines = Lines::default();
         while let Some(frame) = body.frame().await {
             let frame = frame.context("the tap stream broke off")?;
             let Ok(data) = frame.into_data() else {
                 continue;
             };
-            buf.extend_from_slice(&data);
-            while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
-                let line = buf.split_to(nl + 1);
-                let line = &line[..nl];
-                if line.is_empty() {
-                    continue;
-                }
-                if print_line(&mut out, line, args.output).is_err() {
+            lines.push(&data);
+            while let Some(line) = lines.next_line() {
+                if print_line(&mut out, &line, args.output).is_err() {
                     // stdout closed (`| head`): stop quietly.
                     return Ok(());
                 }
@@ -182,6 +232,8 @@ mod tests {
             "default/web",
             "--to",
             "10.2.0.2:8080",
+            "--direction",
+            "in",
             "--path",
             "/a b",
             "--status",
@@ -199,7 +251,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             q,
-            "from=default/web&to=10.2.0.2:8080&path=/a%20b&status=5xx&min_latency=100ms&max=3&duration=30s"
+            "from=default/web&to=10.2.0.2:8080&direction=in&path=/a%20b&status=5xx&min_latency=100ms&max=3&duration=30s"
         );
         assert_eq!(args(&[]).query().unwrap(), "");
     }
@@ -210,6 +262,17 @@ mod tests {
         assert!(e.to_string().contains("5xx"), "{e}");
         let e = args(&["--max", "0"]).query().unwrap_err();
         assert!(e.to_string().contains("at least 1"), "{e}");
+    }
+
+    #[test]
+    fn lines_are_split_across_chunks() {
+        let mut l = Lines::default();
+        l.push(b"{\"a\":1}\n\n{\"b\"");
+        assert_eq!(l.next_line().as_deref(), Some(&b"{\"a\":1}"[..]));
+        assert_eq!(l.next_line(), None);
+        l.push(b":2}\n");
+        assert_eq!(l.next_line().as_deref(), Some(&b"{\"b\":2}"[..]));
+        assert_eq!(l.next_line(), None);
     }
 
     #[test]

@@ -267,11 +267,11 @@ impl HttpProxy {
                 return self.error(ProxyError::NoEndpoints, &backend.name, None, grpc);
             };
             let addr = pick.endpoint().addr;
-            tap::dispatched(&parts.extensions, &backend.name, addr);
             let path = self
                 .pool
                 .upstreams()
                 .path(ctx.identity.as_ref(), pick.endpoint().node.as_deref());
+            tap::dispatched(&parts.extensions, &backend.name, addr, path.tls().value());
             tried.push(addr);
             if attempt == 1 {
                 tracing::Span::current().record("endpoint", tracing::field::display(addr));

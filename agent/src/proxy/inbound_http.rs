@@ -35,6 +35,7 @@ use tracing::{Instrument, debug};
 use super::authz::InboundAuthz;
 use super::detect::{self, Protocol, Verdict};
 use super::inbound_request::{PodConn, StreamCtx};
+use super::inbound_tap::forwarded_for;
 use super::inbound_tcp::{Counted, InboundConn};
 use super::rewind::Rewind;
 use crate::config::Config;
@@ -42,10 +43,10 @@ use crate::config::services::ProtocolHint;
 use crate::diagnostics::http_metrics::HttpMetrics;
 use crate::diagnostics::kernel::KernelDiag;
 use crate::diagnostics::metrics::TcpMetrics;
+use crate::diagnostics::tap::TapHub;
 use crate::discovery::Discovery;
 use crate::http::pool::Version;
 use crate::http::server::{HEADER_READ_TIMEOUT, MAX_H1_HEAD, MAX_H2_HEADER_LIST, MAX_H2_STREAMS};
-use crate::tunnel::server::splice;
 use crate::tunnel::{Admitted, HandleFuture, StreamHandler};
 
 /// The inbound HTTP side, shared by every tunnel stream.
@@ -55,12 +56,14 @@ pub struct InboundHttp {
     discovery: Arc<Discovery>,
     pub(super) authz: Arc<InboundAuthz>,
     /// This node's pods by address (pods change with a restart only).
-    pods: HashMap<IpAddr, String>,
+    pub(super) pods: HashMap<IpAddr, String>,
     opaque_ports: Vec<u16>,
     detect_timeout: Duration,
     pub(super) connect_timeout: Duration,
     /// Set once the kernel diagnostics are loaded (after the listener).
     pub(super) kernel: OnceLock<Arc<KernelDiag>>,
+    /// Set once the tap hub exists (`super::inbound_tap`).
+    pub(super) tap: OnceLock<Arc<TapHub>>,
     /// `tcp_*{direction="inbound"}`: one connection per admitted stream.
     tcp: Arc<TcpMetrics>,
 }
@@ -108,7 +111,13 @@ impl InboundHttp {
             connect_timeout: config.outbound.connect_timeout,
             kernel: OnceLock::new(),
             tcp,
+            tap: OnceLock::new(),
         })
+    }
+
+    /// Lets `waymark tap` show the requests served here (`proxy=in`).
+    pub fn set_tap(&self, tap: Arc<TapHub>) {
+        let _ = self.tap.set(tap);
     }
 
     /// Lets traces carry the kernel's view of the connection to the pod.
@@ -165,7 +174,9 @@ impl InboundHttp {
             .to_vec();
         if self.opaque_by_config(target, &services) {
             debug!("opaque by config; splicing");
-            return splice(tunnel, upstream).await;
+            return self
+                .splice(&peer, &headers, target, &services, tunnel, upstream)
+                .await;
         }
         let watch_pod = !self.http_by_config(&services);
         let (protocol, prefix) =
@@ -175,13 +186,13 @@ impl InboundHttp {
         let version = match protocol {
             Protocol::Http1 => Version::Http1,
             Protocol::Http2 => Version::Http2,
-            Protocol::Tls | Protocol::Opaque => return splice(tunnel, upstream).await,
+            Protocol::Tls | Protocol::Opaque => {
+                return self
+                    .splice(&peer, &headers, target, &services, tunnel, upstream)
+                    .await;
+            }
         };
-        let client = headers
-            .get(http::header::FORWARDED)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("for="))
-            .map(|v| v.trim_matches('"').to_string());
+        let client = forwarded_for(&headers).map(str::to_string);
         let ctx = Arc::new(StreamCtx {
             peer,
             target,

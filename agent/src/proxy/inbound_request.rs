@@ -120,7 +120,7 @@ impl PodConn {
         }
     }
 
-    fn local_addr(&self) -> Option<SocketAddr> {
+    pub(super) fn local_addr(&self) -> Option<SocketAddr> {
         *self.local.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -250,6 +250,7 @@ impl InboundHttp {
             status = tracing::field::Empty,
         );
         let mode = trace::mode(req.method(), req.headers());
+        let tapped = self.tap_request(ctx, &mut req);
         async {
             let (resp, result) = if mode == Some(trace::Mode::Body) && !forwardable_trace(&mut req)
             {
@@ -269,6 +270,7 @@ impl InboundHttp {
                 None => resp,
             };
             resp.extensions_mut().insert(TlsLabel::True);
+            let resp = self.tap_response(tapped, ctx, conn, resp);
             observe(self.metrics.clone(), counted, start, resp, grpc)
         }
         .instrument(span)

@@ -5,7 +5,7 @@
 //! them along the [`upstream`] path of the chosen endpoint: directly, or
 //! through the mTLS tunnel to the endpoint node's agent, whose [`inbound`]
 //! side authorizes the source ([`authz`]) and connects to the pod; HTTP on
-//! those streams is served by [`inbound_http`] (metrics, trace block).
+//! those streams is served by [`inbound_http`] (metrics, trace block, tap).
 
 pub mod authz;
 pub mod copy;
@@ -13,6 +13,7 @@ pub mod detect;
 pub mod inbound;
 pub mod inbound_http;
 mod inbound_request;
+mod inbound_tap;
 mod inbound_tcp;
 pub mod listener;
 pub mod outbound;

@@ -467,13 +467,26 @@ impl Shared {
 }
 
 /// Copies both ways until both sides are done (half-closes propagate).
-pub async fn splice<T>(mut tunnel: T, mut upstream: TcpStream)
+pub async fn splice<T>(tunnel: T, upstream: TcpStream)
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    match tokio::io::copy_bidirectional_with_sizes(&mut tunnel, &mut upstream, 64 * 1024, 64 * 1024)
-        .await
-    {
+    let _ = splice_counted(tunnel, upstream).await;
+}
+
+/// [`splice`], returning the bytes moved to the target and back, or the
+/// error that ended it (for the tap's `tcp` event).
+pub async fn splice_counted<T>(
+    mut tunnel: T,
+    mut upstream: TcpStream,
+) -> std::io::Result<(u64, u64)>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let copied =
+        tokio::io::copy_bidirectional_with_sizes(&mut tunnel, &mut upstream, 64 * 1024, 64 * 1024)
+            .await;
+    match &copied {
         Ok((up, down)) => debug!(
             bytes_to_target = up,
             bytes_from_target = down,
@@ -481,6 +494,7 @@ where
         ),
         Err(e) => debug!(error = %e, "tunnel stream ended with an error"),
     }
+    copied
 }
 
 fn reply(status: StatusCode, header: http::HeaderName, reason: &str) -> Response<Empty<Bytes>> {

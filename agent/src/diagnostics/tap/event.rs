@@ -12,6 +12,13 @@ use serde::{Deserialize, Serialize};
 
 /// What `tls=` says while the data path is plaintext (Linkerd's wording).
 pub const TLS_NONE: &str = "no_identity";
+/// What `tls=` says for a request that came through the mTLS tunnel.
+pub const TLS_TRUE: &str = "true";
+
+/// `proxy=` of a request the agent proxies for one of its pods.
+pub const OUTBOUND: &str = "out";
+/// `proxy=` of a request that came through the tunnel for one of its pods.
+pub const INBOUND: &str = "in";
 
 /// Request headers kept in a `req` event; more are counted, not shown.
 pub const MAX_HEADERS: usize = 32;
@@ -23,9 +30,17 @@ pub const REDACTED: &str = "<redacted>";
 /// The client side of a request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Src {
+    /// Outbound: the pod's address and the client's port. Inbound: the
+    /// calling pod's address as the sending agent named it (`forwarded:
+    /// for=` of the tunnel stream).
     pub addr: SocketAddr,
+    /// The source pod (outbound: always a pod of this node).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<String>,
+    /// Inbound: the source workload's SPIFFE ID, verified in the tunnel's
+    /// client certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 /// Where a request went: the endpoint (or, before one was picked, the
@@ -39,13 +54,17 @@ pub struct Dst {
     pub service: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend: Option<String>,
+    /// Inbound: the pod of this node the request was for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
 }
 
 /// Fields every event of a request repeats, so each line stands alone.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Meta {
     pub id: u64,
-    /// `out`: the only direction the agent proxies today.
+    /// The direction, as Linkerd names it: [`OUTBOUND`] (`out`, for a pod
+    /// of this node) or [`INBOUND`] (`in`, through the tunnel to one).
     pub proxy: String,
     pub src: Src,
     pub dst: Dst,
@@ -252,6 +271,13 @@ fn tail(s: &mut String, m: &Meta, wide: bool) {
                 .or(m.dst.service.as_deref())
                 .unwrap_or("-")
         );
+        // Inbound only: who the certificate says called, which pod answered.
+        if let Some(id) = &m.src.identity {
+            let _ = write!(s, " src_identity={id}");
+        }
+        if let Some(pod) = &m.dst.pod {
+            let _ = write!(s, " dst_pod={pod}");
+        }
     }
 }
 
@@ -370,12 +396,14 @@ mod tests {
             src: Src {
                 addr: "10.1.0.2:40142".parse().unwrap(),
                 pod: Some("default/web-1".into()),
+                identity: None,
             },
             dst: Dst {
                 addr: "10.2.0.2:8080".parse().unwrap(),
                 dialled: "10.96.0.10:80".parse().unwrap(),
                 service: Some("hello".into()),
                 backend: Some("hello-v1".into()),
+                pod: None,
             },
             tls: TLS_NONE.into(),
         }
@@ -546,6 +574,48 @@ mod tests {
         assert_eq!(omitted, 41 - MAX_HEADERS);
         let json = serde_json::to_string(&shown).unwrap();
         assert!(!json.contains("s3cr3t"));
+    }
+
+    #[test]
+    fn inbound_lines_say_in_and_name_the_peer_and_the_pod() {
+        let meta = Meta {
+            id: 9,
+            proxy: INBOUND.into(),
+            src: Src {
+                addr: "10.1.0.2:40142".parse().unwrap(),
+                pod: None,
+                identity: Some("spiffe://cluster.local/ns/default/sa/web".into()),
+            },
+            dst: Dst {
+                addr: "10.2.0.2:8080".parse().unwrap(),
+                dialled: "10.2.0.2:8080".parse().unwrap(),
+                service: Some("hello".into()),
+                backend: None,
+                pod: Some("default/hello-1".into()),
+            },
+            tls: TLS_TRUE.into(),
+        };
+        let rsp = Event::Rsp {
+            meta,
+            status: 500,
+            latency_us: 77,
+        };
+        assert_eq!(
+            rsp.render(false),
+            "rsp id=9 proxy=in src=10.1.0.2:40142 dst=10.2.0.2:8080 tls=true :status=500 latency=77µs"
+        );
+        assert_eq!(
+            rsp.render(true),
+            "rsp id=9 proxy=in src=10.1.0.2:40142 dst=10.2.0.2:8080 tls=true :status=500 latency=77µs src_pod=- dst_service=hello src_identity=spiffe://cluster.local/ns/default/sa/web dst_pod=default/hello-1"
+        );
+        let v: serde_json::Value = serde_json::from_slice(&rsp.to_line()).unwrap();
+        assert_eq!(v["proxy"], "in");
+        assert_eq!(
+            v["src"]["identity"],
+            "spiffe://cluster.local/ns/default/sa/web"
+        );
+        assert_eq!(v["dst"]["pod"], "default/hello-1");
+        assert_eq!(serde_json::from_value::<Event>(v).unwrap(), rsp);
     }
 
     #[test]

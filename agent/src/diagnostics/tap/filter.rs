@@ -2,8 +2,9 @@
 //!
 //! | key | matches |
 //! |---|---|
-//! | `from` | the source pod by name (`default/web-5d8f-x2`), its workload (`default/web`: pod names are `<workload>-…`), or its IP (a pod of this node's address means that pod) |
-//! | `to` | the destination service (dialled or the route's backend), a pod of this node by name, or an IP or IP:port (endpoint or dialled address) |
+//! | `from` | the source pod by name (`default/web-5d8f-x2`), its workload (`default/web`: pod names are `<workload>-…`), or its IP (a pod of this node's address means that pod); inbound, the peer's verified identity as `<namespace>/<service account>` (same workload rule) or as the whole SPIFFE ID, or the client's IP |
+//! | `to` | the destination service (dialled or the route's backend; inbound, a service the pod is an endpoint of), a pod of this node by name, or an IP or IP:port (endpoint or dialled address) |
+//! | `direction` | `in` (through the tunnel to a pod of this node) or `out` (from one) |
 //! | `authority` | `:authority`/`Host`, exactly (case-insensitive) |
 //! | `path` | a prefix of the path |
 //! | `method` | the method, exactly |
@@ -41,10 +42,38 @@ impl Pods {
     }
 }
 
+/// Which way a request crosses this agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// From another node's agent through the tunnel, to a pod of this node.
+    In,
+    /// From a pod of this node.
+    Out,
+}
+
+impl Direction {
+    /// `in` or `out`, as events and Linkerd's `proxy=` say it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::In => super::event::INBOUND,
+            Direction::Out => super::event::OUTBOUND,
+        }
+    }
+
+    pub fn parse(v: &str) -> Result<Direction, String> {
+        match v.to_ascii_lowercase().as_str() {
+            "in" | "inbound" => Ok(Direction::In),
+            "out" | "outbound" => Ok(Direction::Out),
+            _ => Err(format!("tap direction {v:?}: give in or out")),
+        }
+    }
+}
+
 /// A parsed tap filter.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Filter {
     pub from: Option<Source>,
+    pub direction: Option<Direction>,
     pub to: Option<To>,
     pub authority: Option<String>,
     pub path: Option<String>,
@@ -60,7 +89,9 @@ pub struct Filter {
 pub enum Source {
     /// A pod (by name, or by an address of a pod of this node).
     Pod(String),
-    /// A pod, or a workload whose pods are named `<name>-…`.
+    /// A pod, or a workload whose pods are named `<name>-…`; inbound, the
+    /// peer identity's `<namespace>/<service account>` by the same rule, or
+    /// its whole SPIFFE ID.
     Name(String),
     Ip(IpAddr),
 }
@@ -84,10 +115,34 @@ pub enum Status {
     Code(u16),
 }
 
+/// Who sent a request or opened a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct SrcView<'a> {
+    /// The pod of this node it came from (outbound).
+    pub pod: Option<&'a str>,
+    /// The verified peer identity as `<namespace>/<service account>`, and
+    /// as its SPIFFE ID (inbound).
+    pub workload: Option<&'a str>,
+    pub identity: Option<&'a str>,
+    pub addr: SocketAddr,
+}
+
+impl<'a> SrcView<'a> {
+    /// A pod of this node, at `addr`.
+    pub fn pod(pod: &'a str, addr: SocketAddr) -> Self {
+        SrcView {
+            pod: Some(pod),
+            workload: None,
+            identity: None,
+            addr,
+        }
+    }
+}
+
 /// What is known of a request when it arrives.
 pub struct RequestView<'a> {
-    pub pod: &'a str,
-    pub src: SocketAddr,
+    pub direction: Direction,
+    pub src: SrcView<'a>,
     pub method: &'a http::Method,
     pub authority: Option<&'a str>,
     pub path: &'a str,
@@ -99,12 +154,18 @@ pub struct DstView<'a> {
     pub dialled: SocketAddr,
     pub service: Option<&'a str>,
     pub backend: Option<&'a str>,
+    /// The pod of this node it went to, when known by name (inbound).
+    pub pod: Option<&'a str>,
+    /// Every service the destination is an endpoint of (inbound: the
+    /// `CONNECT` names the pod, not the service dialled).
+    pub services: &'a [String],
 }
 
 /// Keys the `/tap` endpoint accepts.
-pub const KEYS: [&str; 9] = [
+pub const KEYS: [&str; 10] = [
     "from",
     "to",
+    "direction",
     "authority",
     "path",
     "method",
@@ -150,6 +211,7 @@ impl Filter {
                         }
                     })
                 }
+                "direction" => f.direction = Some(Direction::parse(v)?),
                 "authority" => f.authority = Some(v.to_ascii_lowercase()),
                 "path" => {
                     if !v.starts_with('/') {
@@ -210,6 +272,9 @@ impl Filter {
                 },
             );
         }
+        if let Some(v) = self.direction {
+            put("direction", v.as_str().to_string());
+        }
         if let Some(v) = &self.authority {
             put("authority", v.clone());
         }
@@ -240,11 +305,14 @@ impl Filter {
         q.join("&")
     }
 
-    /// Whether the request's own properties match (source, authority,
-    /// path, method).
+    /// Whether the request's own properties match (direction, source,
+    /// authority, path, method).
     pub fn matches_request(&self, r: &RequestView<'_>) -> bool {
+        if self.direction.is_some_and(|d| d != r.direction) {
+            return false;
+        }
         if let Some(from) = &self.from
-            && !matches_source(from, r.pod, r.src)
+            && !matches_source(from, &r.src)
         {
             return false;
         }
@@ -275,24 +343,24 @@ impl Filter {
             Some(To::Name { name, pod_ips }) => {
                 d.service == Some(name.as_str())
                     || d.backend == Some(name.as_str())
+                    || d.pod == Some(name.as_str())
+                    || d.services.iter().any(|s| s == name)
                     || pod_ips.contains(&d.addr.ip())
             }
         }
     }
 
-    /// Whether an opaque TCP connection matches: only `from` and `to` can
-    /// (a filter with an HTTP key takes none).
-    pub fn matches_tcp(&self, pod: &str, src: SocketAddr, dst: &DstView<'_>) -> bool {
+    /// Whether an opaque TCP connection matches: only `from`, `to` and
+    /// `direction` can (a filter with an HTTP key takes none).
+    pub fn matches_tcp(&self, direction: Direction, src: &SrcView<'_>, dst: &DstView<'_>) -> bool {
         let http_only = self.authority.is_some()
             || self.path.is_some()
             || self.method.is_some()
             || self.status.is_some()
             || self.min_latency.is_some();
         !http_only
-            && self
-                .from
-                .as_ref()
-                .is_none_or(|f| matches_source(f, pod, src))
+            && self.direction.is_none_or(|d| d == direction)
+            && self.from.as_ref().is_none_or(|f| matches_source(f, src))
             && self.matches_dst(dst)
     }
 
@@ -313,18 +381,26 @@ impl Filter {
 }
 
 /// `from`: the pod itself, a workload whose pods are named `<from>-…`, or
-/// the source IP.
-fn matches_source(from: &Source, pod: &str, src: SocketAddr) -> bool {
+/// the source IP. Inbound the peer identity stands for the pod: its
+/// `<namespace>/<service account>` by the same rule (a workload's service
+/// account is usually named after it), or its whole SPIFFE ID.
+fn matches_source(from: &Source, src: &SrcView<'_>) -> bool {
     match from {
-        Source::Pod(p) => pod == p,
+        Source::Pod(p) => src.pod == Some(p.as_str()),
+        Source::Name(n) if n.starts_with("spiffe://") => src.identity == Some(n.as_str()),
         Source::Name(n) => {
-            pod == n
-                || pod
-                    .strip_prefix(n.as_str())
-                    .is_some_and(|rest| rest.starts_with('-'))
+            src.pod.is_some_and(|p| is_named(p, n)) || src.workload.is_some_and(|w| is_named(w, n))
         }
-        Source::Ip(ip) => src.ip() == *ip,
+        Source::Ip(ip) => src.addr.ip() == *ip,
     }
+}
+
+/// `name` itself, or one of its `<name>-…`.
+fn is_named(candidate: &str, name: &str) -> bool {
+    candidate == name
+        || candidate
+            .strip_prefix(name)
+            .is_some_and(|rest| rest.starts_with('-'))
 }
 
 fn parse_status(v: &str) -> Result<Status, String> {
@@ -400,8 +476,8 @@ mod tests {
 
     fn req<'a>(pod: &'a str, method: &'a http::Method, path: &'a str) -> RequestView<'a> {
         RequestView {
-            pod,
-            src: "10.1.0.2:40000".parse().unwrap(),
+            direction: Direction::Out,
+            src: SrcView::pod(pod, "10.1.0.2:40000".parse().unwrap()),
             method,
             authority: Some("Web.Test"),
             path,
@@ -414,14 +490,17 @@ mod tests {
             dialled: "10.96.0.10:80".parse().unwrap(),
             service: Some(Box::leak(service.to_string().into_boxed_str())),
             backend: Some("web-v2"),
+            pod: None,
+            services: &[],
         }
     }
 
     #[test]
     fn parses_every_key() {
         let f = parse(
-            "from=default%2Fweb&to=web&authority=Web.Test&path=/api&method=post&status=5xx&min_latency=100ms&max=10&duration=30s",
+            "from=default%2Fweb&to=web&direction=out&authority=Web.Test&path=/api&method=post&status=5xx&min_latency=100ms&max=10&duration=30s",
         );
+        assert_eq!(f.direction, Some(Direction::Out));
         assert_eq!(f.from, Some(Source::Name("default/web".into())));
         assert_eq!(
             f.to,
@@ -533,19 +612,106 @@ mod tests {
 
     #[test]
     fn tcp_connections_match_only_source_and_destination() {
-        let src: SocketAddr = "10.1.0.2:40000".parse().unwrap();
+        let src = SrcView::pod("default/a", "10.1.0.2:40000".parse().unwrap());
         let d = DstView {
             addr: "10.2.0.2:7000".parse().unwrap(),
             dialled: "10.2.0.2:7000".parse().unwrap(),
             service: None,
             backend: None,
+            pod: None,
+            services: &[],
         };
-        assert!(parse("").matches_tcp("default/a", src, &d));
-        assert!(parse("from=default/a&to=10.2.0.2").matches_tcp("default/a", src, &d));
-        assert!(!parse("from=default/b").matches_tcp("default/a", src, &d));
-        assert!(!parse("to=10.2.0.3").matches_tcp("default/a", src, &d));
-        assert!(!parse("path=/").matches_tcp("default/a", src, &d));
-        assert!(!parse("status=2xx").matches_tcp("default/a", src, &d));
+        let out = Direction::Out;
+        assert!(parse("").matches_tcp(out, &src, &d));
+        assert!(parse("from=default/a&to=10.2.0.2").matches_tcp(out, &src, &d));
+        assert!(parse("direction=out").matches_tcp(out, &src, &d));
+        assert!(!parse("direction=in").matches_tcp(out, &src, &d));
+        assert!(!parse("from=default/b").matches_tcp(out, &src, &d));
+        assert!(!parse("to=10.2.0.3").matches_tcp(out, &src, &d));
+        assert!(!parse("path=/").matches_tcp(out, &src, &d));
+        assert!(!parse("status=2xx").matches_tcp(out, &src, &d));
+    }
+
+    /// Inbound, the source is the peer's verified identity (and the
+    /// client's address), the destination a pod of this node by name.
+    #[test]
+    fn inbound_requests_match_by_peer_identity_and_pod() {
+        let get = http::Method::GET;
+        let inbound = |workload: &'static str| RequestView {
+            direction: Direction::In,
+            src: SrcView {
+                pod: None,
+                workload: Some(workload),
+                identity: Some(Box::leak(
+                    format!(
+                        "spiffe://cluster.local/ns/{}",
+                        workload.replace('/', "/sa/")
+                    )
+                    .into_boxed_str(),
+                )),
+                addr: "10.1.0.2:40000".parse().unwrap(),
+            },
+            method: &get,
+            authority: None,
+            path: "/b",
+        };
+        let r = inbound("default/web");
+        assert!(parse("from=default/web").matches_request(&r));
+        assert!(parse("from=spiffe://cluster.local/ns/default/sa/web").matches_request(&r));
+        assert!(parse("from=10.1.0.2").matches_request(&r));
+        assert!(parse("direction=in&path=/b").matches_request(&r));
+        assert!(!parse("from=spiffe://cluster.local/ns/default/sa/we").matches_request(&r));
+        assert!(!parse("from=default/api").matches_request(&r));
+        assert!(!parse("from=10.1.0.3").matches_request(&r));
+        assert!(!parse("direction=out").matches_request(&r));
+        // A workload's service account, with instance suffixes.
+        assert!(parse("from=default/web").matches_request(&inbound("default/web-canary")));
+        assert!(!parse("from=default/web").matches_request(&inbound("default/webhook")));
+        // Outbound requests have no peer identity to match.
+        assert!(
+            !parse("from=spiffe://cluster.local/ns/default/sa/web").matches_request(&req(
+                "default/web",
+                &get,
+                "/"
+            ))
+        );
+        assert!(parse("direction=OUT").matches_request(&req("default/web", &get, "/")));
+
+        let pods = Pods(vec![(
+            "default/n1p0".into(),
+            vec!["10.2.0.2".parse().unwrap()],
+        )]);
+        let d = DstView {
+            addr: "10.2.0.2:8080".parse().unwrap(),
+            dialled: "10.2.0.2:8080".parse().unwrap(),
+            service: Some("web"),
+            backend: None,
+            pod: Some("default/n1p0"),
+            services: &["web".to_string(), "good".to_string()],
+        };
+        for q in [
+            "to=default/n1p0",
+            "to=web",
+            "to=10.2.0.2:8080",
+            "to=10.2.0.2",
+        ] {
+            assert!(Filter::from_query(q, &pods).unwrap().matches_dst(&d), "{q}");
+            assert!(parse(q).matches_dst(&d), "{q} without the pod list");
+        }
+        assert!(!parse("to=default/n1p1").matches_dst(&d));
+    }
+
+    #[test]
+    fn direction_takes_in_or_out() {
+        assert_eq!(parse("direction=in").direction, Some(Direction::In));
+        assert_eq!(parse("direction=inbound").direction, Some(Direction::In));
+        assert_eq!(parse("direction=Out").direction, Some(Direction::Out));
+        let e = Filter::from_query("direction=up", &Pods::default()).unwrap_err();
+        assert!(e.contains("in or out"), "{e}");
+        assert_eq!(
+            parse(&parse("direction=in&max=2").to_query()),
+            parse("direction=in&max=2")
+        );
     }
 
     #[test]

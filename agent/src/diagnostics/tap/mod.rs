@@ -1,6 +1,7 @@
 //! Live tap, as `linkerd viz tap` has it: an operator streams the requests
-//! the agent is proxying right now, filtered, as `req`/`rsp`/`end` events
-//! (see [`event`]), from the admin API's `GET /tap` (`waymark tap`).
+//! the agent is proxying right now, in both directions, filtered, as
+//! `req`/`rsp`/`end` events (see [`event`]), from the admin API's
+//! `GET /tap` (`waymark tap`).
 //!
 //! Cost when nobody taps: the data path reads one atomic counter per
 //! request ([`TapHub::request`]) with a relaxed load and goes on. Only while
@@ -21,12 +22,19 @@
 //! response head is ready (which wraps the body to see its end). The tap
 //! of a request rides in the request's extensions between them. Opaque TCP
 //! connections are one `tcp` event when they close
-//! ([`TapHub::tcp_closed`], in `proxy/outbound.rs`); only `from` and `to`
-//! filters can match them.
+//! ([`TapHub::tcp_closed`], in `proxy/outbound.rs`); only `from`, `to` and
+//! `direction` filters can match them.
+//!
+//! Those are `proxy=out` events. Requests that arrive through the mTLS
+//! tunnel for a pod of this node are `proxy=in` ([`inbound`]: the peer's
+//! verified identity as the source, the pod as the destination), tapped
+//! from `proxy/inbound_tap.rs` with the same hooks.
 
 pub mod event;
 pub mod filter;
+mod inbound;
 mod stream;
+mod tcp;
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -44,10 +52,12 @@ use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub use inbound::{InboundArrival, InboundTcp};
 pub use stream::TapStream;
+pub use tcp::TcpClosed;
 
 use self::event::{Dst, Event, Meta, Src, TLS_NONE};
-use self::filter::{DstView, Filter, Pods, RequestView};
+use self::filter::{Direction, DstView, Filter, Pods, RequestView, SrcView};
 use crate::http::body::{BoxError, ProxyBody};
 
 /// Events a tap's channel holds before it drops. A `req` line with every
@@ -258,6 +268,35 @@ impl TapHub {
         req: &mut http::Request<B>,
     ) -> Option<Arc<TapRequest>> {
         let src = self.shown_source(pod, src);
+        let meta = Meta {
+            id: 0,
+            proxy: event::OUTBOUND.into(),
+            src: Src {
+                addr: src,
+                pod: Some(pod.to_string()),
+                identity: None,
+            },
+            dst: Dst {
+                addr: dialled,
+                dialled,
+                service: service.map(str::to_string),
+                backend: None,
+                pod: None,
+            },
+            tls: TLS_NONE.into(),
+        };
+        self.start(Direction::Out, SrcView::pod(pod, src), req, || meta)
+    }
+
+    /// Tests a request against the open taps and, when any may want it,
+    /// tracks it: its tap goes in the request's extensions too.
+    fn start<B>(
+        &self,
+        direction: Direction,
+        src: SrcView<'_>,
+        req: &mut http::Request<B>,
+        meta: impl FnOnce() -> Meta,
+    ) -> Option<Arc<TapRequest>> {
         let authority = req
             .uri()
             .authority()
@@ -268,7 +307,7 @@ impl TapHub {
             .path_and_query()
             .map_or_else(|| req.uri().path(), |p| p.as_str());
         let view = RequestView {
-            pod,
+            direction,
             src,
             method: req.method(),
             authority,
@@ -289,25 +328,13 @@ impl TapHub {
             return None;
         }
         let (headers, headers_omitted) = event::shown_headers(req.headers());
+        let mut meta = meta();
+        meta.id = self.next_request.fetch_add(1, Ordering::Relaxed);
         let tap = Arc::new(TapRequest {
             start: Instant::now(),
             upstream: Mutex::new(None),
             state: Mutex::new(State {
-                meta: Meta {
-                    id: self.next_request.fetch_add(1, Ordering::Relaxed),
-                    proxy: "out".into(),
-                    src: Src {
-                        addr: src,
-                        pod: Some(pod.to_string()),
-                    },
-                    dst: Dst {
-                        addr: dialled,
-                        dialled,
-                        service: service.map(str::to_string),
-                        backend: None,
-                    },
-                    tls: TLS_NONE.into(),
-                },
+                meta,
                 req: ReqLine {
                     method: req.method().to_string(),
                     authority: authority.map(str::to_string),
@@ -315,6 +342,7 @@ impl TapHub {
                     headers,
                     headers_omitted,
                 },
+                services: Vec::new(),
                 dispatched: false,
                 candidates,
                 ended: false,
@@ -341,83 +369,6 @@ impl TapHub {
     }
 }
 
-/// An opaque TCP connection that ended, as `proxy/outbound.rs` knows it.
-pub struct TcpClosed<'a> {
-    pub pod: &'a str,
-    /// The client's address.
-    pub src: SocketAddr,
-    pub dst: SocketAddr,
-    pub duration: Duration,
-    pub bytes_out: u64,
-    pub bytes_in: u64,
-    pub close: &'static str,
-    pub error: Option<&'a str>,
-}
-
-impl TapHub {
-    /// An opaque TCP connection closed; `conn` is only called while a tap
-    /// is open.
-    #[inline]
-    pub fn tcp_closed<'a>(&self, conn: impl FnOnce() -> TcpClosed<'a>) {
-        if self.active.load(Ordering::Relaxed) == 0 {
-            return;
-        }
-        self.tapped_tcp(conn());
-    }
-
-    #[cold]
-    fn tapped_tcp(&self, c: TcpClosed<'_>) {
-        let src = self.shown_source(c.pod, c.src);
-        let view = DstView {
-            addr: c.dst,
-            dialled: c.dst,
-            service: None,
-            backend: None,
-        };
-        let sinks: Vec<Arc<Sink>> = self
-            .sinks
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .filter(|s| s.accepting() && s.filter.matches_tcp(c.pod, src, &view))
-            .filter(|s| s.admit())
-            .cloned()
-            .collect();
-        let ready: Vec<&Arc<Sink>> = sinks.iter().filter(|s| s.has_room()).collect();
-        if !ready.is_empty() {
-            let line = Event::Tcp {
-                meta: Meta {
-                    id: self.next_request.fetch_add(1, Ordering::Relaxed),
-                    proxy: "out".into(),
-                    src: Src {
-                        addr: src,
-                        pod: Some(c.pod.to_string()),
-                    },
-                    dst: Dst {
-                        addr: c.dst,
-                        dialled: c.dst,
-                        service: None,
-                        backend: None,
-                    },
-                    tls: TLS_NONE.into(),
-                },
-                bytes_out: c.bytes_out,
-                bytes_in: c.bytes_in,
-                duration_us: micros(c.duration),
-                close: c.close.to_string(),
-                error: c.error.map(str::to_string),
-            }
-            .to_line();
-            for s in ready {
-                s.send(&line);
-            }
-        }
-        for s in &sinks {
-            s.request_ended();
-        }
-    }
-}
-
 /// A tapped request: which taps may show it and what they have been sent.
 pub struct TapRequest {
     start: Instant,
@@ -436,6 +387,9 @@ struct Upstream {
 struct State {
     meta: Meta,
     req: ReqLine,
+    /// Inbound: every service the destination pod is an endpoint of (for
+    /// `to`; `meta.dst.service` shows the first).
+    services: Vec<String>,
     dispatched: bool,
     candidates: Vec<Candidate>,
     ended: bool,
@@ -503,6 +457,8 @@ impl State {
             dialled: d.dialled,
             service: d.service.as_deref(),
             backend: d.backend.as_deref(),
+            pod: d.pod.as_deref(),
+            services: &self.services,
         };
         for c in &mut self.candidates {
             if c.stage == Stage::Undecided {
@@ -547,11 +503,40 @@ impl State {
 }
 
 impl TapRequest {
+    /// The destination is known on arrival (inbound: the pod the tunnel
+    /// stream is for): the request is shown now, as outbound once its
+    /// endpoint is picked.
+    fn arrived(&self, services: &[String]) {
+        let mut s = State::lock_poisoned(&self.state);
+        s.services = services.to_vec();
+        s.dispatched = true;
+        s.decide_dst();
+        s.admit(Stage::Undecided, |_| true);
+    }
+
+    /// The request's last attempt went over the TCP connection `local` →
+    /// `peer`: its `end` reads what the kernel counted on it.
+    pub fn upstream(
+        &self,
+        local: SocketAddr,
+        peer: SocketAddr,
+        kernel: &Arc<crate::diagnostics::kernel::KernelDiag>,
+    ) {
+        *self.upstream.lock().unwrap_or_else(|e| e.into_inner()) = Some(Upstream {
+            local,
+            peer,
+            kernel: kernel.clone(),
+        });
+    }
+
     /// The balancer picked `addr` of `backend` (again, on a retry: later
     /// events name the last endpoint tried).
-    fn dispatched(&self, backend: &str, addr: SocketAddr) {
+    fn dispatched(&self, backend: &str, addr: SocketAddr, tls: &str) {
         let mut s = State::lock_poisoned(&self.state);
         s.meta.dst.addr = addr;
+        if s.meta.tls != tls {
+            s.meta.tls = tls.to_string();
+        }
         if s.meta.dst.backend.as_deref() != Some(backend) {
             s.meta.dst.backend = Some(backend.to_string());
         }
@@ -638,10 +623,11 @@ fn micros(d: Duration) -> u64 {
 }
 
 /// The balancer picked `addr` (of service `backend`) for the request whose
-/// extensions these are. Nothing to do unless it is tapped.
-pub fn dispatched(extensions: &http::Extensions, backend: &str, addr: SocketAddr) {
+/// extensions these are, to be reached over a path whose `tls=` is `tls`
+/// (`true` through the mTLS tunnel). Nothing to do unless it is tapped.
+pub fn dispatched(extensions: &http::Extensions, backend: &str, addr: SocketAddr, tls: &str) {
     if let Some(t) = extensions.get::<Arc<TapRequest>>() {
-        t.dispatched(backend, addr);
+        t.dispatched(backend, addr, tls);
     }
 }
 
@@ -655,11 +641,7 @@ pub fn upstream_connection(
     kernel: Option<&Arc<crate::diagnostics::kernel::KernelDiag>>,
 ) {
     if let (Some(t), Some(kernel)) = (extensions.get::<Arc<TapRequest>>(), kernel) {
-        *t.upstream.lock().unwrap_or_else(|e| e.into_inner()) = Some(Upstream {
-            local,
-            peer,
-            kernel: kernel.clone(),
-        });
+        t.upstream(local, peer, kernel);
     }
 }
 

@@ -40,7 +40,7 @@ async fn run(
         Some("web"),
         &mut req,
     );
-    dispatched(req.extensions(), "web", addr("10.2.0.2:8080"));
+    dispatched(req.extensions(), "web", addr("10.2.0.2:8080"), TLS_NONE);
     let mut resp = http::Response::new(full(body));
     *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
     let resp = response(tap, resp);
@@ -246,7 +246,7 @@ async fn a_request_dropped_midway_still_ends() {
         None,
         &mut req,
     );
-    dispatched(req.extensions(), "web", addr("10.2.0.2:8080"));
+    dispatched(req.extensions(), "web", addr("10.2.0.2:8080"), TLS_NONE);
     drop(tap);
     drop(req);
     let (events, _) = drain(&mut stream).await;
