@@ -1,7 +1,8 @@
 //! `cargo xtask demo`: the newcomer's tour. Builds a two-node world with a
 //! real `waymark agent` per node (mTLS between them), runs real servers and
 //! clients in pods, and shows what the agents did: a diagnostic trace across
-//! both agents, `waymark stat`, the kernel's counters (`waymark drops`),
+//! both agents, `waymark stat`, `edges`, the receiving agent's live `tap` and
+//! `top`, the kernel's counters (`waymark drops`),
 //! log lines, metrics, a refused destination, and what happens to pods when
 //! the agent stops.
 
@@ -140,6 +141,32 @@ retry = {{ attempts = 2, on = ["5xx"] }}
     section(&format!("waymark edges on {}", node0.name()));
     print_indented(&cli(node0, &["edges", "--window", "1m"])?);
 
+    let node1 = world.node(1);
+    section(&format!(
+        "waymark tap and waymark top on {}: the requests its pod received through the tunnel",
+        node1.name()
+    ));
+    let burst = || {
+        client.run_ok(Command::new("curl").args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            &format!("http://{WEB_VIP}/hello?i=[1-20]"),
+            &format!("http://{WEB_VIP}/fail?i=[1-5]"),
+        ]))
+    };
+    let tap = cli_during(node1, &["tap", "--direction", "in", "--max", "3"], burst)?;
+    print_indented(&tap);
+    let top = cli_during(
+        node1,
+        &["top", "--direction", "in", "--duration", "3s"],
+        burst,
+    )?;
+    print_indented(&top);
+    println!(
+        "  (node 1 counts every attempt: node 0's agent retried each failed GET before answering the client)"
+    );
+
     section("1 MiB through the echo server, then 200 connections, 50 at a time");
     let out = client.run_ok(&mut testpeer([
         "client",
@@ -242,6 +269,9 @@ const WEB_APP: &str = r#"
 import http.server, sys
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Head and body are two writes: without this, Nagle holds the body for
+    # the client's delayed ACK (~40 ms), and `end` in the tap shows it.
+    disable_nagle_algorithm = True
     def log_message(self, *a):
         pass
     def do_GET(self):
@@ -251,7 +281,7 @@ class H(http.server.BaseHTTPRequestHandler):
             ctype = "message/http"
             body = ("%s %s %s\r\n" % (self.command, self.path, self.request_version)).encode()
             body += b"".join(("%s: %s\r\n" % kv).encode() for kv in self.headers.items()) + b"\r\n"
-        self.send_response(200)
+        self.send_response(500 if self.path.startswith("/fail") else 200)
         self.send_header("content-type", ctype)
         self.send_header("content-length", str(len(body)))
         self.end_headers()
@@ -272,6 +302,33 @@ fn cli(node: &Node, args: &[&str]) -> Result<String> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(stdout)
+}
+
+/// Runs the `waymark` CLI on `node` while `traffic` runs, once the agent
+/// has the CLI's tap open (tap and top watch live requests only).
+fn cli_during(
+    node: &Node,
+    args: &[&str],
+    traffic: impl FnOnce() -> Result<String>,
+) -> Result<String> {
+    std::thread::scope(|s| {
+        let run = s.spawn(|| cli(node, args));
+        let opened = (0..100).any(|_| {
+            std::thread::sleep(Duration::from_millis(50));
+            node.metrics()
+                .ok()
+                .and_then(|m| metric_value(&m, "waymark_tap_streams", &[]))
+                .is_some_and(|v| v >= 1.0)
+        });
+        ensure!(
+            opened,
+            "waymark {args:?} did not open its tap on {}",
+            node.name()
+        );
+        traffic()?;
+        run.join()
+            .map_err(|_| anyhow::anyhow!("waymark {args:?} panicked"))?
+    })
 }
 
 fn print_indented(text: &str) {
