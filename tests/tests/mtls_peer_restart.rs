@@ -14,8 +14,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use nix::sys::signal::Signal;
 use waymark_tests::{
-    Pod, Server, World, curl_i, eventually, metric, pod_ip, python, require_agent_or_skip,
-    with_world, world_name,
+    Pod, Server, World, WorldBuilder, curl_i, eventually, metric, pod_ip, python,
+    require_agent_or_skip, with_world, world_name,
 };
 
 const APP: &str = r#"
@@ -44,6 +44,24 @@ fn app(pod: &Pod) -> Result<Server> {
     pod.serve(python().args(["-c", APP, "8080"]))
 }
 
+/// Two nodes with mTLS, one pod each; the service `web` at VIP is served
+/// by node 1's pod.
+fn world(name: &str) -> WorldBuilder {
+    World::builder(name)
+        .pods_per_node(1)
+        .mtls(true)
+        .agent_config_extra(format!(
+            r#"
+[[services]]
+name = "web"
+addresses = ["{VIP}"]
+protocol = "http1"
+endpoints = [ {{ addr = "{}:8080", node = "node1" }} ]
+"#,
+            pod_ip(1, 0)
+        ))
+}
+
 /// One GET from `pod`: (status, headers and body).
 fn get(pod: &Pod, path: &str) -> Result<(u16, String)> {
     curl_i(pod, &format!("http://{VIP}{path}"), &[])
@@ -52,20 +70,7 @@ fn get(pod: &Pod, path: &str) -> Result<(u16, String)> {
 #[test]
 fn a_peer_agent_restart_is_survived_by_new_requests() {
     require_agent_or_skip!();
-    let services = format!(
-        r#"
-[[services]]
-name = "web"
-addresses = ["{VIP}"]
-protocol = "http1"
-endpoints = [ {{ addr = "{}:8080", node = "node1" }} ]
-"#,
-        pod_ip(1, 0)
-    );
-    let b = World::builder(world_name!())
-        .pods_per_node(1)
-        .mtls(true)
-        .agent_config_extra(services);
+    let b = world(world_name!());
     with_world(b, |world| {
         let (n0, n1, client) = (world.node(0), world.node(1), world.pod(0, 0));
         let _app = app(world.pod(1, 0))?;
@@ -121,23 +126,12 @@ endpoints = [ {{ addr = "{}:8080", node = "node1" }} ]
 #[test]
 fn a_stopping_agent_drains_the_streams_in_flight() {
     require_agent_or_skip!();
-    let services = format!(
+    let b = world(world_name!()).agent_config_extra(
         r#"
-[[services]]
-name = "web"
-addresses = ["{VIP}"]
-protocol = "http1"
-endpoints = [ {{ addr = "{}:8080", node = "node1" }} ]
-
 [shutdown]
 drain_grace = "40s"
 "#,
-        pod_ip(1, 0)
     );
-    let b = World::builder(world_name!())
-        .pods_per_node(1)
-        .mtls(true)
-        .agent_config_extra(services);
     with_world(b, |world| {
         let (n1, client) = (world.node(1), world.pod(0, 0));
         let app = app(world.pod(1, 0))?;
@@ -210,20 +204,7 @@ fn check_judges_the_workload_certificates() {
 #[test]
 fn edges_show_the_tunnel_and_the_source_identity() {
     require_agent_or_skip!();
-    let services = format!(
-        r#"
-[[services]]
-name = "web"
-addresses = ["{VIP}"]
-protocol = "http1"
-endpoints = [ {{ addr = "{}:8080", node = "node1" }} ]
-"#,
-        pod_ip(1, 0)
-    );
-    let b = World::builder(world_name!())
-        .pods_per_node(1)
-        .mtls(true)
-        .agent_config_extra(services);
+    let b = world(world_name!());
     with_world(b, |world| {
         let (n0, client) = (world.node(0), world.pod(0, 0));
         let _app = app(world.pod(1, 0))?;
