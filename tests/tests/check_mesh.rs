@@ -190,3 +190,123 @@ fn check_names_a_peer_with_a_foreign_trust_anchor() {
         Ok(())
     });
 }
+
+/// The ids and attach types of the BPF links on `node`'s cgroup, as
+/// bpftool lists them.
+fn links_on(node: &Node) -> Result<Vec<(u64, String)>> {
+    use std::os::unix::fs::MetadataExt;
+    let cgroup_id = std::fs::metadata(node.cgroup_path())?.ino();
+    let out = Command::new("bpftool")
+        .args(["-j", "link", "show"])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "bpftool link show: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok(links
+        .as_array()
+        .context("bpftool's JSON")?
+        .iter()
+        .filter(|l| l["cgroup_id"].as_u64() == Some(cgroup_id))
+        .map(|l| {
+            (
+                l["id"].as_u64().unwrap_or_default(),
+                l["attach_type"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect())
+}
+
+/// `waymark stat -o json` on `node`: the MESHED value of each row.
+fn meshed(node: &Node, args: &[&str]) -> Result<Vec<(String, String)>> {
+    let admin = node.admin_addr().to_string();
+    let out = node.run_ok(
+        Command::new(waymark_bin()?)
+            .arg("stat")
+            .args(args)
+            .args(["-o", "json", "--admin", &admin]),
+    )?;
+    let report: serde_json::Value = serde_json::from_str(&out).context(out.clone())?;
+    Ok(report["rows"]
+        .as_array()
+        .context(out.clone())?
+        .iter()
+        .map(|r| {
+            (
+                r["name"].as_str().unwrap_or_default().to_string(),
+                r["meshed"].as_str().unwrap_or("-").to_string(),
+            )
+        })
+        .collect())
+}
+
+/// MESHED counts pods whose traffic waymark proxies: node0's pod while
+/// the programs are attached (`1/1`), not once connect4 is detached
+/// (`0/1`); the service counts its local pod, the pod on node1 (a peer
+/// agent terminates the tunnel) and not an address that is no pod.
+#[test]
+fn stat_meshed_counts_the_pods_waymark_proxies() {
+    require_agent_or_skip!();
+    if Command::new("bpftool").arg("version").output().is_err() {
+        if waymark_tests::world::in_ci() {
+            panic!("bpftool is not installed (cargo xtask setup installs it)");
+        }
+        eprintln!("SKIPPED stat_meshed_counts_the_pods_waymark_proxies: no bpftool");
+        return;
+    }
+    let services = format!(
+        r#"
+[[services]]
+name = "web"
+addresses = ["10.96.0.60:80"]
+endpoints = [
+  {{ addr = "{}:8080" }},
+  {{ addr = "{}:8080", node = "node1" }},
+  {{ addr = "10.99.0.1:8080" }},
+]
+"#,
+        waymark_tests::pod_ip(0, 0),
+        waymark_tests::pod_ip(1, 0)
+    );
+    let b = World::builder(world_name!())
+        .pods_per_node(1)
+        .mtls(true)
+        .agent_config_extra(services);
+    with_world(b, |world| {
+        let n0 = world.node(0);
+        let row = |rows: &[(String, String)], name: &str| {
+            rows.iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, m)| m.clone())
+                .with_context(|| format!("no row {name}: {rows:?}"))
+        };
+        let pod = world.pod(0, 0).name().to_string();
+        ensure!(row(&meshed(n0, &["pod"])?, &pod)? == "1/1");
+        let svc = meshed(n0, &[])?;
+        ensure!(row(&svc, "web")? == "2/3", "{svc:?}");
+
+        let links = links_on(n0)?;
+        let (id, _) = links
+            .iter()
+            .find(|(_, t)| t == "cgroup_inet4_connect")
+            .with_context(|| format!("no connect4 link: {links:?}"))?;
+        let out = Command::new("bpftool")
+            .args(["link", "detach", "id", &id.to_string()])
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "bpftool link detach: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pods = meshed(n0, &["pod"])?;
+        ensure!(
+            row(&pods, &pod)? == "0/1",
+            "a detached pod counted as meshed: {pods:?}"
+        );
+        let svc = meshed(n0, &[])?;
+        ensure!(row(&svc, "web")? == "1/3", "{svc:?}");
+        Ok(())
+    });
+}

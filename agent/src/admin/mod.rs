@@ -13,6 +13,7 @@
 mod capture;
 pub mod check;
 mod drops;
+mod meshed;
 pub mod peers;
 mod ready;
 mod routes;
