@@ -7,13 +7,24 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::pool::{TunnelError, TunnelPool};
 use crate::identity::tls::server_name;
 use crate::identity::{SpiffeId, TlsFailure, peer_info};
+
+/// The HTTP/2 client preface, an empty SETTINGS frame, the ACK of the
+/// server's SETTINGS (its first record, read as the verdict) and a GOAWAY
+/// (last stream 0, NO_ERROR): a connection that opened no stream and ends
+/// cleanly (RFC 9113 §3.4, §6.5, §6.8).
+const GOODBYE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\
+    \x00\x00\x00\x04\x00\x00\x00\x00\x00\
+    \x00\x00\x00\x04\x01\x00\x00\x00\x00\
+    \x00\x00\x08\x07\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00";
+/// How long the peer gets to close after the goodbye.
+const GOODBYE_WAIT: Duration = Duration::from_millis(500);
 
 /// What a successful probe saw.
 #[derive(Debug, Clone)]
@@ -51,20 +62,43 @@ impl TunnelPool {
             let identity = peer_info(tls.get_ref().1).map(|i| i.id);
             // In TLS 1.3 the server judges our certificate after our side
             // of the handshake is done: its first record is the verdict.
-            let (mut tls, _) = self.server_verdict(peer, tls).await?;
+            let (tls, _) = self.server_verdict(peer, tls).await?;
             let handshake = started.elapsed();
-            // close_notify, so the peer sees a clean end, not a reset.
-            let _ = tls.shutdown().await;
-            Ok(Probed {
-                handshake,
-                identity,
-            })
+            Ok::<_, TunnelError>((
+                tls,
+                Probed {
+                    handshake,
+                    identity,
+                },
+            ))
         };
-        tokio::time::timeout(timeout, attempt)
-            .await
-            .map_err(|_| TunnelError::Timeout {
-                peer,
-                what: "connect and TLS handshake",
-            })?
+        let (tls, probed) =
+            tokio::time::timeout(timeout, attempt)
+                .await
+                .map_err(|_| TunnelError::Timeout {
+                    peer,
+                    what: "connect and TLS handshake",
+                })??;
+        goodbye(tls).await;
+        Ok(probed)
+    }
+}
+
+/// Ends the connection as an HTTP/2 client that opened no stream would,
+/// and lets the peer close first, so its log shows an ended connection,
+/// not a broken one. Bounded: the probe's verdict is already made.
+async fn goodbye<T: AsyncRead + AsyncWrite + Unpin>(mut tls: T) {
+    let polite = async {
+        tls.write_all(GOODBYE).await?;
+        tls.flush().await?;
+        let mut sink = [0u8; 4096];
+        while tls.read(&mut sink).await? > 0 {}
+        tls.shutdown().await
+    };
+    if let Err(e) = tokio::time::timeout(GOODBYE_WAIT, polite)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+    {
+        tracing::debug!(error = %e, "peer probe: the goodbye did not complete");
     }
 }
