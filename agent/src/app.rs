@@ -29,7 +29,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::admin::check::CertFacts;
 use crate::admin::{AdminServer, AdminState, Readiness};
 use crate::config::Config;
 use crate::diagnostics::capture::Captures;
@@ -266,17 +265,20 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
                     .unwrap_or_else(|e| e.into_inner())
                     .verify()
             }),
-            // The workload leaves this node holds (none without mTLS).
+            // The leaves, issuer and anchors of this node (none without mTLS).
             certificates: {
-                let store = identity.as_ref().map(|m| m.store());
+                let identity = identity.clone();
                 Box::new(move || {
-                    store
-                        .as_ref()
-                        .map(|s| s.expiries().iter().map(CertFacts::from).collect())
+                    identity
+                        .as_deref()
+                        .map(crate::admin::check::certificates)
                         .unwrap_or_default()
                 })
             },
             tap: tap.clone(),
+            peer_probe: crate::admin::peers::PeerProbe {
+                upstreams: upstreams.clone(),
+            },
         },
     )?;
     info!(node = %config.node.name, admin = %admin.local_addr, "admin API listening");

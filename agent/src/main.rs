@@ -140,6 +140,12 @@ enum IdentityCommand {
         /// Replace existing files.
         #[arg(long)]
         force: bool,
+        /// How long the issuer certificate stays valid (e.g. `10d`).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "365d")]
+        issuer_lifetime: std::time::Duration,
+        /// How long the root (the trust anchor) stays valid.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "3650d")]
+        root_lifetime: std::time::Duration,
     },
 }
 
@@ -197,7 +203,17 @@ fn main() -> ExitCode {
             dir,
             trust_domain,
             force,
-        }) => match identity::init::run(&dir, &trust_domain, force) {
+            issuer_lifetime,
+            root_lifetime,
+        }) => match identity::init::run_with(
+            &dir,
+            &trust_domain,
+            force,
+            identity::init::Lifetimes {
+                root: root_lifetime,
+                issuer: issuer_lifetime,
+            },
+        ) {
             Ok(report) => {
                 println!(
                     "trust domain {}: wrote in {}: {}",

@@ -71,9 +71,48 @@ pub enum CertKind {
     /// A workload's short-lived certificate, rotated at half-life: it must
     /// be valid and its rotation not overdue.
     Leaf,
-    /// The agent's issuer or a trust anchor: it must stay valid for
-    /// `--expiry-days` more days.
+    /// The agent's issuer (the CA it signs leaves with): it must stay
+    /// valid for `--expiry-days` more days.
     Issuer,
+    /// A root of the trust bundle: the same rule as the issuer.
+    TrustAnchor,
+}
+
+impl CertKind {
+    /// Issuers and anchors live for months and are replaced by an
+    /// operator; leaves live for hours and are rotated by the agent.
+    pub fn is_authority(self) -> bool {
+        matches!(self, CertKind::Issuer | CertKind::TrustAnchor)
+    }
+}
+
+impl From<&crate::identity::authority::Authority> for CertFacts {
+    fn from(a: &crate::identity::authority::Authority) -> Self {
+        use crate::identity::authority::AuthorityKind;
+        let secs = |t: SystemTime| match t.duration_since(SystemTime::UNIX_EPOCH) {
+            Ok(d) => d.as_secs() as i64,
+            Err(e) => -(e.duration().as_secs() as i64),
+        };
+        CertFacts {
+            identity: a.subject.clone(),
+            kind: match a.kind {
+                AuthorityKind::Issuer => CertKind::Issuer,
+                AuthorityKind::TrustAnchor => CertKind::TrustAnchor,
+            },
+            not_before_unix: Some(secs(a.not_before)),
+            not_after_unix: secs(a.not_after),
+            rotate_after_unix: None,
+        }
+    }
+}
+
+/// Every certificate the node's mTLS depends on: the workload leaves it
+/// holds, its issuer and the trust anchors.
+pub fn certificates(identity: &crate::identity::manager::IdentityManager) -> Vec<CertFacts> {
+    let leaves = identity.store().expiries();
+    let mut all: Vec<CertFacts> = leaves.iter().map(CertFacts::from).collect();
+    all.extend(identity.authorities().iter().map(CertFacts::from));
+    all
 }
 
 impl From<&crate::identity::store::Expiry> for CertFacts {

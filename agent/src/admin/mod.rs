@@ -1,6 +1,6 @@
 //! The admin API: `/live`, `/ready`, `/metrics`, `/config`, `/log-level`,
 //! `/capture`, `/drops`, `/drops/follow`, the sliding-window stats (`/stat`,
-//! `/routes`, `/edges`), the facts `waymark check` judges (`/check`), and
+//! `/routes`, `/edges`), the facts `waymark check` judges (`/check`, `/check/peers`), and
 //! `/tap` (a stream of newline-delimited JSON that lasts as long as the
 //! client reads it; see `diagnostics::tap`).
 //!
@@ -13,6 +13,8 @@
 mod capture;
 pub mod check;
 mod drops;
+mod meshed;
+pub mod peers;
 mod ready;
 mod routes;
 pub mod stats;
@@ -55,6 +57,8 @@ pub struct AdminState {
     /// identities are configured).
     pub certificates: Box<dyn Fn() -> Vec<check::CertFacts> + Send + Sync>,
     pub tap: Arc<crate::diagnostics::tap::TapHub>,
+    /// Probes the other nodes' agents (`/check/peers`).
+    pub peer_probe: peers::PeerProbe,
 }
 
 #[derive(Debug, thiserror::Error)]

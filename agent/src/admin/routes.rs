@@ -30,6 +30,7 @@ const ENDPOINTS: &[&str] = &[
     "/routes",
     "/edges",
     "/check",
+    "/check/peers",
     "/tap",
 ];
 
@@ -85,6 +86,7 @@ pub async fn handle(
                 format!("cannot encode check facts: {e}\n"),
             ),
         },
+        (&Method::GET, "/check/peers") => check_peers(state, req.uri().query()).await,
         (_, p) if ENDPOINTS.contains(&p) => text(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("method not allowed on {path}\n"),
@@ -124,6 +126,26 @@ fn metrics(state: &AdminState) -> Response<Body> {
         Err(e) => text(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("cannot encode metrics: {e}\n"),
+        ),
+    }
+}
+
+async fn check_peers(state: &AdminState, query: Option<&str>) -> Response<Body> {
+    let timeout = match super::peers::timeout_from_query(query) {
+        Ok(t) => t,
+        Err(e) => return text(StatusCode::BAD_REQUEST, e + "\n"),
+    };
+    let config = state
+        .config
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let facts = state.peer_probe.run(&config, timeout).await;
+    match serde_json::to_string_pretty(&facts) {
+        Ok(json) => with_type(StatusCode::OK, "application/json", json + "\n"),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot encode peer facts: {e}\n"),
         ),
     }
 }

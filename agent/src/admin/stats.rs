@@ -125,6 +125,7 @@ pub fn stat(state: &AdminState, q: &Query) -> Answer {
         .map(|s| s.name.clone())
         .collect();
     let mut rows = stats_view::stat(&w, by, to, &services, &pods(state));
+    super::meshed::fill(state, by, &mut rows);
     rows.sort_by(|a, b| a.name.cmp(&b.name));
     json(&StatReport {
         by,

@@ -1,7 +1,8 @@
 //! `waymark stat`, `waymark routes` and `waymark edges`: the agent's
 //! sliding-window golden metrics (success rate, requests per second,
 //! latency percentiles, TCP connections, retries) as aligned tables, or as
-//! the agent's JSON with `-o json`.
+//! the agent's JSON with `-o json`. `stat` also shows how many of a row's
+//! pods are meshed (see `admin::meshed`).
 
 use anyhow::{Result, bail};
 
@@ -21,7 +22,11 @@ pub enum Kind {
     Pod,
 }
 
+/// What MESHED counts, for `waymark stat --help`.
+const MESHED_HELP: &str = "MESHED is meshed/total pods, as in Linkerd. A pod row is 1/1 when the agent's programs are all attached to redirect.cgroup and the pod's listener is bound in its namespace (the kernel's word, asked now), else 0/1. A service row counts its endpoints: one on this node counts as its pod does, one on another node counts when that node is in [[nodes]] with mTLS on (an agent there terminates the tunnel), and an address that is no pod does not count. `-` is a row in no config.";
+
 #[derive(clap::Args, Clone, Debug)]
+#[command(after_help = MESHED_HELP)]
 pub struct StatArgs {
     /// Group by `service` (svc) or `pod` (po).
     #[arg(value_enum, default_value = "service")]

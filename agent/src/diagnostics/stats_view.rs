@@ -85,7 +85,8 @@ impl Golden {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StatRow {
     pub name: String,
-    /// For pods: `1/1` when the agent proxies the pod. Absent for services.
+    /// Meshed/total pods: for a pod `1/1` or `0/1`, for a service its
+    /// endpoints whose traffic an agent proxies (see `admin::meshed`).
     pub meshed: Option<String>,
     #[serde(flatten)]
     pub golden: Golden,

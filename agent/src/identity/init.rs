@@ -25,8 +25,26 @@ pub const ISSUER_CERT_FILE: &str = "issuer.crt";
 pub const ISSUER_KEY_FILE: &str = "issuer.key";
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 
-const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-const ISSUER_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+pub const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+pub const ISSUER_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// How long the development root and issuer stay valid from now. Short
+/// values rehearse an issuer rotation (and let `waymark check` be seen
+/// warning about one) before a real one is due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifetimes {
+    pub root: Duration,
+    pub issuer: Duration,
+}
+
+impl Default for Lifetimes {
+    fn default() -> Self {
+        Self {
+            root: ROOT_LIFETIME,
+            issuer: ISSUER_LIFETIME,
+        }
+    }
+}
 
 #[derive(Debug, Error)]
 pub enum InitError {
@@ -41,6 +59,11 @@ pub enum InitError {
         path: PathBuf,
         #[source]
         source: std::io::Error,
+    },
+    #[error("the {what} lifetime must be at least a minute, not {lifetime:?}")]
+    Lifetime {
+        what: &'static str,
+        lifetime: Duration,
     },
     #[error("the generated CA does not load: {0}")]
     SelfCheck(#[from] IssuerError),
@@ -65,7 +88,17 @@ pub struct InitReport {
 /// Creates the development CA in `dir` (created if missing). Refuses to
 /// replace existing files unless `overwrite`.
 pub fn run(dir: &Path, trust_domain: &str, overwrite: bool) -> Result<InitReport, InitError> {
-    let ca = DevCa::generate(trust_domain)?;
+    run_with(dir, trust_domain, overwrite, Lifetimes::default())
+}
+
+/// [`run`] with chosen root and issuer lifetimes.
+pub fn run_with(
+    dir: &Path,
+    trust_domain: &str,
+    overwrite: bool,
+    lifetimes: Lifetimes,
+) -> Result<InitReport, InitError> {
+    let ca = DevCa::generate_with(trust_domain, lifetimes)?;
     // Prove the material works before anything touches the disk.
     ca.issuer()?;
     let files = ca.write(dir, overwrite)?;
@@ -78,7 +111,16 @@ pub fn run(dir: &Path, trust_domain: &str, overwrite: bool) -> Result<InitReport
 
 impl DevCa {
     pub fn generate(trust_domain: &str) -> Result<Self, InitError> {
+        Self::generate_with(trust_domain, Lifetimes::default())
+    }
+
+    pub fn generate_with(trust_domain: &str, lifetimes: Lifetimes) -> Result<Self, InitError> {
         validate_trust_domain(trust_domain)?;
+        for (what, lifetime) in [("root", lifetimes.root), ("issuer", lifetimes.issuer)] {
+            if lifetime < Duration::from_secs(60) {
+                return Err(InitError::Lifetime { what, lifetime });
+            }
+        }
         let now = SystemTime::now();
         // A random tag keeps the names of two development CAs apart: peers
         // pick candidate issuers by name, and two `init` runs with the same
@@ -98,7 +140,7 @@ impl DevCa {
         root.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         root.key_usages = ca_usages.clone();
         root.not_before = (now - Duration::from_secs(3600)).into();
-        root.not_after = (now + ROOT_LIFETIME).into();
+        root.not_after = (now + lifetimes.root).into();
         let root = rcgen::CertifiedIssuer::self_signed(root, root_key)?;
 
         let issuer_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
@@ -110,7 +152,7 @@ impl DevCa {
         params.key_usages = ca_usages;
         params.use_authority_key_identifier_extension = true;
         params.not_before = (now - Duration::from_secs(3600)).into();
-        params.not_after = (now + ISSUER_LIFETIME).into();
+        params.not_after = (now + lifetimes.issuer).into();
         let issuer_cert = params.signed_by(&issuer_key, &root)?;
 
         Ok(Self {
@@ -228,6 +270,16 @@ mod tests {
         run(&dir, "cluster.local", true).unwrap();
         assert_ne!(std::fs::read(dir.join(CA_CERT_FILE)).unwrap(), before);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn rejects_lifetimes_too_short_to_use() {
+        let short = Lifetimes {
+            issuer: Duration::from_secs(1),
+            ..Lifetimes::default()
+        };
+        let err = DevCa::generate_with("cluster.local", short).err().unwrap();
+        assert!(err.to_string().contains("issuer lifetime"), "{err}");
     }
 
     #[test]

@@ -16,6 +16,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use thiserror::Error;
 
+use super::authority::{Authority, AuthorityKind};
 use super::spiffe::{SpiffeId, SpiffeIdError};
 
 /// Default leaf lifetime: short, so a stolen key is useful only briefly;
@@ -127,6 +128,8 @@ pub struct Issuer {
     issuer_cert: CertificateDer<'static>,
     signer: rcgen::Issuer<'static, KeyPair>,
     lifetime: Duration,
+    /// The issuer certificate's and the anchors' validity, read at load.
+    authorities: Vec<Authority>,
 }
 
 impl fmt::Debug for Issuer {
@@ -179,6 +182,10 @@ impl Issuer {
         let mut certs = parse_certs(cert_pem, cert_path)?;
         // Only the first certificate signs; any others are its own chain.
         let issuer_cert = certs.swap_remove(0);
+        let mut authorities = vec![Authority::read(&issuer_cert, AuthorityKind::Issuer)?];
+        for anchor in parse_certs(bundle_pem, bundle_path)? {
+            authorities.push(Authority::read(&anchor, AuthorityKind::TrustAnchor)?);
+        }
         let key_text = std::str::from_utf8(key_pem).map_err(|_| IssuerError::Pem {
             path: key_path.to_owned(),
             problem: "not PEM text".into(),
@@ -214,6 +221,7 @@ impl Issuer {
             issuer_cert,
             signer,
             lifetime: DEFAULT_LEAF_LIFETIME,
+            authorities,
         })
     }
 
@@ -225,6 +233,11 @@ impl Issuer {
 
     pub fn bundle(&self) -> &TrustBundle {
         &self.bundle
+    }
+
+    /// The issuer certificate, then every trust anchor, as loaded.
+    pub fn authorities(&self) -> &[Authority] {
+        &self.authorities
     }
 
     /// Mints a leaf valid from a little before now for the configured lifetime.

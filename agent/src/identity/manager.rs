@@ -123,6 +123,12 @@ impl IdentityManager {
         self.issuer().bundle().clone()
     }
 
+    /// The current issuer's and trust anchors' validity (read when the
+    /// files were last loaded).
+    pub fn authorities(&self) -> Vec<super::authority::Authority> {
+        self.issuer().authorities().to_vec()
+    }
+
     /// Registers a component that must follow trust bundle changes.
     pub fn on_bundle_change(&self, f: BundleListener) {
         self.listeners

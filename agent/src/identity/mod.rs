@@ -1,5 +1,6 @@
 //! Workload identities and the mTLS between node agents.
 //!
+//! - [`authority`]: subject and validity of the issuer and trust anchors.
 //! - [`spiffe`]: `spiffe://<trust-domain>/ns/<ns>/sa/<sa>` identities.
 //! - [`init`]: `waymark identity init`, a development trust anchor + issuer.
 //! - [`issuer`]: loads the trust bundle and issuer (cert-manager compatible
@@ -25,6 +26,7 @@
 //! removes the issuer key from agents. The full model, the configuration
 //! and the metrics: `docs/mtls.md`.
 
+pub mod authority;
 pub mod init;
 pub mod issuer;
 pub mod manager;

@@ -8,11 +8,13 @@
 //!   agent, local identity, expected peer identity), opens many `CONNECT`
 //!   streams on it, and replaces it when it closes or when the local leaf
 //!   was rotated.
+//! - [`probe`]: connect and handshake only, for `waymark check`.
 //!
 //! Because the wire format is the one ztunnel uses, tshark's HTTP/2
 //! dissector shows the streams given the key log.
 
 pub mod pool;
+pub mod probe;
 pub mod server;
 mod stream;
 #[cfg(test)]

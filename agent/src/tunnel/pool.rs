@@ -360,7 +360,7 @@ impl TunnelPool {
     /// record here turns a refusal into a typed error for this connect. Its
     /// alert would otherwise race our first writes: a write that meets the
     /// server's close fails with a reset, and the alert is never read.
-    async fn server_verdict<T: AsyncRead + Unpin>(
+    pub(super) async fn server_verdict<T: AsyncRead + Unpin>(
         &self,
         peer: SocketAddr,
         mut tls: T,
@@ -388,7 +388,7 @@ impl TunnelPool {
         }
     }
 
-    fn tls_config(
+    pub(super) fn tls_config(
         &self,
         local: &SpiffeId,
         expected: &SpiffeId,

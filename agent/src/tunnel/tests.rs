@@ -458,3 +458,68 @@ async fn rotation_new_streams_present_the_new_certificate() {
     assert_eq!(serials, vec![old, rotated.leaf.serial.clone()]);
     assert_eq!(pool.connections_opened(), 2);
 }
+
+#[tokio::test]
+async fn a_probe_handshakes_verifies_the_peer_and_opens_no_stream() {
+    let w = world(Default::default()).await;
+    let pool = w.pool();
+    let web = w.pki.identity("default", "web");
+    let timeout = Duration::from_secs(5);
+    let ok = pool
+        .probe(&web, w.server, &w.node_b, timeout)
+        .await
+        .unwrap();
+    assert_eq!(ok.identity.as_ref(), Some(&w.node_b));
+    assert!(ok.handshake < timeout);
+    eventually("the server to count the connection", || {
+        w.stats
+            .tls_established
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 1
+    })
+    .await;
+    assert_eq!(
+        w.stats
+            .streams_opened
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    assert_eq!(pool.connections_opened(), 0, "a probe pools nothing");
+
+    // Another identity than the expected one.
+    let node_c = SpiffeId::new(TD, "waymark-system", "node-c").unwrap();
+    let err = pool
+        .probe(&web, w.server, &node_c, timeout)
+        .await
+        .unwrap_err();
+    assert_eq!(err.tls_failure(), Some(TlsFailure::WrongIdentity), "{err}");
+
+    // Our certificate from another trust anchor: the server's verdict,
+    // read after our side of the handshake.
+    let other = Pki::new();
+    let foreign = TunnelPool::new(
+        other.store.clone(),
+        w.pki.bundle().clone(),
+        PoolConfig::default(),
+    );
+    let stranger = other.identity("default", "web");
+    let err = foreign
+        .probe(&stranger, w.server, &w.node_b, timeout)
+        .await
+        .unwrap_err();
+    assert_eq!(err.tls_failure(), Some(TlsFailure::UnknownCa), "{err}");
+
+    // Nothing listening.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let err = pool
+        .probe(&web, closed, &w.node_b, timeout)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, TunnelError::Connect { source, .. } if source.kind() == std::io::ErrorKind::ConnectionRefused),
+        "{err}"
+    );
+}

@@ -152,7 +152,7 @@ pub fn pod_identity(pod_name: &str) -> String {
 }
 
 /// Runs `waymark identity init` into `dir` (a new trust anchor and issuer).
-pub(crate) fn identity_init(bin: &Path, dir: &Path) -> Result<()> {
+pub(crate) fn identity_init(bin: &Path, dir: &Path, extra: &[String]) -> Result<()> {
     let out = std::process::Command::new(bin)
         .args([
             "identity",
@@ -163,6 +163,7 @@ pub(crate) fn identity_init(bin: &Path, dir: &Path) -> Result<()> {
             "--dir",
         ])
         .arg(dir)
+        .args(extra)
         .output()
         .with_context(|| format!("running {} identity init", bin.display()))?;
     anyhow::ensure!(

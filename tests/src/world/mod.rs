@@ -109,6 +109,8 @@ struct MtlsOptions {
     leaf_lifetime: String,
     /// Nodes whose agent gets a trust anchor of its own.
     foreign: Vec<usize>,
+    /// `waymark identity init` flags, e.g. `--issuer-lifetime 10d`.
+    init_args: Vec<String>,
 }
 
 impl Default for MtlsOptions {
@@ -116,6 +118,7 @@ impl Default for MtlsOptions {
         Self {
             leaf_lifetime: "1h".into(),
             foreign: Vec::new(),
+            init_args: Vec::new(),
         }
     }
 }
@@ -138,6 +141,20 @@ impl WorldBuilder {
     pub fn mtls_leaf_lifetime(mut self, lifetime: Duration) -> Self {
         let m = self.mtls.get_or_insert_with(Default::default);
         m.leaf_lifetime = humantime_str(lifetime);
+        self
+    }
+
+    /// With [`Self::mtls`]: the issuer and the trust anchor (root) of the
+    /// world's CA expire this long from now (`waymark identity init
+    /// --issuer-lifetime/--root-lifetime`); `None` keeps init's default.
+    pub fn mtls_ca_lifetimes(mut self, issuer: Option<Duration>, root: Option<Duration>) -> Self {
+        let m = self.mtls.get_or_insert_with(Default::default);
+        for (flag, d) in [("--issuer-lifetime", issuer), ("--root-lifetime", root)] {
+            if let Some(d) = d {
+                m.init_args.push(flag.into());
+                m.init_args.push(humantime_str(d));
+            }
+        }
         self
     }
 
@@ -493,11 +510,11 @@ impl World {
                 None => agent::waymark_bin()?,
             };
             let shared_ca = self.shared.dir.join("identity");
-            agent::identity_init(&bin, &shared_ca)?;
+            agent::identity_init(&bin, &shared_ca, &m.init_args)?;
             for i in 0..b.nodes {
                 if m.foreign.contains(&i) {
                     let own = self.shared.dir.join(format!("identity-node{i}"));
-                    agent::identity_init(&bin, &own)?;
+                    agent::identity_init(&bin, &own, &m.init_args)?;
                     ca_dirs.push(own);
                 } else {
                     ca_dirs.push(shared_ca.clone());

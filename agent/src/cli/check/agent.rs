@@ -44,9 +44,16 @@ pub fn checks(client: &AdminClient, expiry_days: u64) -> Vec<Check> {
         listeners(&facts),
         config(&facts, in_force.map_err(|e| format!("{e:#}")), now),
         discovery(&facts),
-        certificates(&facts.certificates, now, expiry_days),
-        clock(&facts, now, config_mtime, ntp_synchronized()),
+        certificates(&facts.certificates, now),
     ]
+    .into_iter()
+    .chain(super::authorities::checks(
+        &facts.certificates,
+        now,
+        expiry_days,
+    ))
+    .chain([clock(&facts, now, config_mtime, ntp_synchronized())])
+    .collect()
 }
 
 fn ready(f: &AgentFacts) -> Check {
@@ -348,15 +355,15 @@ fn discovery(f: &AgentFacts) -> Check {
 /// How late a leaf's rotation may be before the check calls it failing.
 const ROTATION_GRACE_SECS: f64 = 60.0;
 
-fn certificates(certs: &[CertFacts], now: f64, expiry_days: u64) -> Check {
-    if certs.is_empty() {
+/// The workload leaves (issuer and anchors: [`super::authorities`]).
+fn certificates(certs: &[CertFacts], now: f64) -> Check {
+    let leaves: Vec<&CertFacts> = certs.iter().filter(|c| c.kind == CertKind::Leaf).collect();
+    if leaves.is_empty() {
         return Check::skip("certificates: no workload identities configured");
     }
-    let soon = now + expiry_days as f64 * 86_400.0;
     let mut bad = Vec::new();
-    for c in certs {
+    for c in &leaves {
         let to = c.not_after_unix as f64;
-        let rotate = c.rotate_after_unix.map(|r| r as f64);
         if let Some(from) = c.not_before_unix.map(|f| f as f64)
             && now < from
         {
@@ -367,14 +374,7 @@ fn certificates(certs: &[CertFacts], now: f64, expiry_days: u64) -> Check {
             ));
         } else if now >= to {
             bad.push(format!("{}: expired at {}", c.identity, at(to)));
-        } else if c.kind == CertKind::Issuer && to < soon {
-            bad.push(format!(
-                "{}: expires at {}, within {expiry_days} days",
-                c.identity,
-                at(to)
-            ));
-        } else if let Some(r) = rotate
-            && c.kind == CertKind::Leaf
+        } else if let Some(r) = c.rotate_after_unix.map(|r| r as f64)
             && now > r + ROTATION_GRACE_SECS
         {
             bad.push(format!(
@@ -387,13 +387,13 @@ fn certificates(certs: &[CertFacts], now: f64, expiry_days: u64) -> Check {
     }
     if bad.is_empty() {
         Check::pass(format!(
-            "certificates: {} valid (issuers for more than {expiry_days} days, leaves rotated on time)",
-            certs.len()
+            "certificates: {} valid (workload leaves, rotated on time)",
+            leaves.len()
         ))
     } else {
         Check::fail(
-            format!("certificates: {} of {} need attention", bad.len(), certs.len()),
-            "renew an expiring issuer (cert-manager, or `waymark identity init --force` for development); a leaf whose rotation is overdue means the agent cannot issue: see its log; a certificate not valid yet means this clock is wrong",
+            format!("certificates: {} of {} workload leaves need attention", bad.len(), leaves.len()),
+            "a leaf whose rotation is overdue or that expired means the agent cannot issue: see its log (and the issuer check below); a certificate not valid yet means this clock is wrong",
         )
         .with_detail(bad)
     }

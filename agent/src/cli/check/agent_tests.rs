@@ -97,32 +97,24 @@ fn services_without_endpoints_fail() {
 }
 
 #[test]
-fn certificates_expiring_soon_or_not_yet_valid_fail() {
-    assert_eq!(certificates(&[], NOW, 7).status, Status::Skip);
-    let issuer = |from: f64, to: f64| CertFacts {
-        identity: "CN=waymark issuer".into(),
-        kind: CertKind::Issuer,
-        not_before_unix: Some(from as i64),
+fn leaves_expired_fail_and_authorities_are_left_to_their_own_check() {
+    assert_eq!(certificates(&[], NOW).status, Status::Skip);
+    let cert = |kind, to: f64| CertFacts {
+        identity: "spiffe://cluster.local/ns/default/sa/web".into(),
+        kind,
+        not_before_unix: None,
         not_after_unix: to as i64,
         rotate_after_unix: None,
     };
-    let day = 86_400.0;
-    assert_eq!(
-        certificates(&[issuer(NOW - day, NOW + 30.0 * day)], NOW, 7).status,
-        Status::Pass
-    );
-    let soon = certificates(&[issuer(NOW - day, NOW + 2.0 * day)], NOW, 7);
-    assert_eq!(soon.status, Status::Fail);
+    let issuer_only = [cert(CertKind::Issuer, NOW - 1.0)];
+    assert_eq!(certificates(&issuer_only, NOW).status, Status::Skip);
+    let expired = certificates(&[cert(CertKind::Leaf, NOW - 1.0)], NOW);
+    assert_eq!(expired.status, Status::Fail);
     assert!(
-        soon.detail[0].contains("within 7 days"),
+        expired.detail[0].contains("expired"),
         "{:?}",
-        soon.detail
+        expired.detail
     );
-    assert!(soon.hint.unwrap().contains("renew"));
-    let expired = certificates(&[issuer(NOW - 2.0 * day, NOW - day)], NOW, 7);
-    assert!(expired.detail[0].contains("expired"));
-    let future = certificates(&[issuer(NOW + day, NOW + 30.0 * day)], NOW, 7);
-    assert!(future.detail[0].contains("not valid until"));
 }
 
 #[test]
@@ -137,10 +129,10 @@ fn leaves_live_hours_and_must_be_rotated_on_time() {
     let hour = 3600.0;
     // A 24 h leaf, 12 h left: fine although it expires within 7 days.
     assert_eq!(
-        certificates(&[leaf(NOW, NOW + 12.0 * hour)], NOW, 7).status,
+        certificates(&[leaf(NOW, NOW + 12.0 * hour)], NOW).status,
         Status::Pass
     );
-    let overdue = certificates(&[leaf(NOW - hour, NOW + 11.0 * hour)], NOW, 7);
+    let overdue = certificates(&[leaf(NOW - hour, NOW + 11.0 * hour)], NOW);
     assert_eq!(overdue.status, Status::Fail);
     assert!(
         overdue.detail[0].contains("rotation is failing"),

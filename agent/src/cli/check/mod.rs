@@ -10,7 +10,10 @@
 //!   them on the pods' cgroup (asked by the agent about its own program
 //!   IDs, and by this CLI on its own), each pod's listeners, whether the
 //!   config file on disk is the config in force, services' endpoints,
-//!   certificates (when identities are configured) and the clock.
+//!   workload certificates, the issuer and trust anchors (valid for
+//!   `--expiry-days` more days) and the clock.
+//! - `peers`: every other node's agent of `[[nodes]]`, reached over the
+//!   mTLS tunnel port with a TLS handshake that verifies its identity.
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
@@ -19,7 +22,9 @@ use super::Output;
 use super::client::AdminClient;
 
 mod agent;
+mod authorities;
 mod host;
+mod peers;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct CheckArgs {
@@ -30,6 +35,9 @@ pub struct CheckArgs {
     /// many more days.
     #[arg(long, default_value_t = 7)]
     pub expiry_days: u64,
+    /// How long the agent waits for each peer agent's handshake.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    pub peer_timeout: std::time::Duration,
     /// `table` for people, `json` for scripts.
     #[arg(long, short = 'o', value_enum, default_value_t)]
     pub output: Output,
@@ -130,6 +138,10 @@ pub fn run(client: &AdminClient, args: &CheckArgs) -> Result<bool> {
         groups.push(Group {
             name: format!("agent ({})", client.addr()),
             checks: agent::checks(client, args.expiry_days),
+        });
+        groups.push(Group {
+            name: "peers".into(),
+            checks: peers::checks(client, args.peer_timeout),
         });
     }
     let ok = groups
