@@ -167,6 +167,15 @@ retry = {{ attempts = 2, on = ["5xx"] }}
         "  (node 1 counts every attempt: node 0's agent retried each failed GET before answering the client)"
     );
 
+    section(&format!(
+        "waymark check on {}: kernel, programs, listeners, config, certificates, peer agents",
+        node0.name()
+    ));
+    // Printed whatever the verdict: the demo machine's clock or kernel may
+    // earn a ✖ that is worth seeing.
+    let out = node0.run(Command::new(waymark_bin()?).arg("check"))?;
+    print_indented(&String::from_utf8_lossy(&out.stdout));
+
     section("1 MiB through the echo server, then 200 connections, 50 at a time");
     let out = client.run_ok(&mut testpeer([
         "client",
