@@ -141,6 +141,15 @@ retry = {{ attempts = 2, on = ["5xx"] }}
     section(&format!("waymark edges on {}", node0.name()));
     print_indented(&cli(node0, &["edges", "--window", "1m"])?);
 
+    section(&format!(
+        "waymark check on {}: kernel, programs, listeners, config, certificates, peer agents",
+        node0.name()
+    ));
+    // Printed whatever the verdict: the demo machine's clock or kernel may
+    // earn a ✖ that is worth seeing.
+    let out = node0.run(Command::new(waymark_bin()?).arg("check"))?;
+    print_indented(&String::from_utf8_lossy(&out.stdout));
+
     let node1 = world.node(1);
     section(&format!(
         "waymark tap and waymark top on {}: the requests its pod received through the tunnel",
@@ -166,15 +175,6 @@ retry = {{ attempts = 2, on = ["5xx"] }}
     println!(
         "  (node 1 counts every attempt: node 0's agent retried each failed GET before answering the client)"
     );
-
-    section(&format!(
-        "waymark check on {}: kernel, programs, listeners, config, certificates, peer agents",
-        node0.name()
-    ));
-    // Printed whatever the verdict: the demo machine's clock or kernel may
-    // earn a ✖ that is worth seeing.
-    let out = node0.run(Command::new(waymark_bin()?).arg("check"))?;
-    print_indented(&String::from_utf8_lossy(&out.stdout));
 
     section("1 MiB through the echo server, then 200 connections, 50 at a time");
     let out = client.run_ok(&mut testpeer([
