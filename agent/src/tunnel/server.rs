@@ -27,6 +27,7 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use super::{DENY_REASON, ERROR_REASON, SOURCE_WORKLOAD};
 use crate::identity::{CertInfo, TlsFailure, peer_info};
+use crate::proxy::copy;
 
 const SOURCE_MISMATCH: &str = "source workload header does not match the client certificate";
 
@@ -421,19 +422,32 @@ impl Shared {
 }
 
 /// Copies both ways until both sides are done (half-closes propagate).
-pub async fn splice<T>(mut tunnel: T, mut upstream: TcpStream)
+/// With the proxy's copy loop, whose buffers exist only while bytes move:
+/// an idle tunnelled connection holds none (fixed 64 KiB buffers each way
+/// made every open stream cost 128 KiB).
+pub async fn splice<T>(tunnel: T, mut upstream: TcpStream)
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    match tokio::io::copy_bidirectional_with_sizes(&mut tunnel, &mut upstream, 64 * 1024, 64 * 1024)
-        .await
-    {
-        Ok((up, down)) => debug!(
-            bytes_to_target = up,
-            bytes_from_target = down,
+    // The copy loop's "client" is the socket it can wait on without a
+    // buffer: here the target's.
+    let counters = copy::Counters {
+        client_to_upstream: Default::default(),
+        upstream_to_client: Default::default(),
+    };
+    let mut t = copy::Transferred::default();
+    match copy::bidirectional_io(&mut upstream, tunnel, &counters, &mut t).await {
+        Ok(()) => debug!(
+            bytes_to_target = t.upstream_to_client,
+            bytes_from_target = t.client_to_upstream,
             "tunnel stream closed"
         ),
-        Err(e) => debug!(error = %e, "tunnel stream ended with an error"),
+        Err(e) => debug!(
+            error = %e,
+            bytes_to_target = t.upstream_to_client,
+            bytes_from_target = t.client_to_upstream,
+            "tunnel stream ended with an error"
+        ),
     }
 }
 
