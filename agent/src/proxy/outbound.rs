@@ -406,7 +406,8 @@ impl Outbound {
         };
         // Boxed: establishing a tunnel connection (TLS and HTTP/2
         // handshakes) is a large future, needed only until the connection
-        // is up; inline, it made every connection's task 8.5 KiB.
+        // is up. Inline, it and hyper's connection state made every
+        // connection's task 8.5 KiB; boxed, the task is 2.4 KiB.
         let connect = Box::pin(self.upstreams.connect(path, target, headers.clone()));
         let upstream = match connect.await {
             Ok(u) => u,

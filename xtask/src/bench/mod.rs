@@ -417,7 +417,7 @@ impl Ctx<'_> {
         let (srv, held, failed): (Server, usize, usize) =
             load::hold(self.client, &self.bins.testpeer, p.http, n)?;
         // Let the proxies settle (upstream connects, buffers given back:
-        // waymark's agent hands freed memory back every 2 s).
+        // waymark's agent looks every 2 s whether to hand freed memory back).
         std::thread::sleep(Duration::from_secs(3));
         let (rss1, fds1) = (measure::rss_kib(&pids), measure::fds(&pids));
         drop(srv);
