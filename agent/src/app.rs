@@ -336,6 +336,12 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
     if let Some(k) = &kernel {
         k.start(&pod_netns, pods_cgroup.as_deref(), &stop_kernel);
     }
+    // Loading the programs parsed the kernel's BTF: give that memory back,
+    // and keep giving back what bursts of traffic free (see `memory`).
+    crate::memory::trim();
+    if let Err(e) = crate::memory::start_trimming() {
+        warn!(error = %e, "cannot start the memory trimming thread; freed memory stays with the agent");
+    }
 
     let http = Arc::new(HttpProxy {
         node: config.node.name.clone(),

@@ -11,6 +11,7 @@ pub mod diagnostics;
 pub mod discovery;
 pub mod http;
 pub mod identity;
+pub mod memory;
 pub mod proxy;
 pub mod redirect;
 pub mod reload;

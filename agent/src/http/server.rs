@@ -32,10 +32,15 @@ pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 pub async fn serve(proxy: Arc<HttpProxy>, ctx: Arc<ConnCtx>, stream: TcpStream) {
     let io = TokioIo::new(stream);
     let version = ctx.version;
+    // The request future is boxed: hyper's HTTP/1 dispatcher keeps a slot
+    // for the service's future for the whole life of the connection, sized
+    // like the future (13 KiB unboxed); boxed, an idle keep-alive
+    // connection holds a pointer and the future exists only while a request
+    // is in flight.
     let svc = service_fn(move |req| {
         let proxy = proxy.clone();
         let ctx = ctx.clone();
-        async move { Ok::<_, std::convert::Infallible>(proxy.handle(&ctx, req).await) }
+        Box::pin(async move { Ok::<_, std::convert::Infallible>(proxy.handle(&ctx, req).await) })
     });
     let result = match version {
         Version::Http1 => {

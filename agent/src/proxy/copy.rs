@@ -144,11 +144,21 @@ impl Source for ReadHalf<'_> {
     }
 }
 
-/// Any other reader (a tunnel stream) needs its buffer while it waits.
+/// Any other reader (a tunnel stream): it has no readiness to wait on, so
+/// an idle direction first waits with a zero-length read. A tunnel stream
+/// (hyper's HTTP/2 upgrade) parks that read until the peer sends a DATA
+/// frame or ends the stream and keeps the frame it received; only then is a
+/// buffer taken. A reader that answers a zero-length read at once costs
+/// one extra call, and waits in the real read, with its buffer, as before.
 struct Stream<R>(R);
 
 impl<R: AsyncRead + Unpin> Source for Stream<R> {
     async fn read_into(&mut self, buf: &mut Vec<u8>, size: usize) -> io::Result<usize> {
+        if buf.capacity() == 0 {
+            // Into no room, the amount is 0 by construction: it only waits.
+            let waited = self.0.read(&mut []).await?;
+            debug_assert_eq!(waited, 0);
+        }
         if buf.capacity() < size {
             *buf = Vec::with_capacity(size);
         }

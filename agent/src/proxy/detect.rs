@@ -51,6 +51,8 @@ pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Longest request line looked at; a longer one is not treated as HTTP.
 pub const MAX_PEEK: usize = 8 * 1024;
+/// The first peek: most request lines fit.
+const FIRST_PEEK: usize = 512;
 
 /// A verdict on the bytes seen so far.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,7 +138,11 @@ const REPEEK_INTERVAL: Duration = Duration::from_millis(2);
 /// timeout passes, or the client closes.
 pub async fn detect(stream: &TcpStream, timeout: Duration) -> (Protocol, Outcome) {
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut buf = vec![0u8; MAX_PEEK];
+    // Start small and grow only for a long request line: the buffer is
+    // zeroed (`peek` needs initialised memory), so a full-size one would
+    // touch 8 KiB per connection, which the allocator then hands on, dirty,
+    // to the connection's long-lived HTTP buffers.
+    let mut buf = vec![0u8; FIRST_PEEK];
     let mut seen = 0usize;
     loop {
         let peeked = tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await;
@@ -148,6 +154,11 @@ pub async fn detect(stream: &TcpStream, timeout: Duration) -> (Protocol, Outcome
         match classify(&buf[..n]) {
             Verdict::Is(p) => return (p, Outcome::Detected),
             Verdict::NeedMore if n >= MAX_PEEK => return (Protocol::Opaque, Outcome::Detected),
+            Verdict::NeedMore if n == buf.len() => {
+                // Full: there is more to look at already.
+                buf.resize((buf.len() * 4).min(MAX_PEEK), 0);
+                seen = n;
+            }
             Verdict::NeedMore => {
                 if n == seen {
                     if tokio::time::Instant::now() >= deadline {

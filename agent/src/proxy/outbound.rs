@@ -347,7 +347,10 @@ impl Outbound {
             dst: conn.dst,
             version,
         });
-        http_server::serve(self.http.clone(), ctx, client).await;
+        // Boxed, like the connect below: the connection's task is sized for
+        // the largest future it may ever hold, and hyper's connection state
+        // is large; an opaque connection should not carry room for it.
+        Box::pin(http_server::serve(self.http.clone(), ctx, client)).await;
         (Close::Eof, None)
     }
 
@@ -401,7 +404,12 @@ impl Outbound {
             source_addr: conn.source_addr(),
             request_id: Some(new_request_id()),
         };
-        let upstream = match self.upstreams.connect(path, target, headers.clone()).await {
+        // Boxed: establishing a tunnel connection (TLS and HTTP/2
+        // handshakes) is a large future, needed only until the connection
+        // is up. Inline, it and hyper's connection state made every
+        // connection's task 8.5 KiB; boxed, the task is 2.4 KiB.
+        let connect = Box::pin(self.upstreams.connect(path, target, headers.clone()));
+        let upstream = match connect.await {
             Ok(u) => u,
             Err(e) => {
                 let close = Close::from_upstream(&e);

@@ -29,6 +29,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{DENY_REASON, ERROR_REASON, SOURCE_WORKLOAD};
 use crate::identity::{CertInfo, TlsFailure, peer_info};
+use crate::proxy::copy;
 
 const SOURCE_MISMATCH: &str = "source workload header does not match the client certificate";
 
@@ -467,6 +468,9 @@ impl Shared {
 }
 
 /// Copies both ways until both sides are done (half-closes propagate).
+/// With the proxy's copy loop, whose buffers exist only while bytes move:
+/// an idle tunnelled connection holds none (fixed 64 KiB buffers each way
+/// made every open stream cost 128 KiB).
 pub async fn splice<T>(tunnel: T, upstream: TcpStream)
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -476,25 +480,38 @@ where
 
 /// [`splice`], returning the bytes moved to the target and back, or the
 /// error that ended it (for the tap's `tcp` event).
-pub async fn splice_counted<T>(
-    mut tunnel: T,
-    mut upstream: TcpStream,
-) -> std::io::Result<(u64, u64)>
+pub async fn splice_counted<T>(tunnel: T, mut upstream: TcpStream) -> std::io::Result<(u64, u64)>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let copied =
-        tokio::io::copy_bidirectional_with_sizes(&mut tunnel, &mut upstream, 64 * 1024, 64 * 1024)
-            .await;
-    match &copied {
-        Ok((up, down)) => debug!(
-            bytes_to_target = up,
-            bytes_from_target = down,
-            "tunnel stream closed"
-        ),
-        Err(e) => debug!(error = %e, "tunnel stream ended with an error"),
+    // The copy loop's "client" is the socket it can wait on without a
+    // buffer: here the target's.
+    let counters = copy::Counters {
+        client_to_upstream: Default::default(),
+        upstream_to_client: Default::default(),
+    };
+    let mut t = copy::Transferred::default();
+    let copied = copy::bidirectional_io(&mut upstream, tunnel, &counters, &mut t).await;
+    let (to_target, from_target) = (t.upstream_to_client, t.client_to_upstream);
+    match copied {
+        Ok(()) => {
+            debug!(
+                bytes_to_target = to_target,
+                bytes_from_target = from_target,
+                "tunnel stream closed"
+            );
+            Ok((to_target, from_target))
+        }
+        Err(e) => {
+            debug!(
+                error = %e,
+                bytes_to_target = to_target,
+                bytes_from_target = from_target,
+                "tunnel stream ended with an error"
+            );
+            Err(e.error)
+        }
     }
-    copied
 }
 
 fn reply(status: StatusCode, header: http::HeaderName, reason: &str) -> Response<Empty<Bytes>> {

@@ -29,7 +29,7 @@ use load::{RATE_CONNS, WRK_CONNS};
 use measure::{CpuUse, RssSampler, Window, cpu_seconds, loadavg, with_descendants};
 use peers::Proc;
 use report::{BulkSample, IdleSample, LatSample, PathResult, Run, SatSample, Settings};
-use topology::{AgentState, IPERF_PORT, PathSpec, Proto, ProxyRef};
+use topology::{AgentState, IPERF_PORT, Layer, PathSpec, Proto, ProxyRef};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -57,6 +57,12 @@ pub struct BenchArgs {
     /// Idle keep-alive connections for the memory measurement.
     #[arg(long, default_value_t = 1000)]
     idle_conns: usize,
+    /// Idle keep-alive connections of a second memory step, for waymark's
+    /// HTTP/1.1 L7 paths only (the target: 10,000 open connections; an L4
+    /// path would need 2 fds per connection, over the 20,000-file limit);
+    /// 0 skips the step.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    idle_conns_l7: u64,
     /// Only these paths (comma-separated ids, see bench/README.md).
     #[arg(long, value_delimiter = ',')]
     paths: Vec<String>,
@@ -410,8 +416,9 @@ impl Ctx<'_> {
         let (rss0, fds0) = (measure::rss_kib(&pids), measure::fds(&pids));
         let (srv, held, failed): (Server, usize, usize) =
             load::hold(self.client, &self.bins.testpeer, p.http, n)?;
-        // Let the proxies settle (upstream connects, buffers given back).
-        std::thread::sleep(Duration::from_secs(1));
+        // Let the proxies settle (upstream connects, buffers given back:
+        // waymark's agent looks every 2 s whether to hand freed memory back).
+        std::thread::sleep(Duration::from_secs(3));
         let (rss1, fds1) = (measure::rss_kib(&pids), measure::fds(&pids));
         drop(srv);
         std::thread::sleep(Duration::from_millis(500));
@@ -424,6 +431,53 @@ impl Ctx<'_> {
             fds_before: fds0,
             fds_idle: fds1,
         })
+    }
+}
+
+impl Ctx<'_> {
+    /// One memory step of a path: `n` idle connections held, progress
+    /// printed, failures recorded in `errors`.
+    fn idle_step(
+        &mut self,
+        p: &PathSpec,
+        n: usize,
+        what: &str,
+        errors: &mut Vec<String>,
+    ) -> Option<IdleSample> {
+        if let Err(e) = self.set_agent(p.agent) {
+            progress(p, what, &format!("FAILED: {e:#}"));
+            errors.push(format!("{what}: {e:#}"));
+            return None;
+        }
+        match self.idle(p, n) {
+            Ok(s) => {
+                progress(
+                    p,
+                    what,
+                    &format!(
+                        "{}/{} held: RSS {:.1} → {:.1} MiB, fds {} → {}",
+                        s.held,
+                        s.requested,
+                        s.rss_before_kib as f64 / 1024.0,
+                        s.rss_idle_kib as f64 / 1024.0,
+                        s.fds_before,
+                        s.fds_idle
+                    ),
+                );
+                if s.failed > 0 {
+                    errors.push(format!(
+                        "{what}: {} of {} connections failed",
+                        s.failed, s.requested
+                    ));
+                }
+                Some(s)
+            }
+            Err(e) => {
+                progress(p, what, &format!("FAILED: {e:#}"));
+                errors.push(format!("{what}: {e:#}"));
+                None
+            }
+        }
     }
 }
 
@@ -747,35 +801,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
         if !ok(&results, i) || p.proxies.is_empty() || p.proto != Proto::Http1 {
             continue;
         }
-        ctx.set_agent(p.agent)?;
-        match ctx.idle(p, args.idle_conns) {
-            Ok(s) => {
-                progress(
-                    p,
-                    "idle",
-                    &format!(
-                        "{}/{} held: RSS {:.1} → {:.1} MiB, fds {} → {}",
-                        s.held,
-                        s.requested,
-                        s.rss_before_kib as f64 / 1024.0,
-                        s.rss_idle_kib as f64 / 1024.0,
-                        s.fds_before,
-                        s.fds_idle
-                    ),
-                );
-                if s.failed > 0 {
-                    results[i].errors.push(format!(
-                        "idle: {} of {} connections failed",
-                        s.failed, s.requested
-                    ));
-                }
-                results[i].idle = Some(s);
-            }
-            Err(e) => {
-                progress(p, "idle", &format!("FAILED: {e:#}"));
-                results[i].errors.push(format!("idle: {e:#}"));
-            }
+        results[i].idle = ctx.idle_step(p, args.idle_conns, "idle", &mut results[i].errors);
+    }
+    let l7_conns = args.idle_conns_l7 as usize;
+    if l7_conns > 0 {
+        eprintln!("bench: memory at {l7_conns} idle keep-alive connections, waymark's L7 paths");
+    }
+    for &i in &order {
+        let p = &selected[i];
+        let waymark_l7 = p.layer == Layer::L7 && p.agent != AgentState::Stopped;
+        if l7_conns == 0 || !ok(&results, i) || !waymark_l7 || p.proto != Proto::Http1 {
+            continue;
         }
+        results[i].idle_l7 = ctx.idle_step(p, l7_conns, "idle-l7", &mut results[i].errors);
     }
 
     let loads = std::mem::take(&mut ctx.loads);
@@ -799,6 +837,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             rate,
             rate_chosen_as,
             idle_conns: args.idle_conns,
+            idle_conns_l7: args.idle_conns_l7 as usize,
             wait_quiet_s: args.wait_quiet,
             waited_s: waited.as_secs_f64(),
             agent: bins.waymark.display().to_string(),

@@ -82,6 +82,7 @@ pub struct Summary {
     pub added_p99_us: Option<f64>,
     pub rss_before_mib: Option<f64>,
     pub rss_idle_mib: Option<f64>,
+    pub rss_idle_l7_mib: Option<f64>,
     pub bulk_gbit_median: Option<f64>,
     pub bulk_gbit_min: Option<f64>,
     pub bulk_gbit_max: Option<f64>,
@@ -118,6 +119,9 @@ pub struct PathResult {
     /// One per repetition (round robin over the paths, like saturation).
     pub latency: Vec<LatSample>,
     pub idle: Option<IdleSample>,
+    /// The same at `--idle-conns-l7` connections (waymark's HTTP/1.1 L7
+    /// paths only: the target's 10,000 connections).
+    pub idle_l7: Option<IdleSample>,
     pub errors: Vec<String>,
     pub summary: Summary,
 }
@@ -140,6 +144,7 @@ impl PathResult {
             bulk: vec![],
             latency: vec![],
             idle: None,
+            idle_l7: None,
             errors: vec![],
             summary: Summary::default(),
         }
@@ -156,6 +161,8 @@ pub struct Settings {
     pub rate: Option<u64>,
     pub rate_chosen_as: String,
     pub idle_conns: usize,
+    /// `--idle-conns-l7` (0: the step did not run).
+    pub idle_conns_l7: usize,
     /// `--wait-quiet` (s) and the time spent waiting for a quiet machine.
     pub wait_quiet_s: u64,
     pub waited_s: f64,
@@ -293,6 +300,9 @@ pub fn summarize(paths: &mut [PathResult]) {
         if let Some(i) = &p.idle {
             s.rss_before_mib = Some(i.rss_before_kib as f64 / MIB);
             s.rss_idle_mib = Some(i.rss_idle_kib as f64 / MIB);
+        }
+        if let Some(i) = &p.idle_l7 {
+            s.rss_idle_l7_mib = Some(i.rss_idle_kib as f64 / MIB);
         }
         let g: Vec<f64> = p.bulk.iter().map(|b| b.iperf.gbit_s).collect();
         s.bulk_gbit_median = median(&g);
@@ -459,6 +469,13 @@ fn memory_rows(run: &Run) -> Vec<Vec<String>> {
         "conns held".into(),
         "proxy fds".into(),
     ]];
+    if run.settings.idle_conns_l7 > 0 {
+        rows[0].push(format!(
+            "RSS @{} idle conns MiB (L7)",
+            run.settings.idle_conns_l7
+        ));
+        rows[0].push("conns held (L7)".into());
+    }
     for p in run.paths.iter().filter(|p| p.hops > 0) {
         let s = &p.summary;
         rows.push(vec![
@@ -475,6 +492,16 @@ fn memory_rows(run: &Run) -> Vec<Vec<String>> {
                 .map(|i| i.fds_idle.to_string())
                 .unwrap_or_else(|| "—".into()),
         ]);
+        if run.settings.idle_conns_l7 > 0 {
+            let row = rows.last_mut().expect("just pushed");
+            row.push(opt(s.rss_idle_l7_mib, |x| format!("{x:.1}")));
+            row.push(
+                p.idle_l7
+                    .as_ref()
+                    .map(|i| format!("{}/{}", i.held, i.requested))
+                    .unwrap_or_else(|| "—".into()),
+            );
+        }
     }
     rows
 }

@@ -133,3 +133,21 @@ async fn closed_client_is_reported() {
     let (p, o) = detect(&server, Duration::from_secs(2)).await;
     assert_eq!((p, o), (Protocol::Opaque, Outcome::Closed));
 }
+
+#[tokio::test]
+async fn request_line_longer_than_the_first_peek_is_http1() {
+    let (mut client, server) = pair().await;
+    let line = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(5000));
+    client.write_all(line.as_bytes()).await.unwrap();
+    let (p, o) = detect(&server, Duration::from_secs(2)).await;
+    assert_eq!((p, o), (Protocol::Http1, Outcome::Detected));
+}
+
+#[tokio::test]
+async fn request_line_longer_than_the_peek_limit_is_opaque() {
+    let (mut client, server) = pair().await;
+    let line = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(MAX_PEEK));
+    client.write_all(line.as_bytes()).await.unwrap();
+    let (p, o) = detect(&server, Duration::from_secs(2)).await;
+    assert_eq!((p, o), (Protocol::Opaque, Outcome::Detected));
+}
