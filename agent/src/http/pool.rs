@@ -204,8 +204,14 @@ impl Pool {
                 // An upgraded connection belongs to the upgrade now.
                 if resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
                     let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-                    let entry = idle.entry(key.clone()).or_default();
-                    if entry.h1.len() < MAX_IDLE_H1 {
+                    // The key is cloned only for a new entry: a tunnel
+                    // path's key holds two SPIFFE IDs (six strings).
+                    if !idle.contains_key(key) {
+                        idle.insert(key.clone(), Idle::default());
+                    }
+                    if let Some(entry) = idle.get_mut(key)
+                        && entry.h1.len() < MAX_IDLE_H1
+                    {
                         entry.h1.push((tx, local));
                     }
                 }
