@@ -147,9 +147,9 @@ pub(super) struct OutcomeSeries {
 pub(super) struct Series {
     pub labels: RequestLabels,
     pub requests: Counter,
-    /// The edge in the stat windows, held weakly so the windows' idle sweep
-    /// can still drop it (see [`Stats::revive`](crate::diagnostics::stats::Stats::revive)); `None` for
-    /// series that do not feed the windows, and while the edge is unknown.
+    /// The edge in the stat windows, held weakly so that the windows' idle
+    /// sweep can still drop it (see `Stats::revive`); empty for series that
+    /// do not feed the windows, and while the edge is not known yet.
     edge: Mutex<Weak<Edge>>,
     /// Few per series (mostly one status), so a scan beats a map.
     outcomes: RwLock<Vec<(OutcomeKey, OutcomeSeries)>>,

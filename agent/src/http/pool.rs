@@ -206,13 +206,14 @@ impl Pool {
                     let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
                     // The key is cloned only for a new entry: a tunnel
                     // path's key holds two SPIFFE IDs (six strings).
-                    if !idle.contains_key(key) {
-                        idle.insert(key.clone(), Idle::default());
-                    }
-                    if let Some(entry) = idle.get_mut(key)
-                        && entry.h1.len() < MAX_IDLE_H1
-                    {
+                    if let Some(entry) = idle.get_mut(key) {
+                        if entry.h1.len() < MAX_IDLE_H1 {
+                            entry.h1.push((tx, local));
+                        }
+                    } else {
+                        let mut entry = Idle::default();
                         entry.h1.push((tx, local));
+                        idle.insert(key.clone(), entry);
                     }
                 }
                 Ok(resp)
