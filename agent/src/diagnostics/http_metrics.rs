@@ -25,6 +25,10 @@ use super::metrics::{BoundedLabel, Direction, NoTlsReason, TlsLabel};
 use super::stats::{Edge, Outcome, Stats};
 use crate::http::body::{BoxError, ProxyBody};
 
+#[path = "http_series.rs"]
+mod series;
+use series::{Lookup, OutcomeKey, OutcomeSeries, Series, SeriesCache};
+
 /// Latency buckets (ms), Linkerd's: 1 ms to 50 s.
 const LATENCY_BUCKETS_MS: [f64; 19] = [
     1.0, 2.0, 3.0, 4.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 100.0, 200.0, 300.0, 400.0, 500.0,
@@ -103,11 +107,13 @@ pub struct HttpMetrics {
     client_ids: BoundedLabel,
     /// The sliding windows of `waymark stat`, fed by the same classification.
     stats: Arc<Stats>,
+    /// The families' series, resolved once per label set.
+    series: SeriesCache,
 }
 
-/// A request being counted: its labels and its edge in the windows.
+/// A request being counted: its series and its edge in the windows.
 pub struct Counted {
-    labels: RequestLabels,
+    series: Arc<Series>,
     /// Outbound requests feed `waymark stat`'s windows; inbound ones do not
     /// (the calling agent counts the same request there already).
     edge: Option<Arc<Edge>>,
@@ -136,6 +142,7 @@ impl HttpMetrics {
             authorities: BoundedLabel::new(max_authorities),
             client_ids: BoundedLabel::new(max_authorities),
             stats,
+            series: SeriesCache::default(),
         };
         registry.register("request", "Total HTTP requests", m.requests.clone());
         registry.register(
@@ -165,18 +172,19 @@ impl HttpMetrics {
         service: &str,
         route: &str,
     ) -> Counted {
-        let labels = RequestLabels {
+        let series = self.series_of(Lookup {
             direction: Direction::Outbound,
-            pod: pod.to_string(),
-            authority: authority.map_or_else(|| "unknown".to_string(), |a| self.authorities.get(a)),
-            service: service.to_string(),
-            route: route.to_string(),
+            pod,
+            authority,
+            service,
+            route,
             client_id: None,
-        };
-        self.requests.get_or_create(&labels).inc();
+        });
+        series.requests.inc();
+        let edge = self.edge_of(&series);
         Counted {
-            labels,
-            edge: Some(self.stats.request_edge(pod, service, route)),
+            series,
+            edge: Some(edge),
         }
     }
 
@@ -189,16 +197,56 @@ impl HttpMetrics {
         service: &str,
         client_id: &str,
     ) -> Counted {
-        let labels = RequestLabels {
+        let series = self.series_of(Lookup {
             direction: Direction::Inbound,
-            pod: pod.to_string(),
-            authority: authority.map_or_else(|| "unknown".to_string(), |a| self.authorities.get(a)),
-            service: service.to_string(),
-            route: crate::discovery::DEFAULT_ROUTE.to_string(),
-            client_id: Some(self.client_ids.get(client_id)),
+            pod,
+            authority,
+            service,
+            route: crate::discovery::DEFAULT_ROUTE,
+            client_id: Some(client_id),
+        });
+        series.requests.inc();
+        Counted { series, edge: None }
+    }
+
+    /// The series of a request: found by the values it brought when those
+    /// are its label values, else resolved through the bounded labels (which
+    /// admit a new authority or client id, or name it `overflow`).
+    fn series_of(&self, lookup: Lookup<'_>) -> Arc<Series> {
+        if let Some(s) = self.series.get(&lookup) {
+            return s;
+        }
+        let labels = RequestLabels {
+            direction: lookup.direction,
+            pod: lookup.pod.to_string(),
+            authority: lookup
+                .authority
+                .map_or_else(|| "unknown".to_string(), |a| self.authorities.get(a)),
+            service: lookup.service.to_string(),
+            route: lookup.route.to_string(),
+            client_id: lookup.client_id.map(|c| self.client_ids.get(c)),
         };
-        self.requests.get_or_create(&labels).inc();
-        Counted { labels, edge: None }
+        self.series
+            .get_or_insert(labels, lookup.authority.is_some(), |labels| {
+                let requests = self.requests.get_or_create(&labels).clone();
+                Series::new(labels, requests)
+            })
+    }
+
+    /// The series' edge in the windows: the cached one while the windows
+    /// still hold it, else looked up (and cached unless it is the overflow
+    /// edge, which is looked up per request so overflows are counted).
+    fn edge_of(&self, series: &Series) -> Arc<Edge> {
+        let mut cached = series.edge();
+        if let Some(edge) = self.stats.revive(&cached) {
+            return edge;
+        }
+        let l = &series.labels;
+        let edge = self.stats.request_edge(&l.pod, &l.service, &l.route);
+        if !self.stats.is_other(&edge) {
+            *cached = Arc::downgrade(&edge);
+        }
+        edge
     }
 
     pub fn retry(&self, service: &str, route: &str, result: &'static str) {
@@ -211,11 +259,22 @@ impl HttpMetrics {
             .inc();
     }
 
-    fn record(&self, labels: &ResponseLabels, latency: Duration) {
-        self.responses.get_or_create(labels).inc();
-        self.latency
-            .get_or_create(labels)
-            .observe(latency.as_secs_f64() * 1000.0);
+    fn record(&self, series: &Series, outcome: OutcomeKey, latency: Duration) {
+        let s = series.outcome(outcome, || {
+            let labels = ResponseLabels {
+                request: series.labels.clone(),
+                status_code: outcome.status_code,
+                classification: outcome.classification,
+                grpc_status: outcome.grpc_status,
+                tls: outcome.tls,
+            };
+            OutcomeSeries {
+                responses: self.responses.get_or_create(&labels).clone(),
+                latency: self.latency.get_or_create(&labels).clone(),
+            }
+        });
+        s.responses.inc();
+        s.latency.observe(latency.as_secs_f64() * 1000.0);
     }
 }
 
@@ -280,14 +339,14 @@ impl End {
             || self.status >= 500
             || self.status == 0
             || grpc_status.is_some_and(|g| g != 0);
-        let labels = ResponseLabels {
-            request: self.request.labels.clone(),
+        let outcome = OutcomeKey {
             status_code: self.status,
             classification: if failed { "failure" } else { "success" },
             grpc_status,
             tls: self.tls,
         };
-        self.metrics.record(&labels, self.latency);
+        self.metrics
+            .record(&self.request.series, outcome, self.latency);
         if let Some(edge) = &self.request.edge {
             self.metrics.stats.record(
                 edge,
@@ -479,6 +538,53 @@ mod tests {
             window.edges.iter().all(|(k, _)| k.pod != "default/api"),
             "inbound request fed the windows"
         );
+    }
+
+    async fn count(m: &Arc<HttpMetrics>, authority: Option<&str>) {
+        let labels = m.request("p", authority, "s", "r");
+        let resp = http::Response::new(full("ok"));
+        let resp = observe(m.clone(), labels, Instant::now(), resp, false);
+        let _ = resp.into_body().collect().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn authorities_beyond_the_cap_stay_overflow_on_every_request() {
+        let (r, m) = metrics();
+        // Eight admitted (the cap), two more beyond it, each asked twice.
+        for round in 0..2 {
+            for i in 0..10 {
+                count(&m, Some(&format!("a{i}:80"))).await;
+            }
+            count(&m, None).await;
+            if round == 1 {
+                // Given, but beyond the cap: not the missing authority's
+                // `unknown`.
+                count(&m, Some("unknown")).await;
+            }
+        }
+        let t = text(&r);
+        for i in 0..8 {
+            assert!(
+                t.contains(&format!(r#"authority="a{i}:80",service="s",route="r"}} 2"#)),
+                "{t}"
+            );
+        }
+        assert!(!t.contains(r#"authority="a8:80""#), "{t}");
+        assert!(
+            t.contains(r#"request_total{direction="outbound",pod="p",authority="overflow",service="s",route="r"} 5"#),
+            "{t}"
+        );
+        assert!(
+            t.contains(r#"request_total{direction="outbound",pod="p",authority="unknown",service="s",route="r"} 2"#),
+            "{t}"
+        );
+        assert!(
+            t.contains(r#"authority="overflow",service="s",route="r",status_code="200",classification="success",tls="no_identity",no_tls_reason="no_connection"} 5"#),
+            "{t}"
+        );
+        let window = m.stats.window(Duration::from_secs(10), Instant::now());
+        let requests: u64 = window.edges.iter().map(|(_, s)| s.counts.requests).sum();
+        assert_eq!(requests, 23);
     }
 
     /// A body that yields the given frames in order.

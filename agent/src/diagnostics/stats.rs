@@ -26,7 +26,7 @@ use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 /// Length of one bucket.
@@ -395,6 +395,24 @@ impl Stats {
     /// for the request and passed to [`Stats::record`] when it ends.
     pub fn request_edge(&self, pod: &str, service: &str, route: &str) -> Arc<Edge> {
         self.edge((pod, service, Some(route)), Instant::now())
+    }
+
+    /// A cached handle of an edge, again, if the table still holds it.
+    /// The upgrade runs under the table's read lock, which excludes the
+    /// idle sweep (it drops an edge only under the write lock and only when
+    /// the table holds the sole strong reference): so an edge revived here
+    /// is the one [`Stats::request_edge`] would return, and it stays in the
+    /// table while the request holds it.
+    pub fn revive(&self, edge: &Weak<Edge>) -> Option<Arc<Edge>> {
+        let _table = self.edges.read().unwrap_or_else(|e| e.into_inner());
+        edge.upgrade()
+    }
+
+    /// Whether `edge` is one of the [`OTHER`] edges. Those are not to be
+    /// cached: each request counted there counts as an overflow, and gets
+    /// an edge of its own once the sweep has made room.
+    pub fn is_other(&self, edge: &Arc<Edge>) -> bool {
+        Arc::ptr_eq(edge, &self.other_requests) || Arc::ptr_eq(edge, &self.other_connections)
     }
 
     /// Counts a request's end.

@@ -212,6 +212,25 @@ fn idle_edges_make_room_under_the_cap() {
 }
 
 #[test]
+fn a_cached_edge_is_revived_until_the_sweep_drops_it() {
+    let t0 = Instant::now();
+    let stats = Stats::starting_at(1, t0);
+    let a = stats.request_edge("p", "a", "r");
+    assert!(!stats.is_other(&a));
+    let cached = Arc::downgrade(&a);
+    drop(a);
+    let revived = stats.revive(&cached).expect("still in the table");
+    assert!(Arc::ptr_eq(&revived, &stats.request_edge("p", "a", "r")));
+    drop(revived);
+    // Idle for a whole ring, "a" makes room for "b": the cached handle is
+    // dead, and a request for "a" now goes to the overflow edge.
+    let later = t0 + BUCKET * (SLOTS as u32 + 2);
+    let _b = stats.edge(("p", "b", Some("r")), later);
+    assert!(stats.revive(&cached).is_none());
+    assert!(stats.is_other(&stats.request_edge("p", "a", "r")));
+}
+
+#[test]
 fn windows_parse_within_range() {
     assert_eq!(parse_window("1m"), Ok(secs(60)));
     assert_eq!(parse_window("30s"), Ok(secs(30)));

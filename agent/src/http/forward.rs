@@ -130,10 +130,14 @@ impl HttpProxy {
             // open; its requests still go where they were dialled.
             return self.passthrough(ctx, req).await;
         };
-        let (route_name, route, match_index) = match service.routes.select(&request_head(&req)) {
+        // Routes match on the request's head: split it off for the match
+        // (a move, where a copy would clone every header per request).
+        let (head, body) = req.into_parts();
+        let (route_name, route, match_index) = match service.routes.select(&head) {
             Some((r, i)) => (r.name.as_str(), &r.value, i),
             None => (DEFAULT_ROUTE, &service.default_route, 0),
         };
+        let req = Request::from_parts(head, body);
         // HTTP/2 streams run in tasks of their own, outside the connection's
         // span, so the request span names the caller itself. It is a debug
         // span: at the default level its fields are never formatted, which
@@ -722,18 +726,6 @@ pub(crate) async fn add_context(
         parts.headers.append(trace::CONTEXT_HEADER, v);
     }
     Response::from_parts(parts, body)
-}
-
-/// The request head the route matcher looks at (method, URI, headers).
-fn request_head(req: &Request<Incoming>) -> http::request::Parts {
-    let mut b = Request::builder()
-        .method(req.method().clone())
-        .uri(req.uri().clone())
-        .version(req.version());
-    if let Some(h) = b.headers_mut() {
-        *h = req.headers().clone();
-    }
-    b.body(()).expect("parts of a valid request").into_parts().0
 }
 
 /// The authority the client addressed: `:authority` (HTTP/2, absolute

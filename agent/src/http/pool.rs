@@ -204,9 +204,16 @@ impl Pool {
                 // An upgraded connection belongs to the upgrade now.
                 if resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
                     let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-                    let entry = idle.entry(key.clone()).or_default();
-                    if entry.h1.len() < MAX_IDLE_H1 {
+                    // The key is cloned only for a new entry: a tunnel
+                    // path's key holds two SPIFFE IDs (six strings).
+                    if let Some(entry) = idle.get_mut(key) {
+                        if entry.h1.len() < MAX_IDLE_H1 {
+                            entry.h1.push((tx, local));
+                        }
+                    } else {
+                        let mut entry = Idle::default();
                         entry.h1.push((tx, local));
+                        idle.insert(key.clone(), entry);
                     }
                 }
                 Ok(resp)
