@@ -14,7 +14,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use nix::sys::signal::Signal;
 use waymark_tests::world::agent::waymark_bin;
-use waymark_tests::{Node, World, eventually, require_agent_or_skip, with_world, world_name};
+use waymark_tests::{
+    Node, World, bpftool_missing, detach_link, eventually, require_agent_or_skip, with_world,
+    world_name,
+};
 
 const DAY: Duration = Duration::from_secs(86_400);
 
@@ -191,34 +194,6 @@ fn check_names_a_peer_with_a_foreign_trust_anchor() {
     });
 }
 
-/// The ids and attach types of the BPF links on `node`'s cgroup, as
-/// bpftool lists them.
-fn links_on(node: &Node) -> Result<Vec<(u64, String)>> {
-    use std::os::unix::fs::MetadataExt;
-    let cgroup_id = std::fs::metadata(node.cgroup_path())?.ino();
-    let out = Command::new("bpftool")
-        .args(["-j", "link", "show"])
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "bpftool link show: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let links: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    Ok(links
-        .as_array()
-        .context("bpftool's JSON")?
-        .iter()
-        .filter(|l| l["cgroup_id"].as_u64() == Some(cgroup_id))
-        .map(|l| {
-            (
-                l["id"].as_u64().unwrap_or_default(),
-                l["attach_type"].as_str().unwrap_or("").to_string(),
-            )
-        })
-        .collect())
-}
-
 /// `waymark stat -o json` on `node`: the MESHED value of each row.
 fn meshed(node: &Node, args: &[&str]) -> Result<Vec<(String, String)>> {
     let admin = node.admin_addr().to_string();
@@ -249,11 +224,7 @@ fn meshed(node: &Node, args: &[&str]) -> Result<Vec<(String, String)>> {
 #[test]
 fn stat_meshed_counts_the_pods_waymark_proxies() {
     require_agent_or_skip!();
-    if Command::new("bpftool").arg("version").output().is_err() {
-        if waymark_tests::world::in_ci() {
-            panic!("bpftool is not installed (cargo xtask setup installs it)");
-        }
-        eprintln!("SKIPPED stat_meshed_counts_the_pods_waymark_proxies: no bpftool");
+    if bpftool_missing("stat_meshed_counts_the_pods_waymark_proxies") {
         return;
     }
     let services = format!(
@@ -287,19 +258,7 @@ endpoints = [
         let svc = meshed(n0, &[])?;
         ensure!(row(&svc, "web")? == "2/3", "{svc:?}");
 
-        let links = links_on(n0)?;
-        let (id, _) = links
-            .iter()
-            .find(|(_, t)| t == "cgroup_inet4_connect")
-            .with_context(|| format!("no connect4 link: {links:?}"))?;
-        let out = Command::new("bpftool")
-            .args(["link", "detach", "id", &id.to_string()])
-            .output()?;
-        ensure!(
-            out.status.success(),
-            "bpftool link detach: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        detach_link(n0, "cgroup_inet4_connect")?;
         let pods = meshed(n0, &["pod"])?;
         ensure!(
             row(&pods, &pod)? == "0/1",

@@ -8,7 +8,6 @@
 // Children spawned through a world are reaped by the world when it shuts down.
 #![allow(clippy::zombie_processes)]
 
-use std::os::unix::fs::MetadataExt as _;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -16,8 +15,8 @@ use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use waymark_tests::world::agent::waymark_bin;
 use waymark_tests::{
-    Node, Pod, Server, World, curl_codes, metric, pod_ip, python, require_agent_or_skip, testpeer,
-    with_world, world_name,
+    Node, Pod, Server, World, bpftool_missing, cgroup_links, curl_codes, detach_link, metric,
+    pod_ip, python, require_agent_or_skip, testpeer, with_world, world_name,
 };
 
 const VIP: &str = "10.96.0.10:80";
@@ -374,33 +373,6 @@ fn stat_follows_a_steady_load() {
     });
 }
 
-/// The links of the agent's programs on the node's pods cgroup, by attach
-/// type, as `bpftool link show` lists them (cgroup id = the directory's inode).
-fn links_on(node: &Node) -> Result<Vec<(u64, String)>> {
-    let cgroup_id = std::fs::metadata(node.cgroup_path())?.ino();
-    let out = Command::new("bpftool")
-        .args(["-j", "link", "show"])
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "bpftool link show: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let links: Value = serde_json::from_slice(&out.stdout)?;
-    Ok(links
-        .as_array()
-        .context("bpftool's JSON")?
-        .iter()
-        .filter(|l| l["cgroup_id"].as_u64() == Some(cgroup_id))
-        .map(|l| {
-            (
-                u(&l["id"]),
-                l["attach_type"].as_str().unwrap_or("").to_string(),
-            )
-        })
-        .collect())
-}
-
 /// `waymark check` passes on a healthy node; after the connect4 program is
 /// detached from the world's own cgroup it fails, names the program in the
 /// agent's and the kernel's view, and says to restart the agent; a service
@@ -409,11 +381,7 @@ fn links_on(node: &Node) -> Result<Vec<(u64, String)>> {
 #[test]
 fn check_passes_when_healthy_and_fails_when_detached() {
     require_agent_or_skip!();
-    if Command::new("bpftool").arg("version").output().is_err() {
-        if waymark_tests::world::in_ci() {
-            panic!("bpftool is not installed (cargo xtask setup installs it)");
-        }
-        eprintln!("SKIPPED check_passes_when_healthy_and_fails_when_detached: no bpftool");
+    if bpftool_missing("check_passes_when_healthy_and_fails_when_detached") {
         return;
     }
     let b = World::builder(world_name!())
@@ -440,7 +408,7 @@ endpoints = [{{ addr = "{}:8080" }}]
         // Detach connect4 behind the agent's back. The agent attached with
         // BPF links, which `bpftool cgroup detach` cannot remove (the kernel
         // only detaches a link-attached program through its link).
-        let links = links_on(node)?;
+        let links = cgroup_links(node)?;
         // The five redirect programs (the kernel diagnostics' cgroup_skb
         // programs sit beside them).
         for kind in [
@@ -455,18 +423,7 @@ endpoints = [{{ addr = "{}:8080" }}]
                 "no {kind} link on the node's cgroup: {links:?}"
             );
         }
-        let (id, _) = links
-            .iter()
-            .find(|(_, t)| t == "cgroup_inet4_connect")
-            .context("no connect4 link")?;
-        let out = Command::new("bpftool")
-            .args(["link", "detach", "id", &id.to_string()])
-            .output()?;
-        ensure!(
-            out.status.success(),
-            "bpftool link detach: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        detach_link(node, "cgroup_inet4_connect")?;
 
         let (code, out) = waymark(node, &["check"])?;
         ensure!(code == 1, "check passed with a detached program:\n{out}");

@@ -1,5 +1,6 @@
 //! Small helpers every end-to-end test file uses.
 
+pub mod bpf;
 pub mod curl;
 
 use std::process::Command;
