@@ -174,9 +174,13 @@ impl InboundHttp {
             .to_vec();
         if self.opaque_by_config(target, &services) {
             debug!("opaque by config; splicing");
-            return self
+            if self
                 .splice(&peer, &headers, target, &services, tunnel, upstream)
-                .await;
+                .await
+            {
+                opened.failed("error");
+            }
+            return;
         }
         let watch_pod = !self.http_by_config(&services);
         let (protocol, prefix) =
@@ -187,9 +191,13 @@ impl InboundHttp {
             Protocol::Http1 => Version::Http1,
             Protocol::Http2 => Version::Http2,
             Protocol::Tls | Protocol::Opaque => {
-                return self
+                if self
                     .splice(&peer, &headers, target, &services, tunnel, upstream)
-                    .await;
+                    .await
+                {
+                    opened.failed("error");
+                }
+                return;
             }
         };
         let client = forwarded_for(&headers).map(str::to_string);

@@ -65,7 +65,8 @@ impl InboundHttp {
     }
 
     /// Splices an opaque stream to the pod; a tap open when it closes gets
-    /// one `tcp` event.
+    /// one `tcp` event. Returns whether the copy ended in an error (the
+    /// stream's `tcp_close_total` classification).
     pub(super) async fn splice<T>(
         &self,
         peer: &CertInfo,
@@ -74,13 +75,15 @@ impl InboundHttp {
         services: &[String],
         tunnel: T,
         upstream: TcpStream,
-    ) where
+    ) -> bool
+    where
         T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
         let start = Instant::now();
         let copied = splice_counted(tunnel, upstream).await;
+        let failed = copied.is_err();
         let Some(hub) = self.tap.get() else {
-            return;
+            return failed;
         };
         let error = copied.as_ref().err().map(|e| e.to_string());
         hub.inbound_tcp_closed(|| {
@@ -100,5 +103,6 @@ impl InboundHttp {
                 error: error.as_deref(),
             }
         });
+        failed
     }
 }
