@@ -9,21 +9,27 @@
 //!   that `aya-build` spawns (aya-build reads it to decide on build-std). A
 //!   build script cannot give a child an extra variable through aya-build,
 //!   and `std::env::set_var` is `unsafe` under edition 2024, so when the
-//!   variable is unset this script runs itself again with it set, passing
-//!   stdout (cargo's directives) straight through. Setting it yourself
-//!   (`export RUSTC_BOOTSTRAP=1`, as CI does) skips that step; any value
-//!   you set is respected as is.
+//!   variable is unset this script runs itself again with it set. Any
+//!   value you set yourself is respected as is.
+//! * aya-build relays every line the nested cargo prints as a
+//!   `cargo:warning`, about forty per rebuild, which buries real warnings.
+//!   So the build always runs in that child, and this script passes its
+//!   directives through but holds the relayed lines back: they are written
+//!   to `OUT_DIR/ebpf-build.log` and printed only when the eBPF build fails.
 
 use std::{
     env, fs,
+    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::{Command, ExitCode},
+    process::{Command, ExitCode, Stdio},
 };
 
 use anyhow::{Context as _, anyhow};
 
 const STUB_VAR: &str = "WAYMARK_EBPF_STUB";
 const BOOTSTRAP_VAR: &str = "RUSTC_BOOTSTRAP";
+/// Set in the child that runs aya-build (see the module doc).
+const CHILD_VAR: &str = "WAYMARK_EBPF_BUILD_CHILD";
 const KERNEL_PACKAGE: &str = "waymark-ebpf";
 /// The kernel crate's binaries (the redirection programs and the kernel
 /// diagnostics); aya-build copies each to `OUT_DIR/<bin name>`.
@@ -43,8 +49,8 @@ fn main() -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
 
-    if env::var_os(BOOTSTRAP_VAR).is_none() {
-        return rerun_with_bootstrap();
+    if env::var_os(CHILD_VAR).is_none() {
+        return build_in_child(&out_dir);
     }
 
     let manifest_dir =
@@ -72,19 +78,51 @@ fn main() -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Runs this build script again with `RUSTC_BOOTSTRAP=1`; see the module
-/// doc. The child inherits cargo's environment and our stdout, so its
-/// `cargo:` directives reach cargo unchanged.
-fn rerun_with_bootstrap() -> anyhow::Result<ExitCode> {
+/// Runs this build script again as the child that builds the object
+/// (with `RUSTC_BOOTSTRAP=1` unless set), passing its `cargo:` directives
+/// to cargo and holding back the warnings aya-build relays; see the module
+/// doc.
+fn build_in_child(out_dir: &Path) -> anyhow::Result<ExitCode> {
     let me = env::current_exe().context("locating the build script")?;
-    let status = Command::new(&me)
-        .env(BOOTSTRAP_VAR, "1")
-        .status()
-        .with_context(|| format!("re-running {} with {BOOTSTRAP_VAR}=1", me.display()))?;
-    Ok(match status.code() {
-        Some(0) => ExitCode::SUCCESS,
-        _ => ExitCode::FAILURE,
-    })
+    let mut cmd = Command::new(&me);
+    cmd.env(CHILD_VAR, "1").stdout(Stdio::piped());
+    if env::var_os(BOOTSTRAP_VAR).is_none() {
+        cmd.env(BOOTSTRAP_VAR, "1");
+    }
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("running {} as the eBPF build", me.display()))?;
+    let stdout = child
+        .stdout
+        .take()
+        .context("no stdout from the eBPF build")?;
+    let mut relayed = Vec::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading the eBPF build's output")?;
+        match line
+            .strip_prefix("cargo:warning=")
+            .or_else(|| line.strip_prefix("cargo::warning="))
+        {
+            Some(text) => relayed.push(text.to_string()),
+            None => println!("{line}"),
+        }
+    }
+    let status = child.wait().context("waiting for the eBPF build")?;
+    let log = out_dir.join("ebpf-build.log");
+    // The log is for a person who wants to see the build; not having it is
+    // no reason to fail the build.
+    let _ = fs::write(&log, relayed.join("\n"));
+    if status.success() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    for line in &relayed {
+        eprintln!("{line}");
+    }
+    eprintln!(
+        "the eBPF build failed; its output is above and in {}",
+        log.display()
+    );
+    Ok(ExitCode::FAILURE)
 }
 
 fn canonical(path: &Path) -> anyhow::Result<PathBuf> {

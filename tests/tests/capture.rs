@@ -395,6 +395,60 @@ fn bad_requests_and_a_third_capture_are_refused() {
     });
 }
 
+/// An unfiltered node capture (the simplest use) never holds its own
+/// stream: the admin connection that carries the pcapng to the CLI is left
+/// out in the kernel, so the capture runs its duration instead of filling
+/// `max_bytes` with copies of itself, and it still holds the node's other
+/// traffic.
+#[test]
+fn an_unfiltered_node_capture_leaves_out_the_admin_api() {
+    require_agent_or_skip!();
+    let builder = World::builder(world_name!()).nodes(1).pods_per_node(1);
+    with_world(builder, |world| {
+        let node = world.node(0);
+        let pod = world.pod(0, 0);
+        let _server = http_server(pod, 7100)?;
+        let url = format!("http://{}:7100/through-the-node", pod.ip());
+        let mut cap = capture(world, node, "unfiltered", &["--node", "--duration", "2s"])?;
+        cap.started()?;
+        // Traffic the node does see: the node's own requests to the pod.
+        for _ in 0..5 {
+            node.run_ok(Command::new("curl").args(["-sS", "--max-time", "5", &url]))?;
+        }
+        let (status, stderr, file) = cap.finish(Duration::from_secs(30))?;
+        ensure!(
+            status.success() && stderr.contains("stopped: duration"),
+            "an unfiltered node capture must run its 2 s: {stderr}"
+        );
+        ensure!(
+            stderr.contains("left out: the agent's admin API connections"),
+            "the summary must say what was left out: {stderr}"
+        );
+        let admin_port = node.admin_addr().port().to_string();
+        let ports = tshark(
+            &file,
+            &["-T", "fields", "-e", "tcp.srcport", "-e", "tcp.dstport"],
+        )?;
+        ensure!(
+            ports
+                .iter()
+                .any(|l| l.split_whitespace().any(|p| p == "7100")),
+            "the node's own traffic to the pod is missing: {ports:?}"
+        );
+        let admin: Vec<&String> = ports
+            .iter()
+            .filter(|l| l.split_whitespace().any(|p| p == admin_port))
+            .collect();
+        ensure!(
+            admin.is_empty(),
+            "{} packets of the admin port {admin_port} were captured: {:?}",
+            admin.len(),
+            admin.iter().take(5).collect::<Vec<_>>()
+        );
+        Ok(())
+    });
+}
+
 /// A node capture with `--keylog` of the node-to-node tunnel carries the TLS
 /// secrets the agent derived while it ran: tshark decrypts the TLS 1.3
 /// between the agents and shows the HTTP/2 `CONNECT` stream to the server

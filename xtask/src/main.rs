@@ -6,6 +6,8 @@ mod setup;
 mod test;
 mod world;
 
+use std::process::ExitCode;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -34,15 +36,37 @@ enum Task {
     Bench(bench::BenchArgs),
     /// Install what waymark's builds and tests need (apt packages,
     /// rust-src, bpf-linker).
-    Setup,
+    Setup {
+        /// Also build bpf-linker into an empty temporary root and run it
+        /// from there, whatever is installed already: proves the install
+        /// step as a new machine runs it (see tests/README.md).
+        #[arg(long)]
+        from_scratch: bool,
+    },
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().task {
+fn main() -> ExitCode {
+    let result = match Cli::parse().task {
         Task::World(cmd) => world::run(cmd),
         Task::Test(args) => test::run(args),
         Task::Demo => demo::run(),
-        Task::Setup => setup::ensure_all(),
+        Task::Setup { from_scratch } => setup::ensure_all().and_then(|()| {
+            if from_scratch {
+                setup::bpf_linker_from_scratch()
+            } else {
+                Ok(())
+            }
+        }),
         Task::Bench(args) => bench::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // Expected failures (a missing tool, a failed install, no root)
+            // are messages for a person: the chain of causes on one line,
+            // never a stack trace, whatever RUST_BACKTRACE says.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }

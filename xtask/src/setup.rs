@@ -5,10 +5,10 @@
 //! bitcode). Everything is checked first and only what is missing is
 //! installed, so a second run costs nothing.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 
 /// What building the agent needs beyond Rust: libpcap's headers (the
 /// `pcap` crate, packet-capture filters). Every command that builds the
@@ -95,7 +95,8 @@ pub fn ensure_tools<'a>(tools: &[(&str, &'a str)]) -> Result<Vec<&'a str>> {
         .filter(|(what, _)| !present(what))
         .map(|(_, pkg)| *pkg)
         .collect();
-    missing.dedup();
+    let mut seen = std::collections::HashSet::new();
+    missing.retain(|pkg| seen.insert(*pkg));
     if missing.is_empty() {
         return Ok(missing);
     }
@@ -145,46 +146,191 @@ fn ensure_rust_src() -> Result<()> {
 }
 
 fn ensure_bpf_linker() -> Result<()> {
-    if Command::new("bpf-linker")
+    if bpf_linker_works(None) {
+        return Ok(());
+    }
+    install_bpf_linker(None)
+}
+
+/// Whether `bpf-linker` runs: the one on PATH, or the one installed under
+/// `root` (`ROOT/bin/bpf-linker`).
+fn bpf_linker_works(root: Option<&Path>) -> bool {
+    let bin = match root {
+        Some(root) => root.join("bin/bpf-linker"),
+        None => PathBuf::from("bpf-linker"),
+    };
+    Command::new(bin)
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success())
-    {
-        return Ok(());
-    }
-    // Link bpf-linker against rustc's own LLVM (TOOLCHAIN.md): the dylib is
-    // named after the exact rustc version.
+}
+
+/// Builds and installs bpf-linker linked against rustc's own LLVM
+/// (TOOLCHAIN.md), into cargo's bin directory or, with `root`, into
+/// `ROOT/bin` (what `setup --from-scratch` uses to prove the step).
+fn install_bpf_linker(root: Option<&Path>) -> Result<()> {
     let sysroot = sysroot()?;
-    let version = String::from_utf8(Command::new("rustc").arg("--version").output()?.stdout)?;
-    let version = version
-        .split_whitespace()
-        .nth(1)
-        .context("cannot parse `rustc --version`")?
-        .to_string();
-    let llvm = std::fs::read_dir(sysroot.join("lib"))?
+    let rustc = RustcInfo::query()?;
+    let libdir = sysroot.join("lib");
+    let files: Vec<String> = std::fs::read_dir(&libdir)
+        .with_context(|| format!("cannot list rustc's libraries in {}", libdir.display()))?
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().into_string().ok())
-        .find(|n| n.starts_with("libLLVM") && n.contains(&version))
-        .context("no libLLVM in rustc's sysroot; cannot build bpf-linker")?;
-    let lib = llvm
-        .trim_start_matches("lib")
-        .trim_end_matches(".so")
-        .to_string();
-    let major = lib
-        .strip_prefix("LLVM-")
-        .and_then(|s| s.split(['-', '.']).next())
-        .context("cannot read the LLVM major version")?
-        .to_string();
+        .collect();
+    let lib =
+        choose_llvm_lib(&files, &rustc).map_err(|e| anyhow!("{e} (in {})", libdir.display()))?;
     let rustflags = format!(
-        "-L {sys}/lib -l dylib={lib} -C link-arg=-Wl,-rpath,{sys}/lib",
-        sys = sysroot.display()
+        "-L {sys}/lib -l {link} -C link-arg=-Wl,-rpath,{sys}/lib",
+        sys = sysroot.display(),
+        link = lib.link_arg
     );
-    eprintln!("setup: building bpf-linker against rustc's {lib} (about a minute)");
-    run(Command::new("cargo")
-        .args(["install", "bpf-linker", "--locked", "--no-default-features"])
+    eprintln!(
+        "setup: building bpf-linker against rustc's {} (LLVM {}; about a minute)",
+        lib.file, rustc.llvm_major
+    );
+    let mut cmd = Command::new("cargo");
+    cmd.args(["install", "bpf-linker", "--locked", "--no-default-features"])
         .arg("--features")
-        .arg(format!("llvm-{major},no-llvm-linking"))
-        .env("RUSTFLAGS", rustflags))
+        .arg(format!("llvm-{},no-llvm-linking", rustc.llvm_major))
+        .env("RUSTFLAGS", rustflags);
+    if let Some(root) = root {
+        cmd.arg("--root").arg(root);
+    }
+    run(&mut cmd).context("building bpf-linker failed; TOOLCHAIN.md has the recipe to run by hand")
+}
+
+/// What `rustc -vV` says about the toolchain that builds the eBPF object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RustcInfo {
+    /// `release:` — `1.95.0`, or `1.96.0-nightly`/`-beta.3` off stable.
+    release: String,
+    /// The major version of `LLVM version: 22.1.2`.
+    llvm_major: u32,
+}
+
+impl RustcInfo {
+    fn query() -> Result<Self> {
+        let out = Command::new("rustc")
+            .arg("-vV")
+            .output()
+            .context("cannot run `rustc -vV`; is Rust installed (rustup)?")?;
+        ensure!(out.status.success(), "`rustc -vV` failed");
+        Self::parse(&String::from_utf8_lossy(&out.stdout))
+    }
+
+    fn parse(text: &str) -> Result<Self> {
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(str::trim)
+                .with_context(|| format!("`rustc -vV` has no `{name}` line"))
+        };
+        let release = field("release:")?.to_string();
+        let llvm = field("LLVM version:")?;
+        let llvm_major = llvm
+            .split('.')
+            .next()
+            .and_then(|m| m.parse().ok())
+            .with_context(|| format!("cannot read the LLVM major version from `{llvm}`"))?;
+        Ok(Self {
+            release,
+            llvm_major,
+        })
+    }
+
+    /// The suffix rustup's LLVM files carry: `1.95.0-stable`, or the
+    /// release as is when it names its channel (`1.96.0-nightly`).
+    fn lib_suffix(&self) -> String {
+        if self.release.contains('-') {
+            self.release.clone()
+        } else {
+            format!("{}-stable", self.release)
+        }
+    }
+}
+
+/// The LLVM library bpf-linker is linked against, and how to name it to
+/// the linker.
+#[derive(Debug, PartialEq, Eq)]
+struct LlvmLib {
+    file: String,
+    /// What follows `-l` in RUSTFLAGS.
+    link_arg: String,
+}
+
+/// Picks rustc's LLVM shared library by its exact expected name. The
+/// sysroot holds two names for it (`libLLVM-22-rust-1.95.0-stable.so` and
+/// `libLLVM.so.22.1-rust-1.95.0-stable`); the first is linkable by its short
+/// name, the second only verbatim. Directory order must not matter, so the
+/// choice is by name, never by whichever comes first.
+fn choose_llvm_lib(files: &[String], rustc: &RustcInfo) -> Result<LlvmLib> {
+    let suffix = rustc.lib_suffix();
+    let short = format!("LLVM-{}-rust-{suffix}", rustc.llvm_major);
+    let short_file = format!("lib{short}.so");
+    if files.contains(&short_file) {
+        return Ok(LlvmLib {
+            file: short_file,
+            link_arg: format!("dylib={short}"),
+        });
+    }
+    let versioned_prefix = format!("libLLVM.so.{}.", rustc.llvm_major);
+    let versioned_suffix = format!("-rust-{suffix}");
+    if let Some(file) = files
+        .iter()
+        .find(|f| f.starts_with(&versioned_prefix) && f.ends_with(&versioned_suffix))
+    {
+        return Ok(LlvmLib {
+            file: file.clone(),
+            link_arg: format!("dylib:+verbatim={file}"),
+        });
+    }
+    let mut present: Vec<&str> = files
+        .iter()
+        .filter(|f| f.contains("LLVM"))
+        .map(String::as_str)
+        .collect();
+    present.sort_unstable();
+    bail!(
+        "cannot build bpf-linker: rustc {} (LLVM {}) ships no {short_file} nor {versioned_prefix}*{versioned_suffix}; LLVM libraries present: {}",
+        rustc.release,
+        rustc.llvm_major,
+        if present.is_empty() {
+            "none".to_string()
+        } else {
+            present.join(", ")
+        }
+    )
+}
+
+/// `cargo xtask setup --from-scratch`: proves the bpf-linker install step
+/// on this machine as a new one would run it — built into an empty
+/// temporary root, whatever is already installed, then run from there.
+pub fn bpf_linker_from_scratch() -> Result<()> {
+    let root = std::env::temp_dir().join(format!("waymark-setup-{}", std::process::id()));
+    let _cleanup = RemoveDir(root.clone());
+    std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
+    let start = std::time::Instant::now();
+    install_bpf_linker(Some(&root))?;
+    ensure!(
+        bpf_linker_works(Some(&root)),
+        "bpf-linker installed under {} does not run",
+        root.display()
+    );
+    eprintln!(
+        "setup: bpf-linker built from scratch under {} and runs ({:.0?})",
+        root.display(),
+        start.elapsed()
+    );
+    Ok(())
+}
+
+/// Removes a directory when dropped, also on error.
+struct RemoveDir(PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 fn sysroot() -> Result<PathBuf> {
@@ -228,4 +374,89 @@ pub fn run(cmd: &mut Command) -> Result<()> {
         bail!("{cmd:?} failed: {status}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHORT: &str = "libLLVM-22-rust-1.95.0-stable.so";
+    const VERSIONED: &str = "libLLVM.so.22.1-rust-1.95.0-stable";
+
+    fn rustc() -> RustcInfo {
+        RustcInfo::parse(
+            "rustc 1.95.0 (59807616e 2026-04-14)\nbinary: rustc\nhost: x86_64-unknown-linux-gnu\nrelease: 1.95.0\nLLVM version: 22.1.2\n",
+        )
+        .unwrap()
+    }
+
+    fn files(names: &[&str]) -> Vec<String> {
+        let mut v: Vec<String> = vec![
+            "librustc_driver-6108105cd7e839cf.so".into(),
+            "rustlib".into(),
+        ];
+        v.extend(names.iter().map(|s| s.to_string()));
+        v
+    }
+
+    #[test]
+    fn rustc_info_reads_release_and_llvm_major() {
+        assert_eq!(
+            rustc(),
+            RustcInfo {
+                release: "1.95.0".into(),
+                llvm_major: 22
+            }
+        );
+        assert!(RustcInfo::parse("release: 1.95.0\n").is_err());
+        assert!(RustcInfo::parse("release: 1.95.0\nLLVM version: x.1\n").is_err());
+    }
+
+    #[test]
+    fn the_short_name_wins_in_either_order() {
+        for order in [[SHORT, VERSIONED], [VERSIONED, SHORT]] {
+            let lib = choose_llvm_lib(&files(&order), &rustc()).unwrap();
+            assert_eq!(lib.file, SHORT, "order {order:?}");
+            assert_eq!(lib.link_arg, "dylib=LLVM-22-rust-1.95.0-stable");
+        }
+    }
+
+    #[test]
+    fn only_the_short_name() {
+        let lib = choose_llvm_lib(&files(&[SHORT]), &rustc()).unwrap();
+        assert_eq!(lib.link_arg, "dylib=LLVM-22-rust-1.95.0-stable");
+    }
+
+    #[test]
+    fn only_the_versioned_name_links_verbatim() {
+        let lib = choose_llvm_lib(&files(&[VERSIONED]), &rustc()).unwrap();
+        assert_eq!(lib.file, VERSIONED);
+        assert_eq!(lib.link_arg, format!("dylib:+verbatim={VERSIONED}"));
+    }
+
+    #[test]
+    fn another_version_is_not_taken_and_the_error_names_both() {
+        let other = "libLLVM-21-rust-1.94.0-stable.so";
+        let err = choose_llvm_lib(&files(&[other]), &rustc())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(SHORT), "{err}");
+        assert!(err.contains("libLLVM.so.22.*-rust-1.95.0-stable"), "{err}");
+        assert!(err.contains(other), "{err}");
+        let err = choose_llvm_lib(&files(&[]), &rustc())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("present: none"), "{err}");
+    }
+
+    #[test]
+    fn a_nightly_names_its_channel() {
+        let nightly = RustcInfo {
+            release: "1.96.0-nightly".into(),
+            llvm_major: 22,
+        };
+        let lib =
+            choose_llvm_lib(&["libLLVM-22-rust-1.96.0-nightly.so".to_string()], &nightly).unwrap();
+        assert_eq!(lib.link_arg, "dylib=LLVM-22-rust-1.96.0-nightly");
+    }
 }

@@ -16,6 +16,10 @@ use crate::diagnostics::capture::{CaptureError, CaptureParams, Requester, filter
 /// what Wireshark's own tools use).
 pub const CONTENT_TYPE: &str = "application/x-pcapng";
 
+/// Names the traffic the capture leaves out whatever its filter says (the
+/// admin API's own connections, on the node), for the CLI's summary.
+pub const EXCLUDED_HEADER: &str = "waymark-capture-excluded";
+
 pub async fn handle(
     state: &AdminState,
     peer: SocketAddr,
@@ -52,7 +56,7 @@ pub async fn handle(
         }
     };
     // libpcap may resolve host names in the filter: off the admin thread.
-    let (expression, snaplen) = (params.filter.clone(), params.snaplen);
+    let (expression, snaplen) = (params.kernel_expression(), params.snaplen);
     let compiled = tokio::task::spawn_blocking(move || filter::compile(&expression, snaplen)).await;
     let filter = match compiled {
         Ok(Ok(f)) => f,
@@ -69,6 +73,7 @@ pub async fn handle(
             );
         }
     };
+    let excluded = params.excluded.clone();
     match state
         .captures
         .start(params, filter, &config.capture, who)
@@ -80,6 +85,9 @@ pub async fn handle(
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static(CONTENT_TYPE),
             );
+            if let Some(v) = excluded.and_then(|e| header::HeaderValue::try_from(e).ok()) {
+                r.headers_mut().insert(EXCLUDED_HEADER, v);
+            }
             r
         }
         Err(e @ CaptureError::Busy { .. }) => text(StatusCode::TOO_MANY_REQUESTS, format!("{e}\n")),

@@ -19,6 +19,7 @@ mod ready;
 mod routes;
 pub mod stats;
 
+pub use capture::EXCLUDED_HEADER as CAPTURE_EXCLUDED_HEADER;
 pub use ready::Readiness;
 
 use std::net::SocketAddr;

@@ -97,7 +97,7 @@ pub fn run(client: &AdminClient, args: CaptureArgs) -> Result<()> {
         );
     }
     let start = Instant::now();
-    let (summary, bytes, ended) = block_on(copy_stream(client, &args))?;
+    let (summary, bytes, ended, excluded) = block_on(copy_stream(client, &args))?;
     let dest = if to_stdout {
         "stdout".to_string()
     } else {
@@ -122,8 +122,13 @@ pub fn run(client: &AdminClient, args: CaptureArgs) -> Result<()> {
     } else {
         String::new()
     };
+    let excluded = excluded
+        .map(|e| {
+            format!("; left out: the agent's admin API connections ({e}), which carry captures")
+        })
+        .unwrap_or_default();
     eprintln!(
-        "waymark capture: {}: {} packets, {} bytes written to {dest} in {:.1}s; stopped: {why}{drops}{secrets}",
+        "waymark capture: {}: {} packets, {} bytes written to {dest} in {:.1}s; stopped: {why}{drops}{secrets}{excluded}",
         args.target(),
         summary.packets,
         bytes,
@@ -152,10 +157,15 @@ fn open_output(path: &std::path::Path) -> Result<Box<dyn Write>> {
 async fn copy_stream(
     client: &AdminClient,
     args: &CaptureArgs,
-) -> Result<(StreamSummary, u64, Ended)> {
+) -> Result<(StreamSummary, u64, Ended, Option<String>)> {
     let path = args.path();
     let rsp = client.send(Method::POST, &path, Bytes::new()).await?;
     let status = rsp.status();
+    let excluded = rsp
+        .headers()
+        .get(crate::admin::CAPTURE_EXCLUDED_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let mut body = rsp.into_body();
     if !status.is_success() {
         let text = body
@@ -196,7 +206,7 @@ async fn copy_stream(
         }
     };
     out.flush().ok();
-    Ok((summary, written, ended))
+    Ok((summary, written, ended, excluded))
 }
 
 #[cfg(test)]

@@ -153,6 +153,12 @@ pub struct CaptureParams {
     pub snaplen: u32,
     /// Embed TLS secrets (node scope only).
     pub keylog: bool,
+    /// Traffic left out whatever the filter says, in tcpdump syntax: on the
+    /// node, the admin API's own connections, which carry this capture's
+    /// stream (and any other's) to its reader; captured, each packet
+    /// streamed would be captured again, and an unfiltered capture would
+    /// fill with itself in milliseconds.
+    pub excluded: Option<String>,
 }
 
 /// Why a request was refused before any capture started.
@@ -275,6 +281,12 @@ impl CaptureParams {
                 });
             }
         }
+        let excluded = match target {
+            // The admin API listens in the node's namespace only; a pod's
+            // namespace never carries it.
+            Target::Node { .. } => Some(admin_exclusion(config.admin.listen)),
+            Target::Pod { .. } => None,
+        };
         Ok(CaptureParams {
             target,
             filter,
@@ -283,8 +295,24 @@ impl CaptureParams {
             max_bytes,
             snaplen: snaplen as u32,
             keylog,
+            excluded,
         })
     }
+
+    /// The expression the kernel runs: the user's filter with the
+    /// exclusion added.
+    pub fn kernel_expression(&self) -> String {
+        match (&self.excluded, self.filter.trim()) {
+            (None, _) => self.filter.clone(),
+            (Some(excluded), "") => format!("not ({excluded})"),
+            (Some(excluded), filter) => format!("({filter}) and not ({excluded})"),
+        }
+    }
+}
+
+/// The admin API's connections in tcpdump syntax.
+fn admin_exclusion(admin: std::net::SocketAddr) -> String {
+    format!("tcp and host {} and port {}", admin.ip(), admin.port())
 }
 
 fn flag(key: &str, value: &str) -> Result<bool, RequestError> {
@@ -657,10 +685,16 @@ fn run(
 ) -> Outcome {
     let start = Instant::now();
     let deadline = start + params.duration;
-    let description = format!(
-        "waymark capture of {}, filter {:?}",
-        params.target, params.filter
-    );
+    let description = match &params.excluded {
+        None => format!(
+            "waymark capture of {}, filter {:?}",
+            params.target, params.filter
+        ),
+        Some(excluded) => format!(
+            "waymark capture of {}, filter {:?}, excluding the agent's admin API connections ({excluded}): they carry the captures",
+            params.target, params.filter
+        ),
+    };
     let mut out = match PcapNg::new(params.snaplen, &description) {
         Ok(o) => o,
         Err(e) => {

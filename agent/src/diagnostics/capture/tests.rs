@@ -43,8 +43,38 @@ fn a_pod_capture_with_every_parameter() {
             max_bytes: 5000,
             snaplen: 128,
             keylog: false,
+            excluded: None,
         }
     );
+    assert_eq!(p.kernel_expression(), "tcp port 8080");
+}
+
+#[test]
+fn a_node_capture_never_holds_the_admin_api_connections() {
+    let p = parse("node=1").unwrap();
+    assert_eq!(
+        p.excluded.as_deref(),
+        Some("tcp and host 127.0.0.1 and port 4191")
+    );
+    assert_eq!(
+        p.kernel_expression(),
+        "not (tcp and host 127.0.0.1 and port 4191)"
+    );
+    let p = parse("node=1&filter=tcp+or+udp").unwrap();
+    // The user's filter keeps its own precedence.
+    assert_eq!(
+        p.kernel_expression(),
+        "(tcp or udp) and not (tcp and host 127.0.0.1 and port 4191)"
+    );
+    // Both compile, so the kernel runs them.
+    filter::compile(&p.kernel_expression(), 128).unwrap();
+    let c = config("[admin]\nlisten = \"[::1]:5000\"\n");
+    let p = CaptureParams::from_query("node=1", &c).unwrap();
+    assert_eq!(
+        p.kernel_expression(),
+        "not (tcp and host ::1 and port 5000)"
+    );
+    filter::compile(&p.kernel_expression(), 128).unwrap();
 }
 
 #[test]

@@ -162,6 +162,7 @@ fn tshark_decrypts_a_keylog_capture() {
                 max_bytes: 1 << 20,
                 snaplen: MAX_SNAPLEN,
                 keylog: true,
+                excluded: None,
             };
             let filter = filter::compile(&params.filter, params.snaplen).unwrap();
             let who = Requester {
