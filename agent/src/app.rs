@@ -37,22 +37,22 @@ use crate::diagnostics::metrics::{MapLabels, Metrics};
 use crate::diagnostics::tap::TapHub;
 use crate::diagnostics::tap::filter::Pods;
 use crate::discovery::{Discovery, ServiceTable};
-use crate::http::forward::HttpProxy;
-use crate::http::pool::Pool;
 use crate::identity::SpiffeId;
 use crate::identity::manager::IdentityManager;
 use crate::proxy::OriginalDst;
-use crate::proxy::authz::InboundAuthz;
+use crate::proxy::inbound::authz::InboundAuthz;
+use crate::proxy::inbound::http_stream::InboundHttp;
+use crate::proxy::inbound::server::Drain as TunnelDrain;
 use crate::proxy::inbound::{Inbound, TunnelCollector};
-use crate::proxy::inbound_http::InboundHttp;
 use crate::proxy::listener::bind_in_netns;
+use crate::proxy::outbound::forward::HttpProxy;
 use crate::proxy::outbound::{Outbound, PodInfo};
-use crate::proxy::upstream::{Mesh, Upstreams};
 use crate::redirect::Redirect;
 use crate::reload::{ReloadMetrics, Reloader, SharedConfig};
 use crate::telemetry::LogLevelHandle;
-use crate::tunnel::server::Drain as TunnelDrain;
-use crate::tunnel::{PoolConfig, TunnelPool};
+use crate::transport::http_pool::Pool;
+use crate::transport::tunnel::{PoolConfig, TunnelPool};
+use crate::transport::upstream::{Mesh, Upstreams};
 
 const READY_PROGRAMS: &str = "redirect programs not attached";
 const READY_LISTENERS: &str = "pod listeners not bound";
@@ -142,7 +142,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
             .node_identity(&config.node.name)
             .context("no valid node identity")?;
         let a = InboundAuthz::new(&config, discovery.clone(), &mut metrics.registry);
-        let server = crate::tunnel::ServerConfig {
+        let server = crate::proxy::inbound::ServerConfig {
             handshake_timeout: config.inbound.handshake_timeout,
             connect_timeout: config.outbound.connect_timeout,
             key_log: key_log.clone(),

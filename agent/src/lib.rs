@@ -18,4 +18,4 @@ pub mod reload;
 pub mod retry;
 pub mod routing;
 pub mod telemetry;
-pub mod tunnel;
+pub mod transport;

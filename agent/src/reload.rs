@@ -24,9 +24,9 @@ use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::discovery::{Discovery, ServiceTable};
-use crate::http::pool::Pool;
-use crate::proxy::authz::InboundAuthz;
-use crate::proxy::upstream::Upstreams;
+use crate::proxy::inbound::authz::InboundAuthz;
+use crate::transport::http_pool::Pool;
+use crate::transport::upstream::Upstreams;
 
 /// How often the file's modification time is checked.
 const POLL: Duration = Duration::from_secs(1);

@@ -16,8 +16,8 @@ use tracing::{Instrument, debug, info_span};
 
 use crate::config::Config;
 use crate::identity::SpiffeId;
-use crate::proxy::upstream::Upstreams;
-use crate::tunnel::TunnelError;
+use crate::transport::tunnel::TunnelError;
+use crate::transport::upstream::Upstreams;
 
 /// Each probe's budget unless the request asks otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);

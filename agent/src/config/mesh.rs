@@ -96,12 +96,15 @@ impl Default for InboundConfig {
     }
 }
 
+/// The inbound tunnel port, as in ztunnel's HBONE.
+pub const DEFAULT_TUNNEL_PORT: u16 = 15008;
+
 /// Where the inbound tunnel listens unless told otherwise: ztunnel's HBONE
 /// port on every IPv4 address of the node.
 fn default_inbound_listen() -> Vec<SocketAddr> {
     vec![SocketAddr::from((
         std::net::Ipv4Addr::UNSPECIFIED,
-        crate::tunnel::DEFAULT_PORT,
+        DEFAULT_TUNNEL_PORT,
     ))]
 }
 

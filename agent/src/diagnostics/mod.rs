@@ -4,7 +4,6 @@
 
 pub mod capture;
 pub mod http_metrics;
-pub mod inbound_trace;
 pub mod kernel;
 pub mod metrics;
 pub mod stats;

@@ -1,24 +1,17 @@
-//! The data path in userspace: connections the kernel redirected to the
-//! agent are accepted here and forwarded.
+//! The data path in userspace, on top of [`crate::transport`] and
+//! [`crate::http`]: connections the kernel redirected to the agent are
+//! accepted here and forwarded.
 //!
 //! [`outbound`] takes pods' connections, detects the protocol and forwards
-//! them along the [`upstream`] path of the chosen endpoint: directly, or
-//! through the mTLS tunnel to the endpoint node's agent, whose [`inbound`]
-//! side authorizes the source ([`authz`]) and connects to the pod; HTTP on
-//! those streams is served by [`inbound_http`] (metrics, trace block, tap).
+//! them (HTTP request by request, in [`outbound::forward`]) along the
+//! upstream path of the chosen endpoint: directly, or through the mTLS
+//! tunnel to the endpoint node's agent, whose [`inbound`] side accepts the
+//! tunnel, authorizes the source and connects to the pod.
 
-pub mod authz;
-pub mod copy;
 pub mod detect;
 pub mod inbound;
-pub mod inbound_http;
-mod inbound_request;
-mod inbound_tap;
-mod inbound_tcp;
 pub mod listener;
 pub mod outbound;
-mod rewind;
-pub mod upstream;
 
 use std::net::SocketAddr;
 

@@ -24,9 +24,9 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::config::{Config, NodeEntry};
-use crate::diagnostics::metrics::{NoTlsReason, TlsLabel};
 use crate::identity::{SpiffeId, TlsFailure};
-use crate::tunnel::{ConnectHeaders, TunnelError, TunnelPool, TunnelStream};
+use crate::transport::tls_label::{NoTlsReason, TlsLabel};
+use crate::transport::tunnel::{ConnectHeaders, TunnelError, TunnelPool, TunnelStream};
 
 /// A peer node's agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,7 +88,7 @@ pub struct Mesh {
     /// Other nodes' agents by node name; replaced on config reload.
     peers: RwLock<Arc<HashMap<String, Peer>>>,
     /// Outbound handshake failures by reason (index as in
-    /// `tunnel::server::FAILURES`).
+    /// `tunnel::FAILURES`).
     handshake_failures: [AtomicU64; 6],
     pub streams_opened: AtomicU64,
     pub streams_denied: AtomicU64,
@@ -113,7 +113,7 @@ impl Mesh {
 }
 
 fn failure_index(why: TlsFailure) -> usize {
-    crate::tunnel::server::FAILURES
+    crate::transport::tunnel::FAILURES
         .iter()
         .position(|f| *f == why)
         .unwrap_or(5)

@@ -12,8 +12,8 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::kernel::FlowCounters;
-use super::trace::{Hop, ms};
+use crate::diagnostics::kernel::FlowCounters;
+use crate::diagnostics::trace::{Hop, ms};
 
 /// The kernel's view of the agent's connection to the pod.
 #[derive(Debug, Clone)]

@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 use super::*;
 use crate::identity::testing::{Pki, TD};
 use crate::identity::{CertInfo, SpiffeId, TlsFailure, server_config};
+use crate::transport::tunnel::*;
 
 /// Aborts the spawned server when the test ends.
 struct Task(JoinHandle<()>);

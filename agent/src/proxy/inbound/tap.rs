@@ -10,12 +10,12 @@ use std::time::Instant;
 use http::{HeaderMap, Request, Response};
 use tokio::net::TcpStream;
 
-use super::inbound_http::InboundHttp;
-use super::inbound_request::{PodConn, StreamCtx};
 use crate::diagnostics::tap::{self, InboundArrival, InboundTcp, TapRequest};
 use crate::http::body::ProxyBody;
 use crate::identity::CertInfo;
-use crate::tunnel::server::splice_counted;
+use crate::proxy::inbound::http_stream::InboundHttp;
+use crate::proxy::inbound::request::{PodConn, StreamCtx};
+use crate::proxy::inbound::server::splice_counted;
 
 /// The calling pod's address the sending agent put in the `CONNECT`'s
 /// `forwarded: for="ip:port"` (RFC 7239), quotes taken off.

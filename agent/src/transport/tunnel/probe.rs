@@ -11,9 +11,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use super::pool::{TunnelError, TunnelPool};
 use crate::identity::tls::server_name;
 use crate::identity::{SpiffeId, TlsFailure, peer_info};
+use crate::transport::tunnel::pool::{TunnelError, TunnelPool};
 
 /// The HTTP/2 client preface, an empty SETTINGS frame, the ACK of the
 /// server's SETTINGS (its first record, read as the verdict) and a GOAWAY

@@ -1,6 +1,9 @@
 //! Outbound: connections a pod dialled, redirected by the kernel to the
 //! pod's listener, forwarded to where the pod meant to go.
 
+pub mod forward;
+pub mod http_server;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,21 +15,20 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use prometheus_client::metrics::gauge::Gauge;
 
-use super::OriginalDst;
-use super::copy::{self, Counters, Side};
-use super::detect::{self, Protocol};
-use super::upstream::{Path, UpstreamError, UpstreamIo, Upstreams, new_request_id};
 use crate::config::services::ProtocolHint;
 use crate::diagnostics::metrics::{
     Direction, NoTlsReason, PodLabels, TcpCloseLabels, TcpLabels, TcpMetrics, TlsLabel,
 };
 use crate::diagnostics::tap::TcpClosed;
 use crate::discovery::Discovery;
-use crate::http::forward::{ConnCtx, HttpProxy};
-use crate::http::pool::Version;
-use crate::http::server as http_server;
 use crate::identity::SpiffeId;
-use crate::tunnel::{ConnectHeaders, TunnelError};
+use crate::proxy::OriginalDst;
+use crate::proxy::detect::{self, Protocol};
+use crate::proxy::outbound::forward::{ConnCtx, HttpProxy};
+use crate::transport::copy::{self, Counters, Side};
+use crate::transport::http_pool::Version;
+use crate::transport::tunnel::{ConnectHeaders, TunnelError};
+use crate::transport::upstream::{Path, UpstreamError, UpstreamIo, Upstreams, new_request_id};
 
 /// One pod as the proxy knows it.
 #[derive(Debug, Clone)]

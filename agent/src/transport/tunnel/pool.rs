@@ -29,13 +29,13 @@ use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 use tracing::{Instrument, debug, info_span};
 
-use super::stream::{ActiveGuard, TunnelStream};
-use super::{DENY_REASON, ERROR_REASON};
 use crate::identity::tls::server_name;
 use crate::identity::{
     CertStore, SpiffeId, TlsConfigError, TlsFailure, TrustBundle, client_config,
     with_client_key_log,
 };
+use crate::transport::tunnel::stream::{ActiveGuard, TunnelStream};
+use crate::transport::tunnel::{DENY_REASON, ERROR_REASON};
 
 #[derive(Debug, Clone)]
 pub struct PoolConfig {

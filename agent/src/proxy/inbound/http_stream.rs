@@ -9,7 +9,7 @@
 //! - otherwise the first bytes the outbound agent sends are read (bounded
 //!   by [`detect::MAX_PEEK`] and `proxy.detect_timeout`) and classified as
 //!   the outbound side does. HTTP/1.x or HTTP/2 prior knowledge is served
-//!   with hyper ([`super::inbound_request`] forwards each request to the
+//!   with hyper ([`crate::proxy::inbound::request`] forwards each request to the
 //!   pod); anything else is spliced, the bytes read so far first, so opaque
 //!   traffic stays byte-exact.
 //!
@@ -32,12 +32,6 @@ use tokio::io::{AsyncReadExt, Interest};
 use tokio::net::TcpStream;
 use tracing::{Instrument, debug};
 
-use super::authz::InboundAuthz;
-use super::detect::{self, Protocol, Verdict};
-use super::inbound_request::{PodConn, StreamCtx};
-use super::inbound_tap::forwarded_for;
-use super::inbound_tcp::{Counted, InboundConn};
-use super::rewind::Rewind;
 use crate::config::Config;
 use crate::config::services::ProtocolHint;
 use crate::diagnostics::http_metrics::HttpMetrics;
@@ -45,9 +39,17 @@ use crate::diagnostics::kernel::KernelDiag;
 use crate::diagnostics::metrics::TcpMetrics;
 use crate::diagnostics::tap::TapHub;
 use crate::discovery::Discovery;
-use crate::http::pool::Version;
-use crate::http::server::{HEADER_READ_TIMEOUT, MAX_H1_HEAD, MAX_H2_HEADER_LIST, MAX_H2_STREAMS};
-use crate::tunnel::{Admitted, HandleFuture, StreamHandler};
+use crate::proxy::detect::{self, Protocol, Verdict};
+use crate::proxy::inbound::authz::InboundAuthz;
+use crate::proxy::inbound::request::{PodConn, StreamCtx};
+use crate::proxy::inbound::tap::forwarded_for;
+use crate::proxy::inbound::tcp::{Counted, InboundConn};
+use crate::proxy::inbound::{Admitted, HandleFuture, StreamHandler};
+use crate::proxy::outbound::http_server::{
+    HEADER_READ_TIMEOUT, MAX_H1_HEAD, MAX_H2_HEADER_LIST, MAX_H2_STREAMS,
+};
+use crate::transport::http_pool::Version;
+use crate::transport::rewind::Rewind;
 
 /// The inbound HTTP side, shared by every tunnel stream.
 pub struct InboundHttp {
@@ -62,7 +64,7 @@ pub struct InboundHttp {
     pub(super) connect_timeout: Duration,
     /// Set once the kernel diagnostics are loaded (after the listener).
     pub(super) kernel: OnceLock<Arc<KernelDiag>>,
-    /// Set once the tap hub exists (`super::inbound_tap`).
+    /// Set once the tap hub exists (`crate::proxy::inbound::tap`).
     pub(super) tap: OnceLock<Arc<TapHub>>,
     /// `tcp_*{direction="inbound"}`: one connection per admitted stream.
     tcp: Arc<TcpMetrics>,

@@ -19,9 +19,9 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tracing::debug;
 
-use super::body::ProxyBody;
-use crate::proxy::upstream::{Path, UpstreamError, UpstreamIo, Upstreams};
-use crate::tunnel::ConnectHeaders;
+use crate::http::body::ProxyBody;
+use crate::transport::tunnel::ConnectHeaders;
+use crate::transport::upstream::{Path, UpstreamError, UpstreamIo, Upstreams};
 
 /// Idle HTTP/1.1 connections kept per endpoint.
 pub const MAX_IDLE_H1: usize = 64;

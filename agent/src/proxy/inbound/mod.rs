@@ -3,9 +3,24 @@
 //!
 //! The server presents this node's identity, requires a client leaf of the
 //! trust domain (the source workload's), authorizes that identity for the
-//! target ([`super::authz`]) and connects to the pod. A refused stream gets
+//! target ([`crate::proxy::inbound::authz`]) and connects to the pod. A refused stream gets
 //! a 403 with the reason; the outbound agent turns it into the client's
 //! error.
+
+pub mod authz;
+pub mod http_stream;
+mod request;
+pub mod server;
+mod tap;
+mod tcp;
+pub mod trace;
+#[cfg(test)]
+mod tunnel_tests;
+
+pub use server::{
+    Admitted, Authorize, ConnectInfo, DenyReason, HandleFuture, ServerConfig, ServerStats,
+    StreamHandler, TunnelServer,
+};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,12 +35,11 @@ use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
-use super::authz::InboundAuthz;
-use super::inbound_http::InboundHttp;
-use super::upstream::Upstreams;
 use crate::identity::{CertStore, SpiffeId, TrustBundle, server_config, with_server_key_log};
-use crate::tunnel::server::{Drain, FAILURES, ServerTls};
-use crate::tunnel::{ServerConfig, ServerStats, StreamHandler, TunnelServer};
+use crate::proxy::inbound::authz::InboundAuthz;
+use crate::proxy::inbound::http_stream::InboundHttp;
+use crate::proxy::inbound::server::{Drain, FAILURES, ServerTls};
+use crate::transport::upstream::Upstreams;
 
 /// The running inbound side.
 pub struct Inbound {

@@ -27,19 +27,19 @@ use hyper::body::{Body, Incoming};
 use hyper_util::rt::TokioIo;
 use tracing::{Instrument, debug, debug_span};
 
-use super::body::{ProxyBody, empty, full, incoming, prefixed};
-use super::errors::{self, ProxyError};
-use super::headers::{strip_hop_by_hop, wants_upgrade};
-use super::pool::{ConnectError, Key, Pool, Version};
-use super::replay::ReplayBody;
 use crate::config::services::ProtocolHint;
 use crate::diagnostics::http_metrics::{HttpMetrics, observe, retried};
 use crate::diagnostics::{tap, trace};
 use crate::discovery::{DEFAULT_ROUTE, Discovery, Endpoint, RoutePolicy, Service};
+use crate::http::body::{ProxyBody, empty, full, incoming, prefixed};
+use crate::http::errors::{self, ProxyError};
+use crate::http::headers::{strip_hop_by_hop, wants_upgrade};
+use crate::http::replay::ReplayBody;
 use crate::identity::SpiffeId;
-use crate::proxy::upstream::new_request_id;
 use crate::retry::{Outcome, is_idempotent};
-use crate::tunnel::{ConnectHeaders, REQUEST_ID};
+use crate::transport::http_pool::{ConnectError, Key, Pool, Version};
+use crate::transport::tunnel::{ConnectHeaders, REQUEST_ID};
+use crate::transport::upstream::new_request_id;
 
 /// Per downstream connection: who is calling and what they dialled.
 pub struct ConnCtx {

@@ -14,8 +14,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::forward::{ConnCtx, HttpProxy};
-use super::pool::Version;
+use crate::proxy::outbound::forward::{ConnCtx, HttpProxy};
+use crate::transport::http_pool::Version;
 
 /// Largest HTTP/1 request head accepted: generous for real clients (64 KiB
 /// cookies exist), small enough that a header flood cannot grow memory.

@@ -28,8 +28,8 @@ use crate::config::mesh::{Action, SourcePattern};
 use crate::diagnostics::metrics::BoundedLabel;
 use crate::discovery::Discovery;
 use crate::identity::SpiffeId;
-use crate::tunnel::server::AuthorizeFuture;
-use crate::tunnel::{Authorize, ConnectInfo, DenyReason};
+use crate::proxy::inbound::server::AuthorizeFuture;
+use crate::proxy::inbound::{Authorize, ConnectInfo, DenyReason};
 
 /// Label value of decisions made by `default`, and of targets that are no
 /// service's endpoint.
@@ -240,7 +240,7 @@ impl Authorize for InboundAuthz {
         } else {
             let request_id = req
                 .headers
-                .get(crate::tunnel::REQUEST_ID)
+                .get(crate::transport::tunnel::REQUEST_ID)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("");
             warn!(

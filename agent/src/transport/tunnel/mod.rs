@@ -2,8 +2,9 @@
 //! (see `identity::tls`) carrying HTTP/2, one `CONNECT` stream per proxied
 //! connection, `:authority` = the target `ip:port`, default port 15008.
 //!
-//! - [`server`]: the inbound side. Accepts TLS, serves HTTP/2, authorizes
-//!   the verified peer identity for the target and splices the stream to it.
+//! - the inbound side (accepting TLS, serving HTTP/2, authorizing the
+//!   verified peer identity and splicing the stream to the pod) is
+//!   `proxy::inbound::server`; it shares this module's wire constants.
 //! - [`pool`]: the outbound side. Keeps one HTTP/2 connection per (peer
 //!   agent, local identity, expected peer identity), opens many `CONNECT`
 //!   streams on it, and replaces it when it closes or when the local leaf
@@ -15,26 +16,19 @@
 
 pub mod pool;
 pub mod probe;
-pub mod server;
 mod stream;
-#[cfg(test)]
-mod tests;
 
 use std::net::SocketAddr;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::identity::SpiffeId;
+use crate::identity::{SpiffeId, TlsFailure};
 
 pub use pool::{PoolConfig, TunnelError, TunnelPool};
-pub use server::{
-    Admitted, Authorize, ConnectInfo, DenyReason, HandleFuture, ServerConfig, ServerStats,
-    StreamHandler, TunnelServer,
-};
 pub use stream::TunnelStream;
 
 /// The inbound tunnel port, as in ztunnel's HBONE.
-pub const DEFAULT_PORT: u16 = 15008;
+pub use crate::config::mesh::DEFAULT_TUNNEL_PORT as DEFAULT_PORT;
 
 /// The source workload's SPIFFE ID (must match the client certificate).
 pub const SOURCE_WORKLOAD: HeaderName = HeaderName::from_static("x-waymark-source-workload");
@@ -75,3 +69,14 @@ impl ConnectHeaders {
         h
     }
 }
+
+/// Every TLS handshake failure kind, in the order the counters of both
+/// tunnel ends keep them.
+pub const FAILURES: [TlsFailure; 6] = [
+    TlsFailure::UnknownCa,
+    TlsFailure::Expired,
+    TlsFailure::WrongIdentity,
+    TlsFailure::NoCertificate,
+    TlsFailure::BadCertificate,
+    TlsFailure::Protocol,
+];

@@ -27,9 +27,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::{DENY_REASON, ERROR_REASON, SOURCE_WORKLOAD};
 use crate::identity::{CertInfo, TlsFailure, peer_info};
-use crate::proxy::copy;
+use crate::transport::copy;
+use crate::transport::tunnel::{DENY_REASON, ERROR_REASON, SOURCE_WORKLOAD};
 
 const SOURCE_MISMATCH: &str = "source workload header does not match the client certificate";
 
@@ -111,15 +111,7 @@ pub struct ServerStats {
     pub connect_failed: AtomicU64,
 }
 
-/// Every failure kind, in the order the counters keep them.
-pub const FAILURES: [TlsFailure; 6] = [
-    TlsFailure::UnknownCa,
-    TlsFailure::Expired,
-    TlsFailure::WrongIdentity,
-    TlsFailure::NoCertificate,
-    TlsFailure::BadCertificate,
-    TlsFailure::Protocol,
-];
+pub use crate::transport::tunnel::FAILURES;
 
 impl ServerStats {
     pub fn handshake_failures(&self, why: TlsFailure) -> u64 {

@@ -21,20 +21,20 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tracing::{Instrument, debug, debug_span};
 
-use super::inbound_http::InboundHttp;
 use crate::diagnostics::http_metrics::observe;
-use crate::diagnostics::inbound_trace::{InboundContext, KernelLine};
 use crate::diagnostics::metrics::TlsLabel;
 use crate::diagnostics::trace;
 use crate::http::body::{ProxyBody, empty, incoming};
 use crate::http::errors::{self, ProxyError};
-use crate::http::forward::{
+use crate::http::headers::{strip_hop_by_hop, wants_upgrade};
+use crate::identity::CertInfo;
+use crate::proxy::inbound::http_stream::InboundHttp;
+use crate::proxy::inbound::trace::{InboundContext, KernelLine};
+use crate::proxy::outbound::forward::{
     add_context, authority, finish, forwardable_trace, is_grpc, origin_form, reflect,
     upstream_request,
 };
-use crate::http::headers::{strip_hop_by_hop, wants_upgrade};
-use crate::http::pool::Version;
-use crate::identity::CertInfo;
+use crate::transport::http_pool::Version;
 
 /// What every request of one tunnel stream shares.
 pub struct StreamCtx {

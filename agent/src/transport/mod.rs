@@ -1,0 +1,14 @@
+//! The transport layer, below HTTP and both directions of the proxy: how
+//! the agent reaches an upstream ([`upstream`]: a direct TCP connection or
+//! a stream through the mTLS [`tunnel`] to the endpoint node's agent), the
+//! pooled HTTP connections over those paths ([`http_pool`]), the byte copy
+//! between two connections ([`copy`]) and replaying bytes already read
+//! ([`rewind`]). Nothing here knows about routes, services' policies or
+//! the inbound side.
+
+pub mod copy;
+pub mod http_pool;
+pub mod rewind;
+pub mod tls_label;
+pub mod tunnel;
+pub mod upstream;
