@@ -31,6 +31,7 @@ use tracing::{info, warn};
 
 use crate::admin::{AdminServer, AdminState, Readiness};
 use crate::config::Config;
+use crate::config::DialFrom;
 use crate::diagnostics::capture::Captures;
 use crate::diagnostics::kernel as kernel_diag;
 use crate::diagnostics::metrics::{MapLabels, Metrics};
@@ -51,6 +52,7 @@ use crate::redirect::Redirect;
 use crate::reload::{ReloadMetrics, Reloader, SharedConfig};
 use crate::telemetry::LogLevelHandle;
 use crate::transport::http_pool::Pool;
+use crate::transport::netns::PodNetns;
 use crate::transport::tunnel::{PoolConfig, TunnelPool};
 use crate::transport::upstream::{Mesh, Upstreams};
 
@@ -292,8 +294,21 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         if let Some(e) = &sockets.ipv6_unavailable {
             warn!(pod = %pod.name, error = %e, "no IPv6 loopback in the pod; only IPv4 connections are proxied");
         }
+        let netns = match config.outbound.dial_from {
+            DialFrom::Pod => Some(
+                PodNetns::open(&pod.netns, sockets.netns_cookie).with_context(|| {
+                    format!(
+                        "cannot open the network namespace {} of pod {}",
+                        pod.netns.display(),
+                        pod.name
+                    )
+                })?,
+            ),
+            DialFrom::Node => None,
+        };
         let info = Arc::new(PodInfo {
             name: pod.name.clone(),
+            netns,
             netns_cookie: sockets.netns_cookie,
             ips: pod.ips.clone(),
             identity: identity

@@ -162,6 +162,21 @@ pub struct OutboundConfig {
     /// client's connection is reset.
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// Which network namespace a pod's direct upstream connections are
+    /// made in: the pod's own (the default), so the kernel, the CNI and
+    /// NetworkPolicy see the pod and the agent never reaches what the pod
+    /// could not; or the node's, as before (`transport::netns`).
+    #[serde(default)]
+    pub dial_from: DialFrom,
+}
+
+/// See [`OutboundConfig::dial_from`].
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DialFrom {
+    #[default]
+    Pod,
+    Node,
 }
 
 impl Default for OutboundConfig {
@@ -169,6 +184,7 @@ impl Default for OutboundConfig {
         Self {
             port: default_outbound_port(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            dial_from: DialFrom::default(),
         }
     }
 }

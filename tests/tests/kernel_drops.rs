@@ -128,10 +128,16 @@ fn a_closed_port_is_a_no_socket_drop_and_a_reset_of_that_pod() {
         eventually(DEFAULT_PATIENCE, || {
             let drops = metric(node, DROPS, &labels)?;
             let sent = metric(node, RESETS, &[("pod", target_name), ("direction", "sent")])?;
-            let received = metric(node, RESETS, &[("pod", "node"), ("direction", "received")])?;
+            // The agent dials as the client pod (in its network namespace),
+            // so the kernel counts the reset its socket received there.
+            let received = metric(
+                node,
+                RESETS,
+                &[("pod", client_pod.name()), ("direction", "received")],
+            )?;
             ensure!(
                 drops == ATTEMPTS as f64 && sent == ATTEMPTS as f64 && received >= ATTEMPTS as f64,
-                "{ATTEMPTS} refused connections: drops {drops}, resets sent by the pod {sent}, received by the node {received}"
+                "{ATTEMPTS} refused connections: drops {drops}, resets sent by the pod {sent}, received by the client pod {received}"
             );
             Ok(())
         })?;

@@ -177,12 +177,15 @@ fn pod_reaches_pod_on_another_node_through_the_agent() {
             )?;
             ensure!(r["identical"] == true && r["error"].is_null(), "echo: {r}");
         }
+        // The agent dials as the pod (in its network namespace): the server
+        // sees the pod's own address; that the connection went through the
+        // agent is in the agent's metrics below.
         let source = whoami(cl, &who)?;
         ensure!(
-            source == node.fabric_ip(),
-            "the server saw {source}; expected node 0's agent ({}), not the pod ({})",
-            node.fabric_ip(),
-            cl.ip()
+            source == cl.ip(),
+            "the server saw {source}; expected the pod ({}), not node 0 ({})",
+            cl.ip(),
+            node.fabric_ip()
         );
 
         expect_metric(node, OPEN, &conn(cl, &web), 1.0)?;
@@ -375,9 +378,10 @@ fn process_outside_the_pod_cgroup_is_not_redirected() {
             "a process outside the pods' cgroup was seen as {source}, not as the pod ({})",
             cl.ip()
         );
-        // The same from inside the pod is redirected: only that one counts.
+        // The same from inside the pod is redirected (and dialled as the
+        // pod): only that one counts.
         let source = whoami(cl, &target)?;
-        ensure!(source == node.fabric_ip(), "pod process seen as {source}");
+        ensure!(source == cl.ip(), "pod process seen as {source}");
         expect_metric(node, OPEN, &conn(cl, &target), 1.0)?;
         expect_metric(node, OPEN, &[], 1.0)
     });
@@ -527,8 +531,8 @@ fn excluded_destination_is_not_redirected() {
         );
         let source = whoami(cl, &proxied)?;
         ensure!(
-            source == node.fabric_ip(),
-            "{proxied} saw {source}, not the agent"
+            source == cl.ip(),
+            "{proxied} saw {source}, not the pod the agent dials as"
         );
         expect_metric(node, OPEN, &conn(cl, &proxied), 1.0)?;
         expect_metric(node, OPEN, &conn(cl, &excluded), 0.0)
@@ -545,17 +549,107 @@ fn same_node_pods_go_through_the_agent() {
         let _who = srv.serve(&mut testpeer(["whoami", "--listen", "0.0.0.0:7001"]))?;
         let target = format!("{}:7001", srv.ip());
         let source = whoami(cl, &target)?;
-        ensure!(
-            source != cl.ip(),
-            "the server saw the client pod itself ({source})"
-        );
         let bridge = topology::node_bridge_ip(0);
         ensure!(
-            source == bridge,
-            "seen as {source}; the agent dials from the node's pods bridge {bridge}"
+            source == cl.ip(),
+            "seen as {source}; the agent dials as the pod ({}), not from the node's pods bridge {bridge}",
+            cl.ip()
         );
         expect_metric(node, OPEN, &conn(cl, &target), 1.0)
     });
+}
+
+/// (11b) The agent is no confused deputy: it dials a pod's connection from
+/// the pod's own network namespace, so what the node's firewall forbids the
+/// pod stays forbidden through the agent. A service on the node's own
+/// address that an nftables rule on the node closes to the pod: the node
+/// itself reaches it; the pod, redirected to the agent, does not (the agent
+/// would have reached it as the node before). With `dial_from = "node"` the
+/// agent reaches it, which shows the rule is what stops the pod.
+#[test]
+fn the_agent_dials_as_the_pod_not_as_the_node() {
+    require_agent_or_skip!();
+    for dial_from in ["pod", "node"] {
+        let b = World::builder(&format!("{}-{dial_from}", world_name!()))
+            .nodes(1)
+            .pods_per_node(1)
+            .agent_config_extra(format!(
+                "[outbound]\ndial_from = \"{dial_from}\"\nconnect_timeout = \"1s\"\n"
+            ));
+        with_world(b, |world| {
+            let (cl, node) = (world.pod(0, 0), world.node(0));
+            let bridge = topology::node_bridge_ip(0);
+            let target = format!("{bridge}:7300");
+            let _svc = node.serve(&mut testpeer(["whoami", "--listen", &target]))?;
+            // The node's firewall: the pod may not reach port 7300 on the node.
+            let rule = format!(
+                "add rule inet wm_deputy input ip saddr {} tcp dport 7300 counter drop",
+                cl.ip()
+            );
+            node.run_ok(Command::new("nft").args([
+                "add table inet wm_deputy;",
+                "add chain inet wm_deputy input { type filter hook input priority 0; policy accept; };",
+                &rule,
+            ]))?;
+            let from_node = node.run(&mut testpeer([
+                "client",
+                "--connect",
+                &target,
+                "--read-only",
+                "--timeout",
+                "5s",
+            ]))?;
+            let r = parse_report(&from_node)?;
+            ensure!(
+                r["error"].is_null(),
+                "the node itself must reach {target}: {r}"
+            );
+
+            let r = client(
+                cl,
+                &["--connect", &target, "--read-only", "--timeout", "5s"],
+            )?;
+            let dropped = node.run_ok(Command::new("nft").args([
+                "list",
+                "chain",
+                "inet",
+                "wm_deputy",
+                "input",
+            ]))?;
+            match dial_from {
+                "pod" => {
+                    ensure!(
+                        r["text"].as_str().unwrap_or_default().is_empty(),
+                        "through the agent the pod reached {target}, which the node's firewall closes to it: {r}"
+                    );
+                    ensure!(
+                        !dropped.contains("counter packets 0 "),
+                        "the node's rule never saw the pod's packets: {dropped}"
+                    );
+                    expect_metric(
+                        node,
+                        CLOSE,
+                        &[
+                            ("direction", "outbound"),
+                            ("pod", cl.name()),
+                            ("target_addr", &target),
+                            ("reason", "connect_timeout"),
+                        ],
+                        1.0,
+                    )
+                }
+                _ => {
+                    ensure!(r["error"].is_null(), "dial_from = node: {r}");
+                    let seen = seen_as(&r)?;
+                    ensure!(
+                        seen == bridge,
+                        "dial_from = node: the service saw {seen}, not the node ({bridge})"
+                    );
+                    Ok(())
+                }
+            }
+        });
+    }
 }
 
 /// A long-lived connection driven line by line from the test: each line

@@ -20,6 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tracing::debug;
 
 use crate::http::body::ProxyBody;
+use crate::transport::netns::PodNetns;
 use crate::transport::tunnel::ConnectHeaders;
 use crate::transport::upstream::{Path, UpstreamError, UpstreamIo, Upstreams};
 
@@ -69,11 +70,26 @@ struct Idle {
 
 /// Connections are shared only by requests that take the same path to the
 /// same endpoint: a tunnelled connection carries its source workload's
-/// certificate, so two workloads never share one.
+/// certificate, so two workloads never share one; a direct connection made
+/// in a pod's network namespace carries that pod's address, so two pods
+/// never share one either.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Key {
     pub addr: SocketAddr,
     pub path: Path,
+    /// The source pod's namespace, for direct paths only (the tunnel
+    /// connection is the node's).
+    source: Option<PodNetns>,
+}
+
+impl Key {
+    pub fn new(addr: SocketAddr, path: Path, source: Option<&PodNetns>) -> Self {
+        let source = match path {
+            Path::Direct(_) => source.cloned(),
+            Path::Tunnel { .. } => None,
+        };
+        Self { addr, path, source }
+    }
 }
 
 pub struct Pool {
@@ -135,7 +151,10 @@ impl Pool {
         headers: ConnectHeaders,
     ) -> Result<Conn, ConnectError> {
         let addr = key.addr;
-        let stream = self.upstreams.connect(&key.path, addr, headers).await?;
+        let stream = self
+            .upstreams
+            .connect(&key.path, addr, headers, key.source.as_ref())
+            .await?;
         // The kernel's per-flow counters are keyed by the TCP connection;
         // a tunnel stream shares its connection with others (and goes to
         // the peer agent), so it has none of its own.

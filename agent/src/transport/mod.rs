@@ -3,11 +3,13 @@
 //! a stream through the mTLS [`tunnel`] to the endpoint node's agent), the
 //! pooled HTTP connections over those paths ([`http_pool`]), the byte copy
 //! between two connections ([`copy`]) and replaying bytes already read
-//! ([`rewind`]). Nothing here knows about routes, services' policies or
+//! ([`rewind`]). A pod's direct upstream connections are made in the pod's
+//! own network namespace ([`netns`]). Nothing here knows about routes, services' policies or
 //! the inbound side.
 
 pub mod copy;
 pub mod http_pool;
+pub mod netns;
 pub mod rewind;
 pub mod tls_label;
 pub mod tunnel;

@@ -20,11 +20,12 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tracing::debug;
 
 use crate::config::{Config, NodeEntry};
 use crate::identity::{SpiffeId, TlsFailure};
+use crate::transport::netns::PodNetns;
 use crate::transport::tls_label::{NoTlsReason, TlsLabel};
 use crate::transport::tunnel::{ConnectHeaders, TunnelError, TunnelPool, TunnelStream};
 
@@ -206,22 +207,25 @@ impl Upstreams {
         }
     }
 
-    /// Connects to `target` along `path`.
+    /// Connects to `target` along `path`; a direct connection is made in
+    /// `from`, the source pod's network namespace, when given (see
+    /// [`super::netns`]).
     pub async fn connect(
         &self,
         path: &Path,
         target: SocketAddr,
         headers: ConnectHeaders,
+        from: Option<&PodNetns>,
     ) -> Result<UpstreamIo, UpstreamError> {
         match path {
-            Path::Direct(_) => self.connect_direct(target).await.map(UpstreamIo::Tcp),
+            Path::Direct(_) => self.connect_direct(target, from).await.map(UpstreamIo::Tcp),
             Path::Tunnel {
                 local,
                 peer,
                 peer_identity,
             } => {
                 let Some(mesh) = &self.mesh else {
-                    return self.connect_direct(target).await.map(UpstreamIo::Tcp);
+                    return self.connect_direct(target, from).await.map(UpstreamIo::Tcp);
                 };
                 let opened = mesh
                     .pool
@@ -251,9 +255,25 @@ impl Upstreams {
         }
     }
 
-    async fn connect_direct(&self, addr: SocketAddr) -> Result<TcpStream, UpstreamError> {
+    /// A direct TCP connection to `addr`, from the pod's namespace when
+    /// `from` is given, else from the node's.
+    pub async fn connect_direct(
+        &self,
+        addr: SocketAddr,
+        from: Option<&PodNetns>,
+    ) -> Result<TcpStream, UpstreamError> {
         let timeout = self.connect_timeout;
-        let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        let connect = async {
+            match from {
+                None => TcpStream::connect(addr).await,
+                Some(ns) => {
+                    let socket = ns.tcp_socket(addr)?;
+                    let socket = TcpSocket::from_std_stream(socket.into());
+                    socket.connect(addr).await
+                }
+            }
+        };
+        let stream = match tokio::time::timeout(timeout, connect).await {
             Err(_) => return Err(UpstreamError::Timeout { addr, timeout }),
             Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
                 return Err(UpstreamError::Refused(addr));

@@ -38,12 +38,16 @@ use crate::http::replay::ReplayBody;
 use crate::identity::SpiffeId;
 use crate::retry::{Outcome, is_idempotent};
 use crate::transport::http_pool::{ConnectError, Key, Pool, Version};
+use crate::transport::netns::PodNetns;
 use crate::transport::tunnel::{ConnectHeaders, REQUEST_ID};
 use crate::transport::upstream::new_request_id;
 
 /// Per downstream connection: who is calling and what they dialled.
 pub struct ConnCtx {
     pub pod: String,
+    /// The pod's network namespace, where its direct upstream connections
+    /// are made (`outbound.dial_from = "pod"`).
+    pub netns: Option<PodNetns>,
     /// The pod's workload identity (mTLS on and one declared).
     pub identity: Option<SpiffeId>,
     pub client: SocketAddr,
@@ -302,7 +306,7 @@ impl HttpProxy {
                 (Some(p), Some(r)) => Some(p.min(r)),
                 (p, r) => p.or(r),
             };
-            let key = Key { addr, path };
+            let key = Key::new(addr, path, ctx.netns.as_ref());
             let mut local = None;
             let outcome = match limit {
                 Some(limit) => {
@@ -532,10 +536,11 @@ impl HttpProxy {
             .request(&ctx.pod, ctx.client, ctx.dst, None, &mut req);
         let (parts, body) = req.into_parts();
         let upstream = upstream_request(&parts, incoming(body), ctx.version);
-        let key = Key {
-            addr: ctx.dst,
-            path: self.pool.upstreams().path(ctx.identity.as_ref(), None),
-        };
+        let key = Key::new(
+            ctx.dst,
+            self.pool.upstreams().path(ctx.identity.as_ref(), None),
+            ctx.netns.as_ref(),
+        );
         let mut resp = match self
             .attempt(ctx, &key, ctx.version, upstream, &mut None)
             .await
@@ -564,13 +569,13 @@ impl HttpProxy {
         };
         let Endpoint { addr, node, .. } = pick.endpoint().clone();
         drop(pick);
-        let key = Key {
+        let key = Key::new(
             addr,
-            path: self
-                .pool
+            self.pool
                 .upstreams()
                 .path(ctx.identity.as_ref(), node.as_deref()),
-        };
+            ctx.netns.as_ref(),
+        );
         let downstream = hyper::upgrade::on(&mut req);
         let (parts, body) = req.into_parts();
         let mut upstream = Request::from_parts(parts.clone(), incoming(body));

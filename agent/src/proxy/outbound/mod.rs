@@ -27,6 +27,7 @@ use crate::proxy::detect::{self, Protocol};
 use crate::proxy::outbound::forward::{ConnCtx, HttpProxy};
 use crate::transport::copy::{self, Counters, Side};
 use crate::transport::http_pool::Version;
+use crate::transport::netns::PodNetns;
 use crate::transport::tunnel::{ConnectHeaders, TunnelError};
 use crate::transport::upstream::{Path, UpstreamError, UpstreamIo, Upstreams, new_request_id};
 
@@ -38,6 +39,9 @@ pub struct PodInfo {
     pub ips: Vec<std::net::IpAddr>,
     /// Its workload identity when mTLS is on.
     pub identity: Option<SpiffeId>,
+    /// Its network namespace, where its direct upstream connections are
+    /// made; `None` dials from the node's (`outbound.dial_from = "node"`).
+    pub netns: Option<PodNetns>,
 }
 
 /// Everything an outbound connection needs, shared by all of them.
@@ -343,6 +347,7 @@ impl Outbound {
         opened.get_or_insert_with(|| self.open(conn, TlsLabel::PerRequest));
         let ctx = Arc::new(ConnCtx {
             pod: conn.pod.name.clone(),
+            netns: conn.pod.netns.clone(),
             identity: conn.pod.identity.clone(),
             client: conn.peer,
             source_addr: conn.source_addr(),
@@ -410,7 +415,12 @@ impl Outbound {
         // handshakes) is a large future, needed only until the connection
         // is up. Inline, it and hyper's connection state made every
         // connection's task 8.5 KiB; boxed, the task is 2.4 KiB.
-        let connect = Box::pin(self.upstreams.connect(path, target, headers.clone()));
+        let connect = Box::pin(self.upstreams.connect(
+            path,
+            target,
+            headers.clone(),
+            conn.pod.netns.as_ref(),
+        ));
         let upstream = match connect.await {
             Ok(u) => u,
             Err(e) => {
