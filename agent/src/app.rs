@@ -76,6 +76,7 @@ impl OriginalDst for KernelOriginalDst {
 
 /// Runs the agent until SIGTERM/SIGINT and the drain are done.
 pub fn run(config: Config, path: Option<PathBuf>, log_level: LogLevelHandle) -> Result<()> {
+    raise_open_files_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.runtime.workers)
         .thread_name("waymark-worker")
@@ -83,6 +84,26 @@ pub fn run(config: Config, path: Option<PathBuf>, log_level: LogLevelHandle) -> 
         .build()
         .context("cannot start the data-path runtime")?;
     runtime.block_on(run_async(config, path, log_level))
+}
+
+/// Every proxied connection holds two descriptors (three with its kernel
+/// counters' lookups in flight), so the default soft limit (often 1,024)
+/// would refuse connections long before the node is busy. The soft limit
+/// goes up to the hard one, which only the node's administrator sets.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => info!(
+                from = soft,
+                to = hard,
+                "open files limit raised to the hard limit"
+            ),
+            Err(e) => warn!(soft, hard, error = %e, "cannot raise the open files limit"),
+        },
+        Ok((soft, _)) => info!(limit = soft, "open files limit (already the hard limit)"),
+        Err(e) => warn!(error = %e, "cannot read the open files limit"),
+    }
 }
 
 async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHandle) -> Result<()> {
@@ -397,6 +418,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
             upstreams: upstreams.clone(),
             authz: authz.clone(),
             metrics: reload_metrics,
+            keylog_wired: key_log.is_some(),
         };
         tokio::spawn(reloader.run(stop_reload.clone()));
     }

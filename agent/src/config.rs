@@ -209,7 +209,16 @@ pub struct RedirectConfig {
     /// Destinations that are never redirected. Loopback is always excluded.
     #[serde(default)]
     pub exclude: Vec<ExcludeConfig>,
+    /// Link-local destinations (`169.254.0.0/16`, `fe80::/10`: the cloud
+    /// metadata service, node-local caches) are not redirected unless this
+    /// is set: the pod reaches them as itself, or not at all, and the agent
+    /// never dials them on its behalf.
+    #[serde(default)]
+    pub proxy_link_local: bool,
 }
+
+/// The link-local networks left to the pods themselves by default.
+pub const LINK_LOCAL: [&str; 2] = ["169.254.0.0/16", "fe80::/10"];
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -461,15 +470,25 @@ impl Config {
 
     /// Excluded destinations as the redirect programs take them. Loopback is
     /// not listed: the programs never redirect it.
+    /// What the redirect programs leave alone: `redirect.exclude`, and the
+    /// link-local networks unless `redirect.proxy_link_local`.
     pub fn excludes(&self) -> Vec<crate::redirect::Exclude> {
-        self.redirect
+        let mut out: Vec<_> = self
+            .redirect
             .exclude
             .iter()
             .map(|e| crate::redirect::Exclude {
                 net: e.net,
                 ports: e.ports.clone(),
             })
-            .collect()
+            .collect();
+        if !self.redirect.proxy_link_local {
+            out.extend(LINK_LOCAL.iter().map(|net| crate::redirect::Exclude {
+                net: net.parse().expect("constant CIDR"),
+                ports: Vec::new(),
+            }));
+        }
+        out
     }
 }
 

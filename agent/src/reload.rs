@@ -75,6 +75,10 @@ pub struct Reloader {
     /// The inbound authorization rules (mTLS on).
     pub authz: Option<Arc<InboundAuthz>>,
     pub metrics: ReloadMetrics,
+    /// Whether the tunnel's TLS secrets were wired to the capture key log at
+    /// start (`capture.enabled` and `capture.keylog` then): only a restart
+    /// can wire them, so a reload cannot turn key-log captures on.
+    pub keylog_wired: bool,
 }
 
 impl Reloader {
@@ -143,6 +147,7 @@ impl Reloader {
                 let keep: std::collections::HashSet<_> = current.endpoint_addrs().collect();
                 self.pool.retain(|a| keep.contains(a));
                 let mut merged = (*old).clone();
+                merged.capture = self.capture_section(&new);
                 merged.services = new.services;
                 merged.balancer = new.balancer;
                 merged.nodes = new.nodes;
@@ -169,6 +174,24 @@ impl Reloader {
                 false
             }
         }
+    }
+}
+
+impl Reloader {
+    /// The `[capture]` a reload puts in force: every limit is read per
+    /// capture request, so the new section applies to the next request
+    /// (a running capture keeps the bounds it started with); only turning
+    /// key-log captures on needs a restart.
+    fn capture_section(&self, new: &Config) -> crate::config::capture::CaptureConfig {
+        let mut capture = new.capture.clone();
+        if capture.enabled && capture.keylog && !self.keylog_wired {
+            warn!(
+                section = "capture.keylog",
+                "config change needs a restart to take effect; key-log captures stay off"
+            );
+            capture.keylog = false;
+        }
+        capture
     }
 }
 

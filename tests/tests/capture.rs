@@ -449,6 +449,77 @@ fn an_unfiltered_node_capture_leaves_out_the_admin_api() {
     });
 }
 
+/// A reload that turns capture off takes effect: the next capture is
+/// refused as disabled (before, the agent kept capturing while reporting
+/// the reload a success); turned on again, captures work again. Turning
+/// key-log captures on needs a restart, and the agent says so.
+#[test]
+fn a_reload_of_the_capture_section_takes_effect() {
+    require_agent_or_skip!();
+    let builder = World::builder(world_name!()).nodes(1).pods_per_node(1);
+    with_world(builder, |world| {
+        let node = world.node(0);
+        let pod = world.pod(0, 0).name().to_string();
+        let set = |enabled: bool, keylog: bool| {
+            node.update_config(|c| {
+                let mut t = toml::Table::new();
+                t.insert("enabled".into(), enabled.into());
+                t.insert("keylog".into(), keylog.into());
+                c.insert("capture".into(), toml::Value::Table(t));
+            })
+        };
+        let reloads = |n: usize| {
+            eventually(Duration::from_secs(10), || {
+                let log = node.agent_log();
+                ensure!(log.matches("config reloaded").count() >= n, "{log}");
+                Ok(())
+            })
+        };
+        let (status, stderr) =
+            capture_once(world, node, "before", &["--pod", &pod, "--duration", "1s"])?;
+        ensure!(status.success(), "{stderr}");
+
+        set(false, false)?;
+        reloads(1)?;
+        let (status, stderr) = capture_once(
+            world,
+            node,
+            "disabled",
+            &["--pod", &pod, "--duration", "1s"],
+        )?;
+        ensure!(
+            !status.success(),
+            "a capture ran after capture was turned off"
+        );
+        ensure!(
+            stderr.contains("403") && stderr.contains("capture.enabled = false"),
+            "{stderr}"
+        );
+
+        set(true, true)?;
+        reloads(2)?;
+        let (status, stderr) =
+            capture_once(world, node, "again", &["--pod", &pod, "--duration", "1s"])?;
+        ensure!(status.success(), "{stderr}");
+        let (status, stderr) = capture_once(
+            world,
+            node,
+            "keylog",
+            &["--node", "--keylog", "--duration", "1s"],
+        )?;
+        ensure!(
+            !status.success() && stderr.contains("keylog captures are disabled"),
+            "key-log captures must stay off until a restart: {stderr}"
+        );
+        ensure!(
+            node.agent_log().contains("section=\"capture.keylog\""),
+            "the agent must say capture.keylog needs a restart: {}",
+            node.agent_log()
+        );
+        Ok(())
+    });
+}
+
 /// A node capture with `--keylog` of the node-to-node tunnel carries the TLS
 /// secrets the agent derived while it ran: tshark decrypts the TLS 1.3
 /// between the agents and shows the HTTP/2 `CONNECT` stream to the server

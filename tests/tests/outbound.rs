@@ -559,6 +559,90 @@ fn same_node_pods_go_through_the_agent() {
     });
 }
 
+/// (11d) The agent raises its open-files soft limit to the hard limit at
+/// start (every proxied connection holds two descriptors): started with
+/// 1,024 of 20,000, it runs with 20,000 and says so in its log.
+#[test]
+fn the_open_files_limit_is_raised_to_the_hard_limit() {
+    require_agent_or_skip!();
+    /// Removes the wrapper's directory, also when the test fails.
+    struct Dir(std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let dir = Dir(std::env::temp_dir().join(format!("waymark-nofile-{}", std::process::id())));
+    let setup = || -> Result<(std::path::PathBuf, String)> {
+        std::fs::create_dir_all(&dir.0)?;
+        let wrapper = dir.0.join("waymark-low-nofile");
+        let hard = std::fs::read_to_string("/proc/self/limits")?
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .and_then(|l| l.split_whitespace().nth(4).map(str::to_string))
+            .context("no open files limit in /proc/self/limits")?;
+        std::fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\nexec prlimit --nofile=1024:{hard} {} \"$@\"\n",
+                waymark_tests::world::agent::waymark_bin()?.display()
+            ),
+        )?;
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
+        Ok((wrapper, hard))
+    };
+    let (wrapper, hard) = setup().unwrap_or_else(|e| panic!("{e:#}"));
+    let b = World::builder(world_name!())
+        .nodes(1)
+        .pods_per_node(1)
+        .agent_bin(&wrapper);
+    with_world(b, |world| {
+        let node = world.node(0);
+        let pid = node.agent_pid().context("no agent")?;
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits"))?;
+        let line = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .context("no open files line")?;
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        ensure!(
+            cols.get(3) == Some(&hard.as_str()) && cols.get(4) == Some(&hard.as_str()),
+            "the agent runs with {line:?}, expected soft = hard = {hard}"
+        );
+        let log = node.agent_log();
+        ensure!(
+            log.contains("open files limit raised to the hard limit from=1024"),
+            "the agent does not log the raise: {log}"
+        );
+        Ok(())
+    });
+}
+
+/// (11c) Link-local destinations (the cloud metadata address lives there)
+/// are not redirected by default: the pod reaches them as itself, and the
+/// agent never dials them on its behalf.
+#[test]
+fn link_local_destinations_are_left_to_the_pod() {
+    require_agent_or_skip!();
+    let b = World::builder(world_name!()).nodes(1).pods_per_node(1);
+    with_world(b, |world| {
+        let (cl, node) = (world.pod(0, 0), world.node(0));
+        // A metadata-like service on a link-local address of the node.
+        node.run_ok(Command::new("ip").args(["addr", "add", "169.254.77.1/32", "dev", "lo"]))?;
+        let target = "169.254.77.1:7400";
+        let _svc = node.serve(&mut testpeer(["whoami", "--listen", target]))?;
+        let source = whoami(cl, target)?;
+        ensure!(source == cl.ip(), "the service saw {source}, not the pod");
+        // A proxied destination for comparison, so the metric is live.
+        let bridge = format!("{}:7401", topology::node_bridge_ip(0));
+        let _other = node.serve(&mut testpeer(["whoami", "--listen", &bridge]))?;
+        whoami(cl, &bridge)?;
+        expect_metric(node, OPEN, &conn(cl, &bridge), 1.0)?;
+        expect_metric(node, OPEN, &conn(cl, target), 0.0)
+    });
+}
+
 /// (11b) The agent is no confused deputy: it dials a pod's connection from
 /// the pod's own network namespace, so what the node's firewall forbids the
 /// pod stays forbidden through the agent. A service on the node's own

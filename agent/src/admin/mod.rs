@@ -116,7 +116,10 @@ impl AdminServer {
                             a = listener.accept() => match a {
                                 Ok(a) => a,
                                 Err(e) => {
+                                    // EMFILE and friends: back off instead
+                                    // of spinning on the error.
                                     warn!(error = %e, "admin accept failed");
+                                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                                     continue;
                                 }
                             },

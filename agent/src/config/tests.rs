@@ -334,3 +334,18 @@ fn endpoint_weight_and_zone() {
         Some("spiffe://cluster.local/ns/a/sa/b")
     );
 }
+
+#[test]
+fn link_local_is_left_to_the_pods_unless_configured() {
+    let c = Config::from_toml("", "test").unwrap();
+    let nets: Vec<String> = c.excludes().iter().map(|e| e.net.to_string()).collect();
+    assert_eq!(nets, ["169.254.0.0/16", "fe80::/10"]);
+    assert!(c.excludes().iter().all(|e| e.ports.is_empty()));
+    let c = Config::from_toml(
+        "[redirect]\nproxy_link_local = true\nexclude = [ { net = \"10.9.0.0/16\", ports = [80] } ]\n",
+        "test",
+    )
+    .unwrap();
+    let nets: Vec<String> = c.excludes().iter().map(|e| e.net.to_string()).collect();
+    assert_eq!(nets, ["10.9.0.0/16"]);
+}
