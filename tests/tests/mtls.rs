@@ -321,9 +321,18 @@ fn only_tls_crosses_the_fabric() {
             "client hellos without TLS 1.3: {hello:?}"
         );
         let client_ip = pod_ip(0, 0);
+        // The agent dials the tunnel of the client pod's traffic in the
+        // pod's own namespace: the TLS leaves from the pod's address.
+        ensure!(
+            tls.iter()
+                .any(|l| l.split_whitespace().next() == Some(client_ip.as_str())),
+            "no tunnel connection from the client pod's address {client_ip}: {tls:?}"
+        );
         let leaked = tshark(
             &fabric_file,
-            &format!("ip.addr=={client_ip} && tcp.len>0"),
+            // The tunnel itself leaves from the client pod's address (the
+            // agent dials it in the pod's namespace); nothing else may.
+            &format!("ip.addr=={client_ip} && tcp.len>0 && !(tcp.port==15008)"),
             &["frame.number"],
         )?;
         ensure!(

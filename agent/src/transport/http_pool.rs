@@ -70,25 +70,24 @@ struct Idle {
 
 /// Connections are shared only by requests that take the same path to the
 /// same endpoint: a tunnelled connection carries its source workload's
-/// certificate, so two workloads never share one; a direct connection made
-/// in a pod's network namespace carries that pod's address, so two pods
-/// never share one either.
+/// certificate, so two workloads never share one; a connection made in a
+/// pod's network namespace (direct, or the tunnel connection under it)
+/// carries that pod's address, so two pods never share one either.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Key {
     pub addr: SocketAddr,
     pub path: Path,
-    /// The source pod's namespace, for direct paths only (the tunnel
-    /// connection is the node's).
+    /// The source pod's namespace, where the connection is made.
     source: Option<PodNetns>,
 }
 
 impl Key {
     pub fn new(addr: SocketAddr, path: Path, source: Option<&PodNetns>) -> Self {
-        let source = match path {
-            Path::Direct(_) => source.cloned(),
-            Path::Tunnel { .. } => None,
-        };
-        Self { addr, path, source }
+        Self {
+            addr,
+            path,
+            source: source.cloned(),
+        }
     }
 }
 

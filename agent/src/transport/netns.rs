@@ -28,6 +28,21 @@ use std::sync::Arc;
 
 use nix::sched::{CloneFlags, setns};
 use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// A TCP connection to `addr` made in `from`, the source pod's namespace,
+/// or in the node's when `None` (`outbound.dial_from = "node"`, or no pod).
+pub async fn connect(from: Option<&PodNetns>, addr: SocketAddr) -> io::Result<TcpStream> {
+    match from {
+        None => TcpStream::connect(addr).await,
+        Some(ns) => {
+            let socket = ns.tcp_socket(addr)?;
+            TcpSocket::from_std_stream(socket.into())
+                .connect(addr)
+                .await
+        }
+    }
+}
 
 /// A pod's network namespace, held open by the agent: `cookie` is the
 /// kernel's id of it (what the redirect maps and kernel counters key on).

@@ -20,12 +20,12 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::config::{Config, NodeEntry};
 use crate::identity::{SpiffeId, TlsFailure};
-use crate::transport::netns::PodNetns;
+use crate::transport::netns::{self, PodNetns};
 use crate::transport::tls_label::{NoTlsReason, TlsLabel};
 use crate::transport::tunnel::{ConnectHeaders, TunnelError, TunnelPool, TunnelStream};
 
@@ -229,7 +229,14 @@ impl Upstreams {
                 };
                 let opened = mesh
                     .pool
-                    .open(local, *peer, peer_identity, target, headers.to_header_map())
+                    .open(
+                        local,
+                        *peer,
+                        peer_identity,
+                        target,
+                        headers.to_header_map(),
+                        from,
+                    )
                     .await;
                 match opened {
                     Ok(s) => {
@@ -263,17 +270,7 @@ impl Upstreams {
         from: Option<&PodNetns>,
     ) -> Result<TcpStream, UpstreamError> {
         let timeout = self.connect_timeout;
-        let connect = async {
-            match from {
-                None => TcpStream::connect(addr).await,
-                Some(ns) => {
-                    let socket = ns.tcp_socket(addr)?;
-                    let socket = TcpSocket::from_std_stream(socket.into());
-                    socket.connect(addr).await
-                }
-            }
-        };
-        let stream = match tokio::time::timeout(timeout, connect).await {
+        let stream = match tokio::time::timeout(timeout, netns::connect(from, addr)).await {
             Err(_) => return Err(UpstreamError::Timeout { addr, timeout }),
             Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
                 return Err(UpstreamError::Refused(addr));

@@ -81,6 +81,7 @@ impl World {
             &self.node_b,
             self.echo,
             headers.to_header_map(),
+            None,
         )
         .await
     }
@@ -266,7 +267,7 @@ async fn wrong_expected_peer_identity_is_rejected() {
     let node_c = SpiffeId::new(TD, "waymark-system", "node-c").unwrap();
     let err = w
         .pool()
-        .open(&web, w.server, &node_c, w.echo, HeaderMap::new())
+        .open(&web, w.server, &node_c, w.echo, HeaderMap::new(), None)
         .await
         .unwrap_err();
     assert_eq!(err.tls_failure(), Some(TlsFailure::WrongIdentity), "{err}");
@@ -316,7 +317,7 @@ async fn source_header_must_match_the_certificate() {
     );
     let err = w
         .pool()
-        .open(&web, w.server, &w.node_b, w.echo, headers)
+        .open(&web, w.server, &w.node_b, w.echo, headers, None)
         .await
         .unwrap_err();
     assert!(matches!(err, TunnelError::Denied { .. }), "{err}");
@@ -338,7 +339,14 @@ async fn unreachable_target_is_503() {
     };
     let err = w
         .pool()
-        .open(&web, w.server, &w.node_b, closed, headers.to_header_map())
+        .open(
+            &web,
+            w.server,
+            &w.node_b,
+            closed,
+            headers.to_header_map(),
+            None,
+        )
         .await
         .unwrap_err();
     match err {
@@ -420,7 +428,7 @@ async fn oversized_connect_headers_are_rejected() {
     .to_header_map();
     headers.insert("x-padding", "a".repeat(64 * 1024).parse().unwrap());
     let err = pool
-        .open(&web, w.server, &w.node_b, w.echo, headers)
+        .open(&web, w.server, &w.node_b, w.echo, headers, None)
         .await
         .unwrap_err();
     eprintln!("oversized CONNECT headers: {err}");

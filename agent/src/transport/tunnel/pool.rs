@@ -24,7 +24,6 @@ use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 use tracing::{Instrument, debug, info_span};
@@ -34,6 +33,7 @@ use crate::identity::{
     CertStore, SpiffeId, TlsConfigError, TlsFailure, TrustBundle, client_config,
     with_client_key_log,
 };
+use crate::transport::netns::{self, PodNetns};
 use crate::transport::tunnel::stream::{ActiveGuard, TunnelStream};
 use crate::transport::tunnel::{DENY_REASON, ERROR_REASON};
 
@@ -131,6 +131,10 @@ struct Key {
     peer: SocketAddr,
     local: SpiffeId,
     expected: SpiffeId,
+    /// The source pod's network namespace the connection is made in (see
+    /// `transport::netns`): a pod's tunnel leaves with the pod's address,
+    /// so pods never share one; `None`: the node's.
+    source: Option<PodNetns>,
 }
 
 /// How a pooled connection ended.
@@ -203,11 +207,13 @@ impl TunnelPool {
         expected_peer: &SpiffeId,
         target: SocketAddr,
         headers: HeaderMap,
+        from: Option<&PodNetns>,
     ) -> Result<TunnelStream, TunnelError> {
         let key = Key {
             peer,
             local: local.clone(),
             expected: expected_peer.clone(),
+            source: from.cloned(),
         };
         let (mut conn, guard) = self.checkout(&key).await?;
         let mut req = Request::builder()
@@ -283,13 +289,16 @@ impl TunnelPool {
 
     async fn connect(&self, key: &Key, serial: String) -> Result<Conn, TunnelError> {
         let peer = key.peer;
-        let tcp = tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(peer))
-            .await
-            .map_err(|_| TunnelError::Timeout {
-                peer,
-                what: "TCP connect",
-            })?
-            .map_err(|source| TunnelError::Connect { peer, source })?;
+        let tcp = tokio::time::timeout(
+            self.config.connect_timeout,
+            netns::connect(key.source.as_ref(), peer),
+        )
+        .await
+        .map_err(|_| TunnelError::Timeout {
+            peer,
+            what: "TCP connect",
+        })?
+        .map_err(|source| TunnelError::Connect { peer, source })?;
         let _ = tcp.set_nodelay(true);
         let tls_config = self.tls_config(&key.local, &key.expected)?;
         let tls = tokio::time::timeout(
