@@ -44,8 +44,13 @@ impl Query {
             .map(|(_, v)| v.as_str())
     }
 
+    /// A boolean parameter as Go's `strconv.ParseBool` reads it (the Python
+    /// client sends `watch=True`).
     fn flag(&self, name: &str) -> bool {
-        matches!(self.get(name), Some("true" | "1"))
+        matches!(
+            self.get(name),
+            Some("1" | "t" | "T" | "true" | "TRUE" | "True")
+        )
     }
 }
 
