@@ -343,11 +343,17 @@ fn apply_patch(
             patch::merge_patch(&mut obj, body)
         }
         "application/strategic-merge-patch+json" => patch::strategic_merge_patch(&mut obj, body),
+        "application/json-patch+json" => patch::json_patch(&mut obj, body).map_err(|why| {
+            ApiError::new(
+                Reason::Invalid,
+                format!("the JSON patch cannot be applied: {why}"),
+            )
+        })?,
         other => {
             return Err(ApiError::new(
                 Reason::UnsupportedMediaType,
                 format!(
-                    "the body of the request was in an unknown format - accepted media types include: application/merge-patch+json, application/strategic-merge-patch+json, application/apply-patch+yaml (got {other:?})"
+                    "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json, application/apply-patch+yaml (got {other:?})"
                 ),
             ));
         }

@@ -8,6 +8,8 @@
 //! `$patch: delete` entries, `$deleteFromPrimitiveList/<field>` and
 //! `$retainKeys` are honoured or dropped; every other list is replaced, as in
 //! a merge patch.
+//!
+//! JSON patch (RFC 6902) is complete: add, remove, replace, move, copy, test.
 
 use serde_json::{Map, Value};
 
@@ -130,6 +132,105 @@ fn merge_keyed_list(current: Option<&Value>, patch: &[Value], order: &[Value]) -
     Value::Array(out)
 }
 
+/// RFC 6902. The error says which operation failed and why.
+pub fn json_patch(target: &mut Value, patch: &Value) -> Result<(), String> {
+    let ops = patch
+        .as_array()
+        .ok_or("a JSON patch must be an array of operations")?;
+    for (i, op) in ops.iter().enumerate() {
+        apply_op(target, op).map_err(|why| format!("operation {i} ({op}): {why}"))?;
+    }
+    Ok(())
+}
+
+fn apply_op(target: &mut Value, op: &Value) -> Result<(), String> {
+    let path = op["path"].as_str().ok_or("missing path")?;
+    let value = || op.get("value").cloned().ok_or("missing value");
+    let from = || op["from"].as_str().ok_or("missing from");
+    match op["op"].as_str().ok_or("missing op")? {
+        "add" => add(target, path, value()?),
+        "remove" => remove(target, path).map(drop),
+        "replace" => {
+            let slot = target.pointer_mut(path).ok_or("path does not exist")?;
+            *slot = value()?;
+            Ok(())
+        }
+        "move" => {
+            let moved = remove(target, from()?)?;
+            add(target, path, moved)
+        }
+        "copy" => {
+            let copied = target
+                .pointer(from()?)
+                .cloned()
+                .ok_or("from does not exist")?;
+            add(target, path, copied)
+        }
+        "test" => match target.pointer(path) {
+            Some(v) if *v == value()? => Ok(()),
+            _ => Err("test failed".into()),
+        },
+        other => Err(format!("unknown op {other:?}")),
+    }
+}
+
+/// Splits a JSON pointer into its parent pointer and unescaped last token.
+fn split_pointer(path: &str) -> Result<(&str, String), String> {
+    let (parent, last) = path
+        .rsplit_once('/')
+        .ok_or("the path must start with '/'")?;
+    Ok((parent, last.replace("~1", "/").replace("~0", "~")))
+}
+
+fn add(target: &mut Value, path: &str, value: Value) -> Result<(), String> {
+    if path.is_empty() {
+        *target = value;
+        return Ok(());
+    }
+    let (parent, key) = split_pointer(path)?;
+    match target
+        .pointer_mut(parent)
+        .ok_or("the parent does not exist")?
+    {
+        Value::Object(m) => {
+            m.insert(key, value);
+            Ok(())
+        }
+        Value::Array(a) => {
+            let at = if key == "-" {
+                a.len()
+            } else {
+                key.parse().map_err(|_| "bad array index")?
+            };
+            if at > a.len() {
+                return Err("array index out of range".into());
+            }
+            a.insert(at, value);
+            Ok(())
+        }
+        _ => Err("the parent is neither an object nor an array".into()),
+    }
+}
+
+fn remove(target: &mut Value, path: &str) -> Result<Value, String> {
+    let (parent, key) = split_pointer(path)?;
+    match target
+        .pointer_mut(parent)
+        .ok_or("the parent does not exist")?
+    {
+        Value::Object(m) => m
+            .remove(&key)
+            .ok_or_else(|| "path does not exist".to_string()),
+        Value::Array(a) => {
+            let at: usize = key.parse().map_err(|_| "bad array index")?;
+            (at < a.len())
+                .then(|| a.remove(at))
+                .ok_or_else(|| "array index out of range".to_string())
+        }
+        _ => Err("the parent is neither an object nor an array".into()),
+    }
+}
+
 fn strip_directives(v: &mut Value) {
     match v {
         Value::Object(m) => {
@@ -181,6 +282,30 @@ mod tests {
                 {"name": "app", "image": "a:2", "ports": [{"containerPort": 80}]},
             ]}, "metadata": {"finalizers": ["x"]}})
         );
+    }
+
+    #[test]
+    fn json_patch_operations() {
+        let mut t = json!({"metadata": {"labels": {"a/b": "1"}}, "l": [1, 2]});
+        let patch = json!([
+            {"op": "add", "path": "/metadata/labels/x", "value": "y"},
+            {"op": "remove", "path": "/metadata/labels/a~1b"},
+            {"op": "add", "path": "/l/-", "value": 3},
+            {"op": "add", "path": "/l/0", "value": 0},
+            {"op": "replace", "path": "/l/1", "value": 9},
+            {"op": "copy", "from": "/l", "path": "/c"},
+            {"op": "move", "from": "/c", "path": "/m"},
+            {"op": "test", "path": "/m/0", "value": 0},
+        ]);
+        json_patch(&mut t, &patch).unwrap();
+        assert_eq!(
+            t,
+            json!({"metadata": {"labels": {"x": "y"}}, "l": [0, 9, 2, 3], "m": [0, 9, 2, 3]})
+        );
+        let err = json_patch(&mut t, &json!([{"op": "test", "path": "/l/0", "value": 5}]));
+        assert!(err.unwrap_err().contains("test failed"));
+        assert!(json_patch(&mut t, &json!([{"op": "remove", "path": "/nope"}])).is_err());
+        assert!(json_patch(&mut t, &json!({"op": "add"})).is_err());
     }
 
     #[test]

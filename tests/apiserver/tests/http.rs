@@ -193,7 +193,7 @@ async fn bad_input_gets_status_errors() {
         a,
         Method::PATCH,
         "/api/v1/namespaces/default/pods/a",
-        Some(("application/json-patch+json", "[]")),
+        Some(("application/x-yaml", "[]")),
     )
     .await;
     assert_eq!(

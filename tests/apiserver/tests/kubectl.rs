@@ -401,3 +401,61 @@ async fn kubectl_reports_forbidden_and_server_errors() {
     let (ok, _, err) = k.run(&["apply", "-f", path.to_str().unwrap()]).await;
     assert!(!ok && err.contains("is invalid"), "{err}");
 }
+
+#[tokio::test]
+async fn kubectl_applies_the_deploy_manifest_and_patches() {
+    let Some((server, k, _scratch)) =
+        setup("kubectl_applies_the_deploy_manifest_and_patches").await
+    else {
+        return;
+    };
+    let manifest = clients::crate_dir().join("../../deploy/daemonset.yaml");
+    let manifest = manifest.to_str().unwrap();
+    let out = k.ok(&["apply", "-f", manifest]).await;
+    assert!(out.contains("daemonset.apps/waymark created"), "{out}");
+    let out = k.ok(&["apply", "-f", manifest]).await;
+    assert!(out.contains("daemonset.apps/waymark unchanged"), "{out}");
+    let ds = k.json(&["get", "ds", "-A"]).await;
+    assert_eq!(ds["items"][0]["metadata"]["namespace"], "waymark-system");
+    // Server-side apply (kubectl sends the object as JSON).
+    let ns = fixture("01-namespace.yaml");
+    let out = k.ok(&["apply", "--server-side", "-f", &ns]).await;
+    assert!(out.contains("namespace/shop serverside-applied"), "{out}");
+    // JSON patch and merge patch.
+    k.ok(&[
+        "patch",
+        "ns",
+        "shop",
+        "--type",
+        "json",
+        "-p",
+        r#"[{"op":"add","path":"/metadata/labels/team","value":"a"}]"#,
+    ])
+    .await;
+    k.ok(&[
+        "patch",
+        "ns",
+        "shop",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"metadata":{"labels":{"waymark.dev/mesh":null}}}"#,
+    ])
+    .await;
+    let shop = server.get("v1", "Namespace", None, "shop").unwrap();
+    assert_eq!(shop["metadata"]["labels"], json!({"team": "a"}));
+    let (ok, _, err) = k
+        .run(&[
+            "patch",
+            "ns",
+            "shop",
+            "--type",
+            "json",
+            "-p",
+            r#"[{"op":"test","path":"/metadata/name","value":"x"}]"#,
+        ])
+        .await;
+    assert!(!ok && err.contains("test failed"), "{err}");
+    let out = k.ok(&["delete", "-f", manifest]).await;
+    assert!(out.contains("daemonset.apps \"waymark\" deleted"), "{out}");
+}
