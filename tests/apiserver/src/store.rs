@@ -5,6 +5,7 @@
 //! Compaction forgets history, after which older resourceVersions get 410.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::ops::Bound;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -537,27 +538,39 @@ impl Store {
         }
     }
 
-    /// The objects of a type as they were at `rv`, rebuilt by undoing the
-    /// history written after it.
-    fn snapshot(&self, t: &ResourceType, rv: u64) -> Result<Objects, ApiError> {
+    /// The objects of a type as they were at `rv`, in key order, borrowed:
+    /// the current objects with the writes after `rv` undone (the state
+    /// before the oldest such write of each key wins). Only keys under
+    /// `prefix` (a namespace's `ns/`) are read.
+    fn snapshot<'a>(
+        &'a self,
+        t: &ResourceType,
+        rv: u64,
+        prefix: &str,
+    ) -> Result<Vec<(&'a str, &'a Value)>, ApiError> {
         if rv < self.compacted {
             return Err(ApiError::too_old(rv, self.compacted));
         }
-        let mut objs = self.objects(t).cloned().unwrap_or_default();
+        let mut undo: BTreeMap<&str, Option<&Value>> = BTreeMap::new();
         for ev in self.history.iter().rev().take_while(|e| e.rv > rv) {
-            if ev.group != t.group || ev.resource != t.plural {
-                continue;
-            }
-            match (&ev.kind, &ev.prev) {
-                (EventType::Added, _) => {
-                    objs.remove(&ev.key);
-                }
-                (_, Some(prev)) => {
-                    objs.insert(ev.key.clone(), prev.clone());
-                }
-                (_, None) => {}
+            if ev.group == t.group && ev.resource == t.plural && ev.key.starts_with(prefix) {
+                let before = match ev.kind {
+                    EventType::Added => None,
+                    _ => ev.prev.as_ref(),
+                };
+                undo.insert(ev.key.as_str(), before);
             }
         }
+        let mut objs: Vec<(&str, &Value)> = self
+            .objects(t)
+            .into_iter()
+            .flat_map(|o| o.range::<str, _>((Bound::Included(prefix), Bound::Unbounded)))
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .filter(|(k, _)| !undo.contains_key(k.as_str()))
+            .map(|(k, v)| (k.as_str(), v))
+            .collect();
+        objs.extend(undo.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))));
+        objs.sort_unstable_by(|a, b| a.0.cmp(b.0));
         Ok(objs)
     }
 
@@ -585,19 +598,20 @@ impl Store {
                 _ => (self.rv, None),
             },
         };
-        let objs = self.snapshot(t, rv)?;
-        let prefix = ns.filter(|_| t.namespaced).map(|n| format!("{n}/"));
-        let mut matching = objs.iter().filter(|(k, v)| {
-            prefix.as_ref().is_none_or(|p| k.starts_with(p.as_str()))
-                && after.as_ref().is_none_or(|a| k.as_str() > a.as_str())
-                && sel.matches(v)
-        });
+        let prefix = ns
+            .filter(|_| t.namespaced)
+            .map(|n| format!("{n}/"))
+            .unwrap_or_default();
+        let objs = self.snapshot(t, rv, &prefix)?;
+        let mut matching = objs
+            .iter()
+            .filter(|(k, v)| after.as_deref().is_none_or(|a| *k > a) && sel.matches(v));
         let limit = params.limit.filter(|l| *l > 0).unwrap_or(usize::MAX);
         let mut items = Vec::new();
         let mut last_key = None;
         for (k, v) in matching.by_ref().take(limit) {
-            items.push(v.clone());
-            last_key = Some(k.clone());
+            items.push((*v).clone());
+            last_key = Some(k.to_string());
         }
         let rest = matching.count();
         if rest == 0 {

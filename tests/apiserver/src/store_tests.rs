@@ -87,10 +87,16 @@ fn lists_page_through_one_snapshot() {
     // Writes between pages do not show in later pages.
     s.create(&t, Some("default"), pod("p9", "web")).unwrap();
     s.delete(&t, Some("default"), "p3", &Value::Null).unwrap();
+    s.replace(&t, Some("default"), "p4", pod("p4", "changed"))
+        .unwrap();
+    s.replace(&t, Some("default"), "p4", pod("p4", "again"))
+        .unwrap();
+    s.create(&t, Some("kube-system"), pod("p5", "web")).unwrap();
     let mut names: Vec<String> = page1
         .iter()
         .map(|p| p["metadata"]["name"].as_str().unwrap().into())
         .collect();
+    let mut apps = Vec::new();
     let mut token = token;
     while let Some(tok) = token {
         let params = ListParams {
@@ -106,9 +112,19 @@ fn lists_page_through_one_snapshot() {
                 .iter()
                 .map(|p| p["metadata"]["name"].as_str().unwrap().to_string()),
         );
+        apps.extend(
+            page.items
+                .iter()
+                .map(|p| p["metadata"]["labels"]["app"].clone()),
+        );
         token = next;
     }
     assert_eq!(names, ["p0", "p1", "p2", "p3", "p4"]);
+    assert_eq!(
+        apps,
+        ["web", "web", "web"],
+        "p4 as it was at the first page"
+    );
     // After compaction the snapshot is gone: 410.
     let token = s
         .list(&t, Some("default"), &all, &params)
