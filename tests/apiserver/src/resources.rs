@@ -170,6 +170,7 @@ impl Default for Registry {
                 b("", "v1", "serviceaccounts", "ServiceAccount", true, &["sa"]),
                 b("", "v1", "configmaps", "ConfigMap", true, &["cm"]),
                 b("", "v1", "secrets", "Secret", true, &[]),
+                b("", "v1", "events", "Event", true, &["ev"]),
                 b(
                     "discovery.k8s.io",
                     "v1",
@@ -229,6 +230,7 @@ impl Default for Registry {
                     &["pc"],
                 ),
                 b("coordination.k8s.io", "v1", "leases", "Lease", true, &[]),
+                b("events.k8s.io", "v1", "events", "Event", true, &["ev"]),
             ],
         }
     }

@@ -541,19 +541,25 @@ impl Store {
     /// The objects of a type as they were at `rv`, in key order, borrowed:
     /// the current objects with the writes after `rv` undone (the state
     /// before the oldest such write of each key wins). Only keys under
-    /// `prefix` (a namespace's `ns/`) are read.
+    /// `prefix` (a namespace's `ns/`) and after `after` (a continue token's
+    /// last key) are read.
     fn snapshot<'a>(
         &'a self,
         t: &ResourceType,
         rv: u64,
         prefix: &str,
+        after: Option<&str>,
     ) -> Result<Vec<(&'a str, &'a Value)>, ApiError> {
         if rv < self.compacted {
             return Err(ApiError::too_old(rv, self.compacted));
         }
         let mut undo: BTreeMap<&str, Option<&Value>> = BTreeMap::new();
         for ev in self.history.iter().rev().take_while(|e| e.rv > rv) {
-            if ev.group == t.group && ev.resource == t.plural && ev.key.starts_with(prefix) {
+            if ev.group == t.group
+                && ev.resource == t.plural
+                && ev.key.starts_with(prefix)
+                && after.is_none_or(|a| ev.key.as_str() > a)
+            {
                 let before = match ev.kind {
                     EventType::Added => None,
                     _ => ev.prev.as_ref(),
@@ -564,7 +570,13 @@ impl Store {
         let mut objs: Vec<(&str, &Value)> = self
             .objects(t)
             .into_iter()
-            .flat_map(|o| o.range::<str, _>((Bound::Included(prefix), Bound::Unbounded)))
+            .flat_map(|o| {
+                let start = match after {
+                    Some(a) if a >= prefix => Bound::Excluded(a),
+                    _ => Bound::Included(prefix),
+                };
+                o.range::<str, _>((start, Bound::Unbounded))
+            })
             .take_while(|(k, _)| k.starts_with(prefix))
             .filter(|(k, _)| !undo.contains_key(k.as_str()))
             .map(|(k, v)| (k.as_str(), v))
@@ -602,19 +614,25 @@ impl Store {
             .filter(|_| t.namespaced)
             .map(|n| format!("{n}/"))
             .unwrap_or_default();
-        let objs = self.snapshot(t, rv, &prefix)?;
-        let mut matching = objs
-            .iter()
-            .filter(|(k, v)| after.as_deref().is_none_or(|a| *k > a) && sel.matches(v));
-        let limit = params.limit.filter(|l| *l > 0).unwrap_or(usize::MAX);
+        let objs = self.snapshot(t, rv, &prefix, after.as_deref())?;
+        let mut matching = objs.iter().filter(|(_, v)| sel.matches(v));
+        // resourceVersion=0 is served from the watch cache, which ignores
+        // `limit` and returns everything in one page.
+        let from_cache = params.resource_version.as_deref() == Some("0") && after.is_none();
+        let limit = params
+            .limit
+            .filter(|l| *l > 0 && !from_cache)
+            .unwrap_or(usize::MAX);
         let mut items = Vec::new();
         let mut last_key = None;
         for (k, v) in matching.by_ref().take(limit) {
             items.push((*v).clone());
             last_key = Some(k.to_string());
         }
-        let rest = matching.count();
-        if rest == 0 {
+        // The real server counts what follows only when no selector filters
+        // the list; otherwise it only knows whether more follow.
+        let remaining = sel.is_empty().then(|| matching.clone().count());
+        if remaining == Some(0) || matching.next().is_none() {
             return Ok(Page {
                 items,
                 rv,
@@ -623,8 +641,6 @@ impl Store {
             });
         }
         let token = pagination::encode(rv, last_key.as_deref().unwrap_or(""));
-        // The real server counts only when no selector filters the list.
-        let remaining = sel.is_empty().then_some(rest);
         Ok(Page {
             items,
             rv,
