@@ -276,9 +276,19 @@ async fn resource(
             let mut body = read_json(req).await?;
             let mut store = shared.store();
             if t.subresource.is_some() {
+                // Only the status changes; the resourceVersion precondition holds.
+                if !body.is_object()
+                    || !(body["metadata"].is_object() || body["metadata"].is_null())
+                {
+                    return Err(ApiError::bad_request(
+                        "the body of the request was in an unknown format - expected a JSON object with object metadata",
+                    ));
+                }
                 let mut current = store.get(rt, ns, name)?;
-                current["status"] = body["status"].take();
-                current["metadata"]["resourceVersion"] = body["metadata"]["resourceVersion"].take();
+                let take = |body: &mut Value, at: &str| body.pointer_mut(at).map(Value::take);
+                current["status"] = take(&mut body, "/status").unwrap_or(Value::Null);
+                current["metadata"]["resourceVersion"] =
+                    take(&mut body, "/metadata/resourceVersion").unwrap_or(Value::Null);
                 body = current;
             }
             let obj = store.replace(rt, ns, name, body)?;

@@ -258,7 +258,7 @@ impl ApiServer {
             .shared
             .bookmark_interval
             .lock()
-            .unwrap_or_else(|e| e.into_inner()) = every;
+            .unwrap_or_else(|e| e.into_inner()) = every.max(Duration::from_millis(1));
     }
 
     /// How many watch requests have been started (clients' retries show here).

@@ -166,7 +166,8 @@ async fn produce(
             return;
         }
     }
-    let deadline = req.timeout.map(|t| Instant::now() + t);
+    // A timeout too large to add is no timeout.
+    let deadline = req.timeout.and_then(|t| Instant::now().checked_add(t));
     let mut ticker = tokio::time::interval_at(
         Instant::now() + stop.bookmark_interval,
         stop.bookmark_interval,

@@ -200,6 +200,62 @@ async fn bad_input_gets_status_errors() {
         (code.as_u16(), v["reason"].as_str()),
         (415, Some("UnsupportedMediaType"))
     );
+    // Bodies of the wrong shape: a Status, never a dropped connection.
+    let odd: [(Method, &str, &str, &str, u16); 5] = [
+        (
+            Method::PUT,
+            "/api/v1/namespaces/default/pods/a/status",
+            "application/json",
+            "[1]",
+            400,
+        ),
+        (
+            Method::PUT,
+            "/api/v1/namespaces/default/pods/a/status",
+            "application/json",
+            r#"{"metadata":"x"}"#,
+            400,
+        ),
+        (
+            Method::PATCH,
+            "/api/v1/namespaces/default/pods/a",
+            "application/merge-patch+json",
+            "[1]",
+            400,
+        ),
+        (
+            Method::PATCH,
+            "/api/v1/namespaces/default/pods/a",
+            "application/json-patch+json",
+            r#"{"op":"add"}"#,
+            422,
+        ),
+        (
+            Method::DELETE,
+            "/api/v1/namespaces/default/pods/a",
+            "application/json",
+            "{",
+            400,
+        ),
+    ];
+    for (method, path, content_type, body, want) in odd {
+        let (code, v) = call(a, method.clone(), path, Some((content_type, body))).await;
+        assert_eq!(
+            (code.as_u16(), v["kind"].as_str()),
+            (want, Some("Status")),
+            "{method} {path} {body}: {v}"
+        );
+    }
+    let mut w = WatchStream::open(
+        a,
+        "/api/v1/pods?watch=1&timeoutSeconds=18446744073709551615",
+    )
+    .await;
+    assert_eq!(
+        w.next(WAIT).await.unwrap()["type"],
+        "ADDED",
+        "a huge timeout is no timeout"
+    );
 }
 
 #[tokio::test]
