@@ -462,6 +462,34 @@ async fn watch_from_zero_sends_current_state_and_selectors_turn_into_deletes() {
 }
 
 #[tokio::test]
+async fn watch_one_object_by_its_path() {
+    let s = server().await;
+    s.create(pod("a", json!({}), "n1")).unwrap();
+    s.create(pod("b", json!({}), "n1")).unwrap();
+    for path in [
+        "/api/v1/namespaces/default/pods/b?watch=1&resourceVersion=0",
+        "/api/v1/watch/namespaces/default/pods/b?resourceVersion=0",
+    ] {
+        let mut w = WatchStream::open(s.addr(), path).await;
+        let ev = w.next(WAIT).await.unwrap();
+        assert_eq!(ev["object"]["metadata"]["name"], "b", "{path}");
+        s.apply(pod("a", json!({"x": "1"}), "n1")).unwrap();
+        s.apply(pod("b", json!({"x": "1"}), "n1")).unwrap();
+        let ev = w.next(WAIT).await.unwrap();
+        assert_eq!(
+            (
+                ev["type"].as_str(),
+                ev["object"]["metadata"]["name"].as_str()
+            ),
+            (Some("MODIFIED"), Some("b")),
+            "{path}"
+        );
+        s.apply(pod("b", json!({}), "n1")).unwrap();
+        s.apply(pod("a", json!({}), "n1")).unwrap();
+    }
+}
+
+#[tokio::test]
 async fn send_initial_events_ends_with_a_marked_bookmark() {
     let s = server().await;
     s.create(pod("a", json!({}), "n1")).unwrap();

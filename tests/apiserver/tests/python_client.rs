@@ -161,6 +161,45 @@ async fn python_client_creates_lists_pages_patches_and_deletes() {
 }
 
 #[tokio::test]
+async fn python_client_creates_a_crd_and_watches_its_objects() {
+    let Some(python) = clients::python("python_client_creates_a_crd_and_watches_its_objects")
+    else {
+        return;
+    };
+    let server = start().await;
+    let s = script("kube_client.py");
+    let fixtures = clients::crate_dir().join("fixtures");
+    let crd = fixtures.join("05-crd-authorizationpolicy.yaml");
+    let policy = fixtures.join("06-authorizationpolicy.yaml");
+    server
+        .create(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}}))
+        .unwrap();
+    let out = run_json(
+        &python,
+        &[
+            s.to_str().unwrap(),
+            "crd",
+            &server.url(),
+            "shop",
+            crd.to_str().unwrap(),
+            policy.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(out["created_uid"], true);
+    assert_eq!(out["list_kind"], "AuthorizationPolicyList");
+    assert_eq!(
+        out["items"],
+        json!([[
+            "policy.waymark.dev/v1alpha1",
+            "AuthorizationPolicy",
+            "web-from-shop"
+        ]])
+    );
+    assert_eq!(out["events"], json!([["ADDED", "web-from-shop"]]));
+}
+
+#[tokio::test]
 async fn fixtures_and_manifests_validate_against_kubernetes_1_33() {
     let Some(python) = clients::python("fixtures_and_manifests_validate_against_kubernetes_1_33")
     else {

@@ -7,6 +7,8 @@ one JSON document that the Rust test asserts on.
   kube_client.py gone URL NAMESPACE RV [--timeout]
                                           watch from a compacted version
   kube_client.py crud URL NAMESPACE       create, list, page, patch, delete
+  kube_client.py crd URL NAMESPACE CRD_YAML OBJECT_YAML
+                                          a CRD, then its objects
 """
 
 import json
@@ -102,6 +104,41 @@ def cmd_crud(url, namespace):
     print(json.dumps(out))
 
 
+def cmd_crd(url, namespace, crd_file, object_file):
+    import yaml
+
+    config = client.Configuration()
+    config.host = url
+    api_client = client.ApiClient(config)
+    with open(crd_file) as f:
+        crd = yaml.safe_load(f)
+    with open(object_file) as f:
+        obj = yaml.safe_load(f)
+    client.ApiextensionsV1Api(api_client).create_custom_resource_definition(crd)
+    custom = client.CustomObjectsApi(api_client)
+    group, version = obj["apiVersion"].split("/")
+    plural = crd["spec"]["names"]["plural"]
+    created = custom.create_namespaced_custom_object(
+        group, version, namespace, plural, obj)
+    listed = custom.list_namespaced_custom_object(group, version, namespace,
+                                                 plural)
+    events = []
+    w = watch.Watch()
+    for event in w.stream(custom.list_namespaced_custom_object, group,
+                          version, namespace, plural, resource_version="0",
+                          timeout_seconds=10):
+        events.append([event["type"], event["object"]["metadata"]["name"]])
+        w.stop()
+    print(json.dumps({
+        "created_uid": bool(created["metadata"].get("uid")),
+        "list_kind": listed["kind"],
+        # Unstructured list items keep their apiVersion and kind.
+        "items": [[i["apiVersion"], i["kind"], i["metadata"]["name"]]
+                  for i in listed["items"]],
+        "events": events,
+    }))
+
+
 def main(argv):
     cmd, url, namespace = argv[1], argv[2], argv[3]
     if cmd == "watch":
@@ -110,6 +147,8 @@ def main(argv):
         cmd_gone(url, namespace, argv[4], "--timeout" in argv)
     elif cmd == "crud":
         cmd_crud(url, namespace)
+    elif cmd == "crd":
+        cmd_crd(url, namespace, argv[4], argv[5])
     else:
         sys.exit(f"unknown command {cmd}")
 
