@@ -10,6 +10,7 @@
 //! changes the world directly and injects faults.
 
 mod api;
+mod meta;
 mod openapi;
 pub mod pagination;
 mod patch;

@@ -12,10 +12,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
-use crate::pagination;
 use crate::resources::{CRD_GROUP, CRD_RESOURCE, NAMESPACES, Registry, ResourceType};
 use crate::selector::Selectors;
 use crate::status::ApiError;
+use crate::{meta, pagination};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventType {
@@ -187,23 +187,7 @@ impl Store {
     }
 
     fn next_uid(&mut self) -> String {
-        // splitmix64 over a per-process seed and the resourceVersion.
-        let mix = |x: u64| {
-            let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        };
-        let a = mix(self.uid_seed ^ self.rv);
-        let b = mix(a ^ 0x5555);
-        format!(
-            "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
-            (a >> 32) as u32,
-            (a >> 16) as u16,
-            a & 0xfff,
-            ((b >> 48) as u16 & 0x3fff) | 0x8000,
-            b & 0xffff_ffff_ffff
-        )
+        meta::uid(self.uid_seed, self.rv)
     }
 
     /// Checks apiVersion/kind/namespace of a written body against the URL,
@@ -282,7 +266,7 @@ impl Store {
             name = format!("{prefix}{}", &uid[..5]);
             obj["metadata"]["name"] = name.clone().into();
         }
-        validate_name(&t.kind, &name)?;
+        meta::validate_name(&t.kind, &name)?;
         if let Some(ns) = ns.filter(|_| t.namespaced) {
             let ns_type = self.registry.lookup("", "v1", NAMESPACES).cloned();
             if let Some(ns_type) = ns_type {
@@ -308,7 +292,7 @@ impl Store {
         let uid = self.next_uid();
         let meta = &mut obj["metadata"];
         meta["uid"] = uid.into();
-        meta["creationTimestamp"] = rfc3339_now().into();
+        meta["creationTimestamp"] = meta::rfc3339_now().into();
         meta["generation"] = 1.into();
         meta["resourceVersion"] = self.rv.to_string().into();
         if let Some(m) = meta.as_object_mut() {
@@ -418,7 +402,7 @@ impl Store {
             return current;
         }
         let mut obj = current.clone();
-        obj["metadata"]["deletionTimestamp"] = rfc3339_now().into();
+        obj["metadata"]["deletionTimestamp"] = meta::rfc3339_now().into();
         obj["status"]["phase"] = "Terminating".into();
         self.rv += 1;
         obj["metadata"]["resourceVersion"] = self.rv.to_string().into();
@@ -530,9 +514,9 @@ impl Store {
                     .filter(|v| v["storage"] == true).map(|v| v["name"].clone()).collect::<Vec<_>>()),
                 "conditions": [
                     {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts",
-                     "message": "no conflicts found", "lastTransitionTime": rfc3339_now()},
+                     "message": "no conflicts found", "lastTransitionTime": meta::rfc3339_now()},
                     {"type": "Established", "status": "True", "reason": "InitialNamesAccepted",
-                     "message": "the initial names have been accepted", "lastTransitionTime": rfc3339_now()},
+                     "message": "the initial names have been accepted", "lastTransitionTime": meta::rfc3339_now()},
                 ],
             });
         }
@@ -693,61 +677,6 @@ impl Store {
 
 fn bad_rv(v: &str) -> ApiError {
     ApiError::bad_request(format!("invalid resource version: {v:?}"))
-}
-
-/// RFC 1123 subdomain, the rule most kinds apply to `metadata.name`.
-fn validate_name(kind: &str, name: &str) -> Result<(), ApiError> {
-    let ok = name.len() <= 253
-        && name.split('.').all(|part| {
-            !part.is_empty()
-                && part
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-                && !part.starts_with('-')
-                && !part.ends_with('-')
-        });
-    // RBAC and a few other kinds allow path segment names (`system:x`).
-    let rbac_ok = kind.starts_with("Cluster") || kind.starts_with("Role");
-    if ok || (rbac_ok && !name.is_empty() && !name.contains('/')) {
-        return Ok(());
-    }
-    Err(ApiError::invalid(
-        kind,
-        name,
-        &format!(
-            "metadata.name: Invalid value: \"{name}\": a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character"
-        ),
-    ))
-}
-
-/// Seconds-precision UTC, the form of every Kubernetes timestamp.
-pub fn rfc3339_now() -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    rfc3339(secs)
-}
-
-fn rfc3339(secs: i64) -> String {
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }
 
 #[cfg(test)]
