@@ -299,8 +299,13 @@ impl Drop for ApiServer {
     }
 }
 
-/// How soon a deleted namespace and its objects are gone.
+/// How often terminating namespaces are looked at.
 const NAMESPACE_FINALIZE_EVERY: Duration = Duration::from_millis(100);
+/// How long a deleted namespace stays `Terminating` with its objects: long
+/// enough that `kubectl delete -f` of a namespace and its objects still finds
+/// the objects, as it does on a real cluster, where the namespace controller
+/// takes seconds.
+const NAMESPACE_GRACE: Duration = Duration::from_secs(1);
 
 fn serve(shared: Arc<Shared>, listener: TcpListener) -> Running {
     let (shutdown, mut stop) = signal::channel(false);
@@ -311,7 +316,7 @@ fn serve(shared: Arc<Shared>, listener: TcpListener) -> Running {
         loop {
             let stream = tokio::select! {
                 _ = finalize.tick() => {
-                    shared.store().finalize_namespaces();
+                    shared.store().finalize_namespaces(NAMESPACE_GRACE);
                     continue;
                 }
                 accepted = listener.accept() => match accepted {

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::Bound;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
@@ -63,8 +63,8 @@ pub struct Store {
     pub registry: Registry,
     events: broadcast::Sender<Arc<Event>>,
     uid_seed: u64,
-    /// Namespaces deleted but not yet finalized.
-    terminating: usize,
+    /// Namespaces deleted but not yet finalized, and since when.
+    terminating: Vec<(String, Instant)>,
 }
 
 /// Which page of which list: the request's `limit`, `continue`,
@@ -121,7 +121,7 @@ impl Store {
             registry: Registry::default(),
             events,
             uid_seed,
-            terminating: 0,
+            terminating: Vec::new(),
         };
         // The namespaces every cluster starts with.
         let ns_type = store
@@ -416,33 +416,27 @@ impl Store {
             obj.clone(),
             Some(current),
         );
-        self.terminating += 1;
+        self.terminating.push((name.to_string(), Instant::now()));
         obj
     }
 
-    /// Removes terminating namespaces with everything in them.
-    pub fn finalize_namespaces(&mut self) {
-        if self.terminating == 0 {
-            return;
-        }
-        self.terminating = 0;
+    /// Removes the namespaces that have been terminating for `grace`, with
+    /// everything in them.
+    pub fn finalize_namespaces(&mut self, grace: Duration) {
+        let (due, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.terminating)
+            .into_iter()
+            .partition(|(_, since)| since.elapsed() >= grace);
+        self.terminating = waiting;
         let Some(t) = self.registry.lookup("", "v1", NAMESPACES).cloned() else {
             return;
         };
-        let doomed: Vec<String> = self
-            .objects(&t)
-            .map(|o| {
-                o.iter()
-                    .filter(|(_, v)| v["status"]["phase"] == "Terminating")
-                    .map(|(k, _)| k.clone())
-                    .collect()
-            })
-            .unwrap_or_default();
-        for ns in doomed {
+        for (ns, _) in due {
             self.delete_where(|et, obj| {
                 et.namespaced && obj["metadata"]["namespace"] == ns.as_str()
             });
-            self.remove(&t, &ns);
+            if self.get(&t, None, &ns).is_ok() {
+                self.remove(&t, &ns);
+            }
         }
     }
 

@@ -213,7 +213,9 @@ fn deleting_a_namespace_or_crd_takes_its_objects() {
     let e = s.create(&t, Some("team"), pod("b", "web")).unwrap_err();
     assert_eq!(e.reason.code(), 403);
     assert!(s.get(&t, Some("team"), "a").is_ok());
-    s.finalize_namespaces();
+    s.finalize_namespaces(std::time::Duration::from_secs(60));
+    assert!(s.get(&t, Some("team"), "a").is_ok(), "not yet");
+    s.finalize_namespaces(std::time::Duration::ZERO);
     assert!(s.get(&t, Some("team"), "a").is_err());
     assert!(s.get(&ns, None, "team").is_err());
 

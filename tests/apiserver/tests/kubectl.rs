@@ -459,3 +459,65 @@ async fn kubectl_applies_the_deploy_manifest_and_patches() {
     let out = k.ok(&["delete", "-f", manifest]).await;
     assert!(out.contains("daemonset.apps \"waymark\" deleted"), "{out}");
 }
+
+/// Older kubectl versions from the same package: apply, re-apply, read and
+/// delete work from 1.29 on; 1.27 and 1.28 ask for field-validation support
+/// through the protobuf `/openapi/v2`, which is not served, so they need
+/// `--validate=false`.
+#[tokio::test]
+async fn older_kubectl_versions_apply_and_delete() {
+    let test = "older_kubectl_versions_apply_and_delete";
+    if clients::kubectl(test).is_none() {
+        return;
+    }
+    let server = ApiServer::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    server
+        .create(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}}))
+        .unwrap();
+    let pods = fixture("02-pods.yaml");
+    let scratch = Scratch::new(test);
+    let changed = scratch.path("pods.yaml");
+    let text = std::fs::read_to_string(&pods).unwrap();
+    std::fs::write(&changed, text.replace("web:1.0", "web:2.0")).unwrap();
+    let changed = changed.to_str().unwrap();
+    let versions = clients::kubectl_versions();
+    assert!(versions.iter().any(|(m, _)| *m == 33), "{versions:?}");
+    for (minor, bin) in versions {
+        let k = Kubectl {
+            bin,
+            kubeconfig: scratch.path("kubeconfig"),
+            cache: scratch.path(&format!("cache-{minor}")),
+        };
+        std::fs::write(&k.kubeconfig, server.kubeconfig()).unwrap();
+        let validate = if minor <= 28 {
+            "--validate=false"
+        } else {
+            "--validate=true"
+        };
+        let out = k.ok(&["apply", validate, "-f", &pods]).await;
+        assert!(out.contains("pod/web-0 created"), "1.{minor}: {out}");
+        let out = k.ok(&["apply", validate, "-f", changed]).await;
+        assert!(
+            out.contains("pod/web-0 configured") && out.contains("pod/db-0 unchanged"),
+            "1.{minor}: {out}"
+        );
+        let images = k
+            .ok(&[
+                "get",
+                "pods",
+                "-n",
+                "shop",
+                "-o",
+                "jsonpath={.items[*].spec.containers[0].image}",
+            ])
+            .await;
+        assert_eq!(
+            images, "registry.example/db:1.0 registry.example/web:2.0",
+            "1.{minor}"
+        );
+        let out = k.ok(&["delete", "-f", &pods]).await;
+        assert!(out.contains("pod \"db-0\" deleted"), "1.{minor}: {out}");
+    }
+}

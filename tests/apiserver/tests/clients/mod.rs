@@ -53,6 +53,23 @@ pub fn kubectl(test: &str) -> Option<PathBuf> {
     )
 }
 
+/// Every `kubectl.1.<minor>` the `kubectl` package installs, as (minor, path).
+pub fn kubectl_versions() -> Vec<(u32, PathBuf)> {
+    let Ok(out) = Command::new("dpkg").args(["-L", "kubectl"]).output() else {
+        return Vec::new();
+    };
+    let mut found: Vec<(u32, PathBuf)> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let minor = l.rsplit_once("/kubectl.1.")?.1.parse().ok()?;
+            Some((minor, PathBuf::from(l)))
+        })
+        .filter(|(_, p)| p.exists())
+        .collect();
+    found.sort();
+    found
+}
+
 /// The venv's python: `$WAYMARK_KUBE_PYTHON`, else the venv setup creates.
 pub fn python(test: &str) -> Option<PathBuf> {
     let path = std::env::var_os("WAYMARK_KUBE_PYTHON")
