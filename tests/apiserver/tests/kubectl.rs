@@ -521,3 +521,46 @@ async fn older_kubectl_versions_apply_and_delete() {
         assert!(out.contains("pod \"db-0\" deleted"), "1.{minor}: {out}");
     }
 }
+
+/// The binary, as someone uses it by hand: it prints a kubeconfig for the
+/// address it bound, and kubectl works with it.
+#[tokio::test]
+async fn the_binary_prints_a_working_kubeconfig() {
+    let test = "the_binary_prints_a_working_kubeconfig";
+    let Some(bin) = clients::kubectl(test) else {
+        return;
+    };
+    let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_waymark-apiserver"))
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starting waymark-apiserver");
+    let mut stdout = server.stdout.take().unwrap();
+    let mut kubeconfig = String::new();
+    let mut buf = [0u8; 4096];
+    // The kubeconfig ends with the user entry.
+    while !kubeconfig.contains("user: {}") {
+        use tokio::io::AsyncReadExt as _;
+        let n = tokio::time::timeout(Duration::from_secs(20), stdout.read(&mut buf))
+            .await
+            .expect("the kubeconfig within 20 s")
+            .unwrap();
+        assert!(n > 0, "the server exited: {kubeconfig}");
+        kubeconfig.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(
+        !kubeconfig.contains(":0\n"),
+        "the bound port, not 0: {kubeconfig}"
+    );
+    let scratch = Scratch::new(test);
+    let k = Kubectl {
+        bin,
+        kubeconfig: scratch.path("kubeconfig"),
+        cache: scratch.path("cache"),
+    };
+    std::fs::write(&k.kubeconfig, kubeconfig).unwrap();
+    let out = k.ok(&["get", "namespaces", "-o", "name"]).await;
+    assert!(out.contains("namespace/default"), "{out}");
+}
