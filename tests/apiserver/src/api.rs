@@ -240,6 +240,8 @@ async fn resource(
     let verb = verb(&method, &t, watching);
     let (group, plural) = (&t.resource.group, &t.resource.plural);
     match shared.fault_for(plural) {
+        // Every user may ask what they may do; only the answer changes.
+        Some(Fault::Forbidden) if t.resource.answered => {}
         Some(Fault::Forbidden) => {
             return Err(ApiError::forbidden(
                 group,
@@ -257,6 +259,17 @@ async fn resource(
     }
     let ns = t.namespace.as_deref();
     let rt = &t.resource;
+    if rt.answered {
+        if verb != "create" || t.name.is_some() {
+            return Err(ApiError::new(
+                Reason::MethodNotAllowed,
+                format!("{plural} can only be created"),
+            ));
+        }
+        let review = read_json(req).await?;
+        let answer = access_review(shared, review)?;
+        return Ok(json_response(StatusCode::CREATED, &answer));
+    }
     match (verb, t.name.as_deref()) {
         ("watch", _) => start_watch(shared, &t, query, shutdown),
         ("list", _) => list(shared, &t, query),
@@ -324,6 +337,29 @@ async fn resource(
     }
 }
 
+/// Answers a SelfSubjectAccessReview: allowed unless a Forbidden fault
+/// covers the resource it asks about, so an agent's permission check sees
+/// the same RBAC denial its requests would get.
+fn access_review(shared: &Shared, mut review: Value) -> Result<Value, ApiError> {
+    if !review.is_object() {
+        return Err(ApiError::bad_request(
+            "the body of the request was in an unknown format - expected a SelfSubjectAccessReview",
+        ));
+    }
+    let attrs = &review["spec"]["resourceAttributes"];
+    let resource = attrs["resource"].as_str().unwrap_or("");
+    let denied = !resource.is_empty() && shared.fault_for(resource) == Some(Fault::Forbidden);
+    review["apiVersion"] = "authorization.k8s.io/v1".into();
+    review["kind"] = "SelfSubjectAccessReview".into();
+    review["metadata"] = json!({"creationTimestamp": null});
+    review["status"] = if denied {
+        json!({"allowed": false, "reason": "RBAC: access denied by a fault injected into the test API server"})
+    } else {
+        json!({"allowed": true})
+    };
+    Ok(review)
+}
+
 fn apply_patch(
     shared: &Shared,
     t: &Target,
@@ -381,6 +417,22 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
 }
 
 async fn read_json(req: Request<Incoming>) -> Result<Value, ApiError> {
+    // Protobuf (kubectl sends some built-in kinds that way) and CBOR are
+    // refused as a server without them refuses them.
+    let content_type = req
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    if content_type.contains("protobuf") || content_type.contains("cbor") {
+        return Err(ApiError::new(
+            Reason::UnsupportedMediaType,
+            format!(
+                "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml (got {content_type:?}; this server reads JSON only)"
+            ),
+        ));
+    }
     let bytes = read_body(req).await?;
     serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::bad_request(format!(

@@ -21,6 +21,8 @@ pub struct ResourceType {
     pub categories: Vec<String>,
     /// Set for CRD-defined types: the CRD's name (`plural.group`).
     pub crd: Option<String>,
+    /// Created objects are answered, never stored (access reviews).
+    pub answered: bool,
 }
 
 impl ResourceType {
@@ -45,6 +47,7 @@ impl ResourceType {
                 _ => Vec::new(),
             },
             crd: None,
+            answered: false,
         }
     }
 
@@ -89,6 +92,7 @@ impl ResourceType {
         }
         Some(ResourceType {
             crd: Some(format!("{plural}.{group}")),
+            answered: false,
             singular: names["singular"]
                 .as_str()
                 .map(str::to_string)
@@ -109,7 +113,11 @@ impl ResourceType {
             "singularName": self.singular,
             "namespaced": self.namespaced,
             "kind": self.kind,
-            "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"],
+            "verbs": if self.answered {
+                json!(["create"])
+            } else {
+                json!(["create", "delete", "get", "list", "patch", "update", "watch"])
+            },
         });
         if !self.short_names.is_empty() {
             r["shortNames"] = json!(self.short_names);
@@ -231,6 +239,17 @@ impl Default for Registry {
                 ),
                 b("coordination.k8s.io", "v1", "leases", "Lease", true, &[]),
                 b("events.k8s.io", "v1", "events", "Event", true, &["ev"]),
+                ResourceType {
+                    answered: true,
+                    ..b(
+                        "authorization.k8s.io",
+                        "v1",
+                        "selfsubjectaccessreviews",
+                        "SelfSubjectAccessReview",
+                        false,
+                        &[],
+                    )
+                },
             ],
         }
     }
@@ -346,6 +365,9 @@ impl Registry {
         let mut resources = Vec::new();
         for t in self.in_group_version(group, version) {
             resources.push(t.discovery_entry());
+            if t.answered {
+                continue;
+            }
             // Clients look for the status subresource before writing status.
             resources.push(json!({
                 "name": format!("{}/status", t.plural),

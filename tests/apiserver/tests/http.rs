@@ -575,6 +575,43 @@ async fn faults_dropped_watches_and_a_restart() {
     assert_eq!(code, StatusCode::OK, "discovery is not failed");
     s.clear_faults();
 
+    // Access reviews (JSON) answer as RBAC would, and are never forbidden
+    // themselves.
+    s.fail(Some("pods"), Fault::Forbidden);
+    let review = |resource: &str| {
+        json!({"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+               "spec": {"resourceAttributes": {"verb": "watch", "resource": resource}}})
+        .to_string()
+    };
+    let ssar = "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews";
+    for (resource, allowed) in [("pods", false), ("services", true)] {
+        let body = review(resource);
+        let (code, v) = call(
+            s.addr(),
+            Method::POST,
+            ssar,
+            Some(("application/json", &body)),
+        )
+        .await;
+        assert_eq!(
+            (code, v["status"]["allowed"].as_bool()),
+            (StatusCode::CREATED, Some(allowed)),
+            "{v}"
+        );
+        assert_eq!(v["spec"]["resourceAttributes"]["resource"], resource);
+    }
+    let (code, _) = call(
+        s.addr(),
+        Method::POST,
+        ssar,
+        Some(("application/vnd.kubernetes.protobuf", "k8s\0")),
+    )
+    .await;
+    assert_eq!(code.as_u16(), 415);
+    let (code, _) = call(s.addr(), Method::GET, ssar, None).await;
+    assert_eq!(code.as_u16(), 405);
+    s.clear_faults();
+
     let mut w = WatchStream::open(s.addr(), "/api/v1/pods?watch=1").await;
     s.drop_watches();
     assert!(w.next(WAIT).await.is_none(), "a dropped watch ends cleanly");

@@ -382,6 +382,9 @@ async fn kubectl_reports_forbidden_and_server_errors() {
             && err.contains("cannot list resource \"pods\""),
         "{err}"
     );
+    // kubectl sends access reviews as protobuf, which is not served.
+    let (ok, _, err) = k.run(&["auth", "can-i", "list", "pods"]).await;
+    assert!(!ok && err.contains("UnsupportedMediaType"), "{err}");
     server.fail(None, Fault::InternalError);
     let (ok, _, err) = k.run(&["get", "services"]).await;
     assert!(

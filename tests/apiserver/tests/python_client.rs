@@ -145,12 +145,15 @@ async fn python_client_creates_lists_pages_patches_and_deletes() {
         return;
     };
     let server = start().await;
+    server.fail(Some("secrets"), waymark_apiserver::Fault::Forbidden);
     let s = script("kube_client.py");
     let out = run_json(
         &python,
         &[s.to_str().unwrap(), "crud", &server.url(), "default"],
     )
     .await;
+    // Access reviews answer as the (injected) RBAC denial would.
+    assert_eq!(out["may_watch"], json!({"pods": true, "secrets": false}));
     assert_eq!(out["duplicate"], json!([409, "AlreadyExists"]));
     assert_eq!(out["web"], json!(["py0", "py1"]));
     assert_eq!(out["not_web"], json!(["py2"]));

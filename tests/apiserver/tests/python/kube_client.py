@@ -96,6 +96,15 @@ def cmd_crud(url, namespace):
     patched = v1.patch_namespaced_pod("py1", namespace,
                                       {"metadata": {"labels": {"app": "db"}}})
     out["patched"] = patched.metadata.labels
+    authz = client.AuthorizationV1Api(v1.api_client)
+    out["may_watch"] = {}
+    for resource in ["pods", "secrets"]:
+        review = authz.create_self_subject_access_review(
+            client.V1SelfSubjectAccessReview(
+                spec=client.V1SelfSubjectAccessReviewSpec(
+                    resource_attributes=client.V1ResourceAttributes(
+                        verb="watch", resource=resource))))
+        out["may_watch"][resource] = review.status.allowed
     v1.delete_namespaced_pod("py1", namespace)
     try:
         v1.read_namespaced_pod("py1", namespace)
