@@ -209,6 +209,20 @@ fn supported_fields(kind: &str) -> &'static [&'static str] {
         "Namespace" => &["status.phase"],
         "Node" => &["spec.unschedulable"],
         "Secret" => &["type"],
+        // What `kubectl describe` asks for an object's events.
+        "Event" => &[
+            "involvedObject.kind",
+            "involvedObject.namespace",
+            "involvedObject.name",
+            "involvedObject.uid",
+            "involvedObject.apiVersion",
+            "involvedObject.resourceVersion",
+            "involvedObject.fieldPath",
+            "reason",
+            "reportingComponent",
+            "source",
+            "type",
+        ],
         _ => &[],
     }
 }

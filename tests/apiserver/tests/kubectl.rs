@@ -176,6 +176,11 @@ async fn kubectl_applies_gets_and_deletes() {
         )
         .unwrap();
     assert_eq!(stored["spec"]["from"][0]["namespaces"], json!(["shop"]));
+    let described = k.ok(&["describe", "pod", "-n", "shop", "web-0"]).await;
+    assert!(
+        described.contains("node-a") && described.contains("Events:"),
+        "{described}"
+    );
     let everything = k.ok(&["get", "all", "-n", "shop"]).await;
     assert!(
         everything.contains("pod/web-0") && everything.contains("service/web"),
