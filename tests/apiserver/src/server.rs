@@ -305,7 +305,7 @@ const NAMESPACE_FINALIZE_EVERY: Duration = Duration::from_millis(100);
 /// enough that `kubectl delete -f` of a namespace and its objects still finds
 /// the objects, as it does on a real cluster, where the namespace controller
 /// takes seconds.
-const NAMESPACE_GRACE: Duration = Duration::from_secs(1);
+const NAMESPACE_GRACE: Duration = Duration::from_secs(2);
 
 fn serve(shared: Arc<Shared>, listener: TcpListener) -> Running {
     let (shutdown, mut stop) = signal::channel(false);

@@ -94,6 +94,8 @@ pub struct WatchStart {
     pub replay: Vec<Arc<Event>>,
     /// Current objects to send as ADDED first (resourceVersion "" or "0").
     pub initial: Vec<Value>,
+    /// Live writes at or below this were replayed (or are older than the
+    /// watch), so the stream skips them.
     pub rv: u64,
     pub live: broadcast::Receiver<Arc<Event>>,
 }

@@ -413,7 +413,7 @@ async fn watch_replays_then_streams_with_bookmarks_until_the_timeout() {
     }
     let took = started.elapsed();
     assert!(
-        took >= Duration::from_secs(2) && took < Duration::from_secs(4),
+        took >= Duration::from_secs(2) && took < Duration::from_secs(8),
         "{took:?}"
     );
 }
