@@ -28,6 +28,11 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("the API server restarted on {now:?} instead of {was}: clients would lose it")]
+    Moved {
+        was: SocketAddr,
+        now: Option<SocketAddr>,
+    },
 }
 
 /// An injected failure: every request for the resource is answered with it.
@@ -90,6 +95,16 @@ struct Running {
 pub struct ApiServer {
     shared: Arc<Shared>,
     running: Option<Running>,
+    bind: Binder,
+}
+
+/// Makes the listening socket, at start and again at each restart.
+type Binder = Arc<dyn Fn() -> std::io::Result<std::net::TcpListener> + Send + Sync>;
+
+fn listen(bind: &Binder) -> std::io::Result<TcpListener> {
+    let listener = bind()?;
+    listener.set_nonblocking(true)?;
+    TcpListener::from_std(listener)
 }
 
 /// Bookmarks every few seconds, well within a client's watch timeout; the
@@ -99,12 +114,37 @@ pub const DEFAULT_BOOKMARK_INTERVAL: Duration = Duration::from_secs(5);
 impl ApiServer {
     /// Binds `addr` (port 0 picks one) and starts serving.
     pub async fn start(addr: SocketAddr) -> Result<Self, ServerError> {
-        let listener = TcpListener::bind(addr)
-            .await
+        let first = std::net::TcpListener::bind(addr)
             .map_err(|source| ServerError::Bind { addr, source })?;
-        let addr = listener
+        let bound = first
             .local_addr()
             .map_err(|source| ServerError::Bind { addr, source })?;
+        // The first socket, then the same address (not port 0) on restarts.
+        let first = Mutex::new(Some(first));
+        Self::start_with(move || match first.lock().ok().and_then(|mut f| f.take()) {
+            Some(listener) => Ok(listener),
+            None => std::net::TcpListener::bind(bound),
+        })
+        .await
+    }
+
+    /// Starts on whatever socket `bind` makes, and calls it again on each
+    /// restart; it must make the same address every time. For a listener
+    /// that has to be made elsewhere, such as inside a network namespace of
+    /// the test world.
+    pub async fn start_with(
+        bind: impl Fn() -> std::io::Result<std::net::TcpListener> + Send + Sync + 'static,
+    ) -> Result<Self, ServerError> {
+        let bind: Binder = Arc::new(bind);
+        let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
+        let listener = listen(&bind).map_err(|source| ServerError::Bind {
+            addr: unknown,
+            source,
+        })?;
+        let addr = listener.local_addr().map_err(|source| ServerError::Bind {
+            addr: unknown,
+            source,
+        })?;
         let (drop_watches, _) = signal::channel(0);
         let shared = Arc::new(Shared {
             store: Mutex::new(Store::new(DEFAULT_HISTORY)),
@@ -116,7 +156,11 @@ impl ApiServer {
         });
         let running = Some(serve(shared.clone(), listener));
         tracing::info!(%addr, "stand-in API server listening");
-        Ok(ApiServer { shared, running })
+        Ok(ApiServer {
+            shared,
+            running,
+            bind,
+        })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -282,9 +326,13 @@ impl ApiServer {
         self.stop().await;
         self.compact();
         let addr = self.shared.addr;
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| ServerError::Bind { addr, source })?;
+        let listener = listen(&self.bind).map_err(|source| ServerError::Bind { addr, source })?;
+        if listener.local_addr().ok() != Some(addr) {
+            return Err(ServerError::Moved {
+                was: addr,
+                now: listener.local_addr().ok(),
+            });
+        }
         self.running = Some(serve(self.shared.clone(), listener));
         Ok(())
     }

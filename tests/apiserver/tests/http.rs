@@ -655,3 +655,27 @@ async fn faults_dropped_watches_and_a_restart() {
         "a restart starts a new watch cache"
     );
 }
+
+/// A listener made by the caller (as a test makes one inside a network
+/// namespace) serves, and is made again on restart.
+#[tokio::test]
+async fn start_with_a_callers_listener_and_restart_it() {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = probe.local_addr().unwrap();
+    drop(probe);
+    let binds = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = binds.clone();
+    let mut s = ApiServer::start_with(move || {
+        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        std::net::TcpListener::bind(addr)
+    })
+    .await
+    .unwrap();
+    assert_eq!(s.addr(), addr);
+    let (code, _) = call(addr, Method::GET, "/api", None).await;
+    assert_eq!(code, StatusCode::OK);
+    s.restart().await.unwrap();
+    let (code, _) = call(addr, Method::GET, "/api", None).await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(binds.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
