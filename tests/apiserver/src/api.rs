@@ -223,7 +223,8 @@ fn verb(method: &Method, t: &Target, watching: bool) -> &'static str {
         ("POST", _) => "create",
         ("PUT", _) => "update",
         ("PATCH", _) => "patch",
-        ("DELETE", _) => "delete",
+        ("DELETE", None) => "deletecollection",
+        ("DELETE", Some(_)) => "delete",
         _ => "unknown",
     }
 }
@@ -327,6 +328,11 @@ async fn resource(
                 .store()
                 .delete(rt, ns, name, &opts["preconditions"])?;
             ok(&render(obj, rt, &t.version))
+        }
+        ("deletecollection", None) => {
+            let sel = selectors(&t, query)?;
+            read_json_or_empty(req).await?;
+            delete_collection(shared, &t, &sel)
         }
         _ => Err(ApiError::new(
             Reason::MethodNotAllowed,
@@ -470,6 +476,29 @@ fn selectors(t: &Target, query: &Query) -> Result<Selectors, ApiError> {
         labels: LabelSelector::parse(query.get("labelSelector").unwrap_or(""))?,
         fields: FieldSelector::parse(&fields, &t.resource.kind)?,
     })
+}
+
+/// Deletes every object the selectors pick; answers with the list of them.
+fn delete_collection(
+    shared: &Shared,
+    t: &Target,
+    sel: &Selectors,
+) -> Result<Response<ResponseBody>, ApiError> {
+    let rt = &t.resource;
+    let mut store = shared.store();
+    let doomed = store.list(rt, t.namespace.as_deref(), sel, &ListParams::default())?;
+    let mut deleted = Vec::new();
+    for obj in doomed.items {
+        let name = obj["metadata"]["name"].as_str().unwrap_or("");
+        let ns = obj["metadata"]["namespace"].as_str();
+        deleted.push(store.delete(rt, ns, name, &Value::Null)?);
+    }
+    ok(&json!({
+        "kind": format!("{}List", rt.kind),
+        "apiVersion": rt.api_version(&t.version),
+        "metadata": {"resourceVersion": store.resource_version().to_string()},
+        "items": deleted,
+    }))
 }
 
 fn list(shared: &Shared, t: &Target, query: &Query) -> Result<Response<ResponseBody>, ApiError> {

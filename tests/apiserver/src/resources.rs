@@ -116,7 +116,7 @@ impl ResourceType {
             "verbs": if self.answered {
                 json!(["create"])
             } else {
-                json!(["create", "delete", "get", "list", "patch", "update", "watch"])
+                json!(["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"])
             },
         });
         if !self.short_names.is_empty() {

@@ -161,6 +161,7 @@ async fn python_client_creates_lists_pages_patches_and_deletes() {
     assert_eq!(out["pages"], json!([["py0", "py1"], ["py2"]]));
     assert_eq!(out["patched"], json!({"app": "db"}));
     assert_eq!(out["deleted"], json!([404, "pods \"py1\" not found"]));
+    assert_eq!(out["after_delete_collection"], json!(["py0"]));
 }
 
 #[tokio::test]

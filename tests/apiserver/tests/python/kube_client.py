@@ -110,6 +110,8 @@ def cmd_crud(url, namespace):
         v1.read_namespaced_pod("py1", namespace)
     except ApiException as e:
         out["deleted"] = [e.status, json.loads(e.body)["message"]]
+    v1.delete_collection_namespaced_pod(namespace, label_selector="app=db")
+    out["after_delete_collection"] = names(v1.list_namespaced_pod(namespace))
     print(json.dumps(out))
 
 
