@@ -61,13 +61,65 @@ pub const BASE_TOOLS: &[(&str, &str)] = &[
         "/usr/lib/python3/dist-packages/cryptography/__init__.py",
         "python3-cryptography",
     ),
+    // The stand-in API server's client tests (tests/apiserver): kubectl
+    // 1.33 from the image's kubectl package, and venv for the Python
+    // kubernetes client from PyPI (Debian's python is externally managed).
+    ("/usr/lib/google-cloud-sdk/bin/kubectl.1.33", "kubectl"),
+    ("/usr/share/doc/python3-venv", "python3-venv"),
 ];
+
+/// The venv with the Python `kubernetes` client and `kubernetes-validate`;
+/// tests/apiserver/tests/clients/mod.rs looks for it here (or at
+/// `$WAYMARK_KUBE_PYTHON`).
+pub const KUBE_VENV: &str = "/var/cache/waymark/kube-venv";
+
+/// Pinned: the client generation and the schemas of Kubernetes 1.33, the
+/// kubectl version the tests drive.
+const KUBE_PY_PACKAGES: &[&str] = &["kubernetes==33.1.0", "kubernetes-validate==1.33.1"];
 
 /// Everything `cargo xtask test` and `cargo xtask demo` need.
 pub fn ensure_all() -> Result<()> {
     ensure_tools(BASE_TOOLS)?;
     ensure_rust_src()?;
     ensure_bpf_linker()?;
+    ensure_kube_venv()?;
+    Ok(())
+}
+
+/// Creates the venv of [`KUBE_VENV`] and installs the pinned packages from
+/// PyPI, unless a marker file says exactly these are there and they import.
+fn ensure_kube_venv() -> Result<()> {
+    let venv = Path::new(KUBE_VENV);
+    let python = venv.join("bin/python");
+    let marker = venv.join("waymark-packages.txt");
+    let wanted = KUBE_PY_PACKAGES.join("\n");
+    let imports = || {
+        Command::new(&python)
+            .args(["-c", "import kubernetes, kubernetes_validate"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if std::fs::read_to_string(&marker).ok().as_deref() == Some(wanted.as_str()) && imports() {
+        return Ok(());
+    }
+    eprintln!(
+        "setup: installing {} into {KUBE_VENV}",
+        KUBE_PY_PACKAGES.join(" ")
+    );
+    if let Some(parent) = venv.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    // Debian's python3 (python3-venv), not whatever python3 is first on PATH.
+    run(Command::new("/usr/bin/python3").args(["-m", "venv", KUBE_VENV]))?;
+    run(Command::new(&python)
+        .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
+        .args(KUBE_PY_PACKAGES))?;
+    ensure!(
+        imports(),
+        "{KUBE_VENV}: kubernetes and kubernetes_validate do not import after pip install"
+    );
+    std::fs::write(&marker, wanted).with_context(|| format!("writing {}", marker.display()))?;
     Ok(())
 }
 
