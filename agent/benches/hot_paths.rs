@@ -214,5 +214,46 @@ fn trace(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, detection, routing, balancing, metrics, trace);
+/// What dialling as the pod costs per new upstream connection: creating the
+/// socket in the pod's network namespace (two `setns` calls around
+/// `socket()`) against creating it in the agent's own. Needs root (a
+/// network namespace is made for it); skipped otherwise.
+fn upstream_socket(c: &mut Criterion) {
+    use socket2::{Domain, Socket, Type};
+    use std::os::fd::OwnedFd;
+    use waymark_agent::transport::netns::PodNetns;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("upstream_socket: skipped (making a network namespace needs root)");
+        return;
+    }
+    let made = std::thread::spawn(|| -> std::io::Result<std::fs::File> {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
+        std::fs::File::open("/proc/thread-self/ns/net")
+    })
+    .join();
+    let Ok(Ok(file)) = made else {
+        eprintln!("upstream_socket: skipped (cannot make a network namespace)");
+        return;
+    };
+    let pod = PodNetns::from_fd(OwnedFd::from(file), 1);
+    let addr = "10.1.0.2:8080".parse().expect("constant address");
+    let mut g = c.benchmark_group("upstream_socket");
+    g.bench_function("node_netns", |b| {
+        b.iter(|| Socket::new(Domain::IPV4, Type::STREAM.nonblocking(), None).map(black_box))
+    });
+    g.bench_function("pod_netns", |b| {
+        b.iter(|| pod.tcp_socket(addr).map(black_box))
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    detection,
+    routing,
+    balancing,
+    metrics,
+    trace,
+    upstream_socket
+);
 criterion_main!(benches);
