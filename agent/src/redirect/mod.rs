@@ -332,6 +332,20 @@ impl Redirect {
         Ok(original.as_ref().and_then(maps::socket_addr))
     }
 
+    /// Puts a flow entry in place as an earlier connection would have left
+    /// it (tests of stale entries).
+    #[cfg(test)]
+    fn plant_flow(&mut self, netns_cookie: u64, client: SocketAddr, original: SocketAddr) {
+        let key = FlowKey {
+            netns_cookie,
+            client: maps::sock_addr(client),
+            _pad: 0,
+        };
+        self.by_flow
+            .insert(key, maps::sock_addr(original), 0)
+            .expect("insert a flow entry");
+    }
+
     /// Counts entries in both original-destination maps (for metrics and
     /// leak tests).
     ///

@@ -100,6 +100,7 @@ fn redirects_pod_tcp_to_in_pod_listener() {
     t.closed_by_agent_without_take("10.99.0.1:80");
 
     t.eventually_empty();
+    stale_flow_entry_is_never_used(&mut redirect, &world);
     redirect.detach();
     redirect.detach(); // idempotent
     assert!(!redirect.is_attached());
@@ -110,6 +111,36 @@ fn redirects_pod_tcp_to_in_pod_listener() {
     t.not_redirected_tcp("10.99.0.2:81");
 }
 
+/// A flow entry left behind by an earlier connection from the same netns
+/// and port must never route a new connection that has no original
+/// destination of its own (here: the pod dials the listener itself, which
+/// is not redirected): `sock_ops` deletes it when the connection is
+/// established, so the agent finds nothing rather than the old destination.
+fn stale_flow_entry_is_never_used(redirect: &mut Redirect, world: &World) {
+    let listener = world.listener(Listener::V4);
+    let cookie = netns_cookie(listener.as_fd()).unwrap();
+    let port = 47123;
+    let client: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    redirect.plant_flow(cookie, client, "10.99.0.7:80".parse().unwrap());
+    assert_eq!(redirect.occupancy().unwrap().by_flow, 1);
+    let target: SocketAddr = format!("127.0.0.1:{PORT}").parse().unwrap();
+    let mut c = world.client_spec(&format!("tcp-from {port} {target}"));
+    let Outcome::Connected { local, .. } = c.outcome() else {
+        panic!("the direct client did not connect: {:?}", c.outcome);
+    };
+    assert_eq!(local, client);
+    let (stream, from) =
+        accept_within(listener, PATIENCE).expect("the direct connection reached the listener");
+    assert_eq!(from, client);
+    let original = redirect.take_original_dst(cookie, from).unwrap();
+    assert_eq!(
+        original, None,
+        "a stale flow entry routed a connection that was never redirected"
+    );
+    c.finish();
+    drop(stream);
+}
+
 /// Entry point of the client processes; a no-op when run as a test.
 #[test]
 fn redirect_client_process() {
@@ -118,6 +149,30 @@ fn redirect_client_process() {
     };
     let spec = spec.into_string().expect("UTF-8 client spec");
     let (mode, addr) = spec.split_once(' ').expect("client spec: MODE ADDR");
+    if mode == "tcp-from" {
+        // `PORT ADDR`: connect from 127.0.0.1:PORT, hold until stdin closes.
+        let (port, addr) = addr.split_once(' ').expect("tcp-from PORT ADDR");
+        let addr: SocketAddr = addr.parse().expect("client address");
+        let result = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .and_then(|s| {
+                s.set_reuse_address(true)?;
+                let local: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+                s.bind(&local.into())?;
+                s.connect_timeout(&addr.into(), PATIENCE)?;
+                let stream = TcpStream::from(s);
+                report(&format!(
+                    "connected {} {}",
+                    stream.local_addr()?,
+                    stream.peer_addr()?
+                ));
+                let _ = io::stdin().read_to_end(&mut Vec::new());
+                Ok(())
+            });
+        if let Err(err) = result {
+            report(&format!("error {}", err.raw_os_error().unwrap_or(-1)));
+        }
+        return;
+    }
     let addr: SocketAddr = addr.parse().expect("client address");
     let result = match mode {
         "tcp" => TcpStream::connect_timeout(&addr, PATIENCE).map(|stream| {
@@ -131,6 +186,8 @@ fn redirect_client_process() {
             let _ = io::stdin().read_to_end(&mut Vec::new());
             drop(stream);
         }),
+        // `tcp-from PORT ADDR` is parsed below: bound to 127.0.0.1:PORT.
+        "tcp-from" => unreachable!("handled before"),
         "tcp-close" => TcpStream::connect_timeout(&addr, PATIENCE).map(|mut stream| {
             stream.write_all(b"x").unwrap();
             drop(stream);
@@ -500,6 +557,11 @@ impl World {
     /// Starts a client process inside the pod: first into the cgroup, then
     /// into the netns, then it runs `mode` against `addr`.
     fn client(&self, mode: &str, addr: SocketAddr) -> Client {
+        self.client_spec(&format!("{mode} {addr}"))
+    }
+
+    /// A client process given its whole spec (`MODE ARGS…`).
+    fn client_spec(&self, spec: &str) -> Client {
         let procs = File::options()
             .write(true)
             .open(self.cgroup.path.join("cgroup.procs"))
@@ -515,7 +577,7 @@ impl World {
                 "--test-threads=1",
                 "--quiet",
             ])
-            .env(CLIENT_ENV, format!("{mode} {addr}"))
+            .env(CLIENT_ENV, spec)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped());
         // SAFETY: between fork and exec the closure only makes raw syscalls
@@ -540,7 +602,7 @@ impl World {
             stdout,
             outcome: None,
         };
-        client.read_outcome(mode, addr);
+        client.read_outcome(spec);
         client
     }
 }
@@ -553,12 +615,12 @@ struct Client {
 }
 
 impl Client {
-    fn read_outcome(&mut self, mode: &str, addr: SocketAddr) {
+    fn read_outcome(&mut self, spec: &str) {
         let mut line = String::new();
         loop {
             line.clear();
             let n = self.stdout.read_line(&mut line).unwrap();
-            assert!(n > 0, "client {mode} {addr} exited without a report");
+            assert!(n > 0, "client {spec} exited without a report");
             if let Some(report) = line.trim_end().strip_prefix(RESULT_PREFIX) {
                 self.outcome = Some(report.parse().unwrap());
                 return;

@@ -33,7 +33,7 @@ use core::ptr::{addr_of, read_volatile};
 use waymark_common::{FAMILY_V4, FAMILY_V6, FlowKey, SockAddr};
 
 use crate::{
-    addr::{AF_INET, AF_INET6, is_v4_mapped},
+    addr::{AF_INET, AF_INET6, LOOPBACK_V4, LOOPBACK_V6, is_v4_mapped, outbound_port},
     maps::{ORIGINAL_DST_BY_COOKIE, ORIGINAL_DST_BY_FLOW, original_dst},
 };
 
@@ -74,6 +74,17 @@ fn on_connect(ctx: &SockOpsContext) -> Result<(), i64> {
 
 fn on_established(ctx: &SockOpsContext) -> Result<(), i64> {
     let Some(original) = original_dst(socket_cookie(ctx)) else {
+        // A connection to the agent's listener with no original
+        // destination (the pod dialled the listener itself, or its cookie
+        // entry was evicted): a flow entry under its key can only be an
+        // earlier connection's, left behind. Delete it, so the agent finds
+        // nothing and refuses the connection instead of sending it to where
+        // that earlier one was going. Only for connections to the listener:
+        // another connection may share the client port towards another
+        // destination while a redirected one waits to be accepted.
+        if dials_the_listener(ctx) {
+            let _ = ORIGINAL_DST_BY_FLOW.remove(flow_key(ctx)?);
+        }
         return Ok(());
     };
     // BPF_ANY: a stale entry left by an earlier connection from the same
@@ -120,6 +131,33 @@ fn on_state_change(ctx: &SockOpsContext) -> Result<(), i64> {
     Ok(())
 }
 
+/// Whether the socket is connected to the agent's listener in its pod:
+/// `127.0.0.1` or `::1` (or v4-mapped loopback) on the outbound port.
+fn dials_the_listener(ctx: &SockOpsContext) -> bool {
+    let Some(listener_port) = outbound_port() else {
+        return false;
+    };
+    // remote_port holds the network-order port in its upper 16 bits on
+    // little-endian machines (the kernel shifts it there for sock_ops).
+    let raw = ctx.remote_port();
+    let port = if cfg!(target_endian = "little") {
+        u16::from_be((raw >> 16) as u16)
+    } else {
+        raw as u16
+    };
+    if port != listener_port {
+        return false;
+    }
+    match ctx.family() {
+        AF_INET => ctx.remote_ip4() == LOOPBACK_V4,
+        AF_INET6 => {
+            let ip = read_remote_ip6(ctx.ops);
+            ip == LOOPBACK_V6 || (is_v4_mapped(&ip) && ip[3] == LOOPBACK_V4)
+        }
+        _ => false,
+    }
+}
+
 fn socket_cookie(ctx: &SockOpsContext) -> u64 {
     // SAFETY: the helper only reads the socket behind the context.
     unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
@@ -163,6 +201,19 @@ fn flow_key(ctx: &SockOpsContext) -> Result<FlowKey, i64> {
         client,
         _pad: 0,
     })
+}
+
+/// As [`read_local_ip6`], for `remote_ip6`.
+fn read_remote_ip6(ops: *mut bpf_sock_ops) -> [u32; 4] {
+    // SAFETY: in-bounds context field reads, checked by the verifier.
+    unsafe {
+        [
+            read_volatile(addr_of!((*ops).remote_ip6[0])),
+            read_volatile(addr_of!((*ops).remote_ip6[1])),
+            read_volatile(addr_of!((*ops).remote_ip6[2])),
+            read_volatile(addr_of!((*ops).remote_ip6[3])),
+        ]
+    }
 }
 
 /// One 32-bit load per word: sock_ops only allows 4-byte context reads of
