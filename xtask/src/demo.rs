@@ -257,9 +257,20 @@ retry = {{ attempts = 2, on = ["5xx"] }}
         "--read-only",
     ]))?;
     println!("  {}", out.trim());
+    // A redirected socket is connected to the agent's listener on the
+    // pod's loopback, so its local address is 127.0.0.1; a direct one has
+    // the pod's address. (The server sees the pod's address either way:
+    // the agent dials as the pod.)
+    let local = serde_json::from_str::<serde_json::Value>(out.trim())
+        .ok()
+        .and_then(|v| v["local"].as_str().map(str::to_string))
+        .unwrap_or_default();
+    ensure!(
+        local.starts_with(&format!("{}:", client.ip())),
+        "after the agent stopped, the client's socket is {local:?}: still redirected?"
+    );
     println!(
-        "  (the server now sees the pod's own address, {}, not the agent's)",
-        client.ip()
+        "  (the client's socket is {local}, the pod's own address, not 127.0.0.1 where the agent's listener would take it: nothing redirects while no agent runs)"
     );
     drop(who);
 
