@@ -802,6 +802,103 @@ services = ["web", "echo"]
     });
 }
 
+/// A client that keeps one HTTP/1.1 connection and one opaque connection
+/// open across a reload of the destination's rules: it prints what each
+/// gets before and after the flag file appears.
+const HELD: &str = r#"
+import http.client, os, socket, sys, time
+web, echo, flag = sys.argv[1], sys.argv[2], sys.argv[3]
+c = http.client.HTTPConnection(web.split(":")[0], int(web.split(":")[1]), timeout=10)
+c.request("GET", "/one"); r = c.getresponse(); r.read()
+print("first", r.status, flush=True)
+e = socket.create_connection((echo.split(":")[0], int(echo.split(":")[1])), timeout=10)
+e.sendall(b"ping"); print("echo1", e.recv(100).decode(), flush=True)
+while not os.path.exists(flag):
+    time.sleep(0.05)
+c.request("GET", "/two"); r = c.getresponse(); body = r.read()
+print("second", r.status, r.getheader("l5d-proxy-error"), flush=True)
+print("body", body.decode(errors="replace").splitlines()[0] if body else "", flush=True)
+try:
+    e.sendall(b"pong"); d = e.recv(100)
+    print("echo2", d.decode() if d else "closed", flush=True)
+except Exception as ex:
+    print("echo2 closed", type(ex).__name__, flush=True)
+"#;
+
+/// A reload that adds a deny rule reaches what is already open: the next
+/// request on a kept-alive connection (whose tunnel stream the agents keep
+/// pooled) is denied with the proxy's 403, and the opaque stream the new
+/// rule denies is closed.
+#[test]
+fn a_reloaded_deny_rule_applies_to_open_streams() {
+    require_agent_or_skip!();
+    let builder = World::builder(world_name!())
+        .nodes(2)
+        .pods_per_node(1)
+        .mtls(true)
+        .agent_config_extra(services());
+    with_world(builder, |world| {
+        let (client, server, n1) = (world.pod(0, 0), world.pod(1, 0), world.node(1));
+        let _app = app(server)?;
+        let _echo = echo(server)?;
+        let flag = world.dir().join("reloaded");
+        let mut held = client.spawn(
+            python()
+                .args(["-u", "-c", HELD, WEB_VIP, ECHO_VIP])
+                .arg(&flag)
+                .stdout(std::process::Stdio::piped()),
+        )?;
+        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(
+            held.stdout.take().context("no stdout")?,
+        ));
+        let mut next =
+            || -> Result<String> { Ok(lines.next().context("the client ended early")??) };
+        ensure!(next()? == "first 200", "before the reload");
+        ensure!(next()? == "echo1 ping", "before the reload");
+
+        n1.update_config(|c| {
+            let extra: toml::Table = format!(
+                "[authorization]\ndefault = \"allow\"\n[[authorization.rules]]\nname = \"no-n0p0\"\naction = \"deny\"\nsources = [\"{}\"]\n",
+                pod_identity("default/n0p0")
+            )
+            .parse()
+            .expect("valid TOML");
+            waymark_tests::world::agent::merge(c, extra);
+        })?;
+        eventually(Duration::from_secs(10), || {
+            let log = n1.agent_log();
+            ensure!(log.contains("config reloaded"), "{}", log_tail(n1));
+            Ok(())
+        })?;
+        std::fs::write(&flag, "")?;
+        let second = next()?;
+        ensure!(
+            second == "second 403 forbidden by the destination's authorization policy",
+            "the kept-alive connection after the deny rule: {second}"
+        );
+        // Denied by node 1 on the pooled stream itself (a new stream would
+        // have been refused at CONNECT, answered by node 0's agent).
+        let body = next()?;
+        ensure!(
+            body.starts_with("body waymark node1: service web: forbidden"),
+            "not the receiving agent's per-request denial: {body}"
+        );
+        let echo2 = next()?;
+        ensure!(
+            echo2.starts_with("echo2 closed"),
+            "the opaque stream outlived the rule that denies it: {echo2}"
+        );
+        let _ = held.wait();
+        let log = n1.agent_log();
+        ensure!(
+            log.contains("authorization denied an open stream after a reload"),
+            "{}",
+            log_tail(n1)
+        );
+        Ok(())
+    });
+}
+
 /// Leaves that live 8 s are renewed about every 4 s while a steady load
 /// runs: keep-alive HTTP (whose pooled tunnel streams outlive the leaf
 /// they were opened with) and a stream of short opaque connections (each a

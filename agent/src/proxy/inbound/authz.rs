@@ -12,6 +12,12 @@
 //!
 //! The source is the identity in the client certificate, verified by the
 //! TLS layer; nothing the client sends in headers is trusted for it.
+//!
+//! A stream is decided when it opens, and again whenever the rules change
+//! while it is open: each reload bumps a generation, the next request on a
+//! pooled HTTP stream is decided anew (one atomic load per request while
+//! nothing changed), and an opaque stream the new rules deny is closed. A
+//! deny rule added by a reload so reaches connections already open.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -126,6 +132,9 @@ pub struct Decision {
 pub struct InboundAuthz {
     node: String,
     policy: RwLock<Arc<Policy>>,
+    /// Bumped on every reload of the rules; streams admitted under an
+    /// earlier generation are decided again.
+    generation: tokio::sync::watch::Sender<u64>,
     discovery: Arc<Discovery>,
     decisions: Family<DecisionLabels, Counter>,
     sources: BoundedLabel,
@@ -142,6 +151,7 @@ impl InboundAuthz {
         Arc::new(Self {
             node: config.node.name.clone(),
             policy: RwLock::new(Arc::new(Policy::from_config(config))),
+            generation: tokio::sync::watch::Sender::new(0),
             discovery,
             decisions,
             sources: BoundedLabel::new(config.metrics.max_destinations),
@@ -154,6 +164,52 @@ impl InboundAuthz {
         let mut cur = self.policy.write().unwrap_or_else(|e| e.into_inner());
         next.pods = cur.pods.clone();
         *cur = Arc::new(next);
+        drop(cur);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// The generation of the rules in force.
+    pub fn generation(&self) -> u64 {
+        *self.generation.borrow()
+    }
+
+    /// Wakes when the rules change.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    /// Decides an open stream again after a reload: `None` while it is
+    /// still allowed, the denial (logged and counted) once it is not.
+    pub fn recheck(&self, source: &SpiffeId, target: SocketAddr) -> Option<Decision> {
+        let d = self.decide(source, target);
+        if d.allow {
+            return None;
+        }
+        warn!(
+            source_identity = %source,
+            %target,
+            service = %d.service,
+            rule = %d.rule,
+            "authorization denied an open stream after a reload: {}",
+            d.reason
+        );
+        Some(d)
+    }
+
+    /// This agent's answer to a request the rules deny: 403 (gRPC
+    /// PERMISSION_DENIED) with `l5d-proxy-error`, naming the rule.
+    pub fn denied_response(
+        &self,
+        d: &Decision,
+        grpc: bool,
+    ) -> http::Response<crate::http::body::ProxyBody> {
+        crate::http::errors::response(
+            crate::http::errors::ProxyError::Forbidden,
+            &self.node,
+            &d.service,
+            Some(&d.reason),
+            grpc,
+        )
     }
 
     /// Decides one stream (and counts the decision).

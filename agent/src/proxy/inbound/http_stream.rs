@@ -155,6 +155,9 @@ impl InboundHttp {
     }
 
     async fn serve(self: Arc<Self>, stream: Admitted) {
+        // The generation the stream was admitted under (read before the
+        // admission's decision could be stale by more than one reload).
+        let admitted_under = self.authz.generation();
         let Admitted {
             peer,
             target,
@@ -211,6 +214,7 @@ impl InboundHttp {
             services,
             client,
             version,
+            authz_generation: admitted_under.into(),
         });
         let conn = Arc::new(PodConn::new(
             target,

@@ -47,6 +47,9 @@ pub struct StreamCtx {
     /// The calling pod's address (`forwarded: for=`).
     pub client: Option<String>,
     pub version: Version,
+    /// The authorization generation the stream was last allowed under;
+    /// requests after a reload are decided again.
+    pub authz_generation: std::sync::atomic::AtomicU64,
 }
 
 enum Sender {
@@ -251,9 +254,14 @@ impl InboundHttp {
         );
         let mode = trace::mode(req.method(), req.headers());
         let tapped = self.tap_request(ctx, &mut req);
+        let denied = self.still_allowed(ctx).err();
         async {
-            let (resp, result) = if mode == Some(trace::Mode::Body) && !forwardable_trace(&mut req)
-            {
+            let (resp, result) = if let Some(d) = denied {
+                (
+                    self.authz.denied_response(&d, grpc),
+                    format!("denied ({})", d.reason),
+                )
+            } else if mode == Some(trace::Mode::Body) && !forwardable_trace(&mut req) {
                 // Max-Forwards reached 0 here: this hop answers.
                 (reflect(&req), "reflected (Max-Forwards: 0)".to_string())
             } else if ctx.version == Version::Http1 && wants_upgrade(req.headers()) {
@@ -275,6 +283,23 @@ impl InboundHttp {
         }
         .instrument(span)
         .await
+    }
+
+    /// Whether the rules in force still allow the stream: decided again
+    /// only when they changed since it was last allowed.
+    fn still_allowed(&self, ctx: &StreamCtx) -> Result<(), crate::proxy::inbound::authz::Decision> {
+        use std::sync::atomic::Ordering;
+        let now = self.authz.generation();
+        if ctx.authz_generation.load(Ordering::Relaxed) == now {
+            return Ok(());
+        }
+        match self.authz.recheck(&ctx.peer.id, ctx.target) {
+            Some(denied) => Err(denied),
+            None => {
+                ctx.authz_generation.store(now, Ordering::Relaxed);
+                Ok(())
+            }
+        }
     }
 
     async fn forward(

@@ -80,7 +80,28 @@ impl InboundHttp {
         T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
         let start = Instant::now();
-        let copied = splice_counted(tunnel, upstream).await;
+        // The copy runs until both sides are done, or until a reload of the
+        // authorization rules denies the stream: then both are closed.
+        let mut rules = self.authz.subscribe();
+        rules.mark_unchanged();
+        let copy = splice_counted(tunnel, upstream);
+        tokio::pin!(copy);
+        let copied = loop {
+            tokio::select! {
+                done = &mut copy => break done,
+                changed = rules.changed() => {
+                    if changed.is_err() {
+                        break (&mut copy).await;
+                    }
+                    if let Some(d) = self.authz.recheck(&peer.id, target) {
+                        break Err(std::io::Error::new(
+                            std::io::ErrorKind::PermissionDenied,
+                            format!("closed: {}", d.reason),
+                        ));
+                    }
+                }
+            }
+        };
         let failed = copied.is_err();
         let Some(hub) = self.tap.get() else {
             return failed;
