@@ -330,6 +330,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         let info = Arc::new(PodInfo {
             name: pod.name.clone(),
             netns,
+            open: Default::default(),
             netns_cookie: sockets.netns_cookie,
             ips: pod.ips.clone(),
             identity: identity
@@ -398,7 +399,17 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         upstreams: upstreams.clone(),
         tracker: TaskTracker::new(),
         force_close: CancellationToken::new(),
+        limits: crate::proxy::outbound::ConnLimits::new(
+            config.outbound.max_connections_per_pod,
+            config.outbound.max_connections,
+        ),
+        open_total: Default::default(),
     });
+    info!(
+        per_pod = outbound.limits.per_pod,
+        total = outbound.limits.total,
+        "outbound connection limits"
+    );
     let stop_accepting = CancellationToken::new();
     let acceptors = TaskTracker::new();
     for (pod, listener) in bound {

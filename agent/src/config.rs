@@ -168,6 +168,20 @@ pub struct OutboundConfig {
     /// could not; or the node's, as before (`transport::netns`).
     #[serde(default)]
     pub dial_from: DialFrom,
+    /// Connections one pod may have through the agent at once; more are
+    /// reset at accept (`waymark_outbound_refused_total`), so one pod
+    /// cannot take the node's proxy from the others. 0: no limit.
+    #[serde(default = "default_max_connections_per_pod")]
+    pub max_connections_per_pod: usize,
+    /// Connections of all pods at once. 0 (the default): the agent's
+    /// open-files limit less 1,024 kept for listeners, the tunnel and the
+    /// admin API, read at start.
+    #[serde(default)]
+    pub max_connections: usize,
+}
+
+fn default_max_connections_per_pod() -> usize {
+    16_384
 }
 
 /// See [`OutboundConfig::dial_from`].
@@ -185,6 +199,8 @@ impl Default for OutboundConfig {
             port: default_outbound_port(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             dial_from: DialFrom::default(),
+            max_connections_per_pod: default_max_connections_per_pod(),
+            max_connections: 0,
         }
     }
 }

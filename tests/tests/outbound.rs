@@ -619,6 +619,94 @@ fn the_open_files_limit_is_raised_to_the_hard_limit() {
     });
 }
 
+/// Opens N connections to an echo server and holds them all; prints how
+/// many echoed, then waits for stdin to close.
+const HOLD_N: &str = r#"
+import socket, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+socks, ok, refused = [], 0, 0
+for i in range(n):
+    s = socket.create_connection((host, port), timeout=5)
+    socks.append(s)
+for s in socks:
+    try:
+        s.sendall(b"x")
+        if s.recv(1) == b"x":
+            ok += 1
+        else:
+            refused += 1
+    except OSError:
+        refused += 1
+print("ok", ok, "refused", refused, flush=True)
+sys.stdin.read()
+"#;
+
+/// (11e) One pod cannot take the agent from the others: past
+/// `outbound.max_connections_per_pod` its new connections are reset at
+/// accept and counted with the pod and the limit, while another pod's
+/// connections go through; when the pod closes some, it may open again.
+#[test]
+fn a_pod_over_its_connection_limit_is_refused_and_others_are_not() {
+    require_agent_or_skip!();
+    let b = World::builder(world_name!())
+        .nodes(2)
+        .pods_per_node(2)
+        .agent_config_extra("[outbound]\nmax_connections_per_pod = 5\n");
+    with_world(b, |world| {
+        let (greedy, other, srv, node) = (
+            world.pod(0, 0),
+            world.pod(0, 1),
+            world.pod(1, 0),
+            world.node(0),
+        );
+        let _echo = srv.serve(&mut testpeer(["echo", "--listen", "0.0.0.0:7000"]))?;
+        let ip = srv.ip().to_string();
+        let mut held = greedy.spawn(
+            python()
+                .args(["-u", "-c", HOLD_N, &ip, "7000", "7"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped()),
+        )?;
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(held.stdout.take().context("no stdout")?),
+            &mut line,
+        )?;
+        ensure!(
+            line.trim() == "ok 5 refused 2",
+            "7 connections with a limit of 5: {line:?}"
+        );
+        // The other pod is not held back by the greedy one.
+        let r = client(
+            other,
+            &["--connect", &format!("{ip}:7000"), "--bytes", "1000"],
+        )?;
+        ensure!(r["identical"] == true, "the other pod: {r}");
+        expect_metric(
+            node,
+            "waymark_outbound_refused_total",
+            &[("pod", greedy.name()), ("limit", "pod_connections")],
+            2.0,
+        )?;
+        // Closed connections give their places back.
+        drop(held.stdin.take());
+        let _ = held.wait();
+        eventually(DEFAULT_PATIENCE, || {
+            let r = client(
+                greedy,
+                &["--connect", &format!("{ip}:7000"), "--bytes", "10"],
+            )?;
+            ensure!(r["identical"] == true, "after closing: {r}");
+            Ok(())
+        })?;
+        ensure!(
+            node.agent_log()
+                .contains("outbound connection limits per_pod=5")
+        );
+        Ok(())
+    });
+}
+
 /// (11c) Link-local destinations (the cloud metadata address lives there)
 /// are not redirected by default: the pod reaches them as itself, and the
 /// agent never dials them on its behalf.

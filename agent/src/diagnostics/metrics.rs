@@ -101,6 +101,14 @@ pub struct PodLabels {
     pub pod: String,
 }
 
+/// A refused connection: the pod, and which limit (`pod_connections`,
+/// `agent_connections`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    pub pod: String,
+    pub limit: &'static str,
+}
+
 /// Connection-duration buckets in milliseconds: from a fast RPC to an
 /// hour-long stream.
 const DURATION_BUCKETS_MS: [f64; 12] = [
@@ -129,6 +137,8 @@ pub struct TcpMetrics {
     /// Redirected connections whose original destination the kernel had no
     /// record of. Should stay 0; anything else is a bug or a map overflow.
     pub no_original_dst_total: Family<PodLabels, Counter>,
+    /// Connections refused at accept because a limit was reached.
+    pub refused_total: Family<RefusedLabels, Counter>,
     /// Entries in the original-destination maps, sampled at scrape time.
     pub redirect_map_entries: Family<MapLabels, Gauge>,
     destinations: BoundedLabel,
@@ -181,6 +191,7 @@ impl TcpMetrics {
                 Histogram::new(DURATION_BUCKETS_MS)
             }),
             no_original_dst_total: Family::default(),
+            refused_total: Family::default(),
             redirect_map_entries: Family::default(),
             destinations: BoundedLabel::new(max_destinations),
             stats,
@@ -219,6 +230,11 @@ impl TcpMetrics {
             "waymark_outbound_no_original_dst",
             "Redirected connections accepted without a recorded original destination",
             m.no_original_dst_total.clone(),
+        );
+        registry.register(
+            "waymark_outbound_refused",
+            "Pods' connections refused (reset) at accept because a connection limit was reached, by pod and limit",
+            m.refused_total.clone(),
         );
         registry.register(
             "waymark_redirect_map_entries",

@@ -6,6 +6,7 @@ pub mod http_server;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
@@ -17,7 +18,8 @@ use prometheus_client::metrics::gauge::Gauge;
 
 use crate::config::services::ProtocolHint;
 use crate::diagnostics::metrics::{
-    Direction, NoTlsReason, PodLabels, TcpCloseLabels, TcpLabels, TcpMetrics, TlsLabel,
+    Direction, NoTlsReason, PodLabels, RefusedLabels, TcpCloseLabels, TcpLabels, TcpMetrics,
+    TlsLabel,
 };
 use crate::diagnostics::tap::TcpClosed;
 use crate::discovery::Discovery;
@@ -32,7 +34,7 @@ use crate::transport::tunnel::{ConnectHeaders, TunnelError};
 use crate::transport::upstream::{Path, UpstreamError, UpstreamIo, Upstreams, new_request_id};
 
 /// One pod as the proxy knows it.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct PodInfo {
     pub name: String,
     pub netns_cookie: u64,
@@ -42,6 +44,45 @@ pub struct PodInfo {
     /// Its network namespace, where its direct upstream connections are
     /// made; `None` dials from the node's (`outbound.dial_from = "node"`).
     pub netns: Option<PodNetns>,
+    /// Its connections through the agent now (`outbound.max_connections_per_pod`).
+    pub open: AtomicUsize,
+}
+
+/// How many connections the agent takes at once, per pod and in all.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    /// 0: no limit.
+    pub per_pod: usize,
+    pub total: usize,
+}
+
+impl ConnLimits {
+    /// From the config; a `max_connections` of 0 is derived from the
+    /// open-files limit in force.
+    pub fn new(per_pod: usize, total: usize) -> Self {
+        let total = if total > 0 {
+            total
+        } else {
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                .map(|(soft, _)| (soft as usize).saturating_sub(1024).max(64))
+                .unwrap_or(8192)
+        };
+        Self { per_pod, total }
+    }
+}
+
+/// One admitted connection: counted in its pod and in the total until
+/// dropped.
+struct Admission {
+    pod: Arc<PodInfo>,
+    total: Arc<AtomicUsize>,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.pod.open.fetch_sub(1, Ordering::Relaxed);
+        self.total.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Everything an outbound connection needs, shared by all of them.
@@ -61,6 +102,9 @@ pub struct Outbound {
     /// Cancelled when the drain grace period is over: connections still open
     /// are closed.
     pub force_close: CancellationToken,
+    pub limits: ConnLimits,
+    /// Connections of all pods now.
+    pub open_total: Arc<AtomicUsize>,
 }
 
 /// How a connection ended, for logs and the `reason` label.
@@ -170,11 +214,23 @@ impl Outbound {
             };
             match accepted {
                 Ok((client, peer)) => {
+                    let admission = match self.admit(&pod) {
+                        Ok(a) => a,
+                        Err(limit) => {
+                            self.refuse(&pod, client, peer, limit);
+                            continue;
+                        }
+                    };
                     let this = self.clone();
                     let pod = pod.clone();
                     let span = info_span!("outbound", pod = %pod.name, src = %peer, dst = tracing::field::Empty);
-                    self.tracker
-                        .spawn(async move { this.proxy(pod, client, peer).await }.instrument(span));
+                    self.tracker.spawn(
+                        async move {
+                            let _admission = admission;
+                            this.proxy(pod, client, peer).await
+                        }
+                        .instrument(span),
+                    );
                 }
                 Err(e) => {
                     // EMFILE/ENFILE and friends: keep serving the connections
@@ -185,6 +241,41 @@ impl Outbound {
             }
         }
         debug!(pod = %pod.name, listener = ?local, "stopped accepting");
+    }
+
+    /// Counts a new connection of `pod` against the limits, or says which
+    /// one it would exceed.
+    fn admit(&self, pod: &Arc<PodInfo>) -> Result<Admission, &'static str> {
+        let total = self.open_total.fetch_add(1, Ordering::Relaxed);
+        let mine = pod.open.fetch_add(1, Ordering::Relaxed);
+        let admission = Admission {
+            pod: pod.clone(),
+            total: self.open_total.clone(),
+        };
+        if self.limits.per_pod > 0 && mine >= self.limits.per_pod {
+            return Err("pod_connections");
+        }
+        if self.limits.total > 0 && total >= self.limits.total {
+            return Err("agent_connections");
+        }
+        Ok(admission)
+    }
+
+    /// Resets a connection over a limit (after taking its original
+    /// destination, so the kernel's map keeps no entry for it) and counts
+    /// it. Logged at debug only: a pod hammering its limit must not flood
+    /// the log; the metric has every one.
+    fn refuse(&self, pod: &PodInfo, client: TcpStream, peer: SocketAddr, limit: &'static str) {
+        let _ = self.original_dst.take(pod.netns_cookie, peer);
+        self.metrics
+            .refused_total
+            .get_or_create(&RefusedLabels {
+                pod: pod.name.clone(),
+                limit,
+            })
+            .inc();
+        debug!(pod = %pod.name, src = %peer, limit, per_pod = self.limits.per_pod, total = self.limits.total, "connection refused: limit reached");
+        reset(client);
     }
 
     async fn proxy(&self, pod: Arc<PodInfo>, client: TcpStream, peer: SocketAddr) {
