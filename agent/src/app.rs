@@ -17,9 +17,13 @@
 //! agent is back. Restart handover with pinned programs is the way to close
 //! that window for rollouts.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -32,8 +36,10 @@ use tracing::{info, warn};
 use crate::admin::{AdminServer, AdminState, Readiness};
 use crate::config::Config;
 use crate::config::DialFrom;
+use crate::config::mesh::InboundMode;
 use crate::diagnostics::capture::Captures;
 use crate::diagnostics::kernel as kernel_diag;
+use crate::diagnostics::metrics::PodLabels;
 use crate::diagnostics::metrics::{MapLabels, Metrics};
 use crate::diagnostics::tap::TapHub;
 use crate::diagnostics::tap::filter::Pods;
@@ -84,6 +90,35 @@ pub fn run(config: Config, path: Option<PathBuf>, log_level: LogLevelHandle) -> 
         .build()
         .context("cannot start the data-path runtime")?;
     runtime.block_on(run_async(config, path, log_level))
+}
+
+/// Where a strict pod accepts new connections from: this node's own
+/// addresses (the inbound agent connects from here, and so do the kubelet's
+/// probes), this node's pods (they reach each other through this agent,
+/// dialling as themselves), and loopback.
+fn strict_sources(config: &Config) -> Result<Vec<ipnet::IpNet>> {
+    let mut allow: Vec<ipnet::IpNet> = vec![
+        "127.0.0.0/8".parse().expect("constant"),
+        "::1/128".parse().expect("constant"),
+    ];
+    let node = nix::ifaddrs::getifaddrs().context("cannot list this node's addresses")?;
+    for ifa in node {
+        let ip = match ifa.address {
+            Some(a) => match (a.as_sockaddr_in(), a.as_sockaddr_in6()) {
+                (Some(v4), _) => std::net::IpAddr::V4(v4.ip()),
+                (_, Some(v6)) => std::net::IpAddr::V6(v6.ip()),
+                _ => continue,
+            },
+            None => continue,
+        };
+        allow.push(ipnet::IpNet::from(ip));
+    }
+    for pod in &config.pods {
+        allow.extend(pod.ips.iter().map(|ip| ipnet::IpNet::from(*ip)));
+    }
+    allow.sort();
+    allow.dedup();
+    Ok(allow)
 }
 
 /// Every proxied connection holds two descriptors (three with its kernel
@@ -221,6 +256,17 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         .context("cannot load the redirect programs into the kernel (waymark agent needs root, or CAP_BPF + CAP_NET_ADMIN + CAP_SYS_ADMIN, and a kernel with BTF and cgroup v2)")?;
     let redirect = Arc::new(RwLock::new(redirect));
 
+    // Strict inbound: pods' names by netns cookie (filled when the pods are
+    // bound) and the refusals already exported, so a scrape adds the new
+    // ones to the counter.
+    let strict_refused: Family<PodLabels, Counter> = Family::default();
+    metrics.registry.register(
+        "waymark_inbound_strict_refused",
+        "New TCP connections to a meshed pod refused under inbound.mode = \"strict\" (plaintext from another node), by pod",
+        strict_refused.clone(),
+    );
+    let strict_pods: Arc<Mutex<HashMap<u64, (String, u64)>>> = Default::default();
+    let scrape_strict = strict_pods.clone();
     let tcp = metrics.tcp.clone();
     let balancer_metrics = metrics.balancer.clone();
     let scrape_discovery = discovery.clone();
@@ -232,6 +278,20 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
             m.sample(std::time::SystemTime::now());
         }
         let r = scrape_redirect.read().unwrap_or_else(|e| e.into_inner());
+        let mut strict = scrape_strict.lock().unwrap_or_else(|e| e.into_inner());
+        if !strict.is_empty() {
+            for (cookie, refused) in r.strict_refused() {
+                if let Some((pod, seen)) = strict.get_mut(&cookie)
+                    && refused > *seen
+                {
+                    strict_refused
+                        .get_or_create(&PodLabels { pod: pod.clone() })
+                        .inc_by(refused - *seen);
+                    *seen = refused;
+                }
+            }
+        }
+        drop(strict);
         match r.occupancy() {
             Ok(o) => {
                 tcp.redirect_map_entries
@@ -342,6 +402,12 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
             name: pod.name.clone(),
             netns_cookie: sockets.netns_cookie,
         });
+        if config.inbound.mode == InboundMode::Strict && info.identity.is_some() {
+            strict_pods
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(sockets.netns_cookie, (pod.name.clone(), 0));
+        }
         for l in sockets.listeners {
             let l = TcpListener::from_std(l).context("cannot register a pod listener")?;
             bound.push((info.clone(), l));
@@ -349,6 +415,21 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         info!(pod = %pod.name, netns = %pod.netns.display(), port = config.outbound.port, "outbound listener bound in pod");
     }
     readiness.set(READY_LISTENERS);
+
+    if config.inbound.mode == InboundMode::Strict {
+        let cookies: Vec<u64> = strict_pods
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .copied()
+            .collect();
+        let allow = strict_sources(&config)?;
+        redirect
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_strict(&cookies, &allow)
+            .context("cannot set up strict inbound")?;
+    }
 
     let mut pods_cgroup = None;
     match &config.redirect.cgroup {

@@ -85,6 +85,21 @@ pub struct InboundConfig {
     /// A client must finish its TLS handshake within this time.
     #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
     pub handshake_timeout: Duration,
+    /// `strict`: a meshed pod (one with an identity) accepts new TCP
+    /// connections from other nodes only through the tunnel; plaintext
+    /// from another node is dropped by the kernel. `permissive` (the
+    /// default, for migration) lets plaintext in too.
+    #[serde(default)]
+    pub mode: InboundMode,
+}
+
+/// See [`InboundConfig::mode`].
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum InboundMode {
+    #[default]
+    Permissive,
+    Strict,
 }
 
 impl Default for InboundConfig {
@@ -92,6 +107,7 @@ impl Default for InboundConfig {
         Self {
             listen: default_inbound_listen(),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            mode: InboundMode::default(),
         }
     }
 }
@@ -228,6 +244,12 @@ impl SourcePattern {
 /// Checks the mesh sections; pushes every problem found.
 pub fn validate(c: &super::Config, problems: &mut Vec<String>) {
     let Some(id) = &c.identity else {
+        if c.inbound.mode == InboundMode::Strict {
+            problems.push(
+                "inbound.mode: \"strict\" needs an [identity] section: without the mTLS tunnel nothing from another node could reach a pod"
+                    .into(),
+            );
+        }
         if !c.nodes.is_empty() {
             problems.push(
                 "nodes: declared but there is no [identity] section; node-to-node mTLS is off without it"

@@ -49,7 +49,8 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap, IterableMap as _, LpmTrie, MapData},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, Program, SockOps, cgroup_sock_addr::CgroupSockAddrLinkId,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, Program, SockOps,
+        cgroup_skb::CgroupSkbLinkId, cgroup_sock_addr::CgroupSockAddrLinkId,
         sock_ops::SockOpsLinkId,
     },
 };
@@ -65,6 +66,9 @@ pub use error::RedirectError;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/waymark"));
 
 const SOCK_OPS: &str = "wm_sock_ops";
+/// `cgroup_skb` ingress: strict inbound (refuses nothing unless pods are
+/// put under it with [`Redirect::set_strict`]).
+const INBOUND: &str = "wm_inbound";
 const PEERNAME4: &str = "wm_peername4";
 const PEERNAME6: &str = "wm_peername6";
 const CONNECT4: &str = "wm_connect4";
@@ -79,6 +83,9 @@ const MAP_BY_FLOW: &str = "ORIGINAL_DST_BY_FLOW";
 const MAP_EXCLUDE_V4: &str = "EXCLUDE_V4";
 const MAP_EXCLUDE_V6: &str = "EXCLUDE_V6";
 const MAP_SETTINGS: &str = "SETTINGS";
+const MAP_STRICT_PODS: &str = "STRICT_PODS";
+const MAP_ALLOW_V4: &str = "INBOUND_ALLOW_V4";
+const MAP_ALLOW_V6: &str = "INBOUND_ALLOW_V6";
 
 /// A destination the kernel never redirects.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -115,6 +122,7 @@ pub struct Redirect {
 struct Attachment {
     cgroup: PathBuf,
     sock_ops: Option<SockOpsLinkId>,
+    inbound: Option<CgroupSkbLinkId>,
     /// In attach order.
     sock_addr: Vec<(&'static str, CgroupSockAddrLinkId)>,
 }
@@ -144,6 +152,9 @@ impl Redirect {
         sock_ops_program(&mut ebpf)?
             .load()
             .map_err(program_error(SOCK_OPS))?;
+        inbound_program(&mut ebpf)?
+            .load()
+            .map_err(program_error(INBOUND))?;
 
         let settings = RedirectSettings {
             outbound_port,
@@ -231,6 +242,7 @@ impl Redirect {
         self.attached = Some(Attachment {
             cgroup: cgroup.to_owned(),
             sock_ops: None,
+            inbound: None,
             sock_addr: Vec::with_capacity(SOCK_ADDR_PROGRAMS.len()),
         });
         if let Err(err) = self.attach_all(&dir) {
@@ -256,6 +268,10 @@ impl Redirect {
             .attach(dir, CgroupAttachMode::Single)
             .map_err(attach_error(SOCK_OPS))?;
         attached.sock_ops = Some(id);
+        let id = inbound_program(ebpf)?
+            .attach(dir, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
+            .map_err(attach_error(INBOUND))?;
+        attached.inbound = Some(id);
         for name in SOCK_ADDR_PROGRAMS {
             let id = sock_addr_program(ebpf, name)?
                 .attach(dir, CgroupAttachMode::Single)
@@ -279,6 +295,13 @@ impl Redirect {
                 .and_then(|p| p.detach(id).map_err(program_error(name)));
             if let Err(err) = result {
                 tracing::warn!(program = name, error = %err, "detaching redirect program");
+            }
+        }
+        if let Some(id) = attached.inbound {
+            let result = inbound_program(&mut self.ebpf)
+                .and_then(|p| p.detach(id).map_err(program_error(INBOUND)));
+            if let Err(err) = result {
+                tracing::warn!(program = INBOUND, error = %err, "detaching redirect program");
             }
         }
         if let Some(id) = attached.sock_ops {
@@ -344,6 +367,69 @@ impl Redirect {
         self.by_flow
             .insert(key, maps::sock_addr(original), 0)
             .expect("insert a flow entry");
+    }
+
+    /// Puts pods under strict inbound (`inbound.mode = "strict"`): a new
+    /// TCP connection to a pod whose netns cookie is in `pods` is let in
+    /// only from `allow` (this node's addresses and pods, loopback); from
+    /// anywhere else the kernel drops it (see `ebpf/kernel/src/inbound.rs`).
+    pub fn set_strict(
+        &mut self,
+        pods: &[u64],
+        allow: &[ipnet::IpNet],
+    ) -> Result<(), RedirectError> {
+        let mut v4 = LpmTrie::<_, u32, u8>::try_from(map_mut(&mut self.ebpf, MAP_ALLOW_V4)?)
+            .map_err(map_error(MAP_ALLOW_V4, "open"))?;
+        for net in allow.iter().filter_map(|n| match n {
+            ipnet::IpNet::V4(n) => Some(n.trunc()),
+            ipnet::IpNet::V6(_) => None,
+        }) {
+            let key = aya::maps::lpm_trie::Key::new(
+                u32::from(net.prefix_len()),
+                u32::from_ne_bytes(net.addr().octets()),
+            );
+            v4.insert(&key, 1, 0)
+                .map_err(map_error(MAP_ALLOW_V4, "insert"))?;
+        }
+        let mut v6 = LpmTrie::<_, [u32; 4], u8>::try_from(map_mut(&mut self.ebpf, MAP_ALLOW_V6)?)
+            .map_err(map_error(MAP_ALLOW_V6, "open"))?;
+        for net in allow.iter().filter_map(|n| match n {
+            ipnet::IpNet::V6(n) => Some(n.trunc()),
+            ipnet::IpNet::V4(_) => None,
+        }) {
+            let o = net.addr().octets();
+            let words = std::array::from_fn(|i| {
+                u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+            });
+            let key = aya::maps::lpm_trie::Key::new(u32::from(net.prefix_len()), words);
+            v6.insert(&key, 1, 0)
+                .map_err(map_error(MAP_ALLOW_V6, "insert"))?;
+        }
+        let mut strict =
+            HashMap::<_, u64, u64>::try_from(map_mut(&mut self.ebpf, MAP_STRICT_PODS)?)
+                .map_err(map_error(MAP_STRICT_PODS, "open"))?;
+        for cookie in pods {
+            strict
+                .insert(cookie, 0, 0)
+                .map_err(map_error(MAP_STRICT_PODS, "insert"))?;
+        }
+        tracing::info!(
+            pods = pods.len(),
+            allowed_sources = allow.len(),
+            "strict inbound: pods accept new connections only from this node and through the tunnel"
+        );
+        Ok(())
+    }
+
+    /// Connection attempts refused by strict inbound, by pod netns cookie.
+    pub fn strict_refused(&self) -> Vec<(u64, u64)> {
+        let Some(map) = self.ebpf.map(MAP_STRICT_PODS) else {
+            return Vec::new();
+        };
+        let Ok(strict) = HashMap::<_, u64, u64>::try_from(map) else {
+            return Vec::new();
+        };
+        strict.iter().filter_map(Result::ok).collect()
     }
 
     /// Counts entries in both original-destination maps (for metrics and
@@ -424,6 +510,12 @@ fn sock_addr_program<'a>(
     name: &'static str,
 ) -> Result<&'a mut CgroupSockAddr, RedirectError> {
     program(ebpf, name)?.try_into().map_err(program_error(name))
+}
+
+fn inbound_program(ebpf: &mut Ebpf) -> Result<&mut CgroupSkb, RedirectError> {
+    program(ebpf, INBOUND)?
+        .try_into()
+        .map_err(program_error(INBOUND))
 }
 
 fn sock_ops_program(ebpf: &mut Ebpf) -> Result<&mut SockOps, RedirectError> {

@@ -66,6 +66,12 @@ pub struct RedirectSettings {
     pub _pad: [u16; 3],
 }
 
+/// Pods under strict inbound (`inbound.mode = "strict"`), by netns cookie.
+pub const MAX_STRICT_PODS: u32 = 4096;
+/// Source networks a strict pod accepts new TCP connections from (this
+/// node's addresses and pods, loopback), per address family.
+pub const MAX_INBOUND_ALLOW: u32 = 1024;
+
 /// Upper bounds of the maps; both sides need them (the agent reports
 /// occupancy against them).
 pub const MAX_ORIGINAL_DST_BY_COOKIE: u32 = 65536;

@@ -13,14 +13,20 @@
 //!   up when the socket closes.
 //! * [`peername`]: `cgroup/getpeername4` and `cgroup/getpeername6` hand the
 //!   application the address it dialled, not the proxy's.
+//! * [`inbound`]: `cgroup_skb` ingress keeps plaintext from other nodes out
+//!   of pods under strict inbound.
 //!
 //! Every program fails open: on any internal error the connection proceeds
 //! unredirected rather than being refused.
 #![no_std]
 #![no_main]
+// Atomic adds for the strict-inbound counters (see `inbound`).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod addr;
 mod connect;
+mod inbound;
 mod maps;
 mod peername;
 mod sock_ops;

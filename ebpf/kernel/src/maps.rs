@@ -3,12 +3,28 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, LpmTrie, LruHashMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap},
 };
 use waymark_common::{
-    ExcludePorts, FlowKey, MAX_EXCLUDES, MAX_ORIGINAL_DST_BY_COOKIE, MAX_ORIGINAL_DST_BY_FLOW,
-    RedirectSettings, SockAddr,
+    ExcludePorts, FlowKey, MAX_EXCLUDES, MAX_INBOUND_ALLOW, MAX_ORIGINAL_DST_BY_COOKIE,
+    MAX_ORIGINAL_DST_BY_FLOW, MAX_STRICT_PODS, RedirectSettings, SockAddr,
 };
+
+/// Pods under strict inbound, by network-namespace cookie; the value counts
+/// the connection attempts refused there. Empty unless `inbound.mode =
+/// "strict"`.
+#[map(name = "STRICT_PODS")]
+pub static STRICT_PODS: HashMap<u64, u64> = HashMap::with_max_entries(MAX_STRICT_PODS, 0);
+
+/// IPv4 sources a strict pod accepts new connections from (network byte
+/// order, as the packet carries them).
+#[map(name = "INBOUND_ALLOW_V4")]
+pub static INBOUND_ALLOW_V4: LpmTrie<u32, u8> = LpmTrie::with_max_entries(MAX_INBOUND_ALLOW, 0);
+
+/// IPv6 sources a strict pod accepts new connections from.
+#[map(name = "INBOUND_ALLOW_V6")]
+pub static INBOUND_ALLOW_V6: LpmTrie<[u32; 4], u8> =
+    LpmTrie::with_max_entries(MAX_INBOUND_ALLOW, 0);
 
 /// Original destination of every redirected socket, by socket cookie.
 /// Written at connect, read by sock_ops and getpeername, deleted at close.
