@@ -113,6 +113,15 @@ pub enum Event {
         status: u16,
         /// From the request's arrival to the response head, µs.
         latency_us: u64,
+        /// Where the status came from: `app` or `proxy` (absent from
+        /// agents that did not say).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        source: Option<String>,
+        /// The proxy's reason when `source` is `proxy`: `timeout`,
+        /// `no_endpoints`, `connect_failure`, `upstream_reset`,
+        /// `bad_request`, `authz`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
     },
     /// The response body ended, broke off or was abandoned.
     End {
@@ -131,6 +140,11 @@ pub enum Event {
         /// the last attempt (when the kernel diagnostics run).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         kernel: Option<KernelFlow>,
+        /// As in `rsp`: where the status came from, and the proxy's reason.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        source: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
     },
     /// An opaque TCP connection (not HTTP, or a port kept opaque) ended.
     Tcp {
@@ -189,9 +203,13 @@ impl Event {
                 meta,
                 status,
                 latency_us,
+                source,
+                reason,
             } => {
                 head(&mut s, "rsp", meta);
-                let _ = write!(s, " :status={status} latency={latency_us}µs");
+                let _ = write!(s, " :status={status}");
+                status_source(&mut s, source, reason);
+                let _ = write!(s, " latency={latency_us}µs");
                 tail(&mut s, meta, wide);
             }
             Event::End {
@@ -201,6 +219,8 @@ impl Event {
                 response_bytes,
                 error,
                 kernel,
+                source,
+                reason,
             } => {
                 head(&mut s, "end", meta);
                 if let Some(g) = grpc_status {
@@ -210,6 +230,7 @@ impl Event {
                     s,
                     " duration={duration_us}µs response-length={response_bytes}B"
                 );
+                status_source(&mut s, source, reason);
                 if let Some(e) = error {
                     let _ = write!(s, " error={e:?}");
                 }
@@ -248,6 +269,16 @@ impl Event {
             }
         }
         s
+    }
+}
+
+/// ` source=app`, or ` source=proxy reason=timeout`.
+fn status_source(s: &mut String, source: &Option<String>, reason: &Option<String>) {
+    if let Some(src) = source {
+        let _ = write!(s, " source={src}");
+    }
+    if let Some(r) = reason {
+        let _ = write!(s, " reason={r}");
     }
 }
 
@@ -427,10 +458,31 @@ mod tests {
             meta: meta(),
             status: 200,
             latency_us: 1234,
+            source: Some("app".into()),
+            reason: None,
         };
         assert_eq!(
             rsp.render(false),
-            "rsp id=3 proxy=out src=10.1.0.2:40142 dst=10.2.0.2:8080 tls=no_identity :status=200 latency=1234µs"
+            "rsp id=3 proxy=out src=10.1.0.2:40142 dst=10.2.0.2:8080 tls=no_identity :status=200 source=app latency=1234µs"
+        );
+        let proxied = Event::Rsp {
+            meta: meta(),
+            status: 503,
+            latency_us: 12,
+            source: Some("proxy".into()),
+            reason: Some("no_endpoints".into()),
+        };
+        assert_eq!(
+            proxied.render(false),
+            "rsp id=3 proxy=out src=10.1.0.2:40142 dst=10.2.0.2:8080 tls=no_identity :status=503 source=proxy reason=no_endpoints latency=12µs"
+        );
+        let v: serde_json::Value = serde_json::from_slice(&proxied.to_line()).unwrap();
+        assert_eq!(
+            (&v["source"], &v["reason"]),
+            (
+                &serde_json::json!("proxy"),
+                &serde_json::json!("no_endpoints")
+            )
         );
         let end = Event::End {
             meta: meta(),
@@ -439,10 +491,12 @@ mod tests {
             response_bytes: 5,
             error: Some("no endpoints available".into()),
             kernel: None,
+            source: Some("proxy".into()),
+            reason: Some("no_endpoints".into()),
         };
         assert_eq!(
             end.render(true),
-            "end id=3 proxy=out src=10.1.0.2:40142 dst=10.2.0.2:8080 tls=no_identity grpc-status=Unavailable duration=20µs response-length=5B error=\"no endpoints available\" src_pod=default/web-1 dst_service=hello-v1"
+            "end id=3 proxy=out src=10.1.0.2:40142 dst=10.2.0.2:8080 tls=no_identity grpc-status=Unavailable duration=20µs response-length=5B source=proxy reason=no_endpoints error=\"no endpoints available\" src_pod=default/web-1 dst_service=hello-v1"
         );
         assert!(
             Event::Dropped { count: 7 }
@@ -491,6 +545,8 @@ mod tests {
                     drops: 1,
                     retransmits: 3,
                 }),
+                source: Some("app".into()),
+                reason: None,
             },
             Event::Dropped { count: 2 },
         ];
@@ -599,14 +655,16 @@ mod tests {
             meta,
             status: 500,
             latency_us: 77,
+            source: Some("app".into()),
+            reason: None,
         };
         assert_eq!(
             rsp.render(false),
-            "rsp id=9 proxy=in src=10.1.0.2:40142 dst=10.2.0.2:8080 tls=true :status=500 latency=77µs"
+            "rsp id=9 proxy=in src=10.1.0.2:40142 dst=10.2.0.2:8080 tls=true :status=500 source=app latency=77µs"
         );
         assert_eq!(
             rsp.render(true),
-            "rsp id=9 proxy=in src=10.1.0.2:40142 dst=10.2.0.2:8080 tls=true :status=500 latency=77µs src_pod=- dst_service=hello src_identity=spiffe://cluster.local/ns/default/sa/web dst_pod=default/hello-1"
+            "rsp id=9 proxy=in src=10.1.0.2:40142 dst=10.2.0.2:8080 tls=true :status=500 source=app latency=77µs src_pod=- dst_service=hello src_identity=spiffe://cluster.local/ns/default/sa/web dst_pod=default/hello-1"
         );
         let v: serde_json::Value = serde_json::from_slice(&rsp.to_line()).unwrap();
         assert_eq!(v["proxy"], "in");

@@ -18,7 +18,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
@@ -32,7 +32,7 @@ use crate::diagnostics::http_metrics::{HttpMetrics, observe, retried};
 use crate::diagnostics::{tap, trace};
 use crate::discovery::{DEFAULT_ROUTE, Discovery, Endpoint, RoutePolicy, Service};
 use crate::http::body::{ProxyBody, empty, full, incoming, prefixed};
-use crate::http::errors::{self, ProxyError};
+use crate::http::errors::{self, ProxyError, StatusSource};
 use crate::http::headers::{strip_hop_by_hop, wants_upgrade};
 use crate::http::replay::ReplayBody;
 use crate::identity::SpiffeId;
@@ -211,6 +211,7 @@ impl HttpProxy {
                 (Some(mode), Some(mut c)) => {
                     c.duration = start.elapsed();
                     c.kernel = self.kernel_line(c.upstream);
+                    c.result = Some((resp.status().as_u16(), StatusSource::of(&resp)));
                     add_context(resp, mode, &c).await
                 }
                 _ => resp,
@@ -236,6 +237,7 @@ impl HttpProxy {
             route,
         } = target;
         let grpc = is_grpc(&req);
+        tap::routed(req.extensions(), &backend.name);
         if let Some(t) = trace.as_deref_mut() {
             t.endpoints = backend.balancer.endpoints().map(|e| e.addr).collect();
         }
@@ -279,7 +281,13 @@ impl HttpProxy {
                 .pool
                 .upstreams()
                 .path(ctx.identity.as_ref(), pick.endpoint().node.as_deref());
-            tap::dispatched(&parts.extensions, &backend.name, addr, path.tls().value());
+            tap::dispatched(
+                &parts.extensions,
+                &backend.name,
+                addr,
+                pick.endpoint().pod.as_deref(),
+                path.tls().value(),
+            );
             tried.push(addr);
             if attempt == 1 {
                 tracing::Span::current().record("endpoint", tracing::field::display(addr));
@@ -287,6 +295,7 @@ impl HttpProxy {
             if let Some(t) = trace.as_deref_mut() {
                 t.selected = Some(trace::Selected {
                     addr,
+                    pod: pick.endpoint().pod.clone(),
                     node: pick.endpoint().node.clone(),
                     zone: pick.endpoint().zone.clone(),
                     identity: pick.endpoint().identity.clone(),
@@ -319,7 +328,12 @@ impl HttpProxy {
                         Ok(o) => o,
                         Err(_) => Attempt::Failed {
                             error: ProxyError::Timeout,
-                            detail: format!("no response from {addr} within {limit:?}"),
+                            detail: timeout_detail(
+                                addr,
+                                route.per_try_timeout,
+                                route.timeout,
+                                remaining,
+                            ),
                             observed: Outcome::Timeout,
                         },
                     }
@@ -401,7 +415,13 @@ impl HttpProxy {
                 t.peer_identity = Some(id.to_string());
             }
             let mut resp = match result {
-                Ok(resp) => finish(resp),
+                Ok(resp) => {
+                    let mut resp = finish(resp);
+                    if key.path.peer_identity().is_some() {
+                        errors::mark_peer_answer(&mut resp);
+                    }
+                    resp
+                }
                 Err((error, detail)) => {
                     // The whole-request deadline passing is a timeout even if
                     // the last attempt failed otherwise.
@@ -825,6 +845,37 @@ pub(crate) fn origin_form(uri: &Uri) -> Uri {
         .unwrap_or_else(|| Uri::from_static("/"))
 }
 
+/// Why an attempt timed out, naming the timeout as configured (`1s`), not
+/// what was left of it when the attempt started: the per-try timeout when
+/// it was the shorter, else the route's.
+fn timeout_detail(
+    addr: SocketAddr,
+    per_try: Option<Duration>,
+    total: Option<Duration>,
+    remaining: Option<Duration>,
+) -> String {
+    let shown = |d: Duration| humantime::format_duration(d).to_string();
+    match (per_try, total) {
+        (Some(p), _) if remaining.is_none_or(|r| p <= r) => {
+            format!(
+                "no response from {addr} within the per-try timeout {}",
+                shown(p)
+            )
+        }
+        (_, Some(t)) => format!(
+            "no response from {addr} within the route's timeout {}",
+            shown(t)
+        ),
+        (Some(p), None) => {
+            format!(
+                "no response from {addr} within the per-try timeout {}",
+                shown(p)
+            )
+        }
+        (None, None) => format!("no response from {addr}"),
+    }
+}
+
 /// What a response says for retry purposes; `None` is a success.
 fn observed_in(resp: &Response<Incoming>) -> Option<Outcome> {
     if let Some(code) = resp
@@ -851,6 +902,36 @@ pub(crate) fn finish(resp: Response<Incoming>) -> Response<ProxyBody> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timeouts_read_as_configured() {
+        let addr: SocketAddr = "10.2.0.2:8080".parse().unwrap();
+        let s = Duration::from_secs;
+        // The route's 1s, with 999.990589ms of it left when the try began.
+        let left = Some(Duration::from_nanos(999_990_589));
+        assert_eq!(
+            timeout_detail(addr, None, Some(s(1)), left),
+            "no response from 10.2.0.2:8080 within the route's timeout 1s"
+        );
+        assert_eq!(
+            timeout_detail(addr, Some(Duration::from_millis(250)), Some(s(1)), left),
+            "no response from 10.2.0.2:8080 within the per-try timeout 250ms"
+        );
+        // A later try cut short by the route's deadline names the route's.
+        assert_eq!(
+            timeout_detail(
+                addr,
+                Some(Duration::from_millis(250)),
+                Some(s(1)),
+                Some(Duration::from_millis(100))
+            ),
+            "no response from 10.2.0.2:8080 within the route's timeout 1s"
+        );
+        assert_eq!(
+            timeout_detail(addr, Some(Duration::from_millis(1500)), None, None),
+            "no response from 10.2.0.2:8080 within the per-try timeout 1s 500ms"
+        );
+    }
 
     #[test]
     fn upstream_request_keeps_authority_and_strips_hop_by_hop() {

@@ -1,0 +1,319 @@
+//! End to end: every request event in `waymark tap`, `waymark top` and a
+//! diagnostic trace says where its status came from, `source=app` or
+//! `source=proxy` with the proxy's reason, and timeouts read as configured.
+//!
+//! The scenarios an on-call engineer meets (issue 18): a failing
+//! application (`/fail` answers 500: `source=app`), a split whose second
+//! backend has no endpoints (`source=proxy reason=no_endpoints`, naming the
+//! backend), an endpoint whose pod is gone (`source=proxy
+//! reason=connect_failure`, naming the endpoint), and a route timeout of
+//! `1s` (the 504 says `1s`, not what was left of it).
+
+// Children spawned through a world are reaped by the world when it shuts down.
+#![allow(clippy::zombie_processes)]
+
+use anyhow::{Context, Result, ensure};
+use serde_json::Value;
+use waymark_tests::{
+    Pod, Server, World, curl, pod_ip, python, require_agent_or_skip, tap, tap_events, waymark,
+    with_world, world_name,
+};
+
+/// `/fail` answers 500, `/slow/MS` 200 after MS milliseconds, anything else
+/// 200; TRACE too (so a trace reaches the app and comes back with its
+/// status).
+const APP: &str = r#"
+import http.server, socketserver, sys, time
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a):
+        pass
+    def answer(self):
+        path = self.path.split("?")[0]
+        status = 500 if path == "/fail" else 200
+        if path.startswith("/slow/"):
+            time.sleep(int(path.split("/")[2]) / 1000)
+        body = ("%s %s\n" % (sys.argv[1], path)).encode()
+        self.send_response(status)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    do_GET = do_TRACE = answer
+class S(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+srv = S(("0.0.0.0", int(sys.argv[2])), H)
+print("listening", "0.0.0.0:%s" % sys.argv[2], flush=True)
+srv.serve_forever()
+"#;
+
+const WEB: &str = "10.96.0.60:80";
+const SHOP: &str = "10.96.0.61:80";
+const GONE: &str = "10.96.0.62:80";
+/// An address on node 1's pod network that no pod has: its pod is gone.
+const GONE_ENDPOINT: &str = "10.2.0.250:8080";
+
+/// `web` (n1p0, a 1s timeout on `/slow`), `shop` split 1:1 between
+/// `shop-v1` (n1p0) and `shop-v2` (no endpoints), and `gone` whose only
+/// endpoint's pod no longer exists.
+fn services() -> String {
+    let app = pod_ip(1, 0);
+    format!(
+        r#"
+[outbound]
+connect_timeout = "1s"
+
+[[services]]
+name = "web"
+addresses = ["{WEB}"]
+endpoints = [ {{ addr = "{app}:8080", pod = "default/n1p0" }} ]
+[[services.routes]]
+name = "slow"
+matches = [ {{ path = {{ prefix = "/slow" }} }} ]
+timeout = "1s"
+
+[[services]]
+name = "shop"
+addresses = ["{SHOP}"]
+endpoints = []
+[[services.routes]]
+name = "split"
+backends = [ {{ service = "shop-v1", weight = 1 }}, {{ service = "shop-v2", weight = 1 }} ]
+
+[[services]]
+name = "shop-v1"
+addresses = ["10.96.0.63:80"]
+endpoints = [ {{ addr = "{app}:8080", pod = "default/n1p0" }} ]
+
+[[services]]
+name = "shop-v2"
+addresses = ["10.96.0.64:80"]
+endpoints = []
+
+[[services]]
+name = "gone"
+addresses = ["{GONE}"]
+endpoints = [ {{ addr = "{GONE_ENDPOINT}", pod = "default/gone-1" }} ]
+"#
+    )
+}
+
+fn app(pod: &Pod) -> Result<Server> {
+    pod.serve(python().args(["-u", "-c", APP, pod.name(), "8080"]))
+}
+
+fn get(client: &Pod, vip: &str, path: &str) -> Result<u16> {
+    Ok(curl(client, &format!("http://{vip}{path}"), &[])?.0)
+}
+
+/// The `rsp` and `end` events of the requests whose `req` had `path`.
+fn answers<'a>(events: &'a [Value], path: &str) -> Vec<(&'a Value, &'a Value)> {
+    let by_id =
+        |kind: &str, id: &Value| events.iter().find(|e| e["type"] == kind && &e["id"] == id);
+    events
+        .iter()
+        .filter(|e| e["type"] == "req" && e["path"] == path)
+        .filter_map(|req| Some((by_id("rsp", &req["id"])?, by_id("end", &req["id"])?)))
+        .collect()
+}
+
+/// Tap (text and JSON) and top name the source of every status: the
+/// application's 500, the proxy's 503 for the split's empty backend (and
+/// which backend), the proxy's 503 for the endpoint whose pod is gone (and
+/// which endpoint).
+#[test]
+fn tap_and_top_say_where_each_status_came_from() {
+    require_agent_or_skip!();
+    let b = World::builder(world_name!()).agent_config_extra(services());
+    with_world(b, |world| {
+        let node = world.node(0);
+        let client = world.pod(0, 0);
+        let _app = app(world.pod(1, 0))?;
+        // 1 + 1 + 12 + 1 requests.
+        let traffic = || -> Result<()> {
+            ensure!(get(client, WEB, "/fail")? == 500);
+            ensure!(get(client, WEB, "/ok")? == 200);
+            for _ in 0..12 {
+                let code = get(client, SHOP, "/cart")?;
+                ensure!(code == 200 || code == 503, "shop answered {code}");
+            }
+            ensure!(get(client, GONE, "/x")? == 503);
+            Ok(())
+        };
+        let out = tap(
+            node,
+            &["--from", client.name(), "--max", "15", "-o", "json"],
+            traffic,
+        )?;
+        let events = tap_events(&out)?;
+
+        let fail = answers(&events, "/fail");
+        ensure!(fail.len() == 1, "{out}");
+        let (rsp, end) = fail[0];
+        ensure!(rsp["status"] == 500 && rsp["source"] == "app", "{rsp}");
+        ensure!(rsp.get("reason").is_none(), "{rsp}");
+        ensure!(
+            end["source"] == "app" && end.get("error").is_none(),
+            "{end}"
+        );
+        // The endpoint names its pod.
+        ensure!(rsp["dst"]["pod"] == "default/n1p0", "{rsp}");
+
+        let shop = answers(&events, "/cart");
+        ensure!(shop.len() == 12, "{out}");
+        let empty: Vec<_> = shop
+            .iter()
+            .filter(|(rsp, _)| rsp["dst"]["backend"] == "shop-v2")
+            .collect();
+        // 1:1 over 12 requests: both backends are picked (all twelve going
+        // one way happens once in 2048 runs).
+        ensure!(!empty.is_empty() && empty.len() < 12, "{out}");
+        for (rsp, end) in &shop {
+            if rsp["dst"]["backend"] == "shop-v2" {
+                ensure!(
+                    rsp["status"] == 503
+                        && rsp["source"] == "proxy"
+                        && rsp["reason"] == "no_endpoints",
+                    "{rsp}"
+                );
+                ensure!(end["reason"] == "no_endpoints", "{end}");
+            } else {
+                ensure!(
+                    rsp["dst"]["backend"] == "shop-v1"
+                        && rsp["status"] == 200
+                        && rsp["source"] == "app",
+                    "{rsp}"
+                );
+            }
+        }
+
+        let gone = answers(&events, "/x");
+        ensure!(gone.len() == 1, "{out}");
+        let (rsp, _) = gone[0];
+        ensure!(
+            rsp["status"] == 503
+                && rsp["source"] == "proxy"
+                && rsp["reason"] == "connect_failure"
+                && rsp["dst"]["addr"] == GONE_ENDPOINT
+                && rsp["dst"]["pod"] == "default/gone-1",
+            "{rsp}"
+        );
+
+        // The text form says it on the line, and `-o wide` names the
+        // destination pod and the backend.
+        let out = tap(
+            node,
+            &["--path", "/fail", "--max", "1", "-o", "wide"],
+            || get(client, WEB, "/fail").map(drop),
+        )?;
+        let rsp = out
+            .lines()
+            .find(|l| l.starts_with("rsp "))
+            .context("no rsp line")?;
+        ensure!(rsp.contains(":status=500 source=app latency="), "{out}");
+        ensure!(rsp.contains(" dst_pod=default/n1p0"), "{out}");
+        let out = tap(
+            node,
+            &["--to", "shop-v2", "--max", "1", "-o", "wide"],
+            || {
+                for _ in 0..30 {
+                    get(client, SHOP, "/cart")?;
+                }
+                Ok(())
+            },
+        )?;
+        ensure!(
+            out.lines().any(|l| l.starts_with("rsp ")
+                && l.contains(":status=503 source=proxy reason=no_endpoints ")
+                && l.contains(" dst_service=shop-v2")),
+            "{out}"
+        );
+
+        // Top counts the failures by their source.
+        let top = std::thread::scope(|s| -> Result<String> {
+            let cli = s.spawn(|| {
+                node.run_ok(waymark().args([
+                    "top",
+                    "--from",
+                    client.name(),
+                    "--duration",
+                    "6s",
+                    "-o",
+                    "json",
+                ]))
+            });
+            waymark_tests::await_metric(node, "waymark_tap_streams", &[], 1.0)?;
+            get(client, WEB, "/fail")?;
+            get(client, WEB, "/fail")?;
+            get(client, GONE, "/x")?;
+            cli.join().expect("the top thread")
+        })?;
+        let top: Value = serde_json::from_str(&top).with_context(|| top.clone())?;
+        let row = |path: &str| {
+            top["rows"]
+                .as_array()
+                .and_then(|rows| rows.iter().find(|r| r["path"] == path))
+                .cloned()
+                .unwrap_or_default()
+        };
+        ensure!(
+            row("/fail")["failure_sources"] == serde_json::json!({"app": 2}),
+            "{top}"
+        );
+        ensure!(
+            row("/x")["failure_sources"] == serde_json::json!({"proxy:connect_failure": 1}),
+            "{top}"
+        );
+        Ok(())
+    });
+}
+
+/// The diagnostic trace's `result:` line names the source (the app's 500,
+/// the proxy's 503 with the backend that has no endpoints), and a route
+/// timeout of `1s` reads `1s` in the 504.
+#[test]
+fn trace_results_name_the_source_and_timeouts_read_as_configured() {
+    require_agent_or_skip!();
+    let b = World::builder(world_name!()).agent_config_extra(services());
+    with_world(b, |world| {
+        let node = world.node(0);
+        let client = world.pod(0, 0);
+        let _app = app(world.pod(1, 0))?;
+        let trace = |vip: &str, path: &str| {
+            node.run_ok(waymark().args([
+                "trace",
+                &format!("http://{vip}{path}"),
+                "--pod",
+                client.name(),
+            ]))
+        };
+        let out = trace(WEB, "/fail")?;
+        ensure!(out.contains("\nresult: 500 source=app\n"), "{out}");
+        ensure!(out.contains("selected address: "), "{out}");
+        ensure!(out.contains("(pod default/n1p0, "), "{out}");
+
+        let mut empty = None;
+        for _ in 0..30 {
+            let out = trace(SHOP, "/cart")?;
+            if out.contains("-> shop-v2\n") {
+                empty = Some(out);
+                break;
+            }
+        }
+        let out = empty.context("30 traces never picked shop-v2")?;
+        ensure!(
+            out.contains(
+                "\nresult: 503 source=proxy reason=no_endpoints (no endpoints available)\n"
+            ),
+            "{out}"
+        );
+
+        let (code, body) = curl(client, &format!("http://{WEB}/slow/1500"), &[])?;
+        ensure!(code == 504, "{code} {body}");
+        ensure!(
+            body.contains("within the route's timeout 1s)"),
+            "the configured timeout, not what was left of it: {body}"
+        );
+        Ok(())
+    });
+}
