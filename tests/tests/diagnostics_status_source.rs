@@ -7,7 +7,9 @@
 //! backend has no endpoints (`source=proxy reason=no_endpoints`, naming the
 //! backend), an endpoint whose pod is gone (`source=proxy
 //! reason=connect_failure`, naming the endpoint), and a route timeout of
-//! `1s` (the 504 says `1s`, not what was left of it).
+//! `1s` (the 504 says `1s`, not what was left of it). And the balancer's
+//! view of each endpoint (`waymark endpoints`), with `waymark check`
+//! naming the endpoint that failed.
 
 // Children spawned through a world are reaped by the world when it shuts down.
 #![allow(clippy::zombie_processes)]
@@ -50,12 +52,14 @@ srv.serve_forever()
 const WEB: &str = "10.96.0.60:80";
 const SHOP: &str = "10.96.0.61:80";
 const GONE: &str = "10.96.0.62:80";
+/// One live endpoint, one whose pod is gone.
+const MIXED: &str = "10.96.0.65:80";
 /// An address on node 1's pod network that no pod has: its pod is gone.
 const GONE_ENDPOINT: &str = "10.2.0.250:8080";
 
 /// `web` (n1p0, a 1s timeout on `/slow`), `shop` split 1:1 between
-/// `shop-v1` (n1p0) and `shop-v2` (no endpoints), and `gone` whose only
-/// endpoint's pod no longer exists.
+/// `shop-v1` (n1p0) and `shop-v2` (no endpoints), `gone` whose only
+/// endpoint's pod no longer exists, and `mixed`: n1p0 and that endpoint.
 fn services() -> String {
     let app = pod_ip(1, 0);
     format!(
@@ -94,6 +98,12 @@ endpoints = []
 name = "gone"
 addresses = ["{GONE}"]
 endpoints = [ {{ addr = "{GONE_ENDPOINT}", pod = "default/gone-1" }} ]
+
+[[services]]
+name = "mixed"
+addresses = ["{MIXED}"]
+# The gone endpoint looks 100 times bigger: the balancer tries it first.
+endpoints = [ {{ addr = "{app}:8080", pod = "default/n1p0" }}, {{ addr = "{GONE_ENDPOINT}", pod = "default/gone-1", weight = 100 }} ]
 "#
     )
 }
@@ -313,6 +323,141 @@ fn trace_results_name_the_source_and_timeouts_read_as_configured() {
         ensure!(
             body.contains("within the route's timeout 1s)"),
             "the configured timeout, not what was left of it: {body}"
+        );
+        Ok(())
+    });
+}
+
+/// An endpoint whose pod is gone: once a request has failed on it,
+/// `waymark endpoints` names it with its failure, its last error and when,
+/// beside the live one, and `waymark check` warns about it by name.
+#[test]
+fn endpoints_and_check_name_the_endpoint_whose_pod_is_gone() {
+    require_agent_or_skip!();
+    // Two failures in a row eject for two minutes: the ejection outlasts
+    // the test.
+    let config = format!(
+        "{}\n[balancer]\nfailure_threshold = 2\neject_base = \"2m\"\neject_max = \"4m\"\n",
+        services()
+    );
+    let b = World::builder(world_name!()).agent_config_extra(config);
+    with_world(b, |world| {
+        let node = world.node(0);
+        let client = world.pod(0, 0);
+        let _app = app(world.pod(1, 0))?;
+        // The heavier, gone endpoint is tried first, twice (its estimate
+        // stays the cheaper one), and ejected; then the live one answers.
+        let codes: Vec<u16> = (0..3)
+            .map(|_| get(client, MIXED, "/ok"))
+            .collect::<Result<_>>()?;
+        ensure!(codes == [503, 503, 200], "{codes:?}");
+
+        let run = |args: &[&str]| -> Result<(bool, String, String)> {
+            let out = node.run(waymark().args(args))?;
+            Ok((
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            ))
+        };
+        let (ok, out, err) = run(&["endpoints", "mixed", "-o", "json"])?;
+        ensure!(ok, "{err}");
+        let v: Value = serde_json::from_str(&out).with_context(|| out.clone())?;
+        let eps = v["services"][0]["endpoints"]
+            .as_array()
+            .context("endpoints")?;
+        ensure!(
+            v["services"][0]["service"] == "mixed" && eps.len() == 2,
+            "{v}"
+        );
+        let gone = eps
+            .iter()
+            .find(|e| e["addr"] == GONE_ENDPOINT)
+            .context("the gone endpoint")?;
+        ensure!(gone["pod"] == "default/gone-1", "{gone}");
+        ensure!(
+            gone["recent_failures"] == 2 && gone["recent_successes"] == 0,
+            "{gone}"
+        );
+        ensure!(
+            gone["state"] == "ejected"
+                && gone["ejection_reason"] == "2 consecutive failures"
+                && gone["ejected_for_ms"].as_u64() > Some(60_000)
+                && gone["ejected_until"]
+                    .as_str()
+                    .is_some_and(|t| t.ends_with('Z')),
+            "{gone}"
+        );
+        let last = &gone["last_error"];
+        ensure!(
+            last["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("10.2.0.250:8080"))
+                && last["ago_ms"].as_u64().is_some_and(|ms| ms < 60_000)
+                && last["at"].as_str().is_some_and(|t| t.ends_with('Z')),
+            "{gone}"
+        );
+        ensure!(
+            gone["tunnel"] == false && gone["direct_because"] == "mTLS is off",
+            "{gone}"
+        );
+        let live = eps
+            .iter()
+            .find(|e| e["pod"] == "default/n1p0")
+            .context("the live endpoint")?;
+        ensure!(
+            live["recent_successes"].as_u64() >= Some(1)
+                && live["recent_failures"] == 0
+                && live["last_error"].is_null()
+                && live["state"] == "ok",
+            "{live}"
+        );
+
+        // The table: one line per endpoint, the gone one with its error.
+        let (ok, out, err) = run(&["endpoints", "mixed"])?;
+        ensure!(ok, "{err}");
+        let line = out
+            .lines()
+            .find(|l| l.contains(GONE_ENDPOINT))
+            .with_context(|| out.clone())?;
+        ensure!(
+            line.starts_with("mixed")
+                && line.contains("default/gone-1")
+                && line.contains("ejected for ")
+                && line.contains(": 2 consecutive failures")
+                && line.contains("s ago: "),
+            "{out}"
+        );
+        // A service with no endpoints says so.
+        let (ok, out, _) = run(&["endpoints", "shop-v2"])?;
+        ensure!(
+            ok && out.contains("service shop-v2 has no endpoints"),
+            "{out}"
+        );
+        // An unknown service is an error naming the ones there are.
+        let (ok, _, err) = run(&["endpoints", "nope"])?;
+        ensure!(
+            !ok && err.contains("no service \"nope\"") && err.contains("mixed"),
+            "{err}"
+        );
+        let (status, body) = node.admin_get("/endpoints?servce=mixed")?;
+        ensure!(
+            status == 400 && body.contains("unknown parameter"),
+            "{status} {body}"
+        );
+
+        // Check warns, naming the endpoint and its pod.
+        let (_, out, _) = run(&["check"])?;
+        ensure!(
+            out.lines().any(|l| l.contains("endpoints: 1 of ")
+                && l.contains("ejected or failing in the last 60s")),
+            "{out}"
+        );
+        ensure!(
+            out.contains(&format!(
+                "service mixed endpoint {GONE_ENDPOINT} (pod default/gone-1) is ejected for "
+            )) && out.contains("s more (2 consecutive failures); last error "),
+            "{out}"
         );
         Ok(())
     });

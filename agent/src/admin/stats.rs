@@ -48,7 +48,7 @@ impl Query {
 
     /// Rejects parameters the endpoint does not know (a typo would
     /// otherwise silently widen the answer).
-    fn only(&self, known: &[&str]) -> Result<(), (StatusCode, String)> {
+    pub(super) fn only(&self, known: &[&str]) -> Result<(), (StatusCode, String)> {
         match self.0.iter().find(|(k, _)| !known.contains(&k.as_str())) {
             Some((k, _)) => Err(bad(format!(
                 "unknown parameter {k:?}; this endpoint takes {}",
@@ -92,7 +92,7 @@ fn bad(msg: String) -> (StatusCode, String) {
     (StatusCode::BAD_REQUEST, msg)
 }
 
-fn json(v: &impl Serialize) -> Answer {
+pub(super) fn json(v: &impl Serialize) -> Answer {
     serde_json::to_string_pretty(v)
         .map(|s| s + "\n")
         .map_err(|e| {

@@ -9,6 +9,7 @@ pub mod capture;
 pub mod check;
 pub mod client;
 pub mod drops;
+pub mod endpoints;
 pub mod log_level;
 pub mod stat;
 pub mod table;

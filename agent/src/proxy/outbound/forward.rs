@@ -18,7 +18,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
@@ -356,7 +356,12 @@ impl HttpProxy {
                             result: resp.status().as_u16().to_string(),
                         });
                     }
-                    pick.complete(Instant::now(), elapsed, !resp.status().is_server_error());
+                    let failed = resp.status().is_server_error();
+                    if failed {
+                        let error = format!("the endpoint answered {}", resp.status().as_u16());
+                        pick.stats().record_error(SystemTime::now(), &error);
+                    }
+                    pick.complete(Instant::now(), elapsed, !failed);
                     (observed, Ok(resp))
                 }
                 Attempt::Failed {
@@ -364,6 +369,7 @@ impl HttpProxy {
                     detail,
                     observed,
                 } => {
+                    pick.stats().record_error(SystemTime::now(), &detail);
                     pick.complete(Instant::now(), elapsed, false);
                     if let Some(t) = trace.as_deref_mut() {
                         t.attempts.push(trace::AttemptRecord {
