@@ -91,6 +91,29 @@ fn retries(g: &Golden) -> String {
     percent((g.requests > 0).then(|| g.retries as f64 / g.requests as f64))
 }
 
+/// RETRY_BUDGET: `exhausted:N` when the retry budget refused N requests a
+/// retry in the window, else `-`.
+fn budget(g: &Golden) -> String {
+    match g.budget_exhausted {
+        0 => "-".to_string(),
+        n => format!("exhausted:{n}"),
+    }
+}
+
+/// The line under a table for each row whose retry budget ran out: the
+/// retry percentage alone cannot tell "no retries wanted" from "retries
+/// refused".
+fn budget_notes<'a>(rows: impl Iterator<Item = (String, &'a Golden)>) -> String {
+    let mut out = String::new();
+    for (what, g) in rows.filter(|(_, g)| g.budget_exhausted > 0) {
+        out.push_str(&format!(
+            "retry budget exhausted for {what}: {} of {} requests were not retried (the service's retry_budget allows no more now)\n",
+            g.budget_exhausted, g.requests
+        ));
+    }
+    out
+}
+
 pub fn stat(client: &AdminClient, args: StatArgs) -> Result<()> {
     let by = match args.kind {
         Kind::Service => "service",
@@ -118,11 +141,24 @@ pub fn stat(client: &AdminClient, args: StatArgs) -> Result<()> {
                     row.extend(golden_cells(&r.golden));
                     row.push(r.golden.tcp_open.to_string());
                     row.push(retries(&r.golden));
+                    row.push(budget(&r.golden));
                     row
                 })
                 .collect();
-            let h = headers(&["NAME", "MESHED"], &["TCP_CONN", "RETRIES"]);
+            let h = headers(
+                &["NAME", "MESHED"],
+                &["TCP_CONN", "RETRIES", "RETRY_BUDGET"],
+            );
             print!("{}", render(&h, &rows));
+            print!(
+                "{}",
+                budget_notes(
+                    report
+                        .rows
+                        .iter()
+                        .map(|r| (format!("{by} {}", r.name), &r.golden))
+                )
+            );
             Ok(())
         }
     }
@@ -145,11 +181,19 @@ pub fn routes(client: &AdminClient, args: RoutesArgs) -> Result<()> {
                     let mut row = vec![r.route.clone(), r.service.clone()];
                     row.extend(golden_cells(&r.golden));
                     row.push(retries(&r.golden));
+                    row.push(budget(&r.golden));
                     row
                 })
                 .collect();
-            let h = headers(&["ROUTE", "SERVICE"], &["RETRIES"]);
+            let h = headers(&["ROUTE", "SERVICE"], &["RETRIES", "RETRY_BUDGET"]);
             print!("{}", render(&h, &rows));
+            print!(
+                "{}",
+                budget_notes(report.rows.iter().map(|r| (
+                    format!("route {} of service {}", r.route, r.service),
+                    &r.golden
+                )))
+            );
             Ok(())
         }
     }
@@ -189,4 +233,41 @@ pub fn edges(client: &AdminClient, args: WindowArgs) -> Result<()> {
 fn print_json(v: &impl serde::Serialize) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_exhausted_retry_budget_is_shown_and_explained() {
+        let quiet = Golden {
+            requests: 10,
+            retries: 2,
+            ..Golden::default()
+        };
+        let refused = Golden {
+            requests: 10,
+            budget_exhausted: 7,
+            ..Golden::default()
+        };
+        assert_eq!(budget(&quiet), "-");
+        assert_eq!(budget(&refused), "exhausted:7");
+        assert_eq!(
+            budget_notes(
+                [
+                    ("route a of service web".to_string(), &quiet),
+                    ("route fail of service web".to_string(), &refused),
+                ]
+                .into_iter()
+            ),
+            "retry budget exhausted for route fail of service web: 7 of 10 requests were not retried (the service's retry_budget allows no more now)\n"
+        );
+        // An agent from before the count: absent reads as none.
+        let old: Golden = serde_json::from_str(
+            r#"{"requests":1,"successes":1,"failures":0,"success_rate":1.0,"rps":0.1,"latency_ms_p50":null,"latency_ms_p95":null,"latency_ms_p99":null,"retries":0,"retried_requests":0,"tcp_open":0,"tcp_opened":0}"#,
+        )
+        .unwrap();
+        assert_eq!(budget(&old), "-");
+    }
 }

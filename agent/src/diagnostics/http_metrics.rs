@@ -119,15 +119,27 @@ pub struct Counted {
     edge: Option<Arc<Edge>>,
 }
 
-/// Attempts after the first that a response took, carried in its
+/// Attempts after the first that a response took, and whether one more
+/// was wanted but the service's retry budget refused it, carried in its
 /// extensions from the retry loop to where the response is counted.
-#[derive(Clone, Copy, Debug)]
-pub struct Retries(pub u32);
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Retries {
+    pub retries: u32,
+    pub budget_exhausted: bool,
+}
 
-/// Marks a response as the outcome of `retries` retries (no-op for 0).
-pub fn retried<B>(mut resp: http::Response<B>, retries: u32) -> http::Response<B> {
-    if retries > 0 {
-        resp.extensions_mut().insert(Retries(retries));
+/// Marks a response as the outcome of `retries` retries, and of a retry
+/// the budget refused (no-op for neither).
+pub fn retried<B>(
+    mut resp: http::Response<B>,
+    retries: u32,
+    budget_exhausted: bool,
+) -> http::Response<B> {
+    if retries > 0 || budget_exhausted {
+        resp.extensions_mut().insert(Retries {
+            retries,
+            budget_exhausted,
+        });
     }
     resp
 }
@@ -297,7 +309,10 @@ pub fn observe(
         .copied()
         .unwrap_or(TlsLabel::NoIdentity(NoTlsReason::NoConnection));
     let latency = start.elapsed();
-    let retries = resp.extensions_mut().remove::<Retries>().map_or(0, |r| r.0);
+    let retries = resp
+        .extensions_mut()
+        .remove::<Retries>()
+        .unwrap_or_default();
     let (parts, body) = resp.into_parts();
     let observed = Observed {
         inner: body,
@@ -322,7 +337,7 @@ struct End {
     grpc: bool,
     grpc_status: Option<u32>,
     latency: Duration,
-    retries: u32,
+    retries: Retries,
     tls: TlsLabel,
 }
 
@@ -353,7 +368,8 @@ impl End {
                 Outcome {
                     success: !failed,
                     latency: self.latency,
-                    retries: self.retries,
+                    retries: self.retries.retries,
+                    budget_exhausted: self.retries.budget_exhausted,
                     tls: matches!(self.tls, TlsLabel::True),
                 },
             );

@@ -100,6 +100,8 @@ pub struct Outcome {
     pub latency: Duration,
     /// Attempts after the first.
     pub retries: u32,
+    /// One more attempt was wanted, but the retry budget refused it.
+    pub budget_exhausted: bool,
     /// The last attempt went through the mTLS tunnel.
     pub tls: bool,
 }
@@ -181,6 +183,9 @@ pub struct Counts {
     pub retries: u64,
     /// Requests that needed more than one attempt.
     pub retried_requests: u64,
+    /// Requests the retry budget refused a retry.
+    #[serde(default)]
+    pub budget_exhausted: u64,
     /// Requests carried by the mTLS tunnel.
     #[serde(default)]
     pub tls_requests: u64,
@@ -209,6 +214,7 @@ impl Counts {
         self.successes += o.successes;
         self.retries += o.retries;
         self.retried_requests += o.retried_requests;
+        self.budget_exhausted += o.budget_exhausted;
         self.tls_requests += o.tls_requests;
         self.tcp_opened += o.tcp_opened;
         self.open += o.open;
@@ -434,6 +440,7 @@ impl Stats {
             c.successes += outcome.success as u64;
             c.retries += outcome.retries as u64;
             c.retried_requests += (outcome.retries > 0) as u64;
+            c.budget_exhausted += outcome.budget_exhausted as u64;
             c.tls_requests += outcome.tls as u64;
             b.hist.record(us);
         });

@@ -5,6 +5,7 @@ fn ok(ms: u64) -> Outcome {
         success: true,
         latency: Duration::from_millis(ms),
         retries: 0,
+        budget_exhausted: false,
         tls: false,
     }
 }
@@ -144,13 +145,22 @@ fn success_rate_and_retries_add_up() {
             ..ok(3)
         },
     );
+    stats.record(
+        &e,
+        Outcome {
+            retries: 1,
+            budget_exhausted: true,
+            ..failed(3)
+        },
+    );
     let w = stats.window(secs(60), Instant::now());
     let s = summary(&w, "p", "s", Some("r"));
-    assert_eq!(s.counts.requests, 11);
+    assert_eq!(s.counts.requests, 12);
     assert_eq!(s.counts.successes, 9);
-    assert_eq!(s.counts.retries, 2);
-    assert_eq!(s.counts.retried_requests, 1);
-    assert!((s.success_rate().unwrap() - 9.0 / 11.0).abs() < 1e-9);
+    assert_eq!(s.counts.retries, 3);
+    assert_eq!(s.counts.retried_requests, 2);
+    assert_eq!(s.counts.budget_exhausted, 1);
+    assert!((s.success_rate().unwrap() - 9.0 / 12.0).abs() < 1e-9);
 }
 
 #[test]

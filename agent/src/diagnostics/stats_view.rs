@@ -52,6 +52,9 @@ pub struct Golden {
     pub retries: u64,
     /// Requests that took more than one attempt.
     pub retried_requests: u64,
+    /// Requests whose retry the retry budget refused: the budget ran out.
+    #[serde(default)]
+    pub budget_exhausted: u64,
     /// TCP connections open now.
     pub tcp_open: u64,
     /// TCP connections opened in the window.
@@ -76,6 +79,7 @@ impl Golden {
             latency_ms_p99: s.latency_ms(0.99),
             retries: c.retries,
             retried_requests: c.retried_requests,
+            budget_exhausted: c.budget_exhausted,
             tcp_open: c.open,
             tcp_opened: c.tcp_opened,
         }
@@ -261,6 +265,7 @@ mod tests {
             success,
             latency: Duration::from_millis(10),
             retries: 0,
+            budget_exhausted: false,
             tls: false,
         };
         for (pod, svc, route, n, fail) in [

@@ -440,7 +440,7 @@ impl HttpProxy {
                 }
             };
             resp.extensions_mut().insert(key.path.tls());
-            return retried(resp, attempt - 1);
+            return retried(resp, attempt - 1, decision == Decision::BudgetExhausted);
         }
     }
 
