@@ -54,6 +54,8 @@ const SHOP: &str = "10.96.0.61:80";
 const GONE: &str = "10.96.0.62:80";
 /// One live endpoint, one whose pod is gone.
 const MIXED: &str = "10.96.0.65:80";
+/// A service whose retry budget allows no retry.
+const TIGHT: &str = "10.96.0.66:80";
 /// An address on node 1's pod network that no pod has: its pod is gone.
 const GONE_ENDPOINT: &str = "10.2.0.250:8080";
 
@@ -100,6 +102,15 @@ addresses = ["{GONE}"]
 endpoints = [ {{ addr = "{GONE_ENDPOINT}", pod = "default/gone-1" }} ]
 
 [[services]]
+name = "tight"
+addresses = ["{TIGHT}"]
+endpoints = [ {{ addr = "{app}:8080", pod = "default/n1p0" }} ]
+retry_budget = {{ ratio = 0.0, min_per_second = 0, ttl = "10s" }}
+[[services.routes]]
+name = "all"
+retry = {{ attempts = 2, on = ["5xx"], backoff_base = "5ms", backoff_max = "10ms" }}
+
+[[services]]
 name = "mixed"
 addresses = ["{MIXED}"]
 # The gone endpoint looks 100 times bigger: the balancer tries it first.
@@ -130,7 +141,8 @@ fn answers<'a>(events: &'a [Value], path: &str) -> Vec<(&'a Value, &'a Value)> {
 /// Tap (text and JSON) and top name the source of every status: the
 /// application's 500, the proxy's 503 for the split's empty backend (and
 /// which backend), the proxy's 503 for the endpoint whose pod is gone (and
-/// which endpoint).
+/// which endpoint), and an application's 500 the retry budget kept from
+/// being retried.
 #[test]
 fn tap_and_top_say_where_each_status_came_from() {
     require_agent_or_skip!();
@@ -236,6 +248,17 @@ fn tap_and_top_say_where_each_status_came_from() {
             out.lines().any(|l| l.starts_with("rsp ")
                 && l.contains(":status=503 source=proxy reason=no_endpoints ")
                 && l.contains(" dst_service=shop-v2")),
+            "{out}"
+        );
+
+        // The application's 500 whose retry the budget refused says both.
+        let out = tap(node, &["--to", "tight", "--max", "1"], || {
+            ensure!(get(client, TIGHT, "/fail")? == 500);
+            Ok(())
+        })?;
+        ensure!(
+            out.lines().any(|l| l.starts_with("rsp ")
+                && l.contains(":status=500 source=app retry_budget=exhausted latency=")),
             "{out}"
         );
 

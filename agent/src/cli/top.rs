@@ -165,6 +165,7 @@ impl Top {
                 latency_us,
                 source,
                 reason,
+                ..
             } => {
                 if let Some(p) = self.pending.get_mut(&meta.id) {
                     p.status = Some(status);
@@ -419,6 +420,8 @@ mod tests {
             latency_us,
             source: Some(source.into()),
             reason: reason.clone(),
+            retries: 0,
+            retry_budget_exhausted: false,
         });
         top.observe(Event::End {
             meta: m,
@@ -534,6 +537,8 @@ mod tests {
             latency_us: 10,
             source: Some("app".into()),
             reason: None,
+            retries: 0,
+            retry_budget_exhausted: false,
         });
         top.observe(Event::End {
             meta: m.clone(),

@@ -122,6 +122,13 @@ pub enum Event {
         /// `bad_request`, `authz`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
+        /// Attempts after the first this response took.
+        #[serde(default, skip_serializing_if = "is_zero_u32")]
+        retries: u32,
+        /// One more attempt was wanted, but the service's retry budget
+        /// refused it: this is the failed attempt's answer.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        retry_budget_exhausted: bool,
     },
     /// The response body ended, broke off or was abandoned.
     End {
@@ -168,6 +175,10 @@ fn is_zero(n: &usize) -> bool {
     *n == 0
 }
 
+fn is_zero_u32(n: &u32) -> bool {
+    *n == 0
+}
+
 impl Event {
     /// The JSON line sent on the wire (with its newline).
     pub fn to_line(&self) -> bytes::Bytes {
@@ -205,10 +216,18 @@ impl Event {
                 latency_us,
                 source,
                 reason,
+                retries,
+                retry_budget_exhausted,
             } => {
                 head(&mut s, "rsp", meta);
                 let _ = write!(s, " :status={status}");
                 status_source(&mut s, source, reason);
+                if *retries > 0 {
+                    let _ = write!(s, " retries={retries}");
+                }
+                if *retry_budget_exhausted {
+                    s.push_str(" retry_budget=exhausted");
+                }
                 let _ = write!(s, " latency={latency_us}µs");
                 tail(&mut s, meta, wide);
             }
@@ -460,6 +479,8 @@ mod tests {
             latency_us: 1234,
             source: Some("app".into()),
             reason: None,
+            retries: 0,
+            retry_budget_exhausted: false,
         };
         assert_eq!(
             rsp.render(false),
@@ -471,11 +492,32 @@ mod tests {
             latency_us: 12,
             source: Some("proxy".into()),
             reason: Some("no_endpoints".into()),
+            retries: 0,
+            retry_budget_exhausted: false,
         };
         assert_eq!(
             proxied.render(false),
             "rsp id=3 proxy=out src=10.1.0.2:40142 dst=10.2.0.2:8080 tls=no_identity :status=503 source=proxy reason=no_endpoints latency=12µs"
         );
+        let refused = Event::Rsp {
+            meta: meta(),
+            status: 500,
+            latency_us: 40,
+            source: Some("app".into()),
+            reason: None,
+            retries: 1,
+            retry_budget_exhausted: true,
+        };
+        assert_eq!(
+            refused.render(false),
+            "rsp id=3 proxy=out src=10.1.0.2:40142 dst=10.2.0.2:8080 tls=no_identity :status=500 source=app retries=1 retry_budget=exhausted latency=40µs"
+        );
+        let v: serde_json::Value = serde_json::from_slice(&refused.to_line()).unwrap();
+        assert_eq!(
+            (&v["retries"], &v["retry_budget_exhausted"]),
+            (&serde_json::json!(1), &serde_json::json!(true))
+        );
+        assert_eq!(serde_json::from_value::<Event>(v).unwrap(), refused);
         let v: serde_json::Value = serde_json::from_slice(&proxied.to_line()).unwrap();
         assert_eq!(
             (&v["source"], &v["reason"]),
@@ -657,6 +699,8 @@ mod tests {
             latency_us: 77,
             source: Some("app".into()),
             reason: None,
+            retries: 0,
+            retry_budget_exhausted: false,
         };
         assert_eq!(
             rsp.render(false),

@@ -58,6 +58,7 @@ pub use tcp::TcpClosed;
 
 use self::event::{Dst, Event, Meta, Src, TLS_NONE};
 use self::filter::{Direction, DstView, Filter, Pods, RequestView, SrcView};
+use crate::diagnostics::http_metrics::Retries;
 use crate::http::body::{BoxError, ProxyBody};
 use crate::http::errors::StatusSource;
 
@@ -552,8 +553,9 @@ impl TapRequest {
         s.admit(Stage::Undecided, |_| true);
     }
 
-    /// The response head is ready; its status came from `source`.
-    fn responded(&self, status: u16, source: StatusSource) {
+    /// The response head is ready; its status came from `source`, after
+    /// `retries` (and a retry the budget refused).
+    fn responded(&self, status: u16, source: StatusSource, retries: Retries) {
         let latency = self.start.elapsed();
         let mut s = State::lock_poisoned(&self.state);
         s.source = Some(source);
@@ -570,6 +572,8 @@ impl TapRequest {
             latency_us: micros(latency),
             source: Some(source.label().to_string()),
             reason: source.reason_code().map(str::to_string),
+            retries: retries.retries,
+            retry_budget_exhausted: retries.budget_exhausted,
         });
     }
 
@@ -686,7 +690,12 @@ pub fn response(
     // The proxy's own decision, carried by its answer (or by a peer
     // agent's, read back from the tunnel), never guessed from the status.
     let source = StatusSource::of(&resp);
-    tap.responded(resp.status().as_u16(), source);
+    let retries = resp
+        .extensions()
+        .get::<Retries>()
+        .copied()
+        .unwrap_or_default();
+    tap.responded(resp.status().as_u16(), source, retries);
     let error = match source {
         StatusSource::Proxy(e) => Some(e.reason().to_string()),
         StatusSource::App => None,

@@ -461,3 +461,51 @@ async fn opaque_connections_are_one_tcp_event() {
     // With no tap open the connection is not even looked at.
     hub.tcp_closed(|| unreachable!("built while no tap is open"));
 }
+
+/// A response the retry loop marked (one retry, then the budget refused
+/// the next) says so on its `rsp`.
+#[tokio::test]
+async fn retries_and_an_exhausted_budget_show_on_the_response() {
+    let hub = hub();
+    let mut stream = hub.open(Filter::default()).unwrap();
+    let mut req = http::Request::new(());
+    let tap = hub.request(
+        "p",
+        addr("10.1.0.2:1"),
+        addr("10.96.0.1:80"),
+        Some("web"),
+        &mut req,
+    );
+    dispatched(
+        req.extensions(),
+        "web",
+        addr("10.2.0.2:8080"),
+        None,
+        TLS_NONE,
+    );
+    let mut resp = http::Response::new(full("no\n"));
+    *resp.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+    let resp = crate::diagnostics::http_metrics::retried(resp, 1, true);
+    response(tap, resp).into_body().collect().await.unwrap();
+    drop(req);
+    let (events, _) = drain(&mut stream).await;
+    let Event::Rsp {
+        retries,
+        retry_budget_exhausted,
+        source,
+        ..
+    } = &events[1]
+    else {
+        panic!("{events:?}")
+    };
+    assert_eq!(
+        (*retries, *retry_budget_exhausted, source.as_deref()),
+        (1, true, Some("app"))
+    );
+    assert!(
+        events[1]
+            .render(false)
+            .contains(":status=500 source=app retries=1 retry_budget=exhausted latency="),
+        "{events:?}"
+    );
+}
