@@ -251,6 +251,43 @@ fn tap_and_top_say_where_each_status_came_from() {
             "{out}"
         );
 
+        // `waymark routes` breaks the split down by backend: the empty one
+        // is marked and fails every request it got (42 requests in all).
+        let routes = node.admin_get("/routes?service=shop&window=10m")?;
+        ensure!(routes.0 == 200, "{routes:?}");
+        let routes: Value = serde_json::from_str(&routes.1)?;
+        let split = routes["rows"]
+            .as_array()
+            .and_then(|r| r.iter().find(|r| r["route"] == "split"))
+            .with_context(|| format!("no split row: {routes}"))?;
+        let backend = |name: &str| {
+            split["backends"]
+                .as_array()
+                .and_then(|b| b.iter().find(|b| b["backend"] == name))
+                .cloned()
+                .unwrap_or_default()
+        };
+        let (v1, v2) = (backend("shop-v1"), backend("shop-v2"));
+        let n = |b: &Value| b["requests"].as_u64().unwrap_or(0);
+        ensure!(n(&v1) + n(&v2) == 42 && n(&v2) > 0, "{split}");
+        ensure!(
+            v2["no_endpoints"] == true && v2["success_rate"] == 0.0 && v2["weight"] == 1,
+            "{split}"
+        );
+        ensure!(
+            v1["no_endpoints"] == false && v1["success_rate"] == 1.0,
+            "{split}"
+        );
+        let out = node.run_ok(waymark().args(["routes", "shop", "-w", "10m"]))?;
+        let v2_line = out
+            .lines()
+            .find(|l| l.starts_with("split ") && l.contains(" shop-v2 "))
+            .with_context(|| out.clone())?;
+        ensure!(
+            v2_line.contains(" 0.00% ") && v2_line.ends_with(" none"),
+            "{out}"
+        );
+
         // The application's 500 whose retry the budget refused says both.
         let out = tap(node, &["--to", "tight", "--max", "1"], || {
             ensure!(get(client, TIGHT, "/fail")? == 500);

@@ -12,7 +12,9 @@ use serde::Serialize;
 
 use super::AdminState;
 use crate::diagnostics::stats::parse_window;
-use crate::diagnostics::stats_view::{self, By, EdgesReport, RoutesReport, StatReport};
+use crate::diagnostics::stats_view::{
+    self, By, DeclaredBackend, EdgesReport, RoutesReport, StatReport,
+};
 use crate::discovery::DEFAULT_ROUTE;
 
 /// The window when a query names none.
@@ -165,11 +167,39 @@ pub fn routes(state: &AdminState, q: &Query) -> Answer {
             ));
         }
     };
+    let mut rows = stats_view::routes(&w, service, &declared);
+    let by_backend = state.stats.backend_window(d, Instant::now());
+    for row in &mut rows {
+        let policy = table.by_name(service).and_then(|s| {
+            if row.route == DEFAULT_ROUTE {
+                Some(&s.default_route)
+            } else {
+                s.routes
+                    .routes()
+                    .iter()
+                    .find(|r| r.name == row.route)
+                    .map(|r| &r.value)
+            }
+        });
+        let declared: Vec<DeclaredBackend> = policy
+            .map(|p| {
+                p.backends
+                    .iter()
+                    .map(|(name, weight)| DeclaredBackend {
+                        name: name.clone(),
+                        weight,
+                        no_endpoints: table.by_name(name).is_none_or(|b| b.balancer.is_empty()),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        row.backends = stats_view::route_backends(&by_backend, service, &row.route, &declared);
+    }
     json(&RoutesReport {
         service: service.to_string(),
         window,
         window_seconds: w.covered.as_secs_f64(),
-        rows: stats_view::routes(&w, service, &declared),
+        rows,
     })
 }
 

@@ -9,6 +9,8 @@ use anyhow::{Result, bail};
 use super::Output;
 use super::client::{AdminClient, block_on, encode_query_value};
 use super::table::{ms, percent, render, rps};
+#[cfg(test)]
+use crate::diagnostics::stats_view::{BackendRow, RouteRow};
 use crate::diagnostics::stats_view::{EdgesReport, Golden, RoutesReport, StatReport};
 
 /// What `stat` groups by.
@@ -89,6 +91,35 @@ fn headers<'a>(names: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
 /// Retries as a share of requests: how much load retrying adds.
 fn retries(g: &Golden) -> String {
     percent((g.requests > 0).then(|| g.retries as f64 / g.requests as f64))
+}
+
+/// The routes' requests by backend, for the routes that send elsewhere
+/// than the service itself (a split, a canary): share, success, latency,
+/// and backends without endpoints marked. Empty when there are none.
+fn backends_table(report: &RoutesReport) -> String {
+    let rows: Vec<Vec<String>> = report
+        .rows
+        .iter()
+        .filter(|r| r.backends.iter().any(|b| b.backend != r.service))
+        .flat_map(|r| {
+            r.backends.iter().map(|b| {
+                let mut row = vec![
+                    r.route.clone(),
+                    b.backend.clone(),
+                    b.weight.map_or("-".to_string(), |w| w.to_string()),
+                    percent(b.share),
+                ];
+                row.extend(golden_cells(&b.golden));
+                row.push(if b.no_endpoints { "none" } else { "yes" }.to_string());
+                row
+            })
+        })
+        .collect();
+    if rows.is_empty() {
+        return String::new();
+    }
+    let h = headers(&["ROUTE", "BACKEND", "WEIGHT", "SHARE"], &["ENDPOINTS"]);
+    format!("\n{}", render(&h, &rows))
 }
 
 /// RETRY_BUDGET: `exhausted:N` when the retry budget refused N requests a
@@ -187,6 +218,7 @@ pub fn routes(client: &AdminClient, args: RoutesArgs) -> Result<()> {
                 .collect();
             let h = headers(&["ROUTE", "SERVICE"], &["RETRIES", "RETRY_BUDGET"]);
             print!("{}", render(&h, &rows));
+            print!("{}", backends_table(&report));
             print!(
                 "{}",
                 budget_notes(report.rows.iter().map(|r| (
@@ -269,5 +301,72 @@ mod tests {
         )
         .unwrap();
         assert_eq!(budget(&old), "-");
+    }
+
+    #[test]
+    fn a_split_is_broken_down_by_backend_with_the_empty_one_marked() {
+        let backend = |name: &str, weight, share, rate, no_endpoints| BackendRow {
+            backend: name.to_string(),
+            weight: Some(weight),
+            share: Some(share),
+            no_endpoints,
+            golden: Golden {
+                requests: 10,
+                success_rate: Some(rate),
+                ..Golden::default()
+            },
+        };
+        let route = |name: &str, backends| RouteRow {
+            route: name.to_string(),
+            service: "shop".to_string(),
+            golden: Golden::default(),
+            backends,
+        };
+        let mut report = RoutesReport {
+            service: "shop".into(),
+            window: "1m".into(),
+            window_seconds: 60.0,
+            rows: vec![route(
+                "[DEFAULT]",
+                vec![backend("shop", 1, 1.0, 1.0, false)],
+            )],
+        };
+        // A route to the service itself has nothing to break down.
+        assert_eq!(backends_table(&report), "");
+        report.rows.push(route(
+            "split",
+            vec![
+                backend("shop-v1", 90, 0.9, 1.0, false),
+                backend("shop-v2", 10, 0.1, 0.0, true),
+            ],
+        ));
+        let t = backends_table(&report);
+        let lines: Vec<Vec<&str>> = t
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            lines[0],
+            [
+                "ROUTE",
+                "BACKEND",
+                "WEIGHT",
+                "SHARE",
+                "SUCCESS",
+                "RPS",
+                "LATENCY_P50",
+                "LATENCY_P95",
+                "LATENCY_P99",
+                "ENDPOINTS"
+            ]
+        );
+        assert_eq!(
+            lines[1][..5],
+            ["split", "shop-v1", "90", "90.00%", "100.00%"]
+        );
+        assert_eq!(lines[2][..5], ["split", "shop-v2", "10", "10.00%", "0.00%"]);
+        assert_eq!(lines[2].last(), Some(&"none"));
+        assert_eq!(lines.len(), 3, "{t}");
     }
 }

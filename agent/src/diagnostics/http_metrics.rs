@@ -144,7 +144,18 @@ pub fn retried<B>(
     resp
 }
 
+/// The backend edge ([`Stats::backend_edge`]) a response is also counted
+/// on, carried in its extensions from the router to where it is counted.
+#[derive(Clone)]
+pub struct BackendEdge(pub Arc<Edge>);
+
 impl HttpMetrics {
+    /// The edge a request to `service` on `route` sent to `backend` is
+    /// counted on too ([`BackendEdge`]).
+    pub fn backend_edge(&self, service: &str, route: &str, backend: &str) -> BackendEdge {
+        BackendEdge(self.stats.backend_edge(service, route, backend))
+    }
+
     pub fn new(registry: &mut Registry, max_authorities: usize, stats: Arc<Stats>) -> Self {
         let m = HttpMetrics {
             requests: Family::default(),
@@ -313,6 +324,7 @@ pub fn observe(
         .extensions_mut()
         .remove::<Retries>()
         .unwrap_or_default();
+    let backend = resp.extensions_mut().remove::<BackendEdge>();
     let (parts, body) = resp.into_parts();
     let observed = Observed {
         inner: body,
@@ -324,6 +336,7 @@ pub fn observe(
             grpc_status: head_grpc,
             latency,
             retries,
+            backend,
             tls,
         }),
     };
@@ -338,6 +351,7 @@ struct End {
     grpc_status: Option<u32>,
     latency: Duration,
     retries: Retries,
+    backend: Option<BackendEdge>,
     tls: TlsLabel,
 }
 
@@ -362,17 +376,18 @@ impl End {
         };
         self.metrics
             .record(&self.request.series, outcome, self.latency);
+        let counted = Outcome {
+            success: !failed,
+            latency: self.latency,
+            retries: self.retries.retries,
+            budget_exhausted: self.retries.budget_exhausted,
+            tls: matches!(self.tls, TlsLabel::True),
+        };
         if let Some(edge) = &self.request.edge {
-            self.metrics.stats.record(
-                edge,
-                Outcome {
-                    success: !failed,
-                    latency: self.latency,
-                    retries: self.retries.retries,
-                    budget_exhausted: self.retries.budget_exhausted,
-                    tls: matches!(self.tls, TlsLabel::True),
-                },
-            );
+            self.metrics.stats.record(edge, counted);
+        }
+        if let Some(BackendEdge(edge)) = &self.backend {
+            self.metrics.stats.record(edge, counted);
         }
     }
 }

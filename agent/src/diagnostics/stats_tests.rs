@@ -249,3 +249,35 @@ fn windows_parse_within_range() {
     assert!(parse_window("0s").is_err());
     assert!(parse_window("soon").unwrap_err().contains("not a duration"));
 }
+
+#[test]
+fn backends_are_counted_apart_from_the_edges() {
+    let stats = Stats::new(8);
+    let e = stats.request_edge("p", "shop", "split");
+    let (v1, v2) = (
+        stats.backend_edge("shop", "split", "shop-v1"),
+        stats.backend_edge("shop", "split", "shop-v2"),
+    );
+    for i in 0..4 {
+        let (backend, outcome) = if i < 3 {
+            (&v1, ok(1))
+        } else {
+            (&v2, failed(1))
+        };
+        stats.record(&e, outcome);
+        stats.record(backend, outcome);
+    }
+    let now = Instant::now();
+    let w = stats.window(secs(60), now);
+    assert_eq!(w.edges.len(), 1, "backends stay out of the edges");
+    let b = stats.backend_window(secs(60), now);
+    let v1 = summary(&b, "shop", "shop-v1", Some("split"));
+    let v2 = summary(&b, "shop", "shop-v2", Some("split"));
+    assert_eq!((v1.counts.requests, v1.counts.successes), (3, 3));
+    assert_eq!((v2.counts.requests, v2.counts.successes), (1, 0));
+    // The same key again is the same edge.
+    assert!(Arc::ptr_eq(
+        &stats.backend_edge("shop", "split", "shop-v1"),
+        &stats.backend_edge("shop", "split", "shop-v1")
+    ));
+}

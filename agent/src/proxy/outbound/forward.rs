@@ -196,7 +196,13 @@ impl HttpProxy {
                             route_name,
                             route,
                         };
-                        self.route(ctx, target, req, context.as_mut()).await
+                        let mut resp = self.route(ctx, target, req, context.as_mut()).await;
+                        resp.extensions_mut().insert(self.metrics.backend_edge(
+                            &service.name,
+                            route_name,
+                            &backend.name,
+                        ));
+                        resp
                     }
                     None => self.error(
                         ProxyError::NoEndpoints,
