@@ -522,3 +522,62 @@ fn endpoints_and_check_name_the_endpoint_whose_pod_is_gone() {
         Ok(())
     });
 }
+
+/// A tap that matches nothing says why on stderr after a few seconds: a
+/// pod that is not on this node, no requests through this agent at all,
+/// or a filter that excludes everything seen (with what was seen).
+#[test]
+fn an_empty_tap_says_why() {
+    require_agent_or_skip!();
+    let b = World::builder(world_name!()).agent_config_extra(services());
+    with_world(b, |world| {
+        let node = world.node(0);
+        let client = world.pod(0, 0);
+        let _app = app(world.pod(1, 0))?;
+        let tap_stderr = |args: &[&str]| -> Result<String> {
+            let out = node.run_timeout(
+                waymark().arg("tap").args(args).args(["--duration", "7s"]),
+                std::time::Duration::from_secs(30),
+            )?;
+            ensure!(out.status.success(), "{out:?}");
+            ensure!(out.stdout.is_empty(), "{out:?}");
+            Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+        };
+        // No traffic yet: two taps at once.
+        let (nope, idle) = std::thread::scope(|s| {
+            let nope = s.spawn(|| tap_stderr(&["--from", "default/nope"]));
+            let idle = s.spawn(|| tap_stderr(&["--to", "web"]));
+            (nope.join(), idle.join())
+        });
+        let (nope, idle) = (
+            nope.expect("the tap thread")?,
+            idle.expect("the tap thread")?,
+        );
+        ensure!(
+            nope.starts_with("waymark tap: nothing matched in 5s; why it may be empty:\n")
+                && nope.contains(&format!(
+                    "  - no pod default/nope on this node (its pods: {}, {})",
+                    world.pod(0, 0).name(),
+                    world.pod(0, 1).name()
+                )),
+            "{nope}"
+        );
+        ensure!(
+            idle.contains("  - this agent proxied no HTTP requests in the last 10s"),
+            "{idle}"
+        );
+        // Requests that the filter leaves out: counted.
+        for _ in 0..3 {
+            ensure!(get(client, WEB, "/ok")? == 200);
+        }
+        let excluded = tap_stderr(&["--path", "/nothing"])?;
+        ensure!(
+            excluded.contains(&format!(
+                "  - the filter excludes everything seen: 3 requests in the last 10s (3 from {} to web)",
+                client.name()
+            )),
+            "{excluded}"
+        );
+        Ok(())
+    });
+}

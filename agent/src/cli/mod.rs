@@ -14,6 +14,7 @@ pub mod log_level;
 pub mod stat;
 pub mod table;
 pub mod tap;
+pub mod tap_explain;
 pub mod top;
 pub mod trace;
 
