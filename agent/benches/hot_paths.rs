@@ -174,6 +174,7 @@ fn trace(c: &mut Criterion) {
             .collect(),
         selected: Some(Selected {
             addr: "10.1.3.5:8080".parse().unwrap(),
+            pod: Some("default/hello-3".into()),
             node: Some("node-b".into()),
             zone: None,
             identity: None,
@@ -197,6 +198,7 @@ fn trace(c: &mut Criterion) {
             "10.0.0.1:40512".parse().unwrap(),
             "10.1.3.5:8080".parse().unwrap(),
         )),
+        result: Some((200, waymark_agent::http::errors::StatusSource::App)),
         kernel: Some(waymark_agent::diagnostics::trace::KernelFlow {
             local: "10.0.0.1:40512".parse().unwrap(),
             peer: "10.1.3.5:8080".parse().unwrap(),

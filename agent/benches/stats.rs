@@ -24,6 +24,7 @@ fn bench(c: &mut Criterion) {
         success: true,
         latency: Duration::from_micros(1234),
         retries: 0,
+        budget_exhausted: false,
         tls: false,
     };
     c.bench_function("request_edge (lookup of a known edge)", |b| {

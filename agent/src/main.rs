@@ -95,6 +95,15 @@ enum Command {
         #[command(flatten)]
         args: cli::stat::RoutesArgs,
     },
+    /// Every endpoint of a service as the balancer sees it: where it is,
+    /// latency estimate, requests in flight, recent successes and failures,
+    /// ejected until when and why, last error, direct or tunnel.
+    Endpoints {
+        #[command(flatten)]
+        admin: cli::AdminArgs,
+        #[command(flatten)]
+        args: cli::endpoints::EndpointsArgs,
+    },
     /// Which pod talks to which service: success rate, requests per second,
     /// open connections and the identity each side proved.
     Edges {
@@ -247,6 +256,7 @@ fn main() -> ExitCode {
         )),
         Command::Stat { admin, args } => cli_exit(cli::stat::stat(&client(&admin), args)),
         Command::Routes { admin, args } => cli_exit(cli::stat::routes(&client(&admin), args)),
+        Command::Endpoints { admin, args } => cli_exit(cli::endpoints::run(&client(&admin), args)),
         Command::Edges { admin, args } => cli_exit(cli::stat::edges(&client(&admin), args)),
         Command::Check { admin, args } => match cli::check::run(&client(&admin), &args) {
             Ok(true) => ExitCode::SUCCESS,

@@ -284,7 +284,8 @@ fn stat_routes_and_edges_count_a_known_load() {
                     "LATENCY_P95",
                     "LATENCY_P99",
                     "TCP_CONN",
-                    "RETRIES"
+                    "RETRIES",
+                    "RETRY_BUDGET"
                 ],
             "{out}"
         );
@@ -312,6 +313,93 @@ fn stat_routes_and_edges_count_a_known_load() {
             u(&row(&json, "name", client.name())?["requests"]) == 35,
             "{json:#}"
         );
+        Ok(())
+    });
+}
+
+/// A service whose retry budget allows nothing (`ratio = 0`, no minimum):
+/// every retry its `fail` route wants is refused, and `waymark routes` and
+/// `waymark stat` say the budget ran out (not only a 0% retry rate), while
+/// `web`, whose budget lets its retries through, says nothing of the kind.
+#[test]
+fn routes_and_stat_say_when_the_retry_budget_is_exhausted() {
+    require_agent_or_skip!();
+    let tight = format!(
+        r#"{}
+[[services]]
+name = "tight"
+addresses = ["10.96.0.11:80"]
+endpoints = [{{ addr = "{web}:8080" }}]
+retry_budget = {{ ratio = 0.0, min_per_second = 0, ttl = "10s" }}
+[[services.routes]]
+name = "fail"
+matches = [{{ path = {{ prefix = "/fail" }} }}]
+retry = {{ attempts = 2, on = ["5xx"], backoff_base = "5ms", backoff_max = "10ms" }}
+"#,
+        services(),
+        web = pod_ip(1, 0)
+    );
+    let b = World::builder(world_name!())
+        .pods_per_node(1)
+        .agent_config_extra(tight);
+    with_world(b, |world| {
+        let (client, node) = (world.pod(0, 0), world.node(0));
+        let _server = app(world.pod(1, 0))?;
+        let tight_urls: Vec<String> = (1..=6)
+            .map(|i| format!("http://10.96.0.11/fail?i={i}"))
+            .collect();
+        ensure!(curl_codes(client, &[], &tight_urls)? == ["500"; 6]);
+        ensure!(curl_codes(client, &[], &urls("/fail", 2))? == ["500"; 2]);
+
+        let routes = admin_json(node, "/routes?service=tight&window=10m")?;
+        let fail = row(&routes, "route", "fail")?;
+        ensure!(
+            (
+                u(&fail["requests"]),
+                u(&fail["retries"]),
+                u(&fail["budget_exhausted"])
+            ) == (6, 0, 6),
+            "{fail:#}"
+        );
+        let (code, out) = waymark(node, &["routes", "tight", "-w", "10m"])?;
+        ensure!(code == 0, "{out}");
+        ensure!(
+            out.lines()
+                .next()
+                .is_some_and(|h| h.ends_with("RETRIES   RETRY_BUDGET")),
+            "{out}"
+        );
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("fail "))
+            .context(out.clone())?;
+        ensure!(line.ends_with("exhausted:6"), "{out}");
+        ensure!(
+            out.contains(
+                "retry budget exhausted for route fail of service tight: 6 of 6 requests were not retried"
+            ),
+            "{out}"
+        );
+        // web's budget let its retries through: nothing to say.
+        let (_, out) = waymark(node, &["routes", "web", "-w", "10m"])?;
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("fail "))
+            .context(out.clone())?;
+        ensure!(line.contains("200.00%") && line.ends_with(" -"), "{out}");
+        ensure!(!out.contains("retry budget exhausted"), "{out}");
+
+        let (_, out) = waymark(node, &["stat", "-w", "10m"])?;
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("tight "))
+            .context(out.clone())?;
+        ensure!(line.ends_with("exhausted:6"), "{out}");
+        ensure!(
+            out.contains("retry budget exhausted for service tight: 6 of 6 requests"),
+            "{out}"
+        );
+        ensure!(!out.contains("for service web"), "{out}");
         Ok(())
     });
 }

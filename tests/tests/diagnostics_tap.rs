@@ -13,14 +13,15 @@
 #![allow(clippy::zombie_processes)]
 
 use std::io::{Read, Write};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use waymark_tests::{
     DEFAULT_PATIENCE, Node, Pod, Server, World, await_metric, curl_codes, eventually, metric,
-    pod_ip, python, require_agent_or_skip, testpeer, with_world, world_name,
+    pod_ip, python, require_agent_or_skip, tap, tap_events as events, testpeer, waymark,
+    with_world, world_name,
 };
 
 /// An HTTP/1.1 app server for every method: `/status/N` answers N,
@@ -117,43 +118,8 @@ fn app(pod: &Pod, port: u16) -> Result<Server> {
     pod.serve(python().args(["-u", "-c", APP, pod.name(), &port.to_string()]))
 }
 
-fn waymark() -> Command {
-    let bin = waymark_tests::world::agent::waymark_bin().expect("the waymark binary");
-    Command::new(bin)
-}
-
 fn url(vip: &str, path: &str) -> String {
     format!("http://{vip}{path}")
-}
-
-/// Runs `waymark tap ARGS` on `node` while `traffic` runs, once the agent
-/// has the tap open; returns what the tap printed. The tap must end by
-/// itself (its `--max` or `--duration`).
-fn tap(node: &Node, args: &[&str], traffic: impl FnOnce() -> Result<()>) -> Result<String> {
-    std::thread::scope(|s| {
-        let cli =
-            s.spawn(|| node.run_timeout(waymark().arg("tap").args(args), Duration::from_secs(90)));
-        let opened = await_metric(node, "waymark_tap_streams", &[], 1.0);
-        let sent = opened.and_then(|()| traffic());
-        let out: Output = cli.join().expect("the tap thread")?;
-        sent?;
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        ensure!(
-            out.status.success(),
-            "waymark tap {args:?}: {}\nstdout: {stdout}\nstderr: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(stdout)
-    })
-}
-
-/// The JSON events of a `-o json` tap.
-fn events(out: &str) -> Result<Vec<Value>> {
-    out.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).with_context(|| format!("tap line {l:?}")))
-        .collect()
 }
 
 /// The `t=` tags of the requests a JSON tap showed, in order, after
@@ -367,12 +333,14 @@ fn tap_filters_show_exactly_the_matching_requests() {
         );
         let rsp = lines.iter().find(|l| l.starts_with("rsp ")).unwrap();
         assert!(
-            rsp.contains(":status=200 latency=") && rsp.ends_with("µs"),
+            rsp.contains(":status=200 source=app latency=") && rsp.ends_with("µs"),
             "{rsp}"
         );
         let end = lines.iter().find(|l| l.starts_with("end ")).unwrap();
         assert!(
-            end.contains(" duration=") && end.contains(" response-length="),
+            end.contains(" duration=")
+                && end.contains(" response-length=")
+                && end.contains(" source=app"),
             "{end}"
         );
         await_metric(node, "waymark_tap_streams", &[], 0.0)?;

@@ -550,16 +550,20 @@ fn top_counts_the_burst_per_path() {
                 "Worst",
                 "Last",
                 "Success",
-                "Rate"
+                "Rate",
+                "Failures"
             ],
             "{table}"
         );
-        for (line, path, count, rate) in [
-            (lines[1], "/a", TO_A, "100.00%"),
-            (lines[2], "/b", TO_B, "0.00%"),
+        // The 500s are the application's, and top says so.
+        let app_failures = format!("app={TO_B}");
+        for (line, path, count, rate, failures) in [
+            (lines[1], "/a", TO_A, "100.00%", "-"),
+            (lines[2], "/b", TO_B, "0.00%", app_failures.as_str()),
         ] {
             let cells: Vec<&str> = line.split_whitespace().collect();
-            assert_eq!(cells.len(), 9, "{table}");
+            assert_eq!(cells.len(), 10, "{table}");
+            assert_eq!(cells[9], failures, "{table}");
             assert_eq!(
                 (cells[0], cells[1], cells[2], cells[3], cells[4], cells[8]),
                 (
@@ -595,6 +599,14 @@ fn top_counts_the_burst_per_path() {
                 assert_eq!(row["path"], path, "{row}");
                 assert_eq!(row["count"], count, "{row}");
                 assert_eq!(row["success_rate"], ok, "{row}");
+                // Both ends: the pod's 500s are the application's (the
+                // sending agent reads no proxy answer from its peer).
+                let sources = if ok == 1.0 {
+                    serde_json::json!({})
+                } else {
+                    serde_json::json!({ "app": count })
+                };
+                assert_eq!(row["failure_sources"], sources, "{row}");
                 let (best, worst) = (row["best_us"].as_u64(), row["worst_us"].as_u64());
                 assert!(best.is_some() && best <= worst, "{row}");
             }

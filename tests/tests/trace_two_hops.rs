@@ -166,7 +166,7 @@ fn trace_shows_inbound_block_then_outbound_block() {
             );
             ensure!(inb.contains("authorization: allow (rule default)"), "{inb}");
             ensure!(inb.contains("endpoint of: web, good"), "{inb}");
-            ensure!(inb.contains("result: 200"), "{inb}");
+            ensure!(inb.contains("result: 200 source=app"), "{inb}");
             // The kernel diagnostics run in the world: their view of the
             // agent's connection to the pod that answered.
             ensure!(

@@ -163,6 +163,7 @@ tunnel = "10.1.0.2:15008"
             weight: 1,
             zone: None,
             identity: None,
+            pod: None,
         }
     }
 

@@ -1,6 +1,6 @@
 //! The admin API: `/live`, `/ready`, `/metrics`, `/config`, `/log-level`,
 //! `/capture`, `/drops`, `/drops/follow`, the sliding-window stats (`/stat`,
-//! `/routes`, `/edges`), the facts `waymark check` judges (`/check`, `/check/peers`), and
+//! `/routes`, `/edges`), the balancer's view of each endpoint (`/endpoints`), the facts `waymark check` judges (`/check`, `/check/peers`), and
 //! `/tap` (a stream of newline-delimited JSON that lasts as long as the
 //! client reads it; see `diagnostics::tap`).
 //!
@@ -13,6 +13,7 @@
 mod capture;
 pub mod check;
 mod drops;
+pub mod endpoints;
 mod meshed;
 pub mod peers;
 mod ready;

@@ -29,6 +29,7 @@ const ENDPOINTS: &[&str] = &[
     "/stat",
     "/routes",
     "/edges",
+    "/endpoints",
     "/check",
     "/check/peers",
     "/tap",
@@ -74,6 +75,12 @@ pub async fn handle(
                 _ => stats::edges(state, &query),
             };
             match answer {
+                Ok(body) => with_type(StatusCode::OK, "application/json", body),
+                Err((status, msg)) => text(status, msg + "\n"),
+            }
+        }
+        (&Method::GET, "/endpoints") => {
+            match super::endpoints::report(state, &Query::parse(req.uri().query())) {
                 Ok(body) => with_type(StatusCode::OK, "application/json", body),
                 Err((status, msg)) => text(status, msg + "\n"),
             }

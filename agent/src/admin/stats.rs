@@ -12,7 +12,9 @@ use serde::Serialize;
 
 use super::AdminState;
 use crate::diagnostics::stats::parse_window;
-use crate::diagnostics::stats_view::{self, By, EdgesReport, RoutesReport, StatReport};
+use crate::diagnostics::stats_view::{
+    self, By, DeclaredBackend, EdgesReport, RoutesReport, StatReport,
+};
 use crate::discovery::DEFAULT_ROUTE;
 
 /// The window when a query names none.
@@ -48,7 +50,7 @@ impl Query {
 
     /// Rejects parameters the endpoint does not know (a typo would
     /// otherwise silently widen the answer).
-    fn only(&self, known: &[&str]) -> Result<(), (StatusCode, String)> {
+    pub(super) fn only(&self, known: &[&str]) -> Result<(), (StatusCode, String)> {
         match self.0.iter().find(|(k, _)| !known.contains(&k.as_str())) {
             Some((k, _)) => Err(bad(format!(
                 "unknown parameter {k:?}; this endpoint takes {}",
@@ -92,7 +94,7 @@ fn bad(msg: String) -> (StatusCode, String) {
     (StatusCode::BAD_REQUEST, msg)
 }
 
-fn json(v: &impl Serialize) -> Answer {
+pub(super) fn json(v: &impl Serialize) -> Answer {
     serde_json::to_string_pretty(v)
         .map(|s| s + "\n")
         .map_err(|e| {
@@ -165,11 +167,39 @@ pub fn routes(state: &AdminState, q: &Query) -> Answer {
             ));
         }
     };
+    let mut rows = stats_view::routes(&w, service, &declared);
+    let by_backend = state.stats.backend_window(d, Instant::now());
+    for row in &mut rows {
+        let policy = table.by_name(service).and_then(|s| {
+            if row.route == DEFAULT_ROUTE {
+                Some(&s.default_route)
+            } else {
+                s.routes
+                    .routes()
+                    .iter()
+                    .find(|r| r.name == row.route)
+                    .map(|r| &r.value)
+            }
+        });
+        let declared: Vec<DeclaredBackend> = policy
+            .map(|p| {
+                p.backends
+                    .iter()
+                    .map(|(name, weight)| DeclaredBackend {
+                        name: name.clone(),
+                        weight,
+                        no_endpoints: table.by_name(name).is_none_or(|b| b.balancer.is_empty()),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        row.backends = stats_view::route_backends(&by_backend, service, &row.route, &declared);
+    }
     json(&RoutesReport {
         service: service.to_string(),
         window,
         window_seconds: w.covered.as_secs_f64(),
-        rows: stats_view::routes(&w, service, &declared),
+        rows,
     })
 }
 

@@ -7,13 +7,15 @@
 //! passes the time in, so every rule here is tested deterministically.
 
 mod ewma;
+mod history;
 mod p2c;
 mod stats;
 
 use std::time::Duration;
 
+pub use history::{Recent, WINDOW as RECENT_WINDOW};
 pub use p2c::Balancer;
-pub use stats::EndpointStats;
+pub use stats::{EndpointStats, EndpointView};
 
 /// Linkerd's decay time constant for the latency estimate.
 pub const DEFAULT_DECAY: Duration = Duration::from_secs(10);

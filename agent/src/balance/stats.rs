@@ -4,10 +4,11 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use super::BalanceConfig;
 use super::ewma::PeakEwma;
+use super::history::{History, Recent};
 
 /// Shared (behind `Arc`) by every balancer that contains the endpoint, so it
 /// survives a config reload for endpoints that stay.
@@ -33,6 +34,25 @@ struct State {
     /// A probe request is out: no second one until it ends, so a recovering
     /// endpoint is tested by one request, not flooded by many.
     probe_in_flight: bool,
+    /// For operators only: recent outcomes, the last error, why ejected.
+    history: History,
+}
+
+/// An endpoint as an operator sees it (`waymark endpoints`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndpointView {
+    pub ewma: Duration,
+    pub in_flight: usize,
+    /// Outcomes in the last [`super::RECENT_WINDOW`].
+    pub recent: Recent,
+    /// Out of service until then (in the future).
+    pub ejected_until: Option<Instant>,
+    /// The ejection has expired and a probe will decide.
+    pub on_probation: bool,
+    /// Why it was last ejected (kept after readmission).
+    pub ejection_reason: Option<String>,
+    pub ejections_total: u64,
+    pub last_error: Option<(SystemTime, String)>,
 }
 
 /// On what terms a request was sent to the endpoint; decides what its
@@ -71,6 +91,7 @@ impl EndpointStats {
                 ejected_until: None,
                 level: 0,
                 probe_in_flight: false,
+                history: History::new(now),
             }),
             in_flight: AtomicUsize::new(0),
             ejections_total: AtomicU64::new(0),
@@ -96,6 +117,27 @@ impl EndpointStats {
     #[cfg(test)]
     pub fn ejected_until(&self) -> Option<Instant> {
         self.lock().ejected_until
+    }
+
+    /// What an operator is shown, at `now`.
+    pub fn view(&self, now: Instant) -> EndpointView {
+        let state = self.lock();
+        EndpointView {
+            ewma: Duration::from_nanos(state.ewma.get_ns(now) as u64),
+            in_flight: self.in_flight(),
+            recent: state.history.recent(now),
+            ejected_until: state.ejected_until.filter(|u| now < *u),
+            on_probation: state.ejected_until.is_some_and(|u| now >= u),
+            ejection_reason: state.history.ejection_reason().map(str::to_string),
+            ejections_total: self.ejections_total(),
+            last_error: state.history.last_error().cloned(),
+        }
+    }
+
+    /// Why a request to the endpoint failed (the proxy's detail, or the
+    /// endpoint's status), with the wall-clock time, for operators.
+    pub fn record_error(&self, at: SystemTime, error: &str) {
+        self.lock().history.error(at, error);
     }
 
     pub fn ejections_total(&self) -> u64 {
@@ -173,6 +215,7 @@ impl EndpointStats {
         if role == Role::Probe {
             state.probe_in_flight = false;
         }
+        state.history.record(now, success);
         match (state.ejected_until.is_some(), role, success) {
             // The probe (or a request sent in panic) worked: back in service
             // with a clean slate, backoff included.
@@ -186,6 +229,10 @@ impl EndpointStats {
                 state.level = state.level.saturating_add(1);
                 state.ejected_until = Some(now + config.ejection(state.level));
                 self.ejections_total.fetch_add(1, Ordering::Relaxed);
+                let in_a_row = state.level + 1;
+                state.history.ejected(format!(
+                    "its probe failed after an ejection ({in_a_row} in a row)"
+                ));
             }
             // Requests that started before the ejection, and failures sent
             // in panic, do not move it: the endpoint is already out.
@@ -200,6 +247,9 @@ impl EndpointStats {
                     state.level = 0;
                     state.ejected_until = Some(now + config.ejection(0));
                     self.ejections_total.fetch_add(1, Ordering::Relaxed);
+                    state
+                        .history
+                        .ejected(format!("{} consecutive failures", config.failure_threshold));
                 }
             }
         }
@@ -254,6 +304,41 @@ mod tests {
         assert_eq!(s.ejected_until(), Some(t0 + 5 * SEC));
         assert_eq!(s.ejections_total(), 1);
         assert!(!s.is_ejected(t0 + 5 * SEC), "on probation once expired");
+    }
+
+    #[test]
+    fn the_view_says_what_happened_and_why_it_is_out() {
+        let t0 = Instant::now();
+        let (s, c) = stats(t0);
+        s.finish(Role::Normal, t0, MS, true, &c);
+        let v = s.view(t0);
+        assert_eq!((v.recent.successes, v.recent.failures), (1, 0));
+        assert_eq!(
+            (v.ejected_until, v.ejection_reason, v.last_error),
+            (None, None, None)
+        );
+        let at = SystemTime::now();
+        for _ in 0..5 {
+            fail(&s, &c, Role::Normal, t0);
+            s.record_error(at, "connect to 10.2.0.9:8080: No route to host");
+        }
+        let v = s.view(t0 + SEC);
+        assert_eq!((v.recent.successes, v.recent.failures), (1, 5));
+        assert_eq!(v.ejected_until, Some(t0 + 5 * SEC));
+        assert!(!v.on_probation);
+        assert_eq!(v.ejection_reason.as_deref(), Some("5 consecutive failures"));
+        assert_eq!(
+            v.last_error,
+            Some((at, "connect to 10.2.0.9:8080: No route to host".to_string()))
+        );
+        let v = s.view(t0 + 5 * SEC);
+        assert_eq!((v.ejected_until, v.on_probation), (None, true));
+        // A failed probe says so.
+        fail(&s, &c, Role::Probe, t0 + 5 * SEC);
+        let v = s.view(t0 + 5 * SEC);
+        assert_eq!(v.ejected_until, Some(t0 + 15 * SEC));
+        assert_eq!(v.ejections_total, 2);
+        assert!(v.ejection_reason.unwrap().starts_with("its probe failed"));
     }
 
     #[test]

@@ -9,10 +9,12 @@ pub mod capture;
 pub mod check;
 pub mod client;
 pub mod drops;
+pub mod endpoints;
 pub mod log_level;
 pub mod stat;
 pub mod table;
 pub mod tap;
+pub mod tap_explain;
 pub mod top;
 pub mod trace;
 

@@ -9,6 +9,8 @@ use anyhow::{Result, bail};
 use super::Output;
 use super::client::{AdminClient, block_on, encode_query_value};
 use super::table::{ms, percent, render, rps};
+#[cfg(test)]
+use crate::diagnostics::stats_view::{BackendRow, RouteRow};
 use crate::diagnostics::stats_view::{EdgesReport, Golden, RoutesReport, StatReport};
 
 /// What `stat` groups by.
@@ -91,6 +93,58 @@ fn retries(g: &Golden) -> String {
     percent((g.requests > 0).then(|| g.retries as f64 / g.requests as f64))
 }
 
+/// The routes' requests by backend, for the routes that send elsewhere
+/// than the service itself (a split, a canary): share, success, latency,
+/// and backends without endpoints marked. Empty when there are none.
+fn backends_table(report: &RoutesReport) -> String {
+    let rows: Vec<Vec<String>> = report
+        .rows
+        .iter()
+        .filter(|r| r.backends.iter().any(|b| b.backend != r.service))
+        .flat_map(|r| {
+            r.backends.iter().map(|b| {
+                let mut row = vec![
+                    r.route.clone(),
+                    b.backend.clone(),
+                    b.weight.map_or("-".to_string(), |w| w.to_string()),
+                    percent(b.share),
+                ];
+                row.extend(golden_cells(&b.golden));
+                row.push(if b.no_endpoints { "none" } else { "yes" }.to_string());
+                row
+            })
+        })
+        .collect();
+    if rows.is_empty() {
+        return String::new();
+    }
+    let h = headers(&["ROUTE", "BACKEND", "WEIGHT", "SHARE"], &["ENDPOINTS"]);
+    format!("\n{}", render(&h, &rows))
+}
+
+/// RETRY_BUDGET: `exhausted:N` when the retry budget refused N requests a
+/// retry in the window, else `-`.
+fn budget(g: &Golden) -> String {
+    match g.budget_exhausted {
+        0 => "-".to_string(),
+        n => format!("exhausted:{n}"),
+    }
+}
+
+/// The line under a table for each row whose retry budget ran out: the
+/// retry percentage alone cannot tell "no retries wanted" from "retries
+/// refused".
+fn budget_notes<'a>(rows: impl Iterator<Item = (String, &'a Golden)>) -> String {
+    let mut out = String::new();
+    for (what, g) in rows.filter(|(_, g)| g.budget_exhausted > 0) {
+        out.push_str(&format!(
+            "retry budget exhausted for {what}: {} of {} requests were not retried (the service's retry_budget allows no more now)\n",
+            g.budget_exhausted, g.requests
+        ));
+    }
+    out
+}
+
 pub fn stat(client: &AdminClient, args: StatArgs) -> Result<()> {
     let by = match args.kind {
         Kind::Service => "service",
@@ -118,11 +172,24 @@ pub fn stat(client: &AdminClient, args: StatArgs) -> Result<()> {
                     row.extend(golden_cells(&r.golden));
                     row.push(r.golden.tcp_open.to_string());
                     row.push(retries(&r.golden));
+                    row.push(budget(&r.golden));
                     row
                 })
                 .collect();
-            let h = headers(&["NAME", "MESHED"], &["TCP_CONN", "RETRIES"]);
+            let h = headers(
+                &["NAME", "MESHED"],
+                &["TCP_CONN", "RETRIES", "RETRY_BUDGET"],
+            );
             print!("{}", render(&h, &rows));
+            print!(
+                "{}",
+                budget_notes(
+                    report
+                        .rows
+                        .iter()
+                        .map(|r| (format!("{by} {}", r.name), &r.golden))
+                )
+            );
             Ok(())
         }
     }
@@ -145,11 +212,20 @@ pub fn routes(client: &AdminClient, args: RoutesArgs) -> Result<()> {
                     let mut row = vec![r.route.clone(), r.service.clone()];
                     row.extend(golden_cells(&r.golden));
                     row.push(retries(&r.golden));
+                    row.push(budget(&r.golden));
                     row
                 })
                 .collect();
-            let h = headers(&["ROUTE", "SERVICE"], &["RETRIES"]);
+            let h = headers(&["ROUTE", "SERVICE"], &["RETRIES", "RETRY_BUDGET"]);
             print!("{}", render(&h, &rows));
+            print!("{}", backends_table(&report));
+            print!(
+                "{}",
+                budget_notes(report.rows.iter().map(|r| (
+                    format!("route {} of service {}", r.route, r.service),
+                    &r.golden
+                )))
+            );
             Ok(())
         }
     }
@@ -189,4 +265,108 @@ pub fn edges(client: &AdminClient, args: WindowArgs) -> Result<()> {
 fn print_json(v: &impl serde::Serialize) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_exhausted_retry_budget_is_shown_and_explained() {
+        let quiet = Golden {
+            requests: 10,
+            retries: 2,
+            ..Golden::default()
+        };
+        let refused = Golden {
+            requests: 10,
+            budget_exhausted: 7,
+            ..Golden::default()
+        };
+        assert_eq!(budget(&quiet), "-");
+        assert_eq!(budget(&refused), "exhausted:7");
+        assert_eq!(
+            budget_notes(
+                [
+                    ("route a of service web".to_string(), &quiet),
+                    ("route fail of service web".to_string(), &refused),
+                ]
+                .into_iter()
+            ),
+            "retry budget exhausted for route fail of service web: 7 of 10 requests were not retried (the service's retry_budget allows no more now)\n"
+        );
+        // An agent from before the count: absent reads as none.
+        let old: Golden = serde_json::from_str(
+            r#"{"requests":1,"successes":1,"failures":0,"success_rate":1.0,"rps":0.1,"latency_ms_p50":null,"latency_ms_p95":null,"latency_ms_p99":null,"retries":0,"retried_requests":0,"tcp_open":0,"tcp_opened":0}"#,
+        )
+        .unwrap();
+        assert_eq!(budget(&old), "-");
+    }
+
+    #[test]
+    fn a_split_is_broken_down_by_backend_with_the_empty_one_marked() {
+        let backend = |name: &str, weight, share, rate, no_endpoints| BackendRow {
+            backend: name.to_string(),
+            weight: Some(weight),
+            share: Some(share),
+            no_endpoints,
+            golden: Golden {
+                requests: 10,
+                success_rate: Some(rate),
+                ..Golden::default()
+            },
+        };
+        let route = |name: &str, backends| RouteRow {
+            route: name.to_string(),
+            service: "shop".to_string(),
+            golden: Golden::default(),
+            backends,
+        };
+        let mut report = RoutesReport {
+            service: "shop".into(),
+            window: "1m".into(),
+            window_seconds: 60.0,
+            rows: vec![route(
+                "[DEFAULT]",
+                vec![backend("shop", 1, 1.0, 1.0, false)],
+            )],
+        };
+        // A route to the service itself has nothing to break down.
+        assert_eq!(backends_table(&report), "");
+        report.rows.push(route(
+            "split",
+            vec![
+                backend("shop-v1", 90, 0.9, 1.0, false),
+                backend("shop-v2", 10, 0.1, 0.0, true),
+            ],
+        ));
+        let t = backends_table(&report);
+        let lines: Vec<Vec<&str>> = t
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            lines[0],
+            [
+                "ROUTE",
+                "BACKEND",
+                "WEIGHT",
+                "SHARE",
+                "SUCCESS",
+                "RPS",
+                "LATENCY_P50",
+                "LATENCY_P95",
+                "LATENCY_P99",
+                "ENDPOINTS"
+            ]
+        );
+        assert_eq!(
+            lines[1][..5],
+            ["split", "shop-v1", "90", "90.00%", "100.00%"]
+        );
+        assert_eq!(lines[2][..5], ["split", "shop-v2", "10", "10.00%", "0.00%"]);
+        assert_eq!(lines[2].last(), Some(&"none"));
+        assert_eq!(lines.len(), 3, "{t}");
+    }
 }

@@ -10,7 +10,9 @@
 //! ```
 //!
 //! `-o json` prints the agent's lines as they come (one JSON object a line,
-//! request headers included, credentials redacted by the agent).
+//! request headers included, credentials redacted by the agent). When
+//! nothing matched for a few seconds it says on stderr why the tap may be
+//! empty ([`super::tap_explain`]).
 
 use std::time::Duration;
 
@@ -21,6 +23,8 @@ use hyper::Method;
 use hyper::body::Incoming;
 
 use super::client::{AdminClient, block_on};
+use super::tap_explain::{Asked, EXPLAIN_AFTER, SEEN_WINDOW, Seen, explain};
+use crate::diagnostics::stats_view::EdgesReport;
 use crate::diagnostics::tap::event::Event;
 use crate::diagnostics::tap::filter::{Filter, Pods, percent_encode};
 
@@ -177,21 +181,79 @@ pub fn run(client: &AdminClient, args: TapArgs) -> Result<()> {
         let mut body = open(client, &query).await?;
         let mut out = std::io::stdout().lock();
         let mut lines = Lines::default();
-        while let Some(frame) = body.frame().await {
-            let frame = frame.context("the tap stream broke off")?;
-            let Ok(data) = frame.into_data() else {
-                continue;
-            };
-            lines.push(&data);
-            while let Some(line) = lines.next_line() {
-                if print_line(&mut out, &line, args.output).is_err() {
-                    // stdout closed (`| head`): stop quietly.
-                    return Ok(());
+        // Nothing within a few seconds: say why it may be empty, once.
+        let explain_at = tokio::time::sleep(EXPLAIN_AFTER);
+        tokio::pin!(explain_at);
+        let (mut shown, mut explained) = (false, false);
+        loop {
+            tokio::select! {
+                frame = body.frame() => {
+                    let Some(frame) = frame else { break };
+                    let frame = frame.context("the tap stream broke off")?;
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    lines.push(&data);
+                    while let Some(line) = lines.next_line() {
+                        shown = true;
+                        if print_line(&mut out, &line, args.output).is_err() {
+                            // stdout closed (`| head`): stop quietly.
+                            return Ok(());
+                        }
+                    }
+                }
+                _ = &mut explain_at, if !shown && !explained => {
+                    explained = true;
+                    eprint!("{}", why_empty(client, &args.filter).await);
                 }
             }
         }
         Ok(())
     })
+}
+
+/// What `waymark tap` prints on stderr when nothing matched for
+/// [`EXPLAIN_AFTER`].
+async fn why_empty(client: &AdminClient, filter: &TapFilterArgs) -> String {
+    let head = format!(
+        "waymark tap: nothing matched in {}",
+        humantime::format_duration(EXPLAIN_AFTER)
+    );
+    let config = client.get_json::<serde_json::Value>("/config").await;
+    let edges = client
+        .get_json::<EdgesReport>(&format!("/edges?window={SEEN_WINDOW}"))
+        .await;
+    let (config, edges) = match (config, edges) {
+        (Ok(c), Ok(e)) => (c, e),
+        (Err(e), _) | (_, Err(e)) => {
+            return format!("{head} (the agent could not be asked why: {e:#})\n");
+        }
+    };
+    let names = |key: &str| -> Vec<String> {
+        config[key]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x["name"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let seen = Seen {
+        pods: names("pods"),
+        services: names("services"),
+        edges: edges.rows,
+    };
+    let asked = Asked {
+        from: filter.from.as_deref(),
+        to: filter.to.as_deref(),
+        inbound: filter.direction.as_deref() == Some("in"),
+    };
+    let mut out = format!("{head}; why it may be empty:\n");
+    for why in explain(&asked, &seen) {
+        out.push_str(&format!("  - {why}\n"));
+    }
+    out
 }
 
 fn print_line(

@@ -3,9 +3,9 @@
 //! `waymark tap`) by source, destination, method and path:
 //!
 //! ```text
-//! Source         Destination      Method   Path   Count   Best     Worst   Last     Success Rate
-//! default/n0p0   default/n1p0     GET      /a     30      0.61ms   2.1ms   0.74ms   100.00%
-//! default/n0p0   default/n1p0     GET      /b     10      0.58ms   1.3ms   0.66ms   0.00%
+//! Source         Destination      Method   Path   Count   Best     Worst   Last     Success Rate   Failures
+//! default/n0p0   default/n1p0     GET      /a     30      0.61ms   2.1ms   0.74ms   100.00%        -
+//! default/n0p0   default/n1p0     GET      /b     10      0.58ms   1.3ms   0.66ms   0.00%          app=10
 //! ```
 //!
 //! Source: the source pod (outbound), or the peer's verified identity as
@@ -14,7 +14,11 @@
 //! (inbound), else the endpoint's address. Path: without the query.
 //! Latencies are the response head's (`rsp`); a request counts when it
 //! ends, as a success unless its status is 5xx, its gRPC status is not OK,
-//! or it ended with an error.
+//! or it ended with an error. Failures are also counted by where their
+//! status came from (the Failures column): `app` (the application
+//! answered so), `proxy:<reason>` (an agent answered instead: `timeout`,
+//! `no_endpoints`, `connect_failure`, …), or `error` (no status: the
+//! request was cancelled, or its body broke off).
 //!
 //! On a terminal the table is redrawn every second until Ctrl-C (then the
 //! final table stays); with `--duration`, or when stdout is no terminal
@@ -79,11 +83,34 @@ pub struct Row {
     pub best_us: Option<u64>,
     pub worst_us: Option<u64>,
     pub last_us: Option<u64>,
+    /// Failures by where their status came from: `app`,
+    /// `proxy:<reason>`, or `error`.
+    pub failure_sources: BTreeMap<String, u64>,
 }
 
 impl Row {
     pub fn success_rate(&self) -> Option<f64> {
         (self.count > 0).then(|| self.successes as f64 / self.count as f64)
+    }
+
+    /// `app=3,proxy:no_endpoints=1`, or `-` without failures.
+    pub fn failures_by_source(&self) -> String {
+        if self.failure_sources.is_empty() {
+            return "-".to_string();
+        }
+        self.failure_sources
+            .iter()
+            .map(|(k, n)| format!("{k}={n}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// `app`, or `proxy:<reason>`, from an event's `source` and `reason`.
+fn source_key(source: Option<&str>, reason: Option<&str>) -> Option<String> {
+    match (source?, reason) {
+        ("proxy", Some(r)) => Some(format!("proxy:{r}")),
+        (s, _) => Some(s.to_string()),
     }
 }
 
@@ -92,6 +119,8 @@ struct Pending {
     key: Key,
     status: Option<u16>,
     latency_us: Option<u64>,
+    /// Where the status came from (`rsp`'s `source`).
+    source: Option<String>,
 }
 
 /// The aggregate of a tap stream.
@@ -123,6 +152,7 @@ impl Top {
                         key,
                         status: None,
                         latency_us: None,
+                        source: None,
                     },
                 );
                 while self.pending.len() > MAX_PENDING {
@@ -133,16 +163,22 @@ impl Top {
                 meta,
                 status,
                 latency_us,
+                source,
+                reason,
+                ..
             } => {
                 if let Some(p) = self.pending.get_mut(&meta.id) {
                     p.status = Some(status);
                     p.latency_us = Some(latency_us);
+                    p.source = source_key(source.as_deref(), reason.as_deref());
                 }
             }
             Event::End {
                 meta,
                 grpc_status,
                 error,
+                source,
+                reason,
                 ..
             } => {
                 let Some(p) = self.pending.remove(&meta.id) else {
@@ -157,6 +193,16 @@ impl Top {
                     row.successes += 1;
                 } else {
                     row.failures += 1;
+                    // A failing status names its source; a request that
+                    // failed otherwise (cancelled, its body broke off) has
+                    // no status to attribute.
+                    let status_failed =
+                        p.status.is_some_and(|s| s >= 500) || grpc_status.is_some_and(|g| g != 0);
+                    let from = source_key(source.as_deref(), reason.as_deref())
+                        .or(p.source)
+                        .filter(|_| status_failed)
+                        .unwrap_or_else(|| "error".to_string());
+                    *row.failure_sources.entry(from).or_default() += 1;
                 }
                 if let Some(l) = p.latency_us {
                     row.best_us = Some(row.best_us.map_or(l, |b| b.min(l)));
@@ -194,6 +240,7 @@ impl Top {
                     us(r.worst_us),
                     us(r.last_us),
                     table::percent(r.success_rate()),
+                    r.failures_by_source(),
                 ]
             })
             .collect();
@@ -208,6 +255,7 @@ impl Top {
                 "Worst",
                 "Last",
                 "Success Rate",
+                "Failures",
             ],
             &shown,
         );
@@ -361,10 +409,19 @@ mod tests {
             headers: vec![],
             headers_omitted: 0,
         });
+        // 503s here are the proxy's (no endpoints), other statuses the app's.
+        let (source, reason) = match status {
+            503 => ("proxy", Some("no_endpoints".to_string())),
+            _ => ("app", None),
+        };
         top.observe(Event::Rsp {
             meta: m.clone(),
             status,
             latency_us,
+            source: Some(source.into()),
+            reason: reason.clone(),
+            retries: 0,
+            retry_budget_exhausted: false,
         });
         top.observe(Event::End {
             meta: m,
@@ -373,6 +430,8 @@ mod tests {
             response_bytes: 2,
             error: None,
             kernel: None,
+            source: Some(source.into()),
+            reason,
         });
     }
 
@@ -425,7 +484,6 @@ mod tests {
         let table = top.table();
         let lines: Vec<&str> = table.lines().collect();
         assert!(lines[0].starts_with("Source"), "{table}");
-        assert!(lines[0].ends_with("Success Rate"), "{table}");
         assert_eq!(
             lines[1].split_whitespace().collect::<Vec<_>>(),
             [
@@ -437,10 +495,15 @@ mod tests {
                 "0.30ms",
                 "0.90ms",
                 "0.50ms",
-                "100.00%"
+                "100.00%",
+                "-"
             ]
         );
-        assert!(lines[2].ends_with("0.00%"), "{table}");
+        assert!(
+            lines[2].ends_with("0.00%          app=1,proxy:no_endpoints=1"),
+            "{table}"
+        );
+        assert!(lines[0].ends_with("Success Rate   Failures"), "{table}");
 
         let json = top.json();
         assert_eq!(json["rows"][0]["path"], "/a");
@@ -449,6 +512,10 @@ mod tests {
         assert_eq!(json["rows"][0]["best_us"], 300);
         assert_eq!(json["rows"][1]["success_rate"], 0.0);
         assert_eq!(json["rows"][1]["failures"], 2);
+        assert_eq!(
+            json["rows"][1]["failure_sources"],
+            serde_json::json!({"app": 1, "proxy:no_endpoints": 1})
+        );
         assert_eq!(json["dropped_events"], 0);
     }
 
@@ -468,6 +535,10 @@ mod tests {
             meta: m.clone(),
             status: 200,
             latency_us: 10,
+            source: Some("app".into()),
+            reason: None,
+            retries: 0,
+            retry_budget_exhausted: false,
         });
         top.observe(Event::End {
             meta: m.clone(),
@@ -476,6 +547,8 @@ mod tests {
             response_bytes: 0,
             error: None,
             kernel: None,
+            source: Some("app".into()),
+            reason: None,
         });
         // Cancelled before a response: counted, without a latency.
         let m = meta(2, false);
@@ -494,6 +567,8 @@ mod tests {
             response_bytes: 0,
             error: Some("cancelled before the response ended".into()),
             kernel: None,
+            source: None,
+            reason: None,
         });
         // An end without its req (the tap dropped it) is not counted.
         top.observe(Event::End {
@@ -503,6 +578,8 @@ mod tests {
             response_bytes: 0,
             error: None,
             kernel: None,
+            source: None,
+            reason: None,
         });
         top.observe(Event::Dropped { count: 4 });
         let rows = top.rows();
@@ -512,6 +589,7 @@ mod tests {
             (r.count, r.failures, r.best_us, r.worst_us),
             (2, 2, Some(10), Some(10))
         );
+        assert_eq!(r.failures_by_source(), "app=1,error=1");
         assert!(top.table().contains("dropped 4 events"));
     }
 

@@ -188,6 +188,10 @@ pub struct EndpointConfig {
     /// address the balancer chose.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+    /// The pod behind the address (`namespace/name`, an EndpointSlice's
+    /// `targetRef`), named in tap, traces and `waymark endpoints`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
 }
 
 fn default_endpoint_weight() -> u32 {
@@ -363,6 +367,11 @@ pub fn validate(services: &[ServiceConfig], problems: &mut Vec<String>) {
             if ep.zone.as_deref().is_some_and(|z| z.trim().is_empty()) {
                 problems.push(format!(
                     "{at}.endpoints[{j}].zone: must not be empty (leave it out instead)"
+                ));
+            }
+            if ep.pod.as_deref().is_some_and(|p| p.trim().is_empty()) {
+                problems.push(format!(
+                    "{at}.endpoints[{j}].pod: must not be empty (leave it out instead)"
                 ));
             }
         }

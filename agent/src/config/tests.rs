@@ -300,16 +300,24 @@ fn endpoint_weight_and_zone() {
         )
     };
     let c = Config::from_toml(
-        &svc(r#"{ addr = "10.1.0.2:80" }, { addr = "10.1.0.3:80", weight = 3, zone = "z1" }"#),
+        &svc(
+            r#"{ addr = "10.1.0.2:80" }, { addr = "10.1.0.3:80", weight = 3, zone = "z1", pod = "default/web-1" }"#,
+        ),
         "t",
     )
     .unwrap();
     let eps = &c.services[0].endpoints;
     assert_eq!((eps[0].weight, eps[0].zone.as_deref()), (1, None));
     assert_eq!((eps[1].weight, eps[1].zone.as_deref()), (3, Some("z1")));
+    assert_eq!(
+        (eps[0].pod.as_deref(), eps[1].pod.as_deref()),
+        (None, Some("default/web-1"))
+    );
 
     let e = Config::from_toml(
-        &svc(r#"{ addr = "10.1.0.2:80", weight = 1000000 }, { addr = "10.1.0.3:80", zone = " " }"#),
+        &svc(
+            r#"{ addr = "10.1.0.2:80", weight = 1000000 }, { addr = "10.1.0.3:80", zone = " ", pod = "" }"#,
+        ),
         "t",
     )
     .unwrap_err()
@@ -319,6 +327,7 @@ fn endpoint_weight_and_zone() {
         "{e}"
     );
     assert!(e.contains("endpoints[1].zone: must not be empty"), "{e}");
+    assert!(e.contains("endpoints[1].pod: must not be empty"), "{e}");
 
     let e = Config::from_toml(&svc(r#"{ addr = "10.1.0.2:80", identity = "web" }"#), "t")
         .unwrap_err()

@@ -119,20 +119,43 @@ pub struct Counted {
     edge: Option<Arc<Edge>>,
 }
 
-/// Attempts after the first that a response took, carried in its
+/// Attempts after the first that a response took, and whether one more
+/// was wanted but the service's retry budget refused it, carried in its
 /// extensions from the retry loop to where the response is counted.
-#[derive(Clone, Copy, Debug)]
-pub struct Retries(pub u32);
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Retries {
+    pub retries: u32,
+    pub budget_exhausted: bool,
+}
 
-/// Marks a response as the outcome of `retries` retries (no-op for 0).
-pub fn retried<B>(mut resp: http::Response<B>, retries: u32) -> http::Response<B> {
-    if retries > 0 {
-        resp.extensions_mut().insert(Retries(retries));
+/// Marks a response as the outcome of `retries` retries, and of a retry
+/// the budget refused (no-op for neither).
+pub fn retried<B>(
+    mut resp: http::Response<B>,
+    retries: u32,
+    budget_exhausted: bool,
+) -> http::Response<B> {
+    if retries > 0 || budget_exhausted {
+        resp.extensions_mut().insert(Retries {
+            retries,
+            budget_exhausted,
+        });
     }
     resp
 }
 
+/// The backend edge ([`Stats::backend_edge`]) a response is also counted
+/// on, carried in its extensions from the router to where it is counted.
+#[derive(Clone)]
+pub struct BackendEdge(pub Arc<Edge>);
+
 impl HttpMetrics {
+    /// The edge a request to `service` on `route` sent to `backend` is
+    /// counted on too ([`BackendEdge`]).
+    pub fn backend_edge(&self, service: &str, route: &str, backend: &str) -> BackendEdge {
+        BackendEdge(self.stats.backend_edge(service, route, backend))
+    }
+
     pub fn new(registry: &mut Registry, max_authorities: usize, stats: Arc<Stats>) -> Self {
         let m = HttpMetrics {
             requests: Family::default(),
@@ -297,7 +320,11 @@ pub fn observe(
         .copied()
         .unwrap_or(TlsLabel::NoIdentity(NoTlsReason::NoConnection));
     let latency = start.elapsed();
-    let retries = resp.extensions_mut().remove::<Retries>().map_or(0, |r| r.0);
+    let retries = resp
+        .extensions_mut()
+        .remove::<Retries>()
+        .unwrap_or_default();
+    let backend = resp.extensions_mut().remove::<BackendEdge>();
     let (parts, body) = resp.into_parts();
     let observed = Observed {
         inner: body,
@@ -309,6 +336,7 @@ pub fn observe(
             grpc_status: head_grpc,
             latency,
             retries,
+            backend,
             tls,
         }),
     };
@@ -322,7 +350,8 @@ struct End {
     grpc: bool,
     grpc_status: Option<u32>,
     latency: Duration,
-    retries: u32,
+    retries: Retries,
+    backend: Option<BackendEdge>,
     tls: TlsLabel,
 }
 
@@ -347,16 +376,18 @@ impl End {
         };
         self.metrics
             .record(&self.request.series, outcome, self.latency);
+        let counted = Outcome {
+            success: !failed,
+            latency: self.latency,
+            retries: self.retries.retries,
+            budget_exhausted: self.retries.budget_exhausted,
+            tls: matches!(self.tls, TlsLabel::True),
+        };
         if let Some(edge) = &self.request.edge {
-            self.metrics.stats.record(
-                edge,
-                Outcome {
-                    success: !failed,
-                    latency: self.latency,
-                    retries: self.retries,
-                    tls: matches!(self.tls, TlsLabel::True),
-                },
-            );
+            self.metrics.stats.record(edge, counted);
+        }
+        if let Some(BackendEdge(edge)) = &self.backend {
+            self.metrics.stats.record(edge, counted);
         }
     }
 }

@@ -100,6 +100,8 @@ pub struct Outcome {
     pub latency: Duration,
     /// Attempts after the first.
     pub retries: u32,
+    /// One more attempt was wanted, but the retry budget refused it.
+    pub budget_exhausted: bool,
     /// The last attempt went through the mTLS tunnel.
     pub tls: bool,
 }
@@ -181,6 +183,9 @@ pub struct Counts {
     pub retries: u64,
     /// Requests that needed more than one attempt.
     pub retried_requests: u64,
+    /// Requests the retry budget refused a retry.
+    #[serde(default)]
+    pub budget_exhausted: u64,
     /// Requests carried by the mTLS tunnel.
     #[serde(default)]
     pub tls_requests: u64,
@@ -209,6 +214,7 @@ impl Counts {
         self.successes += o.successes;
         self.retries += o.retries;
         self.retried_requests += o.retried_requests;
+        self.budget_exhausted += o.budget_exhausted;
         self.tls_requests += o.tls_requests;
         self.tcp_opened += o.tcp_opened;
         self.open += o.open;
@@ -362,6 +368,12 @@ pub struct Stats {
     other_connections: Arc<Edge>,
     /// Requests and connections counted under [`OTHER`].
     overflowed: AtomicU64,
+    /// The same requests again, by the backend service their route chose
+    /// (keyed service → backend, per route: `EdgeKey { pod: service, dst:
+    /// backend, route }`), for `waymark routes`' per-backend breakdown.
+    backends: RwLock<HashMap<EdgeKey, Arc<Edge>>>,
+    /// What the backend table has no room for (not reported).
+    other_backends: Arc<Edge>,
 }
 
 /// A query's result: every edge with traffic in the window.
@@ -384,6 +396,8 @@ impl Stats {
             other_requests: Arc::new(Edge::new()),
             other_connections: Arc::new(Edge::new()),
             overflowed: AtomicU64::new(0),
+            backends: RwLock::new(HashMap::new()),
+            other_backends: Arc::new(Edge::new()),
         }
     }
 
@@ -395,6 +409,15 @@ impl Stats {
     /// for the request and passed to [`Stats::record`] when it ends.
     pub fn request_edge(&self, pod: &str, service: &str, route: &str) -> Arc<Edge> {
         self.edge((pod, service, Some(route)), Instant::now())
+    }
+
+    /// The edge that counts requests to `service` on `route` that the route
+    /// sent to `backend`; recorded with [`Stats::record`] beside the
+    /// request's own edge.
+    pub fn backend_edge(&self, service: &str, route: &str, backend: &str) -> Arc<Edge> {
+        let key = (service, backend, Some(route));
+        self.edge_in(&self.backends, key, Instant::now())
+            .unwrap_or_else(|| self.other_backends.clone())
     }
 
     /// A cached handle of an edge, again, if the table still holds it.
@@ -434,6 +457,7 @@ impl Stats {
             c.successes += outcome.success as u64;
             c.retries += outcome.retries as u64;
             c.retried_requests += (outcome.retries > 0) as u64;
+            c.budget_exhausted += outcome.budget_exhausted as u64;
             c.tls_requests += outcome.tls as u64;
             b.hist.record(us);
         });
@@ -453,29 +477,41 @@ impl Stats {
     }
 
     fn edge(&self, key: (&str, &str, Option<&str>), now: Instant) -> Arc<Edge> {
-        let found = self
-            .edges
+        self.edge_in(&self.edges, key, now).unwrap_or_else(|| {
+            self.overflowed.fetch_add(1, Ordering::Relaxed);
+            match key.2 {
+                Some(_) => self.other_requests.clone(),
+                None => self.other_connections.clone(),
+            }
+        })
+    }
+
+    /// The edge of `key` in `table`, made if there is room (after dropping
+    /// idle edges); `None` when the table is full.
+    fn edge_in(
+        &self,
+        table: &RwLock<HashMap<EdgeKey, Arc<Edge>>>,
+        key: (&str, &str, Option<&str>),
+        now: Instant,
+    ) -> Option<Arc<Edge>> {
+        let found = table
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(&key as &dyn KeyRef)
             .cloned();
         if let Some(edge) = found {
-            return edge;
+            return Some(edge);
         }
-        let mut edges = self.edges.write().unwrap_or_else(|e| e.into_inner());
+        let mut edges = table.write().unwrap_or_else(|e| e.into_inner());
         if let Some(edge) = edges.get(&key as &dyn KeyRef) {
-            return edge.clone();
+            return Some(edge.clone());
         }
         if edges.len() >= self.max_edges {
             let idle_before = self.epoch(now).saturating_sub(SLOTS);
             edges.retain(|_, e| Arc::strong_count(e) > 1 || !e.idle_since(idle_before));
         }
         if edges.len() >= self.max_edges {
-            self.overflowed.fetch_add(1, Ordering::Relaxed);
-            return match key.2 {
-                Some(_) => self.other_requests.clone(),
-                None => self.other_connections.clone(),
-            };
+            return None;
         }
         let (pod, dst, route) = key;
         let edge = Arc::new(Edge::new());
@@ -487,7 +523,7 @@ impl Stats {
             },
             edge.clone(),
         );
-        edge
+        Some(edge)
     }
 
     /// Requests and connections that were counted under [`OTHER`].
@@ -498,12 +534,6 @@ impl Stats {
 
     /// Every edge with traffic (or open connections) in the last `window`.
     pub fn window(&self, window: Duration, now: Instant) -> Window {
-        let window = window.clamp(Duration::from_secs(1), MAX_WINDOW);
-        let cur = self.epoch(now);
-        let full = window.as_nanos().div_ceil(BUCKET.as_nanos()) as u64;
-        let from = cur.saturating_sub(full);
-        let from_time = self.start + Duration::from_secs(from * BUCKET.as_secs());
-        let covered = now.saturating_duration_since(from_time);
         let edges: Vec<(EdgeKey, Arc<Edge>)> = {
             let map = self.edges.read().unwrap_or_else(|e| e.into_inner());
             map.iter().map(|(k, e)| (k.clone(), e.clone())).collect()
@@ -520,8 +550,33 @@ impl Stats {
             };
             (key, e.clone())
         });
+        self.sum(edges.into_iter().chain(others), window, now)
+    }
+
+    /// The backend edges ([`Stats::backend_edge`]) with traffic in the
+    /// last `window`: `pod` is the service, `dst` the backend.
+    pub fn backend_window(&self, window: Duration, now: Instant) -> Window {
+        let edges: Vec<(EdgeKey, Arc<Edge>)> = {
+            let map = self.backends.read().unwrap_or_else(|e| e.into_inner());
+            map.iter().map(|(k, e)| (k.clone(), e.clone())).collect()
+        };
+        self.sum(edges.into_iter(), window, now)
+    }
+
+    fn sum(
+        &self,
+        edges: impl Iterator<Item = (EdgeKey, Arc<Edge>)>,
+        window: Duration,
+        now: Instant,
+    ) -> Window {
+        let window = window.clamp(Duration::from_secs(1), MAX_WINDOW);
+        let cur = self.epoch(now);
+        let full = window.as_nanos().div_ceil(BUCKET.as_nanos()) as u64;
+        let from = cur.saturating_sub(full);
+        let from_time = self.start + Duration::from_secs(from * BUCKET.as_secs());
+        let covered = now.saturating_duration_since(from_time);
         let mut out = Vec::new();
-        for (key, edge) in edges.into_iter().chain(others) {
+        for (key, edge) in edges {
             let mut s = Summary::default();
             edge.collect(from, cur, &mut s);
             if s.counts.requests > 0 || s.counts.tcp_opened > 0 || s.counts.open > 0 {

@@ -5,6 +5,7 @@ fn ok(ms: u64) -> Outcome {
         success: true,
         latency: Duration::from_millis(ms),
         retries: 0,
+        budget_exhausted: false,
         tls: false,
     }
 }
@@ -144,13 +145,22 @@ fn success_rate_and_retries_add_up() {
             ..ok(3)
         },
     );
+    stats.record(
+        &e,
+        Outcome {
+            retries: 1,
+            budget_exhausted: true,
+            ..failed(3)
+        },
+    );
     let w = stats.window(secs(60), Instant::now());
     let s = summary(&w, "p", "s", Some("r"));
-    assert_eq!(s.counts.requests, 11);
+    assert_eq!(s.counts.requests, 12);
     assert_eq!(s.counts.successes, 9);
-    assert_eq!(s.counts.retries, 2);
-    assert_eq!(s.counts.retried_requests, 1);
-    assert!((s.success_rate().unwrap() - 9.0 / 11.0).abs() < 1e-9);
+    assert_eq!(s.counts.retries, 3);
+    assert_eq!(s.counts.retried_requests, 2);
+    assert_eq!(s.counts.budget_exhausted, 1);
+    assert!((s.success_rate().unwrap() - 9.0 / 12.0).abs() < 1e-9);
 }
 
 #[test]
@@ -238,4 +248,36 @@ fn windows_parse_within_range() {
     assert!(parse_window("11m").unwrap_err().contains("out of range"));
     assert!(parse_window("0s").is_err());
     assert!(parse_window("soon").unwrap_err().contains("not a duration"));
+}
+
+#[test]
+fn backends_are_counted_apart_from_the_edges() {
+    let stats = Stats::new(8);
+    let e = stats.request_edge("p", "shop", "split");
+    let (v1, v2) = (
+        stats.backend_edge("shop", "split", "shop-v1"),
+        stats.backend_edge("shop", "split", "shop-v2"),
+    );
+    for i in 0..4 {
+        let (backend, outcome) = if i < 3 {
+            (&v1, ok(1))
+        } else {
+            (&v2, failed(1))
+        };
+        stats.record(&e, outcome);
+        stats.record(backend, outcome);
+    }
+    let now = Instant::now();
+    let w = stats.window(secs(60), now);
+    assert_eq!(w.edges.len(), 1, "backends stay out of the edges");
+    let b = stats.backend_window(secs(60), now);
+    let v1 = summary(&b, "shop", "shop-v1", Some("split"));
+    let v2 = summary(&b, "shop", "shop-v2", Some("split"));
+    assert_eq!((v1.counts.requests, v1.counts.successes), (3, 3));
+    assert_eq!((v2.counts.requests, v2.counts.successes), (1, 0));
+    // The same key again is the same edge.
+    assert!(Arc::ptr_eq(
+        &stats.backend_edge("shop", "split", "shop-v1"),
+        &stats.backend_edge("shop", "split", "shop-v1")
+    ));
 }

@@ -52,6 +52,9 @@ pub struct Golden {
     pub retries: u64,
     /// Requests that took more than one attempt.
     pub retried_requests: u64,
+    /// Requests whose retry the retry budget refused: the budget ran out.
+    #[serde(default)]
+    pub budget_exhausted: u64,
     /// TCP connections open now.
     pub tcp_open: u64,
     /// TCP connections opened in the window.
@@ -76,6 +79,7 @@ impl Golden {
             latency_ms_p99: s.latency_ms(0.99),
             retries: c.retries,
             retried_requests: c.retried_requests,
+            budget_exhausted: c.budget_exhausted,
             tcp_open: c.open,
             tcp_opened: c.tcp_opened,
         }
@@ -110,6 +114,76 @@ pub struct RouteRow {
     pub service: String,
     #[serde(flatten)]
     pub golden: Golden,
+    /// The route's requests by the backend service it sent them to
+    /// (Linkerd's per-leaf stats of a traffic split): every declared
+    /// backend, and any other that had traffic in the window.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backends: Vec<BackendRow>,
+}
+
+/// One backend of a route.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BackendRow {
+    pub backend: String,
+    /// Its weight in the route (absent for a backend no longer declared).
+    #[serde(default)]
+    pub weight: Option<u32>,
+    /// Its share of the route's requests in the window.
+    #[serde(default)]
+    pub share: Option<f64>,
+    /// The backend has no endpoints (or is no service): the proxy answers
+    /// its requests 503.
+    #[serde(default)]
+    pub no_endpoints: bool,
+    #[serde(flatten)]
+    pub golden: Golden,
+}
+
+/// A route's declared backend: its name, weight, and whether it has no
+/// endpoints.
+pub struct DeclaredBackend {
+    pub name: String,
+    pub weight: u32,
+    pub no_endpoints: bool,
+}
+
+/// The backend rows of `service`'s `route` from a backend window
+/// ([`crate::diagnostics::stats::Stats::backend_window`]).
+pub fn route_backends(
+    w: &Window,
+    service: &str,
+    route: &str,
+    declared: &[DeclaredBackend],
+) -> Vec<BackendRow> {
+    let seconds = w.covered.as_secs_f64();
+    let mut sums = group(w, std::iter::empty::<String>(), |k| {
+        (k.pod == service && k.route.as_deref() == Some(route)).then(|| k.dst.clone())
+    });
+    let total: u64 = sums.values().map(|s| s.counts.requests).sum();
+    let named: Vec<_> = declared
+        .iter()
+        .map(|d| {
+            let s = sums.remove(&d.name).unwrap_or_default();
+            (d.name.clone(), Some(d.weight), d.no_endpoints, s)
+        })
+        .collect();
+    let mut rows: Vec<BackendRow> = named
+        .into_iter()
+        .chain(sums.into_iter().map(|(name, s)| (name, None, false, s)))
+        .map(|(backend, weight, no_endpoints, s)| BackendRow {
+            backend,
+            weight,
+            share: (total > 0).then(|| s.counts.requests as f64 / total as f64),
+            no_endpoints,
+            golden: Golden::of(&s, seconds),
+        })
+        .collect();
+    rows.sort_by(|a, b| {
+        b.weight
+            .cmp(&a.weight)
+            .then_with(|| a.backend.cmp(&b.backend))
+    });
+    rows
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -215,6 +289,7 @@ pub fn routes(w: &Window, service: &str, routes: &[String]) -> Vec<RouteRow> {
             route,
             service: service.to_string(),
             golden: Golden::of(&s, seconds),
+            backends: Vec::new(),
         })
         .collect()
 }
@@ -261,6 +336,7 @@ mod tests {
             success,
             latency: Duration::from_millis(10),
             retries: 0,
+            budget_exhausted: false,
             tls: false,
         };
         for (pod, svc, route, n, fail) in [
@@ -351,5 +427,69 @@ mod tests {
             Some("spiffe://cluster.local/ns/default/sa/a")
         );
         assert_eq!(rows[1].src_id, None);
+    }
+
+    #[test]
+    fn backends_of_a_route_have_shares_and_the_empty_one_is_marked() {
+        let stats = Stats::new(64);
+        let out = |success| Outcome {
+            success,
+            latency: Duration::from_millis(10),
+            retries: 0,
+            budget_exhausted: false,
+            tls: false,
+        };
+        for i in 0..10 {
+            let (backend, ok) = if i < 7 {
+                ("shop-v1", true)
+            } else {
+                ("shop-v2", false)
+            };
+            stats.record(&stats.backend_edge("shop", "split", backend), out(ok));
+        }
+        // Another route's traffic, and an old backend no longer declared.
+        stats.record(&stats.backend_edge("shop", "[DEFAULT]", "shop"), out(true));
+        stats.record(&stats.backend_edge("shop", "split", "shop-v0"), out(true));
+        let w = stats.backend_window(Duration::from_secs(60), Instant::now());
+        let declared = [
+            DeclaredBackend {
+                name: "shop-v1".into(),
+                weight: 90,
+                no_endpoints: false,
+            },
+            DeclaredBackend {
+                name: "shop-v2".into(),
+                weight: 10,
+                no_endpoints: true,
+            },
+            DeclaredBackend {
+                name: "shop-v3".into(),
+                weight: 0,
+                no_endpoints: false,
+            },
+        ];
+        let rows = route_backends(&w, "shop", "split", &declared);
+        let view: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r.backend.as_str(),
+                    r.weight,
+                    r.golden.requests,
+                    r.share.map(|s| (s * 100.0).round() as u32),
+                    r.golden.success_rate,
+                    r.no_endpoints,
+                )
+            })
+            .collect();
+        assert_eq!(
+            view,
+            [
+                ("shop-v1", Some(90), 7, Some(64), Some(1.0), false),
+                ("shop-v2", Some(10), 3, Some(27), Some(0.0), true),
+                ("shop-v3", Some(0), 0, Some(0), None, false),
+                ("shop-v0", None, 1, Some(9), Some(1.0), false),
+            ]
+        );
     }
 }

@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use http::HeaderMap;
 
+use crate::http::errors::StatusSource;
+
 /// Headers that ask for context.
 pub const ADD_CONTEXT_HEADERS: [&str; 2] = ["l5d-add-context", "waymark-add-context"];
 /// The response header carrying one hop's context for non-TRACE requests.
@@ -56,6 +58,8 @@ pub struct AttemptRecord {
 #[derive(Debug, Clone)]
 pub struct Selected {
     pub addr: SocketAddr,
+    /// The pod behind the address, when the endpoint names it.
+    pub pod: Option<String>,
     pub node: Option<String>,
     pub zone: Option<String>,
     /// The endpoint's declared workload identity.
@@ -90,6 +94,29 @@ pub struct Context {
     pub upstream: Option<(SocketAddr, SocketAddr)>,
     /// What this node's kernel counted on that connection.
     pub kernel: Option<KernelFlow>,
+    /// The status sent back and where it came from.
+    pub result: Option<(u16, StatusSource)>,
+}
+
+/// The `result:` of a hop: the status and its source, `source=app` or
+/// `source=proxy` with the proxy's reason (`503 source=proxy
+/// reason=no_endpoints (no endpoints available)`).
+pub fn result_text(status: u16, source: StatusSource) -> String {
+    match source {
+        StatusSource::App => format!("{status} source=app"),
+        StatusSource::Proxy(e) => {
+            format!("{status} source=proxy reason={} ({})", e.code(), e.reason())
+        }
+    }
+}
+
+/// The same for the one-line header: `; status=503; source=proxy;
+/// reason=no_endpoints`.
+pub(crate) fn result_fields(h: &mut String, status: u16, source: StatusSource) {
+    let _ = write!(h, "; status={status}; source={}", source.label());
+    if let Some(r) = source.reason_code() {
+        let _ = write!(h, "; reason={r}");
+    }
 }
 
 /// The kernel's counters of one upstream connection.
@@ -151,6 +178,11 @@ impl Context {
         }
         match &self.selected {
             Some(s) => {
+                let pod = s
+                    .pod
+                    .as_deref()
+                    .map(|p| format!("pod {p}, "))
+                    .unwrap_or_default();
                 let node = s.node.as_deref().unwrap_or("node unknown");
                 let zone = s
                     .zone
@@ -169,7 +201,7 @@ impl Context {
                 };
                 let _ = writeln!(
                     b,
-                    "selected address: {} ({node}{zone}{identity}{weight}, ewma {}, {} in flight)",
+                    "selected address: {} ({pod}{node}{zone}{identity}{weight}, ewma {}, {} in flight)",
                     s.addr,
                     ms(s.ewma),
                     s.in_flight
@@ -189,6 +221,9 @@ impl Context {
                 .map(|(i, a)| format!("try {}: {} from {}", i + 1, a.result, a.endpoint))
                 .collect();
             let _ = writeln!(b, "retries: {retries} ({})", earlier.join("; "));
+        }
+        if let Some((status, source)) = self.result {
+            let _ = writeln!(b, "result: {}", result_text(status, source));
         }
         let _ = writeln!(
             b,
@@ -226,6 +261,9 @@ impl Context {
             let _ = write!(h, "; endpoint={}", s.addr);
         }
         let _ = write!(h, "; retries={}", self.attempts.len().saturating_sub(1));
+        if let Some((status, source)) = self.result {
+            result_fields(&mut h, status, source);
+        }
         if let Some(id) = &self.peer_identity {
             let _ = write!(h, "; peer_identity={id}");
         }
@@ -287,6 +325,7 @@ mod tests {
             ],
             selected: Some(Selected {
                 addr: "10.1.3.7:8080".parse().unwrap(),
+                pod: None,
                 node: Some("node-b".into()),
                 zone: None,
                 identity: None,
@@ -308,7 +347,38 @@ mod tests {
             peer_identity: None,
             upstream: None,
             kernel: None,
+            result: None,
         }
+    }
+
+    #[test]
+    fn the_result_says_where_the_status_came_from() {
+        use crate::http::errors::ProxyError;
+        let mut c = sample();
+        c.result = Some((500, StatusSource::App));
+        let block = c.render_block();
+        assert!(
+            block.contains("retries: 1 (try 1: 503 from 10.1.2.5:8080)\nresult: 500 source=app\n"),
+            "{block}"
+        );
+        assert!(
+            c.render_header()
+                .ends_with("; retries=1; status=500; source=app"),
+            "{}",
+            c.render_header()
+        );
+        c.result = Some((503, StatusSource::Proxy(ProxyError::NoEndpoints)));
+        assert!(
+            c.render_block().contains(
+                "result: 503 source=proxy reason=no_endpoints (no endpoints available)\n"
+            ),
+            "{}",
+            c.render_block()
+        );
+        assert!(
+            c.render_header()
+                .ends_with("; status=503; source=proxy; reason=no_endpoints")
+        );
     }
 
     #[test]
@@ -357,11 +427,12 @@ mod tests {
         let mut c = sample();
         if let Some(s) = c.selected.as_mut() {
             s.zone = Some("zone-b".into());
+            s.pod = Some("default/hello-7".into());
             s.identity = Some("spiffe://cluster.local/ns/default/sa/hello".into());
             s.weight = 3;
         }
         assert!(c.render_block().contains(
-            "selected address: 10.1.3.7:8080 (node-b, zone zone-b, identity spiffe://cluster.local/ns/default/sa/hello, weight 3, ewma 1.20 ms, 0 in flight)\n"
+            "selected address: 10.1.3.7:8080 (pod default/hello-7, node-b, zone zone-b, identity spiffe://cluster.local/ns/default/sa/hello, weight 3, ewma 1.20 ms, 0 in flight)\n"
         ));
     }
 

@@ -45,6 +45,8 @@ pub struct Endpoint {
     pub weight: u32,
     pub zone: Option<String>,
     pub identity: Option<String>,
+    /// The pod behind the address, when the config names it.
+    pub pod: Option<String>,
 }
 
 /// Retries of one route.
@@ -190,6 +192,7 @@ fn build_service(
                 weight: e.weight,
                 zone: e.zone.clone(),
                 identity: e.identity.clone(),
+                pod: e.pod.clone(),
             };
             // Same address, same endpoint: its estimate and ejection
             // survive a change of weight, zone or node.

@@ -4,6 +4,11 @@
 //! the reason, and a short body naming the agent, the service and the cause.
 //! gRPC clients get a trailers-only response with the matching
 //! `grpc-status`, since they ignore HTTP status codes.
+//!
+//! The decision itself travels with the response as an extension
+//! ([`ProxyError`]), so tap, top, metrics and traces name the status's
+//! source ([`StatusSource`]) from what the proxy did rather than from the
+//! status code or a header an application could send too.
 
 use http::{HeaderValue, Response, StatusCode, header};
 
@@ -27,7 +32,37 @@ pub enum ProxyError {
     Forbidden,
 }
 
+/// Every reason, for parsing a peer agent's header back.
+const ALL: [ProxyError; 6] = [
+    ProxyError::NoEndpoints,
+    ProxyError::ConnectFailed,
+    ProxyError::UpstreamReset,
+    ProxyError::Timeout,
+    ProxyError::BadRequest,
+    ProxyError::Forbidden,
+];
+
 impl ProxyError {
+    /// The short, stable name diagnostics show (`reason=no_endpoints`).
+    pub fn code(self) -> &'static str {
+        match self {
+            ProxyError::NoEndpoints => "no_endpoints",
+            ProxyError::ConnectFailed => "connect_failure",
+            ProxyError::UpstreamReset => "upstream_reset",
+            ProxyError::Timeout => "timeout",
+            ProxyError::BadRequest => "bad_request",
+            ProxyError::Forbidden => "authz",
+        }
+    }
+
+    /// The reason a `waymark-proxy-error` header names (what [`reason`]
+    /// wrote), or `None` for text no agent writes.
+    ///
+    /// [`reason`]: ProxyError::reason
+    pub fn from_reason(text: &str) -> Option<Self> {
+        ALL.into_iter().find(|e| e.reason() == text)
+    }
+
     pub fn reason(self) -> &'static str {
         match self {
             ProxyError::NoEndpoints => "no endpoints available",
@@ -61,6 +96,58 @@ impl ProxyError {
         }
     }
 }
+
+/// Where a response's status came from: the application, or a proxy that
+/// answered instead (this agent, or the peer agent across the tunnel).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusSource {
+    App,
+    Proxy(ProxyError),
+}
+
+impl StatusSource {
+    /// The source of a response this agent is about to send: a proxy
+    /// answer carries its [`ProxyError`] as an extension.
+    pub fn of<B>(resp: &Response<B>) -> Self {
+        resp.extensions()
+            .get::<ProxyError>()
+            .map_or(StatusSource::App, |e| StatusSource::Proxy(*e))
+    }
+
+    /// `app` or `proxy`.
+    pub fn label(self) -> &'static str {
+        match self {
+            StatusSource::App => "app",
+            StatusSource::Proxy(_) => "proxy",
+        }
+    }
+
+    /// The proxy's reason code, for a proxy answer.
+    pub fn reason_code(self) -> Option<&'static str> {
+        match self {
+            StatusSource::App => None,
+            StatusSource::Proxy(e) => Some(e.code()),
+        }
+    }
+}
+
+/// Marks a response that came from a peer agent through the mTLS tunnel:
+/// when that agent answered itself (its `waymark-proxy-error` header,
+/// trusted only from an authenticated peer agent), the response carries
+/// the peer's [`ProxyError`] so its source reads `proxy` here too.
+pub fn mark_peer_answer<B>(resp: &mut Response<B>) {
+    if let Some(e) = resp
+        .headers()
+        .get(WAYMARK_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(ProxyError::from_reason)
+    {
+        resp.extensions_mut().insert(e);
+    }
+}
+
+/// The header naming the reason of a waymark agent's own answer.
+pub const WAYMARK_HEADER: &str = "waymark-proxy-error";
 
 /// Renders the proxy's answer. `detail` adds specifics (the endpoint
 /// address, the OS error) to the body.
@@ -99,7 +186,8 @@ pub fn response(
     };
     let reason = HeaderValue::from_static(err.reason());
     resp.headers_mut().insert("l5d-proxy-error", reason.clone());
-    resp.headers_mut().insert("waymark-proxy-error", reason);
+    resp.headers_mut().insert(WAYMARK_HEADER, reason);
+    resp.extensions_mut().insert(err);
     resp
 }
 
@@ -147,6 +235,41 @@ mod tests {
         assert_eq!(r.headers()["content-type"], "application/grpc");
         let r = response(ProxyError::Timeout, "n", "s", None, true);
         assert_eq!(r.headers()["grpc-status"], "4");
+    }
+
+    #[test]
+    fn the_answer_carries_its_decision_and_peers_are_read_back() {
+        for e in ALL {
+            let r = response(e, "n", "s", None, false);
+            assert_eq!(StatusSource::of(&r), StatusSource::Proxy(e));
+            assert_eq!(ProxyError::from_reason(e.reason()), Some(e));
+            // What a peer agent sent, read back on this side.
+            let mut peer = Response::new(());
+            *peer.headers_mut() = r.headers().clone();
+            assert_eq!(StatusSource::of(&peer), StatusSource::App);
+            mark_peer_answer(&mut peer);
+            assert_eq!(StatusSource::of(&peer), StatusSource::Proxy(e));
+        }
+        let codes: std::collections::HashSet<_> = ALL.iter().map(|e| e.code()).collect();
+        assert_eq!(codes.len(), ALL.len());
+        assert_eq!(ProxyError::NoEndpoints.code(), "no_endpoints");
+        assert_eq!(ProxyError::Forbidden.code(), "authz");
+    }
+
+    #[test]
+    fn an_application_status_is_the_apps_whatever_its_headers() {
+        let mut r = Response::new(());
+        *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        r.headers_mut()
+            .insert(WAYMARK_HEADER, HeaderValue::from_static("made up"));
+        mark_peer_answer(&mut r);
+        assert_eq!(StatusSource::of(&r), StatusSource::App);
+        assert_eq!(StatusSource::App.label(), "app");
+        assert_eq!(StatusSource::App.reason_code(), None);
+        assert_eq!(
+            StatusSource::Proxy(ProxyError::Timeout).reason_code(),
+            Some("timeout")
+        );
     }
 
     #[test]

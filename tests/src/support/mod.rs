@@ -2,6 +2,7 @@
 
 pub mod bpf;
 pub mod curl;
+pub mod tap;
 
 use std::process::Command;
 

@@ -10,6 +10,7 @@ use serde_json::Value;
 use super::super::client::{AdminClient, block_on};
 use super::Check;
 use crate::admin::check::{AgentFacts, CertFacts, CertKind, unix};
+use crate::admin::endpoints::{EndpointsReport, warnings};
 use crate::redirect::query::{EXPECTED, program_names};
 
 /// No clock reads earlier than this (2025-01-01T00:00:00Z), when this code
@@ -44,6 +45,7 @@ pub fn checks(client: &AdminClient, expiry_days: u64) -> Vec<Check> {
         listeners(&facts),
         config(&facts, in_force.map_err(|e| format!("{e:#}")), now),
         discovery(&facts),
+        endpoints(block_on(client.get_json("/endpoints")).map_err(|e| format!("{e:#}"))),
         certificates(&facts.certificates, now),
     ]
     .into_iter()
@@ -347,6 +349,39 @@ fn discovery(f: &AgentFacts) -> Check {
         Check::fail(
             format!("discovery: {} of {} services cannot be served", bad.len(), f.services.len()),
             "a service without endpoints answers 503 (no endpoints): add endpoints to its [[services]] entry; ejected endpoints keep failing: look at them (waymark_endpoint_* metrics, their logs)",
+        )
+        .with_detail(bad)
+    }
+}
+
+/// Endpoints the balancer saw fail in the last window, or has ejected,
+/// each named (`waymark endpoints` has the rest of the story).
+fn endpoints(report: Result<EndpointsReport, String>) -> Check {
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => {
+            return Check::warn(
+                format!("endpoints: cannot read the balancer's view: {e}"),
+                "an agent older than this CLI has no /endpoints: upgrade it",
+            );
+        }
+    };
+    let total: usize = report.services.iter().map(|s| s.endpoints.len()).sum();
+    let bad = warnings(&report);
+    if bad.is_empty() {
+        Check::pass(format!(
+            "endpoints: none ejected or failing in the last {}s ({})",
+            report.window_s,
+            plural(total, "endpoint")
+        ))
+    } else {
+        Check::warn(
+            format!(
+                "endpoints: {} of {total} ejected or failing in the last {}s",
+                bad.len(),
+                report.window_s
+            ),
+            "`waymark endpoints SERVICE` shows each endpoint's state and last error; an endpoint whose pod is gone keeps failing until it leaves the service's endpoints",
         )
         .with_detail(bad)
     }

@@ -208,3 +208,53 @@ fn the_file_on_disk_is_compared_with_the_config_in_force() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn failing_endpoints_are_warned_about_by_name() {
+    use crate::admin::endpoints::{EndpointRow, ServiceEndpoints};
+    let row = |addr: &str, failures: u64| EndpointRow {
+        addr: addr.into(),
+        node: None,
+        pod: None,
+        zone: None,
+        identity: None,
+        weight: 1,
+        ewma_ms: 1.0,
+        in_flight: 0,
+        recent_successes: 10,
+        recent_failures: failures,
+        state: "ok".into(),
+        ejected_until: None,
+        ejected_for_ms: None,
+        ejection_reason: None,
+        ejections_total: 0,
+        last_error: None,
+        tunnel: false,
+        direct_because: None,
+    };
+    let report = |rows| EndpointsReport {
+        window_s: 60,
+        services: vec![ServiceEndpoints {
+            service: "web".into(),
+            endpoints: rows,
+        }],
+    };
+    let c = endpoints(Ok(report(vec![row("10.2.0.2:8080", 0)])));
+    assert_eq!(c.status, Status::Pass, "{c:?}");
+    assert!(c.what.contains("1 endpoint"), "{c:?}");
+    let c = endpoints(Ok(report(vec![
+        row("10.2.0.2:8080", 0),
+        row("10.2.0.250:8080", 1),
+    ])));
+    assert_eq!(c.status, Status::Warn, "{c:?}");
+    assert_eq!(
+        c.what,
+        "endpoints: 1 of 2 ejected or failing in the last 60s"
+    );
+    assert_eq!(
+        c.detail,
+        ["service web endpoint 10.2.0.250:8080 failed 1 of 11 requests in the last 60s"]
+    );
+    let c = endpoints(Err("404".into()));
+    assert_eq!(c.status, Status::Warn, "{c:?}");
+}

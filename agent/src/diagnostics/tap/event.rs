@@ -113,6 +113,22 @@ pub enum Event {
         status: u16,
         /// From the request's arrival to the response head, µs.
         latency_us: u64,
+        /// Where the status came from: `app` or `proxy` (absent from
+        /// agents that did not say).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        source: Option<String>,
+        /// The proxy's reason when `source` is `proxy`: `timeout`,
+        /// `no_endpoints`, `connect_failure`, `upstream_reset`,
+        /// `bad_request`, `authz`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+        /// Attempts after the first this response took.
+        #[serde(default, skip_serializing_if = "is_zero_u32")]
+        retries: u32,
+        /// One more attempt was wanted, but the service's retry budget
+        /// refused it: this is the failed attempt's answer.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        retry_budget_exhausted: bool,
     },
     /// The response body ended, broke off or was abandoned.
     End {
@@ -131,6 +147,11 @@ pub enum Event {
         /// the last attempt (when the kernel diagnostics run).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         kernel: Option<KernelFlow>,
+        /// As in `rsp`: where the status came from, and the proxy's reason.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        source: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
     },
     /// An opaque TCP connection (not HTTP, or a port kept opaque) ended.
     Tcp {
@@ -151,6 +172,10 @@ pub enum Event {
 }
 
 fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+fn is_zero_u32(n: &u32) -> bool {
     *n == 0
 }
 
@@ -189,9 +214,21 @@ impl Event {
                 meta,
                 status,
                 latency_us,
+                source,
+                reason,
+                retries,
+                retry_budget_exhausted,
             } => {
                 head(&mut s, "rsp", meta);
-                let _ = write!(s, " :status={status} latency={latency_us}µs");
+                let _ = write!(s, " :status={status}");
+                status_source(&mut s, source, reason);
+                if *retries > 0 {
+                    let _ = write!(s, " retries={retries}");
+                }
+                if *retry_budget_exhausted {
+                    s.push_str(" retry_budget=exhausted");
+                }
+                let _ = write!(s, " latency={latency_us}µs");
                 tail(&mut s, meta, wide);
             }
             Event::End {
@@ -201,6 +238,8 @@ impl Event {
                 response_bytes,
                 error,
                 kernel,
+                source,
+                reason,
             } => {
                 head(&mut s, "end", meta);
                 if let Some(g) = grpc_status {
@@ -210,6 +249,7 @@ impl Event {
                     s,
                     " duration={duration_us}µs response-length={response_bytes}B"
                 );
+                status_source(&mut s, source, reason);
                 if let Some(e) = error {
                     let _ = write!(s, " error={e:?}");
                 }
@@ -248,6 +288,16 @@ impl Event {
             }
         }
         s
+    }
+}
+
+/// ` source=app`, or ` source=proxy reason=timeout`.
+fn status_source(s: &mut String, source: &Option<String>, reason: &Option<String>) {
+    if let Some(src) = source {
+        let _ = write!(s, " source={src}");
+    }
+    if let Some(r) = reason {
+        let _ = write!(s, " reason={r}");
     }
 }
 
@@ -427,10 +477,54 @@ mod tests {
             meta: meta(),
             status: 200,
             latency_us: 1234,
+            source: Some("app".into()),
+            reason: None,
+            retries: 0,
+            retry_budget_exhausted: false,
         };
         assert_eq!(
             rsp.render(false),
-            "rsp id=3 proxy=out src=10.1.0.2:40142 dst=10.2.0.2:8080 tls=no_identity :status=200 latency=1234µs"
+            "rsp id=3 proxy=out src=10.1.0.2:40142 dst=10.2.0.2:8080 tls=no_identity :status=200 source=app latency=1234µs"
+        );
+        let proxied = Event::Rsp {
+            meta: meta(),
+            status: 503,
+            latency_us: 12,
+            source: Some("proxy".into()),
+            reason: Some("no_endpoints".into()),
+            retries: 0,
+            retry_budget_exhausted: false,
+        };
+        assert_eq!(
+            proxied.render(false),
+            "rsp id=3 proxy=out src=10.1.0.2:40142 dst=10.2.0.2:8080 tls=no_identity :status=503 source=proxy reason=no_endpoints latency=12µs"
+        );
+        let refused = Event::Rsp {
+            meta: meta(),
+            status: 500,
+            latency_us: 40,
+            source: Some("app".into()),
+            reason: None,
+            retries: 1,
+            retry_budget_exhausted: true,
+        };
+        assert_eq!(
+            refused.render(false),
+            "rsp id=3 proxy=out src=10.1.0.2:40142 dst=10.2.0.2:8080 tls=no_identity :status=500 source=app retries=1 retry_budget=exhausted latency=40µs"
+        );
+        let v: serde_json::Value = serde_json::from_slice(&refused.to_line()).unwrap();
+        assert_eq!(
+            (&v["retries"], &v["retry_budget_exhausted"]),
+            (&serde_json::json!(1), &serde_json::json!(true))
+        );
+        assert_eq!(serde_json::from_value::<Event>(v).unwrap(), refused);
+        let v: serde_json::Value = serde_json::from_slice(&proxied.to_line()).unwrap();
+        assert_eq!(
+            (&v["source"], &v["reason"]),
+            (
+                &serde_json::json!("proxy"),
+                &serde_json::json!("no_endpoints")
+            )
         );
         let end = Event::End {
             meta: meta(),
@@ -439,10 +533,12 @@ mod tests {
             response_bytes: 5,
             error: Some("no endpoints available".into()),
             kernel: None,
+            source: Some("proxy".into()),
+            reason: Some("no_endpoints".into()),
         };
         assert_eq!(
             end.render(true),
-            "end id=3 proxy=out src=10.1.0.2:40142 dst=10.2.0.2:8080 tls=no_identity grpc-status=Unavailable duration=20µs response-length=5B error=\"no endpoints available\" src_pod=default/web-1 dst_service=hello-v1"
+            "end id=3 proxy=out src=10.1.0.2:40142 dst=10.2.0.2:8080 tls=no_identity grpc-status=Unavailable duration=20µs response-length=5B source=proxy reason=no_endpoints error=\"no endpoints available\" src_pod=default/web-1 dst_service=hello-v1"
         );
         assert!(
             Event::Dropped { count: 7 }
@@ -491,6 +587,8 @@ mod tests {
                     drops: 1,
                     retransmits: 3,
                 }),
+                source: Some("app".into()),
+                reason: None,
             },
             Event::Dropped { count: 2 },
         ];
@@ -599,14 +697,18 @@ mod tests {
             meta,
             status: 500,
             latency_us: 77,
+            source: Some("app".into()),
+            reason: None,
+            retries: 0,
+            retry_budget_exhausted: false,
         };
         assert_eq!(
             rsp.render(false),
-            "rsp id=9 proxy=in src=10.1.0.2:40142 dst=10.2.0.2:8080 tls=true :status=500 latency=77µs"
+            "rsp id=9 proxy=in src=10.1.0.2:40142 dst=10.2.0.2:8080 tls=true :status=500 source=app latency=77µs"
         );
         assert_eq!(
             rsp.render(true),
-            "rsp id=9 proxy=in src=10.1.0.2:40142 dst=10.2.0.2:8080 tls=true :status=500 latency=77µs src_pod=- dst_service=hello src_identity=spiffe://cluster.local/ns/default/sa/web dst_pod=default/hello-1"
+            "rsp id=9 proxy=in src=10.1.0.2:40142 dst=10.2.0.2:8080 tls=true :status=500 source=app latency=77µs src_pod=- dst_service=hello src_identity=spiffe://cluster.local/ns/default/sa/web dst_pod=default/hello-1"
         );
         let v: serde_json::Value = serde_json::from_slice(&rsp.to_line()).unwrap();
         assert_eq!(v["proxy"], "in");

@@ -58,7 +58,9 @@ pub use tcp::TcpClosed;
 
 use self::event::{Dst, Event, Meta, Src, TLS_NONE};
 use self::filter::{Direction, DstView, Filter, Pods, RequestView, SrcView};
+use crate::diagnostics::http_metrics::Retries;
 use crate::http::body::{BoxError, ProxyBody};
+use crate::http::errors::StatusSource;
 
 /// Events a tap's channel holds before it drops. A `req` line with every
 /// header shown is at most ~10 KiB, most lines are ~400 bytes, so a stuck
@@ -67,9 +69,6 @@ pub const CHANNEL_EVENTS: usize = 1024;
 /// Taps open at once; one more is refused (each costs a channel and a
 /// filter test per request).
 pub const MAX_TAPS: usize = 16;
-
-/// The header the proxy's own error responses carry (http/errors.rs).
-const PROXY_ERROR_HEADER: &str = "waymark-proxy-error";
 
 /// Every open tap of the agent.
 pub struct TapHub {
@@ -343,6 +342,7 @@ impl TapHub {
                     headers_omitted,
                 },
                 services: Vec::new(),
+                source: None,
                 dispatched: false,
                 candidates,
                 ended: false,
@@ -390,6 +390,8 @@ struct State {
     /// Inbound: every service the destination pod is an endpoint of (for
     /// `to`; `meta.dst.service` shows the first).
     services: Vec<String>,
+    /// Where the response's status came from, once it is known.
+    source: Option<StatusSource>,
     dispatched: bool,
     candidates: Vec<Candidate>,
     ended: bool,
@@ -529,11 +531,14 @@ impl TapRequest {
         });
     }
 
-    /// The balancer picked `addr` of `backend` (again, on a retry: later
-    /// events name the last endpoint tried).
-    fn dispatched(&self, backend: &str, addr: SocketAddr, tls: &str) {
+    /// The balancer picked `addr` of `backend`, the endpoint of `pod` when
+    /// known (again, on a retry: later events name the last endpoint tried).
+    fn dispatched(&self, backend: &str, addr: SocketAddr, pod: Option<&str>, tls: &str) {
         let mut s = State::lock_poisoned(&self.state);
         s.meta.dst.addr = addr;
+        if s.meta.dst.pod.as_deref() != pod {
+            s.meta.dst.pod = pod.map(str::to_string);
+        }
         if s.meta.tls != tls {
             s.meta.tls = tls.to_string();
         }
@@ -548,10 +553,12 @@ impl TapRequest {
         s.admit(Stage::Undecided, |_| true);
     }
 
-    /// The response head is ready.
-    fn responded(&self, status: u16) {
+    /// The response head is ready; its status came from `source`, after
+    /// `retries` (and a retry the budget refused).
+    fn responded(&self, status: u16, source: StatusSource, retries: Retries) {
         let latency = self.start.elapsed();
         let mut s = State::lock_poisoned(&self.state);
+        s.source = Some(source);
         // Answered without an endpoint (no endpoints, a reflected TRACE, an
         // upgrade): the destination is what was dialled.
         s.decide_dst();
@@ -563,6 +570,10 @@ impl TapRequest {
             meta: s.meta.clone(),
             status,
             latency_us: micros(latency),
+            source: Some(source.label().to_string()),
+            reason: source.reason_code().map(str::to_string),
+            retries: retries.retries,
+            retry_budget_exhausted: retries.budget_exhausted,
         });
     }
 
@@ -573,8 +584,11 @@ impl TapRequest {
         }
         s.ended = true;
         let upstream = &self.upstream;
+        let source = s.source;
         broadcast(&s.candidates, || Event::End {
             meta: s.meta.clone(),
+            source: source.map(|x| x.label().to_string()),
+            reason: source.and_then(|x| x.reason_code()).map(str::to_string),
             grpc_status,
             duration_us: micros(self.start.elapsed()),
             response_bytes,
@@ -622,12 +636,31 @@ fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
-/// The balancer picked `addr` (of service `backend`) for the request whose
-/// extensions these are, to be reached over a path whose `tls=` is `tls`
-/// (`true` through the mTLS tunnel). Nothing to do unless it is tapped.
-pub fn dispatched(extensions: &http::Extensions, backend: &str, addr: SocketAddr, tls: &str) {
+/// The route chose the backend service `backend` for the request whose
+/// extensions these are: its events name it even when no endpoint is
+/// picked (the backend has none). Nothing to do unless it is tapped.
+pub fn routed(extensions: &http::Extensions, backend: &str) {
     if let Some(t) = extensions.get::<Arc<TapRequest>>() {
-        t.dispatched(backend, addr, tls);
+        let mut s = State::lock_poisoned(&t.state);
+        if s.meta.dst.backend.as_deref() != Some(backend) {
+            s.meta.dst.backend = Some(backend.to_string());
+        }
+    }
+}
+
+/// The balancer picked `addr` (of service `backend`, the pod `pod` when
+/// the endpoint names it) for the request whose extensions these are, to
+/// be reached over a path whose `tls=` is `tls` (`true` through the mTLS
+/// tunnel). Nothing to do unless it is tapped.
+pub fn dispatched(
+    extensions: &http::Extensions,
+    backend: &str,
+    addr: SocketAddr,
+    pod: Option<&str>,
+    tls: &str,
+) {
+    if let Some(t) = extensions.get::<Arc<TapRequest>>() {
+        t.dispatched(backend, addr, pod, tls);
     }
 }
 
@@ -654,12 +687,19 @@ pub fn response(
     let Some(tap) = tap else {
         return resp;
     };
-    tap.responded(resp.status().as_u16());
-    let error = resp
-        .headers()
-        .get(PROXY_ERROR_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    // The proxy's own decision, carried by its answer (or by a peer
+    // agent's, read back from the tunnel), never guessed from the status.
+    let source = StatusSource::of(&resp);
+    let retries = resp
+        .extensions()
+        .get::<Retries>()
+        .copied()
+        .unwrap_or_default();
+    tap.responded(resp.status().as_u16(), source, retries);
+    let error = match source {
+        StatusSource::Proxy(e) => Some(e.reason().to_string()),
+        StatusSource::App => None,
+    };
     let grpc_status = grpc_status(resp.headers());
     let (parts, body) = resp.into_parts();
     let body = TapBody {

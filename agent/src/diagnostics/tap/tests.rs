@@ -40,7 +40,13 @@ async fn run(
         Some("web"),
         &mut req,
     );
-    dispatched(req.extensions(), "web", addr("10.2.0.2:8080"), TLS_NONE);
+    dispatched(
+        req.extensions(),
+        "web",
+        addr("10.2.0.2:8080"),
+        None,
+        TLS_NONE,
+    );
     let mut resp = http::Response::new(full(body));
     *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
     let resp = response(tap, resp);
@@ -246,7 +252,13 @@ async fn a_request_dropped_midway_still_ends() {
         None,
         &mut req,
     );
-    dispatched(req.extensions(), "web", addr("10.2.0.2:8080"), TLS_NONE);
+    dispatched(
+        req.extensions(),
+        "web",
+        addr("10.2.0.2:8080"),
+        None,
+        TLS_NONE,
+    );
     drop(tap);
     drop(req);
     let (events, _) = drain(&mut stream).await;
@@ -269,6 +281,7 @@ async fn proxy_errors_are_named() {
         Some("web"),
         &mut req,
     );
+    routed(req.extensions(), "web-v2");
     let resp = crate::http::errors::response(
         crate::http::errors::ProxyError::NoEndpoints,
         "node",
@@ -278,12 +291,105 @@ async fn proxy_errors_are_named() {
     );
     response(tap, resp).into_body().collect().await.unwrap();
     let (events, _) = drain(&mut stream).await;
-    let Event::End { meta, error, .. } = &events[2] else {
+    let Event::Rsp {
+        status,
+        source,
+        reason,
+        ..
+    } = &events[1]
+    else {
+        panic!("{events:?}")
+    };
+    assert_eq!(
+        (*status, source.as_deref(), reason.as_deref()),
+        (503, Some("proxy"), Some("no_endpoints"))
+    );
+    let Event::End {
+        meta,
+        error,
+        source,
+        reason,
+        ..
+    } = &events[2]
+    else {
         panic!("{events:?}")
     };
     assert_eq!(error.as_deref(), Some("no endpoints available"));
-    // No endpoint was picked: the destination is what was dialled.
+    assert_eq!(
+        (source.as_deref(), reason.as_deref()),
+        (Some("proxy"), Some("no_endpoints"))
+    );
+    // No endpoint was picked: the destination is what was dialled, and
+    // the backend the route chose (the one without endpoints) is named.
     assert_eq!(meta.dst.addr, addr("10.96.0.1:80"));
+    assert_eq!(meta.dst.backend.as_deref(), Some("web-v2"));
+    assert!(
+        events[1]
+            .render(false)
+            .contains(":status=503 source=proxy reason=no_endpoints "),
+        "{events:?}"
+    );
+}
+
+/// An application's 503 is the application's, even when it sends the
+/// proxy's header itself: only the proxy's decision makes `source=proxy`.
+#[tokio::test]
+async fn an_application_status_is_the_apps_and_the_pod_is_named() {
+    let hub = hub();
+    let mut stream = hub.open(Filter::default()).unwrap();
+    let mut req = http::Request::new(());
+    let tap = hub.request(
+        "p",
+        addr("10.1.0.2:1"),
+        addr("10.96.0.1:80"),
+        Some("web"),
+        &mut req,
+    );
+    dispatched(
+        req.extensions(),
+        "web",
+        addr("10.2.0.2:8080"),
+        Some("default/web-1"),
+        TLS_NONE,
+    );
+    let mut resp = http::Response::new(full("down\n"));
+    *resp.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+    resp.headers_mut().insert(
+        crate::http::errors::WAYMARK_HEADER,
+        http::HeaderValue::from_static("no endpoints available"),
+    );
+    response(tap, resp).into_body().collect().await.unwrap();
+    drop(req);
+    let (events, _) = drain(&mut stream).await;
+    assert_eq!(kinds(&events), ["req /", "rsp 503", "end 5"]);
+    for e in &events[1..] {
+        let (Event::Rsp {
+            source,
+            reason,
+            meta,
+            ..
+        }
+        | Event::End {
+            source,
+            reason,
+            meta,
+            ..
+        }) = e
+        else {
+            panic!("{e:?}")
+        };
+        assert_eq!(
+            (source.as_deref(), reason.as_deref()),
+            (Some("app"), None),
+            "{e:?}"
+        );
+        assert_eq!(meta.dst.pod.as_deref(), Some("default/web-1"));
+    }
+    let Event::End { error, .. } = &events[2] else {
+        unreachable!()
+    };
+    assert_eq!(error, &None);
+    assert!(events[1].render(true).contains(" dst_pod=default/web-1"));
 }
 
 #[tokio::test]
@@ -354,4 +460,52 @@ async fn opaque_connections_are_one_tcp_event() {
     drop(http_only);
     // With no tap open the connection is not even looked at.
     hub.tcp_closed(|| unreachable!("built while no tap is open"));
+}
+
+/// A response the retry loop marked (one retry, then the budget refused
+/// the next) says so on its `rsp`.
+#[tokio::test]
+async fn retries_and_an_exhausted_budget_show_on_the_response() {
+    let hub = hub();
+    let mut stream = hub.open(Filter::default()).unwrap();
+    let mut req = http::Request::new(());
+    let tap = hub.request(
+        "p",
+        addr("10.1.0.2:1"),
+        addr("10.96.0.1:80"),
+        Some("web"),
+        &mut req,
+    );
+    dispatched(
+        req.extensions(),
+        "web",
+        addr("10.2.0.2:8080"),
+        None,
+        TLS_NONE,
+    );
+    let mut resp = http::Response::new(full("no\n"));
+    *resp.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+    let resp = crate::diagnostics::http_metrics::retried(resp, 1, true);
+    response(tap, resp).into_body().collect().await.unwrap();
+    drop(req);
+    let (events, _) = drain(&mut stream).await;
+    let Event::Rsp {
+        retries,
+        retry_budget_exhausted,
+        source,
+        ..
+    } = &events[1]
+    else {
+        panic!("{events:?}")
+    };
+    assert_eq!(
+        (*retries, *retry_budget_exhausted, source.as_deref()),
+        (1, true, Some("app"))
+    );
+    assert!(
+        events[1]
+            .render(false)
+            .contains(":status=500 source=app retries=1 retry_budget=exhausted latency="),
+        "{events:?}"
+    );
 }

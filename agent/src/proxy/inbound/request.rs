@@ -25,7 +25,7 @@ use crate::diagnostics::http_metrics::observe;
 use crate::diagnostics::metrics::TlsLabel;
 use crate::diagnostics::trace;
 use crate::http::body::{ProxyBody, empty, incoming};
-use crate::http::errors::{self, ProxyError};
+use crate::http::errors::{self, ProxyError, StatusSource};
 use crate::http::headers::{strip_hop_by_hop, wants_upgrade};
 use crate::identity::CertInfo;
 use crate::proxy::inbound::http_stream::InboundHttp;
@@ -264,10 +264,19 @@ impl InboundHttp {
             } else if mode == Some(trace::Mode::Body) && !forwardable_trace(&mut req) {
                 // Max-Forwards reached 0 here: this hop answers.
                 (reflect(&req), "reflected (Max-Forwards: 0)".to_string())
-            } else if ctx.version == Version::Http1 && wants_upgrade(req.headers()) {
-                self.upgrade(conn, req, service).await
             } else {
-                self.forward(ctx, conn, req, service, grpc).await
+                let (resp, detail) =
+                    if ctx.version == Version::Http1 && wants_upgrade(req.headers()) {
+                        self.upgrade(conn, req, service).await
+                    } else {
+                        self.forward(ctx, conn, req, service, grpc).await
+                    };
+                let result = trace::result_text(resp.status().as_u16(), StatusSource::of(&resp));
+                let result = match detail {
+                    Some(d) => format!("{result}: {d}"),
+                    None => result,
+                };
+                (resp, result)
             };
             tracing::Span::current().record("status", resp.status().as_u16());
             let mut resp = match mode {
@@ -309,15 +318,12 @@ impl InboundHttp {
         req: Request<Incoming>,
         service: &str,
         grpc: bool,
-    ) -> (Response<ProxyBody>, String) {
+    ) -> (Response<ProxyBody>, Option<String>) {
         let (parts, body) = req.into_parts();
         let upstream = upstream_request(&parts, incoming(body), ctx.version);
         match conn.send(upstream).await {
-            Ok(resp) => {
-                let status = resp.status().as_u16().to_string();
-                (finish(resp), status)
-            }
-            Err(e) => (self.error(&e, service, grpc), e.to_string()),
+            Ok(resp) => (finish(resp), None),
+            Err(e) => (self.error(&e, service, grpc), Some(e.to_string())),
         }
     }
 
@@ -328,7 +334,7 @@ impl InboundHttp {
         conn: &PodConn,
         mut req: Request<Incoming>,
         service: &str,
-    ) -> (Response<ProxyBody>, String) {
+    ) -> (Response<ProxyBody>, Option<String>) {
         let downstream = hyper::upgrade::on(&mut req);
         let (parts, body) = req.into_parts();
         let mut upstream = Request::from_parts(parts.clone(), incoming(body));
@@ -336,11 +342,10 @@ impl InboundHttp {
         strip_hop_by_hop(upstream.headers_mut(), true);
         let mut resp = match conn.send(upstream).await {
             Ok(r) => r,
-            Err(e) => return (self.error(&e, service, false), e.to_string()),
+            Err(e) => return (self.error(&e, service, false), Some(e.to_string())),
         };
-        let status = resp.status().as_u16().to_string();
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-            return (finish(resp), status);
+            return (finish(resp), None);
         }
         let pod_side = hyper::upgrade::on(&mut resp);
         tokio::spawn(
@@ -365,7 +370,7 @@ impl InboundHttp {
             .in_current_span(),
         );
         let (parts, _) = resp.into_parts();
-        (Response::from_parts(parts, empty()), status)
+        (Response::from_parts(parts, empty()), None)
     }
 
     fn error(&self, e: &PodError, service: &str, grpc: bool) -> Response<ProxyBody> {

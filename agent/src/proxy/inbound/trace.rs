@@ -42,7 +42,8 @@ pub struct InboundContext {
     /// `allow` or `deny`, and the rule that decided.
     pub decision: Option<(&'static str, String)>,
     pub kernel: Option<KernelLine>,
-    /// The pod's answer, or why there was none.
+    /// The pod's answer and where its status came from (`200 source=app`,
+    /// `503 source=proxy reason=connect_failure (…): …`).
     pub result: Option<String>,
 }
 
@@ -146,7 +147,7 @@ mod tests {
                 pod: "10.2.0.2:8080".parse().unwrap(),
                 counters: None,
             }),
-            result: Some("200".into()),
+            result: Some("200 source=app".into()),
         }
     }
 
@@ -161,7 +162,7 @@ mod tests {
              client address: 10.1.0.2:40000\n\
              peer identity: spiffe://cluster.local/ns/default/sa/client (verified client certificate)\n\
              authorization: allow (rule default)\n\
-             result: 200\n\
+             result: 200 source=app\n\
              kernel: 0 drops, 0 retransmits on 10.2.0.1:50000\u{2192}10.2.0.2:8080\n"
         );
         let mut c = sample();

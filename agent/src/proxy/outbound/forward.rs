@@ -18,7 +18,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
@@ -32,7 +32,7 @@ use crate::diagnostics::http_metrics::{HttpMetrics, observe, retried};
 use crate::diagnostics::{tap, trace};
 use crate::discovery::{DEFAULT_ROUTE, Discovery, Endpoint, RoutePolicy, Service};
 use crate::http::body::{ProxyBody, empty, full, incoming, prefixed};
-use crate::http::errors::{self, ProxyError};
+use crate::http::errors::{self, ProxyError, StatusSource};
 use crate::http::headers::{strip_hop_by_hop, wants_upgrade};
 use crate::http::replay::ReplayBody;
 use crate::identity::SpiffeId;
@@ -196,7 +196,13 @@ impl HttpProxy {
                             route_name,
                             route,
                         };
-                        self.route(ctx, target, req, context.as_mut()).await
+                        let mut resp = self.route(ctx, target, req, context.as_mut()).await;
+                        resp.extensions_mut().insert(self.metrics.backend_edge(
+                            &service.name,
+                            route_name,
+                            &backend.name,
+                        ));
+                        resp
                     }
                     None => self.error(
                         ProxyError::NoEndpoints,
@@ -211,6 +217,7 @@ impl HttpProxy {
                 (Some(mode), Some(mut c)) => {
                     c.duration = start.elapsed();
                     c.kernel = self.kernel_line(c.upstream);
+                    c.result = Some((resp.status().as_u16(), StatusSource::of(&resp)));
                     add_context(resp, mode, &c).await
                 }
                 _ => resp,
@@ -236,6 +243,7 @@ impl HttpProxy {
             route,
         } = target;
         let grpc = is_grpc(&req);
+        tap::routed(req.extensions(), &backend.name);
         if let Some(t) = trace.as_deref_mut() {
             t.endpoints = backend.balancer.endpoints().map(|e| e.addr).collect();
         }
@@ -279,7 +287,13 @@ impl HttpProxy {
                 .pool
                 .upstreams()
                 .path(ctx.identity.as_ref(), pick.endpoint().node.as_deref());
-            tap::dispatched(&parts.extensions, &backend.name, addr, path.tls().value());
+            tap::dispatched(
+                &parts.extensions,
+                &backend.name,
+                addr,
+                pick.endpoint().pod.as_deref(),
+                path.tls().value(),
+            );
             tried.push(addr);
             if attempt == 1 {
                 tracing::Span::current().record("endpoint", tracing::field::display(addr));
@@ -287,6 +301,7 @@ impl HttpProxy {
             if let Some(t) = trace.as_deref_mut() {
                 t.selected = Some(trace::Selected {
                     addr,
+                    pod: pick.endpoint().pod.clone(),
                     node: pick.endpoint().node.clone(),
                     zone: pick.endpoint().zone.clone(),
                     identity: pick.endpoint().identity.clone(),
@@ -319,7 +334,12 @@ impl HttpProxy {
                         Ok(o) => o,
                         Err(_) => Attempt::Failed {
                             error: ProxyError::Timeout,
-                            detail: format!("no response from {addr} within {limit:?}"),
+                            detail: timeout_detail(
+                                addr,
+                                route.per_try_timeout,
+                                route.timeout,
+                                remaining,
+                            ),
                             observed: Outcome::Timeout,
                         },
                     }
@@ -342,7 +362,12 @@ impl HttpProxy {
                             result: resp.status().as_u16().to_string(),
                         });
                     }
-                    pick.complete(Instant::now(), elapsed, !resp.status().is_server_error());
+                    let failed = resp.status().is_server_error();
+                    if failed {
+                        let error = format!("the endpoint answered {}", resp.status().as_u16());
+                        pick.stats().record_error(SystemTime::now(), &error);
+                    }
+                    pick.complete(Instant::now(), elapsed, !failed);
                     (observed, Ok(resp))
                 }
                 Attempt::Failed {
@@ -350,6 +375,7 @@ impl HttpProxy {
                     detail,
                     observed,
                 } => {
+                    pick.stats().record_error(SystemTime::now(), &detail);
                     pick.complete(Instant::now(), elapsed, false);
                     if let Some(t) = trace.as_deref_mut() {
                         t.attempts.push(trace::AttemptRecord {
@@ -401,7 +427,13 @@ impl HttpProxy {
                 t.peer_identity = Some(id.to_string());
             }
             let mut resp = match result {
-                Ok(resp) => finish(resp),
+                Ok(resp) => {
+                    let mut resp = finish(resp);
+                    if key.path.peer_identity().is_some() {
+                        errors::mark_peer_answer(&mut resp);
+                    }
+                    resp
+                }
                 Err((error, detail)) => {
                     // The whole-request deadline passing is a timeout even if
                     // the last attempt failed otherwise.
@@ -414,7 +446,7 @@ impl HttpProxy {
                 }
             };
             resp.extensions_mut().insert(key.path.tls());
-            return retried(resp, attempt - 1);
+            return retried(resp, attempt - 1, decision == Decision::BudgetExhausted);
         }
     }
 
@@ -825,6 +857,37 @@ pub(crate) fn origin_form(uri: &Uri) -> Uri {
         .unwrap_or_else(|| Uri::from_static("/"))
 }
 
+/// Why an attempt timed out, naming the timeout as configured (`1s`), not
+/// what was left of it when the attempt started: the per-try timeout when
+/// it was the shorter, else the route's.
+fn timeout_detail(
+    addr: SocketAddr,
+    per_try: Option<Duration>,
+    total: Option<Duration>,
+    remaining: Option<Duration>,
+) -> String {
+    let shown = |d: Duration| humantime::format_duration(d).to_string();
+    match (per_try, total) {
+        (Some(p), _) if remaining.is_none_or(|r| p <= r) => {
+            format!(
+                "no response from {addr} within the per-try timeout {}",
+                shown(p)
+            )
+        }
+        (_, Some(t)) => format!(
+            "no response from {addr} within the route's timeout {}",
+            shown(t)
+        ),
+        (Some(p), None) => {
+            format!(
+                "no response from {addr} within the per-try timeout {}",
+                shown(p)
+            )
+        }
+        (None, None) => format!("no response from {addr}"),
+    }
+}
+
 /// What a response says for retry purposes; `None` is a success.
 fn observed_in(resp: &Response<Incoming>) -> Option<Outcome> {
     if let Some(code) = resp
@@ -851,6 +914,36 @@ pub(crate) fn finish(resp: Response<Incoming>) -> Response<ProxyBody> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timeouts_read_as_configured() {
+        let addr: SocketAddr = "10.2.0.2:8080".parse().unwrap();
+        let s = Duration::from_secs;
+        // The route's 1s, with 999.990589ms of it left when the try began.
+        let left = Some(Duration::from_nanos(999_990_589));
+        assert_eq!(
+            timeout_detail(addr, None, Some(s(1)), left),
+            "no response from 10.2.0.2:8080 within the route's timeout 1s"
+        );
+        assert_eq!(
+            timeout_detail(addr, Some(Duration::from_millis(250)), Some(s(1)), left),
+            "no response from 10.2.0.2:8080 within the per-try timeout 250ms"
+        );
+        // A later try cut short by the route's deadline names the route's.
+        assert_eq!(
+            timeout_detail(
+                addr,
+                Some(Duration::from_millis(250)),
+                Some(s(1)),
+                Some(Duration::from_millis(100))
+            ),
+            "no response from 10.2.0.2:8080 within the route's timeout 1s"
+        );
+        assert_eq!(
+            timeout_detail(addr, Some(Duration::from_millis(1500)), None, None),
+            "no response from 10.2.0.2:8080 within the per-try timeout 1s 500ms"
+        );
+    }
 
     #[test]
     fn upstream_request_keeps_authority_and_strips_hop_by_hop() {
