@@ -83,6 +83,7 @@ impl OriginalDst for KernelOriginalDst {
 /// Runs the agent until SIGTERM/SIGINT and the drain are done.
 pub fn run(config: Config, path: Option<PathBuf>, log_level: LogLevelHandle) -> Result<()> {
     raise_open_files_limit();
+    crate::diagnostics::policy::apply(&config.diagnostics);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.runtime.workers)
         .thread_name("waymark-worker")

@@ -83,6 +83,9 @@ pub struct Config {
     /// Kernel diagnostics: drops, retransmits, resets, traffic per pod.
     #[serde(default)]
     pub kernel: KernelConfig,
+    /// What the data path's diagnostics may show or add.
+    #[serde(default)]
+    pub diagnostics: DiagnosticsConfig,
     /// Services the agent routes to; destinations that are no service's
     /// address are forwarded as plain TCP to where they were dialled.
     #[serde(default)]
@@ -182,6 +185,45 @@ pub struct OutboundConfig {
 
 fn default_max_connections_per_pod() -> usize {
     16_384
+}
+
+/// What the diagnostics on the data path may show or add; applied at start
+/// and on every reload (`diagnostics::policy`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DiagnosticsConfig {
+    /// `waymark tap` shows query strings with their values replaced by
+    /// `<redacted>` (keys kept): query values carry tokens and personal data
+    /// as often as headers do. `false` shows them as sent.
+    #[serde(default = "yes")]
+    pub tap_redact_query: bool,
+    /// Whether a request's `l5d-add-context: true` (or TRACE) gets the
+    /// agent's routing context appended: `allow` (Linkerd's behaviour, the
+    /// default) or `deny`, where such requests are forwarded like any other.
+    #[serde(default)]
+    pub trace_context: TraceContext,
+}
+
+impl Default for DiagnosticsConfig {
+    fn default() -> Self {
+        Self {
+            tap_redact_query: true,
+            trace_context: TraceContext::default(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// See [`DiagnosticsConfig::trace_context`].
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TraceContext {
+    #[default]
+    Allow,
+    Deny,
 }
 
 /// See [`OutboundConfig::dial_from`].

@@ -148,6 +148,8 @@ impl Reloader {
                 self.pool.retain(|a| keep.contains(a));
                 let mut merged = (*old).clone();
                 merged.capture = self.capture_section(&new);
+                merged.diagnostics = new.diagnostics.clone();
+                crate::diagnostics::policy::apply(&merged.diagnostics);
                 merged.services = new.services;
                 merged.balancer = new.balancer;
                 merged.nodes = new.nodes;

@@ -95,8 +95,18 @@ asyncio.run(main())
 const WEB: &str = "10.96.0.30:80";
 const API: &str = "10.96.0.31:80";
 
-/// Two services on node 1's pods: `web` (n1p0) and `api` (n1p1).
+/// Two services on node 1's pods: `web` (n1p0) and `api` (n1p1). The
+/// tests tag requests with query values (`?t=x1`), so tap shows queries as
+/// sent here; redaction, the default, has its own test.
 fn services() -> String {
+    format!(
+        "[diagnostics]\ntap_redact_query = false\n{}",
+        service_table()
+    )
+}
+
+/// The two services alone, with the diagnostics' defaults.
+fn service_table() -> String {
     format!(
         r#"
 [[services]]
@@ -144,6 +154,83 @@ fn tags(events: &[Value]) -> Result<Vec<String>> {
         "unpaired events: {events:?}"
     );
     Ok(tags)
+}
+
+/// (0) By default tap shows query strings with their values redacted in
+/// the agent (keys kept): `?token=…` never leaves it; the application still
+/// gets the query as sent.
+#[test]
+fn tap_redacts_query_values_by_default() {
+    require_agent_or_skip!();
+    let b = World::builder(world_name!()).agent_config_extra(service_table());
+    with_world(b, |world| {
+        let node = world.node(0);
+        let c0 = world.pod(0, 0);
+        let _web = app(world.pod(1, 0), 8080)?;
+        let out = tap(node, &["--max", "1", "-o", "json"], || {
+            let codes = curl_codes(c0, &[], &[url(WEB, "/login?user=ann&token=s3cr3t-value")])?;
+            ensure!(codes == ["200"], "{codes:?}");
+            Ok(())
+        })?;
+        ensure!(
+            !out.contains("s3cr3t-value"),
+            "a query value left the agent: {out}"
+        );
+        let shown = events(&out)?;
+        let req = shown
+            .iter()
+            .find(|e| e["type"] == "req")
+            .context("no req event")?;
+        ensure!(
+            req["path"] == "/login?user=<redacted>&token=<redacted>",
+            "{req}"
+        );
+        Ok(())
+    });
+}
+
+/// (0b) `diagnostics.trace_context = "deny"`: a pod's `l5d-add-context`
+/// gets no routing context (the TRACE is forwarded like any request); a
+/// reload to `allow` brings it back for the next request.
+#[test]
+fn trace_context_can_be_denied_and_allowed_again() {
+    require_agent_or_skip!();
+    let b = World::builder(world_name!()).agent_config_extra(format!(
+        "[diagnostics]\ntrace_context = \"deny\"\n{}",
+        service_table()
+    ));
+    with_world(b, |world| {
+        let node = world.node(0);
+        let c0 = world.pod(0, 0);
+        let _web = app(world.pod(1, 0), 8080)?;
+        let trace = || {
+            waymark_tests::curl(
+                c0,
+                &url(WEB, "/traced"),
+                &["-X", "TRACE", "-H", "l5d-add-context: true"],
+            )
+        };
+        let (code, body) = trace()?;
+        ensure!(code == 200, "{code} {body}");
+        ensure!(
+            body.contains("TRACE /traced"),
+            "the app did not get it: {body}"
+        );
+        ensure!(
+            !body.contains("--- waymark"),
+            "context added although denied: {body}"
+        );
+        node.update_config(|c| {
+            let mut d = toml::Table::new();
+            d.insert("trace_context".into(), "allow".into());
+            c.insert("diagnostics".into(), toml::Value::Table(d));
+        })?;
+        eventually(Duration::from_secs(10), || {
+            let (_, body) = trace()?;
+            ensure!(body.contains("--- waymark node0 outbound ---"), "{body}");
+            Ok(())
+        })
+    });
 }
 
 /// (1) Each filter shows exactly the requests that match it: source pod,

@@ -62,8 +62,14 @@ fn world(name: &str) -> waymark_tests::WorldBuilder {
         .nodes(2)
         .pods_per_node(1)
         .mtls(true)
+        // The tests follow requests by their query values (`?i=N`): tap
+        // shows queries as sent here (redaction, the default, is tested in
+        // diagnostics_tap.rs).
         .agent_config_extra(format!(
             r#"
+[diagnostics]
+tap_redact_query = false
+
 [[services]]
 name = "web"
 addresses = ["{VIP}"]

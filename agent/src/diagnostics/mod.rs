@@ -6,6 +6,7 @@ pub mod capture;
 pub mod http_metrics;
 pub mod kernel;
 pub mod metrics;
+pub mod policy;
 pub mod stats;
 pub mod stats_view;
 pub mod tap;

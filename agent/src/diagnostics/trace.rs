@@ -32,7 +32,12 @@ pub enum Mode {
 }
 
 /// Whether the request asks for context, and how.
+/// `None` too when `diagnostics.trace_context = "deny"`: the request is
+/// then forwarded like any other.
 pub fn mode(method: &http::Method, headers: &HeaderMap) -> Option<Mode> {
+    if !super::policy::trace_context_allowed() {
+        return None;
+    }
     let asked = ADD_CONTEXT_HEADERS.iter().any(|h| {
         headers
             .get(*h)

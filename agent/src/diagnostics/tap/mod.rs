@@ -337,7 +337,10 @@ impl TapHub {
                 req: ReqLine {
                     method: req.method().to_string(),
                     authority: authority.map(str::to_string),
-                    path: path.to_string(),
+                    path: crate::diagnostics::policy::shown_path(
+                        path,
+                        crate::diagnostics::policy::tap_redacts_query(),
+                    ),
                     headers,
                     headers_omitted,
                 },
