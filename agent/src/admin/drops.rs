@@ -3,6 +3,7 @@
 //! `GET /drops/follow[?pod=NAME]`: drop and reset events as they happen,
 //! one JSON object a line, until the client goes away.
 
+use super::stats::Query;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -24,44 +25,17 @@ const FOLLOW_BUFFER: usize = 256;
 
 const NOT_RUNNING: &str = "the kernel diagnostics are not running on this agent (disabled, or the kernel refused them: see the agent's log)\n";
 
-/// The value of `name` in a query string, percent-decoded.
-fn param(query: Option<&str>, name: &str) -> Option<String> {
-    query?.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (k == name).then(|| percent_decode(v))
-    })
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                (Some(hi), Some(lo)) => {
-                    out.push(hi << 4 | lo);
-                    i += 3;
-                    continue;
-                }
-                _ => out.push(b'%'),
-            },
-            b'+' => out.push(b' '),
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 pub fn report(state: &AdminState, query: Option<&str>) -> Response<Body> {
     let Some(kernel) = &state.kernel else {
         return text(StatusCode::SERVICE_UNAVAILABLE, NOT_RUNNING.into());
     };
-    let window = match param(query, "window") {
+    let query = match Query::parse(query) {
+        Ok(q) => q,
+        Err((status, msg)) => return text(status, msg + "\n"),
+    };
+    let window = match query.get("window") {
         None => DEFAULT_WINDOW,
-        Some(w) => match humantime::parse_duration(&w) {
+        Some(w) => match humantime::parse_duration(w) {
             Ok(d) if !d.is_zero() => d,
             _ => {
                 return text(
@@ -71,7 +45,7 @@ pub fn report(state: &AdminState, query: Option<&str>) -> Response<Body> {
             }
         },
     };
-    let pod = param(query, "pod");
+    let pod = query.get("pod");
     let node = state
         .config
         .read()
@@ -79,7 +53,7 @@ pub fn report(state: &AdminState, query: Option<&str>) -> Response<Body> {
         .node
         .name
         .clone();
-    match kernel.report(&node, window, pod.as_deref()) {
+    match kernel.report(&node, window, pod) {
         Ok(r) => match serde_json::to_string_pretty(&r) {
             Ok(json) => with_type(StatusCode::OK, "application/json", json + "\n"),
             Err(e) => text(
@@ -98,7 +72,10 @@ pub fn follow(state: &AdminState, query: Option<&str>) -> Response<Body> {
     let Some(kernel) = &state.kernel else {
         return text(StatusCode::SERVICE_UNAVAILABLE, NOT_RUNNING.into());
     };
-    let pod = param(query, "pod");
+    let pod = match Query::parse(query) {
+        Ok(q) => q.get("pod").map(str::to_string),
+        Err((status, msg)) => return text(status, msg + "\n"),
+    };
     let mut events = kernel.subscribe();
     let (tx, rx) = mpsc::channel::<Bytes>(FOLLOW_BUFFER);
     tokio::spawn(async move {
@@ -149,22 +126,5 @@ impl hyper::body::Body for LineStream {
         self.0
             .poll_recv(cx)
             .map(|line| line.map(|l| Ok(Frame::data(l))))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn query_parameters_are_decoded() {
-        let q = Some("window=5m&pod=default%2Fn1p0&x");
-        assert_eq!(param(q, "window").as_deref(), Some("5m"));
-        assert_eq!(param(q, "pod").as_deref(), Some("default/n1p0"));
-        assert_eq!(param(q, "x").as_deref(), Some(""));
-        assert_eq!(param(q, "y"), None);
-        assert_eq!(percent_decode("a%2"), "a%2");
-        assert_eq!(percent_decode("%zz"), "%zz");
-        assert_eq!(percent_decode("%é"), "%é");
     }
 }

@@ -68,19 +68,20 @@ pub async fn handle(
         (&Method::GET, "/drops") => super::drops::report(state, req.uri().query()),
         (&Method::GET, "/drops/follow") => super::drops::follow(state, req.uri().query()),
         (&Method::GET, "/stat" | "/routes" | "/edges") => {
-            let query = Query::parse(req.uri().query());
-            let answer = match path.as_str() {
+            let answer = Query::parse(req.uri().query()).and_then(|query| match path.as_str() {
                 "/stat" => stats::stat(state, &query),
                 "/routes" => stats::routes(state, &query),
                 _ => stats::edges(state, &query),
-            };
+            });
             match answer {
                 Ok(body) => with_type(StatusCode::OK, "application/json", body),
                 Err((status, msg)) => text(status, msg + "\n"),
             }
         }
         (&Method::GET, "/endpoints") => {
-            match super::endpoints::report(state, &Query::parse(req.uri().query())) {
+            match Query::parse(req.uri().query())
+                .and_then(|query| super::endpoints::report(state, &query))
+            {
                 Ok(body) => with_type(StatusCode::OK, "application/json", body),
                 Err((status, msg)) => text(status, msg + "\n"),
             }

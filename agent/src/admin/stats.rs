@@ -27,18 +27,12 @@ pub type Answer = Result<String, (StatusCode, String)>;
 pub struct Query(Vec<(String, String)>);
 
 impl Query {
-    pub fn parse(query: Option<&str>) -> Query {
-        Query(
-            query
-                .unwrap_or("")
-                .split('&')
-                .filter(|p| !p.is_empty())
-                .map(|p| {
-                    let (k, v) = p.split_once('=').unwrap_or((p, ""));
-                    (decode(k), decode(v))
-                })
-                .collect(),
-        )
+    /// A bad escape is the caller's error (400), never a silently
+    /// different value.
+    pub fn parse(query: Option<&str>) -> Result<Query, (StatusCode, String)> {
+        crate::http::query::pairs(query.unwrap_or(""))
+            .map(Query)
+            .map_err(|e| bad(format!("query: {e}")))
     }
 
     pub fn get(&self, key: &str) -> Option<&str> {
@@ -64,30 +58,6 @@ impl Query {
         let w = self.get("window").unwrap_or(DEFAULT_WINDOW);
         parse_window(w).map(|d| (w.to_string(), d)).map_err(bad)
     }
-}
-
-fn decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match (
-            b[i],
-            b.get(i + 1).copied().and_then(hex),
-            b.get(i + 2).copied().and_then(hex),
-        ) {
-            (b'%', Some(hi), Some(lo)) => {
-                out.push(hi << 4 | lo);
-                i += 3;
-                continue;
-            }
-            (b'+', _, _) => out.push(b' '),
-            (c, _, _) => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn bad(msg: String) -> (StatusCode, String) {
@@ -236,13 +206,14 @@ mod tests {
 
     #[test]
     fn query_parameters_are_decoded() {
-        let q = Query::parse(Some("service=web%2Dv2&window=30s&x=a+b&bad=%zz&end=%4"));
+        let q = Query::parse(Some("service=web%2Dv2&window=30s&x=a+b")).unwrap();
         assert_eq!(q.get("service"), Some("web-v2"));
         assert_eq!(q.get("window"), Some("30s"));
         assert_eq!(q.get("x"), Some("a b"));
-        assert_eq!(q.get("bad"), Some("%zz"));
-        assert_eq!(q.get("end"), Some("%4"));
         assert!(q.only(&["service"]).is_err());
-        assert_eq!(Query::parse(None).get("a"), None);
+        assert_eq!(Query::parse(None).unwrap().get("a"), None);
+        let (status, msg) = Query::parse(Some("service=%zz")).err().unwrap();
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(msg.contains("bad percent-encoding in \"%zz\""), "{msg}");
     }
 }

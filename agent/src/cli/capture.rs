@@ -12,8 +12,9 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::Method;
 
-use super::client::{AdminClient, block_on, encode_query_value};
+use super::client::{AdminClient, block_on};
 use crate::diagnostics::capture::pcapng::{STOP_COMMENT_PREFIX, StreamSummary};
+use crate::http::query;
 
 #[derive(clap::Args, Clone, Debug)]
 #[command(group(clap::ArgGroup::new("target").required(true).args(["pod", "node"])))]
@@ -56,15 +57,15 @@ impl CaptureArgs {
     pub fn path(&self) -> String {
         let mut q = Vec::new();
         match &self.pod {
-            Some(pod) => q.push(format!("pod={}", encode_query_value(pod))),
+            Some(pod) => q.push(format!("pod={}", query::encode(pod))),
             None => q.push("node=1".to_string()),
         }
         if let Some(f) = &self.filter {
-            q.push(format!("filter={}", encode_query_value(f)));
+            q.push(format!("filter={}", query::encode(f)));
         }
         q.push(format!(
             "duration={}",
-            encode_query_value(&humantime::format_duration(self.duration).to_string())
+            query::encode(&humantime::format_duration(self.duration).to_string())
         ));
         if let Some(n) = self.max_packets {
             q.push(format!("max_packets={n}"));

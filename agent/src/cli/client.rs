@@ -131,28 +131,9 @@ pub fn block_on<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T>
         .block_on(f)
 }
 
-/// Percent-encodes a query parameter value (RFC 3986 unreserved kept).
-pub fn encode_query_value(v: &str) -> String {
-    let mut out = String::with_capacity(v.len());
-    for b in v.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'/') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn query_values_are_encoded() {
-        assert_eq!(encode_query_value("a b&c=/d"), "a%20b%26c%3D/d");
-        assert_eq!(encode_query_value("ns/pod-1.x~"), "ns/pod-1.x~");
-    }
 
     #[test]
     fn an_absent_agent_is_a_clear_error() {

@@ -9,8 +9,9 @@ use http_body_util::BodyExt;
 use hyper::Method;
 
 use super::Output;
-use super::client::{AdminClient, block_on, encode_query_value};
+use super::client::{AdminClient, block_on};
 use crate::diagnostics::kernel::{DropEvent, DropsReport};
+use crate::http::query;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct DropsArgs {
@@ -41,10 +42,10 @@ pub fn run(client: &AdminClient, args: DropsArgs) -> Result<()> {
 async fn counts(client: &AdminClient, args: &DropsArgs) -> Result<()> {
     let mut path = format!(
         "/drops?window={}",
-        encode_query_value(&humantime::format_duration(args.window).to_string())
+        query::encode(&humantime::format_duration(args.window).to_string())
     );
     if let Some(pod) = &args.pod {
-        path += &format!("&pod={}", encode_query_value(pod));
+        path += &format!("&pod={}", query::encode(pod));
     }
     if args.output == Output::Json {
         print!("{}", client.get_text(&path).await?);
@@ -154,7 +155,7 @@ fn table<const N: usize>(rows: &[[String; N]]) -> String {
 async fn follow(client: &AdminClient, args: &DropsArgs) -> Result<()> {
     let mut path = "/drops/follow".to_string();
     if let Some(pod) = &args.pod {
-        path += &format!("?pod={}", encode_query_value(pod));
+        path += &format!("?pod={}", query::encode(pod));
     }
     let rsp = client.send(Method::GET, &path, bytes::Bytes::new()).await?;
     if !rsp.status().is_success() {

@@ -10,9 +10,10 @@
 use anyhow::Result;
 
 use super::Output;
-use super::client::{AdminClient, block_on, encode_query_value};
+use super::client::{AdminClient, block_on};
 use super::table::{ms, render};
 use crate::admin::endpoints::{EndpointRow, EndpointsReport};
+use crate::http::query;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct EndpointsArgs {
@@ -26,7 +27,7 @@ pub struct EndpointsArgs {
 
 pub fn run(client: &AdminClient, args: EndpointsArgs) -> Result<()> {
     let path = match &args.service {
-        Some(s) => format!("/endpoints?service={}", encode_query_value(s)),
+        Some(s) => format!("/endpoints?service={}", query::encode(s)),
         None => "/endpoints".to_string(),
     };
     let report: EndpointsReport = block_on(client.get_json(&path))?;

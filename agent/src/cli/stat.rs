@@ -7,11 +7,12 @@
 use anyhow::{Result, bail};
 
 use super::Output;
-use super::client::{AdminClient, block_on, encode_query_value};
+use super::client::{AdminClient, block_on};
 use super::table::{ms, percent, render, rps};
 #[cfg(test)]
 use crate::diagnostics::stats_view::{BackendRow, RouteRow};
 use crate::diagnostics::stats_view::{EdgesReport, Golden, RoutesReport, StatReport};
+use crate::http::query;
 
 /// What `stat` groups by.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,7 +63,7 @@ pub struct WindowArgs {
 }
 
 fn window_query(w: &WindowArgs) -> String {
-    format!("window={}", encode_query_value(&w.window))
+    format!("window={}", query::encode(&w.window))
 }
 
 /// The columns every table shares, after its name columns.
@@ -152,7 +153,7 @@ pub fn stat(client: &AdminClient, args: StatArgs) -> Result<()> {
     };
     let mut path = format!("/stat?by={by}&{}", window_query(&args.common));
     if let Some(to) = &args.to {
-        path.push_str(&format!("&to={}", encode_query_value(to)));
+        path.push_str(&format!("&to={}", query::encode(to)));
     }
     let mut report: StatReport = block_on(client.get_json(&path))?;
     if let Some(name) = &args.name {
@@ -198,7 +199,7 @@ pub fn stat(client: &AdminClient, args: StatArgs) -> Result<()> {
 pub fn routes(client: &AdminClient, args: RoutesArgs) -> Result<()> {
     let path = format!(
         "/routes?service={}&{}",
-        encode_query_value(&args.service),
+        query::encode(&args.service),
         window_query(&args.common)
     );
     let report: RoutesReport = block_on(client.get_json(&path))?;

@@ -26,7 +26,7 @@ use super::client::{AdminClient, block_on};
 use super::tap_explain::{Asked, EXPLAIN_AFTER, SEEN_WINDOW, Seen, explain};
 use crate::diagnostics::stats_view::EdgesReport;
 use crate::diagnostics::tap::event::Event;
-use crate::diagnostics::tap::filter::{Filter, Pods, percent_encode};
+use crate::diagnostics::tap::filter::{Filter, Pods};
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum TapOutput {
@@ -98,7 +98,7 @@ impl TapFilterArgs {
         put("duration", duration.map(fmt));
         let query = pairs
             .iter()
-            .map(|(k, v)| format!("{k}={}", percent_encode(v)))
+            .map(|(k, v)| format!("{k}={}", crate::http::query::encode(v)))
             .collect::<Vec<_>>()
             .join("&");
         Filter::from_query(&query, &Pods::default()).map_err(anyhow::Error::msg)?;

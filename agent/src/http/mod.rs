@@ -1,7 +1,8 @@
 //! HTTP plumbing shared by both directions of the data path, with no
 //! routing in it: the body type every proxied message travels in
 //! ([`body`]), RFC 9110's hop-by-hop rules ([`headers`]), the proxy's own
-//! answers ([`errors`]) and request bodies kept for retries ([`replay`]).
+//! answers ([`errors`]), request bodies kept for retries ([`replay`]) and
+//! the admin API's query strings ([`query`]).
 //! Serving and routing requests is `proxy::outbound` (`http_server`,
 //! `forward`) and `proxy::inbound`; upstream connections are
 //! `transport::http_pool`.
@@ -9,4 +10,5 @@
 pub mod body;
 pub mod errors;
 pub mod headers;
+pub mod query;
 pub mod replay;

@@ -193,8 +193,8 @@ impl CaptureParams {
         let (mut max_packets, mut max_bytes, mut snaplen, mut keylog) = (None, None, None, false);
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let value = percent_decode(value)
-                .ok_or_else(|| bad(format!("{key}: bad percent-encoding or not UTF-8")))?;
+            let value =
+                crate::http::query::decode(value).map_err(|e| bad(format!("{key}: {e}")))?;
             match key {
                 "pod" => pod = Some(value),
                 "node" => node = flag(key, &value)?,
@@ -327,26 +327,6 @@ fn number(key: &str, value: &str) -> Result<u64, RequestError> {
     value
         .parse()
         .map_err(|_| bad(format!("{key}: {value:?} is not a whole number")))
-}
-
-/// Decodes `%XX` and `+` (a space) in a query value.
-fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => {
-                let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 2;
-            }
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8(out).ok()
 }
 
 /// Who asked for a capture, for the log.
