@@ -145,7 +145,7 @@ fn raise_open_files_limit() {
 async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHandle) -> Result<()> {
     let discovery = Arc::new(Discovery::new(
         ServiceTable::build(
-            &config.services,
+            &config.services_with_local_pods(),
             config.balancer.to_balance(),
             None,
             Instant::now(),

@@ -528,6 +528,24 @@ impl Config {
 
     /// Excluded destinations as the redirect programs take them. Loopback is
     /// not listed: the programs never redirect it.
+    /// The services with each endpoint that is a pod of this node named by
+    /// that pod (from `[[pods]]`), unless the endpoint names one itself, so
+    /// tap, traces and `waymark endpoints` say which pod answered.
+    pub fn services_with_local_pods(&self) -> Vec<services::ServiceConfig> {
+        let by_ip: std::collections::HashMap<std::net::IpAddr, &str> = self
+            .pods
+            .iter()
+            .flat_map(|p| p.ips.iter().map(move |ip| (*ip, p.name.as_str())))
+            .collect();
+        let mut out = self.services.clone();
+        for endpoint in out.iter_mut().flat_map(|s| s.endpoints.iter_mut()) {
+            if endpoint.pod.is_none() {
+                endpoint.pod = by_ip.get(&endpoint.addr.ip()).map(|n| n.to_string());
+            }
+        }
+        out
+    }
+
     /// What the redirect programs leave alone: `redirect.exclude`, and the
     /// link-local networks unless `redirect.proxy_link_local`.
     pub fn excludes(&self) -> Vec<crate::redirect::Exclude> {

@@ -120,7 +120,7 @@ impl Reloader {
             .and_then(|new| {
                 let old = self.discovery.current();
                 let table = ServiceTable::build(
-                    &new.services,
+                    &new.services_with_local_pods(),
                     new.balancer.to_balance(),
                     Some(&old),
                     Instant::now(),

@@ -358,3 +358,42 @@ fn link_local_is_left_to_the_pods_unless_configured() {
     let nets: Vec<String> = c.excludes().iter().map(|e| e.net.to_string()).collect();
     assert_eq!(nets, ["10.9.0.0/16"]);
 }
+
+#[test]
+fn endpoints_of_local_pods_are_named_by_them() {
+    let c = Config::from_toml(
+        r#"
+[redirect]
+cgroup = "/sys/fs/cgroup/pods"
+[[pods]]
+name = "default/web-1"
+netns = "/var/run/netns/web-1"
+ips = ["10.1.0.2"]
+[[services]]
+name = "web"
+addresses = ["10.96.0.1:80"]
+endpoints = [
+  { addr = "10.1.0.2:8080" },
+  { addr = "10.1.0.2:9090", pod = "default/named" },
+  { addr = "10.2.0.2:8080" },
+]
+"#,
+        "test",
+    )
+    .unwrap();
+    let pods: Vec<Option<String>> = c.services_with_local_pods()[0]
+        .endpoints
+        .iter()
+        .map(|e| e.pod.clone())
+        .collect();
+    assert_eq!(
+        pods,
+        [
+            Some("default/web-1".into()),
+            Some("default/named".into()),
+            None
+        ]
+    );
+    // The config itself is left as written (`/config` shows it so).
+    assert_eq!(c.services[0].endpoints[0].pod, None);
+}
