@@ -20,10 +20,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
-
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -39,7 +36,6 @@ use crate::config::DialFrom;
 use crate::config::mesh::InboundMode;
 use crate::diagnostics::capture::Captures;
 use crate::diagnostics::kernel as kernel_diag;
-use crate::diagnostics::metrics::PodLabels;
 use crate::diagnostics::metrics::{MapLabels, Metrics};
 use crate::diagnostics::tap::TapHub;
 use crate::diagnostics::tap::filter::Pods;
@@ -50,7 +46,7 @@ use crate::proxy::OriginalDst;
 use crate::proxy::inbound::authz::InboundAuthz;
 use crate::proxy::inbound::http_stream::InboundHttp;
 use crate::proxy::inbound::server::Drain as TunnelDrain;
-use crate::proxy::inbound::{Inbound, TunnelCollector};
+use crate::proxy::inbound::{Inbound, StrictCollector, TunnelCollector};
 use crate::proxy::listener::bind_in_netns;
 use crate::proxy::outbound::forward::HttpProxy;
 use crate::proxy::outbound::{Outbound, PodInfo};
@@ -257,17 +253,14 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         .context("cannot load the redirect programs into the kernel (waymark agent needs root, or CAP_BPF + CAP_NET_ADMIN + CAP_SYS_ADMIN, and a kernel with BTF and cgroup v2)")?;
     let redirect = Arc::new(RwLock::new(redirect));
 
-    // Strict inbound: pods' names by netns cookie (filled when the pods are
-    // bound) and the refusals already exported, so a scrape adds the new
-    // ones to the counter.
-    let strict_refused: Family<PodLabels, Counter> = Family::default();
-    metrics.registry.register(
-        "waymark_inbound_strict_refused",
-        "New TCP connections to a meshed pod refused under inbound.mode = \"strict\" (plaintext from another node), by pod",
-        strict_refused.clone(),
-    );
-    let strict_pods: Arc<Mutex<HashMap<u64, (String, u64)>>> = Default::default();
-    let scrape_strict = strict_pods.clone();
+    // Strict inbound's pods by netns cookie, filled when the pods are bound.
+    let strict_pods: Arc<RwLock<HashMap<u64, String>>> = Default::default();
+    metrics
+        .registry
+        .register_collector(Box::new(StrictCollector {
+            redirect: redirect.clone(),
+            pods: strict_pods.clone(),
+        }));
     let tcp = metrics.tcp.clone();
     let balancer_metrics = metrics.balancer.clone();
     let scrape_discovery = discovery.clone();
@@ -279,20 +272,6 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
             m.sample(std::time::SystemTime::now());
         }
         let r = scrape_redirect.read().unwrap_or_else(|e| e.into_inner());
-        let mut strict = scrape_strict.lock().unwrap_or_else(|e| e.into_inner());
-        if !strict.is_empty() {
-            for (cookie, refused) in r.strict_refused() {
-                if let Some((pod, seen)) = strict.get_mut(&cookie)
-                    && refused > *seen
-                {
-                    strict_refused
-                        .get_or_create(&PodLabels { pod: pod.clone() })
-                        .inc_by(refused - *seen);
-                    *seen = refused;
-                }
-            }
-        }
-        drop(strict);
         match r.occupancy() {
             Ok(o) => {
                 tcp.redirect_map_entries
@@ -405,9 +384,9 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         });
         if config.inbound.mode == InboundMode::Strict && info.identity.is_some() {
             strict_pods
-                .lock()
+                .write()
                 .unwrap_or_else(|e| e.into_inner())
-                .insert(sockets.netns_cookie, (pod.name.clone(), 0));
+                .insert(sockets.netns_cookie, pod.name.clone());
         }
         for l in sockets.listeners {
             let l = TcpListener::from_std(l).context("cannot register a pod listener")?;
@@ -419,7 +398,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
 
     if config.inbound.mode == InboundMode::Strict {
         let cookies: Vec<u64> = strict_pods
-            .lock()
+            .read()
             .unwrap_or_else(|e| e.into_inner())
             .keys()
             .copied()

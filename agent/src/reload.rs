@@ -113,6 +113,22 @@ impl Reloader {
         }
     }
 
+    /// The `[capture]` a reload puts in force: every limit is read per
+    /// capture request, so the new section applies to the next request
+    /// (a running capture keeps the bounds it started with); only turning
+    /// key-log captures on needs a restart.
+    fn capture_section(&self, new: &Config) -> crate::config::capture::CaptureConfig {
+        let mut capture = new.capture.clone();
+        if capture.enabled && capture.keylog && !self.keylog_wired {
+            warn!(
+                section = "capture.keylog",
+                "config change needs a restart to take effect; key-log captures stay off"
+            );
+            capture.keylog = false;
+        }
+        capture
+    }
+
     /// One reload attempt; returns whether the new config is in force.
     pub fn reload(&self) -> bool {
         let result = Config::from_file(&self.path)
@@ -148,7 +164,7 @@ impl Reloader {
                 self.pool.retain(|a| keep.contains(a));
                 let mut merged = (*old).clone();
                 merged.capture = self.capture_section(&new);
-                merged.diagnostics = new.diagnostics.clone();
+                merged.diagnostics = new.diagnostics;
                 crate::diagnostics::policy::apply(&merged.diagnostics);
                 merged.services = new.services;
                 merged.balancer = new.balancer;
@@ -176,24 +192,6 @@ impl Reloader {
                 false
             }
         }
-    }
-}
-
-impl Reloader {
-    /// The `[capture]` a reload puts in force: every limit is read per
-    /// capture request, so the new section applies to the next request
-    /// (a running capture keeps the bounds it started with); only turning
-    /// key-log captures on needs a restart.
-    fn capture_section(&self, new: &Config) -> crate::config::capture::CaptureConfig {
-        let mut capture = new.capture.clone();
-        if capture.enabled && capture.keylog && !self.keylog_wired {
-            warn!(
-                section = "capture.keylog",
-                "config change needs a restart to take effect; key-log captures stay off"
-            );
-            capture.keylog = false;
-        }
-        capture
     }
 }
 

@@ -112,6 +112,16 @@ fn send(pod: &Pod, addr: &str, text: &str) -> Result<String> {
         .to_string())
 }
 
+/// Removes pod `j`'s identity from a node's agent config: its traffic is
+/// carried in plaintext (the tests' control for what the tunnel hides).
+fn without_identity(cfg: &mut toml::Table, j: usize) {
+    if let Some(toml::Value::Array(pods)) = cfg.get_mut("pods")
+        && let Some(toml::Value::Table(p)) = pods.get_mut(j)
+    {
+        p.remove("identity");
+    }
+}
+
 fn marker(what: &str) -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -255,11 +265,8 @@ fn only_tls_crosses_the_fabric() {
         .agent_config_extra(services())
         // Pod 1 of node 0 has no identity: its traffic stays plaintext.
         .agent_config(|i, cfg| {
-            if i == 0
-                && let Some(toml::Value::Array(pods)) = cfg.get_mut("pods")
-                && let Some(toml::Value::Table(p)) = pods.get_mut(1)
-            {
-                p.remove("identity");
+            if i == 0 {
+                without_identity(cfg, 1);
             }
         });
     with_world(builder, |world| {
@@ -817,11 +824,8 @@ fn strict_inbound_admits_other_nodes_only_through_the_tunnel() {
         .mtls(true)
         .agent_config_extra(services())
         .agent_config(|i, cfg| {
-            if i == 0
-                && let Some(toml::Value::Array(pods)) = cfg.get_mut("pods")
-                && let Some(toml::Value::Table(p)) = pods.get_mut(1)
-            {
-                p.remove("identity");
+            if i == 0 {
+                without_identity(cfg, 1);
             }
             if i == 1 {
                 let extra: toml::Table = "[inbound]\nmode = \"strict\"\n".parse().unwrap();
@@ -1285,11 +1289,8 @@ fn bulk_throughput_tunnel_vs_plaintext() {
         .mtls(true)
         .agent_config_extra(services())
         .agent_config(|i, cfg| {
-            if i == 0
-                && let Some(toml::Value::Array(pods)) = cfg.get_mut("pods")
-                && let Some(toml::Value::Table(p)) = pods.get_mut(1)
-            {
-                p.remove("identity");
+            if i == 0 {
+                without_identity(cfg, 1);
             }
         });
     with_world(builder, |world| {

@@ -330,15 +330,19 @@ mod tests {
     use crate::diagnostics::stats::{Outcome, Stats};
     use std::time::{Duration, Instant};
 
-    fn world() -> Window {
-        let stats = Stats::new(64);
-        let out = |success| Outcome {
+    /// A 10 ms request, plaintext, no retries.
+    fn out(success: bool) -> Outcome {
+        Outcome {
             success,
             latency: Duration::from_millis(10),
             retries: 0,
             budget_exhausted: false,
             tls: false,
-        };
+        }
+    }
+
+    fn world() -> Window {
+        let stats = Stats::new(64);
         for (pod, svc, route, n, fail) in [
             ("a", "web", "api", 6, 1),
             ("a", "web", "[DEFAULT]", 4, 0),
@@ -432,13 +436,6 @@ mod tests {
     #[test]
     fn backends_of_a_route_have_shares_and_the_empty_one_is_marked() {
         let stats = Stats::new(64);
-        let out = |success| Outcome {
-            success,
-            latency: Duration::from_millis(10),
-            retries: 0,
-            budget_exhausted: false,
-            tls: false,
-        };
         for i in 0..10 {
             let (backend, ok) = if i < 7 {
                 ("shop-v1", true)

@@ -109,13 +109,9 @@ pub(super) fn exclude_tables(excludes: &[Exclude]) -> Result<ExcludeTables, Redi
     let mut tables = ExcludeTables::default();
     for (net, ports) in merged {
         let value = exclude_ports(net, ports)?;
-        match net {
-            IpNet::V4(n) => tables
-                .v4
-                .push((Key::new(n.prefix_len().into(), v4_word(n.addr())), value)),
-            IpNet::V6(n) => tables
-                .v6
-                .push((Key::new(n.prefix_len().into(), v6_words(n.addr())), value)),
+        match lpm_key(net) {
+            LpmKey::V4(key) => tables.v4.push((key, value)),
+            LpmKey::V6(key) => tables.v6.push((key, value)),
         }
     }
     for (family, count) in [("IPv4", tables.v4.len()), ("IPv6", tables.v6.len())] {
@@ -128,6 +124,22 @@ pub(super) fn exclude_tables(excludes: &[Exclude]) -> Result<ExcludeTables, Redi
         }
     }
     Ok(tables)
+}
+
+/// The key of a network in one of the programs' LPM tries (the exclusions,
+/// strict inbound's allowed sources), by family.
+pub(super) enum LpmKey {
+    V4(Key<u32>),
+    V6(Key<[u32; 4]>),
+}
+
+/// `net`'s key: host bits cleared, a v4-mapped IPv6 network as the IPv4
+/// network it denotes, addresses in network byte order.
+pub(super) fn lpm_key(net: IpNet) -> LpmKey {
+    match canonical_net(net) {
+        IpNet::V4(n) => LpmKey::V4(Key::new(n.prefix_len().into(), v4_word(n.addr()))),
+        IpNet::V6(n) => LpmKey::V6(Key::new(n.prefix_len().into(), v6_words(n.addr()))),
+    }
 }
 
 fn canonical_net(net: IpNet) -> IpNet {

@@ -378,31 +378,23 @@ impl Redirect {
         pods: &[u64],
         allow: &[ipnet::IpNet],
     ) -> Result<(), RedirectError> {
+        let (mut v4_keys, mut v6_keys) = (Vec::new(), Vec::new());
+        for net in allow {
+            match maps::lpm_key(*net) {
+                maps::LpmKey::V4(key) => v4_keys.push(key),
+                maps::LpmKey::V6(key) => v6_keys.push(key),
+            }
+        }
         let mut v4 = LpmTrie::<_, u32, u8>::try_from(map_mut(&mut self.ebpf, MAP_ALLOW_V4)?)
             .map_err(map_error(MAP_ALLOW_V4, "open"))?;
-        for net in allow.iter().filter_map(|n| match n {
-            ipnet::IpNet::V4(n) => Some(n.trunc()),
-            ipnet::IpNet::V6(_) => None,
-        }) {
-            let key = aya::maps::lpm_trie::Key::new(
-                u32::from(net.prefix_len()),
-                u32::from_ne_bytes(net.addr().octets()),
-            );
-            v4.insert(&key, 1, 0)
+        for key in &v4_keys {
+            v4.insert(key, 1, 0)
                 .map_err(map_error(MAP_ALLOW_V4, "insert"))?;
         }
         let mut v6 = LpmTrie::<_, [u32; 4], u8>::try_from(map_mut(&mut self.ebpf, MAP_ALLOW_V6)?)
             .map_err(map_error(MAP_ALLOW_V6, "open"))?;
-        for net in allow.iter().filter_map(|n| match n {
-            ipnet::IpNet::V6(n) => Some(n.trunc()),
-            ipnet::IpNet::V4(_) => None,
-        }) {
-            let o = net.addr().octets();
-            let words = std::array::from_fn(|i| {
-                u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
-            });
-            let key = aya::maps::lpm_trie::Key::new(u32::from(net.prefix_len()), words);
-            v6.insert(&key, 1, 0)
+        for key in &v6_keys {
+            v6.insert(key, 1, 0)
                 .map_err(map_error(MAP_ALLOW_V6, "insert"))?;
         }
         let mut strict =

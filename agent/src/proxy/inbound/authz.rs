@@ -21,6 +21,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -133,8 +134,10 @@ pub struct InboundAuthz {
     node: String,
     policy: RwLock<Arc<Policy>>,
     /// Bumped on every reload of the rules; streams admitted under an
-    /// earlier generation are decided again.
-    generation: tokio::sync::watch::Sender<u64>,
+    /// earlier generation are decided again. Requests read the atomic (one
+    /// load each); opaque streams wait on the channel.
+    generation: AtomicU64,
+    changed: tokio::sync::watch::Sender<()>,
     discovery: Arc<Discovery>,
     decisions: Family<DecisionLabels, Counter>,
     sources: BoundedLabel,
@@ -151,7 +154,8 @@ impl InboundAuthz {
         Arc::new(Self {
             node: config.node.name.clone(),
             policy: RwLock::new(Arc::new(Policy::from_config(config))),
-            generation: tokio::sync::watch::Sender::new(0),
+            generation: AtomicU64::new(0),
+            changed: tokio::sync::watch::Sender::new(()),
             discovery,
             decisions,
             sources: BoundedLabel::new(config.metrics.max_destinations),
@@ -165,17 +169,18 @@ impl InboundAuthz {
         next.pods = cur.pods.clone();
         *cur = Arc::new(next);
         drop(cur);
-        self.generation.send_modify(|g| *g += 1);
+        self.generation.fetch_add(1, Ordering::Release);
+        self.changed.send_replace(());
     }
 
     /// The generation of the rules in force.
     pub fn generation(&self) -> u64 {
-        *self.generation.borrow()
+        self.generation.load(Ordering::Acquire)
     }
 
-    /// Wakes when the rules change.
-    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.generation.subscribe()
+    /// Wakes when the rules change (not for changes before the call).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<()> {
+        self.changed.subscribe()
     }
 
     /// Decides an open stream again after a reload: `None` while it is

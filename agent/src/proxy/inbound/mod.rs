@@ -219,6 +219,48 @@ impl Collector for TunnelCollector {
     }
 }
 
+/// `waymark_inbound_strict_refused_total{pod}`: the kernel's own count of
+/// connection attempts strict inbound refused, per pod, read from its map
+/// when scraped (`ebpf/kernel/src/inbound.rs`).
+pub struct StrictCollector {
+    pub redirect: Arc<std::sync::RwLock<crate::redirect::Redirect>>,
+    /// Strict pods' names by network-namespace cookie, filled once the
+    /// pods are bound (empty: strict inbound is off).
+    pub pods: Arc<std::sync::RwLock<std::collections::HashMap<u64, String>>>,
+}
+
+impl std::fmt::Debug for StrictCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StrictCollector").finish_non_exhaustive()
+    }
+}
+
+impl Collector for StrictCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let pods = self.pods.read().unwrap_or_else(|e| e.into_inner());
+        if pods.is_empty() {
+            return Ok(());
+        }
+        let refused = self
+            .redirect
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .strict_refused();
+        encode_counters(
+            &mut encoder,
+            "waymark_inbound_strict_refused",
+            "New TCP connections to a meshed pod refused under inbound.mode = \"strict\" (plaintext from another node), by pod",
+            refused
+                .into_iter()
+                .filter(|(_, n)| *n > 0)
+                .filter_map(|(cookie, n)| {
+                    let pod = pods.get(&cookie)?.clone();
+                    Some((crate::diagnostics::metrics::PodLabels { pod }, n))
+                }),
+        )
+    }
+}
+
 fn encode_counters<L: EncodeLabelSet>(
     encoder: &mut DescriptorEncoder,
     name: &str,

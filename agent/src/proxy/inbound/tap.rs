@@ -83,7 +83,6 @@ impl InboundHttp {
         // The copy runs until both sides are done, or until a reload of the
         // authorization rules denies the stream: then both are closed.
         let mut rules = self.authz.subscribe();
-        rules.mark_unchanged();
         let copy = splice_counted(tunnel, upstream);
         tokio::pin!(copy);
         let copied = loop {
