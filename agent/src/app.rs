@@ -1,8 +1,9 @@
 //! Wires the agent together and owns its lifecycle: start-up order,
 //! readiness, signal handling and the drain.
 //!
-//! Start-up order matters. Every pod's listener is bound *before* the
-//! programs are attached, so the first redirected connect already finds a
+//! Start-up order matters. The programs attach to the pods' whole cgroup but
+//! redirect only enrolled pods, and a pod is enrolled once its listener is
+//! bound (see `enrollment`), so the first redirected connect already finds a
 //! listener (merbridge #167: a 503 on the first request after enrolment).
 //!
 //! Shutdown is the reverse: on SIGTERM/SIGINT the agent reports not-ready,
@@ -24,7 +25,6 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -32,14 +32,13 @@ use tracing::{info, warn};
 
 use crate::admin::{AdminServer, AdminState, Readiness};
 use crate::config::Config;
-use crate::config::DialFrom;
 use crate::config::mesh::InboundMode;
 use crate::diagnostics::capture::Captures;
 use crate::diagnostics::kernel as kernel_diag;
 use crate::diagnostics::metrics::{MapLabels, Metrics};
 use crate::diagnostics::tap::TapHub;
-use crate::diagnostics::tap::filter::Pods;
 use crate::discovery::{Discovery, ServiceTable};
+use crate::enrollment::{Enrollment, EnrollmentParts};
 use crate::identity::SpiffeId;
 use crate::identity::manager::IdentityManager;
 use crate::proxy::OriginalDst;
@@ -47,20 +46,19 @@ use crate::proxy::inbound::authz::InboundAuthz;
 use crate::proxy::inbound::http_stream::InboundHttp;
 use crate::proxy::inbound::server::Drain as TunnelDrain;
 use crate::proxy::inbound::{Inbound, StrictCollector, TunnelCollector};
-use crate::proxy::listener::bind_in_netns;
+use crate::proxy::outbound::Outbound;
 use crate::proxy::outbound::forward::HttpProxy;
-use crate::proxy::outbound::{Outbound, PodInfo};
 use crate::redirect::Redirect;
 use crate::reload::{ReloadMetrics, Reloader, SharedConfig};
 use crate::telemetry::LogLevelHandle;
 use crate::transport::http_pool::Pool;
-use crate::transport::netns::PodNetns;
 use crate::transport::tunnel::{PoolConfig, TunnelPool};
 use crate::transport::upstream::{Mesh, Upstreams};
 
 const READY_PROGRAMS: &str = "redirect programs not attached";
 const READY_LISTENERS: &str = "pod listeners not bound";
 const READY_DRAINING: &str = "draining";
+const READY_DISCOVERY: &str = "no full picture of the cluster yet";
 const READY_CERTS: &str = "workload certificates missing or expired";
 
 /// The kernel's original-destination maps behind the proxy's trait. Lookups
@@ -300,13 +298,10 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
     if let Some(h) = &inbound_http {
         h.set_tap(tap.clone());
     }
-    tap.set_pods(Pods(
-        config
-            .pods
-            .iter()
-            .map(|p| (p.name.clone(), p.ips.clone()))
-            .collect(),
-    ));
+    let kube_status = config
+        .kubernetes
+        .enabled
+        .then(|| crate::kube::Status::new(&mut metrics.registry));
     let registry = Arc::new(std::mem::take(&mut metrics.registry));
     let check_redirect = redirect.clone();
     let admin = AdminServer::start(
@@ -346,71 +341,17 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
     )?;
     info!(node = %config.node.name, admin = %admin.local_addr, "admin API listening");
 
-    // Bind every pod's listener before attaching (see the module doc).
-    let mut bound = Vec::new();
-    let mut pod_netns = Vec::new();
-    for pod in &config.pods {
-        let sockets = bind_in_netns(&pod.netns, config.outbound.port)
-            .with_context(|| format!("cannot set up the outbound listener of pod {}", pod.name))?;
-        if let Some(e) = &sockets.ipv6_unavailable {
-            warn!(pod = %pod.name, error = %e, "no IPv6 loopback in the pod; only IPv4 connections are proxied");
-        }
-        let netns = match config.outbound.dial_from {
-            DialFrom::Pod => Some(
-                PodNetns::open(&pod.netns, sockets.netns_cookie).with_context(|| {
-                    format!(
-                        "cannot open the network namespace {} of pod {}",
-                        pod.netns.display(),
-                        pod.name
-                    )
-                })?,
-            ),
-            DialFrom::Node => None,
-        };
-        let info = Arc::new(PodInfo {
-            name: pod.name.clone(),
-            netns,
-            open: Default::default(),
-            netns_cookie: sockets.netns_cookie,
-            ips: pod.ips.clone(),
-            identity: identity
-                .as_ref()
-                .and(pod.identity.as_deref())
-                .and_then(|s| s.parse::<SpiffeId>().ok()),
-        });
-        pod_netns.push(kernel_diag::PodNetns {
-            name: pod.name.clone(),
-            netns_cookie: sockets.netns_cookie,
-        });
-        if config.inbound.mode == InboundMode::Strict && info.identity.is_some() {
-            strict_pods
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(sockets.netns_cookie, pod.name.clone());
-        }
-        for l in sockets.listeners {
-            let l = TcpListener::from_std(l).context("cannot register a pod listener")?;
-            bound.push((info.clone(), l));
-        }
-        info!(pod = %pod.name, netns = %pod.netns.display(), port = config.outbound.port, "outbound listener bound in pod");
-    }
-    readiness.set(READY_LISTENERS);
-
     if config.inbound.mode == InboundMode::Strict {
-        let cookies: Vec<u64> = strict_pods
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .copied()
-            .collect();
         let allow = strict_sources(&config)?;
         redirect
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .set_strict(&cookies, &allow)
+            .set_strict(&[], &allow)
             .context("cannot set up strict inbound")?;
     }
 
+    // Attached to the whole cgroup at once: the kernel redirects only the
+    // pods enrolled below, each once its listener is bound.
     let mut pods_cgroup = None;
     match &config.redirect.cgroup {
         Some(cgroup) => {
@@ -432,7 +373,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
     readiness.set(READY_PROGRAMS);
     let stop_kernel = CancellationToken::new();
     if let Some(k) = &kernel {
-        k.start(&pod_netns, pods_cgroup.as_deref(), &stop_kernel);
+        k.start(&[], pods_cgroup.as_deref(), &stop_kernel);
     }
     // Loading the programs parsed the kernel's BTF: give that memory back,
     // and keep giving back what bursts of traffic free (see `memory`).
@@ -447,7 +388,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         discovery: discovery.clone(),
         pool: pool.clone(),
         retry_buffer: config.proxy.retry_buffer_bytes,
-        tap,
+        tap: tap.clone(),
         kernel: kernel.clone(),
     });
     let outbound = Arc::new(Outbound {
@@ -473,27 +414,63 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
     );
     let stop_accepting = CancellationToken::new();
     let acceptors = TaskTracker::new();
-    for (pod, listener) in bound {
-        acceptors.spawn(
-            outbound
-                .clone()
-                .serve(pod, listener, stop_accepting.clone()),
-        );
+    let enrollment = Arc::new(Enrollment::new(EnrollmentParts {
+        port: config.outbound.port,
+        dial_from: config.outbound.dial_from,
+        strict: config.inbound.mode == InboundMode::Strict,
+        redirect: redirect.clone(),
+        outbound: outbound.clone(),
+        identity: identity.clone(),
+        kernel: kernel.clone(),
+        tap: tap.clone(),
+        strict_pods: strict_pods.clone(),
+        stop_accepting: stop_accepting.clone(),
+        acceptors: acceptors.clone(),
+    }));
+    // The config file's pods must all come up: a typo there should stop
+    // the agent, not leave a pod silently outside the mesh.
+    if let Some(e) = enrollment.sync(&config.pod_specs()).into_iter().next() {
+        return Err(e).context("cannot enroll the pods of the config file");
     }
+    readiness.set(READY_LISTENERS);
     let stop_reload = CancellationToken::new();
-    if let Some(path) = path {
-        let reloader = Reloader {
-            path,
-            config: shared_config.clone(),
-            discovery: discovery.clone(),
-            pool: pool.clone(),
-            upstreams: upstreams.clone(),
-            authz: authz.clone(),
-            metrics: reload_metrics,
-            keylog_wired: key_log.is_some(),
-        };
-        tokio::spawn(reloader.run(stop_reload.clone()));
-    }
+    let cluster = match &kube_status {
+        Some(status) => {
+            readiness.unset(READY_DISCOVERY);
+            let client = crate::kube::client(&config.kubernetes).await?;
+            info!(kubeconfig = ?config.kubernetes.kubeconfig, "Kubernetes discovery on: waiting for the first full list of every watch");
+            Some(crate::kube::start(
+                client,
+                config.node.name.clone(),
+                config.identity.as_ref().map(|i| i.trust_domain.clone()),
+                config.kubernetes.clone(),
+                status.clone(),
+                stop_reload.clone(),
+            ))
+        }
+        None => None,
+    };
+    let reloader = Reloader {
+        path,
+        base: std::sync::Mutex::new((*config).clone()),
+        cluster: Default::default(),
+        config: shared_config.clone(),
+        discovery: discovery.clone(),
+        pool: pool.clone(),
+        upstreams: upstreams.clone(),
+        authz: authz.clone(),
+        enrollment: enrollment.clone(),
+        on_cluster_synced: {
+            let ready = readiness.clone();
+            Box::new(move || {
+                info!("the cluster's first full picture is in force");
+                ready.set(READY_DISCOVERY);
+            })
+        },
+        metrics: reload_metrics,
+        keylog_wired: key_log.is_some(),
+    };
+    tokio::spawn(reloader.run(cluster, stop_reload.clone()));
     info!(
         pods = config.pods.len(),
         services = config.services.len(),

@@ -14,6 +14,7 @@ use ipnet::IpNet;
 
 pub mod capture;
 pub mod kernel;
+pub mod kubernetes;
 pub mod mesh;
 pub mod services;
 pub use capture::CaptureConfig;
@@ -107,6 +108,13 @@ pub struct Config {
     /// Which source identities may reach this node's pods.
     #[serde(default)]
     pub authorization: AuthorizationConfig,
+    /// Discovery from the Kubernetes API server: pods, services, nodes.
+    #[serde(default)]
+    pub kubernetes: kubernetes::KubernetesConfig,
+    /// Meshed pods of the cluster by address (from discovery, never from
+    /// the file).
+    #[serde(skip)]
+    pub workloads: Vec<(std::net::IpAddr, crate::discovery::Workload)>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -421,6 +429,7 @@ impl Config {
                 self.admin.listen
             ));
         }
+        self.kubernetes.validate(&mut problems);
         if self.outbound.port == 0 {
             problems.push("outbound.port: must not be 0".to_string());
         }
@@ -544,6 +553,20 @@ impl Config {
             }
         }
         out
+    }
+
+    /// The `[[pods]]` as the agent enrolls them (identities were validated
+    /// when the config was read).
+    pub fn pod_specs(&self) -> Vec<crate::enrollment::PodSpec> {
+        self.pods
+            .iter()
+            .map(|p| crate::enrollment::PodSpec {
+                name: p.name.clone(),
+                netns: p.netns.clone(),
+                ips: p.ips.clone(),
+                identity: p.identity.as_deref().and_then(|s| s.parse().ok()),
+            })
+            .collect()
     }
 
     /// What the redirect programs leave alone: `redirect.exclude`, and the

@@ -25,6 +25,12 @@ enum Command {
         /// Log line format on stderr.
         #[arg(long, value_enum, default_value_t = LogFormat::Plain, env = "WAYMARK_LOG_FORMAT")]
         log_format: LogFormat,
+        /// Discover pods, services and nodes from the Kubernetes API server
+        /// this kubeconfig points at (turns `[kubernetes]` on; in a cluster
+        /// set `kubernetes.enabled = true` instead, for in-cluster
+        /// credentials).
+        #[arg(long, env = "WAYMARK_KUBECONFIG")]
+        kubeconfig: Option<PathBuf>,
     },
     /// Inspect configuration files.
     #[command(subcommand)]
@@ -175,14 +181,24 @@ enum LogFormat {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Agent { config, log_format } => {
+        Command::Agent {
+            config,
+            log_format,
+            kubeconfig,
+        } => {
             let log = telemetry::init(matches!(log_format, LogFormat::Json));
             let loaded = match &config {
                 Some(path) => config::Config::from_file(path),
                 None => Ok(config::Config::embedded_default()),
             };
             let loaded = match loaded {
-                Ok(c) => c,
+                Ok(mut c) => {
+                    if let Some(k) = kubeconfig {
+                        c.kubernetes.enabled = true;
+                        c.kubernetes.kubeconfig = Some(k);
+                    }
+                    c
+                }
                 Err(e) => {
                     tracing::error!("{e}");
                     eprintln!("waymark: {e}");

@@ -3,7 +3,7 @@
 //! A new config must parse and validate, and its service table must build,
 //! before it replaces anything; otherwise the old one stays in force and the
 //! failure is logged and counted. The services, balancer, nodes and
-//! authorization sections take effect without a restart; other changes are
+//! authorization sections and the pods take effect without a restart; other changes are
 //! reported as needing one (the identity *files* are reloaded by
 //! `identity::manager` when they change). Open
 //! connections are untouched: HTTP requests pick up the new routes on
@@ -19,11 +19,13 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::discovery::{Discovery, ServiceTable};
+use crate::enrollment::Enrollment;
 use crate::proxy::inbound::authz::InboundAuthz;
 use crate::transport::http_pool::Pool;
 use crate::transport::upstream::Upstreams;
@@ -66,7 +68,13 @@ impl ReloadMetrics {
 pub type SharedConfig = Arc<RwLock<Arc<Config>>>;
 
 pub struct Reloader {
-    pub path: PathBuf,
+    /// The config file; `None` runs on the embedded default (no reload).
+    pub path: Option<PathBuf>,
+    /// The last good config of the file (or the embedded default): what
+    /// the cluster's picture is added to.
+    pub base: std::sync::Mutex<Config>,
+    /// The cluster's latest picture (Kubernetes discovery on).
+    pub cluster: std::sync::Mutex<Option<Arc<crate::kube::Update>>>,
     pub config: SharedConfig,
     pub discovery: Arc<Discovery>,
     pub pool: Arc<Pool>,
@@ -74,6 +82,10 @@ pub struct Reloader {
     pub upstreams: Arc<Upstreams>,
     /// The inbound authorization rules (mTLS on).
     pub authz: Option<Arc<InboundAuthz>>,
+    /// This node's pods, enrolled and removed to match the config.
+    pub enrollment: Arc<Enrollment>,
+    /// Told when the cluster's first picture is in force.
+    pub on_cluster_synced: Box<dyn Fn() + Send + Sync>,
     pub metrics: ReloadMetrics,
     /// Whether the tunnel's TLS secrets were wired to the capture key log at
     /// start (`capture.enabled` and `capture.keylog` then): only a restart
@@ -82,31 +94,50 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    /// Runs until `stop`: reloads on SIGHUP or a change of the file.
-    pub async fn run(self, stop: CancellationToken) {
+    /// Runs until `stop`: reloads on SIGHUP or a change of the file, and
+    /// applies every new picture of the cluster.
+    pub async fn run(
+        self,
+        mut cluster: Option<watch::Receiver<Option<Arc<crate::kube::Update>>>>,
+        stop: CancellationToken,
+    ) {
         let mut hup = match signal(SignalKind::hangup()) {
-            Ok(s) => s,
+            Ok(s) => Some(s),
             Err(e) => {
                 warn!(error = %e, "cannot handle SIGHUP; config reload on signal is off");
-                return;
+                None
             }
         };
-        let mut seen = modified(&self.path);
+        let mut seen = self.path.as_deref().and_then(modified);
         let mut tick = tokio::time::interval(POLL);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = hup.recv() => {
-                    info!(path = %self.path.display(), "SIGHUP: reloading config");
-                    seen = modified(&self.path);
+                Some(_) = async { hup.as_mut()?.recv().await } => {
+                    let Some(path) = &self.path else { continue };
+                    info!(path = %path.display(), "SIGHUP: reloading config");
+                    seen = modified(path);
                     self.reload();
                 }
                 _ = tick.tick() => {
-                    let now = modified(&self.path);
+                    let Some(path) = &self.path else { continue };
+                    let now = modified(path);
                     if now != seen {
                         seen = now;
-                        info!(path = %self.path.display(), "config file changed: reloading");
+                        info!(path = %path.display(), "config file changed: reloading");
                         self.reload();
+                    }
+                }
+                Some(update) = async {
+                    let rx = cluster.as_mut()?;
+                    rx.changed().await.ok()?;
+                    let u = rx.borrow_and_update().clone();
+                    Some(u)
+                } => {
+                    let Some(update) = update else { continue };
+                    let first = self.cluster.lock().unwrap_or_else(|e| e.into_inner()).replace(update).is_none();
+                    if self.apply("kubernetes") && first {
+                        (self.on_cluster_synced)();
                     }
                 }
             }
@@ -129,69 +160,135 @@ impl Reloader {
         capture
     }
 
-    /// One reload attempt; returns whether the new config is in force.
+    /// Reads the file again and applies it; returns whether the new config
+    /// is in force.
     pub fn reload(&self) -> bool {
-        let result = Config::from_file(&self.path)
+        let Some(path) = &self.path else {
+            return false;
+        };
+        match Config::from_file(path) {
+            Ok(new) => {
+                *self.base.lock().unwrap_or_else(|e| e.into_inner()) = new;
+                self.apply("file")
+            }
+            Err(e) => {
+                self.failed(&format!("{}: {e}", path.display()));
+                false
+            }
+        }
+    }
+
+    /// The file's config with the cluster's picture added: its services,
+    /// nodes and pods come after the file's (a name the file already uses
+    /// keeps the file's entry), and its workload table.
+    fn effective(&self) -> Config {
+        let mut c = self.base.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let cluster = self
+            .cluster
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some(u) = cluster else {
+            return c;
+        };
+        for s in &u.view.services {
+            if !c.services.iter().any(|f| f.name == s.name) {
+                c.services.push(s.clone());
+            }
+        }
+        for n in &u.view.nodes {
+            if !c.nodes.iter().any(|f| f.name == n.name) {
+                c.nodes.push(n.clone());
+            }
+        }
+        for p in &u.pods {
+            if !c.pods.iter().any(|f| f.name == p.name) {
+                c.pods.push(crate::config::PodConfig {
+                    name: p.name.clone(),
+                    netns: p.netns.clone(),
+                    ips: p.ips.clone(),
+                    identity: c.identity.as_ref().and(p.identity.clone()),
+                });
+            }
+        }
+        c.workloads = u.view.workloads.clone();
+        c
+    }
+
+    /// Puts the effective config in force (`source` says what changed);
+    /// returns whether it is.
+    fn apply(&self, source: &str) -> bool {
+        let new = self.effective();
+        let result = new
+            .validate(source)
             .map_err(|e| e.to_string())
-            .and_then(|new| {
+            .and_then(|()| {
                 let old = self.discovery.current();
-                let table = ServiceTable::build(
+                let mut table = ServiceTable::build(
                     &new.services_with_local_pods(),
                     new.balancer.to_balance(),
                     Some(&old),
                     Instant::now(),
                 )
                 .map_err(|e| e.to_string())?;
-                Ok((new, table))
+                table.add_workloads(new.workloads.iter().cloned());
+                Ok(table)
             });
-        match result {
-            Ok((new, table)) => {
-                let old = self
-                    .config
-                    .read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone();
-                for section in restart_needed(&old, &new) {
-                    warn!(
-                        section,
-                        "config change needs a restart to take effect; the running value stays"
-                    );
-                }
-                let services = table.len();
-                self.discovery.replace(table);
-                let current = self.discovery.current();
-                let keep: std::collections::HashSet<_> = current.endpoint_addrs().collect();
-                self.pool.retain(|a| keep.contains(a));
-                let mut merged = (*old).clone();
-                merged.capture = self.capture_section(&new);
-                merged.diagnostics = new.diagnostics;
-                crate::diagnostics::policy::apply(&merged.diagnostics);
-                merged.services = new.services;
-                merged.balancer = new.balancer;
-                merged.nodes = new.nodes;
-                merged.authorization = new.authorization;
-                self.upstreams.reload(&merged);
-                if let Some(a) = &self.authz {
-                    a.reload(&merged);
-                }
-                *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(merged);
-                self.metrics
-                    .reloads
-                    .get_or_create(&ResultLabels { result: "success" })
-                    .inc();
-                self.metrics.last_success.set(unix_now());
-                info!(services, "config reloaded");
-                true
-            }
+        let table = match result {
+            Ok(t) => t,
             Err(e) => {
-                self.metrics
-                    .reloads
-                    .get_or_create(&ResultLabels { result: "failure" })
-                    .inc();
-                error!(path = %self.path.display(), "config reload rejected; the previous config stays in force: {e}");
-                false
+                self.failed(&format!("{source}: {e}"));
+                return false;
             }
+        };
+        let old = self
+            .config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for section in restart_needed(&old, &new) {
+            warn!(
+                section,
+                "config change needs a restart to take effect; the running value stays"
+            );
         }
+        let services = table.len();
+        let workloads = table.workload_count();
+        self.discovery.replace(table);
+        let current = self.discovery.current();
+        let keep: std::collections::HashSet<_> = current.endpoint_addrs().collect();
+        self.pool.retain(|a| keep.contains(a));
+        let mut merged = (*old).clone();
+        merged.capture = self.capture_section(&new);
+        merged.diagnostics = new.diagnostics;
+        crate::diagnostics::policy::apply(&merged.diagnostics);
+        merged.services = new.services;
+        merged.balancer = new.balancer;
+        merged.nodes = new.nodes;
+        merged.authorization = new.authorization;
+        merged.pods = new.pods;
+        merged.workloads = new.workloads;
+        self.upstreams.reload(&merged);
+        if let Some(a) = &self.authz {
+            a.reload(&merged);
+        }
+        let not_enrolled = self.enrollment.sync(&merged.pod_specs()).len();
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(merged);
+        self.metrics
+            .reloads
+            .get_or_create(&ResultLabels { result: "success" })
+            .inc();
+        self.metrics.last_success.set(unix_now());
+        info!(source, services, workloads, not_enrolled, "config reloaded");
+        true
+    }
+
+    fn failed(&self, e: &str) {
+        self.metrics
+            .reloads
+            .get_or_create(&ResultLabels { result: "failure" })
+            .inc();
+        error!("config reload rejected; the previous config stays in force: {e}");
     }
 }
 
@@ -209,9 +306,6 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     }
     if old.redirect != new.redirect {
         v.push("redirect");
-    }
-    if old.pods != new.pods {
-        v.push("pods");
     }
     if old.runtime != new.runtime {
         v.push("runtime");

@@ -8,7 +8,7 @@
 //! table for endpoints that stay, so a reload does not reset the balancer.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -87,6 +87,19 @@ pub struct ServiceTable {
     /// Names of the services each endpoint address serves (inbound
     /// authorization asks which services a target belongs to).
     by_endpoint: HashMap<SocketAddr, Vec<String>>,
+    /// Meshed workloads by address, whatever port is dialled: a pod that
+    /// dials another meshed pod's IP directly (not through a service) goes
+    /// through the tunnel to that pod's node like service traffic.
+    workloads: HashMap<IpAddr, Arc<Workload>>,
+}
+
+/// A meshed pod as the data path needs it to dial it by address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    pub node: String,
+    /// `namespace/name`, when known.
+    pub pod: Option<String>,
+    pub identity: Option<String>,
 }
 
 impl ServiceTable {
@@ -105,6 +118,15 @@ impl ServiceTable {
                 table.by_addr.insert(*addr, service.clone());
             }
             for ep in &svc.endpoints {
+                if let Some(node) = &ep.node {
+                    table.workloads.entry(ep.addr.ip()).or_insert_with(|| {
+                        Arc::new(Workload {
+                            node: node.clone(),
+                            pod: ep.pod.clone(),
+                            identity: ep.identity.clone(),
+                        })
+                    });
+                }
                 let names = table.by_endpoint.entry(ep.addr).or_default();
                 if !names.contains(&svc.name) {
                     names.push(svc.name.clone());
@@ -118,6 +140,24 @@ impl ServiceTable {
     /// The service whose address a pod dialled.
     pub fn by_addr(&self, addr: &SocketAddr) -> Option<&Arc<Service>> {
         self.by_addr.get(addr)
+    }
+
+    /// Adds workloads the services do not name (every meshed pod of a
+    /// cluster); an address a service endpoint already names keeps that.
+    pub fn add_workloads(&mut self, workloads: impl IntoIterator<Item = (IpAddr, Workload)>) {
+        for (ip, w) in workloads {
+            self.workloads.entry(ip).or_insert_with(|| Arc::new(w));
+        }
+    }
+
+    /// The meshed workload at `ip`, if any.
+    pub fn workload(&self, ip: &IpAddr) -> Option<&Arc<Workload>> {
+        self.workloads.get(ip)
+    }
+
+    /// How many workload addresses the table knows.
+    pub fn workload_count(&self) -> usize {
+        self.workloads.len()
     }
 
     pub fn by_name(&self, name: &str) -> Option<&Arc<Service>> {

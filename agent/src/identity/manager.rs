@@ -56,7 +56,9 @@ pub struct IdentityManager {
     lifetime: Duration,
     issuer: RwLock<Arc<Issuer>>,
     store: Arc<CertStore>,
-    identities: Vec<SpiffeId>,
+    /// The local identities whose leaves are kept fresh; grows as pods are
+    /// enrolled.
+    identities: RwLock<Vec<SpiffeId>>,
     stamp: Mutex<Stamp>,
     listeners: Mutex<Vec<BundleListener>>,
     metrics: IdentityMetrics,
@@ -108,11 +110,32 @@ impl IdentityManager {
             lifetime: config.leaf_lifetime,
             issuer: RwLock::new(Arc::new(issuer)),
             store,
-            identities,
+            identities: RwLock::new(identities),
             stamp: Mutex::new(stamp),
             listeners: Mutex::default(),
             metrics,
         }))
+    }
+
+    /// Mints a leaf for `id` unless it has one, and keeps it fresh from
+    /// then on: a pod enrolled while the agent runs gets its certificate
+    /// before its first connection.
+    pub fn ensure(&self, id: &SpiffeId) -> Result<(), super::StoreError> {
+        if self
+            .identities
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(id)
+        {
+            return Ok(());
+        }
+        let leaf = self.store.rotate(&self.issuer(), id)?;
+        info!(identity = %id, serial = %leaf.leaf.serial, not_after = %humantime::format_rfc3339_seconds(leaf.leaf.not_after), "certificate issued");
+        let mut ids = self.identities.write().unwrap_or_else(|e| e.into_inner());
+        if !ids.contains(id) {
+            ids.push(id.clone());
+        }
+        Ok(())
     }
 
     pub fn store(&self) -> Arc<CertStore> {
@@ -147,6 +170,8 @@ impl IdentityManager {
     /// Identities whose leaf is missing or expired (the `/ready` check).
     pub fn unusable(&self, now: SystemTime) -> Vec<SpiffeId> {
         self.identities
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
             .iter()
             .filter(|id| {
                 self.store
@@ -201,7 +226,12 @@ impl IdentityManager {
         let issuer = self.issuer();
         // Missing (a first mint failed) and due leaves; all of them after an
         // issuer change.
-        for id in &self.identities {
+        let identities = self
+            .identities
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for id in &identities {
             if !reloaded && !self.store.needs_rotation(id, now) {
                 continue;
             }

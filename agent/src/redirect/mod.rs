@@ -3,7 +3,9 @@
 //! The eBPF programs (crate `waymark-ebpf`, embedded at build time) attach to
 //! the cgroup v2 directory that holds the node's pods:
 //!
-//! 1. `connect4`/`connect6` rewrite a pod's TCP `connect()` to the agent's
+//! 1. `connect4`/`connect6` rewrite an enrolled pod's TCP `connect()` (the
+//!    pod's netns cookie is in the `ENROLLED` map, see [`Redirect::enroll`];
+//!    every other netns under the cgroup is left alone) to the agent's
 //!    listener bound *inside the pod's netns* on `127.0.0.1:PORT` /
 //!    `[::1]:PORT` and record the destination the pod asked for, keyed by
 //!    socket cookie. Loopback (`127.0.0.0/8`, `::1`, v4-mapped loopback),
@@ -26,9 +28,9 @@
 //!
 //! Lifetime: the programs stay attached while this process holds the
 //! [`Redirect`] (the kernel links are not pinned). If the agent exits, pods'
-//! connections go direct again (fail open); while attached but with no
-//! listener in a pod, the pod's connects are refused at once rather than
-//! hanging.
+//! connections go direct again (fail open). A pod is enrolled only once its
+//! listener is bound, so an enrolled pod's connects never wait on a
+//! listener that is not there.
 
 mod error;
 mod maps;
@@ -84,6 +86,7 @@ const MAP_EXCLUDE_V4: &str = "EXCLUDE_V4";
 const MAP_EXCLUDE_V6: &str = "EXCLUDE_V6";
 const MAP_SETTINGS: &str = "SETTINGS";
 const MAP_STRICT_PODS: &str = "STRICT_PODS";
+const MAP_ENROLLED: &str = "ENROLLED";
 const MAP_ALLOW_V4: &str = "INBOUND_ALLOW_V4";
 const MAP_ALLOW_V6: &str = "INBOUND_ALLOW_V6";
 
@@ -369,6 +372,42 @@ impl Redirect {
             .expect("insert a flow entry");
     }
 
+    /// Enrolls a pod: from now on the kernel redirects the outbound TCP of
+    /// sockets in the network namespace with this cookie. Only enrolled
+    /// netns are redirected, so a cgroup that also holds hostNetwork pods,
+    /// the agent's own pod or pods not yet set up can be attached whole.
+    /// Enroll a pod only once its listener is bound, or its connections
+    /// are refused.
+    pub fn enroll(&mut self, netns_cookie: u64) -> Result<(), RedirectError> {
+        let mut map = HashMap::<_, u64, u8>::try_from(map_mut(&mut self.ebpf, MAP_ENROLLED)?)
+            .map_err(map_error(MAP_ENROLLED, "open"))?;
+        map.insert(netns_cookie, 1, 0)
+            .map_err(map_error(MAP_ENROLLED, "insert"))
+    }
+
+    /// Stops redirecting a pod's new connections (it was deleted, or left
+    /// the mesh); connections already redirected carry on. Unknown cookies
+    /// are not an error.
+    pub fn unenroll(&mut self, netns_cookie: u64) -> Result<(), RedirectError> {
+        let mut map = HashMap::<_, u64, u8>::try_from(map_mut(&mut self.ebpf, MAP_ENROLLED)?)
+            .map_err(map_error(MAP_ENROLLED, "open"))?;
+        match map.remove(&netns_cookie) {
+            Err(e) if !is_not_found(&e) => Err(map_error(MAP_ENROLLED, "remove")(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// The netns cookies of the enrolled pods, as the kernel holds them.
+    pub fn enrolled(&self) -> Vec<u64> {
+        let Some(map) = self.ebpf.map(MAP_ENROLLED) else {
+            return Vec::new();
+        };
+        let Ok(map) = HashMap::<_, u64, u8>::try_from(map) else {
+            return Vec::new();
+        };
+        map.keys().filter_map(Result::ok).collect()
+    }
+
     /// Puts pods under strict inbound (`inbound.mode = "strict"`): a new
     /// TCP connection to a pod whose netns cookie is in `pods` is let in
     /// only from `allow` (this node's addresses and pods, loopback); from
@@ -405,12 +444,24 @@ impl Redirect {
                 .insert(cookie, 0, 0)
                 .map_err(map_error(MAP_STRICT_PODS, "insert"))?;
         }
-        tracing::info!(
+        tracing::debug!(
             pods = pods.len(),
             allowed_sources = allow.len(),
             "strict inbound: pods accept new connections only from this node and through the tunnel"
         );
         Ok(())
+    }
+
+    /// Takes a pod out of strict inbound (it was removed). Unknown cookies
+    /// are not an error.
+    pub fn unset_strict(&mut self, netns_cookie: u64) -> Result<(), RedirectError> {
+        let mut strict =
+            HashMap::<_, u64, u64>::try_from(map_mut(&mut self.ebpf, MAP_STRICT_PODS)?)
+                .map_err(map_error(MAP_STRICT_PODS, "open"))?;
+        match strict.remove(&netns_cookie) {
+            Err(e) if !is_not_found(&e) => Err(map_error(MAP_STRICT_PODS, "remove")(e)),
+            _ => Ok(()),
+        }
     }
 
     /// Connection attempts refused by strict inbound, by pod netns cookie.
@@ -514,6 +565,15 @@ fn sock_ops_program(ebpf: &mut Ebpf) -> Result<&mut SockOps, RedirectError> {
     program(ebpf, SOCK_OPS)?
         .try_into()
         .map_err(program_error(SOCK_OPS))
+}
+
+/// A delete of a key the map does not hold (`ENOENT`).
+fn is_not_found(e: &aya::maps::MapError) -> bool {
+    match e {
+        aya::maps::MapError::KeyNotFound => true,
+        aya::maps::MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
 }
 
 fn map_mut<'a>(

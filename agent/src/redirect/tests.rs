@@ -73,6 +73,15 @@ fn redirects_pod_tcp_to_in_pod_listener() {
         redirect: &redirect,
         world: &world,
     };
+    // Attached, but the pod is not enrolled: its connects go direct.
+    t.not_redirected_tcp("10.99.0.2:81");
+    let cookie = netns_cookie(world.listener(Listener::V4).as_fd()).unwrap();
+    redirect.enroll(cookie).expect("enroll the pod");
+    assert_eq!(redirect.enrolled(), vec![cookie]);
+    let t = Agent {
+        redirect: &redirect,
+        world: &world,
+    };
     // Redirected, with the original destination recovered on both sides.
     t.redirected("10.99.0.1:80", Listener::V4, "10.99.0.1:80");
     t.redirected("[fd00:99::1]:443", Listener::V6, "[fd00:99::1]:443");
@@ -101,6 +110,18 @@ fn redirects_pod_tcp_to_in_pod_listener() {
 
     t.eventually_empty();
     stale_flow_entry_is_never_used(&mut redirect, &world);
+    // Unenrolled (the pod was deleted or left the mesh): direct again.
+    redirect.unenroll(cookie).expect("unenroll the pod");
+    redirect
+        .unenroll(cookie)
+        .expect("unenrolling twice is no error");
+    assert!(redirect.enrolled().is_empty());
+    let t = Agent {
+        redirect: &redirect,
+        world: &world,
+    };
+    t.not_redirected_tcp("10.99.0.2:81");
+    redirect.enroll(cookie).expect("enroll the pod again");
     redirect.detach();
     redirect.detach(); // idempotent
     assert!(!redirect.is_attached());

@@ -68,6 +68,9 @@ pub struct RedirectSettings {
 
 /// Pods under strict inbound (`inbound.mode = "strict"`), by netns cookie.
 pub const MAX_STRICT_PODS: u32 = 4096;
+/// Pods whose outbound TCP the kernel redirects, by netns cookie (the
+/// enrolled pods of one node).
+pub const MAX_ENROLLED_PODS: u32 = 4096;
 /// Source networks a strict pod accepts new TCP connections from (this
 /// node's addresses and pods, loopback), per address family.
 pub const MAX_INBOUND_ALLOW: u32 = 1024;

@@ -10,12 +10,18 @@
 //! know where it was going.
 
 use aya_ebpf::{
-    EbpfContext, bindings::BPF_ANY, helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr,
+    EbpfContext,
+    bindings::BPF_ANY,
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 use waymark_common::{FAMILY_V4, FAMILY_V6, SockAddr};
 
-use crate::{addr::*, maps::ORIGINAL_DST_BY_COOKIE};
+use crate::{
+    addr::*,
+    maps::{ENROLLED, ORIGINAL_DST_BY_COOKIE},
+};
 
 /// connect hooks: 1 lets the `connect()` proceed (0 would fail it with EPERM).
 const ALLOW: i32 = 1;
@@ -41,7 +47,7 @@ pub fn wm_connect6(ctx: SockAddrContext) -> i32 {
 
 fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i64> {
     let sa = ctx.sock_addr;
-    if !is_tcp(sa) {
+    if !is_tcp(sa) || !is_enrolled(ctx) {
         return Ok(ALLOW);
     }
     // SAFETY: `sa` is the context pointer the kernel passed in; the verifier
@@ -67,7 +73,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i64> {
 
 fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i64> {
     let sa = ctx.sock_addr;
-    if !is_tcp(sa) {
+    if !is_tcp(sa) || !is_enrolled(ctx) {
         return Ok(ALLOW);
     }
     let ip = read_user_ip6(sa);
@@ -98,6 +104,15 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i64> {
     // SAFETY: context field write, allowed in connect6.
     unsafe { (*sa).user_port = port_to_user(target) };
     Ok(ALLOW)
+}
+
+/// Whether the socket's network namespace belongs to an enrolled pod.
+fn is_enrolled(ctx: &SockAddrContext) -> bool {
+    // SAFETY: the helper only reads the netns of the socket behind the
+    // context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is only tested for presence, never read.
+    unsafe { ENROLLED.get(&netns).is_some() }
 }
 
 fn record(ctx: &SockAddrContext, original: &SockAddr) -> Result<(), i64> {

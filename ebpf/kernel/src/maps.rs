@@ -6,9 +6,18 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap},
 };
 use waymark_common::{
-    ExcludePorts, FlowKey, MAX_EXCLUDES, MAX_INBOUND_ALLOW, MAX_ORIGINAL_DST_BY_COOKIE,
-    MAX_ORIGINAL_DST_BY_FLOW, MAX_STRICT_PODS, RedirectSettings, SockAddr,
+    ExcludePorts, FlowKey, MAX_ENROLLED_PODS, MAX_EXCLUDES, MAX_INBOUND_ALLOW,
+    MAX_ORIGINAL_DST_BY_COOKIE, MAX_ORIGINAL_DST_BY_FLOW, MAX_STRICT_PODS, RedirectSettings,
+    SockAddr,
 };
+
+/// The pods whose outbound TCP is redirected, by network-namespace cookie
+/// (the value is unused). A socket in any other netns under the attached
+/// cgroup (a hostNetwork pod, the agent's own pod, a pod not enrolled yet)
+/// connects directly: attaching to a whole cgroup of pods must not send
+/// everyone to a listener that exists only in enrolled pods.
+#[map(name = "ENROLLED")]
+pub static ENROLLED: HashMap<u64, u8> = HashMap::with_max_entries(MAX_ENROLLED_PODS, 0);
 
 /// Pods under strict inbound, by network-namespace cookie; the value counts
 /// the connection attempts refused there. Empty unless `inbound.mode =

@@ -85,6 +85,26 @@ impl Pod {
         Ok(child)
     }
 
+    /// Starts the pod's sandbox as Kubernetes would name it: a `sleep`
+    /// in the pod's netns, in a child cgroup `pod<uid>` of the pod's cgroup
+    /// (the kubelet's cgroup paths carry the pod's UID, which is how the
+    /// agent finds a pod's network namespace). The world kills it at
+    /// shutdown and removes the cgroup with the pod's.
+    pub fn start_sandbox(&self, uid: &str) -> Result<Child> {
+        let cgroup = self.cgroup.join(format!("pod{uid}"));
+        std::fs::create_dir_all(&cgroup)?;
+        let child = spawn_placed(
+            Command::new("sleep").arg("infinity").stdin(Stdio::null()),
+            &Placement {
+                netns: &self.netns_path(),
+                cgroup: Some(&cgroup),
+                new_session: false,
+            },
+        )?;
+        self.shared.tracker.track(child.id() as i32);
+        Ok(child)
+    }
+
     /// Runs `cmd` in the pod to completion (stdin closed, output collected),
     /// killing it after [`DEFAULT_RUN_TIMEOUT`]. Any exit status is Ok.
     pub fn run(&self, cmd: &mut Command) -> Result<Output> {

@@ -256,6 +256,43 @@ impl KernelDiag {
         Ok(())
     }
 
+    /// Names one more pod's network namespace (a pod enrolled while the
+    /// agent runs). A pod that had a slot before (same name: re-created, or
+    /// its netns found again) keeps it, so its series continue; otherwise it
+    /// gets the next free slot.
+    pub fn add_pod(&self, pod: &PodNetns) -> Result<(), KernelDiagError> {
+        let mut labels = self.labels.write().unwrap_or_else(|e| e.into_inner());
+        let slot = match labels.iter().skip(1).position(|l| *l == pod.name) {
+            Some(i) => i as u32 + 1,
+            None if labels.len() >= MAX_POD_SLOTS as usize => {
+                return Err(KernelDiagError::TooManyPods {
+                    count: labels.len(),
+                    max: MAX_POD_SLOTS - 1,
+                });
+            }
+            None => {
+                labels.push(pod.name.clone());
+                labels.len() as u32 - 1
+            }
+        };
+        self.pod_slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(pod.netns_cookie, slot, 0)
+            .map_err(map_error("POD_SLOTS", "insert"))
+    }
+
+    /// Forgets a pod's network namespace (the pod is gone): what the kernel
+    /// counts there from now on is not attributed to it. Its slot and label
+    /// stay, so its counters read the same until the agent restarts.
+    pub fn remove_pod(&self, netns_cookie: u64) {
+        let _ = self
+            .pod_slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&netns_cookie);
+    }
+
     /// Attaches the tracepoints, and the traffic counters to `cgroup` (the
     /// pods' cgroup) when there is one. What fails to attach is logged and
     /// reported; the rest runs.

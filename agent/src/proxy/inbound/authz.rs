@@ -162,11 +162,11 @@ impl InboundAuthz {
         })
     }
 
-    /// Takes the rules of a reloaded config (pods need a restart).
+    /// Takes the rules and this node's pods of a reloaded config (pods
+    /// come and go with discovery).
     pub fn reload(&self, config: &Config) {
-        let mut next = Policy::from_config(config);
+        let next = Policy::from_config(config);
         let mut cur = self.policy.write().unwrap_or_else(|e| e.into_inner());
-        next.pods = cur.pods.clone();
         *cur = Arc::new(next);
         drop(cur);
         self.generation.fetch_add(1, Ordering::Release);

@@ -394,7 +394,10 @@ impl Outbound {
     ) -> (Close, Option<String>) {
         let table = self.discovery.current();
         let Some(service) = table.by_addr(&conn.dst).cloned() else {
-            let path = self.upstreams.path(conn.pod.identity.as_ref(), None);
+            // Not a service: a meshed pod dialled by address still goes
+            // through its node's tunnel (and its authorization).
+            let node = table.workload(&conn.dst.ip()).map(|w| w.node.as_str());
+            let path = self.upstreams.path(conn.pod.identity.as_ref(), node);
             let o = opened.insert(self.open(conn, path.tls()));
             return self
                 .opaque(client, conn, &path, conn.dst, &o.labels, transferred)

@@ -1,0 +1,334 @@
+//! Agents that know the cluster only from the API server: no `[[pods]]`,
+//! `[[services]]` or `[[nodes]]` in their config. The stand-in API server
+//! (`tests/apiserver`) runs in node 0's network namespace; the test writes
+//! namespaces, nodes, pods (each with a sandbox process in a `pod<uid>`
+//! cgroup, as the kubelet makes them), a Service and its EndpointSlice, and
+//! the agents discover the rest: which pods to enroll and where their
+//! network namespaces are, the service's endpoints, the other node's
+//! tunnel, and the workload table for pods dialled by address.
+
+// Children spawned through a world are reaped by the world when it shuts down.
+#![allow(clippy::zombie_processes)]
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use serde_json::{Value, json};
+use waymark_apiserver::ApiServer;
+use waymark_tests::world::agent::TRUST_DOMAIN;
+use waymark_tests::{
+    DEFAULT_PATIENCE, Pod, Server, World, curl, eventually, metric, python, require_agent_or_skip,
+    with_world, world_name,
+};
+
+const APP: &str = r#"
+import http.server, socketserver, sys
+name, port = sys.argv[1], int(sys.argv[2])
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a):
+        pass
+    def do_GET(self):
+        body = ("%s\n" % name).encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+class S(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+srv = S(("0.0.0.0", port), H)
+print("listening", "0.0.0.0:%d" % port, flush=True)
+srv.serve_forever()
+"#;
+
+const VIP: &str = "10.96.0.20";
+const APP_PORT: u16 = 8080;
+const API_PORT: u16 = 6443;
+
+fn app(pod: &Pod, name: &str) -> Result<Server> {
+    pod.serve(python().args(["-u", "-c", APP, name, &APP_PORT.to_string()]))
+}
+
+/// The stand-in API server, listening on node 0's fabric address inside
+/// node 0's network namespace (both agents reach it there).
+struct Cluster {
+    api: ApiServer,
+    // Declared last: the server's tasks stop before the runtime goes.
+    _rt: tokio::runtime::Runtime,
+}
+
+impl Cluster {
+    fn start(world: &World) -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let netns = world.node(0).netns_path();
+        let addr = std::net::SocketAddr::new(world.node(0).fabric_ip().into(), API_PORT);
+        let api = rt.block_on(ApiServer::start_with(move || {
+            waymark_tests::world::net::in_netns(&netns, || std::net::TcpListener::bind(addr))
+                .map_err(std::io::Error::other)?
+        }))?;
+        Ok(Self { api, _rt: rt })
+    }
+
+    fn create(&self, obj: Value) -> Result<Value> {
+        self.api
+            .create(obj.clone())
+            .map_err(|e| anyhow::anyhow!("creating {obj}: {e:?}"))
+    }
+
+    fn apply(&self, obj: Value) -> Result<Value> {
+        self.api
+            .apply(obj.clone())
+            .map_err(|e| anyhow::anyhow!("applying {obj}: {e:?}"))
+    }
+
+    /// A pod on `pod`'s node with its address, and its sandbox started in
+    /// a cgroup named after the UID the server gave it.
+    fn pod(&self, pod: &Pod, ns: &str, name: &str, sa: &str, annotations: Value) -> Result<()> {
+        let created = self.create(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": ns, "annotations": annotations},
+            "spec": {
+                "nodeName": format!("node{}", pod.node_index()),
+                "serviceAccountName": sa,
+                "containers": [{"name": "app", "image": "app"}]
+            },
+            "status": {
+                "phase": "Running",
+                "podIP": pod.ip().to_string(),
+                "podIPs": [{"ip": pod.ip().to_string()}]
+            }
+        }))?;
+        let uid = created["metadata"]["uid"]
+            .as_str()
+            .context("the server gave the pod no uid")?;
+        pod.start_sandbox(uid)?;
+        Ok(())
+    }
+
+    fn slice(&self, endpoints: &[(&Pod, &str)]) -> Result<()> {
+        let eps: Vec<Value> = endpoints
+            .iter()
+            .map(|(pod, name)| {
+                json!({
+                    "addresses": [pod.ip().to_string()],
+                    "conditions": {"ready": true},
+                    "nodeName": format!("node{}", pod.node_index()),
+                    "zone": format!("zone-{}", pod.node_index()),
+                    "targetRef": {"kind": "Pod", "namespace": "shop", "name": name}
+                })
+            })
+            .collect();
+        self.apply(json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "web-abc", "namespace": "shop",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": APP_PORT, "protocol": "TCP"}],
+            "endpoints": eps
+        }))?;
+        Ok(())
+    }
+}
+
+/// Who answered `n` requests to `url` from `pod` (failures count as "").
+fn answers(pod: &Pod, url: &str, n: usize) -> Result<BTreeMap<String, usize>> {
+    let mut seen = BTreeMap::new();
+    for _ in 0..n {
+        let (code, body) = curl(pod, url, &[])?;
+        let who = if code == 200 {
+            body.trim().to_string()
+        } else {
+            format!("HTTP {code}")
+        };
+        *seen.entry(who).or_default() += 1;
+    }
+    Ok(seen)
+}
+
+/// Node 0's endpoints of `service`: "addr node pod zone identity" each.
+fn endpoints(world: &World, service: &str) -> Result<Vec<String>> {
+    let (code, body) = world.node(0).admin_get("/endpoints")?;
+    ensure!(code == 200, "GET /endpoints: {code} {body}");
+    let report: Value = serde_json::from_str(&body)?;
+    let Some(svc) = report["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["service"] == service)
+    else {
+        return Ok(Vec::new());
+    };
+    Ok(svc["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            ["addr", "node", "pod", "zone", "identity"]
+                .map(|k| e[k].as_str().unwrap_or("-").to_string())
+                .join(" ")
+        })
+        .collect())
+}
+
+/// Tunnel streams node 1 authorized for `source` (any service).
+fn authorized(world: &World, source: &str) -> Result<f64> {
+    metric(
+        world.node(1),
+        "waymark_inbound_authz_decisions_total",
+        &[("decision", "allow"), ("source_identity", source)],
+    )
+}
+
+#[test]
+fn agents_discover_pods_services_and_nodes_from_the_api_server() {
+    require_agent_or_skip!();
+    let builder = World::builder(world_name!())
+        .nodes(2)
+        .pods_per_node(2)
+        .mtls(true)
+        .agent(false);
+    with_world(builder, |world| {
+        let cluster = Cluster::start(world)?;
+        let kubeconfig = world.dir().join("kubeconfig");
+        std::fs::write(&kubeconfig, cluster.api.kubeconfig())?;
+        for (name, label) in [
+            ("shop", json!({"waymark.dev/mesh": "enabled"})),
+            ("plain", json!({})),
+        ] {
+            cluster.create(json!({"apiVersion": "v1", "kind": "Namespace",
+                "metadata": {"name": name, "labels": label}}))?;
+        }
+        for node in world.nodes() {
+            cluster.create(json!({"apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": node.name()},
+                "status": {"addresses": [{"type": "InternalIP", "address": node.fabric_ip().to_string()}]}}))?;
+        }
+        let (client, other) = (world.pod(0, 0), world.pod(0, 1));
+        let (web0, web1) = (world.pod(1, 0), world.pod(1, 1));
+        cluster.pod(client, "shop", "client", "client", json!({}))?;
+        cluster.pod(other, "plain", "other", "default", json!({}))?;
+        cluster.pod(web0, "shop", "web-0", "web", json!({}))?;
+        cluster.pod(web1, "shop", "web-1", "web", json!({}))?;
+        cluster.create(json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"clusterIP": VIP, "clusterIPs": [VIP],
+                     "ports": [{"name": "http", "port": 80, "targetPort": APP_PORT, "protocol": "TCP"}]}}))?;
+        cluster.slice(&[(web0, "web-0"), (web1, "web-1")])?;
+
+        // Agents with nothing of the cluster in their config.
+        for node in world.nodes() {
+            node.update_config(|cfg| {
+                for section in ["pods", "services", "nodes"] {
+                    cfg.remove(section);
+                }
+                let mut k = toml::Table::new();
+                k.insert("enabled".into(), true.into());
+                k.insert("kubeconfig".into(), kubeconfig.display().to_string().into());
+                k.insert("netns_retry".into(), "200ms".into());
+                cfg.insert("kubernetes".into(), k.into());
+            })?;
+            node.start_agent()?;
+        }
+        let _apps = [app(web0, "web-0")?, app(web1, "web-1")?];
+        let url = format!("http://{VIP}/");
+        let client_id = format!("spiffe://{TRUST_DOMAIN}/ns/shop/sa/client");
+
+        // The service, as node 0's balancer has it: both pods, on node 1,
+        // in its zone, with the identity of their service account.
+        let web_id = format!("spiffe://{TRUST_DOMAIN}/ns/shop/sa/web");
+        eventually(DEFAULT_PATIENCE, || {
+            let eps = endpoints(world, "web.shop:80")?;
+            let want = vec![
+                format!("{}:{APP_PORT} node1 shop/web-0 zone-1 {web_id}", web0.ip()),
+                format!("{}:{APP_PORT} node1 shop/web-1 zone-1 {web_id}", web1.ip()),
+            ];
+            ensure!(eps == want, "{eps:?}");
+            Ok(())
+        })?;
+        // The ClusterIP answers, through the tunnel, as the client's
+        // service account.
+        eventually(DEFAULT_PATIENCE, || {
+            let seen = answers(client, &url, 10)?;
+            ensure!(
+                seen.iter().all(|(who, _)| who.starts_with("web-")),
+                "{seen:?}"
+            );
+            Ok(())
+        })?;
+        // HTTP requests share pooled tunnel streams: at least one stream,
+        // authorized as the client's identity.
+        let through_tunnel = authorized(world, &client_id)?;
+        ensure!(
+            through_tunnel >= 1.0,
+            "node 1 authorized no stream of {client_id}"
+        );
+
+        // Scaled down: the removed endpoint gets nothing once the change
+        // is in (the agents apply it within a second or so).
+        cluster.slice(&[(web0, "web-0")])?;
+        eventually(Duration::from_secs(5), || {
+            let eps = endpoints(world, "web.shop:80")?;
+            ensure!(eps.len() == 1 && eps[0].contains("shop/web-0"), "{eps:?}");
+            Ok(())
+        })?;
+        let seen = answers(client, &url, 30)?;
+        ensure!(
+            seen.get("web-0") == Some(&30),
+            "after the scale-down: {seen:?}"
+        );
+
+        // A meshed pod dialled by address (no service) goes through the
+        // tunnel too.
+        let before = authorized(world, &client_id)?;
+        let (code, body) = curl(client, &format!("http://{}:{APP_PORT}/", web1.ip()), &[])?;
+        ensure!(code == 200 && body.trim() == "web-1", "{code} {body}");
+        let after = authorized(world, &client_id)?;
+        ensure!(
+            after == before + 1.0,
+            "direct pod-IP request: {before} -> {after} authorized streams"
+        );
+
+        // The pod outside the mesh is not enrolled: its connections go
+        // direct (the ClusterIP, which only the agent knows, does not
+        // answer; the pod's address does, without the tunnel).
+        let (code, _) = curl(other, &format!("http://{}:{APP_PORT}/", web1.ip()), &[])?;
+        ensure!(code == 200, "direct from the pod outside the mesh: {code}");
+        let out = other.run(std::process::Command::new("curl").args([
+            "-sS",
+            "--connect-timeout",
+            "1",
+            &url,
+        ]))?;
+        ensure!(
+            !out.status.success(),
+            "the ClusterIP answered a pod outside the mesh: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let log = world.node(0).agent_log();
+        ensure!(
+            log.contains("pod enrolled") && log.contains("shop/client"),
+            "{log}"
+        );
+        ensure!(
+            !log.contains("plain/other"),
+            "the pod outside the mesh was enrolled: {log}"
+        );
+
+        // The local pod was named by discovery in the agent's metrics.
+        let by_pod = metric(
+            world.node(0),
+            "tcp_open_total",
+            &[("direction", "outbound"), ("pod", "shop/client")],
+        )?;
+        ensure!(
+            by_pod > 0.0,
+            "no outbound connections counted for shop/client"
+        );
+        Ok(())
+    });
+}
