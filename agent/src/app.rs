@@ -303,6 +303,24 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         .enabled
         .then(|| crate::kube::Status::new(&mut metrics.registry));
     let registry = Arc::new(std::mem::take(&mut metrics.registry));
+    let stop_reload = CancellationToken::new();
+    let cluster = match &kube_status {
+        Some(status) => {
+            readiness.unset(READY_DISCOVERY);
+            let client = crate::kube::client(&config.kubernetes).await?;
+            info!(kubeconfig = ?config.kubernetes.kubeconfig, "Kubernetes discovery on: waiting for the first full list of every watch");
+            Some(crate::kube::start(
+                client,
+                config.node.name.clone(),
+                config.identity.as_ref().map(|i| i.trust_domain.clone()),
+                config.kubernetes.clone(),
+                status.clone(),
+                stop_reload.clone(),
+            ))
+        }
+        None => None,
+    };
+
     let check_redirect = redirect.clone();
     let admin = AdminServer::start(
         config.admin.listen,
@@ -336,6 +354,15 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
             tap: tap.clone(),
             peer_probe: crate::admin::peers::PeerProbe {
                 upstreams: upstreams.clone(),
+            },
+            kubernetes: {
+                let status = kube_status.clone();
+                let latest = cluster.clone();
+                Box::new(move || {
+                    let status = status.as_deref()?;
+                    let latest = latest.as_ref().and_then(|rx| rx.borrow().clone());
+                    Some(crate::kube::report(status, latest.as_deref()))
+                })
             },
         },
     )?;
@@ -433,23 +460,6 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         return Err(e).context("cannot enroll the pods of the config file");
     }
     readiness.set(READY_LISTENERS);
-    let stop_reload = CancellationToken::new();
-    let cluster = match &kube_status {
-        Some(status) => {
-            readiness.unset(READY_DISCOVERY);
-            let client = crate::kube::client(&config.kubernetes).await?;
-            info!(kubeconfig = ?config.kubernetes.kubeconfig, "Kubernetes discovery on: waiting for the first full list of every watch");
-            Some(crate::kube::start(
-                client,
-                config.node.name.clone(),
-                config.identity.as_ref().map(|i| i.trust_domain.clone()),
-                config.kubernetes.clone(),
-                status.clone(),
-                stop_reload.clone(),
-            ))
-        }
-        None => None,
-    };
     let reloader = Reloader {
         path,
         base: std::sync::Mutex::new((*config).clone()),

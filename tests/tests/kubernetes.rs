@@ -19,7 +19,7 @@ use waymark_apiserver::ApiServer;
 use waymark_tests::world::agent::TRUST_DOMAIN;
 use waymark_tests::{
     DEFAULT_PATIENCE, Pod, Server, World, curl, eventually, metric, python, require_agent_or_skip,
-    with_world, world_name,
+    waymark, with_world, world_name,
 };
 
 const APP: &str = r#"
@@ -56,7 +56,7 @@ fn app(pod: &Pod, name: &str) -> Result<Server> {
 struct Cluster {
     api: ApiServer,
     // Declared last: the server's tasks stop before the runtime goes.
-    _rt: tokio::runtime::Runtime,
+    rt: tokio::runtime::Runtime,
 }
 
 impl Cluster {
@@ -71,7 +71,7 @@ impl Cluster {
             waymark_tests::world::net::in_netns(&netns, || std::net::TcpListener::bind(addr))
                 .map_err(std::io::Error::other)?
         }))?;
-        Ok(Self { api, _rt: rt })
+        Ok(Self { api, rt })
     }
 
     fn create(&self, obj: Value) -> Result<Value> {
@@ -184,6 +184,57 @@ fn authorized(world: &World, source: &str) -> Result<f64> {
     )
 }
 
+/// The cluster of these tests: namespace `shop` in the mesh (pods
+/// `shop/client` on node 0, `shop/web-0` and `shop/web-1` on node 1),
+/// namespace `plain` outside it (`plain/other` on node 0), Service
+/// `shop/web` on [`VIP`]:80 with both web pods behind it, and the agents
+/// started with nothing of this in their config; the web pods serve.
+fn meshed(world: &World) -> Result<(Cluster, [Server; 2])> {
+    let cluster = Cluster::start(world)?;
+    let kubeconfig = world.dir().join("kubeconfig");
+    std::fs::write(&kubeconfig, cluster.api.kubeconfig())?;
+    for (name, label) in [
+        ("shop", json!({"waymark.dev/mesh": "enabled"})),
+        ("plain", json!({})),
+    ] {
+        cluster.create(json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": name, "labels": label}}))?;
+    }
+    for node in world.nodes() {
+        cluster.create(json!({"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": node.name()},
+            "status": {"addresses": [{"type": "InternalIP", "address": node.fabric_ip().to_string()}]}}))?;
+    }
+    let (client, other) = (world.pod(0, 0), world.pod(0, 1));
+    let (web0, web1) = (world.pod(1, 0), world.pod(1, 1));
+    cluster.pod(client, "shop", "client", "client", json!({}))?;
+    cluster.pod(other, "plain", "other", "default", json!({}))?;
+    cluster.pod(web0, "shop", "web-0", "web", json!({}))?;
+    cluster.pod(web1, "shop", "web-1", "web", json!({}))?;
+    cluster.create(json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {"clusterIP": VIP, "clusterIPs": [VIP],
+                 "ports": [{"name": "http", "port": 80, "targetPort": APP_PORT, "protocol": "TCP"}]}}))?;
+    cluster.slice(&[(web0, "web-0"), (web1, "web-1")])?;
+
+    // Agents with nothing of the cluster in their config.
+    for node in world.nodes() {
+        node.update_config(|cfg| {
+            for section in ["pods", "services", "nodes"] {
+                cfg.remove(section);
+            }
+            let mut k = toml::Table::new();
+            k.insert("enabled".into(), true.into());
+            k.insert("kubeconfig".into(), kubeconfig.display().to_string().into());
+            k.insert("netns_retry".into(), "200ms".into());
+            cfg.insert("kubernetes".into(), k.into());
+        })?;
+        node.start_agent()?;
+    }
+    let apps = [app(web0, "web-0")?, app(web1, "web-1")?];
+    Ok((cluster, apps))
+}
+
 #[test]
 fn agents_discover_pods_services_and_nodes_from_the_api_server() {
     require_agent_or_skip!();
@@ -193,48 +244,9 @@ fn agents_discover_pods_services_and_nodes_from_the_api_server() {
         .mtls(true)
         .agent(false);
     with_world(builder, |world| {
-        let cluster = Cluster::start(world)?;
-        let kubeconfig = world.dir().join("kubeconfig");
-        std::fs::write(&kubeconfig, cluster.api.kubeconfig())?;
-        for (name, label) in [
-            ("shop", json!({"waymark.dev/mesh": "enabled"})),
-            ("plain", json!({})),
-        ] {
-            cluster.create(json!({"apiVersion": "v1", "kind": "Namespace",
-                "metadata": {"name": name, "labels": label}}))?;
-        }
-        for node in world.nodes() {
-            cluster.create(json!({"apiVersion": "v1", "kind": "Node",
-                "metadata": {"name": node.name()},
-                "status": {"addresses": [{"type": "InternalIP", "address": node.fabric_ip().to_string()}]}}))?;
-        }
+        let (cluster, _apps) = meshed(world)?;
         let (client, other) = (world.pod(0, 0), world.pod(0, 1));
         let (web0, web1) = (world.pod(1, 0), world.pod(1, 1));
-        cluster.pod(client, "shop", "client", "client", json!({}))?;
-        cluster.pod(other, "plain", "other", "default", json!({}))?;
-        cluster.pod(web0, "shop", "web-0", "web", json!({}))?;
-        cluster.pod(web1, "shop", "web-1", "web", json!({}))?;
-        cluster.create(json!({"apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": "web", "namespace": "shop"},
-            "spec": {"clusterIP": VIP, "clusterIPs": [VIP],
-                     "ports": [{"name": "http", "port": 80, "targetPort": APP_PORT, "protocol": "TCP"}]}}))?;
-        cluster.slice(&[(web0, "web-0"), (web1, "web-1")])?;
-
-        // Agents with nothing of the cluster in their config.
-        for node in world.nodes() {
-            node.update_config(|cfg| {
-                for section in ["pods", "services", "nodes"] {
-                    cfg.remove(section);
-                }
-                let mut k = toml::Table::new();
-                k.insert("enabled".into(), true.into());
-                k.insert("kubeconfig".into(), kubeconfig.display().to_string().into());
-                k.insert("netns_retry".into(), "200ms".into());
-                cfg.insert("kubernetes".into(), k.into());
-            })?;
-            node.start_agent()?;
-        }
-        let _apps = [app(web0, "web-0")?, app(web1, "web-1")?];
         let url = format!("http://{VIP}/");
         let client_id = format!("spiffe://{TRUST_DOMAIN}/ns/shop/sa/client");
 
@@ -329,6 +341,131 @@ fn agents_discover_pods_services_and_nodes_from_the_api_server() {
             by_pod > 0.0,
             "no outbound connections counted for shop/client"
         );
+        Ok(())
+    });
+}
+
+/// Node 0's discovery metric `name` for `label` = `value`.
+fn discovery_metric(world: &World, name: &str, label: &str, value: &str) -> Result<f64> {
+    metric(world.node(0), name, &[(label, value)])
+}
+
+#[test]
+fn discovery_survives_api_faults_and_bad_objects() {
+    require_agent_or_skip!();
+    let builder = World::builder(world_name!())
+        .nodes(2)
+        .pods_per_node(2)
+        .mtls(true)
+        .agent(false);
+    with_world(builder, |world| {
+        let (mut cluster, _apps) = meshed(world)?;
+        let (client, web0) = (world.pod(0, 0), world.pod(1, 0));
+        let url = format!("http://{VIP}/");
+        let ok = |n: usize| -> Result<()> {
+            let seen = answers(client, &url, n)?;
+            ensure!(
+                seen.iter().all(|(who, _)| who.starts_with("web-")),
+                "{seen:?}"
+            );
+            Ok(())
+        };
+        eventually(DEFAULT_PATIENCE, || ok(5))?;
+
+        // Bad objects are skipped, counted and named by check; nothing
+        // else stops working.
+        cluster.create(json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "bad", "namespace": "shop"},
+            "spec": {"clusterIP": "10.96.0.300", "ports": [{"port": 80}]}}))?;
+        cluster.create(
+            json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "orphan", "namespace": "shop"},
+            "addressType": "IPv4", "endpoints": []}),
+        )?;
+        eventually(DEFAULT_PATIENCE, || {
+            let svc = discovery_metric(
+                world,
+                "waymark_discovery_skipped_objects",
+                "kind",
+                "service",
+            )?;
+            let slice = discovery_metric(
+                world,
+                "waymark_discovery_skipped_objects",
+                "kind",
+                "endpointslice",
+            )?;
+            ensure!(
+                svc == 1.0 && slice == 1.0,
+                "skipped: {svc} services, {slice} slices"
+            );
+            Ok(())
+        })?;
+        let check = world.node(0).run(waymark().arg("check"))?;
+        let out = String::from_utf8_lossy(&check.stdout);
+        ensure!(
+            out.contains("kubernetes: pods listed")
+                && out.contains("2 objects skipped")
+                && out.contains("service shop/bad: clusterIP \"10.96.0.300\" is not an address")
+                && out.contains("endpointslice shop/orphan: no kubernetes.io/service-name label"),
+            "{out}"
+        );
+        ok(5)?;
+
+        // A compaction and dropped watches: the watches fail with 410 Gone,
+        // relist, and say so; traffic never notices.
+        cluster.api.compact();
+        cluster.api.drop_watches();
+        eventually(Duration::from_secs(30), || {
+            let r = discovery_metric(
+                world,
+                "waymark_discovery_watch_restarts_total",
+                "resource",
+                "pods",
+            )?;
+            ensure!(r >= 1.0, "pods watch restarts: {r}");
+            Ok(())
+        })?;
+        ok(5)?;
+
+        // The API server down: the agents proxy on their last picture; a
+        // change made meanwhile arrives once it is back.
+        cluster.rt.block_on(cluster.api.stop());
+        ok(10)?;
+        cluster.slice(&[(web0, "web-0")])?;
+        std::thread::sleep(Duration::from_secs(2));
+        ok(5)?;
+        cluster.rt.block_on(cluster.api.restart())?;
+        eventually(Duration::from_secs(40), || {
+            let eps = endpoints(world, "web.shop:80")?;
+            ensure!(eps.len() == 1 && eps[0].contains("shop/web-0"), "{eps:?}");
+            Ok(())
+        })?;
+        let seen = answers(client, &url, 10)?;
+        ensure!(seen.get("web-0") == Some(&10), "after the relist: {seen:?}");
+
+        // A deleted pod is removed: its listener closes and the kernel no
+        // longer redirects it, so the ClusterIP (known only to the agent)
+        // stops answering it.
+        cluster
+            .api
+            .delete("v1", "Pod", Some("shop"), "client")
+            .map_err(|e| anyhow::anyhow!("deleting the pod: {e:?}"))?;
+        eventually(DEFAULT_PATIENCE, || {
+            let log = world.node(0).agent_log();
+            ensure!(log.contains("pod removed"), "no removal in the log");
+            let out = client.run(std::process::Command::new("curl").args([
+                "-sS",
+                "--connect-timeout",
+                "1",
+                &url,
+            ]))?;
+            ensure!(
+                !out.status.success(),
+                "the deleted pod still reaches the ClusterIP"
+            );
+            Ok(())
+        })?;
         Ok(())
     });
 }

@@ -32,6 +32,10 @@ pub struct AgentFacts {
     pub services: Vec<ServiceFacts>,
     /// Empty when no workload identities are configured.
     pub certificates: Vec<CertFacts>,
+    /// Kubernetes discovery: its watches, what it skipped, pods waiting
+    /// for their sandbox (`None`: discovery is off).
+    #[serde(default)]
+    pub kubernetes: Option<crate::kube::Report>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -191,5 +195,6 @@ pub fn facts(state: &AdminState) -> AgentFacts {
             .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone())),
         services,
         certificates: (state.certificates)(),
+        kubernetes: (state.kubernetes)(),
     }
 }

@@ -61,6 +61,8 @@ pub struct AdminState {
     pub tap: Arc<crate::diagnostics::tap::TapHub>,
     /// Probes the other nodes' agents (`/check/peers`).
     pub peer_probe: peers::PeerProbe,
+    /// Kubernetes discovery's state for `/check` (`None`: off).
+    pub kubernetes: Box<dyn Fn() -> Option<crate::kube::Report> + Send + Sync>,
 }
 
 #[derive(Debug, thiserror::Error)]

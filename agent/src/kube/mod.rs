@@ -32,8 +32,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -77,7 +77,7 @@ struct KindLabels {
     kind: &'static str,
 }
 
-/// How each watch is doing, for metrics and `GET /discovery`.
+/// How each watch is doing, for metrics and `waymark check`.
 #[derive(Default)]
 pub struct Status {
     inner: Mutex<HashMap<&'static str, WatchStatus>>,
@@ -86,7 +86,7 @@ pub struct Status {
     skipped: Family<KindLabels, Gauge>,
 }
 
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct WatchStatus {
     /// Whether the first full list arrived.
     pub synced: bool,
@@ -98,10 +98,9 @@ pub struct WatchStatus {
     pub objects: usize,
 }
 
-/// `GET /discovery`: the watches, what was skipped, pods waiting.
-#[derive(Clone, Debug, Default, Serialize)]
+/// For `waymark check`: the watches, what was skipped, pods waiting.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Report {
-    pub enabled: bool,
     pub watches: Vec<(String, WatchStatus)>,
     pub skipped: Vec<SkippedReport>,
     pub pending_pods: Vec<(String, String)>,
@@ -110,7 +109,7 @@ pub struct Report {
     pub nodes: usize,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SkippedReport {
     pub kind: String,
     pub name: String,
@@ -184,6 +183,32 @@ impl Status {
                 .set(n as i64);
         }
     }
+}
+
+/// What `waymark check` shows of discovery: the watches' state and the
+/// latest published picture.
+pub fn report(status: &Status, latest: Option<&Update>) -> Report {
+    let mut r = Report {
+        watches: status.watches(),
+        ..Default::default()
+    };
+    if let Some(u) = latest {
+        r.skipped = u
+            .view
+            .skipped
+            .iter()
+            .map(|s| SkippedReport {
+                kind: s.kind.to_string(),
+                name: s.name.clone(),
+                reason: s.reason.clone(),
+            })
+            .collect();
+        r.pending_pods = u.pending.clone();
+        r.services = u.view.services.len();
+        r.workloads = u.view.workloads.len();
+        r.nodes = u.view.nodes.len();
+    }
+    r
 }
 
 /// Builds a client from `kubernetes.kubeconfig`, else in-cluster config.

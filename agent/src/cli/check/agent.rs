@@ -49,6 +49,7 @@ pub fn checks(client: &AdminClient, expiry_days: u64) -> Vec<Check> {
         certificates(&facts.certificates, now),
     ]
     .into_iter()
+    .chain(kubernetes(facts.kubernetes.as_ref(), now))
     .chain(super::authorities::checks(
         &facts.certificates,
         now,
@@ -356,6 +357,96 @@ fn discovery(f: &AgentFacts) -> Check {
 
 /// Endpoints the balancer saw fail in the last window, or has ejected,
 /// each named (`waymark endpoints` has the rest of the story).
+/// A resource's picture older than this without an event or bookmark
+/// means the watch is stuck (the API server sends bookmarks about once a
+/// minute, and the watcher restarts a watch every five minutes or less).
+const STALE_WATCH_S: u64 = 10 * 60;
+
+/// Kubernetes discovery: every watch listed and recent, nothing skipped,
+/// no local pod waiting for its sandbox.
+fn kubernetes(report: Option<&crate::kube::Report>, now: f64) -> Vec<Check> {
+    let Some(r) = report else {
+        return vec![Check::skip(
+            "kubernetes: discovery is off (pods, services and nodes come from the config file)",
+        )];
+    };
+    let mut out = Vec::new();
+    for (resource, w) in &r.watches {
+        let age = w.last_sync_unix.map(|t| (now as u64).saturating_sub(t));
+        let error = w.last_error.as_deref().unwrap_or("none");
+        if !w.synced {
+            let hint = if error.contains("403") || error.contains("forbidden") {
+                format!(
+                    "the agent's service account may not list/watch {resource}: grant it in the agent's ClusterRole (deploy/ has one)"
+                )
+            } else {
+                "the agent keeps retrying; check that the API server is reachable from the node and the agent's credentials (kubeconfig or in-cluster service account)".to_string()
+            };
+            out.push(
+                Check::fail(
+                    format!("kubernetes: {resource} not listed yet ({} failed attempts; last error: {error})", w.restarts),
+                    hint,
+                ),
+            );
+        } else if age.is_some_and(|a| a > STALE_WATCH_S) {
+            out.push(Check::warn(
+                format!(
+                    "kubernetes: nothing heard about {resource} for {} s (last error: {error}); the agent proxies on its last picture",
+                    age.unwrap_or_default()
+                ),
+                "check that the API server is up and reachable from the node",
+            ));
+        } else if w.restarts > 0 {
+            out.push(Check::warn(
+                format!(
+                    "kubernetes: {resource} listed ({} objects, last sync {} s ago) after {} watch restarts; last error: {error}",
+                    w.objects,
+                    age.unwrap_or_default(),
+                    w.restarts
+                ),
+                "the agent kept its last picture while the watch was down and relisted; repeated restarts point at the API server or the network to it",
+            ));
+        } else {
+            out.push(Check::pass(format!(
+                "kubernetes: {resource} listed ({} objects, last sync {} s ago)",
+                w.objects,
+                age.unwrap_or_default()
+            )));
+        }
+    }
+    if r.skipped.is_empty() {
+        out.push(Check::pass(format!(
+            "kubernetes: {} services, {} meshed workload addresses, {} nodes; no object skipped",
+            r.services, r.workloads, r.nodes
+        )));
+    } else {
+        out.push(
+            Check::warn(
+                format!("kubernetes: {} objects skipped", r.skipped.len()),
+                "each is left out (the rest works); fix the object or expect its traffic to go direct",
+            )
+            .with_detail(
+                r.skipped
+                    .iter()
+                    .map(|s| format!("{} {}: {}", s.kind, s.name, s.reason)),
+            ),
+        );
+    }
+    if !r.pending_pods.is_empty() {
+        out.push(
+            Check::warn(
+                format!(
+                    "kubernetes: {} meshed pods of this node are not enrolled yet",
+                    r.pending_pods.len()
+                ),
+                "a pod is enrolled once its sandbox runs and its network namespace holds its IP; if this stays, is host /proc mounted at kubernetes.proc?",
+            )
+            .with_detail(r.pending_pods.iter().map(|(p, why)| format!("{p}: {why}"))),
+        );
+    }
+    out
+}
+
 fn endpoints(report: Result<EndpointsReport, String>) -> Check {
     let report = match report {
         Ok(r) => r,

@@ -42,6 +42,7 @@ fn facts() -> AgentFacts {
             available: 2,
         }],
         certificates: vec![],
+        kubernetes: None,
     }
 }
 
@@ -257,4 +258,86 @@ fn failing_endpoints_are_warned_about_by_name() {
     );
     let c = endpoints(Err("404".into()));
     assert_eq!(c.status, Status::Warn, "{c:?}");
+}
+
+fn watch(
+    synced: bool,
+    last: Option<u64>,
+    restarts: u64,
+    error: Option<&str>,
+) -> crate::kube::WatchStatus {
+    crate::kube::WatchStatus {
+        synced,
+        last_sync_unix: last,
+        restarts,
+        last_error: error.map(str::to_string),
+        objects: 3,
+    }
+}
+
+#[test]
+fn kubernetes_discovery_off_is_a_skip_and_each_watch_is_judged() {
+    let off = kubernetes(None, NOW);
+    assert_eq!(off.len(), 1);
+    assert_eq!(off[0].status, Status::Skip);
+    let now = NOW as u64;
+    let report = crate::kube::Report {
+        watches: vec![
+            ("pods".into(), watch(true, Some(now - 2), 0, None)),
+            (
+                "services".into(),
+                watch(false, None, 4, Some("403 Forbidden: services is forbidden")),
+            ),
+            (
+                "nodes".into(),
+                watch(true, Some(now - 3600), 1, Some("connection refused")),
+            ),
+            (
+                "endpointslices".into(),
+                watch(true, Some(now - 5), 2, Some("410 Gone")),
+            ),
+        ],
+        skipped: vec![crate::kube::SkippedReport {
+            kind: "service".into(),
+            name: "shop/bad".into(),
+            reason: "clusterIP \"x\" is not an address".into(),
+        }],
+        pending_pods: vec![(
+            "shop/new".into(),
+            "no process of the pod is running yet".into(),
+        )],
+        services: 1,
+        workloads: 2,
+        nodes: 2,
+    };
+    let checks = kubernetes(Some(&report), NOW);
+    let statuses: Vec<Status> = checks.iter().map(|c| c.status).collect();
+    assert_eq!(
+        statuses,
+        [
+            Status::Pass,
+            Status::Fail,
+            Status::Warn,
+            Status::Warn,
+            Status::Warn,
+            Status::Warn
+        ]
+    );
+    assert!(
+        checks[1].hint.as_deref().unwrap().contains("ClusterRole"),
+        "{:?}",
+        checks[1]
+    );
+    assert!(checks[2].what.contains("3600 s"), "{}", checks[2].what);
+    assert!(checks[3].what.contains("410 Gone"), "{}", checks[3].what);
+    assert!(
+        checks[4].detail[0].contains("shop/bad"),
+        "{:?}",
+        checks[4].detail
+    );
+    assert!(
+        checks[5].detail[0].contains("shop/new"),
+        "{:?}",
+        checks[5].detail
+    );
 }
