@@ -120,8 +120,10 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
-    /// Name of this node as shown in logs, metrics and diagnostics; defaults
-    /// to the host name.
+    /// Name of this node as shown in logs, metrics and diagnostics, and the
+    /// `spec.nodeName` Kubernetes discovery looks for; defaults to
+    /// `$NODE_NAME` (a DaemonSet sets it from the downward API: the node
+    /// name need not be the host name), else the host name.
     #[serde(default = "default_node_name")]
     pub name: String,
 }
@@ -135,6 +137,12 @@ impl Default for NodeConfig {
 }
 
 fn default_node_name() -> String {
+    if let Some(n) = std::env::var("NODE_NAME")
+        .ok()
+        .filter(|n| !n.trim().is_empty())
+    {
+        return n;
+    }
     nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())

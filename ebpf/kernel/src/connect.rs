@@ -112,7 +112,7 @@ fn is_enrolled(ctx: &SockAddrContext) -> bool {
     // context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: the value is only tested for presence, never read.
-    unsafe { ENROLLED.get(&netns).is_some() }
+    unsafe { ENROLLED.get(netns).is_some() }
 }
 
 fn record(ctx: &SockAddrContext, original: &SockAddr) -> Result<(), i64> {

@@ -421,6 +421,10 @@ async fn kubectl_applies_the_deploy_manifest_and_patches() {
     let manifest = manifest.to_str().unwrap();
     let out = k.ok(&["apply", "-f", manifest]).await;
     assert!(out.contains("daemonset.apps/waymark created"), "{out}");
+    assert!(
+        out.contains("clusterrole.rbac.authorization.k8s.io/waymark created"),
+        "{out}"
+    );
     let out = k.ok(&["apply", "-f", manifest]).await;
     assert!(out.contains("daemonset.apps/waymark unchanged"), "{out}");
     let ds = k.json(&["get", "ds", "-A"]).await;
