@@ -111,6 +111,32 @@ impl Cluster {
     }
 
     fn slice(&self, endpoints: &[(&Pod, &str)]) -> Result<()> {
+        self.slice_of("web", endpoints)
+    }
+
+    /// Installs the Gateway API route CRDs (only what the stand-in needs
+    /// to serve the kinds).
+    fn gateway_crds(&self) -> Result<()> {
+        for (kind, plural) in [("HTTPRoute", "httproutes"), ("GRPCRoute", "grpcroutes")] {
+            self.create(json!({
+                "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+                "metadata": {"name": format!("{plural}.gateway.networking.k8s.io")},
+                "spec": {
+                    "group": "gateway.networking.k8s.io",
+                    "scope": "Namespaced",
+                    "names": {"kind": kind, "plural": plural, "singular": kind.to_lowercase(),
+                              "listKind": format!("{kind}List")},
+                    "versions": [{"name": "v1", "served": true, "storage": true,
+                        "schema": {"openAPIV3Schema": {"type": "object",
+                            "x-kubernetes-preserve-unknown-fields": true}}}]
+                }
+            }))?;
+        }
+        Ok(())
+    }
+
+    /// The EndpointSlice of Service `service` in `shop`: these pods.
+    fn slice_of(&self, service: &str, endpoints: &[(&Pod, &str)]) -> Result<()> {
         let eps: Vec<Value> = endpoints
             .iter()
             .map(|(pod, name)| {
@@ -125,8 +151,8 @@ impl Cluster {
             .collect();
         self.apply(json!({
             "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {"name": "web-abc", "namespace": "shop",
-                         "labels": {"kubernetes.io/service-name": "web"}},
+            "metadata": {"name": format!("{service}-abc"), "namespace": "shop",
+                         "labels": {"kubernetes.io/service-name": service}},
             "addressType": "IPv4",
             "ports": [{"name": "http", "port": APP_PORT, "protocol": "TCP"}],
             "endpoints": eps
@@ -189,8 +215,12 @@ fn authorized(world: &World, source: &str) -> Result<f64> {
 /// namespace `plain` outside it (`plain/other` on node 0), Service
 /// `shop/web` on [`VIP`]:80 with both web pods behind it, and the agents
 /// started with nothing of this in their config; the web pods serve.
-fn meshed(world: &World) -> Result<(Cluster, [Server; 2])> {
+/// With `gateway_crds` the Gateway API route kinds are served.
+fn meshed(world: &World, gateway_crds: bool) -> Result<(Cluster, [Server; 2])> {
     let cluster = Cluster::start(world)?;
+    if gateway_crds {
+        cluster.gateway_crds()?;
+    }
     let kubeconfig = world.dir().join("kubeconfig");
     std::fs::write(&kubeconfig, cluster.api.kubeconfig())?;
     for (name, label) in [
@@ -244,7 +274,7 @@ fn agents_discover_pods_services_and_nodes_from_the_api_server() {
         .mtls(true)
         .agent(false);
     with_world(builder, |world| {
-        let (cluster, _apps) = meshed(world)?;
+        let (cluster, _apps) = meshed(world, false)?;
         let (client, other) = (world.pod(0, 0), world.pod(0, 1));
         let (web0, web1) = (world.pod(1, 0), world.pod(1, 1));
         let url = format!("http://{VIP}/");
@@ -359,7 +389,7 @@ fn discovery_survives_api_faults_and_bad_objects() {
         .mtls(true)
         .agent(false);
     with_world(builder, |world| {
-        let (mut cluster, _apps) = meshed(world)?;
+        let (mut cluster, _apps) = meshed(world, false)?;
         let (client, web0) = (world.pod(0, 0), world.pod(1, 0));
         let url = format!("http://{VIP}/");
         let ok = |n: usize| -> Result<()> {
@@ -464,6 +494,86 @@ fn discovery_survives_api_faults_and_bad_objects() {
                 !out.status.success(),
                 "the deleted pod still reaches the ClusterIP"
             );
+            Ok(())
+        })?;
+        Ok(())
+    });
+}
+
+#[test]
+fn an_httproute_splits_a_service_until_it_is_deleted() {
+    require_agent_or_skip!();
+    let builder = World::builder(world_name!())
+        .nodes(2)
+        .pods_per_node(2)
+        .mtls(true)
+        .agent(false);
+    with_world(builder, |world| {
+        let (cluster, _apps) = meshed(world, true)?;
+        let (client, web0, web1) = (world.pod(0, 0), world.pod(1, 0), world.pod(1, 1));
+        let url = format!("http://{VIP}/");
+        // web → web-0, web-v2 → web-1.
+        cluster.slice(&[(web0, "web-0")])?;
+        cluster.create(json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web-v2", "namespace": "shop"},
+            "spec": {"clusterIP": "10.96.0.21", "clusterIPs": ["10.96.0.21"],
+                     "ports": [{"name": "http", "port": 80, "targetPort": APP_PORT}]}}))?;
+        cluster.slice_of("web-v2", &[(web1, "web-1")])?;
+        eventually(DEFAULT_PATIENCE, || {
+            let (web, v2) = (
+                endpoints(world, "web.shop:80")?,
+                endpoints(world, "web-v2.shop:80")?,
+            );
+            ensure!(
+                web.len() == 1 && v2.len() == 1 && v2[0].contains("shop/web-1"),
+                "{web:?} {v2:?}"
+            );
+            Ok(())
+        })?;
+        cluster.create(json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": "split", "namespace": "shop"},
+            "spec": {
+                "parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
+                "rules": [{"backendRefs": [
+                    {"name": "web", "port": 80, "weight": 90},
+                    {"name": "web-v2", "port": 80, "weight": 10}]}]
+            }
+        }))?;
+        // Applied: web-v2 starts answering requests for web.
+        eventually(DEFAULT_PATIENCE, || {
+            let seen = answers(client, &url, 40)?;
+            ensure!(
+                seen.contains_key("web-1"),
+                "no request went to web-v2 yet: {seen:?}"
+            );
+            Ok(())
+        })?;
+        let seen = answers(client, &url, 300)?;
+        let v2 = seen.get("web-1").copied().unwrap_or(0);
+        let v1 = seen.get("web-0").copied().unwrap_or(0);
+        ensure!(
+            v1 + v2 == 300,
+            "every request answered by web or web-v2: {seen:?}"
+        );
+        // 10 % of 300 is 30 (binomial sd 5.2): well inside 9..=60.
+        ensure!(
+            (9..=60).contains(&v2),
+            "web-v2 got {v2} of 300 (want about 30): {seen:?}"
+        );
+        // Deleted: the service's own endpoints again.
+        cluster
+            .api
+            .delete(
+                "gateway.networking.k8s.io/v1",
+                "HTTPRoute",
+                Some("shop"),
+                "split",
+            )
+            .map_err(|e| anyhow::anyhow!("deleting the route: {e:?}"))?;
+        eventually(DEFAULT_PATIENCE, || {
+            let seen = answers(client, &url, 30)?;
+            ensure!(seen.get("web-0") == Some(&30), "{seen:?}");
             Ok(())
         })?;
         Ok(())

@@ -278,6 +278,13 @@ fn build_service(
     })
 }
 
+/// Whether `r` builds on `svc` (matches compile, weights are usable): a
+/// route from the cluster is checked alone, so one bad route is skipped
+/// instead of failing the whole table.
+pub fn check_route(svc: &ServiceConfig, r: &RouteConfig) -> Result<(), String> {
+    build_route(svc, r).map(|_| ()).map_err(|e| e.to_string())
+}
+
 fn build_route(svc: &ServiceConfig, r: &RouteConfig) -> Result<Route<RoutePolicy>, DiscoveryError> {
     let err = |message: String| DiscoveryError::Route {
         service: svc.name.clone(),

@@ -11,6 +11,7 @@
 //! say the picture is getting old.
 
 pub mod netns;
+pub mod routes;
 pub mod state;
 
 use std::collections::{HashMap, HashSet};
@@ -41,8 +42,18 @@ use tracing::{debug, info, warn};
 use crate::config::kubernetes::KubernetesConfig;
 pub use state::{ClusterState, ClusterView, Skipped};
 
-/// The watched resources, in the order `waymark check` lists them.
-pub const RESOURCES: [&str; 5] = ["namespaces", "nodes", "pods", "services", "endpointslices"];
+/// The watched resources, in the order `waymark check` lists them. The
+/// Gateway API route kinds are optional: a cluster without their CRDs
+/// counts as having none (and is asked again with backoff).
+pub const RESOURCES: [&str; 7] = [
+    "namespaces",
+    "nodes",
+    "pods",
+    "services",
+    "endpointslices",
+    "httproutes",
+    "grpcroutes",
+];
 
 /// Changes arriving within this window are applied together: an
 /// EndpointSlice scale-up is many events, and one table rebuild is enough.
@@ -162,6 +173,11 @@ impl Status {
         w.last_error = Some(error);
     }
 
+    fn is_synced(&self, resource: &'static str) -> bool {
+        let m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(resource).is_some_and(|w| w.synced)
+    }
+
     fn all_synced(&self) -> bool {
         let m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         RESOURCES.iter().all(|r| m.get(r).is_some_and(|w| w.synced))
@@ -176,7 +192,15 @@ impl Status {
     }
 
     fn set_skipped(&self, skipped: &[Skipped]) {
-        for kind in ["service", "endpointslice", "node", "pod", "namespace"] {
+        for kind in [
+            "service",
+            "endpointslice",
+            "node",
+            "pod",
+            "namespace",
+            "httproute",
+            "grpcroute",
+        ] {
             let n = skipped.iter().filter(|s| s.kind == kind).count();
             self.skipped
                 .get_or_create(&KindLabels { kind })
@@ -233,6 +257,8 @@ trait Kind:
     Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static
 {
     const RESOURCE: &'static str;
+    /// A kind whose CRD may not be installed: a 404 on listing means "none".
+    const OPTIONAL: bool = false;
     /// Stores the object (or says why it was skipped).
     fn store(&self, key: String, state: &mut ClusterState, mesh_label: &str) -> Result<(), String>;
     fn forget(key: &str, state: &mut ClusterState);
@@ -325,6 +351,50 @@ impl Kind for Namespace {
     }
 }
 
+macro_rules! route_kind {
+    ($ty:ty, $resource:literal, $field:ident, $grpc:literal) => {
+        impl Kind for $ty {
+            const RESOURCE: &'static str = $resource;
+            const OPTIONAL: bool = true;
+            fn store(&self, key: String, s: &mut ClusterState, _: &str) -> Result<(), String> {
+                let ns = self.metadata.namespace.as_deref().unwrap_or("default");
+                let name = self.metadata.name.as_deref().unwrap_or_default();
+                match routes::route_entry(
+                    ns,
+                    name,
+                    &self.spec,
+                    self.metadata.annotations.as_ref(),
+                    $grpc,
+                ) {
+                    Ok(e) => {
+                        s.$field.insert(key, e);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        s.$field.remove(&key);
+                        Err(e)
+                    }
+                }
+            }
+            fn forget(key: &str, s: &mut ClusterState) {
+                s.$field.remove(key);
+            }
+            fn keys(s: &ClusterState) -> Vec<String> {
+                s.$field.keys().cloned().collect()
+            }
+        }
+    };
+}
+
+route_kind!(routes::HttpRoute, "httproutes", http_routes, false);
+route_kind!(routes::GrpcRoute, "grpcroutes", grpc_routes, true);
+
+/// A list the API server answered 404: the resource is not served (its CRD
+/// is not installed).
+fn not_served(e: &watcher::Error) -> bool {
+    matches!(e, watcher::Error::InitialListFailed(kube::Error::Api(s)) if s.code == 404)
+}
+
 /// The state the watches share, and the objects each skipped.
 struct Shared {
     state: Mutex<ClusterState>,
@@ -358,7 +428,9 @@ pub fn start(
     spawn_watch::<Node>(Api::all(client.clone()), &shared, &stop);
     spawn_watch::<Pod>(Api::all(client.clone()), &shared, &stop);
     spawn_watch::<Service>(Api::all(client.clone()), &shared, &stop);
-    spawn_watch::<EndpointSlice>(Api::all(client), &shared, &stop);
+    spawn_watch::<EndpointSlice>(Api::all(client.clone()), &shared, &stop);
+    spawn_watch::<routes::HttpRoute>(Api::all(client.clone()), &shared, &stop);
+    spawn_watch::<routes::GrpcRoute>(Api::all(client), &shared, &stop);
     tokio::spawn(publish(shared, node, trust_domain, cfg, tx, stop));
     rx
 }
@@ -384,6 +456,23 @@ fn spawn_watch<K: Kind>(api: Api<K>, shared: &Arc<Shared>, stop: &CancellationTo
             };
             match event {
                 Ok(event) => apply::<K>(&shared, event, &mut listing),
+                Err(e) if K::OPTIONAL && not_served(&e) => {
+                    // Not installed: none of them (asked again with backoff).
+                    let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+                    let had = K::keys(&st);
+                    for key in &had {
+                        K::forget(key, &mut st);
+                    }
+                    drop(st);
+                    if !shared.status.is_synced(K::RESOURCE) || !had.is_empty() {
+                        info!(
+                            resource = K::RESOURCE,
+                            "not served by the API server (CRD not installed): none in use"
+                        );
+                    }
+                    shared.status.touch(K::RESOURCE, true, 0);
+                    shared.changed.notify_one();
+                }
                 Err(e) => {
                     warn!(resource = K::RESOURCE, error = %e, "watch failed; keeping the last state and relisting");
                     shared.status.failed(K::RESOURCE, e.to_string());
@@ -496,6 +585,8 @@ async fn publish(
         {
             view.skipped.push(Skipped {
                 kind: match *resource {
+                    "httproutes" => "httproute",
+                    "grpcroutes" => "grpcroute",
                     "services" => "service",
                     "endpointslices" => "endpointslice",
                     "nodes" => "node",

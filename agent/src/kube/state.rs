@@ -15,6 +15,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use crate::config::mesh::NodeEntry;
 use crate::config::services::{EndpointConfig, ProtocolHint, ServiceConfig};
 use crate::discovery::Workload;
+use crate::kube::routes::{RouteEntry, backend};
 
 /// Annotation and label value that enroll; `disabled` opts a pod out.
 pub const ENABLED: &str = "enabled";
@@ -78,6 +79,9 @@ pub struct ClusterState {
     pub nodes: HashMap<String, Option<IpAddr>>,
     /// Namespace → its `<mesh label>` label value.
     pub namespaces: HashMap<String, Option<String>>,
+    /// Gateway API routes with a Service parent, by `namespace/name`.
+    pub http_routes: HashMap<String, RouteEntry>,
+    pub grpc_routes: HashMap<String, RouteEntry>,
 }
 
 /// What the cluster says, in waymark's terms.
@@ -425,9 +429,93 @@ impl ClusterState {
                 });
             }
         }
+        self.attach_routes(&mut view);
         view.workloads.sort_by_key(|(ip, _)| *ip);
         view.skipped.sort();
         view
+    }
+
+    /// Puts each route's rules on the waymark services of its parent
+    /// Services (the parent's port, or all its ports). A route whose parent
+    /// or backend is missing, or whose rules do not build, is skipped
+    /// whole with the reason: routing part of what it says would be worse
+    /// than routing none of it.
+    fn attach_routes(&self, view: &mut ClusterView) {
+        let index: HashMap<String, usize> = view
+            .services
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.clone(), i))
+            .collect();
+        let mut all: Vec<(&str, &String, &RouteEntry)> = self
+            .http_routes
+            .iter()
+            .map(|(k, r)| ("httproute", k, r))
+            .chain(self.grpc_routes.iter().map(|(k, r)| ("grpcroute", k, r)))
+            .collect();
+        all.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        for (kind, key, route) in all {
+            let mut attach: Vec<(usize, crate::config::services::RouteConfig)> = Vec::new();
+            let problem = (|| -> Result<(), String> {
+                for (parent, port) in &route.parents {
+                    let svc = self
+                        .services
+                        .get(parent)
+                        .ok_or_else(|| format!("parent Service {parent} not found"))?;
+                    let (ns, name) = parent.split_once('/').unwrap_or_default();
+                    let ports: Vec<u16> = svc
+                        .ports
+                        .iter()
+                        .map(|p| p.port)
+                        .filter(|p| port.is_none_or(|want| want == *p))
+                        .collect();
+                    if ports.is_empty() {
+                        return Err(format!("parent Service {parent} has no port {port:?}"));
+                    }
+                    for p in ports {
+                        let target = format!("{name}.{ns}:{p}");
+                        let i = *index.get(&target).ok_or_else(|| {
+                            format!("parent Service {parent} has no cluster IP (headless)")
+                        })?;
+                        for rule in &route.rules {
+                            let mut r = rule.route.clone();
+                            r.backends = rule
+                                .backends
+                                .iter()
+                                .map(|(b, bp, w)| backend(b, *bp, p, *w))
+                                .collect();
+                            if let Some(b) =
+                                r.backends.iter().find(|b| !index.contains_key(&b.service))
+                            {
+                                return Err(format!(
+                                    "backend {} is not a Service with a cluster IP",
+                                    b.service
+                                ));
+                            }
+                            crate::discovery::check_route(&view.services[i], &r)?;
+                            attach.push((i, r));
+                        }
+                    }
+                }
+                Ok(())
+            })();
+            match problem {
+                Ok(()) => {
+                    for (i, r) in attach {
+                        view.services[i].routes.push(r);
+                    }
+                }
+                Err(reason) => view.skipped.push(Skipped {
+                    kind: if kind == "httproute" {
+                        "httproute"
+                    } else {
+                        "grpcroute"
+                    },
+                    name: key.clone(),
+                    reason,
+                }),
+            }
+        }
     }
 }
 
@@ -599,6 +687,58 @@ mod tests {
             v.skipped
                 .iter()
                 .any(|s| s.kind == "pod" && s.name == "shop/web-b")
+        );
+    }
+
+    #[test]
+    fn routes_attach_to_their_parent_services_or_are_skipped_whole() {
+        let mut st = world();
+        st.services.insert(
+            "shop/web-v2".into(),
+            ServiceEntry {
+                cluster_ips: vec!["10.96.0.11".parse().unwrap()],
+                ports: vec![ServicePort {
+                    name: "http".into(),
+                    port: 80,
+                    app_protocol: None,
+                }],
+            },
+        );
+        let spec = serde_json::json!({
+            "parentRefs": [{"kind": "Service", "name": "web", "port": 80}],
+            "rules": [{"backendRefs": [{"name": "web", "port": 80, "weight": 90},
+                                       {"name": "web-v2", "port": 80, "weight": 10}]}]
+        });
+        let split = crate::kube::routes::route_entry("shop", "split", &spec, None, false).unwrap();
+        st.http_routes.insert("shop/split".into(), split);
+        let missing = serde_json::json!({
+            "parentRefs": [{"kind": "Service", "name": "web"}],
+            "rules": [{"backendRefs": [{"name": "gone", "port": 80}]}]
+        });
+        let missing =
+            crate::kube::routes::route_entry("shop", "missing", &missing, None, false).unwrap();
+        st.http_routes.insert("shop/missing".into(), missing);
+        let v = st.view("node0", Some("td"), 15008);
+        let web = v.services.iter().find(|s| s.name == "web.shop:80").unwrap();
+        assert_eq!(web.routes.len(), 1, "{:?}", web.routes);
+        let backends: Vec<(String, u32)> = web.routes[0]
+            .backends
+            .iter()
+            .map(|b| (b.service.clone(), b.weight))
+            .collect();
+        assert_eq!(
+            backends,
+            [
+                ("web.shop:80".to_string(), 90),
+                ("web-v2.shop:80".to_string(), 10)
+            ]
+        );
+        assert!(
+            v.skipped.iter().any(|s| s.kind == "httproute"
+                && s.name == "shop/missing"
+                && s.reason.contains("gone.shop:80")),
+            "{:?}",
+            v.skipped
         );
     }
 
