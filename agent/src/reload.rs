@@ -211,6 +211,9 @@ impl Reloader {
                 });
             }
         }
+        c.authorization
+            .rules
+            .extend(u.view.authz_rules.iter().cloned());
         c.workloads = u.view.workloads.clone();
         c
     }

@@ -91,7 +91,8 @@ impl Cluster {
     fn pod(&self, pod: &Pod, ns: &str, name: &str, sa: &str, annotations: Value) -> Result<()> {
         let created = self.create(json!({
             "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": ns, "annotations": annotations},
+            "metadata": {"name": name, "namespace": ns, "annotations": annotations,
+                         "labels": {"app": sa}},
             "spec": {
                 "nodeName": format!("node{}", pod.node_index()),
                 "serviceAccountName": sa,
@@ -114,19 +115,28 @@ impl Cluster {
         self.slice_of("web", endpoints)
     }
 
-    /// Installs the Gateway API route CRDs (only what the stand-in needs
-    /// to serve the kinds).
-    fn gateway_crds(&self) -> Result<()> {
-        for (kind, plural) in [("HTTPRoute", "httproutes"), ("GRPCRoute", "grpcroutes")] {
+    /// Installs the CRDs of the Gateway API route kinds and of waymark's
+    /// AuthorizationPolicy (only what the stand-in needs to serve them).
+    fn crds(&self) -> Result<()> {
+        for (group, version, kind, plural) in [
+            ("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes"),
+            ("gateway.networking.k8s.io", "v1", "GRPCRoute", "grpcroutes"),
+            (
+                "policy.waymark.dev",
+                "v1alpha1",
+                "AuthorizationPolicy",
+                "authorizationpolicies",
+            ),
+        ] {
             self.create(json!({
                 "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-                "metadata": {"name": format!("{plural}.gateway.networking.k8s.io")},
+                "metadata": {"name": format!("{plural}.{group}")},
                 "spec": {
-                    "group": "gateway.networking.k8s.io",
+                    "group": group,
                     "scope": "Namespaced",
                     "names": {"kind": kind, "plural": plural, "singular": kind.to_lowercase(),
                               "listKind": format!("{kind}List")},
-                    "versions": [{"name": "v1", "served": true, "storage": true,
+                    "versions": [{"name": version, "served": true, "storage": true,
                         "schema": {"openAPIV3Schema": {"type": "object",
                             "x-kubernetes-preserve-unknown-fields": true}}}]
                 }
@@ -215,11 +225,12 @@ fn authorized(world: &World, source: &str) -> Result<f64> {
 /// namespace `plain` outside it (`plain/other` on node 0), Service
 /// `shop/web` on [`VIP`]:80 with both web pods behind it, and the agents
 /// started with nothing of this in their config; the web pods serve.
-/// With `gateway_crds` the Gateway API route kinds are served.
-fn meshed(world: &World, gateway_crds: bool) -> Result<(Cluster, [Server; 2])> {
+/// With `crds` the Gateway API route kinds and AuthorizationPolicy are
+/// served. Every pod is labelled `app: <its service account>`.
+fn meshed(world: &World, crds: bool) -> Result<(Cluster, [Server; 2])> {
     let cluster = Cluster::start(world)?;
-    if gateway_crds {
-        cluster.gateway_crds()?;
+    if crds {
+        cluster.crds()?;
     }
     let kubeconfig = world.dir().join("kubeconfig");
     std::fs::write(&kubeconfig, cluster.api.kubeconfig())?;
@@ -574,6 +585,100 @@ fn an_httproute_splits_a_service_until_it_is_deleted() {
         eventually(DEFAULT_PATIENCE, || {
             let seen = answers(client, &url, 30)?;
             ensure!(seen.get("web-0") == Some(&30), "{seen:?}");
+            Ok(())
+        })?;
+        Ok(())
+    });
+}
+
+/// One request to `url` from `pod` with `curl -i`: (status, head and body).
+fn request(pod: &Pod, url: &str) -> Result<(u16, String)> {
+    waymark_tests::curl_i(pod, url, &[])
+}
+
+#[test]
+fn authorization_policies_deny_and_allow_by_service_account() {
+    require_agent_or_skip!();
+    let builder = World::builder(world_name!())
+        .nodes(2)
+        .pods_per_node(2)
+        .mtls(true)
+        .agent(false);
+    with_world(builder, |world| {
+        let (cluster, _apps) = meshed(world, true)?;
+        let (client, web1) = (world.pod(0, 0), world.pod(1, 1));
+        let url = format!("http://{VIP}/");
+        let policy = |name: &str, action: &str, from: Value| {
+            cluster.apply(json!({
+                "apiVersion": "policy.waymark.dev/v1alpha1", "kind": "AuthorizationPolicy",
+                "metadata": {"name": name, "namespace": "shop"},
+                "spec": {"selector": {"matchLabels": {"app": "web"}}, "action": action, "from": from}
+            }))
+        };
+        let delete = |name: &str| {
+            cluster
+                .api
+                .delete(
+                    "policy.waymark.dev/v1alpha1",
+                    "AuthorizationPolicy",
+                    Some("shop"),
+                    name,
+                )
+                .map_err(|e| anyhow::anyhow!("deleting policy {name}: {e:?}"))
+        };
+        eventually(DEFAULT_PATIENCE, || {
+            let (code, out) = request(client, &url)?;
+            ensure!(code == 200, "{out}");
+            Ok(())
+        })?;
+
+        // DENY the client's service account: requests get 403 naming the
+        // policy, and a pod-IP connection is refused by the same rule.
+        policy(
+            "no-client",
+            "DENY",
+            json!([{"serviceAccounts": ["client"]}]),
+        )?;
+        eventually(DEFAULT_PATIENCE, || {
+            let (code, out) = request(client, &url)?;
+            ensure!(
+                code == 403 && out.contains("shop/no-client"),
+                "{code}: {out}"
+            );
+            Ok(())
+        })?;
+        let direct = client.run(std::process::Command::new("curl").args([
+            "-sS",
+            "--max-time",
+            "5",
+            &format!("http://{}:{APP_PORT}/", web1.ip()),
+        ]))?;
+        let body = String::from_utf8_lossy(&direct.stdout);
+        ensure!(
+            !body.contains("web-1"),
+            "a denied pod-IP connection reached the app: {body}"
+        );
+        delete("no-client")?;
+
+        // ALLOW only another namespace: the client is denied by "nothing
+        // else"; allowing its service account lets it through again.
+        policy("ops-only", "ALLOW", json!([{"namespaces": ["ops"]}]))?;
+        eventually(DEFAULT_PATIENCE, || {
+            let (code, out) = request(client, &url)?;
+            ensure!(
+                code == 403 && out.contains("allows only its sources"),
+                "{code}: {out}"
+            );
+            Ok(())
+        })?;
+        policy(
+            "ops-only",
+            "ALLOW",
+            json!([{"namespaces": ["ops"]}, {"serviceAccounts": ["shop/client"]}]),
+        )?;
+        eventually(DEFAULT_PATIENCE, || {
+            let (code, out) = request(client, &url)?;
+            ensure!(code == 200, "{code}: {out}");
             Ok(())
         })?;
         Ok(())

@@ -187,6 +187,10 @@ pub struct AuthzRuleConfig {
     /// Destination (endpoint) ports; empty: any port.
     #[serde(default)]
     pub ports: Vec<u16>,
+    /// Destination pods of this node, by name (`namespace/name`); empty:
+    /// any pod. (An `AuthorizationPolicy`'s selector becomes this list.)
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pods: Vec<String>,
 }
 
 /// A source pattern of an authorization rule.

@@ -11,6 +11,7 @@
 //! say the picture is getting old.
 
 pub mod netns;
+pub mod policy;
 pub mod routes;
 pub mod state;
 
@@ -45,7 +46,7 @@ pub use state::{ClusterState, ClusterView, Skipped};
 /// The watched resources, in the order `waymark check` lists them. The
 /// Gateway API route kinds are optional: a cluster without their CRDs
 /// counts as having none (and is asked again with backoff).
-pub const RESOURCES: [&str; 7] = [
+pub const RESOURCES: [&str; 8] = [
     "namespaces",
     "nodes",
     "pods",
@@ -53,6 +54,7 @@ pub const RESOURCES: [&str; 7] = [
     "endpointslices",
     "httproutes",
     "grpcroutes",
+    "authorizationpolicies",
 ];
 
 /// Changes arriving within this window are applied together: an
@@ -200,6 +202,7 @@ impl Status {
             "namespace",
             "httproute",
             "grpcroute",
+            "authorizationpolicy",
         ] {
             let n = skipped.iter().filter(|s| s.kind == kind).count();
             self.skipped
@@ -260,15 +263,16 @@ trait Kind:
     /// A kind whose CRD may not be installed: a 404 on listing means "none".
     const OPTIONAL: bool = false;
     /// Stores the object (or says why it was skipped).
-    fn store(&self, key: String, state: &mut ClusterState, mesh_label: &str) -> Result<(), String>;
+    fn store(&self, key: String, state: &mut ClusterState, ctx: &Ctx) -> Result<(), String>;
     fn forget(key: &str, state: &mut ClusterState);
     fn keys(state: &ClusterState) -> Vec<String>;
 }
 
 impl Kind for Pod {
     const RESOURCE: &'static str = "pods";
-    fn store(&self, key: String, s: &mut ClusterState, label: &str) -> Result<(), String> {
-        s.pods.insert(key, state::pod_entry(self, label));
+    fn store(&self, key: String, s: &mut ClusterState, ctx: &Ctx) -> Result<(), String> {
+        s.pods
+            .insert(key, state::pod_entry(self, &ctx.mesh_label, &ctx.node));
         Ok(())
     }
     fn forget(key: &str, s: &mut ClusterState) {
@@ -281,7 +285,7 @@ impl Kind for Pod {
 
 impl Kind for Service {
     const RESOURCE: &'static str = "services";
-    fn store(&self, key: String, s: &mut ClusterState, _: &str) -> Result<(), String> {
+    fn store(&self, key: String, s: &mut ClusterState, _: &Ctx) -> Result<(), String> {
         match state::service_entry(self) {
             Ok(e) => {
                 s.services.insert(key, e);
@@ -303,7 +307,7 @@ impl Kind for Service {
 
 impl Kind for EndpointSlice {
     const RESOURCE: &'static str = "endpointslices";
-    fn store(&self, key: String, s: &mut ClusterState, _: &str) -> Result<(), String> {
+    fn store(&self, key: String, s: &mut ClusterState, _: &Ctx) -> Result<(), String> {
         match state::slice_entry(self) {
             Ok(e) => {
                 s.slices.insert(key, e);
@@ -325,7 +329,7 @@ impl Kind for EndpointSlice {
 
 impl Kind for Node {
     const RESOURCE: &'static str = "nodes";
-    fn store(&self, key: String, s: &mut ClusterState, _: &str) -> Result<(), String> {
+    fn store(&self, key: String, s: &mut ClusterState, _: &Ctx) -> Result<(), String> {
         s.nodes.insert(key, state::node_ip(self));
         Ok(())
     }
@@ -339,8 +343,9 @@ impl Kind for Node {
 
 impl Kind for Namespace {
     const RESOURCE: &'static str = "namespaces";
-    fn store(&self, key: String, s: &mut ClusterState, label: &str) -> Result<(), String> {
-        s.namespaces.insert(key, state::namespace_mesh(self, label));
+    fn store(&self, key: String, s: &mut ClusterState, ctx: &Ctx) -> Result<(), String> {
+        s.namespaces
+            .insert(key, state::namespace_mesh(self, &ctx.mesh_label));
         Ok(())
     }
     fn forget(key: &str, s: &mut ClusterState) {
@@ -356,7 +361,7 @@ macro_rules! route_kind {
         impl Kind for $ty {
             const RESOURCE: &'static str = $resource;
             const OPTIONAL: bool = true;
-            fn store(&self, key: String, s: &mut ClusterState, _: &str) -> Result<(), String> {
+            fn store(&self, key: String, s: &mut ClusterState, _: &Ctx) -> Result<(), String> {
                 let ns = self.metadata.namespace.as_deref().unwrap_or("default");
                 let name = self.metadata.name.as_deref().unwrap_or_default();
                 match routes::route_entry(
@@ -389,6 +394,37 @@ macro_rules! route_kind {
 route_kind!(routes::HttpRoute, "httproutes", http_routes, false);
 route_kind!(routes::GrpcRoute, "grpcroutes", grpc_routes, true);
 
+impl Kind for policy::AuthorizationPolicy {
+    const RESOURCE: &'static str = "authorizationpolicies";
+    const OPTIONAL: bool = true;
+    fn store(&self, key: String, s: &mut ClusterState, _: &Ctx) -> Result<(), String> {
+        let ns = self.metadata.namespace.as_deref().unwrap_or("default");
+        match policy::policy_entry(ns, &self.spec) {
+            Ok(e) => {
+                s.policies.insert(key, e);
+                Ok(())
+            }
+            Err(e) => {
+                s.policies.remove(&key);
+                Err(e)
+            }
+        }
+    }
+    fn forget(key: &str, s: &mut ClusterState) {
+        s.policies.remove(key);
+    }
+    fn keys(s: &ClusterState) -> Vec<String> {
+        s.policies.keys().cloned().collect()
+    }
+}
+
+/// What storing an object needs to know of this agent.
+pub struct Ctx {
+    pub mesh_label: String,
+    /// This node's name.
+    pub node: String,
+}
+
 /// A list the API server answered 404: the resource is not served (its CRD
 /// is not installed).
 fn not_served(e: &watcher::Error) -> bool {
@@ -403,7 +439,7 @@ struct Shared {
     refused: Mutex<HashMap<(&'static str, String), String>>,
     changed: Notify,
     status: Arc<Status>,
-    mesh_label: String,
+    ctx: Ctx,
 }
 
 /// Runs discovery until `stop`; the receiver sees `None` until every watch
@@ -421,7 +457,10 @@ pub fn start(
         refused: Mutex::default(),
         changed: Notify::new(),
         status,
-        mesh_label: cfg.mesh_label.clone(),
+        ctx: Ctx {
+            mesh_label: cfg.mesh_label.clone(),
+            node: node.clone(),
+        },
     });
     let (tx, rx) = watch::channel(None);
     spawn_watch::<Namespace>(Api::all(client.clone()), &shared, &stop);
@@ -430,7 +469,8 @@ pub fn start(
     spawn_watch::<Service>(Api::all(client.clone()), &shared, &stop);
     spawn_watch::<EndpointSlice>(Api::all(client.clone()), &shared, &stop);
     spawn_watch::<routes::HttpRoute>(Api::all(client.clone()), &shared, &stop);
-    spawn_watch::<routes::GrpcRoute>(Api::all(client), &shared, &stop);
+    spawn_watch::<routes::GrpcRoute>(Api::all(client.clone()), &shared, &stop);
+    spawn_watch::<policy::AuthorizationPolicy>(Api::all(client), &shared, &stop);
     tokio::spawn(publish(shared, node, trust_domain, cfg, tx, stop));
     rx
 }
@@ -492,7 +532,7 @@ fn apply<K: Kind>(
     let mut refused = shared.refused.lock().unwrap_or_else(|e| e.into_inner());
     let mut store = |o: &K, st: &mut ClusterState| {
         let key = key_of(o);
-        match o.store(key.clone(), st, &shared.mesh_label) {
+        match o.store(key.clone(), st, &shared.ctx) {
             Ok(()) => {
                 refused.remove(&(K::RESOURCE, key));
             }
@@ -586,6 +626,7 @@ async fn publish(
             view.skipped.push(Skipped {
                 kind: match *resource {
                     "httproutes" => "httproute",
+                    "authorizationpolicies" => "authorizationpolicy",
                     "grpcroutes" => "grpcroute",
                     "services" => "service",
                     "endpointslices" => "endpointslice",

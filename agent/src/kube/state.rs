@@ -12,9 +12,11 @@ use std::net::{IpAddr, SocketAddr};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
+use crate::config::mesh::AuthzRuleConfig;
 use crate::config::mesh::NodeEntry;
 use crate::config::services::{EndpointConfig, ProtocolHint, ServiceConfig};
 use crate::discovery::Workload;
+use crate::kube::policy::PolicyEntry;
 use crate::kube::routes::{RouteEntry, backend};
 
 /// Annotation and label value that enroll; `disabled` opts a pod out.
@@ -32,6 +34,9 @@ pub struct PodEntry {
     pub running: bool,
     /// The pod's own `<mesh label>` annotation, if any.
     pub mesh: Option<String>,
+    /// Its labels, kept for this node's pods only (authorization policies
+    /// select among them; other nodes' pods need none).
+    pub labels: Option<BTreeMap<String, String>>,
 }
 
 /// A Service, reduced.
@@ -82,6 +87,8 @@ pub struct ClusterState {
     /// Gateway API routes with a Service parent, by `namespace/name`.
     pub http_routes: HashMap<String, RouteEntry>,
     pub grpc_routes: HashMap<String, RouteEntry>,
+    /// `AuthorizationPolicy` objects by `namespace/name`.
+    pub policies: HashMap<String, PolicyEntry>,
 }
 
 /// What the cluster says, in waymark's terms.
@@ -93,6 +100,9 @@ pub struct ClusterView {
     /// network namespace), addresses and identity.
     pub local_pods: Vec<LocalPod>,
     pub workloads: Vec<(IpAddr, Workload)>,
+    /// Authorization rules from `AuthorizationPolicy` objects, for this
+    /// node's pods (after the file's own rules).
+    pub authz_rules: Vec<AuthzRuleConfig>,
     /// Objects skipped, each with why (logged, counted, shown by check).
     pub skipped: Vec<Skipped>,
 }
@@ -120,7 +130,8 @@ pub fn key(ns: Option<&str>, name: Option<&str>) -> String {
     }
 }
 
-pub fn pod_entry(p: &Pod, mesh_label: &str) -> PodEntry {
+/// `node`: this node's name (its pods keep their labels).
+pub fn pod_entry(p: &Pod, mesh_label: &str, node: &str) -> PodEntry {
     let spec = p.spec.as_ref();
     let status = p.status.as_ref();
     let mut ips: Vec<IpAddr> = status
@@ -146,6 +157,8 @@ pub fn pod_entry(p: &Pod, mesh_label: &str) -> PodEntry {
             .annotations
             .as_ref()
             .and_then(|a| a.get(mesh_label).cloned()),
+        labels: (spec.and_then(|s| s.node_name.as_deref()) == Some(node))
+            .then(|| p.metadata.labels.clone().unwrap_or_default()),
     }
 }
 
@@ -430,6 +443,15 @@ impl ClusterState {
             }
         }
         self.attach_routes(&mut view);
+        if let Some(td) = td {
+            let local: Vec<(&str, &BTreeMap<String, String>)> = view
+                .local_pods
+                .iter()
+                .filter_map(|p| Some((p.name.as_str(), self.pods.get(&p.name)?.labels.as_ref()?)))
+                .collect();
+            let policies: Vec<(&String, &PolicyEntry)> = self.policies.iter().collect();
+            view.authz_rules = crate::kube::policy::rules(&policies, &local, td);
+        }
         view.workloads.sort_by_key(|(ip, _)| *ip);
         view.skipped.sort();
         view
@@ -544,6 +566,7 @@ mod tests {
             host_network: false,
             running: true,
             mesh: None,
+            labels: None,
         }
     }
 

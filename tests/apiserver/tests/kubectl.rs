@@ -427,6 +427,21 @@ async fn kubectl_applies_the_deploy_manifest_and_patches() {
     );
     let out = k.ok(&["apply", "-f", manifest]).await;
     assert!(out.contains("daemonset.apps/waymark unchanged"), "{out}");
+    // The shipped CRD, and a policy of it.
+    let crd = clients::crate_dir().join("../../deploy/authorizationpolicy-crd.yaml");
+    let out = k.ok(&["apply", "-f", crd.to_str().unwrap()]).await;
+    assert!(
+        out.contains("authorizationpolicies.policy.waymark.dev created"),
+        "{out}"
+    );
+    k.ok(&["apply", "-f", &fixture("01-namespace.yaml")]).await;
+    let out = k
+        .ok(&["apply", "-f", &fixture("06-authorizationpolicy.yaml")])
+        .await;
+    assert!(
+        out.contains("authorizationpolicy.policy.waymark.dev/web-from-shop created"),
+        "{out}"
+    );
     let ds = k.json(&["get", "ds", "-A"]).await;
     assert_eq!(ds["items"][0]["metadata"]["namespace"], "waymark-system");
     // Server-side apply (kubectl sends the object as JSON).

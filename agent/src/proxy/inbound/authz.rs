@@ -49,11 +49,13 @@ struct Rule {
     sources: Vec<SourcePattern>,
     services: Vec<String>,
     ports: Vec<u16>,
+    pods: Vec<String>,
 }
 
 impl Rule {
-    fn matches(&self, source: &SpiffeId, services: &[String], port: u16) -> bool {
+    fn matches(&self, source: &SpiffeId, services: &[String], port: u16, pod: &str) -> bool {
         self.sources.iter().any(|p| p.matches(source))
+            && (self.pods.is_empty() || self.pods.iter().any(|p| p == pod))
             && (self.services.is_empty() || self.services.iter().any(|s| services.contains(s)))
             && (self.ports.is_empty() || self.ports.contains(&port))
     }
@@ -92,6 +94,7 @@ impl Policy {
                     .collect(),
                 services: r.services.clone(),
                 ports: r.ports.clone(),
+                pods: r.pods.clone(),
             })
             .collect();
         let pods = c
@@ -269,7 +272,7 @@ impl InboundAuthz {
         let (action, rule) = policy
             .rules
             .iter()
-            .find(|r| r.matches(source, services, target.port()))
+            .find(|r| r.matches(source, services, target.port(), &pod.name))
             .map_or((policy.default, DEFAULT_RULE), |r| {
                 (r.action, r.label.as_str())
             });
