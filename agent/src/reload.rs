@@ -196,9 +196,13 @@ impl Reloader {
                 c.services.push(s.clone());
             }
         }
-        for n in &u.view.nodes {
-            if !c.nodes.iter().any(|f| f.name == n.name) {
-                c.nodes.push(n.clone());
+        // Other nodes' tunnels matter only with mTLS (without it there is
+        // no tunnel, and validation refuses `[[nodes]]`).
+        if c.identity.is_some() {
+            for n in &u.view.nodes {
+                if !c.nodes.iter().any(|f| f.name == n.name) {
+                    c.nodes.push(n.clone());
+                }
             }
         }
         for p in &u.pods {

@@ -34,6 +34,9 @@ enum Task {
     /// Benchmark: waymark side by side with the direct path and HAProxy and
     /// nginx, in one run (see bench/README.md).
     Bench(bench::BenchArgs),
+    /// Benchmark: Kubernetes discovery at scale (10,000 services, 50,000
+    /// endpoints, 20,000 pods by default) against the stand-in API server.
+    BenchDiscovery(bench::discovery::DiscoveryArgs),
     /// Install what waymark's builds and tests need (apt packages,
     /// rust-src, bpf-linker).
     Setup {
@@ -58,6 +61,7 @@ fn main() -> ExitCode {
             }
         }),
         Task::Bench(args) => bench::run(args),
+        Task::BenchDiscovery(args) => bench::discovery::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,6 +8,7 @@
 //! attached: pods connect directly) for the direct and peer rows; peers as
 //! per-node processes in the node netns, dialled explicitly.
 
+pub mod discovery;
 mod load;
 mod measure;
 mod peers;
