@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
@@ -110,16 +110,23 @@ impl Pool {
 
     /// A connection to `key`: an idle one if there is one, else a new one.
     /// `headers` go with the tunnel `CONNECT` when a new one is opened.
+    /// With the connection comes how long making it took, when it had to
+    /// be made (TCP connect; through the tunnel, the `CONNECT` exchange and
+    /// a TLS handshake if no tunnel connection was open; the HTTP
+    /// handshake): the balancer keeps that apart from response latency,
+    /// which it would otherwise make look like a slow endpoint.
     pub async fn checkout(
         &self,
         key: &Key,
         version: Version,
         headers: impl FnOnce() -> ConnectHeaders,
-    ) -> Result<Conn, ConnectError> {
+    ) -> Result<(Conn, Option<Duration>), ConnectError> {
         if let Some(conn) = self.take_idle(key, version) {
-            return Ok(conn);
+            return Ok((conn, None));
         }
-        self.connect(key, version, headers()).await
+        let start = Instant::now();
+        let conn = self.connect(key, version, headers()).await?;
+        Ok((conn, Some(start.elapsed())))
     }
 
     fn take_idle(&self, key: &Key, version: Version) -> Option<Conn> {
