@@ -254,3 +254,58 @@ impl Pool {
             .retain(|key, _| keep(&key.addr));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use http_body_util::Full;
+    use hyper::service::service_fn;
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::http::body::empty;
+    use crate::transport::tls_label::NoTlsReason;
+
+    /// An h2c server on loopback answering every request 200.
+    async fn server() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let svc = service_fn(|_req| async {
+                        Ok::<_, Infallible>(Response::new(Full::new(bytes::Bytes::from("ok"))))
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_checkout_says_how_long_a_new_connection_took_and_a_reused_one_nothing() {
+        let addr = server().await;
+        let pool = Pool::new(Arc::new(Upstreams::direct("node0", Duration::from_secs(2))));
+        let key = Key::new(addr, Path::Direct(NoTlsReason::Disabled), None);
+        let (conn, took) = pool
+            .checkout(&key, Version::Http2, ConnectHeaders::default)
+            .await
+            .unwrap();
+        assert!(took.is_some_and(|t| t > Duration::ZERO), "{took:?}");
+        let req = Request::builder()
+            .uri(format!("http://{addr}/"))
+            .body(empty())
+            .unwrap();
+        let resp = pool.send(&key, conn, req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let (_, took) = pool
+            .checkout(&key, Version::Http2, ConnectHeaders::default)
+            .await
+            .unwrap();
+        assert_eq!(took, None, "the pooled connection was reused");
+    }
+}
