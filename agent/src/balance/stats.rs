@@ -337,9 +337,9 @@ impl EndpointStats {
                     state.level = 0;
                     state.ejected_until = Some(now + config.ejection(0));
                     self.ejections_total.fetch_add(1, Ordering::Relaxed);
-                    state
-                        .history
-                        .ejected(format!("{} consecutive failures", config.failure_threshold));
+                    let n = config.failure_threshold;
+                    let s = if n == 1 { "" } else { "s" };
+                    state.history.ejected(format!("{n} consecutive failure{s}"));
                 }
             }
         }
@@ -465,6 +465,21 @@ mod tests {
         assert_eq!(v.ejected_until, Some(t0 + 15 * SEC));
         assert_eq!(v.ejections_total, 2);
         assert!(v.ejection_reason.unwrap().starts_with("its probe failed"));
+    }
+
+    #[test]
+    fn an_ejection_after_one_failure_says_so_in_the_singular() {
+        let t0 = Instant::now();
+        let c = BalanceConfig {
+            failure_threshold: 1,
+            ..Default::default()
+        };
+        let s = EndpointStats::new(t0, &c);
+        fail(&s, &c, Role::Normal, t0);
+        assert_eq!(
+            s.view(t0).ejection_reason.as_deref(),
+            Some("1 consecutive failure")
+        );
     }
 
     #[test]
