@@ -34,9 +34,8 @@ struct State {
     /// rather than compete with a guess. Ends after [`WARMUP_ANSWERS`]
     /// successful answers or at the first failure.
     warming: bool,
-    /// Successful answers while warming.
-    warm_answers: u32,
-    /// Latency samples taken into the estimate, ever.
+    /// Latency samples taken into the estimate, ever (while warming: its
+    /// successful answers).
     samples: u64,
     /// Connections made to the endpoint and how long they took: kept
     /// apart from the latency estimate, which they would distort.
@@ -148,7 +147,6 @@ impl EndpointStats {
                 ewma: PeakEwma::new(config.default_rtt, config.decay, now),
                 prior: config.default_rtt,
                 warming: true,
-                warm_answers: 0,
                 samples: 0,
                 connects: Connects::default(),
                 consecutive_failures: 0,
@@ -366,8 +364,7 @@ impl State {
                     self.ewma.reset(now, latency);
                 }
                 self.samples += 1;
-                self.warm_answers += 1;
-                self.warming = self.warm_answers < WARMUP_ANSWERS;
+                self.warming = self.samples < u64::from(WARMUP_ANSWERS);
                 return;
             }
             // A failure ends the endpoint's head start: one failed request
