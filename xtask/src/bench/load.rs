@@ -404,7 +404,7 @@ msg = b"x" * int(sys.argv[3])
 got = ch.unary_unary(sys.argv[2])(msg, timeout=5)
 print("ok" if got == msg else "echo differs: %r" % got[:32])
 "#;
-    let out = client.run_ok(Command::new("python3").args([
+    let out = client.run_ok(waymark_tests::python().args([
         "-c",
         CALL,
         &addr.to_string(),

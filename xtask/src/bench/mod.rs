@@ -913,15 +913,11 @@ fn not_measured() -> Vec<(String, String)> {
             "n/a: waymark's second hop is the mTLS tunnel; its plaintext rows are one hop",
         ),
         (
-            "gRPC rows",
-            "not measured: no gRPC load generator here (ghz is not packaged in Debian)",
+            "HTTP/2 and gRPC through the peer proxies",
+            "not measured: the h2c and gRPC rows compare waymark with the direct path only",
         ),
         (
-            "HTTP/2 through the peer proxies",
-            "not measured: the h2c rows compare waymark with the direct h2c path only",
-        ),
-        (
-            "fixed-rate latency and idle memory of the h2c rows",
+            "fixed-rate latency and idle memory of the h2c and gRPC rows",
             "not measured: testpeer http-rate and hold speak HTTP/1.1",
         ),
         (
