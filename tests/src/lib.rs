@@ -6,6 +6,7 @@
 //! all of it again when the [`World`] is dropped. The `testpeer` binary of this
 //! package is the workload the tests run in pods. See `tests/README.md`.
 
+pub mod grpc_unary;
 mod macros;
 pub mod support;
 pub mod world;

@@ -55,6 +55,27 @@ pub struct EndpointRow {
     pub identity: Option<String>,
     pub weight: u32,
     pub ewma_ms: f64,
+    /// Latency samples behind `ewma_ms`; 0: no answer yet, and `ewma_ms`
+    /// is the prior, which the balancer does not use while `new`.
+    #[serde(default)]
+    pub latency_samples: u64,
+    /// New: P2C prefers it while it has nothing in flight, until it has
+    /// answered twice or failed once (docs/endpoints.md).
+    #[serde(default)]
+    pub new: bool,
+    /// Connections made to it for requests. Their setup (TCP connect;
+    /// through the tunnel, the `CONNECT` exchange and any TLS handshake;
+    /// the HTTP handshake) is timed here and never counted in `ewma_ms`.
+    #[serde(default)]
+    pub connects: u64,
+    /// Setup time of the last connection, ms.
+    #[serde(default)]
+    pub connect_last_ms: Option<f64>,
+    #[serde(default)]
+    pub connect_mean_ms: Option<f64>,
+    /// The slowest setup so far (a TLS handshake, typically), ms.
+    #[serde(default)]
+    pub connect_max_ms: Option<f64>,
     pub in_flight: usize,
     pub recent_successes: u64,
     pub recent_failures: u64,
@@ -144,6 +165,10 @@ fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
+fn fractional_ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
 fn millis(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -163,7 +188,13 @@ fn row(
         zone: e.zone.clone(),
         identity: e.identity.clone(),
         weight: e.weight,
-        ewma_ms: v.ewma.as_secs_f64() * 1000.0,
+        ewma_ms: fractional_ms(v.ewma),
+        latency_samples: v.samples,
+        new: v.warming,
+        connects: v.connects.total,
+        connect_last_ms: v.connects.last.map(fractional_ms),
+        connect_mean_ms: v.connects.mean().map(fractional_ms),
+        connect_max_ms: v.connects.max.map(fractional_ms),
         in_flight: v.in_flight,
         recent_successes: v.recent.successes,
         recent_failures: v.recent.failures,

@@ -53,6 +53,14 @@ impl PeakEwma {
         self.stamp = self.stamp.max(now);
     }
 
+    /// Makes `sample` the estimate outright, as of `now`: for an endpoint's
+    /// first answers, where what is being replaced is a guess (the prior,
+    /// or a first exchange's one-off costs), not a measurement to smooth.
+    pub fn reset(&mut self, now: Instant, sample: Duration) {
+        self.estimate_ns = sample.as_nanos() as f64;
+        self.stamp = self.stamp.max(now);
+    }
+
     /// `e^(-Δt/decay)`: how much of the previous estimate survives to
     /// `now`; `None` when no decay is configured, which means "no
     /// smoothing": the last sample is the estimate and does not fade.
@@ -126,6 +134,17 @@ mod tests {
         // 30 s idle: even a modest new sample is above what is left.
         e.observe(t0 + 3 * DECAY, 80 * MS);
         assert_eq!(ms(e.get_ns(t0 + 3 * DECAY)), 80.0);
+    }
+
+    #[test]
+    fn reset_replaces_even_a_higher_estimate_at_once() {
+        let t0 = Instant::now();
+        let mut e = PeakEwma::new(30 * MS, DECAY, t0);
+        // `observe` would barely move 30 ms toward 0.2 ms in 1 ms.
+        e.reset(t0 + MS, MS / 5);
+        assert_eq!(ms(e.get_ns(t0 + MS)), 0.2);
+        // And it fades from there like any estimate.
+        assert!(ms(e.get_ns(t0 + MS + DECAY)) < 0.1);
     }
 
     #[test]

@@ -5,6 +5,53 @@
 //!
 //! Plain synchronous types, shared across tasks behind `Arc`; the caller
 //! passes the time in, so every rule here is tested deterministically.
+//!
+//! ## New endpoints
+//!
+//! A peak-EWMA balancer has to say what an endpoint costs before it has
+//! answered. Linkerd starts it at a default RTT of 30 ms that fades over the
+//! decay time (10 s). Against endpoints that answer in a millisecond that
+//! prior loses every comparison, so with sequential calls (one gRPC channel,
+//! nothing in flight to even things out) a third endpoint got no call at
+//! all until the prior had faded — 0 of 300 calls in every run. Linkerd
+//! also balances only over endpoints whose connection is ready, which
+//! keeps connection setup out of its estimate; a first sample that
+//! included a TLS handshake condemned an endpoint here the same way, since
+//! a peak replaces the estimate and then only fades.
+//!
+//! waymark's answer, from Finagle's P2C-peak-EWMA, where an endpoint with
+//! no latency yet costs nothing unless it has a request outstanding:
+//!
+//! - A new endpoint with nothing in flight costs 0, so P2C sends it a
+//!   request the first time it draws it (within about n/2 picks over n
+//!   endpoints). With a request in flight it costs the prior × (in flight +
+//!   1), Linkerd's rule, so it gets one request at a time while its peers
+//!   are faster than the prior — a slow or broken newcomer is tried, not
+//!   flooded.
+//! - Its answers replace the guess instead of being compared with it: the
+//!   first sets the estimate, the next lowers it if lower. The endpoint
+//!   stays new for [`stats::WARMUP_ANSWERS`] answers, because a first
+//!   exchange also pays setup the sender cannot see (the peer agent's
+//!   detection, its connection to the pod, the server's per-connection
+//!   state). An estimate too low is corrected by the next answer — a peak
+//!   replaces it at once — while one too high would only fade, so the warm
+//!   up errs low.
+//! - The first failure ends it: the endpoint falls back to the prior (or
+//!   the failure's latency, if longer), as before. One failed request per
+//!   new endpoint, not one per draw until failure accrual ejects it.
+//! - Connection setup is never a latency sample: the proxy starts the
+//!   clock after a connection is had and records setup separately
+//!   ([`EndpointStats::record_connect`], shown by `waymark endpoints`).
+//!
+//! The alternatives: seeding a newcomer with its peers' mean estimate also
+//! gets it sampled, but only in the pairs where it meets a peer slower than
+//! that mean, and it needs a fallback when no peer has answered either; a
+//! separate probe request would need a request the endpoint understands (a
+//! gRPC service has no safe generic call), where the real request that P2C
+//! sends it anyway measures exactly what the balancer compares. Envoy's slow start ramps a new host's weight up
+//! over a window to protect cold servers: the opposite concern, and for a
+//! per-node proxy that sees only its node's share of the traffic a
+//! newcomer's first few requests are not a threat.
 
 mod ewma;
 mod history;
@@ -15,11 +62,11 @@ use std::time::Duration;
 
 pub use history::{Recent, WINDOW as RECENT_WINDOW};
 pub use p2c::Balancer;
-pub use stats::{EndpointStats, EndpointView};
+pub use stats::{Connects, EndpointStats, EndpointView, WARMUP_ANSWERS};
 
 /// Linkerd's decay time constant for the latency estimate.
 pub const DEFAULT_DECAY: Duration = Duration::from_secs(10);
-/// Estimate for an endpoint that has not answered yet (Linkerd's default).
+/// Cost basis of a new endpoint with a request out (Linkerd's default).
 pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
 pub const DEFAULT_FAILURE_THRESHOLD: u32 = 5;
 pub const DEFAULT_EJECT_BASE: Duration = Duration::from_secs(5);
@@ -31,7 +78,9 @@ pub struct BalanceConfig {
     /// Time constant of the latency estimate: how fast it forgets. Zero means
     /// no smoothing (the last sample is the estimate).
     pub decay: Duration,
-    /// Initial estimate for a new endpoint.
+    /// What a new endpoint is assumed to cost per request while its first
+    /// request is out (an idle new endpoint costs nothing; see "New
+    /// endpoints" above), and where one whose first request failed starts.
     pub default_rtt: Duration,
     /// Consecutive failures that eject an endpoint; 0 never ejects.
     pub failure_threshold: u32,

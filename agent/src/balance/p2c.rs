@@ -47,10 +47,10 @@ impl<E> Balancer<E> {
 
     /// Endpoints with existing statistics (kept from a previous balancer via
     /// [`Balancer::stats_of`]), so estimates and ejections survive a reload.
-    /// The new config's decay applies to them from now on.
+    /// The new config's decay and prior apply to them from now on.
     pub fn with_stats(endpoints: Vec<(E, Arc<EndpointStats>)>, config: BalanceConfig) -> Self {
         for (_, stats) in &endpoints {
-            stats.set_decay(config.decay);
+            stats.set_config(&config);
         }
         let weights = vec![1.0; endpoints.len()];
         Self {
@@ -371,6 +371,7 @@ impl<E> Drop for Pick<'_, E> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::WARMUP_ANSWERS;
     use super::*;
     use rand::SeedableRng;
     use rand::rngs::StdRng;
@@ -393,6 +394,183 @@ mod tests {
             b.acquire(i, now).unwrap().complete(now, MS, false);
         }
         assert!(b.endpoints[i].1.is_ejected(now));
+    }
+
+    /// Answer times by endpoint and by how many requests it has had
+    /// before (0: its first).
+    type Latency<'a> = &'a dyn Fn(usize, u32) -> Duration;
+
+    /// `calls` requests one after another (one gRPC channel, nothing in
+    /// flight when the next is picked), 1 ms apart after each answer;
+    /// returns the requests per endpoint and the instant after the last.
+    fn sequential(
+        b: &Balancer<usize>,
+        t0: Instant,
+        rng: &mut StdRng,
+        calls: usize,
+        latency: Latency<'_>,
+    ) -> (Vec<u32>, Instant) {
+        let mut counts = vec![0u32; b.len()];
+        let mut now = t0;
+        for _ in 0..calls {
+            let p = b.pick_with(now, rng, &|_| false).unwrap();
+            let i = *p.endpoint();
+            let took = latency(i, counts[i]);
+            counts[i] += 1;
+            now += took;
+            p.complete(now, took, true);
+            now += MS;
+        }
+        (counts, now)
+    }
+
+    /// `calls` requests from `callers` callers that each send the next as
+    /// soon as their last is answered; returns the requests per endpoint.
+    fn concurrent(
+        b: &Balancer<usize>,
+        t0: Instant,
+        callers: usize,
+        calls: usize,
+        latency: Latency<'_>,
+    ) -> Vec<u32> {
+        let mut rng = rng();
+        let mut counts = vec![0u32; b.len()];
+        let mut out: Vec<(Instant, Duration, Pick<'_, usize>)> = Vec::new();
+        let (mut now, mut sent) = (t0, 0);
+        while sent < calls || !out.is_empty() {
+            while out.len() < callers && sent < calls {
+                let p = b.pick_with(now, &mut rng, &|_| false).unwrap();
+                let i = *p.endpoint();
+                let took = latency(i, counts[i]);
+                counts[i] += 1;
+                sent += 1;
+                out.push((now + took, took, p));
+            }
+            let first = (0..out.len()).min_by_key(|&k| out[k].0).unwrap();
+            let (at, took, p) = out.swap_remove(first);
+            now = at;
+            p.complete(now, took, true);
+        }
+        counts
+    }
+
+    /// The world: one endpoint on this node, two behind the tunnel.
+    fn local_and_remote(local: Duration, remote: Duration) -> impl Fn(usize, u32) -> Duration {
+        move |i, _| if i == 0 { local } else { remote }
+    }
+
+    #[test]
+    fn sequential_calls_reach_every_new_endpoint_at_once() {
+        let (b, t0) = balancer(3);
+        let mut rng = rng();
+        let latency = local_and_remote(MS * 3 / 10, MS * 8 / 10);
+        // Every endpoint has had a request within the first few calls…
+        let (first, t1) = sequential(&b, t0, &mut rng, 6, &latency);
+        assert!(first.iter().all(|&c| c > 0), "{first:?}");
+        // …and the rest keeps preferring the faster one, on this node.
+        let (rest, _) = sequential(&b, t1, &mut rng, 294, &latency);
+        assert!(rest[0] > rest[1] + rest[2], "{rest:?}");
+    }
+
+    #[test]
+    fn an_endpoint_that_appears_later_is_sampled_at_once() {
+        let (old, t0) = balancer(2);
+        let mut rng = rng();
+        let latency = |_: usize, _: u32| MS / 2;
+        let (_, t1) = sequential(&old, t0, &mut rng, 100, &latency);
+        // A reload adds endpoint 2: fresh statistics, as discovery makes
+        // them, seconds after the others were measured.
+        let t2 = t1 + 5 * SEC;
+        let entries = (0..3)
+            .map(|e| {
+                let stats = old
+                    .stats_of(&e)
+                    .unwrap_or_else(|| Arc::new(EndpointStats::new(t2, old.config())));
+                (e, stats)
+            })
+            .collect();
+        let new = Balancer::with_stats(entries, BalanceConfig::default());
+        let (counts, _) = sequential(&new, t2, &mut rng, 5, &latency);
+        assert!(counts[2] >= 1, "{counts:?}");
+    }
+
+    #[test]
+    fn a_slow_first_answer_does_not_condemn_an_endpoint() {
+        // Equal endpoints whose first exchange is 40× slower (a cold
+        // connection on the far side, a server's lazy set-up).
+        let cold = |_: usize, nth: u32| if nth == 0 { 20 * MS } else { MS / 2 };
+        let (b, t0) = balancer(3);
+        let (counts, _) = sequential(&b, t0, &mut rng(), 300, &cold);
+        assert!(counts.iter().all(|&c| c >= 60), "{counts:?}");
+        let (b, t0) = balancer(3);
+        let counts = concurrent(&b, t0, 8, 3_000, &cold);
+        assert!(counts.iter().all(|&c| c >= 600), "{counts:?}");
+    }
+
+    #[test]
+    fn eight_concurrent_callers_share_three_equal_endpoints() {
+        let (b, t0) = balancer(3);
+        let counts = concurrent(&b, t0, 8, 3_000, &|_, _| MS);
+        assert!(counts.iter().all(|&c| c >= 600), "{counts:?}");
+    }
+
+    #[test]
+    fn locality_is_kept_where_latency_really_differs() {
+        let latency = local_and_remote(MS / 5, MS);
+        let (b, t0) = balancer(3);
+        let (counts, _) = sequential(&b, t0, &mut rng(), 3_000, &latency);
+        assert!(counts[0] >= 1_800, "{counts:?}");
+        assert!(counts[1] > 0 && counts[2] > 0, "{counts:?}");
+        // Under concurrency in-flight counts spread the load, but the
+        // faster endpoint still takes the most.
+        let (b, t0) = balancer(3);
+        let counts = concurrent(&b, t0, 8, 3_000, &latency);
+        assert!(counts[0] > counts[1] && counts[0] > counts[2], "{counts:?}");
+        // Equal latencies: no preference (the same runs, the same seeds).
+        let (b, t0) = balancer(3);
+        let (counts, _) = sequential(&b, t0, &mut rng(), 3_000, &|_, _| MS);
+        assert!(counts.iter().all(|&c| c >= 800), "{counts:?}");
+    }
+
+    #[test]
+    fn a_new_endpoint_gets_one_request_at_a_time_until_it_answers() {
+        let (b, t0) = balancer(3);
+        let mut rng = rng();
+        for i in 0..2 {
+            for _ in 0..WARMUP_ANSWERS {
+                b.acquire(i, t0).unwrap().complete(t0, MS, true);
+            }
+        }
+        // Eight requests held open: endpoint 2 wins its first draw, then
+        // costs the 30 ms prior × 2 against 1 ms × (in flight + 1).
+        let held: Vec<_> = (0..8)
+            .map(|_| b.pick_with(t0, &mut rng, &|_| false).unwrap())
+            .collect();
+        let to_new = held.iter().filter(|p| *p.endpoint() == 2).count();
+        assert_eq!(
+            to_new,
+            1,
+            "{:?}",
+            held.iter().map(|p| p.index).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn a_new_endpoint_that_fails_gets_no_head_start_again() {
+        let (b, t0) = balancer(3);
+        let mut rng = rng();
+        let mut counts = [0u32; 3];
+        let mut now = t0;
+        for _ in 0..300 {
+            let p = b.pick_with(now, &mut rng, &|_| false).unwrap();
+            let i = *p.endpoint();
+            counts[i] += 1;
+            // Endpoint 2 refuses connections: an instant failure.
+            p.complete(now, MS / 10, i != 2);
+            now += 2 * MS;
+        }
+        assert_eq!(counts[2], 1, "{counts:?}");
+        assert!(!b.endpoints[2].1.is_ejected(now));
     }
 
     #[test]
@@ -431,9 +609,8 @@ mod tests {
         }
     }
 
-    /// Endpoints faster than the 30 ms prior: the unmeasured ones look worse
-    /// at first, but requests in flight raise the measured ones' cost until
-    /// every endpoint is measured and load evens out.
+    /// Endpoints faster than the 30 ms prior: each is tried once while
+    /// new, then in-flight counts even the load out.
     #[test]
     fn equal_endpoints_under_concurrency_share_load_evenly() {
         let (b, t0) = balancer(4);
@@ -497,13 +674,13 @@ mod tests {
         let mut rng = rng();
         eject(&b, 0, t0);
         assert_eq!(b.available(t0), 2);
+        // The others answer as slowly as the prior the failures left
+        // endpoint 0 with: the probe is P2C's choice, not forced.
+        let rtt = b.config().default_rtt;
         for _ in 0..500 {
-            assert_ne!(
-                *b.pick_with(t0 + SEC, &mut rng, &|_| false)
-                    .unwrap()
-                    .endpoint(),
-                0
-            );
+            let p = b.pick_with(t0 + SEC, &mut rng, &|_| false).unwrap();
+            assert_ne!(*p.endpoint(), 0);
+            p.complete(t0 + SEC, rtt, true);
         }
         // Expired: endpoint 0 is chosen once as a probe, and not again while
         // that probe is out.

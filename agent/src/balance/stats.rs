@@ -24,6 +24,22 @@ pub struct EndpointStats {
 #[derive(Debug)]
 struct State {
     ewma: PeakEwma,
+    /// Linkerd's prior (`default_rtt`): what a new endpoint is assumed to
+    /// cost per request while its first one is out. Kept apart from
+    /// `ewma`, which fades, so that the prior means the same whenever the
+    /// first request comes.
+    prior: Duration,
+    /// The endpoint is new (see the module doc of `balance`): preferred
+    /// while it has nothing in flight, and its answers set the estimate
+    /// rather than compete with a guess. Ends after [`WARMUP_ANSWERS`]
+    /// successful answers or at the first failure.
+    warming: bool,
+    /// Latency samples taken into the estimate, ever (while warming: its
+    /// successful answers).
+    samples: u64,
+    /// Connections made to the endpoint and how long they took: kept
+    /// apart from the latency estimate, which they would distort.
+    connects: Connects,
     consecutive_failures: u32,
     /// `Some` from ejection until readmission, including the probation after
     /// the instant has passed.
@@ -38,10 +54,52 @@ struct State {
     history: History,
 }
 
+/// Successful answers after which a new endpoint is judged like any other.
+/// Two, not one: the first exchange on a new connection also pays for
+/// setup the sending agent cannot see or subtract (the peer agent's
+/// protocol detection and its own connection to the pod, the server's
+/// per-connection state), so one answer is a poor basis for an estimate
+/// that, being a peak, would then only fade over `decay`.
+pub const WARMUP_ANSWERS: u32 = 2;
+
+/// Connection setup to an endpoint (TCP connect; through the tunnel, the
+/// `CONNECT` exchange and the TLS handshake when a tunnel connection had to
+/// be made; the HTTP handshake): what it cost, kept out of the latency
+/// estimate.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Connects {
+    pub total: u64,
+    pub last: Option<Duration>,
+    /// The slowest so far (a TLS handshake, typically).
+    pub max: Option<Duration>,
+    sum: Duration,
+}
+
+impl Connects {
+    fn record(&mut self, took: Duration) {
+        self.total += 1;
+        self.last = Some(took);
+        self.max = Some(self.max.map_or(took, |m| m.max(took)));
+        self.sum = self.sum.saturating_add(took);
+    }
+
+    /// The mean setup time, once there has been one.
+    pub fn mean(&self) -> Option<Duration> {
+        let n = u32::try_from(self.total).ok().filter(|n| *n > 0)?;
+        Some(self.sum / n)
+    }
+}
+
 /// An endpoint as an operator sees it (`waymark endpoints`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct EndpointView {
     pub ewma: Duration,
+    /// Latency samples behind `ewma` (0: it is still the prior).
+    pub samples: u64,
+    /// New: preferred while idle until it has answered
+    /// [`WARMUP_ANSWERS`] times.
+    pub warming: bool,
+    pub connects: Connects,
     pub in_flight: usize,
     /// Outcomes in the last [`super::RECENT_WINDOW`].
     pub recent: Recent,
@@ -87,6 +145,10 @@ impl EndpointStats {
         Self {
             state: Mutex::new(State {
                 ewma: PeakEwma::new(config.default_rtt, config.decay, now),
+                prior: config.default_rtt,
+                warming: true,
+                samples: 0,
+                connects: Connects::default(),
                 consecutive_failures: 0,
                 ejected_until: None,
                 level: 0,
@@ -101,6 +163,11 @@ impl EndpointStats {
     /// The latency estimate at `now`.
     pub fn ewma(&self, now: Instant) -> Duration {
         Duration::from_nanos(self.lock().ewma.get_ns(now) as u64)
+    }
+
+    /// Connections made to the endpoint and their setup times.
+    pub fn connects(&self) -> Connects {
+        self.lock().connects
     }
 
     pub fn in_flight(&self) -> usize {
@@ -124,6 +191,9 @@ impl EndpointStats {
         let state = self.lock();
         EndpointView {
             ewma: Duration::from_nanos(state.ewma.get_ns(now) as u64),
+            samples: state.samples,
+            warming: state.warming,
+            connects: state.connects,
             in_flight: self.in_flight(),
             recent: state.history.recent(now),
             ejected_until: state.ejected_until.filter(|u| now < *u),
@@ -132,6 +202,12 @@ impl EndpointStats {
             ejections_total: self.ejections_total(),
             last_error: state.history.last_error().cloned(),
         }
+    }
+
+    /// A connection to the endpoint was made for a request, taking `took`;
+    /// that request's latency sample starts after it.
+    pub fn record_connect(&self, took: Duration) {
+        self.lock().connects.record(took);
     }
 
     /// Why a request to the endpoint failed (the proxy's detail, or the
@@ -149,18 +225,36 @@ impl EndpointStats {
         self.lock().consecutive_failures
     }
 
-    pub(super) fn set_decay(&self, decay: Duration) {
-        self.lock().ewma.set_decay(decay);
+    /// A reload's tunables, for endpoints that stay.
+    pub(super) fn set_config(&self, config: &BalanceConfig) {
+        let mut state = self.lock();
+        state.ewma.set_decay(config.decay);
+        state.prior = config.default_rtt;
     }
 
     /// Cost is Linkerd's: estimate × (in flight + 1), so a fast endpoint
-    /// that is already busy loses to a slightly slower idle one.
+    /// that is already busy loses to a slightly slower idle one. A new
+    /// endpoint with nothing in flight costs nothing: it wins against any
+    /// endpoint that has answered, so P2C sends it a request as soon as it
+    /// draws it. With requests in flight it costs its first answer, or,
+    /// before that, the prior — one request at a time while peers are
+    /// faster than the prior, never a flood.
     pub(super) fn snapshot(&self, now: Instant) -> Snapshot {
         let state = self.lock();
         let in_flight = self.in_flight() as f64;
+        let estimate = if state.warming && state.samples == 0 {
+            state.prior.as_nanos() as f64
+        } else {
+            state.ewma.get_ns(now)
+        };
+        let cost = if state.warming && in_flight == 0.0 {
+            0.0
+        } else {
+            (estimate + COST_FLOOR_NS) * (in_flight + 1.0)
+        };
         Snapshot {
             available: state.available(now),
-            cost: (state.ewma.get_ns(now) + COST_FLOOR_NS) * (in_flight + 1.0),
+            cost,
             ejected_until: state.ejected_until,
         }
     }
@@ -205,13 +299,7 @@ impl EndpointStats {
         config: &BalanceConfig,
     ) {
         let mut state = self.lock();
-        // A fast failure (an instant 503, a refused connection) must not make
-        // a broken endpoint look attractive, so failures only count when
-        // they raise the estimate — a timeout does, and should.
-        let sample_ns = latency.as_nanos() as f64;
-        if success || sample_ns > state.ewma.get_ns(now) {
-            state.ewma.observe(now, latency);
-        }
+        state.take_sample(now, latency, success);
         if role == Role::Probe {
             state.probe_in_flight = false;
         }
@@ -247,9 +335,9 @@ impl EndpointStats {
                     state.level = 0;
                     state.ejected_until = Some(now + config.ejection(0));
                     self.ejections_total.fetch_add(1, Ordering::Relaxed);
-                    state
-                        .history
-                        .ejected(format!("{} consecutive failures", config.failure_threshold));
+                    let n = config.failure_threshold;
+                    let s = if n == 1 { "" } else { "s" };
+                    state.history.ejected(format!("{n} consecutive failure{s}"));
                 }
             }
         }
@@ -263,6 +351,41 @@ impl EndpointStats {
 }
 
 impl State {
+    /// Feeds a request's latency to the estimate.
+    fn take_sample(&mut self, now: Instant, latency: Duration, success: bool) {
+        let sample_ns = latency.as_nanos() as f64;
+        if self.warming {
+            if success {
+                // The lowest answer so far: too low an estimate is
+                // corrected by the very next answer (a peak replaces it),
+                // too high a one only by `decay` — and only if P2C still
+                // picks the endpoint.
+                if self.samples == 0 || sample_ns < self.ewma.get_ns(now) {
+                    self.ewma.reset(now, latency);
+                }
+                self.samples += 1;
+                self.warming = self.samples < u64::from(WARMUP_ANSWERS);
+                return;
+            }
+            // A failure ends the endpoint's head start: one failed request
+            // per new endpoint, not one per draw until failure accrual
+            // ejects it. Unanswered, it falls back to the prior as of now.
+            self.warming = false;
+            if self.samples == 0 {
+                self.ewma.reset(now, latency.max(self.prior));
+                self.samples += 1;
+                return;
+            }
+        }
+        // A fast failure (an instant 503, a refused connection) must not make
+        // a broken endpoint look attractive, so failures only count when
+        // they raise the estimate — a timeout does, and should.
+        if success || sample_ns > self.ewma.get_ns(now) {
+            self.ewma.observe(now, latency);
+            self.samples += 1;
+        }
+    }
+
     fn available(&self, now: Instant) -> bool {
         match self.ejected_until {
             None => true,
@@ -339,6 +462,21 @@ mod tests {
         assert_eq!(v.ejected_until, Some(t0 + 15 * SEC));
         assert_eq!(v.ejections_total, 2);
         assert!(v.ejection_reason.unwrap().starts_with("its probe failed"));
+    }
+
+    #[test]
+    fn an_ejection_after_one_failure_says_so_in_the_singular() {
+        let t0 = Instant::now();
+        let c = BalanceConfig {
+            failure_threshold: 1,
+            ..Default::default()
+        };
+        let s = EndpointStats::new(t0, &c);
+        fail(&s, &c, Role::Normal, t0);
+        assert_eq!(
+            s.view(t0).ejection_reason.as_deref(),
+            Some("1 consecutive failure")
+        );
     }
 
     #[test]
@@ -424,6 +562,101 @@ mod tests {
     }
 
     #[test]
+    fn a_new_endpoint_is_free_while_idle_and_costs_the_prior_while_busy() {
+        let t0 = Instant::now();
+        let (s, c) = stats(t0);
+        // Long after it appeared: the prior does not fade away meanwhile.
+        let later = t0 + 60 * SEC;
+        assert_eq!(s.snapshot(later).cost, 0.0);
+        s.start();
+        let busy = s.snapshot(later).cost;
+        let prior = (c.default_rtt.as_nanos() as f64 + COST_FLOOR_NS) * 2.0;
+        assert!((busy - prior).abs() < 1.0, "{busy} vs {prior}");
+        // A first answer replaces the prior, however far below it.
+        s.finish(Role::Normal, later, MS / 4, true, &c);
+        s.end();
+        let v = s.view(later);
+        assert_eq!((v.ewma, v.samples, v.warming), (MS / 4, 1, true));
+        assert_eq!(s.snapshot(later).cost, 0.0, "still new while idle");
+        s.start();
+        let busy = s.snapshot(later).cost;
+        assert!((busy - (250_000.0 + COST_FLOOR_NS) * 2.0).abs() < 1.0);
+        s.end();
+    }
+
+    #[test]
+    fn warm_up_keeps_the_lowest_answer_then_peaks_count() {
+        let t0 = Instant::now();
+        let (s, c) = stats(t0);
+        // A first exchange paying for a cold server: 20 ms, then 0.5 ms.
+        s.finish(Role::Normal, t0, 20 * MS, true, &c);
+        s.finish(Role::Normal, t0 + MS, MS / 2, true, &c);
+        let v = s.view(t0 + MS);
+        assert_eq!((v.ewma, v.samples, v.warming), (MS / 2, 2, false));
+        assert!(s.snapshot(t0 + MS).cost > 0.0, "judged like any other");
+        // From now on a slower answer is a peak, at once.
+        s.finish(Role::Normal, t0 + 2 * MS, 5 * MS, true, &c);
+        assert_eq!(s.ewma(t0 + 2 * MS), 5 * MS);
+    }
+
+    #[test]
+    fn a_failure_ends_the_warm_up_at_the_prior() {
+        let t0 = Instant::now();
+        let (s, c) = stats(t0);
+        let later = t0 + 30 * SEC;
+        // A refused connection: fast, and no answer at all.
+        fail(&s, &c, Role::Normal, later);
+        let v = s.view(later);
+        assert!(!v.warming);
+        assert_eq!(v.ewma, c.default_rtt, "the prior as of the failure");
+        assert!(s.snapshot(later).cost > 0.0);
+        // A slow failure (a timeout) counts in full.
+        let (s, c) = stats(t0);
+        s.finish(Role::Normal, t0, 2 * SEC, false, &c);
+        assert_eq!(s.ewma(t0), 2 * SEC);
+        // After a first answer, a fast failure ends the warm-up without
+        // lowering anything.
+        let (s, c) = stats(t0);
+        s.finish(Role::Normal, t0, 3 * MS, true, &c);
+        fail(&s, &c, Role::Normal, t0);
+        let v = s.view(t0);
+        assert_eq!((v.ewma, v.warming), (3 * MS, false));
+    }
+
+    #[test]
+    fn connection_setup_is_kept_apart_from_latency() {
+        let t0 = Instant::now();
+        let (s, c) = stats(t0);
+        assert_eq!(s.connects(), Connects::default());
+        assert_eq!(s.connects().mean(), None);
+        s.record_connect(12 * MS);
+        s.record_connect(2 * MS);
+        s.finish(Role::Normal, t0, MS / 2, true, &c);
+        let v = s.view(t0);
+        assert_eq!(v.ewma, MS / 2);
+        assert_eq!(v.samples, 1);
+        assert_eq!(
+            (v.connects.total, v.connects.last, v.connects.max),
+            (2, Some(2 * MS), Some(12 * MS))
+        );
+        assert_eq!(v.connects.mean(), Some(7 * MS));
+    }
+
+    #[test]
+    fn a_reload_changes_the_prior_of_endpoints_that_stay() {
+        let t0 = Instant::now();
+        let (s, _) = stats(t0);
+        s.set_config(&BalanceConfig {
+            default_rtt: 5 * MS,
+            ..Default::default()
+        });
+        s.start();
+        let busy = s.snapshot(t0).cost;
+        assert!((busy - (5e6 + COST_FLOOR_NS) * 2.0).abs() < 1.0, "{busy}");
+        s.end();
+    }
+
+    #[test]
     fn failures_only_ever_raise_the_estimate() {
         let t0 = Instant::now();
         let (s, c) = stats(t0);
@@ -434,10 +667,20 @@ mod tests {
         assert_eq!(s.ewma(t0), 2 * SEC, "a slow failure counts");
     }
 
+    /// Answers `WARMUP_ANSWERS` times in `latency`, so the endpoint is
+    /// judged like any other from then on.
+    fn warm(s: &EndpointStats, c: &BalanceConfig, now: Instant, latency: Duration) {
+        for _ in 0..WARMUP_ANSWERS {
+            s.finish(Role::Normal, now, latency, true, c);
+        }
+        assert!(!s.view(now).warming);
+    }
+
     #[test]
     fn cost_grows_with_in_flight() {
         let t0 = Instant::now();
-        let (s, _) = stats(t0);
+        let (s, c) = stats(t0);
+        warm(&s, &c, t0, MS);
         let idle = s.snapshot(t0).cost;
         s.start();
         s.start();

@@ -2,9 +2,9 @@
 //! balancer sees it now (the agent's `GET /endpoints`), one row each:
 //!
 //! ```text
-//! SERVICE   ADDRESS            POD              NODE    ZONE   IDENTITY   WEIGHT   EWMA     IN_FLIGHT   OK_1M   FAIL_1M   STATE                                       PATH     LAST_ERROR
-//! web       10.2.0.2:8080      default/web-1    node1   -      -          1        0.61ms   0           40      0         ok                                          direct   -
-//! web       10.2.0.250:8080    default/web-2    node1   -      -          1        2896ms   0           0       5         ejected for 4s: 5 consecutive failures      direct   3s ago: connect to 10.2.0.250:8080: …
+//! SERVICE   ADDRESS            POD              NODE    ZONE   IDENTITY   WEIGHT   EWMA     CONNECT   IN_FLIGHT   OK_1M   FAIL_1M   STATE                                       PATH     LAST_ERROR
+//! web       10.2.0.2:8080      default/web-1    node1   -      -          1        0.61ms   0.21ms    0           40      0         ok                                          direct   -
+//! web       10.2.0.250:8080    default/web-2    node1   -      -          1        2896ms   -         0           0       5         ejected for 4s: 5 consecutive failures      direct   3s ago: connect to 10.2.0.250:8080: …
 //! ```
 
 use anyhow::Result;
@@ -42,6 +42,16 @@ fn or_dash(v: &Option<String>) -> String {
     v.clone().unwrap_or_else(|| "-".to_string())
 }
 
+/// The estimate, or `new` before the endpoint's first answer (the
+/// balancer then prefers it while idle; the prior it shows means nothing).
+fn ewma(e: &EndpointRow) -> String {
+    if e.new && e.latency_samples == 0 {
+        "new".to_string()
+    } else {
+        ms(Some(e.ewma_ms))
+    }
+}
+
 fn state(e: &EndpointRow) -> String {
     match e.state.as_str() {
         "ejected" => format!(
@@ -70,7 +80,8 @@ pub fn table(report: &EndpointsReport) -> String {
                     or_dash(&e.zone),
                     or_dash(&e.identity),
                     e.weight.to_string(),
-                    ms(Some(e.ewma_ms)),
+                    ewma(e),
+                    ms(e.connect_last_ms),
                     e.in_flight.to_string(),
                     e.recent_successes.to_string(),
                     e.recent_failures.to_string(),
@@ -93,6 +104,7 @@ pub fn table(report: &EndpointsReport) -> String {
             "IDENTITY",
             "WEIGHT",
             "EWMA",
+            "CONNECT",
             "IN_FLIGHT",
             &ok,
             &fail,
@@ -134,6 +146,12 @@ mod tests {
             identity: None,
             weight: 1,
             ewma_ms: 2896.0,
+            latency_samples: 5,
+            new: false,
+            connects: 2,
+            connect_last_ms: Some(1.5),
+            connect_mean_ms: Some(1.0),
+            connect_max_ms: Some(1.5),
             in_flight: 0,
             recent_successes: 0,
             recent_failures: 5,
@@ -179,7 +197,7 @@ mod tests {
             "10.2.0.250:8080",
             "default/gone-1",
             "node1",
-            "2896ms",
+            "2896ms   1.5ms",
             "ejected for 4s: 5 consecutive failures",
             "direct",
             "2s ago: connect to 10.2.0.250:8080: No route to host",
@@ -191,5 +209,25 @@ mod tests {
             "service shop-v2 has no endpoints: requests routed to it are answered 503 by the proxy"
         );
         assert_eq!(window(90), "90S");
+    }
+
+    #[test]
+    fn a_new_endpoint_shows_new_until_it_answers() {
+        let mut r = row();
+        r.new = true;
+        r.latency_samples = 0;
+        r.connects = 0;
+        r.connect_last_ms = None;
+        let report = EndpointsReport {
+            window_s: 60,
+            services: vec![ServiceEndpoints {
+                service: "web".into(),
+                endpoints: vec![r.clone()],
+            }],
+        };
+        let t = table(&report);
+        assert!(t.lines().nth(1).unwrap().contains(" new "), "{t}");
+        r.latency_samples = 1;
+        assert_eq!(ewma(&r), "2896ms");
     }
 }

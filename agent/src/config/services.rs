@@ -67,7 +67,8 @@ pub struct BalancerConfig {
     /// Time constant of the peak-EWMA latency estimate.
     #[serde(default = "default_decay", with = "humantime_serde")]
     pub decay: Duration,
-    /// Latency assumed for an endpoint that has not answered yet.
+    /// Latency assumed for an endpoint that has not answered yet while a
+    /// request to it is out (see `balance`, "New endpoints").
     #[serde(default = "default_rtt", with = "humantime_serde")]
     pub default_rtt: Duration,
     /// Consecutive failures that eject an endpoint (0: never eject).

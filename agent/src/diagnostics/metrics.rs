@@ -288,6 +288,8 @@ pub struct ServiceLabels {
 /// disappear with it).
 pub struct BalancerMetrics {
     pub latency_ewma_ms: Family<EndpointLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub connect_ms: Family<EndpointLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub connects: Family<EndpointLabels, Gauge>,
     pub in_flight: Family<EndpointLabels, Gauge>,
     pub ejected: Family<EndpointLabels, Gauge>,
     pub ejections: Family<EndpointLabels, Gauge>,
@@ -300,6 +302,8 @@ impl BalancerMetrics {
     pub fn new(registry: &mut Registry) -> Self {
         let m = BalancerMetrics {
             latency_ewma_ms: Family::default(),
+            connect_ms: Family::default(),
+            connects: Family::default(),
             in_flight: Family::default(),
             ejected: Family::default(),
             ejections: Family::default(),
@@ -321,6 +325,16 @@ impl BalancerMetrics {
             "waymark_endpoint_latency_ewma_ms",
             "The balancer's peak-EWMA latency estimate of each endpoint",
             m.latency_ewma_ms.clone(),
+        );
+        registry.register(
+            "waymark_endpoint_connect_ms",
+            "Setup time of the last upstream connection made to each endpoint (TCP connect, tunnel CONNECT and TLS handshake, HTTP handshake); never part of the latency estimate",
+            m.connect_ms.clone(),
+        );
+        registry.register(
+            "waymark_endpoint_connects",
+            "Upstream connections made to the endpoint for requests since it appeared (sampled counter)",
+            m.connects.clone(),
         );
         registry.register(
             "waymark_endpoint_in_flight",
@@ -348,6 +362,8 @@ impl BalancerMetrics {
     /// Replaces every series with the table's current state.
     pub fn sample(&self, table: &crate::discovery::ServiceTable, now: std::time::Instant) {
         self.latency_ewma_ms.clear();
+        self.connect_ms.clear();
+        self.connects.clear();
         self.in_flight.clear();
         self.ejected.clear();
         self.ejections.clear();
@@ -372,6 +388,15 @@ impl BalancerMetrics {
                 self.latency_ewma_ms
                     .get_or_create(&l)
                     .set(stats.ewma(now).as_secs_f64() * 1000.0);
+                let connects = stats.connects();
+                if let Some(last) = connects.last {
+                    self.connect_ms
+                        .get_or_create(&l)
+                        .set(last.as_secs_f64() * 1000.0);
+                }
+                self.connects
+                    .get_or_create(&l)
+                    .set(i64::try_from(connects.total).unwrap_or(i64::MAX));
                 self.in_flight
                     .get_or_create(&l)
                     .set(stats.in_flight() as i64);

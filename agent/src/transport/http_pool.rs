@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
@@ -110,16 +110,23 @@ impl Pool {
 
     /// A connection to `key`: an idle one if there is one, else a new one.
     /// `headers` go with the tunnel `CONNECT` when a new one is opened.
+    /// With the connection comes how long making it took, when it had to
+    /// be made (TCP connect; through the tunnel, the `CONNECT` exchange and
+    /// a TLS handshake if no tunnel connection was open; the HTTP
+    /// handshake): the balancer keeps that apart from response latency,
+    /// which it would otherwise make look like a slow endpoint.
     pub async fn checkout(
         &self,
         key: &Key,
         version: Version,
         headers: impl FnOnce() -> ConnectHeaders,
-    ) -> Result<Conn, ConnectError> {
+    ) -> Result<(Conn, Option<Duration>), ConnectError> {
         if let Some(conn) = self.take_idle(key, version) {
-            return Ok(conn);
+            return Ok((conn, None));
         }
-        self.connect(key, version, headers()).await
+        let start = Instant::now();
+        let conn = self.connect(key, version, headers()).await?;
+        Ok((conn, Some(start.elapsed())))
     }
 
     fn take_idle(&self, key: &Key, version: Version) -> Option<Conn> {
@@ -245,5 +252,60 @@ impl Pool {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|key, _| keep(&key.addr));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use http_body_util::Full;
+    use hyper::service::service_fn;
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::http::body::empty;
+    use crate::transport::tls_label::NoTlsReason;
+
+    /// An h2c server on loopback answering every request 200.
+    async fn server() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let svc = service_fn(|_req| async {
+                        Ok::<_, Infallible>(Response::new(Full::new(bytes::Bytes::from("ok"))))
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_checkout_says_how_long_a_new_connection_took_and_a_reused_one_nothing() {
+        let addr = server().await;
+        let pool = Pool::new(Arc::new(Upstreams::direct("node0", Duration::from_secs(2))));
+        let key = Key::new(addr, Path::Direct(NoTlsReason::Disabled), None);
+        let (conn, took) = pool
+            .checkout(&key, Version::Http2, ConnectHeaders::default)
+            .await
+            .unwrap();
+        assert!(took.is_some_and(|t| t > Duration::ZERO), "{took:?}");
+        let req = Request::builder()
+            .uri(format!("http://{addr}/"))
+            .body(empty())
+            .unwrap();
+        let resp = pool.send(&key, conn, req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let (_, took) = pool
+            .checkout(&key, Version::Http2, ConnectHeaders::default)
+            .await
+            .unwrap();
+        assert_eq!(took, None, "the pooled connection was reused");
     }
 }

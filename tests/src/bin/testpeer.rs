@@ -118,6 +118,12 @@ enum Cmd {
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         hold: Duration,
     },
+    /// gRPC unary responder over h2c: every call's message is echoed back
+    /// with `grpc-status: 0` (a body that is not one message: 3).
+    Grpc {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
     /// Constant-rate (open-loop) HTTP/1.1 load: `--rate` GET requests per
     /// second in all, spread over `--conns` keep-alive connections, for
     /// `--duration`. Latency is measured from when each request was *due*
@@ -167,6 +173,7 @@ fn main() {
             Cmd::Echo { listen } => serve(listen, Kind::Echo).await,
             Cmd::Whoami { listen } => serve(listen, Kind::Whoami).await,
             Cmd::HalfcloseServer { listen } => serve(listen, Kind::Halfclose).await,
+            Cmd::Grpc { listen } => waymark_tests::grpc_unary::run(listen).await,
             Cmd::Client {
                 connect,
                 bytes,

@@ -5,7 +5,10 @@
 //! - bulk: `iperf3 -c … -J`;
 //! - idle connections: `testpeer hold`;
 //! - HTTP/2 (h2c) saturation: `h2load -c4 -m16` (prior knowledge; 64
-//!   streams in flight, like wrk's 64 connections).
+//!   streams in flight, like wrk's 64 connections);
+//! - gRPC unary saturation: the same h2load, POSTing one gRPC message per
+//!   call (ghz is not packaged); each path is first probed with one call
+//!   from grpcio, which checks the echoed message and the status.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -242,6 +245,52 @@ pub fn hold(
 /// knowledge), as a [`WrkResult`]: h2load prints no percentiles, so they
 /// come from its per-request log (`--log-file`, written to `log`).
 pub fn h2load(client: &Pod, addr: SocketAddr, secs: u64, log: &Path) -> Result<WrkResult> {
+    run_h2load(client, &format!("http://{addr}/"), &[], secs, log)
+}
+
+/// The gRPC method the gRPC rows call (`testpeer grpc` answers any).
+pub const GRPC_METHOD: &str = "/waymark.bench.Echo/Call";
+/// The message of every gRPC call, before its 5-byte prefix.
+pub const GRPC_MESSAGE_BYTES: usize = 100;
+
+/// Writes the body of one gRPC call (a length-prefixed 100-byte message)
+/// for h2load's `-d`.
+pub fn write_grpc_request(dir: &Path) -> Result<PathBuf> {
+    let path = dir.join("grpc-request.bin");
+    let message = vec![b'x'; GRPC_MESSAGE_BYTES];
+    std::fs::write(&path, waymark_tests::grpc_unary::frame(&message))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+/// [`h2load`] sending gRPC unary calls: POSTs of `request` to
+/// [`GRPC_METHOD`] with gRPC's headers. h2load counts HTTP statuses, not
+/// `grpc-status`; the probe before the run checks that.
+pub fn grpc(
+    client: &Pod,
+    addr: SocketAddr,
+    secs: u64,
+    log: &Path,
+    request: &Path,
+) -> Result<WrkResult> {
+    let data = format!("-d{}", request.display());
+    let args = [
+        data.as_str(),
+        "-H",
+        "content-type: application/grpc",
+        "-H",
+        "te: trailers",
+    ];
+    run_h2load(
+        client,
+        &format!("http://{addr}{GRPC_METHOD}"),
+        &args,
+        secs,
+        log,
+    )
+}
+
+fn run_h2load(client: &Pod, url: &str, extra: &[&str], secs: u64, log: &Path) -> Result<WrkResult> {
     let _ = std::fs::remove_file(log);
     let out = client.run_timeout(
         Command::new("h2load")
@@ -250,7 +299,8 @@ pub fn h2load(client: &Pod, addr: SocketAddr, secs: u64, log: &Path) -> Result<W
             .arg(format!("-m{H2_STREAMS}"))
             .arg(format!("-D{secs}"))
             .arg(format!("--log-file={}", log.display()))
-            .arg(format!("http://{addr}/")),
+            .args(extra)
+            .arg(url),
         Duration::from_secs(secs + 30),
     )?;
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -344,6 +394,29 @@ fn parse_h2load(out: &str, log: &str) -> Result<WrkResult> {
 
 /// One GET through the path with curl (`--http2-prior-knowledge` for h2c
 /// paths): status and body length.
+/// One gRPC call from grpcio (a real gRPC client): the message must come
+/// back with status OK.
+pub fn probe_grpc(client: &Pod, addr: SocketAddr) -> Result<()> {
+    const CALL: &str = r#"
+import grpc, sys
+ch = grpc.insecure_channel(sys.argv[1], options=[("grpc.enable_http_proxy", 0)])
+msg = b"x" * int(sys.argv[3])
+got = ch.unary_unary(sys.argv[2])(msg, timeout=5)
+print("ok" if got == msg else "echo differs: %r" % got[:32])
+"#;
+    let out = client.run_ok(waymark_tests::python().args([
+        "-c",
+        CALL,
+        &addr.to_string(),
+        GRPC_METHOD,
+        &GRPC_MESSAGE_BYTES.to_string(),
+    ]))?;
+    if out.trim() != "ok" {
+        bail!("gRPC call to {addr}{GRPC_METHOD}: {}", out.trim());
+    }
+    Ok(())
+}
+
 pub fn probe(client: &Pod, addr: SocketAddr, h2c: bool) -> Result<()> {
     let url = format!("http://{addr}/");
     let mut args = vec![

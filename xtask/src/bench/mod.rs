@@ -172,6 +172,10 @@ struct Ctx<'a> {
     peers: Vec<Option<Proc>>,
     backend_far: Proc,
     backend_near: Proc,
+    /// `testpeer grpc` in the far server pod: the gRPC rows' backend.
+    backend_grpc: Server,
+    /// The body of one gRPC call, for h2load's `-d`.
+    grpc_request: PathBuf,
     agent: AgentState,
     loads: Vec<f64>,
     /// CPU use of every measurement.
@@ -245,6 +249,9 @@ impl Ctx<'_> {
     }
 
     fn backend_pids(&self, p: &PathSpec) -> Vec<i32> {
+        if p.proto == Proto::Grpc {
+            return vec![self.backend_grpc.pid()];
+        }
         let b = if p.same_node {
             &self.backend_near
         } else {
@@ -262,6 +269,12 @@ impl Ctx<'_> {
             }
         }
         self.backend_far.check_alive()?;
+        if let Some(st) = self.backend_grpc.try_wait()? {
+            bail!(
+                "testpeer grpc exited ({st}): {}",
+                self.backend_grpc.stderr()
+            );
+        }
         self.backend_near.check_alive()
     }
 
@@ -310,6 +323,13 @@ impl Ctx<'_> {
         let r = match p.proto {
             Proto::Http1 => load::wrk(self.client, &self.script, p.http, secs),
             Proto::H2c => load::h2load(self.client, p.http, secs, &self.dir.join("h2load.log")),
+            Proto::Grpc => load::grpc(
+                self.client,
+                p.http,
+                secs,
+                &self.dir.join("h2load.log"),
+                &self.grpc_request,
+            ),
         };
         let rss = sampler.map(RssSampler::stop);
         let (cpu1, b1) = (cpu_seconds(&pids), cpu_seconds(&backend));
@@ -592,6 +612,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
         topology::HTTP_PORT,
         topology::H2C_PORT,
     )?;
+    let backend_grpc = world.pod(1, 0).serve(
+        Command::new(&bins.testpeer)
+            .arg("grpc")
+            .arg("--listen")
+            .arg(format!("0.0.0.0:{}", topology::GRPC_PORT)),
+    )?;
+    let grpc_request = load::write_grpc_request(&dir)?;
     let mut iperf_servers = Vec::new();
     for pod in [world.pod(1, 0), world.pod(0, 1)] {
         iperf_servers.push(
@@ -637,6 +664,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         peers: peer_procs,
         backend_far,
         backend_near,
+        backend_grpc,
+        grpc_request,
         agent: AgentState::Workers(1),
         loads: vec![],
         cpu_use: vec![],
@@ -668,8 +697,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
             ctx.set_agent(p.agent)?;
             // The first time: one GET must come back right, or the path is
             // skipped (an error row) rather than measured.
+            let probed = match p.proto {
+                Proto::Grpc => load::probe_grpc(ctx.client, p.http),
+                _ => load::probe(ctx.client, p.http, p.proto == Proto::H2c),
+            };
             if rep == 0
-                && let Err(e) = load::probe(ctx.client, p.http, p.proto == Proto::H2c)
+                && let Err(e) = probed
             {
                 progress(p, "probe", &format!("FAILED: {e:#}"));
                 results[i].errors.push(format!("probe: {e:#}"));
@@ -678,6 +711,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             let generator = match p.proto {
                 Proto::Http1 => "wrk",
                 Proto::H2c => "h2load",
+                Proto::Grpc => "h2load (gRPC)",
             };
             match ctx.saturate(p, rep, duration) {
                 Ok(s) => {
@@ -880,15 +914,11 @@ fn not_measured() -> Vec<(String, String)> {
             "n/a: waymark's second hop is the mTLS tunnel; its plaintext rows are one hop",
         ),
         (
-            "gRPC rows",
-            "not measured: no gRPC load generator here (ghz is not packaged in Debian)",
+            "HTTP/2 and gRPC through the peer proxies",
+            "not measured: the h2c and gRPC rows compare waymark with the direct path only",
         ),
         (
-            "HTTP/2 through the peer proxies",
-            "not measured: the h2c rows compare waymark with the direct h2c path only",
-        ),
-        (
-            "fixed-rate latency and idle memory of the h2c rows",
+            "fixed-rate latency and idle memory of the h2c and gRPC rows",
             "not measured: testpeer http-rate and hold speak HTTP/1.1",
         ),
         (
@@ -915,6 +945,12 @@ fn notes() -> Vec<String> {
              percentiles from h2load's per-request log; compared with `direct-h2` only.",
             load::H2_CONNS,
             load::H2_STREAMS
+        ),
+        format!(
+            "gRPC rows (`*-grpc`): the same h2load sending unary calls ({}-byte message, \
+             `content-type: application/grpc`) to `testpeer grpc` in pod (1,0), each path first \
+             probed with one grpcio call; compared with `direct-grpc` only.",
+            load::GRPC_MESSAGE_BYTES
         ),
         "Saturation latency (p50/p99 @sat) is wrk's closed-loop latency with 64 connections: \
          it grows with queueing, not only with the path."

@@ -613,7 +613,7 @@ pub fn text(run: &Run) -> String {
     let _ = writeln!(s, "{}\n", load_line(run));
     let _ = writeln!(
         s,
-        "HTTP/1.1 (wrk; `*-h2` rows: HTTP/2 h2c, h2load), 100-byte body, keep-alive:"
+        "HTTP/1.1 (wrk; `*-h2` rows: HTTP/2 h2c, h2load; `*-grpc` rows: gRPC unary calls, h2load), 100-byte body, keep-alive:"
     );
     s.push_str(&text_table(&http_rows(run)));
     let _ = writeln!(
@@ -694,7 +694,7 @@ pub fn markdown(run: &Run) -> String {
     );
     let _ = writeln!(
         s,
-        "## HTTP/1.1 (100-byte body, keep-alive, 64 connections; `*-h2` rows: HTTP/2 h2c, 64 streams)\n"
+        "## HTTP/1.1 (100-byte body, keep-alive, 64 connections; `*-h2` rows: HTTP/2 h2c, 64 streams; `*-grpc` rows: gRPC unary, 100-byte message, 64 calls in flight)\n"
     );
     s.push_str(&md_table(&http_rows(run)));
     let _ = writeln!(

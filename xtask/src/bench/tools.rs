@@ -17,6 +17,11 @@ const NEEDED: &[(&str, &str)] = &[
     ("iperf3", "iperf3"),
     ("curl", "curl"),
     ("h2load", "nghttp2-client"),
+    // The gRPC rows' probe call.
+    (
+        "/usr/lib/python3/dist-packages/grpc/__init__.py",
+        "python3-grpcio",
+    ),
     ("openssl", "openssl"),
 ];
 

@@ -23,6 +23,9 @@ pub const IPERF_PORT: u16 = 5201;
 
 /// The backend's h2c (HTTP/2 with prior knowledge, no TLS) port.
 pub const H2C_PORT: u16 = 8080;
+/// `testpeer grpc`'s port in the far server pod (1,0): the gRPC rows'
+/// backend (a unary responder on hyper; nginx cannot answer gRPC itself).
+pub const GRPC_PORT: u16 = 50051;
 
 /// The service address the `waymark-l7` row dials (a ClusterIP-like
 /// virtual address: the kernel programs redirect it before any routing).
@@ -37,6 +40,10 @@ pub const MTLS_BULK_ADDR: &str = "10.96.0.12:5201";
 pub const H2_ADDR: &str = "10.96.0.13:80";
 /// `waymark-h2-mtls`: the same, endpoint on node1 (tunnelled).
 pub const MTLS_H2_ADDR: &str = "10.96.0.14:80";
+/// `waymark-grpc`: a gRPC service whose endpoint is `testpeer grpc`.
+pub const GRPC_ADDR: &str = "10.96.0.15:80";
+/// `waymark-grpc-mtls`: the same, endpoint on node1 (tunnelled).
+pub const MTLS_GRPC_ADDR: &str = "10.96.0.16:80";
 
 /// One `[[services]]` entry: one endpoint, on `node` (tunnelled when the
 /// node is another one) or without a node (always dialled directly).
@@ -87,6 +94,15 @@ pub fn agent_config_extra() -> String {
         Some("node1"),
     );
     s += &service("bench-mtls-h2", MTLS_H2_ADDR, "http2", h2c, Some("node1"));
+    let grpc = sa(server_ip(), GRPC_PORT);
+    s += &service("bench-grpc", GRPC_ADDR, "grpc", grpc, None);
+    s += &service(
+        "bench-mtls-grpc",
+        MTLS_GRPC_ADDR,
+        "grpc",
+        grpc,
+        Some("node1"),
+    );
     s
 }
 
@@ -133,6 +149,11 @@ pub enum Proto {
     /// HTTP/2 with prior knowledge (h2c): h2load; no fixed-rate and idle
     /// runs (their generators speak HTTP/1.1).
     H2c,
+    /// gRPC unary calls over h2c: h2load POSTs one length-prefixed
+    /// message per call (`content-type: application/grpc`, `te: trailers`)
+    /// to `testpeer grpc`, which echoes it with `grpc-status: 0` in
+    /// trailers. Like h2c: no fixed-rate and idle runs.
+    Grpc,
 }
 
 /// A process whose CPU and memory count as the path's proxy cost.
@@ -595,6 +616,7 @@ pub fn plan() -> Plan {
         }
     }
     paths.extend(h2_paths());
+    paths.extend(grpc_paths());
     Plan { paths, peers }
 }
 
@@ -663,6 +685,74 @@ fn h2_paths() -> Vec<PathSpec> {
     ]
 }
 
+/// The gRPC unary rows: h2load sending gRPC calls to `testpeer grpc`,
+/// directly and through waymark (one hop, and two hops in the mTLS
+/// tunnel), each call routed and balanced on its own. Compared with the
+/// direct gRPC path only.
+fn grpc_paths() -> Vec<PathSpec> {
+    let server = server_ip();
+    let base = PathSpec {
+        id: "direct-grpc".into(),
+        label: "direct gRPC unary (h2c), across nodes".into(),
+        what: format!(
+            "h2load sends gRPC unary calls (100-byte message) to {server}:{GRPC_PORT}, \
+             `testpeer grpc` (a hyper responder echoing the message with grpc-status 0 in \
+             trailers); no proxy (agents stopped)"
+        ),
+        hops: 0,
+        layer: Layer::L4,
+        same_node: false,
+        agent: AgentState::Stopped,
+        http: sa(server, GRPC_PORT),
+        bulk: None,
+        proxies: vec![],
+        baseline: "direct-grpc",
+        class: None,
+        quick: false,
+        waymark: false,
+        tunnel: false,
+        proto: Proto::Grpc,
+    };
+    vec![
+        base.clone(),
+        PathSpec {
+            id: "waymark-grpc".into(),
+            label: "waymark 1 hop (L7 gRPC service)".into(),
+            what: format!(
+                "h2load's gRPC calls dial the service address {GRPC_ADDR} (protocol grpc, one \
+                 endpoint {server}:{GRPC_PORT}); node0's agent routes each call and forwards it \
+                 over its HTTP/2 upstream connection, trailers included. One hop. \
+                 `[runtime] workers = 1`"
+            ),
+            hops: 1,
+            layer: Layer::L7,
+            agent: AgentState::Workers(1),
+            http: GRPC_ADDR.parse().expect("valid service address"),
+            proxies: vec![ProxyRef::Agent(0)],
+            waymark: true,
+            ..base.clone()
+        },
+        PathSpec {
+            id: "waymark-grpc-mtls".into(),
+            label: "waymark 2 hops mTLS (L7 gRPC service)".into(),
+            what: format!(
+                "h2load's gRPC calls dial {MTLS_GRPC_ADDR} (protocol grpc, endpoint \
+                 {server}:{GRPC_PORT} on node1): node0's agent forwards each call over its \
+                 HTTP/2 upstream connection, carried by a CONNECT stream in the mTLS tunnel to \
+                 node1's agent. Both agents `[runtime] workers = 1`"
+            ),
+            hops: 2,
+            layer: Layer::L7,
+            agent: AgentState::Mesh(1),
+            http: MTLS_GRPC_ADDR.parse().expect("valid service address"),
+            proxies: vec![ProxyRef::Agent(0), ProxyRef::Agent(1)],
+            waymark: true,
+            tunnel: true,
+            ..base
+        },
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -695,7 +785,7 @@ mod tests {
         listens.sort();
         listens.dedup();
         assert_eq!(listens.len(), m);
-        assert_eq!(p.paths.len(), 23);
+        assert_eq!(p.paths.len(), 26);
         assert!(agent_config_extra().parse::<toml::Table>().is_ok());
     }
 }

@@ -80,6 +80,16 @@ enum Attempt {
     },
 }
 
+/// What an attempt learned about the upstream connection it used.
+#[derive(Default)]
+struct Used {
+    /// Its local address (none through the tunnel), for the kernel's
+    /// per-flow counters.
+    local: Option<SocketAddr>,
+    /// How long making it took, when it was made for this attempt.
+    connect: Option<Duration>,
+}
+
 /// Where a request goes: the service dialled, the route that matched and
 /// the backend service it picked.
 #[derive(Clone, Copy)]
@@ -322,12 +332,12 @@ impl HttpProxy {
                 (p, r) => p.or(r),
             };
             let key = Key::new(addr, path, ctx.netns.as_ref());
-            let mut local = None;
+            let mut used = Used::default();
             let outcome = match limit {
                 Some(limit) => {
                     match tokio::time::timeout(
                         limit,
-                        self.attempt(ctx, &key, version, upstream, &mut local),
+                        self.attempt(ctx, &key, version, upstream, &mut used),
                     )
                     .await
                     {
@@ -344,15 +354,23 @@ impl HttpProxy {
                         },
                     }
                 }
-                None => self.attempt(ctx, &key, version, upstream, &mut local).await,
+                None => self.attempt(ctx, &key, version, upstream, &mut used).await,
             };
-            if let Some(l) = local {
+            if let Some(l) = used.local {
                 tap::upstream_connection(&parts.extensions, l, addr, self.kernel.as_ref());
                 if let Some(t) = trace.as_deref_mut() {
                     t.upstream = Some((l, addr));
                 }
             }
-            let elapsed = now.elapsed();
+            // The latency sample starts once a connection is had: setup is
+            // recorded on its own (see `balance`, "New endpoints").
+            let elapsed = match used.connect {
+                Some(took) => {
+                    pick.stats().record_connect(took);
+                    now.elapsed().saturating_sub(took)
+                }
+                None => now.elapsed(),
+            };
             let (observed, result) = match outcome {
                 Attempt::Response(resp) => {
                     let observed = observed_in(&resp);
@@ -499,15 +517,15 @@ impl HttpProxy {
         })
     }
 
-    /// One try against one endpoint, along `key.path`; `local` gets the
-    /// local address of the connection it used (none through the tunnel).
+    /// One try against one endpoint, along `key.path`; `used` learns about
+    /// the connection it used, also when the try is cut short by a timeout.
     async fn attempt(
         &self,
         ctx: &ConnCtx,
         key: &Key,
         version: Version,
         req: Request<ProxyBody>,
-        local: &mut Option<SocketAddr>,
+        used: &mut Used,
     ) -> Attempt {
         let addr = key.addr;
         let headers = || ConnectHeaders {
@@ -522,8 +540,9 @@ impl HttpProxy {
             ),
         };
         let conn = match self.pool.checkout(key, version, headers).await {
-            Ok(c) => {
-                *local = c.local();
+            Ok((c, connect)) => {
+                used.local = c.local();
+                used.connect = connect;
                 c
             }
             Err(e) => {
@@ -574,7 +593,7 @@ impl HttpProxy {
             ctx.netns.as_ref(),
         );
         let mut resp = match self
-            .attempt(ctx, &key, ctx.version, upstream, &mut None)
+            .attempt(ctx, &key, ctx.version, upstream, &mut Used::default())
             .await
         {
             Attempt::Response(resp) => finish(resp),
@@ -614,7 +633,7 @@ impl HttpProxy {
         *upstream.uri_mut() = origin_form(&parts.uri);
         strip_hop_by_hop(upstream.headers_mut(), true);
         let mut resp = match self
-            .attempt(ctx, &key, Version::Http1, upstream, &mut None)
+            .attempt(ctx, &key, Version::Http1, upstream, &mut Used::default())
             .await
         {
             Attempt::Response(r) => r,
