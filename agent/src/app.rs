@@ -310,7 +310,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
     let registry = Arc::new(std::mem::take(&mut metrics.registry));
     let check_redirect = redirect.clone();
     let admin = AdminServer::start(
-        config.admin.listen,
+        &config.admin,
         AdminState {
             readiness: readiness.clone(),
             registry,
@@ -344,7 +344,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
             },
         },
     )?;
-    info!(node = %config.node.name, admin = %admin.local_addr, "admin API listening");
+    info!(node = %config.node.name, admin = %admin.local_addr, socket = %admin.socket_path.display(), "admin API listening");
 
     // Bind every pod's listener before attaching (see the module doc).
     let mut bound = Vec::new();
