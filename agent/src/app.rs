@@ -199,6 +199,8 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         let a = InboundAuthz::new(&config, discovery.clone(), &mut metrics.registry);
         let server = crate::proxy::inbound::ServerConfig {
             handshake_timeout: config.inbound.handshake_timeout,
+            max_handshakes: config.limits.tunnel_max_handshakes,
+            max_concurrent_streams: config.limits.tunnel_max_concurrent_streams,
             connect_timeout: config.outbound.connect_timeout,
             key_log: key_log.clone(),
             ..Default::default()
@@ -447,6 +449,8 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         discovery: discovery.clone(),
         pool: pool.clone(),
         retry_buffer: config.proxy.retry_buffer_bytes,
+        limits: config.limits.clone(),
+        limit_closed: metrics.tcp.limit_closed_total.clone(),
         tap,
         kernel: kernel.clone(),
     });
@@ -464,6 +468,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
             config.outbound.max_connections_per_pod,
             config.outbound.max_connections,
         ),
+        idle_timeout: config.limits.idle_timeout,
         open_total: Default::default(),
     });
     info!(

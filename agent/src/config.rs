@@ -15,11 +15,13 @@ use ipnet::IpNet;
 pub mod admin;
 pub mod capture;
 pub mod kernel;
+pub mod limits;
 pub mod mesh;
 pub mod services;
 pub use admin::{AdminConfig, DEFAULT_ADMIN_LISTEN, DEFAULT_ADMIN_SOCKET};
 pub use capture::CaptureConfig;
 pub use kernel::KernelConfig;
+pub use limits::LimitsConfig;
 pub use mesh::{AuthorizationConfig, IdentityConfig, InboundConfig, NodeEntry};
 use serde::{Deserialize, Serialize};
 pub use services::{BalancerConfig, ProxyConfig, ServiceConfig};
@@ -74,6 +76,9 @@ pub struct Config {
     /// L7 proxy settings (protocol detection, retry buffering).
     #[serde(default)]
     pub proxy: ProxyConfig,
+    /// Streams, idle connections and handshakes one pod or peer may hold.
+    #[serde(default)]
+    pub limits: LimitsConfig,
     /// Per-request load balancing and failure accrual.
     #[serde(default)]
     pub balancer: BalancerConfig,
@@ -395,6 +400,7 @@ impl Config {
             problems.push("node.name: must not be empty".to_string());
         }
         admin::validate(&self.admin, &mut problems);
+        limits::validate(&self.limits, &mut problems);
         if self.outbound.port == 0 {
             problems.push("outbound.port: must not be 0".to_string());
         }
