@@ -392,23 +392,9 @@ impl Shared {
     }
 
     async fn stream(&self, req: Request<Incoming>, peer: Arc<CertInfo>) -> Response<Empty<Bytes>> {
-        if req.method() != Method::CONNECT {
-            return reply(
-                StatusCode::METHOD_NOT_ALLOWED,
-                ERROR_REASON,
-                "only CONNECT is served here",
-            );
-        }
-        let Some(target) = req
-            .uri()
-            .authority()
-            .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-        else {
-            return reply(
-                StatusCode::BAD_REQUEST,
-                ERROR_REASON,
-                "CONNECT authority must be ip:port",
-            );
+        let target = match connect_target(req.method(), req.uri()) {
+            Ok(t) => t,
+            Err((status, why)) => return reply(status, ERROR_REASON, why),
         };
         let span = info_span!("tunnel_stream", peer_id = %peer.id, %target);
         self.admit(req, peer, target).instrument(span).await
@@ -533,6 +519,24 @@ where
             Err(e.error)
         }
     }
+}
+
+/// The target of a tunnel stream: only `CONNECT ip:port` is served (a host
+/// name would make this agent resolve names for its peer; a path or query
+/// has no meaning here).
+pub(crate) fn connect_target(
+    method: &Method,
+    uri: &http::Uri,
+) -> Result<SocketAddr, (StatusCode, &'static str)> {
+    if method != Method::CONNECT {
+        return Err((
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only CONNECT is served here",
+        ));
+    }
+    uri.authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+        .ok_or((StatusCode::BAD_REQUEST, "CONNECT authority must be ip:port"))
 }
 
 fn reply(status: StatusCode, header: http::HeaderName, reason: &str) -> Response<Empty<Bytes>> {
