@@ -27,6 +27,6 @@ pub fn wm_sock_release(ctx: SockContext) -> i32 {
     // SAFETY: the helper only reads the socket behind the context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // Most released sockets were never redirected: not an error.
-    let _ = ORIGINAL_DST_BY_COOKIE.remove(&cookie);
+    let _ = ORIGINAL_DST_BY_COOKIE.remove(cookie);
     OK
 }
