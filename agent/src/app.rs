@@ -197,6 +197,8 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         let a = InboundAuthz::new(&config, discovery.clone(), &mut metrics.registry);
         let server = crate::proxy::inbound::ServerConfig {
             handshake_timeout: config.inbound.handshake_timeout,
+            max_handshakes: config.limits.tunnel_max_handshakes,
+            max_concurrent_streams: config.limits.tunnel_max_concurrent_streams,
             connect_timeout: config.outbound.connect_timeout,
             key_log: key_log.clone(),
             ..Default::default()
@@ -323,7 +325,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
 
     let check_redirect = redirect.clone();
     let admin = AdminServer::start(
-        config.admin.listen,
+        &config.admin,
         AdminState {
             readiness: readiness.clone(),
             registry,
@@ -366,7 +368,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
             },
         },
     )?;
-    info!(node = %config.node.name, admin = %admin.local_addr, "admin API listening");
+    info!(node = %config.node.name, admin = %admin.local_addr, socket = %admin.socket_path.display(), "admin API listening");
 
     if config.inbound.mode == InboundMode::Strict {
         let allow = strict_sources(&config)?;
@@ -415,6 +417,8 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         discovery: discovery.clone(),
         pool: pool.clone(),
         retry_buffer: config.proxy.retry_buffer_bytes,
+        limits: config.limits.clone(),
+        limit_closed: metrics.tcp.limit_closed_total.clone(),
         tap: tap.clone(),
         kernel: kernel.clone(),
     });
@@ -432,6 +436,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
             config.outbound.max_connections_per_pod,
             config.outbound.max_connections,
         ),
+        idle_timeout: config.limits.idle_timeout,
         open_total: Default::default(),
     });
     info!(

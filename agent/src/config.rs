@@ -6,19 +6,23 @@
 //! path and what is wrong with it. A config that fails validation is never
 //! applied.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
 
+pub mod admin;
 pub mod capture;
 pub mod kernel;
 pub mod kubernetes;
+pub mod limits;
 pub mod mesh;
 pub mod services;
+pub use admin::{AdminConfig, DEFAULT_ADMIN_LISTEN, DEFAULT_ADMIN_SOCKET};
 pub use capture::CaptureConfig;
 pub use kernel::KernelConfig;
+pub use limits::LimitsConfig;
 pub use mesh::{AuthorizationConfig, IdentityConfig, InboundConfig, NodeEntry};
 use serde::{Deserialize, Serialize};
 pub use services::{BalancerConfig, ProxyConfig, ServiceConfig};
@@ -28,8 +32,6 @@ pub use services::{BalancerConfig, ProxyConfig, ServiceConfig};
 /// attached to any cgroup, no pods.
 pub const DEFAULT_CONFIG: &str = include_str!("default-config.toml");
 
-/// Default admin address: loopback only, Linkerd's admin port.
-pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:4191";
 /// Default connect timeout towards the original destination.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Default drain grace period after SIGTERM/SIGINT.
@@ -75,6 +77,9 @@ pub struct Config {
     /// L7 proxy settings (protocol detection, retry buffering).
     #[serde(default)]
     pub proxy: ProxyConfig,
+    /// Streams, idle connections and handshakes one pod or peer may hold.
+    #[serde(default)]
+    pub limits: LimitsConfig,
     /// Per-request load balancing and failure accrual.
     #[serde(default)]
     pub balancer: BalancerConfig,
@@ -147,27 +152,6 @@ fn default_node_name() -> String {
         .ok()
         .and_then(|h| h.into_string().ok())
         .unwrap_or_else(|| "unknown".to_string())
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct AdminConfig {
-    /// Address of the admin API (`/live`, `/ready`, `/metrics`, `/config`).
-    /// It has no authentication, so it must stay on loopback.
-    #[serde(default = "default_admin_listen")]
-    pub listen: SocketAddr,
-}
-
-impl Default for AdminConfig {
-    fn default() -> Self {
-        Self {
-            listen: default_admin_listen(),
-        }
-    }
-}
-
-fn default_admin_listen() -> SocketAddr {
-    DEFAULT_ADMIN_LISTEN.parse().expect("constant parses")
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -431,12 +415,8 @@ impl Config {
         if self.node.name.trim().is_empty() {
             problems.push("node.name: must not be empty".to_string());
         }
-        if !self.admin.listen.ip().is_loopback() {
-            problems.push(format!(
-                "admin.listen: {} is not a loopback address; the admin API has no authentication and must listen on 127.0.0.1 or ::1",
-                self.admin.listen
-            ));
-        }
+        admin::validate(&self.admin, &mut problems);
+        limits::validate(&self.limits, &mut problems);
         self.kubernetes.validate(&mut problems);
         if self.outbound.port == 0 {
             problems.push("outbound.port: must not be 0".to_string());

@@ -10,6 +10,7 @@ pub mod config;
 pub mod diagnostics;
 pub mod discovery;
 pub mod enrollment;
+pub mod fuzzing;
 pub mod http;
 pub mod identity;
 pub mod kube;

@@ -128,7 +128,7 @@ enum Command {
 }
 
 fn client(admin: &cli::AdminArgs) -> cli::client::AdminClient {
-    cli::client::AdminClient::new(admin.admin)
+    cli::client::AdminClient::new(admin.admin.clone())
 }
 
 /// Exit status of a CLI subcommand: errors go to stderr with their context.
@@ -259,15 +259,15 @@ fn main() -> ExitCode {
             }
         },
         Command::Capture { admin, args } => cli_exit(cli::capture::run(
-            &cli::client::AdminClient::new(admin.admin),
+            &cli::client::AdminClient::new(admin.admin.clone()),
             args,
         )),
         Command::LogLevel { admin, cmd } => cli_exit(cli::log_level::run(
-            &cli::client::AdminClient::new(admin.admin),
+            &cli::client::AdminClient::new(admin.admin.clone()),
             cmd,
         )),
         Command::Drops { admin, args } => cli_exit(cli::drops::run(
-            &cli::client::AdminClient::new(admin.admin),
+            &cli::client::AdminClient::new(admin.admin.clone()),
             args,
         )),
         Command::Stat { admin, args } => cli_exit(cli::stat::stat(&client(&admin), args)),
@@ -280,12 +280,12 @@ fn main() -> ExitCode {
             Err(e) => cli_exit(Err(e)),
         },
         Command::Tap { admin, args } => cli_exit(cli::tap::run(
-            &cli::client::AdminClient::new(admin.admin),
+            &cli::client::AdminClient::new(admin.admin.clone()),
             args,
         )),
         Command::Top { admin, args } => cli_exit(cli::top::run(&client(&admin), args)),
         Command::Trace { admin, args } => cli_exit(cli::trace::run(
-            &cli::client::AdminClient::new(admin.admin),
+            &cli::client::AdminClient::new(admin.admin.clone()),
             args,
         )),
         Command::Config(ConfigCommand::Default) => {

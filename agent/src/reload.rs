@@ -323,6 +323,9 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.proxy != new.proxy {
         v.push("proxy");
     }
+    if old.limits != new.limits {
+        v.push("limits");
+    }
     if old.metrics != new.metrics {
         v.push("metrics");
     }

@@ -58,13 +58,17 @@ fn capture(world: &World, node: &Node, tag: &str, args: &[&str]) -> Result<Captu
     let file = world.dir().join(format!("{tag}.pcapng"));
     let stderr = world.dir().join(format!("{tag}.stderr"));
     let mut cmd = Command::new(waymark_bin()?);
-    cmd.args(["capture", "--admin", &node.admin_addr().to_string()])
-        .args(args)
-        .arg("-w")
-        .arg(&file)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&stderr)?);
+    cmd.args([
+        "capture",
+        "--admin",
+        &node.admin_socket().display().to_string(),
+    ])
+    .args(args)
+    .arg("-w")
+    .arg(&file)
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(std::fs::File::create(&stderr)?);
     let child = node.spawn(&mut cmd)?;
     Ok(Capture {
         child,
@@ -258,7 +262,7 @@ fn max_packets_stops_a_node_capture_streamed_to_tshark() {
         let script = format!(
             "{} capture --admin {} --node --filter 'tcp port 7000' --max-packets 5 --duration 20s -w - | tshark -r - -T fields -e frame.number -e tcp.dstport",
             waymark_bin()?.display(),
-            node.admin_addr()
+            node.admin_socket().display()
         );
         std::thread::scope(|s| -> Result<()> {
             let piped = s.spawn(|| {

@@ -23,7 +23,7 @@ const DAY: Duration = Duration::from_secs(86_400);
 
 /// `waymark check ARGS` in `node`'s namespace: (exit code, stdout).
 fn check(node: &Node, args: &[&str]) -> Result<(i32, String)> {
-    let admin = node.admin_addr().to_string();
+    let admin = node.admin_socket().display().to_string();
     let out = node.run(
         Command::new(waymark_bin()?)
             .arg("check")
@@ -196,7 +196,7 @@ fn check_names_a_peer_with_a_foreign_trust_anchor() {
 
 /// `waymark stat -o json` on `node`: the MESHED value of each row.
 fn meshed(node: &Node, args: &[&str]) -> Result<Vec<(String, String)>> {
-    let admin = node.admin_addr().to_string();
+    let admin = node.admin_socket().display().to_string();
     let out = node.run_ok(
         Command::new(waymark_bin()?)
             .arg("stat")

@@ -92,7 +92,7 @@ fn urls(path: &str, n: u32) -> Vec<String> {
 
 /// `GET path` on the node's admin API, as JSON.
 fn admin_json(node: &Node, path: &str) -> Result<Value> {
-    match node.admin_get(path)? {
+    match node.admin_socket_get(path)? {
         (200, body) => serde_json::from_str(&body).with_context(|| format!("{path}: {body}")),
         (status, body) => bail!("GET {path}: {status} {body}"),
     }

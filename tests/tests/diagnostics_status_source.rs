@@ -253,7 +253,7 @@ fn tap_and_top_say_where_each_status_came_from() {
 
         // `waymark routes` breaks the split down by backend: the empty one
         // is marked and fails every request it got (42 requests in all).
-        let routes = node.admin_get("/routes?service=shop&window=10m")?;
+        let routes = node.admin_socket_get("/routes?service=shop&window=10m")?;
         ensure!(routes.0 == 200, "{routes:?}");
         let routes: Value = serde_json::from_str(&routes.1)?;
         let split = routes["rows"]
@@ -506,7 +506,7 @@ fn endpoints_and_check_name_the_endpoint_whose_pod_is_gone() {
             !ok && err.contains("no service \"nope\"") && err.contains("mixed"),
             "{err}"
         );
-        let (status, body) = node.admin_get("/endpoints?servce=mixed")?;
+        let (status, body) = node.admin_socket_get("/endpoints?servce=mixed")?;
         ensure!(
             status == 400 && body.contains("unknown parameter"),
             "{status} {body}"

@@ -522,7 +522,7 @@ fn tap_filters_show_exactly_the_matching_requests() {
         let out = node.run(waymark().args(["tap", "--status", "7xx"]))?;
         assert!(!out.status.success());
         assert!(String::from_utf8_lossy(&out.stderr).contains("5xx"));
-        let (status, body) = node.admin_get("/tap?colour=red")?;
+        let (status, body) = node.admin_socket_get("/tap?colour=red")?;
         assert_eq!(status, 400, "{body}");
         assert!(body.contains("unknown tap filter"), "{body}");
         Ok(())
@@ -540,9 +540,10 @@ fn rss_kib(node: &Node) -> Result<u64> {
         .context("no VmRSS")
 }
 
-/// Opens `/tap` on a raw connection and returns it (head not read).
-fn raw_tap(node: &Node, query: &str) -> Result<std::net::TcpStream> {
-    let mut s = node.tcp_connect(node.admin_addr(), Duration::from_secs(2))?;
+/// Opens `/tap` on a raw connection to the admin socket and returns it
+/// (head not read).
+fn raw_tap(node: &Node, query: &str) -> Result<std::os::unix::net::UnixStream> {
+    let mut s = std::os::unix::net::UnixStream::connect(node.admin_socket())?;
     write!(s, "GET /tap{query} HTTP/1.1\r\nHost: admin\r\n\r\n")?;
     Ok(s)
 }

@@ -188,7 +188,7 @@ fn answers(pod: &Pod, url: &str, n: usize) -> Result<BTreeMap<String, usize>> {
 
 /// Node 0's endpoints of `service`: "addr node pod zone identity" each.
 fn endpoints(world: &World, service: &str) -> Result<Vec<String>> {
-    let (code, body) = world.node(0).admin_get("/endpoints")?;
+    let (code, body) = world.node(0).admin_socket_get("/endpoints")?;
     ensure!(code == 200, "GET /endpoints: {code} {body}");
     let report: Value = serde_json::from_str(&body)?;
     let Some(svc) = report["services"]

@@ -182,7 +182,7 @@ fn check_judges_the_workload_certificates() {
             Command::new(waymark_tests::world::agent::waymark_bin()?).args([
                 "check",
                 "--admin",
-                &node.admin_addr().to_string(),
+                &node.admin_socket().display().to_string(),
             ]),
         )?;
         let text = String::from_utf8_lossy(&out.stdout);
@@ -218,7 +218,7 @@ fn edges_show_the_tunnel_and_the_source_identity() {
                 "-o",
                 "json",
                 "--admin",
-                &n0.admin_addr().to_string(),
+                &n0.admin_socket().display().to_string(),
             ]),
         )?;
         let report: serde_json::Value = serde_json::from_str(&out).context(out.clone())?;

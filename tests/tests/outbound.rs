@@ -902,7 +902,7 @@ fn lifecycle_ready_config_drain_and_fail_open() {
         let (cl, srv, node) = (world.pod(0, 0), world.pod(1, 0), world.node(0));
         let (status, body) = node.admin_get("/ready")?;
         ensure!(status == 200, "/ready: {status} {body}");
-        let (status, body) = node.admin_get("/config")?;
+        let (status, body) = node.admin_socket_get("/config")?;
         ensure!(status == 200, "/config: {status} {body}");
         let cfg: Value = serde_json::from_str(&body).context("/config is not JSON")?;
         ensure!(cfg["node"]["name"] == "node0", "/config: {cfg}");

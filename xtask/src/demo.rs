@@ -53,11 +53,12 @@ retry = {{ attempts = 2, on = ["5xx"] }}
         .build()?;
     for node in world.nodes() {
         println!(
-            "  {}  netns {}  fabric {}  admin {} (inside the node netns)",
+            "  {}  netns {}  fabric {}  admin {} (inside the node netns), socket {}",
             node.name(),
             node.netns_name(),
             node.fabric_ip(),
-            node.admin_addr()
+            node.admin_addr(),
+            node.admin_socket().display()
         );
         for pod in node.pods() {
             println!(

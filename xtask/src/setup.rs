@@ -83,7 +83,36 @@ pub fn ensure_all() -> Result<()> {
     ensure_rust_src()?;
     ensure_bpf_linker()?;
     ensure_kube_venv()?;
+    ensure_cargo_deny()?;
     Ok(())
+}
+
+/// cargo-deny, pinned, for `.ci/run`'s `cargo deny check` (licences,
+/// bans, sources; `deny.toml`).
+const CARGO_DENY_VERSION: &str = "0.20.2";
+
+/// Installs cargo-deny from crates.io unless the pinned version runs.
+fn ensure_cargo_deny() -> Result<()> {
+    let installed = Command::new("cargo")
+        .args(["deny", "--version"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+    if installed.is_some_and(|v| v.split_whitespace().any(|w| w == CARGO_DENY_VERSION)) {
+        return Ok(());
+    }
+    eprintln!("setup: installing cargo-deny {CARGO_DENY_VERSION} from crates.io (a few minutes)");
+    run(Command::new("cargo").args([
+        "install",
+        "cargo-deny",
+        "--locked",
+        "--version",
+        CARGO_DENY_VERSION,
+    ]))
+    .context(
+        "installing cargo-deny failed; `cargo install cargo-deny --locked` by hand, then rerun",
+    )
 }
 
 /// Creates the venv of [`KUBE_VENV`] and installs the pinned packages from

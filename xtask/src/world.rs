@@ -186,23 +186,28 @@ fn status(name: Option<&str>) -> Result<()> {
 fn exec(name: &str, target: &str, cmd: &[String]) -> Result<()> {
     require_root()?;
     let st = read_state(name)?.with_context(|| format!("no world named {name}"))?;
-    let (netns, cgroup) = match target.split_once('/') {
+    let (netns, cgroup, socket) = match target.split_once('/') {
         Some((i, j)) => {
             let node = st.nodes.get(i.parse::<usize>()?).context("no such node")?;
             let pod = node.pods.get(j.parse::<usize>()?).context("no such pod")?;
-            (pod.netns_path.clone(), Some(pod.cgroup.clone()))
+            (pod.netns_path.clone(), Some(pod.cgroup.clone()), None)
         }
-        None => (
-            st.nodes
+        None => {
+            let node = st
+                .nodes
                 .get(target.parse::<usize>()?)
-                .context("no such node")?
-                .netns_path
-                .clone(),
-            None,
-        ),
+                .context("no such node")?;
+            (node.netns_path.clone(), None, node.admin_socket.clone())
+        }
     };
     let mut c = Command::new(&cmd[0]);
     c.args(&cmd[1..]);
+    // The CLI on a node finds that node's agent.
+    if let Some(socket) = socket
+        && std::env::var_os("WAYMARK_ADMIN").is_none()
+    {
+        c.env("WAYMARK_ADMIN", socket);
+    }
     let status = process::spawn_in(&mut c, &netns, cgroup.as_deref())?.wait()?;
     std::process::exit(status.code().unwrap_or(1));
 }
@@ -273,7 +278,10 @@ fn print_table(st: &WorldState) {
             format!("{} {}", n.fabric_ip, n.fabric_ip6),
             format!("{} {}", n.pod_cidr, n.pod_cidr6),
             n.cgroup.display().to_string(),
-            n.admin.clone(),
+            match &n.admin_socket {
+                Some(sock) => format!("{} {}", n.admin, sock.display()),
+                None => n.admin.clone(),
+            },
             agent,
         ]);
     }

@@ -1,15 +1,13 @@
 //! `POST /capture?pod=NS/NAME|node=1&filter=…&duration=30s&max_packets=N&max_bytes=N&snaplen=N&keylog=1`:
 //! streams a pcapng capture (see `diagnostics::capture`).
 
-use std::net::SocketAddr;
-
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode, header};
 use tracing::warn;
 
-use super::AdminState;
 use super::routes::{Body, text};
+use super::{AdminState, Caller};
 use crate::diagnostics::capture::{CaptureError, CaptureParams, Requester, filter};
 
 /// The media type of the stream (pcapng has no registered one; this is
@@ -20,18 +18,14 @@ pub const CONTENT_TYPE: &str = "application/x-pcapng";
 /// admin API's own connections, on the node), for the CLI's summary.
 pub const EXCLUDED_HEADER: &str = "waymark-capture-excluded";
 
-pub async fn handle(
-    state: &AdminState,
-    peer: SocketAddr,
-    req: Request<Incoming>,
-) -> Response<Body> {
+pub async fn handle(state: &AdminState, caller: &Caller, req: Request<Incoming>) -> Response<Body> {
     let config = state
         .config
         .read()
         .unwrap_or_else(|e| e.into_inner())
         .clone();
     let who = Requester {
-        peer,
+        peer: caller.to_string(),
         user_agent: req
             .headers()
             .get(header::USER_AGENT)

@@ -1,7 +1,7 @@
 //! Request handlers of the admin API.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::path::Path;
 
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
@@ -9,8 +9,8 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode, header};
 
-use super::AdminState;
 use super::stats::{self, Query};
+use super::{AdminState, Caller};
 use crate::diagnostics::tap::filter::Filter;
 
 /// Whole answers and streams (a capture, `/drops/follow`) alike.
@@ -35,15 +35,37 @@ const ENDPOINTS: &[&str] = &[
     "/tap",
 ];
 
+/// What the loopback TCP listener serves: what probes and scrapers need.
+/// Everything else reads traffic (tap, capture, drops, stats, endpoints),
+/// reveals the agent's setup (config, check) or changes it (log level), and
+/// anything in the node's network namespace could ask; it is served on the
+/// Unix socket only, where the caller's credentials are checked.
+pub(super) const TCP_ENDPOINTS: &[&str] = &["/live", "/ready", "/metrics"];
+
 /// Largest request body the admin API reads (a log filter).
 const MAX_BODY: usize = 4096;
 
 pub async fn handle(
     state: &AdminState,
-    peer: SocketAddr,
+    socket: &Path,
+    caller: &Caller,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_string();
+    if matches!(caller, Caller::Tcp(_))
+        && ENDPOINTS.contains(&path.as_str())
+        && !TCP_ENDPOINTS.contains(&path.as_str())
+    {
+        return Ok(text(
+            StatusCode::FORBIDDEN,
+            format!(
+                "{path} is served only on the admin socket {} (it reads traffic or changes the agent, so the caller's user is checked there: root or admin.socket_group); on the node run `waymark` as such a user, or `curl --unix-socket {}`. This TCP port serves {} only.\n",
+                socket.display(),
+                socket.display(),
+                TCP_ENDPOINTS.join(" ")
+            ),
+        ));
+    }
     let response = match (req.method(), path.as_str()) {
         (&Method::GET, "/live") => text(StatusCode::OK, "live\n".into()),
         (&Method::GET, "/ready") => ready(state),
@@ -64,7 +86,7 @@ pub async fn handle(
             set_log_level(state, req).await
         }
         (&Method::GET, "/tap") => tap(state, req.uri().query().unwrap_or("")),
-        (&Method::POST, "/capture") => super::capture::handle(state, peer, req).await,
+        (&Method::POST, "/capture") => super::capture::handle(state, caller, req).await,
         (&Method::GET, "/drops") => super::drops::report(state, req.uri().query()),
         (&Method::GET, "/drops/follow") => super::drops::follow(state, req.uri().query()),
         (&Method::GET, "/stat" | "/routes" | "/edges") => {

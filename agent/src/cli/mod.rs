@@ -1,9 +1,11 @@
 //! The operator's CLI: subcommands that talk to an agent's admin API.
 //!
-//! The admin API listens on loopback only, so the CLI runs on the node (or
-//! in the node's network namespace) next to the agent it asks. Every
-//! subcommand takes `--admin ADDR` (default `127.0.0.1:4191`, or
-//! `WAYMARK_ADMIN`).
+//! The CLI runs on the node next to the agent it asks, as root or a member
+//! of the agent's `admin.socket_group`: every endpoint but `/live`, `/ready`
+//! and `/metrics` is served only on the agent's Unix socket. Every
+//! subcommand takes `--admin PATH|ADDR` (default `/run/waymark/admin.sock`,
+//! or `WAYMARK_ADMIN`); an `IP:port` reaches the loopback TCP port, which
+//! answers the probes' endpoints only.
 
 pub mod capture;
 pub mod check;
@@ -18,19 +20,18 @@ pub mod tap_explain;
 pub mod top;
 pub mod trace;
 
-use std::net::SocketAddr;
-
 /// Where the agent's admin API is, shared by every CLI subcommand.
 #[derive(clap::Args, Clone, Debug)]
 pub struct AdminArgs {
-    /// The agent's admin API address.
+    /// The agent's admin socket (a path), or its loopback TCP address
+    /// (IP:port), which serves /live, /ready and /metrics only.
     #[arg(
         long,
         env = "WAYMARK_ADMIN",
-        default_value = "127.0.0.1:4191",
+        default_value = crate::config::DEFAULT_ADMIN_SOCKET,
         global = true
     )]
-    pub admin: SocketAddr,
+    pub admin: client::AdminTarget,
 }
 
 /// Output format of the table-printing subcommands.

@@ -139,6 +139,9 @@ pub struct TcpMetrics {
     pub no_original_dst_total: Family<PodLabels, Counter>,
     /// Connections refused at accept because a limit was reached.
     pub refused_total: Family<RefusedLabels, Counter>,
+    /// Connections the agent closed because a limit was reached while
+    /// they were open (`limit="idle_timeout"`).
+    pub limit_closed_total: Family<RefusedLabels, Counter>,
     /// Entries in the original-destination maps, sampled at scrape time.
     pub redirect_map_entries: Family<MapLabels, Gauge>,
     destinations: BoundedLabel,
@@ -192,6 +195,7 @@ impl TcpMetrics {
             }),
             no_original_dst_total: Family::default(),
             refused_total: Family::default(),
+            limit_closed_total: Family::default(),
             redirect_map_entries: Family::default(),
             destinations: BoundedLabel::new(max_destinations),
             stats,
@@ -235,6 +239,11 @@ impl TcpMetrics {
             "waymark_outbound_refused",
             "Pods' connections refused (reset) at accept because a connection limit was reached, by pod and limit",
             m.refused_total.clone(),
+        );
+        registry.register(
+            "waymark_limit_closed",
+            "Pods' connections the agent closed because a limit was reached while they were open (limits.idle_timeout), by pod and limit",
+            m.limit_closed_total.clone(),
         );
         registry.register(
             "waymark_redirect_map_entries",

@@ -21,6 +21,9 @@
 //!    wait in the agent's accept queue (see `ebpf/kernel/src/sock_ops.rs`).
 //! 3. `getpeername4`/`getpeername6` make the application see the address it
 //!    dialled.
+//! 4. `sock_release` deletes a socket's cookie entry when the socket is
+//!    released, so a `connect()` that failed before its SYN left (which
+//!    `sock_ops` never hears of) leaves nothing behind.
 //!
 //! The agent's own sockets are never redirected: cgroup hooks act on the
 //! cgroup of the process that created the socket, and the agent is not in
@@ -51,9 +54,9 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap, IterableMap as _, LpmTrie, MapData},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, Program, SockOps,
-        cgroup_skb::CgroupSkbLinkId, cgroup_sock_addr::CgroupSockAddrLinkId,
-        sock_ops::SockOpsLinkId,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, Program,
+        SockOps, cgroup_skb::CgroupSkbLinkId, cgroup_sock::CgroupSockLinkId,
+        cgroup_sock_addr::CgroupSockAddrLinkId, sock_ops::SockOpsLinkId,
     },
 };
 use waymark_common::{
@@ -71,6 +74,10 @@ const SOCK_OPS: &str = "wm_sock_ops";
 /// `cgroup_skb` ingress: strict inbound (refuses nothing unless pods are
 /// put under it with [`Redirect::set_strict`]).
 const INBOUND: &str = "wm_inbound";
+/// `cgroup/sock_release`: cleanup of the cookie map (not in
+/// `query::EXPECTED`: without it nothing is misrouted, only entries of
+/// failed connects wait for the LRU).
+const SOCK_RELEASE: &str = "wm_sock_release";
 const PEERNAME4: &str = "wm_peername4";
 const PEERNAME6: &str = "wm_peername6";
 const CONNECT4: &str = "wm_connect4";
@@ -126,6 +133,7 @@ struct Attachment {
     cgroup: PathBuf,
     sock_ops: Option<SockOpsLinkId>,
     inbound: Option<CgroupSkbLinkId>,
+    release: Option<CgroupSockLinkId>,
     /// In attach order.
     sock_addr: Vec<(&'static str, CgroupSockAddrLinkId)>,
 }
@@ -158,6 +166,9 @@ impl Redirect {
         inbound_program(&mut ebpf)?
             .load()
             .map_err(program_error(INBOUND))?;
+        release_program(&mut ebpf)?
+            .load()
+            .map_err(program_error(SOCK_RELEASE))?;
 
         let settings = RedirectSettings {
             outbound_port,
@@ -246,6 +257,7 @@ impl Redirect {
             cgroup: cgroup.to_owned(),
             sock_ops: None,
             inbound: None,
+            release: None,
             sock_addr: Vec::with_capacity(SOCK_ADDR_PROGRAMS.len()),
         });
         if let Err(err) = self.attach_all(&dir) {
@@ -275,6 +287,11 @@ impl Redirect {
             .attach(dir, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
             .map_err(attach_error(INBOUND))?;
         attached.inbound = Some(id);
+        // Before the connect hooks: every entry they record has its cleanup.
+        let id = release_program(ebpf)?
+            .attach(dir, CgroupAttachMode::Single)
+            .map_err(attach_error(SOCK_RELEASE))?;
+        attached.release = Some(id);
         for name in SOCK_ADDR_PROGRAMS {
             let id = sock_addr_program(ebpf, name)?
                 .attach(dir, CgroupAttachMode::Single)
@@ -298,6 +315,13 @@ impl Redirect {
                 .and_then(|p| p.detach(id).map_err(program_error(name)));
             if let Err(err) = result {
                 tracing::warn!(program = name, error = %err, "detaching redirect program");
+            }
+        }
+        if let Some(id) = attached.release {
+            let result = release_program(&mut self.ebpf)
+                .and_then(|p| p.detach(id).map_err(program_error(SOCK_RELEASE)));
+            if let Err(err) = result {
+                tracing::warn!(program = SOCK_RELEASE, error = %err, "detaching redirect program");
             }
         }
         if let Some(id) = attached.inbound {
@@ -559,6 +583,12 @@ fn inbound_program(ebpf: &mut Ebpf) -> Result<&mut CgroupSkb, RedirectError> {
     program(ebpf, INBOUND)?
         .try_into()
         .map_err(program_error(INBOUND))
+}
+
+fn release_program(ebpf: &mut Ebpf) -> Result<&mut CgroupSock, RedirectError> {
+    program(ebpf, SOCK_RELEASE)?
+        .try_into()
+        .map_err(program_error(SOCK_RELEASE))
 }
 
 fn sock_ops_program(ebpf: &mut Ebpf) -> Result<&mut SockOps, RedirectError> {

@@ -58,6 +58,8 @@ pub struct Transferred {
 pub struct Counters {
     pub client_to_upstream: Counter,
     pub upstream_to_client: Counter,
+    /// Touched whenever bytes move, for the idle timeout (`None`: none).
+    pub activity: Option<std::sync::Arc<super::idle::Activity>>,
 }
 
 /// Copies both ways until both directions have seen EOF, or fails on the
@@ -77,6 +79,7 @@ pub async fn bidirectional(
         Side::Client,
         Side::Upstream,
         &counters.client_to_upstream,
+        counters.activity.as_deref(),
         &mut t.client_to_upstream,
     );
     let u2c = pump(
@@ -85,6 +88,7 @@ pub async fn bidirectional(
         Side::Upstream,
         Side::Client,
         &counters.upstream_to_client,
+        counters.activity.as_deref(),
         &mut t.upstream_to_client,
     );
     tokio::try_join!(c2u, u2c).map(|_| ())
@@ -107,6 +111,7 @@ pub async fn bidirectional_io<U: AsyncRead + AsyncWrite + Unpin>(
         Side::Client,
         Side::Upstream,
         &counters.client_to_upstream,
+        counters.activity.as_deref(),
         &mut t.client_to_upstream,
     );
     let u2c = pump(
@@ -115,6 +120,7 @@ pub async fn bidirectional_io<U: AsyncRead + AsyncWrite + Unpin>(
         Side::Upstream,
         Side::Client,
         &counters.upstream_to_client,
+        counters.activity.as_deref(),
         &mut t.upstream_to_client,
     );
     tokio::try_join!(c2u, u2c).map(|_| ())
@@ -174,6 +180,7 @@ async fn pump<W: AsyncWrite + Unpin>(
     from_side: Side,
     to_side: Side,
     counter: &Counter,
+    activity: Option<&super::idle::Activity>,
     total: &mut u64,
 ) -> Result<(), CopyError> {
     let mut size = MIN_BUF;
@@ -201,6 +208,9 @@ async fn pump<W: AsyncWrite + Unpin>(
         })?;
         *total += n as u64;
         counter.inc_by(n as u64);
+        if let Some(a) = activity {
+            a.touch();
+        }
         if n >= size {
             size = (size * 2).min(MAX_BUF);
         } else {
@@ -228,6 +238,7 @@ mod tests {
         Counters {
             client_to_upstream: Counter::default(),
             upstream_to_client: Counter::default(),
+            activity: None,
         }
     }
 

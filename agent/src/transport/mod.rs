@@ -9,6 +9,7 @@
 
 pub mod copy;
 pub mod http_pool;
+pub mod idle;
 pub mod netns;
 pub mod rewind;
 pub mod tls_label;

@@ -11,6 +11,10 @@
 //! * [`sock_ops`]: re-keys that record by the connection as the agent sees it
 //!   (netns cookie + client address) once the handshake completes, and cleans
 //!   up when the socket closes.
+//! * [`release`]: `cgroup/sock_release` forgets a socket's recorded
+//!   destination when it is released, also when its `connect()` failed
+//!   before `sock_ops` saw it (a pod churning failing connects cannot fill
+//!   the node-wide cookie map).
 //! * [`peername`]: `cgroup/getpeername4` and `cgroup/getpeername6` hand the
 //!   application the address it dialled, not the proxy's.
 //! * [`inbound`]: `cgroup_skb` ingress keeps plaintext from other nodes out
@@ -29,6 +33,7 @@ mod connect;
 mod inbound;
 mod maps;
 mod peername;
+mod release;
 mod sock_ops;
 
 #[cfg(not(test))]

@@ -37,8 +37,9 @@ pub static INBOUND_ALLOW_V6: LpmTrie<[u32; 4], u8> =
 
 /// Original destination of every redirected socket, by socket cookie.
 /// Written at connect, read by sock_ops and getpeername, deleted at close.
-/// LRU so that sockets whose close we never see (connect failed before the
-/// SYN left) age out instead of filling the map.
+/// Entries go when the socket is released (`release`), whether or not its
+/// connect got as far as a SYN; LRU all the same, so the map can never
+/// refuse a new connection's entry.
 #[map(name = "ORIGINAL_DST_BY_COOKIE")]
 pub static ORIGINAL_DST_BY_COOKIE: LruHashMap<u64, SockAddr> =
     LruHashMap::with_max_entries(MAX_ORIGINAL_DST_BY_COOKIE, 0);

@@ -2,16 +2,36 @@
 //! Prometheus text metrics.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 
+/// A connection to an agent's admin API: its loopback TCP port or its Unix
+/// socket.
+pub trait AdminStream: Read + Write {
+    fn set_timeouts(&self, t: Duration) -> std::io::Result<()>;
+}
+
+impl AdminStream for TcpStream {
+    fn set_timeouts(&self, t: Duration) -> std::io::Result<()> {
+        self.set_read_timeout(Some(t))?;
+        self.set_write_timeout(Some(t))
+    }
+}
+
+impl AdminStream for UnixStream {
+    fn set_timeouts(&self, t: Duration) -> std::io::Result<()> {
+        self.set_read_timeout(Some(t))?;
+        self.set_write_timeout(Some(t))
+    }
+}
+
 /// Sends `GET path` with `Connection: close` over `stream` and returns the
 /// status code and the body (chunked bodies are decoded).
-pub fn http_get(mut stream: TcpStream, addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+pub fn http_get(mut stream: impl AdminStream, addr: &str, path: &str) -> Result<(u16, String)> {
+    stream.set_timeouts(Duration::from_secs(10))?;
     write!(
         stream,
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: waymark-tests\r\nAccept: */*\r\nConnection: close\r\n\r\n"

@@ -10,6 +10,8 @@ use super::process::find_bin;
 
 /// The admin address every agent listens on, inside its own node's netns.
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:4191";
+/// Where an agent binds its admin socket when its config does not say.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/waymark/admin.sock";
 /// The agent's outbound listener port.
 pub const OUTBOUND_PORT: i64 = 15001;
 
@@ -90,6 +92,7 @@ fn s(v: impl ToString) -> Value {
 /// The config the world writes for a node before a test's changes.
 pub(crate) fn base_config(
     node_name: &str,
+    admin_socket: &Path,
     pods_cgroup: &Path,
     fabric_net: &str,
     pods: &[PodEntry],
@@ -97,7 +100,10 @@ pub(crate) fn base_config(
     let admin: SocketAddr = DEFAULT_ADMIN.parse().expect("valid default admin address");
     let mut t = Table::new();
     t.insert("node".into(), table([("name", s(node_name))]));
-    t.insert("admin".into(), table([("listen", s(admin))]));
+    t.insert(
+        "admin".into(),
+        table([("listen", s(admin)), ("socket", s(admin_socket.display()))]),
+    );
     t.insert(
         "outbound".into(),
         table([
@@ -263,6 +269,15 @@ pub(crate) fn admin_addr(cfg: &Table) -> Result<SocketAddr> {
         .with_context(|| format!("admin.listen {listen:?} is not an IP:port address"))
 }
 
+/// The admin socket a config asks for (the agent's default when unset).
+pub(crate) fn admin_socket(cfg: &Table) -> PathBuf {
+    cfg.get("admin")
+        .and_then(|a| a.get("socket"))
+        .and_then(|l| l.as_str())
+        .unwrap_or(DEFAULT_ADMIN_SOCKET)
+        .into()
+}
+
 /// Writes `cfg` to `path` atomically (write a temporary file, rename).
 pub(crate) fn write_config(path: &Path, cfg: &Table) -> Result<()> {
     let text = toml::to_string(cfg).context("serializing agent config")?;
@@ -279,6 +294,7 @@ mod tests {
     fn base_config_has_the_contract_and_merges_overrides() {
         let mut c = base_config(
             "node0",
+            Path::new("/run/waymark-world/t/n0.sock"),
             Path::new("/sys/fs/cgroup/unified/waymark-t/node0"),
             "10.0.0.0/24",
             &[PodEntry {
@@ -296,6 +312,10 @@ mod tests {
             Some(4191)
         );
         assert_eq!(back["pods"][0]["ips"][1].as_str(), Some("fd00:1::2"));
+        assert_eq!(
+            admin_socket(&back),
+            PathBuf::from("/run/waymark-world/t/n0.sock")
+        );
         merge_str(
             &mut c,
             "[admin]\nlisten = \"127.0.0.1:9999\"\n[outbound]\nconnect_timeout = \"1s\"\n[extra]\nx = 1\n",

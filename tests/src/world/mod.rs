@@ -408,6 +408,7 @@ impl World {
                     pod_cidr: topology::pod_cidr(n.index),
                     pod_cidr6: topology::pod_cidr6(n.index),
                     admin: n.admin_addr().to_string(),
+                    admin_socket: Some(n.admin_socket()),
                     agent: n.agent.lock().unwrap().is_some(),
                     config: n.config_path.clone(),
                     log: n.log_path.clone(),
@@ -549,7 +550,16 @@ impl World {
                 })
                 .collect();
             let node_name = format!("node{i}");
-            let mut cfg = agent::base_config(&node_name, &node_cg, topology::FABRIC_NET, &entries);
+            // Each agent its own socket, in the world's directory: a short
+            // name, as a Unix socket path holds at most 107 bytes.
+            let socket = self.shared.dir.join(format!("n{i}.sock"));
+            let mut cfg = agent::base_config(
+                &node_name,
+                &socket,
+                &node_cg,
+                topology::FABRIC_NET,
+                &entries,
+            );
             if let Some(m) = &b.mtls {
                 agent::mtls_config(
                     &mut cfg,

@@ -4,6 +4,7 @@
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex};
@@ -110,7 +111,15 @@ impl Node {
         Ok(())
     }
 
-    /// The agent's admin address (in the node's netns).
+    /// The agent's admin socket: every endpoint, for root (the tests) and
+    /// `admin.socket_group`. Commands run on the node get it as
+    /// `WAYMARK_ADMIN`, so the CLI finds it.
+    pub fn admin_socket(&self) -> PathBuf {
+        agent::admin_socket(&self.config.lock().unwrap())
+    }
+
+    /// The agent's loopback TCP admin address (in the node's netns): `/live`,
+    /// `/ready` and `/metrics` only.
     pub fn admin_addr(&self) -> SocketAddr {
         agent::admin_addr(&self.config.lock().unwrap())
             .expect("checked when the config was written")
@@ -127,8 +136,12 @@ impl Node {
     }
 
     /// Spawns `cmd` in the node's netns (not in any pod's cgroup: it stays in
-    /// the caller's). The world kills it when it shuts down.
+    /// the caller's), with `WAYMARK_ADMIN` set to the agent's admin socket
+    /// unless `cmd` sets it. The world kills it when it shuts down.
     pub fn spawn(&self, cmd: &mut Command) -> Result<Child> {
+        if !cmd.get_envs().any(|(k, _)| k == "WAYMARK_ADMIN") {
+            cmd.env("WAYMARK_ADMIN", self.admin_socket());
+        }
         let child = spawn_placed(
             cmd,
             &Placement {
@@ -183,12 +196,22 @@ impl Node {
             .with_context(|| format!("connecting to {addr} from {}", self.name))
     }
 
-    /// `GET path` on the agent's admin API, from inside the node's netns.
-    /// Returns the status and the body.
+    /// `GET path` on the agent's loopback TCP admin port, from inside the
+    /// node's netns (what probes and scrapers see: `/live`, `/ready`,
+    /// `/metrics`). Returns the status and the body.
     pub fn admin_get(&self, path: &str) -> Result<(u16, String)> {
         let addr = self.admin_addr();
         let stream = self.tcp_connect(addr, Duration::from_secs(2))?;
-        http_get(stream, addr, path)
+        http_get(stream, &addr.to_string(), path)
+    }
+
+    /// `GET path` on the agent's admin socket, as root: every endpoint.
+    pub fn admin_socket_get(&self, path: &str) -> Result<(u16, String)> {
+        let socket = self.admin_socket();
+        let stream = UnixStream::connect(&socket)
+            .with_context(|| format!("connecting to {}", socket.display()))?;
+        http_get(stream, "localhost", path)
+            .with_context(|| format!("on the admin socket {}", socket.display()))
     }
 
     /// `GET /metrics`, failing unless the status is 200.

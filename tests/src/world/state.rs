@@ -72,6 +72,10 @@ pub struct NodeState {
     pub pod_cidr: String,
     pub pod_cidr6: String,
     pub admin: String,
+    /// The agent's admin socket (every endpoint; the TCP `admin` serves
+    /// `/live`, `/ready` and `/metrics` only).
+    #[serde(default)]
+    pub admin_socket: Option<PathBuf>,
     pub agent: bool,
     pub config: PathBuf,
     pub log: PathBuf,

@@ -136,7 +136,7 @@ pub fn run(client: &AdminClient, args: &CheckArgs) -> Result<bool> {
     }];
     if !args.pre {
         groups.push(Group {
-            name: format!("agent ({})", client.addr()),
+            name: format!("agent ({})", client.target()),
             checks: agent::checks(client, args.expiry_days),
         });
         groups.push(Group {

@@ -26,7 +26,6 @@ mod socket;
 
 use std::convert::Infallible;
 use std::fmt;
-use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -332,7 +331,8 @@ fn number(key: &str, value: &str) -> Result<u64, RequestError> {
 /// Who asked for a capture, for the log.
 #[derive(Clone, Debug)]
 pub struct Requester {
-    pub peer: SocketAddr,
+    /// The caller: a TCP address or the admin socket's peer credentials.
+    pub peer: String,
     pub user_agent: String,
 }
 

@@ -166,7 +166,7 @@ fn tshark_decrypts_a_keylog_capture() {
             };
             let filter = filter::compile(&params.filter, params.snaplen).unwrap();
             let who = Requester {
-                peer: "127.0.0.1:1".parse().unwrap(),
+                peer: "127.0.0.1:1".into(),
                 user_agent: "tls_tests".into(),
             };
             let body = captures

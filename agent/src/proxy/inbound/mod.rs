@@ -164,6 +164,11 @@ impl Collector for TunnelCollector {
                 failures.push(("inbound", f.as_str(), s.handshake_failures(f)));
             }
             failures.push(("inbound", "timeout", load(&s.handshake_timeouts)));
+            failures.push((
+                "inbound",
+                "too_many_handshakes",
+                load(&s.handshakes_refused),
+            ));
             streams.push(("inbound", "opened", load(&s.streams_opened)));
             streams.push(("inbound", "denied", load(&s.streams_denied)));
             streams.push(("inbound", "connect_failed", load(&s.connect_failed)));

@@ -1,7 +1,11 @@
 //! The inbound tunnel server (port 15008): TLS with client certificates,
 //! HTTP/2, one `CONNECT` per proxied connection.
 //!
-//! Hostile input is bounded before it costs anything: a TLS handshake must
+//! Hostile input is bounded before it costs anything: at most
+//! `max_handshakes` TLS handshakes run at once (a connection beyond them is
+//! reset before any TLS work, so a flood of ClientHellos or of connections
+//! that never send one cannot take the data path's threads, and the
+//! tunnel connections already up keep carrying streams), a TLS handshake must
 //! finish within `handshake_timeout` (a stalled client is dropped), HTTP/2
 //! limits the number of concurrent streams and the size of a header list
 //! (an oversize `CONNECT` is refused by h2 before it reaches us), and
@@ -37,6 +41,8 @@ const SOURCE_MISMATCH: &str = "source workload header does not match the client 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub handshake_timeout: Duration,
+    /// TLS handshakes in progress at once (`limits.tunnel_max_handshakes`).
+    pub max_handshakes: usize,
     pub connect_timeout: Duration,
     pub max_concurrent_streams: u32,
     pub max_header_list_size: u32,
@@ -52,6 +58,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             handshake_timeout: Duration::from_secs(5),
+            max_handshakes: crate::config::limits::DEFAULT_TUNNEL_MAX_HANDSHAKES,
             connect_timeout: Duration::from_secs(5),
             max_concurrent_streams: 1000,
             max_header_list_size: 16 * 1024,
@@ -105,6 +112,8 @@ pub struct ServerStats {
     pub tcp_accepted: AtomicU64,
     pub tls_established: AtomicU64,
     pub handshake_timeouts: AtomicU64,
+    /// Connections reset because `max_handshakes` were in progress.
+    pub handshakes_refused: AtomicU64,
     handshake_failures: [AtomicU64; 6],
     pub streams_opened: AtomicU64,
     pub streams_denied: AtomicU64,
@@ -155,6 +164,8 @@ impl ServerTls {
 }
 
 struct Shared {
+    /// Permits for TLS handshakes in progress.
+    handshakes: Arc<tokio::sync::Semaphore>,
     tls: Arc<ServerTls>,
     authorizer: Arc<dyn Authorize>,
     config: ServerConfig,
@@ -235,6 +246,7 @@ impl TunnelServer {
         stats: Arc<ServerStats>,
     ) -> Self {
         let shared = Arc::new(Shared {
+            handshakes: Arc::new(tokio::sync::Semaphore::new(config.max_handshakes.max(1))),
             tls,
             authorizer,
             config,
@@ -293,10 +305,21 @@ impl TunnelServer {
                 .stats
                 .tcp_accepted
                 .fetch_add(1, Ordering::Relaxed);
+            let Ok(permit) = self.shared.handshakes.clone().try_acquire_owned() else {
+                // Reset rather than queue: a queue would hold the socket
+                // (and the peer's retry) for as long as the flood lasts.
+                self.shared
+                    .stats
+                    .handshakes_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+                debug!(%peer, max = self.shared.config.max_handshakes, "tunnel connection reset: limits.tunnel_max_handshakes handshakes in progress");
+                continue;
+            };
             let shared = self.shared.clone();
             self.shared.drain.tracker.spawn(
                 shared
-                    .connection(tcp)
+                    .connection(tcp, permit)
                     .instrument(info_span!("tunnel_in", %peer)),
             );
         }
@@ -305,7 +328,11 @@ impl TunnelServer {
 }
 
 impl Shared {
-    async fn connection(self: Arc<Self>, tcp: TcpStream) {
+    async fn connection(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
         let _ = tcp.set_nodelay(true);
         let tls = match tokio::time::timeout(
             self.config.handshake_timeout,
@@ -328,6 +355,7 @@ impl Shared {
                 return;
             }
         };
+        drop(permit);
         // The verifier accepted a chain with a SPIFFE ID, so this is present.
         let Some(peer) = peer_info(tls.get_ref().1) else {
             self.stats.count_failure(TlsFailure::WrongIdentity);
@@ -364,23 +392,9 @@ impl Shared {
     }
 
     async fn stream(&self, req: Request<Incoming>, peer: Arc<CertInfo>) -> Response<Empty<Bytes>> {
-        if req.method() != Method::CONNECT {
-            return reply(
-                StatusCode::METHOD_NOT_ALLOWED,
-                ERROR_REASON,
-                "only CONNECT is served here",
-            );
-        }
-        let Some(target) = req
-            .uri()
-            .authority()
-            .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-        else {
-            return reply(
-                StatusCode::BAD_REQUEST,
-                ERROR_REASON,
-                "CONNECT authority must be ip:port",
-            );
+        let target = match connect_target(req.method(), req.uri()) {
+            Ok(t) => t,
+            Err((status, why)) => return reply(status, ERROR_REASON, why),
         };
         let span = info_span!("tunnel_stream", peer_id = %peer.id, %target);
         self.admit(req, peer, target).instrument(span).await
@@ -481,6 +495,7 @@ where
     let counters = copy::Counters {
         client_to_upstream: Default::default(),
         upstream_to_client: Default::default(),
+        activity: None,
     };
     let mut t = copy::Transferred::default();
     let copied = copy::bidirectional_io(&mut upstream, tunnel, &counters, &mut t).await;
@@ -504,6 +519,24 @@ where
             Err(e.error)
         }
     }
+}
+
+/// The target of a tunnel stream: only `CONNECT ip:port` is served (a host
+/// name would make this agent resolve names for its peer; a path or query
+/// has no meaning here).
+pub(crate) fn connect_target(
+    method: &Method,
+    uri: &http::Uri,
+) -> Result<SocketAddr, (StatusCode, &'static str)> {
+    if method != Method::CONNECT {
+        return Err((
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only CONNECT is served here",
+        ));
+    }
+    uri.authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+        .ok_or((StatusCode::BAD_REQUEST, "CONNECT authority must be ip:port"))
 }
 
 fn reply(status: StatusCode, header: http::HeaderName, reason: &str) -> Response<Empty<Bytes>> {

@@ -65,6 +65,14 @@ pub struct HttpProxy {
     pub discovery: Arc<Discovery>,
     pub pool: Arc<Pool>,
     pub retry_buffer: usize,
+    /// Streams per HTTP/2 connection and the idle timeout of pods' HTTP
+    /// connections.
+    pub limits: crate::config::LimitsConfig,
+    /// Counts connections closed by a limit, per pod.
+    pub limit_closed: prometheus_client::metrics::family::Family<
+        crate::diagnostics::metrics::RefusedLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
     pub tap: Arc<tap::TapHub>,
     /// What the kernel saw on upstream connections, for diagnostic traces.
     pub kernel: Option<Arc<crate::diagnostics::kernel::KernelDiag>>,

@@ -14,8 +14,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use crate::diagnostics::metrics::RefusedLabels;
 use crate::proxy::outbound::forward::{ConnCtx, HttpProxy};
 use crate::transport::http_pool::Version;
+use crate::transport::idle::{Activity, IdleIo, expired};
 
 /// Largest HTTP/1 request head accepted: generous for real clients (64 KiB
 /// cookies exist), small enough that a header flood cannot grow memory.
@@ -23,15 +25,34 @@ pub(crate) const MAX_H1_HEAD: usize = 96 * 1024;
 /// HTTP/2 header list limit (decoded): a 64 KiB header block split over
 /// CONTINUATION frames fits; a CONTINUATION flood does not.
 pub(crate) const MAX_H2_HEADER_LIST: u32 = 128 * 1024;
-/// Concurrent streams per client connection (RFC 9113 recommends ≥ 100).
-pub(crate) const MAX_H2_STREAMS: u32 = 256;
+/// Concurrent streams per HTTP/2 connection on the inbound side, where
+/// the tunnel's own limit already bounds what a peer can open.
+pub(crate) const MAX_H2_STREAMS: u32 = crate::config::limits::DEFAULT_H2_MAX_CONCURRENT_STREAMS;
 /// How long a client may take to send its request head (slowloris).
 pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Serves one downstream connection until it closes.
+/// Serves one downstream connection until it closes, or until it has
+/// been idle for `limits.idle_timeout`: then HTTP/1 closes once no request
+/// is in flight and HTTP/2 sends GOAWAY and lets the streams in flight end.
 pub async fn serve(proxy: Arc<HttpProxy>, ctx: Arc<ConnCtx>, stream: TcpStream) {
-    let io = TokioIo::new(stream);
+    let activity = Arc::new(Activity::new());
+    let io = TokioIo::new(IdleIo::new(stream, activity.clone()));
     let version = ctx.version;
+    let (idle_timeout, h2_streams) = (
+        proxy.limits.idle_timeout,
+        proxy.limits.h2_max_concurrent_streams,
+    );
+    let (closed, pod) = (proxy.limit_closed.clone(), ctx.pod.clone());
+    let idle = async move {
+        expired(&activity, idle_timeout).await;
+        closed
+            .get_or_create(&RefusedLabels {
+                pod: pod.clone(),
+                limit: "idle_timeout",
+            })
+            .inc();
+        debug!(%pod, timeout = ?idle_timeout, "idle HTTP connection closing");
+    };
     // The request future is boxed: hyper's HTTP/1 dispatcher keeps a slot
     // for the service's future for the whole life of the connection, sized
     // like the future (13 KiB unboxed); boxed, an idle keep-alive
@@ -44,22 +65,36 @@ pub async fn serve(proxy: Arc<HttpProxy>, ctx: Arc<ConnCtx>, stream: TcpStream) 
     });
     let result = match version {
         Version::Http1 => {
-            http1::Builder::new()
+            let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
                 .max_buf_size(MAX_H1_HEAD)
                 .keep_alive(true)
                 .serve_connection(io, svc)
-                .with_upgrades()
-                .await
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => r,
+                () = idle => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
         }
         Version::Http2 => {
-            http2::Builder::new(TokioExecutor::new())
+            let conn = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
-                .max_concurrent_streams(MAX_H2_STREAMS)
+                .max_concurrent_streams(h2_streams)
                 .max_header_list_size(MAX_H2_HEADER_LIST)
-                .serve_connection(io, svc)
-                .await
+                .serve_connection(io, svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => r,
+                () = idle => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
         }
     };
     if let Err(e) = result {

@@ -103,6 +103,9 @@ pub struct Outbound {
     /// are closed.
     pub force_close: CancellationToken,
     pub limits: ConnLimits,
+    /// An opaque connection with no byte either way for this long is
+    /// closed (`limits.idle_timeout`).
+    pub idle_timeout: Duration,
     /// Connections of all pods now.
     pub open_total: Arc<AtomicUsize>,
 }
@@ -536,23 +539,50 @@ impl Outbound {
         } else {
             debug!(%target, "connected");
         }
+        let activity = Arc::new(crate::transport::idle::Activity::new());
         let counters = Counters {
             client_to_upstream: self.metrics.write_bytes_total.get_or_create(labels).clone(),
             upstream_to_client: self.metrics.read_bytes_total.get_or_create(labels).clone(),
+            activity: Some(activity.clone()),
         };
-        let result = match upstream {
-            UpstreamIo::Tcp(mut tcp) => {
-                let r = copy::bidirectional(client, &mut tcp, &counters, transferred).await;
-                if matches!(&r, Err(e) if e.side == Side::Client) {
-                    // Tell the destination the client went away abruptly.
-                    reset(tcp);
+        let copied = async {
+            match upstream {
+                UpstreamIo::Tcp(mut tcp) => {
+                    let r = copy::bidirectional(client, &mut tcp, &counters, transferred).await;
+                    if matches!(&r, Err(e) if e.side == Side::Client) {
+                        // Tell the destination the client went away abruptly.
+                        reset(tcp);
+                    }
+                    r
                 }
-                r
+                // Dropping a tunnel stream resets it, which the peer agent
+                // passes on to the destination.
+                UpstreamIo::Tunnel(t) => {
+                    copy::bidirectional_io(client, t, &counters, transferred).await
+                }
             }
-            // Dropping a tunnel stream resets it, which the peer agent
-            // passes on to the destination.
-            UpstreamIo::Tunnel(t) => {
-                copy::bidirectional_io(client, t, &counters, transferred).await
+        };
+        let result = tokio::select! {
+            r = copied => r,
+            () = crate::transport::idle::expired(&activity, self.idle_timeout) => {
+                self.metrics
+                    .limit_closed_total
+                    .get_or_create(&RefusedLabels {
+                        pod: conn.pod.name.clone(),
+                        limit: "idle_timeout",
+                    })
+                    .inc();
+                debug!(pod = %conn.pod.name, %target, timeout = ?self.idle_timeout, "idle connection closed");
+                Err(copy::CopyError {
+                    side: Side::Client,
+                    error: std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "no byte either way for {:?} (limits.idle_timeout)",
+                            self.idle_timeout
+                        ),
+                    ),
+                })
             }
         };
         match result {

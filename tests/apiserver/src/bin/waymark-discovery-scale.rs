@@ -102,7 +102,8 @@ impl Agent {
         std::fs::write(
             &config,
             format!(
-                "[node]\nname = \"node-0\"\n[admin]\nlisten = \"{ADMIN}\"\n[kernel]\nenabled = false\n[capture]\nenabled = false\n[kubernetes]\nenabled = true\nkubeconfig = \"{}\"\n",
+                "[node]\nname = \"node-0\"\n[admin]\nlisten = \"{ADMIN}\"\nsocket = \"{}\"\n[kernel]\nenabled = false\n[capture]\nenabled = false\n[kubernetes]\nenabled = true\nkubeconfig = \"{}\"\n",
+                dir.join("admin.sock").display(),
                 dir.join("kubeconfig").display()
             ),
         )?;
@@ -148,13 +149,22 @@ impl Drop for Agent {
     }
 }
 
-/// `GET path` on the admin API (from inside the namespace): status, body.
-fn get(path: &str) -> Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&ADMIN.parse()?, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: admin\r\n\r\n")?;
+/// `GET path` on the admin API: `/ready` on its TCP port (from inside the
+/// namespace), everything else on its Unix socket in `dir`.
+fn get(dir: &Path, path: &str) -> Result<(u16, String)> {
     let mut out = String::new();
-    s.read_to_string(&mut out)?;
+    let request = format!("GET {path} HTTP/1.0\r\nHost: admin\r\n\r\n");
+    if path == "/ready" {
+        let mut s = TcpStream::connect_timeout(&ADMIN.parse()?, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(request.as_bytes())?;
+        s.read_to_string(&mut out)?;
+    } else {
+        let mut s = std::os::unix::net::UnixStream::connect(dir.join("admin.sock"))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(request.as_bytes())?;
+        s.read_to_string(&mut out)?;
+    }
     let code = out
         .split_whitespace()
         .nth(1)
@@ -173,7 +183,7 @@ fn until_ready(start: Instant, agent: &mut Agent) -> Result<Duration> {
         if let Ok(Some(st)) = agent.child.try_wait() {
             bail!("the agent exited before it was ready: {st}");
         }
-        if let Ok((200, _)) = get("/ready") {
+        if let Ok((200, _)) = get(Path::new(""), "/ready") {
             return Ok(start.elapsed());
         }
         if start.elapsed() > Duration::from_secs(300) {
@@ -340,7 +350,7 @@ fn main() -> Result<()> {
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
         let took = ns.within(|| -> Result<Duration> {
             loop {
-                let (code, body) = get(&query)?;
+                let (code, body) = get(&dir, &query)?;
                 if code == 200 && body.contains(&want) {
                     return Ok(changed.elapsed());
                 }

@@ -1,0 +1,126 @@
+//! `[limits]`: what one pod or one peer may hold of the agent, so that a
+//! busy or hostile one cannot take the node's proxy from the others:
+//! HTTP/2 streams per connection, how long a connection may sit idle, and
+//! how many TLS handshakes the tunnel port works on at once.
+//!
+//! Connection counts per pod live in `[outbound]` (`max_connections_per_pod`,
+//! `max_connections`), next to the listener they bound.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Concurrent streams on one pod's HTTP/2 connection (RFC 9113 recommends
+/// at least 100; gRPC clients open one per call).
+pub const DEFAULT_H2_MAX_CONCURRENT_STREAMS: u32 = 256;
+/// Concurrent streams on one tunnel connection: it carries every
+/// connection from one peer agent's pods to this node.
+pub const DEFAULT_TUNNEL_MAX_CONCURRENT_STREAMS: u32 = 1000;
+/// TLS handshakes the tunnel port works on at once. Handshakes cost CPU
+/// (signatures, certificate chains) on the data-path threads; a peer
+/// cannot make the agent spend more than this many at a time.
+pub const DEFAULT_TUNNEL_MAX_HANDSHAKES: usize = 64;
+/// A connection with no byte either way for this long is closed: a pod
+/// cannot pin sockets, buffers and table entries with connections it
+/// forgot. An hour, as Envoy's default TCP idle timeout.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Streams a pod may have open at once on one HTTP/2 connection to the
+    /// agent; advertised in SETTINGS, streams beyond it are refused
+    /// (`REFUSED_STREAM`, safe for the client to retry).
+    #[serde(default = "default_h2_streams")]
+    pub h2_max_concurrent_streams: u32,
+    /// The same for each tunnel connection another node's agent opens to
+    /// this one.
+    #[serde(default = "default_tunnel_streams")]
+    pub tunnel_max_concurrent_streams: u32,
+    /// TLS handshakes in progress at once on the tunnel port; a connection
+    /// arriving beyond them is reset at once and counted
+    /// (`waymark_tunnel_handshake_failures_total{reason="too_many_handshakes"}`).
+    #[serde(default = "default_tunnel_handshakes")]
+    pub tunnel_max_handshakes: usize,
+    /// Pods' opaque TCP connections and HTTP connections to the agent with
+    /// no byte either way for this long are closed (HTTP/2 with a GOAWAY)
+    /// and counted (`waymark_idle_closed_total{pod,protocol}`).
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            h2_max_concurrent_streams: DEFAULT_H2_MAX_CONCURRENT_STREAMS,
+            tunnel_max_concurrent_streams: DEFAULT_TUNNEL_MAX_CONCURRENT_STREAMS,
+            tunnel_max_handshakes: DEFAULT_TUNNEL_MAX_HANDSHAKES,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+        }
+    }
+}
+
+fn default_h2_streams() -> u32 {
+    DEFAULT_H2_MAX_CONCURRENT_STREAMS
+}
+fn default_tunnel_streams() -> u32 {
+    DEFAULT_TUNNEL_MAX_CONCURRENT_STREAMS
+}
+fn default_tunnel_handshakes() -> usize {
+    DEFAULT_TUNNEL_MAX_HANDSHAKES
+}
+fn default_idle_timeout() -> Duration {
+    DEFAULT_IDLE_TIMEOUT
+}
+
+pub fn validate(c: &LimitsConfig, problems: &mut Vec<String>) {
+    for (key, v) in [
+        (
+            "limits.h2_max_concurrent_streams",
+            c.h2_max_concurrent_streams,
+        ),
+        (
+            "limits.tunnel_max_concurrent_streams",
+            c.tunnel_max_concurrent_streams,
+        ),
+    ] {
+        if v == 0 {
+            problems.push(format!(
+                "{key}: must be at least 1 (0 would refuse every stream)"
+            ));
+        }
+    }
+    if c.tunnel_max_handshakes == 0 {
+        problems.push(
+            "limits.tunnel_max_handshakes: must be at least 1 (0 would refuse every peer)"
+                .to_string(),
+        );
+    }
+    if c.idle_timeout < Duration::from_secs(1) {
+        problems.push(format!(
+            "limits.idle_timeout: {:?} is shorter than a second; connections between requests would be cut",
+            c.idle_timeout
+        ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_every_problem_at_once() {
+        let c: LimitsConfig = toml::from_str("").unwrap();
+        assert_eq!(c, LimitsConfig::default());
+        let c: LimitsConfig = toml::from_str(
+            "h2_max_concurrent_streams = 0\ntunnel_max_concurrent_streams = 0\ntunnel_max_handshakes = 0\nidle_timeout = \"10ms\"\n",
+        )
+        .unwrap();
+        let mut p = Vec::new();
+        validate(&c, &mut p);
+        assert_eq!(p.len(), 4, "{p:?}");
+        assert!(p[3].contains("limits.idle_timeout"), "{p:?}");
+        let e = toml::from_str::<LimitsConfig>("idle_timeout = \"soon\"").unwrap_err();
+        assert!(e.to_string().contains("idle_timeout"), "{e}");
+    }
+}

@@ -1,0 +1,151 @@
+//! Idle timeouts: a connection with no byte either way for
+//! `limits.idle_timeout` is closed, so a pod cannot pin the agent's sockets,
+//! buffers and table entries with connections it forgot.
+//!
+//! [`Activity`] is one timestamp per connection, touched where bytes move
+//! (the opaque copy, or [`IdleIo`] under hyper); [`expired`] sleeps until it
+//! is older than the timeout. No timer per read: the watcher wakes once per
+//! timeout period at most.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+
+/// When a connection last moved a byte.
+#[derive(Debug)]
+pub struct Activity {
+    base: Instant,
+    /// Milliseconds after `base`.
+    last: AtomicU64,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Activity {
+    pub fn new() -> Self {
+        Activity {
+            base: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    pub fn touch(&self) {
+        let now = self.base.elapsed().as_millis() as u64;
+        self.last.fetch_max(now, Ordering::Relaxed);
+    }
+
+    fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
+        self.base.elapsed().saturating_sub(last)
+    }
+}
+
+/// Resolves once nothing has moved for `timeout`.
+pub async fn expired(activity: &Activity, timeout: Duration) {
+    loop {
+        let idle = activity.idle_for();
+        if idle >= timeout {
+            return;
+        }
+        tokio::time::sleep(timeout - idle).await;
+    }
+}
+
+/// A byte stream that touches its [`Activity`] whenever bytes pass.
+pub struct IdleIo<T> {
+    inner: T,
+    activity: Arc<Activity>,
+}
+
+impl<T> IdleIo<T> {
+    pub fn new(inner: T, activity: Arc<Activity>) -> Self {
+        IdleIo { inner, activity }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.touch();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn bytes_either_way_reset_the_clock() {
+        let activity = Arc::new(Activity::new());
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut io = IdleIo::new(a, activity.clone());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(activity.idle_for() >= Duration::from_millis(300));
+        io.write_all(b"x").await.unwrap();
+        assert!(activity.idle_for() < Duration::from_millis(300));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        b.write_all(b"y").await.unwrap();
+        let mut one = [0u8; 1];
+        io.read_exact(&mut one).await.unwrap();
+        assert!(activity.idle_for() < Duration::from_millis(300));
+        // Already idle longer than a zero timeout: resolves at once.
+        expired(&activity, Duration::ZERO).await;
+    }
+}

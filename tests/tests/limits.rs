@@ -1,0 +1,253 @@
+//! `[limits]` with real clients: the tunnel port resets connections beyond
+//! `tunnel_max_handshakes` while the tunnel connections already up keep
+//! carrying streams (openssl s_client, testpeer); a pod's HTTP/2 connection
+//! is offered `h2_max_concurrent_streams` and a client that honours it is
+//! served (nghttp, h2load); opaque and HTTP connections idle for
+//! `idle_timeout` are closed and counted with their pod. They need root and
+//! eBPF; see tests/README.md.
+
+// Children spawned through a world are reaped by the world when it shuts down.
+#![allow(clippy::zombie_processes)]
+
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use waymark_tests::{
+    DEFAULT_PATIENCE, Node, Pod, Server, World, eventually, metric, pod_ip, python,
+    require_agent_or_skip, testpeer, with_world, world_name,
+};
+
+const APP: &str = r#"
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a):
+        pass
+    def do_GET(self):
+        body = b"ok\n"
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+srv = http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), H)
+print("listening", sys.argv[1], flush=True)
+srv.serve_forever()
+"#;
+
+const VIP: &str = "10.96.0.60:80";
+
+fn app(pod: &Pod) -> Result<Server> {
+    pod.serve(python().args(["-c", APP, "8080"]))
+}
+
+/// `testpeer client` from `pod` to `addr` through the agents; the echo must
+/// come back whole.
+fn echo_ok(pod: &Pod, addr: &str) -> Result<()> {
+    let out = pod.run(&mut testpeer([
+        "client",
+        "--connect",
+        addr,
+        "--bytes",
+        "2000",
+        "--timeout",
+        "10s",
+    ]))?;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| String::from_utf8_lossy(&out.stdout).into_owned())?;
+    ensure!(report["identical"] == true, "{report}");
+    Ok(())
+}
+
+/// `openssl s_client` from `node` to `addr`: its stdout and stderr.
+fn s_client(node: &Node, addr: &str) -> Result<String> {
+    let out = node.run(
+        Command::new("timeout").args(["10", "openssl", "s_client", "-connect", addr, "-tls1_3"]),
+    )?;
+    Ok(format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
+}
+
+const TOO_MANY: [(&str, &str); 2] = [("direction", "inbound"), ("reason", "too_many_handshakes")];
+
+/// Two connections that never send a ClientHello hold node 1's two
+/// handshake slots: a third connection is reset before any TLS (s_client
+/// sees no certificate) and counted, while a pod's traffic over the tunnel
+/// connection already up still flows. Once the slots are free, a handshake
+/// gets as far as the server's certificate again.
+#[test]
+fn tunnel_handshakes_beyond_the_cap_are_reset_and_the_data_path_flows() {
+    require_agent_or_skip!();
+    let b = World::builder(world_name!())
+        .pods_per_node(1)
+        .mtls(true)
+        .agent_config_extra(format!(
+            r#"
+[limits]
+tunnel_max_handshakes = 2
+[inbound]
+handshake_timeout = "60s"
+[[services]]
+name = "echo"
+addresses = ["10.96.0.61:7000"]
+protocol = "opaque"
+endpoints = [ {{ addr = "{}:7000", node = "node1" }} ]
+"#,
+            pod_ip(1, 0)
+        ));
+    with_world(b, |world| {
+        let (n0, n1) = (world.node(0), world.node(1));
+        let server = world.pod(1, 0);
+        let _echo = server.serve(&mut testpeer(["echo", "--listen", "0.0.0.0:7000"]))?;
+        let target = "10.96.0.61:7000";
+        let tunnel = format!("{}:15008", n1.fabric_ip());
+        // The pool's tunnel connection from node 0 to node 1 is up.
+        echo_ok(world.pod(0, 0), target)?;
+        ensure!(
+            metric(
+                n1,
+                "waymark_tunnel_streams_total",
+                &[("direction", "inbound")]
+            )? >= 1.0,
+            "the first echo must have crossed the tunnel"
+        );
+
+        let stalled: Vec<TcpStream> = (0..2)
+            .map(|_| n0.tcp_connect(tunnel.parse()?, Duration::from_secs(2)))
+            .collect::<Result<_>>()?;
+        eventually(DEFAULT_PATIENCE, || {
+            let text = s_client(n0, &tunnel)?;
+            ensure!(
+                !text.contains("Server certificate"),
+                "a handshake beyond the cap got a certificate:\n{text}"
+            );
+            ensure!(
+                metric(n1, "waymark_tunnel_handshake_failures_total", &TOO_MANY)? >= 1.0,
+                "not counted yet; s_client said:\n{text}"
+            );
+            Ok(())
+        })?;
+        // The data path does not wait for handshakes.
+        echo_ok(world.pod(0, 0), target)?;
+
+        drop(stalled);
+        eventually(DEFAULT_PATIENCE, || {
+            let text = s_client(n0, &tunnel)?;
+            ensure!(
+                text.contains("Server certificate"),
+                "with the slots free the server must present its certificate:\n{text}"
+            );
+            Ok(())
+        })?;
+        Ok(())
+    });
+}
+
+/// A pod's HTTP/2 connection is offered `h2_max_concurrent_streams` in the
+/// agent's SETTINGS, and h2load keeping within it gets every one of 200
+/// requests answered. (A client that opens more before it has read the
+/// SETTINGS, as h2load `-m 50` does, has the excess refused with
+/// REFUSED_STREAM by the h2 layer.)
+#[test]
+fn a_pods_h2_connection_is_offered_the_configured_streams() {
+    require_agent_or_skip!();
+    let b = World::builder(world_name!())
+        .nodes(1)
+        .pods_per_node(2)
+        .agent_config_extra(format!(
+            r#"
+[limits]
+h2_max_concurrent_streams = 7
+[[services]]
+name = "web"
+addresses = ["{VIP}"]
+protocol = "http1"
+endpoints = [ {{ addr = "{}:8080" }} ]
+"#,
+            pod_ip(0, 1)
+        ));
+    with_world(b, |world| {
+        let (client, server) = (world.pod(0, 0), world.pod(0, 1));
+        let _app = app(server)?;
+        let out = client.run_ok(Command::new("nghttp").args(["-v", &format!("http://{VIP}/")]))?;
+        ensure!(
+            out.contains("recv SETTINGS frame")
+                && out.contains("[SETTINGS_MAX_CONCURRENT_STREAMS(0x03):7]"),
+            "the agent must offer 7 streams:\n{out}"
+        );
+        let out = client.run_ok(Command::new("h2load").args([
+            "-n",
+            "200",
+            "-c",
+            "1",
+            "-m",
+            "7",
+            &format!("http://{VIP}/"),
+        ]))?;
+        ensure!(
+            out.contains("200 succeeded, 0 failed, 0 errored"),
+            "h2load:\n{out}"
+        );
+        Ok(())
+    });
+}
+
+/// Opaque connections and keep-alive HTTP connections that go quiet are
+/// closed after `idle_timeout` and counted with their pod.
+#[test]
+fn idle_connections_are_closed_and_counted_with_the_pod() {
+    require_agent_or_skip!();
+    let b = World::builder(world_name!())
+        .nodes(1)
+        .pods_per_node(2)
+        .agent_config_extra(format!(
+            r#"
+[limits]
+idle_timeout = "2s"
+[[services]]
+name = "web"
+addresses = ["{VIP}"]
+protocol = "http1"
+endpoints = [ {{ addr = "{}:8080" }} ]
+"#,
+            pod_ip(0, 1)
+        ));
+    with_world(b, |world| {
+        let node = world.node(0);
+        let (client, server) = (world.pod(0, 0), world.pod(0, 1));
+        let _app = app(server)?;
+        let _echo = server.serve(&mut testpeer(["echo", "--listen", "0.0.0.0:7000"]))?;
+        let labels = [("pod", client.name()), ("limit", "idle_timeout")];
+        ensure!(metric(node, "waymark_limit_closed_total", &labels)? == 0.0);
+        // `hold` prints `holding …` once connected, no `listening` line.
+        client.spawn(&mut testpeer([
+            "hold",
+            "--connect",
+            &format!("{}:7000", server.ip()),
+            "--count",
+            "5",
+            "--hold",
+            "120s",
+        ]))?;
+        client.spawn(&mut testpeer([
+            "hold",
+            "--connect",
+            VIP,
+            "--count",
+            "5",
+            "--http",
+            "--hold",
+            "120s",
+        ]))?;
+        eventually(DEFAULT_PATIENCE, || {
+            let closed = metric(node, "waymark_limit_closed_total", &labels)?;
+            ensure!(closed == 10.0, "{closed} of 10 idle connections closed");
+            Ok(())
+        })?;
+        Ok(())
+    });
+}
