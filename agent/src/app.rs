@@ -459,6 +459,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         metrics: metrics.tcp.clone(),
         upstreams: upstreams.clone(),
         tracker: TaskTracker::new(),
+        draining: CancellationToken::new(),
         force_close: CancellationToken::new(),
         limits: crate::proxy::outbound::ConnLimits::new(
             config.outbound.max_connections_per_pod,
@@ -552,6 +553,7 @@ fn local_identities(config: &Config) -> Vec<SpiffeId> {
 /// GOAWAY, so peers stop sending new streams here while those in flight
 /// finish).
 async fn drain(outbound: &Outbound, inbound: Option<&TunnelDrain>, grace: Duration) {
+    outbound.draining.cancel();
     outbound.tracker.close();
     if let Some(d) = inbound {
         d.stop.cancel();
