@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod diagnostics;
 pub mod discovery;
+pub mod handover;
 pub mod http;
 pub mod identity;
 pub mod memory;

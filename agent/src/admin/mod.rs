@@ -84,8 +84,21 @@ pub struct AdminServer {
 impl AdminServer {
     /// Binds `addr` and serves on a dedicated thread.
     pub fn start(addr: SocketAddr, state: AdminState) -> Result<Self, AdminError> {
-        let std_listener = std::net::TcpListener::bind(addr)
-            .map_err(|source| AdminError::Bind { addr, source })?;
+        // SO_REUSEPORT: during a rollout the new agent binds the same
+        // address (a DaemonSet on the host network) beside the old one.
+        let std_listener: std::net::TcpListener = (|| {
+            let socket = socket2::Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )?;
+            socket.set_reuse_address(true)?;
+            socket.set_reuse_port(true)?;
+            socket.bind(&addr.into())?;
+            socket.listen(128)?;
+            Ok(socket.into())
+        })()
+        .map_err(|source| AdminError::Bind { addr, source })?;
         std_listener
             .set_nonblocking(true)
             .map_err(|source| AdminError::Bind { addr, source })?;

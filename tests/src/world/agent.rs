@@ -91,6 +91,7 @@ fn s(v: impl ToString) -> Value {
 pub(crate) fn base_config(
     node_name: &str,
     pods_cgroup: &Path,
+    pin_path: &Path,
     fabric_net: &str,
     pods: &[PodEntry],
 ) -> Table {
@@ -109,6 +110,7 @@ pub(crate) fn base_config(
         "redirect".into(),
         table([
             ("cgroup", s(pods_cgroup.display())),
+            ("pin_path", s(pin_path.display())),
             (
                 "exclude",
                 Value::Array(vec![table([
@@ -280,6 +282,7 @@ mod tests {
         let mut c = base_config(
             "node0",
             Path::new("/sys/fs/cgroup/unified/waymark-t/node0"),
+            Path::new("/sys/fs/bpf/waymark-world/t/node0"),
             "10.0.0.0/24",
             &[PodEntry {
                 name: "default/n0p0".into(),

@@ -464,6 +464,7 @@ impl World {
         }
         std::fs::create_dir_all(&self.shared.dir)
             .with_context(|| format!("creating {}", self.shared.dir.display()))?;
+        state::mount_pin_root(&name)?;
 
         // Namespaces.
         let fabric = self.fabric.clone();
@@ -549,7 +550,9 @@ impl World {
                 })
                 .collect();
             let node_name = format!("node{i}");
-            let mut cfg = agent::base_config(&node_name, &node_cg, topology::FABRIC_NET, &entries);
+            let pins = state::pin_root(&self.shared.name).join(&node_name);
+            let mut cfg =
+                agent::base_config(&node_name, &node_cg, &pins, topology::FABRIC_NET, &entries);
             if let Some(m) = &b.mtls {
                 agent::mtls_config(
                     &mut cfg,
@@ -639,6 +642,9 @@ impl World {
                 "processes still alive in {}",
                 self.cgroup_root.display()
             ));
+        }
+        if let Err(e) = state::unmount_pin_root(&self.shared.name) {
+            errors.push(format!("{e:#}"));
         }
         for ns in self.netns.iter().rev() {
             if let Err(e) = net::del_netns(ns) {

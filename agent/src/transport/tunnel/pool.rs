@@ -445,10 +445,14 @@ impl TunnelPool {
 /// A request failed: if its connection died of a TLS failure (the server's
 /// alert arrives after the client's side of a TLS 1.3 handshake is done),
 /// report that, so "unknown CA" or "expired" reaches the caller.
-/// Whether the peer refused the stream without processing it: a GOAWAY
-/// that did not cover it (RFC 9113 §6.8: such a stream may be retried), or
-/// `REFUSED_STREAM` (§8.7).
+/// Whether the stream never reached the peer or the peer refused it
+/// without processing it: hyper cancelled it because its connection was
+/// closing before the request was sent, a GOAWAY did not cover it (RFC
+/// 9113 §6.8: such a stream may be retried), or `REFUSED_STREAM` (§8.7).
 fn unprocessed(e: &hyper::Error) -> bool {
+    if e.is_canceled() {
+        return true;
+    }
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(s) = source {
         if let Some(h2) = s.downcast_ref::<h2::Error>() {
