@@ -610,3 +610,157 @@ fn rollout_under_load_loses_nothing_and_leaks_no_plaintext() {
         Ok(())
     });
 }
+
+/// One opaque exchange from `pod` to `addr` (1000 bytes echoed).
+fn exchange(pod: &Pod, addr: &str) -> Result<serde_json::Value> {
+    let out = pod.run_timeout(
+        &mut waymark_tests::testpeer([
+            "client",
+            "--connect",
+            addr,
+            "--bytes",
+            "1000",
+            "--timeout",
+            "2s",
+        ]),
+        Duration::from_secs(10),
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim()).with_context(|| format!("testpeer printed {text}"))
+}
+
+/// `waymark check` on `node`: what it printed.
+fn check_output(node: &Node) -> Result<String> {
+    let admin = node.admin_addr().to_string();
+    let out = node.run(
+        Command::new(waymark_tests::world::agent::waymark_bin()?)
+            .arg("check")
+            .args(["--admin", &admin]),
+    )?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// (3) `kill -9` of node 0's agent under load, with the default
+/// `redirect.on_agent_down = "closed"`: the pinned links stay attached, so
+/// while no agent runs a pod's new connection is refused (ECONNREFUSED
+/// from its own loopback), never sent around the mesh; the restarted agent
+/// adopts the pinned state and traffic flows again. Failures and the time
+/// from the crash to the first successful exchange are printed;
+/// nothing crosses node 0's link outside the tunnel at any moment.
+#[test]
+fn kill_9_with_agent_down_closed_refuses_then_recovers() {
+    require_agent_or_skip!();
+    let b = World::builder(world_name!())
+        .mtls(true)
+        .agent_config_extra(rollout_services());
+    with_world(b, |world| {
+        let (client, remote, node) = (world.pod(0, 0), world.pod(1, 0), world.node(0));
+        let _web = fast(remote, 8080)?;
+        let _echo = remote.serve(&mut waymark_tests::testpeer([
+            "echo",
+            "--listen",
+            "0.0.0.0:7000",
+        ]))?;
+        let checked = check_output(node)?;
+        ensure!(
+            checked.contains("redirect.on_agent_down = closed"),
+            "waymark check does not say the mode in force:\n{checked}"
+        );
+        ensure!(
+            exchange(client, ECHO_VIP)?["identical"] == true,
+            "no traffic before the crash"
+        );
+        let (tcpdump, pcap) = capture_node_link(world)?;
+        let wrk = spawn_wrk(
+            client,
+            &format!("http://{WEB_VIP}/"),
+            Duration::from_secs(6),
+        )?;
+        std::thread::sleep(Duration::from_millis(1500));
+
+        let crashed = Instant::now();
+        node.stop_agent(Signal::SIGKILL)?;
+        let down = exchange(client, ECHO_VIP)?;
+        ensure!(
+            down["identical"] != true
+                && down["error"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("refused"),
+            "with no agent, a pod's connection was not refused: {down}"
+        );
+        node.spawn_agent()?;
+        let restarted = crashed.elapsed();
+        let recovered = loop {
+            if exchange(client, ECHO_VIP)?["identical"] == true {
+                break crashed.elapsed();
+            }
+            ensure!(
+                crashed.elapsed() < Duration::from_secs(30),
+                "no traffic 30 s after the crash:\n{}",
+                node.agent_log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        node.wait_agent_ready()?;
+        let report = wait_report(wrk)?;
+        let (tunnel, plaintext) = plaintext_segments(tcpdump, &pcap)?;
+        eprintln!(
+            "kill -9 (on_agent_down = closed): new agent started {restarted:?} after the crash, \
+             traffic flowing again {recovered:?} after it; wrk: {} requests, {} failed \
+             (socket errors {:?}, non-2xx {}); node 0 link: {tunnel} tunnel segments, \
+             {plaintext} outside the tunnel",
+            report.requests,
+            report.failures(),
+            report.socket_errors,
+            report.non_2xx
+        );
+        ensure!(
+            plaintext == 0,
+            "{plaintext} segments crossed node 0's link outside the tunnel"
+        );
+        ensure!(
+            node.agent_log().contains("adopted a pinned link"),
+            "the restarted agent did not adopt the pinned links:\n{}",
+            node.agent_log()
+        );
+        Ok(())
+    });
+}
+
+/// (4) `redirect.on_agent_down = "open"`: the links are the agent's own,
+/// so after `kill -9` the programs are gone and a pod's connection goes
+/// direct (and succeeds) instead of being refused; `waymark check` warns.
+#[test]
+fn kill_9_with_agent_down_open_goes_direct() {
+    require_agent_or_skip!();
+    let b = World::builder(world_name!())
+        .pods_per_node(1)
+        .agent_config_extra("[redirect]\non_agent_down = \"open\"\n");
+    with_world(b, |world| {
+        let (client, remote, node) = (world.pod(0, 0), world.pod(1, 0), world.node(0));
+        let _echo = remote.serve(&mut waymark_tests::testpeer([
+            "echo",
+            "--listen",
+            "0.0.0.0:7000",
+        ]))?;
+        let checked = check_output(node)?;
+        ensure!(
+            checked.contains("redirect.on_agent_down = open") && checked.contains("go direct"),
+            "waymark check does not warn about the open mode:\n{checked}"
+        );
+        let addr = format!("{}:7000", pod_ip(1, 0));
+        let through = exchange(client, &addr)?;
+        ensure!(
+            through["identical"] == true,
+            "no traffic through the agent: {through}"
+        );
+        node.stop_agent(Signal::SIGKILL)?;
+        let direct = exchange(client, &addr)?;
+        ensure!(
+            direct["identical"] == true,
+            "with no agent and on_agent_down = open, the pod's connection did not go direct: {direct}"
+        );
+        Ok(())
+    });
+}

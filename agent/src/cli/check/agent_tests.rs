@@ -27,6 +27,8 @@ fn facts() -> AgentFacts {
                 })
                 .collect(),
         },
+        on_agent_down: "closed".into(),
+        pin_path: Some("/sys/fs/bpf/waymark".into()),
         pods: vec![PodFacts {
             name: "default/a".into(),
             netns: "/var/run/netns/a".into(),
@@ -257,4 +259,18 @@ fn failing_endpoints_are_warned_about_by_name() {
     );
     let c = endpoints(Err("404".into()));
     assert_eq!(c.status, Status::Warn, "{c:?}");
+}
+
+#[test]
+fn agent_down_mode_says_what_happens_to_pods_without_an_agent() {
+    let mut f = facts();
+    let closed = agent_down(&f);
+    assert_eq!(closed.status, Status::Pass);
+    assert!(closed.what.contains("refused"), "{}", closed.what);
+    f.on_agent_down = "open".into();
+    let open = agent_down(&f);
+    assert_eq!(open.status, Status::Warn);
+    assert!(open.what.contains("go direct"), "{}", open.what);
+    f.on_agent_down = String::new();
+    assert_eq!(agent_down(&f).status, Status::Skip);
 }
