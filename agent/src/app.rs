@@ -5,17 +5,18 @@
 //! programs are attached, so the first redirected connect already finds a
 //! listener (merbridge #167: a 503 on the first request after enrolment).
 //!
-//! Shutdown is the reverse: on SIGTERM/SIGINT the agent reports not-ready,
-//! detaches the programs first, then stops accepting, then gives open
-//! connections `shutdown.drain_grace` to finish before closing them.
+//! The kernel side is pinned (`redirect::pin`): a starting agent adopts
+//! the maps and links an earlier one left, and when another agent still
+//! serves the node this one binds beside it and takes over once ready
+//! (`handover`).
 //!
-//! While no agent runs, the programs are not attached (the kernel detaches
-//! them when the agent's links close, also on a crash), so pods' new
-//! connections go straight to their destinations: waymark fails *open*.
-//! A pod is never blackholed by a dead agent; the price is that such
-//! connections bypass the proxy (no metrics, and later no mTLS) until an
-//! agent is back. Restart handover with pinned programs is the way to close
-//! that window for rollouts.
+//! Shutdown is the reverse: on SIGTERM/SIGINT, or when a successor asks,
+//! the agent reports not-ready, stops accepting, then gives open
+//! connections `shutdown.drain_grace` to finish (HTTP winds down without
+//! failing a request: `http::drain`) before closing them. The programs
+//! stay attached through their pinned links (`redirect.on_agent_down =
+//! "closed"`: with no agent, pods' connections are refused) unless the
+//! config says `"open"`, where they are detached as the drain starts.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -196,7 +196,7 @@ impl Pins {
 /// Whether `path` is on a bpffs.
 pub fn is_bpffs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path)
-        .map(|fs| fs.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        .map(|fs| fs.filesystem_type().0 == BPF_FS_MAGIC)
         .unwrap_or(false)
 }
 

@@ -37,7 +37,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-pub use node::{AGENT_STOP_PATIENCE, Node};
+pub use node::{AGENT_STOP_PATIENCE, Node, SuccessorAgent};
 pub use pod::{DEFAULT_RUN_TIMEOUT, Pod};
 
 use net::{netns_inode, netns_path};
