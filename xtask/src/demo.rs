@@ -275,7 +275,7 @@ retry = {{ attempts = 2, on = ["5xx"] }}
         .filter(|l| l.starts_with("Socket errors") || l.starts_with("Non-2xx"))
         .collect();
     println!(
-        "  new agent ready {:.1} s after it started; the old one drained and exited ({status}) {:.1} s after",
+        "  new agent ready {:.1} s after it started; the old one drained and exited ({status}) {:.1} s after the new one started",
         ready_in.as_secs_f64(),
         gone_in.as_secs_f64()
     );

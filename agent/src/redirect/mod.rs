@@ -116,7 +116,9 @@ pub struct MapOccupancy {
 }
 
 /// The loaded redirect programs and their maps. Dropping it detaches and
-/// unloads everything.
+/// unloads everything, except what is pinned: links kept pinned
+/// (`on_agent_down = "closed"`) stay attached and pinned maps keep their
+/// entries for the next agent.
 pub struct Redirect {
     ebpf: Ebpf,
     by_cookie: HashMap<MapData, u64, SockAddr>,
