@@ -6,17 +6,18 @@
 //! bound (see `enrollment`), so the first redirected connect already finds a
 //! listener (merbridge #167: a 503 on the first request after enrolment).
 //!
-//! Shutdown is the reverse: on SIGTERM/SIGINT the agent reports not-ready,
-//! detaches the programs first, then stops accepting, then gives open
-//! connections `shutdown.drain_grace` to finish before closing them.
+//! The kernel side is pinned (`redirect::pin`): a starting agent adopts
+//! the maps and links an earlier one left, and when another agent still
+//! serves the node this one binds beside it and takes over once ready
+//! (`handover`).
 //!
-//! While no agent runs, the programs are not attached (the kernel detaches
-//! them when the agent's links close, also on a crash), so pods' new
-//! connections go straight to their destinations: waymark fails *open*.
-//! A pod is never blackholed by a dead agent; the price is that such
-//! connections bypass the proxy (no metrics, and later no mTLS) until an
-//! agent is back. Restart handover with pinned programs is the way to close
-//! that window for rollouts.
+//! Shutdown is the reverse: on SIGTERM/SIGINT, or when a successor asks,
+//! the agent reports not-ready, stops accepting, then gives open
+//! connections `shutdown.drain_grace` to finish (HTTP winds down without
+//! failing a request: `http::drain`) before closing them. The programs
+//! stay attached through their pinned links (`redirect.on_agent_down =
+//! "closed"`: with no agent, pods' connections are refused) unless the
+//! config says `"open"`, where they are detached as the drain starts.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -32,6 +33,7 @@ use tracing::{info, warn};
 
 use crate::admin::{AdminServer, AdminState, Readiness};
 use crate::config::Config;
+use crate::config::OnAgentDown;
 use crate::config::mesh::InboundMode;
 use crate::diagnostics::capture::Captures;
 use crate::diagnostics::kernel as kernel_diag;
@@ -39,6 +41,7 @@ use crate::diagnostics::metrics::{MapLabels, Metrics};
 use crate::diagnostics::tap::TapHub;
 use crate::discovery::{Discovery, ServiceTable};
 use crate::enrollment::{Enrollment, EnrollmentParts};
+use crate::handover::{self, Claim};
 use crate::identity::SpiffeId;
 use crate::identity::manager::IdentityManager;
 use crate::proxy::OriginalDst;
@@ -48,7 +51,7 @@ use crate::proxy::inbound::server::Drain as TunnelDrain;
 use crate::proxy::inbound::{Inbound, StrictCollector, TunnelCollector};
 use crate::proxy::outbound::Outbound;
 use crate::proxy::outbound::forward::HttpProxy;
-use crate::redirect::Redirect;
+use crate::redirect::{Pins, Redirect};
 use crate::reload::{ReloadMetrics, Reloader, SharedConfig};
 use crate::telemetry::LogLevelHandle;
 use crate::transport::http_pool::Pool;
@@ -146,6 +149,20 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         )
         .context("cannot build the service table")?,
     ));
+    // Who serves this node, decided before anything is bound (see
+    // `handover`): a third agent stops here.
+    let pinned = match &config.redirect.cgroup {
+        Some(_) => {
+            let pins = Pins::open(&config.redirect.pin_path)
+                .context("cannot use redirect.pin_path for the redirect's pinned state")?;
+            let claim = handover::claim(pins.root(), pins.layout_dir())?;
+            if matches!(claim, Claim::Successor { .. }) {
+                info!(pin_path = %pins.root().display(), "another agent serves this node; taking over once ready");
+            }
+            Some((pins, claim))
+        }
+        None => None,
+    };
     let config = Arc::new(config);
     let shared_config: SharedConfig = Arc::new(RwLock::new(config.clone()));
     let readiness = Arc::new(Readiness::new(&[READY_PROGRAMS, READY_LISTENERS]));
@@ -190,6 +207,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
     let mut inbound_stats = None;
     let mut inbound_http = None;
     let mut inbound_drain = None;
+    crate::proxy::listener::migrate_on_close();
     if let (Some(manager), Some(id)) = (&identity, &config.identity) {
         let node_identity = id
             .node_identity(&config.node.name)
@@ -249,8 +267,16 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
             upstreams: upstreams.clone(),
         }));
 
-    let redirect = Redirect::load(config.outbound.port, &config.excludes())
-        .context("cannot load the redirect programs into the kernel (waymark agent needs root, or CAP_BPF + CAP_NET_ADMIN + CAP_SYS_ADMIN, and a kernel with BTF and cgroup v2)")?;
+    let redirect = match &pinned {
+        Some((pins, _)) => Redirect::load_pinned(
+            config.outbound.port,
+            &config.excludes(),
+            pins.clone(),
+            config.redirect.on_agent_down == OnAgentDown::Closed,
+        ),
+        None => Redirect::load(config.outbound.port, &config.excludes()),
+    }
+    .context("cannot load the redirect programs into the kernel (waymark agent needs root, or CAP_BPF + CAP_NET_ADMIN + CAP_SYS_ADMIN, and a kernel with BTF and cgroup v2)")?;
     let redirect = Arc::new(RwLock::new(redirect));
 
     // Strict inbound's pods by netns cookie, filled when the pods are bound.
@@ -431,6 +457,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         metrics: metrics.tcp.clone(),
         upstreams: upstreams.clone(),
         tracker: TaskTracker::new(),
+        draining: CancellationToken::new(),
         force_close: CancellationToken::new(),
         limits: crate::proxy::outbound::ConnLimits::new(
             config.outbound.max_connections_per_pod,
@@ -493,8 +520,13 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         "waymark agent ready"
     );
 
-    let signal_name = wait_for_signal().await?;
-    info!(signal = signal_name, grace = ?config.shutdown.drain_grace, "shutting down: detaching programs, then draining");
+    let handed_over = CancellationToken::new();
+    let _serving = pinned.map(|(pins, claim)| take_over(pins.root(), claim, &handed_over));
+    let signal_name = tokio::select! {
+        s = wait_for_signal() => s?,
+        _ = handed_over.cancelled() => "handover",
+    };
+    info!(signal = signal_name, grace = ?config.shutdown.drain_grace, on_agent_down = config.redirect.on_agent_down.as_str(), "shutting down: closing listeners, then draining");
     readiness.unset(READY_DRAINING);
     redirect.write().unwrap_or_else(|e| e.into_inner()).detach();
     stop_kernel.cancel();
@@ -516,6 +548,33 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
     admin.stop();
     info!("waymark agent stopped");
     Ok(())
+}
+
+/// Serves the node from now on: as its sole agent, listening for a
+/// successor's request; or, having started beside a serving agent, by
+/// telling that one to go now that this one is ready. Returns the serving
+/// lock to hold while the agent runs.
+fn take_over(
+    pin_root: &std::path::Path,
+    claim: Claim,
+    handed_over: &CancellationToken,
+) -> Option<nix::fcntl::Flock<std::fs::File>> {
+    match claim {
+        Claim::Serving(lock) => {
+            handover::listen(pin_root, handed_over.clone());
+            Some(lock)
+        }
+        Claim::Successor { successor, serving } => {
+            match handover::request(pin_root) {
+                Ok(pid) => info!(previous_pid = %pid, "handover: the previous agent is draining"),
+                Err(e) => {
+                    warn!(error = %e, "handover: the serving agent did not answer; both serve until it exits")
+                }
+            }
+            handover::await_serving(successor, serving, pin_root.to_owned(), handed_over.clone());
+            None
+        }
+    }
 }
 
 /// Every identity this node needs a leaf for: its own (the tunnel server's)
@@ -544,6 +603,7 @@ fn local_identities(config: &Config) -> Vec<SpiffeId> {
 /// GOAWAY, so peers stop sending new streams here while those in flight
 /// finish).
 async fn drain(outbound: &Outbound, inbound: Option<&TunnelDrain>, grace: Duration) {
+    outbound.draining.cancel();
     outbound.tracker.close();
     if let Some(d) = inbound {
         d.stop.cancel();

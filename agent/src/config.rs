@@ -255,7 +255,7 @@ fn default_connect_timeout() -> Duration {
     DEFAULT_CONNECT_TIMEOUT
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RedirectConfig {
     /// The cgroup v2 directory holding this node's pods. The redirection
@@ -273,6 +273,61 @@ pub struct RedirectConfig {
     /// never dials them on its behalf.
     #[serde(default)]
     pub proxy_link_local: bool,
+    /// The bpffs directory where the redirect's maps and links are pinned,
+    /// so they outlive the agent: a new agent adopts them (a restart or a
+    /// rollout never detaches the kernel side, and both agents share the
+    /// original-destination maps). Each agent on a machine needs its own.
+    #[serde(default = "default_pin_path")]
+    pub pin_path: PathBuf,
+    /// What enrolled pods' connections do while no agent runs.
+    #[serde(default)]
+    pub on_agent_down: OnAgentDown,
+}
+
+impl Default for RedirectConfig {
+    fn default() -> Self {
+        Self {
+            cgroup: None,
+            exclude: Vec::new(),
+            proxy_link_local: false,
+            pin_path: default_pin_path(),
+            on_agent_down: OnAgentDown::default(),
+        }
+    }
+}
+
+/// Where the redirect's kernel state is pinned unless configured.
+pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/waymark";
+
+fn default_pin_path() -> PathBuf {
+    PathBuf::from(DEFAULT_PIN_PATH)
+}
+
+/// `redirect.on_agent_down`: what happens to enrolled pods' connections
+/// while no agent serves the node (it crashed, or was stopped without a
+/// successor).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OnAgentDown {
+    /// The programs stay attached (their links are pinned), so connections
+    /// are still redirected to the agent's loopback port, where nothing
+    /// listens: they are refused at once (ECONNREFUSED). Nothing leaves a
+    /// pod in plaintext or unauthorized (Istio's stance, istio#60882).
+    #[default]
+    Closed,
+    /// The programs are detached when the agent exits (their links are the
+    /// agent's own), so connections go direct, bypassing the mesh (no mTLS,
+    /// no authorization, no metrics) until an agent is back.
+    Open,
+}
+
+impl OnAgentDown {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnAgentDown::Closed => "closed",
+            OnAgentDown::Open => "open",
+        }
+    }
 }
 
 /// The link-local networks left to the pods themselves by default.

@@ -11,6 +11,7 @@ pub mod diagnostics;
 pub mod discovery;
 pub mod enrollment;
 pub mod fuzzing;
+pub mod handover;
 pub mod http;
 pub mod identity;
 pub mod kube;

@@ -890,14 +890,18 @@ impl Holder {
 }
 
 /// (12) Ready, config, and SIGTERM: not ready while draining, established
-/// connections keep flowing for the grace period, exit 0, then fail-open.
+/// connections keep flowing for the grace period, exit 0, then fail-open
+/// (`redirect.on_agent_down = "open"`; the default, closed, is tested in
+/// `rollout.rs`).
 #[test]
 fn lifecycle_ready_config_drain_and_fail_open() {
     require_agent_or_skip!();
     const GRACE: Duration = Duration::from_secs(3);
     let b = World::builder(world_name!())
         .pods_per_node(1)
-        .agent_config_extra("[shutdown]\ndrain_grace = \"3s\"\n");
+        .agent_config_extra(
+            "[shutdown]\ndrain_grace = \"3s\"\n[redirect]\non_agent_down = \"open\"\n",
+        );
     with_world(b, |world| {
         let (cl, srv, node) = (world.pod(0, 0), world.pod(1, 0), world.node(0));
         let (status, body) = node.admin_get("/ready")?;

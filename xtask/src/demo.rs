@@ -3,8 +3,8 @@
 //! clients in pods, and shows what the agents did: a diagnostic trace across
 //! both agents, `waymark stat`, `edges`, the receiving agent's live `tap` and
 //! `top`, the kernel's counters (`waymark drops`),
-//! log lines, metrics, a refused destination, and what happens to pods when
-//! the agent stops.
+//! log lines, metrics, a refused destination, a rollout of an agent under
+//! load, and what happens to pods when no agent runs.
 
 use std::process::Command;
 use std::time::Duration;
@@ -245,35 +245,78 @@ retry = {{ attempts = 2, on = ["5xx"] }}
         "expected at least 203 proxied connections, metrics say {opened}"
     );
 
-    section("Stopping node 0's agent (SIGTERM): pods fail open and connect directly");
-    let status = node0.stop_agent(Signal::SIGTERM)?;
-    println!("  agent exited: {status}");
-    let who = echo.serve(&mut testpeer(["whoami", "--listen", "0.0.0.0:9100"]))?;
-    let out = client.run_ok(&mut testpeer([
-        "client",
-        "--connect",
-        &format!("{}:9100", echo.ip()),
-        "--bytes",
-        "0",
-        "--read-only",
-    ]))?;
-    println!("  {}", out.trim());
-    // A redirected socket is connected to the agent's listener on the
-    // pod's loopback, so its local address is 127.0.0.1; a direct one has
-    // the pod's address. (The server sees the pod's address either way:
-    // the agent dials as the pod.)
-    let local = serde_json::from_str::<serde_json::Value>(out.trim())
-        .ok()
-        .and_then(|v| v["local"].as_str().map(str::to_string))
-        .unwrap_or_default();
-    ensure!(
-        local.starts_with(&format!("{}:", client.ip())),
-        "after the agent stopped, the client's socket is {local:?}: still redirected?"
+    section(
+        "Rolling node 0's agent under load: a new agent binds beside it, adopts the pinned programs, becomes ready, and the old one drains",
+    );
+    let wrk = client.spawn(
+        Command::new("wrk")
+            .args(["-t1", "-c16", "-d6s", "--timeout", "5s"])
+            .arg(format!("http://{WEB_VIP}/hello"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped()),
+    )?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let started = std::time::Instant::now();
+    let mut successor = node0.spawn_successor(19_190)?;
+    successor.wait_ready(node0)?;
+    let ready_in = started.elapsed();
+    let status = node0.wait_agent_exit(Duration::from_secs(30))?;
+    let gone_in = started.elapsed();
+    let out = wrk.wait_with_output()?;
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    let requests = report
+        .lines()
+        .find(|l| l.contains(" requests in "))
+        .map(str::trim)
+        .unwrap_or("no summary")
+        .to_string();
+    let errors: Vec<&str> = report
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("Socket errors") || l.starts_with("Non-2xx"))
+        .collect();
+    println!(
+        "  new agent ready {:.1} s after it started; the old one drained and exited ({status}) {:.1} s after the new one started",
+        ready_in.as_secs_f64(),
+        gone_in.as_secs_f64()
     );
     println!(
-        "  (the client's socket is {local}, the pod's own address, not 127.0.0.1 where the agent's listener would take it: nothing redirects while no agent runs)"
+        "  rollout under wrk -c16 keep-alive, across nodes with mTLS: {requests}, {} failed",
+        if errors.is_empty() {
+            "0".to_string()
+        } else {
+            errors.join("; ")
+        }
     );
-    drop(who);
+    ensure!(
+        errors.is_empty(),
+        "requests failed during the rollout:\n{report}"
+    );
+
+    section(
+        "Stopping the agent with no successor: pods' connections are refused, never sent around the mesh",
+    );
+    successor.signal(Signal::SIGTERM)?;
+    let status = successor.wait_exit(Duration::from_secs(30))?;
+    println!("  agent exited: {status}");
+    let out = client.run(&mut testpeer([
+        "client",
+        "--connect",
+        &format!("{}:9000", echo.ip()),
+        "--bytes",
+        "10",
+        "--timeout",
+        "2s",
+    ]))?;
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    println!("  {}", report.trim());
+    ensure!(
+        report.contains("refused"),
+        "with no agent, the pod's connection was not refused: {report}"
+    );
+    println!(
+        "  (redirect.on_agent_down = \"closed\", the default: the pinned links keep redirecting to the pod's loopback, where nothing listens; \"open\" would let pods connect directly, without mTLS)"
+    );
 
     section("Tearing the world down");
     drop(world);

@@ -41,6 +41,8 @@ pub const BASE_TOOLS: &[(&str, &str)] = &[
     // The L7 end-to-end tests' peers (tests/tests/http_*.rs).
     ("h2load", "nghttp2-client"),
     ("openssl", "openssl"),
+    // The rollout test's HTTP/1.1 keep-alive load (tests/tests/rollout.rs).
+    ("wrk", "wrk"),
     // `waymark check`'s test detaches a program through its link.
     ("bpftool", "bpftool"),
     // Python modules have no binary: an absolute path names a file the

@@ -26,6 +26,12 @@ pub struct AgentFacts {
     /// not absolute); `None` when the programs are attached nowhere.
     pub cgroup_configured: Option<PathBuf>,
     pub redirect: RedirectState,
+    /// `redirect.on_agent_down` (empty from an agent that predates it).
+    #[serde(default)]
+    pub on_agent_down: String,
+    /// `redirect.pin_path`, where the links stay pinned.
+    #[serde(default)]
+    pub pin_path: Option<PathBuf>,
     pub pods: Vec<PodFacts>,
     /// The file the agent was started with; `None` for the embedded default.
     pub config_path: Option<PathBuf>,
@@ -187,6 +193,8 @@ pub fn facts(state: &AdminState) -> AgentFacts {
             .collect(),
         cgroup_configured: config.redirect.cgroup.clone(),
         redirect: (state.redirect_state)(),
+        on_agent_down: config.redirect.on_agent_down.as_str().to_string(),
+        pin_path: Some(config.redirect.pin_path.clone()),
         pods,
         // Absolute, so the CLI finds the file whatever its own directory.
         config_path: state

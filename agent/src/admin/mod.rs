@@ -134,8 +134,21 @@ impl AdminServer {
             agent_uid: nix::unistd::geteuid().as_raw(),
             group,
         };
-        let std_listener = std::net::TcpListener::bind(addr)
-            .map_err(|source| AdminError::Bind { addr, source })?;
+        // SO_REUSEPORT: during a rollout the new agent binds the same
+        // address (a DaemonSet on the host network) beside the old one.
+        let std_listener: std::net::TcpListener = (|| {
+            let socket = socket2::Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )?;
+            socket.set_reuse_address(true)?;
+            socket.set_reuse_port(true)?;
+            socket.bind(&addr.into())?;
+            socket.listen(128)?;
+            Ok(socket.into())
+        })()
+        .map_err(|source| AdminError::Bind { addr, source })?;
         std_listener
             .set_nonblocking(true)
             .map_err(|source| AdminError::Bind { addr, source })?;

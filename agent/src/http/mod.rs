@@ -1,6 +1,7 @@
 //! HTTP plumbing shared by both directions of the data path, with no
 //! routing in it: the body type every proxied message travels in
-//! ([`body`]), RFC 9110's hop-by-hop rules ([`headers`]), the proxy's own
+//! ([`body`]), RFC 9110's hop-by-hop rules ([`headers`]), winding served
+//! connections down without failing a request ([`drain`]), the proxy's own
 //! answers ([`errors`]), request bodies kept for retries ([`replay`]) and
 //! the admin API's query strings ([`query`]).
 //! Serving and routing requests is `proxy::outbound` (`http_server`,
@@ -8,6 +9,7 @@
 //! `transport::http_pool`.
 
 pub mod body;
+pub mod drain;
 pub mod errors;
 pub mod headers;
 pub mod query;

@@ -67,6 +67,7 @@ pub fn bind_in_netns(netns: &Path, port: u16) -> Result<PodSockets, ListenerErro
                     source,
                 }
             })?;
+            migrate_on_close();
             let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
             let v4l = bind(v4).map_err(|source| ListenerError::Bind {
                 addr: v4,
@@ -96,6 +97,23 @@ pub fn bind_in_netns(netns: &Path, port: u16) -> Result<PodSockets, ListenerErro
         })
         .map_err(|_| ListenerError::Thread { path: path.clone() })?;
     handle.join().map_err(|_| ListenerError::Thread { path })?
+}
+
+/// Sets `net.ipv4.tcp_migrate_req` in the calling thread's network
+/// namespace: when a listener of a `SO_REUSEPORT` group closes, the kernel
+/// moves the connections waiting in its accept queue (and its half-open
+/// ones) to another listener of the group instead of resetting them
+/// (Linux 5.14). That is what makes a handover lossless: the old agent
+/// closes its listeners while pods keep connecting, and whatever the
+/// kernel had already queued for it is accepted by the new agent. Best
+/// effort: without it a handover may reset the few connections queued at
+/// that instant.
+pub fn migrate_on_close() {
+    // /proc/sys/net resolves to the namespace of the thread that opens it.
+    const SYSCTL: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+    if let Err(e) = std::fs::write(SYSCTL, "1") {
+        tracing::warn!(sysctl = SYSCTL, error = %e, "cannot enable accept-queue migration; a handover may reset connections queued when the old agent closes its listeners");
+    }
 }
 
 fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {

@@ -97,4 +97,45 @@ pub enum RedirectError {
         #[source]
         source: Box<aya::programs::ProgramError>,
     },
+
+    /// The pin directory is not on a bpffs.
+    #[error(
+        "{path} is not on a bpffs, so the redirect's links and maps cannot be pinned; mount one: {hint}"
+    )]
+    BpffsNotMounted { path: PathBuf, hint: &'static str },
+
+    /// The pin directory holds a layout this agent does not write.
+    #[error(
+        "{path}: a pinned layout this agent does not understand (it writes {ours}); \
+         it was left by another waymark version. Run that version, or remove the directory \
+         (this detaches whatever it still holds from the pods) and start again"
+    )]
+    UnknownLayout { path: PathBuf, ours: &'static str },
+
+    /// A pinned map differs from the map this agent's programs declare.
+    #[error(
+        "pinned map {path} does not match this agent's programs ({detail}); refusing to adopt it \
+         rather than corrupt it. Run the waymark version that pinned it, or remove the pin directory"
+    )]
+    PinnedMapMismatch { path: PathBuf, detail: String },
+
+    /// Links are pinned for a cgroup other than the configured one.
+    #[error(
+        "{path} holds links attached to another cgroup than redirect.cgroup = {cgroup}; \
+         two configurations share one redirect.pin_path. Give each agent its own pin_path, \
+         or remove the stale directory"
+    )]
+    PinnedForOtherCgroup { path: PathBuf, cgroup: PathBuf },
+
+    /// The object's maps could not be listed.
+    #[error("listing the maps of the eBPF object: {0}")]
+    ObjectMaps(String),
+
+    /// A bpffs operation failed.
+    #[error("pinning at {path}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }

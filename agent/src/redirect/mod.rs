@@ -29,14 +29,20 @@
 //! cgroup of the process that created the socket, and the agent is not in
 //! the pods' cgroup.
 //!
-//! Lifetime: the programs stay attached while this process holds the
-//! [`Redirect`] (the kernel links are not pinned). If the agent exits, pods'
-//! connections go direct again (fail open). A pod is enrolled only once its
-//! listener is bound, so an enrolled pod's connects never wait on a
-//! listener that is not there.
+//! Lifetime: loaded with [`Pins`] ([`Redirect::load_pinned`]), the maps
+//! and links live in bpffs and outlive the agent (see [`pin`]): with
+//! `redirect.on_agent_down = "closed"` the links stay pinned, so while no
+//! agent runs, pods' connections are still redirected to the loopback port
+//! where nothing listens and are refused at once; with `"open"` the pins of
+//! the links are removed right after attaching, so the programs detach when
+//! the agent exits and pods' connections go direct. Without pins (the
+//! module's own tests) everything is the process's and goes with it. A pod
+//! is enrolled only once its listener is bound, so an enrolled pod's
+//! connects never wait on a listener that is not there while an agent runs.
 
 mod error;
 mod maps;
+pub mod pin;
 pub mod query;
 #[cfg(test)]
 mod tests;
@@ -46,17 +52,17 @@ use std::{
     io,
     mem::size_of,
     net::SocketAddr,
-    os::fd::{AsRawFd as _, BorrowedFd},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::{Array, HashMap, IterableMap as _, LpmTrie, MapData},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, Program,
         SockOps, cgroup_skb::CgroupSkbLinkId, cgroup_sock::CgroupSockLinkId,
-        cgroup_sock_addr::CgroupSockAddrLinkId, sock_ops::SockOpsLinkId,
+        cgroup_sock_addr::CgroupSockAddrLinkId, links::FdLink, sock_ops::SockOpsLinkId,
     },
 };
 use waymark_common::{
@@ -65,6 +71,7 @@ use waymark_common::{
 };
 
 pub use error::RedirectError;
+pub use pin::Pins;
 
 /// The object `agent/build.rs` built from `ebpf/kernel` (empty when built
 /// with `WAYMARK_EBPF_STUB=1`).
@@ -121,12 +128,17 @@ pub struct MapOccupancy {
 }
 
 /// The loaded redirect programs and their maps. Dropping it detaches and
-/// unloads everything.
+/// unloads everything, except what is pinned: links kept pinned
+/// (`on_agent_down = "closed"`) stay attached and pinned maps keep their
+/// entries for the next agent.
 pub struct Redirect {
     ebpf: Ebpf,
     by_cookie: HashMap<MapData, u64, SockAddr>,
     by_flow: HashMap<MapData, FlowKey, SockAddr>,
     attached: Option<Attachment>,
+    /// Where the maps and links are pinned, and whether the links stay
+    /// pinned when the agent exits (`on_agent_down = "closed"`).
+    pins: Option<(Pins, bool)>,
 }
 
 struct Attachment {
@@ -136,6 +148,9 @@ struct Attachment {
     release: Option<CgroupSockLinkId>,
     /// In attach order.
     sock_addr: Vec<(&'static str, CgroupSockAddrLinkId)>,
+    /// With pins: the links by program, in attach order. Closing one
+    /// detaches its program only if no pin holds it.
+    links: Vec<(&'static str, OwnedFd)>,
 }
 
 impl Redirect {
@@ -145,6 +160,28 @@ impl Redirect {
     /// `outbound_port` is the port of the listener the agent binds in every
     /// pod on `127.0.0.1` and `::1`.
     pub fn load(outbound_port: u16, excludes: &[Exclude]) -> Result<Self, RedirectError> {
+        Self::load_with(outbound_port, excludes, None)
+    }
+
+    /// [`Redirect::load`] against the maps pinned in `pins` (created and
+    /// pinned when missing), so their entries are shared with any other
+    /// agent using them and survive this one. `keep_links`: the links
+    /// [`Redirect::attach`] makes (or adopts) stay pinned after this
+    /// process exits (`on_agent_down = "closed"`).
+    pub fn load_pinned(
+        outbound_port: u16,
+        excludes: &[Exclude],
+        pins: Pins,
+        keep_links: bool,
+    ) -> Result<Self, RedirectError> {
+        Self::load_with(outbound_port, excludes, Some((pins, keep_links)))
+    }
+
+    fn load_with(
+        outbound_port: u16,
+        excludes: &[Exclude],
+        pins: Option<(Pins, bool)>,
+    ) -> Result<Self, RedirectError> {
         if OBJECT.is_empty() {
             return Err(RedirectError::StubObject);
         }
@@ -154,7 +191,17 @@ impl Redirect {
         // Validate the configuration before touching the kernel.
         let tables = maps::exclude_tables(excludes)?;
 
-        let mut ebpf = Ebpf::load(OBJECT).map_err(|e| RedirectError::Load(Box::new(e)))?;
+        let map_paths = match &pins {
+            Some((p, _)) => p.map_paths(OBJECT)?,
+            None => Vec::new(),
+        };
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name.as_str(), path.as_path());
+        }
+        let mut ebpf = loader
+            .load(OBJECT)
+            .map_err(|e| RedirectError::Load(Box::new(e)))?;
         for name in SOCK_ADDR_PROGRAMS {
             sock_addr_program(&mut ebpf, name)?
                 .load()
@@ -183,12 +230,31 @@ impl Redirect {
             v4.insert(key, ports, 0)
                 .map_err(map_error(MAP_EXCLUDE_V4, "insert"))?;
         }
+        // Adopted maps may hold an earlier configuration's exclusions.
+        let stale: Vec<_> = v4
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !tables.v4.iter().any(|(t, _)| same_key(t, k)))
+            .collect();
+        for key in &stale {
+            v4.remove(key)
+                .map_err(map_error(MAP_EXCLUDE_V4, "remove"))?;
+        }
         let mut v6 =
             LpmTrie::<_, [u32; 4], ExcludePorts>::try_from(map_mut(&mut ebpf, MAP_EXCLUDE_V6)?)
                 .map_err(map_error(MAP_EXCLUDE_V6, "open"))?;
         for (key, ports) in &tables.v6 {
             v6.insert(key, ports, 0)
                 .map_err(map_error(MAP_EXCLUDE_V6, "insert"))?;
+        }
+        let stale: Vec<_> = v6
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !tables.v6.iter().any(|(t, _)| same_key(t, k)))
+            .collect();
+        for key in &stale {
+            v6.remove(key)
+                .map_err(map_error(MAP_EXCLUDE_V6, "remove"))?;
         }
 
         let by_cookie = HashMap::try_from(take_map(&mut ebpf, MAP_BY_COOKIE)?)
@@ -199,6 +265,7 @@ impl Redirect {
             outbound_port,
             excludes_v4 = tables.v4.len(),
             excludes_v6 = tables.v6.len(),
+            pinned_maps = map_paths.len(),
             "redirect programs loaded"
         );
         Ok(Self {
@@ -206,6 +273,7 @@ impl Redirect {
             by_cookie,
             by_flow,
             attached: None,
+            pins,
         })
     }
 
@@ -253,12 +321,28 @@ impl Redirect {
 
         // Recorded as we go so that a failure part-way can be rolled back
         // by `detach`.
+        if let Some((pins, keep)) = &self.pins {
+            let links_dir = pins.links_dir(&dir, cgroup)?;
+            let keep = *keep;
+            let links = self.attach_pinned(&dir, cgroup, &links_dir, keep)?;
+            self.attached = Some(Attachment {
+                cgroup: cgroup.to_owned(),
+                sock_ops: None,
+                inbound: None,
+                release: None,
+                sock_addr: Vec::new(),
+                links,
+            });
+            tracing::info!(cgroup = %cgroup.display(), links = %links_dir.display(), kept_after_exit = keep, "redirect programs attached through pinned links");
+            return Ok(());
+        }
         self.attached = Some(Attachment {
             cgroup: cgroup.to_owned(),
             sock_ops: None,
             inbound: None,
             release: None,
             sock_addr: Vec::with_capacity(SOCK_ADDR_PROGRAMS.len()),
+            links: Vec::new(),
         });
         if let Err(err) = self.attach_all(&dir) {
             self.detach();
@@ -301,15 +385,148 @@ impl Redirect {
         Ok(())
     }
 
+    /// Attaches every program through a link pinned in `links_dir`: a link
+    /// already pinned there (left by an earlier agent) is adopted and gets
+    /// this agent's program in one atomic `BPF_LINK_UPDATE`, so the cgroup
+    /// is never without its program; a missing one is created and pinned.
+    /// `keep`: false removes the pins once the fds are held (the links then
+    /// go with this process). Same order as [`Redirect::attach_all`].
+    fn attach_pinned(
+        &mut self,
+        dir: &File,
+        cgroup: &Path,
+        links_dir: &Path,
+        keep: bool,
+    ) -> Result<Vec<(&'static str, OwnedFd)>, RedirectError> {
+        // Before the connect hooks: every entry they record has its cleanup.
+        let order = [SOCK_OPS, INBOUND, SOCK_RELEASE]
+            .into_iter()
+            .chain(SOCK_ADDR_PROGRAMS)
+            .collect::<Vec<_>>();
+        let mut links = Vec::with_capacity(order.len());
+        let mut created = Vec::new();
+        let result = (|| {
+            for name in order {
+                let path = links_dir.join(name);
+                let pin_error = |source| RedirectError::Pin {
+                    path: path.clone(),
+                    source,
+                };
+                let fd = if path.exists() {
+                    let fd = pin::obj_get(&path).map_err(pin_error)?;
+                    let prog = program(&mut self.ebpf, name)?
+                        .fd()
+                        .map_err(program_error(name))?;
+                    pin::link_update(fd.as_fd(), prog.as_fd()).map_err(pin_error)?;
+                    tracing::info!(program = name, link = %path.display(), "adopted a pinned link; this agent's program now runs in it");
+                    fd
+                } else {
+                    let link = self.attach_link(dir, cgroup, name)?;
+                    link.pin(&path).map_err(|e| RedirectError::Pin {
+                        path: path.clone(),
+                        source: io::Error::other(e.to_string()),
+                    })?;
+                    created.push(path.clone());
+                    pin::obj_get(&path).map_err(pin_error)?
+                };
+                if !keep {
+                    std::fs::remove_file(&path).map_err(pin_error)?;
+                }
+                links.push((name, fd));
+            }
+            Ok(())
+        })();
+        if let Err(err) = result {
+            // Links this call pinned go; adopted ones stay as they were.
+            for path in created {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(err);
+        }
+        Ok(links)
+    }
+
+    /// Attaches one program to the cgroup and returns its link.
+    fn attach_link(
+        &mut self,
+        dir: &File,
+        cgroup: &Path,
+        name: &'static str,
+    ) -> Result<FdLink, RedirectError> {
+        let attach_error = |source| RedirectError::Attach {
+            cgroup: cgroup.to_owned(),
+            program: name,
+            source: Box::new(source),
+        };
+        let fd_link = |e: aya::programs::links::LinkError| RedirectError::Pin {
+            path: cgroup.to_owned(),
+            source: io::Error::other(e.to_string()),
+        };
+        match name {
+            SOCK_OPS => {
+                let p = sock_ops_program(&mut self.ebpf)?;
+                let id = p
+                    .attach(dir, CgroupAttachMode::Single)
+                    .map_err(attach_error)?;
+                let link = p.take_link(id).map_err(program_error(name))?;
+                FdLink::try_from(link).map_err(fd_link)
+            }
+            INBOUND => {
+                let p = inbound_program(&mut self.ebpf)?;
+                let id = p
+                    .attach(dir, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
+                    .map_err(attach_error)?;
+                let link = p.take_link(id).map_err(program_error(name))?;
+                FdLink::try_from(link).map_err(fd_link)
+            }
+            SOCK_RELEASE => {
+                let p = release_program(&mut self.ebpf)?;
+                let id = p
+                    .attach(dir, CgroupAttachMode::Single)
+                    .map_err(attach_error)?;
+                let link = p.take_link(id).map_err(program_error(name))?;
+                FdLink::try_from(link).map_err(fd_link)
+            }
+            _ => {
+                let p = sock_addr_program(&mut self.ebpf, name)?;
+                let id = p
+                    .attach(dir, CgroupAttachMode::Single)
+                    .map_err(attach_error)?;
+                let link = p.take_link(id).map_err(program_error(name))?;
+                FdLink::try_from(link).map_err(fd_link)
+            }
+        }
+    }
+
+    /// Whether the links stay attached after this process exits (pinned,
+    /// `on_agent_down = "closed"`).
+    pub fn links_outlive_agent(&self) -> bool {
+        matches!(&self.pins, Some((_, true))) && self.attached.is_some()
+    }
+
     /// Detaches everything (idempotent). Also done on Drop.
     ///
     /// The connect hooks go first, so no new connection is redirected
     /// without sock_ops and getpeername in place. Original destinations
     /// already recorded stay in the maps until taken or closed.
     pub fn detach(&mut self) {
-        let Some(attached) = self.attached.take() else {
+        let Some(mut attached) = self.attached.take() else {
             return;
         };
+        if !attached.links.is_empty() {
+            // Closing a link's last fd detaches it; a pinned one stays.
+            let kept = self.links_kept();
+            while let Some((name, fd)) = attached.links.pop() {
+                drop(fd);
+                tracing::debug!(program = name, kept, "link closed");
+            }
+            if kept {
+                tracing::info!(cgroup = %attached.cgroup.display(), "redirect programs stay attached (pinned links)");
+            } else {
+                tracing::info!(cgroup = %attached.cgroup.display(), "redirect programs detached");
+            }
+            return;
+        }
         for (name, id) in attached.sock_addr.into_iter().rev() {
             let result = sock_addr_program(&mut self.ebpf, name)
                 .and_then(|p| p.detach(id).map_err(program_error(name)));
@@ -339,6 +556,10 @@ impl Redirect {
             }
         }
         tracing::info!(cgroup = %attached.cgroup.display(), "redirect programs detached");
+    }
+
+    fn links_kept(&self) -> bool {
+        matches!(&self.pins, Some((_, true)))
     }
 
     /// Whether the programs are attached to a cgroup.
@@ -552,6 +773,14 @@ pub fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
         ));
     }
     Ok(cookie)
+}
+
+/// Whether two LPM keys name the same prefix.
+fn same_key<K: aya::Pod + PartialEq>(
+    a: &aya::maps::lpm_trie::Key<K>,
+    b: &aya::maps::lpm_trie::Key<K>,
+) -> bool {
+    a.prefix_len() == b.prefix_len() && a.data() == b.data()
 }
 
 fn count<K: aya::Pod>(

@@ -94,6 +94,7 @@ pub(crate) fn base_config(
     node_name: &str,
     admin_socket: &Path,
     pods_cgroup: &Path,
+    pin_path: &Path,
     fabric_net: &str,
     pods: &[PodEntry],
 ) -> Table {
@@ -115,6 +116,7 @@ pub(crate) fn base_config(
         "redirect".into(),
         table([
             ("cgroup", s(pods_cgroup.display())),
+            ("pin_path", s(pin_path.display())),
             (
                 "exclude",
                 Value::Array(vec![table([
@@ -296,6 +298,7 @@ mod tests {
             "node0",
             Path::new("/run/waymark-world/t/n0.sock"),
             Path::new("/sys/fs/cgroup/unified/waymark-t/node0"),
+            Path::new("/sys/fs/bpf/waymark-world/t/node0"),
             "10.0.0.0/24",
             &[PodEntry {
                 name: "default/n0p0".into(),

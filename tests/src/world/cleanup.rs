@@ -9,7 +9,10 @@ use anyhow::{Result, bail};
 use super::cgroup;
 use super::net::{self, netns_inode, netns_path, pids_in_netns};
 use super::process::{reap, signal, sweep_netns};
-use super::state::{list_worlds, netns_prefix, read_state, validate_name, world_dir, world_id};
+use super::state::{
+    list_worlds, netns_prefix, pin_root, read_state, unmount_pin_root, validate_name, world_dir,
+    world_id,
+};
 use super::wait::wait_until;
 
 /// Removes everything of the world named `name`: its processes (SIGTERM,
@@ -81,6 +84,14 @@ pub fn remove_world(name: &str, grace: Duration) -> Result<Vec<String>> {
         }
     }
 
+    // The agents' pinned links and maps: unpinning the last reference
+    // detaches the programs from the world's cgroups and frees the maps.
+    if unmount_pin_root(name)? {
+        done.push(format!(
+            "unmounted the pinned eBPF objects {}",
+            pin_root(name).display()
+        ));
+    }
     for n in netns.iter().rev() {
         net::del_netns(n)?;
         done.push(format!("deleted netns {n}"));

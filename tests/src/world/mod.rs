@@ -37,7 +37,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-pub use node::{AGENT_STOP_PATIENCE, Node};
+pub use node::{AGENT_STOP_PATIENCE, Node, SuccessorAgent};
 pub use pod::{DEFAULT_RUN_TIMEOUT, Pod};
 
 use net::{netns_inode, netns_path};
@@ -465,6 +465,7 @@ impl World {
         }
         std::fs::create_dir_all(&self.shared.dir)
             .with_context(|| format!("creating {}", self.shared.dir.display()))?;
+        state::mount_pin_root(&name)?;
 
         // Namespaces.
         let fabric = self.fabric.clone();
@@ -553,10 +554,12 @@ impl World {
             // Each agent its own socket, in the world's directory: a short
             // name, as a Unix socket path holds at most 107 bytes.
             let socket = self.shared.dir.join(format!("n{i}.sock"));
+            let pins = state::pin_root(&self.shared.name).join(&node_name);
             let mut cfg = agent::base_config(
                 &node_name,
                 &socket,
                 &node_cg,
+                &pins,
                 topology::FABRIC_NET,
                 &entries,
             );
@@ -649,6 +652,9 @@ impl World {
                 "processes still alive in {}",
                 self.cgroup_root.display()
             ));
+        }
+        if let Err(e) = state::unmount_pin_root(&self.shared.name) {
+            errors.push(format!("{e:#}"));
         }
         for ns in self.netns.iter().rev() {
             if let Err(e) = net::del_netns(ns) {

@@ -385,3 +385,110 @@ impl Node {
         }
     }
 }
+
+/// A second agent on a node, as a DaemonSet rollout (`maxSurge: 1`) starts
+/// it beside the running one: the node's config with an admin port of its
+/// own (in a cluster both would share one through `SO_REUSEPORT`; apart,
+/// a test can tell which agent answers). Killed with the world.
+pub struct SuccessorAgent {
+    child: Child,
+    admin: SocketAddr,
+    log: PathBuf,
+}
+
+impl Node {
+    /// Starts a successor agent (see [`SuccessorAgent`]) without waiting.
+    pub fn spawn_successor(&self, admin_port: u16) -> Result<SuccessorAgent> {
+        let mut cfg = self.config();
+        let admin = SocketAddr::new(self.admin_addr().ip(), admin_port);
+        cfg.get_mut("admin")
+            .and_then(|a| a.as_table_mut())
+            .context("the node's config has no [admin]")?
+            .insert("listen".into(), toml::Value::String(admin.to_string()));
+        let path = self
+            .shared
+            .dir
+            .join(format!("{}-successor.toml", self.name));
+        agent::write_config(&path, &cfg)?;
+        let log = self.shared.dir.join(format!("{}-successor.log", self.name));
+        let out =
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let bin = match &self.shared.agent_bin {
+            Some(b) => b.clone(),
+            None => waymark_bin()?,
+        };
+        let mut cmd = Command::new(bin);
+        cmd.arg("agent")
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "waymark=debug,info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        let child = self.spawn(&mut cmd)?;
+        Ok(SuccessorAgent { child, admin, log })
+    }
+}
+
+impl SuccessorAgent {
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Its admin address (inside the node's netns).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+    }
+
+    /// Sends `sig` to it.
+    pub fn signal(&self, sig: Signal) -> Result<()> {
+        signal(self.child.id() as i32, sig as i32);
+        Ok(())
+    }
+
+    /// Waits for it to exit by itself and returns how it exited.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait()? {
+                return Ok(st);
+            }
+            if start.elapsed() >= timeout {
+                bail!("the successor agent did not exit within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until `GET /ready` on its admin port answers 200 (failing with
+    /// its log if it exits first or the world's ready timeout passes).
+    pub fn wait_ready(&mut self, node: &Node) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait()? {
+                bail!(
+                    "the successor agent on {} exited ({st}):\n{}",
+                    node.name,
+                    self.log()
+                );
+            }
+            let ready = node
+                .tcp_connect(self.admin, Duration::from_secs(1))
+                .and_then(|s| http_get(s, &self.admin.to_string(), "/ready"));
+            if matches!(ready, Ok((200, _))) {
+                return Ok(());
+            }
+            if start.elapsed() >= node.shared.ready_timeout {
+                bail!(
+                    "the successor agent on {} was not ready within {:?}:\n{}",
+                    node.name,
+                    node.shared.ready_timeout,
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}

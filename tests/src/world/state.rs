@@ -1,7 +1,7 @@
 //! Names, ids and the state a world records under /run/waymark-world/<name>/
 //! so that `cargo xtask world down` can find it after a crash.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
@@ -17,6 +17,50 @@ pub fn state_root() -> PathBuf {
 /// The directory of the world named `name`: its state, configs and logs.
 pub fn world_dir(name: &str) -> PathBuf {
     state_root().join(name)
+}
+
+/// Where the agents of the world named `name` pin their kernel state
+/// (`redirect.pin_path` of node i is `node<i>` below it): a bpffs instance
+/// of the world's own, mounted in its directory (each `mount -t bpf` is a
+/// new, empty instance), so worlds never see each other's pins or the
+/// host's, and unmounting it removes every pin.
+pub fn pin_root(name: &str) -> PathBuf {
+    world_dir(name).join("bpf")
+}
+
+/// Mounts the world's bpffs at [`pin_root`].
+pub fn mount_pin_root(name: &str) -> Result<PathBuf> {
+    let dir = pin_root(name);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    nix::mount::mount(
+        Some("bpf"),
+        &dir,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        Some("mode=0700"),
+    )
+    .with_context(|| format!("mounting a bpffs at {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Unmounts the world's bpffs (if mounted), which unpins everything the
+/// agents pinned there: their links detach from the world's cgroups and
+/// their maps are freed. Returns whether there was one.
+pub fn unmount_pin_root(name: &str) -> Result<bool> {
+    let pins = pin_root(name);
+    if !is_bpffs(&pins) {
+        return Ok(false);
+    }
+    nix::mount::umount2(&pins, nix::mount::MntFlags::MNT_DETACH)
+        .with_context(|| format!("unmounting {}", pins.display()))?;
+    Ok(true)
+}
+
+/// Whether `dir` is a bpffs mount (BPF_FS_MAGIC).
+pub fn is_bpffs(dir: &Path) -> bool {
+    nix::sys::statfs::statfs(dir)
+        .map(|fs| fs.filesystem_type().0 as u64 == 0xcafe_4a11)
+        .unwrap_or(false)
 }
 
 /// A world's name becomes part of paths (state dir, cgroup): 1 to 64 of

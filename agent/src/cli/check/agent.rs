@@ -42,6 +42,7 @@ pub fn checks(client: &AdminClient, expiry_days: u64) -> Vec<Check> {
         ready(&facts),
         programs_by_agent(&facts),
         programs_by_kernel(&facts),
+        agent_down(&facts),
         listeners(&facts),
         config(&facts, in_force.map_err(|e| format!("{e:#}")), now),
         discovery(&facts),
@@ -72,6 +73,27 @@ fn ready(f: &AgentFacts) -> Check {
         format!("agent is not ready: {}", f.pending.join(", ")),
         hint,
     )
+}
+
+/// What `redirect.on_agent_down` means for this node's pods.
+fn agent_down(f: &AgentFacts) -> Check {
+    let pins = f
+        .pin_path
+        .as_deref()
+        .map_or("the pin directory".into(), |p| p.display().to_string());
+    match f.on_agent_down.as_str() {
+        "closed" => Check::pass(format!(
+            "redirect.on_agent_down = closed: while no agent runs (a crash, a stop without a successor) \
+             the programs stay attached through the links pinned in {pins}, so pods' connections are \
+             refused at once; none bypasses mTLS or authorization"
+        )),
+        "open" => Check::warn(
+            "redirect.on_agent_down = open: while no agent runs, the programs are detached and pods' \
+             connections go direct, without mTLS, authorization or metrics",
+            "set redirect.on_agent_down = \"closed\" to refuse them instead (a rollout never detaches either way)",
+        ),
+        _ => Check::skip("redirect.on_agent_down: this agent does not say (an older version)"),
+    }
 }
 
 const REATTACH: &str = "pods' connections bypass the proxy while the programs are detached; restart the agent (it attaches them when it starts), and find out who detached them (`bpftool link detach`, or the cgroup was removed and created again)";

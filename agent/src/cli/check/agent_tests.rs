@@ -27,6 +27,8 @@ fn facts() -> AgentFacts {
                 })
                 .collect(),
         },
+        on_agent_down: "closed".into(),
+        pin_path: Some("/sys/fs/bpf/waymark".into()),
         pods: vec![PodFacts {
             name: "default/a".into(),
             netns: "/var/run/netns/a".into(),
@@ -346,4 +348,18 @@ fn kubernetes_discovery_off_is_a_skip_and_each_watch_is_judged() {
         "{:?}",
         checks[5].detail
     );
+}
+
+#[test]
+fn agent_down_mode_says_what_happens_to_pods_without_an_agent() {
+    let mut f = facts();
+    let closed = agent_down(&f);
+    assert_eq!(closed.status, Status::Pass);
+    assert!(closed.what.contains("refused"), "{}", closed.what);
+    f.on_agent_down = "open".into();
+    let open = agent_down(&f);
+    assert_eq!(open.status, Status::Warn);
+    assert!(open.what.contains("go direct"), "{}", open.what);
+    f.on_agent_down = String::new();
+    assert_eq!(agent_down(&f).status, Status::Skip);
 }

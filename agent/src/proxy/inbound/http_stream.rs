@@ -39,6 +39,7 @@ use crate::diagnostics::kernel::KernelDiag;
 use crate::diagnostics::metrics::TcpMetrics;
 use crate::diagnostics::tap::TapHub;
 use crate::discovery::Discovery;
+use crate::http::drain::{self, Activity};
 use crate::proxy::detect::{self, Protocol, Verdict};
 use crate::proxy::inbound::authz::InboundAuthz;
 use crate::proxy::inbound::request::{PodConn, StreamCtx};
@@ -68,25 +69,6 @@ pub struct InboundHttp {
     pub(super) tap: OnceLock<Arc<TapHub>>,
     /// `tcp_*{direction="inbound"}`: one connection per admitted stream.
     tcp: Arc<TcpMetrics>,
-}
-
-/// Serves a hyper connection to its end; when the agent drains, asks it to
-/// finish gracefully (HTTP/1: close after the response in flight, at once
-/// when idle; HTTP/2: GOAWAY), so pooled keep-alive streams don't hold the
-/// drain up until its grace runs out. (A macro: the two connection types
-/// share no trait for `graceful_shutdown`.)
-macro_rules! until_drained {
-    ($conn:expr, $stop:expr) => {{
-        let conn = $conn;
-        tokio::pin!(conn);
-        tokio::select! {
-            out = conn.as_mut() => out,
-            _ = $stop.cancelled() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-        }
-    }};
 }
 
 impl InboundHttp {
@@ -223,12 +205,21 @@ impl InboundHttp {
             self.connect_timeout,
         ));
         let this = self.clone();
+        let activity = Arc::new(Activity::default());
+        let (svc_activity, svc_stop) = (activity.clone(), stop.clone());
         let svc = service_fn(move |req| {
             let this = this.clone();
             let ctx = ctx.clone();
             let conn = conn.clone();
-            async move { Ok::<_, std::convert::Infallible>(this.request(&ctx, &conn, req).await) }
-                .in_current_span()
+            let in_flight = svc_activity.begin();
+            let draining = svc_stop.clone();
+            async move {
+                let mut resp = this.request(&ctx, &conn, req).await;
+                drain::mark_last(ctx.version, &draining, &mut resp);
+                drop(in_flight);
+                Ok::<_, std::convert::Infallible>(resp)
+            }
+            .in_current_span()
         });
         let io = TokioIo::new(tunnel);
         let result = match version {
@@ -240,7 +231,8 @@ impl InboundHttp {
                     .keep_alive(true)
                     .serve_connection(io, svc)
                     .with_upgrades();
-                until_drained!(conn, stop)
+                drain::until_drained(conn, version, &activity, &stop, |c| c.graceful_shutdown())
+                    .await
             }
             Version::Http2 => {
                 let conn = http2::Builder::new(TokioExecutor::new())
@@ -248,7 +240,8 @@ impl InboundHttp {
                     .max_concurrent_streams(MAX_H2_STREAMS)
                     .max_header_list_size(MAX_H2_HEADER_LIST)
                     .serve_connection(io, svc);
-                until_drained!(conn, stop)
+                drain::until_drained(conn, version, &activity, &stop, |c| c.graceful_shutdown())
+                    .await
             }
         };
         if let Err(e) = result {

@@ -110,12 +110,15 @@ impl Inbound {
 }
 
 /// IPv6 listeners are v6-only so `0.0.0.0` and `[::]` can both be bound.
+/// `SO_REUSEPORT`: during a rollout the new agent binds beside the old one
+/// (see `crate::handover`).
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
     socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;

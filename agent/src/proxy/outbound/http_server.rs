@@ -12,9 +12,11 @@ use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::diagnostics::metrics::RefusedLabels;
+use crate::http::drain::{self, Activity as Requests};
 use crate::proxy::outbound::forward::{ConnCtx, HttpProxy};
 use crate::transport::http_pool::Version;
 use crate::transport::idle::{Activity, IdleIo, expired};
@@ -31,20 +33,29 @@ pub(crate) const MAX_H2_STREAMS: u32 = crate::config::limits::DEFAULT_H2_MAX_CON
 /// How long a client may take to send its request head (slowloris).
 pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Serves one downstream connection until it closes, or until it has
-/// been idle for `limits.idle_timeout`: then HTTP/1 closes once no request
-/// is in flight and HTTP/2 sends GOAWAY and lets the streams in flight end.
-pub async fn serve(proxy: Arc<HttpProxy>, ctx: Arc<ConnCtx>, stream: TcpStream) {
-    let activity = Arc::new(Activity::new());
-    let io = TokioIo::new(IdleIo::new(stream, activity.clone()));
+/// Serves one downstream connection until it closes. Once `draining` is
+/// cancelled, or the connection has been idle for `limits.idle_timeout`,
+/// it winds down without failing a request (see [`crate::http::drain`]):
+/// HTTP/1 marks its next response `Connection: close` and closes once idle,
+/// HTTP/2 sends GOAWAY and lets the streams in flight end.
+pub async fn serve(
+    proxy: Arc<HttpProxy>,
+    ctx: Arc<ConnCtx>,
+    stream: TcpStream,
+    draining: CancellationToken,
+) {
+    let bytes = Arc::new(Activity::new());
+    let io = TokioIo::new(IdleIo::new(stream, bytes.clone()));
     let version = ctx.version;
     let (idle_timeout, h2_streams) = (
         proxy.limits.idle_timeout,
         proxy.limits.h2_max_concurrent_streams,
     );
+    // This connection's own drain: the agent's, or its idle timeout.
+    let draining = draining.child_token();
     let (closed, pod) = (proxy.limit_closed.clone(), ctx.pod.clone());
     let idle = async move {
-        expired(&activity, idle_timeout).await;
+        expired(&bytes, idle_timeout).await;
         closed
             .get_or_create(&RefusedLabels {
                 pod: pod.clone(),
@@ -53,6 +64,8 @@ pub async fn serve(proxy: Arc<HttpProxy>, ctx: Arc<ConnCtx>, stream: TcpStream) 
             .inc();
         debug!(%pod, timeout = ?idle_timeout, "idle HTTP connection closing");
     };
+    let requests = Arc::new(Requests::default());
+    let (svc_activity, svc_draining) = (requests.clone(), draining.clone());
     // The request future is boxed: hyper's HTTP/1 dispatcher keeps a slot
     // for the service's future for the whole life of the connection, sized
     // like the future (13 KiB unboxed); boxed, an idle keep-alive
@@ -61,40 +74,49 @@ pub async fn serve(proxy: Arc<HttpProxy>, ctx: Arc<ConnCtx>, stream: TcpStream) 
     let svc = service_fn(move |req| {
         let proxy = proxy.clone();
         let ctx = ctx.clone();
-        Box::pin(async move { Ok::<_, std::convert::Infallible>(proxy.handle(&ctx, req).await) })
+        let in_flight = svc_activity.begin();
+        let draining = svc_draining.clone();
+        Box::pin(async move {
+            let mut resp = proxy.handle(&ctx, req).await;
+            drain::mark_last(ctx.version, &draining, &mut resp);
+            drop(in_flight);
+            Ok::<_, std::convert::Infallible>(resp)
+        })
     });
-    let result = match version {
-        Version::Http1 => {
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .max_buf_size(MAX_H1_HEAD)
-                .keep_alive(true)
-                .serve_connection(io, svc)
-                .with_upgrades();
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => r,
-                () = idle => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
+    let serve = async {
+        match version {
+            Version::Http1 => {
+                let conn = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .max_buf_size(MAX_H1_HEAD)
+                    .keep_alive(true)
+                    .serve_connection(io, svc)
+                    .with_upgrades();
+                drain::until_drained(conn, version, &requests, &draining, |c| {
+                    c.graceful_shutdown()
+                })
+                .await
+            }
+            Version::Http2 => {
+                let conn = http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .max_concurrent_streams(h2_streams)
+                    .max_header_list_size(MAX_H2_HEADER_LIST)
+                    .serve_connection(io, svc);
+                drain::until_drained(conn, version, &requests, &draining, |c| {
+                    c.graceful_shutdown()
+                })
+                .await
             }
         }
-        Version::Http2 => {
-            let conn = http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .max_concurrent_streams(h2_streams)
-                .max_header_list_size(MAX_H2_HEADER_LIST)
-                .serve_connection(io, svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => r,
-                () = idle => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            }
+    };
+    tokio::pin!(serve);
+    let result = tokio::select! {
+        r = &mut serve => r,
+        () = idle => {
+            draining.cancel();
+            serve.await
         }
     };
     if let Err(e) = result {

@@ -99,6 +99,9 @@ pub struct Outbound {
     pub upstreams: Arc<Upstreams>,
     /// Connections in flight; the drain waits on it.
     pub tracker: TaskTracker,
+    /// Cancelled when the drain starts: HTTP connections wind down without
+    /// failing a request (`Connection: close`, GOAWAY; see `http::drain`).
+    pub draining: CancellationToken,
     /// Cancelled when the drain grace period is over: connections still open
     /// are closed.
     pub force_close: CancellationToken,
@@ -454,7 +457,13 @@ impl Outbound {
         // Boxed, like the connect below: the connection's task is sized for
         // the largest future it may ever hold, and hyper's connection state
         // is large; an opaque connection should not carry room for it.
-        Box::pin(http_server::serve(self.http.clone(), ctx, client)).await;
+        Box::pin(http_server::serve(
+            self.http.clone(),
+            ctx,
+            client,
+            self.draining.clone(),
+        ))
+        .await;
         (Close::Eof, None)
     }
 

@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -149,6 +149,8 @@ struct Conn {
     /// Serial of the local leaf presented in this connection's handshake.
     serial: String,
     active: Arc<AtomicUsize>,
+    /// The peer agent sent GOAWAY: no new streams go here.
+    going_away: Arc<AtomicBool>,
     ended: watch::Receiver<Option<Ended>>,
     /// The first TLS error seen on the socket; h2 flattens I/O errors to
     /// text, so the kind is caught below it.
@@ -215,15 +217,27 @@ impl TunnelPool {
             expected: expected_peer.clone(),
             source: from.cloned(),
         };
-        let (mut conn, guard) = self.checkout(&key).await?;
-        let mut req = Request::builder()
-            .method(Method::CONNECT)
-            .uri(target.to_string())
-            .body(Empty::new())?;
-        req.headers_mut().extend(headers);
-        let resp = match conn.sender.send_request(req).await {
-            Ok(r) => r,
-            Err(e) => return Err(why_failed(peer, e, &mut conn).await),
+        // A peer agent that drains (a rollout) sends GOAWAY: a stream it
+        // never processed is safe to open again, on a new connection, which
+        // reaches the agent that took over. Once is enough: the new
+        // connection is to a listener that is not draining.
+        let mut attempts = 0;
+        let (resp, guard) = loop {
+            attempts += 1;
+            let (mut conn, guard) = self.checkout(&key).await?;
+            let mut req = Request::builder()
+                .method(Method::CONNECT)
+                .uri(target.to_string())
+                .body(Empty::new())?;
+            req.headers_mut().extend(headers.clone());
+            match conn.sender.send_request(req).await {
+                Ok(r) => break (r, guard),
+                Err(e) if attempts < 3 && unprocessed(&e) => {
+                    conn.going_away.store(true, Ordering::Relaxed);
+                    debug!(%peer, %target, error = %e, "the peer agent is going away; opening the stream on a new connection");
+                }
+                Err(e) => return Err(why_failed(peer, e, &mut conn).await),
+            }
         };
         let status = resp.status();
         let reason = |name| {
@@ -272,7 +286,9 @@ impl TunnelPool {
             .clone();
         // Closed connections and those made with a rotated leaf leave the
         // pool; the latter keep serving the streams they already carry.
-        conns.retain(|c| !c.sender.is_closed() && c.serial == serial);
+        conns.retain(|c| {
+            !c.sender.is_closed() && c.serial == serial && !c.going_away.load(Ordering::Relaxed)
+        });
         let best = conns.iter().min_by_key(|c| c.load());
         let conn = match best {
             Some(c) if c.load() < self.config.max_streams_per_connection => c.clone(),
@@ -358,6 +374,7 @@ impl TunnelPool {
             sender,
             serial,
             active: Arc::default(),
+            going_away: Arc::default(),
             ended,
             tls_failure,
         })
@@ -428,6 +445,25 @@ impl TunnelPool {
 /// A request failed: if its connection died of a TLS failure (the server's
 /// alert arrives after the client's side of a TLS 1.3 handshake is done),
 /// report that, so "unknown CA" or "expired" reaches the caller.
+/// Whether the stream never reached the peer or the peer refused it
+/// without processing it: hyper cancelled it because its connection was
+/// closing before the request was sent, a GOAWAY did not cover it (RFC
+/// 9113 §6.8: such a stream may be retried), or `REFUSED_STREAM` (§8.7).
+fn unprocessed(e: &hyper::Error) -> bool {
+    if e.is_canceled() {
+        return true;
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            return (h2.is_go_away() && h2.is_remote())
+                || h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        source = s.source();
+    }
+    false
+}
+
 async fn why_failed(peer: SocketAddr, e: hyper::Error, conn: &mut Conn) -> TunnelError {
     if let Some(failure) = TlsFailure::find(&e) {
         return TunnelError::Tls {

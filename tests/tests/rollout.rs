@@ -1,0 +1,723 @@
+//! Restarting and rolling the agent under load: what clients see while an
+//! agent drains, hands its node over to a new agent, or crashes.
+//!
+//! Real peers in pods: wrk (HTTP/1.1 keep-alive), h2load (HTTP/2), a grpcio
+//! bidirectional stream, testpeer (opaque byte-exact transfers), and an
+//! asyncio HTTP/1.1 server. Counts are asserted; times are printed.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use waymark_tests::{
+    Node, Pod, Server, Signal, World, pod_ip, python, require_agent_or_skip, with_world, world_name,
+};
+
+/// A fast HTTP/1.1 server for load: a fixed 200 to every request head on
+/// keep-alive connections.
+const FAST: &str = r#"
+import asyncio, sys
+port = int(sys.argv[1])
+RESP = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+async def handle(r, w):
+    try:
+        while True:
+            await r.readuntil(b"\r\n\r\n")
+            w.write(RESP)
+            await w.drain()
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+        pass
+    w.close()
+async def main():
+    srv = await asyncio.start_server(handle, "0.0.0.0", port, limit=1 << 20, backlog=1024)
+    print("listening", "0.0.0.0:%d" % port, flush=True)
+    await srv.serve_forever()
+asyncio.run(main())
+"#;
+
+const WEB_VIP: &str = "10.96.0.40:80";
+
+fn fast(pod: &Pod, port: u16) -> Result<Server> {
+    pod.serve(python().args(["-u", "-c", FAST, &port.to_string()]))
+}
+
+/// What wrk reported.
+#[derive(Debug, Default)]
+struct WrkReport {
+    requests: u64,
+    /// connect, read, write, timeout
+    socket_errors: [u64; 4],
+    non_2xx: u64,
+    text: String,
+}
+
+impl WrkReport {
+    fn parse(text: &str) -> Result<Self> {
+        let mut r = WrkReport {
+            text: text.to_string(),
+            ..Default::default()
+        };
+        for line in text.lines().map(str::trim) {
+            if let Some((n, rest)) = line.split_once(" requests in ") {
+                let _ = rest;
+                r.requests = n.trim().parse().context("wrk's request count")?;
+            } else if let Some(rest) = line.strip_prefix("Socket errors:") {
+                for (i, part) in rest.split(',').enumerate().take(4) {
+                    let n = part.split_whitespace().last().unwrap_or("0");
+                    r.socket_errors[i] = n.parse().unwrap_or(0);
+                }
+            } else if let Some(n) = line.strip_prefix("Non-2xx or 3xx responses:") {
+                r.non_2xx = n.trim().parse().unwrap_or(0);
+            }
+        }
+        ensure!(r.requests > 0, "wrk made no request:\n{text}");
+        Ok(r)
+    }
+
+    fn failures(&self) -> u64 {
+        self.socket_errors.iter().sum::<u64>() + self.non_2xx
+    }
+}
+
+/// Starts wrk in `pod` (keep-alive, 64 connections, one thread).
+fn spawn_wrk(pod: &Pod, url: &str, duration: Duration) -> Result<Child> {
+    pod.spawn(
+        Command::new("wrk")
+            .args(["-t1", "-c64", "--timeout", "5s"])
+            .arg(format!("-d{}s", duration.as_secs()))
+            .arg(url)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )
+}
+
+fn wait_report(child: Child) -> Result<WrkReport> {
+    let out = child.wait_with_output().context("waiting for wrk")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!(
+            "wrk failed ({}): {text}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    WrkReport::parse(&text)
+}
+
+/// The service `web` answered at the endpoint's own address: with no
+/// agent (and `on_agent_down = "open"`) clients reach the same server
+/// directly, so what they see is the drain alone.
+fn web_service(endpoint: &str) -> String {
+    format!(
+        r#"
+[[services]]
+name = "web"
+addresses = ["{endpoint}:8080"]
+protocol = "http1"
+endpoints = [{{ addr = "{endpoint}:8080" }}]
+"#
+    )
+}
+
+/// (1) SIGTERM under HTTP/1.1 keep-alive load: every response written while
+/// the agent drains carries `Connection: close`, so wrk reconnects between
+/// requests instead of having its connections cut at the end of the grace
+/// (64 keep-alive connections used to see a read error each). The agent
+/// exits well within the grace, since nothing is left open.
+#[test]
+fn sigterm_under_keepalive_load_fails_no_request() {
+    require_agent_or_skip!();
+    let b = World::builder(world_name!())
+        .pods_per_node(1)
+        .agent_config_extra(web_service(&pod_ip(1, 0)))
+        // wrk outlasts the grace: connections still open when it ends
+        // would be cut under wrk's feet.
+        .agent_config_extra(
+            "[redirect]\non_agent_down = \"open\"\n[shutdown]\ndrain_grace = \"3s\"\n",
+        );
+    with_world(b, |world| {
+        let _web = fast(world.pod(1, 0), 8080)?;
+        let web = format!("http://{}:8080", pod_ip(1, 0));
+        let wrk = spawn_wrk(world.pod(0, 0), &format!("{web}/"), Duration::from_secs(7))?;
+        let h2load = world.pod(0, 0).spawn(
+            Command::new("h2load")
+                .args(["-c4", "-m4", "-t1", "-D", "7"])
+                .arg(format!("{web}/h2"))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        )?;
+        std::thread::sleep(Duration::from_millis(1500));
+        let node = world.node(0);
+        let sent = Instant::now();
+        node.signal_agent(Signal::SIGTERM)?;
+        let status = node.wait_agent_exit(Duration::from_secs(20))?;
+        let drained_in = sent.elapsed();
+        let report = wait_report(wrk)?;
+        let (h2_total, h2_failed, h2_text) = h2load_report(h2load)?;
+        eprintln!(
+            "SIGTERM under wrk -c64: agent exited ({status}) {drained_in:?} after the signal; \
+             wrk: {} requests, socket errors {:?}, non-2xx {}; h2load: {h2_total} requests, \
+             {h2_failed} refused by h2load after GOAWAY",
+            report.requests, report.socket_errors, report.non_2xx
+        );
+        ensure!(
+            h2_failed <= H2LOAD_CONNS,
+            "h2load saw failures while the agent drained:\n{h2_text}\nagent log:\n{}",
+            node.agent_log()
+        );
+        ensure!(
+            report.failures() == 0,
+            "wrk saw failures while the agent drained:\n{}\nagent log:\n{}",
+            report.text,
+            node.agent_log()
+        );
+        ensure!(
+            node.agent_log().contains("waymark agent stopped"),
+            "the agent did not finish its drain:\n{}",
+            node.agent_log()
+        );
+        Ok(())
+    });
+}
+
+/// A gRPC server with one bidirectional method (raw bytes, no protoc), and
+/// a client that keeps one `Chat` stream open for `SECONDS`, sending a
+/// message every 20 ms and checking each answer; it prints one JSON line.
+const GRPC: &str = r#"
+import json, sys, time
+import grpc
+def server(port):
+    from concurrent import futures
+    def chat(reqs, ctx):
+        for r in reqs:
+            yield r.upper()
+    handler = grpc.method_handlers_generic_handler("waymark.test.Echo", {
+        "Chat": grpc.stream_stream_rpc_method_handler(chat),
+    })
+    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=8), handlers=[handler])
+    srv.add_insecure_port("0.0.0.0:%s" % port)
+    srv.start()
+    print("listening", "0.0.0.0:%s" % port, flush=True)
+    srv.wait_for_termination()
+def client(target, seconds):
+    ch = grpc.insecure_channel(target)
+    chat = ch.stream_stream("/waymark.test.Echo/Chat")
+    sent = []
+    def gen():
+        end = time.time() + float(seconds)
+        i = 0
+        while time.time() < end:
+            m = ("msg-%d" % i).encode()
+            sent.append(m)
+            yield m
+            i += 1
+            time.sleep(0.02)
+    got, error = [], None
+    try:
+        for r in chat(gen(), timeout=float(seconds) + 30):
+            got.append(r)
+    except grpc.RpcError as e:
+        error = "%s: %s" % (e.code(), e.details())
+    ok = error is None and got == [m.upper() for m in sent]
+    print(json.dumps({"sent": len(sent), "received": len(got), "ok": ok, "error": error}), flush=True)
+{"server": server, "client": client}[sys.argv[1]](*sys.argv[2:])
+"#;
+
+const LOCAL_VIP: &str = "10.96.0.41:80";
+const GRPC_VIP: &str = "10.96.0.42:9090";
+const ECHO_VIP: &str = "10.96.0.43:7000";
+
+/// Node 0's pod 0 is the client; node 1's pod 0 serves HTTP/1.1 (8080),
+/// gRPC (9090) and an echo (7000); node 0's pod 1 serves HTTP/1.1 for the
+/// same-node path.
+fn rollout_services() -> String {
+    format!(
+        r#"
+[[services]]
+name = "web"
+addresses = ["{WEB_VIP}"]
+protocol = "http1"
+endpoints = [{{ addr = "{remote}:8080", node = "node1" }}]
+
+[[services]]
+name = "local"
+addresses = ["{LOCAL_VIP}"]
+protocol = "http1"
+endpoints = [{{ addr = "{local}:8080", node = "node0" }}]
+
+[[services]]
+name = "chat"
+addresses = ["{GRPC_VIP}"]
+protocol = "grpc"
+endpoints = [{{ addr = "{remote}:9090", node = "node1" }}]
+
+[[services]]
+name = "echo"
+addresses = ["{ECHO_VIP}"]
+protocol = "opaque"
+endpoints = [{{ addr = "{remote}:7000", node = "node1" }}]
+"#,
+        remote = pod_ip(1, 0),
+        local = pod_ip(0, 1),
+    )
+}
+
+/// The load of the rollout: all four kinds at once, started together.
+struct Load {
+    wrk_remote: Child,
+    wrk_local: Child,
+    h2load: Child,
+    grpc: Child,
+    opaque: Child,
+}
+
+const LOAD_SECONDS: u64 = 10;
+const OPAQUE_BYTES: u64 = 256 << 20;
+
+fn start_load(world: &World) -> Result<Load> {
+    let client = world.pod(0, 0);
+    let piped = |c: &mut Command| {
+        c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    };
+    let wrk_remote = spawn_wrk(
+        client,
+        &format!("http://{WEB_VIP}/"),
+        Duration::from_secs(LOAD_SECONDS),
+    )?;
+    let wrk_local = spawn_wrk(
+        client,
+        &format!("http://{LOCAL_VIP}/"),
+        Duration::from_secs(LOAD_SECONDS),
+    )?;
+    let mut h2 = Command::new("h2load");
+    h2.args(["-c4", "-m4", "-t1", "-D", &LOAD_SECONDS.to_string()])
+        .arg(format!("http://{WEB_VIP}/h2"));
+    piped(&mut h2);
+    let h2load = client.spawn(&mut h2)?;
+    let mut g = python();
+    g.args([
+        "-u",
+        "-c",
+        GRPC,
+        "client",
+        GRPC_VIP,
+        &LOAD_SECONDS.to_string(),
+    ]);
+    piped(&mut g);
+    let grpc = client.spawn(&mut g)?;
+    let mut o = waymark_tests::testpeer([
+        "client",
+        "--connect",
+        ECHO_VIP,
+        "--bytes",
+        &OPAQUE_BYTES.to_string(),
+        "--timeout",
+        "120s",
+    ]);
+    piped(&mut o);
+    let opaque = client.spawn(&mut o)?;
+    Ok(Load {
+        wrk_remote,
+        wrk_local,
+        h2load,
+        grpc,
+        opaque,
+    })
+}
+
+/// What the clients saw, as counts.
+#[derive(Debug)]
+struct Outcome {
+    wrk_remote: WrkReport,
+    wrk_local: WrkReport,
+    h2_total: u64,
+    h2_failed: u64,
+    h2_text: String,
+    grpc: serde_json::Value,
+    opaque: serde_json::Value,
+}
+
+impl Outcome {
+    fn failures(&self) -> u64 {
+        let grpc_ok = self.grpc["ok"] == true;
+        let opaque_ok = self.opaque["identical"] == true;
+        self.wrk_remote.failures()
+            + self.wrk_local.failures()
+            + self.h2_failed.saturating_sub(H2LOAD_CONNS)
+            + u64::from(!grpc_ok)
+            + u64::from(!opaque_ok)
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "wrk across nodes: {} requests, socket errors {:?}, non-2xx {}; \
+             wrk same node: {} requests, socket errors {:?}, non-2xx {}; \
+             h2load: {} requests, {} refused by h2load after GOAWAY; \
+             gRPC bidi: {}; opaque {} MiB: {}",
+            self.wrk_remote.requests,
+            self.wrk_remote.socket_errors,
+            self.wrk_remote.non_2xx,
+            self.wrk_local.requests,
+            self.wrk_local.socket_errors,
+            self.wrk_local.non_2xx,
+            self.h2_total,
+            self.h2_failed,
+            self.grpc,
+            OPAQUE_BYTES >> 20,
+            self.opaque,
+        )
+    }
+}
+
+/// h2load's connections. h2load (nghttp2) does not reconnect after a
+/// GOAWAY in `-D` mode: the request each connection queues at that instant
+/// is refused by nghttp2 itself, never sent, and counted as failed, and
+/// the connection stops; that is h2load's accounting, not a request the
+/// agent failed. So up to one per connection is allowed; the gRPC client,
+/// which reconnects as real clients do, must see none.
+const H2LOAD_CONNS: u64 = 4;
+
+/// h2load's summary: requests made, requests failed (failed, errored or
+/// timed out), and its whole output.
+fn h2load_report(child: Child) -> Result<(u64, u64, String)> {
+    let h2 = child.wait_with_output()?;
+    let h2_text = String::from_utf8_lossy(&h2.stdout).into_owned();
+    // "requests: 100 total, 100 started, 100 done, 98 succeeded, 2 failed, 2 errored, 0 timeout"
+    let line = h2_text
+        .lines()
+        .find(|l| l.starts_with("requests:"))
+        .with_context(|| format!("h2load printed no summary:\n{h2_text}"))?;
+    let field = |name: &str| -> u64 {
+        line.split(',')
+            .find(|p| p.trim().ends_with(name))
+            .and_then(|p| p.split_whitespace().rev().nth(1))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(u64::MAX)
+    };
+    let h2_total = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let h2_failed = field("failed") + field("errored") + field("timeout");
+    Ok((h2_total, h2_failed, h2_text))
+}
+
+fn finish_load(load: Load) -> Result<Outcome> {
+    let wrk_remote = wait_report(load.wrk_remote)?;
+    let wrk_local = wait_report(load.wrk_local)?;
+    let (h2_total, h2_failed, h2_text) = h2load_report(load.h2load)?;
+    let json = |c: Child| -> Result<serde_json::Value> {
+        let out = c.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let last = text.lines().last().unwrap_or_default();
+        serde_json::from_str(last).with_context(|| {
+            format!(
+                "not a JSON report: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    };
+    Ok(Outcome {
+        wrk_remote,
+        wrk_local,
+        h2_total,
+        h2_failed,
+        h2_text,
+        grpc: json(load.grpc)?,
+        opaque: json(load.opaque)?,
+    })
+}
+
+/// Captures node 0's link to the fabric (every packet between the nodes).
+fn capture_node_link(world: &World) -> Result<(Child, std::path::PathBuf)> {
+    let file = world.dir().join("node0-link.pcap");
+    let child = world.spawn_in_fabric(
+        Command::new("tcpdump")
+            .args(["-i", "n0", "-U", "-s", "200", "-w"])
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    )?;
+    // tcpdump says "listening on" once the capture runs.
+    std::thread::sleep(Duration::from_millis(800));
+    Ok((child, file))
+}
+
+/// TCP segments with payload on node 0's link that are not the mTLS tunnel
+/// (port 15008): traffic that left a pod without the mesh.
+fn plaintext_segments(mut tcpdump: Child, file: &std::path::Path) -> Result<(u64, u64)> {
+    std::thread::sleep(Duration::from_millis(300));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(tcpdump.id() as i32),
+        Signal::SIGINT,
+    )?;
+    tcpdump.wait()?;
+    let count = |filter: &str| -> Result<u64> {
+        let out = Command::new("tshark")
+            .args(["-r"])
+            .arg(file)
+            .args(["-Y", filter, "-T", "fields", "-e", "frame.number"])
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "tshark: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).lines().count() as u64)
+    };
+    let tunnel = count("tcp.port == 15008 && tcp.len > 0")?;
+    let other = count("tcp.len > 0 && !(tcp.port == 15008)")?;
+    Ok((tunnel, other))
+}
+
+/// (2) A rollout of both nodes' agents under load, with mTLS between the
+/// nodes: the new agents bind beside the old ones, adopt the pinned
+/// kernel state, become ready and tell the old ones to go, which drain.
+/// HTTP/1.1 keep-alive (wrk, across nodes and on one node), HTTP/2
+/// (h2load), a gRPC bidirectional stream and a 256 MiB opaque transfer all
+/// run through it: no request fails, no connection is reset, the transfer
+/// is byte-exact, and nothing crosses node 0's link outside the tunnel.
+#[test]
+fn rollout_under_load_loses_nothing_and_leaks_no_plaintext() {
+    require_agent_or_skip!();
+    let b = World::builder(world_name!())
+        .mtls(true)
+        .agent_config_extra(rollout_services())
+        .agent_config_extra("[shutdown]\ndrain_grace = \"20s\"\n");
+    with_world(b, |world| {
+        let (remote, local) = (world.pod(1, 0), world.pod(0, 1));
+        let _web = fast(remote, 8080)?;
+        let _local = fast(local, 8080)?;
+        let _grpc = remote.serve(python().args(["-u", "-c", GRPC, "server", "9090"]))?;
+        let _echo = remote.serve(&mut waymark_tests::testpeer([
+            "echo",
+            "--listen",
+            "0.0.0.0:7000",
+        ]))?;
+        let (tcpdump, pcap) = capture_node_link(world)?;
+        let load = start_load(world)?;
+        std::thread::sleep(Duration::from_secs(2));
+
+        let started = Instant::now();
+        let mut successors = Vec::new();
+        for (i, node) in world.nodes().iter().enumerate() {
+            successors.push(node.spawn_successor(19_100 + i as u16)?);
+        }
+        for (s, node) in successors.iter_mut().zip(world.nodes()) {
+            s.wait_ready(node)?;
+        }
+        let ready_in = started.elapsed();
+        for node in world.nodes() {
+            let st = node.wait_agent_exit(Duration::from_secs(30))?;
+            ensure!(
+                st.success(),
+                "the old agent of {} exited with {st}",
+                node.name()
+            );
+        }
+        let handed_over_in = started.elapsed();
+        let outcome = finish_load(load)?;
+        let (tunnel, plaintext) = plaintext_segments(tcpdump, &pcap)?;
+        eprintln!(
+            "rollout: new agents ready {ready_in:?} after start, old agents gone {handed_over_in:?} after start; \
+             {}; node 0 link: {tunnel} tunnel segments, {plaintext} outside the tunnel",
+            outcome.summary()
+        );
+        let logs = || {
+            world
+                .nodes()
+                .iter()
+                .zip(&successors)
+                .map(|(n, s)| {
+                    format!(
+                        "== {} old:\n{}\n== {} new:\n{}",
+                        n.name(),
+                        n.agent_log(),
+                        n.name(),
+                        s.log()
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        ensure!(
+            outcome.failures() == 0,
+            "clients saw failures during the rollout: {}\nh2load:\n{}\n{}",
+            outcome.summary(),
+            outcome.h2_text,
+            logs()
+        );
+        ensure!(
+            tunnel > 0,
+            "nothing crossed the tunnel: the capture saw no traffic"
+        );
+        ensure!(
+            plaintext == 0,
+            "{plaintext} segments crossed node 0's link outside the tunnel"
+        );
+        for (s, node) in successors.iter().zip(world.nodes()) {
+            ensure!(
+                s.log().contains("adopted a pinned link"),
+                "the new agent of {} did not adopt the pinned links:\n{}",
+                node.name(),
+                s.log()
+            );
+        }
+        Ok(())
+    });
+}
+
+/// One opaque exchange from `pod` to `addr` (1000 bytes echoed).
+fn exchange(pod: &Pod, addr: &str) -> Result<serde_json::Value> {
+    let out = pod.run_timeout(
+        &mut waymark_tests::testpeer([
+            "client",
+            "--connect",
+            addr,
+            "--bytes",
+            "1000",
+            "--timeout",
+            "2s",
+        ]),
+        Duration::from_secs(10),
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim()).with_context(|| format!("testpeer printed {text}"))
+}
+
+/// `waymark check` on `node`: what it printed.
+fn check_output(node: &Node) -> Result<String> {
+    let admin = node.admin_addr().to_string();
+    let out = node.run(
+        Command::new(waymark_tests::world::agent::waymark_bin()?)
+            .arg("check")
+            .args(["--admin", &admin]),
+    )?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// (3) `kill -9` of node 0's agent under load, with the default
+/// `redirect.on_agent_down = "closed"`: the pinned links stay attached, so
+/// while no agent runs a pod's new connection is refused (ECONNREFUSED
+/// from its own loopback), never sent around the mesh; the restarted agent
+/// adopts the pinned state and traffic flows again. Failures and the time
+/// from the crash to the first successful exchange are printed;
+/// nothing crosses node 0's link outside the tunnel at any moment.
+#[test]
+fn kill_9_with_agent_down_closed_refuses_then_recovers() {
+    require_agent_or_skip!();
+    let b = World::builder(world_name!())
+        .mtls(true)
+        .agent_config_extra(rollout_services());
+    with_world(b, |world| {
+        let (client, remote, node) = (world.pod(0, 0), world.pod(1, 0), world.node(0));
+        let _web = fast(remote, 8080)?;
+        let _echo = remote.serve(&mut waymark_tests::testpeer([
+            "echo",
+            "--listen",
+            "0.0.0.0:7000",
+        ]))?;
+        let checked = check_output(node)?;
+        ensure!(
+            checked.contains("redirect.on_agent_down = closed"),
+            "waymark check does not say the mode in force:\n{checked}"
+        );
+        ensure!(
+            exchange(client, ECHO_VIP)?["identical"] == true,
+            "no traffic before the crash"
+        );
+        let (tcpdump, pcap) = capture_node_link(world)?;
+        let wrk = spawn_wrk(
+            client,
+            &format!("http://{WEB_VIP}/"),
+            Duration::from_secs(6),
+        )?;
+        std::thread::sleep(Duration::from_millis(1500));
+
+        let crashed = Instant::now();
+        node.stop_agent(Signal::SIGKILL)?;
+        let down = exchange(client, ECHO_VIP)?;
+        ensure!(
+            down["identical"] != true
+                && down["error"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("refused"),
+            "with no agent, a pod's connection was not refused: {down}"
+        );
+        node.spawn_agent()?;
+        let restarted = crashed.elapsed();
+        let recovered = loop {
+            if exchange(client, ECHO_VIP)?["identical"] == true {
+                break crashed.elapsed();
+            }
+            ensure!(
+                crashed.elapsed() < Duration::from_secs(30),
+                "no traffic 30 s after the crash:\n{}",
+                node.agent_log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        node.wait_agent_ready()?;
+        let report = wait_report(wrk)?;
+        let (tunnel, plaintext) = plaintext_segments(tcpdump, &pcap)?;
+        eprintln!(
+            "kill -9 (on_agent_down = closed): new agent started {restarted:?} after the crash, \
+             traffic flowing again {recovered:?} after it; wrk: {} requests, {} failed \
+             (socket errors {:?}, non-2xx {}); node 0 link: {tunnel} tunnel segments, \
+             {plaintext} outside the tunnel",
+            report.requests,
+            report.failures(),
+            report.socket_errors,
+            report.non_2xx
+        );
+        ensure!(
+            plaintext == 0,
+            "{plaintext} segments crossed node 0's link outside the tunnel"
+        );
+        ensure!(
+            node.agent_log().contains("adopted a pinned link"),
+            "the restarted agent did not adopt the pinned links:\n{}",
+            node.agent_log()
+        );
+        Ok(())
+    });
+}
+
+/// (4) `redirect.on_agent_down = "open"`: the links are the agent's own,
+/// so after `kill -9` the programs are gone and a pod's connection goes
+/// direct (and succeeds) instead of being refused; `waymark check` warns.
+#[test]
+fn kill_9_with_agent_down_open_goes_direct() {
+    require_agent_or_skip!();
+    let b = World::builder(world_name!())
+        .pods_per_node(1)
+        .agent_config_extra("[redirect]\non_agent_down = \"open\"\n");
+    with_world(b, |world| {
+        let (client, remote, node) = (world.pod(0, 0), world.pod(1, 0), world.node(0));
+        let _echo = remote.serve(&mut waymark_tests::testpeer([
+            "echo",
+            "--listen",
+            "0.0.0.0:7000",
+        ]))?;
+        let checked = check_output(node)?;
+        ensure!(
+            checked.contains("redirect.on_agent_down = open") && checked.contains("go direct"),
+            "waymark check does not warn about the open mode:\n{checked}"
+        );
+        let addr = format!("{}:7000", pod_ip(1, 0));
+        let through = exchange(client, &addr)?;
+        ensure!(
+            through["identical"] == true,
+            "no traffic through the agent: {through}"
+        );
+        node.stop_agent(Signal::SIGKILL)?;
+        let direct = exchange(client, &addr)?;
+        ensure!(
+            direct["identical"] == true,
+            "with no agent and on_agent_down = open, the pod's connection did not go direct: {direct}"
+        );
+        Ok(())
+    });
+}
