@@ -144,7 +144,7 @@ fn shares(r: &Value, pods: &[&Pod]) -> Vec<u64> {
 
 /// `GET /endpoints?service=echo`, for assertions and failure messages.
 fn endpoints(node: &Node) -> Result<Value> {
-    let (status, body) = node.admin_get("/endpoints?service=echo")?;
+    let (status, body) = node.admin_socket_get("/endpoints?service=echo")?;
     ensure!(status == 200, "GET /endpoints: {status} {body}");
     let v: Value = serde_json::from_str(&body)?;
     Ok(v["services"][0]["endpoints"].clone())
