@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
 use waymark_apiserver::ApiServer;
 use waymark_tests::world::agent::TRUST_DOMAIN;
@@ -279,12 +279,7 @@ fn meshed(world: &World, crds: bool) -> Result<(Cluster, [Server; 2])> {
 #[test]
 fn agents_discover_pods_services_and_nodes_from_the_api_server() {
     require_agent_or_skip!();
-    let builder = World::builder(world_name!())
-        .nodes(2)
-        .pods_per_node(2)
-        .mtls(true)
-        .agent(false);
-    with_world(builder, |world| {
+    with_world(two_nodes(world_name!()), |world| {
         let (cluster, _apps) = meshed(world, false)?;
         let (client, other) = (world.pod(0, 0), world.pod(0, 1));
         let (web0, web1) = (world.pod(1, 0), world.pod(1, 1));
@@ -351,17 +346,9 @@ fn agents_discover_pods_services_and_nodes_from_the_api_server() {
         // answer; the pod's address does, without the tunnel).
         let (code, _) = curl(other, &format!("http://{}:{APP_PORT}/", web1.ip()), &[])?;
         ensure!(code == 200, "direct from the pod outside the mesh: {code}");
-        let out = other.run(std::process::Command::new("curl").args([
-            "-sS",
-            "--connect-timeout",
-            "1",
-            &url,
-        ]))?;
-        ensure!(
-            !out.status.success(),
-            "the ClusterIP answered a pod outside the mesh: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        if let Some(out) = answered(other, &url)? {
+            bail!("the ClusterIP answered a pod outside the mesh: {out}");
+        }
         let log = world.node(0).agent_log();
         ensure!(
             log.contains("pod enrolled") && log.contains("shop/client"),
@@ -394,12 +381,7 @@ fn discovery_metric(world: &World, name: &str, label: &str, value: &str) -> Resu
 #[test]
 fn discovery_survives_api_faults_and_bad_objects() {
     require_agent_or_skip!();
-    let builder = World::builder(world_name!())
-        .nodes(2)
-        .pods_per_node(2)
-        .mtls(true)
-        .agent(false);
-    with_world(builder, |world| {
+    with_world(two_nodes(world_name!()), |world| {
         let (mut cluster, _apps) = meshed(world, false)?;
         let (client, web0) = (world.pod(0, 0), world.pod(1, 0));
         let url = format!("http://{VIP}/");
@@ -495,14 +477,8 @@ fn discovery_survives_api_faults_and_bad_objects() {
         eventually(DEFAULT_PATIENCE, || {
             let log = world.node(0).agent_log();
             ensure!(log.contains("pod removed"), "no removal in the log");
-            let out = client.run(std::process::Command::new("curl").args([
-                "-sS",
-                "--connect-timeout",
-                "1",
-                &url,
-            ]))?;
             ensure!(
-                !out.status.success(),
+                answered(client, &url)?.is_none(),
                 "the deleted pod still reaches the ClusterIP"
             );
             Ok(())
@@ -514,12 +490,7 @@ fn discovery_survives_api_faults_and_bad_objects() {
 #[test]
 fn an_httproute_splits_a_service_until_it_is_deleted() {
     require_agent_or_skip!();
-    let builder = World::builder(world_name!())
-        .nodes(2)
-        .pods_per_node(2)
-        .mtls(true)
-        .agent(false);
-    with_world(builder, |world| {
+    with_world(two_nodes(world_name!()), |world| {
         let (cluster, _apps) = meshed(world, true)?;
         let (client, web0, web1) = (world.pod(0, 0), world.pod(1, 0), world.pod(1, 1));
         let url = format!("http://{VIP}/");
@@ -591,6 +562,33 @@ fn an_httproute_splits_a_service_until_it_is_deleted() {
     });
 }
 
+/// The world of these tests: two nodes of two pods with mTLS, agents not
+/// started (the cluster is written first, see [`meshed`]).
+fn two_nodes(name: &str) -> waymark_tests::WorldBuilder {
+    World::builder(name)
+        .nodes(2)
+        .pods_per_node(2)
+        .mtls(true)
+        .agent(false)
+}
+
+/// Runs `curl` from `pod` to `url` (a 1 s connect timeout); what it
+/// printed when it got an answer, `None` when it could not connect.
+fn answered(pod: &Pod, url: &str) -> Result<Option<String>> {
+    let out = pod.run(std::process::Command::new("curl").args([
+        "-sS",
+        "--connect-timeout",
+        "1",
+        "--max-time",
+        "5",
+        url,
+    ]))?;
+    Ok(out
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned()))
+}
+
 /// One request to `url` from `pod` with `curl -i`: (status, head and body).
 fn request(pod: &Pod, url: &str) -> Result<(u16, String)> {
     waymark_tests::curl_i(pod, url, &[])
@@ -599,12 +597,7 @@ fn request(pod: &Pod, url: &str) -> Result<(u16, String)> {
 #[test]
 fn authorization_policies_deny_and_allow_by_service_account() {
     require_agent_or_skip!();
-    let builder = World::builder(world_name!())
-        .nodes(2)
-        .pods_per_node(2)
-        .mtls(true)
-        .agent(false);
-    with_world(builder, |world| {
+    with_world(two_nodes(world_name!()), |world| {
         let (cluster, _apps) = meshed(world, true)?;
         let (client, web1) = (world.pod(0, 0), world.pod(1, 1));
         let url = format!("http://{VIP}/");
@@ -647,16 +640,10 @@ fn authorization_policies_deny_and_allow_by_service_account() {
             );
             Ok(())
         })?;
-        let direct = client.run(std::process::Command::new("curl").args([
-            "-sS",
-            "--max-time",
-            "5",
-            &format!("http://{}:{APP_PORT}/", web1.ip()),
-        ]))?;
-        let body = String::from_utf8_lossy(&direct.stdout);
+        let direct = answered(client, &format!("http://{}:{APP_PORT}/", web1.ip()))?;
         ensure!(
-            !body.contains("web-1"),
-            "a denied pod-IP connection reached the app: {body}"
+            !direct.as_deref().unwrap_or_default().contains("web-1"),
+            "a denied pod-IP connection reached the app: {direct:?}"
         );
         delete("no-client")?;
 

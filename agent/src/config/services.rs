@@ -332,19 +332,27 @@ fn default_ttl() -> Duration {
 
 /// Checks the services section; pushes every problem found.
 pub fn validate(services: &[ServiceConfig], problems: &mut Vec<String>) {
+    // Sets, not scans of the services before: a cluster has thousands of
+    // services, and this runs on every change discovery applies.
+    let names: std::collections::HashSet<&str> = services.iter().map(|s| s.name.as_str()).collect();
+    let mut seen_names = std::collections::HashSet::new();
+    let mut owners: std::collections::HashMap<SocketAddr, &str> = Default::default();
     for (i, svc) in services.iter().enumerate() {
         let at = format!("services[{i}] ({})", svc.name);
         if svc.name.trim().is_empty() {
             problems.push(format!("services[{i}].name: must not be empty"));
-        } else if services[..i].iter().any(|s| s.name == svc.name) {
+        } else if !seen_names.insert(svc.name.as_str()) {
             problems.push(format!("{at}.name: declared twice"));
         }
         for addr in &svc.addresses {
-            if let Some(other) = services[..i].iter().find(|s| s.addresses.contains(addr)) {
-                problems.push(format!(
-                    "{at}.addresses: {addr} already belongs to service {}",
-                    other.name
-                ));
+            match owners.get(addr) {
+                Some(other) if *other != svc.name => problems.push(format!(
+                    "{at}.addresses: {addr} already belongs to service {other}"
+                )),
+                Some(_) => {}
+                None => {
+                    owners.insert(*addr, &svc.name);
+                }
             }
         }
         for (j, ep) in svc.endpoints.iter().enumerate() {
@@ -384,7 +392,7 @@ pub fn validate(services: &[ServiceConfig], problems: &mut Vec<String>) {
                 problems.push(format!("{rat}.name: declared twice in this service"));
             }
             for (k, b) in route.backends.iter().enumerate() {
-                if !services.iter().any(|s| s.name == b.service) {
+                if !names.contains(b.service.as_str()) {
                     problems.push(format!(
                         "{rat}.backends[{k}].service: no service named {:?}",
                         b.service

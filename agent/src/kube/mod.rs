@@ -604,11 +604,18 @@ async fn publish(
     let mut found: HashMap<String, PathBuf> = HashMap::new();
     let mut retry = tokio::time::interval(cfg.netns_retry);
     let mut announced = false;
+    // Local pods still without a network namespace: only then does the
+    // retry tick rebuild the picture (a rebuild is O(cluster)).
+    let mut waiting = false;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = shared.changed.notified() => tokio::time::sleep(SETTLE).await,
-            _ = retry.tick() => {}
+            _ = retry.tick() => {
+                if !waiting {
+                    continue;
+                }
+            }
         }
         if !shared.status.all_synced() {
             continue;
@@ -678,6 +685,7 @@ async fn publish(
                 identity: p.identity.clone(),
             });
         }
+        waiting = !pending.is_empty();
         let update = Update {
             view,
             pods,
