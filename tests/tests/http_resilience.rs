@@ -295,9 +295,11 @@ fn dead_endpoint_is_ejected_and_traffic_keeps_flowing() {
     const PLAIN: &str = "10.96.0.19:80";
     const RETRYING: &str = "10.96.0.20:80";
     let (a, b, dead) = (pod_ip(1, 0), pod_ip(1, 1), format!("{}:8099", pod_ip(0, 1)));
-    // default_rtt 1ms keeps the dead endpoint attractive (its fast failures
-    // never raise its estimate), so it really is picked until ejected; a
-    // long ejection keeps probes out of the test's time.
+    // default_rtt 1ms and healthy endpoints that take 20 ms to answer keep
+    // the dead endpoint the cheaper one of any pair it is in (its fast
+    // failures never raise its cost past theirs, whatever the machine's
+    // load), so it really is picked until ejected; a long ejection keeps
+    // probes out of the test's time.
     let services = format!(
         r#"
 [balancer]
@@ -323,8 +325,8 @@ retry = {{ attempts = 5, on = ["connect-failure"], backoff_base = "2ms", backoff
     let bld = World::builder(world_name!()).agent_config_extra(services);
     with_world(bld, |world| {
         let (cl, node) = (world.pod(0, 0), world.node(0));
-        let _a = app(world.pod(1, 0), 8080, &[])?;
-        let _b = app(world.pod(1, 1), 8080, &[])?;
+        let _a = app(world.pod(1, 0), 8080, &["delay=0.02"])?;
+        let _b = app(world.pod(1, 1), 8080, &["delay=0.02"])?;
         let ejected = |svc: &'static str| vec![("service", svc), ("endpoint", dead.as_str())];
 
         // Without retries, each pick of the dead endpoint is a failed request
