@@ -265,7 +265,11 @@ trait Kind:
     /// Stores the object (or says why it was skipped).
     fn store(&self, key: String, state: &mut ClusterState, ctx: &Ctx) -> Result<(), String>;
     fn forget(key: &str, state: &mut ClusterState);
-    fn keys(state: &ClusterState) -> Vec<String>;
+    /// How many objects of this kind are held.
+    fn count(state: &ClusterState) -> usize;
+    /// Keeps the objects whose key `keep` accepts (a relist drops what
+    /// vanished while the watch was down).
+    fn retain(state: &mut ClusterState, keep: &dyn Fn(&str) -> bool);
 }
 
 impl Kind for Pod {
@@ -278,8 +282,11 @@ impl Kind for Pod {
     fn forget(key: &str, s: &mut ClusterState) {
         s.pods.remove(key);
     }
-    fn keys(s: &ClusterState) -> Vec<String> {
-        s.pods.keys().cloned().collect()
+    fn count(s: &ClusterState) -> usize {
+        s.pods.len()
+    }
+    fn retain(s: &mut ClusterState, keep: &dyn Fn(&str) -> bool) {
+        s.pods.retain(|k, _| keep(k))
     }
 }
 
@@ -300,8 +307,11 @@ impl Kind for Service {
     fn forget(key: &str, s: &mut ClusterState) {
         s.services.remove(key);
     }
-    fn keys(s: &ClusterState) -> Vec<String> {
-        s.services.keys().cloned().collect()
+    fn count(s: &ClusterState) -> usize {
+        s.services.len()
+    }
+    fn retain(s: &mut ClusterState, keep: &dyn Fn(&str) -> bool) {
+        s.services.retain(|k, _| keep(k))
     }
 }
 
@@ -322,8 +332,11 @@ impl Kind for EndpointSlice {
     fn forget(key: &str, s: &mut ClusterState) {
         s.slices.remove(key);
     }
-    fn keys(s: &ClusterState) -> Vec<String> {
-        s.slices.keys().cloned().collect()
+    fn count(s: &ClusterState) -> usize {
+        s.slices.len()
+    }
+    fn retain(s: &mut ClusterState, keep: &dyn Fn(&str) -> bool) {
+        s.slices.retain(|k, _| keep(k))
     }
 }
 
@@ -336,8 +349,11 @@ impl Kind for Node {
     fn forget(key: &str, s: &mut ClusterState) {
         s.nodes.remove(key);
     }
-    fn keys(s: &ClusterState) -> Vec<String> {
-        s.nodes.keys().cloned().collect()
+    fn count(s: &ClusterState) -> usize {
+        s.nodes.len()
+    }
+    fn retain(s: &mut ClusterState, keep: &dyn Fn(&str) -> bool) {
+        s.nodes.retain(|k, _| keep(k))
     }
 }
 
@@ -351,8 +367,11 @@ impl Kind for Namespace {
     fn forget(key: &str, s: &mut ClusterState) {
         s.namespaces.remove(key);
     }
-    fn keys(s: &ClusterState) -> Vec<String> {
-        s.namespaces.keys().cloned().collect()
+    fn count(s: &ClusterState) -> usize {
+        s.namespaces.len()
+    }
+    fn retain(s: &mut ClusterState, keep: &dyn Fn(&str) -> bool) {
+        s.namespaces.retain(|k, _| keep(k))
     }
 }
 
@@ -384,8 +403,11 @@ macro_rules! route_kind {
             fn forget(key: &str, s: &mut ClusterState) {
                 s.$field.remove(key);
             }
-            fn keys(s: &ClusterState) -> Vec<String> {
-                s.$field.keys().cloned().collect()
+            fn count(s: &ClusterState) -> usize {
+                s.$field.len()
+            }
+            fn retain(s: &mut ClusterState, keep: &dyn Fn(&str) -> bool) {
+                s.$field.retain(|k, _| keep(k))
             }
         }
     };
@@ -413,8 +435,11 @@ impl Kind for policy::AuthorizationPolicy {
     fn forget(key: &str, s: &mut ClusterState) {
         s.policies.remove(key);
     }
-    fn keys(s: &ClusterState) -> Vec<String> {
-        s.policies.keys().cloned().collect()
+    fn count(s: &ClusterState) -> usize {
+        s.policies.len()
+    }
+    fn retain(s: &mut ClusterState, keep: &dyn Fn(&str) -> bool) {
+        s.policies.retain(|k, _| keep(k))
     }
 }
 
@@ -499,12 +524,10 @@ fn spawn_watch<K: Kind>(api: Api<K>, shared: &Arc<Shared>, stop: &CancellationTo
                 Err(e) if K::OPTIONAL && not_served(&e) => {
                     // Not installed: none of them (asked again with backoff).
                     let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
-                    let had = K::keys(&st);
-                    for key in &had {
-                        K::forget(key, &mut st);
-                    }
+                    let had = K::count(&st);
+                    K::retain(&mut st, &|_| false);
                     drop(st);
-                    if !shared.status.is_synced(K::RESOURCE) || !had.is_empty() {
+                    if !shared.status.is_synced(K::RESOURCE) || had > 0 {
                         info!(
                             resource = K::RESOURCE,
                             "not served by the API server (CRD not installed): none in use"
@@ -556,18 +579,10 @@ fn apply<K: Kind>(
         }
         watcher::Event::InitDone => {
             if let Some(seen) = listing.take() {
-                for key in K::keys(&st) {
-                    if !seen.contains(&key) {
-                        K::forget(&key, &mut st);
-                    }
-                }
+                K::retain(&mut st, &|key| seen.contains(key));
                 refused.retain(|(r, k), _| *r != K::RESOURCE || seen.contains(k));
             }
-            debug!(
-                resource = K::RESOURCE,
-                objects = K::keys(&st).len(),
-                "listed"
-            );
+            debug!(resource = K::RESOURCE, objects = K::count(&st), "listed");
             true
         }
         watcher::Event::Apply(o) => {
@@ -581,7 +596,7 @@ fn apply<K: Kind>(
             false
         }
     };
-    let objects = K::keys(&st).len();
+    let objects = K::count(&st);
     drop(refused);
     drop(st);
     shared.status.touch(K::RESOURCE, synced, objects);
