@@ -119,13 +119,10 @@ impl Enrollment {
     /// out and reported; the others go ahead.
     pub fn sync(&self, wanted: &[PodSpec]) -> Vec<EnrollError> {
         let mut pods = self.pods.lock().unwrap_or_else(|e| e.into_inner());
-        let names: std::collections::HashSet<&str> =
-            wanted.iter().map(|p| p.name.as_str()).collect();
+        // Not wanted as it is: gone, or changed (enrolled again below).
         let gone: Vec<String> = pods
             .iter()
-            .filter(|(name, e)| {
-                !names.contains(name.as_str()) || !wanted.iter().any(|w| w == &e.spec)
-            })
+            .filter(|(_, e)| !wanted.contains(&e.spec))
             .map(|(name, _)| name.clone())
             .collect();
         for name in gone {
