@@ -312,16 +312,16 @@ impl World {
     ///
     /// `WAYMARK_WORLD_TAG`, when set, is appended to every world's name, so
     /// two checkouts can run the same tests on one machine at once.
+    ///
+    /// A name longer than the 64 characters a world name may have (a long
+    /// test name, or a tag) is shortened to fit, keeping its start and adding
+    /// a hash of the whole, so two long names that share a start stay apart.
     pub fn builder(name: &str) -> WorldBuilder {
         let name = match std::env::var("WAYMARK_WORLD_TAG") {
-            Ok(tag) if !tag.is_empty() => {
-                // Keep within the 64 characters a name may have.
-                let keep = 63usize.saturating_sub(tag.len()).min(name.len());
-                let base = name.get(..keep).unwrap_or(name);
-                format!("{base}-{tag}")
-            }
+            Ok(tag) if !tag.is_empty() => format!("{name}-{tag}"),
             _ => name.to_string(),
         };
+        let name = state::fit_name(&name);
         WorldBuilder {
             name,
             nodes: 2,

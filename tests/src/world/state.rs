@@ -77,6 +77,22 @@ pub fn validate_name(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// `name` shortened to the 64 characters a world name may have: names that
+/// fit are kept as they are; longer ones keep their first 57 characters and
+/// end in `-` and the world id of the whole name.
+pub fn fit_name(name: &str) -> String {
+    const MAX: usize = 64;
+    if name.len() <= MAX {
+        return name.to_string();
+    }
+    let id = world_id(name);
+    let mut keep = MAX - 1 - id.len();
+    while !name.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    format!("{}-{id}", &name[..keep])
+}
+
 /// The short id of a world: the first 6 hex digits of the FNV-1a hash of its
 /// name (24 bits: a few hundred worlds alive at once rarely share one). Stable across runs and builds, so `down` can recompute it.
 pub fn world_id(name: &str) -> String {
@@ -196,5 +212,19 @@ mod tests {
         for bad in ["", "a/b", "..", "-x", "a b", "tests::x", &"x".repeat(65)] {
             assert!(validate_name(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn long_names_are_fitted_and_stay_apart() {
+        assert_eq!(fit_name("short"), "short");
+        let exact = "x".repeat(64);
+        assert_eq!(fit_name(&exact), exact);
+        let a = fit_name("tunnel_handshakes_beyond_the_cap_are_reset_and_the_data_path_flows");
+        let b = fit_name("tunnel_handshakes_beyond_the_cap_are_reset_and_the_data_path_flows-ci");
+        for n in [&a, &b] {
+            assert!(validate_name(n).is_ok(), "{n:?}");
+            assert!(n.starts_with("tunnel_handshakes_beyond"), "{n:?}");
+        }
+        assert_ne!(a, b);
     }
 }
