@@ -63,6 +63,7 @@ const READY_LISTENERS: &str = "pod listeners not bound";
 const READY_DRAINING: &str = "draining";
 const READY_DISCOVERY: &str = "no full picture of the cluster yet";
 const READY_CERTS: &str = "workload certificates missing or expired";
+const READY_SUCCESSOR: &str = "a new agent is taking over this node (it answers for itself)";
 
 /// The kernel's original-destination maps behind the proxy's trait. Lookups
 /// share a read lock (the map syscall is atomic on its own); only attach
@@ -166,6 +167,16 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
     let config = Arc::new(config);
     let shared_config: SharedConfig = Arc::new(RwLock::new(config.clone()));
     let readiness = Arc::new(Readiness::new(&[READY_PROGRAMS, READY_LISTENERS]));
+    if let Some((pins, _)) = &pinned {
+        // Both agents of a rollout answer probes on the same admin port
+        // (host network, SO_REUSEPORT): while a new agent is starting, the
+        // serving one says "not ready", so a probe of the new pod that
+        // lands here cannot report it ready before it is.
+        let layout = pins.layout_dir().to_owned();
+        readiness.add_check(READY_SUCCESSOR, move || {
+            !handover::successor_waiting(&layout)
+        });
+    }
     let mut metrics = Metrics::new(
         config.metrics.max_destinations,
         config.metrics.max_stat_edges,
@@ -521,10 +532,23 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
     );
 
     let handed_over = CancellationToken::new();
-    let _serving = pinned.map(|(pins, claim)| take_over(pins.root(), claim, &handed_over));
+    // Held while the agent runs (the serving lock goes with the process).
+    let mut _serving = None;
     let signal_name = tokio::select! {
         s = wait_for_signal() => s?,
-        _ = handed_over.cancelled() => "handover",
+        _ = async {
+            if let Some((pins, claim)) = pinned {
+                if matches!(claim, Claim::Successor { .. }) {
+                    // The old agent is told to go only once this one is
+                    // ready: with discovery, not before the cluster's
+                    // first full picture is in force. One that never gets
+                    // there leaves the old agent serving.
+                    wait_until_ready(&readiness).await;
+                }
+                _serving = take_over(pins.root(), claim, &handed_over);
+            }
+            handed_over.cancelled().await;
+        } => "handover",
     };
     info!(signal = signal_name, grace = ?config.shutdown.drain_grace, on_agent_down = config.redirect.on_agent_down.as_str(), "shutting down: closing listeners, then draining");
     readiness.unset(READY_DRAINING);
@@ -548,6 +572,23 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
     admin.stop();
     info!("waymark agent stopped");
     Ok(())
+}
+
+/// Returns once every readiness condition holds, saying every 10 s what
+/// it is still waiting for.
+async fn wait_until_ready(readiness: &Readiness) {
+    let mut last_said = tokio::time::Instant::now();
+    loop {
+        let pending = readiness.pending();
+        if pending.is_empty() {
+            return;
+        }
+        if last_said.elapsed() >= Duration::from_secs(10) {
+            info!(pending = %pending.join(", "), "not taking over yet: this agent is not ready");
+            last_said = tokio::time::Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Serves the node from now on: as its sole agent, listening for a

@@ -109,9 +109,68 @@ fn try_lock(path: &Path) -> Result<Option<Flock<File>>, HandoverError> {
     }
 }
 
+/// Whether another process holds the successor lock on `layout_dir`: a
+/// new agent has started beside this one and is not serving yet.
+///
+/// Read from `/proc/locks` rather than by trying the lock, which would hold
+/// it for an instant and could make a starting successor take itself for a
+/// third agent and refuse to start.
+pub fn successor_waiting(layout_dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(meta) = std::fs::metadata(layout_dir) else {
+        return false;
+    };
+    let Ok(locks) = std::fs::read_to_string("/proc/locks") else {
+        return false;
+    };
+    let dev = meta.dev();
+    let file = (
+        nix::sys::stat::major(dev),
+        nix::sys::stat::minor(dev),
+        meta.ino(),
+    );
+    flock_held_by_other(&locks, file, std::process::id())
+}
+
+/// Whether `/proc/locks` text shows a `flock` on `file` (major, minor,
+/// inode) held by a process other than `own_pid` (waiters, shown with
+/// `->`, do not hold it).
+fn flock_held_by_other(locks: &str, file: (u64, u64, u64), own_pid: u32) -> bool {
+    locks.lines().any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // "N: FLOCK ADVISORY WRITE PID MAJ:MIN:INODE START END"
+        let [_, kind, _, _, pid, id, ..] = fields.as_slice() else {
+            return false;
+        };
+        if *kind != "FLOCK" || pid.parse::<u32>().ok() == Some(own_pid) {
+            return false;
+        }
+        let mut parts = id.split(':');
+        let (Some(maj), Some(min), Some(ino)) = (parts.next(), parts.next(), parts.next()) else {
+            return false;
+        };
+        u64::from_str_radix(maj, 16).ok() == Some(file.0)
+            && u64::from_str_radix(min, 16).ok() == Some(file.1)
+            && ino.parse::<u64>().ok() == Some(file.2)
+    })
+}
+
 /// The abstract socket of the agent serving the pin directory `pin_root`.
+///
+/// An abstract name holds at most 107 bytes; a longer pin path is named by
+/// a hash of it (FNV-1a: stable across builds, so two agent versions agree).
 fn socket_name(pin_root: &Path) -> String {
-    format!("waymark-handover:{}", pin_root.display())
+    const MAX: usize = 107;
+    let full = format!("waymark-handover:{}", pin_root.display());
+    if full.len() <= MAX {
+        return full;
+    }
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in pin_root.as_os_str().as_encoded_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("waymark-handover:#{h:016x}")
 }
 
 /// Asks the serving agent to go (it answers, then drains); returns its pid
@@ -216,6 +275,39 @@ pub fn listen(pin_root: &Path, go: CancellationToken) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn socket_names_fit_an_abstract_address() {
+        let short = socket_name(Path::new("/sys/fs/bpf/waymark"));
+        assert_eq!(short, "waymark-handover:/sys/fs/bpf/waymark");
+        let long_a = socket_name(&Path::new("/run").join("x".repeat(120)).join("a"));
+        let long_b = socket_name(&Path::new("/run").join("x".repeat(120)).join("b"));
+        for n in [&long_a, &long_b] {
+            assert!(n.len() <= 107, "{n}");
+            assert!(UnixAddr::from_abstract_name(n.as_bytes()).is_ok(), "{n}");
+        }
+        assert_ne!(long_a, long_b);
+    }
+
+    #[test]
+    fn proc_locks_lines_are_matched_by_file_and_holder() {
+        let locks = "1: FLOCK  ADVISORY  WRITE 14692 fe:00:10060036 0 EOF\n\
+                     2: -> FLOCK  ADVISORY  WRITE 999 00:2d:77 0 EOF\n\
+                     3: POSIX  ADVISORY  WRITE 888 00:2d:77 0 EOF\n\
+                     4: FLOCK  ADVISORY  WRITE 42 00:2d:77 0 EOF\n";
+        // Held by pid 42: another process for us, ourselves for 42.
+        assert!(flock_held_by_other(locks, (0, 0x2d, 77), 7));
+        assert!(!flock_held_by_other(locks, (0, 0x2d, 77), 42));
+        // A waiter (->) and a POSIX lock do not count; other files neither.
+        assert!(!flock_held_by_other(
+            "2: -> FLOCK  ADVISORY  WRITE 999 00:2d:77 0 EOF\n3: POSIX  ADVISORY  WRITE 888 00:2d:77 0 EOF\n",
+            (0, 0x2d, 77),
+            7
+        ));
+        assert!(flock_held_by_other(locks, (0xfe, 0, 10060036), 7));
+        assert!(!flock_held_by_other(locks, (0xfe, 0, 1), 7));
+        assert!(!flock_held_by_other("garbage\n\n1: FLOCK\n", (0, 0, 0), 7));
+    }
 
     #[test]
     fn a_third_agent_is_refused_while_one_serves_and_one_takes_over() {

@@ -3,10 +3,16 @@
 
 use std::sync::Mutex;
 
+/// A condition computed each time readiness is asked (true: it holds).
+type Check = Box<dyn Fn() -> bool + Send + Sync>;
+
 /// Conditions that must all hold for `/ready` to answer 200.
 #[derive(Default)]
 pub struct Readiness {
     pending: Mutex<Vec<&'static str>>,
+    /// Conditions that depend on something outside the agent (another
+    /// agent's lock), so they are looked at when asked rather than set.
+    checks: Mutex<Vec<(&'static str, Check)>>,
 }
 
 impl Readiness {
@@ -14,7 +20,20 @@ impl Readiness {
     pub fn new(conditions: &[&'static str]) -> Self {
         Readiness {
             pending: Mutex::new(conditions.to_vec()),
+            checks: Mutex::default(),
         }
+    }
+
+    /// Adds a condition that `holds` computes whenever readiness is asked.
+    pub fn add_check(
+        &self,
+        condition: &'static str,
+        holds: impl Fn() -> bool + Send + Sync + 'static,
+    ) {
+        self.checks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((condition, Box::new(holds)));
     }
 
     /// Marks a condition as met.
@@ -32,7 +51,15 @@ impl Readiness {
 
     /// The conditions not met; empty means ready.
     pub fn pending(&self) -> Vec<&'static str> {
-        self.lock().clone()
+        let mut out = self.lock().clone();
+        let checks = self.checks.lock().unwrap_or_else(|e| e.into_inner());
+        out.extend(checks.iter().filter(|(_, holds)| !holds()).map(|(c, _)| *c));
+        out
+    }
+
+    /// Whether every condition holds.
+    pub fn is_ready(&self) -> bool {
+        self.pending().is_empty()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<&'static str>> {
@@ -55,5 +82,19 @@ mod tests {
         r.unset("draining");
         r.unset("draining");
         assert_eq!(r.pending(), vec!["draining"]);
+    }
+
+    #[test]
+    fn checks_are_computed_when_asked() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let r = Readiness::new(&[]);
+        let holds = Arc::new(AtomicBool::new(true));
+        let h = holds.clone();
+        r.add_check("successor", move || h.load(Ordering::Relaxed));
+        assert!(r.is_ready());
+        holds.store(false, Ordering::Relaxed);
+        assert_eq!(r.pending(), vec!["successor"]);
+        assert!(!r.is_ready());
     }
 }

@@ -399,12 +399,24 @@ pub struct SuccessorAgent {
 impl Node {
     /// Starts a successor agent (see [`SuccessorAgent`]) without waiting.
     pub fn spawn_successor(&self, admin_port: u16) -> Result<SuccessorAgent> {
+        self.spawn_successor_with(admin_port, |_| {})
+    }
+
+    /// Starts a successor agent whose config is the node's, changed by
+    /// `edit` after its admin port is set (a port equal to the node's own
+    /// shares it, as two agents of a DaemonSet rollout do).
+    pub fn spawn_successor_with(
+        &self,
+        admin_port: u16,
+        edit: impl FnOnce(&mut toml::Table),
+    ) -> Result<SuccessorAgent> {
         let mut cfg = self.config();
         let admin = SocketAddr::new(self.admin_addr().ip(), admin_port);
         cfg.get_mut("admin")
             .and_then(|a| a.as_table_mut())
             .context("the node's config has no [admin]")?
             .insert("listen".into(), toml::Value::String(admin.to_string()));
+        edit(&mut cfg);
         let path = self
             .shared
             .dir
