@@ -118,6 +118,10 @@ enum Command {
         #[command(flatten)]
         args: cli::stat::WindowArgs,
     },
+    /// Remove the redirect state an agent leaves pinned in bpffs (links and
+    /// maps), detaching its programs: the last step of uninstalling waymark
+    /// from a node, once its agent is stopped.
+    Cleanup(cli::cleanup::CleanupArgs),
     /// Check that this node can run waymark (--pre) and that its agent works.
     Check {
         #[command(flatten)]
@@ -274,6 +278,7 @@ fn main() -> ExitCode {
         Command::Routes { admin, args } => cli_exit(cli::stat::routes(&client(&admin), args)),
         Command::Endpoints { admin, args } => cli_exit(cli::endpoints::run(&client(&admin), args)),
         Command::Edges { admin, args } => cli_exit(cli::stat::edges(&client(&admin), args)),
+        Command::Cleanup(args) => cli_exit(cli::cleanup::run(args)),
         Command::Check { admin, args } => match cli::check::run(&client(&admin), &args) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::FAILURE,

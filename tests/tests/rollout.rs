@@ -728,3 +728,216 @@ fn kill_9_with_agent_down_open_goes_direct() {
         Ok(())
     });
 }
+
+/// A successor that never becomes ready (discovery on, its API server
+/// unreachable) never tells the old agent to go: the rollout stalls, the
+/// node keeps working. Both agents share the admin port, as two pods of a
+/// DaemonSet on the host network do; while the new one is not ready,
+/// neither answers `/ready` with 200 there (the old one says a new agent is
+/// taking over), so a probe cannot mark the new pod ready too early. Once
+/// the stray successor is stopped, the old agent answers ready again and
+/// still serves.
+#[test]
+fn a_successor_that_never_gets_ready_leaves_the_old_agent_serving() {
+    require_agent_or_skip!();
+    let services = format!(
+        r#"
+[[services]]
+name = "echo"
+addresses = ["{ECHO_VIP}"]
+protocol = "opaque"
+endpoints = [{{ addr = "{}:7000", node = "node1" }}]
+"#,
+        pod_ip(1, 0)
+    );
+    let b = World::builder(world_name!())
+        .pods_per_node(1)
+        .agent_config_extra(services);
+    with_world(b, |world| {
+        let (client, remote, node) = (world.pod(0, 0), world.pod(1, 0), world.node(0));
+        let _echo = remote.serve(&mut waymark_tests::testpeer([
+            "echo",
+            "--listen",
+            "0.0.0.0:7000",
+        ]))?;
+        ensure!(
+            exchange(client, ECHO_VIP)?["identical"] == true,
+            "no traffic before the successor started"
+        );
+        let kubeconfig = node.config_path().with_file_name("unreachable.kubeconfig");
+        std::fs::write(&kubeconfig, UNREACHABLE_KUBECONFIG)?;
+        let mut successor = node.spawn_successor_with(node.admin_addr().port(), |cfg| {
+            let mut kube = toml::Table::new();
+            kube.insert("enabled".into(), true.into());
+            kube.insert("kubeconfig".into(), kubeconfig.display().to_string().into());
+            cfg.insert("kubernetes".into(), kube.into());
+        })?;
+        // Probes of the shared port land on either agent: ask until the
+        // new one has answered (it is up, listening beside the old one).
+        let mut answers = Vec::new();
+        waymark_tests::eventually(Duration::from_secs(30), || {
+            answers.push(node.admin_get("/ready")?);
+            ensure!(
+                answers
+                    .iter()
+                    .any(|(_, b)| b.contains("no full picture of the cluster yet")),
+                "the new agent has not answered on the shared port yet:\n{}",
+                successor.log()
+            );
+            Ok(())
+        })?;
+        // Long enough for a successor that does not wait for readiness to
+        // have asked the old agent to go.
+        std::thread::sleep(Duration::from_secs(3));
+        for _ in 0..16 {
+            answers.push(node.admin_get("/ready")?);
+        }
+        ensure!(
+            answers.iter().all(|(status, _)| *status != 200),
+            "/ready on the shared admin port answered 200 while the new agent was not ready: {answers:?}"
+        );
+        ensure!(
+            answers
+                .iter()
+                .any(|(_, b)| b.contains("a new agent is taking over")),
+            "the serving agent never said a new agent is taking over: {answers:?}"
+        );
+        for i in 0..10 {
+            let r = exchange(client, ECHO_VIP)?;
+            ensure!(
+                r["identical"] == true,
+                "exchange {i} with a stalled successor: {r}"
+            );
+        }
+        ensure!(
+            successor.log().contains("taking over once ready"),
+            "the second agent did not start as the successor:\n{}",
+            successor.log()
+        );
+        ensure!(
+            !node.agent_log().contains("takes over this node"),
+            "the old agent was told to go by a successor that is not ready:\n{}",
+            node.agent_log()
+        );
+
+        successor.signal(Signal::SIGTERM)?;
+        let st = successor.wait_exit(Duration::from_secs(30))?;
+        ensure!(st.success(), "the stalled successor exited with {st}");
+        waymark_tests::eventually(Duration::from_secs(10), || {
+            for _ in 0..8 {
+                let (status, body) = node.admin_get("/ready")?;
+                ensure!(status == 200, "/ready: {status} {body}");
+            }
+            Ok(())
+        })
+        .context("the old agent alone on the admin port")?;
+        for i in 0..10 {
+            let r = exchange(client, ECHO_VIP)?;
+            ensure!(
+                r["identical"] == true,
+                "exchange {i} after the successor left: {r}"
+            );
+        }
+        ensure!(
+            node.agent_pid().is_some() && !node.agent_log().contains("takes over this node"),
+            "the old agent stopped serving:\n{}",
+            node.agent_log()
+        );
+        Ok(())
+    });
+}
+
+/// A kubeconfig whose API server nothing answers (port 9 on the node's
+/// loopback): discovery never lists, so the agent never gets ready.
+const UNREACHABLE_KUBECONFIG: &str = "apiVersion: v1
+kind: Config
+clusters:
+  - name: none
+    cluster: { server: 'https://127.0.0.1:9', insecure-skip-tls-verify: true }
+users:
+  - name: none
+    user: { token: none }
+contexts:
+  - name: none
+    context: { cluster: none, user: none }
+current-context: none
+";
+
+/// Uninstalling: `waymark cleanup` refuses while an agent serves the node;
+/// once it is gone (pods' connections refused, on_agent_down = closed), it
+/// removes the pinned links and maps, the programs are detached and pods
+/// connect directly again; a second run finds nothing.
+#[test]
+fn cleanup_after_the_last_agent_unpins_and_pods_go_direct() {
+    require_agent_or_skip!();
+    let b = World::builder(world_name!()).pods_per_node(1);
+    with_world(b, |world| {
+        let (client, remote, node) = (world.pod(0, 0), world.pod(1, 0), world.node(0));
+        let _echo = remote.serve(&mut waymark_tests::testpeer([
+            "echo",
+            "--listen",
+            "0.0.0.0:7000",
+        ]))?;
+        let addr = format!("{}:7000", pod_ip(1, 0));
+        let pin_path = node.config()["redirect"]["pin_path"]
+            .as_str()
+            .context("the node's config has no redirect.pin_path")?
+            .to_string();
+        let cleanup = || -> Result<std::process::Output> {
+            node.run(
+                Command::new(waymark_tests::world::agent::waymark_bin()?).args([
+                    "cleanup",
+                    "--pin-path",
+                    &pin_path,
+                ]),
+            )
+        };
+        let out = cleanup()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !out.status.success() && err.contains("an agent serves this node"),
+            "cleanup under a running agent: {} {err}",
+            out.status
+        );
+        ensure!(
+            exchange(client, &addr)?["identical"] == true,
+            "no traffic through the agent"
+        );
+        node.stop_agent(Signal::SIGTERM)?;
+        let down = exchange(client, &addr)?;
+        ensure!(
+            down["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("refused"),
+            "with no agent (closed), a pod's connection was not refused: {down}"
+        );
+        let out = cleanup()?;
+        let said = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.success()
+                && said.contains("pinned links")
+                && !said.contains(" 0 pinned links"),
+            "cleanup: {} {said} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ensure!(
+            !std::path::Path::new(&pin_path).exists(),
+            "{pin_path} is still there"
+        );
+        let direct = exchange(client, &addr)?;
+        ensure!(
+            direct["identical"] == true,
+            "after cleanup the pod's connection did not go direct: {direct}"
+        );
+        let again = cleanup()?;
+        ensure!(
+            again.status.success()
+                && String::from_utf8_lossy(&again.stdout).contains("nothing pinned"),
+            "a second cleanup: {}",
+            String::from_utf8_lossy(&again.stdout)
+        );
+        Ok(())
+    });
+}

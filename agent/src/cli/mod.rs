@@ -9,6 +9,7 @@
 
 pub mod capture;
 pub mod check;
+pub mod cleanup;
 pub mod client;
 pub mod drops;
 pub mod endpoints;
