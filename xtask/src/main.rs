@@ -1,6 +1,7 @@
 //! waymark's developer tasks: `cargo xtask <task>`.
 
 mod bench;
+mod chart;
 mod demo;
 mod setup;
 mod test;
@@ -37,6 +38,9 @@ enum Task {
     /// Benchmark: Kubernetes discovery at scale (10,000 services, 50,000
     /// endpoints, 20,000 pods by default) against the stand-in API server.
     BenchDiscovery(bench::discovery::DiscoveryArgs),
+    /// Render the Helm chart (deploy/charts/waymark) into the plain
+    /// manifests (deploy/daemonset.yaml), or check them (--check).
+    Chart(chart::ChartArgs),
     /// Install what waymark's builds and tests need (apt packages,
     /// rust-src, bpf-linker).
     Setup {
@@ -62,6 +66,7 @@ fn main() -> ExitCode {
         }),
         Task::Bench(args) => bench::run(args),
         Task::BenchDiscovery(args) => bench::discovery::run(args),
+        Task::Chart(args) => chart::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -420,7 +420,15 @@ async fn kubectl_applies_the_deploy_manifest_and_patches() {
     let manifest = clients::crate_dir().join("../../deploy/daemonset.yaml");
     let manifest = manifest.to_str().unwrap();
     let out = k.ok(&["apply", "-f", manifest]).await;
-    assert!(out.contains("daemonset.apps/waymark created"), "{out}");
+    // Rendered from the Helm chart in install order: the namespace first.
+    for created in [
+        "namespace/waymark-system created",
+        "serviceaccount/waymark created",
+        "configmap/waymark-config created",
+        "daemonset.apps/waymark created",
+    ] {
+        assert!(out.contains(created), "{created}: {out}");
+    }
     assert!(
         out.contains("clusterrole.rbac.authorization.k8s.io/waymark created"),
         "{out}"
