@@ -114,7 +114,9 @@ fn try_lock(path: &Path) -> Result<Option<Flock<File>>, HandoverError> {
 ///
 /// Read from `/proc/locks` rather than by trying the lock, which would hold
 /// it for an instant and could make a starting successor take itself for a
-/// third agent and refuse to start.
+/// third agent and refuse to start. `/proc/locks` shows pids in the
+/// reader's pid namespace (0 for a holder outside it, as the other agent's
+/// container is in a DaemonSet without `hostPID`): either way not ours.
 pub fn successor_waiting(layout_dir: &Path) -> bool {
     use std::os::unix::fs::MetadataExt as _;
     let Ok(meta) = std::fs::metadata(layout_dir) else {
