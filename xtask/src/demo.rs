@@ -4,7 +4,8 @@
 //! both agents, `waymark stat`, `edges`, the receiving agent's live `tap` and
 //! `top`, the kernel's counters (`waymark drops`),
 //! log lines, metrics, a refused destination, a rollout of an agent under
-//! load, and what happens to pods when no agent runs.
+//! HTTP load and a long opaque transfer, and what happens to pods when the
+//! agent is killed and restarted.
 
 use std::process::Command;
 use std::time::Duration;
@@ -255,6 +256,21 @@ retry = {{ attempts = 2, on = ["5xx"] }}
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped()),
     )?;
+    // An opaque transfer across nodes that outlives the rollout: it must
+    // arrive byte-exact.
+    let transfer = client.spawn(
+        testpeer([
+            "client",
+            "--connect",
+            &format!("{}:9000", echo.ip()),
+            "--bytes",
+            &(128u64 << 20).to_string(),
+            "--timeout",
+            "60s",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped()),
+    )?;
     std::thread::sleep(Duration::from_millis(1500));
     let started = std::time::Instant::now();
     let mut successor = node0.spawn_successor(19_190)?;
@@ -292,13 +308,26 @@ retry = {{ attempts = 2, on = ["5xx"] }}
         errors.is_empty(),
         "requests failed during the rollout:\n{report}"
     );
+    let out = transfer.wait_with_output()?;
+    let moved: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    println!(
+        "  an opaque 128 MiB transfer across the rollout: {} bytes echoed, byte-exact: {}",
+        moved["received"], moved["identical"]
+    );
+    ensure!(
+        moved["identical"] == true,
+        "the opaque transfer did not survive the rollout: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     section(
-        "Stopping the agent with no successor: pods' connections are refused, never sent around the mesh",
+        "kill -9 of the agent: pods' connections are refused, never sent around the mesh, until a restarted agent adopts the pinned state",
     );
-    successor.signal(Signal::SIGTERM)?;
+    successor.signal(Signal::SIGKILL)?;
+    let crashed = std::time::Instant::now();
     let status = successor.wait_exit(Duration::from_secs(30))?;
-    println!("  agent exited: {status}");
+    println!("  agent killed: {status}");
     let out = client.run(&mut testpeer([
         "client",
         "--connect",
@@ -316,6 +345,32 @@ retry = {{ attempts = 2, on = ["5xx"] }}
     );
     println!(
         "  (redirect.on_agent_down = \"closed\", the default: the pinned links keep redirecting to the pod's loopback, where nothing listens; \"open\" would let pods connect directly, without mTLS)"
+    );
+    node0.spawn_agent()?;
+    let recovered = loop {
+        let out = client.run(&mut testpeer([
+            "client",
+            "--connect",
+            &format!("{}:9000", echo.ip()),
+            "--bytes",
+            "10",
+            "--timeout",
+            "2s",
+        ]))?;
+        if String::from_utf8_lossy(&out.stdout).contains("\"identical\":true") {
+            break crashed.elapsed();
+        }
+        ensure!(
+            crashed.elapsed() < Duration::from_secs(30),
+            "no traffic 30 s after the crash:\n{}",
+            node0.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    node0.wait_agent_ready()?;
+    println!(
+        "  restarted agent: traffic flowing again {:.2} s after the crash (debug build; the agent's start is most of it)",
+        recovered.as_secs_f64()
     );
 
     section("Tearing the world down");
