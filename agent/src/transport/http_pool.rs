@@ -226,8 +226,13 @@ impl Pool {
             Conn::H1(mut tx, local) => {
                 tx.ready().await?;
                 let resp = tx.send_request(req).await?;
-                // An upgraded connection belongs to the upgrade now.
-                if resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
+                // An upgraded connection belongs to the upgrade now, and
+                // one the endpoint said it closes after this response (a
+                // draining peer agent says so to every keep-alive
+                // connection) must not be handed to the next request: in
+                // the instant before hyper sees the close it still looks
+                // ready, and a request sent on it fails unretried.
+                if resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS && !closes_after(&resp) {
                     let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
                     // The key is cloned only for a new entry: a tunnel
                     // path's key holds two SPIFFE IDs (six strings).
@@ -253,6 +258,20 @@ impl Pool {
             .unwrap_or_else(|e| e.into_inner())
             .retain(|key, _| keep(&key.addr));
     }
+}
+
+/// Whether an HTTP/1 response ends its connection: `Connection: close`, or
+/// HTTP/1.0 without `Connection: keep-alive`.
+fn closes_after<B>(resp: &Response<B>) -> bool {
+    let has = |token: &str| {
+        resp.headers()
+            .get_all(hyper::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    has("close") || (resp.version() == hyper::Version::HTTP_10 && !has("keep-alive"))
 }
 
 #[cfg(test)]
@@ -307,5 +326,113 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(took, None, "the pooled connection was reused");
+    }
+
+    /// An HTTP/1.1 server on loopback: `/last` answers with
+    /// `Connection: close`, anything else keeps the connection.
+    async fn h1_server() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let svc = service_fn(|req: Request<Incoming>| async move {
+                        let mut resp = Response::new(Full::new(bytes::Bytes::from("ok")));
+                        if req.uri().path() == "/last" {
+                            resp.headers_mut().insert(
+                                hyper::header::CONNECTION,
+                                hyper::header::HeaderValue::from_static("close"),
+                            );
+                        }
+                        Ok::<_, Infallible>(resp)
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn an_h1_connection_the_endpoint_closes_is_not_pooled() {
+        let addr = h1_server().await;
+        let pool = Pool::new(Arc::new(Upstreams::direct("node0", Duration::from_secs(2))));
+        let key = Key::new(addr, Path::Direct(NoTlsReason::Disabled), None);
+        let get = |path: &str| {
+            Request::builder()
+                .uri(format!("http://{addr}{path}"))
+                .body(empty())
+                .unwrap()
+        };
+        let (conn, _) = pool
+            .checkout(&key, Version::Http1, ConnectHeaders::default)
+            .await
+            .unwrap();
+        let resp = pool.send(&key, conn, get("/")).await.unwrap();
+        http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap();
+        let (conn, took) = pool
+            .checkout(&key, Version::Http1, ConnectHeaders::default)
+            .await
+            .unwrap();
+        assert_eq!(took, None, "a keep-alive connection is reused");
+        let resp = pool.send(&key, conn, get("/last")).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let pooled = |pool: &Pool| {
+            pool.idle
+                .lock()
+                .unwrap()
+                .get(&key)
+                .map_or(0, |e| e.h1.len())
+        };
+        assert_eq!(
+            pooled(&pool),
+            0,
+            "a connection answered with Connection: close went back to the pool"
+        );
+        http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap();
+        let (_, took) = pool
+            .checkout(&key, Version::Http1, ConnectHeaders::default)
+            .await
+            .unwrap();
+        assert!(
+            took.is_some(),
+            "a connection answered with Connection: close was handed out again"
+        );
+    }
+
+    #[test]
+    fn connection_close_and_http10_end_the_connection() {
+        let resp = |version, value: Option<&'static str>| {
+            let mut r = Response::new(());
+            *r.version_mut() = version;
+            if let Some(v) = value {
+                r.headers_mut().insert(
+                    hyper::header::CONNECTION,
+                    hyper::header::HeaderValue::from_static(v),
+                );
+            }
+            r
+        };
+        assert!(closes_after(&resp(hyper::Version::HTTP_11, Some("close"))));
+        assert!(closes_after(&resp(
+            hyper::Version::HTTP_11,
+            Some("Upgrade, Close")
+        )));
+        assert!(!closes_after(&resp(hyper::Version::HTTP_11, None)));
+        assert!(!closes_after(&resp(
+            hyper::Version::HTTP_11,
+            Some("keep-alive")
+        )));
+        assert!(closes_after(&resp(hyper::Version::HTTP_10, None)));
+        assert!(!closes_after(&resp(
+            hyper::Version::HTTP_10,
+            Some("keep-alive")
+        )));
     }
 }
