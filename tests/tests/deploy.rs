@@ -102,15 +102,11 @@ fn the_agent_works_with_only_the_daemonsets_capabilities() {
         std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))
             .expect("making the wrapper executable");
     }
-    let services = format!(
-        r#"
-[[services]]
-name = "echo"
-addresses = ["10.96.0.70:7000"]
-protocol = "opaque"
-endpoints = [{{ addr = "{}:7000", node = "node1" }}]
-"#,
-        pod_ip(1, 0)
+    let services = waymark_tests::support::opaque_service(
+        "echo",
+        "10.96.0.70:7000",
+        &format!("{}:7000", pod_ip(1, 0)),
+        "node1",
     );
     let b = World::builder(world_name!())
         .pods_per_node(1)

@@ -740,15 +740,11 @@ fn kill_9_with_agent_down_open_goes_direct() {
 #[test]
 fn a_successor_that_never_gets_ready_leaves_the_old_agent_serving() {
     require_agent_or_skip!();
-    let services = format!(
-        r#"
-[[services]]
-name = "echo"
-addresses = ["{ECHO_VIP}"]
-protocol = "opaque"
-endpoints = [{{ addr = "{}:7000", node = "node1" }}]
-"#,
-        pod_ip(1, 0)
+    let services = waymark_tests::support::opaque_service(
+        "echo",
+        ECHO_VIP,
+        &format!("{}:7000", pod_ip(1, 0)),
+        "node1",
     );
     let b = World::builder(world_name!())
         .pods_per_node(1)
@@ -802,13 +798,7 @@ endpoints = [{{ addr = "{}:7000", node = "node1" }}]
                 .any(|(_, b)| b.contains("a new agent is taking over")),
             "the serving agent never said a new agent is taking over: {answers:?}"
         );
-        for i in 0..10 {
-            let r = exchange(client, ECHO_VIP)?;
-            ensure!(
-                r["identical"] == true,
-                "exchange {i} with a stalled successor: {r}"
-            );
-        }
+        exchanges_succeed(client, "with a stalled successor")?;
         ensure!(
             successor.log().contains("taking over once ready"),
             "the second agent did not start as the successor:\n{}",
@@ -831,13 +821,7 @@ endpoints = [{{ addr = "{}:7000", node = "node1" }}]
             Ok(())
         })
         .context("the old agent alone on the admin port")?;
-        for i in 0..10 {
-            let r = exchange(client, ECHO_VIP)?;
-            ensure!(
-                r["identical"] == true,
-                "exchange {i} after the successor left: {r}"
-            );
-        }
+        exchanges_succeed(client, "after the successor left")?;
         ensure!(
             node.agent_pid().is_some() && !node.agent_log().contains("takes over this node"),
             "the old agent stopped serving:\n{}",
@@ -845,6 +829,15 @@ endpoints = [{{ addr = "{}:7000", node = "node1" }}]
         );
         Ok(())
     });
+}
+
+/// Ten opaque exchanges from `pod` to the echo service, all byte-exact.
+fn exchanges_succeed(pod: &Pod, when: &str) -> Result<()> {
+    for i in 0..10 {
+        let r = exchange(pod, ECHO_VIP)?;
+        ensure!(r["identical"] == true, "exchange {i} {when}: {r}");
+    }
+    Ok(())
 }
 
 /// A kubeconfig whose API server nothing answers (port 9 on the node's

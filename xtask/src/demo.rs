@@ -328,16 +328,19 @@ retry = {{ attempts = 2, on = ["5xx"] }}
     let crashed = std::time::Instant::now();
     let status = successor.wait_exit(Duration::from_secs(30))?;
     println!("  agent killed: {status}");
-    let out = client.run(&mut testpeer([
-        "client",
-        "--connect",
-        &format!("{}:9000", echo.ip()),
-        "--bytes",
-        "10",
-        "--timeout",
-        "2s",
-    ]))?;
-    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    let small_exchange = || -> Result<String> {
+        let out = client.run(&mut testpeer([
+            "client",
+            "--connect",
+            &format!("{}:9000", echo.ip()),
+            "--bytes",
+            "10",
+            "--timeout",
+            "2s",
+        ]))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let report = small_exchange()?;
     println!("  {}", report.trim());
     ensure!(
         report.contains("refused"),
@@ -348,16 +351,7 @@ retry = {{ attempts = 2, on = ["5xx"] }}
     );
     node0.spawn_agent()?;
     let recovered = loop {
-        let out = client.run(&mut testpeer([
-            "client",
-            "--connect",
-            &format!("{}:9000", echo.ip()),
-            "--bytes",
-            "10",
-            "--timeout",
-            "2s",
-        ]))?;
-        if String::from_utf8_lossy(&out.stdout).contains("\"identical\":true") {
+        if small_exchange()?.contains("\"identical\":true") {
             break crashed.elapsed();
         }
         ensure!(

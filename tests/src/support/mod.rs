@@ -38,6 +38,20 @@ pub fn pod_ip(i: usize, j: usize) -> String {
     topology::pod_ip(i, j).to_string()
 }
 
+/// A `[[services]]` entry for an opaque TCP service at `vip` with one
+/// endpoint, `endpoint` on `node` (for `agent_config_extra`).
+pub fn opaque_service(name: &str, vip: &str, endpoint: &str, node: &str) -> String {
+    format!(
+        r#"
+[[services]]
+name = "{name}"
+addresses = ["{vip}"]
+protocol = "opaque"
+endpoints = [{{ addr = "{endpoint}", node = "{node}" }}]
+"#
+    )
+}
+
 /// The sum of the matching samples on `node`'s agent; 0 when there is none.
 pub fn metric(node: &Node, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
     Ok(metric_value(&node.metrics()?, name, labels).unwrap_or(0.0))
