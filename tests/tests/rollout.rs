@@ -768,6 +768,16 @@ fn a_successor_that_never_gets_ready_leaves_the_old_agent_serving() {
             kube.insert("kubeconfig".into(), kubeconfig.display().to_string().into());
             cfg.insert("kubernetes".into(), kube.into());
         })?;
+        // The successor claims its place (its lock) first thing; from then
+        // on the serving agent answers "not ready".
+        waymark_tests::eventually(Duration::from_secs(20), || {
+            ensure!(
+                successor.log().contains("taking over once ready"),
+                "the successor has not claimed its place:\n{}",
+                successor.log()
+            );
+            Ok(())
+        })?;
         // Probes of the shared port land on either agent: ask until the
         // new one has answered (it is up, listening beside the old one).
         let mut answers = Vec::new();
@@ -799,11 +809,6 @@ fn a_successor_that_never_gets_ready_leaves_the_old_agent_serving() {
             "the serving agent never said a new agent is taking over: {answers:?}"
         );
         exchanges_succeed(client, "with a stalled successor")?;
-        ensure!(
-            successor.log().contains("taking over once ready"),
-            "the second agent did not start as the successor:\n{}",
-            successor.log()
-        );
         ensure!(
             !node.agent_log().contains("takes over this node"),
             "the old agent was told to go by a successor that is not ready:\n{}",
