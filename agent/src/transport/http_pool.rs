@@ -46,6 +46,22 @@ pub enum ConnectError {
     },
 }
 
+/// A request that failed on its connection.
+#[derive(Debug)]
+pub struct SendError {
+    pub error: hyper::Error,
+    /// The request itself when the connection failed before any of it was
+    /// written (hyper hands it back): the endpoint cannot have seen it, so it
+    /// may be sent again on another connection whatever its method.
+    pub unsent: Option<Request<ProxyBody>>,
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
 /// A checked-out upstream connection, with its local address (the kernel
 /// diagnostics look its flow up by it).
 pub enum Conn {
@@ -150,6 +166,19 @@ impl Pool {
         }
     }
 
+    /// A new connection, never an idle one: for a request the pooled
+    /// connection it was given closed under (see [`SendError::unsent`]).
+    pub async fn connect_new(
+        &self,
+        key: &Key,
+        version: Version,
+        headers: ConnectHeaders,
+    ) -> Result<(Conn, Duration), ConnectError> {
+        let start = Instant::now();
+        let conn = self.connect(key, version, headers).await?;
+        Ok((conn, start.elapsed()))
+    }
+
     async fn connect(
         &self,
         key: &Key,
@@ -217,15 +246,33 @@ impl Pool {
         key: &Key,
         conn: Conn,
         req: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, hyper::Error> {
+    ) -> Result<Response<Incoming>, SendError> {
+        // A connection that closes while the request waits for it, or
+        // before hyper writes it, hands the request back.
+        fn failed(mut e: hyper::client::conn::TrySendError<Request<ProxyBody>>) -> SendError {
+            SendError {
+                unsent: e.take_message(),
+                error: e.into_error(),
+            }
+        }
         match conn {
             Conn::H2(mut tx, _) => {
-                tx.ready().await?;
-                tx.send_request(req).await
+                if let Err(error) = tx.ready().await {
+                    return Err(SendError {
+                        error,
+                        unsent: Some(req),
+                    });
+                }
+                tx.try_send_request(req).await.map_err(failed)
             }
             Conn::H1(mut tx, local) => {
-                tx.ready().await?;
-                let resp = tx.send_request(req).await?;
+                if let Err(error) = tx.ready().await {
+                    return Err(SendError {
+                        error,
+                        unsent: Some(req),
+                    });
+                }
+                let resp = tx.try_send_request(req).await.map_err(failed)?;
                 // An upgraded connection belongs to the upgrade now, and
                 // one the endpoint said it closes after this response (a
                 // draining peer agent says so to every keep-alive
@@ -404,6 +451,34 @@ mod tests {
             took.is_some(),
             "a connection answered with Connection: close was handed out again"
         );
+    }
+
+    #[tokio::test]
+    async fn a_request_on_a_connection_closed_before_it_was_written_comes_back() {
+        // A server that accepts and closes at once, as a peer closing an
+        // idle keep-alive connection does.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                drop(stream);
+            }
+        });
+        let pool = Pool::new(Arc::new(Upstreams::direct("node0", Duration::from_secs(2))));
+        let key = Key::new(addr, Path::Direct(NoTlsReason::Disabled), None);
+        let (conn, _) = pool
+            .checkout(&key, Version::Http1, ConnectHeaders::default)
+            .await
+            .unwrap();
+        // Let hyper's connection task see the close.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let req = Request::builder()
+            .uri(format!("http://{addr}/again"))
+            .body(empty())
+            .unwrap();
+        let err = pool.send(&key, conn, req).await.unwrap_err();
+        let unsent = err.unsent.expect("the unwritten request is handed back");
+        assert_eq!(unsent.uri().path(), "/again");
     }
 
     #[test]

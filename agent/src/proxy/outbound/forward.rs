@@ -37,7 +37,7 @@ use crate::http::headers::{strip_hop_by_hop, wants_upgrade};
 use crate::http::replay::ReplayBody;
 use crate::identity::SpiffeId;
 use crate::retry::{Outcome, is_idempotent};
-use crate::transport::http_pool::{ConnectError, Key, Pool, Version};
+use crate::transport::http_pool::{ConnectError, Key, Pool, SendError, Version};
 use crate::transport::netns::PodNetns;
 use crate::transport::tunnel::{ConnectHeaders, REQUEST_ID};
 use crate::transport::upstream::new_request_id;
@@ -536,16 +536,15 @@ impl HttpProxy {
         used: &mut Used,
     ) -> Attempt {
         let addr = key.addr;
+        let request_id = req
+            .headers()
+            .get(REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let headers = || ConnectHeaders {
             source_workload: ctx.identity.clone(),
             source_addr: ctx.source_addr,
-            request_id: Some(
-                req.headers()
-                    .get(REQUEST_ID)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string)
-                    .unwrap_or_else(new_request_id),
-            ),
+            request_id: Some(request_id.clone().unwrap_or_else(new_request_id)),
         };
         let conn = match self.pool.checkout(key, version, headers).await {
             Ok((c, connect)) => {
@@ -553,31 +552,43 @@ impl HttpProxy {
                 used.connect = connect;
                 c
             }
-            Err(e) => {
-                let (error, observed) = match &e {
-                    ConnectError::Handshake { .. } => (ProxyError::ConnectFailed, Outcome::Reset),
-                    // Policy answers the same way every time: never retried.
-                    ConnectError::Upstream(u) if u.is_denied() => {
-                        (ProxyError::Forbidden, Outcome::Status(403))
-                    }
-                    ConnectError::Upstream(_) => {
-                        (ProxyError::ConnectFailed, Outcome::ConnectFailure)
-                    }
-                };
-                return Attempt::Failed {
-                    error,
-                    detail: e.to_string(),
-                    observed,
-                };
-            }
+            Err(e) => return connect_failed(e),
         };
-        match self.pool.send(key, conn, req).await {
-            Ok(resp) => Attempt::Response(resp),
-            Err(e) => Attempt::Failed {
-                error: ProxyError::UpstreamReset,
-                detail: format!("{addr}: {e}"),
-                observed: Outcome::Reset,
-            },
+        let e = match self.pool.send(key, conn, req).await {
+            Ok(resp) => return Attempt::Response(resp),
+            Err(e) => e,
+        };
+        // A pooled connection that closed before the request was written
+        // (the endpoint, or a draining peer agent, closing an idle
+        // keep-alive connection just as this request went out): the
+        // endpoint never saw it, so it goes once more on a new connection,
+        // as hyper's own pooled client does, whatever its method and
+        // outside the route's retry budget.
+        let e = match e {
+            SendError {
+                unsent: Some(again),
+                error,
+            } if used.connect.is_none() => {
+                debug!(%addr, %error, "the pooled connection closed before the request was written; sending it on a new one");
+                let conn = match self.pool.connect_new(key, version, headers()).await {
+                    Ok((c, took)) => {
+                        used.local = c.local();
+                        used.connect = Some(took);
+                        c
+                    }
+                    Err(e) => return connect_failed(e),
+                };
+                match self.pool.send(key, conn, again).await {
+                    Ok(resp) => return Attempt::Response(resp),
+                    Err(e) => e,
+                }
+            }
+            e => e,
+        };
+        Attempt::Failed {
+            error: ProxyError::UpstreamReset,
+            detail: format!("{addr}: {e}"),
+            observed: Outcome::Reset,
         }
     }
 
@@ -936,6 +947,21 @@ pub(crate) fn finish(resp: Response<Incoming>) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
     Response::from_parts(parts, incoming(body))
+}
+
+/// The failed attempt for a connection that could not be made.
+fn connect_failed(e: ConnectError) -> Attempt {
+    let (error, observed) = match &e {
+        ConnectError::Handshake { .. } => (ProxyError::ConnectFailed, Outcome::Reset),
+        // Policy answers the same way every time: never retried.
+        ConnectError::Upstream(u) if u.is_denied() => (ProxyError::Forbidden, Outcome::Status(403)),
+        ConnectError::Upstream(_) => (ProxyError::ConnectFailed, Outcome::ConnectFailure),
+    };
+    Attempt::Failed {
+        error,
+        detail: e.to_string(),
+        observed,
+    }
 }
 
 #[cfg(test)]
