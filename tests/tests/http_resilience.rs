@@ -660,3 +660,74 @@ endpoints = [{{ addr = "{web}:8080" }}]
         })
     });
 }
+
+/// An HTTP/1.1 server that answers the first request of each connection
+/// (keep-alive) and closes the connection on reading the second one without
+/// answering: keep-alive's race, where a server (or a draining peer agent)
+/// closes an idle connection just as the client sends on it. Prints
+/// `answered` and `closed` lines.
+const CLOSES_SECOND: &str = r#"
+import socket, sys, threading
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", int(sys.argv[1]))); srv.listen(64)
+print("listening", sys.argv[1], flush=True)
+def head(c):
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = c.recv(4096)
+        if not chunk:
+            return None
+        data += chunk
+    return data
+def serve(c):
+    if head(c) is None:
+        return c.close()
+    c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+    print("answered", flush=True)
+    if head(c) is not None:
+        print("closed", flush=True)
+    c.close()
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// A GET that the endpoint's keep-alive connection closes under (request
+/// written, no answer) is sent again on a new connection instead of
+/// failing with 502: it has no body and is idempotent (RFC 9112 §9.3.1).
+#[test]
+fn a_get_on_a_keepalive_connection_the_endpoint_closes_is_sent_again() {
+    require_agent_or_skip!();
+    const VIP: &str = "10.96.0.24:80";
+    let services = format!(
+        r#"
+[[services]]
+name = "closing"
+addresses = ["{VIP}"]
+protocol = "http1"
+endpoints = [{{ addr = "{}:8080" }}]
+"#,
+        pod_ip(1, 0)
+    );
+    let bld = World::builder(world_name!())
+        .pods_per_node(1)
+        .agent_config_extra(services);
+    with_world(bld, |world| {
+        let server = world
+            .pod(1, 0)
+            .serve(python().args(["-u", "-c", CLOSES_SECOND, "8080"]))?;
+        let urls: Vec<String> = (0..6).map(|i| format!("http://{VIP}/k?i={i}")).collect();
+        let codes = waymark_tests::curl_codes(world.pod(0, 0), &[], &urls)?;
+        ensure!(
+            codes.iter().all(|c| c == "200"),
+            "requests failed on connections the endpoint closed: {codes:?}\n{}",
+            world.node(0).agent_log()
+        );
+        let lines = server.lines();
+        ensure!(
+            lines.iter().any(|l| l == "closed"),
+            "the server never closed a connection under a request, so nothing was tested: {lines:?}"
+        );
+        Ok(())
+    });
+}

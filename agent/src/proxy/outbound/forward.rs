@@ -554,16 +554,40 @@ impl HttpProxy {
             }
             Err(e) => return connect_failed(e),
         };
+        // A bodiless idempotent request on a reused HTTP/1 connection can be
+        // made again if the endpoint closes the connection under it before
+        // answering: keep-alive's own race, which a draining peer agent
+        // (closing its idle connections) makes common. RFC 9112 §9.3.1 lets
+        // a client retry such a request; browsers do.
+        let rebuild = (used.connect.is_none()
+            && version == Version::Http1
+            && crate::retry::is_idempotent(req.method())
+            && req.body().is_end_stream())
+        .then(|| bodiless_copy(&req));
         let e = match self.pool.send(key, conn, req).await {
             Ok(resp) => return Attempt::Response(resp),
             Err(e) => e,
+        };
+        let e = match (e, rebuild) {
+            (
+                SendError {
+                    unsent: None,
+                    error,
+                },
+                Some(again),
+            ) if error.is_incomplete_message() => SendError {
+                error,
+                unsent: Some(again),
+            },
+            (e, _) => e,
         };
         // A pooled connection that closed before the request was written
         // (the endpoint, or a draining peer agent, closing an idle
         // keep-alive connection just as this request went out): the
         // endpoint never saw it, so it goes once more on a new connection,
         // as hyper's own pooled client does, whatever its method and
-        // outside the route's retry budget.
+        // outside the route's retry budget. The same for the bodiless
+        // idempotent request copied above.
         let e = match e {
             SendError {
                 unsent: Some(again),
@@ -947,6 +971,16 @@ pub(crate) fn finish(resp: Response<Incoming>) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
     Response::from_parts(parts, incoming(body))
+}
+
+/// A copy of a request that has no body: method, URI, version, headers.
+fn bodiless_copy(req: &Request<ProxyBody>) -> Request<ProxyBody> {
+    let mut copy = Request::new(crate::http::body::empty());
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    copy
 }
 
 /// The failed attempt for a connection that could not be made.
