@@ -10,6 +10,7 @@
 pub mod capture;
 pub mod check;
 pub mod client;
+pub mod conns;
 pub mod drops;
 pub mod endpoints;
 pub mod log_level;
