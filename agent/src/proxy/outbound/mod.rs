@@ -399,11 +399,10 @@ impl Outbound {
                 close.reason(),
             ))
             .inc();
-        let (bytes_out, bytes_in, duration_ms) = (
-            transferred.client_to_upstream,
-            transferred.upstream_to_client,
-            elapsed.as_secs_f64() * 1000.0,
-        );
+        // The connection's own count, HTTP included (the opaque copy's
+        // `transferred` sees only what it moved).
+        let (bytes_out, bytes_in) = live.activity().bytes();
+        let duration_ms = elapsed.as_secs_f64() * 1000.0;
         let tls = labels.tls.value();
         match close {
             Close::Eof | Close::Drain => debug!(
