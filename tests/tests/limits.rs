@@ -199,7 +199,8 @@ endpoints = [ {{ addr = "{}:8080" }} ]
 }
 
 /// Opaque connections and keep-alive HTTP connections that go quiet are
-/// closed after `idle_timeout` and counted with their pod.
+/// closed after `idle_timeout` and counted with their pod; tap shows the
+/// opaque ones closed by the proxy for a limit.
 #[test]
 fn idle_connections_are_closed_and_counted_with_the_pod() {
     require_agent_or_skip!();
@@ -226,25 +227,40 @@ endpoints = [ {{ addr = "{}:8080" }} ]
         let labels = [("pod", client.name()), ("limit", "idle_timeout")];
         ensure!(metric(node, "waymark_limit_closed_total", &labels)? == 0.0);
         // `hold` prints `holding …` once connected, no `listening` line.
-        client.spawn(&mut testpeer([
-            "hold",
-            "--connect",
-            &format!("{}:7000", server.ip()),
-            "--count",
-            "5",
-            "--hold",
-            "120s",
-        ]))?;
-        client.spawn(&mut testpeer([
-            "hold",
-            "--connect",
-            VIP,
-            "--count",
-            "5",
-            "--http",
-            "--hold",
-            "120s",
-        ]))?;
+        // The tap sees the five opaque ones closed by the proxy, for a limit.
+        let opaque = format!("{}:7000", server.ip());
+        let out = tap(node, &["--to", &opaque, "--max", "5", "-o", "json"], || {
+            client.spawn(&mut testpeer([
+                "hold",
+                "--connect",
+                &format!("{}:7000", server.ip()),
+                "--count",
+                "5",
+                "--hold",
+                "120s",
+            ]))?;
+            client.spawn(&mut testpeer([
+                "hold",
+                "--connect",
+                VIP,
+                "--count",
+                "5",
+                "--http",
+                "--hold",
+                "120s",
+            ]))?;
+            Ok(())
+        })?;
+        let events = tap_events(&out)?;
+        ensure!(
+            events.len() == 5
+                && events.iter().all(|e| e["type"] == "tcp"
+                    && e["close"] == "idle_timeout"
+                    && e["source"] == "proxy"
+                    && e["reason"] == "limit"
+                    && e["error"] == "no byte either way for 2s (limits.idle_timeout)"),
+            "{out}"
+        );
         eventually(DEFAULT_PATIENCE, || {
             let closed = metric(node, "waymark_limit_closed_total", &labels)?;
             ensure!(closed == 10.0, "{closed} of 10 idle connections closed");
