@@ -273,8 +273,8 @@ endpoints = [ {{ addr = "{}:8080" }} ]
 /// A connection over the pod's connection limit is refused by the proxy,
 /// and the operator's tools say so: tap shows it as a `tcp` event with
 /// `close=refused source=proxy reason=limit`, top counts it as a
-/// `proxy:limit` failure, and `waymark conns` lists only the connections
-/// the pod holds.
+/// `proxy:limit` failure, a trace from the pod fails naming the limit, and
+/// `waymark conns` lists only the connections the pod holds.
 #[test]
 fn a_connection_refused_at_a_limit_reads_source_proxy_reason_limit() {
     require_agent_or_skip!();
@@ -354,6 +354,19 @@ fn a_connection_refused_at_a_limit_reads_source_proxy_reason_limit() {
         ensure!(
             row["failure_sources"] == serde_json::json!({"proxy:limit": 1}),
             "{top}"
+        );
+        // A trace from the pod cannot get a hop's block (the connection is
+        // reset before any HTTP); the CLI says why from the agent's table.
+        let out =
+            node.run(waymark().args(["trace", &format!("http://{dst}/"), "--pod", client.name()]))?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !out.status.success()
+                && stderr.contains(&format!(
+                    "source=proxy reason=limit: pod {} holds 2 connections through the agent and outbound.max_connections_per_pod is 2",
+                    client.name()
+                )),
+            "{stderr}"
         );
         let (status, body) = node.admin_socket_get(&format!("/conns?pod={}", client.name()))?;
         let conns: serde_json::Value = serde_json::from_str(&body).with_context(|| body.clone())?;
