@@ -8,7 +8,10 @@
 //! protocol, the tunnel, the bytes and the requests; node 1's lists the
 //! tunnel stream to its pod as inbound; every filter narrows the list; a bad
 //! filter is refused with what it takes; a closed connection leaves the
-//! table. They need root and eBPF; see tests/README.md.
+//! table. And the kernel's counters are joined to the connection by
+//! 5-tuple: packets dropped on the way to the endpoint show as the
+//! upstream leg's retransmits. They need root and eBPF (and nftables for
+//! the last); see tests/README.md.
 
 // Children spawned through a world are reaped by the world when it shuts down.
 #![allow(clippy::zombie_processes)]
@@ -18,8 +21,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use waymark_tests::{
-    DEFAULT_PATIENCE, Node, Pod, Server, World, eventually, pod_ip, python, require_agent_or_skip,
-    testpeer, waymark, with_world, world_name,
+    DEFAULT_PATIENCE, Node, Pod, Server, World, eventually, nft_in, pod_ip, python,
+    require_agent_or_skip, testpeer, waymark, with_world, world_name,
 };
 
 const APP: &str = r#"
@@ -327,6 +330,81 @@ fn conns_lists_open_connections_by_pod_and_five_tuple() {
             ensure!(rows(&r1).is_empty(), "{r1}");
             Ok(())
         })?;
+        Ok(())
+    });
+}
+
+/// Sends 4 × 4000 bytes on one connection, each echoed back, then holds it.
+const BULK_CLIENT: &str = r#"
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+for _ in range(4):
+    s.sendall(b"y" * 4000)
+    got = 0
+    while got < 4000:
+        chunk = s.recv(65536)
+        if not chunk:
+            sys.exit("the echo closed early")
+        got += len(chunk)
+print("ready", s.getsockname()[1], flush=True)
+time.sleep(600)
+"#;
+
+/// Every other data packet to the endpoint is dropped in its pod (an
+/// nftables rule there): the agent's upstream socket retransmits, and the
+/// open connection's row says so on its `upstream` leg, joined by 5-tuple
+/// with the kernel's per-flow map.
+#[test]
+fn conns_joins_the_kernels_counters_of_its_flows() {
+    require_agent_or_skip!();
+    let b = World::builder(world_name!())
+        .nodes(2)
+        .pods_per_node(1)
+        .agent_config_extra(format!(
+            "[[services]]\nname = \"db\"\naddresses = [\"{DB_VIP}:5432\"]\nprotocol = \"opaque\"\nendpoints = [ {{ addr = \"{}:7000\" }} ]\n",
+            pod_ip(1, 0)
+        ));
+    with_world(b, |world| {
+        let (pod, server) = (world.pod(0, 0), world.pod(1, 0));
+        let _echo = server.serve(&mut testpeer(["echo", "--listen", "0.0.0.0:7000"]))?;
+        nft_in(
+            server,
+            &[
+                "add table inet wmtest;",
+                "add chain inet wmtest in { type filter hook input priority 0; policy accept; };",
+                "add rule inet wmtest in tcp dport 7000 meta length > 100 numgen inc mod 2 == 0 counter drop",
+            ],
+        )?;
+        let _client = pod.serve_until(
+            python().args(["-c", BULK_CLIENT, DB_VIP, "5432"]),
+            "ready ",
+            Duration::from_secs(60),
+        )?;
+        let node = world.node(0);
+        let report = conns(node, "?service=db")?;
+        ensure!(report["kernel_counters"] == true, "{report}");
+        let row = row_to(&report, &format!("{DB_VIP}:5432"))?;
+        let endpoint = format!("{}:7000", server.ip());
+        let upstream = row["kernel"]
+            .as_array()
+            .and_then(|k| k.iter().find(|f| f["leg"] == "upstream"))
+            .with_context(|| format!("no upstream leg: {row}"))?;
+        ensure!(
+            upstream["peer"] == endpoint.as_str()
+                && upstream["local"]
+                    .as_str()
+                    .is_some_and(|l| l.starts_with(&format!("{}:", pod.ip())))
+                && upstream["retransmits"].as_u64().is_some_and(|r| r >= 1)
+                && row["bytes_out"] == 16000
+                && row["bytes_in"] == 16000,
+            "{row}"
+        );
+        let out = node.run_ok(waymark().args(["conns", "--dst", &endpoint]))?;
+        ensure!(
+            out.lines()
+                .any(|l| l.starts_with("out ") && l.contains(" retx=")),
+            "{out}"
+        );
         Ok(())
     });
 }
