@@ -2,9 +2,9 @@
 //! /conns`), one row each, oldest first:
 //!
 //! ```text
-//! DIR   POD             SRC              DST            SERVICE   ENDPOINT         PROTO   PATH     AGE    OUT      IN       REQS   KERNEL
-//! out   default/web-1   10.1.0.2:40112   10.96.0.10:80  shop      10.2.0.7:8080    http1   tunnel   2m5s   1.2KiB   48KiB    12     -
-//! out   default/web-1   10.1.0.2:40118   10.96.0.11:5432 db       10.1.0.9:5432    opaque  direct   31s    220B     1.1KiB   0      retx=2
+//! DIR   POD            SRC              DST               SERVICE   ENDPOINT        PROTO    PATH     AGE   OUT     IN      REQS   KERNEL
+//! out   default/n0p0   10.1.0.2:54986   10.96.0.70:5432   db        10.2.0.2:7000   opaque   tunnel   0s    1000B   1000B   0      0
+//! out   default/n0p0   10.1.0.2:55002   10.96.0.71:80     web       10.1.0.3:8080   http1    direct   0s    204B    351B    3      0
 //! ```
 //!
 //! Filters (`--pod`, `--src`, `--dst`, `--proto`, `--service`,
