@@ -1,6 +1,7 @@
 //! Microbenchmarks of the pieces every connection or request goes through:
 //! protocol detection, route selection, the balancer's pick, recording the
-//! golden metrics, and rendering a diagnostic trace block. Run with
+//! golden metrics, rendering a diagnostic trace block, and keeping the
+//! connection table (`waymark conns`). Run with
 //! `cargo bench -p waymark-agent` (or `cargo xtask bench --micro`); the
 //! end-to-end comparison with the direct path and peer proxies is
 //! `cargo xtask bench`.
@@ -249,8 +250,49 @@ fn upstream_socket(c: &mut Criterion) {
     g.finish();
 }
 
+/// The connection table's share of a connection (entered at accept, out
+/// when its guard drops) and of a request (counted, its endpoint noted),
+/// with 10,000 other connections open.
+fn conns(c: &mut Criterion) {
+    use waymark_agent::diagnostics::conns::{ConnProtocol, ConnTable, NewConn};
+    use waymark_agent::diagnostics::tap::filter::Direction;
+    let table = ConnTable::new();
+    let new = |port: u16| NewConn {
+        direction: Direction::Out,
+        pod: Some("default/web-5d8f-x2".into()),
+        src: Some(std::net::SocketAddr::from(([10, 1, 0, 2], port))),
+        dst: "10.96.0.10:80".parse().unwrap(),
+        client_flow: Some((
+            "127.0.0.1:15001".parse().unwrap(),
+            std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        )),
+        protocol: ConnProtocol::Detecting,
+    };
+    let _others: Vec<_> = (0..10_000u16).map(|p| table.open(new(p))).collect();
+    let mut g = c.benchmark_group("conns");
+    g.bench_function("open_and_close", |b| {
+        b.iter(|| drop(black_box(table.open(new(40_000)))))
+    });
+    let live = table.open(new(40_001));
+    live.set_service("web");
+    let endpoints: [std::net::SocketAddr; 2] = [
+        "10.2.0.7:8080".parse().unwrap(),
+        "10.2.0.8:8080".parse().unwrap(),
+    ];
+    let mut i = 0usize;
+    g.bench_function("request", |b| {
+        b.iter(|| {
+            i += 1;
+            live.request(false);
+            live.set_upstream(None, black_box(endpoints[i % 2]), None, None);
+        })
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
+    conns,
     detection,
     routing,
     balancing,

@@ -218,6 +218,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
     let mut inbound_stats = None;
     let mut inbound_http = None;
     let mut inbound_drain = None;
+    let conns = crate::diagnostics::conns::ConnTable::new();
     crate::proxy::listener::migrate_on_close();
     if let (Some(manager), Some(id)) = (&identity, &config.identity) {
         let node_identity = id
@@ -238,6 +239,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
             metrics.tcp.clone(),
             discovery.clone(),
             a.clone(),
+            conns.clone(),
         );
         inbound_http = Some(http_in.clone());
         let inbound = Arc::new(
@@ -327,6 +329,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
     });
     let kernel = kernel_diag::load_if_enabled(&config.kernel);
     if let Some(k) = &kernel {
+        conns.want_flows();
         kernel_diag::register_metrics(&mut metrics.registry, k.clone());
         if let Some(h) = &inbound_http {
             h.set_kernel(k.clone());
@@ -391,6 +394,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
                 })
             },
             tap: tap.clone(),
+            conns: conns.clone(),
             peer_probe: crate::admin::peers::PeerProbe {
                 upstreams: upstreams.clone(),
             },
@@ -476,6 +480,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         ),
         idle_timeout: config.limits.idle_timeout,
         open_total: Default::default(),
+        conns: conns.clone(),
     });
     info!(
         per_pod = outbound.limits.per_pod,

@@ -110,6 +110,15 @@ enum Command {
         #[command(flatten)]
         args: cli::endpoints::EndpointsArgs,
     },
+    /// The connections the agent carries now, by pod and 5-tuple: original
+    /// destination, service and endpoint, protocol, tunnel and peer
+    /// identity, age, bytes each way, requests, and the kernel's counters.
+    Conns {
+        #[command(flatten)]
+        admin: cli::AdminArgs,
+        #[command(flatten)]
+        args: cli::conns::ConnsArgs,
+    },
     /// Which pod talks to which service: success rate, requests per second,
     /// open connections and the identity each side proved.
     Edges {
@@ -277,6 +286,7 @@ fn main() -> ExitCode {
         Command::Stat { admin, args } => cli_exit(cli::stat::stat(&client(&admin), args)),
         Command::Routes { admin, args } => cli_exit(cli::stat::routes(&client(&admin), args)),
         Command::Endpoints { admin, args } => cli_exit(cli::endpoints::run(&client(&admin), args)),
+        Command::Conns { admin, args } => cli_exit(cli::conns::run(&client(&admin), args)),
         Command::Edges { admin, args } => cli_exit(cli::stat::edges(&client(&admin), args)),
         Command::Cleanup(args) => cli_exit(cli::cleanup::run(args)),
         Command::Check { admin, args } => match cli::check::run(&client(&admin), &args) {

@@ -340,7 +340,8 @@ fn tap_and_top_say_where_each_status_came_from() {
 
 /// The diagnostic trace's `result:` line names the source (the app's 500,
 /// the proxy's 503 with the backend that has no endpoints), and a route
-/// timeout of `1s` reads `1s` in the 504.
+/// timeout of `1s` reads `1s` in the 504, which tap shows as
+/// `source=proxy reason=timeout`.
 #[test]
 fn trace_results_name_the_source_and_timeouts_read_as_configured() {
     require_agent_or_skip!();
@@ -378,12 +379,31 @@ fn trace_results_name_the_source_and_timeouts_read_as_configured() {
             "{out}"
         );
 
-        let (code, body) = curl(client, &format!("http://{WEB}/slow/1500"), &[])?;
+        let mut answer = None;
+        let out = tap(
+            node,
+            &["--path", "/slow", "--max", "1", "-o", "json"],
+            || {
+                answer = Some(curl(client, &format!("http://{WEB}/slow/1500"), &[])?);
+                Ok(())
+            },
+        )?;
+        let (code, body) = answer.context("no answer")?;
         ensure!(code == 504, "{code} {body}");
         ensure!(
             body.contains("within the route's timeout 1s)"),
             "the configured timeout, not what was left of it: {body}"
         );
+        // The tap says the 504 is the proxy's, because of the timeout.
+        let events = tap_events(&out)?;
+        let slow = answers(&events, "/slow/1500");
+        ensure!(slow.len() == 1, "{out}");
+        let (rsp, end) = slow[0];
+        ensure!(
+            rsp["status"] == 504 && rsp["source"] == "proxy" && rsp["reason"] == "timeout",
+            "{rsp}"
+        );
+        ensure!(end["reason"] == "timeout", "{end}");
         Ok(())
     });
 }

@@ -15,8 +15,8 @@ use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use waymark_tests::world::agent::waymark_bin;
 use waymark_tests::{
-    DEFAULT_PATIENCE, Node, Pod, World, eventually, metric, pod_ip, python, require_agent_or_skip,
-    testpeer, with_world, world_name,
+    DEFAULT_PATIENCE, Node, Pod, World, eventually, metric, nft_in, pod_ip, python,
+    require_agent_or_skip, testpeer, with_world, world_name,
 };
 
 const DROPS: &str = "waymark_kernel_drops_total";
@@ -39,22 +39,6 @@ fn client(pod: &Pod, args: &[&str]) -> Result<Value> {
 /// `waymark ARGS…` on `node` (the CLI talks to that node's agent).
 fn waymark(node: &Node, args: &[&str]) -> Result<String> {
     node.run_ok(Command::new(waymark_bin()?).args(args))
-}
-
-/// `nft ARGS…` inside the pod's network namespace, never the host's.
-fn nft_in(pod: &Pod, args: &[&str]) -> Result<String> {
-    let out = Command::new("ip")
-        .args(["netns", "exec", pod.netns_name(), "nft"])
-        .args(args)
-        .output()
-        .context("running nft (install nftables: cargo xtask setup)")?;
-    ensure!(
-        out.status.success(),
-        "nft {args:?} in {}: {}",
-        pod.netns_name(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// The packets a rule's `counter` has seen.

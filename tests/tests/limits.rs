@@ -3,8 +3,10 @@
 //! carrying streams (openssl s_client, testpeer); a pod's HTTP/2 connection
 //! is offered `h2_max_concurrent_streams` and a client that honours it is
 //! served (nghttp, h2load); opaque and HTTP connections idle for
-//! `idle_timeout` are closed and counted with their pod. They need root and
-//! eBPF; see tests/README.md.
+//! `idle_timeout` are closed and counted with their pod; a connection
+//! refused at `outbound.max_connections_per_pod` reads `source=proxy
+//! reason=limit` in tap and top, and never enters `waymark conns`. They
+//! need root and eBPF; see tests/README.md.
 
 // Children spawned through a world are reaped by the world when it shuts down.
 #![allow(clippy::zombie_processes)]
@@ -16,7 +18,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use waymark_tests::{
     DEFAULT_PATIENCE, Node, Pod, Server, World, eventually, metric, pod_ip, python,
-    require_agent_or_skip, testpeer, with_world, world_name,
+    require_agent_or_skip, tap, tap_events, testpeer, waymark, with_world, world_name,
 };
 
 const APP: &str = r#"
@@ -197,7 +199,8 @@ endpoints = [ {{ addr = "{}:8080" }} ]
 }
 
 /// Opaque connections and keep-alive HTTP connections that go quiet are
-/// closed after `idle_timeout` and counted with their pod.
+/// closed after `idle_timeout` and counted with their pod; tap shows the
+/// opaque ones closed by the proxy for a limit.
 #[test]
 fn idle_connections_are_closed_and_counted_with_the_pod() {
     require_agent_or_skip!();
@@ -224,30 +227,157 @@ endpoints = [ {{ addr = "{}:8080" }} ]
         let labels = [("pod", client.name()), ("limit", "idle_timeout")];
         ensure!(metric(node, "waymark_limit_closed_total", &labels)? == 0.0);
         // `hold` prints `holding …` once connected, no `listening` line.
-        client.spawn(&mut testpeer([
-            "hold",
-            "--connect",
-            &format!("{}:7000", server.ip()),
-            "--count",
-            "5",
-            "--hold",
-            "120s",
-        ]))?;
-        client.spawn(&mut testpeer([
-            "hold",
-            "--connect",
-            VIP,
-            "--count",
-            "5",
-            "--http",
-            "--hold",
-            "120s",
-        ]))?;
+        // The tap sees the five opaque ones closed by the proxy, for a limit.
+        let opaque = format!("{}:7000", server.ip());
+        let out = tap(node, &["--to", &opaque, "--max", "5", "-o", "json"], || {
+            client.spawn(&mut testpeer([
+                "hold",
+                "--connect",
+                &format!("{}:7000", server.ip()),
+                "--count",
+                "5",
+                "--hold",
+                "120s",
+            ]))?;
+            client.spawn(&mut testpeer([
+                "hold",
+                "--connect",
+                VIP,
+                "--count",
+                "5",
+                "--http",
+                "--hold",
+                "120s",
+            ]))?;
+            Ok(())
+        })?;
+        let events = tap_events(&out)?;
+        ensure!(
+            events.len() == 5
+                && events.iter().all(|e| e["type"] == "tcp"
+                    && e["close"] == "idle_timeout"
+                    && e["source"] == "proxy"
+                    && e["reason"] == "limit"
+                    && e["error"] == "no byte either way for 2s (limits.idle_timeout)"),
+            "{out}"
+        );
         eventually(DEFAULT_PATIENCE, || {
             let closed = metric(node, "waymark_limit_closed_total", &labels)?;
             ensure!(closed == 10.0, "{closed} of 10 idle connections closed");
             Ok(())
         })?;
+        Ok(())
+    });
+}
+
+/// A connection over the pod's connection limit is refused by the proxy,
+/// and the operator's tools say so: tap shows it as a `tcp` event with
+/// `close=refused source=proxy reason=limit`, top counts it as a
+/// `proxy:limit` failure, a trace from the pod fails naming the limit, and
+/// `waymark conns` lists only the connections the pod holds.
+#[test]
+fn a_connection_refused_at_a_limit_reads_source_proxy_reason_limit() {
+    require_agent_or_skip!();
+    let b = World::builder(world_name!())
+        .nodes(1)
+        .pods_per_node(2)
+        .agent_config_extra("[outbound]\nmax_connections_per_pod = 2\n");
+    with_world(b, |world| {
+        let node = world.node(0);
+        let (client, server) = (world.pod(0, 0), world.pod(0, 1));
+        let _echo = server.serve(&mut testpeer(["echo", "--listen", "0.0.0.0:7000"]))?;
+        let dst = format!("{}:7000", server.ip());
+        let _held = client.serve_until(
+            &mut testpeer(["hold", "--connect", &dst, "--count", "2", "--hold", "120s"]),
+            "holding 2 failed 0",
+            Duration::from_secs(20),
+        )?;
+        let refused = || -> Result<()> {
+            let out = client.run(&mut testpeer([
+                "client",
+                "--connect",
+                &dst,
+                "--bytes",
+                "10",
+                "--timeout",
+                "5s",
+            ]))?;
+            ensure!(!out.status.success(), "a third connection went through");
+            Ok(())
+        };
+        let out = tap(
+            node,
+            &["--from", client.name(), "--max", "1", "-o", "json"],
+            refused,
+        )?;
+        let events = tap_events(&out)?;
+        ensure!(events.len() == 1, "{out}");
+        let e = &events[0];
+        ensure!(
+            e["type"] == "tcp"
+                && e["close"] == "refused"
+                && e["source"] == "proxy"
+                && e["reason"] == "limit"
+                && e["dst"]["addr"] == dst.as_str()
+                && e["error"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("outbound.max_connections_per_pod")),
+            "{e}"
+        );
+        let out = tap(node, &["--from", client.name(), "--max", "1"], refused)?;
+        ensure!(
+            out.lines().any(|l| l.starts_with("tcp ")
+                && l.contains(" close=refused source=proxy reason=limit ")),
+            "{out}"
+        );
+        let top = std::thread::scope(|s| -> Result<String> {
+            let cli = s.spawn(|| {
+                node.run_ok(waymark().args([
+                    "top",
+                    "--from",
+                    client.name(),
+                    "--duration",
+                    "5s",
+                    "-o",
+                    "json",
+                ]))
+            });
+            waymark_tests::await_metric(node, "waymark_tap_streams", &[], 1.0)?;
+            refused()?;
+            cli.join().expect("the top thread")
+        })?;
+        let top: serde_json::Value = serde_json::from_str(&top).with_context(|| top.clone())?;
+        let row = top["rows"]
+            .as_array()
+            .and_then(|r| r.iter().find(|r| r["method"] == "TCP"))
+            .with_context(|| format!("no TCP row: {top}"))?;
+        ensure!(
+            row["failure_sources"] == serde_json::json!({"proxy:limit": 1}),
+            "{top}"
+        );
+        // A trace from the pod cannot get a hop's block (the connection is
+        // reset before any HTTP); the CLI says why from the agent's table.
+        let out =
+            node.run(waymark().args(["trace", &format!("http://{dst}/"), "--pod", client.name()]))?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !out.status.success()
+                && stderr.contains(&format!(
+                    "source=proxy reason=limit: pod {} holds 2 connections through the agent and outbound.max_connections_per_pod is 2",
+                    client.name()
+                )),
+            "{stderr}"
+        );
+        let (status, body) = node.admin_socket_get(&format!("/conns?pod={}", client.name()))?;
+        let conns: serde_json::Value = serde_json::from_str(&body).with_context(|| body.clone())?;
+        ensure!(
+            status == 200
+                && conns["connections"].as_array().map(Vec::len) == Some(2)
+                && conns["connections"]
+                    .as_array()
+                    .is_some_and(|c| c.iter().all(|c| c["dst"] == dst.as_str())),
+            "{body}"
+        );
         Ok(())
     });
 }

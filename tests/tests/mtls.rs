@@ -691,9 +691,10 @@ endpoints = [ {{ addr = "{}:{ECHO_PORT}", node = "node0" }} ]
 
 /// Node 1's policy denies pod n0p1 and allows n0p0, for the same
 /// destination: the denied client gets a 403 naming waymark and the
-/// reason (opaque: the connection closes), the destination's agent logs
-/// both identities and counts the decision; the allowed one gets through,
-/// and a diagnostic trace shows the peer agent's identity.
+/// reason (opaque: the connection closes), the source node's tap names
+/// both `source=proxy reason=authz`, the destination's agent logs both
+/// identities and counts the decision; the allowed one gets through, and a
+/// diagnostic trace shows the peer agent's identity.
 #[test]
 fn authorization_denies_one_source_and_allows_another() {
     require_agent_or_skip!();
@@ -738,7 +739,36 @@ services = ["web", "echo"]
         );
         ensure!(send(allowed, ECHO_VIP, "ping")? == "ping", "allowed echo");
 
-        let (code, text) = curl_i(denied, &format!("http://{WEB_VIP}/hello"), &[])?;
+        // Node 0's tap says both denials are the proxy's, for authz: the
+        // HTTP request's 403 and the opaque connection the tunnel refused.
+        let mut answer = None;
+        let mut opaque = None;
+        let tapped = waymark_tests::tap(
+            n0,
+            &["--from", denied.name(), "--max", "2", "-o", "json"],
+            || {
+                answer = Some(curl_i(denied, &format!("http://{WEB_VIP}/hello"), &[])?);
+                opaque =
+                    Some(denied.run(python().args(["-c", SEND, "10.96.0.1", "7000", "ping"]))?);
+                Ok(())
+            },
+        )?;
+        let events = waymark_tests::tap_events(&tapped)?;
+        ensure!(
+            events.iter().any(|e| e["type"] == "rsp"
+                && e["status"] == 403
+                && e["source"] == "proxy"
+                && e["reason"] == "authz"),
+            "{tapped}"
+        );
+        ensure!(
+            events.iter().any(|e| e["type"] == "tcp"
+                && e["close"] == "tunnel_denied"
+                && e["source"] == "proxy"
+                && e["reason"] == "authz"),
+            "{tapped}"
+        );
+        let (code, text) = answer.context("no answer")?;
         ensure!(code == 403, "denied source got {code}: {text}");
         for needle in [
             "l5d-proxy-error: forbidden by the destination's authorization policy",
@@ -749,7 +779,7 @@ services = ["web", "echo"]
         ] {
             ensure!(text.contains(needle), "missing {needle:?} in:\n{text}");
         }
-        let out = denied.run(python().args(["-c", SEND, "10.96.0.1", "7000", "ping"]))?;
+        let out = opaque.context("no opaque attempt")?;
         let said = String::from_utf8_lossy(&out.stdout);
         ensure!(
             !said.contains("ping"),

@@ -1,6 +1,8 @@
 //! The admin API: `/live`, `/ready`, `/metrics`, `/config`, `/log-level`,
 //! `/capture`, `/drops`, `/drops/follow`, the sliding-window stats (`/stat`,
-//! `/routes`, `/edges`), the balancer's view of each endpoint (`/endpoints`), the facts `waymark check` judges (`/check`, `/check/peers`), and
+//! `/routes`, `/edges`), the balancer's view of each endpoint (`/endpoints`),
+//! the open connections (`/conns`), the facts `waymark check` judges
+//! (`/check`, `/check/peers`), and
 //! `/tap` (a stream of newline-delimited JSON that lasts as long as the
 //! client reads it; see `diagnostics::tap`).
 //!
@@ -15,6 +17,7 @@
 
 mod capture;
 pub mod check;
+mod conns;
 mod drops;
 pub mod endpoints;
 mod meshed;
@@ -64,6 +67,8 @@ pub struct AdminState {
     /// identities are configured).
     pub certificates: Box<dyn Fn() -> Vec<check::CertFacts> + Send + Sync>,
     pub tap: Arc<crate::diagnostics::tap::TapHub>,
+    /// The open connections behind `/conns`.
+    pub conns: Arc<crate::diagnostics::conns::ConnTable>,
     /// Probes the other nodes' agents (`/check/peers`).
     pub peer_probe: peers::PeerProbe,
     /// Kubernetes discovery's state for `/check` (`None`: off).

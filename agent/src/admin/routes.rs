@@ -30,6 +30,7 @@ const ENDPOINTS: &[&str] = &[
     "/routes",
     "/edges",
     "/endpoints",
+    "/conns",
     "/check",
     "/check/peers",
     "/tap",
@@ -108,6 +109,10 @@ pub async fn handle(
                 Err((status, msg)) => text(status, msg + "\n"),
             }
         }
+        (&Method::GET, "/conns") => match super::conns::report(state, req.uri().query()) {
+            Ok(body) => with_type(StatusCode::OK, "application/json", body),
+            Err((status, msg)) => text(status, msg + "\n"),
+        },
         (&Method::GET, "/check") => match serde_json::to_string_pretty(&super::check::facts(state))
         {
             Ok(json) => with_type(StatusCode::OK, "application/json", json + "\n"),

@@ -11,6 +11,7 @@ pub mod capture;
 pub mod check;
 pub mod cleanup;
 pub mod client;
+pub mod conns;
 pub mod drops;
 pub mod endpoints;
 pub mod log_level;

@@ -17,8 +17,11 @@
 //! or it ended with an error. Failures are also counted by where their
 //! status came from (the Failures column): `app` (the application
 //! answered so), `proxy:<reason>` (an agent answered instead: `timeout`,
-//! `no_endpoints`, `connect_failure`, …), or `error` (no status: the
-//! request was cancelled, or its body broke off).
+//! `no_endpoints`, `connect_failure`, `limit`, …), or `error` (no status:
+//! the request was cancelled, or its body broke off). Opaque TCP
+//! connections have no method or path and are left out, except those the
+//! proxy refused or failed (a connection limit, no endpoints, a failed
+//! connect): each is one failure of a `TCP` row, path `-`, by its reason.
 //!
 //! On a terminal the table is redrawn every second until Ctrl-C (then the
 //! final table stays); with `--duration`, or when stdout is no terminal
@@ -211,8 +214,31 @@ impl Top {
                 }
             }
             Event::Dropped { count } => self.dropped += count,
-            // Opaque connections have no method or path.
-            Event::Tcp { .. } => {}
+            Event::Tcp {
+                meta,
+                source,
+                reason,
+                ..
+            } => {
+                // A connection the proxy ended is the failure an operator
+                // looks for; the others have no method or path to rank.
+                let Some(from) = source_key(source.as_deref(), reason.as_deref())
+                    .filter(|_| source.as_deref() == Some("proxy"))
+                else {
+                    return;
+                };
+                let key = Key {
+                    direction: meta.proxy.clone(),
+                    source: self::source(&meta),
+                    destination: destination(&meta),
+                    method: "TCP".to_string(),
+                    path: "-".to_string(),
+                };
+                let row = self.rows.entry(key).or_default();
+                row.count += 1;
+                row.failures += 1;
+                *row.failure_sources.entry(from).or_default() += 1;
+            }
         }
     }
 
@@ -396,6 +422,33 @@ mod tests {
             },
             tls: "true".into(),
         }
+    }
+
+    /// Opaque connections are left out, but one the proxy refused at a
+    /// limit is a failure of a `TCP` row, by its reason.
+    #[test]
+    fn connections_the_proxy_refused_are_failures() {
+        let mut top = Top::default();
+        let tcp = |id, source: Option<&str>, reason: Option<&str>, close: &str| Event::Tcp {
+            meta: meta(id, false),
+            bytes_out: 0,
+            bytes_in: 0,
+            duration_us: 0,
+            close: close.into(),
+            error: None,
+            source: source.map(Into::into),
+            reason: reason.map(Into::into),
+        };
+        top.observe(tcp(1, None, None, "eof"));
+        assert!(top.rows().is_empty());
+        top.observe(tcp(2, Some("proxy"), Some("limit"), "refused"));
+        top.observe(tcp(3, Some("proxy"), Some("limit"), "refused"));
+        let rows = top.rows();
+        assert_eq!(rows.len(), 1);
+        let (k, r) = rows[0];
+        assert_eq!((k.method.as_str(), k.path.as_str()), ("TCP", "-"));
+        assert_eq!((r.count, r.failures), (2, 2));
+        assert_eq!(r.failures_by_source(), "proxy:limit=2");
     }
 
     /// One request's three events.

@@ -148,6 +148,15 @@ fn plan(args: &TraceArgs) -> Result<Plan> {
 /// Where the request is sent from.
 struct Origin {
     description: String,
+    /// The pod, and its agent's connection limits (`outbound.*`; 0: none
+    /// or derived), to explain a connection the agent refused.
+    pod: Option<(String, ConnLimits)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ConnLimits {
+    per_pod: u64,
+    total: u64,
 }
 
 pub fn run(client: &AdminClient, args: TraceArgs) -> Result<()> {
@@ -156,14 +165,23 @@ pub fn run(client: &AdminClient, args: TraceArgs) -> Result<()> {
         Some(pod) => enter_pod(client, pod, args.cgroup.as_deref())?,
         None => Origin {
             description: "the node (not redirected, not proxied)".into(),
+            pod: None,
         },
     };
     let timeout = args.timeout;
+    let pod = origin.pod.clone();
     let text = block_on(async move {
         tokio::time::timeout(timeout, send(&plan, &origin))
             .await
             .unwrap_or_else(|_| bail!("no complete answer within {timeout:?}"))
-    })?;
+    });
+    let text = match (text, pod) {
+        (Err(e), Some((pod, limits))) => match refused_at_a_limit(client, &pod, limits) {
+            Some(why) => return Err(e.context(why)),
+            None => return Err(e),
+        },
+        (text, _) => text?,
+    };
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(text.as_bytes());
     Ok(())
@@ -333,6 +351,11 @@ fn enter_pod(client: &AdminClient, pod: &str, cgroup: Option<&Path>) -> Result<O
             entry.netns.display()
         )
     })?;
+    let limit = |key: &str| config["outbound"][key].as_u64().unwrap_or(0);
+    let limits = ConnLimits {
+        per_pod: limit("max_connections_per_pod"),
+        total: limit("max_connections"),
+    };
     Ok(Origin {
         description: format!(
             "pod {} ({}) through {node}'s agent (cgroup {})",
@@ -340,7 +363,45 @@ fn enter_pod(client: &AdminClient, pod: &str, cgroup: Option<&Path>) -> Result<O
             entry.ips.join(", "),
             cgroup.display()
         ),
+        pod: Some((entry.name, limits)),
     })
+}
+
+/// A connection over a pod's connection limit is reset by the agent at
+/// accept, before a byte of HTTP, so no hop can append a block saying why;
+/// the CLI asks the agent's connection table (the admin socket is a path,
+/// reachable from inside the pod's network namespace) whether the pod, or
+/// the agent, is at its limit.
+fn refused_at_a_limit(client: &AdminClient, pod: &str, limits: ConnLimits) -> Option<String> {
+    let report: crate::diagnostics::conns::ConnsReport = block_on(client.get_json(&format!(
+        "/conns?pod={}&direction=out",
+        crate::http::query::encode(pod)
+    )))
+    .ok()?;
+    limit_verdict(
+        pod,
+        limits,
+        report.connections.len() as u64,
+        report.open as u64,
+    )
+}
+
+/// What to say when the pod holds `pod_open` connections and the agent
+/// `agent_open`, under `limits`.
+fn limit_verdict(pod: &str, limits: ConnLimits, pod_open: u64, agent_open: u64) -> Option<String> {
+    if limits.per_pod > 0 && pod_open >= limits.per_pod {
+        return Some(format!(
+            "source=proxy reason=limit: pod {pod} holds {pod_open} connections through the agent and outbound.max_connections_per_pod is {}; the agent resets new ones at accept (`waymark conns --pod {pod}` lists them)",
+            limits.per_pod
+        ));
+    }
+    if limits.total > 0 && agent_open >= limits.total {
+        return Some(format!(
+            "source=proxy reason=limit: the agent holds {agent_open} connections and outbound.max_connections is {}; it resets new ones at accept (`waymark conns` lists them)",
+            limits.total
+        ));
+    }
+    None
 }
 
 /// The cgroup of a process in the pod's network namespace, below `attach`.
@@ -381,6 +442,37 @@ fn pod_cgroup(netns: &Path, mount: &Path, attach: Option<&Path>) -> Result<Optio
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pod_at_its_connection_limit_is_named() {
+        let limits = ConnLimits {
+            per_pod: 2,
+            total: 0,
+        };
+        let why = limit_verdict("default/web-1", limits, 2, 7).unwrap();
+        assert!(
+            why.starts_with("source=proxy reason=limit: pod default/web-1 holds 2 connections")
+                && why.contains("outbound.max_connections_per_pod is 2"),
+            "{why}"
+        );
+        assert_eq!(limit_verdict("default/web-1", limits, 1, 7), None);
+        let total = ConnLimits {
+            per_pod: 0,
+            total: 7,
+        };
+        assert!(
+            limit_verdict("default/web-1", total, 1, 7)
+                .unwrap()
+                .contains("outbound.max_connections is 7")
+        );
+        // 0 is no limit (or one derived from the open-files limit, which
+        // the config does not show): nothing to blame.
+        let none = ConnLimits {
+            per_pod: 0,
+            total: 0,
+        };
+        assert_eq!(limit_verdict("default/web-1", none, 100, 100), None);
+    }
 
     fn args(argv: &[&str]) -> Result<TraceArgs, clap::Error> {
         #[derive(clap::Parser)]

@@ -1,8 +1,10 @@
 //! What the agent tells operators about the traffic it carries: metrics, the
 //! sliding windows behind `waymark stat`, diagnostic traces, the kernel's
-//! drop/retransmit/reset counters and packet capture.
+//! drop/retransmit/reset counters, the table of open connections and packet
+//! capture.
 
 pub mod capture;
+pub mod conns;
 pub mod http_metrics;
 pub mod kernel;
 pub mod metrics;

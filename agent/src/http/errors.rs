@@ -30,16 +30,20 @@ pub enum ProxyError {
     /// The destination node's agent refused the source identity
     /// (authorization policy).
     Forbidden,
+    /// A limit of the agent (`[limits]`, `outbound.max_connections*`)
+    /// refused or closed it.
+    Limit,
 }
 
 /// Every reason, for parsing a peer agent's header back.
-const ALL: [ProxyError; 6] = [
+const ALL: [ProxyError; 7] = [
     ProxyError::NoEndpoints,
     ProxyError::ConnectFailed,
     ProxyError::UpstreamReset,
     ProxyError::Timeout,
     ProxyError::BadRequest,
     ProxyError::Forbidden,
+    ProxyError::Limit,
 ];
 
 impl ProxyError {
@@ -52,6 +56,7 @@ impl ProxyError {
             ProxyError::Timeout => "timeout",
             ProxyError::BadRequest => "bad_request",
             ProxyError::Forbidden => "authz",
+            ProxyError::Limit => "limit",
         }
     }
 
@@ -71,6 +76,7 @@ impl ProxyError {
             ProxyError::Timeout => "request timed out",
             ProxyError::BadRequest => "request cannot be forwarded",
             ProxyError::Forbidden => "forbidden by the destination's authorization policy",
+            ProxyError::Limit => "refused by a limit of the agent",
         }
     }
 
@@ -80,17 +86,21 @@ impl ProxyError {
             ProxyError::BadRequest => StatusCode::BAD_REQUEST,
             ProxyError::Forbidden => StatusCode::FORBIDDEN,
             ProxyError::UpstreamReset => StatusCode::BAD_GATEWAY,
-            ProxyError::NoEndpoints | ProxyError::ConnectFailed => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoEndpoints | ProxyError::ConnectFailed | ProxyError::Limit => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
     /// The gRPC status a gRPC client gets instead: DEADLINE_EXCEEDED (4)
-    /// for a timeout, PERMISSION_DENIED (7) for a policy denial, INTERNAL
-    /// (13) for a bad request, UNAVAILABLE (14) otherwise.
+    /// for a timeout, PERMISSION_DENIED (7) for a policy denial,
+    /// RESOURCE_EXHAUSTED (8) for a limit, INTERNAL (13) for a bad
+    /// request, UNAVAILABLE (14) otherwise.
     pub fn grpc_status(self) -> u32 {
         match self {
             ProxyError::Timeout => 4,
             ProxyError::Forbidden => 7,
+            ProxyError::Limit => 8,
             ProxyError::BadRequest => 13,
             _ => 14,
         }

@@ -209,7 +209,10 @@ async fn pump<W: AsyncWrite + Unpin>(
         *total += n as u64;
         counter.inc_by(n as u64);
         if let Some(a) = activity {
-            a.touch();
+            match from_side {
+                Side::Client => a.moved_out(n as u64),
+                Side::Upstream => a.moved_in(n as u64),
+            }
         }
         if n >= size {
             size = (size * 2).min(MAX_BUF);

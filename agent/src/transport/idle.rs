@@ -6,6 +6,10 @@
 //! (the opaque copy, or [`IdleIo`] under hyper); [`expired`] sleeps until it
 //! is older than the timeout. No timer per read: the watcher wakes once per
 //! timeout period at most.
+//!
+//! The same place counts the bytes each way: the connection table
+//! (`waymark conns`) reads them while the connection runs, for the price
+//! of one relaxed add beside the timestamp the idle timeout already needed.
 
 use std::io;
 use std::pin::Pin;
@@ -17,12 +21,17 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
-/// When a connection last moved a byte.
+/// When a connection started and last moved a byte, and how many it moved
+/// each way.
 #[derive(Debug)]
 pub struct Activity {
     base: Instant,
     /// Milliseconds after `base`.
     last: AtomicU64,
+    /// From the client towards its destination.
+    outward: AtomicU64,
+    /// From the destination back to the client.
+    inward: AtomicU64,
 }
 
 impl Default for Activity {
@@ -36,6 +45,8 @@ impl Activity {
         Activity {
             base: Instant::now(),
             last: AtomicU64::new(0),
+            outward: AtomicU64::new(0),
+            inward: AtomicU64::new(0),
         }
     }
 
@@ -44,7 +55,32 @@ impl Activity {
         self.last.fetch_max(now, Ordering::Relaxed);
     }
 
-    fn idle_for(&self) -> Duration {
+    /// `n` bytes went from the client towards its destination.
+    pub fn moved_out(&self, n: u64) {
+        self.outward.fetch_add(n, Ordering::Relaxed);
+        self.touch();
+    }
+
+    /// `n` bytes came back to the client.
+    pub fn moved_in(&self, n: u64) {
+        self.inward.fetch_add(n, Ordering::Relaxed);
+        self.touch();
+    }
+
+    /// Bytes (out, in) so far.
+    pub fn bytes(&self) -> (u64, u64) {
+        (
+            self.outward.load(Ordering::Relaxed),
+            self.inward.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Since the connection started (since this was made).
+    pub fn age(&self) -> Duration {
+        self.base.elapsed()
+    }
+
+    pub fn idle_for(&self) -> Duration {
         let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
         self.base.elapsed().saturating_sub(last)
     }
@@ -61,7 +97,8 @@ pub async fn expired(activity: &Activity, timeout: Duration) {
     }
 }
 
-/// A byte stream that touches its [`Activity`] whenever bytes pass.
+/// A client's byte stream that touches its [`Activity`] whenever bytes
+/// pass: what is read from it went out, what is written to it came in.
 pub struct IdleIo<T> {
     inner: T,
     activity: Arc<Activity>,
@@ -81,8 +118,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.touch();
+        let n = buf.filled().len() - before;
+        if matches!(r, Poll::Ready(Ok(()))) && n > 0 {
+            self.activity.moved_out(n as u64);
         }
         r
     }
@@ -95,8 +133,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+        if let Poll::Ready(Ok(n)) = r
+            && n > 0
+        {
+            self.activity.moved_in(n as u64);
         }
         r
     }
@@ -107,8 +147,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+        if let Poll::Ready(Ok(n)) = r
+            && n > 0
+        {
+            self.activity.moved_in(n as u64);
         }
         r
     }
@@ -145,6 +187,8 @@ mod tests {
         let mut one = [0u8; 1];
         io.read_exact(&mut one).await.unwrap();
         assert!(activity.idle_for() < Duration::from_millis(300));
+        // Read from the client: out; written to it: in.
+        assert_eq!(activity.bytes(), (1, 1));
         // Already idle longer than a zero timeout: resolves at once.
         expired(&activity, Duration::ZERO).await;
     }

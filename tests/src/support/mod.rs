@@ -8,7 +8,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, ensure};
 
-use crate::world::{Node, World, WorldBuilder, topology};
+use crate::world::{Node, Pod, World, WorldBuilder, topology};
 use crate::{DEFAULT_PATIENCE, eventually, metric_value};
 
 /// Builds the world and runs `body`; an error fails the test while the world
@@ -65,4 +65,20 @@ pub fn await_metric(node: &Node, name: &str, labels: &[(&str, &str)], want: f64)
         Ok(())
     })
     .with_context(|| format!("on {}", node.name()))
+}
+
+/// `nft ARGS…` inside the pod's network namespace, never the host's.
+pub fn nft_in(pod: &Pod, args: &[&str]) -> Result<String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", pod.netns_name(), "nft"])
+        .args(args)
+        .output()
+        .context("running nft (install nftables: cargo xtask setup)")?;
+    ensure!(
+        out.status.success(),
+        "nft {args:?} in {}: {}",
+        pod.netns_name(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

@@ -161,10 +161,18 @@ pub enum Event {
         bytes_out: u64,
         bytes_in: u64,
         duration_us: u64,
-        /// How it closed: `eof`, `connect_refused`, `upstream_error`, …
+        /// How it closed: `eof`, `connect_refused`, `upstream_error`,
+        /// `refused` (a connection limit), `idle_timeout`, …
         close: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<String>,
+        /// `proxy` when the proxy ended it, with its reason as in `rsp`
+        /// (`limit`, `no_endpoints`, `connect_failure`, `authz`); absent
+        /// when the connection ended on its own.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        source: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
     },
     /// The consumer did not keep up: this many events were dropped (since
     /// the previous `dropped` line) instead of being buffered.
@@ -269,12 +277,15 @@ impl Event {
                 duration_us,
                 close,
                 error,
+                source,
+                reason,
             } => {
                 head(&mut s, "tcp", meta);
                 let _ = write!(
                     s,
                     " bytes-out={bytes_out}B bytes-in={bytes_in}B duration={duration_us}µs close={close}"
                 );
+                status_source(&mut s, source, reason);
                 if let Some(e) = error {
                     let _ = write!(s, " error={e:?}");
                 }
@@ -552,10 +563,26 @@ mod tests {
             duration_us: 30,
             close: "eof".into(),
             error: None,
+            source: None,
+            reason: None,
         };
         assert_eq!(
             tcp.render(false),
             "tcp id=3 proxy=out src=10.1.0.2:40142 dst=10.2.0.2:8080 tls=no_identity bytes-out=100B bytes-in=200B duration=30µs close=eof"
+        );
+        let refused = Event::Tcp {
+            meta: meta(),
+            bytes_out: 0,
+            bytes_in: 0,
+            duration_us: 0,
+            close: "refused".into(),
+            error: Some("outbound.max_connections_per_pod (2) reached".into()),
+            source: Some("proxy".into()),
+            reason: Some("limit".into()),
+        };
+        assert_eq!(
+            refused.render(false),
+            "tcp id=3 proxy=out src=10.1.0.2:40142 dst=10.2.0.2:8080 tls=no_identity bytes-out=0B bytes-in=0B duration=0µs close=refused source=proxy reason=limit error=\"outbound.max_connections_per_pod (2) reached\""
         );
     }
 

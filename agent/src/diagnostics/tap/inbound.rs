@@ -127,6 +127,8 @@ impl TapHub {
                 duration_us: micros(c.duration),
                 close: c.close.to_string(),
                 error: c.error.map(str::to_string),
+                source: None,
+                reason: None,
             }
         });
     }

@@ -23,6 +23,9 @@ pub struct TcpClosed<'a> {
     pub bytes_in: u64,
     pub close: &'static str,
     pub error: Option<&'a str>,
+    /// When the proxy ended it (refused it at a limit, found no endpoint,
+    /// could not connect): its reason, shown as `source=proxy reason=…`.
+    pub proxy: Option<crate::http::errors::ProxyError>,
 }
 
 impl TapHub {
@@ -71,6 +74,8 @@ impl TapHub {
                 duration_us: micros(c.duration),
                 close: c.close.to_string(),
                 error: c.error.map(str::to_string),
+                source: c.proxy.map(|_| "proxy".to_string()),
+                reason: c.proxy.map(|p| p.code().to_string()),
             }
         });
     }

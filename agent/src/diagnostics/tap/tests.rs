@@ -451,6 +451,7 @@ async fn opaque_connections_are_one_tcp_event() {
             bytes_in: 20,
             close: "eof",
             error: None,
+            proxy: None,
         }
     });
     assert!(called);

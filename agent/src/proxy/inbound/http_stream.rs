@@ -34,6 +34,7 @@ use tracing::{Instrument, debug};
 
 use crate::config::Config;
 use crate::config::services::ProtocolHint;
+use crate::diagnostics::conns::{ConnProtocol, ConnTable, NewConn};
 use crate::diagnostics::http_metrics::HttpMetrics;
 use crate::diagnostics::kernel::KernelDiag;
 use crate::diagnostics::metrics::TcpMetrics;
@@ -69,6 +70,8 @@ pub struct InboundHttp {
     pub(super) tap: OnceLock<Arc<TapHub>>,
     /// `tcp_*{direction="inbound"}`: one connection per admitted stream.
     tcp: Arc<TcpMetrics>,
+    /// Every open connection (`waymark conns`); each admitted stream is one.
+    conns: Arc<ConnTable>,
 }
 
 impl InboundHttp {
@@ -78,6 +81,7 @@ impl InboundHttp {
         tcp: Arc<TcpMetrics>,
         discovery: Arc<Discovery>,
         authz: Arc<InboundAuthz>,
+        conns: Arc<ConnTable>,
     ) -> Arc<Self> {
         let pods = config
             .pods
@@ -96,6 +100,7 @@ impl InboundHttp {
             kernel: OnceLock::new(),
             tcp,
             tap: OnceLock::new(),
+            conns,
         })
     }
 
@@ -153,14 +158,32 @@ impl InboundHttp {
             self.pods.get(&target.ip()).map(String::as_str),
             target,
         );
-        let mut tunnel = Counted::new(tunnel, opened.byte_counters());
         let services = self
             .discovery
             .current()
             .services_of_endpoint(&target)
             .to_vec();
+        let live = self.conns.open(NewConn {
+            direction: crate::diagnostics::tap::filter::Direction::In,
+            pod: self.pods.get(&target.ip()).cloned(),
+            src: forwarded_for(&headers).and_then(|f| f.parse().ok()),
+            dst: target,
+            client_flow: None,
+            protocol: ConnProtocol::Detecting,
+        });
+        // The pod's side is a TCP connection of its own: the kernel's
+        // counters join on it (one getsockname, only while they count).
+        let pod_flow = self
+            .conns
+            .flows_wanted()
+            .then(|| upstream.local_addr().ok().map(|l| (l, target)))
+            .flatten();
+        live.set_inbound(services.first().map(String::as_str), &peer.id, pod_flow);
+        let mut tunnel = Counted::new(tunnel, opened.byte_counters())
+            .with_activity(Some(live.activity().clone()));
         if self.opaque_by_config(target, &services) {
             debug!("opaque by config; splicing");
+            live.set_protocol(ConnProtocol::Opaque);
             if self
                 .splice(&peer, &headers, target, &services, tunnel, upstream)
                 .await
@@ -173,6 +196,7 @@ impl InboundHttp {
         let (protocol, prefix) =
             first_bytes(&mut tunnel, &upstream, self.detect_timeout, watch_pod).await;
         debug!(protocol = protocol.as_str(), "inbound protocol detected");
+        live.set_protocol(protocol.into());
         let tunnel = Rewind::new(prefix.freeze(), tunnel);
         let version = match protocol {
             Protocol::Http1 => Version::Http1,
@@ -207,10 +231,15 @@ impl InboundHttp {
         let this = self.clone();
         let activity = Arc::new(Activity::default());
         let (svc_activity, svc_stop) = (activity.clone(), stop.clone());
+        let live = Arc::new(live);
+        let svc_live = live.clone();
         let svc = service_fn(move |req| {
             let this = this.clone();
             let ctx = ctx.clone();
             let conn = conn.clone();
+            svc_live.request(
+                ctx.version == Version::Http2 && crate::proxy::outbound::forward::is_grpc(&req),
+            );
             let in_flight = svc_activity.begin();
             let draining = svc_stop.clone();
             async move {

@@ -17,6 +17,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::diagnostics::metrics::{Direction, TcpCloseLabels, TcpLabels, TcpMetrics, TlsLabel};
+use crate::transport::idle::Activity;
 
 /// One inbound stream's series; counts the close when dropped, so a
 /// stream that ends any way (EOF, error, the task cancelled) is closed once.
@@ -95,11 +96,13 @@ impl Drop for InboundConn {
     }
 }
 
-/// A stream that adds what passes through it to two counters.
+/// A stream that adds what passes through it to two counters, and to the
+/// connection table's entry when it has one (read: out from the client).
 pub(super) struct Counted<T> {
     inner: T,
     read: Counter,
     written: Counter,
+    activity: Option<Arc<Activity>>,
 }
 
 impl<T> Counted<T> {
@@ -108,7 +111,13 @@ impl<T> Counted<T> {
             inner,
             read,
             written,
+            activity: None,
         }
+    }
+
+    pub(super) fn with_activity(mut self, activity: Option<Arc<Activity>>) -> Self {
+        self.activity = activity;
+        self
     }
 }
 
@@ -123,8 +132,22 @@ impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
         let n = buf.filled().len().saturating_sub(before);
         if n > 0 {
             self.read.inc_by(n as u64);
+            if let Some(a) = &self.activity {
+                a.moved_out(n as u64);
+            }
         }
         r
+    }
+}
+
+impl<T> Counted<T> {
+    fn wrote(&self, n: usize) {
+        self.written.inc_by(n as u64);
+        if let Some(a) = &self.activity
+            && n > 0
+        {
+            a.moved_in(n as u64);
+        }
     }
 }
 
@@ -136,7 +159,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = r {
-            self.written.inc_by(n as u64);
+            self.wrote(n);
         }
         r
     }
@@ -148,7 +171,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = r {
-            self.written.inc_by(n as u64);
+            self.wrote(n);
         }
         r
     }

@@ -56,6 +56,9 @@ pub struct ConnCtx {
     pub source_addr: Option<SocketAddr>,
     pub dst: SocketAddr,
     pub version: Version,
+    /// Its entry in the connection table (`waymark conns`): kept while a
+    /// request of the connection, or a connection it was upgraded to, runs.
+    pub live: Arc<crate::diagnostics::conns::ConnGuard>,
 }
 
 /// Shared by every HTTP connection of the agent.
@@ -269,7 +272,8 @@ impl HttpProxy {
         let deadline = route.timeout.map(|t| start + t);
         let version = upstream_version(backend.protocol, ctx.version);
         if ctx.version == Version::Http1 && wants_upgrade(req.headers()) {
-            return self.upgrade(ctx, backend, req).await;
+            let split = (backend.name != service.name).then_some(backend.name.as_str());
+            return self.upgrade(ctx, backend, split, req).await;
         }
         let (parts, body) = req.into_parts();
         let mut body = match &route.retry {
@@ -364,6 +368,12 @@ impl HttpProxy {
                 }
                 None => self.attempt(ctx, &key, version, upstream, &mut used).await,
             };
+            ctx.live.set_upstream(
+                (backend.name != service.name).then_some(backend.name.as_str()),
+                addr,
+                key.path.peer_identity(),
+                used.local.map(|l| (l, addr)),
+            );
             if let Some(l) = used.local {
                 tap::upstream_connection(&parts.extensions, l, addr, self.kernel.as_ref());
                 if let Some(t) = trace.as_deref_mut() {
@@ -635,6 +645,8 @@ impl HttpProxy {
             self.pool.upstreams().path(ctx.identity.as_ref(), None),
             ctx.netns.as_ref(),
         );
+        ctx.live
+            .set_upstream(None, ctx.dst, key.path.peer_identity(), None);
         let mut resp = match self
             .attempt(ctx, &key, ctx.version, upstream, &mut Used::default())
             .await
@@ -656,6 +668,7 @@ impl HttpProxy {
         &self,
         ctx: &ConnCtx,
         backend: &Service,
+        split: Option<&str>,
         mut req: Request<Incoming>,
     ) -> Response<ProxyBody> {
         let Some(pick) = backend.balancer.pick(Instant::now()) else {
@@ -670,6 +683,9 @@ impl HttpProxy {
                 .path(ctx.identity.as_ref(), node.as_deref()),
             ctx.netns.as_ref(),
         );
+        ctx.live
+            .set_upstream(split, addr, key.path.peer_identity(), None);
+        let live = ctx.live.clone();
         let downstream = hyper::upgrade::on(&mut req);
         let (parts, body) = req.into_parts();
         let mut upstream = Request::from_parts(parts.clone(), incoming(body));
@@ -694,6 +710,8 @@ impl HttpProxy {
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
         tokio::spawn(
             async move {
+                // Listed in `waymark conns` until the copy ends.
+                let _live = live;
                 match tokio::try_join!(downstream, upstream_upgrade) {
                     Ok((d, u)) => {
                         let (mut d, mut u) = (TokioIo::new(d), TokioIo::new(u));

@@ -44,7 +44,8 @@ pub async fn serve(
     stream: TcpStream,
     draining: CancellationToken,
 ) {
-    let bytes = Arc::new(Activity::new());
+    // The connection table's clock and byte counts, also the idle timeout's.
+    let bytes: Arc<Activity> = ctx.live.activity().clone();
     let io = TokioIo::new(IdleIo::new(stream, bytes.clone()));
     let version = ctx.version;
     let (idle_timeout, h2_streams) = (
@@ -76,6 +77,8 @@ pub async fn serve(
         let ctx = ctx.clone();
         let in_flight = svc_activity.begin();
         let draining = svc_draining.clone();
+        ctx.live
+            .request(version == Version::Http2 && super::forward::is_grpc(&req));
         Box::pin(async move {
             let mut resp = proxy.handle(&ctx, req).await;
             drain::mark_last(ctx.version, &draining, &mut resp);

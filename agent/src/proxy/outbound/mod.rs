@@ -17,12 +17,14 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use prometheus_client::metrics::gauge::Gauge;
 
 use crate::config::services::ProtocolHint;
+use crate::diagnostics::conns::{ConnGuard, ConnProtocol, ConnTable, NewConn};
 use crate::diagnostics::metrics::{
     Direction, NoTlsReason, PodLabels, RefusedLabels, TcpCloseLabels, TcpLabels, TcpMetrics,
     TlsLabel,
 };
 use crate::diagnostics::tap::TcpClosed;
 use crate::discovery::Discovery;
+use crate::http::errors::ProxyError;
 use crate::identity::SpiffeId;
 use crate::proxy::OriginalDst;
 use crate::proxy::detect::{self, Protocol};
@@ -111,6 +113,8 @@ pub struct Outbound {
     pub idle_timeout: Duration,
     /// Connections of all pods now.
     pub open_total: Arc<AtomicUsize>,
+    /// Every open connection, for `waymark conns`.
+    pub conns: Arc<ConnTable>,
 }
 
 /// How a connection ended, for logs and the `reason` label.
@@ -130,6 +134,8 @@ enum Close {
     TunnelTls,
     /// The tunnel to the destination's agent failed otherwise.
     TunnelFailed,
+    /// No byte either way for `limits.idle_timeout`.
+    IdleTimeout,
 }
 
 impl Close {
@@ -146,6 +152,24 @@ impl Close {
             Close::TunnelDenied => "tunnel_denied",
             Close::TunnelTls => "tunnel_tls_failed",
             Close::TunnelFailed => "tunnel_failed",
+            Close::IdleTimeout => "idle_timeout",
+        }
+    }
+
+    /// The proxy's reason when the proxy ended the connection (tap's
+    /// `source=proxy reason=…`, the words of a proxy's HTTP answer); `None`
+    /// when it ended on either side's own account.
+    fn proxy_error(self) -> Option<ProxyError> {
+        match self {
+            Close::NoEndpoints => Some(ProxyError::NoEndpoints),
+            Close::ConnectRefused
+            | Close::ConnectTimeout
+            | Close::ConnectFailed
+            | Close::TunnelTls
+            | Close::TunnelFailed => Some(ProxyError::ConnectFailed),
+            Close::TunnelDenied => Some(ProxyError::Forbidden),
+            Close::IdleTimeout => Some(ProxyError::Limit),
+            Close::Eof | Close::Drain | Close::ClientError | Close::UpstreamError => None,
         }
     }
 
@@ -233,7 +257,7 @@ impl Outbound {
                     self.tracker.spawn(
                         async move {
                             let _admission = admission;
-                            this.proxy(pod, client, peer).await
+                            this.proxy(pod, client, peer, local).await
                         }
                         .instrument(span),
                     );
@@ -269,10 +293,28 @@ impl Outbound {
 
     /// Resets a connection over a limit (after taking its original
     /// destination, so the kernel's map keeps no entry for it) and counts
-    /// it. Logged at debug only: a pod hammering its limit must not flood
-    /// the log; the metric has every one.
+    /// it; an open tap sees it as a `tcp` event with `source=proxy
+    /// reason=limit`. Logged at debug only: a pod hammering its limit must
+    /// not flood the log; the metric has every one.
     fn refuse(&self, pod: &PodInfo, client: TcpStream, peer: SocketAddr, limit: &'static str) {
-        let _ = self.original_dst.take(pod.netns_cookie, peer);
+        if let Ok(Some(dst)) = self.original_dst.take(pod.netns_cookie, peer) {
+            self.http.tap.tcp_closed(|| TcpClosed {
+                pod: &pod.name,
+                src: peer,
+                dst,
+                duration: Duration::ZERO,
+                bytes_out: 0,
+                bytes_in: 0,
+                close: "refused",
+                error: Some(match limit {
+                    "pod_connections" => {
+                        "the pod's connections reached outbound.max_connections_per_pod"
+                    }
+                    _ => "the agent's connections reached outbound.max_connections",
+                }),
+                proxy: Some(ProxyError::Limit),
+            });
+        }
         self.metrics
             .refused_total
             .get_or_create(&RefusedLabels {
@@ -284,7 +326,15 @@ impl Outbound {
         reset(client);
     }
 
-    async fn proxy(&self, pod: Arc<PodInfo>, client: TcpStream, peer: SocketAddr) {
+    /// `listener`: the address the pod's listener is bound to (the
+    /// accepted socket's local address, without asking the kernel).
+    async fn proxy(
+        &self,
+        pod: Arc<PodInfo>,
+        client: TcpStream,
+        peer: SocketAddr,
+        listener: Option<SocketAddr>,
+    ) {
         let start = Instant::now();
         let lookup = self.original_dst.take(pod.netns_cookie, peer);
         let dst = match lookup {
@@ -313,10 +363,19 @@ impl Outbound {
 
         let mut opened = None;
         let mut transferred = copy::Transferred::default();
+        let live = Arc::new(self.conns.open(NewConn {
+            direction: crate::diagnostics::tap::filter::Direction::Out,
+            pod: Some(pod.name.clone()),
+            src: Some(source_addr(&pod, peer, dst).unwrap_or(peer)),
+            dst,
+            client_flow: listener.map(|l| (l, peer)),
+            protocol: ConnProtocol::Detecting,
+        }));
         let conn = Conn {
             pod: &pod,
             peer,
             dst,
+            live: &live,
         };
         let (close, detail) = tokio::select! {
             biased;
@@ -340,11 +399,10 @@ impl Outbound {
                 close.reason(),
             ))
             .inc();
-        let (bytes_out, bytes_in, duration_ms) = (
-            transferred.client_to_upstream,
-            transferred.upstream_to_client,
-            elapsed.as_secs_f64() * 1000.0,
-        );
+        // The connection's own count, HTTP included (the opaque copy's
+        // `transferred` sees only what it moved).
+        let (bytes_out, bytes_in) = live.activity().bytes();
+        let duration_ms = elapsed.as_secs_f64() * 1000.0;
         let tls = labels.tls.value();
         match close {
             Close::Eof | Close::Drain => debug!(
@@ -404,11 +462,13 @@ impl Outbound {
             // through its node's tunnel (and its authorization).
             let node = table.workload(&conn.dst.ip()).map(|w| w.node.as_str());
             let path = self.upstreams.path(conn.pod.identity.as_ref(), node);
+            conn.live.set_protocol(ConnProtocol::Opaque);
             let o = opened.insert(self.open(conn, path.tls()));
             return self
                 .opaque(client, conn, &path, conn.dst, &o.labels, transferred)
                 .await;
         };
+        conn.live.set_service(&service.name);
         let protocol = if service.protocol == ProtocolHint::Opaque
             || self.opaque_ports.contains(&conn.dst.port())
         {
@@ -421,6 +481,7 @@ impl Outbound {
             debug!(protocol = p.as_str(), ?outcome, service = %service.name, "protocol detected");
             p
         };
+        conn.live.set_protocol(protocol.into());
         let version = match protocol {
             Protocol::Http1 => Version::Http1,
             Protocol::Http2 => Version::Http2,
@@ -453,6 +514,7 @@ impl Outbound {
             source_addr: conn.source_addr(),
             dst: conn.dst,
             version,
+            live: conn.live.clone(),
         });
         // Boxed, like the connect below: the connection's task is sized for
         // the largest future it may ever hold, and hyper's connection state
@@ -479,6 +541,8 @@ impl Outbound {
         transferred: &mut copy::Transferred,
     ) -> (Close, Option<String>) {
         let start = Instant::now();
+        conn.live
+            .set_upstream(None, target, path.peer_identity(), None);
         let (close, detail) = self
             .forward(&mut client, conn, path, target, labels, transferred)
             .await;
@@ -491,6 +555,7 @@ impl Outbound {
             bytes_in: transferred.upstream_to_client,
             close: close.reason(),
             error: detail.as_deref(),
+            proxy: close.proxy_error(),
         });
         if close.is_failure_before_data() || close == Close::UpstreamError {
             // The client must learn promptly that its peer is gone (or
@@ -548,7 +613,15 @@ impl Outbound {
         } else {
             debug!(%target, "connected");
         }
-        let activity = Arc::new(crate::transport::idle::Activity::new());
+        if let UpstreamIo::Tcp(tcp) = &upstream
+            && self.conns.flows_wanted()
+        {
+            // The kernel's per-flow counters are keyed by this socket's
+            // addresses: one getsockname, only while they are counted.
+            let flow = tcp.local_addr().ok().map(|l| (l, target));
+            conn.live.set_upstream(None, target, None, flow);
+        }
+        let activity = conn.live.activity().clone();
         let counters = Counters {
             client_to_upstream: self.metrics.write_bytes_total.get_or_create(labels).clone(),
             upstream_to_client: self.metrics.read_bytes_total.get_or_create(labels).clone(),
@@ -572,7 +645,7 @@ impl Outbound {
             }
         };
         let result = tokio::select! {
-            r = copied => r,
+            r = copied => r.map_err(Some),
             () = crate::transport::idle::expired(&activity, self.idle_timeout) => {
                 self.metrics
                     .limit_closed_total
@@ -582,21 +655,19 @@ impl Outbound {
                     })
                     .inc();
                 debug!(pod = %conn.pod.name, %target, timeout = ?self.idle_timeout, "idle connection closed");
-                Err(copy::CopyError {
-                    side: Side::Client,
-                    error: std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!(
-                            "no byte either way for {:?} (limits.idle_timeout)",
-                            self.idle_timeout
-                        ),
-                    ),
-                })
+                Err(None)
             }
         };
         match result {
             Ok(()) => (Close::Eof, None),
-            Err(e) => {
+            Err(None) => (
+                Close::IdleTimeout,
+                Some(format!(
+                    "no byte either way for {} (limits.idle_timeout)",
+                    humantime::format_duration(self.idle_timeout)
+                )),
+            ),
+            Err(Some(e)) => {
                 let detail = Some(e.to_string());
                 match e.side {
                     Side::Upstream => (Close::UpstreamError, detail),
@@ -612,19 +683,25 @@ struct Conn<'a> {
     pod: &'a PodInfo,
     peer: SocketAddr,
     dst: SocketAddr,
+    /// Its entry in the connection table.
+    live: &'a Arc<ConnGuard>,
 }
 
 impl Conn<'_> {
-    /// The client as the network knows it: the pod's address (of the
-    /// dialled family when it has one) and the client's port; the accepted
-    /// peer is the pod's loopback.
     fn source_addr(&self) -> Option<SocketAddr> {
-        let ips = &self.pod.ips;
-        ips.iter()
-            .find(|ip| ip.is_ipv4() == self.dst.is_ipv4())
-            .or(ips.first())
-            .map(|ip| SocketAddr::new(*ip, self.peer.port()))
+        source_addr(self.pod, self.peer, self.dst)
     }
+}
+
+/// The client as the network knows it: the pod's address (of the dialled
+/// family when it has one) and the client's port; the accepted peer is the
+/// pod's loopback.
+fn source_addr(pod: &PodInfo, peer: SocketAddr, dst: SocketAddr) -> Option<SocketAddr> {
+    let ips = &pod.ips;
+    ips.iter()
+        .find(|ip| ip.is_ipv4() == dst.is_ipv4())
+        .or(ips.first())
+        .map(|ip| SocketAddr::new(*ip, peer.port()))
 }
 
 /// Closes with RST (SO_LINGER 0) instead of FIN.
