@@ -3,7 +3,9 @@
 //! carrying streams (openssl s_client, testpeer); a pod's HTTP/2 connection
 //! is offered `h2_max_concurrent_streams` and a client that honours it is
 //! served (nghttp, h2load); opaque and HTTP connections idle for
-//! `idle_timeout` are closed and counted with their pod. They need root and
+//! `idle_timeout` are closed and counted with their pod, and so are tunnel
+//! connections between agents without a stream; h2 streams refused over
+//! the limit are counted with the pod. They need root and
 //! eBPF; see tests/README.md.
 
 // Children spawned through a world are reaped by the world when it shuts down.
@@ -15,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use waymark_tests::{
-    DEFAULT_PATIENCE, Node, Pod, Server, World, eventually, metric, pod_ip, python,
+    DEFAULT_PATIENCE, Node, Pod, Server, World, await_metric, eventually, metric, pod_ip, python,
     require_agent_or_skip, testpeer, with_world, world_name,
 };
 
@@ -191,6 +193,73 @@ endpoints = [ {{ addr = "{}:8080" }} ]
         ensure!(
             out.contains("200 succeeded, 0 failed, 0 errored"),
             "h2load:\n{out}"
+        );
+        let refused = [("pod", client.name()), ("limit", "h2_streams")];
+        ensure!(metric(world.node(0), "waymark_limit_refused_total", &refused)? == 0.0);
+        // nghttp opens 40 streams in its first flight, before it has read
+        // the SETTINGS that allow 7: h2 refuses the excess itself, and the
+        // agent counts each refusal with the pod.
+        let out = client.run(Command::new("nghttp").args([
+            "-v",
+            "-m",
+            "40",
+            &format!("http://{VIP}/"),
+        ]))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let seen = text.matches("error_code=REFUSED_STREAM").count();
+        ensure!(
+            seen > 0,
+            "nghttp was refused no stream, so the limit was not exercised:\n{text}"
+        );
+        await_metric(
+            world.node(0),
+            "waymark_limit_refused_total",
+            &refused,
+            seen as f64,
+        )?;
+        Ok(())
+    });
+}
+
+/// A tunnel connection between agents that carries no stream for
+/// `idle_timeout` is closed by the receiving agent with a GOAWAY and
+/// counted; the next connection through the tunnel opens a new one.
+#[test]
+fn idle_tunnel_connections_are_closed_and_counted() {
+    require_agent_or_skip!();
+    let b = World::builder(world_name!())
+        .pods_per_node(1)
+        .mtls(true)
+        .agent_config_extra(format!(
+            r#"
+[limits]
+idle_timeout = "2s"
+[[services]]
+name = "echo"
+addresses = ["10.96.0.62:7000"]
+protocol = "opaque"
+endpoints = [ {{ addr = "{}:7000", node = "node1" }} ]
+"#,
+            pod_ip(1, 0)
+        ));
+    with_world(b, |world| {
+        let n1 = world.node(1);
+        let _echo = world
+            .pod(1, 0)
+            .serve(&mut testpeer(["echo", "--listen", "0.0.0.0:7000"]))?;
+        let idle = [("direction", "inbound")];
+        let connections = |n: &Node| metric(n, "waymark_tunnel_connections_total", &idle);
+        ensure!(metric(n1, "waymark_tunnel_idle_closed_total", &idle)? == 0.0);
+        echo_ok(world.pod(0, 0), "10.96.0.62:7000")?;
+        let before = connections(n1)?;
+        ensure!(before >= 1.0, "the echo crossed no tunnel connection");
+        await_metric(n1, "waymark_tunnel_idle_closed_total", &idle, 1.0)?;
+        // The closed connection is not reused (the stream would fail): a
+        // new one carries the next.
+        echo_ok(world.pod(0, 0), "10.96.0.62:7000")?;
+        ensure!(
+            connections(n1)? > before,
+            "no new tunnel connection after the idle one was closed"
         );
         Ok(())
     });

@@ -69,6 +69,8 @@ pub struct InboundHttp {
     pub(super) tap: OnceLock<Arc<TapHub>>,
     /// `tcp_*{direction="inbound"}`: one connection per admitted stream.
     tcp: Arc<TcpMetrics>,
+    /// Node-wide bound on buffered bytes (`TRACE` bodies here).
+    pub(super) buffer_budget: Arc<crate::http::budget::BufferBudget>,
 }
 
 impl InboundHttp {
@@ -78,6 +80,7 @@ impl InboundHttp {
         tcp: Arc<TcpMetrics>,
         discovery: Arc<Discovery>,
         authz: Arc<InboundAuthz>,
+        buffer_budget: Arc<crate::http::budget::BufferBudget>,
     ) -> Arc<Self> {
         let pods = config
             .pods
@@ -96,6 +99,7 @@ impl InboundHttp {
             kernel: OnceLock::new(),
             tcp,
             tap: OnceLock::new(),
+            buffer_budget,
         })
     }
 

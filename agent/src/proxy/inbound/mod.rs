@@ -160,6 +160,7 @@ impl Collector for TunnelCollector {
         let mut connections = Vec::new();
         let mut failures = Vec::new();
         let mut streams = Vec::new();
+        let mut idle_closed = Vec::new();
         if let Some(s) = &self.inbound {
             let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
             connections.push(("inbound", load(&s.tls_established)));
@@ -175,6 +176,7 @@ impl Collector for TunnelCollector {
             streams.push(("inbound", "opened", load(&s.streams_opened)));
             streams.push(("inbound", "denied", load(&s.streams_denied)));
             streams.push(("inbound", "connect_failed", load(&s.connect_failed)));
+            idle_closed.push(("inbound", load(&s.idle_closed)));
         }
         if let Some(m) = self.upstreams.mesh() {
             connections.push(("outbound", m.pool.connections_opened()));
@@ -216,6 +218,16 @@ impl Collector for TunnelCollector {
                 .into_iter()
                 .map(|(direction, reason, v)| (FailureLabels { direction, reason }, v)),
         )?;
+        if !idle_closed.is_empty() {
+            encode_counters(
+                &mut encoder,
+                "waymark_tunnel_idle_closed",
+                "Tunnel connections closed with a GOAWAY after limits.idle_timeout without a stream",
+                idle_closed
+                    .into_iter()
+                    .map(|(direction, v)| (DirLabels { direction }, v)),
+            )?;
+        }
         encode_counters(
             &mut encoder,
             "waymark_tunnel_streams",

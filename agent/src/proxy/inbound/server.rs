@@ -33,6 +33,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::identity::{CertInfo, TlsFailure, peer_info};
 use crate::transport::copy;
+use crate::transport::idle::{OpenStream, Streams, streams_expired};
 use crate::transport::tunnel::{DENY_REASON, ERROR_REASON, SOURCE_WORKLOAD};
 
 const SOURCE_MISMATCH: &str = "source workload header does not match the client certificate";
@@ -52,6 +53,11 @@ pub struct ServerConfig {
     pub connection_window: u32,
     /// Where session secrets go (a capture's key log); `None`: nowhere.
     pub key_log: Option<std::sync::Arc<dyn rustls::KeyLog>>,
+    /// A tunnel connection with no stream open for this long is closed
+    /// with a GOAWAY (`limits.idle_timeout`): a peer agent, or a pod that
+    /// dialled once through it, cannot keep a TLS session, its buffers and
+    /// its socket here for ever with PINGs alone.
+    pub idle_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -65,6 +71,7 @@ impl Default for ServerConfig {
             stream_window: 4 << 20,
             connection_window: 16 << 20,
             key_log: None,
+            idle_timeout: crate::config::limits::DEFAULT_IDLE_TIMEOUT,
         }
     }
 }
@@ -118,6 +125,8 @@ pub struct ServerStats {
     pub streams_opened: AtomicU64,
     pub streams_denied: AtomicU64,
     pub connect_failed: AtomicU64,
+    /// Connections closed (GOAWAY) after `idle_timeout` without a stream.
+    pub idle_closed: AtomicU64,
 }
 
 pub use crate::transport::tunnel::FAILURES;
@@ -365,10 +374,13 @@ impl Shared {
         debug!(peer_id = %peer.id, serial = %peer.serial, "tunnel connection established");
         let peer = Arc::new(peer);
         let this = self.clone();
+        let streams = Arc::new(Streams::default());
+        let svc_streams = streams.clone();
         let service = hyper::service::service_fn(move |req| {
             let this = this.clone();
             let peer = peer.clone();
-            async move { Ok::<_, Infallible>(this.stream(req, peer).await) }
+            let open = svc_streams.begin();
+            async move { Ok::<_, Infallible>(this.stream(req, peer, open).await) }
         });
         let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         h2.max_concurrent_streams(self.config.max_concurrent_streams)
@@ -378,10 +390,17 @@ impl Shared {
             .max_send_buf_size(1 << 20);
         let conn = h2.serve_connection(TokioIo::new(tls), service);
         tokio::pin!(conn);
+        let idle_timeout = self.config.idle_timeout;
         let result = tokio::select! {
             result = conn.as_mut() => result,
             _ = self.drain.stop.cancelled() => {
                 debug!("draining: GOAWAY sent, waiting for the streams in flight");
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+            () = streams_expired(&streams, idle_timeout) => {
+                self.stats.idle_closed.fetch_add(1, Ordering::Relaxed);
+                debug!(timeout = ?idle_timeout, "idle tunnel connection: GOAWAY sent");
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }
@@ -391,13 +410,20 @@ impl Shared {
         }
     }
 
-    async fn stream(&self, req: Request<Incoming>, peer: Arc<CertInfo>) -> Response<Empty<Bytes>> {
+    /// `open` counts the stream on its connection until the stream ends
+    /// (its splice, when admitted) for the connection's idle timeout.
+    async fn stream(
+        &self,
+        req: Request<Incoming>,
+        peer: Arc<CertInfo>,
+        open: OpenStream,
+    ) -> Response<Empty<Bytes>> {
         let target = match connect_target(req.method(), req.uri()) {
             Ok(t) => t,
             Err((status, why)) => return reply(status, ERROR_REASON, why),
         };
         let span = info_span!("tunnel_stream", peer_id = %peer.id, %target);
-        self.admit(req, peer, target).instrument(span).await
+        self.admit(req, peer, target, open).instrument(span).await
     }
 
     /// Checks the source header and authorization, connects to the target
@@ -407,6 +433,7 @@ impl Shared {
         mut req: Request<Incoming>,
         peer: Arc<CertInfo>,
         target: SocketAddr,
+        open: OpenStream,
     ) -> Response<Empty<Bytes>> {
         if let Some(claimed) = req.headers().get(SOURCE_WORKLOAD)
             && claimed.as_bytes() != peer.id.to_string().as_bytes()
@@ -452,6 +479,7 @@ impl Shared {
         let stop = self.drain.stop.clone();
         self.drain.tracker.spawn(
             async move {
+                let _open = open;
                 match upgrade.await {
                     Ok(upgraded) => {
                         let stream = Admitted {

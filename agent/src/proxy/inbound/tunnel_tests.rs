@@ -532,3 +532,30 @@ async fn a_probe_handshakes_verifies_the_peer_and_opens_no_stream() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_connection_without_streams_for_the_idle_timeout_is_closed_and_counted() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let w = world(super::ServerConfig {
+        idle_timeout: Duration::from_millis(400),
+        ..Default::default()
+    })
+    .await;
+    let web = w.pki.identity("default", "web");
+    let pool = w.pool();
+    let stream = w.open(&pool, &web).await.unwrap();
+    // An open stream keeps its connection however quiet it is.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(w.stats.idle_closed.load(Relaxed), 0, "a stream is open");
+    assert_eq!(round_trip(stream, b"still here").await, b"still here");
+    // Without one, the server sends GOAWAY after the timeout.
+    eventually("the idle connection to be closed", || {
+        w.stats.idle_closed.load(Relaxed) == 1
+    })
+    .await;
+    // The next stream gets a new connection.
+    let stream = w.open(&pool, &web).await.unwrap();
+    assert_eq!(round_trip(stream, b"again").await, b"again");
+    assert_eq!(pool.connections_opened(), 2);
+    assert_eq!(w.stats.tls_established.load(Relaxed), 2);
+}

@@ -65,11 +65,19 @@ pub struct HttpProxy {
     pub discovery: Arc<Discovery>,
     pub pool: Arc<Pool>,
     pub retry_buffer: usize,
+    /// Node-wide bound on buffered bytes (retry copies, `TRACE` bodies).
+    pub buffer_budget: Arc<crate::http::budget::BufferBudget>,
     /// Streams per HTTP/2 connection and the idle timeout of pods' HTTP
     /// connections.
     pub limits: crate::config::LimitsConfig,
     /// Counts connections closed by a limit, per pod.
     pub limit_closed: prometheus_client::metrics::family::Family<
+        crate::diagnostics::metrics::RefusedLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    /// Counts what a limit refused a pod on an open connection (HTTP/2
+    /// streams), per pod.
+    pub limit_refused: prometheus_client::metrics::family::Family<
         crate::diagnostics::metrics::RefusedLabels,
         prometheus_client::metrics::counter::Counter,
     >,
@@ -236,7 +244,7 @@ impl HttpProxy {
                     c.duration = start.elapsed();
                     c.kernel = self.kernel_line(c.upstream);
                     c.result = Some((resp.status().as_u16(), StatusSource::of(&resp)));
-                    add_context(resp, mode, &c).await
+                    add_context(resp, mode, &c, self.buffer_budget.account(&ctx.pod)).await
                 }
                 _ => resp,
             };
@@ -273,9 +281,11 @@ impl HttpProxy {
         }
         let (parts, body) = req.into_parts();
         let mut body = match &route.retry {
-            Some(_) if may_fit(&body, self.retry_buffer) => {
-                RequestBody::Replay(ReplayBody::new(body, self.retry_buffer))
-            }
+            Some(_) if may_fit(&body, self.retry_buffer) => RequestBody::Replay(ReplayBody::new(
+                body,
+                self.retry_buffer,
+                self.buffer_budget.account(&ctx.pod),
+            )),
             _ => RequestBody::Stream(Some(body)),
         };
         service.budget.deposit(start);
@@ -740,11 +750,14 @@ pub(crate) fn reflect(req: &Request<Incoming>) -> Response<ProxyBody> {
 }
 
 /// Adds this hop's context to a response: appended to the body for TRACE
-/// (Content-Length fixed up by rebuilding the body), a header otherwise.
+/// (Content-Length fixed up by rebuilding the body), a header otherwise,
+/// and also when the body outgrows [`MAX_TRACE_BODY`] or `account` cannot
+/// get its bytes from the node-wide budget.
 pub(crate) async fn add_context(
     resp: Response<ProxyBody>,
     mode: trace::Mode,
     context: &(impl trace::Hop + Sync),
+    mut account: crate::http::budget::Account,
 ) -> Response<ProxyBody> {
     let (mut parts, mut body) = resp.into_parts();
     // A body of unknown length (chunked, HTTP/2 without content-length)
@@ -762,12 +775,15 @@ pub(crate) async fn add_context(
         while let Some(frame) = body.frame().await {
             match frame {
                 Ok(frame) => {
+                    let mut over = false;
                     if let Ok(data) = frame.into_data() {
+                        over = !account.grow(data.len());
                         bytes.extend_from_slice(&data);
                     }
-                    if bytes.len() > MAX_TRACE_BODY {
-                        // Too big after all: what was read goes on first,
-                        // the rest as it comes, the context in a header.
+                    if over || bytes.len() > MAX_TRACE_BODY {
+                        // Too big after all, or the node's budget is
+                        // spent: what was read goes on first, the rest as
+                        // it comes, the context in a header.
                         if let Ok(v) = HeaderValue::from_str(&context.header()) {
                             parts.headers.append(trace::CONTEXT_HEADER, v);
                         }
