@@ -523,7 +523,7 @@ endpoints = [{{ addr = "{}:8080" }}]
         let (code, out) = waymark(node, &["check"])?;
         ensure!(code == 1, "check passed with a detached program:\n{out}");
         ensure!(
-            out.contains("✖ agent: 1 of its 5 programs is no longer attached"),
+            out.contains("✖ agent: 1 of its 6 programs is no longer attached"),
             "{out}"
         );
         ensure!(
