@@ -37,6 +37,10 @@ enum Task {
     /// Benchmark: Kubernetes discovery at scale (10,000 services, 50,000
     /// endpoints, 20,000 pods by default) against the stand-in API server.
     BenchDiscovery(bench::discovery::DiscoveryArgs),
+    /// Benchmark: one pod holding thousands of idle connections through
+    /// the agent while another pod's requests run (its p99 idle and
+    /// loaded, the agent's memory).
+    BenchNoisy(bench::noisy::NoisyArgs),
     /// Install what waymark's builds and tests need (apt packages,
     /// rust-src, bpf-linker).
     Setup {
@@ -62,6 +66,7 @@ fn main() -> ExitCode {
         }),
         Task::Bench(args) => bench::run(args),
         Task::BenchDiscovery(args) => bench::discovery::run(args),
+        Task::BenchNoisy(args) => bench::noisy::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
