@@ -320,3 +320,115 @@ endpoints = [ {{ addr = "{}:8080" }} ]
         Ok(())
     });
 }
+
+/// Counts the log lines of `log` (from byte `from`) that contain `what`.
+fn lines_with(log: &str, from: usize, what: &str) -> usize {
+    log.get(from..)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(what))
+        .count()
+}
+
+/// With its descriptors used up (an agent held to 400 open files, soft and
+/// hard, so it cannot raise them), every accept loop — the pods' listener,
+/// the tunnel port, the admin TCP port and the admin socket — fails with
+/// `EMFILE` and backs off (50 ms) instead of spinning on a connection
+/// waiting in its backlog: at most a few dozen failures per loop in two
+/// seconds, where a spinning loop logs thousands. Once the pod lets its
+/// connections go, the agent serves again: admin socket and new
+/// connections.
+#[test]
+fn accept_loops_back_off_when_descriptors_run_out() {
+    require_agent_or_skip!();
+    /// Removes the wrapper's directory, also when the test fails.
+    struct Dir(std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let dir = Dir(std::env::temp_dir().join(format!("waymark-emfile-{}", std::process::id())));
+    let wrapper = (|| -> Result<std::path::PathBuf> {
+        std::fs::create_dir_all(&dir.0)?;
+        let wrapper = dir.0.join("waymark-400-files");
+        std::fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\nexec prlimit --nofile=400:400 {} \"$@\"\n",
+                waymark_tests::world::agent::waymark_bin()?.display()
+            ),
+        )?;
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
+        Ok(wrapper)
+    })()
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let b = World::builder(world_name!())
+        .pods_per_node(2)
+        .mtls(true)
+        .agent_bin(&wrapper)
+        .agent_config_extra(
+            "[outbound]\nmax_connections = 100000\nmax_connections_per_pod = 100000\n\
+             [proxy]\nopaque_ports = [7000]\n",
+        );
+    with_world(b, |world| {
+        let (node, greedy, other) = (world.node(0), world.pod(0, 0), world.pod(0, 1));
+        let server = world.pod(1, 0);
+        let _echo = server.serve(&mut testpeer(["echo", "--listen", "0.0.0.0:7000"]))?;
+        let echo = format!("{}:7000", server.ip());
+        echo_ok(other, &echo)?;
+        // 600 connections: each proxied one costs the agent two files, so
+        // the rest wait in the pod listener's backlog.
+        let _held = greedy.serve_until(
+            &mut testpeer([
+                "hold",
+                "--connect",
+                &echo,
+                "--count",
+                "600",
+                "--hold",
+                "300s",
+            ]),
+            "holding ",
+            Duration::from_secs(60),
+        )?;
+        eventually(DEFAULT_PATIENCE, || {
+            let log = node.agent_log();
+            ensure!(
+                log.contains("accept failed") && log.contains("Too many open files"),
+                "the pods' listener has not hit EMFILE yet"
+            );
+            Ok(())
+        })?;
+        // One connection waiting on each of the other listeners.
+        let tunnel: std::net::SocketAddr = format!("{}:15008", node.fabric_ip()).parse()?;
+        let _tunnel = node.tcp_connect(tunnel, Duration::from_secs(2))?;
+        let _admin_tcp = node.tcp_connect(node.admin_addr(), Duration::from_secs(2))?;
+        let _admin_unix = std::os::unix::net::UnixStream::connect(node.admin_socket())?;
+        std::thread::sleep(Duration::from_millis(500));
+        let from = node.agent_log().len();
+        std::thread::sleep(Duration::from_secs(2));
+        let log = node.agent_log();
+        for what in [
+            "WARN waymark_agent::proxy::outbound: accept failed",
+            "tunnel accept failed",
+            "admin accept failed",
+            "admin socket accept failed",
+        ] {
+            let n = lines_with(&log, from, what);
+            eprintln!("{what:?}: {n} lines in 2 s");
+            ensure!(
+                (1..=80).contains(&n),
+                "{n} lines of {what:?} in 2 s: the loop must fail and back off (50 ms), not spin"
+            );
+        }
+        drop(_held);
+        eventually(DEFAULT_PATIENCE, || {
+            let (status, _) = node.admin_socket_get("/config")?;
+            ensure!(status == 200, "admin socket answered {status}");
+            echo_ok(other, &echo)
+        })?;
+        Ok(())
+    });
+}
