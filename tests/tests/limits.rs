@@ -247,13 +247,19 @@ endpoints = [ {{ addr = "{}:7000", node = "node1" }} ]
         let _echo = world
             .pod(1, 0)
             .serve(&mut testpeer(["echo", "--listen", "0.0.0.0:7000"]))?;
-        let idle = [("direction", "inbound")];
-        let connections = |n: &Node| metric(n, "waymark_tunnel_connections_total", &idle);
-        ensure!(metric(n1, "waymark_tunnel_idle_closed_total", &idle)? == 0.0);
+        let idle = [("direction", "inbound"), ("reason", "idle_timeout")];
+        let connections = |n: &Node| {
+            metric(
+                n,
+                "waymark_tunnel_connections_total",
+                &[("direction", "inbound")],
+            )
+        };
+        ensure!(metric(n1, "waymark_tunnel_closed_total", &idle)? == 0.0);
         echo_ok(world.pod(0, 0), "10.96.0.62:7000")?;
         let before = connections(n1)?;
         ensure!(before >= 1.0, "the echo crossed no tunnel connection");
-        await_metric(n1, "waymark_tunnel_idle_closed_total", &idle, 1.0)?;
+        await_metric(n1, "waymark_tunnel_closed_total", &idle, 1.0)?;
         // The closed connection is not reused (the stream would fail): a
         // new one carries the next.
         echo_ok(world.pod(0, 0), "10.96.0.62:7000")?;

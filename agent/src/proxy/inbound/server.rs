@@ -25,6 +25,8 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::danger::ClientCertVerifier;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -127,6 +129,9 @@ pub struct ServerStats {
     pub connect_failed: AtomicU64,
     /// Connections closed (GOAWAY) after `idle_timeout` without a stream.
     pub idle_closed: AtomicU64,
+    /// Connections closed because a new trust bundle no longer accepts the
+    /// peer's certificate chain.
+    pub untrusted_closed: AtomicU64,
 }
 
 pub use crate::transport::tunnel::FAILURES;
@@ -155,20 +160,58 @@ pub struct TunnelServer {
 }
 
 /// The server's TLS configuration, replaceable while it runs (a new trust
-/// bundle): each handshake takes the one current when it starts.
-pub struct ServerTls(std::sync::RwLock<TlsAcceptor>);
+/// bundle): each handshake takes the one current when it starts, and each
+/// open connection checks its peer's chain again against a new bundle.
+pub struct ServerTls {
+    acceptor: std::sync::RwLock<TlsAcceptor>,
+    /// The client verifier of the bundle in force once it has changed
+    /// (`None`: the one the connections were verified with).
+    trust: tokio::sync::watch::Sender<Option<Arc<dyn ClientCertVerifier>>>,
+}
 
 impl ServerTls {
     pub fn new(config: Arc<rustls::ServerConfig>) -> Arc<Self> {
-        Arc::new(Self(std::sync::RwLock::new(TlsAcceptor::from(config))))
+        Arc::new(Self {
+            acceptor: std::sync::RwLock::new(TlsAcceptor::from(config)),
+            trust: tokio::sync::watch::Sender::new(None),
+        })
     }
 
     pub fn set(&self, config: Arc<rustls::ServerConfig>) {
-        *self.0.write().unwrap_or_else(|e| e.into_inner()) = TlsAcceptor::from(config);
+        *self.acceptor.write().unwrap_or_else(|e| e.into_inner()) = TlsAcceptor::from(config);
+    }
+
+    /// A new trust bundle's verifier: every open connection whose peer's
+    /// chain it does not accept (an issuer dropped from the bundle) is
+    /// closed, with the streams on it.
+    pub fn set_trust(&self, verifier: Arc<dyn ClientCertVerifier>) {
+        self.trust.send_replace(Some(verifier));
     }
 
     fn current(&self) -> TlsAcceptor {
-        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.acceptor
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// Resolves with the reason once a new trust bundle no longer accepts
+/// `chain` (the peer's certificates as presented in its handshake).
+async fn distrusted(
+    mut trust: tokio::sync::watch::Receiver<Option<Arc<dyn ClientCertVerifier>>>,
+    chain: Vec<CertificateDer<'static>>,
+) -> rustls::Error {
+    loop {
+        if trust.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        let verifier = trust.borrow_and_update().clone();
+        if let (Some(v), Some((leaf, intermediates))) = (verifier, chain.split_first())
+            && let Err(e) = v.verify_client_cert(leaf, intermediates, UnixTime::now())
+        {
+            return e;
+        }
     }
 }
 
@@ -264,6 +307,12 @@ impl TunnelServer {
             drain: Drain::default(),
         });
         Self { listener, shared }
+    }
+
+    /// The TLS configuration, to swap trust bundles (the unit tests').
+    #[cfg(test)]
+    pub fn tls(&self) -> Arc<ServerTls> {
+        self.shared.tls.clone()
     }
 
     /// Hands admitted streams to `handler` instead of splicing them.
@@ -372,7 +421,17 @@ impl Shared {
         };
         self.stats.tls_established.fetch_add(1, Ordering::Relaxed);
         debug!(peer_id = %peer.id, serial = %peer.serial, "tunnel connection established");
+        // Subscribed before anything else can change: a bundle swapped
+        // after this handshake is checked against this peer.
+        let chain: Vec<CertificateDer<'static>> = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+            .unwrap_or_default();
+        let distrusted = distrusted(self.tls.trust.subscribe(), chain);
         let peer = Arc::new(peer);
+        let peer_id = peer.id.clone();
         let this = self.clone();
         let streams = Arc::new(Streams::default());
         let svc_streams = streams.clone();
@@ -397,6 +456,13 @@ impl Shared {
                 debug!("draining: GOAWAY sent, waiting for the streams in flight");
                 conn.as_mut().graceful_shutdown();
                 conn.await
+            }
+            error = distrusted => {
+                // Not a GOAWAY: nothing more may pass on a connection whose
+                // peer is no longer trusted, its open streams included.
+                self.stats.untrusted_closed.fetch_add(1, Ordering::Relaxed);
+                warn!(peer_id = %peer_id, %error, "the trust bundle no longer accepts this tunnel peer: connection closed");
+                return;
             }
             () = streams_expired(&streams, idle_timeout) => {
                 self.stats.idle_closed.fetch_add(1, Ordering::Relaxed);
