@@ -8,7 +8,7 @@
 //! ```text
 //! noisy pod (0,0) ── testpeer hold (N opaque connections) ──► echo, pod (1,0)
 //! quiet pod (0,1) ── testpeer http-rate (L7 service) ───────► nginx, pod (1,1)
-//!                 both through node 0's agent (1 worker)
+//!                 both through node 0's agent (`--workers`, 2 by default)
 //! ```
 //!
 //! Each proxied connection holds two of the agent's descriptors (the pod's
@@ -50,9 +50,13 @@ pub struct NoisyArgs {
     /// Seconds of each fixed-rate run.
     #[arg(long, default_value_t = 10)]
     secs: u64,
-    /// Fixed-rate runs before and while the connections are held.
+    /// Fixed-rate runs before, while and after the connections are held.
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// The agent's data-path worker threads (`runtime.workers`; 2 is the
+    /// agent's default, `cargo xtask bench` measures with 1).
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
     /// Use the debug build (target/debug) instead of a release build.
     #[arg(long)]
     debug: bool,
@@ -106,7 +110,7 @@ pub fn run(a: NoisyArgs) -> Result<()> {
     let conns = a.conns as usize;
     let config = format!(
         r#"[runtime]
-workers = 1
+workers = {workers}
 [proxy]
 opaque_ports = [{ECHO_PORT}]
 [[services]]
@@ -116,7 +120,8 @@ protocol = "http1"
 endpoints = [{{ addr = "{}:{}" }}]
 "#,
         pod_ip(1, 1),
-        super::topology::HTTP_PORT
+        super::topology::HTTP_PORT,
+        workers = a.workers,
     );
     let world = World::builder("bench-noisy")
         .nodes(2)
@@ -251,13 +256,34 @@ endpoints = [{{ addr = "{}:{}" }}]
     .unwrap_or(0.0);
     drop(hold);
 
+    // 4. The agent idle again: a second baseline, the machine's drift
+    // between the two shows in their spread.
+    let gone_deadline = Instant::now() + Duration::from_secs(60);
+    while open_now(&node.metrics()?).unwrap_or(0.0) > 0.0 {
+        if Instant::now() > gone_deadline {
+            bail!("the noisy pod's connections are still open a minute after it let them go");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let after_idle: Vec<RateResult> = (0..a.reps)
+        .map(|i| rate(&format!("idle agent again {}/{}", i + 1, a.reps)))
+        .collect::<Result<_>>()?;
+    let released = agent_sample(pid);
+
     let all_failed: u64 = idle
         .iter()
+        .chain(&after_idle)
         .chain(&holding)
         .chain(std::iter::once(&opening))
         .map(failed)
         .sum();
-    let p99_idle = median(idle.iter().map(p99_ms).collect());
+    let p99_idle = median(idle.iter().chain(&after_idle).map(p99_ms).collect());
+    let runs = |v: &[RateResult]| {
+        v.iter()
+            .map(|r| format!("{:.2}", p99_ms(r)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let p99_held = median(holding.iter().map(p99_ms).collect());
     let p99_opening = p99_ms(&opening);
     let per_conn_kib = (after.rss_kib.saturating_sub(before.rss_kib)) as f64 / conns as f64;
@@ -275,15 +301,17 @@ endpoints = [{{ addr = "{}:{}" }}]
     let _ = writeln!(md, "# Noisy neighbour: idle connections of one pod\n");
     let _ = writeln!(
         md,
-        "`cargo xtask bench-noisy{}` (commit `{git}`, {} build, node 0's agent on 1 worker, \
+        "`cargo xtask bench-noisy{}` (commit `{git}`, {} build, node 0's agent on {} worker(s), \
          {} UTC; load average at start {:.2} {:.2} {:.2}, {:.0} s in all). The noisy pod \
          (0,0) opens {conns} idle opaque TCP connections through node 0's agent to an echo \
          server on node 1 (`testpeer hold`, 256 at a time) and holds them; the quiet pod \
          (0,1) sends {} HTTP/1.1 GET/s over 16 keep-alive connections to an L7 service \
          (nginx on node 1) through the same agent, {} s per run (`testpeer http-rate`, \
-         latency from when each request was due). Medians of {} runs.\n",
+         latency from when each request was due). Medians of {} runs ({} for the idle \
+         agent: before and after).\n",
         if a.debug { " --debug" } else { "" },
         if a.debug { "debug" } else { "release" },
+        a.workers,
         chrono_now(),
         load_start[0],
         load_start[1],
@@ -291,7 +319,8 @@ endpoints = [{{ addr = "{}:{}" }}]
         t0.elapsed().as_secs_f64(),
         a.rate,
         a.secs,
-        a.reps
+        a.reps,
+        2 * a.reps
     );
     let _ = writeln!(
         md,
@@ -299,8 +328,10 @@ endpoints = [{{ addr = "{}:{}" }}]
     );
     let _ = writeln!(
         md,
-        "| agent idle | {p99_idle:.2} ms | {} | {:.1} MiB | {} |",
-        idle.iter().map(failed).sum::<u64>(),
+        "| agent idle (runs before: {}; after: {}) | {p99_idle:.2} ms | {} | {:.1} MiB | {} |",
+        runs(&idle),
+        runs(&after_idle),
+        idle.iter().chain(&after_idle).map(failed).sum::<u64>(),
         before.rss_kib as f64 / 1024.0,
         before.fds
     );
@@ -312,10 +343,17 @@ endpoints = [{{ addr = "{}:{}" }}]
     );
     let _ = writeln!(
         md,
-        "| {conns} idle connections held | {p99_held:.2} ms | {} | {:.1} MiB | {} |",
+        "| {conns} idle connections held (runs: {}) | {p99_held:.2} ms | {} | {:.1} MiB | {} |",
+        runs(&holding),
         holding.iter().map(failed).sum::<u64>(),
         after.rss_kib as f64 / 1024.0,
         after.fds
+    );
+    let _ = writeln!(
+        md,
+        "| after the noisy pod closed them | — | — | {:.1} MiB | {} |",
+        released.rss_kib as f64 / 1024.0,
+        released.fds
     );
     let _ = writeln!(
         md,
