@@ -958,6 +958,33 @@ pub(crate) fn finish(resp: Response<Incoming>) -> Response<ProxyBody> {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn a_trace_body_the_budget_cannot_hold_passes_with_the_context_in_a_header() {
+        let budget =
+            crate::http::budget::BufferBudget::new(65536, Default::default(), Default::default());
+        let context = trace::Context {
+            node: "node0".into(),
+            direction: "outbound",
+            ..Default::default()
+        };
+        let body = vec![b'x'; 1000];
+        // With room: the block is appended to the body.
+        let resp = Response::new(full(body.clone()));
+        let resp = add_context(resp, trace::Mode::Body, &context, budget.account("p")).await;
+        assert!(resp.headers().get(trace::CONTEXT_HEADER).is_none());
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        assert!(bytes.len() > body.len() && bytes.starts_with(&body));
+        assert_eq!(budget.in_use(), 0, "the buffered body is given back");
+        // Without: the body passes untouched, the context in a header.
+        let mut hog = budget.account("default/hog");
+        assert!(hog.grow(65536 - 10));
+        let resp = Response::new(full(body.clone()));
+        let resp = add_context(resp, trace::Mode::Body, &context, budget.account("p")).await;
+        assert!(resp.headers().get(trace::CONTEXT_HEADER).is_some());
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&bytes[..], &body[..]);
+    }
+
     #[test]
     fn timeouts_read_as_configured() {
         let addr: SocketAddr = "10.2.0.2:8080".parse().unwrap();
