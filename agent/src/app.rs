@@ -214,6 +214,11 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
     let pool = Pool::new(upstreams.clone());
     let background = TaskTracker::new();
     let stop_background = CancellationToken::new();
+    let buffer_budget = crate::http::budget::BufferBudget::new(
+        config.limits.buffer_memory_bytes,
+        metrics.tcp.buffer_memory_bytes.clone(),
+        metrics.tcp.limit_refused_total.clone(),
+    );
     let mut authz = None;
     let mut inbound_stats = None;
     let mut inbound_http = None;
@@ -229,6 +234,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
             handshake_timeout: config.inbound.handshake_timeout,
             max_handshakes: config.limits.tunnel_max_handshakes,
             max_concurrent_streams: config.limits.tunnel_max_concurrent_streams,
+            idle_timeout: config.limits.idle_timeout,
             connect_timeout: config.outbound.connect_timeout,
             key_log: key_log.clone(),
             ..Default::default()
@@ -240,6 +246,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
             discovery.clone(),
             a.clone(),
             conns.clone(),
+            buffer_budget.clone(),
         );
         inbound_http = Some(http_in.clone());
         let inbound = Arc::new(
@@ -458,8 +465,10 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         discovery: discovery.clone(),
         pool: pool.clone(),
         retry_buffer: config.proxy.retry_buffer_bytes,
+        buffer_budget,
         limits: config.limits.clone(),
         limit_closed: metrics.tcp.limit_closed_total.clone(),
+        limit_refused: metrics.tcp.limit_refused_total.clone(),
         tap: tap.clone(),
         kernel: kernel.clone(),
     });

@@ -490,6 +490,12 @@ endpoints = [{{ addr = "{}:8080" }}]
         ensure!(code == 0, "check failed on a healthy node:\n{out}");
         ensure!(out.contains("Status check results are ✔"), "{out}");
         ensure!(!out.contains('✖'), "{out}");
+        // The kernel's own list of the cgroup's programs includes the
+        // cookie map's cleanup (sock_release), not only the redirect.
+        ensure!(
+            out.contains("getpeername6, sock_release attached"),
+            "check does not list sock_release:\n{out}"
+        );
         let (code, out) = waymark(node, &["check", "--pre"])?;
         ensure!(code == 0 && !out.contains("agent ("), "--pre:\n{out}");
 
@@ -497,10 +503,11 @@ endpoints = [{{ addr = "{}:8080" }}]
         // BPF links, which `bpftool cgroup detach` cannot remove (the kernel
         // only detaches a link-attached program through its link).
         let links = cgroup_links(node)?;
-        // The five redirect programs (the kernel diagnostics' cgroup_skb
+        // The six redirect programs (the kernel diagnostics' cgroup_skb
         // programs sit beside them).
         for kind in [
             "cgroup_sock_ops",
+            "cgroup_inet_sock_release",
             "cgroup_inet4_getpeername",
             "cgroup_inet6_getpeername",
             "cgroup_inet4_connect",
@@ -516,7 +523,7 @@ endpoints = [{{ addr = "{}:8080" }}]
         let (code, out) = waymark(node, &["check"])?;
         ensure!(code == 1, "check passed with a detached program:\n{out}");
         ensure!(
-            out.contains("✖ agent: 1 of its 5 programs is no longer attached"),
+            out.contains("✖ agent: 1 of its 6 programs is no longer attached"),
             "{out}"
         );
         ensure!(
@@ -531,6 +538,17 @@ endpoints = [{{ addr = "{}:8080" }}]
         let (code, out) = waymark(node, &["check", "-o", "json"])?;
         let report: Value = serde_json::from_str(&out).context(out.clone())?;
         ensure!(code == 1 && report["ok"] == false, "{report:#}");
+
+        // Without sock_release nothing is misrouted, but a pod churning
+        // failing connects fills the node-wide cookie map: check says so.
+        detach_link(node, "cgroup_inet_sock_release")?;
+        let (code, out) = waymark(node, &["check"])?;
+        ensure!(
+            code == 1
+                && out.contains("2 of its 6 programs are no longer attached")
+                && out.contains("sock_release: wm_sock_release is not attached"),
+            "check after detaching sock_release:\n{out}"
+        );
 
         // A service without endpoints (services reload live) cannot be served.
         node.update_config(|c| {

@@ -268,3 +268,106 @@ fn rand_bytes(n: usize) -> Result<Vec<u8>> {
     std::fs::File::open("/dev/urandom")?.read_exact(&mut v)?;
     Ok(v)
 }
+
+/// Starts a chunked PUT of `bytes` bytes to `vip` and holds its body open
+/// (no last chunk) until stdin closes.
+const HELD_UPLOAD: &str = r#"
+import socket, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.create_connection((host, port), timeout=10)
+s.sendall(b"PUT /held HTTP/1.1\r\nhost: upload\r\ntransfer-encoding: chunked\r\n\r\n")
+s.sendall(b"%x\r\n" % n + b"h" * n + b"\r\n")
+print("sent", n, flush=True)
+sys.stdin.read()
+"#;
+
+/// `limits.buffer_memory_bytes` bounds the retry copies of every request
+/// together: while one pod's upload holds most of the budget, another
+/// request's body finds no room, so it is forwarded without a copy — the
+/// server's 503 reaches the client instead of being retried — and counted
+/// with its pod. Once the upload goes, retries are back.
+#[test]
+fn retry_copies_share_a_node_wide_budget() {
+    require_agent_or_skip!();
+    const VIP: &str = "10.96.0.32:80";
+    let services = format!(
+        r#"
+[proxy]
+retry_buffer_bytes = 65536
+[limits]
+buffer_memory_bytes = 65536
+
+[[services]]
+name = "upload"
+addresses = ["{VIP}"]
+protocol = "http1"
+endpoints = [{{ addr = "{a}:8080" }}]
+retry_budget = {{ ratio = 1.0, min_per_second = 10, ttl = "10s" }}
+[[services.routes]]
+name = "all"
+retry = {{ attempts = 1, on = ["5xx"], backoff_base = "2ms", backoff_max = "5ms" }}
+"#,
+        a = pod_ip(1, 0),
+    );
+    let b = World::builder(world_name!())
+        .pods_per_node(2)
+        .agent_config_extra(services);
+    with_world(b, |world| {
+        let (holder, cl, node) = (world.pod(0, 1), world.pod(0, 0), world.node(0));
+        let _server = serve(world.pod(1, 0), "http", 8080)?;
+        let small = world.dir().join("small.bin");
+        std::fs::write(&small, rand_bytes(40_000)?)?;
+        let put = || -> Result<String> {
+            cl.run_ok(
+                Command::new("curl")
+                    .args(["-sS", "--noproxy", "*", "--max-time", "10"])
+                    .args(["-H", "Transfer-Encoding: chunked", "-T"])
+                    .arg(&small)
+                    .args(["-w", " status=%{http_code}"])
+                    .arg(format!("http://{VIP}/upload")),
+            )
+        };
+        let refused = [("pod", cl.name()), ("limit", "buffer_memory")];
+        let held_bytes = || waymark_tests::metric(node, "waymark_buffer_memory_bytes", &[]);
+
+        let mut held = holder.spawn(
+            python()
+                .args(["-u", "-c", HELD_UPLOAD, "10.96.0.32", "80", "50000"])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped()),
+        )?;
+        waymark_tests::eventually(waymark_tests::DEFAULT_PATIENCE, || {
+            let b = held_bytes()?;
+            ensure!(b == 50_000.0, "the held upload's copy: {b} bytes");
+            Ok(())
+        })?;
+        // 50,000 + 40,000 bytes do not fit 65,536: no copy, no retry. The
+        // held request has not reached the server's counter (its body is
+        // not complete), so this PUT is its first request and gets 503.
+        let out = put()?;
+        ensure!(
+            out.ends_with("status=503"),
+            "with the budget spent the 503 must not be retried: {out:?}"
+        );
+        ensure!(
+            waymark_tests::metric(node, "waymark_limit_refused_total", &refused)? == 1.0,
+            "the unbuffered request is counted with its pod"
+        );
+
+        // The upload goes, its copy with it; both of the next two PUTs
+        // succeed, one of them through a retry of the server's 503.
+        drop(held.stdin.take());
+        let _ = held.wait();
+        waymark_tests::eventually(waymark_tests::DEFAULT_PATIENCE, || {
+            let b = held_bytes()?;
+            ensure!(b == 0.0, "{b} bytes still held after the upload ended");
+            Ok(())
+        })?;
+        for _ in 0..2 {
+            let out = put()?;
+            ensure!(out.ends_with("status=200"), "budget free again: {out:?}");
+        }
+        ensure!(waymark_tests::metric(node, "waymark_limit_refused_total", &refused)? == 1.0);
+        Ok(())
+    });
+}

@@ -3,10 +3,12 @@
 //! carrying streams (openssl s_client, testpeer); a pod's HTTP/2 connection
 //! is offered `h2_max_concurrent_streams` and a client that honours it is
 //! served (nghttp, h2load); opaque and HTTP connections idle for
-//! `idle_timeout` are closed and counted with their pod; a connection
-//! refused at `outbound.max_connections_per_pod` reads `source=proxy
-//! reason=limit` in tap and top, and never enters `waymark conns`. They
-//! need root and eBPF; see tests/README.md.
+//! `idle_timeout` are closed and counted with their pod, and so are tunnel
+//! connections between agents without a stream; h2 streams refused over
+//! the limit are counted with the pod; a connection refused at
+//! `outbound.max_connections_per_pod` reads `source=proxy reason=limit` in
+//! tap and top, and never enters `waymark conns`. They need root and eBPF;
+//! see tests/README.md.
 
 // Children spawned through a world are reaped by the world when it shuts down.
 #![allow(clippy::zombie_processes)]
@@ -17,7 +19,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use waymark_tests::{
-    DEFAULT_PATIENCE, Node, Pod, Server, World, eventually, metric, pod_ip, python,
+    DEFAULT_PATIENCE, Node, Pod, Server, World, await_metric, eventually, metric, pod_ip, python,
     require_agent_or_skip, tap, tap_events, testpeer, waymark, with_world, world_name,
 };
 
@@ -194,6 +196,29 @@ endpoints = [ {{ addr = "{}:8080" }} ]
             out.contains("200 succeeded, 0 failed, 0 errored"),
             "h2load:\n{out}"
         );
+        let refused = [("pod", client.name()), ("limit", "h2_streams")];
+        ensure!(metric(world.node(0), "waymark_limit_refused_total", &refused)? == 0.0);
+        // nghttp opens 40 streams in its first flight, before it has read
+        // the SETTINGS that allow 7: h2 refuses the excess itself, and the
+        // agent counts each refusal with the pod.
+        let out = client.run(Command::new("nghttp").args([
+            "-v",
+            "-m",
+            "40",
+            &format!("http://{VIP}/"),
+        ]))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let seen = text.matches("error_code=REFUSED_STREAM").count();
+        ensure!(
+            seen > 0,
+            "nghttp was refused no stream, so the limit was not exercised:\n{text}"
+        );
+        await_metric(
+            world.node(0),
+            "waymark_limit_refused_total",
+            &refused,
+            seen as f64,
+        )?;
         Ok(())
     });
 }
@@ -378,6 +403,168 @@ fn a_connection_refused_at_a_limit_reads_source_proxy_reason_limit() {
                     .is_some_and(|c| c.iter().all(|c| c["dst"] == dst.as_str())),
             "{body}"
         );
+        Ok(())
+    });
+}
+
+/// A tunnel connection between agents that carries no stream for
+/// `idle_timeout` is closed by the receiving agent with a GOAWAY and
+/// counted; the next connection through the tunnel opens a new one.
+#[test]
+fn idle_tunnel_connections_are_closed_and_counted() {
+    require_agent_or_skip!();
+    let b = World::builder(world_name!())
+        .pods_per_node(1)
+        .mtls(true)
+        .agent_config_extra(format!(
+            r#"
+[limits]
+idle_timeout = "2s"
+[[services]]
+name = "echo"
+addresses = ["10.96.0.62:7000"]
+protocol = "opaque"
+endpoints = [ {{ addr = "{}:7000", node = "node1" }} ]
+"#,
+            pod_ip(1, 0)
+        ));
+    with_world(b, |world| {
+        let n1 = world.node(1);
+        let _echo = world
+            .pod(1, 0)
+            .serve(&mut testpeer(["echo", "--listen", "0.0.0.0:7000"]))?;
+        let idle = [("direction", "inbound"), ("reason", "idle_timeout")];
+        let connections = |n: &Node| {
+            metric(
+                n,
+                "waymark_tunnel_connections_total",
+                &[("direction", "inbound")],
+            )
+        };
+        ensure!(metric(n1, "waymark_tunnel_closed_total", &idle)? == 0.0);
+        echo_ok(world.pod(0, 0), "10.96.0.62:7000")?;
+        let before = connections(n1)?;
+        ensure!(before >= 1.0, "the echo crossed no tunnel connection");
+        await_metric(n1, "waymark_tunnel_closed_total", &idle, 1.0)?;
+        // The closed connection is not reused (the stream would fail): a
+        // new one carries the next.
+        echo_ok(world.pod(0, 0), "10.96.0.62:7000")?;
+        ensure!(
+            connections(n1)? > before,
+            "no new tunnel connection after the idle one was closed"
+        );
+        Ok(())
+    });
+}
+
+/// Counts the log lines of `log` (from byte `from`) that contain `what`.
+fn lines_with(log: &str, from: usize, what: &str) -> usize {
+    log.get(from..)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(what))
+        .count()
+}
+
+/// With its descriptors used up (an agent held to 400 open files, soft and
+/// hard, so it cannot raise them), every accept loop — the pods' listener,
+/// the tunnel port, the admin TCP port and the admin socket — fails with
+/// `EMFILE` and backs off (50 ms) instead of spinning on a connection
+/// waiting in its backlog: at most a few dozen failures per loop in two
+/// seconds, where a spinning loop logs thousands. Once the pod lets its
+/// connections go, the agent serves again: admin socket and new
+/// connections.
+#[test]
+fn accept_loops_back_off_when_descriptors_run_out() {
+    require_agent_or_skip!();
+    /// Removes the wrapper's directory, also when the test fails.
+    struct Dir(std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let dir = Dir(std::env::temp_dir().join(format!("waymark-emfile-{}", std::process::id())));
+    let wrapper = (|| -> Result<std::path::PathBuf> {
+        std::fs::create_dir_all(&dir.0)?;
+        let wrapper = dir.0.join("waymark-400-files");
+        std::fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\nexec prlimit --nofile=400:400 {} \"$@\"\n",
+                waymark_tests::world::agent::waymark_bin()?.display()
+            ),
+        )?;
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
+        Ok(wrapper)
+    })()
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let b = World::builder(world_name!())
+        .pods_per_node(2)
+        .mtls(true)
+        .agent_bin(&wrapper)
+        .agent_config_extra(
+            "[outbound]\nmax_connections = 100000\nmax_connections_per_pod = 100000\n\
+             [proxy]\nopaque_ports = [7000]\n",
+        );
+    with_world(b, |world| {
+        let (node, greedy, other) = (world.node(0), world.pod(0, 0), world.pod(0, 1));
+        let server = world.pod(1, 0);
+        let _echo = server.serve(&mut testpeer(["echo", "--listen", "0.0.0.0:7000"]))?;
+        let echo = format!("{}:7000", server.ip());
+        echo_ok(other, &echo)?;
+        // 600 connections: each proxied one costs the agent two files, so
+        // the rest wait in the pod listener's backlog.
+        let _held = greedy.serve_until(
+            &mut testpeer([
+                "hold",
+                "--connect",
+                &echo,
+                "--count",
+                "600",
+                "--hold",
+                "300s",
+            ]),
+            "holding ",
+            Duration::from_secs(60),
+        )?;
+        eventually(DEFAULT_PATIENCE, || {
+            let log = node.agent_log();
+            ensure!(
+                log.contains("accept failed") && log.contains("Too many open files"),
+                "the pods' listener has not hit EMFILE yet"
+            );
+            Ok(())
+        })?;
+        // One connection waiting on each of the other listeners.
+        let tunnel: std::net::SocketAddr = format!("{}:15008", node.fabric_ip()).parse()?;
+        let _tunnel = node.tcp_connect(tunnel, Duration::from_secs(2))?;
+        let _admin_tcp = node.tcp_connect(node.admin_addr(), Duration::from_secs(2))?;
+        let _admin_unix = std::os::unix::net::UnixStream::connect(node.admin_socket())?;
+        std::thread::sleep(Duration::from_millis(500));
+        let from = node.agent_log().len();
+        std::thread::sleep(Duration::from_secs(2));
+        let log = node.agent_log();
+        for what in [
+            "WARN waymark_agent::proxy::outbound: accept failed",
+            "tunnel accept failed",
+            "admin accept failed",
+            "admin socket accept failed",
+        ] {
+            let n = lines_with(&log, from, what);
+            eprintln!("{what:?}: {n} lines in 2 s");
+            ensure!(
+                (1..=80).contains(&n),
+                "{n} lines of {what:?} in 2 s: the loop must fail and back off (50 ms), not spin"
+            );
+        }
+        drop(_held);
+        eventually(DEFAULT_PATIENCE, || {
+            let (status, _) = node.admin_socket_get("/config")?;
+            ensure!(status == 200, "admin socket answered {status}");
+            echo_ok(other, &echo)
+        })?;
         Ok(())
     });
 }

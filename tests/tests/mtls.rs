@@ -881,6 +881,25 @@ fn strict_inbound_admits_other_nodes_only_through_the_tunnel() {
             send(neighbour, &direct, "same-node")? == "same-node",
             "a pod on the same node"
         );
+        // Dialled by its own address (an endpoint with a node, not a
+        // service address), the server is reached through the tunnel too:
+        // strict inbound would refuse the connection in plaintext.
+        let streams = |n: &Node| {
+            metric(
+                n,
+                "waymark_tunnel_streams_total",
+                &[("direction", "inbound"), ("result", "opened")],
+            )
+        };
+        let before = streams(n1)?;
+        ensure!(
+            send(meshed, &direct, "by-address")? == "by-address",
+            "the meshed pod dialling the endpoint's address"
+        );
+        ensure!(
+            streams(n1)? == before + 1.0,
+            "the connection to the pod's address did not cross the tunnel"
+        );
         let pod = server.name();
         // At least the SYN; its retransmits before node 0's agent gives up
         // count too.

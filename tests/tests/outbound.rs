@@ -707,6 +707,61 @@ fn a_pod_over_its_connection_limit_is_refused_and_others_are_not() {
     });
 }
 
+/// The agent-wide bound (`outbound.max_connections`) holds across pods:
+/// with 5 in all, a pod holding 4 leaves one for the next pod, whose second
+/// connection is reset at accept and counted with that pod and
+/// `limit="agent_connections"`.
+#[test]
+fn the_agent_wide_connection_limit_holds_across_pods() {
+    require_agent_or_skip!();
+    let b = World::builder(world_name!())
+        .nodes(2)
+        .pods_per_node(2)
+        .agent_config_extra("[outbound]\nmax_connections = 5\n");
+    with_world(b, |world| {
+        let (first, second, srv, node) = (
+            world.pod(0, 0),
+            world.pod(0, 1),
+            world.pod(1, 0),
+            world.node(0),
+        );
+        let _echo = srv.serve(&mut testpeer(["echo", "--listen", "0.0.0.0:7000"]))?;
+        let ip = srv.ip().to_string();
+        let hold = |pod: &Pod, n: &str| -> Result<(std::process::Child, String)> {
+            let mut held = pod.spawn(
+                python()
+                    .args(["-u", "-c", HOLD_N, &ip, "7000", n])
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped()),
+            )?;
+            let mut line = String::new();
+            std::io::BufRead::read_line(
+                &mut std::io::BufReader::new(held.stdout.take().context("no stdout")?),
+                &mut line,
+            )?;
+            Ok((held, line.trim().to_string()))
+        };
+        let (_a, line) = hold(first, "4")?;
+        ensure!(line == "ok 4 refused 0", "the first pod's 4: {line:?}");
+        let (_b, line) = hold(second, "2")?;
+        ensure!(
+            line == "ok 1 refused 1",
+            "2 more with 1 left of 5 in all: {line:?}"
+        );
+        expect_metric(
+            node,
+            "waymark_outbound_refused_total",
+            &[("pod", second.name()), ("limit", "agent_connections")],
+            1.0,
+        )?;
+        ensure!(
+            node.agent_log()
+                .contains("outbound connection limits per_pod=16384 total=5")
+        );
+        Ok(())
+    });
+}
+
 /// (11c) Link-local destinations (the cloud metadata address lives there)
 /// are not redirected by default: the pod reaches them as itself, and the
 /// agent never dials them on its behalf.

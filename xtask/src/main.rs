@@ -41,6 +41,10 @@ enum Task {
     /// Render the Helm chart (deploy/charts/waymark) into the plain
     /// manifests (deploy/daemonset.yaml), or check them (--check).
     Chart(chart::ChartArgs),
+    /// Benchmark: one pod holding thousands of idle connections through
+    /// the agent while another pod's requests run (its p99 idle and
+    /// loaded, the agent's memory).
+    BenchNoisy(bench::noisy::NoisyArgs),
     /// Install what waymark's builds and tests need (apt packages,
     /// rust-src, bpf-linker).
     Setup {
@@ -67,6 +71,7 @@ fn main() -> ExitCode {
         Task::Bench(args) => bench::run(args),
         Task::BenchDiscovery(args) => bench::discovery::run(args),
         Task::Chart(args) => chart::run(args),
+        Task::BenchNoisy(args) => bench::noisy::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,7 +1,8 @@
 //! `[limits]`: what one pod or one peer may hold of the agent, so that a
 //! busy or hostile one cannot take the node's proxy from the others:
-//! HTTP/2 streams per connection, how long a connection may sit idle, and
-//! how many TLS handshakes the tunnel port works on at once.
+//! HTTP/2 streams per connection, how long a connection may sit idle, how
+//! many TLS handshakes the tunnel port works on at once, and how many bytes
+//! all buffered messages may hold together.
 //!
 //! Connection counts per pod live in `[outbound]` (`max_connections_per_pod`,
 //! `max_connections`), next to the listener they bound.
@@ -24,6 +25,10 @@ pub const DEFAULT_TUNNEL_MAX_HANDSHAKES: usize = 64;
 /// cannot pin sockets, buffers and table entries with connections it
 /// forgot. An hour, as Envoy's default TCP idle timeout.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Bytes every buffered message holds together (retry copies, `TRACE`
+/// bodies): 1,024 full 64 KiB retry copies at once, an eighth of the
+/// DaemonSet's 512 MiB memory limit.
+pub const DEFAULT_BUFFER_MEMORY_BYTES: usize = 64 << 20;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -47,6 +52,14 @@ pub struct LimitsConfig {
     /// and counted (`waymark_idle_closed_total{pod,protocol}`).
     #[serde(default = "default_idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Bytes the agent holds at once, over all requests, in copies of
+    /// request bodies kept for retries and in `TRACE` response bodies read
+    /// to append the context. Once spent, a request is forwarded without a
+    /// copy (it cannot be retried) and a `TRACE` answer carries its context
+    /// in a header; each is counted in
+    /// `waymark_limit_refused_total{pod,limit="buffer_memory"}`.
+    #[serde(default = "default_buffer_memory")]
+    pub buffer_memory_bytes: usize,
 }
 
 impl Default for LimitsConfig {
@@ -56,6 +69,7 @@ impl Default for LimitsConfig {
             tunnel_max_concurrent_streams: DEFAULT_TUNNEL_MAX_CONCURRENT_STREAMS,
             tunnel_max_handshakes: DEFAULT_TUNNEL_MAX_HANDSHAKES,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            buffer_memory_bytes: DEFAULT_BUFFER_MEMORY_BYTES,
         }
     }
 }
@@ -71,6 +85,9 @@ fn default_tunnel_handshakes() -> usize {
 }
 fn default_idle_timeout() -> Duration {
     DEFAULT_IDLE_TIMEOUT
+}
+fn default_buffer_memory() -> usize {
+    DEFAULT_BUFFER_MEMORY_BYTES
 }
 
 pub fn validate(c: &LimitsConfig, problems: &mut Vec<String>) {
@@ -102,6 +119,12 @@ pub fn validate(c: &LimitsConfig, problems: &mut Vec<String>) {
             c.idle_timeout
         ));
     }
+    if c.buffer_memory_bytes < 65536 {
+        problems.push(format!(
+            "limits.buffer_memory_bytes: {} is under 64 KiB: not even one full retry copy would fit",
+            c.buffer_memory_bytes
+        ));
+    }
 }
 
 #[cfg(test)]
@@ -113,13 +136,14 @@ mod tests {
         let c: LimitsConfig = toml::from_str("").unwrap();
         assert_eq!(c, LimitsConfig::default());
         let c: LimitsConfig = toml::from_str(
-            "h2_max_concurrent_streams = 0\ntunnel_max_concurrent_streams = 0\ntunnel_max_handshakes = 0\nidle_timeout = \"10ms\"\n",
+            "h2_max_concurrent_streams = 0\ntunnel_max_concurrent_streams = 0\ntunnel_max_handshakes = 0\nidle_timeout = \"10ms\"\nbuffer_memory_bytes = 100\n",
         )
         .unwrap();
         let mut p = Vec::new();
         validate(&c, &mut p);
-        assert_eq!(p.len(), 4, "{p:?}");
+        assert_eq!(p.len(), 5, "{p:?}");
         assert!(p[3].contains("limits.idle_timeout"), "{p:?}");
+        assert!(p[4].contains("limits.buffer_memory_bytes"), "{p:?}");
         let e = toml::from_str::<LimitsConfig>("idle_timeout = \"soon\"").unwrap_err();
         assert!(e.to_string().contains("idle_timeout"), "{e}");
     }

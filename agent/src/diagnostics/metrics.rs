@@ -142,6 +142,13 @@ pub struct TcpMetrics {
     /// Connections the agent closed because a limit was reached while
     /// they were open (`limit="idle_timeout"`).
     pub limit_closed_total: Family<RefusedLabels, Counter>,
+    /// What a limit refused a pod on a connection it keeps: HTTP/2 streams
+    /// over `limits.h2_max_concurrent_streams` (`limit="h2_streams"`),
+    /// requests left unbuffered by `limits.buffer_memory_bytes`
+    /// (`limit="buffer_memory"`).
+    pub limit_refused_total: Family<RefusedLabels, Counter>,
+    /// Bytes held by buffered messages (retry copies, `TRACE` bodies).
+    pub buffer_memory_bytes: Gauge,
     /// Entries in the original-destination maps, sampled at scrape time.
     pub redirect_map_entries: Family<MapLabels, Gauge>,
     destinations: BoundedLabel,
@@ -196,6 +203,8 @@ impl TcpMetrics {
             no_original_dst_total: Family::default(),
             refused_total: Family::default(),
             limit_closed_total: Family::default(),
+            limit_refused_total: Family::default(),
+            buffer_memory_bytes: Gauge::default(),
             redirect_map_entries: Family::default(),
             destinations: BoundedLabel::new(max_destinations),
             stats,
@@ -244,6 +253,16 @@ impl TcpMetrics {
             "waymark_limit_closed",
             "Pods' connections the agent closed because a limit was reached while they were open (limits.idle_timeout), by pod and limit",
             m.limit_closed_total.clone(),
+        );
+        registry.register(
+            "waymark_limit_refused",
+            "What a limit refused a pod on an open connection: HTTP/2 streams over limits.h2_max_concurrent_streams (h2_streams), requests not buffered because limits.buffer_memory_bytes was spent (buffer_memory), by pod and limit",
+            m.limit_refused_total.clone(),
+        );
+        registry.register(
+            "waymark_buffer_memory_bytes",
+            "Bytes held by buffered messages (request copies for retries, TRACE response bodies), bounded by limits.buffer_memory_bytes",
+            m.buffer_memory_bytes.clone(),
         );
         registry.register(
             "waymark_redirect_map_entries",

@@ -2,13 +2,15 @@
 //! routing in it: the body type every proxied message travels in
 //! ([`body`]), RFC 9110's hop-by-hop rules ([`headers`]), winding served
 //! connections down without failing a request ([`drain`]), the proxy's own
-//! answers ([`errors`]), request bodies kept for retries ([`replay`]) and
+//! answers ([`errors`]), request bodies kept for retries ([`replay`]), the
+//! node-wide bound on buffered bytes ([`budget`]) and
 //! the admin API's query strings ([`query`]).
 //! Serving and routing requests is `proxy::outbound` (`http_server`,
 //! `forward`) and `proxy::inbound`; upstream connections are
 //! `transport::http_pool`.
 
 pub mod body;
+pub mod budget;
 pub mod drain;
 pub mod errors;
 pub mod headers;

@@ -8,6 +8,8 @@
 //! original stream. The copy is capped (`proxy.retry_buffer_bytes`, as
 //! Linkerd caps its replay buffer at 64 KiB): once a body outgrows it, the
 //! copy is dropped, the request streams on, and it can no longer be retried.
+//! The same happens when the node-wide budget of buffered bytes
+//! (`limits.buffer_memory`, [`super::budget`]) has no room for the copy.
 //!
 //! Only one attempt reads the client's stream at a time: the reader that
 //! holds it gives it back when it is dropped. A retry is allowed only when
@@ -25,6 +27,7 @@ use http::HeaderMap;
 use hyper::body::{Body, Frame, SizeHint};
 
 use super::body::BoxError;
+use super::budget::Account;
 
 /// A replayable body; [`ReplayBody::replay`] makes the reader for the next
 /// attempt.
@@ -48,6 +51,8 @@ struct Shared<B> {
     copy: Vec<Bytes>,
     copied: usize,
     cap: usize,
+    /// The copy's share of the node-wide budget.
+    account: Account,
     /// The body outgrew the cap: the copy is gone, no more replays.
     overflowed: bool,
     /// The client's stream has ended (all data is in `copy`).
@@ -58,8 +63,9 @@ struct Shared<B> {
 }
 
 impl<B: Body<Data = Bytes>> ReplayBody<B> {
-    /// Wraps the client's body, keeping a copy of up to `cap` bytes.
-    pub fn new(body: B, cap: usize) -> Self {
+    /// Wraps the client's body, keeping a copy of up to `cap` bytes for as
+    /// long as `account` gets them from the node-wide budget.
+    pub fn new(body: B, cap: usize, account: Account) -> Self {
         let hint = body.size_hint();
         let ended = body.is_end_stream();
         ReplayBody {
@@ -69,6 +75,7 @@ impl<B: Body<Data = Bytes>> ReplayBody<B> {
                 copy: Vec::new(),
                 copied: 0,
                 cap,
+                account,
                 overflowed: false,
                 ended,
                 trailers: None,
@@ -158,9 +165,10 @@ where
                 if let Some(data) = frame.data_ref() {
                     if !s.overflowed {
                         s.copied += data.len();
-                        if s.copied > s.cap {
+                        if s.copied > s.cap || !s.account.grow(data.len()) {
                             s.overflowed = true;
                             s.copy = Vec::new();
+                            s.account.release();
                         } else {
                             s.copy.push(data.clone());
                             this.sent = s.copy.len();
@@ -179,6 +187,7 @@ where
                 // A client that broke off its upload: nothing to replay.
                 s.overflowed = true;
                 s.copy = Vec::new();
+                s.account.release();
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Ready(None) => {
@@ -228,6 +237,11 @@ mod tests {
     use http_body_util::BodyExt;
     use http_body_util::channel::{Channel, Sender};
 
+    fn account(max: usize) -> Account {
+        crate::http::budget::BufferBudget::new(max, Default::default(), Default::default())
+            .account("default/client")
+    }
+
     fn channel() -> (Sender<Bytes>, Channel<Bytes>) {
         Channel::new(16)
     }
@@ -249,7 +263,7 @@ mod tests {
     #[tokio::test]
     async fn a_retry_replays_the_copy_then_the_rest_of_the_stream() {
         let (mut tx, body) = channel();
-        let first = ReplayBody::new(body, 1024);
+        let first = ReplayBody::new(body, 1024, account(1 << 20));
         let mut reader = first.replay();
         data(&mut tx, "ab").await;
         // The first attempt reads one frame, then gives up (its server
@@ -278,7 +292,7 @@ mod tests {
     #[tokio::test]
     async fn a_body_over_the_cap_streams_once_and_is_not_replayed() {
         let (mut tx, body) = channel();
-        let first = ReplayBody::new(body, 4);
+        let first = ReplayBody::new(body, 4, account(1 << 20));
         let reader = first.replay();
         data(&mut tx, "abc").await;
         data(&mut tx, "defg").await;
@@ -289,9 +303,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_body_the_node_wide_budget_cannot_hold_is_not_replayed() {
+        let budget =
+            crate::http::budget::BufferBudget::new(5, Default::default(), Default::default());
+        let (mut tx, body) = channel();
+        let first = ReplayBody::new(body, 1024, budget.account("default/client"));
+        let reader = first.replay();
+        data(&mut tx, "abc").await;
+        data(&mut tx, "def").await;
+        drop(tx);
+        let (bytes, _) = collect(reader).await;
+        assert_eq!(bytes, b"abcdef", "the first attempt gets every byte");
+        assert!(!first.can_replay(), "6 bytes do not fit a budget of 5");
+        assert_eq!(budget.in_use(), 0, "the partial copy is given back");
+        // Within the budget, the copy holds its bytes until it goes.
+        let (mut tx, body) = channel();
+        let second = ReplayBody::new(body, 1024, budget.account("default/client"));
+        data(&mut tx, "abcd").await;
+        drop(tx);
+        collect(second.replay()).await;
+        assert!(second.can_replay());
+        assert_eq!(budget.in_use(), 4);
+        drop(second);
+        assert_eq!(budget.in_use(), 0);
+    }
+
+    #[tokio::test]
     async fn no_replay_while_an_earlier_attempt_still_reads() {
         let (mut tx, body) = channel();
-        let first = ReplayBody::new(body, 1024);
+        let first = ReplayBody::new(body, 1024, account(1 << 20));
         let mut reader = first.replay();
         data(&mut tx, "ab").await;
         reader.frame().await.unwrap().unwrap();
@@ -302,7 +342,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_empty_body_is_at_its_end_at_once() {
-        let first = ReplayBody::new(http_body_util::Empty::<Bytes>::new(), 16);
+        let first = ReplayBody::new(http_body_util::Empty::<Bytes>::new(), 16, account(1 << 20));
         let reader = first.replay();
         assert!(reader.is_end_stream());
         assert_eq!(collect(reader).await.0, b"");
@@ -312,7 +352,7 @@ mod tests {
     #[tokio::test]
     async fn a_client_error_ends_replays() {
         let (tx, body) = Channel::<Bytes, std::io::Error>::new(4);
-        let first = ReplayBody::new(body, 1024);
+        let first = ReplayBody::new(body, 1024, account(1 << 20));
         let mut reader = first.replay();
         tx.abort(std::io::Error::other("client went away"));
         assert!(reader.frame().await.unwrap().is_err());

@@ -172,12 +172,7 @@ pub fn server_config(
     bundle: &TrustBundle,
 ) -> Result<Arc<ServerConfig>, TlsConfigError> {
     let provider = provider();
-    let inner = WebPkiClientVerifier::builder_with_provider(bundle.roots.clone(), provider.clone())
-        .build()?;
-    let verifier = Arc::new(ClientVerifier {
-        inner,
-        trust_domain: bundle.trust_domain().to_owned(),
-    });
+    let verifier = client_verifier(bundle)?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -186,6 +181,20 @@ pub fn server_config(
     config.session_storage = Arc::new(NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
+}
+
+/// What the server side checks a client's chain with: a chain to the
+/// bundle, and a SPIFFE ID in its trust domain. Also used to check the
+/// peers of open connections again when the bundle changes.
+pub fn client_verifier(
+    bundle: &TrustBundle,
+) -> Result<Arc<dyn ClientCertVerifier>, TlsConfigError> {
+    let inner =
+        WebPkiClientVerifier::builder_with_provider(bundle.roots.clone(), provider()).build()?;
+    Ok(Arc::new(ClientVerifier {
+        inner,
+        trust_domain: bundle.trust_domain().to_owned(),
+    }))
 }
 
 /// The same client config, giving its session secrets to `key_log` (the

@@ -81,9 +81,8 @@ const SOCK_OPS: &str = "wm_sock_ops";
 /// `cgroup_skb` ingress: strict inbound (refuses nothing unless pods are
 /// put under it with [`Redirect::set_strict`]).
 const INBOUND: &str = "wm_inbound";
-/// `cgroup/sock_release`: cleanup of the cookie map (not in
-/// `query::EXPECTED`: without it nothing is misrouted, only entries of
-/// failed connects wait for the LRU).
+/// `cgroup/sock_release`: cleanup of the cookie map (in
+/// `query::EXPECTED`, so `waymark check` says when it is gone).
 const SOCK_RELEASE: &str = "wm_sock_release";
 const PEERNAME4: &str = "wm_peername4";
 const PEERNAME6: &str = "wm_peername6";

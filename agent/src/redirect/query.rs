@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{CONNECT4, CONNECT6, PEERNAME4, PEERNAME6, Redirect, SOCK_OPS};
+use super::{CONNECT4, CONNECT6, PEERNAME4, PEERNAME6, Redirect, SOCK_OPS, SOCK_RELEASE};
 
 /// `bpf(2)` command numbers and attach types (`include/uapi/linux/bpf.h`).
 const BPF_PROG_QUERY: libc::c_long = 16;
@@ -18,6 +18,7 @@ const BPF_CGROUP_INET4_CONNECT: u32 = 10;
 const BPF_CGROUP_INET6_CONNECT: u32 = 11;
 const BPF_CGROUP_INET4_GETPEERNAME: u32 = 29;
 const BPF_CGROUP_INET6_GETPEERNAME: u32 = 30;
+const BPF_CGROUP_INET_SOCK_RELEASE: u32 = 34;
 
 /// Most programs one query returns; a cgroup with more is not ours to judge.
 const MAX_QUERY: usize = 64;
@@ -32,7 +33,7 @@ pub struct Expected {
 }
 
 /// The programs the agent attaches to the pods' cgroup.
-pub const EXPECTED: [Expected; 5] = [
+pub const EXPECTED: [Expected; 6] = [
     Expected {
         name: SOCK_OPS,
         attach_type: "sock_ops",
@@ -57,6 +58,14 @@ pub const EXPECTED: [Expected; 5] = [
         name: PEERNAME6,
         attach_type: "getpeername6",
         attach: BPF_CGROUP_INET6_GETPEERNAME,
+    },
+    // Without it nothing is misrouted, but the entries of connects that
+    // fail before their SYN stay in the node-wide cookie map until the
+    // LRU evicts them: a pod churning such connects fills it.
+    Expected {
+        name: SOCK_RELEASE,
+        attach_type: "sock_release",
+        attach: BPF_CGROUP_INET_SOCK_RELEASE,
     },
 ];
 

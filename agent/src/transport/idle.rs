@@ -97,6 +97,46 @@ pub async fn expired(activity: &Activity, timeout: Duration) {
     }
 }
 
+/// The streams open on a multiplexed connection (a tunnel connection), and
+/// since when it has had none. Bytes are no measure of idleness there:
+/// HTTP/2 PINGs keep them flowing on a connection that carries nothing.
+#[derive(Debug, Default)]
+pub struct Streams {
+    open: std::sync::atomic::AtomicUsize,
+    /// Touched when a stream opens or ends.
+    changed: Activity,
+}
+
+/// One open stream of [`Streams`], until dropped.
+pub struct OpenStream(Arc<Streams>);
+
+impl Streams {
+    pub fn begin(self: &Arc<Self>) -> OpenStream {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        self.changed.touch();
+        OpenStream(self.clone())
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        self.0.changed.touch();
+    }
+}
+
+/// Resolves once the connection has had no stream open for `timeout`.
+pub async fn streams_expired(streams: &Streams, timeout: Duration) {
+    loop {
+        let idle = streams.changed.idle_for();
+        if streams.open.load(Ordering::Relaxed) == 0 && idle >= timeout {
+            return;
+        }
+        // A stream still open: look again a timeout later at most.
+        tokio::time::sleep(timeout.saturating_sub(idle).max(timeout / 4)).await;
+    }
+}
+
 /// A client's byte stream that touches its [`Activity`] whenever bytes
 /// pass: what is read from it went out, what is written to it came in.
 pub struct IdleIo<T> {
@@ -172,6 +212,26 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn a_connection_is_idle_once_its_last_stream_has_ended_for_the_timeout() {
+        let streams = Arc::new(Streams::default());
+        let timeout = Duration::from_millis(300);
+        let open = streams.begin();
+        let watch = tokio::spawn({
+            let streams = streams.clone();
+            async move {
+                streams_expired(&streams, timeout).await;
+                Instant::now()
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        assert!(!watch.is_finished(), "a stream is open");
+        let ended = Instant::now();
+        drop(open);
+        let closed = watch.await.unwrap();
+        assert!(closed - ended >= timeout, "{:?}", closed - ended);
+    }
 
     #[tokio::test]
     async fn bytes_either_way_reset_the_clock() {

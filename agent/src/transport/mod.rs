@@ -8,6 +8,7 @@
 //! the inbound side.
 
 pub mod copy;
+pub mod h2_refused;
 pub mod http_pool;
 pub mod idle;
 pub mod netns;

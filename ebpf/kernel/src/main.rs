@@ -44,9 +44,10 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
 
-/// None of the helpers used here is GPL-only, so the object carries the
-/// crate's own licence. Programs that need GPL-only helpers (e.g.
-/// `bpf_probe_read_kernel`) require a GPL-compatible string here.
+/// The crate's licence (`MIT OR GPL-2.0-only`), as the kernel spells it.
+/// None of the helpers used here is GPL-only; the diagnostics object,
+/// which needs them, declares the same, so both objects and their sources
+/// say one thing.
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
-static LICENSE: [u8; 11] = *b"Apache-2.0\0";
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -11,6 +11,7 @@
 pub mod discovery;
 mod load;
 mod measure;
+pub mod noisy;
 mod peers;
 mod report;
 mod tools;

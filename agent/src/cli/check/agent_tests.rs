@@ -56,7 +56,7 @@ fn detached_programs_fail_with_the_reattach_hint() {
     let c = programs_by_agent(&f);
     assert_eq!(c.status, Status::Fail);
     assert!(
-        c.what.contains("1 of its 5 programs is no longer"),
+        c.what.contains("1 of its 6 programs is no longer"),
         "{}",
         c.what
     );

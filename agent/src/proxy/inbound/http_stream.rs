@@ -72,6 +72,8 @@ pub struct InboundHttp {
     tcp: Arc<TcpMetrics>,
     /// Every open connection (`waymark conns`); each admitted stream is one.
     conns: Arc<ConnTable>,
+    /// Node-wide bound on buffered bytes (`TRACE` bodies here).
+    pub(super) buffer_budget: Arc<crate::http::budget::BufferBudget>,
 }
 
 impl InboundHttp {
@@ -82,6 +84,7 @@ impl InboundHttp {
         discovery: Arc<Discovery>,
         authz: Arc<InboundAuthz>,
         conns: Arc<ConnTable>,
+        buffer_budget: Arc<crate::http::budget::BufferBudget>,
     ) -> Arc<Self> {
         let pods = config
             .pods
@@ -101,6 +104,7 @@ impl InboundHttp {
             tcp,
             tap: OnceLock::new(),
             conns,
+            buffer_budget,
         })
     }
 

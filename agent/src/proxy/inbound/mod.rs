@@ -98,10 +98,16 @@ impl Inbound {
         })
     }
 
-    /// Verifies clients against `bundle` from the next handshake on.
+    /// Verifies clients against `bundle` from the next handshake on, and
+    /// closes open connections whose peer it no longer accepts.
     pub fn set_bundle(&self, bundle: &TrustBundle) {
-        match server_config(self.store.clone(), self.node_identity.clone(), bundle) {
-            Ok(c) => self.tls.set(with_server_key_log(c, self.key_log.as_ref())),
+        let configs = server_config(self.store.clone(), self.node_identity.clone(), bundle)
+            .and_then(|c| Ok((c, crate::identity::tls::client_verifier(bundle)?)));
+        match configs {
+            Ok((c, verifier)) => {
+                self.tls.set(with_server_key_log(c, self.key_log.as_ref()));
+                self.tls.set_trust(verifier);
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot rebuild the inbound TLS configuration; keeping the old trust bundle")
             }
@@ -137,6 +143,12 @@ struct FailureLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClosedLabels {
+    direction: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StreamLabels {
     direction: &'static str,
     result: &'static str,
@@ -160,6 +172,7 @@ impl Collector for TunnelCollector {
         let mut connections = Vec::new();
         let mut failures = Vec::new();
         let mut streams = Vec::new();
+        let mut closed = Vec::new();
         if let Some(s) = &self.inbound {
             let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
             connections.push(("inbound", load(&s.tls_established)));
@@ -175,6 +188,8 @@ impl Collector for TunnelCollector {
             streams.push(("inbound", "opened", load(&s.streams_opened)));
             streams.push(("inbound", "denied", load(&s.streams_denied)));
             streams.push(("inbound", "connect_failed", load(&s.connect_failed)));
+            closed.push(("inbound", "idle_timeout", load(&s.idle_closed)));
+            closed.push(("inbound", "untrusted", load(&s.untrusted_closed)));
         }
         if let Some(m) = self.upstreams.mesh() {
             connections.push(("outbound", m.pool.connections_opened()));
@@ -216,6 +231,16 @@ impl Collector for TunnelCollector {
                 .into_iter()
                 .map(|(direction, reason, v)| (FailureLabels { direction, reason }, v)),
         )?;
+        if !closed.is_empty() {
+            encode_counters(
+                &mut encoder,
+                "waymark_tunnel_closed",
+                "Tunnel connections the agent closed: idle_timeout (a GOAWAY after limits.idle_timeout without a stream), untrusted (a new trust bundle no longer accepts the peer's chain)",
+                closed
+                    .into_iter()
+                    .map(|(direction, reason, v)| (ClosedLabels { direction, reason }, v)),
+            )?;
+        }
         encode_counters(
             &mut encoder,
             "waymark_tunnel_streams",

@@ -282,7 +282,7 @@ impl InboundHttp {
             let mut resp = match mode {
                 Some(mode) => {
                     let context = self.context(ctx, conn, start, result);
-                    add_context(resp, mode, &context).await
+                    add_context(resp, mode, &context, self.buffer_budget.account(pod)).await
                 }
                 None => resp,
             };

@@ -25,6 +25,8 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::danger::ClientCertVerifier;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -33,6 +35,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::identity::{CertInfo, TlsFailure, peer_info};
 use crate::transport::copy;
+use crate::transport::idle::{OpenStream, Streams, streams_expired};
 use crate::transport::tunnel::{DENY_REASON, ERROR_REASON, SOURCE_WORKLOAD};
 
 const SOURCE_MISMATCH: &str = "source workload header does not match the client certificate";
@@ -52,6 +55,11 @@ pub struct ServerConfig {
     pub connection_window: u32,
     /// Where session secrets go (a capture's key log); `None`: nowhere.
     pub key_log: Option<std::sync::Arc<dyn rustls::KeyLog>>,
+    /// A tunnel connection with no stream open for this long is closed
+    /// with a GOAWAY (`limits.idle_timeout`): a peer agent, or a pod that
+    /// dialled once through it, cannot keep a TLS session, its buffers and
+    /// its socket here for ever with PINGs alone.
+    pub idle_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -65,6 +73,7 @@ impl Default for ServerConfig {
             stream_window: 4 << 20,
             connection_window: 16 << 20,
             key_log: None,
+            idle_timeout: crate::config::limits::DEFAULT_IDLE_TIMEOUT,
         }
     }
 }
@@ -118,6 +127,11 @@ pub struct ServerStats {
     pub streams_opened: AtomicU64,
     pub streams_denied: AtomicU64,
     pub connect_failed: AtomicU64,
+    /// Connections closed (GOAWAY) after `idle_timeout` without a stream.
+    pub idle_closed: AtomicU64,
+    /// Connections closed because a new trust bundle no longer accepts the
+    /// peer's certificate chain.
+    pub untrusted_closed: AtomicU64,
 }
 
 pub use crate::transport::tunnel::FAILURES;
@@ -146,20 +160,58 @@ pub struct TunnelServer {
 }
 
 /// The server's TLS configuration, replaceable while it runs (a new trust
-/// bundle): each handshake takes the one current when it starts.
-pub struct ServerTls(std::sync::RwLock<TlsAcceptor>);
+/// bundle): each handshake takes the one current when it starts, and each
+/// open connection checks its peer's chain again against a new bundle.
+pub struct ServerTls {
+    acceptor: std::sync::RwLock<TlsAcceptor>,
+    /// The client verifier of the bundle in force once it has changed
+    /// (`None`: the one the connections were verified with).
+    trust: tokio::sync::watch::Sender<Option<Arc<dyn ClientCertVerifier>>>,
+}
 
 impl ServerTls {
     pub fn new(config: Arc<rustls::ServerConfig>) -> Arc<Self> {
-        Arc::new(Self(std::sync::RwLock::new(TlsAcceptor::from(config))))
+        Arc::new(Self {
+            acceptor: std::sync::RwLock::new(TlsAcceptor::from(config)),
+            trust: tokio::sync::watch::Sender::new(None),
+        })
     }
 
     pub fn set(&self, config: Arc<rustls::ServerConfig>) {
-        *self.0.write().unwrap_or_else(|e| e.into_inner()) = TlsAcceptor::from(config);
+        *self.acceptor.write().unwrap_or_else(|e| e.into_inner()) = TlsAcceptor::from(config);
+    }
+
+    /// A new trust bundle's verifier: every open connection whose peer's
+    /// chain it does not accept (an issuer dropped from the bundle) is
+    /// closed, with the streams on it.
+    pub fn set_trust(&self, verifier: Arc<dyn ClientCertVerifier>) {
+        self.trust.send_replace(Some(verifier));
     }
 
     fn current(&self) -> TlsAcceptor {
-        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.acceptor
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// Resolves with the reason once a new trust bundle no longer accepts
+/// `chain` (the peer's certificates as presented in its handshake).
+async fn distrusted(
+    mut trust: tokio::sync::watch::Receiver<Option<Arc<dyn ClientCertVerifier>>>,
+    chain: Vec<CertificateDer<'static>>,
+) -> rustls::Error {
+    loop {
+        if trust.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        let verifier = trust.borrow_and_update().clone();
+        if let (Some(v), Some((leaf, intermediates))) = (verifier, chain.split_first())
+            && let Err(e) = v.verify_client_cert(leaf, intermediates, UnixTime::now())
+        {
+            return e;
+        }
     }
 }
 
@@ -255,6 +307,12 @@ impl TunnelServer {
             drain: Drain::default(),
         });
         Self { listener, shared }
+    }
+
+    /// The TLS configuration, to swap trust bundles (the unit tests').
+    #[cfg(test)]
+    pub fn tls(&self) -> Arc<ServerTls> {
+        self.shared.tls.clone()
     }
 
     /// Hands admitted streams to `handler` instead of splicing them.
@@ -363,12 +421,25 @@ impl Shared {
         };
         self.stats.tls_established.fetch_add(1, Ordering::Relaxed);
         debug!(peer_id = %peer.id, serial = %peer.serial, "tunnel connection established");
+        // Subscribed before anything else can change: a bundle swapped
+        // after this handshake is checked against this peer.
+        let chain: Vec<CertificateDer<'static>> = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+            .unwrap_or_default();
+        let distrusted = distrusted(self.tls.trust.subscribe(), chain);
         let peer = Arc::new(peer);
+        let peer_id = peer.id.clone();
         let this = self.clone();
+        let streams = Arc::new(Streams::default());
+        let svc_streams = streams.clone();
         let service = hyper::service::service_fn(move |req| {
             let this = this.clone();
             let peer = peer.clone();
-            async move { Ok::<_, Infallible>(this.stream(req, peer).await) }
+            let open = svc_streams.begin();
+            async move { Ok::<_, Infallible>(this.stream(req, peer, open).await) }
         });
         let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         h2.max_concurrent_streams(self.config.max_concurrent_streams)
@@ -378,10 +449,24 @@ impl Shared {
             .max_send_buf_size(1 << 20);
         let conn = h2.serve_connection(TokioIo::new(tls), service);
         tokio::pin!(conn);
+        let idle_timeout = self.config.idle_timeout;
         let result = tokio::select! {
             result = conn.as_mut() => result,
             _ = self.drain.stop.cancelled() => {
                 debug!("draining: GOAWAY sent, waiting for the streams in flight");
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+            error = distrusted => {
+                // Not a GOAWAY: nothing more may pass on a connection whose
+                // peer is no longer trusted, its open streams included.
+                self.stats.untrusted_closed.fetch_add(1, Ordering::Relaxed);
+                warn!(peer_id = %peer_id, %error, "the trust bundle no longer accepts this tunnel peer: connection closed");
+                return;
+            }
+            () = streams_expired(&streams, idle_timeout) => {
+                self.stats.idle_closed.fetch_add(1, Ordering::Relaxed);
+                debug!(timeout = ?idle_timeout, "idle tunnel connection: GOAWAY sent");
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }
@@ -391,13 +476,20 @@ impl Shared {
         }
     }
 
-    async fn stream(&self, req: Request<Incoming>, peer: Arc<CertInfo>) -> Response<Empty<Bytes>> {
+    /// `open` counts the stream on its connection until the stream ends
+    /// (its splice, when admitted) for the connection's idle timeout.
+    async fn stream(
+        &self,
+        req: Request<Incoming>,
+        peer: Arc<CertInfo>,
+        open: OpenStream,
+    ) -> Response<Empty<Bytes>> {
         let target = match connect_target(req.method(), req.uri()) {
             Ok(t) => t,
             Err((status, why)) => return reply(status, ERROR_REASON, why),
         };
         let span = info_span!("tunnel_stream", peer_id = %peer.id, %target);
-        self.admit(req, peer, target).instrument(span).await
+        self.admit(req, peer, target, open).instrument(span).await
     }
 
     /// Checks the source header and authorization, connects to the target
@@ -407,6 +499,7 @@ impl Shared {
         mut req: Request<Incoming>,
         peer: Arc<CertInfo>,
         target: SocketAddr,
+        open: OpenStream,
     ) -> Response<Empty<Bytes>> {
         if let Some(claimed) = req.headers().get(SOURCE_WORKLOAD)
             && claimed.as_bytes() != peer.id.to_string().as_bytes()
@@ -452,6 +545,7 @@ impl Shared {
         let stop = self.drain.stop.clone();
         self.drain.tracker.spawn(
             async move {
+                let _open = open;
                 match upgrade.await {
                     Ok(upgraded) => {
                         let stream = Admitted {

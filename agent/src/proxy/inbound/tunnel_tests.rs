@@ -55,6 +55,7 @@ struct World {
     node_b: SpiffeId,
     server: SocketAddr,
     stats: Arc<ServerStats>,
+    tls: Arc<ServerTls>,
     echo: SocketAddr,
     seen: Seen,
     _tasks: Vec<Task>,
@@ -119,12 +120,14 @@ async fn world(config: super::ServerConfig) -> World {
     .unwrap();
     let addr = server.local_addr().unwrap();
     let stats = server.stats();
+    let tls = server.tls();
     let (echo, echo_task) = echo_server().await;
     World {
         pki,
         node_b,
         server: addr,
         stats,
+        tls,
         echo,
         seen,
         _tasks: vec![Task(tokio::spawn(server.serve())), echo_task],
@@ -531,4 +534,71 @@ async fn a_probe_handshakes_verifies_the_peer_and_opens_no_stream() {
         matches!(&err, TunnelError::Connect { source, .. } if source.kind() == std::io::ErrorKind::ConnectionRefused),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn a_connection_without_streams_for_the_idle_timeout_is_closed_and_counted() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let w = world(super::ServerConfig {
+        idle_timeout: Duration::from_millis(400),
+        ..Default::default()
+    })
+    .await;
+    let web = w.pki.identity("default", "web");
+    let pool = w.pool();
+    let stream = w.open(&pool, &web).await.unwrap();
+    // An open stream keeps its connection however quiet it is.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(w.stats.idle_closed.load(Relaxed), 0, "a stream is open");
+    assert_eq!(round_trip(stream, b"still here").await, b"still here");
+    // Without one, the server sends GOAWAY after the timeout.
+    eventually("the idle connection to be closed", || {
+        w.stats.idle_closed.load(Relaxed) == 1
+    })
+    .await;
+    // The next stream gets a new connection.
+    let stream = w.open(&pool, &web).await.unwrap();
+    assert_eq!(round_trip(stream, b"again").await, b"again");
+    assert_eq!(pool.connections_opened(), 2);
+    assert_eq!(w.stats.tls_established.load(Relaxed), 2);
+}
+
+#[tokio::test]
+async fn a_bundle_that_drops_the_peers_issuer_closes_its_connection() {
+    use std::sync::atomic::Ordering::Relaxed;
+    use tokio::io::AsyncWriteExt as _;
+    let w = world(Default::default()).await;
+    let web = w.pki.identity("default", "web");
+    let pool = w.pool();
+    let mut stream = w.open(&pool, &web).await.unwrap();
+    stream.write_all(b"before").await.unwrap();
+    let mut got = [0u8; 6];
+    stream.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"before");
+    // The same bundle again: the peer is still trusted.
+    w.tls
+        .set_trust(crate::identity::tls::client_verifier(w.pki.bundle()).unwrap());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(w.stats.untrusted_closed.load(Relaxed), 0);
+    stream.write_all(b"still").await.unwrap();
+    let mut got = [0u8; 5];
+    stream.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"still");
+    // A bundle of another CA only: the peer's issuer is gone.
+    let other = Pki::new();
+    w.tls
+        .set_trust(crate::identity::tls::client_verifier(other.bundle()).unwrap());
+    eventually("the untrusted connection to be closed", || {
+        w.stats.untrusted_closed.load(Relaxed) == 1
+    })
+    .await;
+    // The open stream went with it.
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = stream.write_all(b"after").await;
+        stream.read_to_end(&mut rest).await
+    })
+    .await
+    .expect("the stream must end with its connection");
+    assert!(ended.is_err() || rest.is_empty(), "{ended:?} {rest:?}");
 }

@@ -68,11 +68,19 @@ pub struct HttpProxy {
     pub discovery: Arc<Discovery>,
     pub pool: Arc<Pool>,
     pub retry_buffer: usize,
+    /// Node-wide bound on buffered bytes (retry copies, `TRACE` bodies).
+    pub buffer_budget: Arc<crate::http::budget::BufferBudget>,
     /// Streams per HTTP/2 connection and the idle timeout of pods' HTTP
     /// connections.
     pub limits: crate::config::LimitsConfig,
     /// Counts connections closed by a limit, per pod.
     pub limit_closed: prometheus_client::metrics::family::Family<
+        crate::diagnostics::metrics::RefusedLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    /// Counts what a limit refused a pod on an open connection (HTTP/2
+    /// streams), per pod.
+    pub limit_refused: prometheus_client::metrics::family::Family<
         crate::diagnostics::metrics::RefusedLabels,
         prometheus_client::metrics::counter::Counter,
     >,
@@ -239,7 +247,7 @@ impl HttpProxy {
                     c.duration = start.elapsed();
                     c.kernel = self.kernel_line(c.upstream);
                     c.result = Some((resp.status().as_u16(), StatusSource::of(&resp)));
-                    add_context(resp, mode, &c).await
+                    add_context(resp, mode, &c, self.buffer_budget.account(&ctx.pod)).await
                 }
                 _ => resp,
             };
@@ -277,9 +285,11 @@ impl HttpProxy {
         }
         let (parts, body) = req.into_parts();
         let mut body = match &route.retry {
-            Some(_) if may_fit(&body, self.retry_buffer) => {
-                RequestBody::Replay(ReplayBody::new(body, self.retry_buffer))
-            }
+            Some(_) if may_fit(&body, self.retry_buffer) => RequestBody::Replay(ReplayBody::new(
+                body,
+                self.retry_buffer,
+                self.buffer_budget.account(&ctx.pod),
+            )),
             _ => RequestBody::Stream(Some(body)),
         };
         service.budget.deposit(start);
@@ -793,11 +803,14 @@ pub(crate) fn reflect(req: &Request<Incoming>) -> Response<ProxyBody> {
 }
 
 /// Adds this hop's context to a response: appended to the body for TRACE
-/// (Content-Length fixed up by rebuilding the body), a header otherwise.
+/// (Content-Length fixed up by rebuilding the body), a header otherwise,
+/// and also when the body outgrows [`MAX_TRACE_BODY`] or `account` cannot
+/// get its bytes from the node-wide budget.
 pub(crate) async fn add_context(
     resp: Response<ProxyBody>,
     mode: trace::Mode,
     context: &(impl trace::Hop + Sync),
+    mut account: crate::http::budget::Account,
 ) -> Response<ProxyBody> {
     let (mut parts, mut body) = resp.into_parts();
     // A body of unknown length (chunked, HTTP/2 without content-length)
@@ -815,12 +828,15 @@ pub(crate) async fn add_context(
         while let Some(frame) = body.frame().await {
             match frame {
                 Ok(frame) => {
+                    let mut over = false;
                     if let Ok(data) = frame.into_data() {
+                        over = !account.grow(data.len());
                         bytes.extend_from_slice(&data);
                     }
-                    if bytes.len() > MAX_TRACE_BODY {
-                        // Too big after all: what was read goes on first,
-                        // the rest as it comes, the context in a header.
+                    if over || bytes.len() > MAX_TRACE_BODY {
+                        // Too big after all, or the node's budget is
+                        // spent: what was read goes on first, the rest as
+                        // it comes, the context in a header.
                         if let Ok(v) = HeaderValue::from_str(&context.header()) {
                             parts.headers.append(trace::CONTEXT_HEADER, v);
                         }
@@ -1019,6 +1035,33 @@ fn connect_failed(e: ConnectError) -> Attempt {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_trace_body_the_budget_cannot_hold_passes_with_the_context_in_a_header() {
+        let budget =
+            crate::http::budget::BufferBudget::new(65536, Default::default(), Default::default());
+        let context = trace::Context {
+            node: "node0".into(),
+            direction: "outbound",
+            ..Default::default()
+        };
+        let body = vec![b'x'; 1000];
+        // With room: the block is appended to the body.
+        let resp = Response::new(full(body.clone()));
+        let resp = add_context(resp, trace::Mode::Body, &context, budget.account("p")).await;
+        assert!(resp.headers().get(trace::CONTEXT_HEADER).is_none());
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        assert!(bytes.len() > body.len() && bytes.starts_with(&body));
+        assert_eq!(budget.in_use(), 0, "the buffered body is given back");
+        // Without: the body passes untouched, the context in a header.
+        let mut hog = budget.account("default/hog");
+        assert!(hog.grow(65536 - 10));
+        let resp = Response::new(full(body.clone()));
+        let resp = add_context(resp, trace::Mode::Body, &context, budget.account("p")).await;
+        assert!(resp.headers().get(trace::CONTEXT_HEADER).is_some());
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&bytes[..], &body[..]);
+    }
 
     #[test]
     fn timeouts_read_as_configured() {

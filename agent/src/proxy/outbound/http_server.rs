@@ -18,6 +18,7 @@ use tracing::debug;
 use crate::diagnostics::metrics::RefusedLabels;
 use crate::http::drain::{self, Activity as Requests};
 use crate::proxy::outbound::forward::{ConnCtx, HttpProxy};
+use crate::transport::h2_refused::{self, RefusedStreams};
 use crate::transport::http_pool::Version;
 use crate::transport::idle::{Activity, IdleIo, expired};
 
@@ -46,8 +47,21 @@ pub async fn serve(
 ) {
     // The connection table's clock and byte counts, also the idle timeout's.
     let bytes: Arc<Activity> = ctx.live.activity().clone();
-    let io = TokioIo::new(IdleIo::new(stream, bytes.clone()));
+    let io = IdleIo::new(stream, bytes.clone());
     let version = ctx.version;
+    // Streams refused by h2_max_concurrent_streams (HTTP/2 only, so that
+    // HTTP/1 pods get no series for them).
+    let refused = if version == Version::Http2 {
+        proxy
+            .limit_refused
+            .get_or_create(&RefusedLabels {
+                pod: ctx.pod.clone(),
+                limit: h2_refused::LIMIT,
+            })
+            .clone()
+    } else {
+        Default::default()
+    };
     let (idle_timeout, h2_streams) = (
         proxy.limits.idle_timeout,
         proxy.limits.h2_max_concurrent_streams,
@@ -94,7 +108,7 @@ pub async fn serve(
                     .header_read_timeout(HEADER_READ_TIMEOUT)
                     .max_buf_size(MAX_H1_HEAD)
                     .keep_alive(true)
-                    .serve_connection(io, svc)
+                    .serve_connection(TokioIo::new(io), svc)
                     .with_upgrades();
                 drain::until_drained(conn, version, &requests, &draining, |c| {
                     c.graceful_shutdown()
@@ -106,7 +120,7 @@ pub async fn serve(
                     .timer(TokioTimer::new())
                     .max_concurrent_streams(h2_streams)
                     .max_header_list_size(MAX_H2_HEADER_LIST)
-                    .serve_connection(io, svc);
+                    .serve_connection(TokioIo::new(RefusedStreams::new(io, refused)), svc);
                 drain::until_drained(conn, version, &requests, &draining, |c| {
                     c.graceful_shutdown()
                 })

@@ -50,7 +50,8 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 
 /// `bpf_probe_read_kernel`, which every tracepoint program here needs, is
 /// GPL-only: the kernel refuses it to an object without a GPL-compatible
-/// licence string. This object is dual-licensed for that reason.
+/// licence string. The crate is `MIT OR GPL-2.0-only`, which the kernel
+/// spells "Dual MIT/GPL".
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

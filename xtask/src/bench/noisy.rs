@@ -1,0 +1,407 @@
+//! `cargo xtask bench-noisy`: one pod cannot take the node's proxy from the
+//! others. A noisy pod opens thousands of idle connections through node 0's
+//! agent while a quiet pod of the same node sends HTTP requests at a fixed
+//! rate through the same agent; the quiet pod's latency is measured before
+//! (idle agent), while the connections are being opened, and while they are
+//! held, with the agent's memory and descriptors at each step.
+//!
+//! ```text
+//! noisy pod (0,0) ── testpeer hold (N opaque connections) ──► echo, pod (1,0)
+//! quiet pod (0,1) ── testpeer http-rate (L7 service) ───────► nginx, pod (1,1)
+//!                 both through node 0's agent (`--workers`, 2 by default)
+//! ```
+//!
+//! Each proxied connection holds two of the agent's descriptors (the pod's
+//! side and the upstream), and the machine allows 20,000 open files per
+//! process: the default 9,000 connections keep the agent (18,000 + its own)
+//! and the holding client (9,000) under it. A measurement, not a test: it
+//! prints and records figures (`bench/results/noisy.md`); the functional
+//! side (the quiet pod's requests all succeed, a pod over its connection
+//! limit is refused and counted) is asserted by the world tests.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use waymark_tests::{Signal, World, metric_value};
+
+use super::load::{self, RateResult};
+use super::measure::{RssSampler, fds, loadavg, rss_kib};
+use super::{Bins, build, peers, repo_root, shell};
+use waymark_tests::world::topology::pod_ip;
+
+/// The quiet pod's service (HTTP/1.1, routed by the agent).
+const QUIET_SERVICE: &str = "10.96.0.90:80";
+/// The noisy pod's idle connections go to this port of pod (1,0), which
+/// the agent treats as opaque TCP (no protocol detection to wait for).
+const ECHO_PORT: u16 = 7000;
+
+#[derive(clap::Args)]
+pub struct NoisyArgs {
+    /// Idle connections the noisy pod opens and holds (at most 9,500: the
+    /// agent holds two descriptors for each, under 20,000 open files).
+    #[arg(long, default_value_t = 9_000, value_parser = clap::value_parser!(u64).range(1..=9_500))]
+    conns: u64,
+    /// Requests/s of the quiet pod's fixed-rate load.
+    #[arg(long, default_value_t = 1_000)]
+    rate: u64,
+    /// Seconds of each fixed-rate run.
+    #[arg(long, default_value_t = 10)]
+    secs: u64,
+    /// Fixed-rate runs before, while and after the connections are held.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// The agent's data-path worker threads (`runtime.workers`; 2 is the
+    /// agent's default, `cargo xtask bench` measures with 1).
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Use the debug build (target/debug) instead of a release build.
+    #[arg(long)]
+    debug: bool,
+    /// Do not build; use the binaries as they are.
+    #[arg(long)]
+    no_build: bool,
+    /// Do not write bench/results/noisy.md.
+    #[arg(long)]
+    no_results: bool,
+}
+
+/// What the agent holds at one step.
+struct AgentSample {
+    rss_kib: u64,
+    fds: usize,
+}
+
+fn agent_sample(pid: i32) -> AgentSample {
+    AgentSample {
+        rss_kib: rss_kib(&[pid]),
+        fds: fds(&[pid]),
+    }
+}
+
+fn p99_ms(r: &RateResult) -> f64 {
+    r.latency_us
+        .as_ref()
+        .map(|p| p.p99 / 1000.0)
+        .unwrap_or(f64::NAN)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+fn failed(r: &RateResult) -> u64 {
+    r.non_2xx + r.errors
+}
+
+pub fn run(a: NoisyArgs) -> Result<()> {
+    let bins = if a.debug {
+        debug_bins(a.no_build)?
+    } else {
+        build(a.no_build, true)?
+    };
+    let conns = a.conns as usize;
+    let config = format!(
+        r#"[runtime]
+workers = {workers}
+[proxy]
+opaque_ports = [{ECHO_PORT}]
+[[services]]
+name = "quiet"
+addresses = ["{QUIET_SERVICE}"]
+protocol = "http1"
+endpoints = [{{ addr = "{}:{}" }}]
+"#,
+        pod_ip(1, 1),
+        super::topology::HTTP_PORT,
+        workers = a.workers,
+    );
+    let world = World::builder("bench-noisy")
+        .nodes(2)
+        .pods_per_node(2)
+        .agent_bin(&bins.waymark)
+        .agent_env("RUST_LOG", "info")
+        .agent_config_extra(config)
+        .build()
+        .context("building the world")?;
+    // Node 1's pods are only servers: its agent has nothing to do.
+    world.node(1).stop_agent(Signal::SIGTERM)?;
+    let dir = world.dir().join("bench-noisy");
+    std::fs::create_dir_all(&dir)?;
+    let (noisy, quiet, node) = (world.pod(0, 0), world.pod(0, 1), world.node(0));
+    let _nginx = peers::start_backend(
+        "backend-n1p1",
+        world.pod(1, 1),
+        world.node(1),
+        &dir,
+        super::topology::HTTP_PORT,
+        super::topology::H2C_PORT,
+    )?;
+    let _echo = world.pod(1, 0).serve(
+        Command::new(&bins.testpeer)
+            .arg("echo")
+            .arg("--listen")
+            .arg(format!("0.0.0.0:{ECHO_PORT}")),
+    )?;
+    let pid = node.agent_pid().context("node 0 has no agent")?;
+    let service: SocketAddr = QUIET_SERVICE.parse()?;
+    load::probe(quiet, service, false)?;
+    let rate = |what: &str| -> Result<RateResult> {
+        let r = load::http_rate(quiet, &bins.testpeer, service, a.rate, a.secs)?;
+        eprintln!(
+            "bench-noisy: {what}: p99 {:.2} ms, {} of {} failed, {:.0} req/s",
+            p99_ms(&r),
+            failed(&r),
+            r.requests,
+            r.achieved_rate
+        );
+        Ok(r)
+    };
+    let load_start = loadavg();
+    let t0 = Instant::now();
+
+    // 1. The agent with nothing but the quiet pod's load.
+    let _ = rate("warm-up")?;
+    let before = agent_sample(pid);
+    let idle: Vec<RateResult> = (0..a.reps)
+        .map(|i| rate(&format!("idle agent {}/{}", i + 1, a.reps)))
+        .collect::<Result<_>>()?;
+
+    // 2. The noisy pod opens its connections while the quiet pod's load runs.
+    let echo = SocketAddr::new(pod_ip(1, 0).into(), ECHO_PORT);
+    let sampler = RssSampler::start(vec![pid]);
+    let opened_at = Instant::now();
+    let (hold, opening) = std::thread::scope(|s| {
+        let hold = s.spawn(|| {
+            noisy.serve_until(
+                Command::new(&bins.testpeer)
+                    .arg("hold")
+                    .arg("--connect")
+                    .arg(echo.to_string())
+                    .arg("--count")
+                    .arg(conns.to_string())
+                    .arg("--concurrency")
+                    .arg("256")
+                    .arg("--hold")
+                    .arg("1800s"),
+                "holding ",
+                Duration::from_secs(300),
+            )
+        });
+        let opening = rate("while the noisy pod opens its connections");
+        (hold.join(), opening)
+    });
+    let mut hold = match hold {
+        Ok(h) => h?,
+        Err(_) => bail!("the holding thread panicked"),
+    };
+    let opening = opening?;
+    let line = hold.wait_line("holding ", Duration::from_secs(1))?;
+    let open_secs = opened_at.elapsed().as_secs_f64();
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let held: usize = f.get(1).and_then(|x| x.parse().ok()).unwrap_or(0);
+    let hold_failed: usize = f.get(3).and_then(|x| x.parse().ok()).unwrap_or(conns);
+    eprintln!("bench-noisy: {line} ({open_secs:.1} s)");
+    ensure!(
+        held == conns,
+        "the noisy pod holds {held} of {conns} connections ({hold_failed} failed)"
+    );
+    // The agent has dialled the upstream side of every one.
+    let metrics_deadline = Instant::now() + Duration::from_secs(60);
+    let open_now = |text: &str| {
+        metric_value(
+            text,
+            "tcp_open_connections",
+            &[("direction", "outbound"), ("pod", noisy.name())],
+        )
+    };
+    loop {
+        let text = node.metrics()?;
+        if open_now(&text).unwrap_or(0.0) as usize >= conns {
+            break;
+        }
+        if Instant::now() > metrics_deadline {
+            bail!(
+                "node 0's agent shows {:?} open connections of the noisy pod, not {conns}",
+                open_now(&text)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    // 3. The same load while they are held.
+    let holding: Vec<RateResult> = (0..a.reps)
+        .map(|i| {
+            rate(&format!(
+                "{conns} idle connections held {}/{}",
+                i + 1,
+                a.reps
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let peak_kib = sampler.stop();
+    let after = agent_sample(pid);
+    let refused = metric_value(
+        &node.metrics()?,
+        "waymark_outbound_refused_total",
+        &[("pod", noisy.name())],
+    )
+    .unwrap_or(0.0);
+    drop(hold);
+
+    // 4. The agent idle again: a second baseline, the machine's drift
+    // between the two shows in their spread.
+    let gone_deadline = Instant::now() + Duration::from_secs(60);
+    while open_now(&node.metrics()?).unwrap_or(0.0) > 0.0 {
+        if Instant::now() > gone_deadline {
+            bail!("the noisy pod's connections are still open a minute after it let them go");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let after_idle: Vec<RateResult> = (0..a.reps)
+        .map(|i| rate(&format!("idle agent again {}/{}", i + 1, a.reps)))
+        .collect::<Result<_>>()?;
+    let released = agent_sample(pid);
+
+    let all_failed: u64 = idle
+        .iter()
+        .chain(&after_idle)
+        .chain(&holding)
+        .chain(std::iter::once(&opening))
+        .map(failed)
+        .sum();
+    let p99_idle = median(idle.iter().chain(&after_idle).map(p99_ms).collect());
+    let runs = |v: &[RateResult]| {
+        v.iter()
+            .map(|r| format!("{:.2}", p99_ms(r)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let p99_held = median(holding.iter().map(p99_ms).collect());
+    let p99_opening = p99_ms(&opening);
+    let per_conn_kib = (after.rss_kib.saturating_sub(before.rss_kib)) as f64 / conns as f64;
+    let git = shell(
+        "git",
+        &[
+            "-C",
+            repo_root().to_str().unwrap_or("."),
+            "describe",
+            "--always",
+            "--dirty",
+        ],
+    );
+    let mut md = String::new();
+    let _ = writeln!(md, "# Noisy neighbour: idle connections of one pod\n");
+    let _ = writeln!(
+        md,
+        "`cargo xtask bench-noisy{}` (commit `{git}`, {} build, node 0's agent on {} worker(s), \
+         {} UTC; load average at start {:.2} {:.2} {:.2}, {:.0} s in all). The noisy pod \
+         (0,0) opens {conns} idle opaque TCP connections through node 0's agent to an echo \
+         server on node 1 (`testpeer hold`, 256 at a time) and holds them; the quiet pod \
+         (0,1) sends {} HTTP/1.1 GET/s over 16 keep-alive connections to an L7 service \
+         (nginx on node 1) through the same agent, {} s per run (`testpeer http-rate`, \
+         latency from when each request was due). Medians of {} runs ({} for the idle \
+         agent: before and after).\n",
+        if a.debug { " --debug" } else { "" },
+        if a.debug { "debug" } else { "release" },
+        a.workers,
+        chrono_now(),
+        load_start[0],
+        load_start[1],
+        load_start[2],
+        t0.elapsed().as_secs_f64(),
+        a.rate,
+        a.secs,
+        a.reps,
+        2 * a.reps
+    );
+    let _ = writeln!(
+        md,
+        "| quiet pod's requests | p99 | failed | agent RSS | agent fds |\n|---|---|---|---|---|"
+    );
+    let _ = writeln!(
+        md,
+        "| agent idle (runs before: {}; after: {}) | {p99_idle:.2} ms | {} | {:.1} MiB | {} |",
+        runs(&idle),
+        runs(&after_idle),
+        idle.iter().chain(&after_idle).map(failed).sum::<u64>(),
+        before.rss_kib as f64 / 1024.0,
+        before.fds
+    );
+    let _ = writeln!(
+        md,
+        "| while {conns} connections open ({open_secs:.1} s) | {p99_opening:.2} ms | {} | peak {:.1} MiB | — |",
+        failed(&opening),
+        peak_kib as f64 / 1024.0
+    );
+    let _ = writeln!(
+        md,
+        "| {conns} idle connections held (runs: {}) | {p99_held:.2} ms | {} | {:.1} MiB | {} |",
+        runs(&holding),
+        holding.iter().map(failed).sum::<u64>(),
+        after.rss_kib as f64 / 1024.0,
+        after.fds
+    );
+    let _ = writeln!(
+        md,
+        "| after the noisy pod closed them | — | — | {:.1} MiB | {} |",
+        released.rss_kib as f64 / 1024.0,
+        released.fds
+    );
+    let _ = writeln!(
+        md,
+        "\np99 held / idle: **{:.2}×** (while opening: {:.2}×). The agent's memory grew by \
+         {:.1} MiB, {per_conn_kib:.1} KiB per idle opaque connection (two sockets, the \
+         connection's task and its kernel-map entries; no copy buffer while no byte moves). \
+         Connections of the noisy pod refused by a limit: {refused} \
+         (`outbound.max_connections_per_pod` is 16,384 by default).",
+        p99_held / p99_idle,
+        p99_opening / p99_idle,
+        (after.rss_kib.saturating_sub(before.rss_kib)) as f64 / 1024.0
+    );
+    print!("{md}");
+    ensure!(
+        all_failed == 0,
+        "{all_failed} of the quiet pod's requests failed"
+    );
+    if !a.no_results {
+        let out = repo_root().join("bench/results/noisy.md");
+        std::fs::write(&out, &md).with_context(|| format!("writing {}", out.display()))?;
+        eprintln!("bench-noisy: wrote {}", out.display());
+    }
+    Ok(())
+}
+
+fn debug_bins(no_build: bool) -> Result<Bins> {
+    if !no_build {
+        crate::setup::ensure_build_deps()?;
+        let a = [
+            "build",
+            "-p",
+            "waymark-tests",
+            "--bins",
+            "-p",
+            "waymark-agent",
+        ];
+        eprintln!("bench-noisy: cargo {}", a.join(" "));
+        crate::setup::run(crate::test::cargo(&a).current_dir(repo_root()))?;
+    }
+    let dir = super::target_dir()?.join("debug");
+    Ok(Bins {
+        waymark: dir.join("waymark"),
+        testpeer: dir.join("testpeer"),
+    })
+}
+
+/// The time now, `YYYY-MM-DD HH:MM` (from `date`, as the rest of the bench
+/// reports do without a date crate).
+fn chrono_now() -> String {
+    shell("date", &["-u", "+%Y-%m-%d %H:%M"])
+}
