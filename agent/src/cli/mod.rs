@@ -39,9 +39,26 @@ pub struct AdminArgs {
 /// Output format of the table-printing subcommands.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Output {
-    /// Aligned columns for people.
+    /// Aligned columns for people. `wide` (kubectl's and Linkerd's word)
+    /// is the same: these tables always show every column, the per-backend
+    /// rows of `routes` included.
     #[default]
+    #[value(alias = "wide")]
     Table,
     /// One JSON document (or one JSON object a line when streaming) for scripts.
     Json,
+}
+
+#[cfg(test)]
+mod output_tests {
+    use clap::ValueEnum as _;
+
+    use super::Output;
+
+    #[test]
+    fn wide_is_the_table() {
+        assert_eq!(Output::from_str("wide", false), Ok(Output::Table));
+        assert_eq!(Output::from_str("json", false), Ok(Output::Json));
+        assert!(Output::from_str("yaml", false).is_err());
+    }
 }
