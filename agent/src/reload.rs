@@ -239,6 +239,7 @@ impl Reloader {
                 )
                 .map_err(|e| e.to_string())?;
                 table.add_workloads(new.workloads.iter().cloned());
+                table.forget_remote_endpoints(&new.node.name);
                 Ok(table)
             });
         let table = match result {

@@ -183,10 +183,10 @@ fn row(
     let left = v.ejected_until.map(|u| u.saturating_duration_since(now));
     EndpointRow {
         addr: e.addr.to_string(),
-        node: e.node.clone(),
-        pod: e.pod.clone(),
-        zone: e.zone.clone(),
-        identity: e.identity.clone(),
+        node: e.node.as_deref().map(String::from),
+        pod: e.pod.as_deref().map(String::from),
+        zone: e.zone.as_deref().map(String::from),
+        identity: e.identity.as_deref().map(String::from),
         weight: e.weight,
         ewma_ms: fractional_ms(v.ewma),
         latency_samples: v.samples,

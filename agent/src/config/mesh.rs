@@ -358,8 +358,8 @@ pub fn validate(c: &super::Config, problems: &mut Vec<String>) {
     for (i, svc) in c.services.iter().enumerate() {
         for (j, ep) in svc.endpoints.iter().enumerate() {
             if let Some(node) = &ep.node
-                && node != &c.node.name
-                && !c.nodes.iter().any(|n| &n.name == node)
+                && **node != *c.node.name
+                && !c.nodes.iter().any(|n| *n.name == **node)
             {
                 problems.push(format!(
                     "services[{i}] ({}).endpoints[{j}].node: node {node:?} is not in [[nodes]], so its tunnel address is unknown",
