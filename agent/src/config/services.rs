@@ -348,6 +348,15 @@ fn default_ttl() -> Duration {
 }
 
 /// Checks the services section; pushes every problem found.
+/// `services[i] (name)`, as problems name a service.
+struct At<'a>(usize, &'a str);
+
+impl std::fmt::Display for At<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "services[{}] ({})", self.0, self.1)
+    }
+}
+
 pub fn validate(services: &[Arc<ServiceConfig>], problems: &mut Vec<String>) {
     // Sets, not scans of the services before: a cluster has thousands of
     // services, and this runs on every change discovery applies.
@@ -355,7 +364,8 @@ pub fn validate(services: &[Arc<ServiceConfig>], problems: &mut Vec<String>) {
     let mut seen_names = std::collections::HashSet::new();
     let mut owners: std::collections::HashMap<SocketAddr, &str> = Default::default();
     for (i, svc) in services.iter().enumerate() {
-        let at = format!("services[{i}] ({})", svc.name);
+        // Written out only for a problem: thousands of services pass.
+        let at = At(i, &svc.name);
         if svc.name.trim().is_empty() {
             problems.push(format!("services[{i}].name: must not be empty"));
         } else if !seen_names.insert(svc.name.as_str()) {

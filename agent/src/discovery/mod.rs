@@ -480,6 +480,59 @@ mod tests {
     }
 
     #[test]
+    fn a_rebuild_keeps_the_services_whose_config_is_the_same_entry() {
+        let c = Config::from_toml(
+            r#"
+[[services]]
+name = "a"
+addresses = ["10.96.0.1:80"]
+endpoints = [{ addr = "10.1.0.2:80", node = "n1" }, { addr = "10.1.0.3:80" }]
+[[services]]
+name = "b"
+addresses = ["10.96.0.2:80"]
+endpoints = [{ addr = "10.1.0.4:80" }]
+"#,
+            "t",
+        )
+        .unwrap();
+        let balance = BalanceConfig::default();
+        let old = ServiceTable::build(&c.services, balance, None, Instant::now()).unwrap();
+        let mut changed = c.services.clone();
+        Arc::make_mut(&mut changed[1]).endpoints[0].weight = 2;
+        let new = ServiceTable::build(&changed, balance, Some(&old), Instant::now()).unwrap();
+        assert!(Arc::ptr_eq(
+            new.by_name("a").unwrap(),
+            old.by_name("a").unwrap()
+        ));
+        assert!(!Arc::ptr_eq(
+            new.by_name("b").unwrap(),
+            old.by_name("b").unwrap()
+        ));
+        // Other balancer settings: everything is built again.
+        let other = BalanceConfig {
+            failure_threshold: 9,
+            ..balance
+        };
+        let rebuilt = ServiceTable::build(&changed, other, Some(&new), Instant::now()).unwrap();
+        assert!(!Arc::ptr_eq(
+            rebuilt.by_name("a").unwrap(),
+            new.by_name("a").unwrap()
+        ));
+        // Which services an endpoint serves is kept for this node's (and
+        // unplaced) endpoints only.
+        let mut t = rebuilt;
+        t.forget_remote_endpoints("n0");
+        assert!(
+            t.services_of_endpoint(&"10.1.0.2:80".parse().unwrap())
+                .is_empty()
+        );
+        assert_eq!(
+            t.services_of_endpoint(&"10.1.0.3:80".parse().unwrap()),
+            ["a".to_string()]
+        );
+    }
+
+    #[test]
     fn an_endpoint_keeps_its_statistics_when_its_weight_or_zone_changes() {
         let old = table(
             r#"{ addr = "10.1.0.2:80" }, { addr = "10.1.0.3:80" }"#,

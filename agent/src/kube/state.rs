@@ -811,6 +811,67 @@ mod tests {
     }
 
     #[test]
+    fn views_share_names_and_keep_the_previous_entries_that_did_not_change() {
+        let mut st = world();
+        // Pods stored through the interner share their node's name.
+        let mut names = Interner::default();
+        let a = names.get("node1");
+        let b = names.get("node1");
+        assert!(Arc::ptr_eq(&a, &b));
+        let first = st.view("node0", Some("td"), 15008, None);
+        let web = &first.services[0];
+        let remote = &web.endpoints[1];
+        let (_, w) = first
+            .workloads
+            .iter()
+            .find(|(ip, _)| *ip == remote.addr.ip())
+            .unwrap();
+        // The endpoint and the workload entry of a pod hold one name and
+        // one identity.
+        assert!(Arc::ptr_eq(
+            remote.pod.as_ref().unwrap(),
+            w.pod.as_ref().unwrap()
+        ));
+        assert!(Arc::ptr_eq(
+            remote.identity.as_ref().unwrap(),
+            w.identity.as_ref().unwrap()
+        ));
+        // Nothing changed: the same entries. A new service: only it is new.
+        let again = st.view("node0", Some("td"), 15008, Some(&first));
+        assert!(Arc::ptr_eq(&again.services[0], web));
+        assert!(Arc::ptr_eq(&again.workloads[0].1, &first.workloads[0].1));
+        st.services.insert(
+            "shop/api".into(),
+            ServiceEntry {
+                cluster_ips: vec!["10.96.0.12".parse().unwrap()],
+                ports: vec![ServicePort {
+                    name: "http".into(),
+                    port: 80,
+                    app_protocol: None,
+                }],
+            },
+        );
+        let changed = st.view("node0", Some("td"), 15008, Some(&again));
+        assert_eq!(changed.services.len(), 2);
+        let web2 = changed
+            .services
+            .iter()
+            .find(|s| s.name == "web.shop:80")
+            .unwrap();
+        assert!(Arc::ptr_eq(web2, web));
+        // A changed service is a new entry.
+        st.slices.get_mut("shop/web-abc").unwrap().endpoints[0].ready = false;
+        let fewer = st.view("node0", Some("td"), 15008, Some(&changed));
+        let web3 = fewer
+            .services
+            .iter()
+            .find(|s| s.name == "web.shop:80")
+            .unwrap();
+        assert!(!Arc::ptr_eq(web3, web));
+        assert_eq!(web3.endpoints.len(), 1);
+    }
+
+    #[test]
     fn routes_attach_to_their_parent_services_or_are_skipped_whole() {
         let mut st = world();
         st.services.insert(
