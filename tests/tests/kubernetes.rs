@@ -16,6 +16,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
 use waymark_apiserver::ApiServer;
+use waymark_tests::support::capture::{Capture, contains};
 use waymark_tests::world::agent::TRUST_DOMAIN;
 use waymark_tests::{
     DEFAULT_PATIENCE, Pod, Server, World, curl, eventually, metric, python, require_agent_or_skip,
@@ -334,9 +335,18 @@ fn agents_discover_pods_services_and_nodes_from_the_api_server() {
         );
 
         // A meshed pod dialled by address (no service) goes through the
-        // tunnel too.
+        // tunnel too: authorized as the client on node 1, and nothing of
+        // the request in plaintext on node 0's link into the fabric.
+        let fabric = Capture::start(world.dir().join("fabric.pcap"), "n0", |c| {
+            world.spawn_in_fabric(c)
+        })?;
+        let (tunnelled, direct) = ("wm-pod-ip-tunnelled", "wm-pod-ip-direct");
         let before = authorized(world, &client_id)?;
-        let (code, body) = curl(client, &format!("http://{}:{APP_PORT}/", web1.ip()), &[])?;
+        let (code, body) = curl(
+            client,
+            &format!("http://{}:{APP_PORT}/{tunnelled}", web1.ip()),
+            &[],
+        )?;
         ensure!(code == 200 && body.trim() == "web-1", "{code} {body}");
         let after = authorized(world, &client_id)?;
         ensure!(
@@ -346,9 +356,23 @@ fn agents_discover_pods_services_and_nodes_from_the_api_server() {
 
         // The pod outside the mesh is not enrolled: its connections go
         // direct (the ClusterIP, which only the agent knows, does not
-        // answer; the pod's address does, without the tunnel).
-        let (code, _) = curl(other, &format!("http://{}:{APP_PORT}/", web1.ip()), &[])?;
+        // answer; the pod's address does, without the tunnel, in
+        // plaintext on the link: the capture's positive control).
+        let (code, _) = curl(
+            other,
+            &format!("http://{}:{APP_PORT}/{direct}", web1.ip()),
+            &[],
+        )?;
         ensure!(code == 200, "direct from the pod outside the mesh: {code}");
+        let bytes = fabric.finish()?;
+        ensure!(
+            contains(&bytes, direct),
+            "the plaintext request of the pod outside the mesh is not in the capture: does it see anything?"
+        );
+        ensure!(
+            !contains(&bytes, tunnelled),
+            "the meshed pod's pod-IP request crossed node 0's link in plaintext"
+        );
         if let Some(out) = answered(other, &url)? {
             bail!("the ClusterIP answered a pod outside the mesh: {out}");
         }
