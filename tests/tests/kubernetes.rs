@@ -820,10 +820,12 @@ fn a_pod_deleted_under_load_is_drained_without_failures() {
                 "a request failed ({line}); deletion at {deleted:.3}, applied by {applied:.3}"
             );
             let who = f.get(3).copied().unwrap_or_default().to_string();
+            // Answered by the deleted pod after its deletion was issued:
+            // in flight across it (sent before, or before it was applied).
+            if who == "web-1" && end > deleted && start <= applied {
+                in_flight_to_web1 += 1;
+            }
             if start < deleted {
-                if who == "web-1" && end > deleted {
-                    in_flight_to_web1 += 1;
-                }
                 *before.entry(who).or_default() += 1;
             } else if start > applied {
                 *after.entry(who).or_default() += 1;
