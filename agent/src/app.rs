@@ -141,15 +141,15 @@ fn raise_open_files_limit() {
 }
 
 async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHandle) -> Result<()> {
-    let discovery = Arc::new(Discovery::new(
-        ServiceTable::build(
-            &config.services_with_local_pods(),
-            config.balancer.to_balance(),
-            None,
-            Instant::now(),
-        )
-        .context("cannot build the service table")?,
-    ));
+    let mut table = ServiceTable::build(
+        &config.services_with_local_pods(),
+        config.balancer.to_balance(),
+        None,
+        Instant::now(),
+    )
+    .context("cannot build the service table")?;
+    table.forget_remote_endpoints(&config.node.name);
+    let discovery = Arc::new(Discovery::new(table));
     // Who serves this node, decided before anything is bound (see
     // `handover`): a third agent stops here.
     let pinned = match &config.redirect.cgroup {

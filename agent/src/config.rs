@@ -8,6 +8,7 @@
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -94,8 +95,11 @@ pub struct Config {
     pub diagnostics: DiagnosticsConfig,
     /// Services the agent routes to; destinations that are no service's
     /// address are forwarded as plain TCP to where they were dialled.
-    #[serde(default)]
-    pub services: Vec<ServiceConfig>,
+    /// Each behind an `Arc`: discovery's picture, the config in force and
+    /// a reload's candidate share the entries of a cluster's thousands of
+    /// services instead of copying them.
+    #[serde(default, with = "services::shared::vec")]
+    pub services: Vec<Arc<ServiceConfig>>,
     /// The pods on this node whose connections the agent proxies.
     #[serde(default)]
     pub pods: Vec<PodConfig>,
@@ -117,9 +121,9 @@ pub struct Config {
     #[serde(default)]
     pub kubernetes: kubernetes::KubernetesConfig,
     /// Meshed pods of the cluster by address (from discovery, never from
-    /// the file).
+    /// the file), shared with discovery's picture.
     #[serde(skip)]
-    pub workloads: Vec<(std::net::IpAddr, crate::discovery::Workload)>,
+    pub workloads: Arc<[(std::net::IpAddr, Arc<crate::discovery::Workload>)]>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -583,16 +587,32 @@ impl Config {
     /// The services with each endpoint that is a pod of this node named by
     /// that pod (from `[[pods]]`), unless the endpoint names one itself, so
     /// tap, traces and `waymark endpoints` say which pod answered.
-    pub fn services_with_local_pods(&self) -> Vec<services::ServiceConfig> {
-        let by_ip: std::collections::HashMap<std::net::IpAddr, &str> = self
+    ///
+    /// Only a service with such an endpoint is copied (copy on write): the
+    /// others stay shared with the config.
+    pub fn services_with_local_pods(&self) -> Vec<Arc<services::ServiceConfig>> {
+        let by_ip: std::collections::HashMap<std::net::IpAddr, Arc<str>> = self
             .pods
             .iter()
-            .flat_map(|p| p.ips.iter().map(move |ip| (*ip, p.name.as_str())))
+            .flat_map(|p| {
+                let name: Arc<str> = p.name.as_str().into();
+                p.ips.iter().map(move |ip| (*ip, name.clone()))
+            })
             .collect();
         let mut out = self.services.clone();
-        for endpoint in out.iter_mut().flat_map(|s| s.endpoints.iter_mut()) {
-            if endpoint.pod.is_none() {
-                endpoint.pod = by_ip.get(&endpoint.addr.ip()).map(|n| n.to_string());
+        if by_ip.is_empty() {
+            return out;
+        }
+        for svc in &mut out {
+            let unnamed =
+                |e: &services::EndpointConfig| e.pod.is_none() && by_ip.contains_key(&e.addr.ip());
+            if !svc.endpoints.iter().any(unnamed) {
+                continue;
+            }
+            for endpoint in Arc::make_mut(svc).endpoints.iter_mut() {
+                if endpoint.pod.is_none() {
+                    endpoint.pod = by_ip.get(&endpoint.addr.ip()).cloned();
+                }
             }
         }
         out

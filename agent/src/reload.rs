@@ -191,8 +191,13 @@ impl Reloader {
         let Some(u) = cluster else {
             return c;
         };
+        // The file's names, not a scan of the services pushed so far
+        // (quadratic in a cluster's thousands).
+        let file: std::collections::HashSet<String> =
+            c.services.iter().map(|f| f.name.clone()).collect();
+        c.services.reserve(u.view.services.len());
         for s in &u.view.services {
-            if !c.services.iter().any(|f| f.name == s.name) {
+            if !file.contains(&s.name) {
                 c.services.push(s.clone());
             }
         }
@@ -239,6 +244,7 @@ impl Reloader {
                 )
                 .map_err(|e| e.to_string())?;
                 table.add_workloads(new.workloads.iter().cloned());
+                table.forget_remote_endpoints(&new.node.name);
                 Ok(table)
             });
         let table = match result {

@@ -16,6 +16,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
 use waymark_apiserver::ApiServer;
+use waymark_tests::support::capture::{Capture, contains};
 use waymark_tests::world::agent::TRUST_DOMAIN;
 use waymark_tests::{
     DEFAULT_PATIENCE, Pod, Server, World, curl, eventually, metric, python, require_agent_or_skip,
@@ -23,13 +24,16 @@ use waymark_tests::{
 };
 
 const APP: &str = r#"
-import http.server, socketserver, sys
+import http.server, socketserver, sys, time
 name, port = sys.argv[1], int(sys.argv[2])
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def log_message(self, *a):
         pass
     def do_GET(self):
+        # /slow/<seconds>: answer after that long (a request in flight).
+        if self.path.startswith("/slow/"):
+            time.sleep(float(self.path[len("/slow/"):]))
         body = ("%s\n" % name).encode()
         self.send_response(200)
         self.send_header("content-length", str(len(body)))
@@ -331,9 +335,18 @@ fn agents_discover_pods_services_and_nodes_from_the_api_server() {
         );
 
         // A meshed pod dialled by address (no service) goes through the
-        // tunnel too.
+        // tunnel too: authorized as the client on node 1, and nothing of
+        // the request in plaintext on node 0's link into the fabric.
+        let fabric = Capture::start(world.dir().join("fabric.pcap"), "n0", |c| {
+            world.spawn_in_fabric(c)
+        })?;
+        let (tunnelled, direct) = ("wm-pod-ip-tunnelled", "wm-pod-ip-direct");
         let before = authorized(world, &client_id)?;
-        let (code, body) = curl(client, &format!("http://{}:{APP_PORT}/", web1.ip()), &[])?;
+        let (code, body) = curl(
+            client,
+            &format!("http://{}:{APP_PORT}/{tunnelled}", web1.ip()),
+            &[],
+        )?;
         ensure!(code == 200 && body.trim() == "web-1", "{code} {body}");
         let after = authorized(world, &client_id)?;
         ensure!(
@@ -343,9 +356,23 @@ fn agents_discover_pods_services_and_nodes_from_the_api_server() {
 
         // The pod outside the mesh is not enrolled: its connections go
         // direct (the ClusterIP, which only the agent knows, does not
-        // answer; the pod's address does, without the tunnel).
-        let (code, _) = curl(other, &format!("http://{}:{APP_PORT}/", web1.ip()), &[])?;
+        // answer; the pod's address does, without the tunnel, in
+        // plaintext on the link: the capture's positive control).
+        let (code, _) = curl(
+            other,
+            &format!("http://{}:{APP_PORT}/{direct}", web1.ip()),
+            &[],
+        )?;
         ensure!(code == 200, "direct from the pod outside the mesh: {code}");
+        let bytes = fabric.finish()?;
+        ensure!(
+            contains(&bytes, direct),
+            "the plaintext request of the pod outside the mesh is not in the capture: does it see anything?"
+        );
+        ensure!(
+            !contains(&bytes, tunnelled),
+            "the meshed pod's pod-IP request crossed node 0's link in plaintext"
+        );
         if let Some(out) = answered(other, &url)? {
             bail!("the ClusterIP answered a pod outside the mesh: {out}");
         }
@@ -668,6 +695,241 @@ fn authorization_policies_deny_and_allow_by_service_account() {
             ensure!(code == 200, "{code}: {out}");
             Ok(())
         })?;
+        Ok(())
+    });
+}
+
+/// HTTP/1.1 load on a Service address from `threads` keep-alive
+/// connections for `seconds`: one line per request, `start end status who`
+/// (Unix times), or `start end ERR why`; `started` first, `done` last.
+const LOAD: &str = r#"
+import http.client, sys, threading, time
+host, path, seconds, threads = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+end = time.time() + seconds
+lock = threading.Lock()
+def out(line):
+    with lock:
+        print(line, flush=True)
+def worker():
+    c = None
+    while time.time() < end:
+        t = time.time()
+        try:
+            if c is None:
+                c = http.client.HTTPConnection(host, 80, timeout=10)
+            c.request("GET", path)
+            r = c.getresponse()
+            who = r.read().decode().strip()
+            out("%.3f %.3f %d %s" % (t, time.time(), r.status, who))
+        except Exception as e:
+            out("%.3f %.3f ERR %r" % (t, time.time(), e))
+            c = None
+out("started")
+ts = [threading.Thread(target=worker) for _ in range(threads)]
+for t in ts:
+    t.start()
+for t in ts:
+    t.join()
+out("done")
+"#;
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_pod_deleted_under_load_is_drained_without_failures() {
+    require_agent_or_skip!();
+    with_world(two_nodes(world_name!()), |world| {
+        let (cluster, [_app0, mut app1]) = meshed(world, false)?;
+        let (client, web0, web1) = (world.pod(0, 0), world.pod(1, 0), world.pod(1, 1));
+        let url = format!("http://{VIP}/");
+        eventually(DEFAULT_PATIENCE, || {
+            let seen = answers(client, &url, 10)?;
+            ensure!(
+                seen.contains_key("web-0") && seen.contains_key("web-1"),
+                "{seen:?}"
+            );
+            Ok(())
+        })?;
+
+        // Load: four connections of 200 ms requests, so requests are in
+        // flight on both pods whenever the deletion lands.
+        let mut load = client.serve_until(
+            python().args(["-u", "-c", LOAD, VIP, "/slow/0.2", "9", "4"]),
+            "started",
+            Duration::from_secs(10),
+        )?;
+        std::thread::sleep(Duration::from_secs(2));
+        let (deleted, applied, slow) = std::thread::scope(|s| -> Result<_> {
+            // A long request to web-1 by its own address (through the
+            // tunnel, as a workload), in flight across the deletion.
+            let slow = s.spawn(|| {
+                curl(
+                    client,
+                    &format!("http://{}:{APP_PORT}/slow/4", web1.ip()),
+                    &[],
+                )
+            });
+            std::thread::sleep(Duration::from_millis(500));
+            // As Kubernetes deletes a pod: its endpoint leaves the slice,
+            // the Pod object goes; the pod serves on through its grace
+            // period.
+            let deleted = unix_now();
+            cluster.slice(&[(web0, "web-0")])?;
+            cluster
+                .api
+                .delete("v1", "Pod", Some("shop"), "web-1")
+                .map_err(|e| anyhow::anyhow!("deleting the pod: {e:?}"))?;
+            eventually(Duration::from_secs(5), || {
+                let eps = endpoints(world, "web.shop:80")?;
+                ensure!(eps.len() == 1 && eps[0].contains("shop/web-0"), "{eps:?}");
+                Ok(())
+            })?;
+            let applied = unix_now();
+            let slow = slow
+                .join()
+                .map_err(|_| anyhow::anyhow!("the slow request's thread panicked"))??;
+            Ok((deleted, applied, slow))
+        })?;
+        // The grace period ends: the pod's process goes.
+        app1.stop();
+        load.wait_line("done", Duration::from_secs(30))?;
+
+        ensure!(
+            slow.0 == 200 && slow.1.trim() == "web-1",
+            "the request in flight to the deleted pod did not end cleanly: {slow:?}"
+        );
+        let mut before = BTreeMap::<String, usize>::new();
+        let mut in_flight_to_web1 = 0;
+        let mut after = BTreeMap::<String, usize>::new();
+        for line in load.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (Some(start), Some(end), Some(status)) = (
+                f.first().and_then(|v| v.parse::<f64>().ok()),
+                f.get(1).and_then(|v| v.parse::<f64>().ok()),
+                f.get(2),
+            ) else {
+                continue;
+            };
+            ensure!(
+                *status == "200",
+                "a request failed ({line}); deletion at {deleted:.3}, applied by {applied:.3}"
+            );
+            let who = f.get(3).copied().unwrap_or_default().to_string();
+            // Answered by the deleted pod after its deletion was issued:
+            // in flight across it (sent before, or before it was applied).
+            if who == "web-1" && end > deleted && start <= applied {
+                in_flight_to_web1 += 1;
+            }
+            if start < deleted {
+                *before.entry(who).or_default() += 1;
+            } else if start > applied {
+                *after.entry(who).or_default() += 1;
+            }
+        }
+        ensure!(
+            before.get("web-1").copied().unwrap_or(0) > 0,
+            "web-1 took no load before its deletion: {before:?}"
+        );
+        ensure!(
+            in_flight_to_web1 > 0,
+            "no balanced request was in flight to web-1 across its deletion: {before:?}"
+        );
+        let total_after: usize = after.values().sum();
+        ensure!(
+            total_after >= 20 && after.get("web-0") == Some(&total_after),
+            "after the deletion was applied, requests went elsewhere than web-0: {after:?}"
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn a_host_network_pod_is_never_redirected() {
+    require_agent_or_skip!();
+    with_world(two_nodes(world_name!()), |world| {
+        let (cluster, _apps) = meshed(world, false)?;
+        let (client, web1) = (world.pod(0, 0), world.pod(1, 1));
+        let node0 = world.node(0);
+        let url = format!("http://{VIP}/");
+        // A hostNetwork pod in the meshed namespace (only its host network
+        // keeps it out), with the node's address, as a node agent or a CNI
+        // daemon runs.
+        let created = cluster.create(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "host-daemon", "namespace": "shop", "labels": {"app": "host"}},
+            "spec": {"nodeName": "node0", "hostNetwork": true, "serviceAccountName": "host",
+                     "containers": [{"name": "daemon", "image": "daemon"}]},
+            "status": {"phase": "Running", "podIP": node0.fabric_ip().to_string(),
+                       "podIPs": [{"ip": node0.fabric_ip().to_string()}]}
+        }))?;
+        let uid = created["metadata"]["uid"]
+            .as_str()
+            .context("the server gave the pod no uid")?
+            .to_string();
+        eventually(DEFAULT_PATIENCE, || {
+            let seen = answers(client, &url, 3)?;
+            ensure!(
+                seen.iter().all(|(who, _)| who.starts_with("web-")),
+                "{seen:?}"
+            );
+            Ok(())
+        })?;
+        let outbound = || metric(node0, "tcp_open_total", &[("direction", "outbound")]);
+        let tunnelled = || metric(world.node(1), "waymark_inbound_authz_decisions_total", &[]);
+        let (out_before, tunnel_before) = (outbound()?, tunnelled()?);
+
+        // Its process: in the node's network namespace, in a pod cgroup
+        // under the one the redirect programs are attached to.
+        let run = |url: &str| -> Result<(bool, String)> {
+            let child = node0.spawn_host_network(
+                std::process::Command::new("curl")
+                    .args(["-sS", "--connect-timeout", "1", "--max-time", "5", url])
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped()),
+                &uid,
+            )?;
+            let out = child.wait_with_output()?;
+            Ok((
+                out.status.success(),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            ))
+        };
+        // A meshed pod's address: answered directly. Redirected, the
+        // connection would go to the outbound port on the node's loopback,
+        // where nothing listens (the listener exists only in enrolled
+        // pods).
+        let (ok, out) = run(&format!("http://{}:{APP_PORT}/", web1.ip()))?;
+        ensure!(ok && out.trim() == "web-1", "direct to web-1: {out}");
+        // The ClusterIP, which only the agent knows: nothing answers.
+        let (ok, out) = run(&url)?;
+        ensure!(!ok, "the ClusterIP answered a hostNetwork process: {out}");
+        // Neither connection went through the agent: no outbound
+        // connection opened on node 0, no tunnel stream authorized on node 1.
+        let (out_after, tunnel_after) = (outbound()?, tunnelled()?);
+        ensure!(
+            out_after == out_before,
+            "node 0 proxied the hostNetwork process: {out_before} -> {out_after} outbound connections"
+        );
+        ensure!(
+            tunnel_after == tunnel_before,
+            "node 1 authorized tunnel streams for it: {tunnel_before} -> {tunnel_after}"
+        );
+        // Discovery saw the pod and left it out of the mesh.
+        let log = node0.agent_log();
+        ensure!(
+            !log.contains("shop/host-daemon"),
+            "the hostNetwork pod was enrolled: {log}"
+        );
         Ok(())
     });
 }

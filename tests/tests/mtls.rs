@@ -10,14 +10,13 @@
 // Children spawned through a world are reaped by the world when it shuts down.
 #![allow(clippy::zombie_processes)]
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
+use waymark_tests::support::capture::{Capture, contains};
 use waymark_tests::world::agent::pod_identity;
 use waymark_tests::{
     DEFAULT_PATIENCE, Node, Pod, Server, World, await_metric, curl, curl_i, eventually, metric,
@@ -128,95 +127,6 @@ fn marker(what: &str) -> String {
         .map(|d| d.as_nanos())
         .unwrap_or(0);
     format!("wm-{what}-{:x}", nanos ^ (std::process::id() as u128) << 64)
-}
-
-/// A packet capture (tcpdump) running until [`Capture::finish`].
-struct Capture {
-    child: Option<Child>,
-    file: PathBuf,
-}
-
-impl Capture {
-    /// Starts `tcpdump -i IFACE -w FILE` via `spawn` and waits until it
-    /// captures.
-    fn start(
-        file: PathBuf,
-        iface: &str,
-        spawn: impl FnOnce(&mut Command) -> Result<Child>,
-    ) -> Result<Self> {
-        let mut cmd = Command::new("tcpdump");
-        cmd.args([
-            "-i",
-            iface,
-            "-U",
-            "--immediate-mode",
-            "-s",
-            "0",
-            "-n",
-            "-Z",
-            "root",
-            "-w",
-        ])
-        .arg(&file)
-        .arg("tcp")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-        let mut child = spawn(&mut cmd)?;
-        let stderr = child.stderr.take().context("tcpdump stderr")?;
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut seen = Vec::new();
-        loop {
-            match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(l) if l.contains("listening on") => break,
-                Ok(l) => seen.push(l),
-                Err(_) if Instant::now() > deadline => {
-                    let _ = child.kill();
-                    bail!("tcpdump did not start capturing: {}", seen.join("\n"));
-                }
-                Err(_) => {}
-            }
-        }
-        Ok(Self {
-            child: Some(child),
-            file,
-        })
-    }
-
-    /// Stops tcpdump (SIGINT flushes the file) and returns the capture.
-    fn finish(mut self) -> Result<Vec<u8>> {
-        if let Some(mut c) = self.child.take() {
-            // Let the last packets in flight reach the file.
-            std::thread::sleep(Duration::from_millis(300));
-            nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGINT,
-            )?;
-            c.wait()?;
-        }
-        std::fs::read(&self.file).with_context(|| format!("reading {}", self.file.display()))
-    }
-}
-
-impl Drop for Capture {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn contains(haystack: &[u8], needle: &str) -> bool {
-    haystack
-        .windows(needle.len())
-        .any(|w| w == needle.as_bytes())
 }
 
 /// tshark's reading of a capture file, with port 15008 decoded as TLS.

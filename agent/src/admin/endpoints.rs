@@ -109,25 +109,32 @@ pub fn report(state: &AdminState, q: &Query) -> Answer {
         .read()
         .unwrap_or_else(|e| e.into_inner())
         .clone();
-    let mut services: Vec<_> = table.services().collect();
-    services.sort_by(|a, b| a.name.cmp(&b.name));
-    if let Some(name) = q.get("service") {
-        services.retain(|s| s.name == name);
-        if services.is_empty() {
-            let mut known: Vec<&str> = table.services().map(|s| s.name.as_str()).collect();
-            known.sort_unstable();
-            return Err((
-                http::StatusCode::NOT_FOUND,
-                format!(
-                    "no service {name:?} on this agent; its services: {}",
-                    if known.is_empty() {
-                        "none".to_string()
-                    } else {
-                        known.join(", ")
-                    }
-                ),
-            ));
+    // One service is looked up, not found in a sorted list of all: a
+    // cluster has thousands, and tools poll one while a change lands.
+    let services: Vec<_> = match q.get("service") {
+        Some(name) => table.by_name(name).into_iter().collect(),
+        None => {
+            let mut all: Vec<_> = table.services().collect();
+            all.sort_by(|a, b| a.name.cmp(&b.name));
+            all
         }
+    };
+    if let Some(name) = q.get("service")
+        && services.is_empty()
+    {
+        let mut known: Vec<&str> = table.services().map(|s| s.name.as_str()).collect();
+        known.sort_unstable();
+        return Err((
+            http::StatusCode::NOT_FOUND,
+            format!(
+                "no service {name:?} on this agent; its services: {}",
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            ),
+        ));
     }
     let (now, wall) = (Instant::now(), SystemTime::now());
     let report = EndpointsReport {
@@ -183,10 +190,10 @@ fn row(
     let left = v.ejected_until.map(|u| u.saturating_duration_since(now));
     EndpointRow {
         addr: e.addr.to_string(),
-        node: e.node.clone(),
-        pod: e.pod.clone(),
-        zone: e.zone.clone(),
-        identity: e.identity.clone(),
+        node: e.node.as_deref().map(String::from),
+        pod: e.pod.as_deref().map(String::from),
+        zone: e.zone.as_deref().map(String::from),
+        identity: e.identity.as_deref().map(String::from),
         weight: e.weight,
         ewma_ms: fractional_ms(v.ewma),
         latency_samples: v.samples,

@@ -159,7 +159,7 @@ tunnel = "10.1.0.2:15008"
     fn ep(addr: &str, node: Option<&str>) -> Endpoint {
         Endpoint {
             addr: addr.parse().unwrap(),
-            node: node.map(str::to_string),
+            node: node.map(Into::into),
             weight: 1,
             zone: None,
             identity: None,

@@ -193,11 +193,11 @@ fn identity_of(state: &AdminState, name: &str) -> Option<String> {
         return pod.identity.clone();
     }
     let svc = config.services.iter().find(|s| s.name == name)?;
-    let first = svc.endpoints.first()?.identity.clone()?;
+    let first = svc.endpoints.first()?.identity.as_deref()?;
     svc.endpoints
         .iter()
-        .all(|e| e.identity.as_deref() == Some(first.as_str()))
-        .then_some(first)
+        .all(|e| e.identity.as_deref() == Some(first))
+        .then(|| first.to_string())
 }
 
 #[cfg(test)]

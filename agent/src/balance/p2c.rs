@@ -106,7 +106,6 @@ impl<E> Balancer<E> {
         self.endpoints.iter().map(|(e, stats)| (e, stats))
     }
 
-    #[cfg(test)]
     pub fn config(&self) -> &BalanceConfig {
         &self.config
     }

@@ -51,7 +51,17 @@ struct State {
     /// endpoint is tested by one request, not flooded by many.
     probe_in_flight: bool,
     /// For operators only: recent outcomes, the last error, why ejected.
-    history: History,
+    /// Made at the endpoint's first answer or error: most endpoints of a
+    /// large cluster are never sent a request by a given node, and the
+    /// history is the larger part of an endpoint's statistics.
+    history: Option<Box<History>>,
+}
+
+impl State {
+    fn history(&mut self, now: Instant) -> &mut History {
+        self.history
+            .get_or_insert_with(|| Box::new(History::new(now)))
+    }
 }
 
 /// Successful answers after which a new endpoint is judged like any other.
@@ -153,7 +163,7 @@ impl EndpointStats {
                 ejected_until: None,
                 level: 0,
                 probe_in_flight: false,
-                history: History::new(now),
+                history: None,
             }),
             in_flight: AtomicUsize::new(0),
             ejections_total: AtomicU64::new(0),
@@ -195,12 +205,19 @@ impl EndpointStats {
             warming: state.warming,
             connects: state.connects,
             in_flight: self.in_flight(),
-            recent: state.history.recent(now),
+            recent: state
+                .history
+                .as_ref()
+                .map_or_else(Recent::default, |h| h.recent(now)),
             ejected_until: state.ejected_until.filter(|u| now < *u),
             on_probation: state.ejected_until.is_some_and(|u| now >= u),
-            ejection_reason: state.history.ejection_reason().map(str::to_string),
+            ejection_reason: state
+                .history
+                .as_ref()
+                .and_then(|h| h.ejection_reason())
+                .map(str::to_string),
             ejections_total: self.ejections_total(),
-            last_error: state.history.last_error().cloned(),
+            last_error: state.history.as_ref().and_then(|h| h.last_error()).cloned(),
         }
     }
 
@@ -213,7 +230,7 @@ impl EndpointStats {
     /// Why a request to the endpoint failed (the proxy's detail, or the
     /// endpoint's status), with the wall-clock time, for operators.
     pub fn record_error(&self, at: SystemTime, error: &str) {
-        self.lock().history.error(at, error);
+        self.lock().history(Instant::now()).error(at, error);
     }
 
     pub fn ejections_total(&self) -> u64 {
@@ -303,7 +320,7 @@ impl EndpointStats {
         if role == Role::Probe {
             state.probe_in_flight = false;
         }
-        state.history.record(now, success);
+        state.history(now).record(now, success);
         match (state.ejected_until.is_some(), role, success) {
             // The probe (or a request sent in panic) worked: back in service
             // with a clean slate, backoff included.
@@ -318,7 +335,7 @@ impl EndpointStats {
                 state.ejected_until = Some(now + config.ejection(state.level));
                 self.ejections_total.fetch_add(1, Ordering::Relaxed);
                 let in_a_row = state.level + 1;
-                state.history.ejected(format!(
+                state.history(now).ejected(format!(
                     "its probe failed after an ejection ({in_a_row} in a row)"
                 ));
             }
@@ -337,7 +354,9 @@ impl EndpointStats {
                     self.ejections_total.fetch_add(1, Ordering::Relaxed);
                     let n = config.failure_threshold;
                     let s = if n == 1 { "" } else { "s" };
-                    state.history.ejected(format!("{n} consecutive failure{s}"));
+                    state
+                        .history(now)
+                        .ejected(format!("{n} consecutive failure{s}"));
                 }
             }
         }

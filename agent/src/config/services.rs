@@ -4,6 +4,7 @@
 //! where the meaning is the same, so a user can read one from the other.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -163,14 +164,18 @@ pub struct ServiceConfig {
     pub retry_budget: RetryBudgetConfig,
 }
 
+/// Its strings are `Arc<str>`: a cluster's endpoints name the same nodes,
+/// zones and identities thousands of times, and the same entry is held by
+/// discovery's picture, the config in force and the balancer; cloning one
+/// then costs reference counts, not allocations.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct EndpointConfig {
     pub addr: SocketAddr,
     /// The node the endpoint runs on (shown in diagnostics; decides
     /// same-node vs. tunnelled once mTLS lands).
-    #[serde(default)]
-    pub node: Option<String>,
+    #[serde(default, with = "shared::opt_str")]
+    pub node: Option<Arc<str>>,
     /// Relative capacity (as in Linkerd's weighted endpoints): the
     /// balancer's cost (latency estimate × requests in flight) is divided
     /// by it, so under concurrent load an endpoint of weight 2 carries about
@@ -181,18 +186,30 @@ pub struct EndpointConfig {
     pub weight: u32,
     /// The endpoint's topology zone (`topology.kubernetes.io/zone`), shown
     /// in diagnostics and metrics.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub zone: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "shared::opt_str"
+    )]
+    pub zone: Option<Arc<str>>,
     /// The workload identity the endpoint serves as
     /// (`spiffe://<trust-domain>/ns/<ns>/sa/<sa>`, what an EndpointSlice's
     /// pod's service account gives), shown in diagnostic traces next to the
     /// address the balancer chose.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub identity: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "shared::opt_str"
+    )]
+    pub identity: Option<Arc<str>>,
     /// The pod behind the address (`namespace/name`, an EndpointSlice's
     /// `targetRef`), named in tap, traces and `waymark endpoints`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pod: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "shared::opt_str"
+    )]
+    pub pod: Option<Arc<str>>,
 }
 
 fn default_endpoint_weight() -> u32 {
@@ -331,14 +348,24 @@ fn default_ttl() -> Duration {
 }
 
 /// Checks the services section; pushes every problem found.
-pub fn validate(services: &[ServiceConfig], problems: &mut Vec<String>) {
+/// `services[i] (name)`, as problems name a service.
+struct At<'a>(usize, &'a str);
+
+impl std::fmt::Display for At<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "services[{}] ({})", self.0, self.1)
+    }
+}
+
+pub fn validate(services: &[Arc<ServiceConfig>], problems: &mut Vec<String>) {
     // Sets, not scans of the services before: a cluster has thousands of
     // services, and this runs on every change discovery applies.
     let names: std::collections::HashSet<&str> = services.iter().map(|s| s.name.as_str()).collect();
     let mut seen_names = std::collections::HashSet::new();
     let mut owners: std::collections::HashMap<SocketAddr, &str> = Default::default();
     for (i, svc) in services.iter().enumerate() {
-        let at = format!("services[{i}] ({})", svc.name);
+        // Written out only for a problem: thousands of services pass.
+        let at = At(i, &svc.name);
         if svc.name.trim().is_empty() {
             problems.push(format!("services[{i}].name: must not be empty"));
         } else if !seen_names.insert(svc.name.as_str()) {
@@ -455,6 +482,49 @@ pub fn validate(services: &[ServiceConfig], problems: &mut Vec<String>) {
                 "{at}.retry_budget.ttl: {:?} is not within 1s..=60s",
                 b.ttl
             ));
+        }
+    }
+}
+
+/// Serde for the `Arc`s the config shares (serde's own impls need its `rc`
+/// feature, which would rebuild every crate that uses serde for two
+/// helpers): an `Arc` reads and writes as what it holds.
+pub(crate) mod shared {
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    /// `Option<Arc<str>>` as an optional string.
+    pub mod opt_str {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(v: &Option<Arc<str>>, s: S) -> Result<S::Ok, S::Error> {
+            v.as_deref().serialize(s)
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Arc<str>>, D::Error> {
+            Ok(Option::<String>::deserialize(d)?.map(Into::into))
+        }
+    }
+
+    /// `Vec<Arc<T>>` as a list of `T`.
+    pub mod vec {
+        use super::*;
+
+        pub fn serialize<T: Serialize, S: Serializer>(
+            v: &[Arc<T>],
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            s.collect_seq(v.iter().map(|a| &**a))
+        }
+
+        pub fn deserialize<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Vec<Arc<T>>, D::Error> {
+            Ok(Vec::<T>::deserialize(d)?
+                .into_iter()
+                .map(Arc::new)
+                .collect())
         }
     }
 }

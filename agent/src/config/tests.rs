@@ -384,7 +384,7 @@ endpoints = [
     let pods: Vec<Option<String>> = c.services_with_local_pods()[0]
         .endpoints
         .iter()
-        .map(|e| e.pod.clone())
+        .map(|e| e.pod.as_deref().map(String::from))
         .collect();
     assert_eq!(
         pods,

@@ -37,16 +37,18 @@ pub enum DiscoveryError {
     Service { service: String, message: String },
 }
 
-/// An endpoint as the balancer carries it.
+/// An endpoint as the balancer carries it. Its strings are shared with
+/// the [`EndpointConfig`](crate::config::services::EndpointConfig) it was
+/// built from (and with discovery's picture of the cluster).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
     pub addr: SocketAddr,
-    pub node: Option<String>,
+    pub node: Option<Arc<str>>,
     pub weight: u32,
-    pub zone: Option<String>,
-    pub identity: Option<String>,
+    pub zone: Option<Arc<str>>,
+    pub identity: Option<Arc<str>>,
     /// The pod behind the address, when the config names it.
-    pub pod: Option<String>,
+    pub pod: Option<Arc<str>>,
 }
 
 /// Retries of one route.
@@ -70,6 +72,9 @@ pub struct RoutePolicy {
 
 pub struct Service {
     pub name: String,
+    /// What it was built from: a rebuild given the very same entry (an
+    /// unchanged service of a cluster of thousands) keeps this service.
+    config: Arc<ServiceConfig>,
     pub protocol: ProtocolHint,
     pub routes: RouteTable<RoutePolicy>,
     /// Taken when no route matches: the service's own endpoints, no
@@ -93,27 +98,34 @@ pub struct ServiceTable {
     workloads: HashMap<IpAddr, Arc<Workload>>,
 }
 
-/// A meshed pod as the data path needs it to dial it by address.
+/// A meshed pod as the data path needs it to dial it by address. Behind
+/// an `Arc` from discovery to the table, its strings shared with the
+/// endpoints that name the same pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Workload {
-    pub node: String,
+    pub node: Arc<str>,
     /// `namespace/name`, when known.
-    pub pod: Option<String>,
-    pub identity: Option<String>,
+    pub pod: Option<Arc<str>>,
+    pub identity: Option<Arc<str>>,
 }
 
 impl ServiceTable {
     /// Builds the table from validated config, reusing endpoint statistics
     /// from `previous`.
     pub fn build(
-        services: &[ServiceConfig],
+        services: &[Arc<ServiceConfig>],
         balance: BalanceConfig,
         previous: Option<&ServiceTable>,
         now: Instant,
     ) -> Result<Self, DiscoveryError> {
         let mut table = ServiceTable::default();
         for svc in services {
-            let service = Arc::new(build_service(svc, balance, previous, now)?);
+            let service = match previous.and_then(|p| p.by_name(&svc.name)) {
+                Some(old) if Arc::ptr_eq(&old.config, svc) && *old.balancer.config() == balance => {
+                    old.clone()
+                }
+                _ => Arc::new(build_service(svc, balance, previous, now)?),
+            };
             for addr in &svc.addresses {
                 table.by_addr.insert(*addr, service.clone());
             }
@@ -137,6 +149,23 @@ impl ServiceTable {
         Ok(table)
     }
 
+    /// Forgets which services the endpoints on other nodes serve. Only
+    /// inbound traffic asks ([`Self::services_of_endpoint`]), always for a
+    /// pod of this node, while a cluster has tens of thousands of endpoints
+    /// elsewhere, each an entry. Endpoints with no node stay: a config
+    /// file's may be this node's pods.
+    pub fn forget_remote_endpoints(&mut self, node: &str) {
+        let remote: std::collections::HashSet<SocketAddr> = self
+            .by_name
+            .values()
+            .flat_map(|s| s.balancer.endpoints())
+            .filter(|e| e.node.as_deref().is_some_and(|n| n != node))
+            .map(|e| e.addr)
+            .collect();
+        self.by_endpoint.retain(|a, _| !remote.contains(a));
+        self.by_endpoint.shrink_to_fit();
+    }
+
     /// The service whose address a pod dialled.
     pub fn by_addr(&self, addr: &SocketAddr) -> Option<&Arc<Service>> {
         self.by_addr.get(addr)
@@ -144,9 +173,20 @@ impl ServiceTable {
 
     /// Adds workloads the services do not name (every meshed pod of a
     /// cluster); an address a service endpoint already names keeps that.
-    pub fn add_workloads(&mut self, workloads: impl IntoIterator<Item = (IpAddr, Workload)>) {
+    /// An equal entry is replaced by the one given, so the table shares
+    /// discovery's copy rather than keeping its own.
+    pub fn add_workloads(&mut self, workloads: impl IntoIterator<Item = (IpAddr, Arc<Workload>)>) {
         for (ip, w) in workloads {
-            self.workloads.entry(ip).or_insert_with(|| Arc::new(w));
+            match self.workloads.entry(ip) {
+                std::collections::hash_map::Entry::Occupied(mut e) => {
+                    if **e.get() == *w {
+                        e.insert(w);
+                    }
+                }
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(w);
+                }
+            }
         }
     }
 
@@ -216,7 +256,7 @@ impl Discovery {
 }
 
 fn build_service(
-    svc: &ServiceConfig,
+    svc: &Arc<ServiceConfig>,
     balance: BalanceConfig,
     previous: Option<&ServiceTable>,
     now: Instant,
@@ -270,6 +310,7 @@ fn build_service(
     }
     Ok(Service {
         name: svc.name.clone(),
+        config: svc.clone(),
         protocol: svc.protocol,
         routes: RouteTable::new(routes),
         default_route,
@@ -439,6 +480,59 @@ mod tests {
     }
 
     #[test]
+    fn a_rebuild_keeps_the_services_whose_config_is_the_same_entry() {
+        let c = Config::from_toml(
+            r#"
+[[services]]
+name = "a"
+addresses = ["10.96.0.1:80"]
+endpoints = [{ addr = "10.1.0.2:80", node = "n1" }, { addr = "10.1.0.3:80" }]
+[[services]]
+name = "b"
+addresses = ["10.96.0.2:80"]
+endpoints = [{ addr = "10.1.0.4:80" }]
+"#,
+            "t",
+        )
+        .unwrap();
+        let balance = BalanceConfig::default();
+        let old = ServiceTable::build(&c.services, balance, None, Instant::now()).unwrap();
+        let mut changed = c.services.clone();
+        Arc::make_mut(&mut changed[1]).endpoints[0].weight = 2;
+        let new = ServiceTable::build(&changed, balance, Some(&old), Instant::now()).unwrap();
+        assert!(Arc::ptr_eq(
+            new.by_name("a").unwrap(),
+            old.by_name("a").unwrap()
+        ));
+        assert!(!Arc::ptr_eq(
+            new.by_name("b").unwrap(),
+            old.by_name("b").unwrap()
+        ));
+        // Other balancer settings: everything is built again.
+        let other = BalanceConfig {
+            failure_threshold: 9,
+            ..balance
+        };
+        let rebuilt = ServiceTable::build(&changed, other, Some(&new), Instant::now()).unwrap();
+        assert!(!Arc::ptr_eq(
+            rebuilt.by_name("a").unwrap(),
+            new.by_name("a").unwrap()
+        ));
+        // Which services an endpoint serves is kept for this node's (and
+        // unplaced) endpoints only.
+        let mut t = rebuilt;
+        t.forget_remote_endpoints("n0");
+        assert!(
+            t.services_of_endpoint(&"10.1.0.2:80".parse().unwrap())
+                .is_empty()
+        );
+        assert_eq!(
+            t.services_of_endpoint(&"10.1.0.3:80".parse().unwrap()),
+            ["a".to_string()]
+        );
+    }
+
+    #[test]
     fn an_endpoint_keeps_its_statistics_when_its_weight_or_zone_changes() {
         let old = table(
             r#"{ addr = "10.1.0.2:80" }, { addr = "10.1.0.3:80" }"#,
@@ -468,7 +562,7 @@ mod tests {
             .next()
             .cloned();
         assert_eq!(
-            ep.map(|e| (e.weight, e.zone)),
+            ep.map(|e| (e.weight, e.zone.as_deref().map(String::from))),
             Some((5, Some("z".to_string())))
         );
     }

@@ -275,8 +275,8 @@ trait Kind:
 impl Kind for Pod {
     const RESOURCE: &'static str = "pods";
     fn store(&self, key: String, s: &mut ClusterState, ctx: &Ctx) -> Result<(), String> {
-        s.pods
-            .insert(key, state::pod_entry(self, &ctx.mesh_label, &ctx.node));
+        let entry = state::pod_entry(self, &ctx.mesh_label, &ctx.node, &mut s.names);
+        s.pods.insert(key.into(), entry);
         Ok(())
     }
     fn forget(key: &str, s: &mut ClusterState) {
@@ -318,7 +318,7 @@ impl Kind for Service {
 impl Kind for EndpointSlice {
     const RESOURCE: &'static str = "endpointslices";
     fn store(&self, key: String, s: &mut ClusterState, _: &Ctx) -> Result<(), String> {
-        match state::slice_entry(self) {
+        match state::slice_entry(self, &mut s.names) {
             Ok(e) => {
                 s.slices.insert(key, e);
                 Ok(())
@@ -582,6 +582,7 @@ fn apply<K: Kind>(
                 K::retain(&mut st, &|key| seen.contains(key));
                 refused.retain(|(r, k), _| *r != K::RESOURCE || seen.contains(k));
             }
+            st.names.prune();
             debug!(resource = K::RESOURCE, objects = K::count(&st), "listed");
             true
         }
@@ -635,10 +636,17 @@ async fn publish(
         if !shared.status.all_synced() {
             continue;
         }
+        let previous = tx.borrow().clone();
         let mut view = {
             let st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
-            st.view(&node, trust_domain.as_deref(), cfg.tunnel_port)
+            st.view(
+                &node,
+                trust_domain.as_deref(),
+                cfg.tunnel_port,
+                previous.as_deref().map(|u| &u.view),
+            )
         };
+        drop(previous);
         for ((resource, key), reason) in shared
             .refused
             .lock()

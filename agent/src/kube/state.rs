@@ -3,11 +3,16 @@
 //!
 //! Only the fields the data path uses are kept (a few hundred bytes a
 //! pod), not the API objects: at 20,000 pods whole `Pod` objects would cost
-//! hundreds of MiB. The conversion is a pure function of this state, so it
-//! is tested without an API server.
+//! hundreds of MiB. Names that repeat across objects (nodes, zones, service
+//! accounts) are held once ([`Interner`]), and what the view hands on
+//! (pod names, identities, whole services) is behind `Arc`s that the config
+//! in force and the service table share rather than copy. The conversion
+//! is a pure function of this state, so it is tested without an API
+//! server.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -26,10 +31,12 @@ pub const DISABLED: &str = "disabled";
 /// A pod, reduced to what waymark uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodEntry {
+    /// Kept for this node's pods only (their network namespace is found by
+    /// it); empty for the others.
     pub uid: String,
-    pub node: Option<String>,
+    pub node: Option<Arc<str>>,
     pub ips: Vec<IpAddr>,
-    pub service_account: String,
+    pub service_account: Arc<str>,
     pub host_network: bool,
     pub running: bool,
     /// The pod's own `<mesh label>` annotation, if any.
@@ -67,17 +74,41 @@ pub struct SliceEntry {
 pub struct SliceEndpoint {
     pub ips: Vec<IpAddr>,
     pub ready: bool,
-    pub node: Option<String>,
-    pub zone: Option<String>,
+    pub node: Option<Arc<str>>,
+    pub zone: Option<Arc<str>>,
     /// `namespace/name` of the pod behind it.
-    pub pod: Option<String>,
+    pub pod: Option<Arc<str>>,
+}
+
+/// One shared copy of each name that many objects repeat: 20,000 pods on
+/// 200 nodes name 200 nodes, not 20,000.
+#[derive(Debug, Default, Clone)]
+pub struct Interner(HashSet<Arc<str>>);
+
+impl Interner {
+    pub fn get(&mut self, s: &str) -> Arc<str> {
+        if let Some(a) = self.0.get(s) {
+            return a.clone();
+        }
+        let a: Arc<str> = s.into();
+        self.0.insert(a.clone());
+        a
+    }
+
+    /// Forgets the names nothing else holds any more.
+    pub fn prune(&mut self) {
+        self.0.retain(|s| Arc::strong_count(s) > 1);
+        self.0.shrink_to_fit();
+    }
 }
 
 /// Everything the watches have seen, by `namespace/name` (nodes and
 /// namespaces by name).
 #[derive(Debug, Default, Clone)]
 pub struct ClusterState {
-    pub pods: HashMap<String, PodEntry>,
+    /// By `namespace/name`, the key shared with the views' endpoints and
+    /// workload entries of the pod.
+    pub pods: HashMap<Arc<str>, PodEntry>,
     pub services: HashMap<String, ServiceEntry>,
     pub slices: HashMap<String, SliceEntry>,
     /// Node name → InternalIP.
@@ -89,17 +120,19 @@ pub struct ClusterState {
     pub grpc_routes: HashMap<String, RouteEntry>,
     /// `AuthorizationPolicy` objects by `namespace/name`.
     pub policies: HashMap<String, PolicyEntry>,
+    /// Node, zone and service account names of the entries above.
+    pub names: Interner,
 }
 
 /// What the cluster says, in waymark's terms.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct ClusterView {
-    pub services: Vec<ServiceConfig>,
+    pub services: Vec<Arc<ServiceConfig>>,
     pub nodes: Vec<NodeEntry>,
     /// This node's meshed pods, by name, with their UID (to find their
     /// network namespace), addresses and identity.
     pub local_pods: Vec<LocalPod>,
-    pub workloads: Vec<(IpAddr, Workload)>,
+    pub workloads: Arc<[(IpAddr, Arc<Workload>)]>,
     /// Authorization rules from `AuthorizationPolicy` objects, for this
     /// node's pods (after the file's own rules).
     pub authz_rules: Vec<AuthzRuleConfig>,
@@ -130,8 +163,8 @@ pub fn key(ns: Option<&str>, name: Option<&str>) -> String {
     }
 }
 
-/// `node`: this node's name (its pods keep their labels).
-pub fn pod_entry(p: &Pod, mesh_label: &str, node: &str) -> PodEntry {
+/// `node`: this node's name (its pods keep their labels and UID).
+pub fn pod_entry(p: &Pod, mesh_label: &str, node: &str, names: &mut Interner) -> PodEntry {
     let spec = p.spec.as_ref();
     let status = p.status.as_ref();
     let mut ips: Vec<IpAddr> = status
@@ -143,13 +176,22 @@ pub fn pod_entry(p: &Pod, mesh_label: &str, node: &str) -> PodEntry {
     {
         ips.push(ip);
     }
+    ips.shrink_to_fit();
+    let local = spec.and_then(|s| s.node_name.as_deref()) == Some(node);
     PodEntry {
-        uid: p.metadata.uid.clone().unwrap_or_default(),
-        node: spec.and_then(|s| s.node_name.clone()),
+        uid: if local {
+            p.metadata.uid.clone().unwrap_or_default()
+        } else {
+            String::new()
+        },
+        node: spec
+            .and_then(|s| s.node_name.as_deref())
+            .map(|n| names.get(n)),
         ips,
-        service_account: spec
-            .and_then(|s| s.service_account_name.clone())
-            .unwrap_or_else(|| "default".into()),
+        service_account: names.get(
+            spec.and_then(|s| s.service_account_name.as_deref())
+                .unwrap_or("default"),
+        ),
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
         running: status.and_then(|s| s.phase.as_deref()) == Some("Running"),
         mesh: p
@@ -157,8 +199,7 @@ pub fn pod_entry(p: &Pod, mesh_label: &str, node: &str) -> PodEntry {
             .annotations
             .as_ref()
             .and_then(|a| a.get(mesh_label).cloned()),
-        labels: (spec.and_then(|s| s.node_name.as_deref()) == Some(node))
-            .then(|| p.metadata.labels.clone().unwrap_or_default()),
+        labels: local.then(|| p.metadata.labels.clone().unwrap_or_default()),
     }
 }
 
@@ -199,7 +240,7 @@ pub fn service_entry(s: &Service) -> Result<ServiceEntry, String> {
     Ok(ServiceEntry { cluster_ips, ports })
 }
 
-pub fn slice_entry(s: &EndpointSlice) -> Result<SliceEntry, String> {
+pub fn slice_entry(s: &EndpointSlice, names: &mut Interner) -> Result<SliceEntry, String> {
     let service = s
         .metadata
         .labels
@@ -221,7 +262,7 @@ pub fn slice_entry(s: &EndpointSlice) -> Result<SliceEntry, String> {
         })
         .collect();
     let ns = s.metadata.namespace.as_deref();
-    let mut endpoints = Vec::new();
+    let mut endpoints = Vec::with_capacity(s.endpoints.len());
     for e in &s.endpoints {
         let ips = e
             .addresses
@@ -235,13 +276,13 @@ pub fn slice_entry(s: &EndpointSlice) -> Result<SliceEntry, String> {
             .target_ref
             .as_ref()
             .filter(|r| r.kind.as_deref() == Some("Pod"))
-            .map(|r| key(r.namespace.as_deref().or(ns), r.name.as_deref()));
+            .map(|r| key(r.namespace.as_deref().or(ns), r.name.as_deref()).into());
         endpoints.push(SliceEndpoint {
             ips,
             // Kubernetes: an unset `ready` is to be read as ready.
             ready: e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true),
-            node: e.node_name.clone(),
-            zone: e.zone.clone(),
+            node: e.node_name.as_deref().map(|n| names.get(n)),
+            zone: e.zone.as_deref().map(|z| names.get(z)),
             pod,
         });
     }
@@ -287,10 +328,23 @@ impl ClusterState {
     }
 
     /// The view for node `node` in trust domain `td` (`None`: no mTLS, no
-    /// identities), with node tunnels on `tunnel_port`.
-    pub fn view(&self, node: &str, td: Option<&str>, tunnel_port: u16) -> ClusterView {
+    /// identities), with node tunnels on `tunnel_port`. Services and
+    /// workloads equal to ones of `previous` are those (the same `Arc`s):
+    /// a change to one service leaves the others' entries, and what the
+    /// config in force and the service table hold of them, as they were.
+    pub fn view(
+        &self,
+        node: &str,
+        td: Option<&str>,
+        tunnel_port: u16,
+        previous: Option<&ClusterView>,
+    ) -> ClusterView {
         let mut view = ClusterView::default();
-        let identity = |ns: &str, sa: &str| td.map(|td| format!("spiffe://{td}/ns/{ns}/sa/{sa}"));
+        let mut ids = Identities {
+            td,
+            ids: HashMap::new(),
+        };
+        let mut identity = |ns, sa| ids.get(ns, sa);
         let mut nodes: BTreeMap<&str, IpAddr> = BTreeMap::new();
         for (name, ip) in &self.nodes {
             match ip {
@@ -313,43 +367,47 @@ impl ClusterState {
             })
             .collect();
         // Meshed pods: the workload table, and this node's pods.
-        let mut meshed: HashMap<&str, &PodEntry> = HashMap::new();
+        let mut meshed: HashMap<&str, (&Arc<str>, &PodEntry)> = HashMap::new();
+        let mut workloads: Vec<(IpAddr, Arc<Workload>)> = Vec::new();
         for (key, pod) in &self.pods {
             if !self.is_meshed(key, pod) || pod.ips.is_empty() {
                 continue;
             }
             let (ns, _) = key.split_once('/').unwrap_or_default();
-            let Some(pod_node) = pod.node.as_deref() else {
+            let Some(pod_node) = pod.node.as_ref() else {
                 continue;
             };
-            meshed.insert(key, pod);
-            if pod_node == node {
+            meshed.insert(key, (key, pod));
+            if &**pod_node == node {
                 if pod.running {
                     view.local_pods.push(LocalPod {
-                        name: key.clone(),
+                        name: key.to_string(),
                         uid: pod.uid.clone(),
                         ips: pod.ips.clone(),
-                        identity: identity(ns, &pod.service_account),
+                        identity: identity(ns, &pod.service_account).map(|i| i.to_string()),
                     });
                 }
-            } else if !nodes.contains_key(pod_node) {
+            } else if !nodes.contains_key(&**pod_node) {
                 view.skipped.push(Skipped {
                     kind: "pod",
-                    name: key.clone(),
+                    name: key.to_string(),
                     reason: format!("on unknown node {pod_node}: reached directly"),
                 });
                 continue;
             }
-            for ip in &pod.ips {
-                view.workloads.push((
-                    *ip,
-                    Workload {
-                        node: pod_node.to_string(),
-                        pod: Some(key.clone()),
-                        identity: identity(ns, &pod.service_account),
-                    },
-                ));
-            }
+            let w = Workload {
+                node: pod_node.clone(),
+                pod: Some(key.clone()),
+                identity: identity(ns, &pod.service_account),
+            };
+            let w = previous
+                .and_then(|p| {
+                    let old = &p.workloads;
+                    let i = old.binary_search_by_key(&pod.ips[0], |(ip, _)| *ip).ok()?;
+                    (*old[i].1 == w).then(|| old[i].1.clone())
+                })
+                .unwrap_or_else(|| Arc::new(w));
+            workloads.extend(pod.ips.iter().map(|ip| (*ip, w.clone())));
         }
         view.local_pods.sort_by(|a, b| a.name.cmp(&b.name));
         // Services: one waymark service per ClusterIP port.
@@ -367,6 +425,7 @@ impl ClusterState {
         }
         let mut keys: Vec<&String> = self.services.keys().collect();
         keys.sort();
+        let mut services: Vec<ServiceConfig> = Vec::new();
         for key in keys {
             let svc = &self.services[key];
             if svc.cluster_ips.is_empty() {
@@ -391,11 +450,11 @@ impl ClusterState {
                         continue;
                     };
                     for e in slice.endpoints.iter().filter(|e| e.ready) {
-                        let pod = e.pod.as_deref().and_then(|p| Some((p, *meshed.get(p)?)));
+                        let pod = e.pod.as_deref().and_then(|p| meshed.get(p).copied());
                         let node = match (&e.node, pod) {
                             // A meshed pod on a known node: through its
                             // node's tunnel (or local).
-                            (Some(n), Some(_)) if n == node || nodes.contains_key(n.as_str()) => {
+                            (Some(n), Some(_)) if &**n == node || nodes.contains_key(&**n) => {
                                 Some(n.clone())
                             }
                             (Some(n), Some(_)) => {
@@ -411,24 +470,30 @@ impl ClusterState {
                             }
                             _ => None,
                         };
+                        let identity = pod.and_then(|(p, entry)| {
+                            let (pns, _) = p.split_once('/')?;
+                            identity(pns, &entry.service_account)
+                        });
+                        // The pod's name as the workload table holds it
+                        // (one string for both).
+                        let pod_name = pod.map(|(p, _)| p.clone()).or_else(|| e.pod.clone());
                         for ip in &e.ips {
                             endpoints.push(EndpointConfig {
                                 addr: SocketAddr::new(*ip, target),
                                 node: node.clone(),
                                 weight: 1,
                                 zone: e.zone.clone(),
-                                identity: pod.and_then(|(p, entry)| {
-                                    let (pns, _) = p.split_once('/')?;
-                                    identity(pns, &entry.service_account)
-                                }),
-                                pod: e.pod.clone(),
+                                identity: identity.clone(),
+                                pod: pod_name.clone(),
                             });
                         }
                     }
                 }
                 endpoints.sort_by_key(|e| e.addr);
                 endpoints.dedup_by_key(|e| e.addr);
-                view.services.push(ServiceConfig {
+                // Built once, held until the next change: no spare room.
+                endpoints.shrink_to_fit();
+                services.push(ServiceConfig {
                     name: format!("{name}.{ns}:{}", port.port),
                     addresses: svc
                         .cluster_ips
@@ -442,17 +507,33 @@ impl ClusterState {
                 });
             }
         }
-        self.attach_routes(&mut view);
+        self.attach_routes(&mut services, &mut view.skipped);
+        let old: HashMap<&str, &Arc<ServiceConfig>> = previous
+            .map(|p| p.services.iter().map(|s| (s.name.as_str(), s)).collect())
+            .unwrap_or_default();
+        view.services = services
+            .into_iter()
+            .map(|s| match old.get(s.name.as_str()) {
+                Some(o) if ***o == s => Arc::clone(o),
+                _ => Arc::new(s),
+            })
+            .collect();
         if let Some(td) = td {
             let local: Vec<(&str, &BTreeMap<String, String>)> = view
                 .local_pods
                 .iter()
-                .filter_map(|p| Some((p.name.as_str(), self.pods.get(&p.name)?.labels.as_ref()?)))
+                .filter_map(|p| {
+                    Some((
+                        p.name.as_str(),
+                        self.pods.get(p.name.as_str())?.labels.as_ref()?,
+                    ))
+                })
                 .collect();
             let policies: Vec<(&String, &PolicyEntry)> = self.policies.iter().collect();
             view.authz_rules = crate::kube::policy::rules(&policies, &local, td);
         }
-        view.workloads.sort_by_key(|(ip, _)| *ip);
+        workloads.sort_by_key(|(ip, _)| *ip);
+        view.workloads = workloads.into();
         view.skipped.sort();
         view
     }
@@ -462,9 +543,8 @@ impl ClusterState {
     /// or backend is missing, or whose rules do not build, is skipped
     /// whole with the reason: routing part of what it says would be worse
     /// than routing none of it.
-    fn attach_routes(&self, view: &mut ClusterView) {
-        let index: HashMap<String, usize> = view
-            .services
+    fn attach_routes(&self, services: &mut [ServiceConfig], skipped: &mut Vec<Skipped>) {
+        let index: HashMap<String, usize> = services
             .iter()
             .enumerate()
             .map(|(i, s)| (s.name.clone(), i))
@@ -514,7 +594,7 @@ impl ClusterState {
                                     b.service
                                 ));
                             }
-                            crate::discovery::check_route(&view.services[i], &r)?;
+                            crate::discovery::check_route(&services[i], &r)?;
                             attach.push((i, r));
                         }
                     }
@@ -524,10 +604,10 @@ impl ClusterState {
             match problem {
                 Ok(()) => {
                     for (i, r) in attach {
-                        view.services[i].routes.push(r);
+                        services[i].routes.push(r);
                     }
                 }
-                Err(reason) => view.skipped.push(Skipped {
+                Err(reason) => skipped.push(Skipped {
                     kind: if kind == "httproute" {
                         "httproute"
                     } else {
@@ -538,6 +618,23 @@ impl ClusterState {
                 }),
             }
         }
+    }
+}
+
+/// One identity string per service account, shared by its pods' workload
+/// entries and endpoints (`None` without a trust domain).
+struct Identities<'a> {
+    td: Option<&'a str>,
+    ids: HashMap<(&'a str, &'a str), Option<Arc<str>>>,
+}
+
+impl<'a> Identities<'a> {
+    fn get(&mut self, ns: &'a str, sa: &'a str) -> Option<Arc<str>> {
+        let td = self.td?;
+        self.ids
+            .entry((ns, sa))
+            .or_insert_with(|| Some(format!("spiffe://{td}/ns/{ns}/sa/{sa}").into()))
+            .clone()
     }
 }
 
@@ -630,7 +727,7 @@ mod tests {
 
     #[test]
     fn services_become_one_per_cluster_ip_port_with_ready_endpoints() {
-        let v = world().view("node0", Some("td"), 15008);
+        let v = world().view("node0", Some("td"), 15008, None);
         assert_eq!(v.services.len(), 1);
         let s = &v.services[0];
         assert_eq!(s.name, "web.shop:80");
@@ -653,7 +750,7 @@ mod tests {
     #[test]
     fn workloads_and_local_pods_follow_the_mesh_label() {
         let mut st = world();
-        let v = st.view("node0", Some("td"), 15008);
+        let v = st.view("node0", Some("td"), 15008, None);
         let ips: Vec<String> = v.workloads.iter().map(|(ip, _)| ip.to_string()).collect();
         assert_eq!(ips, ["10.1.0.2", "10.2.0.2"], "plain/db is not meshed");
         assert_eq!(v.local_pods.len(), 1);
@@ -667,13 +764,13 @@ mod tests {
         // A pod's own annotation wins over its namespace.
         st.pods.get_mut("plain/db").unwrap().mesh = Some(ENABLED.into());
         st.pods.get_mut("shop/web-a").unwrap().mesh = Some(DISABLED.into());
-        let v = st.view("node0", Some("td"), 15008);
+        let v = st.view("node0", Some("td"), 15008, None);
         let ips: Vec<String> = v.workloads.iter().map(|(ip, _)| ip.to_string()).collect();
         assert_eq!(ips, ["10.2.0.2", "10.2.0.3"]);
         assert!(v.local_pods.is_empty());
         // hostNetwork pods never are.
         st.pods.get_mut("plain/db").unwrap().host_network = true;
-        let v = st.view("node0", Some("td"), 15008);
+        let v = st.view("node0", Some("td"), 15008, None);
         assert_eq!(v.workloads.len(), 1);
     }
 
@@ -688,7 +785,7 @@ mod tests {
                 ports: vec![],
             },
         );
-        let v = st.view("node0", Some("td"), 15008);
+        let v = st.view("node0", Some("td"), 15008, None);
         assert_eq!(
             v.services.len(),
             1,
@@ -711,6 +808,67 @@ mod tests {
                 .iter()
                 .any(|s| s.kind == "pod" && s.name == "shop/web-b")
         );
+    }
+
+    #[test]
+    fn views_share_names_and_keep_the_previous_entries_that_did_not_change() {
+        let mut st = world();
+        // Pods stored through the interner share their node's name.
+        let mut names = Interner::default();
+        let a = names.get("node1");
+        let b = names.get("node1");
+        assert!(Arc::ptr_eq(&a, &b));
+        let first = st.view("node0", Some("td"), 15008, None);
+        let web = &first.services[0];
+        let remote = &web.endpoints[1];
+        let (_, w) = first
+            .workloads
+            .iter()
+            .find(|(ip, _)| *ip == remote.addr.ip())
+            .unwrap();
+        // The endpoint and the workload entry of a pod hold one name and
+        // one identity.
+        assert!(Arc::ptr_eq(
+            remote.pod.as_ref().unwrap(),
+            w.pod.as_ref().unwrap()
+        ));
+        assert!(Arc::ptr_eq(
+            remote.identity.as_ref().unwrap(),
+            w.identity.as_ref().unwrap()
+        ));
+        // Nothing changed: the same entries. A new service: only it is new.
+        let again = st.view("node0", Some("td"), 15008, Some(&first));
+        assert!(Arc::ptr_eq(&again.services[0], web));
+        assert!(Arc::ptr_eq(&again.workloads[0].1, &first.workloads[0].1));
+        st.services.insert(
+            "shop/api".into(),
+            ServiceEntry {
+                cluster_ips: vec!["10.96.0.12".parse().unwrap()],
+                ports: vec![ServicePort {
+                    name: "http".into(),
+                    port: 80,
+                    app_protocol: None,
+                }],
+            },
+        );
+        let changed = st.view("node0", Some("td"), 15008, Some(&again));
+        assert_eq!(changed.services.len(), 2);
+        let web2 = changed
+            .services
+            .iter()
+            .find(|s| s.name == "web.shop:80")
+            .unwrap();
+        assert!(Arc::ptr_eq(web2, web));
+        // A changed service is a new entry.
+        st.slices.get_mut("shop/web-abc").unwrap().endpoints[0].ready = false;
+        let fewer = st.view("node0", Some("td"), 15008, Some(&changed));
+        let web3 = fewer
+            .services
+            .iter()
+            .find(|s| s.name == "web.shop:80")
+            .unwrap();
+        assert!(!Arc::ptr_eq(web3, web));
+        assert_eq!(web3.endpoints.len(), 1);
     }
 
     #[test]
@@ -741,7 +899,7 @@ mod tests {
         let missing =
             crate::kube::routes::route_entry("shop", "missing", &missing, None, false).unwrap();
         st.http_routes.insert("shop/missing".into(), missing);
-        let v = st.view("node0", Some("td"), 15008);
+        let v = st.view("node0", Some("td"), 15008, None);
         let web = v.services.iter().find(|s| s.name == "web.shop:80").unwrap();
         assert_eq!(web.routes.len(), 1, "{:?}", web.routes);
         let backends: Vec<(String, u32)> = web.routes[0]
@@ -785,6 +943,10 @@ mod tests {
             "endpoints": []
         }))
         .unwrap();
-        assert!(slice_entry(&slice).unwrap_err().contains("service-name"));
+        assert!(
+            slice_entry(&slice, &mut Interner::default())
+                .unwrap_err()
+                .contains("service-name")
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! Small helpers every end-to-end test file uses.
 
 pub mod bpf;
+pub mod capture;
 pub mod curl;
 pub mod tap;
 

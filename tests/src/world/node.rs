@@ -154,6 +154,26 @@ impl Node {
         Ok(child)
     }
 
+    /// Spawns `cmd` as a hostNetwork pod's container runs: in the node's
+    /// network namespace, but in a pod cgroup `pod<uid>` under the node's
+    /// pods cgroup, which the agent's redirect programs are attached to (so
+    /// only enrollment, by network namespace, keeps it from being
+    /// redirected). The world kills it and removes the cgroup at shutdown.
+    pub fn spawn_host_network(&self, cmd: &mut Command, uid: &str) -> Result<Child> {
+        let cgroup = self.cgroup.join(format!("pod{uid}"));
+        std::fs::create_dir_all(&cgroup)?;
+        let child = spawn_placed(
+            cmd,
+            &Placement {
+                netns: &self.netns_path(),
+                cgroup: Some(&cgroup),
+                new_session: false,
+            },
+        )?;
+        self.shared.tracker.track(child.id() as i32);
+        Ok(child)
+    }
+
     /// Runs `cmd` on the node to completion, killing it after 30 s.
     pub fn run(&self, cmd: &mut Command) -> Result<Output> {
         self.run_timeout(cmd, DEFAULT_RUN_TIMEOUT)

@@ -333,10 +333,10 @@ impl HttpProxy {
             if let Some(t) = trace.as_deref_mut() {
                 t.selected = Some(trace::Selected {
                     addr,
-                    pod: pick.endpoint().pod.clone(),
-                    node: pick.endpoint().node.clone(),
-                    zone: pick.endpoint().zone.clone(),
-                    identity: pick.endpoint().identity.clone(),
+                    pod: pick.endpoint().pod.as_deref().map(String::from),
+                    node: pick.endpoint().node.as_deref().map(String::from),
+                    zone: pick.endpoint().zone.as_deref().map(String::from),
+                    identity: pick.endpoint().identity.as_deref().map(String::from),
                     weight: pick.endpoint().weight,
                     ewma: pick.stats().ewma(now),
                     in_flight: pick.stats().in_flight().saturating_sub(1),

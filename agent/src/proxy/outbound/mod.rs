@@ -460,7 +460,7 @@ impl Outbound {
         let Some(service) = table.by_addr(&conn.dst).cloned() else {
             // Not a service: a meshed pod dialled by address still goes
             // through its node's tunnel (and its authorization).
-            let node = table.workload(&conn.dst.ip()).map(|w| w.node.as_str());
+            let node = table.workload(&conn.dst.ip()).map(|w| &*w.node);
             let path = self.upstreams.path(conn.pod.identity.as_ref(), node);
             conn.live.set_protocol(ConnProtocol::Opaque);
             let o = opened.insert(self.open(conn, path.tls()));

@@ -364,6 +364,12 @@ fn main() -> Result<()> {
     }
     latencies.sort();
     drop(agent);
+    // Timings depend on what else runs; say how busy the machine was.
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into());
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
 
     let ms = |d: Duration| format!("{:.0}", d.as_secs_f64() * 1000.0);
     let table = format!(
@@ -373,7 +379,8 @@ fn main() -> Result<()> {
          | first ready | {} ms | < 10,000 ms |\n\
          | RSS, empty cluster | {:.1} MiB | |\n\
          | RSS | {:.1} MiB (+{:.1} MiB) | < +100 MiB |\n\
-         | change → data path, p50 / p99 / max ({} changes) | {} / {} / {} ms | p99 < 1,000 ms |\n",
+         | change → data path, p50 / p99 / max ({} changes) | {} / {} / {} ms | p99 < 1,000 ms |\n\
+         | machine: load average (1 min) at the end / CPUs | {load} / {cpus} | |\n",
         a.services,
         a.endpoints_per_service,
         a.services * a.endpoints_per_service,
