@@ -70,28 +70,6 @@ say("listening", "0.0.0.0:%d" % port)
 srv.serve_forever()
 "#;
 
-/// A fast HTTP/1.1 server for load: a fixed 200 to every request head on
-/// keep-alive connections (asyncio; no parsing beyond the head's end).
-const FAST: &str = r#"
-import asyncio, sys
-port = int(sys.argv[1])
-RESP = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
-async def handle(r, w):
-    try:
-        while True:
-            await r.readuntil(b"\r\n\r\n")
-            w.write(RESP)
-            await w.drain()
-    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-        pass
-    w.close()
-async def main():
-    srv = await asyncio.start_server(handle, "0.0.0.0", port, limit=1 << 20, backlog=512)
-    print("listening", "0.0.0.0:%d" % port, flush=True)
-    await srv.serve_forever()
-asyncio.run(main())
-"#;
-
 const WEB: &str = "10.96.0.30:80";
 const API: &str = "10.96.0.31:80";
 
@@ -571,9 +549,7 @@ endpoints = [{{ addr = "{}:8080" }}]
         .agent_config_extra(cfg);
     with_world(b, |world| {
         let node = world.node(0);
-        let _fast = world
-            .pod(1, 0)
-            .serve(python().args(["-u", "-c", FAST, "8080"]))?;
+        let _fast = waymark_tests::support::fast_http(world.pod(1, 0), 8080)?;
         // Warm up (pool, allocator) before the baseline.
         curl_codes(world.pod(0, 0), &[], &[url(FAST_VIP, "/warm")])?;
         let before = rss_kib(node)?;

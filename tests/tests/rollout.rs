@@ -10,36 +10,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use waymark_tests::{
-    Node, Pod, Server, Signal, World, pod_ip, python, require_agent_or_skip, with_world, world_name,
+    Node, Pod, Signal, World, pod_ip, python, require_agent_or_skip, with_world, world_name,
 };
 
-/// A fast HTTP/1.1 server for load: a fixed 200 to every request head on
-/// keep-alive connections.
-const FAST: &str = r#"
-import asyncio, sys
-port = int(sys.argv[1])
-RESP = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
-async def handle(r, w):
-    try:
-        while True:
-            await r.readuntil(b"\r\n\r\n")
-            w.write(RESP)
-            await w.drain()
-    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-        pass
-    w.close()
-async def main():
-    srv = await asyncio.start_server(handle, "0.0.0.0", port, limit=1 << 20, backlog=1024)
-    print("listening", "0.0.0.0:%d" % port, flush=True)
-    await srv.serve_forever()
-asyncio.run(main())
-"#;
-
 const WEB_VIP: &str = "10.96.0.40:80";
-
-fn fast(pod: &Pod, port: u16) -> Result<Server> {
-    pod.serve(python().args(["-u", "-c", FAST, &port.to_string()]))
-}
 
 /// What wrk reported.
 #[derive(Debug, Default)]
@@ -136,7 +110,7 @@ fn sigterm_under_keepalive_load_fails_no_request() {
             "[redirect]\non_agent_down = \"open\"\n[shutdown]\ndrain_grace = \"3s\"\n",
         );
     with_world(b, |world| {
-        let _web = fast(world.pod(1, 0), 8080)?;
+        let _web = waymark_tests::support::fast_http(world.pod(1, 0), 8080)?;
         let web = format!("http://{}:8080", pod_ip(1, 0));
         let wrk = spawn_wrk(world.pod(0, 0), &format!("{web}/"), Duration::from_secs(7))?;
         let h2load = world.pod(0, 0).spawn(
@@ -493,8 +467,8 @@ fn rollout_under_load_loses_nothing_and_leaks_no_plaintext() {
         .agent_config_extra("[shutdown]\ndrain_grace = \"20s\"\n");
     with_world(b, |world| {
         let (remote, local) = (world.pod(1, 0), world.pod(0, 1));
-        let _web = fast(remote, 8080)?;
-        let _local = fast(local, 8080)?;
+        let _web = waymark_tests::support::fast_http(remote, 8080)?;
+        let _local = waymark_tests::support::fast_http(local, 8080)?;
         let _grpc = remote.serve(python().args(["-u", "-c", GRPC, "server", "9090"]))?;
         let _echo = remote.serve(&mut waymark_tests::testpeer([
             "echo",
@@ -619,7 +593,7 @@ fn kill_9_with_agent_down_closed_refuses_then_recovers() {
         .agent_config_extra(rollout_services());
     with_world(b, |world| {
         let (client, remote, node) = (world.pod(0, 0), world.pod(1, 0), world.node(0));
-        let _web = fast(remote, 8080)?;
+        let _web = waymark_tests::support::fast_http(remote, 8080)?;
         let _echo = remote.serve(&mut waymark_tests::testpeer([
             "echo",
             "--listen",

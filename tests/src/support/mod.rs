@@ -53,6 +53,34 @@ endpoints = [{{ addr = "{endpoint}", node = "{node}" }}]
     )
 }
 
+/// A fast HTTP/1.1 server for load: a fixed 200 (`ok`) to every request
+/// head on keep-alive connections (asyncio; no parsing beyond the head's
+/// end).
+const FAST_HTTP: &str = r#"
+import asyncio, sys
+port = int(sys.argv[1])
+RESP = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+async def handle(r, w):
+    try:
+        while True:
+            await r.readuntil(b"\r\n\r\n")
+            w.write(RESP)
+            await w.drain()
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+        pass
+    w.close()
+async def main():
+    srv = await asyncio.start_server(handle, "0.0.0.0", port, limit=1 << 20, backlog=1024)
+    print("listening", "0.0.0.0:%d" % port, flush=True)
+    await srv.serve_forever()
+asyncio.run(main())
+"#;
+
+/// Starts the [`FAST_HTTP`] server on `port` in `pod`.
+pub fn fast_http(pod: &Pod, port: u16) -> Result<crate::Server> {
+    pod.serve(python().args(["-u", "-c", FAST_HTTP, &port.to_string()]))
+}
+
 /// The sum of the matching samples on `node`'s agent; 0 when there is none.
 pub fn metric(node: &Node, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
     Ok(metric_value(&node.metrics()?, name, labels).unwrap_or(0.0))
