@@ -140,9 +140,8 @@ impl Pool {
         if let Some(conn) = self.take_idle(key, version) {
             return Ok((conn, None));
         }
-        let start = Instant::now();
-        let conn = self.connect(key, version, headers()).await?;
-        Ok((conn, Some(start.elapsed())))
+        let (conn, took) = self.connect_new(key, version, headers()).await?;
+        Ok((conn, Some(took)))
     }
 
     fn take_idle(&self, key: &Key, version: Version) -> Option<Conn> {
