@@ -486,6 +486,10 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         limits: crate::proxy::outbound::ConnLimits::new(
             config.outbound.max_connections_per_pod,
             config.outbound.max_connections,
+            crate::proxy::outbound::accept_rate::AcceptRate {
+                per_second: config.outbound.accept_rate_per_pod,
+                burst: config.outbound.accept_burst_per_pod,
+            },
         ),
         idle_timeout: config.limits.idle_timeout,
         open_total: Default::default(),
@@ -494,6 +498,8 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
     info!(
         per_pod = outbound.limits.per_pod,
         total = outbound.limits.total,
+        accept_rate_per_pod = outbound.limits.accept_rate.per_second,
+        accept_burst_per_pod = outbound.limits.accept_rate.burst,
         "outbound connection limits"
     );
     let stop_accepting = CancellationToken::new();

@@ -185,11 +185,40 @@ pub struct OutboundConfig {
     /// admin API, read at start.
     #[serde(default)]
     pub max_connections: usize,
+    /// Connections one pod may open per second through the agent in the
+    /// long run (a token bucket per pod; `proxy::outbound::accept_rate`).
+    /// Beyond it the pod's accept loop waits, so its new connections queue
+    /// in the kernel's accept queue of its own listener and are accepted
+    /// later, delayed, not refused; other pods do not notice. Counted in
+    /// `waymark_limit_delayed_total{pod,limit="accept_rate"}`. 0: no limit.
+    #[serde(default = "default_accept_rate_per_pod")]
+    pub accept_rate_per_pod: u32,
+    /// Connections a pod may open at once, beyond the rate, after a quiet
+    /// while: the bucket's size.
+    #[serde(default = "default_accept_burst_per_pod")]
+    pub accept_burst_per_pod: u32,
 }
 
 fn default_max_connections_per_pod() -> usize {
     16_384
 }
+
+fn default_accept_rate_per_pod() -> u32 {
+    DEFAULT_ACCEPT_RATE_PER_POD
+}
+
+fn default_accept_burst_per_pod() -> u32 {
+    DEFAULT_ACCEPT_BURST_PER_POD
+}
+
+/// New connections per second and pod: far above what a pooled client
+/// opens, and what a pod without connection reuse doing 2,000 requests per
+/// second needs; at about 50 µs of the agent's CPU per accepted connection
+/// (`cargo xtask bench-noisy`) one pod at the rate takes a tenth of a core.
+pub const DEFAULT_ACCEPT_RATE_PER_POD: u32 = 2_000;
+/// A pod starting up (a pool warming, a fan-out) opens this many at once
+/// without waiting.
+pub const DEFAULT_ACCEPT_BURST_PER_POD: u32 = 500;
 
 /// What the diagnostics on the data path may show or add; applied at start
 /// and on every reload (`diagnostics::policy`).
@@ -247,6 +276,8 @@ impl Default for OutboundConfig {
             dial_from: DialFrom::default(),
             max_connections_per_pod: default_max_connections_per_pod(),
             max_connections: 0,
+            accept_rate_per_pod: DEFAULT_ACCEPT_RATE_PER_POD,
+            accept_burst_per_pod: DEFAULT_ACCEPT_BURST_PER_POD,
         }
     }
 }

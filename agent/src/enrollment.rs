@@ -221,6 +221,8 @@ impl Enrollment {
             name: spec.name.clone(),
             netns,
             open: Default::default(),
+            accept_bucket: Default::default(),
+            accept_rate_logged: Default::default(),
             netns_cookie: cookie,
             ips: spec.ips.clone(),
             identity,

@@ -241,6 +241,7 @@ mod tests {
             Just("idle_timeout".to_string()),
             Just("tunnel_max_handshakes".to_string()),
             Just("max_connections_per_pod".to_string()),
+            Just("accept_rate_per_pod".to_string()),
             Just("retry_buffer_bytes".to_string()),
             Just("enabled".to_string()),
             Just("mode".to_string()),

@@ -7,7 +7,9 @@
 //! connections between agents without a stream; h2 streams refused over
 //! the limit are counted with the pod; a connection refused at
 //! `outbound.max_connections_per_pod` reads `source=proxy reason=limit` in
-//! tap and top, and never enters `waymark conns`. They need root and eBPF;
+//! tap and top, and never enters `waymark conns`; a pod opening
+//! connections faster than `outbound.accept_rate_per_pod` waits, others do
+//! not. They need root and eBPF;
 //! see tests/README.md.
 
 // Children spawned through a world are reaped by the world when it shuts down.
@@ -402,6 +404,106 @@ fn a_connection_refused_at_a_limit_reads_source_proxy_reason_limit() {
                     .as_array()
                     .is_some_and(|c| c.iter().all(|c| c["dst"] == dst.as_str())),
             "{body}"
+        );
+        Ok(())
+    });
+}
+
+/// A pod opening connections faster than `outbound.accept_rate_per_pod`
+/// is slowed down, not refused: past its burst, its connections wait in its
+/// own listener's queue and are all taken at the rate, each wait counted
+/// with the pod; another pod's connection made meanwhile is served at once,
+/// while the first pod still has connections waiting.
+#[test]
+fn a_pod_opening_connections_too_fast_waits_and_other_pods_do_not() {
+    require_agent_or_skip!();
+    const COUNT: usize = 60;
+    const BURST: usize = 5;
+    let b = World::builder(world_name!())
+        .nodes(1)
+        .pods_per_node(3)
+        .agent_config_extra(format!(
+            "[outbound]\naccept_rate_per_pod = 20\naccept_burst_per_pod = {BURST}\n"
+        ));
+    with_world(b, |world| {
+        let node = world.node(0);
+        let (noisy, quiet, server) = (world.pod(0, 0), world.pod(0, 1), world.pod(0, 2));
+        let _echo = server.serve(&mut testpeer(["echo", "--listen", "0.0.0.0:7000"]))?;
+        let dst = format!("{}:7000", server.ip());
+        let delayed = |pod: &Pod| {
+            metric(
+                node,
+                "waymark_limit_delayed_total",
+                &[("pod", pod.name()), ("limit", "accept_rate")],
+            )
+        };
+        let held = |pod: &Pod| -> Result<usize> {
+            let (status, body) = node.admin_socket_get(&format!("/conns?pod={}", pod.name()))?;
+            ensure!(status == 200, "{status} {body}");
+            let v: serde_json::Value = serde_json::from_str(&body).with_context(|| body.clone())?;
+            v["connections"]
+                .as_array()
+                .map(Vec::len)
+                .with_context(|| body.clone())
+        };
+        // The kernel completes the pod's connects (they sit in the
+        // listener's queue), so `hold` reports them all held at once.
+        let _held = noisy.serve_until(
+            &mut testpeer([
+                "hold",
+                "--connect",
+                &dst,
+                "--count",
+                &COUNT.to_string(),
+                "--concurrency",
+                &COUNT.to_string(),
+                "--hold",
+                "120s",
+            ]),
+            &format!("holding {COUNT} failed 0"),
+            Duration::from_secs(30),
+        )?;
+        eventually(DEFAULT_PATIENCE, || {
+            ensure!(
+                delayed(noisy)? > 0.0,
+                "no connection of the noisy pod waited yet"
+            );
+            Ok(())
+        })?;
+        echo_ok(quiet, &dst)?;
+        let noisy_taken = held(noisy)?;
+        ensure!(
+            noisy_taken < COUNT,
+            "the quiet pod's connection was served only after all {COUNT} of the noisy pod's: the agent took {noisy_taken}"
+        );
+        // Every one is taken in the end, none refused.
+        eventually(Duration::from_secs(30), || {
+            let n = held(noisy)?;
+            ensure!(
+                n == COUNT,
+                "the agent holds {n} of the noisy pod's {COUNT} connections"
+            );
+            Ok(())
+        })?;
+        let waited = delayed(noisy)?;
+        ensure!(
+            waited >= (COUNT - BURST) as f64 / 2.0 && waited <= (COUNT - BURST) as f64,
+            "{waited} of the noisy pod's connections waited; {COUNT} opened at once with a burst of {BURST}"
+        );
+        ensure!(delayed(quiet)? == 0.0, "the quiet pod's connection waited");
+        let refused = metric(
+            node,
+            "waymark_outbound_refused_total",
+            &[("pod", noisy.name()), ("limit", "pod_connections")],
+        )?;
+        ensure!(refused == 0.0, "{refused} refused");
+        ensure!(
+            node.agent_log()
+                .contains(&format!("pod={} per_second=20 burst={BURST}", noisy.name()))
+                && node
+                    .agent_log()
+                    .contains("faster than outbound.accept_rate_per_pod"),
+            "the wait is not logged with the pod"
         );
         Ok(())
     });

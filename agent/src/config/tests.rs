@@ -106,6 +106,20 @@ fn unknown_fields_and_bad_values_name_the_field() {
 }
 
 #[test]
+fn the_accept_rate_has_defaults_and_can_be_turned_off() {
+    let c = Config::from_toml("", "t").unwrap();
+    assert_eq!(c.outbound.accept_rate_per_pod, DEFAULT_ACCEPT_RATE_PER_POD);
+    assert_eq!(
+        c.outbound.accept_burst_per_pod,
+        DEFAULT_ACCEPT_BURST_PER_POD
+    );
+    let c = Config::from_toml("[outbound]\naccept_rate_per_pod = 0\n", "t").unwrap();
+    assert_eq!(c.outbound.accept_rate_per_pod, 0);
+    let err = Config::from_toml("[outbound]\naccept_rate_per_pod = -1\n", "t").unwrap_err();
+    assert!(err.to_string().contains("accept_rate_per_pod"), "{err}");
+}
+
+#[test]
 fn too_many_exclude_ports_is_rejected() {
     let ports: Vec<String> = (1..=17).map(|p| p.to_string()).collect();
     let text = format!(

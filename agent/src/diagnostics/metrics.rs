@@ -142,6 +142,9 @@ pub struct TcpMetrics {
     /// Connections the agent closed because a limit was reached while
     /// they were open (`limit="idle_timeout"`).
     pub limit_closed_total: Family<RefusedLabels, Counter>,
+    /// Connections a pod opened that waited for a limit before the agent
+    /// took them (`limit="accept_rate"`).
+    pub limit_delayed_total: Family<RefusedLabels, Counter>,
     /// What a limit refused a pod on a connection it keeps: HTTP/2 streams
     /// over `limits.h2_max_concurrent_streams` (`limit="h2_streams"`),
     /// requests left unbuffered by `limits.buffer_memory_bytes`
@@ -203,6 +206,7 @@ impl TcpMetrics {
             no_original_dst_total: Family::default(),
             refused_total: Family::default(),
             limit_closed_total: Family::default(),
+            limit_delayed_total: Family::default(),
             limit_refused_total: Family::default(),
             buffer_memory_bytes: Gauge::default(),
             redirect_map_entries: Family::default(),
@@ -253,6 +257,11 @@ impl TcpMetrics {
             "waymark_limit_closed",
             "Pods' connections the agent closed because a limit was reached while they were open (limits.idle_timeout), by pod and limit",
             m.limit_closed_total.clone(),
+        );
+        registry.register(
+            "waymark_limit_delayed",
+            "Pods' connections that waited in their listener's accept queue because the pod opened connections faster than outbound.accept_rate_per_pod (accept_rate), by pod and limit",
+            m.limit_delayed_total.clone(),
         );
         registry.register(
             "waymark_limit_refused",

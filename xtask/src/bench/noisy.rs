@@ -28,7 +28,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use waymark_tests::{Signal, World, metric_value};
 
 use super::load::{self, RateResult};
-use super::measure::{RssSampler, fds, loadavg, rss_kib};
+use super::measure::{RssSampler, cpu_seconds, fds, loadavg, rss_kib};
 use super::{Bins, build, peers, repo_root, shell};
 use waymark_tests::world::topology::pod_ip;
 
@@ -57,6 +57,10 @@ pub struct NoisyArgs {
     /// agent's default, `cargo xtask bench` measures with 1).
     #[arg(long, default_value_t = 2)]
     workers: usize,
+    /// `outbound.accept_rate_per_pod` of node 0's agent (0: no limit); the
+    /// agent's default when not given.
+    #[arg(long)]
+    accept_rate: Option<u32>,
     /// Use the debug build (target/debug) instead of a release build.
     #[arg(long)]
     debug: bool,
@@ -108,8 +112,12 @@ pub fn run(a: NoisyArgs) -> Result<()> {
         build(a.no_build, true)?
     };
     let conns = a.conns as usize;
+    let accept_rate = a
+        .accept_rate
+        .map(|r| format!("[outbound]\naccept_rate_per_pod = {r}\n"))
+        .unwrap_or_default();
     let config = format!(
-        r#"[runtime]
+        r#"{accept_rate}[runtime]
 workers = {workers}
 [proxy]
 opaque_ports = [{ECHO_PORT}]
@@ -170,14 +178,19 @@ endpoints = [{{ addr = "{}:{}" }}]
     // 1. The agent with nothing but the quiet pod's load.
     let _ = rate("warm-up")?;
     let before = agent_sample(pid);
+    let cpu_idle_start = (Instant::now(), cpu_seconds(&[pid]));
     let idle: Vec<RateResult> = (0..a.reps)
         .map(|i| rate(&format!("idle agent {}/{}", i + 1, a.reps)))
         .collect::<Result<_>>()?;
+    // The agent's CPU for the quiet pod's load alone, per second.
+    let quiet_cpu_per_s =
+        (cpu_seconds(&[pid]) - cpu_idle_start.1) / cpu_idle_start.0.elapsed().as_secs_f64();
 
     // 2. The noisy pod opens its connections while the quiet pod's load runs.
     let echo = SocketAddr::new(pod_ip(1, 0).into(), ECHO_PORT);
     let sampler = RssSampler::start(vec![pid]);
     let opened_at = Instant::now();
+    let cpu_before_open = cpu_seconds(&[pid]);
     let (hold, opening) = std::thread::scope(|s| {
         let hold = s.spawn(|| {
             noisy.serve_until(
@@ -235,6 +248,23 @@ endpoints = [{{ addr = "{}:{}" }}]
         }
         std::thread::sleep(Duration::from_millis(500));
     }
+
+    let taken_secs = opened_at.elapsed().as_secs_f64();
+    // What taking one connection cost the agent, the quiet pod's share of
+    // the window taken out.
+    let cpu_per_conn_us = ((cpu_seconds(&[pid]) - cpu_before_open) - quiet_cpu_per_s * taken_secs)
+        .max(0.0)
+        / conns as f64
+        * 1e6;
+    let delayed = metric_value(
+        &node.metrics()?,
+        "waymark_limit_delayed_total",
+        &[("pod", noisy.name()), ("limit", "accept_rate")],
+    )
+    .unwrap_or(0.0);
+    eprintln!(
+        "bench-noisy: the agent took all {conns} in {taken_secs:.1} s, {cpu_per_conn_us:.0} µs of CPU each; {delayed} waited for the accept rate"
+    );
 
     // 3. The same load while they are held.
     let holding: Vec<RateResult> = (0..a.reps)
@@ -309,7 +339,12 @@ endpoints = [{{ addr = "{}:{}" }}]
          (nginx on node 1) through the same agent, {} s per run (`testpeer http-rate`, \
          latency from when each request was due). Medians of {} runs ({} for the idle \
          agent: before and after).\n",
-        if a.debug { " --debug" } else { "" },
+        match (a.debug, a.accept_rate) {
+            (true, Some(r)) => format!(" --debug --accept-rate {r}"),
+            (true, None) => " --debug".to_string(),
+            (false, Some(r)) => format!(" --accept-rate {r}"),
+            (false, None) => String::new(),
+        },
         if a.debug { "debug" } else { "release" },
         a.workers,
         chrono_now(),
@@ -337,7 +372,7 @@ endpoints = [{{ addr = "{}:{}" }}]
     );
     let _ = writeln!(
         md,
-        "| while {conns} connections open ({open_secs:.1} s) | {p99_opening:.2} ms | {} | peak {:.1} MiB | — |",
+        "| while {conns} connections open (the client's connects: {open_secs:.1} s; the agent took them all in {taken_secs:.1} s) | {p99_opening:.2} ms | {} | peak {:.1} MiB | — |",
         failed(&opening),
         peak_kib as f64 / 1024.0
     );
@@ -361,10 +396,18 @@ endpoints = [{{ addr = "{}:{}" }}]
          {:.1} MiB, {per_conn_kib:.1} KiB per idle opaque connection (two sockets, the \
          connection's task and its kernel-map entries; no copy buffer while no byte moves). \
          Connections of the noisy pod refused by a limit: {refused} \
-         (`outbound.max_connections_per_pod` is 16,384 by default).",
+         (`outbound.max_connections_per_pod` is 16,384 by default). Taking one connection \
+         cost the agent about {cpu_per_conn_us:.0} µs of CPU (the quiet pod's share taken \
+         out); {delayed} of the noisy pod's connections waited for its accept rate \
+         (`outbound.accept_rate_per_pod`: {}).",
         p99_held / p99_idle,
         p99_opening / p99_idle,
-        (after.rss_kib.saturating_sub(before.rss_kib)) as f64 / 1024.0
+        (after.rss_kib.saturating_sub(before.rss_kib)) as f64 / 1024.0,
+        match a.accept_rate {
+            Some(0) => "0, no limit".to_string(),
+            Some(r) => format!("{r}/s"),
+            None => "the default".to_string(),
+        }
     );
     print!("{md}");
     ensure!(

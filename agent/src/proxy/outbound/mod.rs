@@ -1,6 +1,7 @@
 //! Outbound: connections a pod dialled, redirected by the kernel to the
 //! pod's listener, forwarded to where the pod meant to go.
 
+pub mod accept_rate;
 pub mod forward;
 pub mod http_server;
 
@@ -28,6 +29,7 @@ use crate::http::errors::ProxyError;
 use crate::identity::SpiffeId;
 use crate::proxy::OriginalDst;
 use crate::proxy::detect::{self, Protocol};
+use crate::proxy::outbound::accept_rate::{AcceptBucket, AcceptRate};
 use crate::proxy::outbound::forward::{ConnCtx, HttpProxy};
 use crate::transport::copy::{self, Counters, Side};
 use crate::transport::http_pool::Version;
@@ -48,6 +50,11 @@ pub struct PodInfo {
     pub netns: Option<PodNetns>,
     /// Its connections through the agent now (`outbound.max_connections_per_pod`).
     pub open: AtomicUsize,
+    /// How fast it may open more (`outbound.accept_rate_per_pod`).
+    pub accept_bucket: AcceptBucket,
+    /// When a wait for its accept rate was last logged (a pod opening
+    /// thousands of connections is logged once a minute, not each time).
+    pub accept_rate_logged: std::sync::Mutex<Option<Instant>>,
 }
 
 /// How many connections the agent takes at once, per pod and in all.
@@ -56,12 +63,14 @@ pub struct ConnLimits {
     /// 0: no limit.
     pub per_pod: usize,
     pub total: usize,
+    /// How fast each pod may open connections.
+    pub accept_rate: AcceptRate,
 }
 
 impl ConnLimits {
     /// From the config; a `max_connections` of 0 is derived from the
     /// open-files limit in force.
-    pub fn new(per_pod: usize, total: usize) -> Self {
+    pub fn new(per_pod: usize, total: usize, accept_rate: AcceptRate) -> Self {
         let total = if total > 0 {
             total
         } else {
@@ -69,7 +78,11 @@ impl ConnLimits {
                 .map(|(soft, _)| (soft as usize).saturating_sub(1024).max(64))
                 .unwrap_or(8192)
         };
-        Self { per_pod, total }
+        Self {
+            per_pod,
+            total,
+            accept_rate,
+        }
     }
 }
 
@@ -244,6 +257,19 @@ impl Outbound {
             };
             match accepted {
                 Ok((client, peer)) => {
+                    if let Some(wait) = pod
+                        .accept_bucket
+                        .take(self.limits.accept_rate, Instant::now())
+                    {
+                        self.delay(&pod, wait);
+                        // The connections behind this one stay in the
+                        // kernel's accept queue of this pod's listener.
+                        tokio::select! {
+                            biased;
+                            _ = stop.cancelled() => break,
+                            _ = tokio::time::sleep(wait) => {}
+                        }
+                    }
                     let admission = match self.admit(&pod) {
                         Ok(a) => a,
                         Err(limit) => {
@@ -271,6 +297,34 @@ impl Outbound {
             }
         }
         debug!(pod = %pod.name, listener = ?local, "stopped accepting");
+    }
+
+    /// Counts a connection `pod` opened faster than its accept rate, and
+    /// says so in the log at most once a minute per pod.
+    fn delay(&self, pod: &PodInfo, wait: Duration) {
+        self.metrics
+            .limit_delayed_total
+            .get_or_create(&RefusedLabels {
+                pod: pod.name.clone(),
+                limit: "accept_rate",
+            })
+            .inc();
+        let now = Instant::now();
+        let mut logged = pod
+            .accept_rate_logged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if logged.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(60)) {
+            *logged = Some(now);
+            let rate = self.limits.accept_rate;
+            info!(
+                pod = %pod.name,
+                per_second = rate.per_second,
+                burst = rate.burst,
+                wait_ms = wait.as_secs_f64() * 1000.0,
+                "the pod opens connections faster than outbound.accept_rate_per_pod: new ones wait in its listener's queue"
+            );
+        }
     }
 
     /// Counts a new connection of `pod` against the limits, or says which
