@@ -35,8 +35,8 @@ use crate::admin::{AdminServer, AdminState, Readiness};
 use crate::config::Config;
 use crate::config::OnAgentDown;
 use crate::config::mesh::InboundMode;
+use crate::data_path::{DataPath, Shared};
 use crate::diagnostics::capture::Captures;
-use crate::diagnostics::kernel as kernel_diag;
 use crate::diagnostics::metrics::{MapLabels, Metrics};
 use crate::diagnostics::tap::TapHub;
 use crate::discovery::{Discovery, ServiceTable};
@@ -44,17 +44,16 @@ use crate::enrollment::{Enrollment, EnrollmentParts};
 use crate::handover::{self, Claim};
 use crate::identity::SpiffeId;
 use crate::identity::manager::IdentityManager;
+use crate::kernel as kernel_diag;
 use crate::proxy::OriginalDst;
 use crate::proxy::inbound::authz::InboundAuthz;
 use crate::proxy::inbound::http_stream::InboundHttp;
 use crate::proxy::inbound::server::Drain as TunnelDrain;
 use crate::proxy::inbound::{Inbound, StrictCollector, TunnelCollector};
 use crate::proxy::outbound::Outbound;
-use crate::proxy::outbound::forward::HttpProxy;
 use crate::redirect::{Pins, Redirect};
 use crate::reload::{ReloadMetrics, Reloader, SharedConfig};
 use crate::telemetry::LogLevelHandle;
-use crate::transport::http_pool::Pool;
 use crate::transport::tunnel::{PoolConfig, TunnelPool};
 use crate::transport::upstream::{Mesh, Upstreams};
 
@@ -211,7 +210,6 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         Mesh::new(pool, &config)
     });
     let upstreams = Arc::new(Upstreams::new(&config, mesh));
-    let pool = Pool::new(upstreams.clone());
     let background = TaskTracker::new();
     let stop_background = CancellationToken::new();
     let buffer_budget = crate::http::budget::BufferBudget::new(
@@ -459,42 +457,23 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         warn!(error = %e, "cannot start the memory trimming thread; freed memory stays with the agent");
     }
 
-    let http = Arc::new(HttpProxy {
-        node: config.node.name.clone(),
-        metrics: metrics.http.clone(),
-        discovery: discovery.clone(),
-        pool: pool.clone(),
-        retry_buffer: config.proxy.retry_buffer_bytes,
-        buffer_budget,
-        limits: config.limits.clone(),
-        limit_closed: metrics.tcp.limit_closed_total.clone(),
-        limit_refused: metrics.tcp.limit_refused_total.clone(),
-        tap: tap.clone(),
-        kernel: kernel.clone(),
-    });
-    let outbound = Arc::new(Outbound {
-        original_dst: Arc::new(KernelOriginalDst(redirect.clone())),
-        discovery: discovery.clone(),
-        http,
-        detect_timeout: config.proxy.detect_timeout,
-        opaque_ports: config.proxy.opaque_ports.clone(),
-        metrics: metrics.tcp.clone(),
-        upstreams: upstreams.clone(),
-        tracker: TaskTracker::new(),
-        draining: CancellationToken::new(),
-        force_close: CancellationToken::new(),
-        limits: crate::proxy::outbound::ConnLimits::new(
-            config.outbound.max_connections_per_pod,
-            config.outbound.max_connections,
-            crate::proxy::outbound::accept_rate::AcceptRate {
-                per_second: config.outbound.accept_rate_per_pod,
-                burst: config.outbound.accept_burst_per_pod,
-            },
-        ),
-        idle_timeout: config.limits.idle_timeout,
-        open_total: Default::default(),
-        conns: conns.clone(),
-    });
+    let DataPath {
+        pool,
+        outbound,
+        http: _,
+    } = DataPath::new(
+        &config,
+        Shared {
+            metrics: &metrics,
+            discovery: discovery.clone(),
+            upstreams: upstreams.clone(),
+            original_dst: Arc::new(KernelOriginalDst(redirect.clone())),
+            tap: tap.clone(),
+            conns: conns.clone(),
+            buffer_budget,
+            kernel: kernel.clone(),
+        },
+    );
     info!(
         per_pod = outbound.limits.per_pod,
         total = outbound.limits.total,

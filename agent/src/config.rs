@@ -212,13 +212,15 @@ fn default_accept_burst_per_pod() -> u32 {
 }
 
 /// New connections per second and pod: far above what a pooled client
-/// opens, and what a pod without connection reuse doing 2,000 requests per
-/// second needs; at about 50 µs of the agent's CPU per accepted connection
-/// (`cargo xtask bench-noisy`) one pod at the rate takes a tenth of a core.
-pub const DEFAULT_ACCEPT_RATE_PER_POD: u32 = 2_000;
+/// opens, and what a pod without connection reuse doing 1,000 requests per
+/// second needs. Taking one connection costs the agent 90–140 µs of CPU
+/// (`cargo xtask bench-noisy`, release: the original destination, a task,
+/// an upstream connect made in the pod's namespace), so one pod at the rate
+/// takes at most about an eighth of a core from the others.
+pub const DEFAULT_ACCEPT_RATE_PER_POD: u32 = 1_000;
 /// A pod starting up (a pool warming, a fan-out) opens this many at once
-/// without waiting.
-pub const DEFAULT_ACCEPT_BURST_PER_POD: u32 = 500;
+/// without waiting: about 25 ms of the agent's CPU.
+pub const DEFAULT_ACCEPT_BURST_PER_POD: u32 = 200;
 
 /// What the diagnostics on the data path may show or add; applied at start
 /// and on every reload (`diagnostics::policy`).

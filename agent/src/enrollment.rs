@@ -25,11 +25,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::DialFrom;
-use crate::diagnostics::kernel::{KernelDiag, PodNetns as KernelPod};
 use crate::diagnostics::tap::TapHub;
 use crate::diagnostics::tap::filter::Pods;
 use crate::identity::SpiffeId;
 use crate::identity::manager::IdentityManager;
+use crate::kernel::{KernelDiag, PodNetns as KernelPod};
 use crate::proxy::listener::bind_in_netns;
 use crate::proxy::outbound::{Outbound, PodInfo};
 use crate::redirect::Redirect;

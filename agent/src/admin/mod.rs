@@ -55,7 +55,7 @@ pub struct AdminState {
     /// Packet captures (`POST /capture`).
     pub captures: Arc<crate::diagnostics::capture::Captures>,
     /// The kernel diagnostics behind `/drops`, if they loaded.
-    pub kernel: Option<Arc<crate::diagnostics::kernel::KernelDiag>>,
+    pub kernel: Option<Arc<crate::kernel::KernelDiag>>,
     /// The sliding windows behind `/stat`, `/routes` and `/edges`.
     pub stats: Arc<crate::diagnostics::stats::Stats>,
     pub discovery: Arc<crate::discovery::Discovery>,

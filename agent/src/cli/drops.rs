@@ -10,8 +10,8 @@ use hyper::Method;
 
 use super::Output;
 use super::client::{AdminClient, block_on};
-use crate::diagnostics::kernel::{DropEvent, DropsReport};
 use crate::http::query;
+use crate::kernel::{DropEvent, DropsReport};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct DropsArgs {
@@ -220,7 +220,7 @@ fn follow_line(json: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::diagnostics::kernel::PodReport;
+    use crate::kernel::PodReport;
 
     #[test]
     fn tables_show_pods_and_reasons() {
@@ -230,7 +230,7 @@ mod tests {
             requested_window_secs: 60.0,
             pods: vec![PodReport {
                 pod: "default/web".into(),
-                drops: vec![crate::diagnostics::kernel::ReasonCount {
+                drops: vec![crate::kernel::ReasonCount {
                     reason: "NETFILTER_DROP".into(),
                     count: 12,
                 }],

@@ -61,6 +61,10 @@ pub struct NoisyArgs {
     /// agent's default when not given.
     #[arg(long)]
     accept_rate: Option<u32>,
+    /// `outbound.accept_burst_per_pod` of node 0's agent; the agent's
+    /// default when not given.
+    #[arg(long)]
+    accept_burst: Option<u32>,
     /// Use the debug build (target/debug) instead of a release build.
     #[arg(long)]
     debug: bool,
@@ -112,10 +116,16 @@ pub fn run(a: NoisyArgs) -> Result<()> {
         build(a.no_build, true)?
     };
     let conns = a.conns as usize;
-    let accept_rate = a
-        .accept_rate
-        .map(|r| format!("[outbound]\naccept_rate_per_pod = {r}\n"))
-        .unwrap_or_default();
+    let mut accept_rate = String::new();
+    if a.accept_rate.is_some() || a.accept_burst.is_some() {
+        accept_rate.push_str("[outbound]\n");
+    }
+    if let Some(r) = a.accept_rate {
+        accept_rate.push_str(&format!("accept_rate_per_pod = {r}\n"));
+    }
+    if let Some(b) = a.accept_burst {
+        accept_rate.push_str(&format!("accept_burst_per_pod = {b}\n"));
+    }
     let config = format!(
         r#"{accept_rate}[runtime]
 workers = {workers}
@@ -339,12 +349,14 @@ endpoints = [{{ addr = "{}:{}" }}]
          (nginx on node 1) through the same agent, {} s per run (`testpeer http-rate`, \
          latency from when each request was due). Medians of {} runs ({} for the idle \
          agent: before and after).\n",
-        match (a.debug, a.accept_rate) {
-            (true, Some(r)) => format!(" --debug --accept-rate {r}"),
-            (true, None) => " --debug".to_string(),
-            (false, Some(r)) => format!(" --accept-rate {r}"),
-            (false, None) => String::new(),
-        },
+        [
+            a.debug.then(|| " --debug".to_string()),
+            a.accept_rate.map(|r| format!(" --accept-rate {r}")),
+            a.accept_burst.map(|b| format!(" --accept-burst {b}")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<String>(),
         if a.debug { "debug" } else { "release" },
         a.workers,
         chrono_now(),
@@ -399,7 +411,7 @@ endpoints = [{{ addr = "{}:{}" }}]
          (`outbound.max_connections_per_pod` is 16,384 by default). Taking one connection \
          cost the agent about {cpu_per_conn_us:.0} µs of CPU (the quiet pod's share taken \
          out); {delayed} of the noisy pod's connections waited for its accept rate \
-         (`outbound.accept_rate_per_pod`: {}).",
+         (`outbound.accept_rate_per_pod`: {}, `accept_burst_per_pod`: {}).",
         p99_held / p99_idle,
         p99_opening / p99_idle,
         (after.rss_kib.saturating_sub(before.rss_kib)) as f64 / 1024.0,
@@ -407,7 +419,9 @@ endpoints = [{{ addr = "{}:{}" }}]
             Some(0) => "0, no limit".to_string(),
             Some(r) => format!("{r}/s"),
             None => "the default".to_string(),
-        }
+        },
+        a.accept_burst
+            .map_or_else(|| "the default".to_string(), |b| b.to_string())
     );
     print!("{md}");
     ensure!(

@@ -24,9 +24,9 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use crate::diagnostics::kernel::FlowCounters;
 use crate::diagnostics::tap::filter::Direction;
 use crate::identity::SpiffeId;
+use crate::kernel::FlowCounters;
 use crate::proxy::detect::Protocol;
 use crate::transport::idle::Activity;
 

@@ -384,7 +384,7 @@ pub struct TapRequest {
 struct Upstream {
     local: SocketAddr,
     peer: SocketAddr,
-    kernel: Arc<crate::diagnostics::kernel::KernelDiag>,
+    kernel: Arc<crate::kernel::KernelDiag>,
 }
 
 struct State {
@@ -525,7 +525,7 @@ impl TapRequest {
         &self,
         local: SocketAddr,
         peer: SocketAddr,
-        kernel: &Arc<crate::diagnostics::kernel::KernelDiag>,
+        kernel: &Arc<crate::kernel::KernelDiag>,
     ) {
         *self.upstream.lock().unwrap_or_else(|e| e.into_inner()) = Some(Upstream {
             local,
@@ -674,7 +674,7 @@ pub fn upstream_connection(
     extensions: &http::Extensions,
     local: SocketAddr,
     peer: SocketAddr,
-    kernel: Option<&Arc<crate::diagnostics::kernel::KernelDiag>>,
+    kernel: Option<&Arc<crate::kernel::KernelDiag>>,
 ) {
     if let (Some(t), Some(kernel)) = (extensions.get::<Arc<TapRequest>>(), kernel) {
         t.upstream(local, peer, kernel);

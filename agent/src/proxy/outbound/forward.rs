@@ -86,7 +86,7 @@ pub struct HttpProxy {
     >,
     pub tap: Arc<tap::TapHub>,
     /// What the kernel saw on upstream connections, for diagnostic traces.
-    pub kernel: Option<Arc<crate::diagnostics::kernel::KernelDiag>>,
+    pub kernel: Option<Arc<crate::kernel::KernelDiag>>,
 }
 
 /// How one attempt ended.

@@ -1,4 +1,4 @@
-//! The maps shared with the agent (`agent/src/diagnostics/kernel`). Names,
+//! The maps shared with the agent (`agent/src/kernel`). Names,
 //! key and value types must match there; the types come from
 //! `waymark_common::diag`.
 

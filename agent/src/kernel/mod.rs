@@ -14,7 +14,9 @@
 //! configured pods, `node`, and the reasons of the running kernel.
 //!
 //! Everything here is optional: if the kernel refuses a program, the agent
-//! logs why, reports it in `/drops`, and proxies as before.
+//! logs why, reports it in `/drops`, and proxies as before. It is the
+//! agent's second eBPF loader, beside `crate::redirect` (the one the data
+//! path depends on); `diagnostics` and the admin API read what it counts.
 
 mod btf;
 mod events;
