@@ -7,6 +7,7 @@
 //! package is the workload the tests run in pods. See `tests/README.md`.
 
 pub mod grpc_unary;
+pub mod http_app;
 mod macros;
 pub mod support;
 pub mod world;
@@ -15,7 +16,7 @@ pub use nix::sys::signal::Signal;
 pub use support::bpf::{bpftool_missing, cgroup_links, detach_link};
 pub use support::curl::{Tally, curl, curl_codes, curl_i, curl_many};
 pub use support::tap::{tap, tap_events, waymark};
-pub use support::{await_metric, metric, nft_in, pod_ip, python, with_world};
+pub use support::{await_metric, fast_http, http_app, metric, nft_in, pod_ip, python, with_world};
 pub use world::admin::metric_value;
 pub use world::process::{Server, testpeer, testpeer_bin};
 pub use world::wait::{DEFAULT_PATIENCE, eventually};

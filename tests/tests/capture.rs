@@ -15,31 +15,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use waymark_tests::world::agent::waymark_bin;
 use waymark_tests::{
-    Node, Pod, Server, World, await_metric, eventually, metric, python, require_agent_or_skip,
+    Node, Pod, Server, World, await_metric, eventually, http_app, metric, require_agent_or_skip,
     testpeer, with_world, world_name,
 };
 
-/// An HTTP/1.1 server on PORT that answers every GET with 200 and the path.
-const HTTP_SERVER: &str = r#"
-import http.server, sys
-port = int(sys.argv[1])
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def log_message(self, *a):
-        pass
-    def do_GET(self):
-        body = ("got %s\n" % self.path).encode()
-        self.send_response(200)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-srv = http.server.ThreadingHTTPServer(("0.0.0.0", port), H)
-print("listening", "0.0.0.0:%d" % port, flush=True)
-srv.serve_forever()
-"#;
-
+/// The test application answering `got <path>`.
 fn http_server(pod: &Pod, port: u16) -> Result<Server> {
-    pod.serve(python().args(["-c", HTTP_SERVER, &port.to_string()]))
+    http_app(pod, port, "got", &[])
 }
 
 /// One GET with curl from `pod`; the body.

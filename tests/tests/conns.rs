@@ -21,26 +21,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use waymark_tests::{
-    DEFAULT_PATIENCE, Node, Pod, Server, World, eventually, nft_in, pod_ip, python,
+    DEFAULT_PATIENCE, Node, Pod, Server, World, eventually, http_app, nft_in, pod_ip, python,
     require_agent_or_skip, testpeer, waymark, with_world, world_name,
 };
-
-const APP: &str = r#"
-import http.server, sys
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def log_message(self, *a):
-        pass
-    def do_GET(self):
-        body = b"hello\n"
-        self.send_response(200)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-srv = http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), H)
-print("listening", sys.argv[1], flush=True)
-srv.serve_forever()
-"#;
 
 /// Opens both connections, uses them, prints `ready DB_PORT WEB_PORT`
 /// (its local ports: the table's source ports), closes the HTTP one once
@@ -60,7 +43,7 @@ web = http.client.HTTPConnection(web_host, web_port)
 for _ in range(3):
     web.request("GET", "/hello")
     r = web.getresponse()
-    assert r.status == 200 and r.read() == b"hello\n", r.status
+    assert r.status == 200 and r.read() == b"web /hello\n", r.status
 print("ready", db.getsockname()[1], web.sock.getsockname()[1], flush=True)
 while not os.path.exists(marker):
     time.sleep(0.05)
@@ -174,7 +157,7 @@ fn conns_lists_open_connections_by_pod_and_five_tuple() {
         let _echo = world
             .pod(1, 0)
             .serve(&mut testpeer(["echo", "--listen", "0.0.0.0:7000"]))?;
-        let _web = world.pod(0, 1).serve(python().args(["-c", APP, "8080"]))?;
+        let _web = http_app(world.pod(0, 1), 8080, "web", &[])?;
         let mut c = client(world, pod)?;
         let (db_dst, web_dst) = (format!("{DB_VIP}:5432"), format!("{WEB_VIP}:80"));
         let db_endpoint = format!("{}:7000", pod_ip(1, 0));

@@ -21,31 +21,14 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use waymark_tests::{
-    DEFAULT_PATIENCE, Node, Pod, Server, World, await_metric, eventually, metric, pod_ip, python,
+    DEFAULT_PATIENCE, Node, Pod, Server, World, await_metric, eventually, http_app, metric, pod_ip,
     require_agent_or_skip, tap, tap_events, testpeer, waymark, with_world, world_name,
 };
-
-const APP: &str = r#"
-import http.server, sys
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def log_message(self, *a):
-        pass
-    def do_GET(self):
-        body = b"ok\n"
-        self.send_response(200)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-srv = http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), H)
-print("listening", sys.argv[1], flush=True)
-srv.serve_forever()
-"#;
 
 const VIP: &str = "10.96.0.60:80";
 
 fn app(pod: &Pod) -> Result<Server> {
-    pod.serve(python().args(["-c", APP, "8080"]))
+    http_app(pod, 8080, "app", &[])
 }
 
 /// `testpeer client` from `pod` to `addr` through the agents; the echo must

@@ -3,7 +3,7 @@
 //! requests sent while it is down get the proxy's own attributable error
 //! (not a hang, not an application error), and once it is back new requests
 //! go through a fresh tunnel connection. Real agents with `.mtls(true)`,
-//! python3 server, curl client.
+//! the test application (testpeer http), curl client.
 
 // Children spawned through a world are reaped by the world when it shuts down.
 #![allow(clippy::zombie_processes)]
@@ -14,34 +14,15 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use nix::sys::signal::Signal;
 use waymark_tests::{
-    Pod, Server, World, WorldBuilder, curl_i, eventually, metric, pod_ip, python,
+    Pod, Server, World, WorldBuilder, curl_i, eventually, http_app, metric, pod_ip,
     require_agent_or_skip, with_world, world_name,
 };
 
-const APP: &str = r#"
-import http.server, sys, time
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def log_message(self, *a):
-        pass
-    def do_GET(self):
-        print("req", self.path, flush=True)
-        if "sleep=" in self.path:
-            time.sleep(int(self.path.split("sleep=")[1]) / 1000)
-        body = ("ok %s\n" % self.path).encode()
-        self.send_response(200)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-srv = http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), H)
-print("listening", sys.argv[1], flush=True)
-srv.serve_forever()
-"#;
-
 const VIP: &str = "10.96.0.50:80";
 
+/// The test application answering `ok <path>`.
 fn app(pod: &Pod) -> Result<Server> {
-    pod.serve(python().args(["-c", APP, "8080"]))
+    http_app(pod, 8080, "ok", &[])
 }
 
 /// Two nodes with mTLS, one pod each; the service `web` at VIP is served

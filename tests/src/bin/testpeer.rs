@@ -118,6 +118,25 @@ enum Cmd {
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         hold: Duration,
     },
+    /// The test application: an HTTP/1.1 server whose answer the request
+    /// chooses (`/status/<n>`, `/slow/<ms>`, `?sleep=<ms>`, `/fail`,
+    /// `/bytes/<n>`, `/chunked`, TRACE); see `waymark_tests::http_app`.
+    Http {
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Says who answered: the body's first word and `x-pod`.
+        #[arg(long, default_value = "app")]
+        name: String,
+        /// Answer 503 to every request (`all`) or every other (`alternate`).
+        #[arg(long, value_enum, default_value = "none")]
+        fail: waymark_tests::http_app::Fail,
+        /// Wait this long before every answer.
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        delay: Duration,
+        /// Print no line per request (for load).
+        #[arg(long)]
+        quiet: bool,
+    },
     /// gRPC unary responder over h2c: every call's message is echoed back
     /// with `grpc-status: 0` (a body that is not one message: 3).
     Grpc {
@@ -174,6 +193,33 @@ fn main() {
             Cmd::Whoami { listen } => serve(listen, Kind::Whoami).await,
             Cmd::HalfcloseServer { listen } => serve(listen, Kind::Halfclose).await,
             Cmd::Grpc { listen } => waymark_tests::grpc_unary::run(listen).await,
+            Cmd::Http {
+                listen,
+                name,
+                fail,
+                delay,
+                quiet,
+            } => {
+                let listener = match bind(listen) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        eprintln!("testpeer: cannot listen on {listen}: {e}");
+                        return 1;
+                    }
+                };
+                say(format_args!(
+                    "listening {}",
+                    listener.local_addr().unwrap_or(listen)
+                ));
+                let options = waymark_tests::http_app::Options {
+                    name,
+                    fail,
+                    delay,
+                    quiet,
+                };
+                waymark_tests::http_app::serve(listener, options).await;
+                0
+            }
             Cmd::Client {
                 connect,
                 bytes,

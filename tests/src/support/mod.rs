@@ -53,32 +53,26 @@ endpoints = [{{ addr = "{endpoint}", node = "{node}" }}]
     )
 }
 
-/// A fast HTTP/1.1 server for load: a fixed 200 (`ok`) to every request
-/// head on keep-alive connections (asyncio; no parsing beyond the head's
-/// end).
-const FAST_HTTP: &str = r#"
-import asyncio, sys
-port = int(sys.argv[1])
-RESP = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
-async def handle(r, w):
-    try:
-        while True:
-            await r.readuntil(b"\r\n\r\n")
-            w.write(RESP)
-            await w.drain()
-    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-        pass
-    w.close()
-async def main():
-    srv = await asyncio.start_server(handle, "0.0.0.0", port, limit=1 << 20, backlog=1024)
-    print("listening", "0.0.0.0:%d" % port, flush=True)
-    await srv.serve_forever()
-asyncio.run(main())
-"#;
-
-/// Starts the [`FAST_HTTP`] server on `port` in `pod`.
+/// A fast HTTP/1.1 server for load on `port` in `pod`: the test
+/// application without its per-request lines.
 pub fn fast_http(pod: &Pod, port: u16) -> Result<crate::Server> {
-    pod.serve(python().args(["-u", "-c", FAST_HTTP, &port.to_string()]))
+    http_app(pod, port, "app", &["--quiet"])
+}
+
+/// Starts the test application (`testpeer http`, see [`crate::http_app`])
+/// on `port` in `pod`, answering as `name`; `extra` are more of its flags
+/// (`--fail alternate`, `--delay 50ms`).
+pub fn http_app(pod: &Pod, port: u16, name: &str, extra: &[&str]) -> Result<crate::Server> {
+    pod.serve(
+        crate::testpeer([
+            "http",
+            "--listen",
+            &format!("0.0.0.0:{port}"),
+            "--name",
+            name,
+        ])
+        .args(extra),
+    )
 }
 
 /// The sum of the matching samples on `node`'s agent; 0 when there is none.
