@@ -18,8 +18,8 @@ use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use waymark_tests::world::topology;
 use waymark_tests::{
-    Node, Pod, Server, World, WorldBuilder, curl, python, require_agent_or_skip, with_world,
-    world_name,
+    Node, Pod, Server, World, WorldBuilder, curl, http_app, python, require_agent_or_skip,
+    with_world, world_name,
 };
 
 /// How much the agent's resident set may grow over a flood: generous, as
@@ -27,31 +27,6 @@ use waymark_tests::{
 /// of 20,000 streams or 8 MiB of header blocks per connection would take
 /// once repeated.
 const RSS_GROWTH_LIMIT_KIB: u64 = 64 * 1024;
-
-/// The HTTP/1.1 app server (as in `http_routing.rs`): answers every GET with
-/// `x-pod: <pod name>`.
-const APP: &str = r#"
-import http.server, socketserver, sys
-name, port = sys.argv[1], int(sys.argv[2])
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def log_message(self, *a):
-        pass
-    def do_GET(self):
-        body = ("%s %s\n" % (name, self.path)).encode()
-        self.send_response(200)
-        self.send_header("x-pod", name)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-class S(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 256
-srv = S(("0.0.0.0", port), H)
-print("listening", "0.0.0.0:%d" % port, flush=True)
-srv.serve_forever()
-"#;
 
 /// The attacker: h2c prior knowledge to HOST PORT, frames written by hand.
 /// `reset PAIRS` sends HEADERS + RST_STREAM(CANCEL) pairs on new streams;
@@ -270,13 +245,7 @@ fn h2_rapid_reset_flood_is_contained() {
     const PAIRS: u64 = 20_000;
     with_world(builder(world_name!(), VIP), |world| {
         let (cl, node) = (world.pod(0, 0), world.node(0));
-        let _app: Server = world.pod(1, 0).serve(python().args([
-            "-u",
-            "-c",
-            APP,
-            world.pod(1, 0).name(),
-            "8080",
-        ]))?;
+        let _app: Server = http_app(world.pod(1, 0), 8080, world.pod(1, 0).name(), &[])?;
         let status = curl_status(cl, VIP)?;
         ensure!(status == "200", "the service before the flood: {status:?}");
         let rss_before = agent_rss_kib(node)?;
@@ -305,13 +274,7 @@ fn h2_continuation_flood_is_rejected() {
     const BYTES: u64 = 8 << 20;
     with_world(builder(world_name!(), VIP), |world| {
         let (cl, node) = (world.pod(0, 0), world.node(0));
-        let _app: Server = world.pod(1, 0).serve(python().args([
-            "-u",
-            "-c",
-            APP,
-            world.pod(1, 0).name(),
-            "8080",
-        ]))?;
+        let _app: Server = http_app(world.pod(1, 0), 8080, world.pod(1, 0).name(), &[])?;
         let status = curl_status(cl, VIP)?;
         ensure!(status == "200", "the service before the flood: {status:?}");
         let rss_before = agent_rss_kib(node)?;

@@ -19,40 +19,26 @@ use waymark_apiserver::ApiServer;
 use waymark_tests::support::capture::{Capture, contains};
 use waymark_tests::world::agent::TRUST_DOMAIN;
 use waymark_tests::{
-    DEFAULT_PATIENCE, Pod, Server, World, curl, eventually, metric, python, require_agent_or_skip,
-    waymark, with_world, world_name,
+    DEFAULT_PATIENCE, Pod, Server, World, curl, eventually, http_app, metric, python,
+    require_agent_or_skip, waymark, with_world, world_name,
 };
-
-const APP: &str = r#"
-import http.server, socketserver, sys, time
-name, port = sys.argv[1], int(sys.argv[2])
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def log_message(self, *a):
-        pass
-    def do_GET(self):
-        # /slow/<seconds>: answer after that long (a request in flight).
-        if self.path.startswith("/slow/"):
-            time.sleep(float(self.path[len("/slow/"):]))
-        body = ("%s\n" % name).encode()
-        self.send_response(200)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-class S(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-srv = S(("0.0.0.0", port), H)
-print("listening", "0.0.0.0:%d" % port, flush=True)
-srv.serve_forever()
-"#;
 
 const VIP: &str = "10.96.0.20";
 const APP_PORT: u16 = 8080;
 const API_PORT: u16 = 6443;
 
+/// The test application answering `<name> <path>`; `/slow/<ms>` answers
+/// that much later (a request in flight).
 fn app(pod: &Pod, name: &str) -> Result<Server> {
-    pod.serve(python().args(["-u", "-c", APP, name, &APP_PORT.to_string()]))
+    http_app(pod, APP_PORT, name, &[])
+}
+
+/// Who answered: the first word of the test application's body.
+fn who(body: &str) -> String {
+    body.split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// The stand-in API server, listening on node 0's fabric address inside
@@ -181,7 +167,7 @@ fn answers(pod: &Pod, url: &str, n: usize) -> Result<BTreeMap<String, usize>> {
     for _ in 0..n {
         let (code, body) = curl(pod, url, &[])?;
         let who = if code == 200 {
-            body.trim().to_string()
+            who(&body)
         } else {
             format!("HTTP {code}")
         };
@@ -347,7 +333,7 @@ fn agents_discover_pods_services_and_nodes_from_the_api_server() {
             &format!("http://{}:{APP_PORT}/{tunnelled}", web1.ip()),
             &[],
         )?;
-        ensure!(code == 200 && body.trim() == "web-1", "{code} {body}");
+        ensure!(code == 200 && who(&body) == "web-1", "{code} {body}");
         let after = authorized(world, &client_id)?;
         ensure!(
             after == before + 1.0,
@@ -719,7 +705,7 @@ def worker():
                 c = http.client.HTTPConnection(host, 80, timeout=10)
             c.request("GET", path)
             r = c.getresponse()
-            who = r.read().decode().strip()
+            who = (r.read().decode().split() or [""])[0]
             out("%.3f %.3f %d %s" % (t, time.time(), r.status, who))
         except Exception as e:
             out("%.3f %.3f ERR %r" % (t, time.time(), e))
@@ -759,7 +745,7 @@ fn a_pod_deleted_under_load_is_drained_without_failures() {
         // Load: four connections of 200 ms requests, so requests are in
         // flight on both pods whenever the deletion lands.
         let mut load = client.serve_until(
-            python().args(["-u", "-c", LOAD, VIP, "/slow/0.2", "9", "4"]),
+            python().args(["-u", "-c", LOAD, VIP, "/slow/200", "9", "4"]),
             "started",
             Duration::from_secs(10),
         )?;
@@ -770,7 +756,7 @@ fn a_pod_deleted_under_load_is_drained_without_failures() {
             let slow = s.spawn(|| {
                 curl(
                     client,
-                    &format!("http://{}:{APP_PORT}/slow/4", web1.ip()),
+                    &format!("http://{}:{APP_PORT}/slow/4000", web1.ip()),
                     &[],
                 )
             });
@@ -800,7 +786,7 @@ fn a_pod_deleted_under_load_is_drained_without_failures() {
         load.wait_line("done", Duration::from_secs(30))?;
 
         ensure!(
-            slow.0 == 200 && slow.1.trim() == "web-1",
+            slow.0 == 200 && who(&slow.1) == "web-1",
             "the request in flight to the deleted pod did not end cleanly: {slow:?}"
         );
         let mut before = BTreeMap::<String, usize>::new();
@@ -909,7 +895,7 @@ fn a_host_network_pod_is_never_redirected() {
         // where nothing listens (the listener exists only in enrolled
         // pods).
         let (ok, out) = run(&format!("http://{}:{APP_PORT}/", web1.ip()))?;
-        ensure!(ok && out.trim() == "web-1", "direct to web-1: {out}");
+        ensure!(ok && who(&out) == "web-1", "direct to web-1: {out}");
         // The ClusterIP, which only the agent knows: nothing answers.
         let (ok, out) = run(&url)?;
         ensure!(!ok, "the ClusterIP answered a hostNetwork process: {out}");

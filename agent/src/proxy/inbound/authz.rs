@@ -42,6 +42,8 @@ use crate::proxy::inbound::{Authorize, ConnectInfo, DenyReason};
 /// service's endpoint.
 const DEFAULT_RULE: &str = "default";
 const NO_SERVICE: &str = "none";
+/// The rule of a decision whose target is no pod of this node.
+const NOT_A_LOCAL_POD: &str = "not_a_local_pod";
 
 struct Rule {
     label: String,
@@ -188,9 +190,22 @@ impl InboundAuthz {
 
     /// Decides an open stream again after a reload: `None` while it is
     /// still allowed, the denial (logged and counted) once it is not.
+    ///
+    /// A target that is no longer a pod of this node does not end a stream
+    /// admitted to it: its pod leaving is not a change of the rules, and the
+    /// stream's connection reaches only the process it was admitted to,
+    /// which ends it itself when it exits. Ending it here would fail the
+    /// requests in flight on a pod being deleted (and, on a pooled stream,
+    /// answer the next request 403 as if the rules had denied it), in the
+    /// instant between this node dropping the pod and the sending node
+    /// dropping the endpoint.
     pub fn recheck(&self, source: &SpiffeId, target: SocketAddr) -> Option<Decision> {
         let d = self.decide(source, target);
         if d.allow {
+            return None;
+        }
+        if d.rule == NOT_A_LOCAL_POD {
+            debug!(source_identity = %source, %target, "the stream's pod left this node; the stream keeps its connection");
             return None;
         }
         warn!(
@@ -254,7 +269,7 @@ impl InboundAuthz {
         let Some(pod) = policy.pods.get(&target.ip()) else {
             return Decision {
                 allow: false,
-                rule: "not_a_local_pod".into(),
+                rule: NOT_A_LOCAL_POD.into(),
                 service: NO_SERVICE.into(),
                 reason: format!(
                     "{source} may not reach {target}: it is not a pod on node {}",
@@ -410,5 +425,20 @@ ports = [8080]
         let d = a.decide(&id("web"), "10.0.0.1:4191".parse().unwrap());
         assert!(!d.allow);
         assert!(d.reason.contains("not a pod on node node1"), "{}", d.reason);
+        // A stream admitted to a pod that has left is not ended for it;
+        // a rule that denies it is.
+        assert!(
+            a.recheck(&id("web"), "10.0.0.1:4191".parse().unwrap())
+                .is_none()
+        );
+        let a = authz(
+            r#"
+[[authorization.rules]]
+name = "no-batch"
+action = "deny"
+sources = ["spiffe://cluster.local/ns/default/sa/batch"]
+"#,
+        );
+        assert!(a.recheck(&id("batch"), API.parse().unwrap()).is_some());
     }
 }
