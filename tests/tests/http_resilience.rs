@@ -1,7 +1,7 @@
 //! End-to-end tests of the L7 data path when things go wrong: retries under a
 //! budget, timeouts, failure accrual, config reload, malformed input and the
-//! proxy's own error responses. Real agents, real servers in pods (small
-//! python3 HTTP servers), curl as the client; see tests/README.md.
+//! proxy's own error responses. Real agents, the test application in pods
+//! (`testpeer http`), curl as the client; see tests/README.md.
 //!
 //! Services are declared in the agents' config (`[[services]]`); their
 //! addresses (10.96.0.x) are virtual IPs that route nowhere: the kernel
@@ -18,65 +18,16 @@ use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use waymark_tests::world::agent;
 use waymark_tests::{
-    DEFAULT_PATIENCE, Node, Pod, Server, World, await_metric, curl_many, eventually, metric,
-    pod_ip, python, require_agent_or_skip, with_world, world_name,
+    DEFAULT_PATIENCE, Node, Pod, Server, World, await_metric, curl_many, eventually, http_app,
+    metric, pod_ip, python, require_agent_or_skip, with_world, world_name,
 };
 
-/// The HTTP/1.1 app server: answers every request with `x-pod: <pod name>`
-/// and prints `req <n> <method> <path> <status>` for each. Options:
-/// `fail=alternate` (every other request gets 503), `fail=all`, `delay=SECS`;
+/// Starts the test application on `port` in `pod`, named after the pod
+/// (`x-pod`), printing `req <n> <method> <path> <status>` per request;
+/// `opts` are its flags (`--fail alternate`, `--fail all`, `--delay 2s`);
 /// a `?sleep=MS` query delays one request.
-const APP: &str = r#"
-import http.server, socketserver, sys, threading, time
-from urllib.parse import urlsplit, parse_qs
-name, port = sys.argv[1], int(sys.argv[2])
-o = dict(a.split("=", 1) for a in sys.argv[3:])
-fail, delay, count, lock = o.get("fail", "none"), float(o.get("delay", "0")), [0], threading.Lock()
-def say(*a):
-    with lock:
-        print(*a, flush=True)
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
-    def log_message(self, *a):
-        pass
-    def do_GET(self):
-        n = int(self.headers.get("content-length") or 0)
-        if n:
-            self.rfile.read(n)
-        with lock:
-            count[0] += 1
-            k = count[0]
-        status = 503 if fail == "all" or (fail == "alternate" and k % 2) else 200
-        u = urlsplit(self.path)
-        say("req", k, self.command, self.path, status)
-        wait = delay + float(parse_qs(u.query).get("sleep", ["0"])[0]) / 1000
-        if wait:
-            time.sleep(wait)
-        body = ("%s %s\n" % (name, u.path)).encode()
-        self.send_response(status)
-        self.send_header("x-pod", name)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-        say("done", k, self.path)
-    do_POST = do_PUT = do_GET
-class S(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 256
-srv = S(("0.0.0.0", port), H)
-say("listening", "0.0.0.0:%d" % port)
-srv.serve_forever()
-"#;
-
-/// Starts the app server on `port` in `pod`, named after the pod.
 fn app(pod: &Pod, port: u16, opts: &[&str]) -> Result<Server> {
-    pod.serve(
-        python()
-            .args(["-u", "-c", APP, pod.name(), &port.to_string()])
-            .args(opts),
-    )
+    http_app(pod, port, pod.name(), opts)
 }
 
 /// Requests an app server has received so far.
@@ -155,8 +106,8 @@ retry = {{ attempts = 2, on = ["5xx"], backoff_base = "2ms", backoff_max = "10ms
     let b = World::builder(world_name!()).agent_config_extra(services);
     with_world(b, |world| {
         let (cl, node) = (world.pod(0, 0), world.node(0));
-        let flaky = app(world.pod(1, 0), 8080, &["fail=alternate"])?;
-        let down = app(world.pod(1, 1), 8080, &["fail=all"])?;
+        let flaky = app(world.pod(1, 0), 8080, &["--fail", "alternate"])?;
+        let down = app(world.pod(1, 1), 8080, &["--fail", "all"])?;
 
         // The server fails exactly every other request. Sequential requests:
         // the first attempt of each gets a failing turn, the retry the next.
@@ -242,7 +193,7 @@ timeout = "300ms"
     let b = World::builder(world_name!()).agent_config_extra(services);
     with_world(b, |world| {
         let cl = world.pod(0, 0);
-        let slow = app(world.pod(1, 0), 8080, &["delay=2"])?;
+        let slow = app(world.pod(1, 0), 8080, &["--delay", "2s"])?;
         let _fast = app(world.pod(1, 1), 8080, &[])?;
         let fast = world.pod(1, 1).name();
 
@@ -325,8 +276,8 @@ retry = {{ attempts = 5, on = ["connect-failure"], backoff_base = "2ms", backoff
     let bld = World::builder(world_name!()).agent_config_extra(services);
     with_world(bld, |world| {
         let (cl, node) = (world.pod(0, 0), world.node(0));
-        let _a = app(world.pod(1, 0), 8080, &["delay=0.02"])?;
-        let _b = app(world.pod(1, 1), 8080, &["delay=0.02"])?;
+        let _a = app(world.pod(1, 0), 8080, &["--delay", "20ms"])?;
+        let _b = app(world.pod(1, 1), 8080, &["--delay", "20ms"])?;
         let ejected = |svc: &'static str| vec![("service", svc), ("endpoint", dead.as_str())];
 
         // Without retries, each pick of the dead endpoint is a failed request
