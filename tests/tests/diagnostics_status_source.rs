@@ -17,37 +17,9 @@
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use waymark_tests::{
-    Pod, Server, World, curl, pod_ip, python, require_agent_or_skip, tap, tap_events, waymark,
+    Pod, Server, World, curl, http_app, pod_ip, require_agent_or_skip, tap, tap_events, waymark,
     with_world, world_name,
 };
-
-/// `/fail` answers 500, `/slow/MS` 200 after MS milliseconds, anything else
-/// 200; TRACE too (so a trace reaches the app and comes back with its
-/// status).
-const APP: &str = r#"
-import http.server, socketserver, sys, time
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def log_message(self, *a):
-        pass
-    def answer(self):
-        path = self.path.split("?")[0]
-        status = 500 if path == "/fail" else 200
-        if path.startswith("/slow/"):
-            time.sleep(int(path.split("/")[2]) / 1000)
-        body = ("%s %s\n" % (sys.argv[1], path)).encode()
-        self.send_response(status)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    do_GET = do_TRACE = answer
-class S(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-srv = S(("0.0.0.0", int(sys.argv[2])), H)
-print("listening", "0.0.0.0:%s" % sys.argv[2], flush=True)
-srv.serve_forever()
-"#;
 
 const WEB: &str = "10.96.0.60:80";
 const SHOP: &str = "10.96.0.61:80";
@@ -119,8 +91,11 @@ endpoints = [ {{ addr = "{app}:8080", pod = "default/n1p0" }}, {{ addr = "{GONE_
     )
 }
 
+/// The test application, named after the pod: `/fail` answers 500,
+/// `/slow/MS` 200 after MS milliseconds, anything else 200; TRACE too (so a
+/// trace reaches the app and comes back with its status).
 fn app(pod: &Pod) -> Result<Server> {
-    pod.serve(python().args(["-u", "-c", APP, pod.name(), "8080"]))
+    http_app(pod, 8080, pod.name(), &[])
 }
 
 fn get(client: &Pod, vip: &str, path: &str) -> Result<u16> {

@@ -6,8 +6,8 @@
 //! The taps' filters are checked against a known mix of requests (paths,
 //! methods, statuses, authorities, latencies, source pods, services) sent
 //! with curl from pods: each tap must show exactly the requests that match,
-//! in order, and nothing else. Servers are python3 in pods (see
-//! tests/README.md).
+//! in order, and nothing else. Servers are the test
+//! application (`testpeer http`) in pods (see tests/README.md).
 
 // Children spawned through a world are reaped by the world when it shuts down.
 #![allow(clippy::zombie_processes)]
@@ -19,56 +19,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use waymark_tests::{
-    DEFAULT_PATIENCE, Node, Pod, Server, World, await_metric, curl_codes, eventually, metric,
-    pod_ip, python, require_agent_or_skip, tap, tap_events as events, testpeer, waymark,
+    DEFAULT_PATIENCE, Node, Pod, Server, World, await_metric, curl_codes, eventually, http_app,
+    metric, pod_ip, require_agent_or_skip, tap, tap_events as events, testpeer, waymark,
     with_world, world_name,
 };
-
-/// An HTTP/1.1 app server for every method: `/status/N` answers N,
-/// `/slow/MS` answers 200 after MS milliseconds, anything else 200 with
-/// `<pod> <path>`; TRACE is answered with the request it got
-/// (`message/http`). Prints `req <method> <path> <status>` per request.
-const APP: &str = r#"
-import http.server, socketserver, sys, threading, time
-name, port, lock = sys.argv[1], int(sys.argv[2]), threading.Lock()
-def say(*a):
-    with lock:
-        print(*a, flush=True)
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
-    def log_message(self, *a):
-        pass
-    def answer(self):
-        n = int(self.headers.get("content-length") or 0)
-        if n:
-            self.rfile.read(n)
-        path = self.path.split("?")[0]
-        status, body, ctype = 200, ("%s %s\n" % (name, self.path)).encode(), "text/plain"
-        if path.startswith("/status/"):
-            status = int(path.split("/")[2])
-        elif path.startswith("/slow/"):
-            time.sleep(int(path.split("/")[2]) / 1000)
-        if self.command == "TRACE":
-            ctype = "message/http"
-            body = ("%s %s %s\r\n" % (self.command, self.path, self.request_version)).encode()
-            body += b"".join(("%s: %s\r\n" % kv).encode() for kv in self.headers.items()) + b"\r\n"
-        say("req", self.command, self.path, status)
-        self.send_response(status)
-        self.send_header("x-pod", name)
-        self.send_header("content-type", ctype)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    do_GET = do_POST = do_PUT = do_DELETE = do_TRACE = answer
-class S(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 256
-srv = S(("0.0.0.0", port), H)
-say("listening", "0.0.0.0:%d" % port)
-srv.serve_forever()
-"#;
 
 const WEB: &str = "10.96.0.30:80";
 const API: &str = "10.96.0.31:80";
@@ -102,8 +56,11 @@ endpoints = [{{ addr = "{api}:8080" }}]
     )
 }
 
+/// The test application, named after the pod, for every method:
+/// `/status/N` answers N, `/slow/MS` 200 after MS milliseconds, TRACE
+/// echoes the request head; it prints `req <k> <method> <path> <status>`.
 fn app(pod: &Pod, port: u16) -> Result<Server> {
-    pod.serve(python().args(["-u", "-c", APP, pod.name(), &port.to_string()]))
+    http_app(pod, port, pod.name(), &[])
 }
 
 fn url(vip: &str, path: &str) -> String {
@@ -682,7 +639,10 @@ fn trace_from_a_pod_shows_the_hop_block() {
         // The server's output is read by another thread: give it a moment.
         eventually(DEFAULT_PATIENCE, || {
             ensure!(
-                server.lines().iter().any(|l| l == "req TRACE /hello 200"),
+                server.lines().iter().any(|l| {
+                    let w: Vec<&str> = l.split_whitespace().collect();
+                    w.first() == Some(&"req") && w.get(2..) == Some(&["TRACE", "/hello", "200"][..])
+                }),
                 "the server did not log the traced request: {:?}",
                 server.lines()
             );

@@ -2,7 +2,7 @@
 //! carry what crosses nodes in the HTTP/2 CONNECT tunnel over TLS 1.3 with
 //! the source workload's certificate, the destination's agent verifies and
 //! authorizes it. Real agents (`WorldBuilder::mtls`), real peers (testpeer,
-//! python3, curl), real captures (tcpdump in the fabric, tshark to read).
+//! Python clients, curl), real captures (tcpdump in the fabric, tshark to read).
 //!
 //! Services are declared in the agents' config; their endpoints name the
 //! node they run on, which is what decides the tunnel.
@@ -19,37 +19,9 @@ use serde_json::Value;
 use waymark_tests::support::capture::{Capture, contains};
 use waymark_tests::world::agent::pod_identity;
 use waymark_tests::{
-    DEFAULT_PATIENCE, Node, Pod, Server, World, await_metric, curl, curl_i, eventually, metric,
-    pod_ip, python, require_agent_or_skip, testpeer, with_world, world_name,
+    DEFAULT_PATIENCE, Node, Pod, Server, World, await_metric, curl, curl_i, eventually, http_app,
+    metric, pod_ip, python, require_agent_or_skip, testpeer, with_world, world_name,
 };
-
-/// HTTP/1.1 app: answers `<pod name> <path>` with `x-pod`, prints `req
-/// <path>` per request.
-const APP: &str = r#"
-import http.server, socketserver, sys
-name, port = sys.argv[1], int(sys.argv[2])
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
-    def log_message(self, *a):
-        pass
-    def do_GET(self):
-        print("req", self.path, flush=True)
-        body = ("%s %s\n" % (name, self.path)).encode()
-        self.send_response(200)
-        self.send_header("x-pod", name)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    do_TRACE = do_GET
-class S(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 1024
-srv = S(("0.0.0.0", port), H)
-print("listening", "0.0.0.0:%d" % port, flush=True)
-srv.serve_forever()
-"#;
 
 /// A TCP client that sends argv[3], half-closes and prints what came back.
 const SEND: &str = r#"
@@ -90,8 +62,9 @@ endpoints = [ {{ addr = "{server}:{APP_PORT}", node = "node1" }} ]
     )
 }
 
+/// The test application, named after the pod (`x-pod`).
 fn app(pod: &Pod) -> Result<Server> {
-    pod.serve(python().args(["-u", "-c", APP, pod.name(), &APP_PORT.to_string()]))
+    http_app(pod, APP_PORT, pod.name(), &[])
 }
 
 fn echo(pod: &Pod) -> Result<Server> {

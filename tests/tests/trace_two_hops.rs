@@ -6,7 +6,7 @@
 //! methods get one `l5d-context` header per hop; what is not traced
 //! arrives unchanged, byte for byte.
 //!
-//! Real agents (`WorldBuilder::mtls`), python3 HTTP servers in the pods,
+//! Real agents (`WorldBuilder::mtls`), the test application (`testpeer http`) in the pods,
 //! curl as the client.
 
 // Children spawned through a world are reaped by the world when it shuts down.
@@ -17,58 +17,9 @@ use std::process::Command;
 use anyhow::{Context, Result, ensure};
 use waymark_tests::world::agent::pod_identity;
 use waymark_tests::{
-    Pod, Server, World, curl_i, eventually, metric, pod_ip, python, require_agent_or_skip,
-    with_world, world_name,
+    Pod, Server, World, curl_i, eventually, http_app, metric, pod_ip, python,
+    require_agent_or_skip, with_world, world_name,
 };
-
-/// HTTP/1.1 app. argv: name, port, mode (`ok` or `fail`: every answer
-/// 503). TRACE is answered with the request it got (`message/http`);
-/// `/bytes/N` answers N bytes of a fixed pattern; `/chunked` answers in
-/// chunks without a length. Prints `req <method> <path> <status>`.
-const APP: &str = r#"
-import http.server, socketserver, sys
-name, port, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-PATTERN = bytes(range(256))
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
-    def log_message(self, *a):
-        pass
-    def answer(self):
-        path = self.path.split("?")[0]
-        status = 503 if mode == "fail" else 200
-        body, ctype = ("%s %s\n" % (name, self.path)).encode(), "text/plain"
-        if self.command == "TRACE":
-            ctype = "message/http"
-            body = ("%s %s %s\r\n" % (self.command, self.path, self.request_version)).encode()
-            body += b"".join(("%s: %s\r\n" % kv).encode() for kv in self.headers.items()) + b"\r\n"
-        elif path.startswith("/bytes/"):
-            n = int(path.split("/")[2])
-            body = (PATTERN * (n // 256 + 1))[:n]
-            ctype = "application/octet-stream"
-        print("req", self.command, self.path, status, flush=True)
-        self.send_response(status)
-        self.send_header("x-pod", name)
-        self.send_header("content-type", ctype)
-        if path == "/chunked" and status == 200:
-            self.send_header("transfer-encoding", "chunked")
-            self.end_headers()
-            for part in (body[:5], body[5:]):
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
-            self.wfile.write(b"0\r\n\r\n")
-            return
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    do_GET = do_TRACE = answer
-class S(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 256
-srv = S(("0.0.0.0", port), H)
-print("listening", "0.0.0.0:%d" % port, flush=True)
-srv.serve_forever()
-"#;
 
 /// Two endpoints on node 1 behind one VIP; the route retries 5xx.
 const VIP: &str = "10.96.0.40:80";
@@ -98,8 +49,12 @@ endpoints = [ {{ addr = "{good}:{PORT}", node = "node1" }} ]
     )
 }
 
+/// The test application, named after the pod: `fail` answers 503 to
+/// everything; TRACE echoes the request head, `/bytes/N` and `/chunked`
+/// bodies for the trace's body handling.
 fn app(pod: &Pod, mode: &str) -> Result<Server> {
-    pod.serve(python().args(["-u", "-c", APP, pod.name(), &PORT.to_string(), mode]))
+    let fail = if mode == "fail" { "all" } else { "none" };
+    http_app(pod, PORT, pod.name(), &["--fail", fail])
 }
 
 fn world(name: &str) -> waymark_tests::WorldBuilder {
@@ -198,10 +153,9 @@ fn trace_shows_inbound_block_then_outbound_block() {
         eprintln!("the traced response, as curl -i shows it:\n{text}");
         // The 503 went through node 1's agent too, answered by the bad pod.
         ensure!(
-            bad_app
-                .lines()
-                .iter()
-                .any(|l| l.starts_with("req TRACE /trace") && l.ends_with(" 503")),
+            bad_app.lines().iter().any(|l| l.starts_with("req ")
+                && l.contains(" TRACE /trace")
+                && l.ends_with(" 503")),
             "the failing endpoint never saw the TRACE: {:?}\n{text}",
             bad_app.lines()
         );
