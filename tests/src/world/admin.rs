@@ -1,119 +1,71 @@
-//! A minimal HTTP/1.1 client for the agents' admin API, and a reader for
-//! Prometheus text metrics.
+//! A client for the agents' admin API (hyper, over the loopback TCP port
+//! or the Unix socket), and a reader for Prometheus text metrics.
 
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 /// A connection to an agent's admin API: its loopback TCP port or its Unix
-/// socket.
-pub trait AdminStream: Read + Write {
-    fn set_timeouts(&self, t: Duration) -> std::io::Result<()>;
+/// socket, connected by the caller (in whichever namespace it must be).
+pub trait AdminStream {
+    /// The same connection on the current tokio runtime.
+    fn into_tokio(self) -> std::io::Result<Box<dyn AsyncStream>>;
 }
 
+/// What hyper needs of a connection.
+pub trait AsyncStream: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> AsyncStream for T {}
+
 impl AdminStream for TcpStream {
-    fn set_timeouts(&self, t: Duration) -> std::io::Result<()> {
-        self.set_read_timeout(Some(t))?;
-        self.set_write_timeout(Some(t))
+    fn into_tokio(self) -> std::io::Result<Box<dyn AsyncStream>> {
+        self.set_nonblocking(true)?;
+        Ok(Box::new(tokio::net::TcpStream::from_std(self)?))
     }
 }
 
 impl AdminStream for UnixStream {
-    fn set_timeouts(&self, t: Duration) -> std::io::Result<()> {
-        self.set_read_timeout(Some(t))?;
-        self.set_write_timeout(Some(t))
+    fn into_tokio(self) -> std::io::Result<Box<dyn AsyncStream>> {
+        self.set_nonblocking(true)?;
+        Ok(Box::new(tokio::net::UnixStream::from_std(self)?))
     }
 }
 
-/// Sends `GET path` with `Connection: close` over `stream` and returns the
-/// status code and the body (chunked bodies are decoded).
-pub fn http_get(mut stream: impl AdminStream, addr: &str, path: &str) -> Result<(u16, String)> {
-    stream.set_timeouts(Duration::from_secs(10))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: waymark-tests\r\nAccept: */*\r\nConnection: close\r\n\r\n"
-    )?;
-    stream.flush()?;
-    let mut raw = Vec::new();
-    stream
-        .read_to_end(&mut raw)
-        .with_context(|| format!("reading the response to GET {path} from {addr}"))?;
-    parse_response(&raw).with_context(|| format!("GET {path} from {addr}"))
+/// How long one admin request may take.
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Sends `GET path` over `stream` (`Host: addr`) and returns the status
+/// code and the body.
+pub fn http_get(stream: impl AdminStream, addr: &str, path: &str) -> Result<(u16, String)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("a runtime for the admin request")?;
+    rt.block_on(async {
+        let io = stream.into_tokio()?;
+        tokio::time::timeout(TIMEOUT, get(io, addr, path))
+            .await
+            .map_err(|_| anyhow!("no whole answer within {TIMEOUT:?}"))?
+    })
+    .with_context(|| format!("GET {path} from {addr}"))
 }
 
-fn parse_response(raw: &[u8]) -> Result<(u16, String)> {
-    let end = find(raw, b"\r\n\r\n").ok_or_else(|| {
-        anyhow!(
-            "incomplete HTTP response ({} bytes): {:?}",
-            raw.len(),
-            String::from_utf8_lossy(&raw[..raw.len().min(200)])
-        )
-    })?;
-    let head = std::str::from_utf8(&raw[..end]).context("response head is not UTF-8")?;
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let mut parts = status_line.splitn(3, ' ');
-    let version = parts.next().unwrap_or_default();
-    if !version.starts_with("HTTP/1.") {
-        bail!("not an HTTP/1 response: {status_line:?}");
-    }
-    let status: u16 = parts
-        .next()
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow!("bad status line {status_line:?}"))?;
-    let mut chunked = false;
-    let mut length = None;
-    for l in lines {
-        let Some((k, v)) = l.split_once(':') else {
-            continue;
-        };
-        let (k, v) = (k.trim(), v.trim());
-        if k.eq_ignore_ascii_case("transfer-encoding") && v.to_ascii_lowercase().contains("chunked")
-        {
-            chunked = true;
-        } else if k.eq_ignore_ascii_case("content-length") {
-            length = v.parse::<usize>().ok();
-        }
-    }
-    let rest = &raw[end + 4..];
-    let body = if chunked {
-        decode_chunked(rest)?
-    } else if let Some(n) = length {
-        if rest.len() < n {
-            bail!("body cut short: {} of {n} bytes", rest.len());
-        }
-        rest[..n].to_vec()
-    } else {
-        rest.to_vec()
-    };
+async fn get(io: Box<dyn AsyncStream>, addr: &str, path: &str) -> Result<(u16, String)> {
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header(hyper::header::HOST, addr)
+        .header(hyper::header::USER_AGENT, "waymark-tests")
+        .body(Empty::<Bytes>::new())?;
+    let resp = send.send_request(req).await?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await?.to_bytes();
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
-}
-
-fn decode_chunked(mut b: &[u8]) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let eol = find(b, b"\r\n").ok_or_else(|| anyhow!("chunk size line cut short"))?;
-        let size_s = std::str::from_utf8(&b[..eol])?;
-        let size_s = size_s.split(';').next().unwrap_or_default().trim();
-        let size =
-            usize::from_str_radix(size_s, 16).map_err(|_| anyhow!("bad chunk size {size_s:?}"))?;
-        b = &b[eol + 2..];
-        if size == 0 {
-            return Ok(out);
-        }
-        if b.len() < size + 2 {
-            bail!("chunk cut short");
-        }
-        out.extend_from_slice(&b[..size]);
-        b = &b[size + 2..];
-    }
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 /// The sum of all samples of metric `name` (the sample name exactly as
@@ -210,16 +162,36 @@ fn parse_labels(mut s: &str) -> Option<(Labels, &str)> {
 mod tests {
     use super::*;
 
+    /// Against the test application: plain, chunked and error answers,
+    /// over TCP (the Unix socket takes the same path after `into_tokio`).
     #[test]
-    fn parses_plain_and_chunked_responses() {
-        let plain = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nready";
-        assert_eq!(parse_response(plain).unwrap(), (200, "ready".into()));
-        let chunked =
-            b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nnot \r\n5\r\nready\r\n0\r\n\r\n";
-        assert_eq!(parse_response(chunked).unwrap(), (503, "not ready".into()));
-        let until_close = b"HTTP/1.0 404 Not Found\r\n\r\nnope";
-        assert_eq!(parse_response(until_close).unwrap(), (404, "nope".into()));
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\n").is_err());
+    fn gets_plain_chunked_and_error_answers() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let options = crate::http_app::Options {
+                    name: "ready".into(),
+                    fail: crate::http_app::Fail::None,
+                    delay: Duration::ZERO,
+                    quiet: true,
+                };
+                crate::http_app::serve(listener, options).await
+            })
+        });
+        let get = |path: &str| http_get(TcpStream::connect(addr).unwrap(), "localhost", path);
+        assert_eq!(get("/").unwrap(), (200, "ready /\n".into()));
+        assert_eq!(get("/chunked").unwrap(), (200, "ready /chunked\n".into()));
+        assert_eq!(
+            get("/status/503").unwrap(),
+            (503, "ready /status/503\n".into())
+        );
     }
 
     #[test]
