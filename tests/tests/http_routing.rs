@@ -18,47 +18,15 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use waymark_tests::{
-    Node, Pod, Server, World, curl_many, metric, pod_ip, python, require_agent_or_skip, with_world,
-    world_name,
+    DEFAULT_PATIENCE, Node, Pod, Server, World, curl_many, eventually, http_app, metric, pod_ip,
+    python, require_agent_or_skip, with_world, world_name,
 };
 
-/// The HTTP/1.1 app server (the same as `http_resilience.rs`'s): answers
-/// every request with `x-pod: <pod name>` and prints `req <n> <method>
-/// <path> <status>` for each.
-const APP: &str = r#"
-import http.server, socketserver, sys, threading
-name, port, lock, count = sys.argv[1], int(sys.argv[2]), threading.Lock(), [0]
-def say(*a):
-    with lock:
-        print(*a, flush=True)
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
-    def log_message(self, *a):
-        pass
-    def do_GET(self):
-        with lock:
-            count[0] += 1
-            k = count[0]
-        say("req", k, self.command, self.path, 200)
-        body = ("%s %s\n" % (name, self.path)).encode()
-        self.send_response(200)
-        self.send_header("x-pod", name)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-class S(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 256
-srv = S(("0.0.0.0", port), H)
-say("listening", "0.0.0.0:%d" % port)
-srv.serve_forever()
-"#;
-
-/// Starts the app server on `port` in `pod`, named after the pod.
+/// Starts the test application on `port` in `pod`, named after the pod
+/// (`x-pod`, body `<pod> <path>`), printing `req <k> <method> <path>
+/// <status>` per request.
 fn app(pod: &Pod, port: u16) -> Result<Server> {
-    pod.serve(python().args(["-u", "-c", APP, pod.name(), &port.to_string()]))
+    http_app(pod, port, pod.name(), &[])
 }
 
 /// Requests an app server has received so far.
@@ -940,15 +908,20 @@ endpoints = [{{ addr = "{srv}:8443" }}]
             "openssl s_client ({}): {said}",
             out.status
         );
-        ensure!(
-            tls.lines()
-                .iter()
-                .filter(|l| l.starts_with("handshake TLS"))
-                .count()
-                == 2,
-            "the endpoint did not complete both handshakes itself: {:?}",
-            tls.lines()
-        );
+        // The server's lines are read by another thread, and it may print
+        // the second one after s_client is done.
+        eventually(DEFAULT_PATIENCE, || {
+            ensure!(
+                tls.lines()
+                    .iter()
+                    .filter(|l| l.starts_with("handshake TLS"))
+                    .count()
+                    == 2,
+                "the endpoint did not complete both handshakes itself: {:?}",
+                tls.lines()
+            );
+            Ok(())
+        })?;
         ensure!(
             node.agent_log()
                 .lines()
