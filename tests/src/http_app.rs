@@ -10,6 +10,7 @@
 //! |---|---|
 //! | any | `200`, body `<name> <path>\n`, `x-pod: <name>`, `content-type: text/plain` |
 //! | `/status/<n>…` | status `<n>` |
+//! | a path under a `--status <prefix>=<n>` prefix | status `<n>` (the first such flag that matches) |
 //! | `/fail…` | `500` |
 //! | `/slow/<ms>…`, or `?sleep=<ms>` | the answer after `<ms>` milliseconds (plus `--delay`) |
 //! | `/bytes/<n>` | `<n>` bytes of 0, 1, …, 255, 0, 1, … (`application/octet-stream`) |
@@ -17,7 +18,8 @@
 //! | `TRACE` | the request head as received (`message/http`), as RFC 9110 asks |
 //!
 //! `--fail all` answers `503` to everything, `--fail alternate` to the
-//! first, third, … request it receives (a flaky endpoint). Request bodies
+//! first, third, … request it receives (a flaky endpoint), `--fail-every
+//! <n>` to the n-th, 2n-th, … (a known failure rate). Request bodies
 //! are read to their end. It prints `listening <addr>` once bound, and for
 //! each request `req <k> <method> <path> <status>` when it arrives and
 //! `done <k> <path>` once answered, `k` counting from 1, so tests can tell
@@ -52,8 +54,13 @@ pub enum Fail {
 pub struct Options {
     pub name: String,
     pub fail: Fail,
+    /// Answer `503` to every n-th request (0: never).
+    pub fail_every: u64,
     /// Added to every answer's wait.
     pub delay: Duration,
+    /// Paths under a prefix answered with a status of their own
+    /// (`--status /b=500`).
+    pub statuses: Vec<(String, StatusCode)>,
     /// No `req`/`done` lines: for load, where writing them would cost more
     /// than answering.
     pub quiet: bool,
@@ -94,7 +101,7 @@ fn status(path: &str, options: &Options, k: u64) -> StatusCode {
         Fail::None => false,
         Fail::All => true,
         Fail::Alternate => k % 2 == 1,
-    };
+    } || (options.fail_every > 0 && k % options.fail_every == 0);
     if failing {
         return StatusCode::SERVICE_UNAVAILABLE;
     }
@@ -103,6 +110,13 @@ fn status(path: &str, options: &Options, k: u64) -> StatusCode {
         if let Some(s) = code.parse().ok().and_then(|c| StatusCode::from_u16(c).ok()) {
             return s;
         }
+    }
+    if let Some((_, s)) = options
+        .statuses
+        .iter()
+        .find(|(p, _)| path.starts_with(p.as_str()))
+    {
+        return *s;
     }
     if path.starts_with("/fail") {
         return StatusCode::INTERNAL_SERVER_ERROR;
@@ -122,6 +136,22 @@ fn wait(path: &str, query: Option<&str>, options: &Options) -> Duration {
             .and_then(|(_, v)| ms(v))
     });
     options.delay + slow.unwrap_or_default() + sleep.unwrap_or_default()
+}
+
+/// Parses `--status <prefix>=<code>`.
+pub fn parse_status(s: &str) -> Result<(String, StatusCode), String> {
+    let (prefix, code) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected <path prefix>=<status code>"))?;
+    let code = code
+        .parse::<u16>()
+        .ok()
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or_else(|| format!("{s:?}: {code:?} is not a status code"))?;
+    if !prefix.starts_with('/') {
+        return Err(format!("{s:?}: the prefix must start with /"));
+    }
+    Ok((prefix.to_string(), code))
 }
 
 /// One line on stdout, flushed: tests read them as they come.

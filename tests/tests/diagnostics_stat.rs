@@ -2,7 +2,7 @@
 //! `/routes`, `/edges` and `waymark stat`/`routes`/`edges`) against a known
 //! load, the exact counts of `/metrics` for the same traffic, and
 //! `waymark check` on a healthy node and on one whose programs were
-//! detached behind the agent's back. Real agents, a python3 server, curl
+//! detached behind the agent's back. Real agents, the test application, curl
 //! and testpeer in pods; see tests/README.md.
 
 // Children spawned through a world are reaped by the world when it shuts down.
@@ -15,52 +15,17 @@ use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use waymark_tests::world::agent::waymark_bin;
 use waymark_tests::{
-    Node, Pod, Server, World, bpftool_missing, cgroup_links, curl_codes, detach_link, metric,
-    pod_ip, python, require_agent_or_skip, testpeer, with_world, world_name,
+    Node, Pod, Server, World, bpftool_missing, cgroup_links, curl_codes, detach_link, http_app,
+    metric, pod_ip, require_agent_or_skip, testpeer, with_world, world_name,
 };
 
 const VIP: &str = "10.96.0.10:80";
 
-/// The HTTP/1.1 app server: `/fail…` answers 500, `/slow…` answers 200
-/// after 50 ms, `/mixed…` answers 500 to every 4th request and 200 to the
-/// others, anything else 200. Prints `req <path>` per request.
-const APP: &str = r#"
-import http.server, socketserver, sys, threading, time
-port, lock, mixed = int(sys.argv[1]), threading.Lock(), [0]
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
-    def log_message(self, *a):
-        pass
-    def do_GET(self):
-        status = 200
-        if self.path.startswith("/fail"):
-            status = 500
-        elif self.path.startswith("/slow"):
-            time.sleep(0.05)
-        elif self.path.startswith("/mixed"):
-            with lock:
-                mixed[0] += 1
-                if mixed[0] % 4 == 0:
-                    status = 500
-        with lock:
-            print("req", self.path, status, flush=True)
-        body = b"ok\n"
-        self.send_response(status)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-class S(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 256
-srv = S(("0.0.0.0", port), H)
-print("listening", "0.0.0.0:%d" % port, flush=True)
-srv.serve_forever()
-"#;
-
-fn app(pod: &Pod) -> Result<Server> {
-    pod.serve(python().args(["-u", "-c", APP, "8080"]))
+/// The test application: `/fail…` answers 500, `/slow/50` 200 after
+/// 50 ms, anything else 200; `extra` are more of its flags. It prints
+/// `req <k> <method> <path> <status>` per request.
+fn app(pod: &Pod, extra: &[&str]) -> Result<Server> {
+    http_app(pod, 8080, "web", extra)
 }
 
 /// Service `web` on [`VIP`], served by pod 0 of node 1, with routes `slow`
@@ -139,11 +104,11 @@ fn stat_routes_and_edges_count_a_known_load() {
         .agent_config_extra(services());
     with_world(b, |world| {
         let (client, node) = (world.pod(0, 0), world.node(0));
-        let server = app(world.pod(1, 0))?;
+        let server = app(world.pod(1, 0), &[])?;
         let load = Instant::now();
         let mut codes = curl_codes(client, &[], &urls("/ok", 20))?;
         codes.extend(curl_codes(client, &[], &urls("/fail", 5))?);
-        codes.extend(curl_codes(client, &[], &urls("/slow", 10))?);
+        codes.extend(curl_codes(client, &[], &urls("/slow/50", 10))?);
         let load = load.elapsed().as_secs_f64();
         let count = |c: &str| codes.iter().filter(|s| *s == c).count();
         ensure!(
@@ -155,7 +120,12 @@ fn stat_routes_and_edges_count_a_known_load() {
             server
                 .lines()
                 .iter()
-                .filter(|l| l.starts_with("req /fail"))
+                .filter(|l| {
+                    l.starts_with("req ")
+                        && l.split_whitespace()
+                            .nth(3)
+                            .is_some_and(|p| p.starts_with("/fail"))
+                })
                 .count()
         };
         waymark_tests::eventually(Duration::from_secs(5), || {
@@ -344,7 +314,7 @@ retry = {{ attempts = 2, on = ["5xx"], backoff_base = "5ms", backoff_max = "10ms
         .agent_config_extra(tight);
     with_world(b, |world| {
         let (client, node) = (world.pod(0, 0), world.node(0));
-        let _server = app(world.pod(1, 0))?;
+        let _server = app(world.pod(1, 0), &[])?;
         let tight_urls: Vec<String> = (1..=6)
             .map(|i| format!("http://10.96.0.11/fail?i={i}"))
             .collect();
@@ -414,7 +384,8 @@ fn stat_follows_a_steady_load() {
         .agent_config_extra(services());
     with_world(b, |world| {
         let (client, node) = (world.pod(0, 0), world.node(0));
-        let _server = app(world.pod(1, 0))?;
+        // One request in four fails.
+        let _server = app(world.pod(1, 0), &["--fail-every", "4"])?;
         let out = client.run_timeout(
             &mut testpeer([
                 "http-rate",

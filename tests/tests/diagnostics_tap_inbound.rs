@@ -6,7 +6,7 @@
 //!
 //! Every assertion counts against a known burst of requests: 30 to `/a`
 //! (answered 200) and 10 to `/b` (answered 500), sent with curl from the
-//! client pod; the server is python3 in the pod.
+//! client pod; the server is the test application (`testpeer http`).
 
 // Children spawned through a world are reaped by the world when it shuts down.
 #![allow(clippy::zombie_processes)]
@@ -18,35 +18,9 @@ use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use waymark_tests::world::agent::pod_identity;
 use waymark_tests::{
-    Node, Pod, Server, World, await_metric, pod_ip, python, require_agent_or_skip, testpeer,
+    Node, Pod, Server, World, await_metric, http_app, pod_ip, require_agent_or_skip, testpeer,
     with_world, world_name,
 };
-
-/// HTTP/1.1 server: `/b…` answers 500, anything else 200 with
-/// `<pod> <path>`.
-const APP: &str = r#"
-import http.server, socketserver, sys
-name, port = sys.argv[1], int(sys.argv[2])
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
-    def log_message(self, *a):
-        pass
-    def do_GET(self):
-        status = 500 if self.path.startswith("/b") else 200
-        body = ("%s %s\n" % (name, self.path)).encode()
-        self.send_response(status)
-        self.send_header("content-type", "text/plain")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-class S(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-srv = S(("0.0.0.0", port), H)
-print("listening", "0.0.0.0:%d" % port, flush=True)
-srv.serve_forever()
-"#;
 
 const VIP: &str = "10.96.0.50:80";
 /// An opaque echo service (testpeer) on the same pod.
@@ -84,8 +58,10 @@ endpoints = [ {{ addr = "{ip}:7000", node = "node1" }} ]
         ))
 }
 
+/// The test application, named after the pod: `/b…` answers 500,
+/// anything else 200 with `<pod> <path>`.
 fn app(pod: &Pod) -> Result<Server> {
-    pod.serve(python().args(["-u", "-c", APP, pod.name(), &PORT.to_string()]))
+    http_app(pod, PORT, pod.name(), &["--status", "/b=500"])
 }
 
 fn waymark() -> Command {

@@ -130,12 +130,19 @@ enum Cmd {
         /// Answer 503 to every request (`all`) or every other (`alternate`).
         #[arg(long, value_enum, default_value = "none")]
         fail: waymark_tests::http_app::Fail,
+        /// Answer 503 to every n-th request.
+        #[arg(long, default_value_t = 0)]
+        fail_every: u64,
         /// Wait this long before every answer.
         #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
         delay: Duration,
         /// Print no line per request (for load).
         #[arg(long)]
         quiet: bool,
+        /// `<path prefix>=<status>`: paths under the prefix get that status
+        /// (repeatable; the first match wins).
+        #[arg(long = "status", value_parser = waymark_tests::http_app::parse_status)]
+        statuses: Vec<(String, hyper::StatusCode)>,
     },
     /// gRPC unary responder over h2c: every call's message is echoed back
     /// with `grpc-status: 0` (a body that is not one message: 3).
@@ -197,8 +204,10 @@ fn main() {
                 listen,
                 name,
                 fail,
+                fail_every,
                 delay,
                 quiet,
+                statuses,
             } => {
                 let listener = match bind(listen) {
                     Ok(l) => l,
@@ -214,8 +223,10 @@ fn main() {
                 let options = waymark_tests::http_app::Options {
                     name,
                     fail,
+                    fail_every,
                     delay,
                     quiet,
+                    statuses,
                 };
                 waymark_tests::http_app::serve(listener, options).await;
                 0

@@ -179,12 +179,18 @@ mod tests {
                 let options = crate::http_app::Options {
                     name: "ready".into(),
                     fail: crate::http_app::Fail::None,
+                    fail_every: 0,
                     delay: Duration::ZERO,
                     quiet: true,
+                    statuses: vec![("/down".into(), hyper::StatusCode::SERVICE_UNAVAILABLE)],
                 };
                 crate::http_app::serve(listener, options).await
             })
         });
+        assert!(crate::http_app::parse_status("/b=500").is_ok());
+        for bad in ["/b", "/b=5000", "b=500", "/b=x"] {
+            assert!(crate::http_app::parse_status(bad).is_err(), "{bad}");
+        }
         let get = |path: &str| http_get(TcpStream::connect(addr).unwrap(), "localhost", path);
         assert_eq!(get("/").unwrap(), (200, "ready /\n".into()));
         assert_eq!(get("/chunked").unwrap(), (200, "ready /chunked\n".into()));
@@ -192,6 +198,8 @@ mod tests {
             get("/status/503").unwrap(),
             (503, "ready /status/503\n".into())
         );
+        assert_eq!(get("/down/x").unwrap(), (503, "ready /down/x\n".into()));
+        assert_eq!(get("/downx").unwrap().0, 503, "a prefix, as given");
     }
 
     #[test]
