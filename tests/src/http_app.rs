@@ -101,7 +101,7 @@ fn status(path: &str, options: &Options, k: u64) -> StatusCode {
         Fail::None => false,
         Fail::All => true,
         Fail::Alternate => k % 2 == 1,
-    } || (options.fail_every > 0 && k % options.fail_every == 0);
+    } || (options.fail_every > 0 && k.is_multiple_of(options.fail_every));
     if failing {
         return StatusCode::SERVICE_UNAVAILABLE;
     }
