@@ -15,7 +15,7 @@ use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use waymark_tests::world::agent::waymark_bin;
 use waymark_tests::{
-    DEFAULT_PATIENCE, Node, Pod, World, eventually, metric, nft_in, pod_ip, python,
+    DEFAULT_PATIENCE, Node, Pod, World, eventually, http_app, metric, nft_in, pod_ip,
     require_agent_or_skip, testpeer, with_world, world_name,
 };
 
@@ -312,28 +312,6 @@ fn bytes_per_pod_match_a_known_transfer() {
     );
 }
 
-/// An HTTP/1.1 server that answers TRACE (and GET) with 200 and the path.
-const TRACE_APP: &str = r#"
-import http.server, socketserver
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def log_message(self, *a):
-        pass
-    def answer(self):
-        body = ("ok %s\n" % self.path).encode()
-        self.send_response(200)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    do_GET = do_TRACE = answer
-class S(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-srv = S(("0.0.0.0", 8080), H)
-print("listening 0.0.0.0:8080", flush=True)
-srv.serve_forever()
-"#;
-
 #[test]
 fn a_trace_shows_the_kernel_counts_of_its_upstream_flow() {
     require_agent_or_skip!();
@@ -347,7 +325,7 @@ fn a_trace_shows_the_kernel_counts_of_its_upstream_flow() {
         .agent_config_extra(services);
     with_world(b, |world| {
         let (client_pod, server) = (world.pod(0, 0), world.pod(1, 0));
-        let _app = server.serve(python().args(["-u", "-c", TRACE_APP]))?;
+        let _app = http_app(server, 8080, "ok", &[])?;
         // Every other packet with data that reaches the server is dropped,
         // the first one included: the agent's upstream socket has to
         // retransmit the request.
