@@ -39,7 +39,7 @@ use crate::data_path::{DataPath, Shared};
 use crate::diagnostics::capture::Captures;
 use crate::diagnostics::metrics::{MapLabels, Metrics};
 use crate::diagnostics::tap::TapHub;
-use crate::discovery::{Discovery, ServiceTable};
+use crate::discovery::Discovery;
 use crate::enrollment::{Enrollment, EnrollmentParts};
 use crate::handover::{self, Claim};
 use crate::identity::SpiffeId;
@@ -140,15 +140,8 @@ fn raise_open_files_limit() {
 }
 
 async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHandle) -> Result<()> {
-    let mut table = ServiceTable::build(
-        &config.services_with_local_pods(),
-        config.balancer.to_balance(),
-        None,
-        Instant::now(),
-    )
-    .context("cannot build the service table")?;
-    table.forget_remote_endpoints(&config.node.name);
-    let discovery = Arc::new(Discovery::new(table));
+    let discovery =
+        Arc::new(Discovery::from_config(&config).context("cannot build the service table")?);
     // Who serves this node, decided before anything is bound (see
     // `handover`): a third agent stops here.
     let pinned = match &config.redirect.cgroup {

@@ -15,7 +15,6 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use anyhow::{Context as _, Result};
 use prometheus_client::registry::Registry;
@@ -27,7 +26,7 @@ use crate::data_path::{DataPath, Shared};
 use crate::diagnostics::conns::ConnTable;
 use crate::diagnostics::metrics::Metrics;
 use crate::diagnostics::tap::TapHub;
-use crate::discovery::{Discovery, ServiceTable};
+use crate::discovery::Discovery;
 use crate::http::budget::BufferBudget;
 use crate::proxy::OriginalDst;
 use crate::proxy::outbound::PodInfo;
@@ -66,15 +65,8 @@ impl InProcess {
     /// `[outbound]`, `[limits]`, `[balancer]`) and starts serving the pod.
     /// Must run inside a tokio runtime.
     pub async fn start(config: Config) -> Result<Self> {
-        let mut table = ServiceTable::build(
-            &config.services_with_local_pods(),
-            config.balancer.to_balance(),
-            None,
-            Instant::now(),
-        )
-        .context("cannot build the service table")?;
-        table.forget_remote_endpoints(&config.node.name);
-        let discovery = Arc::new(Discovery::new(table));
+        let discovery =
+            Arc::new(Discovery::from_config(&config).context("cannot build the service table")?);
         let mut metrics = Metrics::new(
             config.metrics.max_destinations,
             config.metrics.max_stat_edges,

@@ -243,6 +243,20 @@ impl Discovery {
         }
     }
 
+    /// The config file's services (with its pods as endpoints) as the
+    /// agent starts with them, other nodes' endpoint details left to
+    /// discovery.
+    pub fn from_config(config: &crate::config::Config) -> Result<Self, DiscoveryError> {
+        let mut table = ServiceTable::build(
+            &config.services_with_local_pods(),
+            config.balancer.to_balance(),
+            None,
+            Instant::now(),
+        )?;
+        table.forget_remote_endpoints(&config.node.name);
+        Ok(Self::new(table))
+    }
+
     pub fn current(&self) -> Arc<ServiceTable> {
         self.current
             .read()

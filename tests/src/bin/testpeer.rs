@@ -209,17 +209,9 @@ fn main() {
                 quiet,
                 statuses,
             } => {
-                let listener = match bind(listen) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        eprintln!("testpeer: cannot listen on {listen}: {e}");
-                        return 1;
-                    }
+                let Some(listener) = listen_and_say(listen) else {
+                    return 2;
                 };
-                say(format_args!(
-                    "listening {}",
-                    listener.local_addr().unwrap_or(listen)
-                ));
                 let options = waymark_tests::http_app::Options {
                     name,
                     fail,
@@ -297,18 +289,25 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     sock.listen(4096)
 }
 
-async fn serve(addr: SocketAddr, kind: Kind) -> i32 {
-    let listener = match bind(addr) {
-        Ok(l) => l,
+/// Binds `addr` and says `listening <addr>` (what tests wait for), or
+/// says why not on stderr.
+fn listen_and_say(addr: SocketAddr) -> Option<TcpListener> {
+    match bind(addr) {
+        Ok(l) => {
+            say(format_args!("listening {}", l.local_addr().unwrap_or(addr)));
+            Some(l)
+        }
         Err(e) => {
             eprintln!("testpeer: cannot listen on {addr}: {e}");
-            return 2;
+            None
         }
+    }
+}
+
+async fn serve(addr: SocketAddr, kind: Kind) -> i32 {
+    let Some(listener) = listen_and_say(addr) else {
+        return 2;
     };
-    say(format_args!(
-        "listening {}",
-        listener.local_addr().unwrap_or(addr)
-    ));
     let slots = Arc::new(Semaphore::new(SERVER_MAX_CONNS));
     loop {
         let permit = slots.clone().acquire_owned().await.expect("never closed");
