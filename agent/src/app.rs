@@ -40,6 +40,7 @@ use crate::diagnostics::capture::Captures;
 use crate::diagnostics::metrics::{MapLabels, Metrics};
 use crate::diagnostics::tap::TapHub;
 use crate::discovery::Discovery;
+use crate::drain::Drain;
 use crate::enrollment::{Enrollment, EnrollmentParts};
 use crate::handover::{self, Claim};
 use crate::identity::SpiffeId;
@@ -48,9 +49,7 @@ use crate::kernel as kernel_diag;
 use crate::proxy::OriginalDst;
 use crate::proxy::inbound::authz::InboundAuthz;
 use crate::proxy::inbound::http_stream::InboundHttp;
-use crate::proxy::inbound::server::Drain as TunnelDrain;
 use crate::proxy::inbound::{Inbound, StrictCollector, TunnelCollector};
-use crate::proxy::outbound::Outbound;
 use crate::redirect::{Pins, Redirect};
 use crate::reload::{ReloadMetrics, Reloader, SharedConfig};
 use crate::telemetry::LogLevelHandle;
@@ -213,7 +212,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
     let mut authz = None;
     let mut inbound_stats = None;
     let mut inbound_http = None;
-    let mut inbound_drain = None;
+    let drain = Drain::default();
     let conns = crate::diagnostics::conns::ConnTable::new();
     crate::proxy::listener::migrate_on_close();
     if let (Some(manager), Some(id)) = (&identity, &config.identity) {
@@ -248,12 +247,11 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
                 node_identity,
                 &manager.bundle(),
                 http_in,
-                &background,
+                &drain,
             )
             .await?,
         );
         inbound_stats = Some(inbound.stats.clone());
-        inbound_drain = Some(inbound.drain.clone());
         let up = upstreams.clone();
         manager.on_bundle_change(Box::new(move |bundle| {
             inbound.set_bundle(bundle);
@@ -465,6 +463,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
             conns: conns.clone(),
             buffer_budget,
             kernel: kernel.clone(),
+            drain: drain.clone(),
         },
     );
     info!(
@@ -555,12 +554,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
     stop_background.cancel();
     acceptors.close();
     acceptors.wait().await;
-    drain(
-        &outbound,
-        inbound_drain.as_ref(),
-        config.shutdown.drain_grace,
-    )
-    .await;
+    drain.run(config.shutdown.drain_grace).await;
     admin.stop();
     info!("waymark agent stopped");
     Ok(())
@@ -635,39 +629,6 @@ fn local_identities(config: &Config) -> Vec<SpiffeId> {
 /// other nodes (inbound: the listener closes and each connection gets a
 /// GOAWAY, so peers stop sending new streams here while those in flight
 /// finish).
-async fn drain(outbound: &Outbound, inbound: Option<&TunnelDrain>, grace: Duration) {
-    outbound.draining.cancel();
-    outbound.tracker.close();
-    if let Some(d) = inbound {
-        d.stop.cancel();
-        d.tracker.close();
-    }
-    let open = || outbound.tracker.len() + inbound.map_or(0, |d| d.tracker.len());
-    if open() == 0 {
-        return;
-    }
-    info!(
-        outbound = outbound.tracker.len(),
-        inbound = inbound.map_or(0, |d| d.tracker.len()),
-        "waiting for open connections to finish"
-    );
-    let all = async {
-        outbound.tracker.wait().await;
-        if let Some(d) = inbound {
-            d.tracker.wait().await;
-        }
-    };
-    if tokio::time::timeout(grace, all).await.is_err() {
-        // Inbound streams still open end with the process.
-        warn!(
-            open = open(),
-            "drain grace period over; closing the remaining connections"
-        );
-        outbound.force_close.cancel();
-        outbound.tracker.wait().await;
-    }
-}
-
 async fn wait_for_signal() -> Result<&'static str> {
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;

@@ -13,14 +13,12 @@
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-
 use crate::config::Config;
 use crate::diagnostics::conns::ConnTable;
 use crate::diagnostics::metrics::Metrics;
 use crate::diagnostics::tap::TapHub;
 use crate::discovery::Discovery;
+use crate::drain::Drain;
 use crate::http::budget::BufferBudget;
 use crate::kernel::KernelDiag;
 use crate::proxy::OriginalDst;
@@ -44,6 +42,8 @@ pub struct Shared<'a> {
     /// Shared with the inbound side: one bound for the node.
     pub buffer_budget: Arc<BufferBudget>,
     pub kernel: Option<Arc<KernelDiag>>,
+    /// The agent's drain, which the accept loops' connections join.
+    pub drain: Drain,
 }
 
 /// The parts of the outbound data path the rest of the agent holds on to.
@@ -65,6 +65,7 @@ impl DataPath {
             conns,
             buffer_budget,
             kernel,
+            drain,
         } = shared;
         let pool = Pool::new(upstreams.clone());
         let http = Arc::new(HttpProxy {
@@ -88,9 +89,7 @@ impl DataPath {
             opaque_ports: config.proxy.opaque_ports.clone(),
             metrics: metrics.tcp.clone(),
             upstreams,
-            tracker: TaskTracker::new(),
-            draining: CancellationToken::new(),
-            force_close: CancellationToken::new(),
+            drain,
             limits: ConnLimits::new(
                 config.outbound.max_connections_per_pod,
                 config.outbound.max_connections,

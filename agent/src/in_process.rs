@@ -88,6 +88,7 @@ impl InProcess {
                     metrics.tcp.limit_refused_total.clone(),
                 ),
                 kernel: None,
+                drain: Default::default(),
             },
         );
         let listener = TcpListener::bind("127.0.0.1:0")
@@ -146,6 +147,6 @@ impl InProcess {
 impl Drop for InProcess {
     fn drop(&mut self) {
         self.stop.cancel();
-        self.data.outbound.force_close.cancel();
+        self.data.outbound.drain.forced().cancel();
     }
 }

@@ -10,6 +10,7 @@ pub mod config;
 pub mod data_path;
 pub mod diagnostics;
 pub mod discovery;
+pub mod drain;
 pub mod enrollment;
 pub mod fuzzing;
 pub mod handover;

@@ -32,20 +32,18 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetri
 use prometheus_client::metrics::counter::ConstCounter;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
-use tokio_util::task::TaskTracker;
 use tracing::info;
 
+use crate::drain::Drain;
 use crate::identity::{CertStore, SpiffeId, TrustBundle, server_config, with_server_key_log};
 use crate::proxy::inbound::authz::InboundAuthz;
 use crate::proxy::inbound::http_stream::InboundHttp;
-use crate::proxy::inbound::server::{Drain, FAILURES, ServerTls};
+use crate::proxy::inbound::server::{FAILURES, ServerTls};
 use crate::transport::upstream::Upstreams;
 
 /// The running inbound side.
 pub struct Inbound {
     pub stats: Arc<ServerStats>,
-    /// Stops the listeners and is waited for when the agent shuts down.
-    pub drain: Drain,
     tls: Arc<ServerTls>,
     store: Arc<CertStore>,
     node_identity: SpiffeId,
@@ -53,7 +51,7 @@ pub struct Inbound {
 }
 
 impl Inbound {
-    /// Binds every listen address and serves on `tasks`: `http`'s
+    /// Binds every listen address and serves until `drain` starts: `http`'s
     /// authorizer admits streams, and `http` serves them.
     pub async fn start(
         listen: &[SocketAddr],
@@ -62,7 +60,7 @@ impl Inbound {
         node_identity: SpiffeId,
         bundle: &TrustBundle,
         http: Arc<InboundHttp>,
-        tasks: &TaskTracker,
+        drain: &Drain,
     ) -> Result<Self> {
         let authz: Arc<InboundAuthz> = http.authz.clone();
         let key_log = config.key_log.clone();
@@ -72,7 +70,6 @@ impl Inbound {
             key_log.as_ref(),
         ));
         let stats = Arc::new(ServerStats::default());
-        let drain = Drain::default();
         for addr in listen {
             let listener = bind(*addr)
                 .with_context(|| format!("cannot bind the inbound tunnel listener on {addr}"))?;
@@ -86,11 +83,10 @@ impl Inbound {
             .with_handler(http.clone() as Arc<dyn StreamHandler>)
             .with_drain(drain.clone());
             info!(listen = %server.local_addr()?, identity = %node_identity, "inbound tunnel listening");
-            tasks.spawn(server.serve());
+            drain.inbound().spawn(server.serve());
         }
         Ok(Self {
             stats,
-            drain,
             tls,
             store,
             node_identity,

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::drain::Drain;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Empty;
@@ -30,7 +31,6 @@ use rustls::server::danger::ClientCertVerifier;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::identity::{CertInfo, TlsFailure, peer_info};
@@ -226,17 +226,6 @@ struct Shared {
     drain: Drain,
 }
 
-/// How the server winds down when the agent stops: `stop` closes the
-/// listener and sends every connection a GOAWAY (no new streams; the
-/// streams in flight go on, and HTTP served on them closes once its
-/// current request is answered); `tracker` holds every connection and
-/// stream, so the agent can wait for them up to its drain grace.
-#[derive(Clone, Debug, Default)]
-pub struct Drain {
-    pub stop: CancellationToken,
-    pub tracker: TaskTracker,
-}
-
 /// A stream that passed authorization and whose target is connected: the
 /// tunnel end (after the `200`) and the connection to the target.
 pub struct Admitted {
@@ -323,7 +312,11 @@ impl TunnelServer {
         self
     }
 
-    /// Stops and is waited for through `drain` (see [`Drain`]).
+    /// Stops and is waited for through the agent's `drain`: when it starts
+    /// the listener closes and every connection gets a GOAWAY (no new
+    /// streams; the streams in flight go on, and HTTP served on them closes
+    /// once its current request is answered); every connection and stream
+    /// is tracked in its inbound tracker.
     pub fn with_drain(mut self, drain: Drain) -> Self {
         if let Some(shared) = Arc::get_mut(&mut self.shared) {
             shared.drain = drain;
@@ -343,7 +336,7 @@ impl TunnelServer {
     /// Accepts until the drain starts (or the task is dropped); each
     /// connection runs on its own task.
     pub async fn serve(self) {
-        let stop = self.shared.drain.stop.clone();
+        let stop = self.shared.drain.started().clone();
         loop {
             let accepted = tokio::select! {
                 biased;
@@ -375,7 +368,7 @@ impl TunnelServer {
                 continue;
             };
             let shared = self.shared.clone();
-            self.shared.drain.tracker.spawn(
+            self.shared.drain.inbound().spawn(
                 shared
                     .connection(tcp, permit)
                     .instrument(info_span!("tunnel_in", %peer)),
@@ -452,7 +445,7 @@ impl Shared {
         let idle_timeout = self.config.idle_timeout;
         let result = tokio::select! {
             result = conn.as_mut() => result,
-            _ = self.drain.stop.cancelled() => {
+            _ = self.drain.started().cancelled() => {
                 debug!("draining: GOAWAY sent, waiting for the streams in flight");
                 conn.as_mut().graceful_shutdown();
                 conn.await
@@ -542,8 +535,8 @@ impl Shared {
         let upgrade = hyper::upgrade::on(&mut req);
         let handler = self.handler.clone();
         let headers = std::mem::take(req.headers_mut());
-        let stop = self.drain.stop.clone();
-        self.drain.tracker.spawn(
+        let stop = self.drain.started().clone();
+        self.drain.inbound().spawn(
             async move {
                 let _open = open;
                 match upgrade.await {

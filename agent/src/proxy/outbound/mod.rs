@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use prometheus_client::metrics::gauge::Gauge;
@@ -25,6 +24,7 @@ use crate::diagnostics::metrics::{
 };
 use crate::diagnostics::tap::TcpClosed;
 use crate::discovery::Discovery;
+use crate::drain::Drain;
 use crate::http::errors::ProxyError;
 use crate::identity::SpiffeId;
 use crate::proxy::OriginalDst;
@@ -112,14 +112,9 @@ pub struct Outbound {
     pub metrics: Arc<TcpMetrics>,
     /// Direct or through the tunnel, per endpoint.
     pub upstreams: Arc<Upstreams>,
-    /// Connections in flight; the drain waits on it.
-    pub tracker: TaskTracker,
-    /// Cancelled when the drain starts: HTTP connections wind down without
-    /// failing a request (`Connection: close`, GOAWAY; see `http::drain`).
-    pub draining: CancellationToken,
-    /// Cancelled when the drain grace period is over: connections still open
-    /// are closed.
-    pub force_close: CancellationToken,
+    /// The agent's drain: connections are tracked in it, HTTP winds down
+    /// when it starts, what is left is closed when it is forced.
+    pub drain: Drain,
     pub limits: ConnLimits,
     /// An opaque connection with no byte either way for this long is
     /// closed (`limits.idle_timeout`).
@@ -280,7 +275,7 @@ impl Outbound {
                     let this = self.clone();
                     let pod = pod.clone();
                     let span = info_span!("outbound", pod = %pod.name, src = %peer, dst = tracing::field::Empty);
-                    self.tracker.spawn(
+                    self.drain.outbound().spawn(
                         async move {
                             let _admission = admission;
                             this.proxy(pod, client, peer, local).await
@@ -433,7 +428,7 @@ impl Outbound {
         };
         let (close, detail) = tokio::select! {
             biased;
-            _ = self.force_close.cancelled() => (Close::Drain, None),
+            _ = self.drain.forced().cancelled() => (Close::Drain, None),
             r = self.dispatch(&conn, client, &mut opened, &mut transferred) => r,
         };
         // A connection that ended before its path was known (the client
@@ -577,7 +572,7 @@ impl Outbound {
             self.http.clone(),
             ctx,
             client,
-            self.draining.clone(),
+            self.drain.started().clone(),
         ))
         .await;
         (Close::Eof, None)
