@@ -404,7 +404,8 @@ fn admin_client_talks_from_inside_the_node_netns() -> Result<()> {
     let (status, body) = node.admin_get("/metrics")?;
     let req = server.join().unwrap()?;
     ensure!(
-        req.starts_with("GET /metrics HTTP/1.1\r\n") && req.contains("Connection: close"),
+        req.starts_with("GET /metrics HTTP/1.1\r\n")
+            && req.to_ascii_lowercase().contains("connection: close\r\n"),
         "{req}"
     );
     ensure!(status == 200, "{status}");

@@ -61,6 +61,8 @@ async fn get(io: Box<dyn AsyncStream>, addr: &str, path: &str) -> Result<(u16, S
     let req = hyper::Request::get(path)
         .header(hyper::header::HOST, addr)
         .header(hyper::header::USER_AGENT, "waymark-tests")
+        // One request per connection: the agent may close it at once.
+        .header(hyper::header::CONNECTION, "close")
         .body(Empty::<Bytes>::new())?;
     let resp = send.send_request(req).await?;
     let status = resp.status().as_u16();
