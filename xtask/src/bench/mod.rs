@@ -945,8 +945,8 @@ fn not_measured() -> Vec<(String, String)> {
             "not measured: the h2c and gRPC rows compare waymark with the direct path only",
         ),
         (
-            "fixed-rate latency and idle memory of the h2c and gRPC rows",
-            "not measured: testpeer http-rate and hold speak HTTP/1.1",
+            "fixed-rate latency of the h2c and gRPC rows, idle memory of the gRPC rows",
+            "not measured: testpeer http-rate speaks HTTP/1.1, hold HTTP/1.1 or plain h2c GETs",
         ),
         (
             "peer proxies on the same-node path",
