@@ -119,6 +119,20 @@ where
         out = conn.as_mut() => return out,
         _ = draining.cancelled() => {}
     }
+    // Boxed: every served connection waits in the select above for its
+    // whole life, and should not carry room for the drain's timer.
+    Box::pin(drain(conn, version, activity, shutdown)).await
+}
+
+async fn drain<C, T>(
+    mut conn: Pin<&mut C>,
+    version: Version,
+    activity: &Activity,
+    shutdown: impl Fn(Pin<&mut C>),
+) -> T
+where
+    C: Future<Output = T>,
+{
     if version == Version::Http2 {
         shutdown(conn.as_mut());
         return conn.await;

@@ -74,6 +74,9 @@ pub struct SendError {
     /// written: the endpoint cannot have seen it, so it may be sent again on
     /// another connection whatever its method.
     pub unsent: Option<Request<ProxyBody>>,
+    /// A bodiless request the endpoint closed the connection under before
+    /// answering (see [`client::Failed::resendable`]).
+    pub resendable: Option<Request<ProxyBody>>,
 }
 
 impl std::fmt::Display for SendError {
@@ -300,6 +303,7 @@ impl Pool {
             SendError {
                 unsent: e.take_message(),
                 error: SendFailure::H2(e.into_error()),
+                resendable: None,
             }
         }
         let _ = key;
@@ -309,6 +313,7 @@ impl Pool {
                     return Err(SendError {
                         error: SendFailure::H2(error),
                         unsent: Some(req),
+                        resendable: None,
                     });
                 }
                 let resp = tx.try_send_request(req).await.map_err(failed)?;
@@ -326,6 +331,7 @@ impl Pool {
                     .map_err(|f| SendError {
                         error: SendFailure::H1(f.error),
                         unsent: f.unsent,
+                        resendable: f.resendable,
                     })
             }
         }

@@ -76,6 +76,11 @@ impl ClientError {
 pub struct Failed {
     pub error: ClientError,
     pub unsent: Option<Request<ProxyBody>>,
+    /// A request without a body, written, whose connection closed before a
+    /// byte of the answer came (keep-alive's race: the endpoint closed the
+    /// idle connection as the request went out): the caller may send it
+    /// again if its method is idempotent (RFC 9112 §9.3.1).
+    pub resendable: Option<Request<ProxyBody>>,
 }
 
 /// What to do with the connection once its response is over and it can
@@ -101,6 +106,7 @@ where
         return Err(Failed {
             error,
             unsent: Some(req),
+            resendable: None,
         });
     }
     let mut head = Vec::with_capacity(256);
@@ -114,6 +120,7 @@ where
                 return Err(Failed {
                     error: ClientError::Incomplete,
                     unsent: Some(req),
+                    resendable: None,
                 });
             }
             Ok(0) => return Err(failed(ClientError::Incomplete)),
@@ -151,6 +158,13 @@ where
             buf.reserve(READ_BUF);
         }
         match io.read_buf(&mut buf).await {
+            Ok(0) if buf.is_empty() && framing == Framing::Empty => {
+                return Err(Failed {
+                    error: ClientError::Incomplete,
+                    unsent: None,
+                    resendable: Some(Request::from_parts(parts, empty())),
+                });
+            }
             Ok(0) => return Err(failed(ClientError::Incomplete)),
             Ok(_) => {}
             Err(e) => return Err(failed(e.into())),
@@ -243,6 +257,7 @@ fn failed(error: ClientError) -> Failed {
     Failed {
         error,
         unsent: None,
+        resendable: None,
     }
 }
 

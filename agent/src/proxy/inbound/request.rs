@@ -229,6 +229,15 @@ impl PodConn {
                             again = false;
                             req = r;
                         }
+                        // The pod closed the idle connection as a bodiless
+                        // request went out (RFC 9112 §9.3.1).
+                        Err(client::Failed {
+                            resendable: Some(r),
+                            ..
+                        }) if again && crate::retry::is_idempotent(r.method()) => {
+                            again = false;
+                            req = r;
+                        }
                         Err(f) => {
                             return Err(PodError::H1 {
                                 target,

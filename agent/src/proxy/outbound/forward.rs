@@ -581,32 +581,32 @@ impl HttpProxy {
             }
             Err(e) => return connect_failed(e),
         };
-        // A bodiless idempotent request on a reused HTTP/1 connection can be
-        // made again if the endpoint closes the connection under it before
-        // answering: keep-alive's own race, which a draining peer agent
-        // (closing its idle connections) makes common. RFC 9112 §9.3.1 lets
-        // a client retry such a request; browsers do.
-        let rebuild = (used.connect.is_none()
-            && version == Version::Http1
-            && crate::retry::is_idempotent(req.method())
-            && req.body().is_end_stream())
-        .then(|| bodiless_copy(&req));
         let e = match self.pool.send(key, conn, req).await {
             Ok(resp) => return Attempt::Response(resp),
             Err(e) => e,
         };
-        let e = match (e, rebuild) {
-            (
-                SendError {
-                    unsent: None,
-                    error,
-                },
-                Some(again),
-            ) if error.is_incomplete_message() => SendError {
+        // A bodiless idempotent request on a reused HTTP/1 connection can be
+        // made again if the endpoint closed the connection under it before
+        // answering: keep-alive's own race, which a draining peer agent
+        // (closing its idle connections) makes common. RFC 9112 §9.3.1 lets
+        // a client retry such a request; browsers do. The client hands it
+        // back for that (no copy is made of every request in case).
+        let e = match e {
+            SendError {
+                unsent: None,
+                resendable: Some(again),
                 error,
-                unsent: Some(again),
-            },
-            (e, _) => e,
+            } if used.connect.is_none()
+                && crate::retry::is_idempotent(again.method())
+                && error.is_incomplete_message() =>
+            {
+                SendError {
+                    error,
+                    unsent: Some(again),
+                    resendable: None,
+                }
+            }
+            e => e,
         };
         // A pooled connection that closed before the request was written
         // (the endpoint, or a draining peer agent, closing an idle
@@ -614,11 +614,12 @@ impl HttpProxy {
         // endpoint never saw it, so it goes once more on a new connection,
         // as hyper's own pooled client does, whatever its method and
         // outside the route's retry budget. The same for the bodiless
-        // idempotent request copied above.
+        // idempotent request handed back above.
         let e = match e {
             SendError {
                 unsent: Some(again),
                 error,
+                ..
             } if used.connect.is_none() => {
                 debug!(%addr, %error, "the pooled connection closed before the request was written; sending it on a new one");
                 let conn = match Box::pin(self.pool.connect_new(key, version, headers())).await {
@@ -1012,16 +1013,6 @@ pub(crate) fn finish(resp: Response<ProxyBody>) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
     Response::from_parts(parts, body)
-}
-
-/// A copy of a request that has no body: method, URI, version, headers.
-fn bodiless_copy(req: &Request<ProxyBody>) -> Request<ProxyBody> {
-    let mut copy = Request::new(crate::http::body::empty());
-    *copy.method_mut() = req.method().clone();
-    *copy.uri_mut() = req.uri().clone();
-    *copy.version_mut() = req.version();
-    *copy.headers_mut() = req.headers().clone();
-    copy
 }
 
 /// The failed attempt for a connection that could not be made.

@@ -476,7 +476,9 @@ impl Outbound {
         {
             Protocol::Opaque
         } else {
-            let (p, outcome) = detect::detect(&client, self.detect_timeout).await;
+            // Boxed: detection is over in a moment, the connection's task
+            // lives on without room for its timer.
+            let (p, outcome) = Box::pin(detect::detect(&client, self.detect_timeout)).await;
             if outcome == detect::Outcome::Closed {
                 return (Close::Eof, None);
             }
