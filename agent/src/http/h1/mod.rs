@@ -45,7 +45,6 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::http::body::{BoxError, ProxyBody, empty};
 use crate::transport::idle::IdleIo;
@@ -95,6 +94,38 @@ pub struct Config {
     pub header_read_timeout: Duration,
 }
 
+/// A graceful stop of one connection, asked for by the drain: kept inside
+/// the connection's future (a `CancellationToken` would be one more
+/// allocation per connection, and 10,000 idle connections add up).
+#[derive(Default)]
+pub struct Stop {
+    asked: std::sync::atomic::AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Stop {
+    pub fn ask(&self) {
+        self.asked.store(true, std::sync::atomic::Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    fn is_asked(&self) -> bool {
+        self.asked.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    async fn asked(&self) {
+        let notified = self.notify.notified();
+        let mut notified = pin!(notified);
+        // Registered before the flag is read, so an `ask` in between is
+        // not missed.
+        notified.as_mut().enable();
+        if self.is_asked() {
+            return;
+        }
+        notified.await;
+    }
+}
+
 /// Why a connection ended other than by a close of the client's.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -113,12 +144,7 @@ pub enum Error {
 /// Serves requests on `io` until the client closes, an error, or `stop`
 /// (a graceful stop: an idle connection closes at once, one with a request
 /// in flight after its response). `service` answers each request.
-pub async fn serve<I, S, F>(
-    io: I,
-    config: Config,
-    stop: &CancellationToken,
-    mut service: S,
-) -> Result<(), Error>
+pub async fn serve<I, S, F>(io: I, config: Config, stop: &Stop, mut service: S) -> Result<(), Error>
 where
     I: Io,
     S: FnMut(Request<ProxyBody>) -> F,
@@ -169,7 +195,7 @@ async fn exchange<I, S, F>(
     buf: &mut BytesMut,
     head: head::Head,
     config: &Config,
-    stop: &CancellationToken,
+    stop: &Stop,
     service: &mut S,
 ) -> Result<After, Error>
 where
@@ -229,7 +255,7 @@ where
             done = &mut pump, if pumped.is_none() => pumped = Some(done),
         }
     };
-    let mut close = !keep_alive || stop.is_cancelled();
+    let mut close = !keep_alive || stop.is_asked();
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     {
         let mut write = pin!(write_response(
@@ -321,7 +347,7 @@ async fn read_head<I: Io>(
     conn: &Conn<I>,
     buf: &mut BytesMut,
     config: &Config,
-    stop: &CancellationToken,
+    stop: &Stop,
 ) -> Result<Option<Result<head::Head, head::HeadError>>, Error> {
     // Set once the head has started arriving.
     let mut deadline = None;
@@ -339,7 +365,7 @@ async fn read_head<I: Io>(
             let n = tokio::select! {
                 biased;
                 r = first => r?,
-                _ = stop.cancelled() => return Ok(None),
+                () = stop.asked() => return Ok(None),
             };
             if n == 0 {
                 return Ok(None);

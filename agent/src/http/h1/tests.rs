@@ -17,7 +17,7 @@ const CONFIG: Config = Config {
 
 /// A server whose service echoes the request body (and says the method and
 /// path in headers), on one end of a pipe; the other end is returned.
-fn server(stop: CancellationToken) -> (DuplexStream, tokio::task::JoinHandle<Result<(), Error>>) {
+fn server(stop: Arc<Stop>) -> (DuplexStream, tokio::task::JoinHandle<Result<(), Error>>) {
     let (client, srv) = tokio::io::duplex(1 << 20);
     let task = tokio::spawn(async move {
         serve(srv, CONFIG, &stop, |req: Request<ProxyBody>| async move {
@@ -72,7 +72,7 @@ async fn read_some(c: &mut DuplexStream, want: &str) -> String {
 
 #[tokio::test]
 async fn pipelined_requests_are_answered_in_order_on_one_connection() {
-    let (mut c, task) = server(CancellationToken::new());
+    let (mut c, task) = server(Arc::default());
     c.write_all(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\nPOST /b HTTP/1.1\r\ncontent-length: 3\r\n\r\nxyzGET /c HTTP/1.1\r\nconnection: close\r\n\r\n")
         .await
         .unwrap();
@@ -91,7 +91,7 @@ async fn pipelined_requests_are_answered_in_order_on_one_connection() {
 
 #[tokio::test]
 async fn a_chunked_upload_with_trailers_reaches_the_service() {
-    let (mut c, _task) = server(CancellationToken::new());
+    let (mut c, _task) = server(Arc::default());
     c.write_all(b"PUT /up HTTP/1.1\r\ntransfer-encoding: chunked\r\nexpect: 100-continue\r\n\r\n")
         .await
         .unwrap();
@@ -108,7 +108,7 @@ async fn a_chunked_upload_with_trailers_reaches_the_service() {
 #[tokio::test]
 async fn an_http10_client_gets_a_close_delimited_body_and_keep_alive_when_asked() {
     let (client, srv) = tokio::io::duplex(1 << 16);
-    let stop = CancellationToken::new();
+    let stop = Stop::default();
     let task = tokio::spawn(async move {
         serve(srv, CONFIG, &stop, |_req: Request<ProxyBody>| async move {
             // A body of unknown length.
@@ -137,7 +137,7 @@ async fn an_http10_client_gets_a_close_delimited_body_and_keep_alive_when_asked(
 async fn a_chunked_response_carries_trailers_only_to_a_client_that_takes_them() {
     for (te, want) in [("te: trailers\r\n", true), ("", false)] {
         let (client, srv) = tokio::io::duplex(1 << 16);
-        let stop = CancellationToken::new();
+        let stop = Stop::default();
         tokio::spawn(async move {
             serve(srv, CONFIG, &stop, |_req: Request<ProxyBody>| async move {
                 let (tx, rx) = body::channel(None);
@@ -165,7 +165,7 @@ async fn a_chunked_response_carries_trailers_only_to_a_client_that_takes_them() 
 
 #[tokio::test]
 async fn oversized_and_malformed_heads_are_refused_with_a_clean_close() {
-    let (mut c, task) = server(CancellationToken::new());
+    let (mut c, task) = server(Arc::default());
     let mut big = b"GET / HTTP/1.1\r\nx-big: ".to_vec();
     big.extend(std::iter::repeat_n(b'a', 4096));
     big.extend_from_slice(b"\r\n\r\n");
@@ -175,7 +175,7 @@ async fn oversized_and_malformed_heads_are_refused_with_a_clean_close() {
     assert!(got.starts_with("HTTP/1.1 431 "), "{got}");
     assert!(task.await.unwrap().is_err());
 
-    let (mut c, _task) = server(CancellationToken::new());
+    let (mut c, _task) = server(Arc::default());
     c.write_all(b"GET /a b HTTP/1.1\r\n\r\n").await.unwrap();
     let got = read_until_closed(&mut c).await;
     assert!(got.starts_with("HTTP/1.1 400 "), "{got}");
@@ -183,20 +183,20 @@ async fn oversized_and_malformed_heads_are_refused_with_a_clean_close() {
 
 #[tokio::test]
 async fn a_graceful_stop_closes_an_idle_connection_and_finishes_one_in_flight() {
-    let stop = CancellationToken::new();
+    let stop = Arc::<Stop>::default();
     let (mut c, task) = server(stop.clone());
     c.write_all(b"GET /a HTTP/1.1\r\n\r\n").await.unwrap();
     read_some(&mut c, "x-path: /a").await;
-    stop.cancel();
+    stop.ask();
     task.await.unwrap().unwrap();
     // In flight: the response says it is the last.
-    let stop = CancellationToken::new();
+    let stop = Arc::<Stop>::default();
     let (mut c, _task) = server(stop.clone());
     c.write_all(b"POST /b HTTP/1.1\r\ncontent-length: 4\r\n\r\nab")
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
-    stop.cancel();
+    stop.ask();
     c.write_all(b"cd").await.unwrap();
     let got = read_until_closed(&mut c).await;
     assert!(
@@ -208,7 +208,7 @@ async fn a_graceful_stop_closes_an_idle_connection_and_finishes_one_in_flight() 
 #[tokio::test]
 async fn an_upgrade_hands_the_connection_over_with_what_followed_the_head() {
     let (mut c, srv) = tokio::io::duplex(1 << 16);
-    let stop = CancellationToken::new();
+    let stop = Stop::default();
     let (got_tx, got_rx) = oneshot::channel();
     let mut got_tx = Some(got_tx);
     tokio::spawn(async move {
@@ -247,7 +247,7 @@ async fn an_upgrade_hands_the_connection_over_with_what_followed_the_head() {
 
 #[tokio::test]
 async fn a_client_that_half_closes_still_gets_its_answer() {
-    let (mut c, task) = server(CancellationToken::new());
+    let (mut c, task) = server(Arc::default());
     c.write_all(b"GET /h HTTP/1.1\r\n\r\n").await.unwrap();
     c.shutdown().await.unwrap();
     let got = read_until_closed(&mut c).await;

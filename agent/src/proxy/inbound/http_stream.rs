@@ -33,7 +33,6 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncReadExt, Interest};
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug};
 
 use crate::config::Config;
@@ -270,9 +269,9 @@ impl InboundHttp {
                     max_head: MAX_H1_HEAD,
                     header_read_timeout: HEADER_READ_TIMEOUT,
                 };
-                let codec_stop = CancellationToken::new();
+                let codec_stop = h1::Stop::default();
                 let conn = std::pin::pin!(h1::serve(tunnel, config, &codec_stop, handle));
-                drain::until_drained(conn, version, &activity, &stop, |_| codec_stop.cancel())
+                drain::until_drained(conn, version, &activity, &stop, |_| codec_stop.ask())
                     .await
                     .map_err(|e| e.to_string())
             }

@@ -124,14 +124,14 @@ pub async fn serve(
         match version {
             Version::Http1 => Box::pin(async move {
                 // The codec's graceful stop, which the drain asks for.
-                let stop = CancellationToken::new();
+                let stop = h1::Stop::default();
                 let config = h1::Config {
                     max_head: MAX_H1_HEAD,
                     header_read_timeout: HEADER_READ_TIMEOUT,
                 };
                 let conn = std::pin::pin!(h1::serve(io, config, &stop, handle));
                 drain::until_drained(conn, version, &conn_requests, &conn_draining, |_| {
-                    stop.cancel()
+                    stop.ask()
                 })
                 .await
                 .map_err(ServeError::H1)
