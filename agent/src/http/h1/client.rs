@@ -25,7 +25,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 
 use super::body::{Decoded, Decoder};
-use super::head::{Framing, MAX_HEADERS, has_token};
+use super::head::{Framing, MAX_HEADERS, chunked_last, content_length, has_token, put_fields};
 use super::upgrade::{OnUpgrade, UpgradeIo, Upgraded};
 use crate::http::body::{BoxError, ProxyBody, empty, full};
 
@@ -280,17 +280,13 @@ fn encode_request(req: &Request<ProxyBody>, dst: &mut Vec<u8>) -> Framing {
         None => dst.push(b'/'),
     }
     dst.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in req.headers() {
-        if name == header::TRANSFER_ENCODING
-            || (name == header::CONTENT_LENGTH && framing == Framing::Chunked)
-        {
-            continue;
-        }
-        dst.extend_from_slice(name.as_str().as_bytes());
-        dst.extend_from_slice(b": ");
-        dst.extend_from_slice(value.as_bytes());
-        dst.extend_from_slice(b"\r\n");
-    }
+    put_fields(
+        dst,
+        req.headers().iter().filter(|(name, _)| {
+            *name != header::TRANSFER_ENCODING
+                && (*name != header::CONTENT_LENGTH || framing != Framing::Chunked)
+        }),
+    );
     match framing {
         Framing::Length(n) if !declared => {
             use std::io::Write as _;
@@ -344,12 +340,7 @@ async fn write_body<I: AsyncWrite + Unpin>(
     }
     if chunked {
         let mut end = b"0\r\n".to_vec();
-        for (name, value) in trailers.iter().flatten() {
-            end.extend_from_slice(name.as_str().as_bytes());
-            end.extend_from_slice(b": ");
-            end.extend_from_slice(value.as_bytes());
-            end.extend_from_slice(b"\r\n");
-        }
+        put_fields(&mut end, trailers.iter().flatten());
         end.extend_from_slice(b"\r\n");
         io.write_all(&end).await?;
     }
@@ -404,27 +395,9 @@ fn parse_response(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ClientErro
 /// How a response body is delimited; `None`: by the connection's end.
 fn response_framing(map: &HeaderMap) -> Result<Option<Framing>, ()> {
     if map.contains_key(header::TRANSFER_ENCODING) {
-        let chunked_last = map
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .rfind(|t| !t.is_empty())
-            .is_some_and(|t| t.eq_ignore_ascii_case("chunked"));
-        return Ok(chunked_last.then_some(Framing::Chunked));
+        return Ok(chunked_last(map).then_some(Framing::Chunked));
     }
-    let mut length = None;
-    for v in map.get_all(header::CONTENT_LENGTH) {
-        for part in v.to_str().map_err(|_| ())?.split(',') {
-            let n: u64 = part.trim().parse().map_err(|_| ())?;
-            if length.is_some_and(|l| l != n) {
-                return Err(());
-            }
-            length = Some(n);
-        }
-    }
-    Ok(match length {
+    Ok(match content_length(map)? {
         Some(0) => Some(Framing::Empty),
         Some(n) => Some(Framing::Length(n)),
         None => None,

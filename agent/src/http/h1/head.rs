@@ -140,36 +140,62 @@ fn framing(map: &HeaderMap, version: Version) -> Result<Framing, HeadError> {
         if version == Version::HTTP_10 || map.contains_key(header::CONTENT_LENGTH) {
             return Err(HeadError::Framing);
         }
-        let last = map
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .rfind(|t| !t.is_empty());
-        return match last {
-            Some(t) if t.eq_ignore_ascii_case("chunked") => Ok(Framing::Chunked),
-            _ => Err(HeadError::Framing),
+        return if chunked_last(map) {
+            Ok(Framing::Chunked)
+        } else {
+            Err(HeadError::Framing)
         };
     }
+    Ok(
+        match content_length(map).map_err(|()| HeadError::Framing)? {
+            None | Some(0) => Framing::Empty,
+            Some(n) => Framing::Length(n),
+        },
+    )
+}
+
+/// Whether the last transfer coding is `chunked` (RFC 9112 §6.3).
+pub fn chunked_last(map: &HeaderMap) -> bool {
+    map.get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .rfind(|t| !t.is_empty())
+        .is_some_and(|t| t.eq_ignore_ascii_case("chunked"))
+}
+
+/// The `Content-Length`: every value (and list element) the same run of
+/// digits, else an error.
+pub fn content_length(map: &HeaderMap) -> Result<Option<u64>, ()> {
     let mut length = None;
     for v in map.get_all(header::CONTENT_LENGTH) {
-        for part in v.to_str().map_err(|_| HeadError::Framing)?.split(',') {
+        for part in v.to_str().map_err(|_| ())?.split(',') {
             let part = part.trim();
             if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(HeadError::Framing);
+                return Err(());
             }
-            let n: u64 = part.parse().map_err(|_| HeadError::Framing)?;
+            let n: u64 = part.parse().map_err(|_| ())?;
             if length.is_some_and(|l| l != n) {
-                return Err(HeadError::Framing);
+                return Err(());
             }
             length = Some(n);
         }
     }
-    Ok(match length {
-        None | Some(0) => Framing::Empty,
-        Some(n) => Framing::Length(n),
-    })
+    Ok(length)
+}
+
+/// Writes header fields as `name: value` lines.
+pub fn put_fields<'a>(
+    dst: &mut Vec<u8>,
+    fields: impl IntoIterator<Item = (&'a HeaderName, &'a HeaderValue)>,
+) {
+    for (name, value) in fields {
+        dst.extend_from_slice(name.as_str().as_bytes());
+        dst.extend_from_slice(b": ");
+        dst.extend_from_slice(value.as_bytes());
+        dst.extend_from_slice(b"\r\n");
+    }
 }
 
 /// Whether a comma-separated header lists `token` (case-insensitive).
@@ -235,18 +261,14 @@ pub fn encode<B>(
     dst.put_u8(b' ');
     dst.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     dst.extend_from_slice(b"\r\n");
-    for (name, value) in headers {
-        // The framing is this hop's to decide.
-        if name == header::TRANSFER_ENCODING
-            || (name == header::CONTENT_LENGTH && !matches!(out, Out::Length(_) | Out::None))
-        {
-            continue;
-        }
-        dst.extend_from_slice(name.as_str().as_bytes());
-        dst.extend_from_slice(b": ");
-        dst.extend_from_slice(value.as_bytes());
-        dst.extend_from_slice(b"\r\n");
-    }
+    // The framing is this hop's to decide.
+    put_fields(
+        dst,
+        headers.iter().filter(|(name, _)| {
+            *name != header::TRANSFER_ENCODING
+                && (*name != header::CONTENT_LENGTH || matches!(out, Out::Length(_) | Out::None))
+        }),
+    );
     match out {
         Out::Length(n) if declared.is_none() => {
             let _ = write!(dst, "content-length: {n}\r\n");

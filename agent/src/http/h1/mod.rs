@@ -533,12 +533,7 @@ async fn write_response<I: Io>(
         Out::Chunked => {
             out.extend_from_slice(b"0\r\n");
             if let (Some(t), true) = (trailers, te_trailers) {
-                for (name, value) in &t {
-                    out.extend_from_slice(name.as_str().as_bytes());
-                    out.extend_from_slice(b": ");
-                    out.extend_from_slice(value.as_bytes());
-                    out.extend_from_slice(b"\r\n");
-                }
+                head::put_fields(&mut out, &t);
             }
             out.extend_from_slice(b"\r\n");
         }

@@ -55,10 +55,7 @@ pub enum UpgradeError {
 pub fn on<B>(
     req: &mut http::Request<B>,
 ) -> impl std::future::Future<Output = Result<Upgraded, UpgradeError>> + Send + use<B> {
-    let own = req
-        .extensions_mut()
-        .remove::<OnUpgrade>()
-        .map(|own| own.0.lock().unwrap_or_else(|e| e.into_inner()).take());
+    let own = take_own(req.extensions_mut());
     let theirs = own.is_none().then(|| hyper::upgrade::on(req));
     async move {
         match (own, theirs) {
@@ -78,15 +75,19 @@ pub fn on<B>(
     }
 }
 
+/// The receiver of a connection the proxy's own codec upgrades, when the
+/// message is one of its own (`Some(None)`: taken already).
+fn take_own(ext: &mut http::Extensions) -> Option<Option<oneshot::Receiver<Upgraded>>> {
+    ext.remove::<OnUpgrade>()
+        .map(|own| own.0.lock().unwrap_or_else(|e| e.into_inner()).take())
+}
+
 /// The upstream connection of a `101` response the proxy's HTTP/1
 /// client read.
 pub fn on_response<B>(
     resp: &mut http::Response<B>,
 ) -> impl std::future::Future<Output = Result<Upgraded, UpgradeError>> + Send + use<B> {
-    let own = resp
-        .extensions_mut()
-        .remove::<OnUpgrade>()
-        .map(|own| own.0.lock().unwrap_or_else(|e| e.into_inner()).take());
+    let own = take_own(resp.extensions_mut());
     async move {
         own.flatten()
             .ok_or(UpgradeError::NotUpgradable)?
