@@ -101,8 +101,12 @@ pub fn mark_last<B>(version: Version, draining: &CancellationToken, resp: &mut R
 /// asks it to finish (`shutdown` is its `graceful_shutdown`): HTTP/2 at
 /// once (GOAWAY), HTTP/1.1 when it has been idle for [`IDLE_CLOSE`] (until
 /// then, [`mark_last`] closes it after its next response).
+///
+/// The connection is pinned by the caller, so that the caller's future
+/// holds it once (a connection's future is the largest part of what an
+/// idle connection costs).
 pub async fn until_drained<C, T>(
-    conn: C,
+    mut conn: Pin<&mut C>,
     version: Version,
     activity: &Activity,
     draining: &CancellationToken,
@@ -111,11 +115,24 @@ pub async fn until_drained<C, T>(
 where
     C: Future<Output = T>,
 {
-    tokio::pin!(conn);
     tokio::select! {
         out = conn.as_mut() => return out,
         _ = draining.cancelled() => {}
     }
+    // Boxed: every served connection waits in the select above for its
+    // whole life, and should not carry room for the drain's timer.
+    Box::pin(drain(conn, version, activity, shutdown)).await
+}
+
+async fn drain<C, T>(
+    mut conn: Pin<&mut C>,
+    version: Version,
+    activity: &Activity,
+    shutdown: impl Fn(Pin<&mut C>),
+) -> T
+where
+    C: Future<Output = T>,
+{
     if version == Version::Http2 {
         shutdown(conn.as_mut());
         return conn.await;

@@ -21,6 +21,15 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// and `Upgrade` for a request being upgraded (WebSocket), which the proxy
 /// forwards end to end on purpose.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none: one pass over their few names instead of a
+    // lookup per hop-by-hop name (this runs twice per proxied request).
+    if !keep_upgrade
+        && !headers
+            .keys()
+            .any(|k| HOP_BY_HOP.contains(k) || k == "keep-alive" || k == "proxy-connection")
+    {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

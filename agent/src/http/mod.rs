@@ -4,7 +4,8 @@
 //! connections down without failing a request ([`drain`]), the proxy's own
 //! answers ([`errors`]), request bodies kept for retries ([`replay`]), the
 //! node-wide bound on buffered bytes ([`budget`]) and
-//! the admin API's query strings ([`query`]).
+//! the admin API's query strings ([`query`]), and the HTTP/1.1 server
+//! codec pods' connections are served with ([`h1`]).
 //! Serving and routing requests is `proxy::outbound` (`http_server`,
 //! `forward`) and `proxy::inbound`; upstream connections are
 //! `transport::http_pool`.
@@ -13,6 +14,7 @@ pub mod body;
 pub mod budget;
 pub mod drain;
 pub mod errors;
+pub mod h1;
 pub mod headers;
 pub mod query;
 pub mod replay;

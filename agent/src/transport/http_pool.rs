@@ -2,24 +2,25 @@
 //! across the pods' downstream connections.
 //!
 //! HTTP/2 endpoints get one multiplexed connection (re-established when it
-//! closes); HTTP/1.1 endpoints get a set of connections, one request at a
-//! time each, with up to [`MAX_IDLE_H1`] kept between requests. A
-//! connection goes back to the set as soon as its response head arrives:
-//! hyper reports it busy (`is_ready() == false`) until the body is done, and
-//! a busy connection is skipped, never waited on.
+//! closes), driven by hyper; HTTP/1.1 endpoints get a set of connections,
+//! one request at a time each, with up to [`MAX_IDLE_H1`] kept between
+//! requests, spoken to by the proxy's own client ([`crate::http::h1::client`]):
+//! a connection is out of the set while a request uses it and goes back
+//! when its response has ended (with the response head, when the body came
+//! with it), so a busy connection is never handed out.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tracing::debug;
 
-use crate::http::body::ProxyBody;
+use crate::http::body::{ProxyBody, incoming};
+use crate::http::h1::client::{self, ClientConn, ClientError};
 use crate::transport::netns::PodNetns;
 use crate::transport::tunnel::ConnectHeaders;
 use crate::transport::upstream::{Path, UpstreamError, UpstreamIo, Upstreams};
@@ -46,14 +47,36 @@ pub enum ConnectError {
     },
 }
 
+/// What failed a request on its connection.
+#[derive(Debug, thiserror::Error)]
+pub enum SendFailure {
+    #[error(transparent)]
+    H1(ClientError),
+    #[error(transparent)]
+    H2(hyper::Error),
+}
+
+impl SendFailure {
+    /// The connection ended before the response did.
+    pub fn is_incomplete_message(&self) -> bool {
+        match self {
+            SendFailure::H1(e) => e.is_incomplete_message(),
+            SendFailure::H2(e) => e.is_incomplete_message(),
+        }
+    }
+}
+
 /// A request that failed on its connection.
 #[derive(Debug)]
 pub struct SendError {
-    pub error: hyper::Error,
+    pub error: SendFailure,
     /// The request itself when the connection failed before any of it was
-    /// written (hyper hands it back): the endpoint cannot have seen it, so it
-    /// may be sent again on another connection whatever its method.
+    /// written: the endpoint cannot have seen it, so it may be sent again on
+    /// another connection whatever its method.
     pub unsent: Option<Request<ProxyBody>>,
+    /// A bodiless request the endpoint closed the connection under before
+    /// answering (see [`client::Failed::resendable`]).
+    pub resendable: Option<Request<ProxyBody>>,
 }
 
 impl std::fmt::Display for SendError {
@@ -65,7 +88,8 @@ impl std::fmt::Display for SendError {
 /// A checked-out upstream connection, with its local address (the kernel
 /// diagnostics look its flow up by it).
 pub enum Conn {
-    H1(http1::SendRequest<ProxyBody>, Option<SocketAddr>),
+    /// With the set it goes back to.
+    H1(ClientConn<UpstreamIo>, Option<SocketAddr>, Arc<H1Idle>),
     H2(http2::SendRequest<ProxyBody>, Option<SocketAddr>),
 }
 
@@ -73,14 +97,38 @@ impl Conn {
     /// The local address of the upstream socket.
     pub fn local(&self) -> Option<SocketAddr> {
         match self {
-            Conn::H1(_, local) | Conn::H2(_, local) => *local,
+            Conn::H1(_, local, _) | Conn::H2(_, local) => *local,
         }
+    }
+}
+
+/// The idle HTTP/1.1 connections to one key: shared with the responses in
+/// flight, whose connections come back here when they end (no lookup of
+/// the key, which for a tunnel path holds two SPIFFE IDs).
+#[derive(Default)]
+pub struct H1Idle(Mutex<Vec<(ClientConn<UpstreamIo>, Option<SocketAddr>)>>);
+
+impl H1Idle {
+    fn put(&self, conn: ClientConn<UpstreamIo>, local: Option<SocketAddr>) {
+        let mut idle = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < MAX_IDLE_H1 {
+            idle.push((conn, local));
+        }
+    }
+
+    fn take(&self) -> Option<(ClientConn<UpstreamIo>, Option<SocketAddr>)> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).pop()
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 }
 
 #[derive(Default)]
 struct Idle {
-    h1: Vec<(http1::SendRequest<ProxyBody>, Option<SocketAddr>)>,
+    h1: Arc<H1Idle>,
     h2: Option<(http2::SendRequest<ProxyBody>, Option<SocketAddr>)>,
 }
 
@@ -140,7 +188,10 @@ impl Pool {
         if let Some(conn) = self.take_idle(key, version) {
             return Ok((conn, None));
         }
-        let (conn, took) = self.connect_new(key, version, headers()).await?;
+        // Boxed: making a connection (a tunnel's TLS handshake among
+        // others) is a large future, and every request's future would
+        // otherwise be sized for it (moved and allocated per request).
+        let (conn, took) = Box::pin(self.connect_new(key, version, headers())).await?;
         Ok((conn, Some(took)))
     }
 
@@ -148,6 +199,14 @@ impl Pool {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let entry = idle.get_mut(key)?;
         match version {
+            // A connection the endpoint closed while idle is found by the
+            // client before it writes (the request then goes on a new one).
+            Version::Http1 => {
+                let set = entry.h1.clone();
+                drop(idle);
+                let (conn, local) = set.take()?;
+                Some(Conn::H1(conn, local, set))
+            }
             Version::Http2 => {
                 let (tx, local) = entry.h2.as_ref()?;
                 if tx.is_closed() {
@@ -156,12 +215,15 @@ impl Pool {
                 }
                 Some(Conn::H2(tx.clone(), *local))
             }
-            Version::Http1 => {
-                entry.h1.retain(|(tx, _)| !tx.is_closed());
-                let i = entry.h1.iter().position(|(tx, _)| tx.is_ready())?;
-                let (tx, local) = entry.h1.swap_remove(i);
-                Some(Conn::H1(tx, local))
-            }
+        }
+    }
+
+    /// The idle set of `key`'s HTTP/1.1 connections (made on first use).
+    fn h1_set(&self, key: &Key) -> Arc<H1Idle> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        match idle.get(key) {
+            Some(entry) => entry.h1.clone(),
+            None => idle.entry(key.clone()).or_default().h1.clone(),
         }
     }
 
@@ -196,21 +258,10 @@ impl Pool {
             UpstreamIo::Tcp(s) => s.local_addr().ok(),
             UpstreamIo::Tunnel(_) => None,
         };
-        let io = TokioIo::new(stream);
         match version {
-            Version::Http1 => {
-                let (tx, conn) = http1::Builder::new()
-                    .handshake(io)
-                    .await
-                    .map_err(|source| ConnectError::Handshake { addr, source })?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.with_upgrades().await {
-                        debug!(%addr, error = %e, "upstream HTTP/1 connection ended with an error");
-                    }
-                });
-                Ok(Conn::H1(tx, local))
-            }
+            Version::Http1 => Ok(Conn::H1(ClientConn::new(stream), local, self.h1_set(key))),
             Version::Http2 => {
+                let io = TokioIo::new(stream);
                 let (tx, conn) = http2::Builder::new(TokioExecutor::new())
                     .timer(hyper_util::rt::TokioTimer::new())
                     .keep_alive_interval(Duration::from_secs(30))
@@ -245,54 +296,43 @@ impl Pool {
         key: &Key,
         conn: Conn,
         req: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, SendError> {
+    ) -> Result<Response<ProxyBody>, SendError> {
         // A connection that closes while the request waits for it, or
         // before hyper writes it, hands the request back.
         fn failed(mut e: hyper::client::conn::TrySendError<Request<ProxyBody>>) -> SendError {
             SendError {
                 unsent: e.take_message(),
-                error: e.into_error(),
+                error: SendFailure::H2(e.into_error()),
+                resendable: None,
             }
         }
+        let _ = key;
         match conn {
             Conn::H2(mut tx, _) => {
                 if let Err(error) = tx.ready().await {
                     return Err(SendError {
-                        error,
+                        error: SendFailure::H2(error),
                         unsent: Some(req),
-                    });
-                }
-                tx.try_send_request(req).await.map_err(failed)
-            }
-            Conn::H1(mut tx, local) => {
-                if let Err(error) = tx.ready().await {
-                    return Err(SendError {
-                        error,
-                        unsent: Some(req),
+                        resendable: None,
                     });
                 }
                 let resp = tx.try_send_request(req).await.map_err(failed)?;
-                // An upgraded connection belongs to the upgrade now, and
-                // one the endpoint said it closes after this response (a
-                // draining peer agent says so to every keep-alive
-                // connection) must not be handed to the next request: in
-                // the instant before hyper sees the close it still looks
-                // ready, and a request sent on it fails unretried.
-                if resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS && !closes_after(&resp) {
-                    let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-                    // The key is cloned only for a new entry: a tunnel
-                    // path's key holds two SPIFFE IDs (six strings).
-                    if let Some(entry) = idle.get_mut(key) {
-                        if entry.h1.len() < MAX_IDLE_H1 {
-                            entry.h1.push((tx, local));
-                        }
-                    } else {
-                        let mut entry = Idle::default();
-                        entry.h1.push((tx, local));
-                        idle.insert(key.clone(), entry);
-                    }
-                }
-                Ok(resp)
+                Ok(resp.map(incoming))
+            }
+            Conn::H1(conn, local, set) => {
+                // An upgraded connection belongs to the upgrade, and one the
+                // endpoint said it closes after this response is not
+                // handed back: the client only recycles a connection that
+                // can carry another request.
+                let recycle: client::Recycle<UpstreamIo> =
+                    Box::new(move |conn| set.put(conn, local));
+                client::send(conn, req, recycle)
+                    .await
+                    .map_err(|f| SendError {
+                        error: SendFailure::H1(f.error),
+                        unsent: f.unsent,
+                        resendable: f.resendable,
+                    })
             }
         }
     }
@@ -306,20 +346,6 @@ impl Pool {
     }
 }
 
-/// Whether an HTTP/1 response ends its connection: `Connection: close`, or
-/// HTTP/1.0 without `Connection: keep-alive`.
-fn closes_after<B>(resp: &Response<B>) -> bool {
-    let has = |token: &str| {
-        resp.headers()
-            .get_all(hyper::header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
-    };
-    has("close") || (resp.version() == hyper::Version::HTTP_10 && !has("keep-alive"))
-}
-
 #[cfg(test)]
 mod tests {
     use std::convert::Infallible;
@@ -327,6 +353,8 @@ mod tests {
     use http_body_util::Full;
     use hyper::service::service_fn;
     use tokio::net::TcpListener;
+
+    use hyper::body::Incoming;
 
     use super::*;
     use crate::http::body::empty;
@@ -478,35 +506,5 @@ mod tests {
         let err = pool.send(&key, conn, req).await.unwrap_err();
         let unsent = err.unsent.expect("the unwritten request is handed back");
         assert_eq!(unsent.uri().path(), "/again");
-    }
-
-    #[test]
-    fn connection_close_and_http10_end_the_connection() {
-        let resp = |version, value: Option<&'static str>| {
-            let mut r = Response::new(());
-            *r.version_mut() = version;
-            if let Some(v) = value {
-                r.headers_mut().insert(
-                    hyper::header::CONNECTION,
-                    hyper::header::HeaderValue::from_static(v),
-                );
-            }
-            r
-        };
-        assert!(closes_after(&resp(hyper::Version::HTTP_11, Some("close"))));
-        assert!(closes_after(&resp(
-            hyper::Version::HTTP_11,
-            Some("Upgrade, Close")
-        )));
-        assert!(!closes_after(&resp(hyper::Version::HTTP_11, None)));
-        assert!(!closes_after(&resp(
-            hyper::Version::HTTP_11,
-            Some("keep-alive")
-        )));
-        assert!(closes_after(&resp(hyper::Version::HTTP_10, None)));
-        assert!(!closes_after(&resp(
-            hyper::Version::HTTP_10,
-            Some("keep-alive")
-        )));
     }
 }

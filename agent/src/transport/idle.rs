@@ -148,6 +148,10 @@ impl<T> IdleIo<T> {
     pub fn new(inner: T, activity: Arc<Activity>) -> Self {
         IdleIo { inner, activity }
     }
+
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {

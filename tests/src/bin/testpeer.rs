@@ -111,6 +111,10 @@ enum Cmd {
         /// first, so that an HTTP proxy has an upstream side too.
         #[arg(long)]
         http: bool,
+        /// Send one `GET /` over HTTP/2 with prior knowledge (h2c) on each
+        /// connection instead, and keep the HTTP/2 connection open.
+        #[arg(long, conflicts_with = "http")]
+        h2: bool,
         /// Connections being opened at once.
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
@@ -255,9 +259,17 @@ fn main() {
                 connect,
                 count,
                 http,
+                h2,
                 concurrency,
                 hold,
-            } => hold_conns(connect, count, http, concurrency, hold).await,
+            } => {
+                let mode = match (http, h2) {
+                    (_, true) => HoldMode::H2,
+                    (true, false) => HoldMode::Http1,
+                    (false, false) => HoldMode::Tcp,
+                };
+                hold_conns(connect, count, mode, concurrency, hold).await
+            }
             Cmd::HttpRate {
                 connect,
                 rate,
@@ -644,10 +656,58 @@ async fn http_get_once(addr: SocketAddr) -> std::io::Result<TcpStream> {
     }
 }
 
+/// What `hold` does on each connection before leaving it idle.
+#[derive(Clone, Copy)]
+enum HoldMode {
+    Tcp,
+    Http1,
+    H2,
+}
+
+/// A connection `hold` keeps open.
+enum Held {
+    Tcp(#[allow(dead_code)] TcpStream),
+    H2(
+        #[allow(dead_code)]
+        hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+        #[allow(dead_code)] tokio::task::JoinHandle<()>,
+    ),
+}
+
+/// An h2c connection (prior knowledge) that has carried one `GET /`.
+async fn h2_get_once(addr: SocketAddr) -> std::io::Result<Held> {
+    use http_body_util::BodyExt;
+    let sock = TcpStream::connect(addr).await?;
+    let (mut tx, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(sock),
+    )
+    .await
+    .map_err(std::io::Error::other)?;
+    let task = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = hyper::Request::get(format!("http://{addr}/"))
+        .body(http_body_util::Empty::new())
+        .map_err(std::io::Error::other)?;
+    let resp = tx.send_request(req).await.map_err(std::io::Error::other)?;
+    if !resp.status().is_success() {
+        return Err(std::io::Error::other(format!(
+            "HTTP status {}",
+            resp.status()
+        )));
+    }
+    resp.into_body()
+        .collect()
+        .await
+        .map_err(std::io::Error::other)?;
+    Ok(Held::H2(tx, task))
+}
+
 async fn hold_conns(
     addr: SocketAddr,
     count: usize,
-    http: bool,
+    mode: HoldMode,
     concurrency: usize,
     hold: Duration,
 ) -> i32 {
@@ -661,10 +721,10 @@ async fn hold_conns(
         let permit = slots.clone().acquire_owned().await.expect("never closed");
         tasks.spawn(async move {
             let r = tokio::time::timeout(Duration::from_secs(10), async {
-                if http {
-                    http_get_once(addr).await
-                } else {
-                    TcpStream::connect(addr).await
+                match mode {
+                    HoldMode::H2 => h2_get_once(addr).await,
+                    HoldMode::Http1 => http_get_once(addr).await.map(Held::Tcp),
+                    HoldMode::Tcp => TcpStream::connect(addr).await.map(Held::Tcp),
                 }
             })
             .await

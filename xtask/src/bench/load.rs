@@ -211,14 +211,15 @@ pub fn iperf3(client: &Pod, addr: SocketAddr, secs: u64) -> Result<IperfResult> 
     })
 }
 
-/// `testpeer hold`: `count` keep-alive connections, one GET each, left
-/// idle. Returns the running client (connections close when it is dropped)
-/// and how many are held.
+/// `testpeer hold`: `count` keep-alive connections, one GET each (over
+/// HTTP/2 with prior knowledge when `h2`), left idle. Returns the running
+/// client (connections close when it is dropped) and how many are held.
 pub fn hold(
     client: &Pod,
     testpeer: &Path,
     addr: SocketAddr,
     count: usize,
+    h2: bool,
 ) -> Result<(Server, usize, usize)> {
     let mut srv = client.serve_until(
         Command::new(testpeer)
@@ -227,7 +228,7 @@ pub fn hold(
             .arg(addr.to_string())
             .arg("--count")
             .arg(count.to_string())
-            .arg("--http")
+            .arg(if h2 { "--h2" } else { "--http" })
             .arg("--hold")
             .arg("120s"),
         "holding ",

@@ -13,6 +13,7 @@ mod load;
 mod measure;
 pub mod noisy;
 mod peers;
+mod profile;
 mod report;
 mod tools;
 mod topology;
@@ -89,6 +90,12 @@ pub struct BenchArgs {
     /// paths does; --quick and --paths runs never do).
     #[arg(long)]
     no_results: bool,
+    /// Record a CPU profile (`perf record`) of the agents during each
+    /// saturation run of a waymark path into this directory, and fold it
+    /// into a flame graph when inferno is installed (see `profile.rs`).
+    /// Profiling perturbs the figures: combine with --no-results.
+    #[arg(long)]
+    perf: Option<PathBuf>,
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -186,6 +193,8 @@ struct Ctx<'a> {
     /// `--wait-quiet`, and how long the waits took in all.
     wait_quiet: Duration,
     waited: Duration,
+    /// `--perf`: where the profiles go.
+    perf: Option<PathBuf>,
 }
 
 impl Ctx<'_> {
@@ -321,6 +330,12 @@ impl Ctx<'_> {
         let window = self.window();
         let (cpu0, b0) = (cpu_seconds(&pids), cpu_seconds(&backend));
         let sampler = (!pids.is_empty()).then(|| RssSampler::start(pids.clone()));
+        let recording = match &self.perf {
+            Some(dir) if p.waymark => {
+                Some(profile::start(dir, &format!("{}-rep{rep}", p.id), &pids)?)
+            }
+            _ => None,
+        };
         let r = match p.proto {
             Proto::Http1 => load::wrk(self.client, &self.script, p.http, secs),
             Proto::H2c => load::h2load(self.client, p.http, secs, &self.dir.join("h2load.log")),
@@ -334,6 +349,9 @@ impl Ctx<'_> {
         };
         let rss = sampler.map(RssSampler::stop);
         let (cpu1, b1) = (cpu_seconds(&pids), cpu_seconds(&backend));
+        if let Some(rec) = recording {
+            rec.finish()?;
+        }
         let cpu_use = window.close();
         self.cpu_use.push(cpu_use);
         let r = r?;
@@ -436,8 +454,13 @@ impl Ctx<'_> {
         self.check_alive(p)?;
         let pids = self.proxy_pids(p)?;
         let (rss0, fds0) = (measure::rss_kib(&pids), measure::fds(&pids));
-        let (srv, held, failed): (Server, usize, usize) =
-            load::hold(self.client, &self.bins.testpeer, p.http, n)?;
+        let (srv, held, failed): (Server, usize, usize) = load::hold(
+            self.client,
+            &self.bins.testpeer,
+            p.http,
+            n,
+            p.proto == Proto::H2c,
+        )?;
         // Let the proxies settle (upstream connects, buffers given back:
         // waymark's agent looks every 2 s whether to hand freed memory back).
         std::thread::sleep(Duration::from_secs(3));
@@ -672,6 +695,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         cpu_use: vec![],
         netns,
         wait_quiet: Duration::from_secs(args.wait_quiet),
+        perf: args.perf.clone(),
         waited: Duration::ZERO,
     };
     let mut results: Vec<PathResult> = selected.iter().map(PathResult::new).collect();
@@ -833,8 +857,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     );
     for &i in &order {
         let p = &selected[i];
-        // `testpeer hold` speaks HTTP/1.1: no idle figure for h2c paths.
-        if !ok(&results, i) || p.proxies.is_empty() || p.proto != Proto::Http1 {
+        // `testpeer hold` speaks HTTP/1.1, or h2c for waymark's h2c rows
+        // (the peers are not measured over HTTP/2); no gRPC figure.
+        let h2_waymark = p.proto == Proto::H2c && p.waymark;
+        if !ok(&results, i) || p.proxies.is_empty() || !(p.proto == Proto::Http1 || h2_waymark) {
             continue;
         }
         results[i].idle = ctx.idle_step(p, args.idle_conns, "idle", &mut results[i].errors);
@@ -919,8 +945,8 @@ fn not_measured() -> Vec<(String, String)> {
             "not measured: the h2c and gRPC rows compare waymark with the direct path only",
         ),
         (
-            "fixed-rate latency and idle memory of the h2c and gRPC rows",
-            "not measured: testpeer http-rate and hold speak HTTP/1.1",
+            "fixed-rate latency of the h2c and gRPC rows, idle memory of the gRPC rows",
+            "not measured: testpeer http-rate speaks HTTP/1.1, hold HTTP/1.1 or plain h2c GETs",
         ),
         (
             "peer proxies on the same-node path",

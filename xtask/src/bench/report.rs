@@ -62,6 +62,22 @@ pub struct IdleSample {
     pub fds_idle: usize,
 }
 
+impl IdleSample {
+    /// What each held connection added to the proxies' RSS, in bytes.
+    pub fn bytes_per_conn(&self) -> Option<f64> {
+        (self.held > 0).then(|| {
+            (self.rss_idle_kib as f64 - self.rss_before_kib as f64) * 1024.0 / self.held as f64
+        })
+    }
+}
+
+/// Bytes per idle connection as the memory table prints them.
+fn per_conn(i: Option<&IdleSample>) -> String {
+    i.and_then(IdleSample::bytes_per_conn)
+        .map(|b| format!("{:.0}", b.max(0.0)))
+        .unwrap_or_else(|| "—".into())
+}
+
 #[derive(Serialize, Default, Clone)]
 pub struct Summary {
     pub rps_median: Option<f64>,
@@ -468,6 +484,7 @@ fn memory_rows(run: &Run) -> Vec<Vec<String>> {
         format!("RSS @{} idle conns MiB", run.settings.idle_conns),
         "conns held".into(),
         "proxy fds".into(),
+        "bytes/idle conn".into(),
     ]];
     if run.settings.idle_conns_l7 > 0 {
         rows[0].push(format!(
@@ -475,6 +492,7 @@ fn memory_rows(run: &Run) -> Vec<Vec<String>> {
             run.settings.idle_conns_l7
         ));
         rows[0].push("conns held (L7)".into());
+        rows[0].push("bytes/idle conn (L7)".into());
     }
     for p in run.paths.iter().filter(|p| p.hops > 0) {
         let s = &p.summary;
@@ -491,6 +509,7 @@ fn memory_rows(run: &Run) -> Vec<Vec<String>> {
                 .as_ref()
                 .map(|i| i.fds_idle.to_string())
                 .unwrap_or_else(|| "—".into()),
+            per_conn(p.idle.as_ref()),
         ]);
         if run.settings.idle_conns_l7 > 0 {
             let row = rows.last_mut().expect("just pushed");
@@ -501,6 +520,7 @@ fn memory_rows(run: &Run) -> Vec<Vec<String>> {
                     .map(|i| format!("{}/{}", i.held, i.requested))
                     .unwrap_or_else(|| "—".into()),
             );
+            row.push(per_conn(p.idle_l7.as_ref()));
         }
     }
     rows

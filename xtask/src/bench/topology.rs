@@ -75,7 +75,10 @@ pub fn agent_config_extra() -> String {
     let http = sa(server_ip(), HTTP_PORT);
     let h2c = sa(server_ip(), H2C_PORT);
     let bulk = sa(server_ip(), IPERF_PORT);
-    let mut s = String::from("[runtime]\nworkers = 1\n");
+    // The direct and peer rows run with node 0's agent stopped: its
+    // programs must go with it (fail open), or every pod connection is
+    // refused (the agent's default, `on_agent_down = "closed"`).
+    let mut s = String::from("[runtime]\nworkers = 1\n[redirect]\non_agent_down = \"open\"\n");
     s += &service("bench", SERVICE_ADDR, "http1", http, None);
     s += &service("bench-h2", H2_ADDR, "http2", h2c, None);
     s += &service("bench-mtls", MTLS_HTTP_ADDR, "http1", http, Some("node1"));

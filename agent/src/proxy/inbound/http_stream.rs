@@ -8,8 +8,9 @@
 //!   without this module;
 //! - otherwise the first bytes the outbound agent sends are read (bounded
 //!   by [`detect::MAX_PEEK`] and `proxy.detect_timeout`) and classified as
-//!   the outbound side does. HTTP/1.x or HTTP/2 prior knowledge is served
-//!   with hyper ([`crate::proxy::inbound::request`] forwards each request to the
+//!   the outbound side does. HTTP/1.x is served with the proxy's own codec
+//!   ([`crate::http::h1`]), HTTP/2 prior knowledge with hyper
+//!   ([`crate::proxy::inbound::request`] forwards each request to the
 //!   pod); anything else is spliced, the bytes read so far first, so opaque
 //!   traffic stays byte-exact.
 //!
@@ -25,7 +26,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use hyper::server::conn::{http1, http2};
+use http::Request;
+use hyper::body::Incoming;
+use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncReadExt, Interest};
@@ -39,7 +42,9 @@ use crate::diagnostics::http_metrics::HttpMetrics;
 use crate::diagnostics::metrics::TcpMetrics;
 use crate::diagnostics::tap::TapHub;
 use crate::discovery::Discovery;
+use crate::http::body::{ProxyBody, incoming};
 use crate::http::drain::{self, Activity};
+use crate::http::h1;
 use crate::kernel::KernelDiag;
 use crate::proxy::detect::{self, Protocol, Verdict};
 use crate::proxy::inbound::authz::InboundAuthz;
@@ -237,7 +242,7 @@ impl InboundHttp {
         let (svc_activity, svc_stop) = (activity.clone(), stop.clone());
         let live = Arc::new(live);
         let svc_live = live.clone();
-        let svc = service_fn(move |req| {
+        let handle = move |req: Request<ProxyBody>| {
             let this = this.clone();
             let ctx = ctx.clone();
             let conn = conn.clone();
@@ -246,35 +251,45 @@ impl InboundHttp {
             );
             let in_flight = svc_activity.begin();
             let draining = svc_stop.clone();
-            async move {
-                let mut resp = this.request(&ctx, &conn, req).await;
-                drain::mark_last(ctx.version, &draining, &mut resp);
-                drop(in_flight);
-                Ok::<_, std::convert::Infallible>(resp)
-            }
-            .in_current_span()
-        });
-        let io = TokioIo::new(tunnel);
+            // Boxed: see `outbound::http_server` (the connection's future
+            // holds no room for a request while idle).
+            Box::pin(
+                async move {
+                    let mut resp = this.request(&ctx, &conn, req).await;
+                    drain::mark_last(ctx.version, &draining, &mut resp);
+                    drop(in_flight);
+                    resp
+                }
+                .in_current_span(),
+            )
+        };
         let result = match version {
             Version::Http1 => {
-                let conn = http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_READ_TIMEOUT)
-                    .max_buf_size(MAX_H1_HEAD)
-                    .keep_alive(true)
-                    .serve_connection(io, svc)
-                    .with_upgrades();
-                drain::until_drained(conn, version, &activity, &stop, |c| c.graceful_shutdown())
+                let config = h1::Config {
+                    max_head: MAX_H1_HEAD,
+                    header_read_timeout: HEADER_READ_TIMEOUT,
+                };
+                let codec_stop = h1::Stop::default();
+                let conn = std::pin::pin!(h1::serve(tunnel, config, &codec_stop, handle));
+                drain::until_drained(conn, version, &activity, &stop, |_| codec_stop.ask())
                     .await
+                    .map_err(|e| e.to_string())
             }
             Version::Http2 => {
-                let conn = http2::Builder::new(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    .max_concurrent_streams(MAX_H2_STREAMS)
-                    .max_header_list_size(MAX_H2_HEADER_LIST)
-                    .serve_connection(io, svc);
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let resp = handle(req.map(incoming));
+                    async move { Ok::<_, std::convert::Infallible>(resp.await) }
+                });
+                let conn = std::pin::pin!(
+                    http2::Builder::new(TokioExecutor::new())
+                        .timer(TokioTimer::new())
+                        .max_concurrent_streams(MAX_H2_STREAMS)
+                        .max_header_list_size(MAX_H2_HEADER_LIST)
+                        .serve_connection(TokioIo::new(tunnel), svc)
+                );
                 drain::until_drained(conn, version, &activity, &stop, |c| c.graceful_shutdown())
                     .await
+                    .map_err(|e| e.to_string())
             }
         };
         if let Err(e) = result {
@@ -283,6 +298,10 @@ impl InboundHttp {
         }
     }
 }
+
+/// A tunnel stream has no readiness to wait on without reading: an idle
+/// stream waits in a read (of the codec's small head buffer).
+impl h1::Io for Rewind<Counted<TokioIo<hyper::upgrade::Upgraded>>> {}
 
 impl StreamHandler for InboundHttp {
     fn handle(self: Arc<Self>, stream: Admitted) -> HandleFuture {

@@ -15,8 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tracing::{Instrument, debug, debug_span};
@@ -26,6 +25,7 @@ use crate::diagnostics::metrics::TlsLabel;
 use crate::diagnostics::trace;
 use crate::http::body::{ProxyBody, empty, incoming};
 use crate::http::errors::{self, ProxyError, StatusSource};
+use crate::http::h1::client::{self, ClientConn, ClientError};
 use crate::http::headers::{strip_hop_by_hop, wants_upgrade};
 use crate::identity::CertInfo;
 use crate::proxy::inbound::http_stream::InboundHttp;
@@ -53,14 +53,16 @@ pub struct StreamCtx {
 }
 
 enum Sender {
-    H1(http1::SendRequest<ProxyBody>),
+    /// The proxy's own HTTP/1.1 client ([`crate::http::h1::client`]),
+    /// which finds a connection the pod closed before writing on it.
+    H1(ClientConn<TcpStream>),
     H2(http2::SendRequest<ProxyBody>),
 }
 
 impl Sender {
     fn is_closed(&self) -> bool {
         match self {
-            Sender::H1(s) => s.is_closed(),
+            Sender::H1(_) => false,
             Sender::H2(s) => s.is_closed(),
         }
     }
@@ -81,6 +83,11 @@ pub enum PodError {
         target: SocketAddr,
         source: hyper::Error,
     },
+    #[error("HTTP with {target} failed: {source}")]
+    H1 {
+        target: SocketAddr,
+        source: ClientError,
+    },
 }
 
 impl PodError {
@@ -88,7 +95,7 @@ impl PodError {
         match self {
             PodError::Connect { .. } => ProxyError::ConnectFailed,
             PodError::ConnectTimeout { .. } => ProxyError::Timeout,
-            PodError::Http { .. } => ProxyError::UpstreamReset,
+            PodError::Http { .. } | PodError::H1 { .. } => ProxyError::UpstreamReset,
         }
     }
 }
@@ -100,8 +107,9 @@ pub struct PodConn {
     connect_timeout: Duration,
     /// The connection made when the stream was admitted, until first used.
     first: Mutex<Option<TcpStream>>,
-    /// Idle HTTP/1 sender, or the shared HTTP/2 one.
-    sender: Mutex<Option<Sender>>,
+    /// Idle HTTP/1 connection, or the shared HTTP/2 sender (shared with
+    /// the response in flight, whose connection comes back here).
+    sender: Arc<Mutex<Option<Sender>>>,
     /// The agent's end of the current connection (for the kernel's view).
     local: Mutex<Option<SocketAddr>>,
 }
@@ -119,7 +127,7 @@ impl PodConn {
             connect_timeout,
             local: Mutex::new(first.local_addr().ok()),
             first: Mutex::new(Some(first)),
-            sender: Mutex::new(None),
+            sender: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -151,25 +159,13 @@ impl PodConn {
         };
         *self.local.lock().unwrap_or_else(|e| e.into_inner()) = stream.local_addr().ok();
         let target = self.target;
-        let io = TokioIo::new(stream);
         let http = |source| PodError::Http { target, source };
         match self.version {
-            Version::Http1 => {
-                let (tx, conn) = http1::Builder::new().handshake(io).await.map_err(http)?;
-                tokio::spawn(
-                    async move {
-                        if let Err(e) = conn.with_upgrades().await {
-                            debug!(error = %e, "pod HTTP/1 connection ended with an error");
-                        }
-                    }
-                    .in_current_span(),
-                );
-                Ok(Sender::H1(tx))
-            }
+            Version::Http1 => Ok(Sender::H1(ClientConn::new(stream))),
             Version::Http2 => {
                 let (tx, conn) = http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
-                    .handshake(io)
+                    .handshake(TokioIo::new(stream))
                     .await
                     .map_err(http)?;
                 tokio::spawn(
@@ -202,26 +198,54 @@ impl PodConn {
         }
     }
 
-    /// Sends one request; an HTTP/1 sender goes back for the next request
-    /// once the response head is in, unless the connection was upgraded.
-    async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, PodError> {
+    /// Sends one request; an HTTP/1 connection goes back for the next
+    /// request once its response has ended, unless it was upgraded or the
+    /// pod said it closes it. A connection the pod closed while idle is
+    /// found before the request is written: it goes on a new one.
+    async fn send(&self, mut req: Request<ProxyBody>) -> Result<Response<ProxyBody>, PodError> {
         let target = self.target;
         let http = |source| PodError::Http { target, source };
-        match self.checkout().await? {
-            Sender::H2(mut tx) => {
-                tx.ready().await.map_err(http)?;
-                tx.send_request(req).await.map_err(http)
-            }
-            Sender::H1(mut tx) => {
-                tx.ready().await.map_err(http)?;
-                let resp = tx.send_request(req).await.map_err(http)?;
-                if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-                    let mut slot = self.sender.lock().unwrap_or_else(|e| e.into_inner());
-                    if slot.is_none() {
-                        *slot = Some(Sender::H1(tx));
+        let mut again = true;
+        loop {
+            match self.checkout().await? {
+                Sender::H2(mut tx) => {
+                    tx.ready().await.map_err(http)?;
+                    let resp = tx.send_request(req).await.map_err(http)?;
+                    return Ok(resp.map(incoming));
+                }
+                Sender::H1(conn) => {
+                    let slot = self.sender.clone();
+                    let recycle: client::Recycle<TcpStream> = Box::new(move |conn| {
+                        let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+                        if slot.is_none() {
+                            *slot = Some(Sender::H1(conn));
+                        }
+                    });
+                    match client::send(conn, req, recycle).await {
+                        Ok(resp) => return Ok(resp),
+                        Err(client::Failed {
+                            unsent: Some(r), ..
+                        }) if again => {
+                            again = false;
+                            req = r;
+                        }
+                        // The pod closed the idle connection as a bodiless
+                        // request went out (RFC 9112 §9.3.1).
+                        Err(client::Failed {
+                            resendable: Some(r),
+                            ..
+                        }) if again && crate::retry::is_idempotent(r.method()) => {
+                            again = false;
+                            req = r;
+                        }
+                        Err(f) => {
+                            return Err(PodError::H1 {
+                                target,
+                                source: f.error,
+                            });
+                        }
                     }
                 }
-                Ok(resp)
             }
         }
     }
@@ -234,7 +258,7 @@ impl InboundHttp {
         &self,
         ctx: &StreamCtx,
         conn: &PodConn,
-        mut req: Request<Incoming>,
+        mut req: Request<ProxyBody>,
     ) -> Response<ProxyBody> {
         let start = Instant::now();
         let grpc = is_grpc(&req);
@@ -315,12 +339,12 @@ impl InboundHttp {
         &self,
         ctx: &StreamCtx,
         conn: &PodConn,
-        req: Request<Incoming>,
+        req: Request<ProxyBody>,
         service: &str,
         grpc: bool,
     ) -> (Response<ProxyBody>, Option<String>) {
         let (parts, body) = req.into_parts();
-        let upstream = upstream_request(&parts, incoming(body), ctx.version);
+        let upstream = upstream_request(&parts, body, ctx.version);
         match conn.send(upstream).await {
             Ok(resp) => (finish(resp), None),
             Err(e) => (self.error(&e, service, grpc), Some(e.to_string())),
@@ -332,12 +356,12 @@ impl InboundHttp {
     async fn upgrade(
         &self,
         conn: &PodConn,
-        mut req: Request<Incoming>,
+        mut req: Request<ProxyBody>,
         service: &str,
     ) -> (Response<ProxyBody>, Option<String>) {
-        let downstream = hyper::upgrade::on(&mut req);
+        let downstream = crate::http::h1::upgrade::on(&mut req);
         let (parts, body) = req.into_parts();
-        let mut upstream = Request::from_parts(parts.clone(), incoming(body));
+        let mut upstream = Request::from_parts(parts.clone(), body);
         *upstream.uri_mut() = origin_form(&parts.uri);
         strip_hop_by_hop(upstream.headers_mut(), true);
         let mut resp = match conn.send(upstream).await {
@@ -347,12 +371,12 @@ impl InboundHttp {
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             return (finish(resp), None);
         }
-        let pod_side = hyper::upgrade::on(&mut resp);
+        let pod_side = crate::http::h1::upgrade::on_response(&mut resp);
         tokio::spawn(
             async move {
                 match tokio::try_join!(downstream, pod_side) {
                     Ok((d, u)) => {
-                        let (mut d, mut u) = (TokioIo::new(d), TokioIo::new(u));
+                        let (mut d, mut u) = (d, u);
                         match tokio::io::copy_bidirectional(&mut d, &mut u).await {
                             Ok((up, down)) => {
                                 debug!(

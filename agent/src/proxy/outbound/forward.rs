@@ -23,15 +23,14 @@ use std::time::{Duration, Instant, SystemTime};
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
-use hyper::body::{Body, Incoming};
-use hyper_util::rt::TokioIo;
+use hyper::body::Body;
 use tracing::{Instrument, debug, debug_span};
 
 use crate::config::services::ProtocolHint;
 use crate::diagnostics::http_metrics::{HttpMetrics, observe, retried};
 use crate::diagnostics::{tap, trace};
 use crate::discovery::{DEFAULT_ROUTE, Discovery, Endpoint, RoutePolicy, Service};
-use crate::http::body::{ProxyBody, empty, full, incoming, prefixed};
+use crate::http::body::{ProxyBody, empty, full, prefixed};
 use crate::http::errors::{self, ProxyError, StatusSource};
 use crate::http::headers::{strip_hop_by_hop, wants_upgrade};
 use crate::http::replay::ReplayBody;
@@ -91,7 +90,7 @@ pub struct HttpProxy {
 
 /// How one attempt ended.
 enum Attempt {
-    Response(Response<Incoming>),
+    Response(Response<ProxyBody>),
     Failed {
         error: ProxyError,
         detail: String,
@@ -133,14 +132,14 @@ enum Decision {
 
 /// The request body: streamed once, or replayable for retries.
 enum RequestBody {
-    Stream(Option<Incoming>),
-    Replay(ReplayBody<Incoming>),
+    Stream(Option<ProxyBody>),
+    Replay(ReplayBody<ProxyBody>),
 }
 
 impl RequestBody {
     fn next(&mut self) -> Option<ProxyBody> {
         match self {
-            RequestBody::Stream(b) => b.take().map(incoming),
+            RequestBody::Stream(b) => b.take(),
             RequestBody::Replay(b) => Some(b.replay().boxed()),
         }
     }
@@ -156,12 +155,12 @@ impl RequestBody {
 impl HttpProxy {
     /// Handles one request from a pod. Never fails: problems become the
     /// proxy's own error responses.
-    pub async fn handle(&self, ctx: &ConnCtx, req: Request<Incoming>) -> Response<ProxyBody> {
+    pub async fn handle(&self, ctx: &ConnCtx, req: Request<ProxyBody>) -> Response<ProxyBody> {
         let table = self.discovery.current();
         let Some(service) = table.by_addr(&ctx.dst).cloned() else {
             // The service went away in a reload while this connection was
             // open; its requests still go where they were dialled.
-            return self.passthrough(ctx, req).await;
+            return Box::pin(self.passthrough(ctx, req)).await;
         };
         // Routes match on the request's head: split it off for the match
         // (a move, where a copy would clone every header per request).
@@ -247,7 +246,13 @@ impl HttpProxy {
                     c.duration = start.elapsed();
                     c.kernel = self.kernel_line(c.upstream);
                     c.result = Some((resp.status().as_u16(), StatusSource::of(&resp)));
-                    add_context(resp, mode, &c, self.buffer_budget.account(&ctx.pod)).await
+                    Box::pin(add_context(
+                        resp,
+                        mode,
+                        &c,
+                        self.buffer_budget.account(&ctx.pod),
+                    ))
+                    .await
                 }
                 _ => resp,
             };
@@ -262,7 +267,7 @@ impl HttpProxy {
         &self,
         ctx: &ConnCtx,
         target: Target<'_>,
-        req: Request<Incoming>,
+        req: Request<ProxyBody>,
         mut trace: Option<&mut trace::Context>,
     ) -> Response<ProxyBody> {
         let Target {
@@ -281,7 +286,9 @@ impl HttpProxy {
         let version = upstream_version(backend.protocol, ctx.version);
         if ctx.version == Version::Http1 && wants_upgrade(req.headers()) {
             let split = (backend.name != service.name).then_some(backend.name.as_str());
-            return self.upgrade(ctx, backend, split, req).await;
+            // Rare, and its future is large: boxed, so that every
+            // request's future is not sized for it (the same below).
+            return Box::pin(self.upgrade(ctx, backend, split, req)).await;
         }
         let (parts, body) = req.into_parts();
         let mut body = match &route.retry {
@@ -574,32 +581,32 @@ impl HttpProxy {
             }
             Err(e) => return connect_failed(e),
         };
-        // A bodiless idempotent request on a reused HTTP/1 connection can be
-        // made again if the endpoint closes the connection under it before
-        // answering: keep-alive's own race, which a draining peer agent
-        // (closing its idle connections) makes common. RFC 9112 §9.3.1 lets
-        // a client retry such a request; browsers do.
-        let rebuild = (used.connect.is_none()
-            && version == Version::Http1
-            && crate::retry::is_idempotent(req.method())
-            && req.body().is_end_stream())
-        .then(|| bodiless_copy(&req));
         let e = match self.pool.send(key, conn, req).await {
             Ok(resp) => return Attempt::Response(resp),
             Err(e) => e,
         };
-        let e = match (e, rebuild) {
-            (
-                SendError {
-                    unsent: None,
-                    error,
-                },
-                Some(again),
-            ) if error.is_incomplete_message() => SendError {
+        // A bodiless idempotent request on a reused HTTP/1 connection can be
+        // made again if the endpoint closed the connection under it before
+        // answering: keep-alive's own race, which a draining peer agent
+        // (closing its idle connections) makes common. RFC 9112 §9.3.1 lets
+        // a client retry such a request; browsers do. The client hands it
+        // back for that (no copy is made of every request in case).
+        let e = match e {
+            SendError {
+                unsent: None,
+                resendable: Some(again),
                 error,
-                unsent: Some(again),
-            },
-            (e, _) => e,
+            } if used.connect.is_none()
+                && crate::retry::is_idempotent(again.method())
+                && error.is_incomplete_message() =>
+            {
+                SendError {
+                    error,
+                    unsent: Some(again),
+                    resendable: None,
+                }
+            }
+            e => e,
         };
         // A pooled connection that closed before the request was written
         // (the endpoint, or a draining peer agent, closing an idle
@@ -607,14 +614,15 @@ impl HttpProxy {
         // endpoint never saw it, so it goes once more on a new connection,
         // as hyper's own pooled client does, whatever its method and
         // outside the route's retry budget. The same for the bodiless
-        // idempotent request copied above.
+        // idempotent request handed back above.
         let e = match e {
             SendError {
                 unsent: Some(again),
                 error,
+                ..
             } if used.connect.is_none() => {
                 debug!(%addr, %error, "the pooled connection closed before the request was written; sending it on a new one");
-                let conn = match self.pool.connect_new(key, version, headers()).await {
+                let conn = match Box::pin(self.pool.connect_new(key, version, headers())).await {
                     Ok((c, took)) => {
                         used.local = c.local();
                         used.connect = Some(took);
@@ -638,7 +646,7 @@ impl HttpProxy {
 
     /// A request to an address that is no longer a service: sent where it
     /// was dialled, once.
-    async fn passthrough(&self, ctx: &ConnCtx, req: Request<Incoming>) -> Response<ProxyBody> {
+    async fn passthrough(&self, ctx: &ConnCtx, req: Request<ProxyBody>) -> Response<ProxyBody> {
         let grpc = is_grpc(&req);
         let labels = self
             .metrics
@@ -649,7 +657,7 @@ impl HttpProxy {
             .tap
             .request(&ctx.pod, ctx.client, ctx.dst, None, &mut req);
         let (parts, body) = req.into_parts();
-        let upstream = upstream_request(&parts, incoming(body), ctx.version);
+        let upstream = upstream_request(&parts, body, ctx.version);
         let key = Key::new(
             ctx.dst,
             self.pool.upstreams().path(ctx.identity.as_ref(), None),
@@ -679,7 +687,7 @@ impl HttpProxy {
         ctx: &ConnCtx,
         backend: &Service,
         split: Option<&str>,
-        mut req: Request<Incoming>,
+        mut req: Request<ProxyBody>,
     ) -> Response<ProxyBody> {
         let Some(pick) = backend.balancer.pick(Instant::now()) else {
             return self.error(ProxyError::NoEndpoints, &backend.name, None, false);
@@ -696,9 +704,9 @@ impl HttpProxy {
         ctx.live
             .set_upstream(split, addr, key.path.peer_identity(), None);
         let live = ctx.live.clone();
-        let downstream = hyper::upgrade::on(&mut req);
+        let downstream = crate::http::h1::upgrade::on(&mut req);
         let (parts, body) = req.into_parts();
-        let mut upstream = Request::from_parts(parts.clone(), incoming(body));
+        let mut upstream = Request::from_parts(parts.clone(), body);
         *upstream.uri_mut() = origin_form(&parts.uri);
         strip_hop_by_hop(upstream.headers_mut(), true);
         let mut resp = match self
@@ -717,14 +725,14 @@ impl HttpProxy {
             resp.extensions_mut().insert(key.path.tls());
             return resp;
         }
-        let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        let upstream_upgrade = crate::http::h1::upgrade::on_response(&mut resp);
         tokio::spawn(
             async move {
                 // Listed in `waymark conns` until the copy ends.
                 let _live = live;
                 match tokio::try_join!(downstream, upstream_upgrade) {
                     Ok((d, u)) => {
-                        let (mut d, mut u) = (TokioIo::new(d), TokioIo::new(u));
+                        let (mut d, mut u) = (d, u);
                         match tokio::io::copy_bidirectional(&mut d, &mut u).await {
                             Ok((up, down)) => debug!(
                                 bytes_out = up,
@@ -767,7 +775,7 @@ const MAX_TRACE_BODY: usize = 1024 * 1024;
 
 /// Decrements `Max-Forwards` on a TRACE; false when it is already 0 and
 /// the request must not be forwarded.
-pub(crate) fn forwardable_trace(req: &mut Request<Incoming>) -> bool {
+pub(crate) fn forwardable_trace<B>(req: &mut Request<B>) -> bool {
     let Some(n) = req
         .headers()
         .get(header::MAX_FORWARDS)
@@ -785,7 +793,7 @@ pub(crate) fn forwardable_trace(req: &mut Request<Incoming>) -> bool {
 }
 
 /// The final recipient's answer to a TRACE: the request as received.
-pub(crate) fn reflect(req: &Request<Incoming>) -> Response<ProxyBody> {
+pub(crate) fn reflect<B>(req: &Request<B>) -> Response<ProxyBody> {
     let mut msg = format!("{} {} {:?}\r\n", req.method(), req.uri(), req.version());
     for (name, value) in req.headers() {
         msg.push_str(name.as_str());
@@ -863,14 +871,14 @@ pub(crate) async fn add_context(
 
 /// The authority the client addressed: `:authority` (HTTP/2, absolute
 /// URIs) or `Host`.
-pub(crate) fn authority(req: &Request<Incoming>) -> Option<&str> {
+pub(crate) fn authority<B>(req: &Request<B>) -> Option<&str> {
     req.uri()
         .authority()
         .map(|a| a.as_str())
         .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
 }
 
-pub(crate) fn is_grpc(req: &Request<Incoming>) -> bool {
+pub(crate) fn is_grpc<B>(req: &Request<B>) -> bool {
     req.headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -878,7 +886,7 @@ pub(crate) fn is_grpc(req: &Request<Incoming>) -> bool {
 }
 
 /// Whether a body may fit the replay buffer: not known to be larger.
-fn may_fit(body: &Incoming, limit: usize) -> bool {
+fn may_fit(body: &ProxyBody, limit: usize) -> bool {
     body.is_end_stream() || body.size_hint().lower() <= limit as u64
 }
 
@@ -985,7 +993,7 @@ fn timeout_detail(
 }
 
 /// What a response says for retry purposes; `None` is a success.
-fn observed_in(resp: &Response<Incoming>) -> Option<Outcome> {
+fn observed_in<B>(resp: &Response<B>) -> Option<Outcome> {
     if let Some(code) = resp
         .headers()
         .get("grpc-status")
@@ -1001,20 +1009,10 @@ fn observed_in(resp: &Response<Incoming>) -> Option<Outcome> {
 }
 
 /// The endpoint's response, on its way to the client.
-pub(crate) fn finish(resp: Response<Incoming>) -> Response<ProxyBody> {
+pub(crate) fn finish(resp: Response<ProxyBody>) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
-    Response::from_parts(parts, incoming(body))
-}
-
-/// A copy of a request that has no body: method, URI, version, headers.
-fn bodiless_copy(req: &Request<ProxyBody>) -> Request<ProxyBody> {
-    let mut copy = Request::new(crate::http::body::empty());
-    *copy.method_mut() = req.method().clone();
-    *copy.uri_mut() = req.uri().clone();
-    *copy.version_mut() = req.version();
-    *copy.headers_mut() = req.headers().clone();
-    copy
+    Response::from_parts(parts, body)
 }
 
 /// The failed attempt for a connection that could not be made.

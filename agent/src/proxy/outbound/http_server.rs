@@ -1,14 +1,20 @@
 //! Serving a pod's HTTP connection (after detection said HTTP/1 or h2).
 //!
-//! hyper parses and enforces the protocol: malformed request lines, bad
-//! header names, oversized heads, h2 flow-control and stream limits all
-//! end in a protocol error for that connection, never in the proxy. Limits
-//! are set explicitly here, with the reason for each value.
+//! HTTP/1.1 is served by the proxy's own codec ([`crate::http::h1`]: no
+//! buffer held by an idle keep-alive connection), HTTP/2 by hyper. Either
+//! enforces the protocol: malformed request lines, bad header names,
+//! oversized heads, h2 flow-control and stream limits all end in a
+//! protocol error for that connection, never in the proxy. Limits are set
+//! explicitly here, with the reason for each value.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::server::conn::{http1, http2};
+use std::convert::Infallible;
+
+use http::Request;
+use hyper::body::Incoming;
+use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
@@ -16,7 +22,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::diagnostics::metrics::RefusedLabels;
+use crate::http::body::{ProxyBody, incoming};
 use crate::http::drain::{self, Activity as Requests};
+use crate::http::h1;
 use crate::proxy::outbound::forward::{ConnCtx, HttpProxy};
 use crate::transport::h2_refused::{self, RefusedStreams};
 use crate::transport::http_pool::Version;
@@ -33,6 +41,15 @@ pub(crate) const MAX_H2_HEADER_LIST: u32 = 128 * 1024;
 pub(crate) const MAX_H2_STREAMS: u32 = crate::config::limits::DEFAULT_H2_MAX_CONCURRENT_STREAMS;
 /// How long a client may take to send its request head (slowloris).
 pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How a served connection ended badly (for the debug log).
+#[derive(Debug, thiserror::Error)]
+enum ServeError {
+    #[error(transparent)]
+    H1(h1::Error),
+    #[error(transparent)]
+    H2(hyper::Error),
+}
 
 /// Serves one downstream connection until it closes. Once `draining` is
 /// cancelled, or the connection has been idle for `limits.idle_timeout`,
@@ -81,12 +98,11 @@ pub async fn serve(
     };
     let requests = Arc::new(Requests::default());
     let (svc_activity, svc_draining) = (requests.clone(), draining.clone());
-    // The request future is boxed: hyper's HTTP/1 dispatcher keeps a slot
-    // for the service's future for the whole life of the connection, sized
-    // like the future (13 KiB unboxed); boxed, an idle keep-alive
-    // connection holds a pointer and the future exists only while a request
-    // is in flight.
-    let svc = service_fn(move |req| {
+    // The request future is boxed: the connection's future is sized for
+    // the largest state it may be in, and a request in flight is large
+    // (13 KiB unboxed); boxed, an idle keep-alive connection holds no room
+    // for it and the future exists only while a request is in flight.
+    let handle = move |req: Request<ProxyBody>| {
         let proxy = proxy.clone();
         let ctx = ctx.clone();
         let in_flight = svc_activity.begin();
@@ -97,37 +113,48 @@ pub async fn serve(
             let mut resp = proxy.handle(&ctx, req).await;
             drain::mark_last(ctx.version, &draining, &mut resp);
             drop(in_flight);
-            Ok::<_, std::convert::Infallible>(resp)
+            resp
         })
-    });
-    let serve = async {
-        match version {
-            Version::Http1 => {
-                let conn = http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_READ_TIMEOUT)
-                    .max_buf_size(MAX_H1_HEAD)
-                    .keep_alive(true)
-                    .serve_connection(TokioIo::new(io), svc)
-                    .with_upgrades();
-                drain::until_drained(conn, version, &requests, &draining, |c| {
-                    c.graceful_shutdown()
-                })
-                .await
-            }
-            Version::Http2 => {
-                let conn = http2::Builder::new(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    .max_concurrent_streams(h2_streams)
-                    .max_header_list_size(MAX_H2_HEADER_LIST)
-                    .serve_connection(TokioIo::new(RefusedStreams::new(io, refused)), svc);
-                drain::until_drained(conn, version, &requests, &draining, |c| {
-                    c.graceful_shutdown()
-                })
-                .await
-            }
-        }
     };
+    // Each protocol's connection is boxed on its own: the connection's
+    // future would otherwise be sized for the larger of the two, and an
+    // idle HTTP/1 connection would carry room for hyper's HTTP/2 state.
+    let (conn_requests, conn_draining) = (requests.clone(), draining.clone());
+    let serve: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ServeError>> + Send>> =
+        match version {
+            Version::Http1 => Box::pin(async move {
+                // The codec's graceful stop, which the drain asks for.
+                let stop = h1::Stop::default();
+                let config = h1::Config {
+                    max_head: MAX_H1_HEAD,
+                    header_read_timeout: HEADER_READ_TIMEOUT,
+                };
+                let conn = std::pin::pin!(h1::serve(io, config, &stop, handle));
+                drain::until_drained(conn, version, &conn_requests, &conn_draining, |_| {
+                    stop.ask()
+                })
+                .await
+                .map_err(ServeError::H1)
+            }),
+            Version::Http2 => Box::pin(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let resp = handle(req.map(incoming));
+                    async move { Ok::<_, Infallible>(resp.await) }
+                });
+                let conn = std::pin::pin!(
+                    http2::Builder::new(TokioExecutor::new())
+                        .timer(TokioTimer::new())
+                        .max_concurrent_streams(h2_streams)
+                        .max_header_list_size(MAX_H2_HEADER_LIST)
+                        .serve_connection(TokioIo::new(RefusedStreams::new(io, refused)), svc)
+                );
+                drain::until_drained(conn, version, &conn_requests, &conn_draining, |c| {
+                    c.graceful_shutdown()
+                })
+                .await
+                .map_err(ServeError::H2)
+            }),
+        };
     tokio::pin!(serve);
     let result = tokio::select! {
         r = &mut serve => r,

@@ -513,8 +513,10 @@ impl Outbound {
             let path = self.upstreams.path(conn.pod.identity.as_ref(), node);
             conn.live.set_protocol(ConnProtocol::Opaque);
             let o = opened.insert(self.open(conn, path.tls()));
-            return self
-                .opaque(client, conn, &path, conn.dst, &o.labels, transferred)
+            // Boxed (here and below): a connection's task is sized for the
+            // largest future it may hold, and an HTTP connection, which
+            // lives far longer, should not carry room for the copy's.
+            return Box::pin(self.opaque(client, conn, &path, conn.dst, &o.labels, transferred))
                 .await;
         };
         conn.live.set_service(&service.name);
@@ -523,7 +525,9 @@ impl Outbound {
         {
             Protocol::Opaque
         } else {
-            let (p, outcome) = detect::detect(&client, self.detect_timeout).await;
+            // Boxed: detection is over in a moment, the connection's task
+            // lives on without room for its timer.
+            let (p, outcome) = Box::pin(detect::detect(&client, self.detect_timeout)).await;
             if outcome == detect::Outcome::Closed {
                 return (Close::Eof, None);
             }
@@ -549,9 +553,15 @@ impl Outbound {
                 let o = opened.insert(self.open(conn, path.tls()));
                 // The pick stays alive for the connection: in-flight is the
                 // number of open connections for opaque traffic.
-                return self
-                    .opaque(client, conn, &path, endpoint.addr, &o.labels, transferred)
-                    .await;
+                return Box::pin(self.opaque(
+                    client,
+                    conn,
+                    &path,
+                    endpoint.addr,
+                    &o.labels,
+                    transferred,
+                ))
+                .await;
             }
         };
         opened.get_or_insert_with(|| self.open(conn, TlsLabel::PerRequest));
