@@ -63,6 +63,10 @@ pub struct EndpointRow {
     /// answered twice or failed once (docs/endpoints.md).
     #[serde(default)]
     pub new: bool,
+    /// P2C comparisons it lost since it was last chosen; `ewma_ms` is
+    /// divided by `1 + passed_over / 10` for them (docs/endpoints.md).
+    #[serde(default)]
+    pub passed_over: u32,
     /// Connections made to it for requests. Their setup (TCP connect;
     /// through the tunnel, the `CONNECT` exchange and any TLS handshake;
     /// the HTTP handshake) is timed here and never counted in `ewma_ms`.
@@ -198,6 +202,7 @@ fn row(
         ewma_ms: fractional_ms(v.ewma),
         latency_samples: v.samples,
         new: v.warming,
+        passed_over: v.passed_over,
         connects: v.connects.total,
         connect_last_ms: v.connects.last.map(fractional_ms),
         connect_mean_ms: v.connects.mean().map(fractional_ms),

@@ -61,6 +61,17 @@ impl PeakEwma {
         self.stamp = self.stamp.max(now);
     }
 
+    /// Multiplies the estimate as of `now` by `factor` (below 1): the
+    /// balancer's discount of an estimate it kept passing over (see
+    /// `stats::LOSSES_TO_HALVE`), made part of the estimate when the
+    /// endpoint is chosen again, so that its next answer is weighed
+    /// against what P2C believed when it chose it, not against the stale
+    /// peak it discounted.
+    pub fn scale(&mut self, now: Instant, factor: f64) {
+        self.estimate_ns = self.get_ns(now) * factor;
+        self.stamp = self.stamp.max(now);
+    }
+
     /// `e^(-Δt/decay)`: how much of the previous estimate survives to
     /// `now`; `None` when no decay is configured, which means "no
     /// smoothing": the last sample is the estimate and does not fade.
@@ -145,6 +156,30 @@ mod tests {
         assert_eq!(ms(e.get_ns(t0 + MS)), 0.2);
         // And it fades from there like any estimate.
         assert!(ms(e.get_ns(t0 + MS + DECAY)) < 0.1);
+    }
+
+    #[test]
+    fn scale_discounts_the_faded_estimate_from_now_on() {
+        let t0 = Instant::now();
+        let mut e = PeakEwma::new(8 * MS, DECAY, t0);
+        e.scale(t0 + DECAY, 0.5);
+        let t1 = t0 + DECAY;
+        let scaled = ms(e.get_ns(t1));
+        assert!(
+            (scaled - 4.0 / std::f64::consts::E).abs() < 1e-9,
+            "{scaled}"
+        );
+        // It fades from there, as of the scaling.
+        let later = ms(e.get_ns(t1 + DECAY));
+        assert!(
+            (later - scaled / std::f64::consts::E).abs() < 1e-9,
+            "{later}"
+        );
+        // A higher answer is a peak as before; a lower one is smoothed.
+        e.observe(t1, 3 * MS);
+        assert_eq!(ms(e.get_ns(t1)), 3.0);
+        e.observe(t1 + MS, MS);
+        assert!(ms(e.get_ns(t1 + MS)) > 2.99);
     }
 
     #[test]

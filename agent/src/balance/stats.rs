@@ -2,7 +2,7 @@
 //! in flight, failure streak and ejection — and the rules that change it
 //! when a request to it starts and ends.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -18,6 +18,13 @@ pub struct EndpointStats {
     /// critical sections are a few arithmetic operations.
     state: Mutex<State>,
     in_flight: AtomicUsize,
+    /// P2C comparisons lost since the endpoint was last chosen: counted by
+    /// the winner's pick without taking this endpoint's lock, set aside
+    /// when the endpoint is chosen and folded into the estimate at its
+    /// answer (see [`LOSSES_TO_HALVE`]). Wrapping after 2^32 losses in a row (a
+    /// drained endpoint of a busy service, after days) only restarts the
+    /// discount.
+    passed_over: AtomicU32,
     ejections_total: AtomicU64,
 }
 
@@ -37,6 +44,10 @@ struct State {
     /// Latency samples taken into the estimate, ever (while warming: its
     /// successful answers).
     samples: u64,
+    /// Comparisons lost before the endpoint was last chosen, not yet part
+    /// of the estimate: its next answer folds them in (see
+    /// [`LOSSES_TO_HALVE`]).
+    unfolded: u32,
     /// Connections made to the endpoint and how long they took: kept
     /// apart from the latency estimate, which they would distort.
     connects: Connects,
@@ -72,6 +83,25 @@ impl State {
 /// that, being a peak, would then only fade over `decay`.
 pub const WARMUP_ANSWERS: u32 = 2;
 
+/// P2C comparisons an endpoint must lose in a row for its estimate to
+/// count half: after `k` lost comparisons it is compared at
+/// `estimate / (1 + k / LOSSES_TO_HALVE)`, a third after 20, and so on
+/// (why: "Endpoints P2C passes over" in the module doc of `balance`).
+///
+/// Hyperbolic rather than exponential, so that retrying an endpoint that
+/// really is slower stays cheap however slow it is: `c`× slower than the
+/// peer it loses to, it is chosen again after `LOSSES_TO_HALVE × (c − 1)`
+/// lost comparisons, and its answer costs `c − 1` peer latencies more —
+/// a tenth of a peer's latency per lost comparison at most. Ten: a
+/// descheduled thread's 4× answer costs an equal endpoint 30 comparisons,
+/// and one 10× slower than its peers gets 1–2 % of sequential calls.
+pub const LOSSES_TO_HALVE: u32 = 10;
+
+/// What an estimate passed over `k` times in a row counts for.
+fn discount_after(k: u32) -> f64 {
+    1.0 / (1.0 + f64::from(k) / f64::from(LOSSES_TO_HALVE))
+}
+
 /// Connection setup to an endpoint (TCP connect; through the tunnel, the
 /// `CONNECT` exchange and the TLS handshake when a tunnel connection had to
 /// be made; the HTTP handshake): what it cost, kept out of the latency
@@ -103,7 +133,11 @@ impl Connects {
 /// An endpoint as an operator sees it (`waymark endpoints`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct EndpointView {
+    /// The latency estimate as P2C compares it now (with the discount for
+    /// comparisons lost since it was last chosen).
     pub ewma: Duration,
+    /// P2C comparisons lost since it was last chosen.
+    pub passed_over: u32,
     /// Latency samples behind `ewma` (0: it is still the prior).
     pub samples: u64,
     /// New: preferred while idle until it has answered
@@ -158,6 +192,7 @@ impl EndpointStats {
                 prior: config.default_rtt,
                 warming: true,
                 samples: 0,
+                unfolded: 0,
                 connects: Connects::default(),
                 consecutive_failures: 0,
                 ejected_until: None,
@@ -166,13 +201,25 @@ impl EndpointStats {
                 history: None,
             }),
             in_flight: AtomicUsize::new(0),
+            passed_over: AtomicU32::new(0),
             ejections_total: AtomicU64::new(0),
         }
     }
 
-    /// The latency estimate at `now`.
+    /// The latency estimate at `now`, as P2C compares it.
     pub fn ewma(&self, now: Instant) -> Duration {
-        Duration::from_nanos(self.lock().ewma.get_ns(now) as u64)
+        Duration::from_nanos(self.estimate_ns(&self.lock(), now) as u64)
+    }
+
+    /// The estimate at `now`, discounted for the comparisons lost since
+    /// the endpoint was last chosen.
+    fn estimate_ns(&self, state: &State, now: Instant) -> f64 {
+        state.ewma.get_ns(now) * self.discount()
+    }
+
+    /// What its estimate counts for now ([`LOSSES_TO_HALVE`]).
+    fn discount(&self) -> f64 {
+        discount_after(self.passed_over.load(Ordering::Relaxed))
     }
 
     /// Connections made to the endpoint and their setup times.
@@ -200,7 +247,8 @@ impl EndpointStats {
     pub fn view(&self, now: Instant) -> EndpointView {
         let state = self.lock();
         EndpointView {
-            ewma: Duration::from_nanos(state.ewma.get_ns(now) as u64),
+            ewma: Duration::from_nanos(self.estimate_ns(&state, now) as u64),
+            passed_over: self.passed_over.load(Ordering::Relaxed),
             samples: state.samples,
             warming: state.warming,
             connects: state.connects,
@@ -255,7 +303,9 @@ impl EndpointStats {
     /// endpoint that has answered, so P2C sends it a request as soon as it
     /// draws it. With requests in flight it costs its first answer, or,
     /// before that, the prior — one request at a time while peers are
-    /// faster than the prior, never a flood.
+    /// faster than the prior, never a flood. Either estimate is
+    /// discounted for the comparisons the endpoint has lost since it was
+    /// last chosen ([`LOSSES_TO_HALVE`]).
     pub(super) fn snapshot(&self, now: Instant) -> Snapshot {
         let state = self.lock();
         let in_flight = self.in_flight() as f64;
@@ -263,7 +313,7 @@ impl EndpointStats {
             state.prior.as_nanos() as f64
         } else {
             state.ewma.get_ns(now)
-        };
+        } * self.discount();
         let cost = if state.warming && in_flight == 0.0 {
             0.0
         } else {
@@ -277,17 +327,30 @@ impl EndpointStats {
     }
 
     /// Claims the endpoint for one request if it is available now: in
-    /// service (a normal request) or due for its single probe.
+    /// service (a normal request) or due for its single probe. The
+    /// discount it earned by being passed over is set aside until the
+    /// answer: meanwhile the endpoint costs its undiscounted estimate (a
+    /// request out is a test enough; an endpoint really slower must not
+    /// win every comparison until its slow answer arrives), and then the
+    /// answer confirms the discounted estimate or, a peak, replaces it.
     pub(super) fn try_acquire(&self, now: Instant) -> Option<Role> {
         let mut state = self.lock();
-        match state.ejected_until {
-            None => Some(Role::Normal),
+        let role = match state.ejected_until {
+            None => Role::Normal,
             Some(_) if state.available(now) => {
                 state.probe_in_flight = true;
-                Some(Role::Probe)
+                Role::Probe
             }
-            Some(_) => None,
-        }
+            Some(_) => return None,
+        };
+        let k = self.passed_over.swap(0, Ordering::Relaxed);
+        state.unfolded = state.unfolded.saturating_add(k);
+        Some(role)
+    }
+
+    /// P2C chose another endpoint over this one.
+    pub(super) fn pass_over(&self) {
+        self.passed_over.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(super) fn start(&self) {
@@ -316,6 +379,10 @@ impl EndpointStats {
         config: &BalanceConfig,
     ) {
         let mut state = self.lock();
+        if state.unfolded > 0 {
+            let k = std::mem::take(&mut state.unfolded);
+            state.ewma.scale(now, discount_after(k));
+        }
         state.take_sample(now, latency, success);
         if role == Role::Probe {
             state.probe_in_flight = false;
@@ -693,6 +760,89 @@ mod tests {
             s.finish(Role::Normal, now, latency, true, c);
         }
         assert!(!s.view(now).warming);
+    }
+
+    #[test]
+    fn a_passed_over_estimate_counts_for_less_until_its_next_answer() {
+        let t0 = Instant::now();
+        let (s, c) = stats(t0);
+        warm(&s, &c, t0, 4 * MS);
+        let full = s.snapshot(t0).cost;
+        for _ in 0..LOSSES_TO_HALVE {
+            s.pass_over();
+        }
+        let v = s.view(t0);
+        assert_eq!((v.ewma, v.passed_over), (2 * MS, LOSSES_TO_HALVE));
+        let halved = s.snapshot(t0).cost;
+        assert!(
+            (halved - (2e6 + COST_FLOOR_NS)).abs() < 1.0,
+            "{halved} vs {full}"
+        );
+        for _ in 0..LOSSES_TO_HALVE {
+            s.pass_over();
+        }
+        assert_eq!(s.ewma(t0).as_nanos(), 4_000_000 / 3);
+        // Chosen: while its request is out it costs the undiscounted
+        // estimate, so a really slower endpoint gets one request, not
+        // every comparison until its slow answer is in.
+        assert_eq!(s.try_acquire(t0), Some(Role::Normal));
+        s.start();
+        assert_eq!(s.view(t0).passed_over, 0);
+        assert!((s.snapshot(t0).cost - full * 2.0).abs() < 1.0);
+        // Its answer is weighed against the discounted estimate: lower,
+        // it barely moves it (no time has passed) …
+        s.finish(Role::Normal, t0, MS, true, &c);
+        s.end();
+        let after = s.ewma(t0);
+        assert!(
+            after <= 4 * MS / 3 && after > 4 * MS / 3 - MS / 100,
+            "{after:?}"
+        );
+        // … higher, it is a peak and the estimate at once.
+        for _ in 0..3 * LOSSES_TO_HALVE {
+            s.pass_over();
+        }
+        assert_eq!(s.try_acquire(t0), Some(Role::Normal));
+        s.finish(Role::Normal, t0, 5 * MS, true, &c);
+        assert_eq!(s.ewma(t0), 5 * MS);
+    }
+
+    #[test]
+    fn an_estimate_c_times_its_peers_is_back_after_ten_c_minus_one_losses() {
+        // The rule behind the bounded cost of retrying a slow endpoint.
+        let t0 = Instant::now();
+        for c in [2u32, 4, 20, 1000] {
+            let (s, cfg) = stats(t0);
+            warm(&s, &cfg, t0, MS * c);
+            let back = LOSSES_TO_HALVE * (c - 1);
+            for _ in 0..back - 1 {
+                s.pass_over();
+            }
+            assert!(s.ewma(t0) > MS, "{c}×: back too early");
+            s.pass_over();
+            assert_eq!(s.ewma(t0), MS, "{c}×");
+        }
+    }
+
+    #[test]
+    fn a_new_endpoint_passed_over_while_busy_is_still_tried_one_request_at_a_time() {
+        // Its cost with a request out is the prior, discounted like any
+        // estimate: against 1 ms peers a second request needs 590 lost
+        // comparisons (the prior × 2 down to 1 ms).
+        let t0 = Instant::now();
+        let (s, c) = stats(t0);
+        s.start();
+        for _ in 0..LOSSES_TO_HALVE {
+            s.pass_over();
+        }
+        let half_prior = c.default_rtt.as_nanos() as f64 / 2.0;
+        let busy = s.snapshot(t0).cost;
+        assert!(
+            (busy - (half_prior + COST_FLOOR_NS) * 2.0).abs() < 1.0,
+            "{busy}"
+        );
+        s.end();
+        assert_eq!(s.snapshot(t0).cost, 0.0, "idle and new: free");
     }
 
     #[test]

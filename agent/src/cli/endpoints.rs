@@ -148,6 +148,7 @@ mod tests {
             ewma_ms: 2896.0,
             latency_samples: 5,
             new: false,
+            passed_over: 0,
             connects: 2,
             connect_last_ms: Some(1.5),
             connect_mean_ms: Some(1.0),

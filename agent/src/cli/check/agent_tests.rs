@@ -225,6 +225,7 @@ fn failing_endpoints_are_warned_about_by_name() {
         ewma_ms: 1.0,
         latency_samples: 10,
         new: false,
+        passed_over: 0,
         connects: 1,
         connect_last_ms: None,
         connect_mean_ms: None,
