@@ -625,9 +625,14 @@ const HOLD_N: &str = r#"
 import socket, sys
 host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 socks, ok, refused = [], 0, 0
+errors = []
 for i in range(n):
-    s = socket.create_connection((host, port), timeout=5)
-    socks.append(s)
+    try:
+        socks.append(socket.create_connection((host, port), timeout=10))
+    except OSError as e:
+        # Reset at accept before connect() returned, or no answer.
+        refused += 1
+        errors.append(repr(e))
 for s in socks:
     try:
         s.sendall(b"x")
@@ -638,6 +643,7 @@ for s in socks:
     except OSError:
         refused += 1
 print("ok", ok, "refused", refused, flush=True)
+print("errors", errors, file=sys.stderr, flush=True)
 sys.stdin.read()
 "#;
 
