@@ -183,7 +183,7 @@ where
         // endpoint sent after its head.
         let (tx, rx) = oneshot::channel();
         let io: Box<dyn UpgradeIo> = Box::new(io);
-        let _ = tx.send(Upgraded::new(io, buf.freeze()));
+        let _ = tx.send(Upgraded::new(buf.freeze(), io));
         resp.extensions_mut()
             .insert(OnUpgrade(Arc::new(Mutex::new(Some(rx)))));
         *resp.headers_mut() = headers;

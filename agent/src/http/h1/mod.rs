@@ -174,7 +174,7 @@ where
             }
             After::Upgrade(tx) => {
                 let io = conn.0.into_inner().unwrap_or_else(|e| e.into_inner());
-                let _ = tx.send(upgrade::Upgraded::new(Box::new(io), buf.freeze()));
+                let _ = tx.send(upgrade::Upgraded::new(buf.freeze(), Box::new(io)));
                 return Ok(());
             }
         }

@@ -5,32 +5,22 @@
 //! The same call serves a request that hyper parsed (the inbound side's
 //! tunnel streams), so the forwarding code has one way to ask.
 
-use std::io;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
+
+use crate::transport::rewind::Rewind;
 
 /// Any byte stream a connection can be upgraded from.
 pub trait UpgradeIo: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> UpgradeIo for T {}
 
-/// The client's connection after a `101`.
-pub struct Upgraded {
-    io: Box<dyn UpgradeIo>,
-    /// Read from the client already, after its request head.
-    prefix: Bytes,
-}
-
-impl Upgraded {
-    pub(super) fn new(io: Box<dyn UpgradeIo>, prefix: Bytes) -> Self {
-        Upgraded { io, prefix }
-    }
-}
+/// The client's connection after a `101`: the bytes it sent after its
+/// request head (read already) come first, then the connection.
+pub type Upgraded = Rewind<Box<dyn UpgradeIo>>;
 
 /// A request's way to its connection once upgraded (a request extension
 /// the HTTP/1 server adds to a request asking for an upgrade; extensions
@@ -65,10 +55,8 @@ pub fn on<B>(
                 .map_err(|_| UpgradeError::Closed),
             (None, Some(on)) => {
                 let upgraded = on.await?;
-                Ok(Upgraded::new(
-                    Box::new(TokioIo::new(upgraded)),
-                    Bytes::new(),
-                ))
+                let io: Box<dyn UpgradeIo> = Box::new(TokioIo::new(upgraded));
+                Ok(Rewind::new(Bytes::new(), io))
             }
             (None, None) => Err(UpgradeError::NotUpgradable),
         }
@@ -93,43 +81,5 @@ pub fn on_response<B>(
             .ok_or(UpgradeError::NotUpgradable)?
             .await
             .map_err(|_| UpgradeError::Closed)
-    }
-}
-
-impl AsyncRead for Upgraded {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix[..n]);
-            self.prefix.advance(n);
-            if self.prefix.is_empty() {
-                // An emptied slice still holds its whole buffer: let go.
-                self.prefix = Bytes::new();
-            }
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Upgraded {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
