@@ -59,10 +59,10 @@
 //! makes any slow answer the estimate at once and lets it fade only over
 //! `decay`, and with nothing in flight (sequential calls, a few callers)
 //! P2C then sends the endpoint nothing, so nothing refreshes the number
-//! either. On freshly started agents one of two equal endpoints behind
-//! the tunnel got 3, 13, 20, 24 of 300 sequential calls after a slow
-//! answer or two, and the endpoint on the client's node lost its
-//! preference for a whole run (87 of 300) after one of its own; in
+//! either. On freshly started agents (release build) one of two equal
+//! endpoints behind the tunnel got 2, 3, 12, 12 and 21 of 300 sequential
+//! calls in five runs of eight after a slow answer, and once the endpoint
+//! on the client's node, the fastest, got 4 after one of its own; in
 //! simulation 8 callers over three equal noisy endpoints left one with
 //! 19 % (linkerd2 #14086 is the same complaint about Linkerd).
 //!
