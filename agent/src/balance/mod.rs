@@ -52,7 +52,7 @@
 //! over a window to protect cold servers: the opposite concern, and for a
 //! per-node proxy that sees only its node's share of the traffic a
 //! newcomer's first few requests are not a threat.
-
+//!
 //! ## Endpoints P2C passes over
 //!
 //! Getting a new endpoint its first requests is not enough: peak EWMA
@@ -82,14 +82,14 @@
 //! comparison at most (in simulation, one endpoint 10× slower than two
 //! peers gets 1–2 % of sequential calls and raises their mean latency
 //! by about a tenth; Linkerd sends it nothing until `decay` has worn its
-//! estimate down, 23 s). While the retry is out the endpoint costs its
+//! estimate down, 23 s for 10×). While the retry is out the endpoint costs its
 //! undiscounted estimate, so a really slower one gets one request, not
 //! every comparison until its slow answer arrives. Where latency really
 //! differs locality stays: 0.3 ms here against 5 ms behind the tunnel
 //! keeps the near endpoint on every pair it is in bar the retries; where
-//! it differs by 2.7× (0.3 against 0.8 ms) the near one still takes 58 %
-//! of sequential calls on average, and at least 45 % in every run where
-//! the peak alone had let it fall to 6 %.
+//! it differs by 2.7× (0.3 against 0.8 ms, noisy answers, simulated) the
+//! near one still takes 58 % of sequential calls on average, and at least
+//! 45 % in every run, where the peak alone had let it fall to 6 %.
 
 mod ewma;
 mod history;
