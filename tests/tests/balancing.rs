@@ -2,10 +2,11 @@
 //! first request must not condemn an endpoint"): on freshly started agents,
 //! one gRPC channel's calls reach every endpoint — one on the client's node,
 //! two on the other node through the mTLS tunnel, whose first request pays
-//! the TLS handshake — eight concurrent callers share three equal endpoints,
-//! and the endpoint on the client's node keeps its preference where it
-//! really answers faster. Real agents with mTLS, real gRPC peers (python3's
-//! grpcio) in pods.
+//! the TLS handshake — and each keeps a share after its own slow answers;
+//! eight concurrent callers share three equal endpoints, and the endpoint
+//! on the client's node keeps its preference where it really answers
+//! faster. Real agents with mTLS, real gRPC peers (python3's grpcio) in
+//! pods.
 //!
 //! The assertions count calls per endpoint; none is about time.
 
@@ -150,18 +151,19 @@ fn endpoints(node: &Node) -> Result<Value> {
     Ok(v["services"][0]["endpoints"].clone())
 }
 
-/// One line per endpoint: address, estimate, samples, connections made and
-/// their setup time, path.
+/// One line per endpoint: address, estimate, samples, comparisons lost
+/// since last chosen, connections made and their setup time, path.
 fn view(node: &Node) -> String {
     match endpoints(node) {
         Ok(Value::Array(rows)) => rows
             .iter()
             .map(|e| {
                 format!(
-                    "  {} ewma {:.2}ms samples {} connects {} last {:.2}ms max {:.2}ms {}",
+                    "  {} ewma {:.2}ms samples {} passed over {} connects {} last {:.2}ms max {:.2}ms {}",
                     e["addr"].as_str().unwrap_or("?"),
                     e["ewma_ms"].as_f64().unwrap_or(f64::NAN),
                     e["latency_samples"],
+                    e["passed_over"],
                     e["connects"],
                     e["connect_last_ms"].as_f64().unwrap_or(f64::NAN),
                     e["connect_max_ms"].as_f64().unwrap_or(f64::NAN),
@@ -194,13 +196,26 @@ fn one_connection(node: &Node, client: &Pod) -> Result<()> {
 }
 
 /// 300 sequential calls over one channel on freshly started agents reach
-/// all three endpoints: the one on the client's node and the two behind the
-/// tunnel, the first of which paid for the TLS handshake. Before, an
-/// unanswered endpoint kept Linkerd's 30 ms prior against sub-millisecond
-/// peers and got none of the 300 (4 runs of 4); the handshake counted as
-/// latency condemned the endpoint whose first request paid it. The setup
-/// shows in `GET /endpoints` and in `waymark_endpoint_connect_ms`, apart
-/// from the estimate.
+/// all three endpoints, each for at least a tenth of them: the one on the
+/// client's node and the two behind the tunnel, the first of which paid
+/// for the TLS handshake. Before, an unanswered endpoint kept Linkerd's
+/// 30 ms prior against sub-millisecond peers and got none of the 300 (4
+/// runs of 4); the handshake counted as latency condemned the endpoint
+/// whose first request paid it; and once every endpoint was tried, one
+/// slow answer (a peak) kept an endpoint out for the rest of the run: 2,
+/// 3, 12, 12 and 21 of 300 in five runs of eight on a release build. The
+/// setup shows in `GET /endpoints` and in `waymark_endpoint_connect_ms`,
+/// apart from the estimate.
+///
+/// What bounds the share from below is the balancer's rule, not a
+/// timing: an endpoint P2C keeps passing over is compared at its estimate
+/// divided by `1 + k / 10` after `k` lost comparisons, so a slow answer
+/// `c`× its peers' keeps it out for about `10 × (c − 1)` of the ~200
+/// comparisons it is in, and then its answers put it back among equals.
+/// Its noise sets the share (a sixth each behind the tunnel when their
+/// noise is alike); a tenth held in every run measured: 45 of 300 at the
+/// least on a release build, 44 on a debug one, 56 with both cores kept
+/// busy (docs/endpoints.md).
 #[test]
 fn sequential_grpc_calls_reach_every_endpoint_through_the_tunnel() {
     require_agent_or_skip!();
@@ -230,8 +245,8 @@ fn sequential_grpc_calls_reach_every_endpoint_through_the_tunnel() {
         );
         one_connection(node, cl)?;
         ensure!(
-            got.iter().all(|&c| c > 0),
-            "an endpoint got no call of {N}: {got:?}; the balancer's view:\n{}",
+            got.iter().all(|&c| c >= u64::from(N) / 10),
+            "an endpoint got less than a tenth of {N} calls: {got:?}; the balancer's view:\n{}",
             view(node)
         );
         // The remote endpoints were reached through the tunnel, which this

@@ -63,10 +63,10 @@ impl PeakEwma {
 
     /// Multiplies the estimate as of `now` by `factor` (below 1): the
     /// balancer's discount of an estimate it kept passing over (see
-    /// `stats::LOSSES_TO_HALVE`), made part of the estimate when the
-    /// endpoint is chosen again, so that its next answer is weighed
-    /// against what P2C believed when it chose it, not against the stale
-    /// peak it discounted.
+    /// `stats::LOSSES_TO_HALVE`), made part of the estimate at the
+    /// endpoint's next answer, so that the answer is weighed against what
+    /// P2C believed when it chose the endpoint, not against the stale peak
+    /// it discounted.
     pub fn scale(&mut self, now: Instant, factor: f64) {
         self.estimate_ns = self.get_ns(now) * factor;
         self.stamp = self.stamp.max(now);

@@ -52,17 +52,17 @@
 //! over a window to protect cold servers: the opposite concern, and for a
 //! per-node proxy that sees only its node's share of the traffic a
 //! newcomer's first few requests are not a threat.
-
+//!
 //! ## Endpoints P2C passes over
 //!
 //! Getting a new endpoint its first requests is not enough: peak EWMA
 //! makes any slow answer the estimate at once and lets it fade only over
 //! `decay`, and with nothing in flight (sequential calls, a few callers)
 //! P2C then sends the endpoint nothing, so nothing refreshes the number
-//! either. On freshly started agents one of two equal endpoints behind
-//! the tunnel got 3, 13, 20, 24 of 300 sequential calls after a slow
-//! answer or two, and the endpoint on the client's node lost its
-//! preference for a whole run (87 of 300) after one of its own; in
+//! either. On freshly started agents (release build) one of two equal
+//! endpoints behind the tunnel got 2, 3, 12, 12 and 21 of 300 sequential
+//! calls in five runs of eight after a slow answer, and once the endpoint
+//! on the client's node, the fastest, got 4 after one of its own; in
 //! simulation 8 callers over three equal noisy endpoints left one with
 //! 19 % (linkerd2 #14086 is the same complaint about Linkerd).
 //!
@@ -82,14 +82,14 @@
 //! comparison at most (in simulation, one endpoint 10× slower than two
 //! peers gets 1–2 % of sequential calls and raises their mean latency
 //! by about a tenth; Linkerd sends it nothing until `decay` has worn its
-//! estimate down, 23 s). While the retry is out the endpoint costs its
+//! estimate down, 23 s for 10×). While the retry is out the endpoint costs its
 //! undiscounted estimate, so a really slower one gets one request, not
 //! every comparison until its slow answer arrives. Where latency really
 //! differs locality stays: 0.3 ms here against 5 ms behind the tunnel
 //! keeps the near endpoint on every pair it is in bar the retries; where
-//! it differs by 2.7× (0.3 against 0.8 ms) the near one still takes 58 %
-//! of sequential calls on average, and at least 45 % in every run where
-//! the peak alone had let it fall to 6 %.
+//! it differs by 2.7× (0.3 against 0.8 ms, noisy answers, simulated) the
+//! near one still takes 58 % of sequential calls on average, and at least
+//! 45 % in every run, where the peak alone had let it fall to 6 %.
 
 mod ewma;
 mod history;
