@@ -43,12 +43,11 @@ use crate::transport::upstream::new_request_id;
 
 /// Per downstream connection: who is calling and what they dialled.
 pub struct ConnCtx {
-    pub pod: String,
-    /// The pod's network namespace, where its direct upstream connections
-    /// are made (`outbound.dial_from = "pod"`).
-    pub netns: Option<PodNetns>,
-    /// The pod's workload identity (mTLS on and one declared).
-    pub identity: Option<SpiffeId>,
+    /// The calling pod: its name, its network namespace (where its direct
+    /// upstream connections are made, `outbound.dial_from = "pod"`) and
+    /// its workload identity (mTLS on and one declared). Shared, not
+    /// copied: an idle connection's context is part of what it costs.
+    pub pod_info: Arc<super::PodInfo>,
     pub client: SocketAddr,
     /// The pod's own address and the client's port (the `forwarded: for=`
     /// of tunnel streams), when the pod's address is known.
@@ -58,6 +57,20 @@ pub struct ConnCtx {
     /// Its entry in the connection table (`waymark conns`): kept while a
     /// request of the connection, or a connection it was upgraded to, runs.
     pub live: Arc<crate::diagnostics::conns::ConnGuard>,
+}
+
+impl ConnCtx {
+    pub fn pod(&self) -> &str {
+        &self.pod_info.name
+    }
+
+    pub fn netns(&self) -> Option<&PodNetns> {
+        self.pod_info.netns.as_ref()
+    }
+
+    pub fn identity(&self) -> Option<&SpiffeId> {
+        self.pod_info.identity.as_ref()
+    }
 }
 
 /// Shared by every HTTP connection of the agent.
@@ -176,7 +189,7 @@ impl HttpProxy {
         // the bench profile showed to cost ~3% of the L7 path.
         let span = debug_span!(
             "request",
-            pod = %ctx.pod,
+            pod = %ctx.pod(),
             src = %ctx.client,
             dst = %ctx.dst,
             method = %req.method(),
@@ -189,12 +202,16 @@ impl HttpProxy {
         let grpc = is_grpc(&req);
         let labels = self
             .metrics
-            .request(&ctx.pod, authority(&req), &service.name, route_name);
+            .request(ctx.pod(), authority(&req), &service.name, route_name);
         let start = Instant::now();
         let mut req = req;
-        let tapped = self
-            .tap
-            .request(&ctx.pod, ctx.client, ctx.dst, Some(&service.name), &mut req);
+        let tapped = self.tap.request(
+            ctx.pod(),
+            ctx.client,
+            ctx.dst,
+            Some(&service.name),
+            &mut req,
+        );
         let trace_mode = trace::mode(req.method(), req.headers());
         let mut context = trace_mode.map(|_| trace::Context {
             node: self.node.clone(),
@@ -250,7 +267,7 @@ impl HttpProxy {
                         resp,
                         mode,
                         &c,
-                        self.buffer_budget.account(&ctx.pod),
+                        self.buffer_budget.account(ctx.pod()),
                     ))
                     .await
                 }
@@ -295,7 +312,7 @@ impl HttpProxy {
             Some(_) if may_fit(&body, self.retry_buffer) => RequestBody::Replay(ReplayBody::new(
                 body,
                 self.retry_buffer,
-                self.buffer_budget.account(&ctx.pod),
+                self.buffer_budget.account(ctx.pod()),
             )),
             _ => RequestBody::Stream(Some(body)),
         };
@@ -325,7 +342,7 @@ impl HttpProxy {
             let path = self
                 .pool
                 .upstreams()
-                .path(ctx.identity.as_ref(), pick.endpoint().node.as_deref());
+                .path(ctx.identity(), pick.endpoint().node.as_deref());
             tap::dispatched(
                 &parts.extensions,
                 &backend.name,
@@ -360,7 +377,7 @@ impl HttpProxy {
                 (Some(p), Some(r)) => Some(p.min(r)),
                 (p, r) => p.or(r),
             };
-            let key = Key::new(addr, path, ctx.netns.as_ref());
+            let key = Key::new(addr, path, ctx.netns());
             let mut used = Used::default();
             let outcome = match limit {
                 Some(limit) => {
@@ -569,7 +586,7 @@ impl HttpProxy {
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
         let headers = || ConnectHeaders {
-            source_workload: ctx.identity.clone(),
+            source_workload: ctx.identity().cloned(),
             source_addr: ctx.source_addr,
             request_id: Some(request_id.clone().unwrap_or_else(new_request_id)),
         };
@@ -650,18 +667,18 @@ impl HttpProxy {
         let grpc = is_grpc(&req);
         let labels = self
             .metrics
-            .request(&ctx.pod, authority(&req), "unknown", DEFAULT_ROUTE);
+            .request(ctx.pod(), authority(&req), "unknown", DEFAULT_ROUTE);
         let start = Instant::now();
         let mut req = req;
         let tapped = self
             .tap
-            .request(&ctx.pod, ctx.client, ctx.dst, None, &mut req);
+            .request(ctx.pod(), ctx.client, ctx.dst, None, &mut req);
         let (parts, body) = req.into_parts();
         let upstream = upstream_request(&parts, body, ctx.version);
         let key = Key::new(
             ctx.dst,
-            self.pool.upstreams().path(ctx.identity.as_ref(), None),
-            ctx.netns.as_ref(),
+            self.pool.upstreams().path(ctx.identity(), None),
+            ctx.netns(),
         );
         ctx.live
             .set_upstream(None, ctx.dst, key.path.peer_identity(), None);
@@ -696,10 +713,8 @@ impl HttpProxy {
         drop(pick);
         let key = Key::new(
             addr,
-            self.pool
-                .upstreams()
-                .path(ctx.identity.as_ref(), node.as_deref()),
-            ctx.netns.as_ref(),
+            self.pool.upstreams().path(ctx.identity(), node.as_deref()),
+            ctx.netns(),
         );
         ctx.live
             .set_upstream(split, addr, key.path.peer_identity(), None);

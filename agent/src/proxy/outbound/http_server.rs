@@ -72,7 +72,7 @@ pub async fn serve(
         proxy
             .limit_refused
             .get_or_create(&RefusedLabels {
-                pod: ctx.pod.clone(),
+                pod: ctx.pod().to_string(),
                 limit: h2_refused::LIMIT,
             })
             .clone()
@@ -85,7 +85,7 @@ pub async fn serve(
     );
     // This connection's own drain: the agent's, or its idle timeout.
     let draining = draining.child_token();
-    let (closed, pod) = (proxy.limit_closed.clone(), ctx.pod.clone());
+    let (closed, pod) = (proxy.limit_closed.clone(), ctx.pod().to_string());
     let idle = async move {
         expired(&bytes, idle_timeout).await;
         closed

@@ -566,9 +566,7 @@ impl Outbound {
         };
         opened.get_or_insert_with(|| self.open(conn, TlsLabel::PerRequest));
         let ctx = Arc::new(ConnCtx {
-            pod: conn.pod.name.clone(),
-            netns: conn.pod.netns.clone(),
-            identity: conn.pod.identity.clone(),
+            pod_info: conn.pod.clone(),
             client: conn.peer,
             source_addr: conn.source_addr(),
             dst: conn.dst,
@@ -739,7 +737,7 @@ impl Outbound {
 
 /// The connection being proxied.
 struct Conn<'a> {
-    pod: &'a PodInfo,
+    pod: &'a Arc<PodInfo>,
     peer: SocketAddr,
     dst: SocketAddr,
     /// Its entry in the connection table.
