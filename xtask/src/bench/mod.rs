@@ -180,8 +180,12 @@ struct Ctx<'a> {
     peers: Vec<Option<Proc>>,
     backend_far: Proc,
     backend_near: Proc,
+    /// The mTLS rows' backend, in pod (1,1).
+    backend_mesh: Proc,
     /// `testpeer grpc` in the far server pod: the gRPC rows' backend.
     backend_grpc: Server,
+    /// The same in pod (1,1), for the tunnelled gRPC row.
+    backend_grpc_mesh: Server,
     /// The body of one gRPC call, for h2load's `-d`.
     grpc_request: PathBuf,
     agent: AgentState,
@@ -260,10 +264,17 @@ impl Ctx<'_> {
 
     fn backend_pids(&self, p: &PathSpec) -> Vec<i32> {
         if p.proto == Proto::Grpc {
-            return vec![self.backend_grpc.pid()];
+            let grpc = if p.tunnel {
+                &self.backend_grpc_mesh
+            } else {
+                &self.backend_grpc
+            };
+            return vec![grpc.pid()];
         }
         let b = if p.same_node {
             &self.backend_near
+        } else if p.tunnel {
+            &self.backend_mesh
         } else {
             &self.backend_far
         };
@@ -279,11 +290,11 @@ impl Ctx<'_> {
             }
         }
         self.backend_far.check_alive()?;
-        if let Some(st) = self.backend_grpc.try_wait()? {
-            bail!(
-                "testpeer grpc exited ({st}): {}",
-                self.backend_grpc.stderr()
-            );
+        self.backend_mesh.check_alive()?;
+        for grpc in [&mut self.backend_grpc, &mut self.backend_grpc_mesh] {
+            if let Some(st) = grpc.try_wait()? {
+                bail!("testpeer grpc exited ({st}): {}", grpc.stderr());
+            }
         }
         self.backend_near.check_alive()
     }
@@ -636,15 +647,29 @@ pub fn run(args: BenchArgs) -> Result<()> {
         topology::HTTP_PORT,
         topology::H2C_PORT,
     )?;
-    let backend_grpc = world.pod(1, 0).serve(
-        Command::new(&bins.testpeer)
-            .arg("grpc")
-            .arg("--listen")
-            .arg(format!("0.0.0.0:{}", topology::GRPC_PORT)),
+    // The mTLS rows' endpoints: the same servers in pod (1,1) (see
+    // `topology`: a tunnelled endpoint's address is never dialled directly).
+    let backend_mesh = peers::start_backend(
+        "backend-n1p1",
+        world.pod(1, 1),
+        world.node(1),
+        &dir,
+        topology::HTTP_PORT,
+        topology::H2C_PORT,
     )?;
+    let grpc_server = |pod: &Pod| {
+        pod.serve(
+            Command::new(&bins.testpeer)
+                .arg("grpc")
+                .arg("--listen")
+                .arg(format!("0.0.0.0:{}", topology::GRPC_PORT)),
+        )
+    };
+    let backend_grpc = grpc_server(world.pod(1, 0))?;
+    let backend_grpc_mesh = grpc_server(world.pod(1, 1))?;
     let grpc_request = load::write_grpc_request(&dir)?;
     let mut iperf_servers = Vec::new();
-    for pod in [world.pod(1, 0), world.pod(0, 1)] {
+    for pod in [world.pod(1, 0), world.pod(1, 1), world.pod(0, 1)] {
         iperf_servers.push(
             pod.serve_until(
                 Command::new("iperf3")
@@ -688,7 +713,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         peers: peer_procs,
         backend_far,
         backend_near,
+        backend_mesh,
         backend_grpc,
+        backend_grpc_mesh,
         grpc_request,
         agent: AgentState::Workers(1),
         loads: vec![],
@@ -975,7 +1002,7 @@ fn notes() -> Vec<String> {
         ),
         format!(
             "gRPC rows (`*-grpc`): the same h2load sending unary calls ({}-byte message, \
-             `content-type: application/grpc`) to `testpeer grpc` in pod (1,0), each path first \
+             `content-type: application/grpc`) to `testpeer grpc` in pod (1,0) (the tunnelled row: (1,1)), each path first \
              probed with one grpcio call; compared with `direct-grpc` only.",
             load::GRPC_MESSAGE_BYTES
         ),

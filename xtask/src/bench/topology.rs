@@ -2,9 +2,14 @@
 //! what state the waymark agents must be in.
 //!
 //! ```text
-//! client pod (0,0) 10.1.0.2 ── node0 ── fabric ── node1 ── server pod (1,0) 10.2.0.2
+//! client pod (0,0) 10.1.0.2 ── node0 ── fabric ── node1 ─┬ server pod (1,0) 10.2.0.2
+//!                                 │                        └ server pod (1,1) 10.2.0.3 (mTLS rows)
 //!                                 └── server pod (0,1) 10.1.0.3 (same-node paths)
 //! ```
+//! The mTLS rows' endpoints live in a pod of their own: an agent tunnels
+//! every connection to a meshed endpoint's address (no mesh bypass), so if
+//! (1,0) were the tunnelled services' endpoint, the one-hop rows (node 1's
+//! agent stopped) could not dial it directly.
 //! Peer proxies run in the node netns, one process per path and node, and
 //! the client dials them explicitly: node 0's pods-bridge address
 //! 10.1.0.1:<port>. A two-hop peer's first proxy forwards to node 1's fabric
@@ -74,36 +79,50 @@ fn service(
 pub fn agent_config_extra() -> String {
     let http = sa(server_ip(), HTTP_PORT);
     let h2c = sa(server_ip(), H2C_PORT);
-    let bulk = sa(server_ip(), IPERF_PORT);
+    let mesh_http = sa(mesh_server_ip(), HTTP_PORT);
+    let mesh_h2c = sa(mesh_server_ip(), H2C_PORT);
+    let mesh_bulk = sa(mesh_server_ip(), IPERF_PORT);
     // The direct and peer rows run with node 0's agent stopped: its
     // programs must go with it (fail open), or every pod connection is
     // refused (the agent's default, `on_agent_down = "closed"`).
     let mut s = String::from("[runtime]\nworkers = 1\n[redirect]\non_agent_down = \"open\"\n");
     s += &service("bench", SERVICE_ADDR, "http1", http, None);
     s += &service("bench-h2", H2_ADDR, "http2", h2c, None);
-    s += &service("bench-mtls", MTLS_HTTP_ADDR, "http1", http, Some("node1"));
+    s += &service(
+        "bench-mtls",
+        MTLS_HTTP_ADDR,
+        "http1",
+        mesh_http,
+        Some("node1"),
+    );
     s += &service(
         "bench-mtls-tcp",
         MTLS_TCP_ADDR,
         "opaque",
-        http,
+        mesh_http,
         Some("node1"),
     );
     s += &service(
         "bench-mtls-bulk",
         MTLS_BULK_ADDR,
         "opaque",
-        bulk,
+        mesh_bulk,
         Some("node1"),
     );
-    s += &service("bench-mtls-h2", MTLS_H2_ADDR, "http2", h2c, Some("node1"));
+    s += &service(
+        "bench-mtls-h2",
+        MTLS_H2_ADDR,
+        "http2",
+        mesh_h2c,
+        Some("node1"),
+    );
     let grpc = sa(server_ip(), GRPC_PORT);
     s += &service("bench-grpc", GRPC_ADDR, "grpc", grpc, None);
     s += &service(
         "bench-mtls-grpc",
         MTLS_GRPC_ADDR,
         "grpc",
-        grpc,
+        sa(mesh_server_ip(), GRPC_PORT),
         Some("node1"),
     );
     s
@@ -223,6 +242,12 @@ pub fn server_ip() -> Ipv4Addr {
     pod_ip(1, 0)
 }
 
+/// The server pod of the mTLS (tunnelled) paths, (1,1): the same servers
+/// as (1,0).
+pub fn mesh_server_ip() -> Ipv4Addr {
+    pod_ip(1, 1)
+}
+
 /// The server pod of the same-node paths, (0,1).
 pub fn same_node_server_ip() -> Ipv4Addr {
     pod_ip(0, 1)
@@ -312,6 +337,7 @@ pub fn plan() -> Plan {
     let client_node_bridge = node_bridge_ip(0);
     let node1_fabric = node_fabric_ip(1);
     let server = server_ip();
+    let mesh_server = mesh_server_ip();
     let local_server = same_node_server_ip();
     let mut paths = vec![
         PathSpec {
@@ -444,7 +470,7 @@ pub fn plan() -> Plan {
             label: "waymark 2 hops mTLS (L7 HTTP/1.1 service)".into(),
             what: format!(
                 "client dials the service address {MTLS_HTTP_ADDR} (protocol http1, one endpoint \
-                 {server}:{HTTP_PORT} on node1); node0's agent parses and routes each request and \
+                 {mesh_server}:{HTTP_PORT} on node1); node0's agent parses and routes each request and \
                  sends it through its pooled upstream connection, a CONNECT stream in the mTLS \
                  tunnel (TLS 1.3, HTTP/2, port 15008) to node1's agent, which checks the client's \
                  identity and connects to the server pod. Both agents `[runtime] workers = 1`"
@@ -468,7 +494,7 @@ pub fn plan() -> Plan {
             label: "waymark 2 hops mTLS (L4 opaque service)".into(),
             what: format!(
                 "client dials {MTLS_TCP_ADDR} (bulk: {MTLS_BULK_ADDR}), an opaque service whose \
-                 endpoint {server}:{HTTP_PORT} (:{IPERF_PORT}) is on node1: node0's agent opens one \
+                 endpoint {mesh_server}:{HTTP_PORT} (:{IPERF_PORT}) is on node1: node0's agent opens one \
                  CONNECT stream per connection in the mTLS tunnel to node1's agent, which connects \
                  to the server pod; bytes copied, HTTP not parsed. Both agents `[runtime] workers = 1`"
             ),
@@ -628,6 +654,7 @@ pub fn plan() -> Plan {
 /// mTLS tunnel). Compared with the direct h2c path only: no peer row.
 fn h2_paths() -> Vec<PathSpec> {
     let server = server_ip();
+    let mesh_server = mesh_server_ip();
     let base = PathSpec {
         id: "direct-h2".into(),
         label: "direct HTTP/2 (h2c), across nodes".into(),
@@ -671,7 +698,7 @@ fn h2_paths() -> Vec<PathSpec> {
             id: "waymark-h2-mtls".into(),
             label: "waymark 2 hops mTLS (L7 HTTP/2 service)".into(),
             what: format!(
-                "h2load dials {MTLS_H2_ADDR} (protocol http2, endpoint {server}:{H2C_PORT} on \
+                "h2load dials {MTLS_H2_ADDR} (protocol http2, endpoint {mesh_server}:{H2C_PORT} on \
                  node1): node0's agent forwards each stream over its HTTP/2 upstream connection, \
                  carried by a CONNECT stream in the mTLS tunnel to node1's agent. Both agents \
                  `[runtime] workers = 1`"
@@ -694,6 +721,7 @@ fn h2_paths() -> Vec<PathSpec> {
 /// direct gRPC path only.
 fn grpc_paths() -> Vec<PathSpec> {
     let server = server_ip();
+    let mesh_server = mesh_server_ip();
     let base = PathSpec {
         id: "direct-grpc".into(),
         label: "direct gRPC unary (h2c), across nodes".into(),
@@ -740,7 +768,7 @@ fn grpc_paths() -> Vec<PathSpec> {
             label: "waymark 2 hops mTLS (L7 gRPC service)".into(),
             what: format!(
                 "h2load's gRPC calls dial {MTLS_GRPC_ADDR} (protocol grpc, endpoint \
-                 {server}:{GRPC_PORT} on node1): node0's agent forwards each call over its \
+                 {mesh_server}:{GRPC_PORT} on node1): node0's agent forwards each call over its \
                  HTTP/2 upstream connection, carried by a CONNECT stream in the mTLS tunnel to \
                  node1's agent. Both agents `[runtime] workers = 1`"
             ),
