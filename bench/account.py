@@ -14,7 +14,7 @@ user = [
  ('TLS (rustls, ring)', ('rustls::', 'ring::', 'ring_core')),
  ('HTTP/2 tunnel (h2, hyper h2)', ('h2::', 'hyper::proto::h2')),
  ('HTTP/1 codec (parse, encode, bodies)', ('http::h1::', 'hyper::proto::h1', 'httparse', 'http_pool::Pool::send', 'inbound::request::PodConn')),
- ('routing, balancing, metrics, tap, trace', ('forward::', 'http_metrics', 'waymark_agent::balance', 'inbound::request::', 'diagnostics::', 'routing::', 'headers::strip')),
+ ('routing, balancing, metrics, tap, trace', ('forward::', 'http_metrics', 'waymark_agent::balance', 'inbound::request::', 'diagnostics::', 'telemetry::', 'routing::', 'headers::strip')),
  ('tokio runtime (scheduler, io driver, timers)', ('tokio::runtime', 'tokio::time')),
 ]
 order = ['kernel: TCP send, and delivery to the receiver (its softirq runs in our context)', 'kernel: TCP receive', 'kernel: epoll_wait, futex, scheduling', 'kernel: other (interrupts, timers)'] + [u[0] for u in user] + ['allocator (malloc/free)', 'other user space']

@@ -15,11 +15,11 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use http::Request;
 use http_body_util::BodyExt;
 use waymark_agent::balance::{BalanceConfig, Balancer, EndpointStats};
-use waymark_agent::diagnostics::http_metrics::{HttpMetrics, observe};
-use waymark_agent::diagnostics::trace::{AttemptRecord, Context, Selected};
 use waymark_agent::http::body::full;
 use waymark_agent::proxy::detect::{H2_PREFACE, classify};
 use waymark_agent::routing::{HeaderMatch, PathMatch, Route, RouteMatch, RouteTable, ValueMatch};
+use waymark_agent::telemetry::http_metrics::{HttpMetrics, observe};
+use waymark_agent::telemetry::trace::{AttemptRecord, Context, Selected};
 
 fn detection(c: &mut Criterion) {
     let mut g = c.benchmark_group("detect");
@@ -145,7 +145,7 @@ fn metrics(c: &mut Criterion) {
     let mut registry = prometheus_client::registry::Registry::default();
     // The sliding windows behind `waymark stat` are recorded on the same
     // path, so they are part of the figure.
-    let stats = Arc::new(waymark_agent::diagnostics::stats::Stats::new(1000));
+    let stats = Arc::new(waymark_agent::telemetry::stats::Stats::new(1000));
     let m = Arc::new(HttpMetrics::new(&mut registry, 100, stats));
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
@@ -200,7 +200,7 @@ fn trace(c: &mut Criterion) {
             "10.1.3.5:8080".parse().unwrap(),
         )),
         result: Some((200, waymark_agent::http::errors::StatusSource::App)),
-        kernel: Some(waymark_agent::diagnostics::trace::KernelFlow {
+        kernel: Some(waymark_agent::telemetry::trace::KernelFlow {
             local: "10.0.0.1:40512".parse().unwrap(),
             peer: "10.1.3.5:8080".parse().unwrap(),
             drops: 0,
@@ -254,8 +254,8 @@ fn upstream_socket(c: &mut Criterion) {
 /// when its guard drops) and of a request (counted, its endpoint noted),
 /// with 10,000 other connections open.
 fn conns(c: &mut Criterion) {
-    use waymark_agent::diagnostics::conns::{ConnProtocol, ConnTable, NewConn};
     use waymark_agent::diagnostics::tap::filter::Direction;
+    use waymark_agent::telemetry::conns::{ConnProtocol, ConnTable, NewConn};
     let table = ConnTable::new();
     let new = |port: u16| NewConn {
         direction: Direction::Out,

@@ -9,7 +9,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 
 // The agent is a binary crate; the bench compiles the module on its own.
 #[allow(dead_code)]
-#[path = "../src/diagnostics/stats.rs"]
+#[path = "../src/telemetry/stats.rs"]
 mod stats;
 
 use stats::{Outcome, Stats};

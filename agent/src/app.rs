@@ -37,7 +37,6 @@ use crate::config::OnAgentDown;
 use crate::config::mesh::InboundMode;
 use crate::data_path::{DataPath, Shared};
 use crate::diagnostics::capture::Captures;
-use crate::diagnostics::metrics::{MapLabels, Metrics};
 use crate::diagnostics::tap::TapHub;
 use crate::discovery::Discovery;
 use crate::drain::Drain;
@@ -53,6 +52,7 @@ use crate::proxy::inbound::{Inbound, StrictCollector, TunnelCollector};
 use crate::redirect::{Pins, Redirect};
 use crate::reload::{ReloadMetrics, Reloader, SharedConfig};
 use crate::telemetry::LogLevelHandle;
+use crate::telemetry::metrics::{MapLabels, Metrics};
 use crate::transport::tunnel::{PoolConfig, TunnelPool};
 use crate::transport::upstream::{Mesh, Upstreams};
 
@@ -79,7 +79,7 @@ impl OriginalDst for KernelOriginalDst {
 /// Runs the agent until SIGTERM/SIGINT and the drain are done.
 pub fn run(config: Config, path: Option<PathBuf>, log_level: LogLevelHandle) -> Result<()> {
     raise_open_files_limit();
-    crate::diagnostics::policy::apply(&config.diagnostics);
+    crate::telemetry::policy::apply(&config.diagnostics);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.runtime.workers)
         .thread_name("waymark-worker")
@@ -213,7 +213,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
     let mut inbound_stats = None;
     let mut inbound_http = None;
     let drain = Drain::default();
-    let conns = crate::diagnostics::conns::ConnTable::new();
+    let conns = crate::telemetry::conns::ConnTable::new();
     crate::proxy::listener::migrate_on_close();
     if let (Some(manager), Some(id)) = (&identity, &config.identity) {
         let node_identity = id

@@ -223,7 +223,7 @@ pub const DEFAULT_ACCEPT_RATE_PER_POD: u32 = 1_000;
 pub const DEFAULT_ACCEPT_BURST_PER_POD: u32 = 200;
 
 /// What the diagnostics on the data path may show or add; applied at start
-/// and on every reload (`diagnostics::policy`).
+/// and on every reload (`telemetry::policy`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DiagnosticsConfig {

@@ -14,8 +14,6 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 
 use crate::config::Config;
-use crate::diagnostics::conns::ConnTable;
-use crate::diagnostics::metrics::Metrics;
 use crate::diagnostics::tap::TapHub;
 use crate::discovery::Discovery;
 use crate::drain::Drain;
@@ -25,6 +23,8 @@ use crate::proxy::OriginalDst;
 use crate::proxy::outbound::accept_rate::AcceptRate;
 use crate::proxy::outbound::forward::HttpProxy;
 use crate::proxy::outbound::{ConnLimits, Outbound};
+use crate::telemetry::conns::ConnTable;
+use crate::telemetry::metrics::Metrics;
 use crate::transport::http_pool::Pool;
 use crate::transport::upstream::Upstreams;
 

@@ -23,13 +23,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::data_path::{DataPath, Shared};
-use crate::diagnostics::conns::ConnTable;
-use crate::diagnostics::metrics::Metrics;
 use crate::diagnostics::tap::TapHub;
 use crate::discovery::Discovery;
 use crate::http::budget::BufferBudget;
 use crate::proxy::OriginalDst;
 use crate::proxy::outbound::PodInfo;
+use crate::telemetry::conns::ConnTable;
+use crate::telemetry::metrics::Metrics;
 use crate::transport::upstream::Upstreams;
 
 /// The name of the one pod an [`InProcess`] agent serves.

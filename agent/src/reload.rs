@@ -274,7 +274,7 @@ impl Reloader {
         let mut merged = (*old).clone();
         merged.capture = self.capture_section(&new);
         merged.diagnostics = new.diagnostics;
-        crate::diagnostics::policy::apply(&merged.diagnostics);
+        crate::telemetry::policy::apply(&merged.diagnostics);
         merged.services = new.services;
         merged.balancer = new.balancer;
         merged.nodes = new.nodes;

@@ -341,7 +341,7 @@ retry = {{ attempts = 5, on = ["connect-failure"], backoff_base = "2ms", backoff
 
 /// (7b) A retry after a refused connection goes to another endpoint when
 /// there is one ("a retry goes to the endpoint the balancer now prefers,
-/// usually another one", http/forward.rs). Ejection is off so that only the
+/// usually another one", proxy/outbound/forward/). Ejection is off so that only the
 /// retry's choice of endpoint is measured; default_rtt 1ms makes the dead
 /// endpoint look as cheap as it does to a fresh balancer.
 #[test]

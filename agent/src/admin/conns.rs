@@ -1,5 +1,5 @@
 //! `GET /conns[?pod=&src=&dst=&proto=&service=&direction=]`: the
-//! connections the agent carries now (`diagnostics::conns`), filtered, each
+//! connections the agent carries now (`telemetry::conns`), filtered, each
 //! with what the kernel counted on its TCP connections when the kernel
 //! diagnostics run. `waymark conns` prints it.
 
@@ -7,8 +7,8 @@ use http::StatusCode;
 
 use super::AdminState;
 use super::stats::{Answer, json};
-use crate::diagnostics::conns::{ConnFilter, ConnsReport};
 use crate::http::query;
+use crate::telemetry::conns::{ConnFilter, ConnsReport};
 
 pub fn report(state: &AdminState, raw: Option<&str>) -> Answer {
     let pairs = query::pairs(raw.unwrap_or(""))

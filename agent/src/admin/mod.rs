@@ -57,7 +57,7 @@ pub struct AdminState {
     /// The kernel diagnostics behind `/drops`, if they loaded.
     pub kernel: Option<Arc<crate::kernel::KernelDiag>>,
     /// The sliding windows behind `/stat`, `/routes` and `/edges`.
-    pub stats: Arc<crate::diagnostics::stats::Stats>,
+    pub stats: Arc<crate::telemetry::stats::Stats>,
     pub discovery: Arc<crate::discovery::Discovery>,
     /// The config file the agent was started with (`None`: embedded default).
     pub config_path: Option<std::path::PathBuf>,
@@ -68,7 +68,7 @@ pub struct AdminState {
     pub certificates: Box<dyn Fn() -> Vec<check::CertFacts> + Send + Sync>,
     pub tap: Arc<crate::diagnostics::tap::TapHub>,
     /// The open connections behind `/conns`.
-    pub conns: Arc<crate::diagnostics::conns::ConnTable>,
+    pub conns: Arc<crate::telemetry::conns::ConnTable>,
     /// Probes the other nodes' agents (`/check/peers`).
     pub peer_probe: peers::PeerProbe,
     /// Kubernetes discovery's state for `/check` (`None`: off).

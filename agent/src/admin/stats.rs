@@ -11,11 +11,11 @@ use hyper::StatusCode;
 use serde::Serialize;
 
 use super::AdminState;
-use crate::diagnostics::stats::parse_window;
 use crate::diagnostics::stats_view::{
     self, By, DeclaredBackend, EdgesReport, RoutesReport, StatReport,
 };
 use crate::discovery::DEFAULT_ROUTE;
+use crate::telemetry::stats::parse_window;
 
 /// The window when a query names none.
 pub const DEFAULT_WINDOW: &str = "1m";

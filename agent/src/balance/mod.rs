@@ -99,7 +99,7 @@ mod stats;
 use std::time::Duration;
 
 pub use history::{Recent, WINDOW as RECENT_WINDOW};
-pub use p2c::Balancer;
+pub use p2c::{Balancer, Pick};
 pub use stats::{Connects, EndpointStats, EndpointView, LOSSES_TO_HALVE, WARMUP_ANSWERS};
 
 /// Linkerd's decay time constant for the latency estimate.

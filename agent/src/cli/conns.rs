@@ -18,8 +18,8 @@ use anyhow::Result;
 
 use super::client::{AdminClient, block_on};
 use super::table::{NONE, render};
-use crate::diagnostics::conns::{ConnFilter, ConnRow, ConnsReport};
 use crate::http::query;
+use crate::telemetry::conns::{ConnFilter, ConnRow, ConnsReport};
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ConnsOutput {
@@ -138,7 +138,7 @@ fn kernel_summary(c: &ConnRow) -> String {
     let Some(flows) = &c.kernel else {
         return NONE.to_string();
     };
-    let sum = |f: fn(&crate::diagnostics::conns::KernelFlowRow) -> u64| -> u64 {
+    let sum = |f: fn(&crate::telemetry::conns::KernelFlowRow) -> u64| -> u64 {
         flows.iter().map(f).sum()
     };
     let parts: Vec<String> = [

@@ -11,8 +11,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::diagnostics::stats::OTHER;
 use crate::diagnostics::stats_view::EdgeRow;
+use crate::telemetry::stats::OTHER;
 
 /// How long a tap waits for a first event before explaining.
 pub const EXPLAIN_AFTER: Duration = Duration::from_secs(5);

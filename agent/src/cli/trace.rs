@@ -50,7 +50,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::client::{AdminClient, block_on};
-use crate::diagnostics::trace::ADD_CONTEXT_HEADERS;
+use crate::telemetry::trace::ADD_CONTEXT_HEADERS;
 
 /// Most of a response body printed; the rest is counted.
 const MAX_BODY: usize = 1024 * 1024;
@@ -373,7 +373,7 @@ fn enter_pod(client: &AdminClient, pod: &str, cgroup: Option<&Path>) -> Result<O
 /// reachable from inside the pod's network namespace) whether the pod, or
 /// the agent, is at its limit.
 fn refused_at_a_limit(client: &AdminClient, pod: &str, limits: ConnLimits) -> Option<String> {
-    let report: crate::diagnostics::conns::ConnsReport = block_on(client.get_json(&format!(
+    let report: crate::telemetry::conns::ConnsReport = block_on(client.get_json(&format!(
         "/conns?pod={}&direction=out",
         crate::http::query::encode(pod)
     )))

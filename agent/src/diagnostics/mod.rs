@@ -1,15 +1,13 @@
-//! What the agent tells operators about the traffic it carries: metrics, the
-//! sliding windows behind `waymark stat`, diagnostic traces, the table of
-//! open connections and packet capture. The kernel's drop, retransmit and
-//! reset counters come from a second eBPF loader, `crate::kernel`, which
-//! sits beside the redirect's (`crate::redirect`).
+//! The operator's tools: live tap of the requests being proxied ([`tap`]),
+//! packet capture on demand ([`capture`]) and the tables `waymark stat`,
+//! `routes` and `edges` print ([`stats_view`]). They read what the data
+//! path records ([`crate::telemetry`]: metrics, stat windows, the
+//! connection table, trace contexts) or hook into it only while an
+//! operator asks (a tap costs one atomic load per request when nobody
+//! taps). The kernel's drop, retransmit and reset counters come from a
+//! second eBPF loader, [`crate::kernel`], beside the redirect's
+//! ([`crate::redirect`]).
 
 pub mod capture;
-pub mod conns;
-pub mod http_metrics;
-pub mod metrics;
-pub mod policy;
-pub mod stats;
 pub mod stats_view;
 pub mod tap;
-pub mod trace;

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::stats::{EdgeKey, Summary, Window};
+use crate::telemetry::stats::{EdgeKey, Summary, Window};
 
 /// The TLS column of an edge until node-to-node mTLS carries identities:
 /// Linkerd's reason for a connection without one.
@@ -148,7 +148,7 @@ pub struct DeclaredBackend {
 }
 
 /// The backend rows of `service`'s `route` from a backend window
-/// ([`crate::diagnostics::stats::Stats::backend_window`]).
+/// ([`crate::telemetry::stats::Stats::backend_window`]).
 pub fn route_backends(
     w: &Window,
     service: &str,
@@ -327,7 +327,7 @@ pub fn edges(w: &Window, identity: impl Fn(&str) -> Option<String>) -> Vec<EdgeR
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::diagnostics::stats::{Outcome, Stats};
+    use crate::telemetry::stats::{Outcome, Stats};
     use std::time::{Duration, Instant};
 
     /// A 10 ms request, plaintext, no retries.

@@ -26,7 +26,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::diagnostics::metrics::RefusedLabels;
+use crate::telemetry::metrics::RefusedLabels;
 
 /// The label of requests left unbuffered because the budget was spent.
 pub const LIMIT: &str = "buffer_memory";

@@ -1,6 +1,7 @@
 //! HTTP plumbing shared by both directions of the data path, with no
 //! routing in it: the body type every proxied message travels in
-//! ([`body`]), RFC 9110's hop-by-hop rules ([`headers`]), winding served
+//! ([`body`]), RFC 9110's hop-by-hop rules ([`headers`]), the upstream copy
+//! of a request and the response on its way back ([`message`]), winding served
 //! connections down without failing a request ([`drain`]), the proxy's own
 //! answers ([`errors`]), request bodies kept for retries ([`replay`]), the
 //! node-wide bound on buffered bytes ([`budget`]) and
@@ -16,5 +17,6 @@ pub mod drain;
 pub mod errors;
 pub mod h1;
 pub mod headers;
+pub mod message;
 pub mod query;
 pub mod replay;

@@ -36,6 +36,20 @@ impl Protocol {
     }
 }
 
+/// What the connection table shows for a detected protocol (it has
+/// states detection does not: still detecting, gRPC once a request says so).
+impl From<Protocol> for crate::telemetry::conns::ConnProtocol {
+    fn from(p: Protocol) -> Self {
+        use crate::telemetry::conns::ConnProtocol;
+        match p {
+            Protocol::Http1 => ConnProtocol::Http1,
+            Protocol::Http2 => ConnProtocol::Http2,
+            Protocol::Tls => ConnProtocol::Tls,
+            Protocol::Opaque => ConnProtocol::Opaque,
+        }
+    }
+}
+
 /// Why detection ended where it did (for logs and metrics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {

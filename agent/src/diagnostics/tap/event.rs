@@ -16,16 +16,16 @@ pub const TLS_NONE: &str = "no_identity";
 pub const TLS_TRUE: &str = "true";
 
 /// `proxy=` of a request the agent proxies for one of its pods.
-pub const OUTBOUND: &str = "out";
+pub const OUTBOUND: &str = super::filter::Direction::Out.as_str();
 /// `proxy=` of a request that came through the tunnel for one of its pods.
-pub const INBOUND: &str = "in";
+pub const INBOUND: &str = super::filter::Direction::In.as_str();
 
 /// Request headers kept in a `req` event; more are counted, not shown.
 pub const MAX_HEADERS: usize = 32;
 /// Longest header value shown, in bytes; longer ones are cut.
 pub const MAX_VALUE: usize = 256;
 /// What a credential-like header's value is replaced with.
-pub const REDACTED: &str = "<redacted>";
+pub use crate::telemetry::policy::REDACTED;
 
 /// The client side of a request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

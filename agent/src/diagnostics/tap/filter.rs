@@ -42,32 +42,7 @@ impl Pods {
     }
 }
 
-/// Which way a request crosses this agent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Direction {
-    /// From another node's agent through the tunnel, to a pod of this node.
-    In,
-    /// From a pod of this node.
-    Out,
-}
-
-impl Direction {
-    /// `in` or `out`, as events and Linkerd's `proxy=` say it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Direction::In => super::event::INBOUND,
-            Direction::Out => super::event::OUTBOUND,
-        }
-    }
-
-    pub fn parse(v: &str) -> Result<Direction, String> {
-        match v.to_ascii_lowercase().as_str() {
-            "in" | "inbound" => Ok(Direction::In),
-            "out" | "outbound" => Ok(Direction::Out),
-            _ => Err(format!("tap direction {v:?}: give in or out")),
-        }
-    }
-}
+pub use crate::telemetry::conns::filter::Direction;
 
 /// A parsed tap filter.
 #[derive(Debug, Clone, Default, PartialEq)]

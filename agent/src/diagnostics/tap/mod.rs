@@ -58,9 +58,9 @@ pub use tcp::TcpClosed;
 
 use self::event::{Dst, Event, Meta, Src, TLS_NONE};
 use self::filter::{Direction, DstView, Filter, Pods, RequestView, SrcView};
-use crate::diagnostics::http_metrics::Retries;
 use crate::http::body::{BoxError, ProxyBody};
 use crate::http::errors::StatusSource;
+use crate::telemetry::http_metrics::Retries;
 
 /// Events a tap's channel holds before it drops. A `req` line with every
 /// header shown is at most ~10 KiB, most lines are ~400 bytes, so a stuck
@@ -337,9 +337,9 @@ impl TapHub {
                 req: ReqLine {
                     method: req.method().to_string(),
                     authority: authority.map(str::to_string),
-                    path: crate::diagnostics::policy::shown_path(
+                    path: crate::telemetry::policy::shown_path(
                         path,
-                        crate::diagnostics::policy::tap_redacts_query(),
+                        crate::telemetry::policy::tap_redacts_query(),
                     ),
                     headers,
                     headers_omitted,

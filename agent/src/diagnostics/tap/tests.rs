@@ -487,7 +487,7 @@ async fn retries_and_an_exhausted_budget_show_on_the_response() {
     );
     let mut resp = http::Response::new(full("no\n"));
     *resp.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
-    let resp = crate::diagnostics::http_metrics::retried(resp, 1, true);
+    let resp = crate::telemetry::http_metrics::retried(resp, 1, true);
     response(tap, resp).into_body().collect().await.unwrap();
     drop(req);
     let (events, _) = drain(&mut stream).await;

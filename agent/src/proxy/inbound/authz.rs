@@ -32,11 +32,11 @@ use tracing::{debug, warn};
 
 use crate::config::Config;
 use crate::config::mesh::{Action, SourcePattern};
-use crate::diagnostics::metrics::BoundedLabel;
 use crate::discovery::Discovery;
 use crate::identity::SpiffeId;
 use crate::proxy::inbound::server::AuthorizeFuture;
 use crate::proxy::inbound::{Authorize, ConnectInfo, DenyReason};
+use crate::telemetry::metrics::BoundedLabel;
 
 /// Label value of decisions made by `default`, and of targets that are no
 /// service's endpoint.

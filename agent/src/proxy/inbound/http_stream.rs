@@ -37,9 +37,6 @@ use tracing::{Instrument, debug};
 
 use crate::config::Config;
 use crate::config::services::ProtocolHint;
-use crate::diagnostics::conns::{ConnProtocol, ConnTable, NewConn};
-use crate::diagnostics::http_metrics::HttpMetrics;
-use crate::diagnostics::metrics::TcpMetrics;
 use crate::diagnostics::tap::TapHub;
 use crate::discovery::Discovery;
 use crate::http::body::{ProxyBody, incoming};
@@ -55,6 +52,9 @@ use crate::proxy::inbound::{Admitted, HandleFuture, StreamHandler};
 use crate::proxy::outbound::http_server::{
     HEADER_READ_TIMEOUT, MAX_H1_HEAD, MAX_H2_HEADER_LIST, MAX_H2_STREAMS,
 };
+use crate::telemetry::conns::{ConnProtocol, ConnTable, NewConn};
+use crate::telemetry::http_metrics::HttpMetrics;
+use crate::telemetry::metrics::TcpMetrics;
 use crate::transport::http_pool::Version;
 use crate::transport::rewind::Rewind;
 
@@ -246,9 +246,7 @@ impl InboundHttp {
             let this = this.clone();
             let ctx = ctx.clone();
             let conn = conn.clone();
-            svc_live.request(
-                ctx.version == Version::Http2 && crate::proxy::outbound::forward::is_grpc(&req),
-            );
+            svc_live.request(ctx.version == Version::Http2 && crate::http::message::is_grpc(&req));
             let in_flight = svc_activity.begin();
             let draining = svc_stop.clone();
             // Boxed: see `outbound::http_server` (the connection's future

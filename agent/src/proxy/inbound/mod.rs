@@ -284,7 +284,7 @@ impl Collector for StrictCollector {
                 .filter(|(_, n)| *n > 0)
                 .filter_map(|(cookie, n)| {
                     let pod = pods.get(&cookie)?.clone();
-                    Some((crate::diagnostics::metrics::PodLabels { pod }, n))
+                    Some((crate::telemetry::metrics::PodLabels { pod }, n))
                 }),
         )
     }

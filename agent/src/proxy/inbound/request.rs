@@ -20,20 +20,17 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tracing::{Instrument, debug, debug_span};
 
-use crate::diagnostics::http_metrics::observe;
-use crate::diagnostics::metrics::TlsLabel;
-use crate::diagnostics::trace;
 use crate::http::body::{ProxyBody, empty, incoming};
 use crate::http::errors::{self, ProxyError, StatusSource};
 use crate::http::h1::client::{self, ClientConn, ClientError};
 use crate::http::headers::{strip_hop_by_hop, wants_upgrade};
+use crate::http::message::{authority, finish, is_grpc, origin_form, take_upstream_request};
 use crate::identity::CertInfo;
 use crate::proxy::inbound::http_stream::InboundHttp;
 use crate::proxy::inbound::trace::{InboundContext, KernelLine};
-use crate::proxy::outbound::forward::{
-    add_context, authority, finish, forwardable_trace, is_grpc, origin_form, reflect,
-    upstream_request,
-};
+use crate::telemetry::http_metrics::observe;
+use crate::telemetry::metrics::TlsLabel;
+use crate::telemetry::trace;
 use crate::transport::http_pool::Version;
 
 /// What every request of one tunnel stream shares.
@@ -285,9 +282,12 @@ impl InboundHttp {
                     self.authz.denied_response(&d, grpc),
                     format!("denied ({})", d.reason),
                 )
-            } else if mode == Some(trace::Mode::Body) && !forwardable_trace(&mut req) {
+            } else if mode == Some(trace::Mode::Body) && !trace::forwardable(&mut req) {
                 // Max-Forwards reached 0 here: this hop answers.
-                (reflect(&req), "reflected (Max-Forwards: 0)".to_string())
+                (
+                    trace::reflect(&req),
+                    "reflected (Max-Forwards: 0)".to_string(),
+                )
             } else {
                 let (resp, detail) =
                     if ctx.version == Version::Http1 && wants_upgrade(req.headers()) {
@@ -306,7 +306,7 @@ impl InboundHttp {
             let mut resp = match mode {
                 Some(mode) => {
                     let context = self.context(ctx, conn, start, result);
-                    add_context(resp, mode, &context, self.buffer_budget.account(pod)).await
+                    trace::add_context(resp, mode, &context, self.buffer_budget.account(pod)).await
                 }
                 None => resp,
             };
@@ -343,8 +343,8 @@ impl InboundHttp {
         service: &str,
         grpc: bool,
     ) -> (Response<ProxyBody>, Option<String>) {
-        let (parts, body) = req.into_parts();
-        let upstream = upstream_request(&parts, body, ctx.version);
+        let (mut parts, body) = req.into_parts();
+        let upstream = take_upstream_request(&mut parts, body, ctx.version);
         match conn.send(upstream).await {
             Ok(resp) => (finish(resp), None),
             Err(e) => (self.error(&e, service, grpc), Some(e.to_string())),

@@ -16,7 +16,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::diagnostics::metrics::{Direction, TcpCloseLabels, TcpLabels, TcpMetrics, TlsLabel};
+use crate::telemetry::metrics::{Direction, TcpCloseLabels, TcpLabels, TcpMetrics, TlsLabel};
 use crate::transport::idle::Activity;
 
 /// One inbound stream's series; counts the close when dropped, so a
@@ -196,7 +196,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_stream_is_opened_counted_and_closed_once() {
-        let m = crate::diagnostics::metrics::Metrics::new(8, 8);
+        let m = crate::telemetry::metrics::Metrics::new(8, 8);
         let (metrics, registry) = (m.tcp.clone(), &m.registry);
         let (a, mut b) = tokio::io::duplex(1024);
         {

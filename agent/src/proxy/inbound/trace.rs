@@ -12,8 +12,8 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::diagnostics::trace::{Hop, ms};
 use crate::kernel::FlowCounters;
+use crate::telemetry::trace::{Hop, ms};
 
 /// The kernel's view of the agent's connection to the pod.
 #[derive(Debug, Clone)]

@@ -21,11 +21,11 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::diagnostics::metrics::RefusedLabels;
 use crate::http::body::{ProxyBody, incoming};
 use crate::http::drain::{self, Activity as Requests};
 use crate::http::h1;
 use crate::proxy::outbound::forward::{ConnCtx, HttpProxy};
+use crate::telemetry::metrics::RefusedLabels;
 use crate::transport::h2_refused::{self, RefusedStreams};
 use crate::transport::http_pool::Version;
 use crate::transport::idle::{Activity, IdleIo, expired};
@@ -108,7 +108,7 @@ pub async fn serve(
         let in_flight = svc_activity.begin();
         let draining = svc_draining.clone();
         ctx.live
-            .request(version == Version::Http2 && super::forward::is_grpc(&req));
+            .request(version == Version::Http2 && crate::http::message::is_grpc(&req));
         Box::pin(async move {
             let mut resp = proxy.handle(&ctx, req).await;
             drain::mark_last(ctx.version, &draining, &mut resp);

@@ -17,11 +17,6 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use prometheus_client::metrics::gauge::Gauge;
 
 use crate::config::services::ProtocolHint;
-use crate::diagnostics::conns::{ConnGuard, ConnProtocol, ConnTable, NewConn};
-use crate::diagnostics::metrics::{
-    Direction, NoTlsReason, PodLabels, RefusedLabels, TcpCloseLabels, TcpLabels, TcpMetrics,
-    TlsLabel,
-};
 use crate::diagnostics::tap::TcpClosed;
 use crate::discovery::Discovery;
 use crate::drain::Drain;
@@ -31,6 +26,11 @@ use crate::proxy::OriginalDst;
 use crate::proxy::detect::{self, Protocol};
 use crate::proxy::outbound::accept_rate::{AcceptBucket, AcceptRate};
 use crate::proxy::outbound::forward::{ConnCtx, HttpProxy};
+use crate::telemetry::conns::{ConnGuard, ConnProtocol, ConnTable, NewConn};
+use crate::telemetry::metrics::{
+    Direction, NoTlsReason, PodLabels, RefusedLabels, TcpCloseLabels, TcpLabels, TcpMetrics,
+    TlsLabel,
+};
 use crate::transport::copy::{self, Counters, Side};
 use crate::transport::http_pool::Version;
 use crate::transport::netns::PodNetns;
@@ -232,7 +232,7 @@ struct Opened {
     labels: TcpLabels,
     gauge: Gauge,
     /// The connection's place in the sliding windows of `waymark edges`.
-    _edge: crate::diagnostics::stats::OpenConnection,
+    _edge: crate::telemetry::stats::OpenConnection,
 }
 
 impl Outbound {

@@ -20,7 +20,34 @@ use std::net::{IpAddr, SocketAddr};
 use ipnet::IpNet;
 
 use super::ConnRow;
-use crate::diagnostics::tap::filter::Direction;
+
+/// Which way a request or connection crosses this agent (tap's and
+/// `waymark conns`' `direction=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// From another node's agent through the tunnel, to a pod of this node.
+    In,
+    /// From a pod of this node.
+    Out,
+}
+
+impl Direction {
+    /// `in` or `out`, as events and Linkerd's `proxy=` say it.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Direction::In => "in",
+            Direction::Out => "out",
+        }
+    }
+
+    pub fn parse(v: &str) -> Result<Direction, String> {
+        match v.to_ascii_lowercase().as_str() {
+            "in" | "inbound" => Ok(Direction::In),
+            "out" | "outbound" => Ok(Direction::Out),
+            _ => Err(format!("tap direction {v:?}: give in or out")),
+        }
+    }
+}
 
 /// The keys, in the order the CLI documents them.
 pub const KEYS: &[&str] = &["pod", "src", "dst", "proto", "service", "direction"];

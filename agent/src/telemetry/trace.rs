@@ -11,11 +11,16 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use http::HeaderMap;
 
 use crate::http::errors::StatusSource;
+
+mod respond;
+
+pub use respond::{add_context, forwardable, reflect};
 
 /// Headers that ask for context.
 pub const ADD_CONTEXT_HEADERS: [&str; 2] = ["l5d-add-context", "waymark-add-context"];
@@ -48,6 +53,33 @@ pub fn mode(method: &http::Method, headers: &HeaderMap) -> Option<Mode> {
         (false, _) => None,
         (true, true) => Some(Mode::Body),
         (true, false) => Some(Mode::Header),
+    }
+}
+
+/// A traced request's [`Context`] while it is routed, carried in the
+/// request's extensions: each stage of the request path records what it
+/// decided with [`record`], which does nothing for the (nearly all)
+/// requests that carry none, instead of every stage taking an
+/// `Option<&mut Context>` and branching on it.
+#[derive(Clone, Default)]
+pub struct Recorder(Arc<Mutex<Context>>);
+
+impl Recorder {
+    pub fn new(context: Context) -> Self {
+        Recorder(Arc::new(Mutex::new(context)))
+    }
+
+    /// The context as recorded so far.
+    pub fn take(&self) -> Context {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+/// Records into the trace context of the request whose extensions these
+/// are, if it is traced.
+pub fn record(extensions: &http::Extensions, f: impl FnOnce(&mut Context)) {
+    if let Some(r) = extensions.get::<Recorder>() {
+        f(&mut r.0.lock().unwrap_or_else(PoisonError::into_inner));
     }
 }
 

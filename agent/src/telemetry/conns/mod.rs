@@ -24,11 +24,10 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use crate::diagnostics::tap::filter::Direction;
 use crate::identity::SpiffeId;
 use crate::kernel::FlowCounters;
-use crate::proxy::detect::Protocol;
 use crate::transport::idle::Activity;
+use filter::Direction;
 
 pub use filter::{ConnFilter, FilterError};
 
@@ -72,17 +71,6 @@ impl ConnProtocol {
             4 => ConnProtocol::Http2,
             5 => ConnProtocol::Grpc,
             _ => ConnProtocol::Detecting,
-        }
-    }
-}
-
-impl From<Protocol> for ConnProtocol {
-    fn from(p: Protocol) -> Self {
-        match p {
-            Protocol::Http1 => ConnProtocol::Http1,
-            Protocol::Http2 => ConnProtocol::Http2,
-            Protocol::Tls => ConnProtocol::Tls,
-            Protocol::Opaque => ConnProtocol::Opaque,
         }
     }
 }

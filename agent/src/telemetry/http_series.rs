@@ -27,8 +27,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 
 use super::RequestLabels;
-use crate::diagnostics::metrics::{Direction, TlsLabel};
-use crate::diagnostics::stats::Edge;
+use crate::telemetry::metrics::{Direction, TlsLabel};
+use crate::telemetry::stats::Edge;
 
 /// What a request brought, borrowed: the cache's lookup key. `authority`
 /// is `None` when the request had none (labelled `unknown`).

@@ -6,6 +6,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::config::{DiagnosticsConfig, TraceContext};
 
+/// What a redacted value is shown as: a credential-like header's value in
+/// tap, a query value while `tap_redact_query` is on.
+pub const REDACTED: &str = "<redacted>";
+
 static TAP_REDACT_QUERY: AtomicBool = AtomicBool::new(true);
 static TRACE_CONTEXT: AtomicBool = AtomicBool::new(true);
 
@@ -38,9 +42,9 @@ pub fn shown_path(path_and_query: &str, redact: bool) -> String {
     let redacted: Vec<String> = query
         .split('&')
         .map(|pair| match pair.split_once('=') {
-            Some((key, _)) => format!("{key}={}", super::tap::event::REDACTED),
+            Some((key, _)) => format!("{key}={}", REDACTED),
             None if pair.is_empty() => String::new(),
-            None => format!("{pair}={}", super::tap::event::REDACTED),
+            None => format!("{pair}={}", REDACTED),
         })
         .collect();
     format!("{path}?{}", redacted.join("&"))
