@@ -13,7 +13,7 @@ SCHED = {'__x64_sys_epoll_wait','__x64_sys_futex','schedule','__x64_sys_sched_yi
 user = [
  ('TLS (rustls, ring)', ('rustls::', 'ring::', 'ring_core')),
  ('HTTP/2 tunnel (h2, hyper h2)', ('h2::', 'hyper::proto::h2')),
- ('HTTP/1 codec (parse, encode, bodies)', ('http::h1::', 'hyper::proto::h1', 'httparse', 'http_pool::Pool::send', 'inbound::request::PodConn')),
+ ('HTTP/1 codec (parse, encode, bodies)', ('http::h1::', 'hyper::proto::h1', 'httparse', 'http_pool::Pool::send', 'pool::Pool::send', 'inbound::request::PodConn')),
  ('routing, balancing, metrics, tap, trace', ('forward::', 'http_metrics', 'waymark_agent::balance', 'inbound::request::', 'diagnostics::', 'telemetry::', 'routing::', 'headers::strip')),
  ('tokio runtime (scheduler, io driver, timers)', ('tokio::runtime', 'tokio::time')),
 ]

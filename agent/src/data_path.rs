@@ -18,6 +18,7 @@ use crate::diagnostics::tap::TapHub;
 use crate::discovery::Discovery;
 use crate::drain::Drain;
 use crate::http::budget::BufferBudget;
+use crate::http::pool::Pool;
 use crate::kernel::KernelDiag;
 use crate::proxy::OriginalDst;
 use crate::proxy::outbound::accept_rate::AcceptRate;
@@ -25,7 +26,6 @@ use crate::proxy::outbound::forward::HttpProxy;
 use crate::proxy::outbound::{ConnLimits, Outbound};
 use crate::telemetry::conns::ConnTable;
 use crate::telemetry::metrics::Metrics;
-use crate::transport::http_pool::Pool;
 use crate::transport::upstream::Upstreams;
 
 /// What the data path shares with the rest of the agent, made before it.

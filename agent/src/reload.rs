@@ -26,8 +26,8 @@ use tracing::{error, info, warn};
 use crate::config::Config;
 use crate::discovery::{Discovery, ServiceTable};
 use crate::enrollment::Enrollment;
+use crate::http::pool::Pool;
 use crate::proxy::inbound::authz::InboundAuthz;
-use crate::transport::http_pool::Pool;
 use crate::transport::upstream::Upstreams;
 
 /// How often the file's modification time is checked.

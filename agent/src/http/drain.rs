@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use http::{HeaderValue, Response, StatusCode, header};
 use tokio_util::sync::CancellationToken;
 
-use crate::transport::http_pool::Version;
+use crate::http::pool::Version;
 
 /// How long an HTTP/1.1 connection must have been without a request, once
 /// the drain started, before the agent closes it. Long enough that a client

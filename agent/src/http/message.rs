@@ -9,7 +9,7 @@ use http::{Request, Response, Uri};
 
 use crate::http::body::ProxyBody;
 use crate::http::headers::strip_hop_by_hop;
-use crate::transport::http_pool::Version;
+use crate::http::pool::Version;
 
 /// The authority the client addressed: `:authority` (HTTP/2, absolute
 /// URIs) or `Host`.

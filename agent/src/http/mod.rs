@@ -5,11 +5,11 @@
 //! connections down without failing a request ([`drain`]), the proxy's own
 //! answers ([`errors`]), request bodies kept for retries ([`replay`]), the
 //! node-wide bound on buffered bytes ([`budget`]) and
-//! the admin API's query strings ([`query`]), and the HTTP/1.1 server
-//! codec pods' connections are served with ([`h1`]).
-//! Serving and routing requests is `proxy::outbound` (`http_server`,
-//! `forward`) and `proxy::inbound`; upstream connections are
-//! `transport::http_pool`.
+//! the admin API's query strings ([`query`]), the HTTP/1.1 codec pods'
+//! connections are served with and endpoints are spoken to ([`h1`]), and
+//! the pool of upstream HTTP connections over `transport`'s paths
+//! ([`pool`]). Serving and routing requests is `proxy::outbound`
+//! (`http_server`, `forward`) and `proxy::inbound`.
 
 pub mod body;
 pub mod budget;
@@ -18,5 +18,6 @@ pub mod errors;
 pub mod h1;
 pub mod headers;
 pub mod message;
+pub mod pool;
 pub mod query;
 pub mod replay;

@@ -42,6 +42,7 @@ use crate::discovery::Discovery;
 use crate::http::body::{ProxyBody, incoming};
 use crate::http::drain::{self, Activity};
 use crate::http::h1;
+use crate::http::pool::Version;
 use crate::kernel::KernelDiag;
 use crate::proxy::detect::{self, Protocol, Verdict};
 use crate::proxy::inbound::authz::InboundAuthz;
@@ -55,7 +56,6 @@ use crate::proxy::outbound::http_server::{
 use crate::telemetry::conns::{ConnProtocol, ConnTable, NewConn};
 use crate::telemetry::http_metrics::HttpMetrics;
 use crate::telemetry::metrics::TcpMetrics;
-use crate::transport::http_pool::Version;
 use crate::transport::rewind::Rewind;
 
 /// The inbound HTTP side, shared by every tunnel stream.

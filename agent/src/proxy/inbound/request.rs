@@ -25,13 +25,13 @@ use crate::http::errors::{self, ProxyError, StatusSource};
 use crate::http::h1::client::{self, ClientConn, ClientError};
 use crate::http::headers::{strip_hop_by_hop, wants_upgrade};
 use crate::http::message::{authority, finish, is_grpc, origin_form, take_upstream_request};
+use crate::http::pool::Version;
 use crate::identity::CertInfo;
 use crate::proxy::inbound::http_stream::InboundHttp;
 use crate::proxy::inbound::trace::{InboundContext, KernelLine};
 use crate::telemetry::http_metrics::observe;
 use crate::telemetry::metrics::TlsLabel;
 use crate::telemetry::trace;
-use crate::transport::http_pool::Version;
 
 /// What every request of one tunnel stream shares.
 pub struct StreamCtx {

@@ -24,10 +24,10 @@ use tracing::debug;
 use crate::http::body::{ProxyBody, incoming};
 use crate::http::drain::{self, Activity as Requests};
 use crate::http::h1;
+use crate::http::pool::Version;
 use crate::proxy::outbound::forward::{ConnCtx, HttpProxy};
 use crate::telemetry::metrics::RefusedLabels;
 use crate::transport::h2_refused::{self, RefusedStreams};
-use crate::transport::http_pool::Version;
 use crate::transport::idle::{Activity, IdleIo, expired};
 
 /// Largest HTTP/1 request head accepted: generous for real clients (64 KiB

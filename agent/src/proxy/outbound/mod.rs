@@ -21,6 +21,7 @@ use crate::diagnostics::tap::TcpClosed;
 use crate::discovery::Discovery;
 use crate::drain::Drain;
 use crate::http::errors::ProxyError;
+use crate::http::pool::Version;
 use crate::identity::SpiffeId;
 use crate::proxy::OriginalDst;
 use crate::proxy::detect::{self, Protocol};
@@ -32,7 +33,6 @@ use crate::telemetry::metrics::{
     TlsLabel,
 };
 use crate::transport::copy::{self, Counters, Side};
-use crate::transport::http_pool::Version;
 use crate::transport::netns::PodNetns;
 use crate::transport::tunnel::{ConnectHeaders, TunnelError};
 use crate::transport::upstream::{Path, UpstreamError, UpstreamIo, Upstreams, new_request_id};

@@ -13,8 +13,8 @@ use tracing::debug;
 use super::{ConnCtx, HttpProxy};
 use crate::http::body::ProxyBody;
 use crate::http::errors::ProxyError;
+use crate::http::pool::{ConnectError, Key, SendError, Version};
 use crate::retry::Outcome;
-use crate::transport::http_pool::{ConnectError, Key, SendError, Version};
 use crate::transport::tunnel::{ConnectHeaders, REQUEST_ID};
 use crate::transport::upstream::new_request_id;
 

@@ -50,10 +50,10 @@ use crate::http::body::ProxyBody;
 use crate::http::errors::{self, ProxyError, StatusSource};
 use crate::http::headers::wants_upgrade;
 use crate::http::message::{authority, finish, is_grpc, take_upstream_request, upstream_request};
+use crate::http::pool::{Pool, Version};
 use crate::identity::SpiffeId;
 use crate::telemetry::http_metrics::{HttpMetrics, observe, retried};
 use crate::telemetry::trace;
-use crate::transport::http_pool::{Pool, Version};
 use crate::transport::netns::PodNetns;
 
 use attempt::Used;

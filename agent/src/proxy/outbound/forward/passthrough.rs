@@ -12,8 +12,8 @@ use crate::diagnostics::tap;
 use crate::discovery::DEFAULT_ROUTE;
 use crate::http::body::ProxyBody;
 use crate::http::message::{authority, finish, is_grpc, upstream_request};
+use crate::http::pool::Key;
 use crate::telemetry::http_metrics::observe;
-use crate::transport::http_pool::Key;
 
 impl HttpProxy {
     pub(super) async fn passthrough(

@@ -13,8 +13,8 @@ use super::{ConnCtx, HttpProxy};
 use crate::balance::Pick;
 use crate::diagnostics::tap;
 use crate::discovery::{Endpoint, Service};
+use crate::http::pool::Key;
 use crate::telemetry::trace;
-use crate::transport::http_pool::Key;
 
 /// The balancer's choice for one attempt, and the pool key to reach it.
 /// Holding the pick counts the attempt as in flight on the endpoint.

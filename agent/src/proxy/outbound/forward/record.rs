@@ -18,10 +18,10 @@ use crate::diagnostics::tap;
 use crate::discovery::Endpoint;
 use crate::http::body::ProxyBody;
 use crate::http::errors::ProxyError;
+use crate::http::pool::Key;
 use crate::retry::Outcome;
 use crate::telemetry::http_metrics::HttpMetrics;
 use crate::telemetry::trace;
-use crate::transport::http_pool::Key;
 
 /// How an attempt ended for the retry stage (`None`: a success) and for
 /// the client (the endpoint's response, or the proxy's error and detail).

@@ -14,7 +14,7 @@ use crate::http::body::{ProxyBody, empty};
 use crate::http::errors::ProxyError;
 use crate::http::headers::strip_hop_by_hop;
 use crate::http::message::{finish, origin_form};
-use crate::transport::http_pool::{Key, Version};
+use crate::http::pool::{Key, Version};
 
 impl HttpProxy {
     pub(super) async fn upgrade(
