@@ -143,31 +143,10 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         Arc::new(Discovery::from_config(&config).context("cannot build the service table")?);
     // Who serves this node, decided before anything is bound (see
     // `handover`): a third agent stops here.
-    let pinned = match &config.redirect.cgroup {
-        Some(_) => {
-            let pins = Pins::open(&config.redirect.pin_path)
-                .context("cannot use redirect.pin_path for the redirect's pinned state")?;
-            let claim = handover::claim(pins.root(), pins.layout_dir())?;
-            if matches!(claim, Claim::Successor { .. }) {
-                info!(pin_path = %pins.root().display(), "another agent serves this node; taking over once ready");
-            }
-            Some((pins, claim))
-        }
-        None => None,
-    };
+    let pinned = claim_node(&config)?;
     let config = Arc::new(config);
     let shared_config: SharedConfig = Arc::new(RwLock::new(config.clone()));
-    let readiness = Arc::new(Readiness::new(&[READY_PROGRAMS, READY_LISTENERS]));
-    if let Some((pins, _)) = &pinned {
-        // Both agents of a rollout answer probes on the same admin port
-        // (host network, SO_REUSEPORT): while a new agent is starting, the
-        // serving one says "not ready", so a probe of the new pod that
-        // lands here cannot report it ready before it is.
-        let layout = pins.layout_dir().to_owned();
-        readiness.add_check(READY_SUCCESSOR, move || {
-            !handover::successor_waiting(&layout)
-        });
-    }
+    let readiness = new_readiness(pinned.as_ref().map(|(pins, _)| pins));
     let mut metrics = Metrics::new(
         config.metrics.max_destinations,
         config.metrics.max_stat_edges,
@@ -179,29 +158,6 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
     let key_log: Option<Arc<dyn rustls::KeyLog>> = (config.capture.enabled
         && config.capture.keylog)
         .then(|| captures.key_log() as Arc<dyn rustls::KeyLog>);
-
-    // mTLS: certificates first (a node that cannot get them should not
-    // start), then the tunnel client, then the inbound listener.
-    let identity = match &config.identity {
-        Some(id) => Some(
-            IdentityManager::start(id, local_identities(&config), &mut metrics.registry)
-                .context("cannot issue this node's workload certificates")?,
-        ),
-        None => None,
-    };
-    let mesh = identity.as_ref().map(|m| {
-        let pool = TunnelPool::new(
-            m.store(),
-            m.bundle(),
-            PoolConfig {
-                connect_timeout: config.outbound.connect_timeout,
-                key_log: key_log.clone(),
-                ..Default::default()
-            },
-        );
-        Mesh::new(pool, &config)
-    });
-    let upstreams = Arc::new(Upstreams::new(&config, mesh));
     let background = TaskTracker::new();
     let stop_background = CancellationToken::new();
     let buffer_budget = crate::http::budget::BufferBudget::new(
@@ -209,85 +165,29 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         metrics.tcp.buffer_memory_bytes.clone(),
         metrics.tcp.limit_refused_total.clone(),
     );
-    let mut authz = None;
-    let mut inbound_stats = None;
-    let mut inbound_http = None;
     let drain = Drain::default();
     let conns = crate::telemetry::conns::ConnTable::new();
     crate::proxy::listener::migrate_on_close();
-    if let (Some(manager), Some(id)) = (&identity, &config.identity) {
-        let node_identity = id
-            .node_identity(&config.node.name)
-            .context("no valid node identity")?;
-        let a = InboundAuthz::new(&config, discovery.clone(), &mut metrics.registry);
-        let server = crate::proxy::inbound::ServerConfig {
-            handshake_timeout: config.inbound.handshake_timeout,
-            max_handshakes: config.limits.tunnel_max_handshakes,
-            max_concurrent_streams: config.limits.tunnel_max_concurrent_streams,
-            idle_timeout: config.limits.idle_timeout,
-            connect_timeout: config.outbound.connect_timeout,
+
+    // mTLS: certificates first (a node that cannot get them should not
+    // start), then the tunnel client, then the inbound listener.
+    let mesh = start_mesh(
+        &config,
+        &mut metrics,
+        MeshInputs {
             key_log: key_log.clone(),
-            ..Default::default()
-        };
-        let http_in = InboundHttp::new(
-            &config,
-            metrics.http.clone(),
-            metrics.tcp.clone(),
-            discovery.clone(),
-            a.clone(),
-            conns.clone(),
-            buffer_budget.clone(),
-        );
-        inbound_http = Some(http_in.clone());
-        let inbound = Arc::new(
-            Inbound::start(
-                &config.inbound.listen,
-                server,
-                manager.store(),
-                node_identity,
-                &manager.bundle(),
-                http_in,
-                &drain,
-            )
-            .await?,
-        );
-        inbound_stats = Some(inbound.stats.clone());
-        let up = upstreams.clone();
-        manager.on_bundle_change(Box::new(move |bundle| {
-            inbound.set_bundle(bundle);
-            if let Some(m) = up.mesh() {
-                m.pool.set_bundle(bundle.clone());
-            }
-        }));
-        let ready = readiness.clone();
-        background.spawn(manager.clone().run(stop_background.clone(), move |ok| {
-            if ok {
-                ready.set(READY_CERTS);
-            } else {
-                ready.unset(READY_CERTS);
-            }
-        }));
-        authz = Some(a);
-    }
-    metrics
-        .registry
-        .register_collector(Box::new(TunnelCollector {
-            inbound: inbound_stats,
-            upstreams: upstreams.clone(),
-        }));
+            discovery: discovery.clone(),
+            conns: conns.clone(),
+            buffer_budget: buffer_budget.clone(),
+            drain: &drain,
+            readiness: readiness.clone(),
+            background: &background,
+            stop_background: stop_background.clone(),
+        },
+    )
+    .await?;
 
-    let redirect = match &pinned {
-        Some((pins, _)) => Redirect::load_pinned(
-            config.outbound.port,
-            &config.excludes(),
-            pins.clone(),
-            config.redirect.on_agent_down == OnAgentDown::Closed,
-        ),
-        None => Redirect::load(config.outbound.port, &config.excludes()),
-    }
-    .context("cannot load the redirect programs into the kernel (waymark agent needs root, or CAP_BPF + CAP_NET_ADMIN + CAP_SYS_ADMIN, and a kernel with BTF and cgroup v2)")?;
-    let redirect = Arc::new(RwLock::new(redirect));
-
+    let redirect = load_redirect(&config, pinned.as_ref().map(|(pins, _)| pins))?;
     // Strict inbound's pods by netns cookie, filled when the pods are bound.
     let strict_pods: Arc<RwLock<HashMap<u64, String>>> = Default::default();
     metrics
@@ -296,44 +196,18 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
             redirect: redirect.clone(),
             pods: strict_pods.clone(),
         }));
-    let tcp = metrics.tcp.clone();
-    let balancer_metrics = metrics.balancer.clone();
-    let scrape_discovery = discovery.clone();
-    let scrape_redirect = redirect.clone();
-    let scrape_identity = identity.clone();
-    let before_scrape = Box::new(move || {
-        balancer_metrics.sample(&scrape_discovery.current(), Instant::now());
-        if let Some(m) = &scrape_identity {
-            m.sample(std::time::SystemTime::now());
-        }
-        let r = scrape_redirect.read().unwrap_or_else(|e| e.into_inner());
-        match r.occupancy() {
-            Ok(o) => {
-                tcp.redirect_map_entries
-                    .get_or_create(&MapLabels {
-                        map: "original_dst_by_cookie",
-                    })
-                    .set(o.by_cookie as i64);
-                tcp.redirect_map_entries
-                    .get_or_create(&MapLabels {
-                        map: "original_dst_by_flow",
-                    })
-                    .set(o.by_flow as i64);
-            }
-            Err(e) => warn!(error = %e, "cannot read redirect map occupancy"),
-        }
-    });
+    let before_scrape = scrape_hook(&metrics, &discovery, &redirect, mesh.identity.clone());
     let kernel = kernel_diag::load_if_enabled(&config.kernel);
     if let Some(k) = &kernel {
         conns.want_flows();
         kernel_diag::register_metrics(&mut metrics.registry, k.clone());
-        if let Some(h) = &inbound_http {
+        if let Some(h) = &mesh.inbound_http {
             h.set_kernel(k.clone());
         }
     }
     let reload_metrics = ReloadMetrics::new(&mut metrics.registry);
     let tap = Arc::new(TapHub::new(&mut metrics.registry));
-    if let Some(h) = &inbound_http {
+    if let Some(h) = &mesh.inbound_http {
         h.set_tap(tap.clone());
     }
     let kube_status = config
@@ -381,7 +255,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
             }),
             // The leaves, issuer and anchors of this node (none without mTLS).
             certificates: {
-                let identity = identity.clone();
+                let identity = mesh.identity.clone();
                 Box::new(move || {
                     identity
                         .as_deref()
@@ -392,7 +266,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
             tap: tap.clone(),
             conns: conns.clone(),
             peer_probe: crate::admin::peers::PeerProbe {
-                upstreams: upstreams.clone(),
+                upstreams: mesh.upstreams.clone(),
             },
             kubernetes: {
                 let status = kube_status.clone();
@@ -407,35 +281,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
     )?;
     info!(node = %config.node.name, admin = %admin.local_addr, socket = %admin.socket_path.display(), "admin API listening");
 
-    if config.inbound.mode == InboundMode::Strict {
-        let allow = strict_sources(&config)?;
-        redirect
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .set_strict(&[], &allow)
-            .context("cannot set up strict inbound")?;
-    }
-
-    // Attached to the whole cgroup at once: the kernel redirects only the
-    // pods enrolled below, each once its listener is bound.
-    let mut pods_cgroup = None;
-    match &config.redirect.cgroup {
-        Some(cgroup) => {
-            let path = resolve_cgroup(cgroup)?;
-            redirect
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .attach(&path)
-                .with_context(|| {
-                    format!("cannot attach the redirect programs to {}", path.display())
-                })?;
-            info!(cgroup = %path.display(), "redirect programs attached");
-            pods_cgroup = Some(path);
-        }
-        None => info!(
-            "redirect.cgroup is not set: programs loaded but not attached; no pod traffic is redirected"
-        ),
-    }
+    let pods_cgroup = attach_programs(&config, &redirect)?;
     readiness.set(READY_PROGRAMS);
     let stop_kernel = CancellationToken::new();
     if let Some(k) = &kernel {
@@ -457,7 +303,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         Shared {
             metrics: &metrics,
             discovery: discovery.clone(),
-            upstreams: upstreams.clone(),
+            upstreams: mesh.upstreams.clone(),
             original_dst: Arc::new(KernelOriginalDst(redirect.clone())),
             tap: tap.clone(),
             conns: conns.clone(),
@@ -481,7 +327,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         strict: config.inbound.mode == InboundMode::Strict,
         redirect: redirect.clone(),
         outbound: outbound.clone(),
-        identity: identity.clone(),
+        identity: mesh.identity.clone(),
         kernel: kernel.clone(),
         tap: tap.clone(),
         strict_pods: strict_pods.clone(),
@@ -501,8 +347,8 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         config: shared_config.clone(),
         discovery: discovery.clone(),
         pool: pool.clone(),
-        upstreams: upstreams.clone(),
-        authz: authz.clone(),
+        upstreams: mesh.upstreams.clone(),
+        authz: mesh.authz.clone(),
         enrollment: enrollment.clone(),
         on_cluster_synced: {
             let ready = readiness.clone();
@@ -518,29 +364,12 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
     info!(
         pods = config.pods.len(),
         services = config.services.len(),
-        mtls = identity.is_some(),
+        mtls = mesh.identity.is_some(),
         "waymark agent ready"
     );
 
-    let handed_over = CancellationToken::new();
     // Held while the agent runs (the serving lock goes with the process).
-    let mut _serving = None;
-    let signal_name = tokio::select! {
-        s = wait_for_signal() => s?,
-        _ = async {
-            if let Some((pins, claim)) = pinned {
-                if matches!(claim, Claim::Successor { .. }) {
-                    // The old agent is told to go only once this one is
-                    // ready: with discovery, not before the cluster's
-                    // first full picture is in force. One that never gets
-                    // there leaves the old agent serving.
-                    wait_until_ready(&readiness).await;
-                }
-                _serving = take_over(pins.root(), claim, &handed_over);
-            }
-            handed_over.cancelled().await;
-        } => "handover",
-    };
+    let (signal_name, _serving) = serve_until_stopped(pinned, &readiness).await?;
     info!(signal = signal_name, grace = ?config.shutdown.drain_grace, on_agent_down = config.redirect.on_agent_down.as_str(), "shutting down: closing listeners, then draining");
     readiness.unset(READY_DRAINING);
     redirect.write().unwrap_or_else(|e| e.into_inner()).detach();
@@ -558,6 +387,275 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
     admin.stop();
     info!("waymark agent stopped");
     Ok(())
+}
+
+/// With `redirect.cgroup` set (the programs are pinned, see `handover`):
+/// whether this agent serves the node now, takes over from a serving one
+/// once ready, or must stop (a third agent).
+fn claim_node(config: &Config) -> Result<Option<(Pins, Claim)>> {
+    if config.redirect.cgroup.is_none() {
+        return Ok(None);
+    }
+    let pins = Pins::open(&config.redirect.pin_path)
+        .context("cannot use redirect.pin_path for the redirect's pinned state")?;
+    let claim = handover::claim(pins.root(), pins.layout_dir())?;
+    if matches!(claim, Claim::Successor { .. }) {
+        info!(pin_path = %pins.root().display(), "another agent serves this node; taking over once ready");
+    }
+    Ok(Some((pins, claim)))
+}
+
+/// Readiness as the agent starts: not ready until the programs are attached
+/// and the pods' listeners bound.
+fn new_readiness(pins: Option<&Pins>) -> Arc<Readiness> {
+    let readiness = Arc::new(Readiness::new(&[READY_PROGRAMS, READY_LISTENERS]));
+    if let Some(pins) = pins {
+        // Both agents of a rollout answer probes on the same admin port
+        // (host network, SO_REUSEPORT): while a new agent is starting, the
+        // serving one says "not ready", so a probe of the new pod that
+        // lands here cannot report it ready before it is.
+        let layout = pins.layout_dir().to_owned();
+        readiness.add_check(READY_SUCCESSOR, move || {
+            !handover::successor_waiting(&layout)
+        });
+    }
+    readiness
+}
+
+/// What the mesh part of the agent needs from the rest.
+struct MeshInputs<'a> {
+    key_log: Option<Arc<dyn rustls::KeyLog>>,
+    discovery: Arc<Discovery>,
+    conns: Arc<crate::telemetry::conns::ConnTable>,
+    buffer_budget: Arc<crate::http::budget::BufferBudget>,
+    drain: &'a Drain,
+    readiness: Arc<Readiness>,
+    background: &'a TaskTracker,
+    stop_background: CancellationToken,
+}
+
+/// The mesh part of the agent: this node's certificates, the ways to
+/// upstreams (direct, or the mTLS tunnel client), and the tunnel's
+/// receiving side with its authorization. Without `[identity]`, only the
+/// direct way.
+struct MeshParts {
+    identity: Option<Arc<IdentityManager>>,
+    upstreams: Arc<Upstreams>,
+    authz: Option<Arc<InboundAuthz>>,
+    inbound_http: Option<Arc<InboundHttp>>,
+}
+
+/// Issues the node's workload certificates (an agent that cannot get them
+/// does not start), then builds the tunnel client and starts the inbound
+/// listener; keeps the certificates renewed in the background.
+async fn start_mesh(
+    config: &Config,
+    metrics: &mut Metrics,
+    inputs: MeshInputs<'_>,
+) -> Result<MeshParts> {
+    let identity = match &config.identity {
+        Some(id) => Some(
+            IdentityManager::start(id, local_identities(config), &mut metrics.registry)
+                .context("cannot issue this node's workload certificates")?,
+        ),
+        None => None,
+    };
+    let mesh = identity.as_ref().map(|m| {
+        let pool = TunnelPool::new(
+            m.store(),
+            m.bundle(),
+            PoolConfig {
+                connect_timeout: config.outbound.connect_timeout,
+                key_log: inputs.key_log.clone(),
+                ..Default::default()
+            },
+        );
+        Mesh::new(pool, config)
+    });
+    let upstreams = Arc::new(Upstreams::new(config, mesh));
+    let mut authz = None;
+    let mut inbound_stats = None;
+    let mut inbound_http = None;
+    if let (Some(manager), Some(id)) = (&identity, &config.identity) {
+        let node_identity = id
+            .node_identity(&config.node.name)
+            .context("no valid node identity")?;
+        let a = InboundAuthz::new(config, inputs.discovery.clone(), &mut metrics.registry);
+        let server = crate::proxy::inbound::ServerConfig {
+            handshake_timeout: config.inbound.handshake_timeout,
+            max_handshakes: config.limits.tunnel_max_handshakes,
+            max_concurrent_streams: config.limits.tunnel_max_concurrent_streams,
+            idle_timeout: config.limits.idle_timeout,
+            connect_timeout: config.outbound.connect_timeout,
+            key_log: inputs.key_log.clone(),
+            ..Default::default()
+        };
+        let http_in = InboundHttp::new(
+            config,
+            metrics.http.clone(),
+            metrics.tcp.clone(),
+            inputs.discovery.clone(),
+            a.clone(),
+            inputs.conns.clone(),
+            inputs.buffer_budget.clone(),
+        );
+        inbound_http = Some(http_in.clone());
+        let inbound = Arc::new(
+            Inbound::start(
+                &config.inbound.listen,
+                server,
+                manager.store(),
+                node_identity,
+                &manager.bundle(),
+                http_in,
+                inputs.drain,
+            )
+            .await?,
+        );
+        inbound_stats = Some(inbound.stats.clone());
+        let up = upstreams.clone();
+        manager.on_bundle_change(Box::new(move |bundle| {
+            inbound.set_bundle(bundle);
+            if let Some(m) = up.mesh() {
+                m.pool.set_bundle(bundle.clone());
+            }
+        }));
+        let ready = inputs.readiness.clone();
+        inputs.background.spawn(
+            manager
+                .clone()
+                .run(inputs.stop_background.clone(), move |ok| {
+                    if ok {
+                        ready.set(READY_CERTS);
+                    } else {
+                        ready.unset(READY_CERTS);
+                    }
+                }),
+        );
+        authz = Some(a);
+    }
+    metrics
+        .registry
+        .register_collector(Box::new(TunnelCollector {
+            inbound: inbound_stats,
+            upstreams: upstreams.clone(),
+        }));
+    Ok(MeshParts {
+        identity,
+        upstreams,
+        authz,
+        inbound_http,
+    })
+}
+
+/// Loads the redirect programs: adopting the pinned state an earlier agent
+/// left when the node is pinned, fresh otherwise.
+fn load_redirect(config: &Config, pins: Option<&Pins>) -> Result<Arc<RwLock<Redirect>>> {
+    let redirect = match pins {
+        Some(pins) => Redirect::load_pinned(
+            config.outbound.port,
+            &config.excludes(),
+            pins.clone(),
+            config.redirect.on_agent_down == OnAgentDown::Closed,
+        ),
+        None => Redirect::load(config.outbound.port, &config.excludes()),
+    }
+    .context("cannot load the redirect programs into the kernel (waymark agent needs root, or CAP_BPF + CAP_NET_ADMIN + CAP_SYS_ADMIN, and a kernel with BTF and cgroup v2)")?;
+    Ok(Arc::new(RwLock::new(redirect)))
+}
+
+/// What `/metrics` samples just before each scrape: the balancers'
+/// estimates, the certificates' lifetimes, the redirect maps' occupancy.
+fn scrape_hook(
+    metrics: &Metrics,
+    discovery: &Arc<Discovery>,
+    redirect: &Arc<RwLock<Redirect>>,
+    identity: Option<Arc<IdentityManager>>,
+) -> Box<dyn Fn() + Send + Sync> {
+    let tcp = metrics.tcp.clone();
+    let balancer_metrics = metrics.balancer.clone();
+    let discovery = discovery.clone();
+    let redirect = redirect.clone();
+    Box::new(move || {
+        balancer_metrics.sample(&discovery.current(), Instant::now());
+        if let Some(m) = &identity {
+            m.sample(std::time::SystemTime::now());
+        }
+        let r = redirect.read().unwrap_or_else(|e| e.into_inner());
+        match r.occupancy() {
+            Ok(o) => {
+                tcp.redirect_map_entries
+                    .get_or_create(&MapLabels {
+                        map: "original_dst_by_cookie",
+                    })
+                    .set(o.by_cookie as i64);
+                tcp.redirect_map_entries
+                    .get_or_create(&MapLabels {
+                        map: "original_dst_by_flow",
+                    })
+                    .set(o.by_flow as i64);
+            }
+            Err(e) => warn!(error = %e, "cannot read redirect map occupancy"),
+        }
+    })
+}
+
+/// Sets strict inbound up when configured and attaches the programs to the
+/// pods' cgroup, all of it at once: the kernel redirects only the pods
+/// enrolled later, each once its listener is bound. Returns the cgroup
+/// (`None`: `redirect.cgroup` unset, nothing attached).
+fn attach_programs(config: &Config, redirect: &RwLock<Redirect>) -> Result<Option<PathBuf>> {
+    if config.inbound.mode == InboundMode::Strict {
+        let allow = strict_sources(config)?;
+        redirect
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_strict(&[], &allow)
+            .context("cannot set up strict inbound")?;
+    }
+    let Some(cgroup) = &config.redirect.cgroup else {
+        info!(
+            "redirect.cgroup is not set: programs loaded but not attached; no pod traffic is redirected"
+        );
+        return Ok(None);
+    };
+    let path = resolve_cgroup(cgroup)?;
+    redirect
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .attach(&path)
+        .with_context(|| format!("cannot attach the redirect programs to {}", path.display()))?;
+    info!(cgroup = %path.display(), "redirect programs attached");
+    Ok(Some(path))
+}
+
+/// Serves until SIGTERM/SIGINT, or until a successor takes the node over.
+/// A successor itself first waits until it is ready, then tells the
+/// serving agent to go. Returns what ended it, and the serving lock, which
+/// is held until the process exits.
+async fn serve_until_stopped(
+    pinned: Option<(Pins, Claim)>,
+    readiness: &Readiness,
+) -> Result<(&'static str, Option<nix::fcntl::Flock<std::fs::File>>)> {
+    let handed_over = CancellationToken::new();
+    let mut serving = None;
+    let signal_name = tokio::select! {
+        s = wait_for_signal() => s?,
+        _ = async {
+            if let Some((pins, claim)) = pinned {
+                if matches!(claim, Claim::Successor { .. }) {
+                    // The old agent is told to go only once this one is
+                    // ready: with discovery, not before the cluster's
+                    // first full picture is in force. One that never gets
+                    // there leaves the old agent serving.
+                    wait_until_ready(readiness).await;
+                }
+                serving = take_over(pins.root(), claim, &handed_over);
+            }
+            handed_over.cancelled().await;
+        } => "handover",
+    };
+    Ok((signal_name, serving))
 }
 
 /// Returns once every readiness condition holds, saying every 10 s what
