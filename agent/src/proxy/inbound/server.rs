@@ -31,7 +31,7 @@ use rustls::server::danger::ClientCertVerifier;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, debug_span, info, info_span, warn};
 
 use crate::identity::{CertInfo, TlsFailure, peer_info};
 use crate::transport::copy;
@@ -481,7 +481,10 @@ impl Shared {
             Ok(t) => t,
             Err((status, why)) => return reply(status, ERROR_REASON, why),
         };
-        let span = info_span!("tunnel_stream", peer_id = %peer.id, %target);
+        // A debug span, as the outbound connection's: enabled, it would
+        // cost every open stream a few hundred bytes and work on every
+        // poll; the warnings below name the peer and the target themselves.
+        let span = debug_span!("tunnel_stream", peer_id = %peer.id, %target);
         self.admit(req, peer, target, open).instrument(span).await
     }
 
@@ -498,7 +501,7 @@ impl Shared {
             && claimed.as_bytes() != peer.id.to_string().as_bytes()
         {
             self.stats.streams_denied.fetch_add(1, Ordering::Relaxed);
-            warn!(claimed = ?claimed, "{SOURCE_MISMATCH}");
+            warn!(peer_id = %peer.id, %target, claimed = ?claimed, "{SOURCE_MISMATCH}");
             return reply(StatusCode::FORBIDDEN, DENY_REASON, SOURCE_MISMATCH);
         }
         let info = ConnectInfo {
@@ -508,7 +511,7 @@ impl Shared {
         };
         if let Err(deny) = self.authorizer.authorize(info).await {
             self.stats.streams_denied.fetch_add(1, Ordering::Relaxed);
-            warn!(reason = %deny, "tunnel stream denied");
+            warn!(peer_id = %peer.id, %target, reason = %deny, "tunnel stream denied");
             return reply(StatusCode::FORBIDDEN, DENY_REASON, &deny.0);
         }
         let connect = tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(target));
@@ -516,7 +519,7 @@ impl Shared {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 self.stats.connect_failed.fetch_add(1, Ordering::Relaxed);
-                warn!(error = %e, "tunnel target connect failed");
+                warn!(peer_id = %peer.id, %target, error = %e, "tunnel target connect failed");
                 let status = if e.kind() == std::io::ErrorKind::ConnectionRefused {
                     StatusCode::SERVICE_UNAVAILABLE
                 } else {
