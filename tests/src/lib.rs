@@ -4,8 +4,10 @@
 //! this machine (a fabric, nodes, pods with their own cgroups), runs real
 //! `waymark agent`s in the nodes and real workloads in the pods, and removes
 //! all of it again when the [`World`] is dropped. The `testpeer` binary of this
-//! package is the workload the tests run in pods. See `tests/README.md`.
+//! package is the workload the tests run in pods. The [`fixtures`] module
+//! holds the worlds and services many tests share. See `tests/README.md`.
 
+pub mod fixtures;
 pub mod grpc_unary;
 pub mod http_app;
 mod macros;
