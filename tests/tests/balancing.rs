@@ -17,9 +17,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
+use waymark_tests::fixtures::{Endpoint, Service, meshed_pair};
 use waymark_tests::{
-    Node, Pod, Server, World, metric, metric_value, pod_ip, python, require_agent_or_skip,
-    with_world, world_name,
+    Node, Pod, Server, metric, metric_value, pod_ip, python, require_agent_or_skip, with_world,
+    world_name,
 };
 
 const VIP: &str = "10.96.0.20:50051";
@@ -111,29 +112,13 @@ fn calls(pod: &Pod, calls: u32, callers: u32) -> Result<Value> {
     })
 }
 
-/// The service `echo` at [`VIP`] over `endpoints` (pod, node index), every
+/// The service `echo` at [`VIP`] over `endpoints` ((node, pod) indices), every
 /// endpoint naming its node, so that node 0 reaches node 1's through the
 /// tunnel.
-fn services(endpoints: &[(usize, usize)]) -> String {
-    let list: Vec<String> = endpoints
-        .iter()
-        .map(|&(i, j)| {
-            format!(
-                "{{ addr = \"{}:{PORT}\", node = \"node{i}\" }}",
-                pod_ip(i, j)
-            )
-        })
-        .collect();
-    format!(
-        r#"
-[[services]]
-name = "echo"
-addresses = ["{VIP}"]
-protocol = "grpc"
-endpoints = [{}]
-"#,
-        list.join(", ")
-    )
+fn service(endpoints: &[(usize, usize)]) -> Service {
+    Service::new("echo", VIP)
+        .protocol("grpc")
+        .endpoints(endpoints.iter().map(|&(i, j)| Endpoint::meshed(i, j, PORT)))
 }
 
 /// Calls per pod in a client report.
@@ -220,9 +205,7 @@ fn one_connection(node: &Node, client: &Pod) -> Result<()> {
 fn sequential_grpc_calls_reach_every_endpoint_through_the_tunnel() {
     require_agent_or_skip!();
     const N: u32 = 300;
-    let b = World::builder(world_name!())
-        .mtls(true)
-        .agent_config_extra(services(&[(0, 1), (1, 0), (1, 1)]));
+    let b = meshed_pair(world_name!(), 2, &[service(&[(0, 1), (1, 0), (1, 1)])]);
     with_world(b, |world| {
         let (cl, node) = (world.pod(0, 0), world.node(0));
         let pods = [world.pod(0, 1), world.pod(1, 0), world.pod(1, 1)];
@@ -295,10 +278,7 @@ fn sequential_grpc_calls_reach_every_endpoint_through_the_tunnel() {
 fn eight_concurrent_grpc_callers_share_three_equal_endpoints() {
     require_agent_or_skip!();
     const N: u32 = 3_000;
-    let b = World::builder(world_name!())
-        .pods_per_node(3)
-        .mtls(true)
-        .agent_config_extra(services(&[(1, 0), (1, 1), (1, 2)]));
+    let b = meshed_pair(world_name!(), 3, &[service(&[(1, 0), (1, 1), (1, 2)])]);
     with_world(b, |world| {
         let (cl, node) = (world.pod(0, 0), world.node(0));
         let pods = [world.pod(1, 0), world.pod(1, 1), world.pod(1, 2)];
@@ -335,9 +315,7 @@ fn eight_concurrent_grpc_callers_share_three_equal_endpoints() {
 fn the_faster_endpoint_on_the_same_node_keeps_its_preference() {
     require_agent_or_skip!();
     const N: u32 = 300;
-    let b = World::builder(world_name!())
-        .mtls(true)
-        .agent_config_extra(services(&[(0, 1), (1, 0), (1, 1)]));
+    let b = meshed_pair(world_name!(), 2, &[service(&[(0, 1), (1, 0), (1, 1)])]);
     with_world(b, |world| {
         let (cl, node) = (world.pod(0, 0), world.node(0));
         let pods = [world.pod(0, 1), world.pod(1, 0), world.pod(1, 1)];

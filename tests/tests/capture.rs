@@ -13,6 +13,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use waymark_tests::fixtures::{Endpoint, Service, meshed_pair};
 use waymark_tests::world::agent::waymark_bin;
 use waymark_tests::{
     Node, Pod, Server, World, await_metric, eventually, http_app, metric, require_agent_or_skip,
@@ -515,22 +516,11 @@ fn a_keylog_capture_of_the_tunnel_is_decrypted_by_tshark() {
     require_agent_or_skip!();
     const VIP: &str = "10.96.0.40:80";
     let server_ip = waymark_tests::pod_ip(1, 0);
-    let extra = format!(
-        r#"
-[capture]
-keylog = true
-
-[[services]]
-name = "web"
-addresses = ["{VIP}"]
-protocol = "http1"
-endpoints = [ {{ addr = "{server_ip}:8080", node = "node1" }} ]
-"#
-    );
-    let builder = World::builder(world_name!())
-        .pods_per_node(1)
-        .mtls(true)
-        .agent_config_extra(extra);
+    let web = Service::new("web", VIP)
+        .protocol("http1")
+        .endpoint(Endpoint::meshed(1, 0, 8080));
+    let builder =
+        meshed_pair(world_name!(), 1, &[web]).agent_config_extra("[capture]\nkeylog = true\n");
     with_world(builder, |world| {
         let (node, client) = (world.node(0), world.pod(0, 0));
         let _web = http_server(world.pod(1, 0), 8080)?;

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use nix::sys::signal::Signal;
+use waymark_tests::fixtures::{Endpoint, Service, meshed_pair};
 use waymark_tests::world::agent::waymark_bin;
 use waymark_tests::{
     Node, World, bpftool_missing, detach_link, eventually, require_agent_or_skip, with_world,
@@ -117,7 +118,7 @@ fn check_flags_an_issuer_expiring_within_the_window() {
 #[test]
 fn check_probes_the_peer_agents() {
     require_agent_or_skip!();
-    let b = World::builder(world_name!()).pods_per_node(1).mtls(true);
+    let b = meshed_pair(world_name!(), 1, &[]);
     with_world(b, |world| {
         let (n0, n1) = (world.node(0), world.node(1));
         let tunnel = format!("{}:15008", n1.fabric_ip());
@@ -171,10 +172,7 @@ fn check_probes_the_peer_agents() {
 #[test]
 fn check_names_a_peer_with_a_foreign_trust_anchor() {
     require_agent_or_skip!();
-    let b = World::builder(world_name!())
-        .pods_per_node(1)
-        .mtls(true)
-        .mtls_foreign_anchor(1);
+    let b = meshed_pair(world_name!(), 1, &[]).mtls_foreign_anchor(1);
     with_world(b, |world| {
         let n0 = world.node(0);
         let (code, out) = check(n0, &[])?;
@@ -227,24 +225,12 @@ fn stat_meshed_counts_the_pods_waymark_proxies() {
     if bpftool_missing("stat_meshed_counts_the_pods_waymark_proxies") {
         return;
     }
-    let services = format!(
-        r#"
-[[services]]
-name = "web"
-addresses = ["10.96.0.60:80"]
-endpoints = [
-  {{ addr = "{}:8080" }},
-  {{ addr = "{}:8080", node = "node1" }},
-  {{ addr = "10.99.0.1:8080" }},
-]
-"#,
-        waymark_tests::pod_ip(0, 0),
-        waymark_tests::pod_ip(1, 0)
-    );
-    let b = World::builder(world_name!())
-        .pods_per_node(1)
-        .mtls(true)
-        .agent_config_extra(services);
+    let web = Service::new("web", "10.96.0.60:80").endpoints([
+        Endpoint::pod(0, 0, 8080),
+        Endpoint::meshed(1, 0, 8080),
+        Endpoint::at("10.99.0.1:8080"),
+    ]);
+    let b = meshed_pair(world_name!(), 1, &[web]);
     with_world(b, |world| {
         let n0 = world.node(0);
         let row = |rows: &[(String, String)], name: &str| {

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
+use waymark_tests::fixtures::{Endpoint, Service, meshed_pair, services_toml};
 use waymark_tests::{
     DEFAULT_PATIENCE, Node, Pod, Server, World, eventually, http_app, nft_in, pod_ip, python,
     require_agent_or_skip, testpeer, waymark, with_world, world_name,
@@ -57,24 +58,15 @@ const WEB_VIP: &str = "10.96.0.71";
 
 /// `db`: opaque, its endpoint an echo server on node 1 (through the
 /// tunnel); `web`: HTTP/1.1, its endpoint on node 0 (direct).
-fn services() -> String {
-    format!(
-        r#"
-[[services]]
-name = "db"
-addresses = ["{DB_VIP}:5432"]
-protocol = "opaque"
-endpoints = [ {{ addr = "{db}:7000", node = "node1" }} ]
-
-[[services]]
-name = "web"
-addresses = ["{WEB_VIP}:80"]
-protocol = "http1"
-endpoints = [ {{ addr = "{web}:8080" }} ]
-"#,
-        db = pod_ip(1, 0),
-        web = pod_ip(0, 1),
-    )
+fn services() -> [Service; 2] {
+    [
+        Service::new("db", &format!("{DB_VIP}:5432"))
+            .protocol("opaque")
+            .endpoint(Endpoint::meshed(1, 0, 7000)),
+        Service::new("web", &format!("{WEB_VIP}:80"))
+            .protocol("http1")
+            .endpoint(Endpoint::pod(0, 1, 8080)),
+    ]
 }
 
 fn conns(node: &Node, query: &str) -> Result<Value> {
@@ -148,9 +140,7 @@ fn client(world: &World, pod: &Pod) -> Result<Client> {
 #[test]
 fn conns_lists_open_connections_by_pod_and_five_tuple() {
     require_agent_or_skip!();
-    let b = World::builder(world_name!())
-        .mtls(true)
-        .agent_config_extra(services());
+    let b = meshed_pair(world_name!(), 2, &services());
     with_world(b, |world| {
         let (n0, n1) = (world.node(0), world.node(1));
         let pod = world.pod(0, 0);
@@ -340,13 +330,13 @@ time.sleep(600)
 #[test]
 fn conns_joins_the_kernels_counters_of_its_flows() {
     require_agent_or_skip!();
+    let db = Service::new("db", &format!("{DB_VIP}:5432"))
+        .protocol("opaque")
+        .endpoint(Endpoint::pod(1, 0, 7000));
     let b = World::builder(world_name!())
         .nodes(2)
         .pods_per_node(1)
-        .agent_config_extra(format!(
-            "[[services]]\nname = \"db\"\naddresses = [\"{DB_VIP}:5432\"]\nprotocol = \"opaque\"\nendpoints = [ {{ addr = \"{}:7000\" }} ]\n",
-            pod_ip(1, 0)
-        ));
+        .agent_config_extra(services_toml(&[db]));
     with_world(b, |world| {
         let (pod, server) = (world.pod(0, 0), world.pod(1, 0));
         let _echo = server.serve(&mut testpeer(["echo", "--listen", "0.0.0.0:7000"]))?;

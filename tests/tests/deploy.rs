@@ -9,7 +9,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use waymark_tests::{World, pod_ip, require_agent_or_skip, with_world, world_name};
+use waymark_tests::fixtures::{Endpoint, Service, meshed_pair};
+use waymark_tests::{require_agent_or_skip, with_world, world_name};
 
 /// The `add:` capabilities of the DaemonSet's container, as written in the
 /// rendered manifest (`[BPF, NET_ADMIN, …]`).
@@ -102,17 +103,10 @@ fn the_agent_works_with_only_the_daemonsets_capabilities() {
         std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))
             .expect("making the wrapper executable");
     }
-    let services = waymark_tests::support::opaque_service(
-        "echo",
-        "10.96.0.70:7000",
-        &format!("{}:7000", pod_ip(1, 0)),
-        "node1",
-    );
-    let b = World::builder(world_name!())
-        .pods_per_node(1)
-        .mtls(true)
-        .agent_config_extra(services)
-        .agent_bin(&wrapper);
+    let echo = Service::new("echo", "10.96.0.70:7000")
+        .protocol("opaque")
+        .endpoint(Endpoint::meshed(1, 0, 7000));
+    let b = meshed_pair(world_name!(), 1, &[echo]).agent_bin(&wrapper);
     with_world(b, |world| {
         for node in world.nodes() {
             let pid = node.agent_pid().context("no agent")?;

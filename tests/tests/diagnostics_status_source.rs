@@ -16,9 +16,10 @@
 
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
+use waymark_tests::fixtures::{Endpoint, Service, services_toml};
 use waymark_tests::{
-    Pod, Server, World, curl, http_app, pod_ip, require_agent_or_skip, tap, tap_events, waymark,
-    with_world, world_name,
+    Pod, Server, World, WorldBuilder, curl, http_app, require_agent_or_skip, tap, tap_events,
+    waymark, with_world, world_name,
 };
 
 const WEB: &str = "10.96.0.60:80";
@@ -33,62 +34,41 @@ const GONE_ENDPOINT: &str = "10.2.0.250:8080";
 
 /// `web` (n1p0, a 1s timeout on `/slow`), `shop` split 1:1 between
 /// `shop-v1` (n1p0) and `shop-v2` (no endpoints), `gone` whose only
-/// endpoint's pod no longer exists, and `mixed`: n1p0 and that endpoint.
-fn services() -> String {
-    let app = pod_ip(1, 0);
-    format!(
-        r#"
-[outbound]
-connect_timeout = "1s"
-
-[[services]]
-name = "web"
-addresses = ["{WEB}"]
-endpoints = [ {{ addr = "{app}:8080", pod = "default/n1p0" }} ]
-[[services.routes]]
-name = "slow"
-matches = [ {{ path = {{ prefix = "/slow" }} }} ]
-timeout = "1s"
-
-[[services]]
-name = "shop"
-addresses = ["{SHOP}"]
-endpoints = []
-[[services.routes]]
-name = "split"
-backends = [ {{ service = "shop-v1", weight = 1 }}, {{ service = "shop-v2", weight = 1 }} ]
-
-[[services]]
-name = "shop-v1"
-addresses = ["10.96.0.63:80"]
-endpoints = [ {{ addr = "{app}:8080", pod = "default/n1p0" }} ]
-
-[[services]]
-name = "shop-v2"
-addresses = ["10.96.0.64:80"]
-endpoints = []
-
-[[services]]
-name = "gone"
-addresses = ["{GONE}"]
-endpoints = [ {{ addr = "{GONE_ENDPOINT}", pod = "default/gone-1" }} ]
-
-[[services]]
-name = "tight"
-addresses = ["{TIGHT}"]
-endpoints = [ {{ addr = "{app}:8080", pod = "default/n1p0" }} ]
-retry_budget = {{ ratio = 0.0, min_per_second = 0, ttl = "10s" }}
-[[services.routes]]
-name = "all"
-retry = {{ attempts = 2, on = ["5xx"], backoff_base = "5ms", backoff_max = "10ms" }}
-
-[[services]]
-name = "mixed"
-addresses = ["{MIXED}"]
-# The gone endpoint looks 100 times bigger once both have been tried.
-endpoints = [ {{ addr = "{app}:8080", pod = "default/n1p0" }}, {{ addr = "{GONE_ENDPOINT}", pod = "default/gone-1", weight = 100 }} ]
-"#
-    )
+/// endpoint's pod no longer exists, and `mixed`: n1p0 and that endpoint;
+/// in the default world (two nodes of two pods, no mTLS), with a 1s
+/// connect timeout.
+fn world(name: &str) -> WorldBuilder {
+    let app = || Endpoint::pod(1, 0, 8080).of_pod("default/n1p0");
+    let gone = || Endpoint::at(GONE_ENDPOINT).of_pod("default/gone-1");
+    let services = [
+        Service::new("web", WEB).endpoint(app()).route(
+            r#"name = "slow"
+matches = [ { path = { prefix = "/slow" } } ]
+timeout = "1s""#,
+        ),
+        Service::new("shop", SHOP).route(
+            r#"name = "split"
+backends = [ { service = "shop-v1", weight = 1 }, { service = "shop-v2", weight = 1 } ]"#,
+        ),
+        Service::new("shop-v1", "10.96.0.63:80").endpoint(app()),
+        Service::new("shop-v2", "10.96.0.64:80"),
+        Service::new("gone", GONE).endpoint(gone()),
+        Service::new("tight", TIGHT)
+            .endpoint(app())
+            .set(
+                "retry_budget",
+                r#"{ ratio = 0.0, min_per_second = 0, ttl = "10s" }"#,
+            )
+            .route(
+                r#"name = "all"
+retry = { attempts = 2, on = ["5xx"], backoff_base = "5ms", backoff_max = "10ms" }"#,
+            ),
+        // The gone endpoint looks 100 times bigger once both have been tried.
+        Service::new("mixed", MIXED).endpoints([app(), gone().weight(100)]),
+    ];
+    World::builder(name)
+        .agent_config_extra(services_toml(&services))
+        .agent_config_extra("[outbound]\nconnect_timeout = \"1s\"\n")
 }
 
 /// The test application, named after the pod: `/fail` answers 500,
@@ -121,7 +101,7 @@ fn answers<'a>(events: &'a [Value], path: &str) -> Vec<(&'a Value, &'a Value)> {
 #[test]
 fn tap_and_top_say_where_each_status_came_from() {
     require_agent_or_skip!();
-    let b = World::builder(world_name!()).agent_config_extra(services());
+    let b = world(world_name!());
     with_world(b, |world| {
         let node = world.node(0);
         let client = world.pod(0, 0);
@@ -320,7 +300,7 @@ fn tap_and_top_say_where_each_status_came_from() {
 #[test]
 fn trace_results_name_the_source_and_timeouts_read_as_configured() {
     require_agent_or_skip!();
-    let b = World::builder(world_name!()).agent_config_extra(services());
+    let b = world(world_name!());
     with_world(b, |world| {
         let node = world.node(0);
         let client = world.pod(0, 0);
@@ -390,11 +370,9 @@ fn trace_results_name_the_source_and_timeouts_read_as_configured() {
 fn endpoints_and_check_name_the_endpoint_whose_pod_is_gone() {
     require_agent_or_skip!();
     // One failure ejects for two minutes: the ejection outlasts the test.
-    let config = format!(
-        "{}\n[balancer]\nfailure_threshold = 1\neject_base = \"2m\"\neject_max = \"4m\"\n",
-        services()
+    let b = world(world_name!()).agent_config_extra(
+        "[balancer]\nfailure_threshold = 1\neject_base = \"2m\"\neject_max = \"4m\"\n",
     );
-    let b = World::builder(world_name!()).agent_config_extra(config);
     with_world(b, |world| {
         let node = world.node(0);
         let client = world.pod(0, 0);
@@ -530,7 +508,7 @@ fn endpoints_and_check_name_the_endpoint_whose_pod_is_gone() {
 #[test]
 fn an_empty_tap_says_why() {
     require_agent_or_skip!();
-    let b = World::builder(world_name!()).agent_config_extra(services());
+    let b = world(world_name!());
     with_world(b, |world| {
         let node = world.node(0);
         let client = world.pod(0, 0);

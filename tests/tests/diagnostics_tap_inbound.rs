@@ -16,10 +16,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
+use waymark_tests::fixtures::{Endpoint, Service, meshed_pair};
 use waymark_tests::world::agent::pod_identity;
 use waymark_tests::{
-    Node, Pod, Server, World, await_metric, http_app, pod_ip, require_agent_or_skip, testpeer,
-    with_world, world_name,
+    Node, Pod, Server, World, await_metric, http_app, require_agent_or_skip, testpeer, with_world,
+    world_name,
 };
 
 const VIP: &str = "10.96.0.50:80";
@@ -32,30 +33,15 @@ const TO_A: usize = 30;
 const TO_B: usize = 10;
 
 fn world(name: &str) -> waymark_tests::WorldBuilder {
-    World::builder(name)
-        .nodes(2)
-        .pods_per_node(1)
-        .mtls(true)
+    let services = [
+        Service::new("web", VIP).endpoint(Endpoint::meshed(1, 0, PORT)),
+        Service::new("echo", ECHO_VIP).endpoint(Endpoint::meshed(1, 0, 7000)),
+    ];
+    meshed_pair(name, 1, &services)
         // The tests follow requests by their query values (`?i=N`): tap
         // shows queries as sent here (redaction, the default, is tested in
         // diagnostics_tap.rs).
-        .agent_config_extra(format!(
-            r#"
-[diagnostics]
-tap_redact_query = false
-
-[[services]]
-name = "web"
-addresses = ["{VIP}"]
-endpoints = [ {{ addr = "{ip}:{PORT}", node = "node1" }} ]
-
-[[services]]
-name = "echo"
-addresses = ["{ECHO_VIP}"]
-endpoints = [ {{ addr = "{ip}:7000", node = "node1" }} ]
-"#,
-            ip = pod_ip(1, 0)
-        ))
+        .agent_config_extra("[diagnostics]\ntap_redact_query = false\n")
 }
 
 /// The test application, named after the pod: `/b…` answers 500,

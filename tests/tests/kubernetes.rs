@@ -16,6 +16,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
 use waymark_apiserver::ApiServer;
+use waymark_tests::fixtures::meshed_pair;
 use waymark_tests::support::capture::{Capture, contains};
 use waymark_tests::world::agent::TRUST_DOMAIN;
 use waymark_tests::{
@@ -578,11 +579,7 @@ fn an_httproute_splits_a_service_until_it_is_deleted() {
 /// The world of these tests: two nodes of two pods with mTLS, agents not
 /// started (the cluster is written first, see [`meshed`]).
 fn two_nodes(name: &str) -> waymark_tests::WorldBuilder {
-    World::builder(name)
-        .nodes(2)
-        .pods_per_node(2)
-        .mtls(true)
-        .agent(false)
+    meshed_pair(name, 2, &[]).agent(false)
 }
 
 /// Runs `curl` from `pod` to `url` (a 1 s connect timeout); what it

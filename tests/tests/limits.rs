@@ -20,8 +20,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use waymark_tests::fixtures::{Endpoint, Service, meshed_pair, services_toml};
 use waymark_tests::{
-    DEFAULT_PATIENCE, Node, Pod, Server, World, await_metric, eventually, http_app, metric, pod_ip,
+    DEFAULT_PATIENCE, Node, Pod, Server, World, await_metric, eventually, http_app, metric,
     require_agent_or_skip, tap, tap_events, testpeer, waymark, with_world, world_name,
 };
 
@@ -29,6 +30,14 @@ const VIP: &str = "10.96.0.60:80";
 
 fn app(pod: &Pod) -> Result<Server> {
     http_app(pod, 8080, "app", &[])
+}
+
+/// `web` at [`VIP`]: the test application in pod 1 of a one-node world,
+/// which the agent reaches directly.
+fn local_web() -> Service {
+    Service::new("web", VIP)
+        .protocol("http1")
+        .endpoint(Endpoint::pod(0, 1, 8080))
 }
 
 /// `testpeer client` from `pod` to `addr` through the agents; the echo must
@@ -71,23 +80,17 @@ const TOO_MANY: [(&str, &str); 2] = [("direction", "inbound"), ("reason", "too_m
 #[test]
 fn tunnel_handshakes_beyond_the_cap_are_reset_and_the_data_path_flows() {
     require_agent_or_skip!();
-    let b = World::builder(world_name!())
-        .pods_per_node(1)
-        .mtls(true)
-        .agent_config_extra(format!(
-            r#"
+    let echo = Service::new("echo", "10.96.0.61:7000")
+        .protocol("opaque")
+        .endpoint(Endpoint::meshed(1, 0, 7000));
+    let b = meshed_pair(world_name!(), 1, &[echo]).agent_config_extra(
+        r#"
 [limits]
 tunnel_max_handshakes = 2
 [inbound]
 handshake_timeout = "60s"
-[[services]]
-name = "echo"
-addresses = ["10.96.0.61:7000"]
-protocol = "opaque"
-endpoints = [ {{ addr = "{}:7000", node = "node1" }} ]
 "#,
-            pod_ip(1, 0)
-        ));
+    );
     with_world(b, |world| {
         let (n0, n1) = (world.node(0), world.node(1));
         let server = world.pod(1, 0);
@@ -147,18 +150,8 @@ fn a_pods_h2_connection_is_offered_the_configured_streams() {
     let b = World::builder(world_name!())
         .nodes(1)
         .pods_per_node(2)
-        .agent_config_extra(format!(
-            r#"
-[limits]
-h2_max_concurrent_streams = 7
-[[services]]
-name = "web"
-addresses = ["{VIP}"]
-protocol = "http1"
-endpoints = [ {{ addr = "{}:8080" }} ]
-"#,
-            pod_ip(0, 1)
-        ));
+        .agent_config_extra(services_toml(&[local_web()]))
+        .agent_config_extra("[limits]\nh2_max_concurrent_streams = 7\n");
     with_world(b, |world| {
         let (client, server) = (world.pod(0, 0), world.pod(0, 1));
         let _app = app(server)?;
@@ -217,18 +210,8 @@ fn idle_connections_are_closed_and_counted_with_the_pod() {
     let b = World::builder(world_name!())
         .nodes(1)
         .pods_per_node(2)
-        .agent_config_extra(format!(
-            r#"
-[limits]
-idle_timeout = "2s"
-[[services]]
-name = "web"
-addresses = ["{VIP}"]
-protocol = "http1"
-endpoints = [ {{ addr = "{}:8080" }} ]
-"#,
-            pod_ip(0, 1)
-        ));
+        .agent_config_extra(services_toml(&[local_web()]))
+        .agent_config_extra("[limits]\nidle_timeout = \"2s\"\n");
     with_world(b, |world| {
         let node = world.node(0);
         let (client, server) = (world.pod(0, 0), world.pod(0, 1));
@@ -498,21 +481,11 @@ fn a_pod_opening_connections_too_fast_waits_and_other_pods_do_not() {
 #[test]
 fn idle_tunnel_connections_are_closed_and_counted() {
     require_agent_or_skip!();
-    let b = World::builder(world_name!())
-        .pods_per_node(1)
-        .mtls(true)
-        .agent_config_extra(format!(
-            r#"
-[limits]
-idle_timeout = "2s"
-[[services]]
-name = "echo"
-addresses = ["10.96.0.62:7000"]
-protocol = "opaque"
-endpoints = [ {{ addr = "{}:7000", node = "node1" }} ]
-"#,
-            pod_ip(1, 0)
-        ));
+    let echo = Service::new("echo", "10.96.0.62:7000")
+        .protocol("opaque")
+        .endpoint(Endpoint::meshed(1, 0, 7000));
+    let b = meshed_pair(world_name!(), 1, &[echo])
+        .agent_config_extra("[limits]\nidle_timeout = \"2s\"\n");
     with_world(b, |world| {
         let n1 = world.node(1);
         let _echo = world
@@ -585,9 +558,7 @@ fn accept_loops_back_off_when_descriptors_run_out() {
         Ok(wrapper)
     })()
     .unwrap_or_else(|e| panic!("{e:#}"));
-    let b = World::builder(world_name!())
-        .pods_per_node(2)
-        .mtls(true)
+    let b = meshed_pair(world_name!(), 2, &[])
         .agent_bin(&wrapper)
         .agent_config_extra(
             "[outbound]\nmax_connections = 100000\nmax_connections_per_pod = 100000\n\

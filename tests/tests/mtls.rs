@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
+use waymark_tests::fixtures::{
+    Endpoint, Service, merge_toml, meshed_pair, services_toml, without_identity,
+};
 use waymark_tests::support::capture::{Capture, contains};
 use waymark_tests::world::agent::pod_identity;
 use waymark_tests::{
@@ -44,22 +47,15 @@ const APP_PORT: u16 = 8080;
 const ECHO_PORT: u16 = 7000;
 
 /// `echo` (opaque) and `web` (HTTP/1.1), both served by pod 0 of node 1.
-fn services() -> String {
-    let server = pod_ip(1, 0);
-    format!(
-        r#"
-[[services]]
-name = "echo"
-addresses = ["{ECHO_VIP}"]
-protocol = "opaque"
-endpoints = [ {{ addr = "{server}:{ECHO_PORT}", node = "node1" }} ]
-[[services]]
-name = "web"
-addresses = ["{WEB_VIP}"]
-protocol = "http1"
-endpoints = [ {{ addr = "{server}:{APP_PORT}", node = "node1" }} ]
-"#
-    )
+fn services() -> [Service; 2] {
+    [
+        Service::new("echo", ECHO_VIP)
+            .protocol("opaque")
+            .endpoint(Endpoint::meshed(1, 0, ECHO_PORT)),
+        Service::new("web", WEB_VIP)
+            .protocol("http1")
+            .endpoint(Endpoint::meshed(1, 0, APP_PORT)),
+    ]
 }
 
 /// The test application, named after the pod (`x-pod`).
@@ -82,16 +78,6 @@ fn send(pod: &Pod, addr: &str, text: &str) -> Result<String> {
         .run_ok(python().args(["-c", SEND, host, port, text]))?
         .trim()
         .to_string())
-}
-
-/// Removes pod `j`'s identity from a node's agent config: its traffic is
-/// carried in plaintext (the tests' control for what the tunnel hides).
-fn without_identity(cfg: &mut toml::Table, j: usize) {
-    if let Some(toml::Value::Array(pods)) = cfg.get_mut("pods")
-        && let Some(toml::Value::Table(p)) = pods.get_mut(j)
-    {
-        p.remove("identity");
-    }
 }
 
 fn marker(what: &str) -> String {
@@ -141,11 +127,7 @@ fn log_tail(node: &Node) -> String {
 #[test]
 fn only_tls_crosses_the_fabric() {
     require_agent_or_skip!();
-    let builder = World::builder(world_name!())
-        .nodes(2)
-        .pods_per_node(2)
-        .mtls(true)
-        .agent_config_extra(services())
+    let builder = meshed_pair(world_name!(), 2, &services())
         // Pod 1 of node 0 has no identity: its traffic stays plaintext.
         .agent_config(|i, cfg| {
             if i == 0 {
@@ -403,28 +385,17 @@ fn bad_certificates_are_rejected_with_their_reason() {
         // Node 2 issues from a trust anchor of its own but trusts the
         // world's too: its certificates are the ones refused.
         .mtls_foreign_anchor(2)
-        .agent_config_extra(format!(
-            r#"
-[[services]]
-name = "web0"
-addresses = ["10.96.0.10:80"]
-protocol = "http1"
-endpoints = [ {{ addr = "{}:{APP_PORT}", node = "node0" }} ]
-[[services]]
-name = "web1"
-addresses = ["10.96.0.11:80"]
-protocol = "http1"
-endpoints = [ {{ addr = "{}:{APP_PORT}", node = "node1" }} ]
-[[services]]
-name = "echo0"
-addresses = ["10.96.0.12:7000"]
-protocol = "opaque"
-endpoints = [ {{ addr = "{}:{ECHO_PORT}", node = "node0" }} ]
-"#,
-            pod_ip(0, 0),
-            pod_ip(1, 0),
-            pod_ip(0, 0)
-        ))
+        .agent_config_extra(services_toml(&[
+            Service::new("web0", "10.96.0.10:80")
+                .protocol("http1")
+                .endpoint(Endpoint::meshed(0, 0, APP_PORT)),
+            Service::new("web1", "10.96.0.11:80")
+                .protocol("http1")
+                .endpoint(Endpoint::meshed(1, 0, APP_PORT)),
+            Service::new("echo0", "10.96.0.12:7000")
+                .protocol("opaque")
+                .endpoint(Endpoint::meshed(0, 0, ECHO_PORT)),
+        ]))
         .agent_config(|i, cfg| {
             let id = cfg["identity"].as_table_mut().unwrap();
             if i == 2 {
@@ -581,15 +552,10 @@ endpoints = [ {{ addr = "{}:{ECHO_PORT}", node = "node0" }} ]
 #[test]
 fn authorization_denies_one_source_and_allows_another() {
     require_agent_or_skip!();
-    let builder = World::builder(world_name!())
-        .nodes(2)
-        .pods_per_node(2)
-        .mtls(true)
-        .agent_config_extra(services())
-        .agent_config(|i, cfg| {
-            if i == 1 {
-                let extra: toml::Table = format!(
-                    r#"
+    let builder = meshed_pair(world_name!(), 2, &services()).agent_config(|i, cfg| {
+        if i == 1 {
+            let extra = format!(
+                r#"
 [authorization]
 default = "deny"
 [[authorization.rules]]
@@ -602,13 +568,11 @@ action = "allow"
 sources = ["spiffe://cluster.local/ns/default/sa/*"]
 services = ["web", "echo"]
 "#,
-                    pod_identity("default/n0p1")
-                )
-                .parse()
-                .unwrap();
-                waymark_tests::world::agent::merge(cfg, extra);
-            }
-        });
+                pod_identity("default/n0p1")
+            );
+            merge_toml(cfg, &extra);
+        }
+    });
     with_world(builder, |world| {
         let (allowed, denied, server) = (world.pod(0, 0), world.pod(0, 1), world.pod(1, 0));
         let (n0, n1) = (world.node(0), world.node(1));
@@ -731,20 +695,14 @@ services = ["web", "echo"]
 #[test]
 fn strict_inbound_admits_other_nodes_only_through_the_tunnel() {
     require_agent_or_skip!();
-    let builder = World::builder(world_name!())
-        .nodes(2)
-        .pods_per_node(2)
-        .mtls(true)
-        .agent_config_extra(services())
-        .agent_config(|i, cfg| {
-            if i == 0 {
-                without_identity(cfg, 1);
-            }
-            if i == 1 {
-                let extra: toml::Table = "[inbound]\nmode = \"strict\"\n".parse().unwrap();
-                waymark_tests::world::agent::merge(cfg, extra);
-            }
-        });
+    let builder = meshed_pair(world_name!(), 2, &services()).agent_config(|i, cfg| {
+        if i == 0 {
+            without_identity(cfg, 1);
+        }
+        if i == 1 {
+            merge_toml(cfg, "[inbound]\nmode = \"strict\"\n");
+        }
+    });
     with_world(builder, |world| {
         let (meshed, plain) = (world.pod(0, 0), world.pod(0, 1));
         let (server, neighbour, n1) = (world.pod(1, 0), world.pod(1, 1), world.node(1));
@@ -841,11 +799,7 @@ except Exception as ex:
 #[test]
 fn a_reloaded_deny_rule_applies_to_open_streams() {
     require_agent_or_skip!();
-    let builder = World::builder(world_name!())
-        .nodes(2)
-        .pods_per_node(1)
-        .mtls(true)
-        .agent_config_extra(services());
+    let builder = meshed_pair(world_name!(), 1, &services());
     with_world(builder, |world| {
         let (client, server, n1) = (world.pod(0, 0), world.pod(1, 0), world.node(1));
         let _app = app(server)?;
@@ -866,13 +820,11 @@ fn a_reloaded_deny_rule_applies_to_open_streams() {
         ensure!(next()? == "echo1 ping", "before the reload");
 
         n1.update_config(|c| {
-            let extra: toml::Table = format!(
+            let extra = format!(
                 "[authorization]\ndefault = \"allow\"\n[[authorization.rules]]\nname = \"no-n0p0\"\naction = \"deny\"\nsources = [\"{}\"]\n",
                 pod_identity("default/n0p0")
-            )
-            .parse()
-            .expect("valid TOML");
-            waymark_tests::world::agent::merge(c, extra);
+            );
+            merge_toml(c, &extra);
         })?;
         eventually(Duration::from_secs(10), || {
             let log = n1.agent_log();
@@ -916,12 +868,8 @@ fn a_reloaded_deny_rule_applies_to_open_streams() {
 #[test]
 fn rotation_under_load_loses_nothing() {
     require_agent_or_skip!();
-    let builder = World::builder(world_name!())
-        .nodes(2)
-        .pods_per_node(2)
-        .mtls(true)
-        .mtls_leaf_lifetime(Duration::from_secs(8))
-        .agent_config_extra(services());
+    let builder =
+        meshed_pair(world_name!(), 2, &services()).mtls_leaf_lifetime(Duration::from_secs(8));
     with_world(builder, |world| {
         let (http_client, tcp_client, server) = (world.pod(0, 0), world.pod(0, 1), world.pod(1, 0));
         let (n0, n1) = (world.node(0), world.node(1));
@@ -1038,11 +986,7 @@ fn rotation_under_load_loses_nothing() {
 #[test]
 fn many_streams_share_few_tunnel_connections() {
     require_agent_or_skip!();
-    let builder = World::builder(world_name!())
-        .nodes(2)
-        .pods_per_node(1)
-        .mtls(true)
-        .agent_config_extra(services());
+    let builder = meshed_pair(world_name!(), 1, &services());
     with_world(builder, |world| {
         let (client, server) = (world.pod(0, 0), world.pod(1, 0));
         let (n0, n1) = (world.node(0), world.node(1));
@@ -1113,19 +1057,14 @@ fn many_streams_share_few_tunnel_connections() {
 #[test]
 fn hostile_input_on_the_tunnel_port_is_contained() {
     require_agent_or_skip!();
-    let builder = World::builder(world_name!())
-        .nodes(2)
-        .pods_per_node(1)
-        .mtls(true)
-        .agent_config_extra(services())
-        .agent_config(|i, cfg| {
-            if i == 1 {
-                cfg["inbound"]
-                    .as_table_mut()
-                    .unwrap()
-                    .insert("handshake_timeout".into(), "1s".into());
-            }
-        });
+    let builder = meshed_pair(world_name!(), 1, &services()).agent_config(|i, cfg| {
+        if i == 1 {
+            cfg["inbound"]
+                .as_table_mut()
+                .unwrap()
+                .insert("handshake_timeout".into(), "1s".into());
+        }
+    });
     with_world(builder, |world| {
         use std::io::{Read, Write};
         let (n0, n1) = (world.node(0), world.node(1));
@@ -1215,16 +1154,11 @@ fn hostile_input_on_the_tunnel_port_is_contained() {
 #[test]
 fn bulk_throughput_tunnel_vs_plaintext() {
     require_agent_or_skip!();
-    let builder = World::builder(world_name!())
-        .nodes(2)
-        .pods_per_node(2)
-        .mtls(true)
-        .agent_config_extra(services())
-        .agent_config(|i, cfg| {
-            if i == 0 {
-                without_identity(cfg, 1);
-            }
-        });
+    let builder = meshed_pair(world_name!(), 2, &services()).agent_config(|i, cfg| {
+        if i == 0 {
+            without_identity(cfg, 1);
+        }
+    });
     with_world(builder, |world| {
         let _echo = echo(world.pod(1, 0))?;
         const BYTES: u64 = 256 << 20;

@@ -13,9 +13,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use nix::sys::signal::Signal;
+use waymark_tests::fixtures::{Endpoint, Service, meshed_pair};
 use waymark_tests::{
-    Pod, Server, World, WorldBuilder, curl_i, eventually, http_app, metric, pod_ip,
-    require_agent_or_skip, with_world, world_name,
+    Pod, Server, World, WorldBuilder, curl_i, eventually, http_app, metric, require_agent_or_skip,
+    with_world, world_name,
 };
 
 const VIP: &str = "10.96.0.50:80";
@@ -28,19 +29,10 @@ fn app(pod: &Pod) -> Result<Server> {
 /// Two nodes with mTLS, one pod each; the service `web` at VIP is served
 /// by node 1's pod.
 fn world(name: &str) -> WorldBuilder {
-    World::builder(name)
-        .pods_per_node(1)
-        .mtls(true)
-        .agent_config_extra(format!(
-            r#"
-[[services]]
-name = "web"
-addresses = ["{VIP}"]
-protocol = "http1"
-endpoints = [ {{ addr = "{}:8080", node = "node1" }} ]
-"#,
-            pod_ip(1, 0)
-        ))
+    let web = Service::new("web", VIP)
+        .protocol("http1")
+        .endpoint(Endpoint::meshed(1, 0, 8080));
+    meshed_pair(name, 1, &[web])
 }
 
 /// One GET from `pod`: (status, headers and body).

@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use waymark_tests::fixtures::{Endpoint, Service, meshed_pair, services_toml};
 use waymark_tests::{
     Node, Pod, Signal, World, pod_ip, python, require_agent_or_skip, with_world, world_name,
 };
@@ -81,16 +82,11 @@ fn wait_report(child: Child) -> Result<WrkReport> {
 /// The service `web` answered at the endpoint's own address: with no
 /// agent (and `on_agent_down = "open"`) clients reach the same server
 /// directly, so what they see is the drain alone.
-fn web_service(endpoint: &str) -> String {
-    format!(
-        r#"
-[[services]]
-name = "web"
-addresses = ["{endpoint}:8080"]
-protocol = "http1"
-endpoints = [{{ addr = "{endpoint}:8080" }}]
-"#
-    )
+fn web_service(endpoint: &str) -> Service {
+    let addr = format!("{endpoint}:8080");
+    Service::new("web", &addr)
+        .protocol("http1")
+        .endpoint(Endpoint::at(&addr))
 }
 
 /// (1) SIGTERM under HTTP/1.1 keep-alive load: every response written while
@@ -103,7 +99,7 @@ fn sigterm_under_keepalive_load_fails_no_request() {
     require_agent_or_skip!();
     let b = World::builder(world_name!())
         .pods_per_node(1)
-        .agent_config_extra(web_service(&pod_ip(1, 0)))
+        .agent_config_extra(services_toml(&[web_service(&pod_ip(1, 0))]))
         // wrk outlasts the grace: connections still open when it ends
         // would be cut under wrk's feet.
         .agent_config_extra(
@@ -204,36 +200,21 @@ const ECHO_VIP: &str = "10.96.0.43:7000";
 /// Node 0's pod 0 is the client; node 1's pod 0 serves HTTP/1.1 (8080),
 /// gRPC (9090) and an echo (7000); node 0's pod 1 serves HTTP/1.1 for the
 /// same-node path.
-fn rollout_services() -> String {
-    format!(
-        r#"
-[[services]]
-name = "web"
-addresses = ["{WEB_VIP}"]
-protocol = "http1"
-endpoints = [{{ addr = "{remote}:8080", node = "node1" }}]
-
-[[services]]
-name = "local"
-addresses = ["{LOCAL_VIP}"]
-protocol = "http1"
-endpoints = [{{ addr = "{local}:8080", node = "node0" }}]
-
-[[services]]
-name = "chat"
-addresses = ["{GRPC_VIP}"]
-protocol = "grpc"
-endpoints = [{{ addr = "{remote}:9090", node = "node1" }}]
-
-[[services]]
-name = "echo"
-addresses = ["{ECHO_VIP}"]
-protocol = "opaque"
-endpoints = [{{ addr = "{remote}:7000", node = "node1" }}]
-"#,
-        remote = pod_ip(1, 0),
-        local = pod_ip(0, 1),
-    )
+fn rollout_services() -> [Service; 4] {
+    [
+        Service::new("web", WEB_VIP)
+            .protocol("http1")
+            .endpoint(Endpoint::meshed(1, 0, 8080)),
+        Service::new("local", LOCAL_VIP)
+            .protocol("http1")
+            .endpoint(Endpoint::meshed(0, 1, 8080)),
+        Service::new("chat", GRPC_VIP)
+            .protocol("grpc")
+            .endpoint(Endpoint::meshed(1, 0, 9090)),
+        Service::new("echo", ECHO_VIP)
+            .protocol("opaque")
+            .endpoint(Endpoint::meshed(1, 0, 7000)),
+    ]
 }
 
 /// The load of the rollout: all four kinds at once, started together.
@@ -461,9 +442,7 @@ fn plaintext_segments(mut tcpdump: Child, file: &std::path::Path) -> Result<(u64
 #[test]
 fn rollout_under_load_loses_nothing_and_leaks_no_plaintext() {
     require_agent_or_skip!();
-    let b = World::builder(world_name!())
-        .mtls(true)
-        .agent_config_extra(rollout_services())
+    let b = meshed_pair(world_name!(), 2, &rollout_services())
         .agent_config_extra("[shutdown]\ndrain_grace = \"20s\"\n");
     with_world(b, |world| {
         let (remote, local) = (world.pod(1, 0), world.pod(0, 1));
@@ -588,9 +567,7 @@ fn check_output(node: &Node) -> Result<String> {
 #[test]
 fn kill_9_with_agent_down_closed_refuses_then_recovers() {
     require_agent_or_skip!();
-    let b = World::builder(world_name!())
-        .mtls(true)
-        .agent_config_extra(rollout_services());
+    let b = meshed_pair(world_name!(), 2, &rollout_services());
     with_world(b, |world| {
         let (client, remote, node) = (world.pod(0, 0), world.pod(1, 0), world.node(0));
         let _web = waymark_tests::support::fast_http(remote, 8080)?;
@@ -714,15 +691,12 @@ fn kill_9_with_agent_down_open_goes_direct() {
 #[test]
 fn a_successor_that_never_gets_ready_leaves_the_old_agent_serving() {
     require_agent_or_skip!();
-    let services = waymark_tests::support::opaque_service(
-        "echo",
-        ECHO_VIP,
-        &format!("{}:7000", pod_ip(1, 0)),
-        "node1",
-    );
+    let echo = Service::new("echo", ECHO_VIP)
+        .protocol("opaque")
+        .endpoint(Endpoint::meshed(1, 0, 7000));
     let b = World::builder(world_name!())
         .pods_per_node(1)
-        .agent_config_extra(services);
+        .agent_config_extra(services_toml(&[echo]));
     with_world(b, |world| {
         let (client, remote, node) = (world.pod(0, 0), world.pod(1, 0), world.node(0));
         let _echo = remote.serve(&mut waymark_tests::testpeer([

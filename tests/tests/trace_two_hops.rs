@@ -15,10 +15,11 @@
 use std::process::Command;
 
 use anyhow::{Context, Result, ensure};
+use waymark_tests::fixtures::{Endpoint, Service, meshed_pair};
 use waymark_tests::world::agent::pod_identity;
 use waymark_tests::{
-    Pod, Server, World, curl_i, eventually, http_app, metric, pod_ip, python,
-    require_agent_or_skip, with_world, world_name,
+    Pod, Server, curl_i, eventually, http_app, metric, python, require_agent_or_skip, with_world,
+    world_name,
 };
 
 /// Two endpoints on node 1 behind one VIP; the route retries 5xx.
@@ -27,26 +28,24 @@ const VIP: &str = "10.96.0.40:80";
 const GOOD_VIP: &str = "10.96.0.41:80";
 const PORT: u16 = 8080;
 
-fn services() -> String {
-    let (good, bad) = (pod_ip(1, 0), pod_ip(1, 1));
-    format!(
-        r#"
-[[services]]
-name = "web"
-addresses = ["{VIP}"]
-# The failing endpoint looks 100 times bigger, so the balancer tries it
-# first until it is ejected.
-endpoints = [ {{ addr = "{good}:{PORT}", node = "node1" }}, {{ addr = "{bad}:{PORT}", node = "node1", weight = 100 }} ]
-retry_budget = {{ ratio = 1.0, min_per_second = 10, ttl = "10s" }}
-[[services.routes]]
-name = "all"
-retry = {{ attempts = 2, on = ["5xx"], backoff_base = "2ms", backoff_max = "10ms" }}
-[[services]]
-name = "good"
-addresses = ["{GOOD_VIP}"]
-endpoints = [ {{ addr = "{good}:{PORT}", node = "node1" }} ]
-"#
-    )
+fn services() -> [Service; 2] {
+    let good = Endpoint::meshed(1, 0, PORT);
+    [
+        Service::new("web", VIP)
+            .endpoint(good.clone())
+            // The failing endpoint looks 100 times bigger, so the balancer
+            // tries it first until it is ejected.
+            .endpoint(Endpoint::meshed(1, 1, PORT).weight(100))
+            .set(
+                "retry_budget",
+                r#"{ ratio = 1.0, min_per_second = 10, ttl = "10s" }"#,
+            )
+            .route(
+                r#"name = "all"
+retry = { attempts = 2, on = ["5xx"], backoff_base = "2ms", backoff_max = "10ms" }"#,
+            ),
+        Service::new("good", GOOD_VIP).endpoint(good),
+    ]
 }
 
 /// The test application, named after the pod: `fail` answers 503 to
@@ -58,11 +57,7 @@ fn app(pod: &Pod, mode: &str) -> Result<Server> {
 }
 
 fn world(name: &str) -> waymark_tests::WorldBuilder {
-    World::builder(name)
-        .nodes(2)
-        .pods_per_node(2)
-        .mtls(true)
-        .agent_config_extra(services())
+    meshed_pair(name, 2, &services())
 }
 
 /// The TRACE crosses node 0 (outbound: the route retries the endpoint that
@@ -358,21 +353,10 @@ def client(host, port):
 fn upgrade_through_the_tunnel_carries_bytes_both_ways() {
     require_agent_or_skip!();
     const WS_VIP: &str = "10.96.0.42:80";
-    let services = format!(
-        r#"
-[[services]]
-name = "ws"
-addresses = ["{WS_VIP}"]
-protocol = "http1"
-endpoints = [ {{ addr = "{}:8081", node = "node1" }} ]
-"#,
-        pod_ip(1, 0)
-    );
-    let b = World::builder(world_name!())
-        .nodes(2)
-        .pods_per_node(1)
-        .mtls(true)
-        .agent_config_extra(services);
+    let ws = Service::new("ws", WS_VIP)
+        .protocol("http1")
+        .endpoint(Endpoint::meshed(1, 0, 8081));
+    let b = meshed_pair(world_name!(), 1, &[ws]);
     with_world(b, |world| {
         let (client, server) = (world.pod(0, 0), world.pod(1, 0));
         let ws = server.serve(python().args(["-u", "-c", UPGRADE, "server", "8081"]))?;
@@ -448,21 +432,10 @@ while True:
 fn http2_through_the_tunnel_gets_both_hops() {
     require_agent_or_skip!();
     const H2_VIP: &str = "10.96.0.43:80";
-    let services = format!(
-        r#"
-[[services]]
-name = "h2web"
-addresses = ["{H2_VIP}"]
-protocol = "http2"
-endpoints = [ {{ addr = "{}:8082", node = "node1" }} ]
-"#,
-        pod_ip(1, 0)
-    );
-    let b = World::builder(world_name!())
-        .nodes(2)
-        .pods_per_node(1)
-        .mtls(true)
-        .agent_config_extra(services);
+    let h2web = Service::new("h2web", H2_VIP)
+        .protocol("http2")
+        .endpoint(Endpoint::meshed(1, 0, 8082));
+    let b = meshed_pair(world_name!(), 1, &[h2web]);
     with_world(b, |world| {
         let (client, server) = (world.pod(0, 0), world.pod(1, 0));
         let _h2 = server.serve(python().args(["-u", "-c", H2_APP, server.name(), "8082"]))?;
@@ -554,22 +527,9 @@ while True:
     got += d
 print(repr(got))
 "#;
-    let services = format!(
-        r#"
-[proxy]
-detect_timeout = "500ms"
-[[services]]
-name = "banner"
-addresses = ["{BANNER_VIP}"]
-endpoints = [ {{ addr = "{}:2626", node = "node1" }} ]
-"#,
-        pod_ip(1, 0)
-    );
-    let b = World::builder(world_name!())
-        .nodes(2)
-        .pods_per_node(1)
-        .mtls(true)
-        .agent_config_extra(services);
+    let banner = Service::new("banner", BANNER_VIP).endpoint(Endpoint::meshed(1, 0, 2626));
+    let b = meshed_pair(world_name!(), 1, &[banner])
+        .agent_config_extra("[proxy]\ndetect_timeout = \"500ms\"\n");
     with_world(b, |world| {
         let (client, server) = (world.pod(0, 0), world.pod(1, 0));
         let _banner = server.serve(python().args(["-u", "-c", BANNER, "2626"]))?;

@@ -39,20 +39,6 @@ pub fn pod_ip(i: usize, j: usize) -> String {
     topology::pod_ip(i, j).to_string()
 }
 
-/// A `[[services]]` entry for an opaque TCP service at `vip` with one
-/// endpoint, `endpoint` on `node` (for `agent_config_extra`).
-pub fn opaque_service(name: &str, vip: &str, endpoint: &str, node: &str) -> String {
-    format!(
-        r#"
-[[services]]
-name = "{name}"
-addresses = ["{vip}"]
-protocol = "opaque"
-endpoints = [{{ addr = "{endpoint}", node = "{node}" }}]
-"#
-    )
-}
-
 /// A fast HTTP/1.1 server for load on `port` in `pod`: the test
 /// application without its per-request lines.
 pub fn fast_http(pod: &Pod, port: u16) -> Result<crate::Server> {
