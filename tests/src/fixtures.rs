@@ -76,7 +76,8 @@ pub fn merge_toml(cfg: &mut Table, text: &str) {
 }
 
 /// One `[[services]]` entry of the agent config; [`fmt::Display`] writes
-/// its TOML.
+/// its TOML, with `endpoints = []` when it has none (the agent reads that
+/// as it reads no `endpoints` at all).
 #[derive(Debug, Clone)]
 pub struct Service {
     name: String,
@@ -88,13 +89,18 @@ pub struct Service {
 }
 
 impl Service {
-    /// The service `name` at `address` (a virtual `ip:port`, or an `ip`
-    /// for every port), with no endpoints yet and the agent's protocol
-    /// detection.
+    /// The service `name` at `address` (a virtual `ip:port`), with no
+    /// endpoints yet and the agent's protocol detection.
     pub fn new(name: &str, address: &str) -> Self {
+        Self::backend(name).address(address)
+    }
+
+    /// The service `name` with no address of its own: only reachable as
+    /// a route's backend (`backends = [{ service = "<name>" }]`).
+    pub fn backend(name: &str) -> Self {
         Self {
             name: name.to_string(),
-            addresses: vec![address.to_string()],
+            addresses: Vec::new(),
             protocol: None,
             endpoints: Vec::new(),
             settings: Vec::new(),
@@ -102,7 +108,7 @@ impl Service {
         }
     }
 
-    /// The service answers at `address` too.
+    /// The service answers at `address` (too).
     pub fn address(mut self, address: &str) -> Self {
         self.addresses.push(address.to_string());
         self
@@ -150,8 +156,10 @@ impl fmt::Display for Service {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "\n[[services]]")?;
         writeln!(f, "name = {}", quoted(&self.name))?;
-        let addresses: Vec<String> = self.addresses.iter().map(|a| quoted(a)).collect();
-        writeln!(f, "addresses = [{}]", addresses.join(", "))?;
+        if !self.addresses.is_empty() {
+            let addresses: Vec<String> = self.addresses.iter().map(|a| quoted(a)).collect();
+            writeln!(f, "addresses = [{}]", addresses.join(", "))?;
+        }
         if let Some(p) = &self.protocol {
             writeln!(f, "protocol = {}", quoted(p))?;
         }
@@ -283,6 +291,7 @@ endpoints = [ { addr = "10.2.0.2:8080", node = "node1" } ]
                 .address("10.96.0.63:80")
                 .endpoint(Endpoint::at("10.2.0.250:8080").of_pod("default/gone-1")),
             Service::new("empty", "10.96.0.64:80"),
+            Service::backend("v2").endpoint(Endpoint::pod(1, 1, 8080)),
         ];
         let want: Table = r#"
 [[services]]
@@ -303,6 +312,9 @@ endpoints = [ { addr = "10.2.0.250:8080", pod = "default/gone-1" } ]
 name = "empty"
 addresses = ["10.96.0.64:80"]
 endpoints = []
+[[services]]
+name = "v2"
+endpoints = [ { addr = "10.2.0.3:8080" } ]
 "#
         .parse()
         .unwrap();

@@ -13,10 +13,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
+use waymark_tests::fixtures::{Endpoint, Service, services_toml};
 use waymark_tests::world::agent::waymark_bin;
 use waymark_tests::{
     Node, Pod, Server, World, bpftool_missing, cgroup_links, curl_codes, detach_link, http_app,
-    metric, pod_ip, require_agent_or_skip, testpeer, with_world, world_name,
+    metric, require_agent_or_skip, testpeer, with_world, world_name,
 };
 
 const VIP: &str = "10.96.0.10:80";
@@ -30,23 +31,18 @@ fn app(pod: &Pod, extra: &[&str]) -> Result<Server> {
 
 /// Service `web` on [`VIP`], served by pod 0 of node 1, with routes `slow`
 /// and `fail` (which retries twice on 5xx); other paths take `[DEFAULT]`.
-fn services() -> String {
-    format!(
-        r#"
-[[services]]
-name = "web"
-addresses = ["{VIP}"]
-endpoints = [{{ addr = "{web}:8080" }}]
-[[services.routes]]
-name = "slow"
-matches = [{{ path = {{ prefix = "/slow" }} }}]
-[[services.routes]]
-name = "fail"
-matches = [{{ path = {{ prefix = "/fail" }} }}]
-retry = {{ attempts = 2, on = ["5xx"], backoff_base = "5ms", backoff_max = "10ms" }}
-"#,
-        web = pod_ip(1, 0)
-    )
+fn web() -> Service {
+    Service::new("web", VIP)
+        .endpoint(Endpoint::pod(1, 0, 8080))
+        .route(
+            r#"name = "slow"
+matches = [{ path = { prefix = "/slow" } }]"#,
+        )
+        .route(
+            r#"name = "fail"
+matches = [{ path = { prefix = "/fail" } }]
+retry = { attempts = 2, on = ["5xx"], backoff_base = "5ms", backoff_max = "10ms" }"#,
+        )
 }
 
 fn urls(path: &str, n: u32) -> Vec<String> {
@@ -101,7 +97,7 @@ fn stat_routes_and_edges_count_a_known_load() {
     let built = Instant::now();
     let b = World::builder(world_name!())
         .pods_per_node(1)
-        .agent_config_extra(services());
+        .agent_config_extra(services_toml(&[web()]));
     with_world(b, |world| {
         let (client, node) = (world.pod(0, 0), world.node(0));
         let server = app(world.pod(1, 0), &[])?;
@@ -294,24 +290,20 @@ fn stat_routes_and_edges_count_a_known_load() {
 #[test]
 fn routes_and_stat_say_when_the_retry_budget_is_exhausted() {
     require_agent_or_skip!();
-    let tight = format!(
-        r#"{}
-[[services]]
-name = "tight"
-addresses = ["10.96.0.11:80"]
-endpoints = [{{ addr = "{web}:8080" }}]
-retry_budget = {{ ratio = 0.0, min_per_second = 0, ttl = "10s" }}
-[[services.routes]]
-name = "fail"
-matches = [{{ path = {{ prefix = "/fail" }} }}]
-retry = {{ attempts = 2, on = ["5xx"], backoff_base = "5ms", backoff_max = "10ms" }}
-"#,
-        services(),
-        web = pod_ip(1, 0)
-    );
+    let tight = Service::new("tight", "10.96.0.11:80")
+        .endpoint(Endpoint::pod(1, 0, 8080))
+        .set(
+            "retry_budget",
+            r#"{ ratio = 0.0, min_per_second = 0, ttl = "10s" }"#,
+        )
+        .route(
+            r#"name = "fail"
+matches = [{ path = { prefix = "/fail" } }]
+retry = { attempts = 2, on = ["5xx"], backoff_base = "5ms", backoff_max = "10ms" }"#,
+        );
     let b = World::builder(world_name!())
         .pods_per_node(1)
-        .agent_config_extra(tight);
+        .agent_config_extra(services_toml(&[web(), tight]));
     with_world(b, |world| {
         let (client, node) = (world.pod(0, 0), world.node(0));
         let _server = app(world.pod(1, 0), &[])?;
@@ -381,7 +373,7 @@ fn stat_follows_a_steady_load() {
     require_agent_or_skip!();
     let b = World::builder(world_name!())
         .pods_per_node(1)
-        .agent_config_extra(services());
+        .agent_config_extra(services_toml(&[web()]));
     with_world(b, |world| {
         let (client, node) = (world.pod(0, 0), world.node(0));
         // One request in four fails.
@@ -446,15 +438,9 @@ fn check_passes_when_healthy_and_fails_when_detached() {
     let b = World::builder(world_name!())
         .nodes(1)
         .pods_per_node(1)
-        .agent_config_extra(format!(
-            r#"
-[[services]]
-name = "web"
-addresses = ["{VIP}"]
-endpoints = [{{ addr = "{}:8080" }}]
-"#,
-            pod_ip(0, 0)
-        ));
+        .agent_config_extra(services_toml(&[
+            Service::new("web", VIP).endpoint(Endpoint::pod(0, 0, 8080))
+        ]));
     with_world(b, |world| {
         let node = world.node(0);
         let (code, out) = waymark(node, &["check"])?;

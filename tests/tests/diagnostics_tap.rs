@@ -18,9 +18,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
+use waymark_tests::fixtures::{Endpoint, Service, services_toml};
 use waymark_tests::{
-    DEFAULT_PATIENCE, Node, Pod, Server, World, await_metric, curl_codes, eventually, http_app,
-    metric, pod_ip, require_agent_or_skip, tap, tap_events as events, testpeer, waymark,
+    DEFAULT_PATIENCE, Node, Pod, Server, World, WorldBuilder, await_metric, curl_codes, eventually,
+    http_app, metric, pod_ip, require_agent_or_skip, tap, tap_events as events, testpeer, waymark,
     with_world, world_name,
 };
 
@@ -30,30 +31,17 @@ const API: &str = "10.96.0.31:80";
 /// Two services on node 1's pods: `web` (n1p0) and `api` (n1p1). The
 /// tests tag requests with query values (`?t=x1`), so tap shows queries as
 /// sent here; redaction, the default, has its own test.
-fn services() -> String {
-    format!(
-        "[diagnostics]\ntap_redact_query = false\n{}",
-        service_table()
-    )
+fn world(name: &str) -> WorldBuilder {
+    world_with_tap_defaults(name).agent_config_extra("[diagnostics]\ntap_redact_query = false\n")
 }
 
-/// The two services alone, with the diagnostics' defaults.
-fn service_table() -> String {
-    format!(
-        r#"
-[[services]]
-name = "web"
-addresses = ["{WEB}"]
-endpoints = [{{ addr = "{web}:8080" }}]
-
-[[services]]
-name = "api"
-addresses = ["{API}"]
-endpoints = [{{ addr = "{api}:8080" }}]
-"#,
-        web = pod_ip(1, 0),
-        api = pod_ip(1, 1),
-    )
+/// The two services alone, with the diagnostics' defaults (two nodes of
+/// two pods, no mTLS).
+fn world_with_tap_defaults(name: &str) -> WorldBuilder {
+    World::builder(name).agent_config_extra(services_toml(&[
+        Service::new("web", WEB).endpoint(Endpoint::pod(1, 0, 8080)),
+        Service::new("api", API).endpoint(Endpoint::pod(1, 1, 8080)),
+    ]))
 }
 
 /// The test application, named after the pod, for every method:
@@ -97,7 +85,7 @@ fn tags(events: &[Value]) -> Result<Vec<String>> {
 #[test]
 fn tap_redacts_query_values_by_default() {
     require_agent_or_skip!();
-    let b = World::builder(world_name!()).agent_config_extra(service_table());
+    let b = world_with_tap_defaults(world_name!());
     with_world(b, |world| {
         let node = world.node(0);
         let c0 = world.pod(0, 0);
@@ -130,10 +118,8 @@ fn tap_redacts_query_values_by_default() {
 #[test]
 fn trace_context_can_be_denied_and_allowed_again() {
     require_agent_or_skip!();
-    let b = World::builder(world_name!()).agent_config_extra(format!(
-        "[diagnostics]\ntrace_context = \"deny\"\n{}",
-        service_table()
-    ));
+    let b = world_with_tap_defaults(world_name!())
+        .agent_config_extra("[diagnostics]\ntrace_context = \"deny\"\n");
     with_world(b, |world| {
         let node = world.node(0);
         let c0 = world.pod(0, 0);
@@ -176,7 +162,7 @@ fn trace_context_can_be_denied_and_allowed_again() {
 #[test]
 fn tap_filters_show_exactly_the_matching_requests() {
     require_agent_or_skip!();
-    let b = World::builder(world_name!()).agent_config_extra(services());
+    let b = world(world_name!());
     with_world(b, |world| {
         let node = world.node(0);
         let (c0, c1) = (world.pod(0, 0), world.pod(0, 1));
@@ -492,18 +478,10 @@ fn a_stuck_tap_consumer_is_bounded_and_told() {
     require_agent_or_skip!();
     const FAST_VIP: &str = "10.96.0.33:80";
     const REQUESTS: u32 = 8_000;
-    let cfg = format!(
-        r#"
-[[services]]
-name = "fast"
-addresses = ["{FAST_VIP}"]
-endpoints = [{{ addr = "{}:8080" }}]
-"#,
-        pod_ip(1, 0)
-    );
+    let fast = Service::new("fast", FAST_VIP).endpoint(Endpoint::pod(1, 0, 8080));
     let b = World::builder(world_name!())
         .pods_per_node(1)
-        .agent_config_extra(cfg);
+        .agent_config_extra(services_toml(&[fast]));
     with_world(b, |world| {
         let node = world.node(0);
         let _fast = waymark_tests::support::fast_http(world.pod(1, 0), 8080)?;
@@ -603,7 +581,7 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 #[test]
 fn trace_from_a_pod_shows_the_hop_block() {
     require_agent_or_skip!();
-    let b = World::builder(world_name!()).agent_config_extra(services());
+    let b = world(world_name!());
     with_world(b, |world| {
         let node = world.node(0);
         let web = world.pod(1, 0);

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
-use waymark_tests::world::topology;
+use waymark_tests::fixtures::{Endpoint, Service, services_toml};
 use waymark_tests::{
     Node, Pod, Server, World, WorldBuilder, curl, http_app, python, require_agent_or_skip,
     with_world, world_name,
@@ -194,20 +194,13 @@ fn curl_status(pod: &Pod, vip: &str) -> Result<String> {
 
 /// Services: `flood` at `vip` with the HTTP/1.1 app in pod (1, 0).
 fn builder(name: &str, vip: &str) -> WorldBuilder {
-    let services = format!(
-        r#"
-[[services]]
-name = "flood"
-addresses = ["{vip}"]
-protocol = "http1"
-endpoints = [{{ addr = "{srv}:8080" }}]
-"#,
-        srv = topology::pod_ip(1, 0)
-    );
+    let flood = Service::new("flood", vip)
+        .protocol("http1")
+        .endpoint(Endpoint::pod(1, 0, 8080));
     World::builder(name)
         .nodes(2)
         .pods_per_node(1)
-        .agent_config_extra(services)
+        .agent_config_extra(services_toml(&[flood]))
 }
 
 /// The checks after a flood: the agent ended the connection, is alive, grew

@@ -16,11 +16,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
-use waymark_tests::world::agent;
+use waymark_tests::fixtures::{Endpoint, Service, merge_toml, services_toml};
 use waymark_tests::{
     DEFAULT_PATIENCE, Node, Pod, Server, World, await_metric, curl_many, eventually, http_app,
     metric, pod_ip, python, require_agent_or_skip, with_world, world_name,
 };
+
+/// The route of the services that retry every 5xx twice.
+const RETRY_5XX: &str = r#"name = "all"
+retry = { attempts = 2, on = ["5xx"], backoff_base = "2ms", backoff_max = "10ms" }"#;
 
 /// Starts the test application on `port` in `pod`, named after the pod
 /// (`x-pod`), printing `req <n> <method> <path> <status>` per request;
@@ -79,31 +83,25 @@ fn retries_hide_flaky_endpoint_and_budget_caps_an_outage() {
     // The outage service's budget: retries ≤ 0.2 × requests + 1/s × 10 s.
     const RATIO: f64 = 0.2;
     const RESERVE: f64 = 10.0;
-    let services = format!(
-        r#"
-[[services]]
-name = "flaky"
-addresses = ["{FLAKY}"]
-endpoints = [{{ addr = "{a}:8080" }}]
-# every request needs one retry: more than the default ratio (0.2) allows
-retry_budget = {{ ratio = 1.0, min_per_second = 10, ttl = "10s" }}
-[[services.routes]]
-name = "all"
-retry = {{ attempts = 2, on = ["5xx"], backoff_base = "2ms", backoff_max = "10ms" }}
-
-[[services]]
-name = "down"
-addresses = ["{DOWN}"]
-endpoints = [{{ addr = "{b}:8080" }}]
-retry_budget = {{ ratio = {RATIO}, min_per_second = 1, ttl = "10s" }}
-[[services.routes]]
-name = "all"
-retry = {{ attempts = 2, on = ["5xx"], backoff_base = "2ms", backoff_max = "10ms" }}
-"#,
-        a = pod_ip(1, 0),
-        b = pod_ip(1, 1),
-    );
-    let b = World::builder(world_name!()).agent_config_extra(services);
+    let services = [
+        Service::new("flaky", FLAKY)
+            .endpoint(Endpoint::pod(1, 0, 8080))
+            // Every request needs one retry: more than the default ratio
+            // (0.2) allows.
+            .set(
+                "retry_budget",
+                r#"{ ratio = 1.0, min_per_second = 10, ttl = "10s" }"#,
+            )
+            .route(RETRY_5XX),
+        Service::new("down", DOWN)
+            .endpoint(Endpoint::pod(1, 1, 8080))
+            .set(
+                "retry_budget",
+                &format!(r#"{{ ratio = {RATIO}, min_per_second = 1, ttl = "10s" }}"#),
+            )
+            .route(RETRY_5XX),
+    ];
+    let b = World::builder(world_name!()).agent_config_extra(services_toml(&services));
     with_world(b, |world| {
         let (cl, node) = (world.pod(0, 0), world.node(0));
         let flaky = app(world.pod(1, 0), 8080, &["--fail", "alternate"])?;
@@ -162,35 +160,27 @@ fn per_try_timeout_retries_elsewhere_and_route_timeout_gives_504() {
     require_agent_or_skip!();
     const MIXED: &str = "10.96.0.17:80";
     const SLOW: &str = "10.96.0.18:80";
-    let (slow, fast) = (pod_ip(1, 0), pod_ip(1, 1));
+    let (slow, fast) = (Endpoint::pod(1, 0, 8080), Endpoint::pod(1, 1, 8080));
+    let services = [
+        Service::new("mixed", MIXED)
+            .endpoints([slow.clone(), fast])
+            .route(
+                r#"name = "all"
+per_try_timeout = "200ms"
+retry = { attempts = 2, on = ["gateway-error"], backoff_base = "2ms", backoff_max = "10ms" }"#,
+            ),
+        Service::new("slowonly", SLOW).endpoint(slow).route(
+            r#"name = "all"
+timeout = "300ms""#,
+        ),
+    ];
     // default_rtt 1ms: an endpoint not yet measured looks cheaper than one
     // that answered in a few ms, so the slow endpoint is certainly tried by
     // the second request (with Linkerd's 30 ms it may be passed over for
     // ~10 s of sequential requests).
-    let services = format!(
-        r#"
-[balancer]
-default_rtt = "1ms"
-
-[[services]]
-name = "mixed"
-addresses = ["{MIXED}"]
-endpoints = [{{ addr = "{slow}:8080" }}, {{ addr = "{fast}:8080" }}]
-[[services.routes]]
-name = "all"
-per_try_timeout = "200ms"
-retry = {{ attempts = 2, on = ["gateway-error"], backoff_base = "2ms", backoff_max = "10ms" }}
-
-[[services]]
-name = "slowonly"
-addresses = ["{SLOW}"]
-endpoints = [{{ addr = "{slow}:8080" }}]
-[[services.routes]]
-name = "all"
-timeout = "300ms"
-"#
-    );
-    let b = World::builder(world_name!()).agent_config_extra(services);
+    let b = World::builder(world_name!())
+        .agent_config_extra(services_toml(&services))
+        .agent_config_extra("[balancer]\ndefault_rtt = \"1ms\"\n");
     with_world(b, |world| {
         let cl = world.pod(0, 0);
         let slow = app(world.pod(1, 0), 8080, &["--delay", "2s"])?;
@@ -246,34 +236,30 @@ fn dead_endpoint_is_ejected_and_traffic_keeps_flowing() {
     const PLAIN: &str = "10.96.0.19:80";
     const RETRYING: &str = "10.96.0.20:80";
     let (a, b, dead) = (pod_ip(1, 0), pod_ip(1, 1), format!("{}:8099", pod_ip(0, 1)));
+    let endpoints = [
+        Endpoint::at(&format!("{a}:8080")),
+        Endpoint::at(&format!("{b}:8080")),
+        Endpoint::at(&dead),
+    ];
+    let services = [
+        Service::new("plain", PLAIN).endpoints(endpoints.clone()),
+        Service::new("retrying", RETRYING)
+            .endpoints(endpoints)
+            .route(
+                r#"name = "all"
+retry = { attempts = 5, on = ["connect-failure"], backoff_base = "2ms", backoff_max = "10ms" }"#,
+            ),
+    ];
     // default_rtt 1ms and healthy endpoints that take 20 ms to answer keep
     // the dead endpoint the cheaper one of any pair it is in (its fast
     // failures never raise its cost past theirs, whatever the machine's
     // load), so it really is picked until ejected; a long ejection keeps
     // probes out of the test's time.
-    let services = format!(
-        r#"
-[balancer]
-default_rtt = "1ms"
-failure_threshold = 5
-eject_base = "60s"
-eject_max = "120s"
-
-[[services]]
-name = "plain"
-addresses = ["{PLAIN}"]
-endpoints = [{{ addr = "{a}:8080" }}, {{ addr = "{b}:8080" }}, {{ addr = "{dead}" }}]
-
-[[services]]
-name = "retrying"
-addresses = ["{RETRYING}"]
-endpoints = [{{ addr = "{a}:8080" }}, {{ addr = "{b}:8080" }}, {{ addr = "{dead}" }}]
-[[services.routes]]
-name = "all"
-retry = {{ attempts = 5, on = ["connect-failure"], backoff_base = "2ms", backoff_max = "10ms" }}
-"#
-    );
-    let bld = World::builder(world_name!()).agent_config_extra(services);
+    let bld = World::builder(world_name!())
+        .agent_config_extra(services_toml(&services))
+        .agent_config_extra(
+            "[balancer]\ndefault_rtt = \"1ms\"\nfailure_threshold = 5\neject_base = \"60s\"\neject_max = \"120s\"\n",
+        );
     with_world(bld, |world| {
         let (cl, node) = (world.pod(0, 0), world.node(0));
         let _a = app(world.pod(1, 0), 8080, &["--delay", "20ms"])?;
@@ -348,25 +334,19 @@ retry = {{ attempts = 5, on = ["connect-failure"], backoff_base = "2ms", backoff
 fn retry_after_connect_failure_goes_to_another_endpoint() {
     require_agent_or_skip!();
     const VIP: &str = "10.96.0.21:80";
-    let services = format!(
-        r#"
-[balancer]
-default_rtt = "1ms"
-failure_threshold = 0
-
-[[services]]
-name = "retrying"
-addresses = ["{VIP}"]
-endpoints = [{{ addr = "{a}:8080" }}, {{ addr = "{b}:8080" }}, {{ addr = "{dead}:8099" }}]
-[[services.routes]]
-name = "all"
-retry = {{ attempts = 1, on = ["connect-failure"], backoff_base = "2ms", backoff_max = "10ms" }}
-"#,
-        a = pod_ip(1, 0),
-        b = pod_ip(1, 1),
-        dead = pod_ip(0, 1),
-    );
-    let bld = World::builder(world_name!()).agent_config_extra(services);
+    let retrying = Service::new("retrying", VIP)
+        .endpoints([
+            Endpoint::pod(1, 0, 8080),
+            Endpoint::pod(1, 1, 8080),
+            Endpoint::pod(0, 1, 8099),
+        ])
+        .route(
+            r#"name = "all"
+retry = { attempts = 1, on = ["connect-failure"], backoff_base = "2ms", backoff_max = "10ms" }"#,
+        );
+    let bld = World::builder(world_name!())
+        .agent_config_extra(services_toml(&[retrying]))
+        .agent_config_extra("[balancer]\ndefault_rtt = \"1ms\"\nfailure_threshold = 0\n");
     with_world(bld, |world| {
         let cl = world.pod(0, 0);
         let _a = app(world.pod(1, 0), 8080, &[])?;
@@ -382,36 +362,23 @@ retry = {{ attempts = 1, on = ["connect-failure"], backoff_base = "2ms", backoff
 
 /// The services of the reload test; `v` routes `/v` to `backend`.
 fn reload_services(vip: &str, backend: &str) -> String {
-    format!(
-        r#"
-[[services]]
-name = "web"
-addresses = ["{vip}"]
-endpoints = [{{ addr = "{origin}:8080" }}]
-[[services.routes]]
-name = "v"
+    services_toml(&[
+        Service::new("web", vip)
+            .endpoint(Endpoint::pod(0, 1, 8080))
+            .route(&format!(
+                r#"name = "v"
 matches = [{{ path = {{ prefix = "/v" }} }}]
-backends = [{{ service = "{backend}" }}]
-
-[[services]]
-name = "blue"
-endpoints = [{{ addr = "{blue}:8080" }}]
-
-[[services]]
-name = "green"
-endpoints = [{{ addr = "{green}:8080" }}]
-"#,
-        origin = pod_ip(0, 1),
-        blue = pod_ip(1, 0),
-        green = pod_ip(1, 1),
-    )
+backends = [{{ service = "{backend}" }}]"#
+            )),
+        Service::backend("blue").endpoint(Endpoint::pod(1, 0, 8080)),
+        Service::backend("green").endpoint(Endpoint::pod(1, 1, 8080)),
+    ])
 }
 
 /// Replaces the node's `[[services]]` with those in `text`; the agent sees
 /// the file change by itself.
 fn set_services(node: &Node, text: &str) -> Result<()> {
-    let over: toml::Table = text.parse().context("services TOML")?;
-    node.update_config(|cfg| agent::merge(cfg, over))
+    node.update_config(|cfg| merge_toml(cfg, text))
 }
 
 /// (11) Reload: new routes apply to new requests while a request in flight
@@ -536,20 +503,11 @@ fn proxy_errors_and_malformed_requests_leave_the_agent_serving() {
     require_agent_or_skip!();
     const EMPTY: &str = "10.96.0.25:80";
     const WEB: &str = "10.96.0.26:80";
-    let services = format!(
-        r#"
-[[services]]
-name = "empty"
-addresses = ["{EMPTY}"]
-
-[[services]]
-name = "web"
-addresses = ["{WEB}"]
-endpoints = [{{ addr = "{web}:8080" }}]
-"#,
-        web = pod_ip(1, 0)
-    );
-    let b = World::builder(world_name!()).agent_config_extra(services);
+    let services = [
+        Service::new("empty", EMPTY),
+        Service::new("web", WEB).endpoint(Endpoint::pod(1, 0, 8080)),
+    ];
+    let b = World::builder(world_name!()).agent_config_extra(services_toml(&services));
     with_world(b, |world| {
         let (cl, node) = (world.pod(0, 0), world.node(0));
         let web = app(world.pod(1, 0), 8080, &[])?;
@@ -650,19 +608,12 @@ while True:
 fn a_get_on_a_keepalive_connection_the_endpoint_closes_is_sent_again() {
     require_agent_or_skip!();
     const VIP: &str = "10.96.0.24:80";
-    let services = format!(
-        r#"
-[[services]]
-name = "closing"
-addresses = ["{VIP}"]
-protocol = "http1"
-endpoints = [{{ addr = "{}:8080" }}]
-"#,
-        pod_ip(1, 0)
-    );
+    let closing = Service::new("closing", VIP)
+        .protocol("http1")
+        .endpoint(Endpoint::pod(1, 0, 8080));
     let bld = World::builder(world_name!())
         .pods_per_node(1)
-        .agent_config_extra(services);
+        .agent_config_extra(services_toml(&[closing]));
     with_world(bld, |world| {
         let server = world
             .pod(1, 0)

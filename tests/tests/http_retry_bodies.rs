@@ -13,9 +13,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
-use waymark_tests::{
-    Pod, Server, World, pod_ip, python, require_agent_or_skip, with_world, world_name,
-};
+use waymark_tests::fixtures::{Endpoint, Service, services_toml};
+use waymark_tests::{Pod, Server, World, python, require_agent_or_skip, with_world, world_name};
 
 /// Servers. `http NAME PORT`: reads the request body (chunked or with a
 /// length), answers 503 to every odd request and 200 to the others, with
@@ -105,6 +104,22 @@ for i in range(calls):
 print(json.dumps({"ok": ok, "echoed": echoed, "errors": errors[:5]}), flush=True)
 "#;
 
+/// A retry budget that allows a retry of every request.
+const EVERY_RETRY: &str = r#"{ ratio = 1.0, min_per_second = 10, ttl = "10s" }"#;
+
+/// `upload` at `vip`: the HTTP/1.1 server in pod (1, 0), every 5xx
+/// retried once.
+fn upload(vip: &str) -> Service {
+    Service::new("upload", vip)
+        .protocol("http1")
+        .endpoint(Endpoint::pod(1, 0, 8080))
+        .set("retry_budget", EVERY_RETRY)
+        .route(
+            r#"name = "all"
+retry = { attempts = 1, on = ["5xx"], backoff_base = "2ms", backoff_max = "5ms" }"#,
+        )
+}
+
 fn serve(pod: &Pod, kind: &str, port: u16) -> Result<Server> {
     pod.serve(
         python()
@@ -139,24 +154,9 @@ fn md5_of(path: &std::path::Path) -> Result<String> {
 fn chunked_uploads_are_replayed_up_to_the_buffer_limit() {
     require_agent_or_skip!();
     const VIP: &str = "10.96.0.30:80";
-    let services = format!(
-        r#"
-[proxy]
-retry_buffer_bytes = 65536
-
-[[services]]
-name = "upload"
-addresses = ["{VIP}"]
-protocol = "http1"
-endpoints = [{{ addr = "{a}:8080" }}]
-retry_budget = {{ ratio = 1.0, min_per_second = 10, ttl = "10s" }}
-[[services.routes]]
-name = "all"
-retry = {{ attempts = 1, on = ["5xx"], backoff_base = "2ms", backoff_max = "5ms" }}
-"#,
-        a = pod_ip(1, 0),
-    );
-    let b = World::builder(world_name!()).agent_config_extra(services);
+    let b = World::builder(world_name!())
+        .agent_config_extra(services_toml(&[upload(VIP)]))
+        .agent_config_extra("[proxy]\nretry_buffer_bytes = 65536\n");
     with_world(b, |world| {
         let cl = world.pod(0, 0);
         let server = serve(world.pod(1, 0), "http", 8080)?;
@@ -213,21 +213,15 @@ fn grpc_calls_are_retried_with_their_message() {
     require_agent_or_skip!();
     const VIP: &str = "10.96.0.31:50051";
     const CALLS: usize = 20;
-    let services = format!(
-        r#"
-[[services]]
-name = "echo"
-addresses = ["{VIP}"]
-protocol = "grpc"
-endpoints = [{{ addr = "{a}:50051" }}]
-retry_budget = {{ ratio = 1.0, min_per_second = 10, ttl = "10s" }}
-[[services.routes]]
-name = "all"
-retry = {{ attempts = 1, on = ["unavailable"], backoff_base = "2ms", backoff_max = "5ms" }}
-"#,
-        a = pod_ip(1, 0),
-    );
-    let b = World::builder(world_name!()).agent_config_extra(services);
+    let echo = Service::new("echo", VIP)
+        .protocol("grpc")
+        .endpoint(Endpoint::pod(1, 0, 50051))
+        .set("retry_budget", EVERY_RETRY)
+        .route(
+            r#"name = "all"
+retry = { attempts = 1, on = ["unavailable"], backoff_base = "2ms", backoff_max = "5ms" }"#,
+        );
+    let b = World::builder(world_name!()).agent_config_extra(services_toml(&[echo]));
     with_world(b, |world| {
         let server = serve(world.pod(1, 0), "grpc", 50051)?;
         let out = world.pod(0, 0).run_timeout(
@@ -290,28 +284,12 @@ sys.stdin.read()
 fn retry_copies_share_a_node_wide_budget() {
     require_agent_or_skip!();
     const VIP: &str = "10.96.0.32:80";
-    let services = format!(
-        r#"
-[proxy]
-retry_buffer_bytes = 65536
-[limits]
-buffer_memory_bytes = 65536
-
-[[services]]
-name = "upload"
-addresses = ["{VIP}"]
-protocol = "http1"
-endpoints = [{{ addr = "{a}:8080" }}]
-retry_budget = {{ ratio = 1.0, min_per_second = 10, ttl = "10s" }}
-[[services.routes]]
-name = "all"
-retry = {{ attempts = 1, on = ["5xx"], backoff_base = "2ms", backoff_max = "5ms" }}
-"#,
-        a = pod_ip(1, 0),
-    );
     let b = World::builder(world_name!())
         .pods_per_node(2)
-        .agent_config_extra(services);
+        .agent_config_extra(services_toml(&[upload(VIP)]))
+        .agent_config_extra(
+            "[proxy]\nretry_buffer_bytes = 65536\n[limits]\nbuffer_memory_bytes = 65536\n",
+        );
     with_world(b, |world| {
         let (holder, cl, node) = (world.pod(0, 1), world.pod(0, 0), world.node(0));
         let _server = serve(world.pod(1, 0), "http", 8080)?;

@@ -17,10 +17,23 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
+use waymark_tests::fixtures::{Endpoint, Service, services_toml};
 use waymark_tests::{
-    DEFAULT_PATIENCE, Node, Pod, Server, World, curl_many, eventually, http_app, metric, pod_ip,
-    python, require_agent_or_skip, with_world, world_name,
+    DEFAULT_PATIENCE, Node, Pod, Server, World, WorldBuilder, curl_many, eventually, http_app,
+    metric, python, require_agent_or_skip, with_world, world_name,
 };
+
+/// The pods the balancing tests spread a service over: node 0's second
+/// and both of node 1's, as (node, pod).
+const THREE_PODS: [(usize, usize); 3] = [(0, 1), (1, 0), (1, 1)];
+
+/// Two nodes of one pod each (no mTLS) with `services`: the client in pod
+/// (0, 0), the endpoint in pod (1, 0).
+fn one_pod_each(name: &str, services: &[Service]) -> WorldBuilder {
+    World::builder(name)
+        .pods_per_node(1)
+        .agent_config_extra(services_toml(services))
+}
 
 /// Starts the test application on `port` in `pod`, named after the pod
 /// (`x-pod`, body `<pod> <path>`), printing `req <k> <method> <path>
@@ -400,34 +413,23 @@ fn client(pod: &Pod, kind: &str, args: &[&str]) -> Result<Value> {
 fn routes_by_path_prefix_and_header() {
     require_agent_or_skip!();
     const VIP: &str = "10.96.0.10:80";
-    let services = format!(
-        r#"
-[[services]]
-name = "web"
-addresses = ["{VIP}"]
-endpoints = [{{ addr = "{web}:8080" }}]
-[[services.routes]]
-name = "api"
-matches = [{{ path = {{ prefix = "/api" }} }}]
-backends = [{{ service = "api" }}]
-[[services.routes]]
-name = "canary"
-matches = [{{ headers = [{{ name = "x-canary", exact = "yes" }}] }}]
-backends = [{{ service = "canary" }}]
-
-[[services]]
-name = "api"
-endpoints = [{{ addr = "{api}:8080" }}]
-
-[[services]]
-name = "canary"
-endpoints = [{{ addr = "{canary}:8080" }}]
-"#,
-        web = pod_ip(1, 0),
-        api = pod_ip(1, 1),
-        canary = pod_ip(0, 1),
-    );
-    let b = World::builder(world_name!()).agent_config_extra(services);
+    let services = [
+        Service::new("web", VIP)
+            .endpoint(Endpoint::pod(1, 0, 8080))
+            .route(
+                r#"name = "api"
+matches = [{ path = { prefix = "/api" } }]
+backends = [{ service = "api" }]"#,
+            )
+            .route(
+                r#"name = "canary"
+matches = [{ headers = [{ name = "x-canary", exact = "yes" }] }]
+backends = [{ service = "canary" }]"#,
+            ),
+        Service::backend("api").endpoint(Endpoint::pod(1, 1, 8080)),
+        Service::backend("canary").endpoint(Endpoint::pod(0, 1, 8080)),
+    ];
+    let b = World::builder(world_name!()).agent_config_extra(services_toml(&services));
     with_world(b, |world| {
         let cl = world.pod(0, 0);
         let (web, api, canary) = (world.pod(1, 0), world.pod(1, 1), world.pod(0, 1));
@@ -467,27 +469,15 @@ fn weighted_split_ninety_ten() {
     require_agent_or_skip!();
     const VIP: &str = "10.96.0.11:80";
     const N: u32 = 2000;
-    let services = format!(
-        r#"
-[[services]]
-name = "split"
-addresses = ["{VIP}"]
-[[services.routes]]
-name = "split"
-backends = [{{ service = "stable", weight = 90 }}, {{ service = "canary", weight = 10 }}]
-
-[[services]]
-name = "stable"
-endpoints = [{{ addr = "{stable}:8080" }}]
-
-[[services]]
-name = "canary"
-endpoints = [{{ addr = "{canary}:8080" }}]
-"#,
-        stable = pod_ip(1, 0),
-        canary = pod_ip(1, 1),
-    );
-    let b = World::builder(world_name!()).agent_config_extra(services);
+    let services = [
+        Service::new("split", VIP).route(
+            r#"name = "split"
+backends = [{ service = "stable", weight = 90 }, { service = "canary", weight = 10 }]"#,
+        ),
+        Service::backend("stable").endpoint(Endpoint::pod(1, 0, 8080)),
+        Service::backend("canary").endpoint(Endpoint::pod(1, 1, 8080)),
+    ];
+    let b = World::builder(world_name!()).agent_config_extra(services_toml(&services));
     with_world(b, |world| {
         let cl = world.pod(0, 0);
         let (stable, canary) = (world.pod(1, 0), world.pod(1, 1));
@@ -530,22 +520,12 @@ fn one_h2_connection_is_balanced_per_request() {
     // 100 ms or more; peak-EWMA takes such a spike at once and, with
     // Linkerd's 10 s decay, remembers it for longer than this whole run
     // (~2 s), starving that endpoint. A 1 s decay lets the run average out.
-    let services = format!(
-        r#"
-[balancer]
-decay = "1s"
-
-[[services]]
-name = "lb"
-addresses = ["{VIP}"]
-protocol = "http1"
-endpoints = [{{ addr = "{a}:8080" }}, {{ addr = "{b}:8080" }}, {{ addr = "{c}:8080" }}]
-"#,
-        a = pod_ip(0, 1),
-        b = pod_ip(1, 0),
-        c = pod_ip(1, 1),
-    );
-    let b = World::builder(world_name!()).agent_config_extra(services);
+    let lb = Service::new("lb", VIP)
+        .protocol("http1")
+        .endpoints(THREE_PODS.map(|(i, j)| Endpoint::pod(i, j, 8080)));
+    let b = World::builder(world_name!())
+        .agent_config_extra(services_toml(&[lb]))
+        .agent_config_extra("[balancer]\ndecay = \"1s\"\n");
     with_world(b, |world| {
         let (cl, node) = (world.pod(0, 0), world.node(0));
         let servers = [
@@ -605,22 +585,11 @@ fn grpc_calls_are_balanced_and_keep_trailers() {
     require_agent_or_skip!();
     const VIP: &str = "10.96.0.13:50051";
     const EMPTY: &str = "10.96.0.14:50051";
-    let services = format!(
-        r#"
-[[services]]
-name = "echo"
-addresses = ["{VIP}"]
-endpoints = [{{ addr = "{a}:50051" }}, {{ addr = "{b}:50051" }}, {{ addr = "{c}:50051" }}]
-
-[[services]]
-name = "grpc-empty"
-addresses = ["{EMPTY}"]
-"#,
-        a = pod_ip(0, 1),
-        b = pod_ip(1, 0),
-        c = pod_ip(1, 1),
-    );
-    let b = World::builder(world_name!()).agent_config_extra(services);
+    let services = [
+        Service::new("echo", VIP).endpoints(THREE_PODS.map(|(i, j)| Endpoint::pod(i, j, 50051))),
+        Service::new("grpc-empty", EMPTY),
+    ];
+    let b = World::builder(world_name!()).agent_config_extra(services_toml(&services));
     with_world(b, |world| {
         let (cl, node) = (world.pod(0, 0), world.node(0));
         let pods = [world.pod(0, 1), world.pod(1, 0), world.pod(1, 1)];
@@ -696,18 +665,8 @@ addresses = ["{EMPTY}"]
 fn h2_header_block_of_64_kib_arrives_intact() {
     require_agent_or_skip!();
     const VIP: &str = "10.96.0.15:80";
-    let services = format!(
-        r#"
-[[services]]
-name = "big"
-addresses = ["{VIP}"]
-endpoints = [{{ addr = "{srv}:8082" }}]
-"#,
-        srv = pod_ip(1, 0)
-    );
-    let b = World::builder(world_name!())
-        .pods_per_node(1)
-        .agent_config_extra(services);
+    let big = Service::new("big", VIP).endpoint(Endpoint::pod(1, 0, 8082));
+    let b = one_pod_each(world_name!(), &[big]);
     with_world(b, |world| {
         let cl = world.pod(0, 0);
         let _h2 = serve(world.pod(1, 0), "h2", &["8082"])?;
@@ -738,18 +697,8 @@ endpoints = [{{ addr = "{srv}:8082" }}]
 fn websocket_upgrade_then_bytes_both_ways() {
     require_agent_or_skip!();
     const VIP: &str = "10.96.0.16:80";
-    let services = format!(
-        r#"
-[[services]]
-name = "ws"
-addresses = ["{VIP}"]
-endpoints = [{{ addr = "{srv}:8081" }}]
-"#,
-        srv = pod_ip(1, 0)
-    );
-    let b = World::builder(world_name!())
-        .pods_per_node(1)
-        .agent_config_extra(services);
+    let ws = Service::new("ws", VIP).endpoint(Endpoint::pod(1, 0, 8081));
+    let b = one_pod_each(world_name!(), &[ws]);
     with_world(b, |world| {
         let (cl, srv) = (world.pod(0, 0), world.pod(1, 0));
         let ws = serve(srv, "ws", &[srv.name(), "8081"])?;
@@ -787,27 +736,12 @@ fn server_speaks_first_after_detect_timeout_or_at_once_when_opaque() {
     require_agent_or_skip!();
     const DETECTED: &str = "10.96.0.17:2525";
     const OPAQUE: &str = "10.96.0.17:2626";
-    let services = format!(
-        r#"
-[proxy]
-detect_timeout = "300ms"
-opaque_ports = [2626]
-
-[[services]]
-name = "smtp"
-addresses = ["{DETECTED}"]
-endpoints = [{{ addr = "{srv}:2525" }}]
-
-[[services]]
-name = "smtp-opaque"
-addresses = ["{OPAQUE}"]
-endpoints = [{{ addr = "{srv}:2525" }}]
-"#,
-        srv = pod_ip(1, 0)
-    );
-    let b = World::builder(world_name!())
-        .pods_per_node(1)
-        .agent_config_extra(services);
+    let services = [
+        Service::new("smtp", DETECTED).endpoint(Endpoint::pod(1, 0, 2525)),
+        Service::new("smtp-opaque", OPAQUE).endpoint(Endpoint::pod(1, 0, 2525)),
+    ];
+    let b = one_pod_each(world_name!(), &services)
+        .agent_config_extra("[proxy]\ndetect_timeout = \"300ms\"\nopaque_ports = [2626]\n");
     with_world(b, |world| {
         let (cl, srv) = (world.pod(0, 0), world.pod(1, 0));
         let _banner = serve(srv, "banner", &[srv.name(), "2525"])?;
@@ -852,18 +786,8 @@ fn tls_is_passed_through_to_the_endpoint() {
     require_agent_or_skip!();
     const VIP: &str = "10.96.0.18:443";
     const NAME: &str = "tls.waymark.test";
-    let services = format!(
-        r#"
-[[services]]
-name = "tls"
-addresses = ["{VIP}"]
-endpoints = [{{ addr = "{srv}:8443" }}]
-"#,
-        srv = pod_ip(1, 0)
-    );
-    let b = World::builder(world_name!())
-        .pods_per_node(1)
-        .agent_config_extra(services);
+    let tls = Service::new("tls", VIP).endpoint(Endpoint::pod(1, 0, 8443));
+    let b = one_pod_each(world_name!(), &[tls]);
     with_world(b, |world| {
         let (cl, srv, node) = (world.pod(0, 0), world.pod(1, 0), world.node(0));
         let dir = world.dir().join("tls");
