@@ -84,7 +84,7 @@ pub struct Service {
     addresses: Vec<String>,
     protocol: Option<String>,
     endpoints: Vec<Endpoint>,
-    settings: Vec<(String, String)>,
+    retry_budget: Option<(f64, u32)>,
     routes: Vec<String>,
 }
 
@@ -103,7 +103,7 @@ impl Service {
             addresses: Vec::new(),
             protocol: None,
             endpoints: Vec::new(),
-            settings: Vec::new(),
+            retry_budget: None,
             routes: Vec::new(),
         }
     }
@@ -133,18 +133,32 @@ impl Service {
         self
     }
 
-    /// Another key of the entry, its value as TOML (`"retry_budget"`,
-    /// `"{ ratio = 1.0, min_per_second = 10, ttl = \"10s\" }"`): the
-    /// service's settings that are not its identity nor its endpoints stay
-    /// in the agent's own words.
-    pub fn set(mut self, key: &str, toml_value: &str) -> Self {
-        self.settings
-            .push((key.to_string(), toml_value.to_string()));
+    /// `retry_budget = { ratio = <ratio>, min_per_second = <n>, ttl =
+    /// "10s" }`: over the last 10 s, the retries may number `ratio` times
+    /// the requests plus `min_per_second` for each second. Tests whose
+    /// every request needs a retry give `(1.0, 10)`; `(0.0, 0)` allows none.
+    pub fn retry_budget(mut self, ratio: f64, min_per_second: u32) -> Self {
+        self.retry_budget = Some((ratio, min_per_second));
         self
     }
 
+    /// A route `all` (it matches every request) that retries what `on`
+    /// names (`5xx`, `unavailable`, `connect-failure`) up to `attempts`
+    /// times, backing off from `backoff_base` to `backoff_max`: the usual
+    /// retrying service of the tests.
+    pub fn retry_all(self, attempts: u32, on: &str, backoff_base: &str, backoff_max: &str) -> Self {
+        let route = format!(
+            "name = \"all\"\nretry = {{ attempts = {attempts}, on = [{}], backoff_base = {}, backoff_max = {} }}",
+            quoted(on),
+            quoted(backoff_base),
+            quoted(backoff_max)
+        );
+        self.route(&route)
+    }
+
     /// A `[[services.routes]]` of this service, its keys as TOML lines
-    /// (`name = "slow"`, `matches = …`, `retry = …`); routes keep the
+    /// (`name = "slow"`, `matches = …`, `retry = …`): routes are what a
+    /// test is about, so they stay in the agent's own words. They keep the
     /// order they are given in, which is the order the agent matches them.
     pub fn route(mut self, toml_keys: &str) -> Self {
         self.routes.push(toml_keys.trim().to_string());
@@ -165,8 +179,11 @@ impl fmt::Display for Service {
         }
         let endpoints: Vec<String> = self.endpoints.iter().map(Endpoint::to_string).collect();
         writeln!(f, "endpoints = [{}]", endpoints.join(", "))?;
-        for (key, value) in &self.settings {
-            writeln!(f, "{key} = {value}")?;
+        if let Some((ratio, min_per_second)) = self.retry_budget {
+            writeln!(
+                f,
+                "retry_budget = {{ ratio = {ratio:?}, min_per_second = {min_per_second}, ttl = \"10s\" }}"
+            )?;
         }
         for route in &self.routes {
             writeln!(f, "[[services.routes]]\n{route}")?;
@@ -276,16 +293,13 @@ endpoints = [ { addr = "10.2.0.2:8080", node = "node1" } ]
     }
 
     #[test]
-    fn settings_routes_and_endpoint_keys_stay_with_their_service() {
+    fn budgets_routes_and_endpoint_keys_stay_with_their_service() {
         let services = [
             Service::new("web", "10.96.0.40:80")
                 .endpoint(Endpoint::meshed(1, 0, 8080))
                 .endpoint(Endpoint::meshed(1, 1, 8080).weight(100))
-                .set(
-                    "retry_budget",
-                    r#"{ ratio = 1.0, min_per_second = 10, ttl = "10s" }"#,
-                )
-                .route(r#"name = "all""#)
+                .retry_budget(1.0, 10)
+                .retry_all(2, "5xx", "2ms", "10ms")
                 .route("name = \"slow\"\ntimeout = \"1s\"\n"),
             Service::new("gone", "10.96.0.62:80")
                 .address("10.96.0.63:80")
@@ -301,6 +315,7 @@ endpoints = [ { addr = "10.2.0.2:8080", node = "node1" }, { addr = "10.2.0.3:808
 retry_budget = { ratio = 1.0, min_per_second = 10, ttl = "10s" }
 [[services.routes]]
 name = "all"
+retry = { attempts = 2, on = ["5xx"], backoff_base = "2ms", backoff_max = "10ms" }
 [[services.routes]]
 name = "slow"
 timeout = "1s"

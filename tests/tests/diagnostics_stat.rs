@@ -292,10 +292,7 @@ fn routes_and_stat_say_when_the_retry_budget_is_exhausted() {
     require_agent_or_skip!();
     let tight = Service::new("tight", "10.96.0.11:80")
         .endpoint(Endpoint::pod(1, 0, 8080))
-        .set(
-            "retry_budget",
-            r#"{ ratio = 0.0, min_per_second = 0, ttl = "10s" }"#,
-        )
+        .retry_budget(0.0, 0)
         .route(
             r#"name = "fail"
 matches = [{ path = { prefix = "/fail" } }]

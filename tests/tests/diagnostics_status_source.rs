@@ -55,14 +55,8 @@ backends = [ { service = "shop-v1", weight = 1 }, { service = "shop-v2", weight 
         Service::new("gone", GONE).endpoint(gone()),
         Service::new("tight", TIGHT)
             .endpoint(app())
-            .set(
-                "retry_budget",
-                r#"{ ratio = 0.0, min_per_second = 0, ttl = "10s" }"#,
-            )
-            .route(
-                r#"name = "all"
-retry = { attempts = 2, on = ["5xx"], backoff_base = "5ms", backoff_max = "10ms" }"#,
-            ),
+            .retry_budget(0.0, 0)
+            .retry_all(2, "5xx", "5ms", "10ms"),
         // The gone endpoint looks 100 times bigger once both have been tried.
         Service::new("mixed", MIXED).endpoints([app(), gone().weight(100)]),
     ];

@@ -22,10 +22,6 @@ use waymark_tests::{
     metric, pod_ip, python, require_agent_or_skip, with_world, world_name,
 };
 
-/// The route of the services that retry every 5xx twice.
-const RETRY_5XX: &str = r#"name = "all"
-retry = { attempts = 2, on = ["5xx"], backoff_base = "2ms", backoff_max = "10ms" }"#;
-
 /// Starts the test application on `port` in `pod`, named after the pod
 /// (`x-pod`), printing `req <n> <method> <path> <status>` per request;
 /// `opts` are its flags (`--fail alternate`, `--fail all`, `--delay 2s`);
@@ -88,18 +84,12 @@ fn retries_hide_flaky_endpoint_and_budget_caps_an_outage() {
             .endpoint(Endpoint::pod(1, 0, 8080))
             // Every request needs one retry: more than the default ratio
             // (0.2) allows.
-            .set(
-                "retry_budget",
-                r#"{ ratio = 1.0, min_per_second = 10, ttl = "10s" }"#,
-            )
-            .route(RETRY_5XX),
+            .retry_budget(1.0, 10)
+            .retry_all(2, "5xx", "2ms", "10ms"),
         Service::new("down", DOWN)
             .endpoint(Endpoint::pod(1, 1, 8080))
-            .set(
-                "retry_budget",
-                &format!(r#"{{ ratio = {RATIO}, min_per_second = 1, ttl = "10s" }}"#),
-            )
-            .route(RETRY_5XX),
+            .retry_budget(RATIO, 1)
+            .retry_all(2, "5xx", "2ms", "10ms"),
     ];
     let b = World::builder(world_name!()).agent_config_extra(services_toml(&services));
     with_world(b, |world| {
@@ -245,10 +235,7 @@ fn dead_endpoint_is_ejected_and_traffic_keeps_flowing() {
         Service::new("plain", PLAIN).endpoints(endpoints.clone()),
         Service::new("retrying", RETRYING)
             .endpoints(endpoints)
-            .route(
-                r#"name = "all"
-retry = { attempts = 5, on = ["connect-failure"], backoff_base = "2ms", backoff_max = "10ms" }"#,
-            ),
+            .retry_all(5, "connect-failure", "2ms", "10ms"),
     ];
     // default_rtt 1ms and healthy endpoints that take 20 ms to answer keep
     // the dead endpoint the cheaper one of any pair it is in (its fast
@@ -340,10 +327,7 @@ fn retry_after_connect_failure_goes_to_another_endpoint() {
             Endpoint::pod(1, 1, 8080),
             Endpoint::pod(0, 1, 8099),
         ])
-        .route(
-            r#"name = "all"
-retry = { attempts = 1, on = ["connect-failure"], backoff_base = "2ms", backoff_max = "10ms" }"#,
-        );
+        .retry_all(1, "connect-failure", "2ms", "10ms");
     let bld = World::builder(world_name!())
         .agent_config_extra(services_toml(&[retrying]))
         .agent_config_extra("[balancer]\ndefault_rtt = \"1ms\"\nfailure_threshold = 0\n");

@@ -104,20 +104,14 @@ for i in range(calls):
 print(json.dumps({"ok": ok, "echoed": echoed, "errors": errors[:5]}), flush=True)
 "#;
 
-/// A retry budget that allows a retry of every request.
-const EVERY_RETRY: &str = r#"{ ratio = 1.0, min_per_second = 10, ttl = "10s" }"#;
-
 /// `upload` at `vip`: the HTTP/1.1 server in pod (1, 0), every 5xx
 /// retried once.
 fn upload(vip: &str) -> Service {
     Service::new("upload", vip)
         .protocol("http1")
         .endpoint(Endpoint::pod(1, 0, 8080))
-        .set("retry_budget", EVERY_RETRY)
-        .route(
-            r#"name = "all"
-retry = { attempts = 1, on = ["5xx"], backoff_base = "2ms", backoff_max = "5ms" }"#,
-        )
+        .retry_budget(1.0, 10)
+        .retry_all(1, "5xx", "2ms", "5ms")
 }
 
 fn serve(pod: &Pod, kind: &str, port: u16) -> Result<Server> {
@@ -216,11 +210,8 @@ fn grpc_calls_are_retried_with_their_message() {
     let echo = Service::new("echo", VIP)
         .protocol("grpc")
         .endpoint(Endpoint::pod(1, 0, 50051))
-        .set("retry_budget", EVERY_RETRY)
-        .route(
-            r#"name = "all"
-retry = { attempts = 1, on = ["unavailable"], backoff_base = "2ms", backoff_max = "5ms" }"#,
-        );
+        .retry_budget(1.0, 10)
+        .retry_all(1, "unavailable", "2ms", "5ms");
     let b = World::builder(world_name!()).agent_config_extra(services_toml(&[echo]));
     with_world(b, |world| {
         let server = serve(world.pod(1, 0), "grpc", 50051)?;

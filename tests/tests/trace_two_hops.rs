@@ -36,14 +36,8 @@ fn services() -> [Service; 2] {
             // The failing endpoint looks 100 times bigger, so the balancer
             // tries it first until it is ejected.
             .endpoint(Endpoint::meshed(1, 1, PORT).weight(100))
-            .set(
-                "retry_budget",
-                r#"{ ratio = 1.0, min_per_second = 10, ttl = "10s" }"#,
-            )
-            .route(
-                r#"name = "all"
-retry = { attempts = 2, on = ["5xx"], backoff_base = "2ms", backoff_max = "10ms" }"#,
-            ),
+            .retry_budget(1.0, 10)
+            .retry_all(2, "5xx", "2ms", "10ms"),
         Service::new("good", GOOD_VIP).endpoint(good),
     ]
 }
