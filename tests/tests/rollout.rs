@@ -202,19 +202,16 @@ const ECHO_VIP: &str = "10.96.0.43:7000";
 /// same-node path.
 fn rollout_services() -> [Service; 4] {
     [
-        Service::new("web", WEB_VIP)
-            .protocol("http1")
-            .endpoint(Endpoint::meshed(1, 0, 8080)),
-        Service::new("local", LOCAL_VIP)
-            .protocol("http1")
-            .endpoint(Endpoint::meshed(0, 1, 8080)),
-        Service::new("chat", GRPC_VIP)
-            .protocol("grpc")
-            .endpoint(Endpoint::meshed(1, 0, 9090)),
-        Service::new("echo", ECHO_VIP)
-            .protocol("opaque")
-            .endpoint(Endpoint::meshed(1, 0, 7000)),
+        ("web", WEB_VIP, "http1", Endpoint::meshed(1, 0, 8080)),
+        ("local", LOCAL_VIP, "http1", Endpoint::meshed(0, 1, 8080)),
+        ("chat", GRPC_VIP, "grpc", Endpoint::meshed(1, 0, 9090)),
+        ("echo", ECHO_VIP, "opaque", Endpoint::meshed(1, 0, 7000)),
     ]
+    .map(|(name, vip, protocol, endpoint)| {
+        Service::new(name, vip)
+            .protocol(protocol)
+            .endpoint(endpoint)
+    })
 }
 
 /// The load of the rollout: all four kinds at once, started together.
