@@ -19,7 +19,8 @@
 //! let web = Service::new("web", "10.96.0.50:80")
 //!     .protocol("http1")
 //!     .endpoint(Endpoint::meshed(1, 0, 8080));
-//! let builder = meshed_pair("my_test", 1, &[web]).agent_config_extra("[limits]\nidle_timeout = \"2s\"\n");
+//! let builder = meshed_pair("my_test", 1, &[web])
+//!     .agent_config_extra("[limits]\nidle_timeout = \"2s\"\n");
 //! ```
 
 use std::fmt;
