@@ -201,17 +201,13 @@ pub fn response(
     resp
 }
 
+/// What `grpc-message` encodes (gRPC over HTTP/2: every byte outside
+/// 0x20–0x7E, and `%` itself); UTF-8 beyond ASCII is always encoded.
+const GRPC_MESSAGE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
+
 /// grpc-message is percent-encoded (gRPC over HTTP/2 spec).
 fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if (0x20..0x7f).contains(&b) && b != b'%' {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    percent_encoding::utf8_percent_encode(s, GRPC_MESSAGE).to_string()
 }
 
 #[cfg(test)]
