@@ -65,6 +65,11 @@ pub struct NoisyArgs {
     /// default when not given.
     #[arg(long)]
     accept_burst: Option<u32>,
+    /// `outbound.dial_from` of node 0's agent (`pod`: upstream sockets made
+    /// in the pod's network namespace; `node`: in the node's); the agent's
+    /// default when not given.
+    #[arg(long)]
+    dial_from: Option<String>,
     /// Use the debug build (target/debug) instead of a release build.
     #[arg(long)]
     debug: bool,
@@ -74,6 +79,12 @@ pub struct NoisyArgs {
     /// Do not write bench/results/noisy.md.
     #[arg(long)]
     no_results: bool,
+    /// The same steps with no agent in the way (both pods dial directly,
+    /// the quiet pod the nginx pod's address): what the machine itself
+    /// makes of the noisy pod's connects, the share of the quiet pod's
+    /// latency no proxy could remove. Prints; writes nothing.
+    #[arg(long)]
+    direct: bool,
 }
 
 /// What the agent holds at one step.
@@ -115,10 +126,16 @@ pub fn run(a: NoisyArgs) -> Result<()> {
     } else {
         build(a.no_build, true)?
     };
+    if a.direct {
+        return run_direct(&a, &bins);
+    }
     let conns = a.conns as usize;
     let mut accept_rate = String::new();
-    if a.accept_rate.is_some() || a.accept_burst.is_some() {
+    if a.accept_rate.is_some() || a.accept_burst.is_some() || a.dial_from.is_some() {
         accept_rate.push_str("[outbound]\n");
+    }
+    if let Some(d) = &a.dial_from {
+        accept_rate.push_str(&format!("dial_from = {d:?}\n"));
     }
     if let Some(r) = a.accept_rate {
         accept_rate.push_str(&format!("accept_rate_per_pod = {r}\n"));
@@ -353,6 +370,7 @@ endpoints = [{{ addr = "{}:{}" }}]
             a.debug.then(|| " --debug".to_string()),
             a.accept_rate.map(|r| format!(" --accept-rate {r}")),
             a.accept_burst.map(|b| format!(" --accept-burst {b}")),
+            a.dial_from.as_ref().map(|d| format!(" --dial-from {d}")),
         ]
         .into_iter()
         .flatten()
@@ -461,4 +479,93 @@ fn debug_bins(no_build: bool) -> Result<Bins> {
 /// reports do without a date crate).
 fn chrono_now() -> String {
     shell("date", &["-u", "+%Y-%m-%d %H:%M"])
+}
+
+/// `--direct`: the quiet pod's p99 idle, while the noisy pod opens its
+/// connections and while it holds them, with no agent (stopped, its
+/// programs detached: `on_agent_down = "open"`).
+fn run_direct(a: &NoisyArgs, bins: &Bins) -> Result<()> {
+    let conns = a.conns as usize;
+    let world = World::builder("bench-noisy-direct")
+        .nodes(2)
+        .pods_per_node(2)
+        .agent_bin(&bins.waymark)
+        .agent_config_extra("[redirect]\non_agent_down = \"open\"\n")
+        .build()
+        .context("building the world")?;
+    world.node(0).stop_agent(Signal::SIGTERM)?;
+    world.node(1).stop_agent(Signal::SIGTERM)?;
+    let dir = world.dir().join("bench-noisy");
+    std::fs::create_dir_all(&dir)?;
+    let (noisy, quiet) = (world.pod(0, 0), world.pod(0, 1));
+    let _nginx = peers::start_backend(
+        "backend-n1p1",
+        world.pod(1, 1),
+        world.node(1),
+        &dir,
+        super::topology::HTTP_PORT,
+        super::topology::H2C_PORT,
+    )?;
+    let _echo = world.pod(1, 0).serve(
+        Command::new(&bins.testpeer)
+            .arg("echo")
+            .arg("--listen")
+            .arg(format!("0.0.0.0:{ECHO_PORT}")),
+    )?;
+    let target = SocketAddr::new(pod_ip(1, 1).into(), super::topology::HTTP_PORT);
+    load::probe(quiet, target, false)?;
+    let rate = |what: &str| -> Result<f64> {
+        let r = load::http_rate(quiet, &bins.testpeer, target, a.rate, a.secs)?;
+        eprintln!(
+            "bench-noisy --direct: {what}: p99 {:.2} ms, {} of {} failed",
+            p99_ms(&r),
+            failed(&r),
+            r.requests
+        );
+        Ok(p99_ms(&r))
+    };
+    let _ = rate("warm-up")?;
+    let idle: Vec<f64> = (0..a.reps)
+        .map(|i| rate(&format!("idle {}/{}", i + 1, a.reps)))
+        .collect::<Result<_>>()?;
+    let echo = SocketAddr::new(pod_ip(1, 0).into(), ECHO_PORT);
+    let (hold, opening) = std::thread::scope(|s| {
+        let hold = s.spawn(|| {
+            noisy.serve_until(
+                Command::new(&bins.testpeer)
+                    .arg("hold")
+                    .arg("--connect")
+                    .arg(echo.to_string())
+                    .arg("--count")
+                    .arg(conns.to_string())
+                    .arg("--concurrency")
+                    .arg("256")
+                    .arg("--hold")
+                    .arg("1800s"),
+                "holding ",
+                Duration::from_secs(300),
+            )
+        });
+        let opening = rate("while the noisy pod opens its connections");
+        (hold.join(), opening)
+    });
+    let mut hold = match hold {
+        Ok(h) => h?,
+        Err(_) => bail!("the holding thread panicked"),
+    };
+    let opening = opening?;
+    let line = hold.wait_line("holding ", Duration::from_secs(1))?;
+    eprintln!("bench-noisy --direct: {line}");
+    let held: Vec<f64> = (0..a.reps)
+        .map(|i| rate(&format!("{conns} connections held {}/{}", i + 1, a.reps)))
+        .collect::<Result<_>>()?;
+    drop(hold);
+    let p99_idle = median(idle);
+    eprintln!(
+        "bench-noisy --direct: p99 idle {p99_idle:.2} ms; while opening {opening:.2} ms ({:.2}x); held {:.2} ms ({:.2}x)",
+        opening / p99_idle,
+        median(held.clone()),
+        median(held) / p99_idle
+    );
+    Ok(())
 }
