@@ -25,7 +25,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
-use waymark_tests::{Signal, World, metric_value};
+use waymark_tests::{Pod, Server, Signal, World, metric_value};
 
 use super::load::{self, RateResult};
 use super::measure::{RssSampler, cpu_seconds, fds, loadavg, rss_kib};
@@ -218,31 +218,9 @@ endpoints = [{{ addr = "{}:{}" }}]
     let sampler = RssSampler::start(vec![pid]);
     let opened_at = Instant::now();
     let cpu_before_open = cpu_seconds(&[pid]);
-    let (hold, opening) = std::thread::scope(|s| {
-        let hold = s.spawn(|| {
-            noisy.serve_until(
-                Command::new(&bins.testpeer)
-                    .arg("hold")
-                    .arg("--connect")
-                    .arg(echo.to_string())
-                    .arg("--count")
-                    .arg(conns.to_string())
-                    .arg("--concurrency")
-                    .arg("256")
-                    .arg("--hold")
-                    .arg("1800s"),
-                "holding ",
-                Duration::from_secs(300),
-            )
-        });
-        let opening = rate("while the noisy pod opens its connections");
-        (hold.join(), opening)
-    });
-    let mut hold = match hold {
-        Ok(h) => h?,
-        Err(_) => bail!("the holding thread panicked"),
-    };
-    let opening = opening?;
+    let (mut hold, opening) = open_while(noisy, &bins, echo, conns, || {
+        rate("while the noisy pod opens its connections")
+    })?;
     let line = hold.wait_line("holding ", Duration::from_secs(1))?;
     let open_secs = opened_at.elapsed().as_secs_f64();
     let f: Vec<&str> = line.split_whitespace().collect();
@@ -529,7 +507,37 @@ fn run_direct(a: &NoisyArgs, bins: &Bins) -> Result<()> {
         .map(|i| rate(&format!("idle {}/{}", i + 1, a.reps)))
         .collect::<Result<_>>()?;
     let echo = SocketAddr::new(pod_ip(1, 0).into(), ECHO_PORT);
-    let (hold, opening) = std::thread::scope(|s| {
+    let (mut hold, opening) = open_while(noisy, bins, echo, conns, || {
+        rate("while the noisy pod opens its connections")
+    })?;
+    let line = hold.wait_line("holding ", Duration::from_secs(1))?;
+    eprintln!("bench-noisy --direct: {line}");
+    let held: Vec<f64> = (0..a.reps)
+        .map(|i| rate(&format!("{conns} connections held {}/{}", i + 1, a.reps)))
+        .collect::<Result<_>>()?;
+    drop(hold);
+    let p99_idle = median(idle);
+    eprintln!(
+        "bench-noisy --direct: p99 idle {p99_idle:.2} ms; while opening {opening:.2} ms ({:.2}x); held {:.2} ms ({:.2}x)",
+        opening / p99_idle,
+        median(held.clone()),
+        median(held) / p99_idle
+    );
+    Ok(())
+}
+
+/// The noisy pod opens `conns` connections to `echo` (`testpeer hold`, 256
+/// at a time) and holds them, while `during` runs on this thread: returns
+/// the holding client, once it holds them all or gave up, and what
+/// `during` returned.
+fn open_while<T>(
+    noisy: &Pod,
+    bins: &Bins,
+    echo: SocketAddr,
+    conns: usize,
+    during: impl FnOnce() -> Result<T>,
+) -> Result<(Server, T)> {
+    let (hold, result) = std::thread::scope(|s| {
         let hold = s.spawn(|| {
             noisy.serve_until(
                 Command::new(&bins.testpeer)
@@ -546,26 +554,12 @@ fn run_direct(a: &NoisyArgs, bins: &Bins) -> Result<()> {
                 Duration::from_secs(300),
             )
         });
-        let opening = rate("while the noisy pod opens its connections");
-        (hold.join(), opening)
+        let result = during();
+        (hold.join(), result)
     });
-    let mut hold = match hold {
+    let hold = match hold {
         Ok(h) => h?,
         Err(_) => bail!("the holding thread panicked"),
     };
-    let opening = opening?;
-    let line = hold.wait_line("holding ", Duration::from_secs(1))?;
-    eprintln!("bench-noisy --direct: {line}");
-    let held: Vec<f64> = (0..a.reps)
-        .map(|i| rate(&format!("{conns} connections held {}/{}", i + 1, a.reps)))
-        .collect::<Result<_>>()?;
-    drop(hold);
-    let p99_idle = median(idle);
-    eprintln!(
-        "bench-noisy --direct: p99 idle {p99_idle:.2} ms; while opening {opening:.2} ms ({:.2}x); held {:.2} ms ({:.2}x)",
-        opening / p99_idle,
-        median(held.clone()),
-        median(held) / p99_idle
-    );
-    Ok(())
+    Ok((hold, result?))
 }
