@@ -118,6 +118,11 @@ enum Cmd {
         /// Connections being opened at once.
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
+        /// Connections started per second at most (0: as fast as
+        /// `--concurrency` allows), to open them at the pace a proxy's
+        /// accept rate would.
+        #[arg(long, default_value_t = 0)]
+        rate: u32,
         /// How long to keep them open (then exit 0).
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         hold: Duration,
@@ -261,6 +266,7 @@ fn main() {
                 http,
                 h2,
                 concurrency,
+                rate,
                 hold,
             } => {
                 let mode = match (http, h2) {
@@ -268,7 +274,7 @@ fn main() {
                     (true, false) => HoldMode::Http1,
                     (false, false) => HoldMode::Tcp,
                 };
-                hold_conns(connect, count, mode, concurrency, hold).await
+                hold_conns(connect, count, mode, concurrency, rate, hold).await
             }
             Cmd::HttpRate {
                 connect,
@@ -709,6 +715,7 @@ async fn hold_conns(
     count: usize,
     mode: HoldMode,
     concurrency: usize,
+    rate: u32,
     hold: Duration,
 ) -> i32 {
     if count > MAX_CONCURRENCY || concurrency == 0 {
@@ -717,7 +724,12 @@ async fn hold_conns(
     }
     let slots = Arc::new(Semaphore::new(concurrency));
     let mut tasks = tokio::task::JoinSet::new();
+    let mut pace =
+        (rate > 0).then(|| tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate))));
     for _ in 0..count {
+        if let Some(p) = pace.as_mut() {
+            p.tick().await;
+        }
         let permit = slots.clone().acquire_owned().await.expect("never closed");
         tasks.spawn(async move {
             let r = tokio::time::timeout(Duration::from_secs(10), async {

@@ -32,6 +32,10 @@ use super::measure::{RssSampler, cpu_seconds, fds, loadavg, rss_kib};
 use super::{Bins, build, peers, repo_root, shell};
 use waymark_tests::world::topology::pod_ip;
 
+/// `outbound.accept_rate_per_pod`'s default: `--direct` paces the noisy
+/// pod's connects at it.
+const DEFAULT_ACCEPT_RATE: u32 = 1_000;
+
 /// The quiet pod's service (HTTP/1.1, routed by the agent).
 const QUIET_SERVICE: &str = "10.96.0.90:80";
 /// The noisy pod's idle connections go to this port of pod (1,0), which
@@ -80,9 +84,10 @@ pub struct NoisyArgs {
     #[arg(long)]
     no_results: bool,
     /// The same steps with no agent in the way (both pods dial directly,
-    /// the quiet pod the nginx pod's address): what the machine itself
-    /// makes of the noisy pod's connects, the share of the quiet pod's
-    /// latency no proxy could remove. Prints; writes nothing.
+    /// the quiet pod the nginx pod's address; the noisy pod's connects
+    /// paced at `--accept-rate`, the agent's default 1,000/s when not
+    /// given): what the machine itself makes of them, the share of the
+    /// quiet pod's latency no proxy could remove. Prints; writes nothing.
     #[arg(long)]
     direct: bool,
 }
@@ -218,7 +223,7 @@ endpoints = [{{ addr = "{}:{}" }}]
     let sampler = RssSampler::start(vec![pid]);
     let opened_at = Instant::now();
     let cpu_before_open = cpu_seconds(&[pid]);
-    let (mut hold, opening) = open_while(noisy, &bins, echo, conns, || {
+    let (mut hold, opening) = open_while(noisy, &bins, echo, conns, 0, || {
         rate("while the noisy pod opens its connections")
     })?;
     let line = hold.wait_line("holding ", Duration::from_secs(1))?;
@@ -507,7 +512,10 @@ fn run_direct(a: &NoisyArgs, bins: &Bins) -> Result<()> {
         .map(|i| rate(&format!("idle {}/{}", i + 1, a.reps)))
         .collect::<Result<_>>()?;
     let echo = SocketAddr::new(pod_ip(1, 0).into(), ECHO_PORT);
-    let (mut hold, opening) = open_while(noisy, bins, echo, conns, || {
+    // Paced as the agent's accept rate would pace them (its default when
+    // not given), so the opening overlaps the measured window alike.
+    let pace = a.accept_rate.unwrap_or(DEFAULT_ACCEPT_RATE);
+    let (mut hold, opening) = open_while(noisy, bins, echo, conns, pace, || {
         rate("while the noisy pod opens its connections")
     })?;
     let line = hold.wait_line("holding ", Duration::from_secs(1))?;
@@ -527,14 +535,15 @@ fn run_direct(a: &NoisyArgs, bins: &Bins) -> Result<()> {
 }
 
 /// The noisy pod opens `conns` connections to `echo` (`testpeer hold`, 256
-/// at a time) and holds them, while `during` runs on this thread: returns
-/// the holding client, once it holds them all or gave up, and what
-/// `during` returned.
+/// at a time, at most `rate` a second unless 0) and holds them, while
+/// `during` runs on this thread: returns the holding client, once it holds
+/// them all or gave up, and what `during` returned.
 fn open_while<T>(
     noisy: &Pod,
     bins: &Bins,
     echo: SocketAddr,
     conns: usize,
+    rate: u32,
     during: impl FnOnce() -> Result<T>,
 ) -> Result<(Server, T)> {
     let (hold, result) = std::thread::scope(|s| {
@@ -548,6 +557,8 @@ fn open_while<T>(
                     .arg(conns.to_string())
                     .arg("--concurrency")
                     .arg("256")
+                    .arg("--rate")
+                    .arg(rate.to_string())
                     .arg("--hold")
                     .arg("1800s"),
                 "holding ",
