@@ -176,20 +176,7 @@ endpoints = [{{ addr = "{}:{}" }}]
     let dir = world.dir().join("bench-noisy");
     std::fs::create_dir_all(&dir)?;
     let (noisy, quiet, node) = (world.pod(0, 0), world.pod(0, 1), world.node(0));
-    let _nginx = peers::start_backend(
-        "backend-n1p1",
-        world.pod(1, 1),
-        world.node(1),
-        &dir,
-        super::topology::HTTP_PORT,
-        super::topology::H2C_PORT,
-    )?;
-    let _echo = world.pod(1, 0).serve(
-        Command::new(&bins.testpeer)
-            .arg("echo")
-            .arg("--listen")
-            .arg(format!("0.0.0.0:{ECHO_PORT}")),
-    )?;
+    let _servers = start_servers(&world, &bins, &dir)?;
     let pid = node.agent_pid().context("node 0 has no agent")?;
     let service: SocketAddr = QUIET_SERVICE.parse()?;
     load::probe(quiet, service, false)?;
@@ -481,20 +468,7 @@ fn run_direct(a: &NoisyArgs, bins: &Bins) -> Result<()> {
     let dir = world.dir().join("bench-noisy");
     std::fs::create_dir_all(&dir)?;
     let (noisy, quiet) = (world.pod(0, 0), world.pod(0, 1));
-    let _nginx = peers::start_backend(
-        "backend-n1p1",
-        world.pod(1, 1),
-        world.node(1),
-        &dir,
-        super::topology::HTTP_PORT,
-        super::topology::H2C_PORT,
-    )?;
-    let _echo = world.pod(1, 0).serve(
-        Command::new(&bins.testpeer)
-            .arg("echo")
-            .arg("--listen")
-            .arg(format!("0.0.0.0:{ECHO_PORT}")),
-    )?;
+    let _servers = start_servers(&world, bins, &dir)?;
     let target = SocketAddr::new(pod_ip(1, 1).into(), super::topology::HTTP_PORT);
     load::probe(quiet, target, false)?;
     let rate = |what: &str| -> Result<f64> {
@@ -573,4 +547,29 @@ fn open_while<T>(
         Err(_) => bail!("the holding thread panicked"),
     };
     Ok((hold, result?))
+}
+
+/// The servers on node 1: nginx in pod (1,1) for the quiet pod's requests,
+/// `testpeer echo` in pod (1,0) for the noisy pod's connections. They run
+/// until the returned handles are dropped.
+fn start_servers(
+    world: &World,
+    bins: &Bins,
+    dir: &std::path::Path,
+) -> Result<(peers::Proc, Server)> {
+    let nginx = peers::start_backend(
+        "backend-n1p1",
+        world.pod(1, 1),
+        world.node(1),
+        dir,
+        super::topology::HTTP_PORT,
+        super::topology::H2C_PORT,
+    )?;
+    let echo = world.pod(1, 0).serve(
+        Command::new(&bins.testpeer)
+            .arg("echo")
+            .arg("--listen")
+            .arg(format!("0.0.0.0:{ECHO_PORT}")),
+    )?;
+    Ok((nginx, echo))
 }
