@@ -211,7 +211,7 @@ impl HttpProxy {
                             route_name,
                             route,
                         };
-                        let mut resp = self.route(ctx, target, req).await;
+                        let mut resp = self.route(ctx, target, req, grpc).await;
                         resp.extensions_mut().insert(self.metrics.backend_edge(
                             &service.name,
                             route_name,
@@ -253,12 +253,15 @@ impl HttpProxy {
 
     /// The request path proper: attempts on endpoints of `target.backend`
     /// until one answers for good, the route's deadline passes, or the
-    /// retry policy or the service's budget says stop.
+    /// retry policy or the service's budget says stop. `grpc`: the request
+    /// is a gRPC call (its errors are answered as gRPC statuses), as
+    /// `handle` read it.
     async fn route(
         &self,
         ctx: &ConnCtx,
         target: Target<'_>,
         req: Request<ProxyBody>,
+        grpc: bool,
     ) -> Response<ProxyBody> {
         let Target {
             service,
@@ -266,7 +269,6 @@ impl HttpProxy {
             route,
             ..
         } = target;
-        let grpc = is_grpc(&req);
         tap::routed(req.extensions(), &backend.name);
         trace::record(req.extensions(), |t| {
             t.endpoints = backend.balancer.endpoints().map(|e| e.addr).collect();
