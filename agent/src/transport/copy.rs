@@ -134,19 +134,21 @@ trait Source {
 
 /// A socket: wait until readable before taking a buffer, so an idle
 /// connection holds none; read into uninitialised spare capacity.
+///
+/// The read itself is `poll_read`, not `try_read_buf`: tokio takes a read
+/// that did not fill the buffer as proof that the socket is drained and
+/// forgets its readiness, so the next wait parks at once instead of
+/// costing a `recv` that answers `EAGAIN` (`try_read_buf` keeps the
+/// readiness: one wasted system call per chunk, a request's worth on an
+/// HTTP stream).
 impl Source for ReadHalf<'_> {
     async fn read_into(&mut self, buf: &mut Vec<u8>, size: usize) -> io::Result<usize> {
-        loop {
-            self.as_ref().ready(Interest::READABLE).await?;
-            if buf.capacity() < size {
-                *buf = Vec::with_capacity(size);
-            }
-            buf.clear();
-            match self.as_ref().try_read_buf(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                r => return r,
-            }
+        self.as_ref().ready(Interest::READABLE).await?;
+        if buf.capacity() < size {
+            *buf = Vec::with_capacity(size);
         }
+        buf.clear();
+        self.read_buf(buf).await
     }
 }
 

@@ -8,6 +8,7 @@
 //! services' policies or the inbound side: the pooled HTTP connections
 //! over these paths speak HTTP, so they are `http::pool`, one layer up.
 
+pub mod coalesce;
 pub mod copy;
 pub mod h2_refused;
 pub mod idle;

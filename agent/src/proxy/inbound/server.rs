@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span, info, info_span, warn};
 
 use crate::identity::{CertInfo, TlsFailure, peer_info};
+use crate::transport::coalesce::Coalesce;
 use crate::transport::copy;
 use crate::transport::idle::{OpenStream, Streams, streams_expired};
 use crate::transport::tunnel::{DENY_REASON, ERROR_REASON, SOURCE_WORKLOAD};
@@ -440,7 +441,8 @@ impl Shared {
             .initial_stream_window_size(self.config.stream_window)
             .initial_connection_window_size(self.config.connection_window)
             .max_send_buf_size(1 << 20);
-        let conn = h2.serve_connection(TokioIo::new(tls), service);
+        // Many streams' frames leave in one record (see `Coalesce`).
+        let conn = h2.serve_connection(TokioIo::new(Coalesce::new(tls)), service);
         tokio::pin!(conn);
         let idle_timeout = self.config.idle_timeout;
         let result = tokio::select! {

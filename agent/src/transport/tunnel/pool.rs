@@ -33,6 +33,7 @@ use crate::identity::{
     CertStore, SpiffeId, TlsConfigError, TlsFailure, TrustBundle, client_config,
     with_client_key_log,
 };
+use crate::transport::coalesce::Coalesce;
 use crate::transport::netns::{self, PodNetns};
 use crate::transport::tunnel::stream::{ActiveGuard, TunnelStream};
 use crate::transport::tunnel::{DENY_REASON, ERROR_REASON};
@@ -347,7 +348,7 @@ impl TunnelPool {
             failure: tls_failure.clone(),
         };
         let (sender, connection) = builder
-            .handshake(TokioIo::new(io))
+            .handshake(TokioIo::new(Coalesce::new(io)))
             .await
             .map_err(|source| TunnelError::Http2 { peer, source })?;
         let (tx, ended) = watch::channel(None);
