@@ -21,6 +21,7 @@ use tracing::debug;
 
 use crate::http::body::{ProxyBody, incoming};
 use crate::http::h1::client::{self, ClientConn, ClientError};
+use crate::transport::coalesce::Coalesce;
 use crate::transport::netns::PodNetns;
 use crate::transport::tunnel::ConnectHeaders;
 use crate::transport::upstream::{Path, UpstreamError, UpstreamIo, Upstreams};
@@ -261,7 +262,8 @@ impl Pool {
         match version {
             Version::Http1 => Ok(Conn::H1(ClientConn::new(stream), local, self.h1_set(key))),
             Version::Http2 => {
-                let io = TokioIo::new(stream);
+                // Many streams' frames leave in one write (see `Coalesce`).
+                let io = TokioIo::new(Coalesce::new(stream));
                 let (tx, conn) = http2::Builder::new(TokioExecutor::new())
                     .timer(hyper_util::rt::TokioTimer::new())
                     .keep_alive_interval(Duration::from_secs(30))

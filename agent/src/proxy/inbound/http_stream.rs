@@ -56,6 +56,7 @@ use crate::proxy::outbound::http_server::{
 use crate::telemetry::conns::{ConnProtocol, ConnTable, NewConn};
 use crate::telemetry::http_metrics::HttpMetrics;
 use crate::telemetry::metrics::TcpMetrics;
+use crate::transport::coalesce::Coalesce;
 use crate::transport::rewind::Rewind;
 
 /// The inbound HTTP side, shared by every tunnel stream.
@@ -283,7 +284,7 @@ impl InboundHttp {
                         .timer(TokioTimer::new())
                         .max_concurrent_streams(MAX_H2_STREAMS)
                         .max_header_list_size(MAX_H2_HEADER_LIST)
-                        .serve_connection(TokioIo::new(tunnel), svc)
+                        .serve_connection(TokioIo::new(Coalesce::new(tunnel)), svc)
                 );
                 drain::until_drained(conn, version, &activity, &stop, |c| c.graceful_shutdown())
                     .await

@@ -32,6 +32,7 @@ use crate::proxy::inbound::trace::{InboundContext, KernelLine};
 use crate::telemetry::http_metrics::observe;
 use crate::telemetry::metrics::TlsLabel;
 use crate::telemetry::trace;
+use crate::transport::coalesce::Coalesce;
 
 /// What every request of one tunnel stream shares.
 pub struct StreamCtx {
@@ -162,7 +163,7 @@ impl PodConn {
             Version::Http2 => {
                 let (tx, conn) = http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
-                    .handshake(TokioIo::new(stream))
+                    .handshake(TokioIo::new(Coalesce::new(stream)))
                     .await
                     .map_err(http)?;
                 tokio::spawn(

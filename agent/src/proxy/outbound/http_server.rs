@@ -27,6 +27,7 @@ use crate::http::h1;
 use crate::http::pool::Version;
 use crate::proxy::outbound::forward::{ConnCtx, HttpProxy};
 use crate::telemetry::metrics::RefusedLabels;
+use crate::transport::coalesce::Coalesce;
 use crate::transport::h2_refused::{self, RefusedStreams};
 use crate::transport::idle::{Activity, IdleIo, expired};
 
@@ -146,7 +147,10 @@ pub async fn serve(
                         .timer(TokioTimer::new())
                         .max_concurrent_streams(h2_streams)
                         .max_header_list_size(MAX_H2_HEADER_LIST)
-                        .serve_connection(TokioIo::new(RefusedStreams::new(io, refused)), svc)
+                        .serve_connection(
+                            TokioIo::new(Coalesce::new(RefusedStreams::new(io, refused))),
+                            svc,
+                        )
                 );
                 drain::until_drained(conn, version, &conn_requests, &conn_draining, |c| {
                     c.graceful_shutdown()
