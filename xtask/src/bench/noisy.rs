@@ -112,6 +112,19 @@ fn p99_ms(r: &RateResult) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// What separates the client's own lateness from the path's: the p99
+/// measured from when each request was actually sent, and how many were
+/// sent more than 1 ms after they were due (the client's thread was not
+/// running in time).
+fn client_side(r: &RateResult) -> String {
+    let sent = r
+        .service_us
+        .as_ref()
+        .map(|p| p.p99 / 1000.0)
+        .unwrap_or(f64::NAN);
+    format!("{sent:.2} ms from the send, {} sent late", r.late_sends)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     if v.is_empty() {
@@ -183,8 +196,9 @@ endpoints = [{{ addr = "{}:{}" }}]
     let rate = |what: &str| -> Result<RateResult> {
         let r = load::http_rate(quiet, &bins.testpeer, service, a.rate, a.secs)?;
         eprintln!(
-            "bench-noisy: {what}: p99 {:.2} ms, {} of {} failed, {:.0} req/s",
+            "bench-noisy: {what}: p99 {:.2} ms ({}), {} of {} failed, {:.0} req/s",
             p99_ms(&r),
+            client_side(&r),
             failed(&r),
             r.requests,
             r.achieved_rate
@@ -474,8 +488,9 @@ fn run_direct(a: &NoisyArgs, bins: &Bins) -> Result<()> {
     let rate = |what: &str| -> Result<f64> {
         let r = load::http_rate(quiet, &bins.testpeer, target, a.rate, a.secs)?;
         eprintln!(
-            "bench-noisy --direct: {what}: p99 {:.2} ms, {} of {} failed",
+            "bench-noisy --direct: {what}: p99 {:.2} ms ({}), {} of {} failed",
             p99_ms(&r),
+            client_side(&r),
             failed(&r),
             r.requests
         );
