@@ -29,9 +29,6 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// Bytes buffered before a write goes through without waiting for a
 /// flush: four full TLS records.
 pub const HIGH_WATER: usize = 64 * 1024;
-/// A buffer grown beyond this by a burst is released after the flush, so
-/// an idle connection holds no large allocation.
-const KEEP_CAPACITY: usize = 16 * 1024;
 
 /// Where a flush is: `Idle` until a flush finds buffered bytes, `Yielded`
 /// once the task has been re-queued for this batch.
@@ -81,12 +78,10 @@ impl<T: AsyncWrite + Unpin> Coalesce<T> {
             }
             self.written += n;
         }
+        // Given back every time: an idle connection holds no buffer, and a
+        // busy one allocates per batch, not per frame.
         self.written = 0;
-        if self.buf.capacity() > KEEP_CAPACITY {
-            self.buf = Vec::new();
-        } else {
-            self.buf.clear();
-        }
+        self.buf = Vec::new();
         Poll::Ready(Ok(()))
     }
 
