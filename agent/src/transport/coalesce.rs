@@ -59,10 +59,6 @@ impl<T> Coalesce<T> {
         }
     }
 
-    pub fn get_ref(&self) -> &T {
-        &self.inner
-    }
-
     fn pending(&self) -> usize {
         self.buf.len() - self.written
     }
@@ -111,15 +107,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        ready!(this.poll_room(cx, data.len()))?;
-        if data.len() >= HIGH_WATER {
-            // Nothing is buffered (poll_room drained it): a large write
-            // goes straight through.
-            return Pin::new(&mut this.inner).poll_write(cx, data);
-        }
-        this.buf.extend_from_slice(data);
-        Poll::Ready(Ok(data.len()))
+        self.poll_write_vectored(cx, &[IoSlice::new(data)])
     }
 
     fn poll_write_vectored(
@@ -131,6 +119,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
         let len: usize = bufs.iter().map(|b| b.len()).sum();
         ready!(this.poll_room(cx, len))?;
         if len >= HIGH_WATER {
+            // Nothing is buffered (poll_room drained it): a large write
+            // goes straight through.
             return Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         }
         for b in bufs {

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail, ensure};
 use waymark_tests::{Pod, Server, Signal, World, metric_value};
 
-use super::load::{self, RateResult};
+use super::load::{self, Pct, RateResult};
 use super::measure::{RssSampler, cpu_seconds, fds, loadavg, rss_kib};
 use super::{Bins, build, peers, repo_root, shell};
 use waymark_tests::world::topology::pod_ip;
@@ -106,10 +106,12 @@ fn agent_sample(pid: i32) -> AgentSample {
 }
 
 fn p99_ms(r: &RateResult) -> f64 {
-    r.latency_us
-        .as_ref()
-        .map(|p| p.p99 / 1000.0)
-        .unwrap_or(f64::NAN)
+    ms_p99(r.latency_us.as_ref())
+}
+
+/// A percentile set's p99 in milliseconds (NaN when there were no samples).
+fn ms_p99(p: Option<&Pct>) -> f64 {
+    p.map(|p| p.p99 / 1000.0).unwrap_or(f64::NAN)
 }
 
 /// What separates the client's own lateness from the path's: the p99
@@ -117,11 +119,7 @@ fn p99_ms(r: &RateResult) -> f64 {
 /// sent more than 1 ms after they were due (the client's thread was not
 /// running in time).
 fn client_side(r: &RateResult) -> String {
-    let sent = r
-        .service_us
-        .as_ref()
-        .map(|p| p.p99 / 1000.0)
-        .unwrap_or(f64::NAN);
+    let sent = ms_p99(r.service_us.as_ref());
     format!("{sent:.2} ms from the send, {} sent late", r.late_sends)
 }
 
