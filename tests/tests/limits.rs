@@ -593,6 +593,24 @@ fn accept_loops_back_off_when_descriptors_run_out() {
             );
             Ok(())
         })?;
+        // Then wait for the descriptors to stay used up: connections accepted
+        // in the burst whose upstream connect then failed (EMFILE too) are
+        // closed, and each close frees a descriptor that a loop takes. Only
+        // once several accepts in a row have failed with no such close
+        // since is the agent out of descriptors for good; a connection
+        // opened before that could be accepted and exercise nothing.
+        eventually(DEFAULT_PATIENCE, || {
+            let log = node.agent_log();
+            let settled = log
+                .rfind("Too many open files (os error 24)\"")
+                .map_or(0, |i| i);
+            let since = lines_with(&log, settled, "accept failed");
+            ensure!(
+                since >= 4,
+                "{since} failed accepts since the last connection closed for want of a descriptor"
+            );
+            Ok(())
+        })?;
         // Connections waiting on each of the other listeners: several, so
         // that one the agent manages to accept (a descriptor it freed for
         // an instant) leaves others waiting and its loop failing.

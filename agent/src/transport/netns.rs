@@ -10,8 +10,9 @@
 //! the pod's namespace, the connection has the pod's own address and routes,
 //! and everything on the way sees the pod.
 //!
-//! How: the calling thread enters the pod's namespace with `setns`, creates
-//! the socket and returns to the namespace it was in; the socket keeps the
+//! How: the agent's dialling thread ([`connect`]) enters the pod's
+//! namespace with `setns`, creates the socket, starts its connect and
+//! returns to the namespace it was in; the socket keeps the
 //! pod's namespace for its whole life, whichever thread then uses it. No
 //! `.await` happens in between, so the runtime's other tasks never run in the
 //! pod's namespace. Two `setns` calls per new upstream connection are the
@@ -24,24 +25,99 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use nix::sched::{CloneFlags, setns};
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
 /// A TCP connection to `addr` made in `from`, the source pod's namespace,
 /// or in the node's when `None` (`outbound.dial_from = "node"`, or no pod).
+///
+/// The socket is made and its connect started on the dialling thread (see
+/// [`dialer`]); this task then waits for the handshake like any other.
 pub async fn connect(from: Option<&PodNetns>, addr: SocketAddr) -> io::Result<TcpStream> {
-    match from {
-        None => TcpStream::connect(addr).await,
-        Some(ns) => {
-            let socket = ns.tcp_socket(addr)?;
-            TcpSocket::from_std_stream(socket.into())
-                .connect(addr)
-                .await
+    let socket = match dialer() {
+        Some(dial) => {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            let gone = || io::Error::other("the agent's dialling thread has stopped");
+            dial.send(Dial {
+                from: from.cloned(),
+                addr,
+                reply,
+            })
+            .map_err(|_| gone())?;
+            answer.await.map_err(|_| gone())??
         }
+        None => start_connect(from, addr)?,
+    };
+    let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
+    // Writable once the handshake is done or has failed; a failure is
+    // the socket's pending error (refused, unreachable, timed out).
+    stream.writable().await?;
+    if let Some(e) = stream.take_error()? {
+        return Err(e);
     }
+    Ok(stream)
+}
+
+/// A non-blocking socket for `addr`, made in `from`'s namespace, whose
+/// connect has been started (the SYN is out).
+fn start_connect(from: Option<&PodNetns>, addr: SocketAddr) -> io::Result<Socket> {
+    let socket = match from {
+        Some(ns) => ns.tcp_socket(addr)?,
+        None => Socket::new(
+            Domain::for_address(addr),
+            Type::STREAM.nonblocking(),
+            Some(Protocol::TCP),
+        )?,
+    };
+    match socket.connect(&addr.into()) {
+        Ok(()) => Ok(socket),
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(socket),
+        Err(e) => Err(e),
+    }
+}
+
+/// One connect for the dialling thread.
+struct Dial {
+    from: Option<PodNetns>,
+    addr: SocketAddr,
+    reply: tokio::sync::oneshot::Sender<io::Result<Socket>>,
+}
+
+/// The thread that makes upstream sockets and starts their connects.
+///
+/// Why a thread of its own: starting a connect is the most expensive
+/// thing the agent does for a new connection. On these veth paths the SYN
+/// is delivered, and the peer's SYN-ACK processed, inside the `connect`
+/// call (a quarter of the agent's CPU while a pod opens a thousand
+/// connections a second), and making the socket in a pod's namespace adds
+/// two `setns`. Done on a data-path worker, that work delays every other
+/// pod's requests queued on the same worker; on a thread of its own the
+/// kernel's scheduler interleaves it with the workers instead. A
+/// connection pays one hand-over each way (a channel and a wake).
+/// `None`: the thread could not be started; connects start inline.
+fn dialer() -> Option<&'static std::sync::mpsc::Sender<Dial>> {
+    static DIALER: OnceLock<Option<std::sync::mpsc::Sender<Dial>>> = OnceLock::new();
+    DIALER
+        .get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<Dial>();
+            std::thread::Builder::new()
+                .name("waymark-dial".into())
+                // It only makes sockets: the default 2 MiB stack would be
+                // reserved for nothing.
+                .stack_size(128 * 1024)
+                .spawn(move || {
+                    for d in rx {
+                        // A caller that gave up (a timeout) drops the socket.
+                        let _ = d.reply.send(start_connect(d.from.as_ref(), d.addr));
+                    }
+                })
+                .ok()
+                .map(|_| tx)
+        })
+        .as_ref()
 }
 
 /// A pod's network namespace, held open by the agent: `cookie` is the
@@ -179,6 +255,19 @@ mod tests {
             .connect(&"10.9.9.9:80".parse::<SocketAddr>().unwrap().into())
             .unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::ENETUNREACH), "{err}");
+    }
+
+    #[tokio::test]
+    async fn the_dialling_thread_connects_and_reports_refusals() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stream = connect(None, addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert_eq!(accepted.peer_addr().unwrap(), stream.local_addr().unwrap());
+        assert_eq!(stream.peer_addr().unwrap(), addr);
+        drop(listener);
+        let err = connect(None, addr).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
     }
 
     #[test]
