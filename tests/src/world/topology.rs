@@ -104,9 +104,20 @@ pub fn base_sysctls(netns: &Path) -> Result<()> {
 /// reuse of TIME_WAIT ports for new outgoing connections; without them a
 /// burst of short connections to one destination runs out of source ports
 /// (EADDRNOTAVAIL) after ~28k connections in a minute.
+///
+/// The ports agents bind in the node's namespace while connections come
+/// and go — the admin API (4191), the tunnel (15008) and successors' admin
+/// ports during a rollout (19100–19199) — are kept out of that range: an
+/// outgoing connection that drew one as its source port made a successor's
+/// bind fail with EADDRINUSE (seen once in CI, rollout test).
 pub fn node_sysctls(netns: &Path) -> Result<()> {
     sysctl_in(netns, "net.ipv4.ip_forward", "1")?;
     sysctl_in(netns, "net.ipv6.conf.all.forwarding", "1")?;
+    sysctl_in(
+        netns,
+        "net.ipv4.ip_local_reserved_ports",
+        "4191,15000-15099,19100-19199",
+    )?;
     sysctl_in(netns, "net.ipv4.ip_local_port_range", "1024 65535")?;
     sysctl_in(netns, "net.ipv4.tcp_tw_reuse", "1")?;
     Ok(())
