@@ -4,7 +4,15 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use waymark_agent::{app, cli, config, identity, telemetry};
+use waymark_agent::{app, cli, config, identity, memory, telemetry};
+
+/// jemalloc, configured by `memory::JEMALLOC_CONF` (why: `memory`).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc reads its options from this symbol before `main` runs.
+#[unsafe(export_name = "_rjem_malloc_conf")]
+pub static JEMALLOC_CONF: Option<&'static std::ffi::c_char> = memory::JEMALLOC_CONF;
 
 /// waymark: a node-level transparent proxy steered by eBPF.
 #[derive(Parser)]

@@ -15,10 +15,15 @@ use anyhow::{Context, Result, anyhow, bail, ensure};
 /// agent ensures it.
 pub const LIBPCAP_DEV: (&str, &str) = ("/usr/include/pcap/pcap.h", "libpcap-dev");
 
+/// The agent's allocator, jemalloc, is built from its C sources by
+/// `tikv-jemalloc-sys` with `configure` and `make` (the C compiler is on
+/// these machines already).
+pub const MAKE: (&str, &str) = ("make", "make");
+
 /// Installs what building the agent needs (for commands that build it
 /// without the rest of `ensure_all`).
 pub fn ensure_build_deps() -> Result<()> {
-    ensure_tools(&[LIBPCAP_DEV]).map(drop)
+    ensure_tools(&[LIBPCAP_DEV, MAKE]).map(drop)
 }
 
 /// Commands the test world, tests and demo run, and the Debian package that
@@ -33,6 +38,7 @@ pub const BASE_TOOLS: &[(&str, &str)] = &[
     // binary then needs libpcap0.8, which libpcap-dev pulls in); the capture
     // tests read the files with tshark; tcpdump is there for people.
     LIBPCAP_DEV,
+    MAKE,
     ("tshark", "tshark"),
     ("tcpdump", "tcpdump"),
     // The kernel drop tests drop packets with nftables rules inside the
