@@ -1,13 +1,15 @@
 //! The agent's allocator, and giving freed memory back to the kernel.
 //!
 //! The agent runs on jemalloc (the `waymark` binary's global allocator),
-//! for two reasons measured with `cargo xtask bench` on the one-hop L7 path
-//! (HTTP/1.1 keep-alive, one worker):
+//! for two reasons measured with `cargo xtask bench` (bench/README.md, "The
+//! allocator: jemalloc"):
 //!
 //! - cost per request: every request allocates its head, header map,
 //!   future and body frames and frees them a few microseconds later, and
-//!   jemalloc's per-thread caches serve that churn cheaper than glibc's
-//!   arenas: 4.16 → 3.24 CPU-s per 100k requests (−22 %) in one run.
+//!   jemalloc serves that churn cheaper than glibc: on the one-hop L7 path
+//!   the agent's CPU per request went from a median 1.50× HAProxy's in
+//!   the same run to 1.31× (six interleaved pairs of runs of one commit
+//!   built both ways), and on two hops with mTLS by 16–21 %.
 //! - giving memory back without stalls. With glibc the agent ran a thread
 //!   that called `mallinfo2` every 2 s to decide whether to `malloc_trim`.
 //!   Both hold each arena's lock while they walk its free chunks: with 9,000
@@ -17,10 +19,11 @@
 //!   thread of its own, a little at a time on a decay curve
 //!   (`dirty_decay_ms`), without a global walk.
 //!
-//! Two moments free a lot at once and are handed back at once
-//! ([`give_back`]): startup, after loading the eBPF objects parsed the
-//! running kernel's BTF (several MiB raw, a multiple of that parsed; about
-//! 20 MiB of an idle agent's RSS otherwise, until the decay gets to it).
+//! Startup frees a lot at once and hands it back at once ([`give_back`],
+//! after the eBPF objects are loaded and again when the agent is ready):
+//! loading them parsed the running kernel's BTF (several MiB raw, a
+//! multiple of that parsed; about 20 MiB of an idle agent's RSS for the
+//! first second otherwise, until the decay gets to it).
 
 use std::ffi::c_char;
 
