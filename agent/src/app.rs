@@ -287,9 +287,6 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
     if let Some(k) = &kernel {
         k.start(&[], pods_cgroup.as_deref(), &stop_kernel);
     }
-    // Loading the programs parsed the kernel's BTF: give that memory back
-    // now; later bursts are handed back by jemalloc's decay (see `memory`).
-    crate::memory::give_back();
 
     let DataPath {
         pool,
@@ -364,9 +361,10 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         mtls = mesh.identity.is_some(),
         "waymark agent ready"
     );
-    // What starting freed since the programs were loaded (the pods'
-    // listeners, the data path's tables): back to the kernel too, so an
-    // idle agent's RSS is its steady size from the first moment.
+    // What starting freed (loading the programs parsed the kernel's BTF)
+    // goes back to the kernel now, so an idle agent's RSS is its steady
+    // size from the first moment; later bursts are handed back by
+    // jemalloc's decay (see `memory`).
     crate::memory::give_back();
 
     // Held while the agent runs (the serving lock goes with the process).

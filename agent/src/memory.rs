@@ -20,8 +20,7 @@
 //!   (`dirty_decay_ms`), without a global walk.
 //!
 //! Startup frees a lot at once and hands it back at once ([`give_back`],
-//! after the eBPF objects are loaded and again when the agent is ready):
-//! loading them parsed the running kernel's BTF (several MiB raw, a
+//! when the agent is ready): loading the eBPF objects parsed the running kernel's BTF (several MiB raw, a
 //! multiple of that parsed; about 20 MiB of an idle agent's RSS for the
 //! first second otherwise, until the decay gets to it).
 
@@ -76,16 +75,21 @@ mod tests {
 
     /// How many of the pages under `[p, p + len)` are resident (`mincore`).
     fn resident_pages(p: *mut u8, len: usize) -> usize {
-        const PAGE: usize = 4096;
-        let start = p as usize & !(PAGE - 1);
-        let pages = (p as usize + len - start).div_ceil(PAGE);
+        let page = page_size();
+        let start = p as usize & !(page - 1);
+        let pages = (p as usize + len - start).div_ceil(page);
         let mut vec = vec![0u8; pages];
         // SAFETY: the range is mapped (jemalloc keeps its mappings after a
         // purge) and `vec` has a byte per page.
         let r =
-            unsafe { libc::mincore(start as *mut libc::c_void, pages * PAGE, vec.as_mut_ptr()) };
+            unsafe { libc::mincore(start as *mut libc::c_void, pages * page, vec.as_mut_ptr()) };
         assert_eq!(r, 0, "mincore: {}", std::io::Error::last_os_error());
         vec.iter().filter(|b| *b & 1 == 1).count()
+    }
+
+    fn page_size() -> usize {
+        // SAFETY: sysconf has no preconditions.
+        usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).expect("a page size")
     }
 
     #[test]
@@ -107,7 +111,7 @@ mod tests {
             })
             .collect();
         let touched: usize = blocks.iter().map(|p| resident_pages(*p, MIB)).sum();
-        assert!(touched >= N * MIB / 4096, "{touched} pages resident");
+        assert!(touched >= N * MIB / page_size(), "{touched} pages resident");
         for p in &blocks {
             // SAFETY: allocated above by the same allocator, freed once.
             unsafe { tikv_jemalloc_sys::free(p.cast()) };
