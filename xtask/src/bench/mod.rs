@@ -342,7 +342,7 @@ impl Ctx<'_> {
         let (cpu0, b0) = (cpu_seconds(&pids), cpu_seconds(&backend));
         let sampler = (!pids.is_empty()).then(|| RssSampler::start(pids.clone()));
         let recording = match &self.perf {
-            Some(dir) if p.waymark => {
+            Some(dir) if !pids.is_empty() => {
                 Some(profile::start(dir, &format!("{}-rep{rep}", p.id), &pids)?)
             }
             _ => None,

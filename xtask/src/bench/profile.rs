@@ -1,5 +1,8 @@
-//! `--perf DIR`: a CPU profile of waymark's agents during each saturation
-//! run of a waymark path, for the flame graphs in `bench/results/`.
+//! `--perf DIR`: a CPU profile of the proxy processes during each
+//! saturation run (waymark's agents, and the peer proxies: their kernel
+//! frames are named even without their debug symbols, which is what a
+//! comparison of where the system calls' time goes needs), for the flame
+//! graphs in `bench/results/`.
 //!
 //! `perf record` samples the proxy processes on the `cpu-clock` software
 //! event (these VMs expose no hardware counters) with DWARF call graphs:

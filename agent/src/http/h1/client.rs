@@ -12,6 +12,7 @@
 //! connection goes back when the body has ended. A connection idle in a
 //! pool holds no buffer.
 
+use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
@@ -154,10 +155,19 @@ where
         if buf.len() >= MAX_RESPONSE_HEAD {
             return Err(failed(ClientError::HeadTooLarge));
         }
-        if buf.capacity() - buf.len() < 1024 {
-            buf.reserve(READ_BUF);
-        }
-        match io.read_buf(&mut buf).await {
+        let read = if buf.is_empty() {
+            // The head's first read allocates only what arrived.
+            poll_fn(|cx| {
+                super::fitted::poll_read(Pin::new(&mut io), cx, &mut buf, MAX_RESPONSE_HEAD)
+            })
+            .await
+        } else {
+            if buf.capacity() - buf.len() < 1024 {
+                buf.reserve(READ_BUF);
+            }
+            io.read_buf(&mut buf).await
+        };
+        match read {
             Ok(0) if buf.is_empty() && framing == Framing::Empty => {
                 return Err(Failed {
                     error: ClientError::Incomplete,

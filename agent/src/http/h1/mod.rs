@@ -28,6 +28,7 @@
 
 mod body;
 pub mod client;
+mod fitted;
 mod head;
 pub mod upgrade;
 
@@ -53,8 +54,8 @@ use head::{Framing, Out};
 
 pub use head::MAX_HEADERS;
 
-/// The first read of a request head: most heads fit, and a larger one
-/// grows the buffer.
+/// How much a request head's buffer grows by when the head did not come
+/// whole in its first read (which allocates only what arrived: [`fitted`]).
 const HEAD_BUF: usize = 4096;
 /// Reads of a request body.
 const BODY_BUF: usize = 16 * 1024;
@@ -307,6 +308,16 @@ impl<I: Io> Conn<I> {
         .await
     }
 
+    /// Reads what has arrived into `buf`, allocated to fit (see
+    /// [`fitted`]).
+    async fn read_fitted(&self, buf: &mut BytesMut, limit: usize) -> io::Result<usize> {
+        poll_fn(|cx| {
+            let mut io = self.lock();
+            fitted::poll_read(Pin::new(&mut *io), cx, buf, limit)
+        })
+        .await
+    }
+
     async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
         while !data.is_empty() {
             let n = poll_fn(|cx| Pin::new(&mut *self.lock()).poll_write(cx, data)).await?;
@@ -359,8 +370,7 @@ async fn read_head<I: Io>(
             *buf = BytesMut::new();
             let first = async {
                 conn.readable().await?;
-                buf.reserve(HEAD_BUF);
-                conn.read(buf).await
+                conn.read_fitted(buf, config.max_head).await
             };
             let n = tokio::select! {
                 biased;

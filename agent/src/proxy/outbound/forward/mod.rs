@@ -37,6 +37,7 @@ mod timeout;
 mod upgrade;
 
 use std::net::SocketAddr;
+use std::pin::pin;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -322,13 +323,10 @@ impl HttpProxy {
                 upstream_request(&parts, req_body, version)
             };
             let mut used = Used::default();
-            let outcome = deadline
-                .bound(
-                    now,
-                    addr,
-                    self.attempt(ctx, &key, version, upstream, &mut used),
-                )
-                .await;
+            let outcome = {
+                let attempt = pin!(self.attempt(ctx, &key, version, upstream, &mut used));
+                deadline.bound(now, addr, attempt).await
+            };
             let (observed, result) = record::attempt(
                 self,
                 ctx,
