@@ -61,32 +61,35 @@ fn build(
     body: ProxyBody,
     version: Version,
 ) -> Request<ProxyBody> {
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        });
     strip_hop_by_hop(&mut headers, false);
     let mut req = Request::new(body);
     *req.method_mut() = parts.method.clone();
-    *req.headers_mut() = headers;
     match version {
         Version::Http1 => {
             *req.version_mut() = http::Version::HTTP_11;
             *req.uri_mut() = origin_form(&parts.uri);
-            if let Some(a) = &authority
-                && !req.headers().contains_key(header::HOST)
-                && let Ok(v) = HeaderValue::from_str(a)
+            // An HTTP/2 client's `:authority` becomes `Host`; an HTTP/1
+            // request keeps the `Host` it came with.
+            if !headers.contains_key(header::HOST)
+                && let Some(a) = parts.uri.authority()
+                && let Ok(v) = HeaderValue::from_str(a.as_str())
             {
-                req.headers_mut().insert(header::HOST, v);
+                headers.insert(header::HOST, v);
             }
+            *req.headers_mut() = headers;
         }
         Version::Http2 => {
+            let authority = parts
+                .uri
+                .authority()
+                .map(|a| a.as_str().to_string())
+                .or_else(|| {
+                    headers
+                        .get(header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                        .map(str::to_string)
+                });
+            *req.headers_mut() = headers;
             *req.version_mut() = http::Version::HTTP_2;
             let path = parts
                 .uri
