@@ -20,9 +20,10 @@
 //!   (`dirty_decay_ms`), without a global walk.
 //!
 //! Startup frees a lot at once and hands it back at once ([`give_back`],
-//! when the agent is ready): loading the eBPF objects parsed the running kernel's BTF (several MiB raw, a
-//! multiple of that parsed; about 20 MiB of an idle agent's RSS for the
-//! first second otherwise, until the decay gets to it).
+//! when the agent is ready): loading the eBPF objects parsed the running
+//! kernel's BTF (several MiB raw, a multiple of that parsed; about 20 MiB
+//! of an idle agent's RSS for the first second otherwise, until the decay
+//! gets to it).
 
 use std::ffi::c_char;
 

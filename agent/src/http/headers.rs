@@ -29,14 +29,7 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// `HeaderName` made for every `Connection` token, was ~1.5 % of the
 /// one-hop path's CPU.)
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let named = |name: &str| {
-        headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(name))
-    };
+    let named = |name: &str| lists(headers, header::CONNECTION, name);
     let mut doomed: Vec<HeaderName> = Vec::new();
     for name in headers.keys() {
         let s = name.as_str();
@@ -56,13 +49,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     if doomed.is_empty() && !keep_upgrade {
         return;
     }
-    let te_trailers = doomed.contains(&header::TE)
-        && headers.get_all(header::TE).iter().any(|v| {
-            v.to_str().is_ok_and(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-            })
-        });
+    let te_trailers = doomed.contains(&header::TE) && lists(headers, header::TE, "trailers");
     for name in &doomed {
         headers.remove(name);
     }
@@ -87,15 +74,18 @@ fn is_hop_by_hop(name: &str) -> bool {
 
 /// Whether the request asks for a protocol upgrade (HTTP/1.1 only).
 pub fn wants_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
-        && headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
+    headers.contains_key(header::UPGRADE) && lists(headers, header::CONNECTION, "upgrade")
+}
+
+/// Whether a comma-separated list header (`Connection`, `TE`) has `token`
+/// in any of its values, compared case-insensitively.
+fn lists(headers: &HeaderMap, list: HeaderName, token: &str) -> bool {
+    headers
+        .get_all(list)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 #[cfg(test)]

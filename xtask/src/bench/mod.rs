@@ -90,9 +90,10 @@ pub struct BenchArgs {
     /// paths does; --quick and --paths runs never do).
     #[arg(long)]
     no_results: bool,
-    /// Record a CPU profile (`perf record`) of the agents during each
-    /// saturation run of a waymark path into this directory, and fold it
-    /// into a flame graph when inferno is installed (see `profile.rs`).
+    /// Record a CPU profile (`perf record`) of the proxies (the agents and
+    /// the peer proxies) during each saturation run into this directory,
+    /// and fold it into a flame graph when inferno is installed (see
+    /// `profile.rs`).
     /// Profiling perturbs the figures: combine with --no-results.
     #[arg(long)]
     perf: Option<PathBuf>,
