@@ -74,6 +74,21 @@ impl OriginalDst for KernelOriginalDst {
         r.take_original_dst(netns_cookie, client)
             .map_err(|e| e.to_string())
     }
+
+    fn shortcut_replies(
+        &self,
+        netns_cookie: u64,
+        client: SocketAddr,
+        socket: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<Option<bool>, String> {
+        let r = self.0.read().unwrap_or_else(|e| e.into_inner());
+        if !r.reply_shortcut_on() {
+            return Ok(None);
+        }
+        r.shortcut_replies(netns_cookie, client, socket)
+            .map(Some)
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// Runs the agent until SIGTERM/SIGINT and the drain are done.
@@ -560,6 +575,15 @@ fn load_redirect(config: &Config, pins: Option<&Pins>) -> Result<Arc<RwLock<Redi
         None => Redirect::load(config.outbound.port, &config.excludes()),
     }
     .context("cannot load the redirect programs into the kernel (waymark agent needs root, or CAP_BPF + CAP_NET_ADMIN + CAP_SYS_ADMIN, and a kernel with BTF and cgroup v2)")?;
+    let mut redirect = redirect;
+    if config.redirect.reply_shortcut {
+        // An optimisation: without it every reply takes loopback TCP, as
+        // it would with the setting off, so a kernel that refuses it does
+        // not stop the agent.
+        if let Err(e) = redirect.enable_reply_shortcut() {
+            warn!(error = %format!("{e:#}"), "the reply shortcut (redirect.reply_shortcut) is not available on this kernel; replies to pods take loopback TCP");
+        }
+    }
     Ok(Arc::new(RwLock::new(redirect)))
 }
 

@@ -319,6 +319,18 @@ pub struct RedirectConfig {
     /// What enrolled pods' connections do while no agent runs.
     #[serde(default)]
     pub on_agent_down: OnAgentDown,
+    /// The agent's replies to a pod's application go from the agent's
+    /// socket straight into the application's (a sockmap, as in Cilium's
+    /// and Merbridge's socket acceleration) instead of down and up the
+    /// pod's loopback TCP stack. The bytes and what the application sees of
+    /// its socket are the same. Off by default: only the reply direction is
+    /// shortcut (see `ebpf/kernel/src/shortcut.rs` for why), so the agent's
+    /// socket acknowledges the requests with bare ACKs through loopback,
+    /// and for small HTTP exchanges those cost what the replies' trip
+    /// through loopback did (bench/README.md, "The reply shortcut"). When on,
+    /// a capture of the pod's `lo` shows the requests but not the replies.
+    #[serde(default)]
+    pub reply_shortcut: bool,
 }
 
 impl Default for RedirectConfig {
@@ -329,6 +341,7 @@ impl Default for RedirectConfig {
             proxy_link_local: false,
             pin_path: default_pin_path(),
             on_agent_down: OnAgentDown::default(),
+            reply_shortcut: false,
         }
     }
 }

@@ -22,4 +22,17 @@ pub trait OriginalDst: Send + Sync + 'static {
     /// The original destination of the connection accepted in the network
     /// namespace `netns_cookie` from `client`; the record is consumed.
     fn take(&self, netns_cookie: u64, client: SocketAddr) -> Result<Option<SocketAddr>, String>;
+
+    /// Puts the accepted socket on the kernel's reply shortcut when its
+    /// client is on it (`redirect.reply_shortcut`). `None`: the shortcut is
+    /// off; `Some(false)`: on, but this connection replies over loopback.
+    /// Called before the first byte is written to the socket.
+    fn shortcut_replies(
+        &self,
+        _netns_cookie: u64,
+        _client: SocketAddr,
+        _socket: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<Option<bool>, String> {
+        Ok(None)
+    }
 }

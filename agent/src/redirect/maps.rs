@@ -172,6 +172,16 @@ fn exclude_ports(net: IpNet, ports: Option<BTreeSet<u16>>) -> Result<ExcludePort
     Ok(value)
 }
 
+/// The `union bpf_attr` member the map element commands use.
+#[repr(C)]
+struct MapElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
 /// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` (hash maps since Linux 5.14): reads and
 /// removes an entry in one syscall, so concurrent takers cannot both get it
 /// and no lock is needed on the accept path. aya 0.14 only offers it for
@@ -181,15 +191,6 @@ fn exclude_ports(net: IpNet, ports: Option<BTreeSet<u16>>) -> Result<ExcludePort
 /// (the maps are wrapped in size-checked aya `HashMap`s).
 pub(super) fn lookup_and_delete<K: Pod, V: Pod>(map: &MapData, key: &K) -> io::Result<Option<V>> {
     const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
-    /// The `union bpf_attr` member the map element commands use.
-    #[repr(C)]
-    struct MapElemAttr {
-        map_fd: u32,
-        _pad: u32,
-        key: u64,
-        value: u64,
-        flags: u64,
-    }
     let mut value = MaybeUninit::<V>::uninit();
     let attr = MapElemAttr {
         map_fd: map.fd().as_fd().as_raw_fd() as u32,
@@ -218,6 +219,40 @@ pub(super) fn lookup_and_delete<K: Pod, V: Pod>(map: &MapData, key: &K) -> io::R
     match err.raw_os_error() {
         Some(libc::ENOENT) => Ok(None),
         _ => Err(err),
+    }
+}
+
+/// Puts `socket` into the socket map `map` under `key` (`BPF_ANY`). aya's
+/// `SockHash::insert` wants the map mutably; the syscall does not, and the
+/// agent calls this from every accept with the maps shared.
+pub(super) fn update_socket<K: Pod>(
+    map: &MapData,
+    key: &K,
+    socket: std::os::fd::BorrowedFd<'_>,
+) -> io::Result<()> {
+    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+    let value: u32 = socket.as_raw_fd() as u32;
+    let attr = MapElemAttr {
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+        _pad: 0,
+        key: key as *const K as u64,
+        value: &value as *const u32 as u64,
+        flags: 0,
+    };
+    // SAFETY: `attr` points at a live key and a live 4-byte value (a socket
+    // map's value is the descriptor); the kernel only reads them.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_ELEM,
+            &attr as *const MapElemAttr,
+            size_of::<MapElemAttr>() as libc::c_uint,
+        )
+    };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 

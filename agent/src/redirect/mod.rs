@@ -84,6 +84,8 @@ const INBOUND: &str = "wm_inbound";
 /// `cgroup/sock_release`: cleanup of the cookie map (in
 /// `query::EXPECTED`, so `waymark check` says when it is gone).
 const SOCK_RELEASE: &str = "wm_sock_release";
+/// `sk_msg` on the agent's accepted sockets: the reply shortcut.
+const REPLY_SHORTCUT: &str = "wm_reply_shortcut";
 const PEERNAME4: &str = "wm_peername4";
 const PEERNAME6: &str = "wm_peername6";
 const CONNECT4: &str = "wm_connect4";
@@ -102,6 +104,8 @@ const MAP_STRICT_PODS: &str = "STRICT_PODS";
 const MAP_ENROLLED: &str = "ENROLLED";
 const MAP_ALLOW_V4: &str = "INBOUND_ALLOW_V4";
 const MAP_ALLOW_V6: &str = "INBOUND_ALLOW_V6";
+const MAP_SHORTCUT_READY: &str = "SHORTCUT_READY";
+const MAP_SHORTCUT_AGENT: &str = "SHORTCUT_AGENT";
 
 /// A destination the kernel never redirects.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -134,10 +138,21 @@ pub struct Redirect {
     ebpf: Ebpf,
     by_cookie: HashMap<MapData, u64, SockAddr>,
     by_flow: HashMap<MapData, FlowKey, SockAddr>,
+    /// With the reply shortcut on ([`Redirect::enable_reply_shortcut`]):
+    /// the markers `sock_ops` leaves, and the map the agent's accepted
+    /// sockets go into.
+    shortcut: Option<ShortcutMaps>,
     attached: Option<Attachment>,
     /// Where the maps and links are pinned, and whether the links stay
     /// pinned when the agent exits (`on_agent_down = "closed"`).
     pins: Option<(Pins, bool)>,
+}
+
+struct ShortcutMaps {
+    ready: MapData,
+    agent: MapData,
+    /// Keeps `wm_reply_shortcut` attached to the agent map while held.
+    _link: aya::programs::sk_msg::SkMsgLinkId,
 }
 
 struct Attachment {
@@ -271,9 +286,108 @@ impl Redirect {
             ebpf,
             by_cookie,
             by_flow,
+            shortcut: None,
             attached: None,
             pins,
         })
+    }
+
+    /// Turns the reply shortcut on (see `ebpf/kernel/src/shortcut.rs`): the
+    /// agent's replies to a pod's application go from socket to socket
+    /// instead of through the pod's loopback TCP. From now on `sock_ops`
+    /// files new redirected client sockets for it, and
+    /// [`Redirect::shortcut_replies`] puts an accepted socket on it. Call
+    /// before [`Redirect::attach`] so that every connection has the choice.
+    pub fn enable_reply_shortcut(&mut self) -> Result<(), RedirectError> {
+        if self.shortcut.is_some() {
+            return Ok(());
+        }
+        sk_msg_program(&mut self.ebpf)?
+            .load()
+            .map_err(program_error(REPLY_SHORTCUT))?;
+        let agent = take_map(&mut self.ebpf, MAP_SHORTCUT_AGENT)?;
+        let map_fd = aya::maps::SockHash::<_, FlowKey>::try_from(&agent)
+            .map_err(map_error(MAP_SHORTCUT_AGENT, "open"))?
+            .fd()
+            .try_clone()
+            .map_err(|source| RedirectError::MapSyscall {
+                name: MAP_SHORTCUT_AGENT,
+                op: "dup",
+                source,
+            })?;
+        let link = sk_msg_program(&mut self.ebpf)?
+            .attach(&map_fd)
+            .map_err(program_error(REPLY_SHORTCUT))?;
+        let (aya::maps::Map::SockHash(agent), aya::maps::Map::LruHashMap(ready)) =
+            (agent, take_map(&mut self.ebpf, MAP_SHORTCUT_READY)?)
+        else {
+            return Err(RedirectError::Missing {
+                kind: "map of the expected type",
+                name: MAP_SHORTCUT_READY,
+            });
+        };
+        let mut settings =
+            Array::<_, RedirectSettings>::try_from(map_mut(&mut self.ebpf, MAP_SETTINGS)?)
+                .map_err(map_error(MAP_SETTINGS, "open"))?;
+        let mut current = settings
+            .get(&0, 0)
+            .map_err(map_error(MAP_SETTINGS, "read"))?;
+        current.flags |= waymark_common::SETTING_REPLY_SHORTCUT;
+        settings
+            .set(0, current, 0)
+            .map_err(map_error(MAP_SETTINGS, "write"))?;
+        self.shortcut = Some(ShortcutMaps {
+            ready,
+            agent,
+            _link: link,
+        });
+        tracing::info!("reply shortcut on: replies to pods go socket to socket (sockmap)");
+        Ok(())
+    }
+
+    /// Whether [`Redirect::enable_reply_shortcut`] succeeded.
+    pub fn reply_shortcut_on(&self) -> bool {
+        self.shortcut.is_some()
+    }
+
+    /// Puts the agent's accepted socket `socket`, the one serving the client
+    /// at `client` in the pod whose netns cookie is `netns_cookie`, on the
+    /// reply shortcut, if the client's socket is on it (`sock_ops` says so
+    /// in `SHORTCUT_READY`, which this takes). Call right after accepting,
+    /// before the first write. `Ok(false)`: replies take loopback TCP.
+    pub fn shortcut_replies(
+        &self,
+        netns_cookie: u64,
+        client: SocketAddr,
+        socket: BorrowedFd<'_>,
+    ) -> Result<bool, RedirectError> {
+        let Some(shortcut) = &self.shortcut else {
+            return Ok(false);
+        };
+        let key = FlowKey {
+            netns_cookie,
+            client: maps::sock_addr(client),
+            _pad: 0,
+        };
+        let ready: Option<u8> =
+            maps::lookup_and_delete(&shortcut.ready, &key).map_err(|source| {
+                RedirectError::MapSyscall {
+                    name: MAP_SHORTCUT_READY,
+                    op: "lookup-and-delete",
+                    source,
+                }
+            })?;
+        if ready.is_none() {
+            return Ok(false);
+        }
+        maps::update_socket(&shortcut.agent, &key, socket).map_err(|source| {
+            RedirectError::MapSyscall {
+                name: MAP_SHORTCUT_AGENT,
+                op: "insert",
+                source,
+            }
+        })?;
+        Ok(true)
     }
 
     /// Attaches connect4/6, getpeername4/6 and sock_ops to the cgroup v2
@@ -817,6 +931,12 @@ fn release_program(ebpf: &mut Ebpf) -> Result<&mut CgroupSock, RedirectError> {
     program(ebpf, SOCK_RELEASE)?
         .try_into()
         .map_err(program_error(SOCK_RELEASE))
+}
+
+fn sk_msg_program(ebpf: &mut Ebpf) -> Result<&mut aya::programs::SkMsg, RedirectError> {
+    program(ebpf, REPLY_SHORTCUT)?
+        .try_into()
+        .map_err(program_error(REPLY_SHORTCUT))
 }
 
 fn sock_ops_program(ebpf: &mut Ebpf) -> Result<&mut SockOps, RedirectError> {

@@ -96,6 +96,12 @@ pub struct MapLabels {
     pub map: &'static str,
 }
 
+/// `path` of [`TcpMetrics::reply_path_total`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReplyPathLabels {
+    pub path: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PodLabels {
     pub pod: String,
@@ -137,6 +143,10 @@ pub struct TcpMetrics {
     /// Redirected connections whose original destination the kernel had no
     /// record of. Should stay 0; anything else is a bug or a map overflow.
     pub no_original_dst_total: Family<PodLabels, Counter>,
+    /// Accepted connections whose replies to the pod go socket to socket
+    /// (`redirect.reply_shortcut`), by `path`: `sockmap`, or `loopback`
+    /// when the shortcut is on but this connection could not take it.
+    pub reply_path_total: Family<ReplyPathLabels, Counter>,
     /// Connections refused at accept because a limit was reached.
     pub refused_total: Family<RefusedLabels, Counter>,
     /// Connections the agent closed because a limit was reached while
@@ -204,6 +214,7 @@ impl TcpMetrics {
                 Histogram::new(DURATION_BUCKETS_MS)
             }),
             no_original_dst_total: Family::default(),
+            reply_path_total: Family::default(),
             refused_total: Family::default(),
             limit_closed_total: Family::default(),
             limit_delayed_total: Family::default(),
@@ -247,6 +258,11 @@ impl TcpMetrics {
             "waymark_outbound_no_original_dst",
             "Redirected connections accepted without a recorded original destination",
             m.no_original_dst_total.clone(),
+        );
+        registry.register(
+            "waymark_outbound_reply_path",
+            "Pods' redirected connections by how the agent's replies reach the pod: sockmap (socket to socket) or loopback (TCP through the pod's lo)",
+            m.reply_path_total.clone(),
         );
         registry.register(
             "waymark_outbound_refused",

@@ -63,8 +63,19 @@ pub const MAX_EXCLUDE_PORTS: usize = 16;
 pub struct RedirectSettings {
     /// Outbound listener port inside each pod (host byte order).
     pub outbound_port: u16,
-    pub _pad: [u16; 3],
+    /// `SETTING_*` bits. Taken from what was padding, so the map's value
+    /// keeps its size and a pinned map stays usable across versions.
+    pub flags: u16,
+    pub _pad: [u16; 2],
 }
+
+/// [`RedirectSettings::flags`]: the agent's replies to a pod's application
+/// go socket to socket (sockmap) instead of through the pod's loopback.
+pub const SETTING_REPLY_SHORTCUT: u16 = 1;
+
+/// Pods' client sockets (and the agent's accepted sockets) in the reply
+/// shortcut's socket maps: one per open redirected connection.
+pub const MAX_SHORTCUT_SOCKETS: u32 = 65536;
 
 /// Pods under strict inbound (`inbound.mode = "strict"`), by netns cookie.
 pub const MAX_STRICT_PODS: u32 = 4096;

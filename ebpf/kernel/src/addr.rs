@@ -16,7 +16,7 @@
 
 use aya_ebpf::{bindings::bpf_sock_addr, maps::lpm_trie::Key};
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
-use waymark_common::{ExcludePorts, MAX_EXCLUDE_PORTS};
+use waymark_common::{ExcludePorts, MAX_EXCLUDE_PORTS, SETTING_REPLY_SHORTCUT};
 
 use crate::maps::{EXCLUDE_V4, EXCLUDE_V6, SETTINGS};
 
@@ -98,6 +98,11 @@ pub fn outbound_port() -> Option<u16> {
         Some(settings) if settings.outbound_port != 0 => Some(settings.outbound_port),
         _ => None,
     }
+}
+
+/// Whether the agent asked for the reply shortcut (`SETTING_REPLY_SHORTCUT`).
+pub fn reply_shortcut_on() -> bool {
+    matches!(SETTINGS.get(0), Some(s) if s.flags & SETTING_REPLY_SHORTCUT != 0)
 }
 
 /// Only TCP goes through the proxy; UDP (DNS above all) is left alone.

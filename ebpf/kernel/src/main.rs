@@ -34,6 +34,7 @@ mod inbound;
 mod maps;
 mod peername;
 mod release;
+mod shortcut;
 mod sock_ops;
 
 #[cfg(not(test))]

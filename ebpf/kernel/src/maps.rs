@@ -3,12 +3,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, SockHash},
 };
 use waymark_common::{
     ExcludePorts, FlowKey, MAX_ENROLLED_PODS, MAX_EXCLUDES, MAX_INBOUND_ALLOW,
-    MAX_ORIGINAL_DST_BY_COOKIE, MAX_ORIGINAL_DST_BY_FLOW, MAX_STRICT_PODS, RedirectSettings,
-    SockAddr,
+    MAX_ORIGINAL_DST_BY_COOKIE, MAX_ORIGINAL_DST_BY_FLOW, MAX_SHORTCUT_SOCKETS, MAX_STRICT_PODS,
+    RedirectSettings, SockAddr,
 };
 
 /// The pods whose outbound TCP is redirected, by network-namespace cookie
@@ -51,6 +51,31 @@ pub static ORIGINAL_DST_BY_COOKIE: LruHashMap<u64, SockAddr> =
 #[map(name = "ORIGINAL_DST_BY_FLOW")]
 pub static ORIGINAL_DST_BY_FLOW: LruHashMap<FlowKey, SockAddr> =
     LruHashMap::with_max_entries(MAX_ORIGINAL_DST_BY_FLOW, 0);
+
+/// The reply shortcut's targets: pods' redirected client sockets, by the
+/// same key as [`ORIGINAL_DST_BY_FLOW`], put here by `sock_ops` when their
+/// handshake completes. No program is attached to this map, so a pod's
+/// socket only gains a queue that redirected replies land in; what it sends
+/// takes the usual path. The kernel removes a socket when it is closed.
+#[map(name = "SHORTCUT_CLIENTS")]
+pub static SHORTCUT_CLIENTS: SockHash<FlowKey> =
+    SockHash::with_max_entries(MAX_SHORTCUT_SOCKETS, 0);
+
+/// "This connection's client socket is in [`SHORTCUT_CLIENTS`]": written
+/// by `sock_ops` when the insert succeeded (deleted when it failed), taken
+/// by the agent when it accepts, which only then puts its own socket in
+/// [`SHORTCUT_AGENT`]. A socket map cannot be read from user space with
+/// 4-byte values, and the agent must never shortcut towards a client that
+/// is not there (its replies would be dropped).
+#[map(name = "SHORTCUT_READY")]
+pub static SHORTCUT_READY: LruHashMap<FlowKey, u8> =
+    LruHashMap::with_max_entries(MAX_ORIGINAL_DST_BY_FLOW, 0);
+
+/// The agent's accepted sockets whose replies take the shortcut, put here by
+/// the agent (keyed like their client). `wm_reply_shortcut` is attached to
+/// this map, so it runs on every `sendmsg` of these sockets.
+#[map(name = "SHORTCUT_AGENT")]
+pub static SHORTCUT_AGENT: SockHash<FlowKey> = SockHash::with_max_entries(MAX_SHORTCUT_SOCKETS, 0);
 
 /// IPv4 destinations that are never redirected; the key data is the address
 /// in network byte order, as `user_ip4` holds it.

@@ -33,8 +33,13 @@ use core::ptr::{addr_of, read_volatile};
 use waymark_common::{FAMILY_V4, FAMILY_V6, FlowKey, SockAddr};
 
 use crate::{
-    addr::{AF_INET, AF_INET6, LOOPBACK_V4, LOOPBACK_V6, is_v4_mapped, outbound_port},
-    maps::{ORIGINAL_DST_BY_COOKIE, ORIGINAL_DST_BY_FLOW, original_dst},
+    addr::{
+        AF_INET, AF_INET6, LOOPBACK_V4, LOOPBACK_V6, is_v4_mapped, outbound_port, reply_shortcut_on,
+    },
+    maps::{
+        ORIGINAL_DST_BY_COOKIE, ORIGINAL_DST_BY_FLOW, SHORTCUT_CLIENTS, SHORTCUT_READY,
+        original_dst,
+    },
 };
 
 /// sock_ops programs return 1; the answer to the kernel, where an op asks
@@ -87,11 +92,38 @@ fn on_established(ctx: &SockOpsContext) -> Result<(), i64> {
         }
         return Ok(());
     };
+    let key = flow_key(ctx)?;
     // BPF_ANY: a stale entry left by an earlier connection from the same
     // netns and port is overwritten, never read by the new one.
     ORIGINAL_DST_BY_FLOW
-        .insert(flow_key(ctx)?, original, u64::from(BPF_ANY))
-        .map_err(i64::from)
+        .insert(key, original, u64::from(BPF_ANY))
+        .map_err(i64::from)?;
+    if reply_shortcut_on() {
+        offer_reply_shortcut(ctx, key);
+    }
+    Ok(())
+}
+
+/// Puts the client socket in the reply shortcut's map and tells the agent
+/// whether that worked (see `shortcut.rs`). Now is the moment: the handshake
+/// has completed but `connect()` has not returned, so the agent cannot have
+/// accepted, let alone replied; every reply of the connection takes the same
+/// path. A failure (the map full) only means this connection's replies go
+/// through loopback as before.
+fn offer_reply_shortcut(ctx: &SockOpsContext, mut key: FlowKey) {
+    // SAFETY: the context pointer is the kernel's `bpf_sock_ops`, which is
+    // what the helper behind `update` takes.
+    let ops = unsafe { &mut *ctx.ops };
+    match SHORTCUT_CLIENTS.update(&mut key, ops, u64::from(BPF_ANY)) {
+        Ok(()) => {
+            let _ = SHORTCUT_READY.insert(key, 1, u64::from(BPF_ANY));
+        }
+        Err(_) => {
+            // An earlier connection's marker under this key must not make
+            // the agent shortcut towards a socket that is not in the map.
+            let _ = SHORTCUT_READY.remove(key);
+        }
+    }
 }
 
 /// The socket is closing for good.

@@ -6,6 +6,7 @@ pub mod forward;
 pub mod http_server;
 
 use std::net::SocketAddr;
+use std::os::fd::AsFd as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -29,8 +30,8 @@ use crate::proxy::outbound::accept_rate::{AcceptBucket, AcceptRate};
 use crate::proxy::outbound::forward::{ConnCtx, HttpProxy};
 use crate::telemetry::conns::{ConnGuard, ConnProtocol, ConnTable, NewConn};
 use crate::telemetry::metrics::{
-    Direction, NoTlsReason, PodLabels, RefusedLabels, TcpCloseLabels, TcpLabels, TcpMetrics,
-    TlsLabel,
+    Direction, NoTlsReason, PodLabels, RefusedLabels, ReplyPathLabels, TcpCloseLabels, TcpLabels,
+    TcpMetrics, TlsLabel,
 };
 use crate::transport::copy::{self, Counters, Side};
 use crate::transport::netns::PodNetns;
@@ -426,6 +427,32 @@ impl Outbound {
             }
         };
         tracing::Span::current().record("dst", tracing::field::display(dst));
+        match self
+            .original_dst
+            .shortcut_replies(pod.netns_cookie, peer, client.as_fd())
+        {
+            Ok(None) => {}
+            Ok(Some(on)) => {
+                if on {
+                    delay_acks(&client);
+                }
+                self.metrics
+                    .reply_path_total
+                    .get_or_create(&ReplyPathLabels {
+                        path: if on { "sockmap" } else { "loopback" },
+                    })
+                    .inc();
+            }
+            // Nothing was written yet and nothing is lost: the replies take
+            // loopback TCP.
+            Err(e) => {
+                debug!(pod = %pod.name, src = %peer, error = %e, "reply shortcut not set up; replies take loopback");
+                self.metrics
+                    .reply_path_total
+                    .get_or_create(&ReplyPathLabels { path: "loopback" })
+                    .inc();
+            }
+        }
         let _ = client.set_nodelay(true);
 
         let mut opened = None;
@@ -782,6 +809,32 @@ fn source_addr(pod: &PodInfo, peer: SocketAddr, dst: SocketAddr) -> Option<Socke
         .find(|ip| ip.is_ipv4() == dst.is_ipv4())
         .or(ips.first())
         .map(|ip| SocketAddr::new(*ip, peer.port()))
+}
+
+/// Once replies take the shortcut, the accepted socket sends no TCP data
+/// that its acknowledgements could ride on, and the kernel acknowledges
+/// each request the moment it is read: a bare ACK down the pod's loopback,
+/// delivered on the agent's CPU, about one per request. `TCP_QUICKACK` off puts
+/// the socket in the kernel's interactive ("pingpong") mode, where reads
+/// acknowledge only every second segment or so and the delayed-ACK timer
+/// does the rest: measured on one hop, 1.2 → 0.64 bare ACKs per request. The
+/// kernel leaves the mode after an idle spell, which costs nothing then.
+fn delay_acks(client: &TcpStream) {
+    let off: libc::c_int = 0;
+    // SAFETY: setsockopt on a socket this function borrows, with a pointer
+    // to a live int and its size.
+    let ret = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(client),
+            libc::IPPROTO_TCP,
+            libc::TCP_QUICKACK,
+            (&off as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if ret != 0 {
+        debug!(error = %std::io::Error::last_os_error(), "TCP_QUICKACK off refused; the socket acknowledges each request");
+    }
 }
 
 /// Closes with RST (SO_LINGER 0) instead of FIN.

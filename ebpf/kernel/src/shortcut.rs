@@ -1,0 +1,125 @@
+//! `sk_msg`: the agent's replies to a pod's application, socket to socket.
+//!
+//! A redirected connection runs over the pod's loopback: the application's
+//! socket and the socket the agent accepted in the pod's netns. Each reply
+//! the agent writes would go down its TCP stack, through `lo`, and back up
+//! the application's, and the application's TCP would acknowledge it, all
+//! on the agent's CPU (loopback delivery runs in the sender's context). This
+//! program runs on every `sendmsg` of an accepted socket the agent put in
+//! `SHORTCUT_AGENT` and moves the bytes straight to the application
+//! socket's receive queue (`BPF_F_INGRESS`), as Cilium's and Merbridge's
+//! socket acceleration do. The application reads them with the same
+//! `read()`/`recv()`, and `epoll` wakes it the same way.
+//!
+//! Only the reply direction: the application's socket is put in the map by
+//! `sock_ops` before `connect()` returns, so every reply of the connection
+//! can take the shortcut; the agent's socket is put in only after `accept()`,
+//! when the application may already have sent bytes through TCP, and bytes
+//! redirected later could be read before those. One direction, one path,
+//! and the byte order is never in question.
+//!
+//! Once the agent's socket has left `ESTABLISHED` (the application shut
+//! down its side, or reset), replies take TCP again: bytes already
+//! redirected are queued ahead and are read first, so the order holds, and
+//! a closed application socket gets what TCP gives it, a reset. This also
+//! keeps a late reply away from a newer connection that reuses the
+//! application's port: that port is free only once the old connection is
+//! no longer established.
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{BPF_F_INGRESS, BPF_TCP_ESTABLISHED, sk_action::SK_PASS},
+    helpers::bpf_get_netns_cookie,
+    macros::sk_msg,
+    programs::SkMsgContext,
+};
+use core::ptr::{addr_of, read_volatile};
+use waymark_common::{FAMILY_V4, FAMILY_V6, FlowKey, SockAddr};
+
+use crate::{
+    addr::{AF_INET, AF_INET6, is_v4_mapped},
+    maps::SHORTCUT_CLIENTS,
+};
+
+#[sk_msg]
+pub fn wm_reply_shortcut(ctx: SkMsgContext) -> u32 {
+    let Some(mut key) = client_key(&ctx) else {
+        return SK_PASS;
+    };
+    // SK_PASS when the client socket is there and the bytes went to it;
+    // SK_DROP (the write fails) when it is not, which happens only once
+    // the application has closed it: TCP would have answered a reset.
+    SHORTCUT_CLIENTS.redirect_msg(&ctx, &mut key, u64::from(BPF_F_INGRESS)) as u32
+}
+
+/// The key `sock_ops` filed the application's socket under: the pod's
+/// netns cookie and the application socket's address, which is this
+/// socket's remote end. `None`: take the usual path.
+fn client_key(ctx: &SkMsgContext) -> Option<FlowKey> {
+    let md = ctx.msg;
+    // SAFETY: context reads, checked by the verifier; `sk` is always set
+    // for sk_msg programs.
+    let state = unsafe {
+        let sk = (*md).__bindgen_anon_3.sk;
+        if sk.is_null() {
+            return None;
+        }
+        (*sk).state
+    };
+    if state != BPF_TCP_ESTABLISHED {
+        return None;
+    }
+    // SAFETY: context field reads, checked by the verifier.
+    let (family, raw_port) = unsafe { ((*md).family, (*md).remote_port) };
+    // remote_port holds the network-order port in its upper 16 bits on
+    // little-endian machines (the kernel shifts it there, as for sock_ops).
+    let port = if cfg!(target_endian = "little") {
+        u16::from_be((raw_port >> 16) as u16)
+    } else {
+        raw_port as u16
+    };
+    let client = match family {
+        AF_INET => SockAddr {
+            // SAFETY: as above.
+            addr: [unsafe { (*md).remote_ip4 }, 0, 0, 0],
+            port,
+            family: FAMILY_V4,
+        },
+        AF_INET6 => {
+            let ip = read_remote_ip6(md);
+            if is_v4_mapped(&ip) {
+                SockAddr {
+                    addr: [ip[3], 0, 0, 0],
+                    port,
+                    family: FAMILY_V4,
+                }
+            } else {
+                SockAddr {
+                    addr: ip,
+                    port,
+                    family: FAMILY_V6,
+                }
+            }
+        }
+        _ => return None,
+    };
+    Some(FlowKey {
+        // SAFETY: the helper only reads the socket behind the context.
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        client,
+        _pad: 0,
+    })
+}
+
+/// One 32-bit load per word (see `sock_ops::read_local_ip6`).
+fn read_remote_ip6(md: *mut aya_ebpf::bindings::sk_msg_md) -> [u32; 4] {
+    // SAFETY: in-bounds context field reads, checked by the verifier.
+    unsafe {
+        [
+            read_volatile(addr_of!((*md).remote_ip6[0])),
+            read_volatile(addr_of!((*md).remote_ip6[1])),
+            read_volatile(addr_of!((*md).remote_ip6[2])),
+            read_volatile(addr_of!((*md).remote_ip6[3])),
+        ]
+    }
+}

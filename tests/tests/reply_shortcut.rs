@@ -1,0 +1,164 @@
+//! The reply shortcut (`redirect.reply_shortcut`): the agent's replies to a
+//! pod's application go from socket to socket through a sockmap instead of
+//! through the pod's loopback TCP. Checked here with real agents: the bytes
+//! arrive whole and in order (bulk, half-close), what the application sees
+//! of its socket is unchanged (`FIONREAD`, `MSG_PEEK`), and the replies
+//! really left loopback (the pod's `lo` counters), against the same world
+//! with the shortcut off (the default).
+
+// Children spawned through a world are reaped by the world when it shuts down.
+#![allow(clippy::zombie_processes)]
+
+use std::process::Command;
+
+use anyhow::{Context, Result, ensure};
+use serde_json::Value;
+use waymark_tests::{
+    Pod, World, metric_value, require_agent_or_skip, testpeer, with_world, world_name,
+};
+
+const SIZE: u64 = 8 * 1024 * 1024;
+
+/// The shortcut is off by default.
+const ON: &str = "[redirect]\nreply_shortcut = true\n";
+
+/// Bytes the pod's loopback has received so far.
+fn lo_rx_bytes(pod: &Pod) -> Result<u64> {
+    let out = pod.run_ok(Command::new("ip").args(["-s", "-j", "link", "show", "lo"]))?;
+    let v: Value = serde_json::from_str(out.trim()).context("ip -j output")?;
+    v[0]["stats64"]["rx"]["bytes"]
+        .as_u64()
+        .with_context(|| format!("no rx bytes in {out}"))
+}
+
+/// Echoes `SIZE` bytes through the agent and returns how many bytes crossed
+/// the client pod's loopback meanwhile.
+fn echo_through_agent(world: &World) -> Result<u64> {
+    let (cl, srv) = (world.pod(0, 0), world.pod(1, 0));
+    let _echo = srv.serve(&mut testpeer(["echo", "--listen", "0.0.0.0:7000"]))?;
+    let target = format!("{}:7000", srv.ip());
+    let before = lo_rx_bytes(cl)?;
+    let out = cl.run(&mut testpeer([
+        "client",
+        "--connect",
+        &target,
+        "--bytes",
+        &SIZE.to_string(),
+        "--seed",
+        "7",
+        "--timeout",
+        "25s",
+    ]))?;
+    let r: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("testpeer said {:?}", String::from_utf8_lossy(&out.stdout)))?;
+    ensure!(
+        r["identical"] == true && r["sent"] == SIZE && r["received"] == SIZE,
+        "{SIZE} bytes through the echo server came back different: {r}"
+    );
+    Ok(lo_rx_bytes(cl)? - before)
+}
+
+fn reply_paths(world: &World) -> Result<(f64, f64)> {
+    let body = world.node(0).metrics()?;
+    let get = |path| {
+        metric_value(
+            &body,
+            "waymark_outbound_reply_path_total",
+            &[("path", path)],
+        )
+        .unwrap_or(0.0)
+    };
+    Ok((get("sockmap"), get("loopback")))
+}
+
+/// With the shortcut on, an 8 MiB echo arrives byte-exact and its replies
+/// never cross the pod's loopback: only the requests (and acknowledgements)
+/// do. With it off, both directions do. Same world, same traffic.
+#[test]
+fn replies_skip_the_pods_loopback_and_arrive_whole() {
+    require_agent_or_skip!();
+    let on = World::builder(world_name!())
+        .pods_per_node(1)
+        .agent_config_extra(ON);
+    with_world(on, |world| {
+        let lo = echo_through_agent(world)?;
+        let (sockmap, loopback) = reply_paths(world)?;
+        ensure!(
+            sockmap == 1.0 && loopback == 0.0,
+            "the connection should have taken the shortcut: sockmap={sockmap} loopback={loopback}"
+        );
+        ensure!(
+            lo < SIZE + SIZE / 2,
+            "{lo} bytes crossed the client pod's lo for {SIZE} bytes each way: the replies did too"
+        );
+        Ok(())
+    });
+    let off = World::builder(&format!("{}-off", world_name!())).pods_per_node(1);
+    with_world(off, |world| {
+        let lo = echo_through_agent(world)?;
+        let (sockmap, loopback) = reply_paths(world)?;
+        ensure!(
+            sockmap == 0.0 && loopback == 0.0,
+            "shortcut off (the default): no connection should be counted on it: sockmap={sockmap} loopback={loopback}"
+        );
+        ensure!(
+            lo >= 2 * SIZE,
+            "{lo} bytes crossed the client pod's lo with the shortcut off: expected both directions (>= {})",
+            2 * SIZE
+        );
+        Ok(())
+    });
+}
+
+/// What an application asks of its socket about bytes waiting: `FIONREAD`
+/// and `MSG_PEEK` see the redirected reply, and the reply and the server's
+/// close after the client's half-close arrive in order.
+#[test]
+fn the_application_sees_its_socket_as_before() {
+    require_agent_or_skip!();
+    let b = World::builder(world_name!())
+        .pods_per_node(1)
+        .agent_config_extra(ON);
+    with_world(b, |world| {
+        let (cl, srv) = (world.pod(0, 0), world.pod(1, 0));
+        let _echo = srv.serve(&mut testpeer(["echo", "--listen", "0.0.0.0:7000"]))?;
+        let script = format!(
+            r#"
+import fcntl, socket, struct, termios, time, json
+s = socket.create_connection(("{ip}", 7000), timeout=10)
+s.sendall(b"x" * 1000)
+deadline = time.time() + 5
+n = 0
+while time.time() < deadline:
+    n = struct.unpack("i", fcntl.ioctl(s.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+    if n >= 1000:
+        break
+    time.sleep(0.01)
+peek = s.recv(1000, socket.MSG_PEEK)
+s.shutdown(socket.SHUT_WR)
+got = b""
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    got += chunk
+print(json.dumps({{"fionread": n, "peeked": len(peek), "read": len(got), "same": got == b"x" * 1000}}))
+"#,
+            ip = srv.ip()
+        );
+        let out = cl.run_ok(Command::new("/usr/bin/python3").args(["-c", &script]))?;
+        let r: Value =
+            serde_json::from_str(out.trim()).with_context(|| format!("python said {out:?}"))?;
+        let (sockmap, _) = reply_paths(world)?;
+        ensure!(sockmap == 1.0, "the connection did not take the shortcut");
+        ensure!(
+            r["fionread"] == 1000,
+            "FIONREAD did not count the redirected reply: {r}"
+        );
+        ensure!(
+            r["peeked"] == 1000 && r["read"] == 1000 && r["same"] == true,
+            "peek or read of the reply went wrong: {r}"
+        );
+        Ok(())
+    });
+}
