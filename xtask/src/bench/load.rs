@@ -176,19 +176,21 @@ pub struct IperfResult {
     pub retransmits: Option<u64>,
 }
 
-/// `iperf3 -c addr -t secs -J` (client → server), what the server received.
-pub fn iperf3(client: &Pod, addr: SocketAddr, secs: u64) -> Result<IperfResult> {
-    let out = client.run_timeout(
-        Command::new("iperf3")
-            .arg("-c")
-            .arg(addr.ip().to_string())
-            .arg("-p")
-            .arg(addr.port().to_string())
-            .arg("-t")
-            .arg(secs.to_string())
-            .arg("-J"),
-        Duration::from_secs(secs + 30),
-    )?;
+/// `iperf3 -c addr -t secs -J` (client → server; `reverse`: `-R`, server →
+/// client), what the receiving end got.
+pub fn iperf3(client: &Pod, addr: SocketAddr, secs: u64, reverse: bool) -> Result<IperfResult> {
+    let mut cmd = Command::new("iperf3");
+    cmd.arg("-c")
+        .arg(addr.ip().to_string())
+        .arg("-p")
+        .arg(addr.port().to_string())
+        .arg("-t")
+        .arg(secs.to_string())
+        .arg("-J");
+    if reverse {
+        cmd.arg("-R");
+    }
+    let out = client.run_timeout(&mut cmd, Duration::from_secs(secs + 30))?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
         format!(
             "iperf3 printed no JSON: {} {}",

@@ -86,6 +86,15 @@ pub struct BenchArgs {
     /// allocator settings for an experiment). Recorded in the report.
     #[arg(long, value_parser = parse_env)]
     agent_env: Vec<(String, String)>,
+    /// TOML merged into every agent's config (repeatable), e.g.
+    /// `--agent-toml $'[redirect]\nreply_shortcut = true'` to measure an
+    /// option against a run without it. Recorded in the report.
+    #[arg(long)]
+    agent_toml: Vec<String>,
+    /// iperf3 with `-R`: the server sends and the client receives, the
+    /// direction of replies (downloads) rather than of requests (uploads).
+    #[arg(long)]
+    bulk_reverse: bool,
     /// Do not update bench/results/latest.{md,json} (a full run of all
     /// paths does; --quick and --paths runs never do).
     #[arg(long)]
@@ -410,14 +419,20 @@ impl Ctx<'_> {
         })
     }
 
-    fn bulk(&mut self, p: &PathSpec, rep: usize, secs: u64) -> Result<Option<BulkSample>> {
+    fn bulk(
+        &mut self,
+        p: &PathSpec,
+        rep: usize,
+        secs: u64,
+        reverse: bool,
+    ) -> Result<Option<BulkSample>> {
         let Some(addr) = p.bulk else { return Ok(None) };
         self.check_alive(p)?;
         let pids = self.proxy_pids(p)?;
         let load = self.note_load();
         let window = self.window();
         let cpu0 = cpu_seconds(&pids);
-        let r = load::iperf3(self.client, addr, secs);
+        let r = load::iperf3(self.client, addr, secs, reverse);
         let cpu1 = cpu_seconds(&pids);
         let cpu_use = window.close();
         self.cpu_use.push(cpu_use);
@@ -627,6 +642,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
     for (k, v) in &args.agent_env {
         builder = builder.agent_env(k, v);
     }
+    for toml in &args.agent_toml {
+        toml.parse::<toml::Table>()
+            .with_context(|| format!("--agent-toml {toml:?} is not TOML"))?;
+        builder = builder.agent_config_extra(toml.clone());
+    }
     let mut world = builder.build().context("building the bench world")?;
     // Node1's agent runs only for the mTLS rows (`AgentState::Mesh`).
     world.node(1).stop_agent(Signal::SIGTERM)?;
@@ -791,7 +811,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                         .push(format!("rep {rep}: {generator}: {e:#}"));
                 }
             }
-            match ctx.bulk(p, rep, bulk_secs) {
+            match ctx.bulk(p, rep, bulk_secs, args.bulk_reverse) {
                 Ok(Some(b)) => {
                     progress(
                         p,
@@ -936,6 +956,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 .iter()
                 .map(|(k, v)| format!("{k}={v}"))
                 .collect(),
+            agent_toml: args.agent_toml.clone(),
+            bulk_reverse: args.bulk_reverse,
             wrk: format!("wrk -t1 -c{WRK_CONNS} -d{duration}s --timeout 5s"),
             rate_generator: format!(
                 "testpeer http-rate --conns {RATE_CONNS} (open loop, latency from when each request was due)"

@@ -185,6 +185,10 @@ pub struct Settings {
     /// The agent binary measured, and extra environment it ran with.
     pub agent: String,
     pub agent_env: Vec<String>,
+    /// `--agent-toml`: TOML merged into the agents' config.
+    pub agent_toml: Vec<String>,
+    /// `--bulk-reverse`: iperf3 ran server → client.
+    pub bulk_reverse: bool,
     pub wrk: String,
     pub rate_generator: String,
 }
@@ -641,7 +645,11 @@ pub fn text(run: &Run) -> String {
         "\nMemory of the proxy processes (sum over the path's proxies):"
     );
     s.push_str(&text_table(&memory_rows(run)));
-    let _ = writeln!(s, "\nBulk TCP (L4 paths):");
+    let _ = writeln!(
+        s,
+        "\nBulk TCP (L4 paths, {}):",
+        bulk_direction(run.settings.bulk_reverse)
+    );
     s.push_str(&text_table(&bulk_rows(run)));
     let _ = writeln!(s, "\nNot measured:");
     for (what, why) in &run.not_measured {
@@ -707,6 +715,13 @@ pub fn markdown(run: &Run) -> String {
             run.settings.agent_env.join(" ")
         );
     }
+    if !run.settings.agent_toml.is_empty() {
+        let _ = writeln!(
+            s,
+            "**Agent config added:** `{}`.\n",
+            run.settings.agent_toml.join(" ").replace('\n', " ")
+        );
+    }
     let _ = writeln!(
         s,
         "Fixed rate for the latency columns: {}.\n",
@@ -723,7 +738,11 @@ pub fn markdown(run: &Run) -> String {
          (nginx: master + worker; two hops: both proxies).\n"
     );
     s.push_str(&md_table(&memory_rows(run)));
-    let _ = writeln!(s, "\n## Bulk TCP (iperf3, client → server)\n");
+    let _ = writeln!(
+        s,
+        "\n## Bulk TCP (iperf3, {})\n",
+        bulk_direction(run.settings.bulk_reverse)
+    );
     s.push_str(&md_table(&bulk_rows(run)));
     let _ = writeln!(s, "\n## Not measured\n");
     for (what, why) in &run.not_measured {
@@ -810,5 +829,14 @@ mod tests {
         assert_eq!(t.lines().count(), 3);
         let m = md_table(&rows);
         assert!(m.starts_with("| a | bb |\n|---|---|\n"));
+    }
+}
+
+/// Which way iperf3's bytes went.
+fn bulk_direction(reverse: bool) -> &'static str {
+    if reverse {
+        "server → client, `-R`"
+    } else {
+        "client → server"
     }
 }
