@@ -804,6 +804,15 @@ pub fn markdown(run: &Run) -> String {
     s
 }
 
+/// Which way iperf3's bytes went.
+fn bulk_direction(reverse: bool) -> &'static str {
+    if reverse {
+        "server → client, `-R`"
+    } else {
+        "client → server"
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -829,14 +838,5 @@ mod tests {
         assert_eq!(t.lines().count(), 3);
         let m = md_table(&rows);
         assert!(m.starts_with("| a | bb |\n|---|---|\n"));
-    }
-}
-
-/// Which way iperf3's bytes went.
-fn bulk_direction(reverse: bool) -> &'static str {
-    if reverse {
-        "server → client, `-R`"
-    } else {
-        "client → server"
     }
 }
