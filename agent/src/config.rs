@@ -328,7 +328,9 @@ pub struct RedirectConfig {
     /// socket acknowledges the requests with bare ACKs through loopback,
     /// and for small HTTP exchanges those cost what the replies' trip
     /// through loopback did (bench/README.md, "The reply shortcut"). When on,
-    /// a capture of the pod's `lo` shows the requests but not the replies.
+    /// the replies are not packets any more: a capture of the pod's `lo`
+    /// shows the requests but not the replies, and the kernel diagnostics'
+    /// bytes in per pod do not count them.
     #[serde(default)]
     pub reply_shortcut: bool,
 }

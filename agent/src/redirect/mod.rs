@@ -318,11 +318,16 @@ impl Redirect {
         let link = sk_msg_program(&mut self.ebpf)?
             .attach(&map_fd)
             .map_err(program_error(REPLY_SHORTCUT))?;
-        let (aya::maps::Map::SockHash(agent), aya::maps::Map::LruHashMap(ready)) =
-            (agent, take_map(&mut self.ebpf, MAP_SHORTCUT_READY)?)
+        let aya::maps::Map::SockHash(agent) = agent else {
+            return Err(RedirectError::Missing {
+                kind: "socket hash map",
+                name: MAP_SHORTCUT_AGENT,
+            });
+        };
+        let aya::maps::Map::LruHashMap(ready) = take_map(&mut self.ebpf, MAP_SHORTCUT_READY)?
         else {
             return Err(RedirectError::Missing {
-                kind: "map of the expected type",
+                kind: "LRU hash map",
                 name: MAP_SHORTCUT_READY,
             });
         };

@@ -100,6 +100,12 @@ fn on_established(ctx: &SockOpsContext) -> Result<(), i64> {
         .map_err(i64::from)?;
     if reply_shortcut_on() {
         offer_reply_shortcut(ctx, key);
+    } else {
+        // A marker an earlier connection under this key left (one the
+        // agent refused, or accepted after the shortcut was turned off)
+        // must not make an agent that still has it on shortcut towards
+        // this client, which is not in the map: its replies would be lost.
+        let _ = SHORTCUT_READY.remove(key);
     }
     Ok(())
 }
