@@ -82,11 +82,7 @@ impl OriginalDst for KernelOriginalDst {
         socket: std::os::fd::BorrowedFd<'_>,
     ) -> Result<Option<bool>, String> {
         let r = self.0.read().unwrap_or_else(|e| e.into_inner());
-        if !r.reply_shortcut_on() {
-            return Ok(None);
-        }
         r.shortcut_replies(netns_cookie, client, socket)
-            .map(Some)
             .map_err(|e| e.to_string())
     }
 }

@@ -172,14 +172,41 @@ fn exclude_ports(net: IpNet, ports: Option<BTreeSet<u16>>) -> Result<ExcludePort
     Ok(value)
 }
 
-/// The `union bpf_attr` member the map element commands use.
-#[repr(C)]
-struct MapElemAttr {
-    map_fd: u32,
-    _pad: u32,
-    key: u64,
-    value: u64,
-    flags: u64,
+/// A map element command (`BPF_MAP_*_ELEM`) on `map` with `key` and
+/// `value` as the kernel's `union bpf_attr` takes them; the raw syscall
+/// result (0 on success, the error in `errno`).
+///
+/// # Safety
+/// `key` must point at a live key of the map's key size, and `value` at a
+/// value of the map's value size that is writable if the command writes it.
+unsafe fn map_elem(cmd: libc::c_long, map: &MapData, key: u64, value: u64) -> libc::c_long {
+    /// The `union bpf_attr` member the map element commands use.
+    #[repr(C)]
+    struct MapElemAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let attr = MapElemAttr {
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+        _pad: 0,
+        key,
+        value,
+        flags: 0,
+    };
+    // SAFETY: the caller vouches for `key` and `value`; the kernel reads
+    // `size_of::<MapElemAttr>()` bytes of attr (a prefix of `union
+    // bpf_attr` it zero-extends).
+    unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            &attr as *const MapElemAttr,
+            size_of::<MapElemAttr>() as libc::c_uint,
+        )
+    }
 }
 
 /// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` (hash maps since Linux 5.14): reads and
@@ -192,22 +219,13 @@ struct MapElemAttr {
 pub(super) fn lookup_and_delete<K: Pod, V: Pod>(map: &MapData, key: &K) -> io::Result<Option<V>> {
     const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
     let mut value = MaybeUninit::<V>::uninit();
-    let attr = MapElemAttr {
-        map_fd: map.fd().as_fd().as_raw_fd() as u32,
-        _pad: 0,
-        key: key as *const K as u64,
-        value: value.as_mut_ptr() as u64,
-        flags: 0,
-    };
-    // SAFETY: `attr` points at a live key and at writable space for exactly
-    // one value; the kernel reads `size_of::<MapElemAttr>()` bytes of attr
-    // (a prefix of `union bpf_attr` it zero-extends).
+    // SAFETY: a live key and writable space for exactly one value.
     let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
+        map_elem(
             BPF_MAP_LOOKUP_AND_DELETE_ELEM,
-            &attr as *const MapElemAttr,
-            size_of::<MapElemAttr>() as libc::c_uint,
+            map,
+            key as *const K as u64,
+            value.as_mut_ptr() as u64,
         )
     };
     if ret == 0 {
@@ -232,21 +250,14 @@ pub(super) fn update_socket<K: Pod>(
 ) -> io::Result<()> {
     const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
     let value: u32 = socket.as_raw_fd() as u32;
-    let attr = MapElemAttr {
-        map_fd: map.fd().as_fd().as_raw_fd() as u32,
-        _pad: 0,
-        key: key as *const K as u64,
-        value: &value as *const u32 as u64,
-        flags: 0,
-    };
-    // SAFETY: `attr` points at a live key and a live 4-byte value (a socket
-    // map's value is the descriptor); the kernel only reads them.
+    // SAFETY: a live key and a live 4-byte value (a socket map's value is
+    // the descriptor), which the kernel only reads.
     let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
+        map_elem(
             BPF_MAP_UPDATE_ELEM,
-            &attr as *const MapElemAttr,
-            size_of::<MapElemAttr>() as libc::c_uint,
+            map,
+            key as *const K as u64,
+            &value as *const u32 as u64,
         )
     };
     if ret == 0 {

@@ -350,24 +350,20 @@ impl Redirect {
         Ok(())
     }
 
-    /// Whether [`Redirect::enable_reply_shortcut`] succeeded.
-    pub fn reply_shortcut_on(&self) -> bool {
-        self.shortcut.is_some()
-    }
-
     /// Puts the agent's accepted socket `socket`, the one serving the client
     /// at `client` in the pod whose netns cookie is `netns_cookie`, on the
     /// reply shortcut, if the client's socket is on it (`sock_ops` says so
     /// in `SHORTCUT_READY`, which this takes). Call right after accepting,
-    /// before the first write. `Ok(false)`: replies take loopback TCP.
+    /// before the first write. `Ok(Some(false))`: replies take loopback
+    /// TCP; `Ok(None)`: the shortcut is off.
     pub fn shortcut_replies(
         &self,
         netns_cookie: u64,
         client: SocketAddr,
         socket: BorrowedFd<'_>,
-    ) -> Result<bool, RedirectError> {
+    ) -> Result<Option<bool>, RedirectError> {
         let Some(shortcut) = &self.shortcut else {
-            return Ok(false);
+            return Ok(None);
         };
         let key = FlowKey {
             netns_cookie,
@@ -383,7 +379,7 @@ impl Redirect {
                 }
             })?;
         if ready.is_none() {
-            return Ok(false);
+            return Ok(Some(false));
         }
         maps::update_socket(&shortcut.agent, &key, socket).map_err(|source| {
             RedirectError::MapSyscall {
@@ -392,7 +388,7 @@ impl Redirect {
                 source,
             }
         })?;
-        Ok(true)
+        Ok(Some(true))
     }
 
     /// Attaches connect4/6, getpeername4/6 and sock_ops to the cgroup v2

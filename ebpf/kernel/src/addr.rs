@@ -16,7 +16,9 @@
 
 use aya_ebpf::{bindings::bpf_sock_addr, maps::lpm_trie::Key};
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
-use waymark_common::{ExcludePorts, MAX_EXCLUDE_PORTS, SETTING_REPLY_SHORTCUT};
+use waymark_common::{
+    ExcludePorts, FAMILY_V4, FAMILY_V6, MAX_EXCLUDE_PORTS, SETTING_REPLY_SHORTCUT, SockAddr,
+};
 
 use crate::maps::{EXCLUDE_V4, EXCLUDE_V6, SETTINGS};
 
@@ -48,6 +50,42 @@ pub fn port_to_user(port: u16) -> u32 {
 
 pub fn is_v4_mapped(ip: &[u32; 4]) -> bool {
     ip[0] == 0 && ip[1] == 0 && ip[2] == V4_MAPPED_PREFIX
+}
+
+/// A socket's address as the flow maps key it: a v4-mapped IPv6 address
+/// (a dual-stack socket that dialled an IPv4 address, whose peer sees a
+/// plain IPv4 address) is keyed as the IPv4 address it carries. The address
+/// readers run only for the family that has one. `None`: neither family.
+pub fn flow_addr(
+    family: u32,
+    ip4: impl FnOnce() -> u32,
+    ip6: impl FnOnce() -> [u32; 4],
+    port: u16,
+) -> Option<SockAddr> {
+    let (addr, family) = match family {
+        AF_INET => ([ip4(), 0, 0, 0], FAMILY_V4),
+        AF_INET6 => {
+            let ip = ip6();
+            if is_v4_mapped(&ip) {
+                ([ip[3], 0, 0, 0], FAMILY_V4)
+            } else {
+                (ip, FAMILY_V6)
+            }
+        }
+        _ => return None,
+    };
+    Some(SockAddr { addr, port, family })
+}
+
+/// The remote port as `sock_ops` and `sk_msg` contexts hold it: network
+/// order, in the upper 16 bits on little-endian machines (the kernel shifts
+/// it there), in host order.
+pub fn context_remote_port(raw: u32) -> u16 {
+    if cfg!(target_endian = "little") {
+        u16::from_be((raw >> 16) as u16)
+    } else {
+        raw as u16
+    }
 }
 
 /// `127.0.0.0/8` belongs to the pod itself (and is where the agent listens);

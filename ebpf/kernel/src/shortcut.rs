@@ -34,10 +34,10 @@ use aya_ebpf::{
     programs::SkMsgContext,
 };
 use core::ptr::{addr_of, read_volatile};
-use waymark_common::{FAMILY_V4, FAMILY_V6, FlowKey, SockAddr};
+use waymark_common::FlowKey;
 
 use crate::{
-    addr::{AF_INET, AF_INET6, is_v4_mapped},
+    addr::{context_remote_port, flow_addr},
     maps::SHORTCUT_CLIENTS,
 };
 
@@ -71,38 +71,13 @@ fn client_key(ctx: &SkMsgContext) -> Option<FlowKey> {
     }
     // SAFETY: context field reads, checked by the verifier.
     let (family, raw_port) = unsafe { ((*md).family, (*md).remote_port) };
-    // remote_port holds the network-order port in its upper 16 bits on
-    // little-endian machines (the kernel shifts it there, as for sock_ops).
-    let port = if cfg!(target_endian = "little") {
-        u16::from_be((raw_port >> 16) as u16)
-    } else {
-        raw_port as u16
-    };
-    let client = match family {
-        AF_INET => SockAddr {
-            // SAFETY: as above.
-            addr: [unsafe { (*md).remote_ip4 }, 0, 0, 0],
-            port,
-            family: FAMILY_V4,
-        },
-        AF_INET6 => {
-            let ip = read_remote_ip6(md);
-            if is_v4_mapped(&ip) {
-                SockAddr {
-                    addr: [ip[3], 0, 0, 0],
-                    port,
-                    family: FAMILY_V4,
-                }
-            } else {
-                SockAddr {
-                    addr: ip,
-                    port,
-                    family: FAMILY_V6,
-                }
-            }
-        }
-        _ => return None,
-    };
+    let client = flow_addr(
+        family,
+        // SAFETY: as above.
+        || unsafe { (*md).remote_ip4 },
+        || read_remote_ip6(md),
+        context_remote_port(raw_port),
+    )?;
     Some(FlowKey {
         // SAFETY: the helper only reads the socket behind the context.
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },

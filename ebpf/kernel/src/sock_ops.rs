@@ -30,11 +30,12 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use core::ptr::{addr_of, read_volatile};
-use waymark_common::{FAMILY_V4, FAMILY_V6, FlowKey, SockAddr};
+use waymark_common::FlowKey;
 
 use crate::{
     addr::{
-        AF_INET, AF_INET6, LOOPBACK_V4, LOOPBACK_V6, is_v4_mapped, outbound_port, reply_shortcut_on,
+        AF_INET, AF_INET6, LOOPBACK_V4, LOOPBACK_V6, context_remote_port, flow_addr, is_v4_mapped,
+        outbound_port, reply_shortcut_on,
     },
     maps::{
         ORIGINAL_DST_BY_COOKIE, ORIGINAL_DST_BY_FLOW, SHORTCUT_CLIENTS, SHORTCUT_READY,
@@ -175,14 +176,7 @@ fn dials_the_listener(ctx: &SockOpsContext) -> bool {
     let Some(listener_port) = outbound_port() else {
         return false;
     };
-    // remote_port holds the network-order port in its upper 16 bits on
-    // little-endian machines (the kernel shifts it there for sock_ops).
-    let raw = ctx.remote_port();
-    let port = if cfg!(target_endian = "little") {
-        u16::from_be((raw >> 16) as u16)
-    } else {
-        raw as u16
-    };
+    let port = context_remote_port(ctx.remote_port());
     if port != listener_port {
         return false;
     }
@@ -208,31 +202,13 @@ fn socket_cookie(ctx: &SockOpsContext) -> u64 {
 /// peer, so it is keyed as IPv4.
 fn flow_key(ctx: &SockOpsContext) -> Result<FlowKey, i64> {
     // local_port, unlike remote_port, is in host byte order.
-    let port = ctx.local_port() as u16;
-    let client = match ctx.family() {
-        AF_INET => SockAddr {
-            addr: [ctx.local_ip4(), 0, 0, 0],
-            port,
-            family: FAMILY_V4,
-        },
-        AF_INET6 => {
-            let ip = read_local_ip6(ctx.ops);
-            if is_v4_mapped(&ip) {
-                SockAddr {
-                    addr: [ip[3], 0, 0, 0],
-                    port,
-                    family: FAMILY_V4,
-                }
-            } else {
-                SockAddr {
-                    addr: ip,
-                    port,
-                    family: FAMILY_V6,
-                }
-            }
-        }
-        _ => return Err(UNKNOWN_FAMILY),
-    };
+    let client = flow_addr(
+        ctx.family(),
+        || ctx.local_ip4(),
+        || read_local_ip6(ctx.ops),
+        ctx.local_port() as u16,
+    )
+    .ok_or(UNKNOWN_FAMILY)?;
     Ok(FlowKey {
         // SAFETY: the helper only reads the socket behind the context.
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
