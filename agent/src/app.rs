@@ -36,7 +36,7 @@ use crate::config::Config;
 use crate::config::OnAgentDown;
 use crate::config::mesh::InboundMode;
 use crate::data_path::{DataPath, Shared};
-use crate::diagnostics::capture::Captures;
+use crate::diagnostics::capture::{Captures, PacketHold};
 use crate::diagnostics::tap::TapHub;
 use crate::discovery::Discovery;
 use crate::drain::Drain;
@@ -72,7 +72,7 @@ impl OriginalDst for KernelOriginalDst {
     fn take(&self, netns_cookie: u64, client: SocketAddr) -> Result<Option<SocketAddr>, String> {
         let r = self.0.read().unwrap_or_else(|e| e.into_inner());
         r.take_original_dst(netns_cookie, client)
-            .map_err(|e| e.to_string())
+            .map_err(|e| format!("{:#}", anyhow::Error::from(e)))
     }
 
     fn shortcut_replies(
@@ -83,7 +83,46 @@ impl OriginalDst for KernelOriginalDst {
     ) -> Result<Option<bool>, String> {
         let r = self.0.read().unwrap_or_else(|e| e.into_inner());
         r.shortcut_replies(netns_cookie, client, socket)
-            .map_err(|e| e.to_string())
+            .map_err(|e| format!("{:#}", anyhow::Error::from(e)))
+    }
+}
+
+/// A pod capture's hold on the reply shortcut: while it runs, the pod's
+/// replies are packets again (see [`Redirect::hold_replies_on_packets`]).
+struct RepliesOnPackets(Arc<RwLock<Redirect>>);
+
+/// Ends the hold when the capture ends.
+struct HeldReplies {
+    redirect: Arc<RwLock<Redirect>>,
+    netns_cookie: u64,
+}
+
+impl PacketHold for RepliesOnPackets {
+    fn hold(&self, netns_cookie: u64) -> Box<dyn Send> {
+        let r = self.0.read().unwrap_or_else(|e| e.into_inner());
+        match r.hold_replies_on_packets(netns_cookie) {
+            Ok(taken) => info!(
+                netns_cookie,
+                connections_taken_off = taken,
+                "pod capture: the pod's replies take loopback TCP while it runs (off the reply shortcut)"
+            ),
+            Err(e) => {
+                warn!(netns_cookie, error = %format!("{e:#}"), "pod capture: cannot take the pod's connections off the reply shortcut; their replies are not captured")
+            }
+        }
+        Box::new(HeldReplies {
+            redirect: self.0.clone(),
+            netns_cookie,
+        })
+    }
+}
+
+impl Drop for HeldReplies {
+    fn drop(&mut self) {
+        self.redirect
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .release_replies(self.netns_cookie);
     }
 }
 
@@ -199,6 +238,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
     .await?;
 
     let redirect = load_redirect(&config, pinned.as_ref().map(|(pins, _)| pins))?;
+    captures.set_packet_hold(Arc::new(RepliesOnPackets(redirect.clone())));
     // Strict inbound's pods by netns cookie, filled when the pods are bound.
     let strict_pods: Arc<RwLock<HashMap<u64, String>>> = Default::default();
     metrics
@@ -211,6 +251,14 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
     let kernel = kernel_diag::load_if_enabled(&config.kernel);
     if let Some(k) = &kernel {
         conns.want_flows();
+        let replies = redirect.clone();
+        k.count_sockmap_replies(Box::new(move || {
+            replies
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .shortcut_reply_bytes()
+                .map_err(|e| format!("{:#}", anyhow::Error::from(e)))
+        }));
         kernel_diag::register_metrics(&mut metrics.registry, k.clone());
         if let Some(h) = &mesh.inbound_http {
             h.set_kernel(k.clone());

@@ -324,11 +324,12 @@ pub struct RedirectConfig {
     /// and Merbridge's socket acceleration) instead of down and up the
     /// pod's loopback TCP stack. The bytes and what the application sees of
     /// its socket are the same, and the agent spends ~2.5 µs less per
-    /// request on one hop (bench/README.md, "The reply shortcut"). Off by
-    /// default because the replies are then not packets any more: a capture
-    /// of the pod's `lo` shows the requests but not the replies, and the
-    /// kernel diagnostics' bytes in per pod do not count them.
-    #[serde(default)]
+    /// request on one hop (bench/README.md, "The reply shortcut"). The
+    /// replies are then not packets: the kernel diagnostics count them in
+    /// the pod's bytes in all the same (`waymark_kernel_sockmap_bytes`), and
+    /// a pod capture takes the pod's connections off the shortcut while it
+    /// runs, so it sees every reply. Off: every reply is a loopback packet.
+    #[serde(default = "default_true")]
     pub reply_shortcut: bool,
 }
 
@@ -340,13 +341,17 @@ impl Default for RedirectConfig {
             proxy_link_local: false,
             pin_path: default_pin_path(),
             on_agent_down: OnAgentDown::default(),
-            reply_shortcut: false,
+            reply_shortcut: true,
         }
     }
 }
 
 /// Where the redirect's kernel state is pinned unless configured.
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/waymark";
+
+fn default_true() -> bool {
+    true
+}
 
 fn default_pin_path() -> PathBuf {
     PathBuf::from(DEFAULT_PIN_PATH)

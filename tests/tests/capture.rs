@@ -569,3 +569,119 @@ fn a_keylog_capture_of_the_tunnel_is_decrypted_by_tshark() {
         Ok(())
     });
 }
+
+/// With the reply shortcut (on by default) the agent's replies to a pod's
+/// application are not packets; a capture of the pod must see them anyway.
+/// While it runs, the pod's connections are off the shortcut: one opened
+/// before the capture (taken off when it starts) and one opened during it
+/// both show their replies on the pod's `lo`, each in order. Afterwards new
+/// connections take the shortcut again.
+#[test]
+fn a_pod_capture_sees_replies_the_shortcut_would_carry() {
+    require_agent_or_skip!();
+    let builder = World::builder(world_name!()).nodes(1).pods_per_node(2);
+    with_world(builder, |world| {
+        let node = world.node(0);
+        let (client, server) = (world.pod(0, 0), world.pod(0, 1));
+        let _echo = server.serve(&mut testpeer(["echo", "--listen", "0.0.0.0:7000"]))?;
+        let go = world.dir().join("shortcut-go");
+        let out = world.dir().join("shortcut-client.out");
+        let script = format!(
+            r#"
+import os, socket, time
+def exchange(s, m):
+    s.sendall(m)
+    got = b""
+    while len(got) < len(m):
+        chunk = s.recv(65536)
+        assert chunk, "closed early"
+        got += chunk
+    assert got == m, got
+a = socket.create_connection(("{ip}", 7000), timeout=10)
+exchange(a, b"before-the-capture " * 20)
+deadline = time.time() + 20
+while not os.path.exists("{go}") and time.time() < deadline:
+    time.sleep(0.02)
+exchange(a, b"EXISTING-CONN-MARK " * 20)
+b = socket.create_connection(("{ip}", 7000), timeout=10)
+exchange(b, b"NEW-CONN-MARK " * 20)
+a.close(); b.close()
+print("done", flush=True)
+"#,
+            ip = server.ip(),
+            go = go.display()
+        );
+        let mut py = client.spawn(
+            Command::new("/usr/bin/python3")
+                .args(["-c", &script])
+                .stdout(std::fs::File::create(&out)?)
+                .stderr(Stdio::inherit()),
+        )?;
+        let path = |p| [("path", p)];
+        await_metric(
+            node,
+            "waymark_outbound_reply_path_total",
+            &path("sockmap"),
+            1.0,
+        )?;
+        let mut cap = capture(
+            world,
+            node,
+            "shortcut",
+            &["--pod", client.name(), "--duration", "4s"],
+        )?;
+        cap.started()?;
+        std::fs::write(&go, b"go")?;
+        eventually(Duration::from_secs(15), || {
+            ensure!(py.try_wait()?.is_some(), "client still running");
+            Ok(())
+        })?;
+        let said = std::fs::read_to_string(&out)?;
+        ensure!(said.trim() == "done", "client said {said:?}");
+        ensure!(
+            metric(node, "waymark_outbound_reply_path_total", &path("loopback"))? == 1.0,
+            "the connection opened during the capture should have replied over loopback"
+        );
+        let (status, stderr, file) = cap.finish(Duration::from_secs(20))?;
+        ensure!(status.success(), "capture failed: {stderr}");
+
+        // Both directions of each marked exchange crossed the pod's lo.
+        for mark in ["EXISTING-CONN-MARK", "NEW-CONN-MARK"] {
+            let frames = tshark(
+                &file,
+                &[
+                    "-Y",
+                    &format!("frame.interface_name == \"lo\" && frame contains \"{mark}\""),
+                    "-T",
+                    "fields",
+                    "-e",
+                    "tcp.srcport",
+                    "-e",
+                    "tcp.dstport",
+                ],
+            )?;
+            let flows: std::collections::BTreeSet<&String> = frames.iter().collect();
+            ensure!(
+                flows.len() == 2,
+                "{mark}: expected the request and its reply on lo, got {frames:?}"
+            );
+        }
+
+        // Capture over: a new connection takes the shortcut again. (One
+        // that stays open until its reply is read: a client that shuts
+        // down its side before the agent accepts gets TCP replies.)
+        let again = format!(
+            "import socket\ns = socket.create_connection((\"{}\", 7000), timeout=10)\ns.sendall(b\"x\" * 1000)\ngot = b\"\"\nwhile len(got) < 1000:\n    got += s.recv(65536)\nprint(len(got))",
+            server.ip()
+        );
+        let echoed = client.run_ok(Command::new("/usr/bin/python3").args(["-c", &again]))?;
+        ensure!(echoed.trim() == "1000", "echo: {echoed}");
+        await_metric(
+            node,
+            "waymark_outbound_reply_path_total",
+            &path("sockmap"),
+            2.0,
+        )?;
+        Ok(())
+    });
+}

@@ -3,8 +3,8 @@
 //! through the pod's loopback TCP. Checked here with real agents: the bytes
 //! arrive whole and in order (bulk, half-close), what the application sees
 //! of its socket is unchanged (`FIONREAD`, `MSG_PEEK`), and the replies
-//! really left loopback (the pod's `lo` counters), against the same world
-//! with the shortcut off (the default).
+//! really left loopback (the pod's `lo` counters) yet count in the pod's
+//! kernel bytes in, against the same world with the shortcut off.
 
 // Children spawned through a world are reaped by the world when it shuts down.
 #![allow(clippy::zombie_processes)]
@@ -14,13 +14,27 @@ use std::process::Command;
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use waymark_tests::{
-    Pod, World, metric_value, require_agent_or_skip, testpeer, with_world, world_name,
+    DEFAULT_PATIENCE, Pod, World, eventually, metric_value, require_agent_or_skip, testpeer,
+    with_world, world_name,
 };
 
 const SIZE: u64 = 8 * 1024 * 1024;
 
-/// The shortcut is off by default.
+/// The shortcut is on by default; said anyway, against `OFF`.
 const ON: &str = "[redirect]\nreply_shortcut = true\n";
+const OFF: &str = "[redirect]\nreply_shortcut = false\n";
+
+/// The client pod's kernel-counted bytes in, and the part of them a
+/// sockmap delivered.
+fn pod_bytes_in(world: &World) -> Result<(f64, f64)> {
+    let body = world.node(0).metrics()?;
+    let labels = [("pod", world.pod(0, 0).name()), ("direction", "in")];
+    let get = |name| metric_value(&body, name, &labels).unwrap_or(0.0);
+    Ok((
+        get("waymark_kernel_bytes_total"),
+        get("waymark_kernel_sockmap_bytes_total"),
+    ))
+}
 
 /// Bytes the pod's loopback has received so far.
 fn lo_rx_bytes(pod: &Pod) -> Result<u64> {
@@ -73,7 +87,8 @@ fn reply_paths(world: &World) -> Result<(f64, f64)> {
 
 /// With the shortcut on, an 8 MiB echo arrives byte-exact and its replies
 /// never cross the pod's loopback: only the requests (and acknowledgements)
-/// do. With it off, both directions do. Same world, same traffic.
+/// do; the pod's kernel bytes in count them all the same, as sockmap bytes.
+/// With it off, both directions cross loopback. Same traffic.
 #[test]
 fn replies_skip_the_pods_loopback_and_arrive_whole() {
     require_agent_or_skip!();
@@ -81,6 +96,7 @@ fn replies_skip_the_pods_loopback_and_arrive_whole() {
         .pods_per_node(1)
         .agent_config_extra(ON);
     with_world(on, |world| {
+        let (bytes_before, sockmap_before) = pod_bytes_in(world)?;
         let lo = echo_through_agent(world)?;
         let (sockmap, loopback) = reply_paths(world)?;
         ensure!(
@@ -91,15 +107,40 @@ fn replies_skip_the_pods_loopback_and_arrive_whole() {
             lo < SIZE + SIZE / 2,
             "{lo} bytes crossed the client pod's lo for {SIZE} bytes each way: the replies did too"
         );
+        // The kprobe counts the replies as they are delivered; the metric
+        // reads the counters when scraped.
+        eventually(DEFAULT_PATIENCE, || {
+            let (bytes, sockmap) = pod_bytes_in(world)?;
+            let (bytes, sockmap) = (bytes - bytes_before, sockmap - sockmap_before);
+            // Replies written after the client's half-close take TCP
+            // (the agent's socket has left ESTABLISHED): most, not all.
+            ensure!(
+                sockmap >= 0.75 * SIZE as f64 && sockmap <= SIZE as f64,
+                "the pod's sockmap bytes in should be most of the {SIZE} reply bytes: {sockmap}"
+            );
+            ensure!(
+                bytes >= SIZE as f64 && bytes < 1.10 * SIZE as f64,
+                "the pod's bytes in should be the {SIZE} reply bytes (sockmap and packets) \
+                 and the agent's acknowledgements of the requests: {bytes}"
+            );
+            Ok(())
+        })?;
         Ok(())
     });
-    let off = World::builder(&format!("{}-off", world_name!())).pods_per_node(1);
+    let off = World::builder(&format!("{}-off", world_name!()))
+        .pods_per_node(1)
+        .agent_config_extra(OFF);
     with_world(off, |world| {
         let lo = echo_through_agent(world)?;
         let (sockmap, loopback) = reply_paths(world)?;
         ensure!(
             sockmap == 0.0 && loopback == 0.0,
-            "shortcut off (the default): no connection should be counted on it: sockmap={sockmap} loopback={loopback}"
+            "shortcut off: no connection should be counted on it: sockmap={sockmap} loopback={loopback}"
+        );
+        let (_, sockmap_bytes) = pod_bytes_in(world)?;
+        ensure!(
+            sockmap_bytes == 0.0,
+            "shortcut off, yet {sockmap_bytes} sockmap bytes in"
         );
         ensure!(
             lo >= 2 * SIZE,

@@ -91,6 +91,7 @@ pub fn render(r: &DropsReport) -> String {
         "BYTES_OUT".into(),
         "PACKETS_IN".into(),
         "PACKETS_OUT".into(),
+        "SOCKMAP_IN".into(),
     ]];
     for p in &r.pods {
         tcp.push([
@@ -103,6 +104,7 @@ pub fn render(r: &DropsReport) -> String {
             p.bytes_out.to_string(),
             p.packets_in.to_string(),
             p.packets_out.to_string(),
+            p.sockmap_bytes_in.to_string(),
         ]);
     }
     out += &table(&tcp);

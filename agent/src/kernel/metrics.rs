@@ -150,8 +150,22 @@ impl Collector for KernelCollector {
         counter(
             &mut encoder,
             "waymark_kernel_bytes",
-            "Bytes of the pod's own sockets, from the IP header on",
+            "Bytes of the pod's own sockets: packets from the IP header on, plus payload a sockmap delivered to them without a packet",
             both(|p| p.bytes_in, |p| p.bytes_out, ["in", "out"]),
+        )?;
+        counter(
+            &mut encoder,
+            "waymark_kernel_sockmap_bytes",
+            "The part of waymark_kernel_bytes that a sockmap moved socket to socket (the reply shortcut): payload, no packets",
+            r.pods.iter().map(|p| {
+                (
+                    DirectionLabels {
+                        pod: p.pod.clone(),
+                        direction: "in",
+                    },
+                    p.sockmap_bytes_in,
+                )
+            }),
         )?;
         counter(
             &mut encoder,

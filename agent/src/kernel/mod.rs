@@ -5,7 +5,9 @@
 //!   (`tcp:tcp_retransmit_skb`, SYNs apart) and resets sent and received
 //!   (`tcp:tcp_send_reset`, `tcp:tcp_receive_reset`), per pod and per flow.
 //! * Bytes and packets in and out per pod (`cgroup_skb` on the pods'
-//!   cgroup, the redirect programs' attach point).
+//!   cgroup, the redirect programs' attach point). The reply shortcut's
+//!   replies are not packets: the redirect object counts them per pod and
+//!   [`KernelDiag::count_sockmap_replies`] adds them to the bytes in.
 //! * Drop and reset events through a rate-limited ring buffer.
 //!
 //! The agent gives each configured pod a slot (its position in the config
@@ -132,6 +134,57 @@ pub struct KernelDiag {
     history: Mutex<History>,
     events: broadcast::Sender<Arc<DropEvent>>,
     clock: events::Clock,
+    sockmap: Mutex<Option<SockmapReplies>>,
+}
+
+/// Reads the reply bytes the reply shortcut delivered, per netns cookie:
+/// the redirect object's running totals (shared by every agent on the
+/// node through its pinned map).
+pub type SockmapSource = Box<dyn Fn() -> Result<Vec<(u64, u64)>, String> + Send + Sync>;
+
+/// What this agent attributed of the redirect object's reply byte totals.
+struct SockmapReplies {
+    read: SockmapSource,
+    /// Each netns cookie's total when last read.
+    last: std::collections::HashMap<u64, u64>,
+    /// Bytes attributed to each slot since the source was set.
+    by_slot: Vec<u64>,
+    /// Whether `last` holds a first reading.
+    primed: bool,
+}
+
+impl SockmapReplies {
+    /// Reads the totals and adds what each pod's grew by since the last
+    /// read to its slot. Totals belong to the node, not to this agent: the
+    /// first read only sets where this agent starts counting. A total that
+    /// went down (its LRU entry was evicted and re-created) counts whole.
+    fn update(&mut self, slot_of: impl Fn(u64) -> Option<u32>) -> Result<(), String> {
+        let totals = (self.read)()?;
+        let first = !self.primed;
+        let mut seen = std::collections::HashMap::with_capacity(totals.len());
+        for (cookie, total) in totals {
+            let before = self.last.get(&cookie).copied();
+            seen.insert(cookie, total);
+            let grown = match before {
+                _ if first => 0,
+                Some(b) if total >= b => total - b,
+                _ => total,
+            };
+            if grown == 0 {
+                continue;
+            }
+            if let Some(slot) = slot_of(cookie) {
+                let slot = slot as usize;
+                if self.by_slot.len() <= slot {
+                    self.by_slot.resize(slot + 1, 0);
+                }
+                self.by_slot[slot] += grown;
+            }
+        }
+        self.last = seen;
+        self.primed = true;
+        Ok(())
+    }
 }
 
 enum Link {
@@ -231,6 +284,7 @@ impl KernelDiag {
             history: Mutex::new(History::new(config.history)),
             events,
             clock: events::Clock::now(),
+            sockmap: Mutex::new(None),
         })
     }
 
@@ -501,9 +555,38 @@ impl KernelDiag {
             taken: Instant::now(),
             drops,
             stats,
+            sockmap_in: self.sockmap_in(),
             suppressed: budget.iter().map(|b| b.suppressed).sum(),
             lost: budget.iter().map(|b| b.lost).sum(),
         })
+    }
+
+    /// Counts the reply shortcut's replies in the pods' bytes in from now
+    /// on: `read` gives the redirect object's per-pod totals.
+    pub fn count_sockmap_replies(&self, read: SockmapSource) {
+        let mut replies = SockmapReplies {
+            read,
+            last: Default::default(),
+            by_slot: Vec::new(),
+            primed: false,
+        };
+        if let Err(e) = replies.update(|_| None) {
+            tracing::warn!(error = %e, "cannot read the reply shortcut's byte counts");
+        }
+        *self.sockmap.lock().unwrap_or_else(|e| e.into_inner()) = Some(replies);
+    }
+
+    /// The reply shortcut's bytes per slot, brought up to date.
+    fn sockmap_in(&self) -> Vec<u64> {
+        let mut guard = self.sockmap.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(replies) = guard.as_mut() else {
+            return Vec::new();
+        };
+        let slots = self.pod_slots.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = replies.update(|cookie| slots.get(&cookie, 0).ok()) {
+            tracing::debug!(error = %e, "cannot read the reply shortcut's byte counts");
+        }
+        replies.by_slot.clone()
     }
 
     /// Reads the event ring until `stop`, handing events to subscribers.
@@ -629,5 +712,50 @@ impl KernelDiag {
         self.attach(cgroup);
         tokio::spawn(self.clone().follow_events(stop.clone()));
         tokio::spawn(self.clone().keep_history(stop.clone()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Reading = Result<Vec<(u64, u64)>, String>;
+
+    /// A source that reads the totals it is given, in turn.
+    fn replies(readings: Vec<Reading>) -> SockmapReplies {
+        let readings = Mutex::new(readings.into_iter());
+        SockmapReplies {
+            read: Box::new(move || readings.lock().unwrap().next().expect("no more readings")),
+            last: Default::default(),
+            by_slot: Vec::new(),
+            primed: false,
+        }
+    }
+
+    #[test]
+    fn sockmap_replies_count_what_grew_since_the_agent_started() {
+        // Cookie 7 is pod slot 2, cookie 9 is nobody's.
+        let slot_of = |c: u64| (c == 7).then_some(2);
+        let mut r = replies(vec![
+            Ok(vec![(7, 1000), (9, 50)]),
+            Ok(vec![(7, 1500), (9, 80)]),
+            // The entry was evicted and re-created: all of it is new.
+            Ok(vec![(7, 200)]),
+            Ok(vec![(7, 200), (8, 10)]),
+            Err("map gone".into()),
+        ]);
+        r.update(|_| None).unwrap();
+        assert!(
+            r.by_slot.iter().all(|&b| b == 0),
+            "an earlier agent's totals are not this one's"
+        );
+        r.update(slot_of).unwrap();
+        assert_eq!(r.by_slot, vec![0, 0, 500]);
+        r.update(slot_of).unwrap();
+        assert_eq!(r.by_slot, vec![0, 0, 700]);
+        r.update(slot_of).unwrap();
+        assert_eq!(r.by_slot, vec![0, 0, 700], "unchanged totals add nothing");
+        assert!(r.update(slot_of).is_err(), "a failing read is an error");
+        assert_eq!(r.by_slot, vec![0, 0, 700], "and keeps what was counted");
     }
 }

@@ -21,6 +21,10 @@ pub struct Snapshot {
     pub drops: BTreeMap<(u32, u32), u64>,
     /// Index = slot.
     pub stats: Vec<PodStats>,
+    /// Reply bytes a sockmap delivered to each slot's sockets (the reply
+    /// shortcut), counted since the agent started; index = slot (shorter
+    /// when there is no such source: zeros).
+    pub sockmap_in: Vec<u64>,
     pub suppressed: u64,
     pub lost: u64,
 }
@@ -98,6 +102,10 @@ pub struct PodReport {
     pub bytes_out: u64,
     pub packets_in: u64,
     pub packets_out: u64,
+    /// The part of `bytes_in` a sockmap moved straight into the pod's
+    /// sockets (the reply shortcut): payload without packets.
+    #[serde(default)]
+    pub sockmap_bytes_in: u64,
 }
 
 /// The answer of `GET /drops`.
@@ -131,6 +139,8 @@ pub fn report(
         let then = base
             .and_then(|b| b.stats.get(slot as usize))
             .unwrap_or(&zero);
+        let sockmap_of = |s: &Snapshot| s.sockmap_in.get(slot as usize).copied().unwrap_or(0);
+        let sockmap_in = sockmap_of(now).saturating_sub(base.map_or(0, sockmap_of));
         let mut drops: Vec<ReasonCount> = now
             .drops
             .range((slot, 0)..=(slot, u32::MAX))
@@ -157,10 +167,11 @@ pub fn report(
             syn_retransmits: stats.syn_retransmits.saturating_sub(then.syn_retransmits),
             resets_sent: stats.resets_sent.saturating_sub(then.resets_sent),
             resets_received: stats.resets_received.saturating_sub(then.resets_received),
-            bytes_in: stats.bytes_in.saturating_sub(then.bytes_in),
+            bytes_in: stats.bytes_in.saturating_sub(then.bytes_in) + sockmap_in,
             bytes_out: stats.bytes_out.saturating_sub(then.bytes_out),
             packets_in: stats.packets_in.saturating_sub(then.packets_in),
             packets_out: stats.packets_out.saturating_sub(then.packets_out),
+            sockmap_bytes_in: sockmap_in,
         });
     }
     DropsReport {
@@ -243,6 +254,7 @@ mod tests {
                     ..PodStats::default()
                 },
             ],
+            sockmap_in: vec![0, 10 * retrans],
             suppressed: 0,
             lost: 0,
         }
@@ -279,6 +291,8 @@ mod tests {
         );
         assert_eq!(p.drops_total, 14);
         assert_eq!(p.retransmits, 6);
+        // Sockmap bytes are bytes in too.
+        assert_eq!((p.sockmap_bytes_in, p.bytes_in), (60, 60));
         // Longer than the history: the oldest snapshot.
         let base = h
             .at_or_before(now.taken, Duration::from_secs(3600))

@@ -267,6 +267,46 @@ pub(super) fn update_socket<K: Pod>(
     }
 }
 
+/// Every key of `map` (`BPF_MAP_GET_NEXT_KEY` from the start), for maps
+/// aya only offers to iterate mutably or not at all. Entries added or
+/// removed meanwhile may or may not be seen, as with any map walk.
+pub(super) fn keys<K: Pod>(map: &MapData) -> io::Result<Vec<K>> {
+    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+    let mut keys: Vec<K> = Vec::new();
+    loop {
+        let mut next = MaybeUninit::<K>::uninit();
+        // A null key asks for the first one.
+        let current = keys.last().map_or(0, |k| k as *const K as u64);
+        // SAFETY: `current` is null or a live key; `next` is writable space
+        // for exactly one key.
+        let ret = unsafe { map_elem(BPF_MAP_GET_NEXT_KEY, map, current, next.as_mut_ptr() as u64) };
+        if ret != 0 {
+            let err = io::Error::last_os_error();
+            return match err.raw_os_error() {
+                Some(libc::ENOENT) => Ok(keys),
+                _ => Err(err),
+            };
+        }
+        // SAFETY: the kernel filled the key; `K: Pod` is valid for any bytes.
+        keys.push(unsafe { next.assume_init() });
+    }
+}
+
+/// `BPF_MAP_DELETE_ELEM`; `Ok(false)` when the key was not there.
+pub(super) fn delete<K: Pod>(map: &MapData, key: &K) -> io::Result<bool> {
+    const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+    // SAFETY: a live key; no value.
+    let ret = unsafe { map_elem(BPF_MAP_DELETE_ELEM, map, key as *const K as u64, 0) };
+    if ret == 0 {
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::ENOENT) => Ok(false),
+        _ => Err(err),
+    }
+}
+
 #[cfg(test)]
 mod unit {
     use super::*;

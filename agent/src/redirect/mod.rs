@@ -54,11 +54,12 @@ use std::{
     net::SocketAddr,
     os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
+    sync::RwLock,
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, IterableMap as _, LpmTrie, MapData},
+    maps::{Array, HashMap, IterableMap as _, LpmTrie, MapData, PerCpuHashMap},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, Program,
         SockOps, cgroup_skb::CgroupSkbLinkId, cgroup_sock::CgroupSockLinkId,
@@ -106,6 +107,7 @@ const MAP_ALLOW_V4: &str = "INBOUND_ALLOW_V4";
 const MAP_ALLOW_V6: &str = "INBOUND_ALLOW_V6";
 const MAP_SHORTCUT_READY: &str = "SHORTCUT_READY";
 const MAP_SHORTCUT_AGENT: &str = "SHORTCUT_AGENT";
+const MAP_SHORTCUT_BYTES: &str = "SHORTCUT_BYTES";
 
 /// A destination the kernel never redirects.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -151,6 +153,13 @@ pub struct Redirect {
 struct ShortcutMaps {
     ready: MapData,
     agent: MapData,
+    /// Reply bytes redirected, per pod netns cookie and CPU.
+    bytes: PerCpuHashMap<MapData, u64, u64>,
+    /// Pods (by netns cookie) whose replies stay on packets for now, with
+    /// how many holds each has ([`Redirect::hold_replies_on_packets`]).
+    /// Read-locked across an accept's check and insert, so a hold never
+    /// misses a connection being put on the shortcut.
+    held: RwLock<std::collections::BTreeMap<u64, usize>>,
     /// Keeps `wm_reply_shortcut` attached to the agent map while held.
     _link: aya::programs::sk_msg::SkMsgLinkId,
 }
@@ -331,6 +340,8 @@ impl Redirect {
                 name: MAP_SHORTCUT_READY,
             });
         };
+        let bytes = PerCpuHashMap::try_from(take_map(&mut self.ebpf, MAP_SHORTCUT_BYTES)?)
+            .map_err(map_error(MAP_SHORTCUT_BYTES, "open"))?;
         let mut settings =
             Array::<_, RedirectSettings>::try_from(map_mut(&mut self.ebpf, MAP_SETTINGS)?)
                 .map_err(map_error(MAP_SETTINGS, "open"))?;
@@ -344,6 +355,8 @@ impl Redirect {
         self.shortcut = Some(ShortcutMaps {
             ready,
             agent,
+            bytes,
+            held: RwLock::default(),
             _link: link,
         });
         tracing::info!("reply shortcut on: replies to pods go socket to socket (sockmap)");
@@ -381,14 +394,87 @@ impl Redirect {
         if ready.is_none() {
             return Ok(Some(false));
         }
-        maps::update_socket(&shortcut.agent, &key, socket).map_err(|source| {
-            RedirectError::MapSyscall {
+        let held = shortcut.held.read().unwrap_or_else(|e| e.into_inner());
+        if held.contains_key(&netns_cookie) {
+            return Ok(Some(false));
+        }
+        match maps::update_socket(&shortcut.agent, &key, socket) {
+            Ok(()) => Ok(Some(true)),
+            // A socket map takes only established sockets: the client
+            // already shut down its side (or reset) before the accept. Its
+            // replies take TCP, as the program would send them anyway.
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(Some(false)),
+            Err(source) => Err(RedirectError::MapSyscall {
                 name: MAP_SHORTCUT_AGENT,
                 op: "insert",
                 source,
+            }),
+        }
+    }
+
+    /// Reply bytes the shortcut has delivered, per pod netns cookie, since
+    /// the map was created (it is pinned: every agent of the node adds to
+    /// it). Empty with the shortcut off.
+    pub fn shortcut_reply_bytes(&self) -> Result<Vec<(u64, u64)>, RedirectError> {
+        let Some(shortcut) = &self.shortcut else {
+            return Ok(Vec::new());
+        };
+        shortcut
+            .bytes
+            .iter()
+            .map(|entry| {
+                entry
+                    .map(|(cookie, per_cpu)| (cookie, per_cpu.iter().sum()))
+                    .map_err(map_error(MAP_SHORTCUT_BYTES, "read"))
+            })
+            .collect()
+    }
+
+    /// Keeps the replies to one pod (its netns cookie) on packets until as
+    /// many [`Redirect::release_replies`] as holds: what a packet capture of
+    /// the pod needs to see them. The pod's connections on the shortcut
+    /// are taken off it now (their next replies take loopback TCP, queued
+    /// behind what was already delivered socket to socket, so the
+    /// application reads them in order), and no new one is put on it.
+    /// Returns how many connections were taken off (of every agent sharing
+    /// the pinned maps). A no-op with the shortcut off.
+    pub fn hold_replies_on_packets(&self, netns_cookie: u64) -> Result<usize, RedirectError> {
+        let Some(shortcut) = &self.shortcut else {
+            return Ok(0);
+        };
+        let mut held = shortcut.held.write().unwrap_or_else(|e| e.into_inner());
+        *held.entry(netns_cookie).or_default() += 1;
+        let syscall = |op| {
+            move |source| RedirectError::MapSyscall {
+                name: MAP_SHORTCUT_AGENT,
+                op,
+                source,
             }
-        })?;
-        Ok(Some(true))
+        };
+        let keys: Vec<FlowKey> = maps::keys(&shortcut.agent).map_err(syscall("walk"))?;
+        let mut taken = 0;
+        for key in keys.iter().filter(|k| k.netns_cookie == netns_cookie) {
+            if maps::delete(&shortcut.agent, key).map_err(syscall("delete"))? {
+                taken += 1;
+            }
+        }
+        Ok(taken)
+    }
+
+    /// Ends one [`Redirect::hold_replies_on_packets`] of the pod: once none
+    /// is left, its new connections take the shortcut again (those taken
+    /// off stay on loopback).
+    pub fn release_replies(&self, netns_cookie: u64) {
+        let Some(shortcut) = &self.shortcut else {
+            return;
+        };
+        let mut held = shortcut.held.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = held.get_mut(&netns_cookie) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&netns_cookie);
+            }
+        }
     }
 
     /// Attaches connect4/6, getpeername4/6 and sock_ops to the cgroup v2

@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, SockHash},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, SockHash},
 };
 use waymark_common::{
     ExcludePorts, FlowKey, MAX_ENROLLED_PODS, MAX_EXCLUDES, MAX_INBOUND_ALLOW,
@@ -76,6 +76,15 @@ pub static SHORTCUT_READY: LruHashMap<FlowKey, u8> =
 /// this map, so it runs on every `sendmsg` of these sockets.
 #[map(name = "SHORTCUT_AGENT")]
 pub static SHORTCUT_AGENT: SockHash<FlowKey> = SockHash::with_max_entries(MAX_SHORTCUT_SOCKETS, 0);
+
+/// Reply bytes `wm_reply_shortcut` handed to a pod's socket, by the pod's
+/// netns cookie (per CPU: a plain add). The replies are not packets, so the
+/// kernel diagnostics' per-pod bytes in (`cgroup_skb`) do not see them;
+/// the agent adds these to them. LRU: a netns cookie is never reused, and
+/// a gone pod's entry can go (the agent keeps what it read).
+#[map(name = "SHORTCUT_BYTES")]
+pub static SHORTCUT_BYTES: LruPerCpuHashMap<u64, u64> =
+    LruPerCpuHashMap::with_max_entries(MAX_ENROLLED_PODS, 0);
 
 /// IPv4 destinations that are never redirected; the key data is the address
 /// in network byte order, as `user_ip4` holds it.

@@ -25,10 +25,14 @@
 //! keeps a late reply away from a newer connection that reuses the
 //! application's port: that port is free only once the old connection is
 //! no longer established.
+//!
+//! Each redirected reply is counted in `SHORTCUT_BYTES` for the pod, where
+//! the agent reads it into the kernel diagnostics' bytes in: a reply that
+//! is not a packet is still a byte the pod received.
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_F_INGRESS, BPF_TCP_ESTABLISHED, sk_action::SK_PASS},
+    bindings::{BPF_F_INGRESS, BPF_NOEXIST, BPF_TCP_ESTABLISHED, sk_action::SK_PASS},
     helpers::bpf_get_netns_cookie,
     macros::sk_msg,
     programs::SkMsgContext,
@@ -38,7 +42,7 @@ use waymark_common::FlowKey;
 
 use crate::{
     addr::{context_remote_port, flow_addr},
-    maps::SHORTCUT_CLIENTS,
+    maps::{SHORTCUT_BYTES, SHORTCUT_CLIENTS},
 };
 
 #[sk_msg]
@@ -49,7 +53,32 @@ pub fn wm_reply_shortcut(ctx: SkMsgContext) -> u32 {
     // SK_PASS when the client socket is there and the bytes went to it;
     // SK_DROP (the write fails) when it is not, which happens only once
     // the application has closed it: TCP would have answered a reset.
-    SHORTCUT_CLIENTS.redirect_msg(&ctx, &mut key, u64::from(BPF_F_INGRESS)) as u32
+    let verdict = SHORTCUT_CLIENTS.redirect_msg(&ctx, &mut key, u64::from(BPF_F_INGRESS)) as u32;
+    if verdict == SK_PASS {
+        count(key.netns_cookie, u64::from(ctx.size()));
+    }
+    verdict
+}
+
+/// Adds `bytes` to the pod's reply bytes on this CPU.
+#[inline(always)]
+fn count(netns_cookie: u64, bytes: u64) {
+    if let Some(total) = SHORTCUT_BYTES.get_ptr_mut(netns_cookie) {
+        // SAFETY: this CPU's own value; programs on one CPU do not
+        // interleave.
+        unsafe { *total += bytes };
+        return;
+    }
+    // The pod's first reply since the entry was created (or evicted). If
+    // another CPU created it meanwhile, add to this CPU's value in it.
+    if SHORTCUT_BYTES
+        .insert(netns_cookie, bytes, u64::from(BPF_NOEXIST))
+        .is_err()
+        && let Some(total) = SHORTCUT_BYTES.get_ptr_mut(netns_cookie)
+    {
+        // SAFETY: as above.
+        unsafe { *total += bytes };
+    }
 }
 
 /// The key `sock_ops` filed the application's socket under: the pod's

@@ -366,6 +366,17 @@ struct RefusedLabels {
     reason: &'static str,
 }
 
+/// What keeps a pod's traffic on packets while a capture looks at it: with
+/// the reply shortcut (`redirect.reply_shortcut`) the agent's replies to a
+/// pod's application move socket to socket and never cross the pod's `lo`,
+/// where a capture would see them.
+pub trait PacketHold: Send + Sync {
+    /// Keeps the traffic of the pod whose netns cookie is `netns_cookie` on
+    /// packets until the returned guard is dropped. Never fails a capture:
+    /// what cannot be held is logged by the implementation.
+    fn hold(&self, netns_cookie: u64) -> Box<dyn Send>;
+}
+
 /// The agent's captures: the concurrency bound, the metrics and the TLS
 /// key log sink.
 pub struct Captures {
@@ -378,6 +389,8 @@ pub struct Captures {
     active_gauge: Gauge,
     /// Serialises slot reservation with the gauge update.
     reserve: Mutex<()>,
+    /// Set once the redirect is loaded (captures start after that).
+    packet_hold: std::sync::OnceLock<Arc<dyn PacketHold>>,
 }
 
 /// A reserved place among the concurrent captures, released on drop.
@@ -402,6 +415,7 @@ impl Captures {
             refused: Family::default(),
             active_gauge: Gauge::default(),
             reserve: Mutex::new(()),
+            packet_hold: std::sync::OnceLock::new(),
         };
         registry.register(
             "waymark_captures_started",
@@ -428,6 +442,12 @@ impl Captures {
     )]
     pub fn key_log(&self) -> Arc<KeyLogSink> {
         self.key_log.clone()
+    }
+
+    /// Gives pod captures what keeps the pod's traffic on packets while
+    /// they run (see [`PacketHold`]). Set once; later calls are ignored.
+    pub fn set_packet_hold(&self, hold: Arc<dyn PacketHold>) {
+        let _ = self.packet_hold.set(hold);
     }
 
     /// Counts a refused request (`invalid`, `forbidden`, `busy`, `error`).
@@ -489,6 +509,7 @@ impl Captures {
         let (ready_tx, ready_rx) = oneshot::channel();
         let key_log = params.keylog.then(|| self.key_log.clone());
         let stopping = self.stopping.clone();
+        let packet_hold = self.packet_hold.get().cloned();
         let thread_params = params.clone();
         std::thread::Builder::new()
             .name(format!("waymark-capture-{id}"))
@@ -512,6 +533,17 @@ impl Captures {
                         return;
                     }
                 };
+                // A pod's replies back on packets before "ready", so the
+                // capture sees every exchange from its first packet on.
+                let _held = netns.as_ref().zip(packet_hold).and_then(|(_, hold)| {
+                    match crate::redirect::netns_cookie(socket.as_fd()) {
+                        Ok(cookie) => Some(hold.hold(cookie)),
+                        Err(e) => {
+                            warn!(capture = id, target = %target, error = %e, "cannot read the pod's netns cookie; replies on the reply shortcut are not captured");
+                            None
+                        }
+                    }
+                });
                 // Subscribe before saying "ready", so no secret of a
                 // handshake that starts afterwards is missed.
                 let secrets = key_log.map(|k| k.subscribe());

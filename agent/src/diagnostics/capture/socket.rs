@@ -61,6 +61,12 @@ fn setsockopt<T>(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: &T)
     .map(drop)
 }
 
+impl std::os::fd::AsFd for PacketSocket {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
 impl PacketSocket {
     /// Opens the socket in the current thread's network namespace.
     pub fn open(filter: &KernelFilter, snaplen: u32) -> io::Result<Self> {
