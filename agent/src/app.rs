@@ -45,10 +45,10 @@ use crate::handover::{self, Claim};
 use crate::identity::SpiffeId;
 use crate::identity::manager::IdentityManager;
 use crate::kernel as kernel_diag;
-use crate::proxy::OriginalDst;
 use crate::proxy::inbound::authz::InboundAuthz;
 use crate::proxy::inbound::http_stream::InboundHttp;
 use crate::proxy::inbound::{Inbound, StrictCollector, TunnelCollector};
+use crate::proxy::{OriginalDst, ReplyPath};
 use crate::redirect::{Pins, Redirect};
 use crate::reload::{ReloadMetrics, Reloader, SharedConfig};
 use crate::telemetry::LogLevelHandle;
@@ -66,11 +66,15 @@ const READY_SUCCESSOR: &str = "a new agent is taking over this node (it answers 
 /// The kernel's original-destination maps behind the proxy's trait. Lookups
 /// share a read lock (the map syscall is atomic on its own); only attach
 /// and detach take it exclusively.
-struct KernelOriginalDst(Arc<RwLock<Redirect>>);
+struct KernelOriginalDst {
+    redirect: Arc<RwLock<Redirect>>,
+    /// `redirect.reply_shortcut_max_unanswered`.
+    max_unanswered: u64,
+}
 
 impl OriginalDst for KernelOriginalDst {
     fn take(&self, netns_cookie: u64, client: SocketAddr) -> Result<Option<SocketAddr>, String> {
-        let r = self.0.read().unwrap_or_else(|e| e.into_inner());
+        let r = self.redirect.read().unwrap_or_else(|e| e.into_inner());
         r.take_original_dst(netns_cookie, client)
             .map_err(|e| format!("{:#}", anyhow::Error::from(e)))
     }
@@ -80,9 +84,22 @@ impl OriginalDst for KernelOriginalDst {
         netns_cookie: u64,
         client: SocketAddr,
         socket: std::os::fd::BorrowedFd<'_>,
-    ) -> Result<Option<bool>, String> {
-        let r = self.0.read().unwrap_or_else(|e| e.into_inner());
-        r.shortcut_replies(netns_cookie, client, socket)
+    ) -> Result<ReplyPath, String> {
+        let r = self.redirect.read().unwrap_or_else(|e| e.into_inner());
+        match r.shortcut_replies(netns_cookie, client, socket) {
+            Ok(None) => Ok(ReplyPath::Off),
+            Ok(Some(false)) => Ok(ReplyPath::Loopback),
+            Ok(Some(true)) => Ok(ReplyPath::Sockmap {
+                max_unanswered: self.max_unanswered,
+            }),
+            Err(e) => Err(format!("{:#}", anyhow::Error::from(e))),
+        }
+    }
+
+    fn leave_shortcut(&self, netns_cookie: u64, client: SocketAddr) -> Result<(), String> {
+        let r = self.redirect.read().unwrap_or_else(|e| e.into_inner());
+        r.leave_shortcut(netns_cookie, client)
+            .map(|_| ())
             .map_err(|e| format!("{:#}", anyhow::Error::from(e)))
     }
 }
@@ -357,7 +374,10 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
             metrics: &metrics,
             discovery: discovery.clone(),
             upstreams: mesh.upstreams.clone(),
-            original_dst: Arc::new(KernelOriginalDst(redirect.clone())),
+            original_dst: Arc::new(KernelOriginalDst {
+                redirect: redirect.clone(),
+                max_unanswered: config.redirect.reply_shortcut_max_unanswered,
+            }),
             tap: tap.clone(),
             conns: conns.clone(),
             buffer_budget,

@@ -331,6 +331,23 @@ pub struct RedirectConfig {
     /// runs, so it sees every reply. Off: every reply is a loopback packet.
     #[serde(default = "default_true")]
     pub reply_shortcut: bool,
+    /// Bytes the agent may send a client on the reply shortcut without the
+    /// client sending any; past it the connection's replies take loopback
+    /// TCP for good. Socket to socket there is no flow control: a client
+    /// that stops reading would otherwise have a whole download queued in
+    /// its socket. In request/response traffic the client sends between
+    /// replies, so only a reply (or a run of replies) larger than this
+    /// leaves the shortcut. Comparable to what TCP would buffer (a receive
+    /// window plus a send buffer).
+    #[serde(default = "default_reply_shortcut_max_unanswered")]
+    pub reply_shortcut_max_unanswered: u64,
+}
+
+/// 4 MiB.
+pub const DEFAULT_REPLY_SHORTCUT_MAX_UNANSWERED: u64 = 4 << 20;
+
+fn default_reply_shortcut_max_unanswered() -> u64 {
+    DEFAULT_REPLY_SHORTCUT_MAX_UNANSWERED
 }
 
 impl Default for RedirectConfig {
@@ -342,6 +359,7 @@ impl Default for RedirectConfig {
             pin_path: default_pin_path(),
             on_agent_down: OnAgentDown::default(),
             reply_shortcut: true,
+            reply_shortcut_max_unanswered: DEFAULT_REPLY_SHORTCUT_MAX_UNANSWERED,
         }
     }
 }
@@ -544,6 +562,13 @@ impl Config {
         }
         if self.metrics.max_stat_edges == 0 {
             problems.push("metrics.max_stat_edges: must be at least 1".to_string());
+        }
+        if self.redirect.reply_shortcut_max_unanswered < 64 << 10 {
+            problems.push(format!(
+                "redirect.reply_shortcut_max_unanswered: {} bytes is less than a TCP window (65536); \
+                 to keep replies off the shortcut, set redirect.reply_shortcut = false",
+                self.redirect.reply_shortcut_max_unanswered
+            ));
         }
         if self.redirect.exclude.len() > waymark_common::MAX_EXCLUDES as usize {
             problems.push(format!(

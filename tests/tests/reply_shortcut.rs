@@ -10,18 +10,22 @@
 #![allow(clippy::zombie_processes)]
 
 use std::process::Command;
+use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use waymark_tests::{
-    DEFAULT_PATIENCE, Pod, World, eventually, metric_value, require_agent_or_skip, testpeer,
-    with_world, world_name,
+    DEFAULT_PATIENCE, Pod, World, eventually, metric_value, python, require_agent_or_skip,
+    testpeer, with_world, world_name,
 };
 
 const SIZE: u64 = 8 * 1024 * 1024;
 
-/// The shortcut is on by default; said anyway, against `OFF`.
-const ON: &str = "[redirect]\nreply_shortcut = true\n";
+/// The shortcut is on by default; said anyway, against `OFF`. The echo
+/// tests send the client more than the default unanswered budget at once
+/// (the client may have sent all it had before the replies start): a
+/// larger budget keeps them on the shortcut whatever the timing.
+const ON: &str = "[redirect]\nreply_shortcut = true\nreply_shortcut_max_unanswered = 67108864\n";
 const OFF: &str = "[redirect]\nreply_shortcut = false\n";
 
 /// The client pod's kernel-counted bytes in, and the part of them a
@@ -199,6 +203,100 @@ print(json.dumps({{"fionread": n, "peeked": len(peek), "read": len(got), "same":
         ensure!(
             r["peeked"] == 1000 && r["read"] == 1000 && r["same"] == true,
             "peek or read of the reply went wrong: {r}"
+        );
+        Ok(())
+    });
+}
+
+/// Socket to socket there is no flow control: a client that stops reading
+/// would have a whole download queued in its socket. After
+/// `redirect.reply_shortcut_max_unanswered` bytes without a word from the
+/// client the connection leaves the shortcut, and TCP's window holds the
+/// rest back: a 64 MiB download the client does not read for two seconds
+/// leaves a few MiB queued in its socket, not 64, and then arrives whole and
+/// in order across the switch.
+#[test]
+fn a_client_that_does_not_read_holds_back_a_download() {
+    require_agent_or_skip!();
+    let b = World::builder(world_name!())
+        .pods_per_node(1)
+        .agent_config_extra("[redirect]\nreply_shortcut = true\n");
+    with_world(b, |world| {
+        let (cl, srv) = (world.pod(0, 0), world.pod(1, 0));
+        const SIZE: usize = 64 << 20;
+        let _big = srv.serve(python().args([
+            "-c",
+            &format!(
+                r#"
+import socket
+pattern = bytes(range(251)) * 4096
+l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("0.0.0.0", 7100)); l.listen(8)
+print("listening ", flush=True)
+while True:
+    c, _ = l.accept()
+    c.recv(100)
+    left = {SIZE}
+    off = 0
+    try:
+        while left:
+            chunk = pattern[off % 251:][:min(left, 1 << 20)]
+            c.sendall(chunk)
+            off += len(chunk); left -= len(chunk)
+    except OSError:
+        pass
+    c.close()
+"#
+            ),
+        ]))?;
+        let script = format!(
+            r#"
+import json, re, socket, subprocess, time
+pattern = bytes(range(251)) * 4096
+s = socket.create_connection(("{ip}", 7100))
+s.sendall(b"go")
+time.sleep(2)
+ss = subprocess.run(["ss", "-tmnH", "dst", "127.0.0.1:15001"], capture_output=True, text=True).stdout
+queued = [int(r) for r in re.findall(r"skmem:\(r(\d+),", ss)]
+got, ok = 0, True
+while True:
+    b = s.recv(1 << 19)
+    if not b:
+        break
+    start = got % 251
+    ok = ok and b == pattern[start:start + len(b)]
+    got += len(b)
+print(json.dumps({{"queued": queued, "received": got, "in_order": ok}}))
+"#,
+            ip = srv.ip()
+        );
+        let out = cl.run_timeout(python().args(["-c", &script]), Duration::from_secs(60))?;
+        let r: Value = serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "client said {:?} {:?}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        ensure!(
+            r["received"] == SIZE && r["in_order"] == true,
+            "the download did not arrive whole and in order: {r}"
+        );
+        let queued = r["queued"][0]
+            .as_u64()
+            .with_context(|| format!("no client socket in ss: {r}"))?;
+        ensure!(
+            queued < 16 << 20,
+            "{queued} bytes were queued unread in the client's socket: the shortcut kept pushing"
+        );
+        let left = metric_value(
+            &world.node(0).metrics()?,
+            "waymark_outbound_reply_shortcut_left_total",
+            &[],
+        );
+        ensure!(
+            left == Some(1.0),
+            "connections that left the shortcut: {left:?}"
         );
         Ok(())
     });

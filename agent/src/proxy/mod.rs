@@ -32,7 +32,25 @@ pub trait OriginalDst: Send + Sync + 'static {
         _netns_cookie: u64,
         _client: SocketAddr,
         _socket: std::os::fd::BorrowedFd<'_>,
-    ) -> Result<Option<bool>, String> {
-        Ok(None)
+    ) -> Result<ReplyPath, String> {
+        Ok(ReplyPath::Off)
     }
+
+    /// Takes the connection off the reply shortcut for good: its later
+    /// replies take loopback TCP, behind what was already delivered.
+    fn leave_shortcut(&self, _netns_cookie: u64, _client: SocketAddr) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// How the agent's replies to a pod's application reach it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplyPath {
+    /// The reply shortcut is off: loopback TCP, nothing counted.
+    Off,
+    /// On, but this connection replies over loopback TCP.
+    Loopback,
+    /// Socket to socket, until the agent has sent `max_unanswered` bytes
+    /// without the client sending any (then loopback TCP).
+    Sockmap { max_unanswered: u64 },
 }

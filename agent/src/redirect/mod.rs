@@ -412,6 +412,29 @@ impl Redirect {
         }
     }
 
+    /// Takes one connection's accepted socket off the reply shortcut: its
+    /// later replies take loopback TCP, queued behind what was delivered
+    /// socket to socket. `Ok(false)`: it was not on it (any more).
+    pub fn leave_shortcut(
+        &self,
+        netns_cookie: u64,
+        client: SocketAddr,
+    ) -> Result<bool, RedirectError> {
+        let Some(shortcut) = &self.shortcut else {
+            return Ok(false);
+        };
+        let key = FlowKey {
+            netns_cookie,
+            client: maps::sock_addr(client),
+            _pad: 0,
+        };
+        maps::delete(&shortcut.agent, &key).map_err(|source| RedirectError::MapSyscall {
+            name: MAP_SHORTCUT_AGENT,
+            op: "delete",
+            source,
+        })
+    }
+
     /// Reply bytes the shortcut has delivered, per pod netns cookie, since
     /// the map was created (it is pinned: every agent of the node adds to
     /// it). Empty with the shortcut off.

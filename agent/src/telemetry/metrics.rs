@@ -147,6 +147,10 @@ pub struct TcpMetrics {
     /// (`redirect.reply_shortcut`), by `path`: `sockmap`, or `loopback`
     /// when the shortcut is on but this connection could not take it.
     pub reply_path_total: Family<ReplyPathLabels, Counter>,
+    /// Connections taken off the reply shortcut because the agent had
+    /// sent the client `redirect.reply_shortcut_max_unanswered` bytes
+    /// without hearing from it (see `transport::idle::ReplyBudget`).
+    pub reply_shortcut_left_total: Counter,
     /// Connections refused at accept because a limit was reached.
     pub refused_total: Family<RefusedLabels, Counter>,
     /// Connections the agent closed because a limit was reached while
@@ -215,6 +219,7 @@ impl TcpMetrics {
             }),
             no_original_dst_total: Family::default(),
             reply_path_total: Family::default(),
+            reply_shortcut_left_total: Counter::default(),
             refused_total: Family::default(),
             limit_closed_total: Family::default(),
             limit_delayed_total: Family::default(),
@@ -263,6 +268,11 @@ impl TcpMetrics {
             "waymark_outbound_reply_path",
             "Pods' redirected connections by how the agent's replies reach the pod: sockmap (socket to socket) or loopback (TCP through the pod's lo)",
             m.reply_path_total.clone(),
+        );
+        registry.register(
+            "waymark_outbound_reply_shortcut_left",
+            "Connections taken off the reply shortcut (their later replies take loopback TCP, with its flow control) because the agent sent the client redirect.reply_shortcut_max_unanswered bytes without the client sending any",
+            m.reply_shortcut_left_total.clone(),
         );
         registry.register(
             "waymark_outbound_refused",

@@ -10,11 +10,13 @@
 //! The same place counts the bytes each way: the connection table
 //! (`waymark conns`) reads them while the connection runs, for the price
 //! of one relaxed add beside the timestamp the idle timeout already needed.
+//! And it bounds what the reply shortcut may leave unread ([`ReplyBudget`]).
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -32,6 +34,67 @@ pub struct Activity {
     outward: AtomicU64,
     /// From the destination back to the client.
     inward: AtomicU64,
+    /// Set while the replies take the reply shortcut.
+    replies: OnceLock<ReplyBudget>,
+}
+
+/// What the reply shortcut may leave unread in a client's socket.
+///
+/// Replies moved socket to socket skip TCP's flow control: the kernel
+/// queues them in the client's socket whether or not the application
+/// reads, so the agent's writes never wait and it keeps reading from the
+/// upstream. A client that stopped reading a large download would have all
+/// of it queued in its socket. TCP would have held it at the client's
+/// receive window. The agent cannot see the client's reads, only its
+/// sends: in a request/response exchange each request follows the reply
+/// before it. So once the agent has sent `limit` bytes without the client
+/// sending any, the connection leaves the shortcut for good (`leave`): its
+/// later replies take loopback TCP, behind what was delivered, and TCP's
+/// window holds the rest back. Taken off once; never put back (bytes
+/// redirected after TCP bytes would be read first).
+pub struct ReplyBudget {
+    limit: u64,
+    /// Bytes sent to the client since it last sent any.
+    unanswered: AtomicU64,
+    left: AtomicBool,
+    leave: Box<dyn Fn() + Send + Sync>,
+}
+
+impl std::fmt::Debug for ReplyBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplyBudget")
+            .field("limit", &self.limit)
+            .field("unanswered", &self.unanswered)
+            .field("left", &self.left)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReplyBudget {
+    pub fn new(limit: u64, leave: Box<dyn Fn() + Send + Sync>) -> Self {
+        ReplyBudget {
+            limit,
+            unanswered: AtomicU64::new(0),
+            left: AtomicBool::new(false),
+            leave,
+        }
+    }
+
+    fn heard_from_client(&self) {
+        self.unanswered.store(0, Ordering::Relaxed);
+    }
+
+    fn sent_to_client(&self, n: u64) {
+        let total = self.unanswered.fetch_add(n, Ordering::Relaxed) + n;
+        if total > self.limit && !self.left.swap(true, Ordering::Relaxed) {
+            (self.leave)();
+        }
+    }
+
+    /// Whether the connection has left the shortcut.
+    pub fn has_left(&self) -> bool {
+        self.left.load(Ordering::Relaxed)
+    }
 }
 
 impl Default for Activity {
@@ -47,7 +110,19 @@ impl Activity {
             last: AtomicU64::new(0),
             outward: AtomicU64::new(0),
             inward: AtomicU64::new(0),
+            replies: OnceLock::new(),
         }
+    }
+
+    /// Bounds the connection's replies while they take the reply shortcut
+    /// (see [`ReplyBudget`]). Set once, before the first reply.
+    pub fn bound_replies(&self, budget: ReplyBudget) {
+        let _ = self.replies.set(budget);
+    }
+
+    /// The reply budget, if the replies took the shortcut.
+    pub fn reply_budget(&self) -> Option<&ReplyBudget> {
+        self.replies.get()
     }
 
     pub fn touch(&self) {
@@ -58,12 +133,18 @@ impl Activity {
     /// `n` bytes went from the client towards its destination.
     pub fn moved_out(&self, n: u64) {
         self.outward.fetch_add(n, Ordering::Relaxed);
+        if let Some(b) = self.replies.get() {
+            b.heard_from_client();
+        }
         self.touch();
     }
 
     /// `n` bytes came back to the client.
     pub fn moved_in(&self, n: u64) {
         self.inward.fetch_add(n, Ordering::Relaxed);
+        if let Some(b) = self.replies.get() {
+            b.sent_to_client(n);
+        }
         self.touch();
     }
 
@@ -216,6 +297,38 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn replies_leave_the_shortcut_once_the_client_is_unanswered_too_long() {
+        let left = Arc::new(AtomicU64::new(0));
+        let a = Activity::new();
+        a.bound_replies(ReplyBudget::new(
+            1000,
+            Box::new({
+                let left = left.clone();
+                move || {
+                    left.fetch_add(1, Ordering::Relaxed);
+                }
+            }),
+        ));
+        // Request/response: the client speaks between replies.
+        for _ in 0..50 {
+            a.moved_out(10);
+            a.moved_in(900);
+        }
+        assert_eq!(left.load(Ordering::Relaxed), 0, "every reply was answered");
+        // A download: replies and nothing from the client.
+        a.moved_in(600);
+        a.moved_in(600);
+        assert_eq!(left.load(Ordering::Relaxed), 1);
+        assert!(a.reply_budget().unwrap().has_left());
+        // Once, for good.
+        a.moved_out(10);
+        a.moved_in(5000);
+        assert_eq!(left.load(Ordering::Relaxed), 1);
+        // Bytes are counted as before.
+        assert_eq!(a.bytes(), (510, 50 * 900 + 6200));
+    }
 
     #[tokio::test]
     async fn a_connection_is_idle_once_its_last_stream_has_ended_for_the_timeout() {

@@ -24,16 +24,17 @@ use crate::drain::Drain;
 use crate::http::errors::ProxyError;
 use crate::http::pool::Version;
 use crate::identity::SpiffeId;
-use crate::proxy::OriginalDst;
 use crate::proxy::detect::{self, Protocol};
 use crate::proxy::outbound::accept_rate::{AcceptBucket, AcceptRate};
 use crate::proxy::outbound::forward::{ConnCtx, HttpProxy};
+use crate::proxy::{OriginalDst, ReplyPath};
 use crate::telemetry::conns::{ConnGuard, ConnProtocol, ConnTable, NewConn};
 use crate::telemetry::metrics::{
     Direction, NoTlsReason, PodLabels, RefusedLabels, ReplyPathLabels, TcpCloseLabels, TcpLabels,
     TcpMetrics, TlsLabel,
 };
 use crate::transport::copy::{self, Counters, Side};
+use crate::transport::idle::ReplyBudget;
 use crate::transport::netns::PodNetns;
 use crate::transport::tunnel::{ConnectHeaders, TunnelError};
 use crate::transport::upstream::{Path, UpstreamError, UpstreamIo, Upstreams, new_request_id};
@@ -394,6 +395,28 @@ impl Outbound {
         reset(client);
     }
 
+    /// What takes this connection off the reply shortcut once the agent has
+    /// sent the client `max_unanswered` bytes without hearing from it.
+    fn reply_budget(&self, pod: &PodInfo, peer: SocketAddr, max_unanswered: u64) -> ReplyBudget {
+        let original_dst = self.original_dst.clone();
+        let metrics = self.metrics.clone();
+        let (netns_cookie, pod_name) = (pod.netns_cookie, pod.name.clone());
+        ReplyBudget::new(
+            max_unanswered,
+            Box::new(move || {
+                metrics.reply_shortcut_left_total.inc();
+                match original_dst.leave_shortcut(netns_cookie, peer) {
+                    Ok(()) => {
+                        debug!(pod = %pod_name, src = %peer, max_unanswered, "client unanswered for max_unanswered bytes: its replies leave the shortcut for loopback TCP")
+                    }
+                    Err(e) => {
+                        warn!(pod = %pod_name, src = %peer, error = %e, "cannot take the connection off the reply shortcut; its replies keep skipping TCP's flow control")
+                    }
+                }
+            }),
+        )
+    }
+
     /// `listener`: the address the pod's listener is bound to (the
     /// accepted socket's local address, without asking the kernel).
     async fn proxy(
@@ -427,31 +450,32 @@ impl Outbound {
             }
         };
         tracing::Span::current().record("dst", tracing::field::display(dst));
-        match self
-            .original_dst
-            .shortcut_replies(pod.netns_cookie, peer, client.as_fd())
-        {
-            Ok(None) => {}
-            Ok(Some(on)) => {
-                if on {
-                    delay_acks(&client);
-                }
-                self.metrics
-                    .reply_path_total
-                    .get_or_create(&ReplyPathLabels {
-                        path: if on { "sockmap" } else { "loopback" },
-                    })
-                    .inc();
-            }
+        let reply_path = match self.original_dst.shortcut_replies(
+            pod.netns_cookie,
+            peer,
+            client.as_fd(),
+        ) {
+            Ok(path) => path,
             // Nothing was written yet and nothing is lost: the replies take
             // loopback TCP.
             Err(e) => {
                 debug!(pod = %pod.name, src = %peer, error = %e, "reply shortcut not set up; replies take loopback");
-                self.metrics
-                    .reply_path_total
-                    .get_or_create(&ReplyPathLabels { path: "loopback" })
-                    .inc();
+                ReplyPath::Loopback
             }
+        };
+        if let ReplyPath::Sockmap { .. } = reply_path {
+            delay_acks(&client);
+        }
+        if reply_path != ReplyPath::Off {
+            self.metrics
+                .reply_path_total
+                .get_or_create(&ReplyPathLabels {
+                    path: match reply_path {
+                        ReplyPath::Sockmap { .. } => "sockmap",
+                        _ => "loopback",
+                    },
+                })
+                .inc();
         }
         let _ = client.set_nodelay(true);
 
@@ -465,6 +489,10 @@ impl Outbound {
             client_flow: listener.map(|l| (l, peer)),
             protocol: ConnProtocol::Detecting,
         }));
+        if let ReplyPath::Sockmap { max_unanswered } = reply_path {
+            live.activity()
+                .bound_replies(self.reply_budget(&pod, peer, max_unanswered));
+        }
         let conn = Conn {
             pod: &pod,
             peer,
