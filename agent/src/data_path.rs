@@ -23,7 +23,7 @@ use crate::kernel::KernelDiag;
 use crate::proxy::OriginalDst;
 use crate::proxy::outbound::accept_rate::AcceptRate;
 use crate::proxy::outbound::forward::HttpProxy;
-use crate::proxy::outbound::{ConnLimits, Outbound};
+use crate::proxy::outbound::{ConnLimits, Outbound, ShortcutLeaver};
 use crate::telemetry::conns::ConnTable;
 use crate::telemetry::metrics::Metrics;
 use crate::transport::upstream::Upstreams;
@@ -82,6 +82,10 @@ impl DataPath {
             kernel,
         });
         let outbound = Arc::new(Outbound {
+            shortcut_exit: Arc::new(ShortcutLeaver {
+                original_dst: original_dst.clone(),
+                metrics: metrics.tcp.clone(),
+            }),
             original_dst,
             discovery,
             http: http.clone(),

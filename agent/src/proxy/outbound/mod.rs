@@ -34,7 +34,7 @@ use crate::telemetry::metrics::{
     TcpMetrics, TlsLabel,
 };
 use crate::transport::copy::{self, Counters, Side};
-use crate::transport::idle::ReplyBudget;
+use crate::transport::idle::{ReplyBudget, ShortcutExit};
 use crate::transport::netns::PodNetns;
 use crate::transport::tunnel::{ConnectHeaders, TunnelError};
 use crate::transport::upstream::{Path, UpstreamError, UpstreamIo, Upstreams, new_request_id};
@@ -125,6 +125,30 @@ pub struct Outbound {
     pub open_total: Arc<AtomicUsize>,
     /// Every open connection, for `waymark conns`.
     pub conns: Arc<ConnTable>,
+    /// Takes connections off the reply shortcut (see [`ReplyBudget`]).
+    pub shortcut_exit: Arc<dyn ShortcutExit>,
+}
+
+/// Takes a connection off the reply shortcut through the kernel maps, and
+/// counts it.
+pub struct ShortcutLeaver {
+    pub original_dst: Arc<dyn OriginalDst>,
+    pub metrics: Arc<TcpMetrics>,
+}
+
+impl ShortcutExit for ShortcutLeaver {
+    fn leave(&self, netns_cookie: u64, client: SocketAddr) {
+        self.metrics.reply_shortcut_left_total.inc();
+        // Runs where the connection's bytes move, inside its span.
+        match self.original_dst.leave_shortcut(netns_cookie, client) {
+            Ok(()) => debug!(
+                "client unanswered for redirect.reply_shortcut_max_unanswered bytes: its replies leave the shortcut for loopback TCP"
+            ),
+            Err(e) => {
+                warn!(src = %client, error = %e, "cannot take the connection off the reply shortcut; its replies keep skipping TCP's flow control")
+            }
+        }
+    }
 }
 
 /// How a connection ended, for logs and the `reason` label.
@@ -395,28 +419,6 @@ impl Outbound {
         reset(client);
     }
 
-    /// What takes this connection off the reply shortcut once the agent has
-    /// sent the client `max_unanswered` bytes without hearing from it.
-    fn reply_budget(&self, pod: &PodInfo, peer: SocketAddr, max_unanswered: u64) -> ReplyBudget {
-        let original_dst = self.original_dst.clone();
-        let metrics = self.metrics.clone();
-        let (netns_cookie, pod_name) = (pod.netns_cookie, pod.name.clone());
-        ReplyBudget::new(
-            max_unanswered,
-            Box::new(move || {
-                metrics.reply_shortcut_left_total.inc();
-                match original_dst.leave_shortcut(netns_cookie, peer) {
-                    Ok(()) => {
-                        debug!(pod = %pod_name, src = %peer, max_unanswered, "client unanswered for max_unanswered bytes: its replies leave the shortcut for loopback TCP")
-                    }
-                    Err(e) => {
-                        warn!(pod = %pod_name, src = %peer, error = %e, "cannot take the connection off the reply shortcut; its replies keep skipping TCP's flow control")
-                    }
-                }
-            }),
-        )
-    }
-
     /// `listener`: the address the pod's listener is bound to (the
     /// accepted socket's local address, without asking the kernel).
     async fn proxy(
@@ -490,8 +492,12 @@ impl Outbound {
             protocol: ConnProtocol::Detecting,
         }));
         if let ReplyPath::Sockmap { max_unanswered } = reply_path {
-            live.activity()
-                .bound_replies(self.reply_budget(&pod, peer, max_unanswered));
+            live.activity().bound_replies(ReplyBudget::new(
+                max_unanswered,
+                pod.netns_cookie,
+                peer,
+                self.shortcut_exit.clone(),
+            ));
         }
         let conn = Conn {
             pod: &pod,
