@@ -49,10 +49,11 @@ pub struct Activity {
 /// receive window. The agent cannot see the client's reads, only its
 /// sends: in a request/response exchange each request follows the reply
 /// before it. So once the agent has sent `limit` bytes without the client
-/// sending any, the connection leaves the shortcut for good (`leave`): its
-/// later replies take loopback TCP, behind what was delivered, and TCP's
-/// window holds the rest back. Taken off once; never put back (bytes
-/// redirected after TCP bytes would be read first).
+/// sending any, the connection leaves the shortcut for good
+/// ([`ShortcutExit::leave`]): its later replies take loopback TCP, behind
+/// what was delivered, and TCP's window holds the rest back. Taken off
+/// once; never put back (bytes redirected after TCP bytes would be read
+/// first).
 ///
 /// A client that keeps sending without reading (pipelined requests it never
 /// reads the answers to) resets that count every time, so it is not held
