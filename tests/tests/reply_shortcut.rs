@@ -301,3 +301,98 @@ print(json.dumps({{"queued": queued, "received": got, "in_order": ok}}))
         Ok(())
     });
 }
+
+/// A client that keeps sending without reading the answers resets the
+/// unanswered count every time; what sits unread in its socket (asked of
+/// the kernel through `sock_diag`) takes it off the shortcut instead. 100
+/// requests of 1 MiB answers each, one every 20 ms, none read for 2.5 s,
+/// with a 32 MiB budget: about the budget queued, not 100 MiB; then all of
+/// it arrives in order.
+#[test]
+fn a_client_that_sends_without_reading_is_held_back_by_its_unread_bytes() {
+    require_agent_or_skip!();
+    let b = World::builder(world_name!())
+        .pods_per_node(1)
+        .agent_config_extra(
+            "[redirect]\nreply_shortcut = true\nreply_shortcut_max_unanswered = 33554432\n",
+        );
+    with_world(b, |world| {
+        let (cl, srv) = (world.pod(0, 0), world.pod(1, 0));
+        const ANSWERS: usize = 100;
+        let _answers = srv.serve(python().args([
+            "-c",
+            r#"
+import socket
+pattern = bytes(range(251)) * 4200
+l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("0.0.0.0", 7200)); l.listen(8)
+print("listening ", flush=True)
+while True:
+    c, _ = l.accept()
+    off = 0
+    f = c.makefile("rb")
+    try:
+        for line in f:
+            start = off % 251
+            c.sendall(pattern[start:start + (1 << 20)])
+            off += 1 << 20
+    except OSError:
+        pass
+    c.close()
+"#,
+        ]))?;
+        let script = format!(
+            r#"
+import json, re, socket, subprocess, time
+pattern = bytes(range(251)) * 4200
+s = socket.create_connection(("{ip}", 7200))
+for _ in range({ANSWERS}):
+    s.sendall(b"more\n")
+    time.sleep(0.02)
+time.sleep(0.5)
+ss = subprocess.run(["ss", "-tmnH", "dst", "127.0.0.1:15001"], capture_output=True, text=True).stdout
+queued = [int(r) for r in re.findall(r"skmem:\(r(\d+),", ss)]
+s.shutdown(socket.SHUT_WR)
+got, ok = 0, True
+while got < {ANSWERS} << 20:
+    b = s.recv(1 << 19)
+    if not b:
+        break
+    start = got % 251
+    ok = ok and b == pattern[start:start + len(b)]
+    got += len(b)
+print(json.dumps({{"queued": queued, "received": got, "in_order": ok}}))
+"#,
+            ip = srv.ip()
+        );
+        let out = cl.run_timeout(python().args(["-c", &script]), Duration::from_secs(60))?;
+        let r: Value = serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "client said {:?} {:?}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        ensure!(
+            r["received"] == ANSWERS << 20 && r["in_order"] == true,
+            "the answers did not arrive whole and in order: {r}"
+        );
+        let queued = r["queued"][0]
+            .as_u64()
+            .with_context(|| format!("no client socket in ss: {r}"))?;
+        ensure!(
+            queued < 64 << 20,
+            "{queued} bytes were queued unread in the client's socket: the shortcut kept pushing"
+        );
+        let left = metric_value(
+            &world.node(0).metrics()?,
+            "waymark_outbound_reply_shortcut_left_total",
+            &[],
+        );
+        ensure!(
+            left == Some(1.0),
+            "connections that left the shortcut: {left:?}"
+        );
+        Ok(())
+    });
+}

@@ -14,6 +14,8 @@
 
 use std::io;
 use std::net::SocketAddr;
+
+use crate::transport::netns::PodNetns;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::OnceLock;
@@ -56,12 +58,14 @@ pub struct Activity {
 /// first).
 ///
 /// A client that keeps sending without reading (pipelined requests it never
-/// reads the answers to) resets that count every time, so it is not held
-/// back: what it leaves unread is charged to its own socket (its pod's
-/// memory cgroup). Its TCP window cannot tell (TCP never shrinks a window
-/// it offered, and no TCP data reaches that socket to close it); the
-/// socket's receive memory can (`ss -tm` counts the queued replies on 6.x),
-/// read through `sock_diag` in the pod's netns: not done yet.
+/// reads the answers to) resets that count every time. Its TCP window
+/// cannot tell (TCP never shrinks a window it offered, and no TCP data
+/// reaches that socket to close it); its socket's receive memory can (the
+/// kernel counts the queued replies there, as `ss -tm` shows). So after
+/// every [`UNREAD_CHECK_EVERY`] bytes sent, the next time the client
+/// speaks, the agent asks the kernel how much sits in the client's socket
+/// ([`ShortcutExit::unread`], `sock_diag` in the pod's netns) and leaves
+/// when it is over `limit` too.
 ///
 /// Per connection it is a few counters and the connection's key, inline in
 /// its [`Activity`] (no closure, no allocation: 10,000 idle connections on
@@ -70,11 +74,25 @@ pub struct ReplyBudget {
     limit: u64,
     /// Bytes sent to the client since it last sent any.
     unanswered: AtomicU64,
+    /// Bytes sent to the client since its socket was last looked at.
+    since_check: AtomicU64,
     left: AtomicBool,
     netns_cookie: u64,
+    /// The pod's network namespace, where its socket can be asked about
+    /// (`None` when the agent does not hold it: `outbound.dial_from =
+    /// "node"`; then only the unanswered count applies).
+    netns: Option<PodNetns>,
     client: SocketAddr,
+    /// The agent's end of the connection (the pod listener's address).
+    server: SocketAddr,
     exit: Arc<dyn ShortcutExit>,
 }
+
+/// Bytes sent between two looks at the client's socket: rare enough to
+/// cost nothing in request/response traffic (a netlink round trip per
+/// 256 KiB of replies), often enough that a client that does not read is
+/// found soon after it holds `limit`.
+pub const UNREAD_CHECK_EVERY: u64 = 256 << 10;
 
 /// What takes connections off the reply shortcut: one for all
 /// connections.
@@ -82,6 +100,10 @@ pub trait ShortcutExit: Send + Sync {
     /// Takes the connection of `client` in the pod netns `netns_cookie` off
     /// the shortcut for good.
     fn leave(&self, netns_cookie: u64, client: SocketAddr);
+
+    /// Bytes sitting unread in the client's socket (`client` → `server`) in
+    /// the pod's network namespace, if the kernel says.
+    fn unread(&self, netns: &PodNetns, client: SocketAddr, server: SocketAddr) -> Option<u64>;
 }
 
 impl std::fmt::Debug for ReplyBudget {
@@ -99,24 +121,43 @@ impl ReplyBudget {
     pub fn new(
         limit: u64,
         netns_cookie: u64,
+        netns: Option<PodNetns>,
         client: SocketAddr,
+        server: SocketAddr,
         exit: Arc<dyn ShortcutExit>,
     ) -> Self {
         ReplyBudget {
             limit,
             unanswered: AtomicU64::new(0),
+            since_check: AtomicU64::new(0),
             left: AtomicBool::new(false),
             netns_cookie,
+            netns,
             client,
+            server,
             exit,
         }
     }
 
     fn heard_from_client(&self) {
         self.unanswered.store(0, Ordering::Relaxed);
+        if self.since_check.load(Ordering::Relaxed) >= UNREAD_CHECK_EVERY
+            && !self.left.load(Ordering::Relaxed)
+            && let Some(netns) = &self.netns
+        {
+            self.since_check.store(0, Ordering::Relaxed);
+            if self
+                .exit
+                .unread(netns, self.client, self.server)
+                .is_some_and(|unread| unread > self.limit)
+            {
+                self.take_off();
+            }
+        }
     }
 
     fn sent_to_client(&self, n: u64) {
+        self.since_check.fetch_add(n, Ordering::Relaxed);
         let total = self.unanswered.fetch_add(n, Ordering::Relaxed) + n;
         if total > self.limit {
             self.take_off();
@@ -336,28 +377,42 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// Counts leaves.
+    /// Counts leaves; reports the unread bytes it is told.
     #[derive(Default)]
     struct Exit {
         left: AtomicU64,
+        looks: AtomicU64,
+        unread: AtomicU64,
     }
 
     impl ShortcutExit for Exit {
         fn leave(&self, _: u64, _: SocketAddr) {
             self.left.fetch_add(1, Ordering::Relaxed);
         }
+        fn unread(&self, _: &PodNetns, _: SocketAddr, _: SocketAddr) -> Option<u64> {
+            self.looks.fetch_add(1, Ordering::Relaxed);
+            Some(self.unread.load(Ordering::Relaxed))
+        }
+    }
+
+    fn budget(limit: u64, exit: &Arc<Exit>) -> ReplyBudget {
+        // Any namespace will do: the stand-in exit does not enter it.
+        let netns = PodNetns::open(std::path::Path::new("/proc/self/ns/net"), 7).unwrap();
+        ReplyBudget::new(
+            limit,
+            7,
+            Some(netns),
+            "127.0.0.1:40000".parse().unwrap(),
+            "127.0.0.1:15001".parse().unwrap(),
+            exit.clone(),
+        )
     }
 
     #[test]
     fn replies_leave_the_shortcut_once_the_client_is_unanswered_too_long() {
         let exit = Arc::new(Exit::default());
         let a = Activity::new();
-        a.bound_replies(ReplyBudget::new(
-            1000,
-            7,
-            "127.0.0.1:40000".parse().unwrap(),
-            exit.clone(),
-        ));
+        a.bound_replies(budget(1000, &exit));
         // Request/response: the client speaks between replies.
         for _ in 0..50 {
             a.moved_out(10);
@@ -379,6 +434,43 @@ mod tests {
         assert_eq!(exit.left.load(Ordering::Relaxed), 1);
         // Bytes are counted as before.
         assert_eq!(a.bytes(), (510, 50 * 900 + 6200));
+    }
+
+    #[test]
+    fn a_client_that_sends_but_does_not_read_leaves_by_its_unread_bytes() {
+        let exit = Arc::new(Exit::default());
+        let a = Activity::new();
+        a.bound_replies(budget(1 << 20, &exit));
+        // Pipelined requests, 64 KiB answers, read: the unanswered count
+        // never reaches the limit; the socket is looked at every 256 KiB.
+        for _ in 0..16 {
+            a.moved_out(100);
+            a.moved_in(64 << 10);
+        }
+        assert_eq!(exit.left.load(Ordering::Relaxed), 0);
+        assert_eq!(
+            exit.looks.load(Ordering::Relaxed),
+            3,
+            "one look per 256 KiB sent"
+        );
+        // The answers pile up unread: the next look takes it off.
+        exit.unread.store(2 << 20, Ordering::Relaxed);
+        for _ in 0..4 {
+            a.moved_out(100);
+            a.moved_in(64 << 10);
+        }
+        a.moved_out(100);
+        assert_eq!(exit.left.load(Ordering::Relaxed), 1);
+        let looks = exit.looks.load(Ordering::Relaxed);
+        for _ in 0..8 {
+            a.moved_out(100);
+            a.moved_in(64 << 10);
+        }
+        assert_eq!(
+            exit.looks.load(Ordering::Relaxed),
+            looks,
+            "no look once off"
+        );
     }
 
     #[tokio::test]

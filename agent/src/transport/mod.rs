@@ -14,6 +14,7 @@ pub mod h2_refused;
 pub mod idle;
 pub mod netns;
 pub mod rewind;
+pub mod sock_diag;
 pub mod tls_label;
 pub mod tunnel;
 pub mod upstream;

@@ -155,6 +155,26 @@ impl PodNetns {
         self.run_in(|| Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP)))
     }
 
+    /// A `NETLINK_SOCK_DIAG` socket in this namespace (see
+    /// [`crate::transport::sock_diag`]).
+    pub fn sock_diag(&self) -> io::Result<OwnedFd> {
+        self.run_in(|| {
+            // SAFETY: plain syscall; the descriptor is owned right after.
+            let fd = unsafe {
+                libc::socket(
+                    libc::AF_NETLINK,
+                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                    libc::NETLINK_SOCK_DIAG,
+                )
+            };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: a fresh descriptor nobody else owns.
+            Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+        })
+    }
+
     /// Runs `f` (which must not block) with the calling thread in this
     /// namespace, then puts the thread back where it was.
     fn run_in<T>(&self, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {

@@ -142,10 +142,27 @@ impl ShortcutExit for ShortcutLeaver {
         // Runs where the connection's bytes move, inside its span.
         match self.original_dst.leave_shortcut(netns_cookie, client) {
             Ok(()) => debug!(
-                "client unanswered for redirect.reply_shortcut_max_unanswered bytes: its replies leave the shortcut for loopback TCP"
+                "client not keeping up (redirect.reply_shortcut_max_unanswered bytes unanswered, or as many unread in its socket): its replies leave the shortcut for loopback TCP"
             ),
             Err(e) => {
                 warn!(src = %client, error = %e, "cannot take the connection off the reply shortcut; its replies keep skipping TCP's flow control")
+            }
+        }
+    }
+
+    fn unread(&self, netns: &PodNetns, client: SocketAddr, server: SocketAddr) -> Option<u64> {
+        let asked = netns.sock_diag().and_then(|nl| {
+            crate::transport::sock_diag::receive_memory(
+                std::os::fd::AsFd::as_fd(&nl),
+                client,
+                server,
+            )
+        });
+        match asked {
+            Ok(unread) => unread.map(u64::from),
+            Err(e) => {
+                debug!(src = %client, error = %e, "cannot ask the kernel about the client's socket");
+                None
             }
         }
     }
@@ -495,7 +512,9 @@ impl Outbound {
             live.activity().bound_replies(ReplyBudget::new(
                 max_unanswered,
                 pod.netns_cookie,
+                pod.netns.clone(),
                 peer,
+                listener.unwrap_or(peer),
                 self.shortcut_exit.clone(),
             ));
         }
