@@ -63,6 +63,11 @@ const READY_DISCOVERY: &str = "no full picture of the cluster yet";
 const READY_CERTS: &str = "workload certificates missing or expired";
 const READY_SUCCESSOR: &str = "a new agent is taking over this node (it answers for itself)";
 
+/// A redirect error with its causes, for the proxy's string errors.
+fn chain(e: crate::redirect::RedirectError) -> String {
+    format!("{:#}", anyhow::Error::from(e))
+}
+
 /// The kernel's original-destination maps behind the proxy's trait. Lookups
 /// share a read lock (the map syscall is atomic on its own); only attach
 /// and detach take it exclusively.
@@ -75,8 +80,7 @@ struct KernelOriginalDst {
 impl OriginalDst for KernelOriginalDst {
     fn take(&self, netns_cookie: u64, client: SocketAddr) -> Result<Option<SocketAddr>, String> {
         let r = self.redirect.read().unwrap_or_else(|e| e.into_inner());
-        r.take_original_dst(netns_cookie, client)
-            .map_err(|e| format!("{:#}", anyhow::Error::from(e)))
+        r.take_original_dst(netns_cookie, client).map_err(chain)
     }
 
     fn shortcut_replies(
@@ -92,7 +96,7 @@ impl OriginalDst for KernelOriginalDst {
             Ok(Some(true)) => Ok(ReplyPath::Sockmap {
                 max_unanswered: self.max_unanswered,
             }),
-            Err(e) => Err(format!("{:#}", anyhow::Error::from(e))),
+            Err(e) => Err(chain(e)),
         }
     }
 
@@ -100,7 +104,7 @@ impl OriginalDst for KernelOriginalDst {
         let r = self.redirect.read().unwrap_or_else(|e| e.into_inner());
         r.leave_shortcut(netns_cookie, client)
             .map(|_| ())
-            .map_err(|e| format!("{:#}", anyhow::Error::from(e)))
+            .map_err(chain)
     }
 }
 
@@ -274,7 +278,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
                 .read()
                 .unwrap_or_else(|e| e.into_inner())
                 .shortcut_reply_bytes()
-                .map_err(|e| format!("{:#}", anyhow::Error::from(e)))
+                .map_err(chain)
         }));
         kernel_diag::register_metrics(&mut metrics.registry, k.clone());
         if let Some(h) = &mesh.inbound_http {

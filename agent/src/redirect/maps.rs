@@ -17,7 +17,7 @@ use aya::{
 };
 use ipnet::{IpNet, Ipv4Net};
 use waymark_common::{
-    ExcludePorts, FAMILY_V4, FAMILY_V6, MAX_EXCLUDE_PORTS, MAX_EXCLUDES, SockAddr,
+    ExcludePorts, FAMILY_V4, FAMILY_V6, FlowKey, MAX_EXCLUDE_PORTS, MAX_EXCLUDES, SockAddr,
 };
 
 use super::{Exclude, RedirectError};
@@ -39,6 +39,17 @@ fn v6_from_words(words: [u32; 4]) -> Ipv6Addr {
         chunk.copy_from_slice(&word.to_ne_bytes());
     }
     Ipv6Addr::from(octets)
+}
+
+/// The key the flow maps file a pod's connection under: the pod's netns
+/// cookie (every pod dials from the same loopback address) and the
+/// client's address.
+pub fn flow_key(netns_cookie: u64, client: SocketAddr) -> FlowKey {
+    FlowKey {
+        netns_cookie,
+        client: sock_addr(client),
+        _pad: 0,
+    }
 }
 
 /// The kernel-side form of a client address, normalised the way the

@@ -378,11 +378,7 @@ impl Redirect {
         let Some(shortcut) = &self.shortcut else {
             return Ok(None);
         };
-        let key = FlowKey {
-            netns_cookie,
-            client: maps::sock_addr(client),
-            _pad: 0,
-        };
+        let key = maps::flow_key(netns_cookie, client);
         let ready: Option<u8> =
             maps::lookup_and_delete(&shortcut.ready, &key).map_err(|source| {
                 RedirectError::MapSyscall {
@@ -423,11 +419,7 @@ impl Redirect {
         let Some(shortcut) = &self.shortcut else {
             return Ok(false);
         };
-        let key = FlowKey {
-            netns_cookie,
-            client: maps::sock_addr(client),
-            _pad: 0,
-        };
+        let key = maps::flow_key(netns_cookie, client);
         maps::delete(&shortcut.agent, &key).map_err(|source| RedirectError::MapSyscall {
             name: MAP_SHORTCUT_AGENT,
             op: "delete",
@@ -812,11 +804,7 @@ impl Redirect {
         netns_cookie: u64,
         client: SocketAddr,
     ) -> Result<Option<SocketAddr>, RedirectError> {
-        let key = FlowKey {
-            netns_cookie,
-            client: maps::sock_addr(client),
-            _pad: 0,
-        };
+        let key = maps::flow_key(netns_cookie, client);
         let original: Option<SockAddr> = maps::lookup_and_delete(self.by_flow.map(), &key)
             .map_err(|source| RedirectError::MapSyscall {
                 name: MAP_BY_FLOW,
@@ -830,11 +818,7 @@ impl Redirect {
     /// it (tests of stale entries).
     #[cfg(test)]
     fn plant_flow(&mut self, netns_cookie: u64, client: SocketAddr, original: SocketAddr) {
-        let key = FlowKey {
-            netns_cookie,
-            client: maps::sock_addr(client),
-            _pad: 0,
-        };
+        let key = maps::flow_key(netns_cookie, client);
         self.by_flow
             .insert(key, maps::sock_addr(original), 0)
             .expect("insert a flow entry");

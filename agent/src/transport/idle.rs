@@ -78,13 +78,12 @@ pub struct ReplyBudget {
     since_check: AtomicU64,
     left: AtomicBool,
     netns_cookie: u64,
-    /// The pod's network namespace, where its socket can be asked about
-    /// (`None` when the agent does not hold it: `outbound.dial_from =
-    /// "node"`; then only the unanswered count applies).
-    netns: Option<PodNetns>,
     client: SocketAddr,
-    /// The agent's end of the connection (the pod listener's address).
-    server: SocketAddr,
+    /// Where the client's socket can be asked about: the pod's network
+    /// namespace and the agent's end of the connection (the pod listener's
+    /// address). `None` when the agent does not hold the namespace
+    /// (`outbound.dial_from = "node"`): only the unanswered count applies.
+    unread_at: Option<(PodNetns, SocketAddr)>,
     exit: Arc<dyn ShortcutExit>,
 }
 
@@ -121,9 +120,8 @@ impl ReplyBudget {
     pub fn new(
         limit: u64,
         netns_cookie: u64,
-        netns: Option<PodNetns>,
         client: SocketAddr,
-        server: SocketAddr,
+        unread_at: Option<(PodNetns, SocketAddr)>,
         exit: Arc<dyn ShortcutExit>,
     ) -> Self {
         ReplyBudget {
@@ -132,9 +130,8 @@ impl ReplyBudget {
             since_check: AtomicU64::new(0),
             left: AtomicBool::new(false),
             netns_cookie,
-            netns,
             client,
-            server,
+            unread_at,
             exit,
         }
     }
@@ -143,12 +140,12 @@ impl ReplyBudget {
         self.unanswered.store(0, Ordering::Relaxed);
         if self.since_check.load(Ordering::Relaxed) >= UNREAD_CHECK_EVERY
             && !self.left.load(Ordering::Relaxed)
-            && let Some(netns) = &self.netns
+            && let Some((netns, server)) = &self.unread_at
         {
             self.since_check.store(0, Ordering::Relaxed);
             if self
                 .exit
-                .unread(netns, self.client, self.server)
+                .unread(netns, self.client, *server)
                 .is_some_and(|unread| unread > self.limit)
             {
                 self.take_off();
@@ -401,9 +398,8 @@ mod tests {
         ReplyBudget::new(
             limit,
             7,
-            Some(netns),
             "127.0.0.1:40000".parse().unwrap(),
-            "127.0.0.1:15001".parse().unwrap(),
+            Some((netns, "127.0.0.1:15001".parse().unwrap())),
             exit.clone(),
         )
     }

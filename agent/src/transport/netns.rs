@@ -158,21 +158,7 @@ impl PodNetns {
     /// A `NETLINK_SOCK_DIAG` socket in this namespace (see
     /// [`crate::transport::sock_diag`]).
     pub fn sock_diag(&self) -> io::Result<OwnedFd> {
-        self.run_in(|| {
-            // SAFETY: plain syscall; the descriptor is owned right after.
-            let fd = unsafe {
-                libc::socket(
-                    libc::AF_NETLINK,
-                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                    libc::NETLINK_SOCK_DIAG,
-                )
-            };
-            if fd < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // SAFETY: a fresh descriptor nobody else owns.
-            Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
-        })
+        self.run_in(crate::transport::sock_diag::open)
     }
 
     /// Runs `f` (which must not block) with the calling thread in this

@@ -9,7 +9,11 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+
+use nix::sys::socket::{
+    AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, recv, send, socket,
+};
 
 /// `SOCK_DIAG_BY_FAMILY` of `linux/sock_diag.h`.
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
@@ -23,6 +27,17 @@ const NLMSG_HDR: usize = 16;
 /// `struct inet_diag_msg`.
 const INET_DIAG_MSG: usize = 72;
 
+/// A `NETLINK_SOCK_DIAG` socket in the calling thread's network namespace.
+pub fn open() -> io::Result<OwnedFd> {
+    socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkSockDiag,
+    )
+    .map_err(io::Error::from)
+}
+
 /// The bytes held in the receive memory of the TCP socket whose local
 /// address is `local` and peer `peer`: `Ok(None)` when there is no such
 /// socket (any more).
@@ -32,33 +47,11 @@ pub fn receive_memory(
     peer: SocketAddr,
 ) -> io::Result<Option<u32>> {
     let request = request(local, peer)?;
-    // SAFETY: sends the bytes of a live buffer on a descriptor the caller
-    // lends; an unconnected netlink socket sends to the kernel.
-    let sent = unsafe {
-        libc::send(
-            netlink.as_raw_fd(),
-            request.as_ptr().cast(),
-            request.len(),
-            0,
-        )
-    };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // An unconnected netlink socket sends to the kernel.
+    send(netlink.as_raw_fd(), &request, MsgFlags::empty()).map_err(io::Error::from)?;
     let mut answer = [0u8; 1024];
-    // SAFETY: receives into a live buffer of the length given.
-    let got = unsafe {
-        libc::recv(
-            netlink.as_raw_fd(),
-            answer.as_mut_ptr().cast(),
-            answer.len(),
-            0,
-        )
-    };
-    if got < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    parse(&answer[..got as usize])
+    let got = recv(netlink.as_raw_fd(), &mut answer, MsgFlags::empty()).map_err(io::Error::from)?;
+    parse(&answer[..got])
 }
 
 /// `nlmsghdr` + `inet_diag_req_v2` asking for exactly one socket, with its
@@ -152,21 +145,7 @@ fn parse(answer: &[u8]) -> io::Result<Option<u32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::{AsFd, FromRawFd, OwnedFd};
-
-    fn netlink() -> OwnedFd {
-        // SAFETY: plain syscall; the descriptor is owned right after.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_SOCK_DIAG,
-            )
-        };
-        assert!(fd >= 0, "{}", io::Error::last_os_error());
-        // SAFETY: a fresh descriptor nobody else owns.
-        unsafe { OwnedFd::from_raw_fd(fd) }
-    }
+    use std::os::fd::AsFd;
 
     /// Unread bytes of a real socket are what the kernel says, and go once
     /// read; a socket that does not exist is `None`; garbage is an error,
@@ -178,7 +157,7 @@ mod tests {
         let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (mut server, _) = listener.accept().unwrap();
         server.write_all(&[7u8; 5000]).unwrap();
-        let nl = netlink();
+        let nl = open().unwrap();
         let (local, peer) = (client.local_addr().unwrap(), client.peer_addr().unwrap());
         let mut seen = None;
         for _ in 0..100 {

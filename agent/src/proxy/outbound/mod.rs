@@ -512,9 +512,8 @@ impl Outbound {
             live.activity().bound_replies(ReplyBudget::new(
                 max_unanswered,
                 pod.netns_cookie,
-                pod.netns.clone(),
                 peer,
-                listener.unwrap_or(peer),
+                pod.netns.clone().zip(listener),
                 self.shortcut_exit.clone(),
             ));
         }
