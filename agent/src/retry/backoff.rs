@@ -17,10 +17,20 @@ impl Backoff {
     /// `attempt` 0 is treated like 1.
     pub fn delay(&self, attempt: u32, r: f64) -> Duration {
         let doublings = attempt.saturating_sub(1);
+        // An overflowing doubling is past any `max`, unless there is
+        // nothing to double (a zero base backs off by nothing, however
+        // many attempts).
         let ceiling = 2u32
             .checked_pow(doublings)
             .and_then(|factor| self.base.checked_mul(factor))
-            .map_or(self.max, |d| d.min(self.max));
+            .map_or(
+                if self.base.is_zero() {
+                    Duration::ZERO
+                } else {
+                    self.max
+                },
+                |d| d.min(self.max),
+            );
         // Full jitter (rather than ceiling/2 + jitter) spreads synchronized
         // failures the most, at the cost of sometimes retrying at once.
         let r = if r.is_nan() { 0.0 } else { r.clamp(0.0, 1.0) };
