@@ -56,19 +56,36 @@ fn echo_through_agent(world: &World) -> Result<u64> {
     let _echo = srv.serve(&mut testpeer(["echo", "--listen", "0.0.0.0:7000"]))?;
     let target = format!("{}:7000", srv.ip());
     let before = lo_rx_bytes(cl)?;
-    let out = cl.run(&mut testpeer([
-        "client",
-        "--connect",
-        &target,
-        "--bytes",
-        &SIZE.to_string(),
-        "--seed",
-        "7",
-        "--timeout",
-        "25s",
-    ]))?;
-    let r: Value = serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("testpeer said {:?}", String::from_utf8_lossy(&out.stdout)))?;
+    // The client shuts down its side only once every reply is back: a
+    // reply written after a half-close takes TCP (the agent's socket has
+    // left ESTABLISHED), which would blur what crossed `lo`.
+    let script = format!(
+        r#"
+import json, random, socket, threading
+data = random.Random(7).randbytes({SIZE})
+host, port = "{target}".rsplit(":", 1)
+s = socket.create_connection((host, int(port)), timeout=25)
+sender = threading.Thread(target=s.sendall, args=(data,))
+sender.start()
+got = bytearray()
+while len(got) < len(data):
+    b = s.recv(1 << 20)
+    if not b:
+        break
+    got += b
+sender.join()
+s.shutdown(socket.SHUT_WR)
+print(json.dumps({{"identical": bytes(got) == data, "sent": len(data), "received": len(got)}}))
+"#
+    );
+    let out = cl.run_timeout(python().args(["-c", &script]), Duration::from_secs(60))?;
+    let r: Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "client said {:?} {:?}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
     ensure!(
         r["identical"] == true && r["sent"] == SIZE && r["received"] == SIZE,
         "{SIZE} bytes through the echo server came back different: {r}"
