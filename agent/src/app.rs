@@ -95,6 +95,7 @@ impl OriginalDst for KernelOriginalDst {
             Ok(Some(false)) => Ok(ReplyPath::Loopback),
             Ok(Some(true)) => Ok(ReplyPath::Sockmap {
                 max_unanswered: self.max_unanswered,
+                requests: r.request_shortcut_on(),
             }),
             Err(e) => Err(chain(e)),
         }
@@ -105,6 +106,22 @@ impl OriginalDst for KernelOriginalDst {
         r.leave_shortcut(netns_cookie, client)
             .map(|_| ())
             .map_err(chain)
+    }
+
+    fn request_consumed(
+        &self,
+        netns_cookie: u64,
+        client: SocketAddr,
+        total: u64,
+    ) -> Result<(), String> {
+        let r = self.redirect.read().unwrap_or_else(|e| e.into_inner());
+        r.request_consumed(netns_cookie, client, total)
+            .map_err(chain)
+    }
+
+    fn forget_request(&self, netns_cookie: u64, client: SocketAddr) {
+        let r = self.redirect.read().unwrap_or_else(|e| e.into_inner());
+        r.forget_request(netns_cookie, client);
     }
 }
 
@@ -278,6 +295,14 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
                 .read()
                 .unwrap_or_else(|e| e.into_inner())
                 .shortcut_reply_bytes()
+                .map_err(chain)
+        }));
+        let requests = redirect.clone();
+        k.count_sockmap_requests(Box::new(move || {
+            requests
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .shortcut_request_bytes()
                 .map_err(chain)
         }));
         kernel_diag::register_metrics(&mut metrics.registry, k.clone());
@@ -652,6 +677,17 @@ fn load_redirect(config: &Config, pins: Option<&Pins>) -> Result<Arc<RwLock<Redi
             warn!(error = %format!("{e:#}"), "the reply shortcut (redirect.reply_shortcut) is not available on this kernel; replies to pods take loopback TCP");
         }
     }
+    if config.redirect.request_shortcut {
+        // An optimisation too: without it requests take loopback TCP.
+        let enabled = agent_cgroup(config).and_then(|cgroup| {
+            redirect
+                .enable_request_shortcut(config.redirect.request_shortcut_max_unread, &cgroup)
+                .map_err(anyhow::Error::from)
+        });
+        if let Err(e) = enabled {
+            warn!(error = %format!("{e:#}"), "the request shortcut (redirect.request_shortcut) is off; pods' requests take loopback TCP");
+        }
+    }
     Ok(Arc::new(RwLock::new(redirect)))
 }
 
@@ -839,6 +875,35 @@ fn resolve_cgroup(cgroup: &std::path::Path) -> Result<PathBuf> {
         "redirect.cgroup {} is not a cgroup v2 directory (no cgroup.procs in it)",
         path.display()
     );
+    Ok(path)
+}
+
+/// The cgroup v2 directory this process is in, for the request shortcut's
+/// `sock_ops` program (see `Redirect::enable_request_shortcut`). Refused:
+/// the root cgroup (the program would run on every TCP socket of the
+/// machine), and the pods' cgroup or one above it (it would run on every
+/// pod's sockets, and the agent belongs beside the pods, not among them).
+fn agent_cgroup(config: &Config) -> Result<PathBuf> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").context("reading /proc/self/cgroup")?;
+    let relative = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .context("this process is in no cgroup v2 (no 0:: line in /proc/self/cgroup)")?;
+    let relative = relative.trim_start_matches('/');
+    anyhow::ensure!(
+        !relative.is_empty(),
+        "the agent runs in the root cgroup; run it in a cgroup of its own (a pod, a systemd unit)"
+    );
+    let path = cgroup2_mount()?.join(relative);
+    if let Some(pods) = &config.redirect.cgroup {
+        let pods = resolve_cgroup(pods)?;
+        anyhow::ensure!(
+            !pods.starts_with(&path),
+            "the agent's cgroup {} holds the pods' cgroup {} (redirect.cgroup); run the agent beside the pods",
+            path.display(),
+            pods.display()
+        );
+    }
     Ok(path)
 }
 

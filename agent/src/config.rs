@@ -341,6 +341,22 @@ pub struct RedirectConfig {
     /// window plus a send buffer).
     #[serde(default = "default_reply_shortcut_max_unanswered")]
     pub reply_shortcut_max_unanswered: u64,
+    /// A pod application's requests go socket to socket into the agent's
+    /// accepted socket too, so the pod's loopback leg carries no TCP at
+    /// all. Needs `reply_shortcut` and an agent in a cgroup of its own (not
+    /// the root cgroup): a `sock_ops` program attached to the agent's
+    /// cgroup files its accepted sockets the moment their handshake
+    /// completes. Where that is not so the agent says why and the requests
+    /// take loopback TCP. A pod capture puts the pod's requests back on
+    /// packets too; the kernel diagnostics count them in bytes out.
+    #[serde(default)]
+    pub request_shortcut: bool,
+    /// Request bytes the kernel may queue in the agent's socket beyond what
+    /// the agent has read; past it the connection's requests take loopback
+    /// TCP (and its window) for good. What TCP would have held back: a
+    /// pod sending faster than its upstream takes is held at this.
+    #[serde(default = "default_reply_shortcut_max_unanswered")]
+    pub request_shortcut_max_unread: u64,
 }
 
 /// 4 MiB.
@@ -360,6 +376,8 @@ impl Default for RedirectConfig {
             on_agent_down: OnAgentDown::default(),
             reply_shortcut: true,
             reply_shortcut_max_unanswered: DEFAULT_REPLY_SHORTCUT_MAX_UNANSWERED,
+            request_shortcut: false,
+            request_shortcut_max_unread: DEFAULT_REPLY_SHORTCUT_MAX_UNANSWERED,
         }
     }
 }
@@ -568,6 +586,20 @@ impl Config {
                 "redirect.reply_shortcut_max_unanswered: {} bytes is less than a TCP window (65536); \
                  to keep replies off the shortcut, set redirect.reply_shortcut = false",
                 self.redirect.reply_shortcut_max_unanswered
+            ));
+        }
+        if self.redirect.request_shortcut && !self.redirect.reply_shortcut {
+            problems.push(
+                "redirect.request_shortcut needs redirect.reply_shortcut = true (the request \
+                 shortcut runs on the sockets the reply shortcut files)"
+                    .to_string(),
+            );
+        }
+        if self.redirect.request_shortcut_max_unread < 64 << 10 {
+            problems.push(format!(
+                "redirect.request_shortcut_max_unread: {} bytes is less than a TCP window (65536); \
+                 to keep requests off the shortcut, set redirect.request_shortcut = false",
+                self.redirect.request_shortcut_max_unread
             ));
         }
         if self.redirect.exclude.len() > waymark_common::MAX_EXCLUDES as usize {

@@ -579,7 +579,24 @@ fn a_keylog_capture_of_the_tunnel_is_decrypted_by_tshark() {
 #[test]
 fn a_pod_capture_sees_replies_the_shortcut_would_carry() {
     require_agent_or_skip!();
-    let builder = World::builder(world_name!()).nodes(1).pods_per_node(2);
+    capture_sees_shortcut_traffic(World::builder(world_name!()).nodes(1).pods_per_node(2));
+}
+
+/// The same with the request shortcut on too (`redirect.request_shortcut`):
+/// the requests of the connection opened before the capture, and those of
+/// the one opened during it, are packets on the pod's `lo` while it runs.
+#[test]
+fn a_pod_capture_sees_requests_the_shortcut_would_carry() {
+    require_agent_or_skip!();
+    capture_sees_shortcut_traffic(
+        World::builder(world_name!())
+            .nodes(1)
+            .pods_per_node(2)
+            .agent_config_extra("[redirect]\nrequest_shortcut = true\n"),
+    );
+}
+
+fn capture_sees_shortcut_traffic(builder: waymark_tests::WorldBuilder) {
     with_world(builder, |world| {
         let node = world.node(0);
         let (client, server) = (world.pod(0, 0), world.pod(0, 1));

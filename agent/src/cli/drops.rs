@@ -92,6 +92,7 @@ pub fn render(r: &DropsReport) -> String {
         "PACKETS_IN".into(),
         "PACKETS_OUT".into(),
         "SOCKMAP_IN".into(),
+        "SOCKMAP_OUT".into(),
     ]];
     for p in &r.pods {
         tcp.push([
@@ -105,6 +106,7 @@ pub fn render(r: &DropsReport) -> String {
             p.packets_in.to_string(),
             p.packets_out.to_string(),
             p.sockmap_bytes_in.to_string(),
+            p.sockmap_bytes_out.to_string(),
         ]);
     }
     out += &table(&tcp);

@@ -156,16 +156,12 @@ impl Collector for KernelCollector {
         counter(
             &mut encoder,
             "waymark_kernel_sockmap_bytes",
-            "The part of waymark_kernel_bytes that a sockmap moved socket to socket (the reply shortcut): payload, no packets",
-            r.pods.iter().map(|p| {
-                (
-                    DirectionLabels {
-                        pod: p.pod.clone(),
-                        direction: "in",
-                    },
-                    p.sockmap_bytes_in,
-                )
-            }),
+            "The part of waymark_kernel_bytes that a sockmap moved socket to socket (the reply shortcut in, the request shortcut out): payload, no packets",
+            both(
+                |p| p.sockmap_bytes_in,
+                |p| p.sockmap_bytes_out,
+                ["in", "out"],
+            ),
         )?;
         counter(
             &mut encoder,

@@ -134,7 +134,9 @@ pub struct KernelDiag {
     history: Mutex<History>,
     events: broadcast::Sender<Arc<DropEvent>>,
     clock: events::Clock,
+    /// The reply shortcut's bytes (in) and the request shortcut's (out).
     sockmap: Mutex<Option<SockmapReplies>>,
+    sockmap_out: Mutex<Option<SockmapReplies>>,
 }
 
 /// Reads the reply bytes the reply shortcut delivered, per netns cookie:
@@ -285,6 +287,7 @@ impl KernelDiag {
             events,
             clock: events::Clock::now(),
             sockmap: Mutex::new(None),
+            sockmap_out: Mutex::new(None),
         })
     }
 
@@ -555,7 +558,8 @@ impl KernelDiag {
             taken: Instant::now(),
             drops,
             stats,
-            sockmap_in: self.sockmap_in(),
+            sockmap_in: self.sockmap_slots(&self.sockmap),
+            sockmap_out: self.sockmap_slots(&self.sockmap_out),
             suppressed: budget.iter().map(|b| b.suppressed).sum(),
             lost: budget.iter().map(|b| b.lost).sum(),
         })
@@ -564,29 +568,39 @@ impl KernelDiag {
     /// Counts the reply shortcut's replies in the pods' bytes in from now
     /// on: `read` gives the redirect object's per-pod totals.
     pub fn count_sockmap_replies(&self, read: SockmapSource) {
-        let mut replies = SockmapReplies {
+        Self::count_sockmap(&self.sockmap, read);
+    }
+
+    /// As [`KernelDiag::count_sockmap_replies`], for the request shortcut's
+    /// requests in the pods' bytes out.
+    pub fn count_sockmap_requests(&self, read: SockmapSource) {
+        Self::count_sockmap(&self.sockmap_out, read);
+    }
+
+    fn count_sockmap(into: &Mutex<Option<SockmapReplies>>, read: SockmapSource) {
+        let mut counts = SockmapReplies {
             read,
             last: Default::default(),
             by_slot: Vec::new(),
             primed: false,
         };
-        if let Err(e) = replies.update(|_| None) {
-            tracing::warn!(error = %e, "cannot read the reply shortcut's byte counts");
+        if let Err(e) = counts.update(|_| None) {
+            tracing::warn!(error = %e, "cannot read the socket shortcut's byte counts");
         }
-        *self.sockmap.lock().unwrap_or_else(|e| e.into_inner()) = Some(replies);
+        *into.lock().unwrap_or_else(|e| e.into_inner()) = Some(counts);
     }
 
-    /// The reply shortcut's bytes per slot, brought up to date.
-    fn sockmap_in(&self) -> Vec<u64> {
-        let mut guard = self.sockmap.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(replies) = guard.as_mut() else {
+    /// One shortcut's bytes per slot, brought up to date.
+    fn sockmap_slots(&self, counts: &Mutex<Option<SockmapReplies>>) -> Vec<u64> {
+        let mut guard = counts.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(counts) = guard.as_mut() else {
             return Vec::new();
         };
         let slots = self.pod_slots.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = replies.update(|cookie| slots.get(&cookie, 0).ok()) {
-            tracing::debug!(error = %e, "cannot read the reply shortcut's byte counts");
+        if let Err(e) = counts.update(|cookie| slots.get(&cookie, 0).ok()) {
+            tracing::debug!(error = %e, "cannot read the socket shortcut's byte counts");
         }
-        replies.by_slot.clone()
+        counts.by_slot.clone()
     }
 
     /// Reads the event ring until `stop`, handing events to subscribers.

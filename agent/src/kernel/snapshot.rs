@@ -25,6 +25,9 @@ pub struct Snapshot {
     /// shortcut), counted since the agent started; index = slot (shorter
     /// when there is no such source: zeros).
     pub sockmap_in: Vec<u64>,
+    /// Request bytes a sockmap took from each slot's sockets (the request
+    /// shortcut), the same way.
+    pub sockmap_out: Vec<u64>,
     pub suppressed: u64,
     pub lost: u64,
 }
@@ -106,6 +109,10 @@ pub struct PodReport {
     /// sockets (the reply shortcut): payload without packets.
     #[serde(default)]
     pub sockmap_bytes_in: u64,
+    /// The part of `bytes_out` a sockmap moved straight from the pod's
+    /// sockets to the agent's (the request shortcut).
+    #[serde(default)]
+    pub sockmap_bytes_out: u64,
 }
 
 /// The answer of `GET /drops`.
@@ -141,6 +148,8 @@ pub fn report(
             .unwrap_or(&zero);
         let sockmap_of = |s: &Snapshot| s.sockmap_in.get(slot as usize).copied().unwrap_or(0);
         let sockmap_in = sockmap_of(now).saturating_sub(base.map_or(0, sockmap_of));
+        let sockmap_out_of = |s: &Snapshot| s.sockmap_out.get(slot as usize).copied().unwrap_or(0);
+        let sockmap_out = sockmap_out_of(now).saturating_sub(base.map_or(0, sockmap_out_of));
         let mut drops: Vec<ReasonCount> = now
             .drops
             .range((slot, 0)..=(slot, u32::MAX))
@@ -168,10 +177,11 @@ pub fn report(
             resets_sent: stats.resets_sent.saturating_sub(then.resets_sent),
             resets_received: stats.resets_received.saturating_sub(then.resets_received),
             bytes_in: stats.bytes_in.saturating_sub(then.bytes_in) + sockmap_in,
-            bytes_out: stats.bytes_out.saturating_sub(then.bytes_out),
+            bytes_out: stats.bytes_out.saturating_sub(then.bytes_out) + sockmap_out,
             packets_in: stats.packets_in.saturating_sub(then.packets_in),
             packets_out: stats.packets_out.saturating_sub(then.packets_out),
             sockmap_bytes_in: sockmap_in,
+            sockmap_bytes_out: sockmap_out,
         });
     }
     DropsReport {
@@ -255,6 +265,7 @@ mod tests {
                 },
             ],
             sockmap_in: vec![0, 10 * retrans],
+            sockmap_out: vec![0, 5 * retrans],
             suppressed: 0,
             lost: 0,
         }
@@ -293,6 +304,7 @@ mod tests {
         assert_eq!(p.retransmits, 6);
         // Sockmap bytes are bytes in too.
         assert_eq!((p.sockmap_bytes_in, p.bytes_in), (60, 60));
+        assert_eq!((p.sockmap_bytes_out, p.bytes_out), (30, 30));
         // Longer than the history: the oldest snapshot.
         let base = h
             .at_or_before(now.taken, Duration::from_secs(3600))

@@ -41,6 +41,20 @@ pub trait OriginalDst: Send + Sync + 'static {
     fn leave_shortcut(&self, _netns_cookie: u64, _client: SocketAddr) -> Result<(), String> {
         Ok(())
     }
+
+    /// The agent has read `total` request bytes of the connection (the
+    /// request shortcut's bound; a no-op with it off).
+    fn request_consumed(
+        &self,
+        _netns_cookie: u64,
+        _client: SocketAddr,
+        _total: u64,
+    ) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// The connection has ended: forget what `request_consumed` wrote.
+    fn forget_request(&self, _netns_cookie: u64, _client: SocketAddr) {}
 }
 
 /// How the agent's replies to a pod's application reach it.
@@ -52,5 +66,11 @@ pub enum ReplyPath {
     Loopback,
     /// Socket to socket, until the agent has sent `max_unanswered` bytes
     /// without the client sending any (then loopback TCP).
-    Sockmap { max_unanswered: u64 },
+    ///
+    /// `requests`: the request shortcut is on, so the kernel may move this
+    /// connection's requests socket to socket too (it decides at the
+    /// client's first send), and reads from the socket must not take a
+    /// short read as proof that it is drained (see
+    /// [`crate::transport::idle::ReadWhole`]).
+    Sockmap { max_unanswered: u64, requests: bool },
 }

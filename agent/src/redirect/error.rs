@@ -85,6 +85,18 @@ pub enum RedirectError {
     #[error("{path} is not a cgroup v2 directory (programs attach to cgroup v2 only)")]
     NotCgroup2 { path: PathBuf },
 
+    /// The request shortcut runs on the sockets the reply shortcut files.
+    #[error("the request shortcut needs the reply shortcut on (redirect.reply_shortcut)")]
+    RequestShortcutWithoutReplies,
+
+    /// A cgroup directory could not be opened.
+    #[error("opening cgroup {cgroup}")]
+    Cgroup {
+        cgroup: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
     /// `attach` was called while the programs are attached.
     #[error("redirect programs are already attached to {cgroup}")]
     AlreadyAttached { cgroup: PathBuf },

@@ -259,16 +259,22 @@ pub(super) fn update_socket<K: Pod>(
     key: &K,
     socket: std::os::fd::BorrowedFd<'_>,
 ) -> io::Result<()> {
+    // A socket map's value is the descriptor.
+    update(map, key, &(socket.as_raw_fd() as u32))
+}
+
+/// `BPF_MAP_UPDATE_ELEM` (`BPF_ANY`) through a shared map, as
+/// [`update_socket`]. The caller guarantees `K` and `V` match the map's
+/// key and value sizes.
+pub(super) fn update<K: Pod, V: Pod>(map: &MapData, key: &K, value: &V) -> io::Result<()> {
     const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-    let value: u32 = socket.as_raw_fd() as u32;
-    // SAFETY: a live key and a live 4-byte value (a socket map's value is
-    // the descriptor), which the kernel only reads.
+    // SAFETY: a live key and a live value, which the kernel only reads.
     let ret = unsafe {
         map_elem(
             BPF_MAP_UPDATE_ELEM,
             map,
             key as *const K as u64,
-            &value as *const u32 as u64,
+            value as *const V as u64,
         )
     };
     if ret == 0 {

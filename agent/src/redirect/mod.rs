@@ -87,6 +87,11 @@ const INBOUND: &str = "wm_inbound";
 const SOCK_RELEASE: &str = "wm_sock_release";
 /// `sk_msg` on the agent's accepted sockets: the reply shortcut.
 const REPLY_SHORTCUT: &str = "wm_reply_shortcut";
+/// `sk_msg` on pods' redirected sockets: the request shortcut.
+const REQUEST_SHORTCUT: &str = "wm_request_shortcut";
+/// `sock_ops` on the agent's own cgroup: files its accepted sockets as the
+/// request shortcut's targets.
+const AGENT_SOCK_OPS: &str = "wm_agent_sock_ops";
 const PEERNAME4: &str = "wm_peername4";
 const PEERNAME6: &str = "wm_peername6";
 const CONNECT4: &str = "wm_connect4";
@@ -108,6 +113,11 @@ const MAP_ALLOW_V6: &str = "INBOUND_ALLOW_V6";
 const MAP_SHORTCUT_READY: &str = "SHORTCUT_READY";
 const MAP_SHORTCUT_AGENT: &str = "SHORTCUT_AGENT";
 const MAP_SHORTCUT_BYTES: &str = "SHORTCUT_BYTES";
+const MAP_SHORTCUT_CLIENTS: &str = "SHORTCUT_CLIENTS";
+const MAP_REPLIES_LEFT: &str = "REPLIES_LEFT";
+const MAP_SHORTCUT_BYTES_OUT: &str = "SHORTCUT_BYTES_OUT";
+const MAP_REQUEST_CONSUMED: &str = "REQUEST_CONSUMED";
+const MAP_REQUEST_HELD: &str = "REQUEST_HELD";
 
 /// A destination the kernel never redirects.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -153,6 +163,8 @@ pub struct Redirect {
 struct ShortcutMaps {
     ready: MapData,
     agent: MapData,
+    /// Connections taken off for good (`REPLIES_LEFT`).
+    left: MapData,
     /// Reply bytes redirected, per pod netns cookie and CPU.
     bytes: PerCpuHashMap<MapData, u64, u64>,
     /// Pods (by netns cookie) whose replies stay on packets for now, with
@@ -162,6 +174,43 @@ struct ShortcutMaps {
     held: RwLock<std::collections::BTreeMap<u64, usize>>,
     /// Keeps `wm_reply_shortcut` attached to the agent map while held.
     _link: aya::programs::sk_msg::SkMsgLinkId,
+    /// With the request shortcut on as well.
+    requests: Option<RequestMaps>,
+}
+
+impl ShortcutMaps {
+    /// Takes one connection's replies off the shortcut for good: filed in
+    /// `REPLIES_LEFT` first (the program checks it on every reply; leaving
+    /// the agent map alone does not remove the program from a socket that
+    /// is also a request target), then out of the agent map. `Ok(false)`:
+    /// it was not in the agent map (any more).
+    fn take_off(&self, key: &FlowKey) -> Result<bool, RedirectError> {
+        maps::update(&self.left, key, &1u8).map_err(|source| RedirectError::MapSyscall {
+            name: MAP_REPLIES_LEFT,
+            op: "insert",
+            source,
+        })?;
+        maps::delete(&self.agent, key).map_err(|source| RedirectError::MapSyscall {
+            name: MAP_SHORTCUT_AGENT,
+            op: "delete",
+            source,
+        })
+    }
+}
+
+/// The request shortcut's side of the maps (see
+/// `ebpf/kernel/src/request.rs`).
+struct RequestMaps {
+    /// What the agent has read, per connection, as the kernel's bound.
+    consumed: MapData,
+    /// Pods whose requests stay on packets (a capture runs).
+    held: MapData,
+    /// Request bytes redirected, per pod netns cookie and CPU.
+    bytes: PerCpuHashMap<MapData, u64, u64>,
+    /// Keep `wm_request_shortcut` attached to the clients' map and
+    /// `wm_agent_sock_ops` to the agent's cgroup while held.
+    _sk_msg: aya::programs::sk_msg::SkMsgLinkId,
+    _sock_ops: SockOpsLinkId,
 }
 
 struct Attachment {
@@ -230,7 +279,7 @@ impl Redirect {
                 .load()
                 .map_err(program_error(name))?;
         }
-        sock_ops_program(&mut ebpf)?
+        sock_ops_program(&mut ebpf, SOCK_OPS)?
             .load()
             .map_err(program_error(SOCK_OPS))?;
         inbound_program(&mut ebpf)?
@@ -311,7 +360,7 @@ impl Redirect {
         if self.shortcut.is_some() {
             return Ok(());
         }
-        sk_msg_program(&mut self.ebpf)?
+        sk_msg_program(&mut self.ebpf, REPLY_SHORTCUT)?
             .load()
             .map_err(program_error(REPLY_SHORTCUT))?;
         let agent = take_map(&mut self.ebpf, MAP_SHORTCUT_AGENT)?;
@@ -324,7 +373,7 @@ impl Redirect {
                 op: "dup",
                 source,
             })?;
-        let link = sk_msg_program(&mut self.ebpf)?
+        let link = sk_msg_program(&mut self.ebpf, REPLY_SHORTCUT)?
             .attach(&map_fd)
             .map_err(program_error(REPLY_SHORTCUT))?;
         let aya::maps::Map::SockHash(agent) = agent else {
@@ -342,6 +391,7 @@ impl Redirect {
         };
         let bytes = PerCpuHashMap::try_from(take_map(&mut self.ebpf, MAP_SHORTCUT_BYTES)?)
             .map_err(map_error(MAP_SHORTCUT_BYTES, "open"))?;
+        let left = map_data(&mut self.ebpf, MAP_REPLIES_LEFT)?;
         let mut settings =
             Array::<_, RedirectSettings>::try_from(map_mut(&mut self.ebpf, MAP_SETTINGS)?)
                 .map_err(map_error(MAP_SETTINGS, "open"))?;
@@ -355,12 +405,154 @@ impl Redirect {
         self.shortcut = Some(ShortcutMaps {
             ready,
             agent,
+            left,
             bytes,
             held: RwLock::default(),
             _link: link,
+            requests: None,
         });
         tracing::info!("reply shortcut on: replies to pods go socket to socket (sockmap)");
         Ok(())
+    }
+
+    /// Turns the request shortcut on (see `ebpf/kernel/src/request.rs`):
+    /// pods' requests go socket to socket into the agent's accepted
+    /// sockets. Needs the reply shortcut on (its map holds the pods'
+    /// sockets the program runs on). `agent_cgroup` is the cgroup v2
+    /// directory of this process: its accepted sockets belong to it, and
+    /// `wm_agent_sock_ops` attached there files them as targets the moment
+    /// their handshake completes. `max_unread`: bytes the kernel may queue
+    /// in an accepted socket beyond what [`Redirect::request_consumed`]
+    /// said was read, before the connection's requests take TCP.
+    pub fn enable_request_shortcut(
+        &mut self,
+        max_unread: u64,
+        agent_cgroup: &Path,
+    ) -> Result<(), RedirectError> {
+        let Some(shortcut) = &self.shortcut else {
+            return Err(RedirectError::RequestShortcutWithoutReplies);
+        };
+        if shortcut.requests.is_some() {
+            return Ok(());
+        }
+        sk_msg_program(&mut self.ebpf, REQUEST_SHORTCUT)?
+            .load()
+            .map_err(program_error(REQUEST_SHORTCUT))?;
+        sock_ops_program(&mut self.ebpf, AGENT_SOCK_OPS)?
+            .load()
+            .map_err(program_error(AGENT_SOCK_OPS))?;
+        let clients_fd = {
+            let clients = map_mut(&mut self.ebpf, MAP_SHORTCUT_CLIENTS)?;
+            aya::maps::SockHash::<_, FlowKey>::try_from(&*clients)
+                .map_err(map_error(MAP_SHORTCUT_CLIENTS, "open"))?
+                .fd()
+                .try_clone()
+                .map_err(|source| RedirectError::MapSyscall {
+                    name: MAP_SHORTCUT_CLIENTS,
+                    op: "dup",
+                    source,
+                })?
+        };
+        let dir = File::open(agent_cgroup).map_err(|source| RedirectError::Cgroup {
+            cgroup: agent_cgroup.to_path_buf(),
+            source,
+        })?;
+        // The sock_ops program first: with the sk_msg program attached and
+        // no targets filed yet, connections only take TCP.
+        let sock_ops = sock_ops_program(&mut self.ebpf, AGENT_SOCK_OPS)?
+            .attach(&dir, CgroupAttachMode::Single)
+            .map_err(|source| RedirectError::Attach {
+                program: AGENT_SOCK_OPS,
+                cgroup: agent_cgroup.to_path_buf(),
+                source: Box::new(source),
+            })?;
+        let sk_msg = sk_msg_program(&mut self.ebpf, REQUEST_SHORTCUT)?
+            .attach(&clients_fd)
+            .map_err(program_error(REQUEST_SHORTCUT))?;
+        let consumed = map_data(&mut self.ebpf, MAP_REQUEST_CONSUMED)?;
+        let held = map_data(&mut self.ebpf, MAP_REQUEST_HELD)?;
+        let bytes = PerCpuHashMap::try_from(take_map(&mut self.ebpf, MAP_SHORTCUT_BYTES_OUT)?)
+            .map_err(map_error(MAP_SHORTCUT_BYTES_OUT, "open"))?;
+        let mut settings =
+            Array::<_, RedirectSettings>::try_from(map_mut(&mut self.ebpf, MAP_SETTINGS)?)
+                .map_err(map_error(MAP_SETTINGS, "open"))?;
+        let mut current = settings
+            .get(&0, 0)
+            .map_err(map_error(MAP_SETTINGS, "read"))?;
+        current.flags |= waymark_common::SETTING_REQUEST_SHORTCUT;
+        current.request_max_unread_kib =
+            u32::try_from(max_unread.div_ceil(1024)).unwrap_or(u32::MAX);
+        settings
+            .set(0, current, 0)
+            .map_err(map_error(MAP_SETTINGS, "write"))?;
+        // Pods a capture held before this (none at start) need no catching
+        // up: holds are written as they come (`hold_replies_on_packets`).
+        if let Some(shortcut) = &mut self.shortcut {
+            shortcut.requests = Some(RequestMaps {
+                consumed,
+                held,
+                bytes,
+                _sk_msg: sk_msg,
+                _sock_ops: sock_ops,
+            });
+        }
+        tracing::info!(agent_cgroup = %agent_cgroup.display(), max_unread, "request shortcut on: pods' requests go socket to socket (sockmap)");
+        Ok(())
+    }
+
+    /// Tells the kernel the agent has read `total` request bytes of the
+    /// connection of `client` in the pod `netns_cookie` (the request
+    /// shortcut's bound). A no-op with the request shortcut off.
+    pub fn request_consumed(
+        &self,
+        netns_cookie: u64,
+        client: SocketAddr,
+        total: u64,
+    ) -> Result<(), RedirectError> {
+        let Some(requests) = self.requests() else {
+            return Ok(());
+        };
+        let key = maps::flow_key(netns_cookie, client);
+        maps::update(&requests.consumed, &key, &total).map_err(|source| RedirectError::MapSyscall {
+            name: MAP_REQUEST_CONSUMED,
+            op: "update",
+            source,
+        })
+    }
+
+    /// Forgets what [`Redirect::request_consumed`] wrote for a connection
+    /// that has ended.
+    pub fn forget_request(&self, netns_cookie: u64, client: SocketAddr) {
+        if let Some(requests) = self.requests() {
+            let key = maps::flow_key(netns_cookie, client);
+            let _ = maps::delete(&requests.consumed, &key);
+        }
+    }
+
+    /// Request bytes the shortcut has delivered, per pod netns cookie (as
+    /// [`Redirect::shortcut_reply_bytes`]). Empty with it off.
+    pub fn shortcut_request_bytes(&self) -> Result<Vec<(u64, u64)>, RedirectError> {
+        let Some(requests) = self.requests() else {
+            return Ok(Vec::new());
+        };
+        requests
+            .bytes
+            .iter()
+            .map(|entry| {
+                entry
+                    .map(|(cookie, per_cpu)| (cookie, per_cpu.iter().sum()))
+                    .map_err(map_error(MAP_SHORTCUT_BYTES_OUT, "read"))
+            })
+            .collect()
+    }
+
+    /// Whether [`Redirect::enable_request_shortcut`] succeeded.
+    pub fn request_shortcut_on(&self) -> bool {
+        self.requests().is_some()
+    }
+
+    fn requests(&self) -> Option<&RequestMaps> {
+        self.shortcut.as_ref()?.requests.as_ref()
     }
 
     /// Puts the agent's accepted socket `socket`, the one serving the client
@@ -420,11 +612,7 @@ impl Redirect {
             return Ok(false);
         };
         let key = maps::flow_key(netns_cookie, client);
-        maps::delete(&shortcut.agent, &key).map_err(|source| RedirectError::MapSyscall {
-            name: MAP_SHORTCUT_AGENT,
-            op: "delete",
-            source,
-        })
+        shortcut.take_off(&key)
     }
 
     /// Reply bytes the shortcut has delivered, per pod netns cookie, since
@@ -459,6 +647,16 @@ impl Redirect {
         };
         let mut held = shortcut.held.write().unwrap_or_else(|e| e.into_inner());
         *held.entry(netns_cookie).or_default() += 1;
+        if let Some(requests) = &shortcut.requests {
+            // The pod's next sends take TCP, for good, on every connection.
+            maps::update(&requests.held, &netns_cookie, &1u8).map_err(|source| {
+                RedirectError::MapSyscall {
+                    name: MAP_REQUEST_HELD,
+                    op: "update",
+                    source,
+                }
+            })?;
+        }
         let syscall = |op| {
             move |source| RedirectError::MapSyscall {
                 name: MAP_SHORTCUT_AGENT,
@@ -469,7 +667,7 @@ impl Redirect {
         let keys: Vec<FlowKey> = maps::keys(&shortcut.agent).map_err(syscall("walk"))?;
         let mut taken = 0;
         for key in keys.iter().filter(|k| k.netns_cookie == netns_cookie) {
-            if maps::delete(&shortcut.agent, key).map_err(syscall("delete"))? {
+            if shortcut.take_off(key)? {
                 taken += 1;
             }
         }
@@ -488,6 +686,9 @@ impl Redirect {
             *n -= 1;
             if *n == 0 {
                 held.remove(&netns_cookie);
+                if let Some(requests) = &shortcut.requests {
+                    let _ = maps::delete(&requests.held, &netns_cookie);
+                }
             }
         }
     }
@@ -578,7 +779,7 @@ impl Redirect {
                 source: Box::new(source),
             }
         };
-        let id = sock_ops_program(ebpf)?
+        let id = sock_ops_program(ebpf, SOCK_OPS)?
             .attach(dir, CgroupAttachMode::Single)
             .map_err(attach_error(SOCK_OPS))?;
         attached.sock_ops = Some(id);
@@ -679,7 +880,7 @@ impl Redirect {
         };
         match name {
             SOCK_OPS => {
-                let p = sock_ops_program(&mut self.ebpf)?;
+                let p = sock_ops_program(&mut self.ebpf, SOCK_OPS)?;
                 let id = p
                     .attach(dir, CgroupAttachMode::Single)
                     .map_err(attach_error)?;
@@ -764,7 +965,7 @@ impl Redirect {
             }
         }
         if let Some(id) = attached.sock_ops {
-            let result = sock_ops_program(&mut self.ebpf)
+            let result = sock_ops_program(&mut self.ebpf, SOCK_OPS)
                 .and_then(|p| p.detach(id).map_err(program_error(SOCK_OPS)));
             if let Err(err) = result {
                 tracing::warn!(program = SOCK_OPS, error = %err, "detaching redirect program");
@@ -1027,16 +1228,18 @@ fn release_program(ebpf: &mut Ebpf) -> Result<&mut CgroupSock, RedirectError> {
         .map_err(program_error(SOCK_RELEASE))
 }
 
-fn sk_msg_program(ebpf: &mut Ebpf) -> Result<&mut aya::programs::SkMsg, RedirectError> {
-    program(ebpf, REPLY_SHORTCUT)?
-        .try_into()
-        .map_err(program_error(REPLY_SHORTCUT))
+fn sk_msg_program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut aya::programs::SkMsg, RedirectError> {
+    program(ebpf, name)?.try_into().map_err(program_error(name))
 }
 
-fn sock_ops_program(ebpf: &mut Ebpf) -> Result<&mut SockOps, RedirectError> {
-    program(ebpf, SOCK_OPS)?
-        .try_into()
-        .map_err(program_error(SOCK_OPS))
+fn sock_ops_program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SockOps, RedirectError> {
+    program(ebpf, name)?.try_into().map_err(program_error(name))
 }
 
 /// A delete of a key the map does not hold (`ENOENT`).
@@ -1054,6 +1257,17 @@ fn map_mut<'a>(
 ) -> Result<&'a mut aya::maps::Map, RedirectError> {
     ebpf.map_mut(name)
         .ok_or(RedirectError::Missing { kind: "map", name })
+}
+
+/// A map taken out of the object for the raw syscalls in [`maps`].
+fn map_data(ebpf: &mut Ebpf, name: &'static str) -> Result<MapData, RedirectError> {
+    match take_map(ebpf, name)? {
+        aya::maps::Map::HashMap(m) | aya::maps::Map::LruHashMap(m) => Ok(m),
+        _ => Err(RedirectError::Missing {
+            kind: "hash map",
+            name,
+        }),
+    }
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, RedirectError> {

@@ -71,17 +71,8 @@ pub async fn bidirectional(
     counters: &Counters,
     t: &mut Transferred,
 ) -> Result<(), CopyError> {
-    let (mut cr, mut cw) = client.split();
+    let (cr, mut cw) = client.split();
     let (mut ur, mut uw) = upstream.split();
-    let c2u = pump(
-        &mut cr,
-        &mut uw,
-        Side::Client,
-        Side::Upstream,
-        &counters.client_to_upstream,
-        counters.activity.as_deref(),
-        &mut t.client_to_upstream,
-    );
     let u2c = pump(
         &mut ur,
         &mut cw,
@@ -91,7 +82,52 @@ pub async fn bidirectional(
         counters.activity.as_deref(),
         &mut t.upstream_to_client,
     );
-    tokio::try_join!(c2u, u2c).map(|_| ())
+    client_to_upstream(cr, &mut uw, counters, &mut t.client_to_upstream, u2c).await
+}
+
+/// Runs the client's direction next to `other` (the upstream's), reading
+/// the client as [`reads_whole`] says.
+async fn client_to_upstream<W: AsyncWrite + Unpin>(
+    mut cr: ReadHalf<'_>,
+    uw: &mut W,
+    counters: &Counters,
+    total: &mut u64,
+    other: impl std::future::Future<Output = Result<(), CopyError>>,
+) -> Result<(), CopyError> {
+    let activity = counters.activity.as_deref();
+    if reads_whole(activity) {
+        let mut whole = Whole(cr);
+        let c2u = pump(
+            &mut whole,
+            uw,
+            Side::Client,
+            Side::Upstream,
+            &counters.client_to_upstream,
+            activity,
+            total,
+        );
+        tokio::try_join!(c2u, other).map(|_| ())
+    } else {
+        let c2u = pump(
+            &mut cr,
+            uw,
+            Side::Client,
+            Side::Upstream,
+            &counters.client_to_upstream,
+            activity,
+            total,
+        );
+        tokio::try_join!(c2u, other).map(|_| ())
+    }
+}
+
+/// Whether the client's socket may hold redirected requests (the request
+/// shortcut), so that a short read proves nothing (see
+/// [`super::idle::ReadWhole`]).
+fn reads_whole(activity: Option<&super::idle::Activity>) -> bool {
+    activity
+        .and_then(|a| a.reply_budget())
+        .is_some_and(super::idle::ReplyBudget::carries_requests)
 }
 
 /// The same with any byte stream upstream (a tunnel stream): the client
@@ -102,18 +138,9 @@ pub async fn bidirectional_io<U: AsyncRead + AsyncWrite + Unpin>(
     counters: &Counters,
     t: &mut Transferred,
 ) -> Result<(), CopyError> {
-    let (mut cr, mut cw) = client.split();
+    let (cr, mut cw) = client.split();
     let (ur, mut uw) = tokio::io::split(upstream);
     let mut ur = Stream(ur);
-    let c2u = pump(
-        &mut cr,
-        &mut uw,
-        Side::Client,
-        Side::Upstream,
-        &counters.client_to_upstream,
-        counters.activity.as_deref(),
-        &mut t.client_to_upstream,
-    );
     let u2c = pump(
         &mut ur,
         &mut cw,
@@ -123,7 +150,7 @@ pub async fn bidirectional_io<U: AsyncRead + AsyncWrite + Unpin>(
         counters.activity.as_deref(),
         &mut t.upstream_to_client,
     );
-    tokio::try_join!(c2u, u2c).map(|_| ())
+    client_to_upstream(cr, &mut uw, counters, &mut t.client_to_upstream, u2c).await
 }
 
 /// Where a direction reads from.
@@ -149,6 +176,32 @@ impl Source for ReadHalf<'_> {
         }
         buf.clear();
         self.read_buf(buf).await
+    }
+}
+
+/// A client socket the request shortcut may redirect into: the same wait,
+/// then reads that keep the readiness until one answers `EAGAIN` (see
+/// [`super::idle::ReadWhole`]).
+struct Whole<'a>(ReadHalf<'a>);
+
+impl Source for Whole<'_> {
+    async fn read_into(&mut self, buf: &mut Vec<u8>, size: usize) -> io::Result<usize> {
+        loop {
+            self.0.as_ref().ready(Interest::READABLE).await?;
+            if buf.capacity() < size {
+                *buf = Vec::with_capacity(size);
+            }
+            buf.clear();
+            match self.0.try_read_buf(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // The readiness was left from a short read: wait for
+                    // the next edge holding no buffer, as above.
+                    *buf = Vec::new();
+                    continue;
+                }
+                read => return read,
+            }
+        }
     }
 }
 

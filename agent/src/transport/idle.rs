@@ -84,6 +84,13 @@ pub struct ReplyBudget {
     /// address). `None` when the agent does not hold the namespace
     /// (`outbound.dial_from = "node"`): only the unanswered count applies.
     unread_at: Option<(PodNetns, SocketAddr)>,
+    /// The request shortcut may carry the client's requests: what is read
+    /// is told to the kernel ([`ShortcutExit::consumed`]), and reads go
+    /// until the socket says it is drained ([`ReadWhole`]).
+    requests: bool,
+    /// Request bytes read from the client as last told to the kernel
+    /// (the request shortcut's bound).
+    reported: AtomicU64,
     exit: Arc<dyn ShortcutExit>,
 }
 
@@ -103,6 +110,14 @@ pub trait ShortcutExit: Send + Sync {
     /// Bytes sitting unread in the client's socket (`client` → `server`) in
     /// the pod's network namespace, if the kernel says.
     fn unread(&self, netns: &PodNetns, client: SocketAddr, server: SocketAddr) -> Option<u64>;
+
+    /// The agent has read `total` bytes from the client so far: what
+    /// bounds the requests the kernel may redirect into the agent's socket
+    /// unread (the request shortcut). Told every [`UNREAD_CHECK_EVERY`].
+    fn consumed(&self, netns_cookie: u64, client: SocketAddr, total: u64);
+
+    /// The connection ended after [`ShortcutExit::consumed`] was told.
+    fn forget(&self, netns_cookie: u64, client: SocketAddr);
 }
 
 impl std::fmt::Debug for ReplyBudget {
@@ -119,6 +134,7 @@ impl std::fmt::Debug for ReplyBudget {
 impl ReplyBudget {
     pub fn new(
         limit: u64,
+        requests: bool,
         netns_cookie: u64,
         client: SocketAddr,
         unread_at: Option<(PodNetns, SocketAddr)>,
@@ -132,12 +148,20 @@ impl ReplyBudget {
             netns_cookie,
             client,
             unread_at,
+            requests,
+            reported: AtomicU64::new(0),
             exit,
         }
     }
 
-    fn heard_from_client(&self) {
+    /// The client has sent; `total` bytes from it so far.
+    fn heard_from_client(&self, total: u64) {
         self.unanswered.store(0, Ordering::Relaxed);
+        let reported = self.reported.load(Ordering::Relaxed);
+        if self.requests && total - reported.min(total) >= UNREAD_CHECK_EVERY {
+            self.reported.store(total, Ordering::Relaxed);
+            self.exit.consumed(self.netns_cookie, self.client, total);
+        }
         if self.since_check.load(Ordering::Relaxed) >= UNREAD_CHECK_EVERY
             && !self.left.load(Ordering::Relaxed)
             && let Some((netns, server)) = &self.unread_at
@@ -170,6 +194,19 @@ impl ReplyBudget {
     /// Whether the connection has left the shortcut.
     pub fn has_left(&self) -> bool {
         self.left.load(Ordering::Relaxed)
+    }
+
+    /// Whether the request shortcut may carry the client's requests.
+    pub fn carries_requests(&self) -> bool {
+        self.requests
+    }
+}
+
+impl Drop for ReplyBudget {
+    fn drop(&mut self) {
+        if *self.reported.get_mut() > 0 {
+            self.exit.forget(self.netns_cookie, self.client);
+        }
     }
 }
 
@@ -208,9 +245,9 @@ impl Activity {
 
     /// `n` bytes went from the client towards its destination.
     pub fn moved_out(&self, n: u64) {
-        self.outward.fetch_add(n, Ordering::Relaxed);
+        let total = self.outward.fetch_add(n, Ordering::Relaxed) + n;
         if let Some(b) = self.replies.get() {
-            b.heard_from_client();
+            b.heard_from_client(total);
         }
         self.touch();
     }
@@ -294,31 +331,147 @@ pub async fn streams_expired(streams: &Streams, timeout: Duration) {
     }
 }
 
+/// Reads that take only `EAGAIN` as proof that a socket is drained.
+///
+/// tokio takes a read that did not fill the buffer as that proof and
+/// forgets the socket's readiness until epoll's next edge, which saves a
+/// `recv` per burst and holds for TCP. A socket the request shortcut may
+/// redirect into has two queues, the redirected messages and TCP's, and
+/// one read takes from one of them: once the kernel has moved the
+/// connection's requests back to TCP (over its bound, or a capture holds
+/// its pod), a short read of the first leaves bytes in the second that
+/// arrived before it, their edge already spent; if the client then waits
+/// (its window full, or for an answer), the connection waits for ever.
+/// (A FIN behind redirected bytes is safe either way: tokio never forgets
+/// a read-closed readiness.) So such a socket is read with `try_io`, which
+/// keeps the readiness until a read answers `EAGAIN`: one more `recv`
+/// after each burst.
+pub trait ReadWhole: AsyncRead + Unpin {
+    /// As `poll_read`, keeping the readiness after a short read. The
+    /// default is `poll_read`, for streams with one queue.
+    fn poll_read_whole(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(self).poll_read(cx, buf)
+    }
+}
+
+impl ReadWhole for tokio::net::TcpStream {
+    fn poll_read_whole(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        use std::os::fd::AsRawFd as _;
+        let fd = self.as_raw_fd();
+        loop {
+            std::task::ready!(self.poll_read_ready(cx))?;
+            // SAFETY: the kernel writes at most `len` bytes into the
+            // uninitialised tail and says how many; only those are marked
+            // initialised below.
+            let unfilled = unsafe { buf.unfilled_mut() };
+            let read = self.try_io(tokio::io::Interest::READABLE, || {
+                // SAFETY: a live socket and a writable region of `len` bytes.
+                let n = unsafe { libc::recv(fd, unfilled.as_mut_ptr().cast(), unfilled.len(), 0) };
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            });
+            match read {
+                Ok(n) => {
+                    // SAFETY: `recv` initialised the first `n` bytes.
+                    unsafe { buf.assume_init(n) };
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                // `try_io` has cleared the readiness: wait for the next.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl ReadWhole for tokio::io::DuplexStream {}
+
+/// Whether a socket read with [`ReadWhole`] has bytes (or its end) to
+/// read, without reading them and without a buffer: its readiness may be
+/// left over from a short read, so it is confirmed with a one-byte
+/// `MSG_PEEK`, which clears it when the answer is `EAGAIN`.
+pub fn poll_read_ready_whole(
+    socket: &tokio::net::TcpStream,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<()>> {
+    use std::os::fd::AsRawFd as _;
+    let fd = socket.as_raw_fd();
+    loop {
+        std::task::ready!(socket.poll_read_ready(cx))?;
+        let peeked = socket.try_io(tokio::io::Interest::READABLE, || {
+            let mut byte = 0u8;
+            // SAFETY: a live socket and one writable byte.
+            let n = unsafe { libc::recv(fd, (&raw mut byte).cast(), 1, libc::MSG_PEEK) };
+            if n < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        });
+        match peeked {
+            Ok(()) => return Poll::Ready(Ok(())),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Poll::Ready(Err(e)),
+        }
+    }
+}
+
 /// A client's byte stream that touches its [`Activity`] whenever bytes
 /// pass: what is read from it went out, what is written to it came in.
 pub struct IdleIo<T> {
     inner: T,
     activity: Arc<Activity>,
+    /// Read with [`ReadWhole::poll_read_whole`]: the request shortcut may
+    /// redirect into it.
+    whole: bool,
 }
 
 impl<T> IdleIo<T> {
     pub fn new(inner: T, activity: Arc<Activity>) -> Self {
-        IdleIo { inner, activity }
+        let whole = activity
+            .reply_budget()
+            .is_some_and(ReplyBudget::carries_requests);
+        IdleIo {
+            inner,
+            activity,
+            whole,
+        }
     }
 
     pub fn get_ref(&self) -> &T {
         &self.inner
     }
+
+    /// Whether reads go through [`ReadWhole::poll_read_whole`].
+    pub fn reads_whole(&self) -> bool {
+        self.whole
+    }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
+impl<T: ReadWhole> AsyncRead for IdleIo<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let r = if self.whole {
+            self.inner.poll_read_whole(cx, buf)
+        } else {
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        };
         let n = buf.filled().len() - before;
         if matches!(r, Poll::Ready(Ok(()))) && n > 0 {
             self.activity.moved_out(n as u64);
@@ -380,6 +533,8 @@ mod tests {
         left: AtomicU64,
         looks: AtomicU64,
         unread: AtomicU64,
+        consumed: std::sync::Mutex<Vec<u64>>,
+        forgotten: AtomicU64,
     }
 
     impl ShortcutExit for Exit {
@@ -390,6 +545,45 @@ mod tests {
             self.looks.fetch_add(1, Ordering::Relaxed);
             Some(self.unread.load(Ordering::Relaxed))
         }
+        fn consumed(&self, _: u64, _: SocketAddr, total: u64) {
+            self.consumed.lock().unwrap().push(total);
+        }
+        fn forget(&self, _: u64, _: SocketAddr) {
+            self.forgotten.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn what_the_agent_read_is_told_every_256_kib_and_forgotten_at_the_end() {
+        let exit = Arc::new(Exit::default());
+        let a = Activity::new();
+        a.bound_replies(budget(4 << 20, &exit));
+        // Small requests: nothing to tell yet.
+        for _ in 0..100 {
+            a.moved_out(1000);
+        }
+        assert!(exit.consumed.lock().unwrap().is_empty());
+        // An upload: told at each 256 KiB step, with the total read.
+        for _ in 0..64 {
+            a.moved_out(16 << 10);
+        }
+        let told = exit.consumed.lock().unwrap().clone();
+        assert_eq!(told.len(), 4, "{told:?}");
+        assert!(told.windows(2).all(|w| w[1] - w[0] >= UNREAD_CHECK_EVERY));
+        assert_eq!(told[0], 100_000 + 10 * (16 << 10));
+        assert_eq!(exit.forgotten.load(Ordering::Relaxed), 0);
+        drop(a);
+        assert_eq!(exit.forgotten.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_connection_never_told_is_not_forgotten() {
+        let exit = Arc::new(Exit::default());
+        let a = Activity::new();
+        a.bound_replies(budget(4 << 20, &exit));
+        a.moved_out(1000);
+        drop(a);
+        assert_eq!(exit.forgotten.load(Ordering::Relaxed), 0);
     }
 
     fn budget(limit: u64, exit: &Arc<Exit>) -> ReplyBudget {
@@ -397,6 +591,7 @@ mod tests {
         let netns = PodNetns::open(std::path::Path::new("/proc/self/ns/net"), 7).unwrap();
         ReplyBudget::new(
             limit,
+            true,
             7,
             "127.0.0.1:40000".parse().unwrap(),
             Some((netns, "127.0.0.1:15001".parse().unwrap())),

@@ -66,12 +66,45 @@ pub struct RedirectSettings {
     /// `SETTING_*` bits. Taken from what was padding, so the map's value
     /// keeps its size and a pinned map stays usable across versions.
     pub flags: u16,
-    pub _pad: [u16; 2],
+    /// With [`SETTING_REQUEST_SHORTCUT`]: how many KiB the request
+    /// shortcut may queue in the agent's socket beyond what the agent has
+    /// said it read (`REQUEST_CONSUMED`); past it the connection's
+    /// requests take TCP for good. Taken from what was padding, as `flags`.
+    pub request_max_unread_kib: u32,
 }
 
 /// [`RedirectSettings::flags`]: the agent's replies to a pod's application
 /// go socket to socket (sockmap) instead of through the pod's loopback.
 pub const SETTING_REPLY_SHORTCUT: u16 = 1;
+
+/// [`RedirectSettings::flags`]: a pod application's requests go socket to
+/// socket into the agent's accepted socket too (needs
+/// [`SETTING_REPLY_SHORTCUT`]: the program runs on the sockets that one
+/// files).
+pub const SETTING_REQUEST_SHORTCUT: u16 = 2;
+
+/// One redirected connection's request path, decided by the kernel on the
+/// application's first `sendmsg` and then only ever moved to TCP (bytes
+/// redirected after TCP bytes would be read before them; TCP bytes after
+/// redirected ones are read after them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RequestFlow {
+    /// `REQUEST_*`.
+    pub state: u32,
+    /// 1 once the agent's accepted socket is in `REQUEST_TARGETS` (written
+    /// by the agent-side `sock_ops` when the handshake completes there).
+    pub target: u32,
+    /// Bytes redirected so far.
+    pub redirected: u64,
+}
+
+/// [`RequestFlow::state`]: filed at the handshake, no byte sent yet.
+pub const REQUEST_PENDING: u32 = 0;
+/// Requests go socket to socket.
+pub const REQUEST_REDIRECT: u32 = 1;
+/// Requests take TCP, for the rest of the connection.
+pub const REQUEST_TCP: u32 = 2;
 
 /// Pods' client sockets (and the agent's accepted sockets) in the reply
 /// shortcut's socket maps: one per open redirected connection.
@@ -99,6 +132,7 @@ const _: () = {
     assert!(core::mem::size_of::<FlowKey>() == 32);
     assert!(core::mem::size_of::<ExcludePorts>() == 4 + 2 * MAX_EXCLUDE_PORTS);
     assert!(core::mem::size_of::<RedirectSettings>() == 8);
+    assert!(core::mem::size_of::<RequestFlow>() == 16);
 };
 
 #[cfg(feature = "user")]
@@ -108,4 +142,5 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::ExcludePorts {}
     unsafe impl aya::Pod for super::RedirectSettings {}
+    unsafe impl aya::Pod for super::RequestFlow {}
 }

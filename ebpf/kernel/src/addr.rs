@@ -17,7 +17,8 @@
 use aya_ebpf::{bindings::bpf_sock_addr, maps::lpm_trie::Key};
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use waymark_common::{
-    ExcludePorts, FAMILY_V4, FAMILY_V6, MAX_EXCLUDE_PORTS, SETTING_REPLY_SHORTCUT, SockAddr,
+    ExcludePorts, FAMILY_V4, FAMILY_V6, MAX_EXCLUDE_PORTS, SETTING_REPLY_SHORTCUT,
+    SETTING_REQUEST_SHORTCUT, SockAddr,
 };
 
 use crate::maps::{EXCLUDE_V4, EXCLUDE_V6, SETTINGS};
@@ -141,6 +142,17 @@ pub fn outbound_port() -> Option<u16> {
 /// Whether the agent asked for the reply shortcut (`SETTING_REPLY_SHORTCUT`).
 pub fn reply_shortcut_on() -> bool {
     matches!(SETTINGS.get(0), Some(s) if s.flags & SETTING_REPLY_SHORTCUT != 0)
+}
+
+/// The request shortcut's bound in bytes when the agent asked for it
+/// (`SETTING_REQUEST_SHORTCUT`), else `None`.
+pub fn request_shortcut_limit() -> Option<u64> {
+    match SETTINGS.get(0) {
+        Some(s) if s.flags & SETTING_REQUEST_SHORTCUT != 0 => {
+            Some(u64::from(s.request_max_unread_kib) << 10)
+        }
+        _ => None,
+    }
 }
 
 /// Only TCP goes through the proxy; UDP (DNS above all) is left alone.

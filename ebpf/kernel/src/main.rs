@@ -1,8 +1,9 @@
 //! waymark's kernel programs: transparent redirection of pods' outbound TCP.
 //!
 //! Everything here is attached to the cgroup v2 directory that holds the
-//! node's pods; the agent's own sockets live outside it and are never
-//! touched.
+//! node's pods, and the agent's own sockets live outside it and are never
+//! redirected; one program, `wm_agent_sock_ops`, is attached to the agent's
+//! own cgroup and only files its accepted sockets for the request shortcut.
 //!
 //! * [`connect`]: `cgroup/connect4` and `cgroup/connect6` rewrite a pod's TCP
 //!   `connect()` to the agent's in-pod listener (`127.0.0.1:PORT` /
@@ -17,6 +18,10 @@
 //!   the node-wide cookie map).
 //! * [`peername`]: `cgroup/getpeername4` and `cgroup/getpeername6` hand the
 //!   application the address it dialled, not the proxy's.
+//! * [`shortcut`] and [`request`]: `sk_msg` programs moving a redirected
+//!   connection's replies and requests socket to socket, and the
+//!   `sock_ops` program on the agent's own cgroup that files the agent's
+//!   accepted sockets for the requests.
 //! * [`inbound`]: `cgroup_skb` ingress keeps plaintext from other nodes out
 //!   of pods under strict inbound.
 //!
@@ -34,6 +39,7 @@ mod inbound;
 mod maps;
 mod peername;
 mod release;
+mod request;
 mod shortcut;
 mod sock_ops;
 

@@ -8,7 +8,7 @@ use aya_ebpf::{
 use waymark_common::{
     ExcludePorts, FlowKey, MAX_ENROLLED_PODS, MAX_EXCLUDES, MAX_INBOUND_ALLOW,
     MAX_ORIGINAL_DST_BY_COOKIE, MAX_ORIGINAL_DST_BY_FLOW, MAX_SHORTCUT_SOCKETS, MAX_STRICT_PODS,
-    RedirectSettings, SockAddr,
+    RedirectSettings, RequestFlow, SockAddr,
 };
 
 /// The pods whose outbound TCP is redirected, by network-namespace cookie
@@ -84,6 +84,57 @@ pub static SHORTCUT_AGENT: SockHash<FlowKey> = SockHash::with_max_entries(MAX_SH
 /// a gone pod's entry can go (the agent keeps what it read).
 #[map(name = "SHORTCUT_BYTES")]
 pub static SHORTCUT_BYTES: LruPerCpuHashMap<u64, u64> =
+    LruPerCpuHashMap::with_max_entries(MAX_ENROLLED_PODS, 0);
+
+/// The request shortcut's state per redirected connection (see
+/// `request.rs`), keyed like [`SHORTCUT_CLIENTS`]: filed by `sock_ops` at
+/// the client's handshake, decided by `wm_request_shortcut` at its first
+/// `sendmsg`, removed when the client socket closes. Not LRU: the program
+/// writes the entry through a pointer, and an evicted entry's memory could
+/// be another connection's by then; this way an entry goes only with its
+/// socket (under the socket's lock). A full map files nothing: TCP.
+#[map(name = "REQUEST_FLOWS")]
+pub static REQUEST_FLOWS: HashMap<FlowKey, RequestFlow> =
+    HashMap::with_max_entries(MAX_SHORTCUT_SOCKETS, 0);
+
+/// Connections whose replies have left the reply shortcut for good (the
+/// agent took them off: flow control, or a capture of the pod). Needed
+/// because leaving [`SHORTCUT_AGENT`] does not take `wm_reply_shortcut`
+/// off a socket that stays in another socket map ([`REQUEST_TARGETS`],
+/// where it must stay until closed: a socket leaving its last map loses
+/// the redirected bytes it has not read). Written by the agent, removed
+/// when the client socket closes or a new connection takes the key. Not
+/// LRU: a forgotten entry would put the replies back on the shortcut,
+/// ahead of TCP bytes the application has not read.
+#[map(name = "REPLIES_LEFT")]
+pub static REPLIES_LEFT: HashMap<FlowKey, u8> = HashMap::with_max_entries(MAX_SHORTCUT_SOCKETS, 0);
+
+/// The agent's accepted sockets that requests are redirected into, put
+/// here by `wm_agent_sock_ops` when their handshake completes (before the
+/// application's `connect()` returns, so before it can send). No program is
+/// attached; the kernel removes a socket when it is closed.
+#[map(name = "REQUEST_TARGETS")]
+pub static REQUEST_TARGETS: SockHash<FlowKey> = SockHash::with_max_entries(MAX_SHORTCUT_SOCKETS, 0);
+
+/// Request bytes the agent has read from its accepted socket, by flow,
+/// written by the agent every 256 KiB it reads: what bounds how much a
+/// pod can queue in the agent's socket (redirected bytes skip TCP's
+/// window). LRU: a missing entry reads as nothing read, which only makes
+/// the bound tighter.
+#[map(name = "REQUEST_CONSUMED")]
+pub static REQUEST_CONSUMED: LruHashMap<FlowKey, u64> =
+    LruHashMap::with_max_entries(MAX_SHORTCUT_SOCKETS, 0);
+
+/// Pods (by netns cookie) whose requests stay on packets: a packet capture
+/// of the pod runs. Checked on every redirected `sendmsg`.
+#[map(name = "REQUEST_HELD")]
+pub static REQUEST_HELD: HashMap<u64, u8> = HashMap::with_max_entries(MAX_ENROLLED_PODS, 0);
+
+/// Request bytes `wm_request_shortcut` handed to the agent's sockets, by
+/// the pod's netns cookie (per CPU), for the kernel diagnostics' bytes out
+/// (as [`SHORTCUT_BYTES`] for bytes in).
+#[map(name = "SHORTCUT_BYTES_OUT")]
+pub static SHORTCUT_BYTES_OUT: LruPerCpuHashMap<u64, u64> =
     LruPerCpuHashMap::with_max_entries(MAX_ENROLLED_PODS, 0);
 
 /// IPv4 destinations that are never redirected; the key data is the address

@@ -11,12 +11,17 @@
 //! socket acceleration do. The application reads them with the same
 //! `read()`/`recv()`, and `epoll` wakes it the same way.
 //!
-//! Only the reply direction: the application's socket is put in the map by
+//! The reply direction: the application's socket is put in the map by
 //! `sock_ops` before `connect()` returns, so every reply of the connection
-//! can take the shortcut; the agent's socket is put in only after `accept()`,
-//! when the application may already have sent bytes through TCP, and bytes
-//! redirected later could be read before those. One direction, one path,
-//! and the byte order is never in question.
+//! can take the shortcut. The agent's socket is put in this map only after
+//! `accept()`, before its first write. Requests have a shortcut of their
+//! own (`request.rs`), which must decide before the application's first
+//! byte.
+//!
+//! The agent takes a connection off for good by filing it in
+//! `REPLIES_LEFT` (and taking its socket out of the map, which alone does
+//! not remove this program from a socket that is in another socket map,
+//! as the request shortcut's targets are); its later replies take TCP.
 //!
 //! Once the agent's socket has left `ESTABLISHED` (the application shut
 //! down its side, or reset), replies take TCP again: bytes already
@@ -35,6 +40,7 @@ use aya_ebpf::{
     bindings::{BPF_F_INGRESS, BPF_NOEXIST, BPF_TCP_ESTABLISHED, sk_action::SK_PASS},
     helpers::bpf_get_netns_cookie,
     macros::sk_msg,
+    maps::LruPerCpuHashMap,
     programs::SkMsgContext,
 };
 use core::ptr::{addr_of, read_volatile};
@@ -42,7 +48,7 @@ use waymark_common::FlowKey;
 
 use crate::{
     addr::{context_remote_port, flow_addr},
-    maps::{SHORTCUT_BYTES, SHORTCUT_CLIENTS},
+    maps::{REPLIES_LEFT, SHORTCUT_BYTES, SHORTCUT_CLIENTS},
 };
 
 #[sk_msg]
@@ -50,20 +56,24 @@ pub fn wm_reply_shortcut(ctx: SkMsgContext) -> u32 {
     let Some(mut key) = client_key(&ctx) else {
         return SK_PASS;
     };
+    // SAFETY: the value is only tested for presence.
+    if unsafe { REPLIES_LEFT.get(key).is_some() } {
+        return SK_PASS;
+    }
     // SK_PASS when the client socket is there and the bytes went to it;
     // SK_DROP (the write fails) when it is not, which happens only once
     // the application has closed it: TCP would have answered a reset.
     let verdict = SHORTCUT_CLIENTS.redirect_msg(&ctx, &mut key, u64::from(BPF_F_INGRESS)) as u32;
     if verdict == SK_PASS {
-        count(key.netns_cookie, u64::from(ctx.size()));
+        count(&SHORTCUT_BYTES, key.netns_cookie, u64::from(ctx.size()));
     }
     verdict
 }
 
-/// Adds `bytes` to the pod's reply bytes on this CPU.
+/// Adds `bytes` to the pod's entry in `map` (bytes each way) on this CPU.
 #[inline(always)]
-fn count(netns_cookie: u64, bytes: u64) {
-    if let Some(total) = SHORTCUT_BYTES.get_ptr_mut(netns_cookie) {
+pub(crate) fn count(map: &LruPerCpuHashMap<u64, u64>, netns_cookie: u64, bytes: u64) {
+    if let Some(total) = map.get_ptr_mut(netns_cookie) {
         // SAFETY: this CPU's own value; programs on one CPU do not
         // interleave.
         unsafe { *total += bytes };
@@ -71,10 +81,10 @@ fn count(netns_cookie: u64, bytes: u64) {
     }
     // The pod's first reply since the entry was created (or evicted). If
     // another CPU created it meanwhile, add to this CPU's value in it.
-    if SHORTCUT_BYTES
+    if map
         .insert(netns_cookie, bytes, u64::from(BPF_NOEXIST))
         .is_err()
-        && let Some(total) = SHORTCUT_BYTES.get_ptr_mut(netns_cookie)
+        && let Some(total) = map.get_ptr_mut(netns_cookie)
     {
         // SAFETY: as above.
         unsafe { *total += bytes };

@@ -30,16 +30,16 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use core::ptr::{addr_of, read_volatile};
-use waymark_common::FlowKey;
+use waymark_common::{FlowKey, REQUEST_PENDING, RequestFlow};
 
 use crate::{
     addr::{
         AF_INET, AF_INET6, LOOPBACK_V4, LOOPBACK_V6, context_remote_port, flow_addr, is_v4_mapped,
-        outbound_port, reply_shortcut_on,
+        outbound_port, reply_shortcut_on, request_shortcut_limit,
     },
     maps::{
-        ORIGINAL_DST_BY_COOKIE, ORIGINAL_DST_BY_FLOW, SHORTCUT_CLIENTS, SHORTCUT_READY,
-        original_dst,
+        ORIGINAL_DST_BY_COOKIE, ORIGINAL_DST_BY_FLOW, REPLIES_LEFT, REQUEST_CONSUMED,
+        REQUEST_FLOWS, SHORTCUT_CLIENTS, SHORTCUT_READY, original_dst,
     },
 };
 
@@ -99,8 +99,11 @@ fn on_established(ctx: &SockOpsContext) -> Result<(), i64> {
     ORIGINAL_DST_BY_FLOW
         .insert(key, original, u64::from(BPF_ANY))
         .map_err(i64::from)?;
+    // An earlier connection's "left" must not keep this one off.
+    let _ = REPLIES_LEFT.remove(key);
     if reply_shortcut_on() {
-        offer_reply_shortcut(ctx, key);
+        let filed = offer_reply_shortcut(ctx, key);
+        offer_request_shortcut(ctx, key, filed);
     } else {
         // A marker an earlier connection under this key left (one the
         // agent refused, or accepted after the shortcut was turned off)
@@ -116,21 +119,47 @@ fn on_established(ctx: &SockOpsContext) -> Result<(), i64> {
 /// has completed but `connect()` has not returned, so the agent cannot have
 /// accepted, let alone replied; every reply of the connection takes the same
 /// path. A failure (the map full) only means this connection's replies go
-/// through loopback as before.
-fn offer_reply_shortcut(ctx: &SockOpsContext, mut key: FlowKey) {
+/// through loopback as before. Returns whether the socket is in the map.
+fn offer_reply_shortcut(ctx: &SockOpsContext, mut key: FlowKey) -> bool {
     // SAFETY: the context pointer is the kernel's `bpf_sock_ops`, which is
     // what the helper behind `update` takes.
     let ops = unsafe { &mut *ctx.ops };
     match SHORTCUT_CLIENTS.update(&mut key, ops, u64::from(BPF_ANY)) {
         Ok(()) => {
             let _ = SHORTCUT_READY.insert(key, 1, u64::from(BPF_ANY));
+            true
         }
         Err(_) => {
             // An earlier connection's marker under this key must not make
             // the agent shortcut towards a socket that is not in the map.
             let _ = SHORTCUT_READY.remove(key);
+            false
         }
     }
+}
+
+/// Files the connection for the request shortcut (see `request.rs`) when
+/// the agent asked for it, the client socket is in [`SHORTCUT_CLIENTS`]
+/// (where `wm_request_shortcut` runs on its sends) and it has sent no byte
+/// yet. A TCP Fast Open client's data left with its SYN and may still be
+/// on its way to the agent's socket: redirected bytes would overtake it,
+/// so such a connection (`snd_nxt` past `snd_una` now) is not filed.
+/// Without an entry every request takes TCP; an entry an earlier
+/// connection under this key left must not speak for this one.
+fn offer_request_shortcut(ctx: &SockOpsContext, key: FlowKey, filed: bool) {
+    // SAFETY: context field reads, checked by the verifier.
+    let (snd_nxt, snd_una) = unsafe { ((*ctx.ops).snd_nxt, (*ctx.ops).snd_una) };
+    if filed && request_shortcut_limit().is_some() && snd_nxt == snd_una {
+        let flow = RequestFlow {
+            state: REQUEST_PENDING,
+            target: 0,
+            redirected: 0,
+        };
+        if REQUEST_FLOWS.insert(key, flow, u64::from(BPF_ANY)).is_ok() {
+            return;
+        }
+    }
+    let _ = REQUEST_FLOWS.remove(key);
 }
 
 /// The socket is closing for good.
@@ -158,6 +187,12 @@ fn on_state_change(ctx: &SockOpsContext) -> Result<(), i64> {
     // Either entry may already be gone (taken by the agent, or evicted):
     // not an error.
     let _ = ORIGINAL_DST_BY_COOKIE.remove(socket_cookie(ctx));
+    // The request shortcut's entries serve this socket's sends only.
+    if let Ok(key) = flow_key(ctx) {
+        let _ = REQUEST_FLOWS.remove(key);
+        let _ = REQUEST_CONSUMED.remove(key);
+        let _ = REPLIES_LEFT.remove(key);
+    }
     if matches!(
         ctx.arg(0),
         BPF_TCP_FIN_WAIT1 | BPF_TCP_FIN_WAIT2 | BPF_TCP_CLOSING
@@ -190,7 +225,7 @@ fn dials_the_listener(ctx: &SockOpsContext) -> bool {
     }
 }
 
-fn socket_cookie(ctx: &SockOpsContext) -> u64 {
+pub(crate) fn socket_cookie(ctx: &SockOpsContext) -> u64 {
     // SAFETY: the helper only reads the socket behind the context.
     unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
 }
@@ -218,7 +253,7 @@ fn flow_key(ctx: &SockOpsContext) -> Result<FlowKey, i64> {
 }
 
 /// As [`read_local_ip6`], for `remote_ip6`.
-fn read_remote_ip6(ops: *mut bpf_sock_ops) -> [u32; 4] {
+pub(crate) fn read_remote_ip6(ops: *mut bpf_sock_ops) -> [u32; 4] {
     // SAFETY: in-bounds context field reads, checked by the verifier.
     unsafe {
         [

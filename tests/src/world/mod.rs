@@ -497,6 +497,10 @@ impl World {
             let node_cg = self.cgroup_root.join(format!("node{i}"));
             std::fs::create_dir(&node_cg)
                 .with_context(|| format!("creating cgroup {}", node_cg.display()))?;
+            // Beside the pods, as `Node::agent_cgroup` says.
+            let agent_cg = self.cgroup_root.join(format!("agent{i}"));
+            std::fs::create_dir(&agent_cg)
+                .with_context(|| format!("creating cgroup {}", agent_cg.display()))?;
             for j in 0..b.pods {
                 let pod_cg = node_cg.join(format!("pod{j}"));
                 std::fs::create_dir(&pod_cg)

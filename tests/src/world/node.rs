@@ -154,6 +154,14 @@ impl Node {
         Ok(child)
     }
 
+    /// The cgroup the node's agents run in: `agent<i>`, beside the node's
+    /// pods cgroup (as a DaemonSet's pod sits beside the others), so the
+    /// agent's own `sock_ops` program (the request shortcut) sees the
+    /// agent's sockets and nothing else.
+    pub fn agent_cgroup(&self) -> PathBuf {
+        self.cgroup.with_file_name(format!("agent{}", self.index))
+    }
+
     /// Spawns `cmd` as a hostNetwork pod's container runs: in the node's
     /// network namespace, but in a pod cgroup `pod<uid>` under the node's
     /// pods cgroup, which the agent's redirect programs are attached to (so
@@ -305,7 +313,7 @@ impl Node {
             &mut cmd,
             &Placement {
                 netns: &self.netns_path(),
-                cgroup: None,
+                cgroup: Some(&self.agent_cgroup()),
                 new_session: self.shared.persistent,
             },
         )?;
@@ -458,7 +466,15 @@ impl Node {
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out);
-        let child = self.spawn(&mut cmd)?;
+        let child = spawn_placed(
+            &mut cmd,
+            &Placement {
+                netns: &self.netns_path(),
+                cgroup: Some(&self.agent_cgroup()),
+                new_session: false,
+            },
+        )?;
+        self.shared.tracker.track(child.id() as i32);
         Ok(SuccessorAgent { child, admin, log })
     }
 }

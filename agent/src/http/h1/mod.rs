@@ -82,7 +82,11 @@ pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {
 
 impl Io for IdleIo<TcpStream> {
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.get_ref().poll_read_ready(cx)
+        if self.reads_whole() {
+            crate::transport::idle::poll_read_ready_whole(self.get_ref(), cx)
+        } else {
+            self.get_ref().poll_read_ready(cx)
+        }
     }
 }
 

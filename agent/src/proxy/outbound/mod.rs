@@ -166,6 +166,21 @@ impl ShortcutExit for ShortcutLeaver {
             }
         }
     }
+
+    fn consumed(&self, netns_cookie: u64, client: SocketAddr, total: u64) {
+        if let Err(e) = self
+            .original_dst
+            .request_consumed(netns_cookie, client, total)
+        {
+            // The kernel then bounds the connection's requests tighter (it
+            // counts them unread), never looser.
+            debug!(src = %client, error = %e, "cannot tell the kernel what was read");
+        }
+    }
+
+    fn forget(&self, netns_cookie: u64, client: SocketAddr) {
+        self.original_dst.forget_request(netns_cookie, client);
+    }
 }
 
 /// How a connection ended, for logs and the `reason` label.
@@ -508,9 +523,14 @@ impl Outbound {
             client_flow: listener.map(|l| (l, peer)),
             protocol: ConnProtocol::Detecting,
         }));
-        if let ReplyPath::Sockmap { max_unanswered } = reply_path {
+        if let ReplyPath::Sockmap {
+            max_unanswered,
+            requests,
+        } = reply_path
+        {
             live.activity().bound_replies(ReplyBudget::new(
                 max_unanswered,
+                requests,
                 pod.netns_cookie,
                 peer,
                 pod.netns.clone().zip(listener),
