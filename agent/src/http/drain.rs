@@ -105,23 +105,31 @@ pub fn mark_last<B>(version: Version, draining: &CancellationToken, resp: &mut R
 /// The connection is pinned by the caller, so that the caller's future
 /// holds it once (a connection's future is the largest part of what an
 /// idle connection costs).
-pub async fn until_drained<C, T>(
-    mut conn: Pin<&mut C>,
+///
+/// A plain function returning an `async move` block, not an `async fn`:
+/// an `async fn` keeps its arguments twice in its state.
+#[allow(clippy::manual_async_fn)] // on purpose: see above
+pub fn until_drained<'a, C, T, F>(
+    mut conn: Pin<&'a mut C>,
     version: Version,
-    activity: &Activity,
-    draining: &CancellationToken,
-    shutdown: impl Fn(Pin<&mut C>),
-) -> T
+    activity: &'a Activity,
+    draining: &'a CancellationToken,
+    shutdown: F,
+) -> impl Future<Output = T> + 'a
 where
     C: Future<Output = T>,
+    F: Fn(Pin<&mut C>) + 'a,
+    T: 'a,
 {
-    tokio::select! {
-        out = conn.as_mut() => return out,
-        _ = draining.cancelled() => {}
+    async move {
+        tokio::select! {
+            out = conn.as_mut() => return out,
+            _ = draining.cancelled() => {}
+        }
+        // Boxed: every served connection waits in the select above for
+        // its whole life, and should not carry room for the drain's timer.
+        Box::pin(drain(conn, version, activity, shutdown)).await
     }
-    // Boxed: every served connection waits in the select above for its
-    // whole life, and should not carry room for the drain's timer.
-    Box::pin(drain(conn, version, activity, shutdown)).await
 }
 
 async fn drain<C, T>(

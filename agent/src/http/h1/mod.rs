@@ -158,15 +158,8 @@ where
     let conn = Conn(Mutex::new(io));
     let mut buf = BytesMut::new();
     loop {
-        let head = match read_head(&conn, &mut buf, &config, stop).await? {
-            None => return Ok(()),
-            Some(Ok(h)) => h,
-            Some(Err(e)) => {
-                // Boxed, being rare: the connection's future holds no
-                // room for it.
-                Box::pin(refuse(&conn, e.status())).await;
-                return Err(e.into());
-            }
+        let Some(head) = read_head(&conn, &mut buf, &config, stop).await? else {
+            return Ok(());
         };
         // Boxed: the exchange's state exists only while a request is in
         // flight, so an idle connection's future holds no room for it.
@@ -358,12 +351,16 @@ impl<I: Io> Conn<I> {
 /// Waits for the next request head. `Ok(None)`: the connection is over
 /// (the client closed it between requests, or a graceful stop while
 /// idle); `Ok(Some(Err))`: a head to refuse.
+///
+/// A head it refuses is answered here ([`refuse`]) and returned as the
+/// error: awaited in [`serve`], the refusal would keep room for a head
+/// beside it in every connection's future, idle ones too.
 async fn read_head<I: Io>(
     conn: &Conn<I>,
     buf: &mut BytesMut,
     config: &Config,
     stop: &Stop,
-) -> Result<Option<Result<head::Head, head::HeadError>>, Error> {
+) -> Result<Option<head::Head>, Error> {
     // Set once the head has started arriving.
     let mut deadline = None;
     loop {
@@ -387,13 +384,16 @@ async fn read_head<I: Io>(
             deadline = Some(Instant::now() + config.header_read_timeout);
             continue;
         } else {
-            match head::parse(buf) {
-                Ok(Some(h)) => return Ok(Some(Ok(h))),
-                Ok(None) if buf.len() >= config.max_head => {
-                    return Ok(Some(Err(head::HeadError::TooLarge)));
-                }
-                Ok(None) => {}
-                Err(e) => return Ok(Some(Err(e))),
+            let refused = match head::parse(buf) {
+                Ok(Some(h)) => return Ok(Some(h)),
+                Ok(None) if buf.len() >= config.max_head => Some(head::HeadError::TooLarge),
+                Ok(None) => None,
+                Err(e) => Some(e),
+            };
+            if let Some(e) = refused {
+                // Boxed, being rare.
+                Box::pin(refuse(conn, e.status())).await;
+                return Err(e.into());
             }
             if buf.capacity() == buf.len() {
                 buf.reserve(buf.len().max(HEAD_BUF));

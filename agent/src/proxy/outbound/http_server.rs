@@ -57,72 +57,79 @@ enum ServeError {
 /// it winds down without failing a request (see [`crate::http::drain`]):
 /// HTTP/1 marks its next response `Connection: close` and closes once idle,
 /// HTTP/2 sends GOAWAY and lets the streams in flight end.
-pub async fn serve(
+///
+/// A plain function returning an `async move` block, not an `async fn`
+/// (which keeps its arguments twice): every open connection holds this
+/// state for its life.
+#[allow(clippy::manual_async_fn)] // on purpose: see above
+pub fn serve(
     proxy: Arc<HttpProxy>,
     ctx: Arc<ConnCtx>,
     stream: TcpStream,
     draining: CancellationToken,
-) {
-    // The connection table's clock and byte counts, also the idle timeout's.
-    let bytes: Arc<Activity> = ctx.live.activity().clone();
-    let io = IdleIo::new(stream, bytes.clone());
-    let version = ctx.version;
-    // Streams refused by h2_max_concurrent_streams (HTTP/2 only, so that
-    // HTTP/1 pods get no series for them).
-    let refused = if version == Version::Http2 {
-        proxy
-            .limit_refused
-            .get_or_create(&RefusedLabels {
-                pod: ctx.pod().to_string(),
-                limit: h2_refused::LIMIT,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    async move {
+        // The connection table's clock and byte counts, also the idle timeout's.
+        let bytes: Arc<Activity> = ctx.live.activity().clone();
+        let io = IdleIo::new(stream, bytes.clone());
+        let version = ctx.version;
+        // Streams refused by h2_max_concurrent_streams (HTTP/2 only, so that
+        // HTTP/1 pods get no series for them).
+        let refused = if version == Version::Http2 {
+            proxy
+                .limit_refused
+                .get_or_create(&RefusedLabels {
+                    pod: ctx.pod().to_string(),
+                    limit: h2_refused::LIMIT,
+                })
+                .clone()
+        } else {
+            Default::default()
+        };
+        let (idle_timeout, h2_streams) = (
+            proxy.limits.idle_timeout,
+            proxy.limits.h2_max_concurrent_streams,
+        );
+        // This connection's own drain: the agent's, or its idle timeout.
+        let draining = draining.child_token();
+        let (closed, pod) = (proxy.limit_closed.clone(), ctx.pod().to_string());
+        let idle = async move {
+            expired(&bytes, idle_timeout).await;
+            closed
+                .get_or_create(&RefusedLabels {
+                    pod: pod.clone(),
+                    limit: "idle_timeout",
+                })
+                .inc();
+            debug!(%pod, timeout = ?idle_timeout, "idle HTTP connection closing");
+        };
+        let requests = Arc::new(Requests::default());
+        let (svc_activity, svc_draining) = (requests.clone(), draining.clone());
+        // The request future is boxed: the connection's future is sized for
+        // the largest state it may be in, and a request in flight is large
+        // (13 KiB unboxed); boxed, an idle keep-alive connection holds no room
+        // for it and the future exists only while a request is in flight.
+        let handle = move |req: Request<ProxyBody>| {
+            let proxy = proxy.clone();
+            let ctx = ctx.clone();
+            let in_flight = svc_activity.begin();
+            let draining = svc_draining.clone();
+            ctx.live
+                .request(version == Version::Http2 && crate::http::message::is_grpc(&req));
+            Box::pin(async move {
+                let mut resp = proxy.handle(&ctx, req).await;
+                drain::mark_last(ctx.version, &draining, &mut resp);
+                drop(in_flight);
+                resp
             })
-            .clone()
-    } else {
-        Default::default()
-    };
-    let (idle_timeout, h2_streams) = (
-        proxy.limits.idle_timeout,
-        proxy.limits.h2_max_concurrent_streams,
-    );
-    // This connection's own drain: the agent's, or its idle timeout.
-    let draining = draining.child_token();
-    let (closed, pod) = (proxy.limit_closed.clone(), ctx.pod().to_string());
-    let idle = async move {
-        expired(&bytes, idle_timeout).await;
-        closed
-            .get_or_create(&RefusedLabels {
-                pod: pod.clone(),
-                limit: "idle_timeout",
-            })
-            .inc();
-        debug!(%pod, timeout = ?idle_timeout, "idle HTTP connection closing");
-    };
-    let requests = Arc::new(Requests::default());
-    let (svc_activity, svc_draining) = (requests.clone(), draining.clone());
-    // The request future is boxed: the connection's future is sized for
-    // the largest state it may be in, and a request in flight is large
-    // (13 KiB unboxed); boxed, an idle keep-alive connection holds no room
-    // for it and the future exists only while a request is in flight.
-    let handle = move |req: Request<ProxyBody>| {
-        let proxy = proxy.clone();
-        let ctx = ctx.clone();
-        let in_flight = svc_activity.begin();
-        let draining = svc_draining.clone();
-        ctx.live
-            .request(version == Version::Http2 && crate::http::message::is_grpc(&req));
-        Box::pin(async move {
-            let mut resp = proxy.handle(&ctx, req).await;
-            drain::mark_last(ctx.version, &draining, &mut resp);
-            drop(in_flight);
-            resp
-        })
-    };
-    // Each protocol's connection is boxed on its own: the connection's
-    // future would otherwise be sized for the larger of the two, and an
-    // idle HTTP/1 connection would carry room for hyper's HTTP/2 state.
-    let (conn_requests, conn_draining) = (requests.clone(), draining.clone());
-    let serve: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ServeError>> + Send>> =
-        match version {
+        };
+        // Each protocol's connection is boxed on its own: the connection's
+        // future would otherwise be sized for the larger of the two, and an
+        // idle HTTP/1 connection would carry room for hyper's HTTP/2 state.
+        let (conn_requests, conn_draining) = (requests.clone(), draining.clone());
+        let serve: std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<(), ServeError>> + Send>,
+        > = match version {
             Version::Http1 => Box::pin(async move {
                 // The codec's graceful stop, which the drain asks for.
                 let stop = h1::Stop::default();
@@ -159,15 +166,16 @@ pub async fn serve(
                 .map_err(ServeError::H2)
             }),
         };
-    tokio::pin!(serve);
-    let result = tokio::select! {
-        r = &mut serve => r,
-        () = idle => {
-            draining.cancel();
-            serve.await
+        tokio::pin!(serve);
+        let result = tokio::select! {
+            r = &mut serve => r,
+            () = idle => {
+                draining.cancel();
+                serve.await
+            }
+        };
+        if let Err(e) = result {
+            debug!(error = %e, "HTTP connection ended with an error");
         }
-    };
-    if let Err(e) = result {
-        debug!(error = %e, "HTTP connection ended with an error");
     }
 }

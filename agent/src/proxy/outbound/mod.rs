@@ -352,11 +352,8 @@ impl Outbound {
                     // the source themselves.
                     let span = debug_span!("outbound", pod = %pod.name, src = %peer, dst = tracing::field::Empty);
                     self.drain.outbound().spawn(
-                        async move {
-                            let _admission = admission;
-                            this.proxy(pod, client, peer, local).await
-                        }
-                        .instrument(span),
+                        this.proxy(pod, client, peer, local, admission)
+                            .instrument(span),
                     );
                 }
                 Err(e) => {
@@ -453,144 +450,154 @@ impl Outbound {
 
     /// `listener`: the address the pod's listener is bound to (the
     /// accepted socket's local address, without asking the kernel).
-    async fn proxy(
-        &self,
+    ///
+    /// A plain function returning an `async move` block rather than an
+    /// `async fn`: an `async fn` keeps its arguments twice in its state
+    /// (as captured and as locals), and this state is what every open
+    /// connection's task holds for its whole life.
+    #[allow(clippy::manual_async_fn)] // on purpose: see above
+    fn proxy(
+        self: Arc<Self>,
         pod: Arc<PodInfo>,
         client: TcpStream,
         peer: SocketAddr,
         listener: Option<SocketAddr>,
-    ) {
-        let start = Instant::now();
-        let lookup = self.original_dst.take(pod.netns_cookie, peer);
-        let dst = match lookup {
-            Ok(Some(dst)) => dst,
-            Ok(None) | Err(_) => {
-                self.metrics
-                    .no_original_dst_total
-                    .get_or_create(&PodLabels {
-                        pod: pod.name.clone(),
-                    })
-                    .inc();
-                match lookup {
-                    Err(e) => {
-                        warn!(pod = %pod.name, src = %peer, error = %e, "original destination lookup failed; resetting the connection")
+        admission: Admission,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        async move {
+            let _admission = admission;
+            let start = Instant::now();
+            let lookup = self.original_dst.take(pod.netns_cookie, peer);
+            let dst = match lookup {
+                Ok(Some(dst)) => dst,
+                Ok(None) | Err(_) => {
+                    self.metrics
+                        .no_original_dst_total
+                        .get_or_create(&PodLabels {
+                            pod: pod.name.clone(),
+                        })
+                        .inc();
+                    match lookup {
+                        Err(e) => {
+                            warn!(pod = %pod.name, src = %peer, error = %e, "original destination lookup failed; resetting the connection")
+                        }
+                        _ => {
+                            warn!(pod = %pod.name, src = %peer, "no original destination recorded for this connection; resetting it")
+                        }
                     }
-                    _ => {
-                        warn!(pod = %pod.name, src = %peer, "no original destination recorded for this connection; resetting it")
-                    }
+                    reset(client);
+                    return;
                 }
-                reset(client);
-                return;
-            }
-        };
-        tracing::Span::current().record("dst", tracing::field::display(dst));
-        let reply_path = match self.original_dst.shortcut_replies(
-            pod.netns_cookie,
-            peer,
-            client.as_fd(),
-        ) {
-            Ok(path) => path,
-            // Nothing was written yet and nothing is lost: the replies take
-            // loopback TCP.
-            Err(e) => {
-                debug!(pod = %pod.name, src = %peer, error = %e, "reply shortcut not set up; replies take loopback");
-                ReplyPath::Loopback
-            }
-        };
-        if let ReplyPath::Sockmap { .. } = reply_path {
-            delay_acks(&client);
-        }
-        if reply_path != ReplyPath::Off {
-            self.metrics
-                .reply_path_total
-                .get_or_create(&ReplyPathLabels {
-                    path: match reply_path {
-                        ReplyPath::Sockmap { .. } => "sockmap",
-                        _ => "loopback",
-                    },
-                })
-                .inc();
-        }
-        let _ = client.set_nodelay(true);
-
-        let mut opened = None;
-        let mut transferred = copy::Transferred::default();
-        let live = Arc::new(self.conns.open(NewConn {
-            direction: crate::telemetry::conns::filter::Direction::Out,
-            pod: Some(pod.name.clone()),
-            src: Some(source_addr(&pod, peer, dst).unwrap_or(peer)),
-            dst,
-            client_flow: listener.map(|l| (l, peer)),
-            protocol: ConnProtocol::Detecting,
-        }));
-        if let ReplyPath::Sockmap {
-            max_unanswered,
-            requests,
-        } = reply_path
-        {
-            live.activity().bound_replies(ReplyBudget::new(
-                max_unanswered,
-                requests,
+            };
+            tracing::Span::current().record("dst", tracing::field::display(dst));
+            let reply_path = match self.original_dst.shortcut_replies(
                 pod.netns_cookie,
                 peer,
-                pod.netns.clone().zip(listener),
-                self.shortcut_exit.clone(),
-            ));
-        }
-        let conn = Conn {
-            pod: &pod,
-            peer,
-            dst,
-            live: &live,
-        };
-        let (close, detail) = tokio::select! {
-            biased;
-            _ = self.drain.forced().cancelled() => (Close::Drain, None),
-            r = self.dispatch(&conn, client, &mut opened, &mut transferred) => r,
-        };
-        // A connection that ended before its path was known (the client
-        // left during detection, no endpoints) is counted all the same.
-        let Opened { labels, gauge, .. } = match opened {
-            Some(o) => o,
-            None => self.open(&conn, TlsLabel::NoIdentity(NoTlsReason::NoConnection)),
-        };
-        gauge.dec();
-        let elapsed = start.elapsed();
-        self.metrics.record_duration(&labels, elapsed);
-        self.metrics
-            .close_total
-            .get_or_create(&TcpCloseLabels::new(
-                &labels,
-                close.classification(),
-                close.reason(),
-            ))
-            .inc();
-        // The connection's own count, HTTP included (the opaque copy's
-        // `transferred` sees only what it moved).
-        let (bytes_out, bytes_in) = live.activity().bytes();
-        let duration_ms = elapsed.as_secs_f64() * 1000.0;
-        let tls = labels.tls.value();
-        match close {
-            Close::Eof | Close::Drain => debug!(
-                bytes_out,
-                bytes_in,
-                duration_ms,
-                tls,
-                reason = close.reason(),
-                "connection closed"
-            ),
-            _ => info!(
-                pod = %pod.name,
-                src = %peer,
-                %dst,
-                bytes_out,
-                bytes_in,
-                duration_ms,
-                tls,
-                reason = close.reason(),
-                error = detail.as_deref().unwrap_or(""),
-                "connection failed"
-            ),
+                client.as_fd(),
+            ) {
+                Ok(path) => path,
+                // Nothing was written yet and nothing is lost: the replies take
+                // loopback TCP.
+                Err(e) => {
+                    debug!(pod = %pod.name, src = %peer, error = %e, "reply shortcut not set up; replies take loopback");
+                    ReplyPath::Loopback
+                }
+            };
+            if let ReplyPath::Sockmap { .. } = reply_path {
+                delay_acks(&client);
+            }
+            if reply_path != ReplyPath::Off {
+                self.metrics
+                    .reply_path_total
+                    .get_or_create(&ReplyPathLabels {
+                        path: match reply_path {
+                            ReplyPath::Sockmap { .. } => "sockmap",
+                            _ => "loopback",
+                        },
+                    })
+                    .inc();
+            }
+            let _ = client.set_nodelay(true);
+
+            let mut opened = None;
+            let mut transferred = copy::Transferred::default();
+            let live = Arc::new(self.conns.open(NewConn {
+                direction: crate::telemetry::conns::filter::Direction::Out,
+                pod: Some(pod.name.clone()),
+                src: Some(source_addr(&pod, peer, dst).unwrap_or(peer)),
+                dst,
+                client_flow: listener.map(|l| (l, peer)),
+                protocol: ConnProtocol::Detecting,
+            }));
+            if let ReplyPath::Sockmap {
+                max_unanswered,
+                requests,
+            } = reply_path
+            {
+                live.activity().bound_replies(ReplyBudget::new(
+                    max_unanswered,
+                    requests,
+                    pod.netns_cookie,
+                    peer,
+                    pod.netns.clone().zip(listener),
+                    self.shortcut_exit.clone(),
+                ));
+            }
+            let conn = Conn {
+                pod: &pod,
+                peer,
+                dst,
+                live: &live,
+            };
+            let (close, detail) = tokio::select! {
+                biased;
+                _ = self.drain.forced().cancelled() => (Close::Drain, None),
+                r = self.dispatch(&conn, client, &mut opened, &mut transferred) => r,
+            };
+            // A connection that ended before its path was known (the client
+            // left during detection, no endpoints) is counted all the same.
+            let Opened { labels, gauge, .. } = match opened {
+                Some(o) => o,
+                None => self.open(&conn, TlsLabel::NoIdentity(NoTlsReason::NoConnection)),
+            };
+            gauge.dec();
+            let elapsed = start.elapsed();
+            self.metrics.record_duration(&labels, elapsed);
+            self.metrics
+                .close_total
+                .get_or_create(&TcpCloseLabels::new(
+                    &labels,
+                    close.classification(),
+                    close.reason(),
+                ))
+                .inc();
+            // The connection's own count, HTTP included (the opaque copy's
+            // `transferred` sees only what it moved).
+            let (bytes_out, bytes_in) = live.activity().bytes();
+            let duration_ms = elapsed.as_secs_f64() * 1000.0;
+            let tls = labels.tls.value();
+            match close {
+                Close::Eof | Close::Drain => debug!(
+                    bytes_out,
+                    bytes_in,
+                    duration_ms,
+                    tls,
+                    reason = close.reason(),
+                    "connection closed"
+                ),
+                _ => info!(
+                    pod = %pod.name,
+                    src = %peer,
+                    %dst,
+                    bytes_out,
+                    bytes_in,
+                    duration_ms,
+                    tls,
+                    reason = close.reason(),
+                    error = detail.as_deref().unwrap_or(""),
+                    "connection failed"
+                ),
+            }
         }
     }
 
@@ -629,15 +636,18 @@ impl Outbound {
         let Some(service) = table.by_addr(&conn.dst).cloned() else {
             // Not a service: a meshed pod dialled by address still goes
             // through its node's tunnel (and its authorization).
-            let node = table.workload(&conn.dst.ip()).map(|w| &*w.node);
-            let path = self.upstreams.path(conn.pod.identity.as_ref(), node);
-            conn.live.set_protocol(ConnProtocol::Opaque);
-            let o = opened.insert(self.open(conn, path.tls()));
-            // Boxed (here and below): a connection's task is sized for the
-            // largest future it may hold, and an HTTP connection, which
-            // lives far longer, should not carry room for the copy's.
-            return Box::pin(self.opaque(client, conn, &path, conn.dst, &o.labels, transferred))
-                .await;
+            // Boxed (here and below), with the path moved in, in a scope
+            // of its own: a connection's task is sized for the largest
+            // state it may be in, and an HTTP connection, which lives far
+            // longer, should not carry room for the copy's or its path.
+            let copy = {
+                let node = table.workload(&conn.dst.ip()).map(|w| &*w.node);
+                let path = self.upstreams.path(conn.pod.identity.as_ref(), node);
+                conn.live.set_protocol(ConnProtocol::Opaque);
+                let o = opened.insert(self.open(conn, path.tls()));
+                Box::pin(self.opaque(client, conn, path, conn.dst, &o.labels, transferred))
+            };
+            return copy.await;
         };
         conn.live.set_service(&service.name);
         let protocol = if service.protocol == ProtocolHint::Opaque
@@ -666,22 +676,23 @@ impl Outbound {
                         Some(format!("service {} has no endpoints", service.name)),
                     );
                 };
-                let endpoint = pick.endpoint();
-                let path = self
-                    .upstreams
-                    .path(conn.pod.identity.as_ref(), endpoint.node.as_deref());
-                let o = opened.insert(self.open(conn, path.tls()));
-                // The pick stays alive for the connection: in-flight is the
-                // number of open connections for opaque traffic.
-                return Box::pin(self.opaque(
-                    client,
-                    conn,
-                    &path,
-                    endpoint.addr,
-                    &o.labels,
-                    transferred,
-                ))
-                .await;
+                // The pick stays alive for the connection (in the box, as
+                // the path): in-flight is the number of open connections
+                // for opaque traffic.
+                let copy = {
+                    let endpoint = pick.endpoint();
+                    let path = self
+                        .upstreams
+                        .path(conn.pod.identity.as_ref(), endpoint.node.as_deref());
+                    let o = opened.insert(self.open(conn, path.tls()));
+                    let target = endpoint.addr;
+                    Box::pin(async move {
+                        let _pick = pick;
+                        self.opaque(client, conn, path, target, &o.labels, transferred)
+                            .await
+                    })
+                };
+                return copy.await;
             }
         };
         opened.get_or_insert_with(|| self.open(conn, TlsLabel::PerRequest));
@@ -712,7 +723,7 @@ impl Outbound {
         &self,
         mut client: TcpStream,
         conn: &Conn<'_>,
-        path: &Path,
+        path: Path,
         target: SocketAddr,
         labels: &TcpLabels,
         transferred: &mut copy::Transferred,
@@ -721,7 +732,7 @@ impl Outbound {
         conn.live
             .set_upstream(None, target, path.peer_identity(), None);
         let (close, detail) = self
-            .forward(&mut client, conn, path, target, labels, transferred)
+            .forward(&mut client, conn, &path, target, labels, transferred)
             .await;
         self.http.tap.tcp_closed(|| TcpClosed {
             pod: &labels.pod,
