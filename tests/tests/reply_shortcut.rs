@@ -14,9 +14,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
+use waymark_tests::support::shortcut::{echo_through_agent, pod_kernel_bytes, run_json};
 use waymark_tests::{
-    DEFAULT_PATIENCE, Pod, World, eventually, metric_value, python, require_agent_or_skip,
-    testpeer, with_world, world_name,
+    DEFAULT_PATIENCE, World, eventually, metric_value, python, require_agent_or_skip, testpeer,
+    with_world, world_name,
 };
 
 const SIZE: u64 = 8 * 1024 * 1024;
@@ -27,71 +28,6 @@ const SIZE: u64 = 8 * 1024 * 1024;
 /// larger budget keeps them on the shortcut whatever the timing.
 const ON: &str = "[redirect]\nreply_shortcut = true\nreply_shortcut_max_unanswered = 67108864\n";
 const OFF: &str = "[redirect]\nreply_shortcut = false\n";
-
-/// The client pod's kernel-counted bytes in, and the part of them a
-/// sockmap delivered.
-fn pod_bytes_in(world: &World) -> Result<(f64, f64)> {
-    let body = world.node(0).metrics()?;
-    let labels = [("pod", world.pod(0, 0).name()), ("direction", "in")];
-    let get = |name| metric_value(&body, name, &labels).unwrap_or(0.0);
-    Ok((
-        get("waymark_kernel_bytes_total"),
-        get("waymark_kernel_sockmap_bytes_total"),
-    ))
-}
-
-/// Bytes the pod's loopback has received so far.
-fn lo_rx_bytes(pod: &Pod) -> Result<u64> {
-    let out = pod.run_ok(Command::new("ip").args(["-s", "-j", "link", "show", "lo"]))?;
-    let v: Value = serde_json::from_str(out.trim()).context("ip -j output")?;
-    v[0]["stats64"]["rx"]["bytes"]
-        .as_u64()
-        .with_context(|| format!("no rx bytes in {out}"))
-}
-
-/// Echoes `SIZE` bytes through the agent and returns how many bytes crossed
-/// the client pod's loopback meanwhile.
-fn echo_through_agent(world: &World) -> Result<u64> {
-    let (cl, srv) = (world.pod(0, 0), world.pod(1, 0));
-    let _echo = srv.serve(&mut testpeer(["echo", "--listen", "0.0.0.0:7000"]))?;
-    let target = format!("{}:7000", srv.ip());
-    let before = lo_rx_bytes(cl)?;
-    // The client shuts down its side only once every reply is back: a
-    // reply written after a half-close takes TCP (the agent's socket has
-    // left ESTABLISHED), which would blur what crossed `lo`.
-    let script = format!(
-        r#"
-import json, random, socket, threading
-data = random.Random(7).randbytes({SIZE})
-host, port = "{target}".rsplit(":", 1)
-s = socket.create_connection((host, int(port)), timeout=25)
-sender = threading.Thread(target=s.sendall, args=(data,))
-sender.start()
-got = bytearray()
-while len(got) < len(data):
-    b = s.recv(1 << 20)
-    if not b:
-        break
-    got += b
-sender.join()
-s.shutdown(socket.SHUT_WR)
-print(json.dumps({{"identical": bytes(got) == data, "sent": len(data), "received": len(got)}}))
-"#
-    );
-    let out = cl.run_timeout(python().args(["-c", &script]), Duration::from_secs(60))?;
-    let r: Value = serde_json::from_slice(&out.stdout).with_context(|| {
-        format!(
-            "client said {:?} {:?}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })?;
-    ensure!(
-        r["identical"] == true && r["sent"] == SIZE && r["received"] == SIZE,
-        "{SIZE} bytes through the echo server came back different: {r}"
-    );
-    Ok(lo_rx_bytes(cl)? - before)
-}
 
 fn reply_paths(world: &World) -> Result<(f64, f64)> {
     let body = world.node(0).metrics()?;
@@ -117,8 +53,8 @@ fn replies_skip_the_pods_loopback_and_arrive_whole() {
         .pods_per_node(1)
         .agent_config_extra(ON);
     with_world(on, |world| {
-        let (bytes_before, sockmap_before) = pod_bytes_in(world)?;
-        let lo = echo_through_agent(world)?;
+        let (bytes_before, sockmap_before) = pod_kernel_bytes(world, "in")?;
+        let lo = echo_through_agent(world, SIZE)?;
         let (sockmap, loopback) = reply_paths(world)?;
         ensure!(
             sockmap == 1.0 && loopback == 0.0,
@@ -131,7 +67,7 @@ fn replies_skip_the_pods_loopback_and_arrive_whole() {
         // The kprobe counts the replies as they are delivered; the metric
         // reads the counters when scraped.
         eventually(DEFAULT_PATIENCE, || {
-            let (bytes, sockmap) = pod_bytes_in(world)?;
+            let (bytes, sockmap) = pod_kernel_bytes(world, "in")?;
             let (bytes, sockmap) = (bytes - bytes_before, sockmap - sockmap_before);
             // Replies written after the client's half-close take TCP
             // (the agent's socket has left ESTABLISHED): most, not all.
@@ -152,13 +88,13 @@ fn replies_skip_the_pods_loopback_and_arrive_whole() {
         .pods_per_node(1)
         .agent_config_extra(OFF);
     with_world(off, |world| {
-        let lo = echo_through_agent(world)?;
+        let lo = echo_through_agent(world, SIZE)?;
         let (sockmap, loopback) = reply_paths(world)?;
         ensure!(
             sockmap == 0.0 && loopback == 0.0,
             "shortcut off: no connection should be counted on it: sockmap={sockmap} loopback={loopback}"
         );
-        let (_, sockmap_bytes) = pod_bytes_in(world)?;
+        let (_, sockmap_bytes) = pod_kernel_bytes(world, "in")?;
         ensure!(
             sockmap_bytes == 0.0,
             "shortcut off, yet {sockmap_bytes} sockmap bytes in"
@@ -251,16 +187,7 @@ while got < {expected}:
 print(json.dumps({{"queued": queued, "received": got, "in_order": ok}}))
 "#
     );
-    let out = world
-        .pod(0, 0)
-        .run_timeout(python().args(["-c", &script]), Duration::from_secs(60))?;
-    let r: Value = serde_json::from_slice(&out.stdout).with_context(|| {
-        format!(
-            "client said {:?} {:?}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })?;
+    let r = run_json(world.pod(0, 0), &script, Duration::from_secs(60))?;
     ensure!(
         r["received"] == expected && r["in_order"] == true,
         "the answers did not arrive whole and in order: {r}"

@@ -12,14 +12,15 @@
 // Children spawned through a world are reaped by the world when it shuts down.
 #![allow(clippy::zombie_processes)]
 
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use serde_json::Value;
+use waymark_tests::support::shortcut::{
+    echo_through_agent, lo_rx_bytes, pod_kernel_bytes, run_json,
+};
 use waymark_tests::{
-    DEFAULT_PATIENCE, Pod, Server, World, eventually, metric_value, python, require_agent_or_skip,
-    testpeer, with_world, world_name,
+    DEFAULT_PATIENCE, Pod, Server, World, eventually, python, require_agent_or_skip, with_world,
+    world_name,
 };
 
 const SIZE: u64 = 8 * 1024 * 1024;
@@ -32,69 +33,6 @@ const ON: &str = "[redirect]\nreply_shortcut = true\nreply_shortcut_max_unanswer
 const REPLIES_ONLY: &str =
     "[redirect]\nreply_shortcut = true\nreply_shortcut_max_unanswered = 67108864\n";
 
-/// Bytes the pod's loopback has received so far.
-fn lo_rx_bytes(pod: &Pod) -> Result<u64> {
-    let out = pod.run_ok(Command::new("ip").args(["-s", "-j", "link", "show", "lo"]))?;
-    let v: Value = serde_json::from_str(out.trim()).context("ip -j output")?;
-    v[0]["stats64"]["rx"]["bytes"]
-        .as_u64()
-        .with_context(|| format!("no rx bytes in {out}"))
-}
-
-/// The client pod's kernel-counted bytes out, and the part of them a
-/// sockmap delivered.
-fn pod_bytes_out(world: &World) -> Result<(f64, f64)> {
-    let body = world.node(0).metrics()?;
-    let labels = [("pod", world.pod(0, 0).name()), ("direction", "out")];
-    let get = |name| metric_value(&body, name, &labels).unwrap_or(0.0);
-    Ok((
-        get("waymark_kernel_bytes_total"),
-        get("waymark_kernel_sockmap_bytes_total"),
-    ))
-}
-
-/// Echoes `SIZE` bytes through the agent, the first of them sent the
-/// moment `connect()` returns, and returns how many bytes crossed the
-/// client pod's loopback meanwhile.
-fn echo_through_agent(world: &World) -> Result<u64> {
-    let (cl, srv) = (world.pod(0, 0), world.pod(1, 0));
-    let _echo = srv.serve(&mut testpeer(["echo", "--listen", "0.0.0.0:7000"]))?;
-    let target = format!("{}:7000", srv.ip());
-    let before = lo_rx_bytes(cl)?;
-    let script = format!(
-        r#"
-import json, random, socket, threading
-data = random.Random(7).randbytes({SIZE})
-host, port = "{target}".rsplit(":", 1)
-s = socket.create_connection((host, int(port)), timeout=25)
-sender = threading.Thread(target=s.sendall, args=(data,))
-sender.start()
-got = bytearray()
-while len(got) < len(data):
-    b = s.recv(1 << 20)
-    if not b:
-        break
-    got += b
-sender.join()
-s.shutdown(socket.SHUT_WR)
-print(json.dumps({{"identical": bytes(got) == data, "sent": len(data), "received": len(got)}}))
-"#
-    );
-    let out = cl.run_timeout(python().args(["-c", &script]), Duration::from_secs(60))?;
-    let r: Value = serde_json::from_slice(&out.stdout).with_context(|| {
-        format!(
-            "client said {:?} {:?}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })?;
-    ensure!(
-        r["identical"] == true && r["sent"] == SIZE && r["received"] == SIZE,
-        "{SIZE} bytes through the echo server came back different: {r}"
-    );
-    Ok(lo_rx_bytes(cl)? - before)
-}
-
 /// With both shortcuts an 8 MiB echo arrives byte-exact and next to nothing
 /// crosses the pod's loopback (the handshake, the closing FINs); the pod's
 /// kernel bytes out count the requests all the same, as sockmap bytes.
@@ -106,14 +44,14 @@ fn requests_skip_the_pods_loopback_and_arrive_whole() {
         .pods_per_node(1)
         .agent_config_extra(ON);
     with_world(on, |world| {
-        let (bytes_before, sockmap_before) = pod_bytes_out(world)?;
-        let lo = echo_through_agent(world)?;
+        let (bytes_before, sockmap_before) = pod_kernel_bytes(world, "out")?;
+        let lo = echo_through_agent(world, SIZE)?;
         ensure!(
             lo < SIZE / 8,
             "{lo} bytes crossed the client pod's lo for {SIZE} bytes each way: the requests (or replies) did"
         );
         eventually(DEFAULT_PATIENCE, || {
-            let (bytes, sockmap) = pod_bytes_out(world)?;
+            let (bytes, sockmap) = pod_kernel_bytes(world, "out")?;
             let (bytes, sockmap) = (bytes - bytes_before, sockmap - sockmap_before);
             ensure!(
                 sockmap >= SIZE as f64 && sockmap < 1.01 * SIZE as f64,
@@ -131,12 +69,12 @@ fn requests_skip_the_pods_loopback_and_arrive_whole() {
         .pods_per_node(1)
         .agent_config_extra(REPLIES_ONLY);
     with_world(off, |world| {
-        let lo = echo_through_agent(world)?;
+        let lo = echo_through_agent(world, SIZE)?;
         ensure!(
             lo >= SIZE,
             "{lo} bytes crossed the client pod's lo with the request shortcut off: expected the requests (>= {SIZE})"
         );
-        let (_, sockmap) = pod_bytes_out(world)?;
+        let (_, sockmap) = pod_kernel_bytes(world, "out")?;
         ensure!(
             sockmap == 0.0,
             "request shortcut off, yet {sockmap} sockmap bytes out"
@@ -217,9 +155,7 @@ print(json.dumps({{"bad": bad, "bytes": 200 * len(msg)}}))
 "#,
             ip = srv.ip()
         );
-        let out = cl.run_timeout(python().args(["-c", &script]), Duration::from_secs(120))?;
-        let r: Value = serde_json::from_slice(&out.stdout)
-            .with_context(|| format!("client said {:?}", String::from_utf8_lossy(&out.stdout)))?;
+        let r = run_json(cl, &script, Duration::from_secs(120))?;
         ensure!(
             r["bad"].as_array().is_some_and(Vec::is_empty),
             "answers came back wrong or never: {r}"
@@ -303,14 +239,7 @@ print(json.dumps({{"early": early, "answer": answer.decode(), "expected": "%d %s
 "#,
             ip = srv.ip()
         );
-        let out = cl.run_timeout(python().args(["-c", &script]), Duration::from_secs(90))?;
-        let r: Value = serde_json::from_slice(&out.stdout).with_context(|| {
-            format!(
-                "client said {:?} {:?}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })?;
+        let r = run_json(cl, &script, Duration::from_secs(90))?;
         ensure!(
             r["answer"] == r["expected"],
             "the server did not get the {TOTAL} bytes whole and in order: {r}"

@@ -392,16 +392,9 @@ impl Redirect {
         let bytes = PerCpuHashMap::try_from(take_map(&mut self.ebpf, MAP_SHORTCUT_BYTES)?)
             .map_err(map_error(MAP_SHORTCUT_BYTES, "open"))?;
         let left = map_data(&mut self.ebpf, MAP_REPLIES_LEFT)?;
-        let mut settings =
-            Array::<_, RedirectSettings>::try_from(map_mut(&mut self.ebpf, MAP_SETTINGS)?)
-                .map_err(map_error(MAP_SETTINGS, "open"))?;
-        let mut current = settings
-            .get(&0, 0)
-            .map_err(map_error(MAP_SETTINGS, "read"))?;
-        current.flags |= waymark_common::SETTING_REPLY_SHORTCUT;
-        settings
-            .set(0, current, 0)
-            .map_err(map_error(MAP_SETTINGS, "write"))?;
+        update_settings(&mut self.ebpf, |current| {
+            current.flags |= waymark_common::SETTING_REPLY_SHORTCUT;
+        })?;
         self.shortcut = Some(ShortcutMaps {
             ready,
             agent,
@@ -473,18 +466,11 @@ impl Redirect {
         let held = map_data(&mut self.ebpf, MAP_REQUEST_HELD)?;
         let bytes = PerCpuHashMap::try_from(take_map(&mut self.ebpf, MAP_SHORTCUT_BYTES_OUT)?)
             .map_err(map_error(MAP_SHORTCUT_BYTES_OUT, "open"))?;
-        let mut settings =
-            Array::<_, RedirectSettings>::try_from(map_mut(&mut self.ebpf, MAP_SETTINGS)?)
-                .map_err(map_error(MAP_SETTINGS, "open"))?;
-        let mut current = settings
-            .get(&0, 0)
-            .map_err(map_error(MAP_SETTINGS, "read"))?;
-        current.flags |= waymark_common::SETTING_REQUEST_SHORTCUT;
-        current.request_max_unread_kib =
-            u32::try_from(max_unread.div_ceil(1024)).unwrap_or(u32::MAX);
-        settings
-            .set(0, current, 0)
-            .map_err(map_error(MAP_SETTINGS, "write"))?;
+        update_settings(&mut self.ebpf, |current| {
+            current.flags |= waymark_common::SETTING_REQUEST_SHORTCUT;
+            current.request_max_unread_kib =
+                u32::try_from(max_unread.div_ceil(1024)).unwrap_or(u32::MAX);
+        })?;
         // Pods a capture held before this (none at start) need no catching
         // up: holds are written as they come (`hold_replies_on_packets`).
         if let Some(shortcut) = &mut self.shortcut {
@@ -535,15 +521,7 @@ impl Redirect {
         let Some(requests) = self.requests() else {
             return Ok(Vec::new());
         };
-        requests
-            .bytes
-            .iter()
-            .map(|entry| {
-                entry
-                    .map(|(cookie, per_cpu)| (cookie, per_cpu.iter().sum()))
-                    .map_err(map_error(MAP_SHORTCUT_BYTES_OUT, "read"))
-            })
-            .collect()
+        per_pod_totals(&requests.bytes, MAP_SHORTCUT_BYTES_OUT)
     }
 
     /// Whether [`Redirect::enable_request_shortcut`] succeeded.
@@ -622,15 +600,7 @@ impl Redirect {
         let Some(shortcut) = &self.shortcut else {
             return Ok(Vec::new());
         };
-        shortcut
-            .bytes
-            .iter()
-            .map(|entry| {
-                entry
-                    .map(|(cookie, per_cpu)| (cookie, per_cpu.iter().sum()))
-                    .map_err(map_error(MAP_SHORTCUT_BYTES, "read"))
-            })
-            .collect()
+        per_pod_totals(&shortcut.bytes, MAP_SHORTCUT_BYTES)
     }
 
     /// Keeps the replies to one pod (its netns cookie) on packets until as
@@ -1257,6 +1227,38 @@ fn map_mut<'a>(
 ) -> Result<&'a mut aya::maps::Map, RedirectError> {
     ebpf.map_mut(name)
         .ok_or(RedirectError::Missing { kind: "map", name })
+}
+
+/// Changes the one `SETTINGS` slot in place (read, change, write back):
+/// each shortcut sets its own flag and fields in it.
+fn update_settings(
+    ebpf: &mut Ebpf,
+    change: impl FnOnce(&mut RedirectSettings),
+) -> Result<(), RedirectError> {
+    let mut settings = Array::<_, RedirectSettings>::try_from(map_mut(ebpf, MAP_SETTINGS)?)
+        .map_err(map_error(MAP_SETTINGS, "open"))?;
+    let mut current = settings
+        .get(&0, 0)
+        .map_err(map_error(MAP_SETTINGS, "read"))?;
+    change(&mut current);
+    settings
+        .set(0, current, 0)
+        .map_err(map_error(MAP_SETTINGS, "write"))
+}
+
+/// A per-CPU byte count per pod netns cookie (the shortcuts' counts),
+/// summed over the CPUs.
+fn per_pod_totals(
+    map: &PerCpuHashMap<MapData, u64, u64>,
+    name: &'static str,
+) -> Result<Vec<(u64, u64)>, RedirectError> {
+    map.iter()
+        .map(|entry| {
+            entry
+                .map(|(cookie, per_cpu)| (cookie, per_cpu.iter().sum()))
+                .map_err(map_error(name, "read"))
+        })
+        .collect()
 }
 
 /// A map taken out of the object for the raw syscalls in [`maps`].

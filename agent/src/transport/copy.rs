@@ -94,31 +94,31 @@ async fn client_to_upstream<W: AsyncWrite + Unpin>(
     total: &mut u64,
     other: impl std::future::Future<Output = Result<(), CopyError>>,
 ) -> Result<(), CopyError> {
-    let activity = counters.activity.as_deref();
-    if reads_whole(activity) {
-        let mut whole = Whole(cr);
-        let c2u = pump(
-            &mut whole,
-            uw,
-            Side::Client,
-            Side::Upstream,
-            &counters.client_to_upstream,
-            activity,
-            total,
-        );
-        tokio::try_join!(c2u, other).map(|_| ())
+    if reads_whole(counters.activity.as_deref()) {
+        client_pump(&mut Whole(cr), uw, counters, total, other).await
     } else {
-        let c2u = pump(
-            &mut cr,
-            uw,
-            Side::Client,
-            Side::Upstream,
-            &counters.client_to_upstream,
-            activity,
-            total,
-        );
-        tokio::try_join!(c2u, other).map(|_| ())
+        client_pump(&mut cr, uw, counters, total, other).await
     }
+}
+
+/// [`client_to_upstream`] with the client read through `from`.
+async fn client_pump<W: AsyncWrite + Unpin>(
+    from: &mut impl Source,
+    uw: &mut W,
+    counters: &Counters,
+    total: &mut u64,
+    other: impl std::future::Future<Output = Result<(), CopyError>>,
+) -> Result<(), CopyError> {
+    let c2u = pump(
+        from,
+        uw,
+        Side::Client,
+        Side::Upstream,
+        &counters.client_to_upstream,
+        counters.activity.as_deref(),
+        total,
+    );
+    tokio::try_join!(c2u, other).map(|_| ())
 }
 
 /// Whether the client's socket may hold redirected requests (the request

@@ -40,20 +40,18 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_F_INGRESS, BPF_NOEXIST, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_TCP_ESTABLISHED,
-        sk_action::SK_PASS,
+        BPF_F_INGRESS, BPF_NOEXIST, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, sk_action::SK_PASS,
     },
     helpers::bpf_get_netns_cookie,
     macros::{sk_msg, sock_ops},
     programs::{SkMsgContext, SockOpsContext},
 };
-use core::ptr::{addr_of, read_volatile};
 use waymark_common::{FlowKey, REQUEST_PENDING, REQUEST_REDIRECT, REQUEST_TCP};
 
 use crate::{
     addr::{context_remote_port, flow_addr, outbound_port, request_shortcut_limit},
     maps::{REQUEST_CONSUMED, REQUEST_FLOWS, REQUEST_HELD, REQUEST_TARGETS, SHORTCUT_BYTES_OUT},
-    shortcut::count,
+    shortcut::{AppEnd, app_key, count},
     sock_ops::read_remote_ip6,
 };
 
@@ -62,7 +60,7 @@ const OK: u32 = 1;
 
 #[sk_msg]
 pub fn wm_request_shortcut(ctx: SkMsgContext) -> u32 {
-    let Some(mut key) = application_key(&ctx) else {
+    let Some(mut key) = app_key(&ctx, AppEnd::Own) else {
         return SK_PASS;
     };
     let Some(flow) = REQUEST_FLOWS.get_ptr_mut(key) else {
@@ -168,54 +166,5 @@ fn offer_target(ctx: &SockOpsContext) {
         // connection reads a target that is not its own key's: its
         // redirect finds no socket and takes TCP.
         unsafe { (*flow).target = 1 };
-    }
-}
-
-/// The key `sock_ops` filed the application's socket under: the pod's
-/// netns cookie and the socket's own address. `None` for a socket that is
-/// not established (it may still send, e.g. after the agent shut down its
-/// side): TCP.
-fn application_key(ctx: &SkMsgContext) -> Option<FlowKey> {
-    let md = ctx.msg;
-    // SAFETY: context reads, checked by the verifier; `sk` is always set
-    // for sk_msg programs.
-    let state = unsafe {
-        let sk = (*md).__bindgen_anon_3.sk;
-        if sk.is_null() {
-            return None;
-        }
-        (*sk).state
-    };
-    if state != BPF_TCP_ESTABLISHED {
-        return None;
-    }
-    // SAFETY: context field reads, checked by the verifier; `local_port`
-    // is in host byte order.
-    let (family, port) = unsafe { ((*md).family, (*md).local_port as u16) };
-    let client = flow_addr(
-        family,
-        // SAFETY: as above.
-        || unsafe { (*md).local_ip4 },
-        || read_local_ip6(md),
-        port,
-    )?;
-    Some(FlowKey {
-        // SAFETY: the helper only reads the socket behind the context.
-        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
-        client,
-        _pad: 0,
-    })
-}
-
-/// One 32-bit load per word (see `sock_ops::read_local_ip6`).
-fn read_local_ip6(md: *mut aya_ebpf::bindings::sk_msg_md) -> [u32; 4] {
-    // SAFETY: in-bounds context field reads, checked by the verifier.
-    unsafe {
-        [
-            read_volatile(addr_of!((*md).local_ip6[0])),
-            read_volatile(addr_of!((*md).local_ip6[1])),
-            read_volatile(addr_of!((*md).local_ip6[2])),
-            read_volatile(addr_of!((*md).local_ip6[3])),
-        ]
     }
 }

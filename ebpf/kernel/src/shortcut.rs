@@ -53,7 +53,7 @@ use crate::{
 
 #[sk_msg]
 pub fn wm_reply_shortcut(ctx: SkMsgContext) -> u32 {
-    let Some(mut key) = client_key(&ctx) else {
+    let Some(mut key) = app_key(&ctx, AppEnd::Peer) else {
         return SK_PASS;
     };
     // SAFETY: the value is only tested for presence.
@@ -91,10 +91,21 @@ pub(crate) fn count(map: &LruPerCpuHashMap<u64, u64>, netns_cookie: u64, bytes: 
     }
 }
 
+/// Which end of a sending socket is the application's socket.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AppEnd {
+    /// The sender is the agent's accepted socket: its peer.
+    Peer,
+    /// The sender is the application's socket itself.
+    Own,
+}
+
 /// The key `sock_ops` filed the application's socket under: the pod's
-/// netns cookie and the application socket's address, which is this
-/// socket's remote end. `None`: take the usual path.
-fn client_key(ctx: &SkMsgContext) -> Option<FlowKey> {
+/// netns cookie and the application socket's address, read from the
+/// sending socket's `end`. `None` for a sender that is not established:
+/// take the usual path (see the module docs and `request.rs`).
+#[inline(always)]
+pub(crate) fn app_key(ctx: &SkMsgContext, end: AppEnd) -> Option<FlowKey> {
     let md = ctx.msg;
     // SAFETY: context reads, checked by the verifier; `sk` is always set
     // for sk_msg programs.
@@ -108,14 +119,25 @@ fn client_key(ctx: &SkMsgContext) -> Option<FlowKey> {
     if state != BPF_TCP_ESTABLISHED {
         return None;
     }
-    // SAFETY: context field reads, checked by the verifier.
-    let (family, raw_port) = unsafe { ((*md).family, (*md).remote_port) };
+    // SAFETY: context field reads, checked by the verifier. `local_port`
+    // is in host byte order, `remote_port` as `context_remote_port` says.
+    let (family, port) = unsafe {
+        match end {
+            AppEnd::Peer => ((*md).family, context_remote_port((*md).remote_port)),
+            AppEnd::Own => ((*md).family, (*md).local_port as u16),
+        }
+    };
     let client = flow_addr(
         family,
         // SAFETY: as above.
-        || unsafe { (*md).remote_ip4 },
-        || read_remote_ip6(md),
-        context_remote_port(raw_port),
+        || unsafe {
+            match end {
+                AppEnd::Peer => (*md).remote_ip4,
+                AppEnd::Own => (*md).local_ip4,
+            }
+        },
+        || read_ip6(md, end),
+        port,
     )?;
     Some(FlowKey {
         // SAFETY: the helper only reads the socket behind the context.
@@ -125,15 +147,25 @@ fn client_key(ctx: &SkMsgContext) -> Option<FlowKey> {
     })
 }
 
-/// One 32-bit load per word (see `sock_ops::read_local_ip6`).
-fn read_remote_ip6(md: *mut aya_ebpf::bindings::sk_msg_md) -> [u32; 4] {
+/// One 32-bit load per word (see `sock_ops::read_local_ip6`); `end` is a
+/// constant at every call, so each load has a fixed context offset.
+#[inline(always)]
+fn read_ip6(md: *mut aya_ebpf::bindings::sk_msg_md, end: AppEnd) -> [u32; 4] {
     // SAFETY: in-bounds context field reads, checked by the verifier.
     unsafe {
-        [
-            read_volatile(addr_of!((*md).remote_ip6[0])),
-            read_volatile(addr_of!((*md).remote_ip6[1])),
-            read_volatile(addr_of!((*md).remote_ip6[2])),
-            read_volatile(addr_of!((*md).remote_ip6[3])),
-        ]
+        match end {
+            AppEnd::Peer => [
+                read_volatile(addr_of!((*md).remote_ip6[0])),
+                read_volatile(addr_of!((*md).remote_ip6[1])),
+                read_volatile(addr_of!((*md).remote_ip6[2])),
+                read_volatile(addr_of!((*md).remote_ip6[3])),
+            ],
+            AppEnd::Own => [
+                read_volatile(addr_of!((*md).local_ip6[0])),
+                read_volatile(addr_of!((*md).local_ip6[1])),
+                read_volatile(addr_of!((*md).local_ip6[2])),
+                read_volatile(addr_of!((*md).local_ip6[3])),
+            ],
+        }
     }
 }
