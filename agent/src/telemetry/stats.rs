@@ -408,7 +408,7 @@ impl Stats {
     /// The edge that counts `pod`'s requests to `service` on `route`; held
     /// for the request and passed to [`Stats::record`] when it ends.
     pub fn request_edge(&self, pod: &str, service: &str, route: &str) -> Arc<Edge> {
-        self.edge((pod, service, Some(route)), Instant::now())
+        self.edge((pod, service, Some(route)), Instant::now)
     }
 
     /// The edge that counts requests to `service` on `route` that the route
@@ -416,7 +416,7 @@ impl Stats {
     /// request's own edge.
     pub fn backend_edge(&self, service: &str, route: &str, backend: &str) -> Arc<Edge> {
         let key = (service, backend, Some(route));
-        self.edge_in(&self.backends, key, Instant::now())
+        self.edge_in(&self.backends, key, Instant::now)
             .unwrap_or_else(|| self.other_backends.clone())
     }
 
@@ -470,13 +470,13 @@ impl Stats {
     }
 
     fn connection_at(&self, pod: &str, dst: &str, now: Instant) -> OpenConnection {
-        let edge = self.edge((pod, dst, None), now);
+        let edge = self.edge((pod, dst, None), || now);
         edge.open.fetch_add(1, Ordering::Relaxed);
         edge.with_bucket(self.epoch(now), |b| b.counts.tcp_opened += 1);
         OpenConnection { edge }
     }
 
-    fn edge(&self, key: (&str, &str, Option<&str>), now: Instant) -> Arc<Edge> {
+    fn edge(&self, key: (&str, &str, Option<&str>), now: impl FnOnce() -> Instant) -> Arc<Edge> {
         self.edge_in(&self.edges, key, now).unwrap_or_else(|| {
             self.overflowed.fetch_add(1, Ordering::Relaxed);
             match key.2 {
@@ -487,12 +487,13 @@ impl Stats {
     }
 
     /// The edge of `key` in `table`, made if there is room (after dropping
-    /// idle edges); `None` when the table is full.
+    /// idle edges); `None` when the table is full. `now` is read only when
+    /// the table is full (the clock is not read per request).
     fn edge_in(
         &self,
         table: &RwLock<HashMap<EdgeKey, Arc<Edge>>>,
         key: (&str, &str, Option<&str>),
-        now: Instant,
+        now: impl FnOnce() -> Instant,
     ) -> Option<Arc<Edge>> {
         let found = table
             .read()
@@ -507,7 +508,7 @@ impl Stats {
             return Some(edge.clone());
         }
         if edges.len() >= self.max_edges {
-            let idle_before = self.epoch(now).saturating_sub(SLOTS);
+            let idle_before = self.epoch(now()).saturating_sub(SLOTS);
             edges.retain(|_, e| Arc::strong_count(e) > 1 || !e.idle_since(idle_before));
         }
         if edges.len() >= self.max_edges {

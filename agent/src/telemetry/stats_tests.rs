@@ -209,12 +209,12 @@ fn idle_edges_make_room_under_the_cap() {
     stats.record_at(&a, ok(1), t0);
     drop(a);
     // Still within the ring: "b" has no room.
-    let b = stats.edge(("p", "b", Some("r")), t0 + secs(60));
+    let b = stats.edge(("p", "b", Some("r")), || t0 + secs(60));
     assert_eq!(stats.overflowed(), 1);
     drop(b);
     // Once "a" has been idle for a whole ring it is dropped for "b".
     let later = t0 + BUCKET * (SLOTS as u32 + 2);
-    let b = stats.edge(("p", "b", Some("r")), later);
+    let b = stats.edge(("p", "b", Some("r")), || later);
     stats.record_at(&b, ok(1), later);
     assert_eq!(stats.overflowed(), 1);
     let w = stats.window(secs(60), later);
@@ -235,7 +235,7 @@ fn a_cached_edge_is_revived_until_the_sweep_drops_it() {
     // Idle for a whole ring, "a" makes room for "b": the cached handle is
     // dead, and a request for "a" now goes to the overflow edge.
     let later = t0 + BUCKET * (SLOTS as u32 + 2);
-    let _b = stats.edge(("p", "b", Some("r")), later);
+    let _b = stats.edge(("p", "b", Some("r")), || later);
     assert!(stats.revive(&cached).is_none());
     assert!(stats.is_other(&stats.request_edge("p", "a", "r")));
 }

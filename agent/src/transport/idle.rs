@@ -398,36 +398,6 @@ impl ReadWhole for tokio::net::TcpStream {
 
 impl ReadWhole for tokio::io::DuplexStream {}
 
-/// Whether a socket read with [`ReadWhole`] has bytes (or its end) to
-/// read, without reading them and without a buffer: its readiness may be
-/// left over from a short read, so it is confirmed with a one-byte
-/// `MSG_PEEK`, which clears it when the answer is `EAGAIN`.
-pub fn poll_read_ready_whole(
-    socket: &tokio::net::TcpStream,
-    cx: &mut Context<'_>,
-) -> Poll<io::Result<()>> {
-    use std::os::fd::AsRawFd as _;
-    let fd = socket.as_raw_fd();
-    loop {
-        std::task::ready!(socket.poll_read_ready(cx))?;
-        let peeked = socket.try_io(tokio::io::Interest::READABLE, || {
-            let mut byte = 0u8;
-            // SAFETY: a live socket and one writable byte.
-            let n = unsafe { libc::recv(fd, (&raw mut byte).cast(), 1, libc::MSG_PEEK) };
-            if n < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(())
-            }
-        });
-        match peeked {
-            Ok(()) => return Poll::Ready(Ok(())),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Poll::Ready(Err(e)),
-        }
-    }
-}
-
 /// A client's byte stream that touches its [`Activity`] whenever bytes
 /// pass: what is read from it went out, what is written to it came in.
 pub struct IdleIo<T> {

@@ -72,21 +72,24 @@ const LINGER_BYTES: usize = 1024 * 1024;
 
 /// A connection the server can run on.
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {
-    /// Ready once a read would find bytes (or the end), without reading:
-    /// an idle connection waits here holding no buffer. The default says
-    /// ready at once (the read then waits, in a buffer).
+    /// Ready once a read may find bytes (or the end), without reading:
+    /// an idle connection waits here holding no buffer. It may say ready
+    /// when there is nothing yet; the read that follows then waits. The
+    /// default says ready at once.
     fn poll_read_ready(&self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
     }
 }
 
+/// A socket read whole ([`IdleIo::reads_whole`], the request shortcut's
+/// two queues) keeps its readiness after a short read, so it may say
+/// ready with nothing to read: the head's first read then finds `EAGAIN`
+/// and waits, still without a buffer (it reads into a per-thread scratch,
+/// [`fitted`]). Confirming the readiness first (a one-byte `MSG_PEEK`)
+/// cost a system call per request.
 impl Io for IdleIo<TcpStream> {
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.reads_whole() {
-            crate::transport::idle::poll_read_ready_whole(self.get_ref(), cx)
-        } else {
-            self.get_ref().poll_read_ready(cx)
-        }
+        self.get_ref().poll_read_ready(cx)
     }
 }
 

@@ -212,7 +212,7 @@ impl HttpProxy {
                             route_name,
                             route,
                         };
-                        let mut resp = self.route(ctx, target, req, grpc).await;
+                        let mut resp = self.route(ctx, target, req, grpc, start).await;
                         resp.extensions_mut().insert(self.metrics.backend_edge(
                             &service.name,
                             route_name,
@@ -256,13 +256,16 @@ impl HttpProxy {
     /// until one answers for good, the route's deadline passes, or the
     /// retry policy or the service's budget says stop. `grpc`: the request
     /// is a gRPC call (its errors are answered as gRPC statuses), as
-    /// `handle` read it.
+    /// `handle` read it; `start`: when the request arrived (one clock read
+    /// serves the request's latency, the route's deadline and the first
+    /// attempt's start).
     async fn route(
         &self,
         ctx: &ConnCtx,
         target: Target<'_>,
         req: Request<ProxyBody>,
         grpc: bool,
+        start: Instant,
     ) -> Response<ProxyBody> {
         let Target {
             service,
@@ -274,7 +277,6 @@ impl HttpProxy {
         trace::record(req.extensions(), |t| {
             t.endpoints = backend.balancer.endpoints().map(|e| e.addr).collect();
         });
-        let start = Instant::now();
         let deadline = Deadline::new(route, start);
         let version = upstream_version(backend.protocol, ctx.version);
         if ctx.version == Version::Http1 && wants_upgrade(req.headers()) {
@@ -306,7 +308,7 @@ impl HttpProxy {
                     grpc,
                 );
             };
-            let now = Instant::now();
+            let now = if attempt == 1 { start } else { Instant::now() };
             let Some(picked) = pick::endpoint(self, ctx, backend, &tried, now, &parts.extensions)
             else {
                 return self.error(ProxyError::NoEndpoints, &backend.name, None, grpc);
@@ -327,6 +329,7 @@ impl HttpProxy {
                 let attempt = pin!(self.attempt(ctx, &key, version, upstream, &mut used));
                 deadline.bound(now, addr, attempt).await
             };
+            let ended = Instant::now();
             let (observed, result) = record::attempt(
                 self,
                 ctx,
@@ -334,12 +337,12 @@ impl HttpProxy {
                 pick,
                 &key,
                 &used,
-                now,
+                (now, ended),
                 outcome,
                 &parts.extensions,
             );
             let decision = retry::decide(route, attempt, &body, &parts.method, observed, &deadline);
-            let decision = budget::allow(decision, service, Instant::now());
+            let decision = budget::allow(decision, service, ended);
             record::decision(&self.metrics, target, decision, attempt, observed);
             if decision == Decision::Retry {
                 retry::back_off(route, attempt, &deadline, observed, addr).await;

@@ -31,7 +31,7 @@ pub(super) type Recorded = (
 );
 
 /// Records attempt `outcome` on the endpoint `pick` (reached by `key`),
-/// started at `started` over the connection `used`, for the request whose
+/// which ran from `started` to `ended` over the connection `used`, for the request whose
 /// extensions are `extensions`; completing the pick ends the attempt's
 /// in-flight count.
 #[allow(clippy::too_many_arguments)] // each is one thing the attempt touched
@@ -42,7 +42,7 @@ pub(super) fn attempt(
     pick: Pick<'_, Endpoint>,
     key: &Key,
     used: &Used,
-    started: Instant,
+    (started, ended): (Instant, Instant),
     outcome: Attempt,
     extensions: &http::Extensions,
 ) -> Recorded {
@@ -62,12 +62,13 @@ pub(super) fn attempt(
     // The latency sample starts once a connection is had: setup is
     // recorded on its own.
     let stats = pick.stats();
+    let elapsed = ended.saturating_duration_since(started);
     let elapsed = match used.connect {
         Some(took) => {
             stats.record_connect(took);
-            started.elapsed().saturating_sub(took)
+            elapsed.saturating_sub(took)
         }
-        None => started.elapsed(),
+        None => elapsed,
     };
     match outcome {
         Attempt::Response(resp) => {
@@ -84,7 +85,7 @@ pub(super) fn attempt(
                 let error = format!("the endpoint answered {}", status.as_u16());
                 stats.record_error(SystemTime::now(), &error);
             }
-            pick.complete(Instant::now(), elapsed, !failed);
+            pick.complete(ended, elapsed, !failed);
             (observed, Ok(resp))
         }
         Attempt::Failed {
@@ -93,7 +94,7 @@ pub(super) fn attempt(
             observed,
         } => {
             stats.record_error(SystemTime::now(), &detail);
-            pick.complete(Instant::now(), elapsed, false);
+            pick.complete(ended, elapsed, false);
             trace::record(extensions, |t| {
                 t.attempts.push(trace::AttemptRecord {
                     endpoint: addr,
