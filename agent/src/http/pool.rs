@@ -293,48 +293,54 @@ impl Pool {
 
     /// Sends a request and returns the connection to the pool once the
     /// response head has arrived.
-    pub async fn send(
-        &self,
-        key: &Key,
+    ///
+    /// A plain function returning an `async move` block, not an `async fn`
+    /// (which keeps its arguments twice in its state): this state is part of
+    /// every request's future, which is moved into its box per request.
+    #[allow(clippy::manual_async_fn)] // on purpose: see above
+    pub fn send<'a>(
+        &'a self,
+        key: &'a Key,
         conn: Conn,
         req: Request<ProxyBody>,
-    ) -> Result<Response<ProxyBody>, SendError> {
-        // A connection that closes while the request waits for it, or
-        // before hyper writes it, hands the request back.
-        fn failed(mut e: hyper::client::conn::TrySendError<Request<ProxyBody>>) -> SendError {
-            SendError {
-                unsent: e.take_message(),
-                error: SendFailure::H2(e.into_error()),
-                resendable: None,
-            }
-        }
-        let _ = key;
-        match conn {
-            Conn::H2(mut tx, _) => {
-                if let Err(error) = tx.ready().await {
-                    return Err(SendError {
-                        error: SendFailure::H2(error),
-                        unsent: Some(req),
-                        resendable: None,
-                    });
+    ) -> impl std::future::Future<Output = Result<Response<ProxyBody>, SendError>> + Send + 'a {
+        async move {
+            // A connection that closes while the request waits for it, or
+            // before hyper writes it, hands the request back.
+            fn failed(mut e: hyper::client::conn::TrySendError<Request<ProxyBody>>) -> SendError {
+                SendError {
+                    unsent: e.take_message(),
+                    error: SendFailure::H2(e.into_error()),
+                    resendable: None,
                 }
-                let resp = tx.try_send_request(req).await.map_err(failed)?;
-                Ok(resp.map(incoming))
             }
-            Conn::H1(conn, local, set) => {
-                // An upgraded connection belongs to the upgrade, and one the
-                // endpoint said it closes after this response is not
-                // handed back: the client only recycles a connection that
-                // can carry another request.
-                let recycle: client::Recycle<UpstreamIo> =
-                    Box::new(move |conn| set.put(conn, local));
-                client::send(conn, req, recycle)
-                    .await
-                    .map_err(|f| SendError {
-                        error: SendFailure::H1(f.error),
-                        unsent: f.unsent,
-                        resendable: f.resendable,
-                    })
+            let _ = key;
+            match conn {
+                Conn::H2(mut tx, _) => {
+                    if let Err(error) = tx.ready().await {
+                        return Err(SendError {
+                            error: SendFailure::H2(error),
+                            unsent: Some(req),
+                            resendable: None,
+                        });
+                    }
+                    let resp = tx.try_send_request(req).await.map_err(failed)?;
+                    Ok(resp.map(incoming))
+                }
+                Conn::H1(conn, local, set) => {
+                    // An upgraded connection belongs to the upgrade, and one the
+                    // endpoint said it closes after this response is not
+                    // handed back: the client only recycles a connection that
+                    // can carry another request.
+                    let recycle = move |conn| set.put(conn, local);
+                    client::send(conn, req, recycle)
+                        .await
+                        .map_err(|f| SendError {
+                            error: SendFailure::H1(f.error),
+                            unsent: f.unsent,
+                            resendable: f.resendable,
+                        })
+                }
             }
         }
     }

@@ -90,164 +90,174 @@ pub type Recycle<I> = Box<dyn FnOnce(ClientConn<I>) + Send>;
 
 /// Sends `req` on `conn` and reads the response head. The request's URI
 /// is written as it is (origin form, as the caller made it).
-pub async fn send<I>(
+///
+/// A plain function returning an `async move` block, not an `async fn`
+/// (which keeps its arguments twice in its state): this state is part of
+/// every request's future, which is moved into its box per request.
+#[allow(clippy::manual_async_fn)] // on purpose: see above
+pub fn send<I, R>(
     conn: ClientConn<I>,
     req: Request<ProxyBody>,
-    recycle: Recycle<I>,
-) -> Result<Response<ProxyBody>, Failed>
+    recycle: R,
+) -> impl std::future::Future<Output = Result<Response<ProxyBody>, Failed>> + Send + 'static
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    R: FnOnce(ClientConn<I>) + Send + 'static,
 {
-    let mut io = conn.io;
-    // A pooled connection the endpoint closed (or wrote to) while it was
-    // idle is no use: found before a byte is written, so the request can
-    // go on another. Costs no system call while the socket has not become
-    // readable (tokio keeps its readiness).
-    if let Some(error) = probe(&mut io) {
-        return Err(Failed {
-            error,
-            unsent: Some(req),
-            resendable: None,
-        });
-    }
-    let mut head = Vec::with_capacity(256);
-    let framing = encode_request(&req, &mut head);
-    // The head first: if the connection fails before any of it is taken,
-    // the request is handed back untouched.
-    let mut written = 0;
-    while written < head.len() {
-        match io.write(&head[written..]).await {
-            Ok(0) | Err(_) if written == 0 => {
-                return Err(Failed {
-                    error: ClientError::Incomplete,
-                    unsent: Some(req),
-                    resendable: None,
-                });
+    async move {
+        let mut io = conn.io;
+        // A pooled connection the endpoint closed (or wrote to) while it was
+        // idle is no use: found before a byte is written, so the request can
+        // go on another. Costs no system call while the socket has not become
+        // readable (tokio keeps its readiness).
+        if let Some(error) = probe(&mut io) {
+            return Err(Failed {
+                error,
+                unsent: Some(req),
+                resendable: None,
+            });
+        }
+        let mut head = Vec::with_capacity(256);
+        let framing = encode_request(&req, &mut head);
+        // The head first: if the connection fails before any of it is taken,
+        // the request is handed back untouched.
+        let mut written = 0;
+        while written < head.len() {
+            match io.write(&head[written..]).await {
+                Ok(0) | Err(_) if written == 0 => {
+                    return Err(Failed {
+                        error: ClientError::Incomplete,
+                        unsent: Some(req),
+                        resendable: None,
+                    });
+                }
+                Ok(0) => return Err(failed(ClientError::Incomplete)),
+                Ok(n) => written += n,
+                Err(e) => return Err(failed(e.into())),
             }
-            Ok(0) => return Err(failed(ClientError::Incomplete)),
-            Ok(n) => written += n,
-            Err(e) => return Err(failed(e.into())),
         }
-    }
-    let (parts, mut body) = req.into_parts();
-    let mut reusable = true;
-    if framing != Framing::Empty
-        && let Err(e) = write_body(&mut io, &mut body, framing).await
-    {
-        match e {
-            // The endpoint may have answered early and closed (413, say):
-            // its answer, if it is there, is still read below.
-            ClientError::Io(_) => reusable = false,
-            e => return Err(failed(e)),
-        }
-    }
-    drop(body);
-    let mut buf = BytesMut::new();
-    let head = loop {
-        if let Some(h) = parse_response(&mut buf).map_err(failed)? {
-            // Interim answers (100 Continue) are not passed on; 101 is the
-            // answer to an upgrade.
-            if h.status.is_informational() && h.status != StatusCode::SWITCHING_PROTOCOLS {
-                continue;
+        let (parts, mut body) = req.into_parts();
+        let mut reusable = true;
+        if framing != Framing::Empty
+            && let Err(e) = write_body(&mut io, &mut body, framing).await
+        {
+            match e {
+                // The endpoint may have answered early and closed (413, say):
+                // its answer, if it is there, is still read below.
+                ClientError::Io(_) => reusable = false,
+                e => return Err(failed(e)),
             }
-            break h;
         }
-        if buf.len() >= MAX_RESPONSE_HEAD {
-            return Err(failed(ClientError::HeadTooLarge));
-        }
-        let read = if buf.is_empty() {
-            // The head's first read allocates only what arrived.
-            poll_fn(|cx| {
-                super::fitted::poll_read(Pin::new(&mut io), cx, &mut buf, MAX_RESPONSE_HEAD)
-            })
-            .await
-        } else {
-            if buf.capacity() - buf.len() < 1024 {
-                buf.reserve(READ_BUF);
+        drop(body);
+        let mut buf = BytesMut::new();
+        let head = loop {
+            if let Some(h) = parse_response(&mut buf).map_err(failed)? {
+                // Interim answers (100 Continue) are not passed on; 101 is the
+                // answer to an upgrade.
+                if h.status.is_informational() && h.status != StatusCode::SWITCHING_PROTOCOLS {
+                    continue;
+                }
+                break h;
             }
-            io.read_buf(&mut buf).await
+            if buf.len() >= MAX_RESPONSE_HEAD {
+                return Err(failed(ClientError::HeadTooLarge));
+            }
+            let read = if buf.is_empty() {
+                // The head's first read allocates only what arrived.
+                poll_fn(|cx| {
+                    super::fitted::poll_read(Pin::new(&mut io), cx, &mut buf, MAX_RESPONSE_HEAD)
+                })
+                .await
+            } else {
+                if buf.capacity() - buf.len() < 1024 {
+                    buf.reserve(READ_BUF);
+                }
+                io.read_buf(&mut buf).await
+            };
+            match read {
+                Ok(0) if buf.is_empty() && framing == Framing::Empty => {
+                    return Err(Failed {
+                        error: ClientError::Incomplete,
+                        unsent: None,
+                        resendable: Some(Request::from_parts(parts, empty())),
+                    });
+                }
+                Ok(0) => return Err(failed(ClientError::Incomplete)),
+                Ok(_) => {}
+                Err(e) => return Err(failed(e.into())),
+            }
         };
-        match read {
-            Ok(0) if buf.is_empty() && framing == Framing::Empty => {
-                return Err(Failed {
-                    error: ClientError::Incomplete,
-                    unsent: None,
-                    resendable: Some(Request::from_parts(parts, empty())),
-                });
-            }
-            Ok(0) => return Err(failed(ClientError::Incomplete)),
-            Ok(_) => {}
-            Err(e) => return Err(failed(e.into())),
+        let ResponseHead {
+            status,
+            version,
+            headers,
+        } = head;
+        let mut resp = Response::new(empty());
+        *resp.status_mut() = status;
+        *resp.version_mut() = version;
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            // The connection belongs to the upgrade now, with whatever the
+            // endpoint sent after its head.
+            let (tx, rx) = oneshot::channel();
+            let io: Box<dyn UpgradeIo> = Box::new(io);
+            let _ = tx.send(Upgraded::new(buf.freeze(), io));
+            resp.extensions_mut()
+                .insert(OnUpgrade(Arc::new(Mutex::new(Some(rx)))));
+            *resp.headers_mut() = headers;
+            return Ok(resp);
         }
-    };
-    let ResponseHead {
-        status,
-        version,
-        headers,
-    } = head;
-    let mut resp = Response::new(empty());
-    *resp.status_mut() = status;
-    *resp.version_mut() = version;
-    if status == StatusCode::SWITCHING_PROTOCOLS {
-        // The connection belongs to the upgrade now, with whatever the
-        // endpoint sent after its head.
-        let (tx, rx) = oneshot::channel();
-        let io: Box<dyn UpgradeIo> = Box::new(io);
-        let _ = tx.send(Upgraded::new(buf.freeze(), io));
-        resp.extensions_mut()
-            .insert(OnUpgrade(Arc::new(Mutex::new(Some(rx)))));
+        let keep_alive = match version {
+            Version::HTTP_10 => has_token(&headers, header::CONNECTION, "keep-alive"),
+            _ => !has_token(&headers, header::CONNECTION, "close"),
+        };
+        reusable &= keep_alive;
+        let bodiless = parts.method == Method::HEAD
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED;
+        let decoder = if bodiless {
+            None
+        } else {
+            match response_framing(&headers) {
+                Ok(Some(Framing::Empty)) => None,
+                Ok(Some(Framing::Length(n))) => Some(Decoder::length(n)),
+                Ok(Some(Framing::Chunked)) => Some(Decoder::chunked(MAX_RESPONSE_HEAD)),
+                Ok(None) => {
+                    reusable = false;
+                    Some(Decoder::until_close())
+                }
+                Err(()) => return Err(failed(ClientError::Malformed)),
+            }
+        };
         *resp.headers_mut() = headers;
-        return Ok(resp);
-    }
-    let keep_alive = match version {
-        Version::HTTP_10 => has_token(&headers, header::CONNECTION, "keep-alive"),
-        _ => !has_token(&headers, header::CONNECTION, "close"),
-    };
-    reusable &= keep_alive;
-    let bodiless = parts.method == Method::HEAD
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED;
-    let decoder = if bodiless {
-        None
-    } else {
-        match response_framing(&headers) {
-            Ok(Some(Framing::Empty)) => None,
-            Ok(Some(Framing::Length(n))) => Some(Decoder::length(n)),
-            Ok(Some(Framing::Chunked)) => Some(Decoder::chunked(MAX_RESPONSE_HEAD)),
-            Ok(None) => {
-                reusable = false;
-                Some(Decoder::until_close())
+        let conn = ClientConn { io };
+        let Some(decoder) = decoder else {
+            if reusable && buf.is_empty() {
+                recycle(conn);
             }
-            Err(()) => return Err(failed(ClientError::Malformed)),
+            return Ok(resp);
+        };
+        // The whole body arrived with the head: the response is complete and
+        // the connection free before anyone reads the body.
+        if let Some(n) = decoder.remaining_length()
+            && buf.len() as u64 == n
+        {
+            let data = buf.split().freeze();
+            if reusable {
+                recycle(conn);
+            }
+            *resp.body_mut() = full(data);
+            return Ok(resp);
         }
-    };
-    *resp.headers_mut() = headers;
-    let conn = ClientConn { io };
-    let Some(decoder) = decoder else {
-        if reusable && buf.is_empty() {
-            recycle(conn);
-        }
-        return Ok(resp);
-    };
-    // The whole body arrived with the head: the response is complete and
-    // the connection free before anyone reads the body.
-    if let Some(n) = decoder.remaining_length()
-        && buf.len() as u64 == n
-    {
-        let data = buf.split().freeze();
-        if reusable {
-            recycle(conn);
-        }
-        *resp.body_mut() = full(data);
-        return Ok(resp);
+        *resp.body_mut() = ProxyBody::new(RecvBody {
+            conn: Some(conn),
+            buf,
+            decoder,
+            // Boxed only here, for a body still to come: a response that
+            // came whole recycles its connection without an allocation.
+            recycle: reusable.then(|| Box::new(recycle) as Recycle<I>),
+        });
+        Ok(resp)
     }
-    *resp.body_mut() = ProxyBody::new(RecvBody {
-        conn: Some(conn),
-        buf,
-        decoder,
-        recycle: reusable.then_some(recycle),
-    });
-    Ok(resp)
 }
 
 /// Whether an idle connection was closed or written to by the endpoint.

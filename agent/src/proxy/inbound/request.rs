@@ -213,12 +213,12 @@ impl PodConn {
                 }
                 Sender::H1(conn) => {
                     let slot = self.sender.clone();
-                    let recycle: client::Recycle<TcpStream> = Box::new(move |conn| {
+                    let recycle = move |conn: client::ClientConn<TcpStream>| {
                         let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
                         if slot.is_none() {
                             *slot = Some(Sender::H1(conn));
                         }
-                    });
+                    };
                     match client::send(conn, req, recycle).await {
                         Ok(resp) => return Ok(resp),
                         Err(client::Failed {

@@ -259,124 +259,133 @@ impl HttpProxy {
     /// `handle` read it; `start`: when the request arrived (one clock read
     /// serves the request's latency, the route's deadline and the first
     /// attempt's start).
-    async fn route(
-        &self,
-        ctx: &ConnCtx,
-        target: Target<'_>,
+    ///
+    /// A plain function returning an `async move` block, not an `async fn`
+    /// (which keeps its arguments twice in its state): this state is part of
+    /// every request's future, which is moved into its box per request.
+    #[allow(clippy::manual_async_fn)] // on purpose: see above
+    fn route<'a>(
+        &'a self,
+        ctx: &'a ConnCtx,
+        target: Target<'a>,
         req: Request<ProxyBody>,
         grpc: bool,
         start: Instant,
-    ) -> Response<ProxyBody> {
-        let Target {
-            service,
-            backend,
-            route,
-            ..
-        } = target;
-        tap::routed(req.extensions(), &backend.name);
-        trace::record(req.extensions(), |t| {
-            t.endpoints = backend.balancer.endpoints().map(|e| e.addr).collect();
-        });
-        let deadline = Deadline::new(route, start);
-        let version = upstream_version(backend.protocol, ctx.version);
-        if ctx.version == Version::Http1 && wants_upgrade(req.headers()) {
-            let split = (backend.name != service.name).then_some(backend.name.as_str());
-            // Rare, and its future is large: boxed, so that every
-            // request's future is not sized for it (the same below).
-            return Box::pin(self.upgrade(ctx, backend, split, req)).await;
-        }
-        let (mut parts, body) = req.into_parts();
-        let mut body = RequestBody::new(
-            route,
-            body,
-            self.retry_buffer,
-            &self.buffer_budget,
-            ctx.pod(),
-        );
-        budget::deposit(service, start);
-        let mut attempt = 0u32;
-        let mut tried: Vec<SocketAddr> = Vec::new();
-
-        loop {
-            attempt += 1;
-            let Some(req_body) = body.next() else {
-                // Unreachable: a streamed body is never retried.
-                return self.error(
-                    ProxyError::BadRequest,
-                    &service.name,
-                    Some("body already sent"),
-                    grpc,
-                );
-            };
-            let now = if attempt == 1 { start } else { Instant::now() };
-            let Some(picked) = pick::endpoint(self, ctx, backend, &tried, now, &parts.extensions)
-            else {
-                return self.error(ProxyError::NoEndpoints, &backend.name, None, grpc);
-            };
-            let pick::Picked { pick, key } = picked;
-            let addr = key.addr;
-            tried.push(addr);
-            if attempt == 1 {
-                tracing::Span::current().record("endpoint", tracing::field::display(addr));
+    ) -> impl std::future::Future<Output = Response<ProxyBody>> + Send + 'a {
+        async move {
+            let Target {
+                service,
+                backend,
+                route,
+                ..
+            } = target;
+            tap::routed(req.extensions(), &backend.name);
+            trace::record(req.extensions(), |t| {
+                t.endpoints = backend.balancer.endpoints().map(|e| e.addr).collect();
+            });
+            let deadline = Deadline::new(route, start);
+            let version = upstream_version(backend.protocol, ctx.version);
+            if ctx.version == Version::Http1 && wants_upgrade(req.headers()) {
+                let split = (backend.name != service.name).then_some(backend.name.as_str());
+                // Rare, and its future is large: boxed, so that every
+                // request's future is not sized for it (the same below).
+                return Box::pin(self.upgrade(ctx, backend, split, req)).await;
             }
-            let upstream = if body.is_single() {
-                take_upstream_request(&mut parts, req_body, version)
-            } else {
-                upstream_request(&parts, req_body, version)
-            };
-            let mut used = Used::default();
-            let outcome = {
-                let attempt = pin!(self.attempt(ctx, &key, version, upstream, &mut used));
-                deadline.bound(now, addr, attempt).await
-            };
-            let ended = Instant::now();
-            let (observed, result) = record::attempt(
-                self,
-                ctx,
-                target,
-                pick,
-                &key,
-                &used,
-                (now, ended),
-                outcome,
-                &parts.extensions,
+            let (mut parts, body) = req.into_parts();
+            let mut body = RequestBody::new(
+                route,
+                body,
+                self.retry_buffer,
+                &self.buffer_budget,
+                ctx.pod(),
             );
-            let decision = retry::decide(route, attempt, &body, &parts.method, observed, &deadline);
-            let decision = budget::allow(decision, service, ended);
-            record::decision(&self.metrics, target, decision, attempt, observed);
-            if decision == Decision::Retry {
-                retry::back_off(route, attempt, &deadline, observed, addr).await;
-                continue;
-            }
-            // How this last attempt was carried: the response's `tls`
-            // label and the trace's peer identity.
-            let peer_identity = key.path.peer_identity();
-            if let Some(id) = peer_identity {
-                trace::record(&parts.extensions, |t| {
-                    t.peer_identity = Some(id.to_string())
-                });
-            }
-            let mut resp = match result {
-                Ok(resp) => {
-                    let mut resp = finish(resp);
-                    if peer_identity.is_some() {
-                        errors::mark_peer_answer(&mut resp);
+            budget::deposit(service, start);
+            let mut attempt = 0u32;
+            let mut tried: Vec<SocketAddr> = Vec::new();
+
+            loop {
+                attempt += 1;
+                let Some(req_body) = body.next() else {
+                    // Unreachable: a streamed body is never retried.
+                    return self.error(
+                        ProxyError::BadRequest,
+                        &service.name,
+                        Some("body already sent"),
+                        grpc,
+                    );
+                };
+                let now = if attempt == 1 { start } else { Instant::now() };
+                let Some(picked) =
+                    pick::endpoint(self, ctx, backend, &tried, now, &parts.extensions)
+                else {
+                    return self.error(ProxyError::NoEndpoints, &backend.name, None, grpc);
+                };
+                let pick::Picked { pick, key } = picked;
+                let addr = key.addr;
+                tried.push(addr);
+                if attempt == 1 {
+                    tracing::Span::current().record("endpoint", tracing::field::display(addr));
+                }
+                let upstream = if body.is_single() {
+                    take_upstream_request(&mut parts, req_body, version)
+                } else {
+                    upstream_request(&parts, req_body, version)
+                };
+                let mut used = Used::default();
+                let outcome = {
+                    let attempt = pin!(self.attempt(ctx, &key, version, upstream, &mut used));
+                    deadline.bound(now, addr, attempt).await
+                };
+                let ended = Instant::now();
+                let (observed, result) = record::attempt(
+                    self,
+                    ctx,
+                    target,
+                    pick,
+                    &key,
+                    &used,
+                    (now, ended),
+                    outcome,
+                    &parts.extensions,
+                );
+                let decision =
+                    retry::decide(route, attempt, &body, &parts.method, observed, &deadline);
+                let decision = budget::allow(decision, service, ended);
+                record::decision(&self.metrics, target, decision, attempt, observed);
+                if decision == Decision::Retry {
+                    retry::back_off(route, attempt, &deadline, observed, addr).await;
+                    continue;
+                }
+                // How this last attempt was carried: the response's `tls`
+                // label and the trace's peer identity.
+                let peer_identity = key.path.peer_identity();
+                if let Some(id) = peer_identity {
+                    trace::record(&parts.extensions, |t| {
+                        t.peer_identity = Some(id.to_string())
+                    });
+                }
+                let mut resp = match result {
+                    Ok(resp) => {
+                        let mut resp = finish(resp);
+                        if peer_identity.is_some() {
+                            errors::mark_peer_answer(&mut resp);
+                        }
+                        resp
                     }
-                    resp
-                }
-                Err((error, detail)) => {
-                    // The whole-request deadline passing is a timeout even if
-                    // the last attempt failed otherwise.
-                    let error = if deadline.passed(Instant::now()) {
-                        ProxyError::Timeout
-                    } else {
-                        error
-                    };
-                    self.error(error, &backend.name, Some(&detail), grpc)
-                }
-            };
-            resp.extensions_mut().insert(key.path.tls());
-            return retried(resp, attempt - 1, decision == Decision::BudgetExhausted);
+                    Err((error, detail)) => {
+                        // The whole-request deadline passing is a timeout even if
+                        // the last attempt failed otherwise.
+                        let error = if deadline.passed(Instant::now()) {
+                            ProxyError::Timeout
+                        } else {
+                            error
+                        };
+                        self.error(error, &backend.name, Some(&detail), grpc)
+                    }
+                };
+                resp.extensions_mut().insert(key.path.tls());
+                return retried(resp, attempt - 1, decision == Decision::BudgetExhausted);
+            }
         }
     }
 
