@@ -89,7 +89,9 @@ pub struct Failed {
 pub type Recycle<I> = Box<dyn FnOnce(ClientConn<I>) + Send>;
 
 /// Sends `req` on `conn` and reads the response head. The request's URI
-/// is written as it is (origin form, as the caller made it).
+/// is written as it is (origin form, as the caller made it). `recycle`
+/// gets the connection back once the response has ended and it can carry
+/// another request (see [`Recycle`]).
 ///
 /// A plain function returning an `async move` block, not an `async fn`
 /// (which keeps its arguments twice in its state): this state is part of
