@@ -29,17 +29,28 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// `HeaderName` made for every `Connection` token, was ~1.5 % of the
 /// one-hop path's CPU.)
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // The `Connection` tokens, looked up once (not once per name present).
-    let tokens: Vec<&str> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .collect();
-    let named = |name: &str| tokens.iter().any(|t| t.eq_ignore_ascii_case(name));
-    let mut doomed: Vec<HeaderName> = Vec::new();
+    // The `Connection` values, found once (not once per name present);
+    // walking them again costs no lookup.
+    let connection = headers.get_all(header::CONNECTION);
+    let named = |name: &str| {
+        connection
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(name))
+    };
+    // Most messages lose one or two names (`Connection`, `Keep-Alive`):
+    // kept inline, so stripping them allocates nothing.
+    let mut doomed: [Option<HeaderName>; 4] = Default::default();
+    let mut more: Vec<HeaderName> = Vec::new();
+    let mut count = 0;
+    let mut doom = |name: &HeaderName| {
+        match doomed.get_mut(count) {
+            Some(slot) => *slot = Some(name.clone()),
+            None => more.push(name.clone()),
+        }
+        count += 1;
+    };
     for name in headers.keys() {
         let s = name.as_str();
         let always = is_hop_by_hop(s);
@@ -47,20 +58,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             // Kept (the connection header is rewritten below), unless
             // `Connection` names itself: removed, as any named header.
             if name == header::CONNECTION && named(s) {
-                doomed.push(name.clone());
+                doom(name);
             }
             continue;
         }
         if always || named(s) {
-            doomed.push(name.clone());
+            doom(name);
         }
     }
-    drop(tokens);
-    if doomed.is_empty() && !keep_upgrade {
+    if count == 0 && !keep_upgrade {
         return;
     }
-    let te_trailers = doomed.contains(&header::TE) && lists(headers, header::TE, "trailers");
-    for name in &doomed {
+    let names = || doomed.iter().flatten().chain(more.iter());
+    let te_trailers = names().any(|n| n == header::TE) && lists(headers, header::TE, "trailers");
+    for name in names() {
         headers.remove(name);
     }
     if keep_upgrade {
@@ -130,6 +141,27 @@ mod tests {
         let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         names.sort();
         assert_eq!(names, vec!["host", "x-kept"]);
+    }
+
+    #[test]
+    fn more_named_headers_than_are_kept_inline_all_go() {
+        let mut h = map(&[
+            ("connection", "keep-alive, x-a, x-b"),
+            ("connection", "X-C,x-d"),
+            ("keep-alive", "timeout=5"),
+            ("x-a", "1"),
+            ("x-b", "1"),
+            ("x-c", "1"),
+            ("x-d", "1"),
+            ("te", "trailers"),
+            ("proxy-connection", "keep-alive"),
+            ("host", "a"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(names, vec!["host", "te"]);
+        assert_eq!(h.get("te").unwrap(), "trailers");
     }
 
     #[test]
