@@ -86,7 +86,7 @@ pub async fn bidirectional(
 }
 
 /// Runs the client's direction next to `other` (the upstream's), reading
-/// the client as [`reads_whole`] says.
+/// the client as [`super::idle::Activity::reads_whole`] says.
 async fn client_to_upstream<W: AsyncWrite + Unpin>(
     mut cr: ReadHalf<'_>,
     uw: &mut W,
@@ -94,7 +94,11 @@ async fn client_to_upstream<W: AsyncWrite + Unpin>(
     total: &mut u64,
     other: impl std::future::Future<Output = Result<(), CopyError>>,
 ) -> Result<(), CopyError> {
-    if reads_whole(counters.activity.as_deref()) {
+    if counters
+        .activity
+        .as_deref()
+        .is_some_and(super::idle::Activity::reads_whole)
+    {
         client_pump(&mut Whole(cr), uw, counters, total, other).await
     } else {
         client_pump(&mut cr, uw, counters, total, other).await
@@ -119,15 +123,6 @@ async fn client_pump<W: AsyncWrite + Unpin>(
         total,
     );
     tokio::try_join!(c2u, other).map(|_| ())
-}
-
-/// Whether the client's socket may hold redirected requests (the request
-/// shortcut), so that a short read proves nothing (see
-/// [`super::idle::ReadWhole`]).
-fn reads_whole(activity: Option<&super::idle::Activity>) -> bool {
-    activity
-        .and_then(|a| a.reply_budget())
-        .is_some_and(super::idle::ReplyBudget::carries_requests)
 }
 
 /// The same with any byte stream upstream (a tunnel stream): the client

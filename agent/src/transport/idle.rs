@@ -238,6 +238,14 @@ impl Activity {
         self.replies.get()
     }
 
+    /// Whether the client's socket may hold requests the request shortcut
+    /// redirected, so that a short read proves nothing and it is read
+    /// whole (see [`ReadWhole`]).
+    pub fn reads_whole(&self) -> bool {
+        self.reply_budget()
+            .is_some_and(ReplyBudget::carries_requests)
+    }
+
     pub fn touch(&self) {
         let now = self.base.elapsed().as_millis() as u64;
         self.last.fetch_max(now, Ordering::Relaxed);
@@ -410,9 +418,7 @@ pub struct IdleIo<T> {
 
 impl<T> IdleIo<T> {
     pub fn new(inner: T, activity: Arc<Activity>) -> Self {
-        let whole = activity
-            .reply_budget()
-            .is_some_and(ReplyBudget::carries_requests);
+        let whole = activity.reads_whole();
         IdleIo {
             inner,
             activity,
@@ -422,11 +428,6 @@ impl<T> IdleIo<T> {
 
     pub fn get_ref(&self) -> &T {
         &self.inner
-    }
-
-    /// Whether reads go through [`ReadWhole::poll_read_whole`].
-    pub fn reads_whole(&self) -> bool {
-        self.whole
     }
 }
 

@@ -81,8 +81,9 @@ pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {
     }
 }
 
-/// A socket read whole ([`IdleIo::reads_whole`], the request shortcut's
-/// two queues) keeps its readiness after a short read, so it may say
+/// A socket read whole (the request shortcut's two queues:
+/// [`crate::transport::idle::Activity::reads_whole`]) keeps its readiness
+/// after a short read, so it may say
 /// ready with nothing to read: the head's first read then finds `EAGAIN`
 /// and waits, still without a buffer (it reads into a per-thread scratch,
 /// [`fitted`]). Confirming the readiness first (a one-byte `MSG_PEEK`)
