@@ -7,12 +7,7 @@ use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 
-// The agent is a binary crate; the bench compiles the module on its own.
-#[allow(dead_code)]
-#[path = "../src/telemetry/stats.rs"]
-mod stats;
-
-use stats::{Outcome, Stats};
+use waymark_agent::telemetry::stats::{Outcome, Stats};
 
 fn bench(c: &mut Criterion) {
     let stats = Stats::new(1024);

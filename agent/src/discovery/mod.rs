@@ -7,7 +7,6 @@
 //! estimate, in-flight count, ejection state) are carried over to the new
 //! table for endpoints that stay, so a reload does not reset the balancer.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -16,6 +15,7 @@ use crate::balance::{BalanceConfig, Balancer, EndpointStats};
 use crate::config::services::{
     HeaderMatchConfig, MatchConfig, PathMatchConfig, ProtocolHint, RouteConfig, ServiceConfig,
 };
+use crate::fast_map::FastMap;
 use crate::retry::{Backoff, RetryBudget, RetryOn};
 use crate::routing::{
     GrpcMatch, HeaderMatch, PathMatch, Route, RouteMatch, RouteTable, ValueMatch, Weighted,
@@ -87,15 +87,15 @@ pub struct Service {
 /// One consistent snapshot of every service.
 #[derive(Default)]
 pub struct ServiceTable {
-    by_addr: HashMap<SocketAddr, Arc<Service>>,
-    by_name: HashMap<String, Arc<Service>>,
+    by_addr: FastMap<SocketAddr, Arc<Service>>,
+    by_name: FastMap<String, Arc<Service>>,
     /// Names of the services each endpoint address serves (inbound
     /// authorization asks which services a target belongs to).
-    by_endpoint: HashMap<SocketAddr, Vec<String>>,
+    by_endpoint: FastMap<SocketAddr, Vec<String>>,
     /// Meshed workloads by address, whatever port is dialled: a pod that
     /// dials another meshed pod's IP directly (not through a service) goes
     /// through the tunnel to that pod's node like service traffic.
-    workloads: HashMap<IpAddr, Arc<Workload>>,
+    workloads: FastMap<IpAddr, Arc<Workload>>,
 }
 
 /// A meshed pod as the data path needs it to dial it by address. Behind

@@ -23,6 +23,7 @@ use http::{HeaderValue, Response, StatusCode, header};
 use tokio_util::sync::CancellationToken;
 
 use crate::http::pool::Version;
+use crate::wake_gate::Gated;
 
 /// How long an HTTP/1.1 connection must have been without a request, once
 /// the drain started, before the agent closes it. Long enough that a client
@@ -122,9 +123,11 @@ where
     T: 'a,
 {
     async move {
+        // Gated: polled only when the drain starts, not on every wake of
+        // the connection (see `crate::wake_gate`).
         tokio::select! {
             out = conn.as_mut() => return out,
-            _ = draining.cancelled() => {}
+            _ = Gated::new(draining.cancelled()) => {}
         }
         // Boxed: every served connection waits in the select above for
         // its whole life, and should not carry room for the drain's timer.

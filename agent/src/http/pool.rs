@@ -9,7 +9,6 @@
 //! when its response has ended (with the response head, when the body came
 //! with it), so a busy connection is never handed out.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,6 +18,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tracing::debug;
 
+use crate::fast_map::FastMap;
 use crate::http::body::{ProxyBody, incoming};
 use crate::http::h1::client::{self, ClientConn, ClientError};
 use crate::transport::coalesce::Coalesce;
@@ -157,14 +157,14 @@ impl Key {
 }
 
 pub struct Pool {
-    idle: Mutex<HashMap<Key, Idle>>,
+    idle: Mutex<FastMap<Key, Idle>>,
     upstreams: Arc<Upstreams>,
 }
 
 impl Pool {
     pub fn new(upstreams: Arc<Upstreams>) -> Arc<Self> {
         Arc::new(Pool {
-            idle: Mutex::new(HashMap::new()),
+            idle: Mutex::new(FastMap::default()),
             upstreams,
         })
     }

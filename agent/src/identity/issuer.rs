@@ -333,6 +333,9 @@ fn parse_certs(pem: &[u8], origin: &Path) -> Result<Vec<CertificateDer<'static>>
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertInfo {
     pub id: SpiffeId,
+    /// `id` as text (`spiffe://…`), formatted once per connection: it
+    /// labels every request that arrives on it.
+    pub id_text: String,
     pub serial: String,
     pub not_after: SystemTime,
 }
@@ -357,9 +360,10 @@ pub fn cert_info(der: &CertificateDer<'_>) -> Result<CertInfo, IssuerError> {
     if uris.next().is_some() {
         return Err(bad("more than one URI SAN".into()));
     }
-    let id = uri.parse()?;
+    let id: SpiffeId = uri.parse()?;
     let secs = cert.validity().not_after.timestamp().max(0) as u64;
     Ok(CertInfo {
+        id_text: id.to_string(),
         id,
         serial: hex(cert.raw_serial()),
         not_after: UNIX_EPOCH + Duration::from_secs(secs),

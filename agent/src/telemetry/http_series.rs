@@ -19,7 +19,6 @@
 //! entries than the families hold series.
 
 use std::borrow::Borrow;
-use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
@@ -27,6 +26,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 
 use super::RequestLabels;
+use crate::fast_map::FastMap;
 use crate::telemetry::metrics::{Direction, TlsLabel};
 use crate::telemetry::stats::Edge;
 
@@ -199,7 +199,7 @@ impl Series {
 /// Every resolved request series.
 #[derive(Default)]
 pub(super) struct SeriesCache {
-    map: RwLock<HashMap<Key, Arc<Series>>>,
+    map: RwLock<FastMap<Key, Arc<Series>>>,
 }
 
 impl SeriesCache {

@@ -23,11 +23,12 @@
 //! inside its bin and clamped to the smallest and largest values seen.
 
 use std::borrow::Borrow;
-use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
+
+use crate::fast_map::FastMap;
 
 /// Length of one bucket.
 pub const BUCKET: Duration = Duration::from_secs(10);
@@ -362,7 +363,7 @@ impl Histogram {
 /// admin API (queries).
 pub struct Stats {
     start: Instant,
-    edges: RwLock<HashMap<EdgeKey, Arc<Edge>>>,
+    edges: RwLock<FastMap<EdgeKey, Arc<Edge>>>,
     max_edges: usize,
     other_requests: Arc<Edge>,
     other_connections: Arc<Edge>,
@@ -371,7 +372,7 @@ pub struct Stats {
     /// The same requests again, by the backend service their route chose
     /// (keyed service → backend, per route: `EdgeKey { pod: service, dst:
     /// backend, route }`), for `waymark routes`' per-backend breakdown.
-    backends: RwLock<HashMap<EdgeKey, Arc<Edge>>>,
+    backends: RwLock<FastMap<EdgeKey, Arc<Edge>>>,
     /// What the backend table has no room for (not reported).
     other_backends: Arc<Edge>,
 }
@@ -391,12 +392,12 @@ impl Stats {
     fn starting_at(max_edges: usize, start: Instant) -> Self {
         Stats {
             start,
-            edges: RwLock::new(HashMap::new()),
+            edges: RwLock::new(FastMap::default()),
             max_edges,
             other_requests: Arc::new(Edge::new()),
             other_connections: Arc::new(Edge::new()),
             overflowed: AtomicU64::new(0),
-            backends: RwLock::new(HashMap::new()),
+            backends: RwLock::new(FastMap::default()),
             other_backends: Arc::new(Edge::new()),
         }
     }
@@ -491,7 +492,7 @@ impl Stats {
     /// the table is full (the clock is not read per request).
     fn edge_in(
         &self,
-        table: &RwLock<HashMap<EdgeKey, Arc<Edge>>>,
+        table: &RwLock<FastMap<EdgeKey, Arc<Edge>>>,
         key: (&str, &str, Option<&str>),
         now: impl FnOnce() -> Instant,
     ) -> Option<Arc<Edge>> {

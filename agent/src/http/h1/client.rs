@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
@@ -26,7 +26,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 
 use super::body::{Decoded, Decoder};
-use super::head::{Framing, MAX_HEADERS, chunked_last, content_length, has_token, put_fields};
+use super::head::{
+    Framing, MAX_HEADERS, Spans, chunked_last, content_length, has_token, header_map, put_fields,
+};
 use super::upgrade::{OnUpgrade, UpgradeIo, Upgraded};
 use crate::http::body::{BoxError, ProxyBody, empty, full};
 
@@ -376,9 +378,15 @@ struct ResponseHead {
 }
 
 fn parse_response(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ClientError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut headers);
-    let len = match resp.parse(buf) {
+    // Left uninitialised: httparse writes what it parses.
+    let mut headers =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        buf,
+        &mut headers,
+    ) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(_) => return Err(ClientError::Malformed),
@@ -389,24 +397,9 @@ fn parse_response(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ClientErro
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    let base = buf.as_ptr() as usize;
-    let spans: Vec<(HeaderName, std::ops::Range<usize>)> = resp
-        .headers
-        .iter()
-        .map(|h| {
-            let start = h.value.as_ptr() as usize - base;
-            HeaderName::from_bytes(h.name.as_bytes())
-                .map(|n| (n, start..start + h.value.len()))
-                .map_err(|_| ClientError::Malformed)
-        })
-        .collect::<Result<_, _>>()?;
+    let spans = Spans::of(resp.headers, buf.as_ptr() as usize);
     let bytes: Bytes = buf.split_to(len).freeze();
-    let mut map = HeaderMap::with_capacity(spans.len());
-    for (name, range) in spans {
-        let value = HeaderValue::from_maybe_shared(bytes.slice(range))
-            .map_err(|_| ClientError::Malformed)?;
-        map.append(name, value);
-    }
+    let map = header_map(&bytes, &spans).map_err(|()| ClientError::Malformed)?;
     Ok(Some(ResponseHead {
         status,
         version,

@@ -11,6 +11,7 @@
 //! next hop is how requests are smuggled.
 
 use std::io::Write as _;
+use std::mem::MaybeUninit;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -64,12 +65,86 @@ pub struct Head {
     pub te_trailers: bool,
 }
 
+/// Where a header's name and value lie in its head's bytes.
+///
+/// httparse's headers borrow the read buffer, which must be split and
+/// frozen before the header map can share it; the offsets carry the
+/// headers across that step.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Span {
+    name: (usize, usize),
+    value: (usize, usize),
+}
+
+/// Headers whose spans are kept on the stack; a head with more (rare:
+/// real requests carry about ten) spills them into a vector.
+const INLINE_SPANS: usize = 16;
+
+/// The spans of one head's headers, without an allocation per message for
+/// the usual few.
+pub(super) struct Spans {
+    inline: [Span; INLINE_SPANS],
+    len: usize,
+    spill: Vec<Span>,
+}
+
+impl Spans {
+    /// The spans of `headers`, parsed from a buffer starting at `base`.
+    #[inline]
+    pub(super) fn of(headers: &[httparse::Header<'_>], base: usize) -> Self {
+        let at = |s: &[u8]| (s.as_ptr() as usize - base, s.len());
+        let span = |h: &httparse::Header<'_>| Span {
+            name: at(h.name.as_bytes()),
+            value: at(h.value),
+        };
+        let mut spans = Spans {
+            inline: [Span::default(); INLINE_SPANS],
+            len: headers.len(),
+            spill: Vec::new(),
+        };
+        if headers.len() > INLINE_SPANS {
+            spans.spill = headers.iter().map(span).collect();
+        } else {
+            for (h, out) in headers.iter().zip(spans.inline.iter_mut()) {
+                *out = span(h);
+            }
+        }
+        spans
+    }
+
+    fn as_slice(&self) -> &[Span] {
+        if self.len > INLINE_SPANS {
+            &self.spill
+        } else {
+            &self.inline[..self.len]
+        }
+    }
+}
+
+/// The header map of a head whose headers are `spans` of `bytes`: values
+/// are slices of `bytes` (shared, not copied), names `http`'s constants for
+/// the standard ones. `Err`: a name or value `http` does not accept.
+pub(super) fn header_map(bytes: &Bytes, spans: &Spans) -> Result<HeaderMap, ()> {
+    let spans = spans.as_slice();
+    let mut map = HeaderMap::with_capacity(spans.len());
+    for s in spans {
+        let (n, nl) = s.name;
+        let (v, vl) = s.value;
+        let name = HeaderName::from_bytes(&bytes[n..n + nl]).map_err(|_| ())?;
+        let value = HeaderValue::from_maybe_shared(bytes.slice(v..v + vl)).map_err(|_| ())?;
+        map.append(name, value);
+    }
+    Ok(map)
+}
+
 /// Parses one request head from the start of `buf`. `Ok(None)`: not all
 /// of it is there yet. On success the head's bytes are split off `buf`.
 pub fn parse(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    let len = match req.parse(buf) {
+    // Left uninitialised: httparse writes what it parses (an initialised
+    // array would be 3 KiB of zeroes written per request).
+    let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(buf, &mut headers) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
@@ -87,23 +162,10 @@ pub fn parse(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
         _ => Version::HTTP_11,
     };
     let target = range(req.path.unwrap_or("").as_bytes());
-    let spans: Vec<(HeaderName, std::ops::Range<usize>)> = req
-        .headers
-        .iter()
-        .map(|h| {
-            HeaderName::from_bytes(h.name.as_bytes())
-                .map(|n| (n, range(h.value)))
-                .map_err(|_| HeadError::Malformed)
-        })
-        .collect::<Result<_, _>>()?;
+    let spans = Spans::of(req.headers, base);
     let bytes = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(bytes.slice(target)).map_err(|_| HeadError::Malformed)?;
-    let mut map = HeaderMap::with_capacity(spans.len());
-    for (name, value) in spans {
-        let value =
-            HeaderValue::from_maybe_shared(bytes.slice(value)).map_err(|_| HeadError::Malformed)?;
-        map.append(name, value);
-    }
+    let map = header_map(&bytes, &spans).map_err(|()| HeadError::Malformed)?;
     let framing = framing(&map, version)?;
     let connection = |token: &str| has_token(&map, header::CONNECTION, token);
     let keep_alive = match version {

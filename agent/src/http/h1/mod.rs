@@ -365,7 +365,7 @@ async fn read_head<I: Io>(
     config: &Config,
     stop: &Stop,
 ) -> Result<Option<head::Head>, Error> {
-    // Set once the head has started arriving.
+    // Set once a head is seen to be arriving in pieces.
     let mut deadline = None;
     loop {
         if buf.is_empty() {
@@ -385,7 +385,8 @@ async fn read_head<I: Io>(
             if n == 0 {
                 return Ok(None);
             }
-            deadline = Some(Instant::now() + config.header_read_timeout);
+            // The head's clock starts only if this read did not bring all
+            // of it (below): a head that came whole costs no clock read.
             continue;
         } else {
             let refused = match head::parse(buf) {
@@ -403,8 +404,8 @@ async fn read_head<I: Io>(
                 buf.reserve(buf.len().max(HEAD_BUF));
             }
         }
-        // Pipelined bytes were already there: the head started arriving
-        // with the previous request's end.
+        // Part of a head is here (from the first read, or pipelined behind
+        // the previous request): the rest must come within the timeout.
         let d = *deadline.get_or_insert_with(|| Instant::now() + config.header_read_timeout);
         let n = tokio::time::timeout_at(d, conn.read(buf))
             .await

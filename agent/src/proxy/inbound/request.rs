@@ -264,7 +264,7 @@ impl InboundHttp {
         let service = ctx.service.as_deref().unwrap_or("unknown");
         let counted =
             self.metrics
-                .inbound_request(pod, authority(&req), service, &ctx.peer.id.to_string());
+                .inbound_request(pod, authority(&req), service, &ctx.peer.id_text);
         let span = debug_span!(
             "inbound_request",
             pod,
@@ -277,7 +277,10 @@ impl InboundHttp {
         let mode = trace::mode(req.method(), req.headers());
         let tapped = self.tap_request(ctx, &mut req);
         let denied = self.still_allowed(ctx).err();
-        async {
+        // Recorded on a clone, not the current span (see the outbound side);
+        // pinned where it is made, so instrumenting it moves a pointer.
+        let recorded = span.clone();
+        let request = std::pin::pin!(async {
             let (resp, result) = if let Some(d) = denied {
                 (
                     self.authz.denied_response(&d, grpc),
@@ -296,14 +299,21 @@ impl InboundHttp {
                     } else {
                         self.forward(ctx, conn, req, service, grpc).await
                     };
-                let result = trace::result_text(resp.status().as_u16(), StatusSource::of(&resp));
-                let result = match detail {
-                    Some(d) => format!("{result}: {d}"),
-                    None => result,
+                // The result line is for a diagnostic trace only: not
+                // formatted for every request.
+                let result = if mode.is_some() {
+                    let result =
+                        trace::result_text(resp.status().as_u16(), StatusSource::of(&resp));
+                    match detail {
+                        Some(d) => format!("{result}: {d}"),
+                        None => result,
+                    }
+                } else {
+                    String::new()
                 };
                 (resp, result)
             };
-            tracing::Span::current().record("status", resp.status().as_u16());
+            recorded.record("status", resp.status().as_u16());
             let mut resp = match mode {
                 Some(mode) => {
                     let context = self.context(ctx, conn, start, result);
@@ -314,9 +324,8 @@ impl InboundHttp {
             resp.extensions_mut().insert(TlsLabel::True);
             let resp = self.tap_response(tapped, ctx, conn, resp);
             observe(self.metrics.clone(), counted, start, resp, grpc)
-        }
-        .instrument(span)
-        .await
+        });
+        request.instrument(span).await
     }
 
     /// Whether the rules in force still allow the stream: decided again
@@ -433,7 +442,7 @@ impl InboundHttp {
             target: Some(ctx.target),
             services: ctx.services.clone(),
             client: ctx.client.clone(),
-            peer_identity: Some(ctx.peer.id.to_string()),
+            peer_identity: Some(ctx.peer.id_text.clone()),
             decision: Some((if decision.allow { "allow" } else { "deny" }, decision.rule)),
             kernel,
             result: Some(result),

@@ -500,7 +500,7 @@ impl Shared {
         open: OpenStream,
     ) -> Response<Empty<Bytes>> {
         if let Some(claimed) = req.headers().get(SOURCE_WORKLOAD)
-            && claimed.as_bytes() != peer.id.to_string().as_bytes()
+            && claimed.as_bytes() != peer.id_text.as_bytes()
         {
             self.stats.streams_denied.fetch_add(1, Ordering::Relaxed);
             warn!(peer_id = %peer.id, %target, claimed = ?claimed, "{SOURCE_MISMATCH}");

@@ -30,6 +30,7 @@ use crate::telemetry::metrics::RefusedLabels;
 use crate::transport::coalesce::Coalesce;
 use crate::transport::h2_refused::{self, RefusedStreams};
 use crate::transport::idle::{Activity, IdleIo, expired};
+use crate::wake_gate::Gated;
 
 /// Largest HTTP/1 request head accepted: generous for real clients (64 KiB
 /// cookies exist), small enough that a header flood cannot grow memory.
@@ -104,7 +105,9 @@ pub fn serve(
             debug!(%pod, timeout = ?idle_timeout, "idle HTTP connection closing");
         };
         let requests = Arc::new(Requests::default());
-        let (svc_activity, svc_draining) = (requests.clone(), draining.clone());
+        // Shared by reference count: cloning a token takes its tree's lock,
+        // which every request would otherwise do.
+        let (svc_activity, svc_draining) = (requests.clone(), Arc::new(draining.clone()));
         // The request future is boxed: the connection's future is sized for
         // the largest state it may be in, and a request in flight is large
         // (13 KiB unboxed); boxed, an idle keep-alive connection holds no room
@@ -167,9 +170,11 @@ pub fn serve(
             }),
         };
         tokio::pin!(serve);
+        // The idle timer is gated: polled when it fires, not on every wake
+        // of the connection (see `crate::wake_gate`).
         let result = tokio::select! {
             r = &mut serve => r,
-            () = idle => {
+            () = Gated::new(idle) => {
                 draining.cancel();
                 serve.await
             }

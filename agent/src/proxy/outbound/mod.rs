@@ -38,6 +38,7 @@ use crate::transport::idle::{ReplyBudget, ShortcutExit};
 use crate::transport::netns::PodNetns;
 use crate::transport::tunnel::{ConnectHeaders, TunnelError};
 use crate::transport::upstream::{Path, UpstreamError, UpstreamIo, Upstreams, new_request_id};
+use crate::wake_gate::Gated;
 
 /// One pod as the proxy knows it.
 #[derive(Debug)]
@@ -549,9 +550,11 @@ impl Outbound {
                 dst,
                 live: &live,
             };
+            // The forced drain is gated: polled when it comes, not on every
+            // wake of the connection (see `crate::wake_gate`).
             let (close, detail) = tokio::select! {
                 biased;
-                _ = self.drain.forced().cancelled() => (Close::Drain, None),
+                _ = Gated::new(self.drain.forced().cancelled()) => (Close::Drain, None),
                 r = self.dispatch(&conn, client, &mut opened, &mut transferred) => r,
             };
             // A connection that ended before its path was known (the client
@@ -836,7 +839,7 @@ impl Outbound {
         };
         let result = tokio::select! {
             r = copied => r.map_err(Some),
-            () = crate::transport::idle::expired(&activity, self.idle_timeout) => {
+            () = Gated::new(crate::transport::idle::expired(&activity, self.idle_timeout)) => {
                 self.metrics
                     .limit_closed_total
                     .get_or_create(&RefusedLabels {

@@ -129,6 +129,11 @@ struct Target<'a> {
     backend: &'a Service,
     route_name: &'a str,
     route: &'a RoutePolicy,
+    /// The request's span, for fields known later (the endpoint): recorded
+    /// on the handle, not looked up as the current span (a lookup in the
+    /// subscriber's per-thread stack on every request, even when the span
+    /// is disabled).
+    span: &'a tracing::Span,
 }
 
 impl HttpProxy {
@@ -194,7 +199,13 @@ impl HttpProxy {
         if let Some(r) = &recorder {
             req.extensions_mut().insert(r.clone());
         }
-        async {
+        // Fields learnt later are recorded on this handle (a clone of the
+        // span: nothing at all when it is disabled), not on the current
+        // span, which is a lookup in the subscriber's per-thread stack.
+        let recorded = span.clone();
+        // Pinned where it is made, so that instrumenting it moves a pointer
+        // rather than the request's whole future.
+        let request = std::pin::pin!(async {
             let resp = if trace_mode == Some(trace::Mode::Body) && !trace::forwardable(&mut req) {
                 // Max-Forwards reached 0: this hop is the final recipient
                 // (RFC 9110 §7.6.2) and answers with the request it got.
@@ -211,6 +222,7 @@ impl HttpProxy {
                             backend: &backend,
                             route_name,
                             route,
+                            span: &recorded,
                         };
                         let mut resp = self.route(ctx, target, req, grpc, start).await;
                         resp.extensions_mut().insert(self.metrics.backend_edge(
@@ -228,7 +240,7 @@ impl HttpProxy {
                     ),
                 }
             };
-            tracing::Span::current().record("status", resp.status().as_u16());
+            recorded.record("status", resp.status().as_u16());
             let resp = match (trace_mode, recorder) {
                 (Some(mode), Some(recorder)) => {
                     let mut c = recorder.take();
@@ -247,9 +259,8 @@ impl HttpProxy {
             };
             let resp = tap::response(tapped, resp);
             observe(self.metrics.clone(), labels, start, resp, grpc)
-        }
-        .instrument(span)
-        .await
+        });
+        request.instrument(span).await
     }
 
     /// The request path proper: attempts on endpoints of `target.backend`
@@ -277,6 +288,7 @@ impl HttpProxy {
                 service,
                 backend,
                 route,
+                span,
                 ..
             } = target;
             tap::routed(req.extensions(), &backend.name);
@@ -301,7 +313,11 @@ impl HttpProxy {
             );
             budget::deposit(service, start);
             let mut attempt = 0u32;
+            // Endpoints already tried, to avoid on a retry. Each attempt's
+            // endpoint joins them only when another attempt follows, so a
+            // request answered at once allocates nothing for them.
             let mut tried: Vec<SocketAddr> = Vec::new();
+            let mut last: Option<SocketAddr> = None;
 
             loop {
                 attempt += 1;
@@ -315,6 +331,7 @@ impl HttpProxy {
                     );
                 };
                 let now = if attempt == 1 { start } else { Instant::now() };
+                tried.extend(last.take());
                 let Some(picked) =
                     pick::endpoint(self, ctx, backend, &tried, now, &parts.extensions)
                 else {
@@ -322,9 +339,9 @@ impl HttpProxy {
                 };
                 let pick::Picked { pick, key } = picked;
                 let addr = key.addr;
-                tried.push(addr);
+                last = Some(addr);
                 if attempt == 1 {
-                    tracing::Span::current().record("endpoint", tracing::field::display(addr));
+                    span.record("endpoint", tracing::field::display(addr));
                 }
                 let upstream = if body.is_single() {
                     take_upstream_request(&mut parts, req_body, version)
