@@ -422,6 +422,48 @@ mod tests {
     }
 
     #[test]
+    fn heads_with_few_many_and_too_many_headers() {
+        // Up to INLINE_SPANS headers stay on the stack, more spill into a
+        // vector; either way every header arrives, in order, and a head
+        // beyond MAX_HEADERS is refused.
+        for n in [0, 1, INLINE_SPANS, INLINE_SPANS + 1, MAX_HEADERS - 1] {
+            let mut head = String::from("GET / HTTP/1.1\r\nhost: h\r\n");
+            for i in 0..n {
+                head.push_str(&format!("x-h{i}: v{i}\r\n"));
+            }
+            head.push_str("\r\n");
+            let h = parse_str(&head).unwrap().unwrap();
+            let headers = h.request.headers();
+            assert_eq!(headers.len(), n + 1, "{n} headers");
+            let values: Vec<_> = headers
+                .iter()
+                .skip(1)
+                .map(|(k, v)| (k.as_str(), v.to_str().unwrap()))
+                .collect();
+            let want: Vec<_> = (0..n)
+                .map(|i| (format!("x-h{i}"), format!("v{i}")))
+                .collect();
+            assert!(
+                values
+                    .iter()
+                    .zip(&want)
+                    .all(|((k, v), (wk, wv))| k == wk && v == wv),
+                "{n} headers in order"
+            );
+        }
+        let mut head = String::from("GET / HTTP/1.1\r\n");
+        for i in 0..=MAX_HEADERS {
+            head.push_str(&format!("x-h{i}: v\r\n"));
+        }
+        head.push_str("\r\n");
+        assert_eq!(parse_str(&head).err(), Some(HeadError::TooLarge));
+        assert_eq!(
+            parse_str("GET / HTTP/1.1\r\nbad name: v\r\n\r\n").err(),
+            Some(HeadError::Malformed)
+        );
+    }
+
+    #[test]
     fn framing_follows_rfc9112() {
         let f = |s: &str| parse_str(s).map(|h| h.unwrap().framing);
         assert_eq!(
