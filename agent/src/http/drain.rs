@@ -16,7 +16,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Response, StatusCode, header};
@@ -35,28 +35,35 @@ pub const IDLE_CLOSE: Duration = Duration::from_millis(1000);
 /// How often a draining HTTP/1.1 connection checks whether it went idle.
 const IDLE_POLL: Duration = Duration::from_millis(100);
 
-/// Requests of one served connection: how many are in flight and when the
-/// last one arrived.
+/// Requests of one served connection: how many are in flight, when the
+/// last one arrived, and whether the connection is winding down.
+///
+/// It carries the agent's drain token and the connection's own reason to
+/// wind down (its idle timeout) side by side rather than as a child token
+/// of the agent's: a child token is an allocation of its own and an entry
+/// in the agent token's list of children, taken and given back under that
+/// token's lock, for every connection the agent serves.
 #[derive(Debug)]
 pub struct Activity {
     base: Instant,
     in_flight: AtomicUsize,
     /// Nanoseconds after `base` of the last request's arrival.
     last: AtomicU64,
-}
-
-impl Default for Activity {
-    fn default() -> Self {
-        Self {
-            base: Instant::now(),
-            in_flight: AtomicUsize::new(0),
-            last: AtomicU64::new(0),
-        }
-    }
+    /// The agent's drain.
+    draining: CancellationToken,
+    /// Set when the connection itself decided to wind down (idle timeout).
+    closing: AtomicBool,
 }
 
 /// A request in flight on its connection (until dropped).
 pub struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    /// The connection the request came on.
+    pub fn activity(&self) -> &Activity {
+        &self.0
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -65,6 +72,23 @@ impl Drop for InFlight {
 }
 
 impl Activity {
+    /// A served connection's requests; `draining` is the agent's drain.
+    pub fn new(draining: CancellationToken) -> Self {
+        Self {
+            base: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            last: AtomicU64::new(0),
+            draining,
+            closing: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether the connection is winding down: the agent drains, or the
+    /// connection closes of its own accord (idle timeout).
+    pub fn is_draining(&self) -> bool {
+        self.closing.load(Ordering::Relaxed) || self.draining.is_cancelled()
+    }
+
     /// Counts a request that just arrived.
     pub fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -88,9 +112,9 @@ impl Activity {
 /// last (`Connection: close`: hyper then closes after it, and the client
 /// knows to reconnect). HTTP/2 forbids the header (GOAWAY does this job)
 /// and a `101` hands the connection over to another protocol.
-pub fn mark_last<B>(version: Version, draining: &CancellationToken, resp: &mut Response<B>) {
+pub fn mark_last<B>(version: Version, activity: &Activity, resp: &mut Response<B>) {
     if version == Version::Http1
-        && draining.is_cancelled()
+        && activity.is_draining()
         && resp.status() != StatusCode::SWITCHING_PROTOCOLS
     {
         resp.headers_mut()
@@ -98,10 +122,12 @@ pub fn mark_last<B>(version: Version, draining: &CancellationToken, resp: &mut R
     }
 }
 
-/// Drives a served connection to its end; once `draining` is cancelled,
-/// asks it to finish (`shutdown` is its `graceful_shutdown`): HTTP/2 at
-/// once (GOAWAY), HTTP/1.1 when it has been idle for [`IDLE_CLOSE`] (until
-/// then, [`mark_last`] closes it after its next response).
+/// Drives a served connection to its end; once the agent drains or
+/// `closing` (the connection's own reason to wind down: its idle timeout)
+/// resolves, asks it to finish (`shutdown` is its `graceful_shutdown`):
+/// HTTP/2 at once (GOAWAY), HTTP/1.1 when it has been idle for
+/// [`IDLE_CLOSE`] (until then, [`mark_last`] closes it after its next
+/// response).
 ///
 /// The connection is pinned by the caller, so that the caller's future
 /// holds it once (a connection's future is the largest part of what an
@@ -110,24 +136,37 @@ pub fn mark_last<B>(version: Version, draining: &CancellationToken, resp: &mut R
 /// A plain function returning an `async move` block, not an `async fn`:
 /// an `async fn` keeps its arguments twice in its state.
 #[allow(clippy::manual_async_fn)] // on purpose: see above
-pub fn until_drained<'a, C, T, F>(
+///
+/// `closing` makes the connection's own reason to wind down. It is made
+/// here, where it is polled, rather than passed in made: a future moved
+/// through nested `async` blocks keeps a copy in each of their states.
+pub fn until_drained<'a, C, T, F, M, S>(
     mut conn: Pin<&'a mut C>,
     version: Version,
     activity: &'a Activity,
-    draining: &'a CancellationToken,
+    closing: M,
     shutdown: F,
 ) -> impl Future<Output = T> + 'a
 where
     C: Future<Output = T>,
     F: Fn(Pin<&mut C>) + 'a,
+    M: FnOnce() -> S + 'a,
+    S: Future<Output = ()> + 'a,
     T: 'a,
 {
     async move {
-        // Gated: polled only when the drain starts, not on every wake of
-        // the connection (see `crate::wake_gate`).
+        // Both reasons to wind down behind one gate: polled only when one
+        // of them fires, not on every wake of the connection (see
+        // `crate::wake_gate`), and one gate per connection, not two.
         tokio::select! {
             out = conn.as_mut() => return out,
-            _ = Gated::new(draining.cancelled()) => {}
+            _ = Gated::new(async {
+                tokio::select! {
+                    biased;
+                    _ = activity.draining.cancelled() => {}
+                    _ = closing() => activity.closing.store(true, Ordering::Relaxed),
+                }
+            }) => {}
         }
         // Boxed: every served connection waits in the select above for
         // its whole life, and should not carry room for the drain's timer.
@@ -168,23 +207,67 @@ mod tests {
     #[test]
     fn only_http1_responses_while_draining_are_marked_last() {
         let draining = CancellationToken::new();
+        let activity = Activity::new(draining.clone());
         let mut resp = Response::new(());
-        mark_last(Version::Http1, &draining, &mut resp);
+        mark_last(Version::Http1, &activity, &mut resp);
         assert!(resp.headers().get(header::CONNECTION).is_none());
         draining.cancel();
-        mark_last(Version::Http2, &draining, &mut resp);
+        mark_last(Version::Http2, &activity, &mut resp);
         assert!(resp.headers().get(header::CONNECTION).is_none());
-        mark_last(Version::Http1, &draining, &mut resp);
+        mark_last(Version::Http1, &activity, &mut resp);
         assert_eq!(resp.headers()[header::CONNECTION], "close");
         let mut upgrade = Response::new(());
         *upgrade.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-        mark_last(Version::Http1, &draining, &mut upgrade);
+        mark_last(Version::Http1, &activity, &mut upgrade);
         assert!(upgrade.headers().get(header::CONNECTION).is_none());
+    }
+
+    /// The connection's own reason to close (its idle timeout) drains it
+    /// like the agent's drain, and only it: the agent's token stays as it
+    /// was, and a connection beside it is not marked.
+    #[tokio::test]
+    async fn closing_on_its_own_marks_responses_and_ends_an_idle_connection() {
+        let agent = CancellationToken::new();
+        let (one, other) = (Activity::new(agent.clone()), Activity::new(agent.clone()));
+        let stopped = std::cell::Cell::new(false);
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let conn = std::pin::pin!(async {
+            std::future::poll_fn(|_| {
+                if stopped.get() {
+                    std::task::Poll::Ready("stopped")
+                } else {
+                    std::task::Poll::Pending
+                }
+            })
+            .await
+        });
+        let closing = || async {
+            let _ = rx.await;
+        };
+        let served = until_drained(conn, Version::Http1, &one, closing, |_| stopped.set(true));
+        let mut served = std::pin::pin!(served);
+        // Neither reason yet: the connection is served on.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), served.as_mut())
+                .await
+                .is_err()
+        );
+        assert!(!one.is_draining());
+        tx.send(()).unwrap();
+        // Idle since it began: closed once IDLE_CLOSE has passed.
+        let out = tokio::time::timeout(IDLE_CLOSE * 5, served).await;
+        assert_eq!(out, Ok("stopped"));
+        assert!(one.is_draining());
+        assert!(!other.is_draining());
+        assert!(!agent.is_cancelled());
+        let mut resp = Response::new(());
+        mark_last(Version::Http1, &one, &mut resp);
+        assert_eq!(resp.headers()[header::CONNECTION], "close");
     }
 
     #[test]
     fn a_connection_with_a_request_in_flight_is_not_idle() {
-        let activity = Arc::new(Activity::default());
+        let activity = Arc::new(Activity::new(CancellationToken::new()));
         let req = activity.begin();
         assert_eq!(activity.idle_for(), None);
         drop(req);

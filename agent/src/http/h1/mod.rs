@@ -153,31 +153,45 @@ pub enum Error {
 /// Serves requests on `io` until the client closes, an error, or `stop`
 /// (a graceful stop: an idle connection closes at once, one with a request
 /// in flight after its response). `service` answers each request.
-pub async fn serve<I, S, F>(io: I, config: Config, stop: &Stop, mut service: S) -> Result<(), Error>
+///
+/// A plain function returning an `async move` block, not an `async fn`
+/// (which keeps its arguments twice in its state, here 120 bytes): every
+/// open connection holds this state for its life.
+#[allow(clippy::manual_async_fn)] // on purpose: see above
+pub fn serve<'a, I, S, F>(
+    io: I,
+    config: Config,
+    stop: &'a Stop,
+    mut service: S,
+) -> impl Future<Output = Result<(), Error>> + 'a
 where
-    I: Io,
-    S: FnMut(Request<ProxyBody>) -> F,
+    I: Io + 'a,
+    S: FnMut(Request<ProxyBody>) -> F + 'a,
     F: Future<Output = Response<ProxyBody>>,
 {
+    // Made here, not in the block: moved into a local there, `io` would
+    // be kept twice (as captured and in `conn`).
     let conn = Conn(Mutex::new(io));
-    let mut buf = BytesMut::new();
-    loop {
-        let Some(head) = read_head(&conn, &mut buf, &config, stop).await? else {
-            return Ok(());
-        };
-        // Boxed: the exchange's state exists only while a request is in
-        // flight, so an idle connection's future holds no room for it.
-        match Box::pin(exchange(&conn, &mut buf, head, &config, stop, &mut service)).await? {
-            After::Next => {}
-            After::Close => {
-                let mut io = conn.0.into_inner().unwrap_or_else(|e| e.into_inner());
-                let _ = io.shutdown().await;
+    async move {
+        let mut buf = BytesMut::new();
+        loop {
+            let Some(head) = read_head(&conn, &mut buf, &config, stop).await? else {
                 return Ok(());
-            }
-            After::Upgrade(tx) => {
-                let io = conn.0.into_inner().unwrap_or_else(|e| e.into_inner());
-                let _ = tx.send(upgrade::Upgraded::new(buf.freeze(), Box::new(io)));
-                return Ok(());
+            };
+            // Boxed: the exchange's state exists only while a request is in
+            // flight, so an idle connection's future holds no room for it.
+            match Box::pin(exchange(&conn, &mut buf, head, &config, stop, &mut service)).await? {
+                After::Next => {}
+                After::Close => {
+                    let mut io = conn.0.into_inner().unwrap_or_else(|e| e.into_inner());
+                    let _ = io.shutdown().await;
+                    return Ok(());
+                }
+                After::Upgrade(tx) => {
+                    let io = conn.0.into_inner().unwrap_or_else(|e| e.into_inner());
+                    let _ = tx.send(upgrade::Upgraded::new(buf.freeze(), Box::new(io)));
+                    return Ok(());
+                }
             }
         }
     }
@@ -359,59 +373,65 @@ impl<I: Io> Conn<I> {
 /// A head it refuses is answered here ([`refuse`]) and returned as the
 /// error: awaited in [`serve`], the refusal would keep room for a head
 /// beside it in every connection's future, idle ones too.
-async fn read_head<I: Io>(
-    conn: &Conn<I>,
-    buf: &mut BytesMut,
-    config: &Config,
-    stop: &Stop,
-) -> Result<Option<head::Head>, Error> {
-    // Set once a head is seen to be arriving in pieces.
-    let mut deadline = None;
-    loop {
-        if buf.is_empty() {
-            // Idle: no buffer is held while waiting for the socket to
-            // become readable; a stop ends the wait (or the read, on a
-            // connection that cannot wait without reading).
-            *buf = BytesMut::new();
-            let first = async {
-                conn.readable().await?;
-                conn.read_fitted(buf, config.max_head).await
-            };
-            let n = tokio::select! {
-                biased;
-                r = first => r?,
-                () = stop.asked() => return Ok(None),
-            };
+///
+/// A plain function returning an `async move` block (see [`serve`]): an
+/// idle connection waits in this state.
+#[allow(clippy::manual_async_fn)] // on purpose: see above
+fn read_head<'a, I: Io>(
+    conn: &'a Conn<I>,
+    buf: &'a mut BytesMut,
+    config: &'a Config,
+    stop: &'a Stop,
+) -> impl Future<Output = Result<Option<head::Head>, Error>> + 'a {
+    async move {
+        // Set once a head is seen to be arriving in pieces.
+        let mut deadline = None;
+        loop {
+            if buf.is_empty() {
+                // Idle: no buffer is held while waiting for the socket to
+                // become readable; a stop ends the wait (or the read, on a
+                // connection that cannot wait without reading).
+                *buf = BytesMut::new();
+                let first = async {
+                    conn.readable().await?;
+                    conn.read_fitted(buf, config.max_head).await
+                };
+                let n = tokio::select! {
+                    biased;
+                    r = first => r?,
+                    () = stop.asked() => return Ok(None),
+                };
+                if n == 0 {
+                    return Ok(None);
+                }
+                // The head's clock starts only if this read did not bring all
+                // of it (below): a head that came whole costs no clock read.
+                continue;
+            } else {
+                let refused = match head::parse(buf) {
+                    Ok(Some(h)) => return Ok(Some(h)),
+                    Ok(None) if buf.len() >= config.max_head => Some(head::HeadError::TooLarge),
+                    Ok(None) => None,
+                    Err(e) => Some(e),
+                };
+                if let Some(e) = refused {
+                    // Boxed, being rare.
+                    Box::pin(refuse(conn, e.status())).await;
+                    return Err(e.into());
+                }
+                if buf.capacity() == buf.len() {
+                    buf.reserve(buf.len().max(HEAD_BUF));
+                }
+            }
+            // Part of a head is here (from the first read, or pipelined behind
+            // the previous request): the rest must come within the timeout.
+            let d = *deadline.get_or_insert_with(|| Instant::now() + config.header_read_timeout);
+            let n = tokio::time::timeout_at(d, conn.read(buf))
+                .await
+                .map_err(|_| Error::HeadTimeout(config.header_read_timeout))??;
             if n == 0 {
                 return Ok(None);
             }
-            // The head's clock starts only if this read did not bring all
-            // of it (below): a head that came whole costs no clock read.
-            continue;
-        } else {
-            let refused = match head::parse(buf) {
-                Ok(Some(h)) => return Ok(Some(h)),
-                Ok(None) if buf.len() >= config.max_head => Some(head::HeadError::TooLarge),
-                Ok(None) => None,
-                Err(e) => Some(e),
-            };
-            if let Some(e) = refused {
-                // Boxed, being rare.
-                Box::pin(refuse(conn, e.status())).await;
-                return Err(e.into());
-            }
-            if buf.capacity() == buf.len() {
-                buf.reserve(buf.len().max(HEAD_BUF));
-            }
-        }
-        // Part of a head is here (from the first read, or pipelined behind
-        // the previous request): the rest must come within the timeout.
-        let d = *deadline.get_or_insert_with(|| Instant::now() + config.header_read_timeout);
-        let n = tokio::time::timeout_at(d, conn.read(buf))
-            .await
-            .map_err(|_| Error::HeadTimeout(config.header_read_timeout))??;
-        if n == 0 {
-            return Ok(None);
         }
     }
 }

@@ -21,6 +21,7 @@
 //! a service of the target declares HTTP.
 
 use std::collections::HashMap;
+use std::future::pending;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -239,8 +240,8 @@ impl InboundHttp {
             self.connect_timeout,
         ));
         let this = self.clone();
-        let activity = Arc::new(Activity::default());
-        let (svc_activity, svc_stop) = (activity.clone(), stop.clone());
+        let activity = Arc::new(Activity::new(stop));
+        let svc_activity = activity.clone();
         let live = Arc::new(live);
         let svc_live = live.clone();
         let handle = move |req: Request<ProxyBody>| {
@@ -249,13 +250,12 @@ impl InboundHttp {
             let conn = conn.clone();
             svc_live.request(ctx.version == Version::Http2 && crate::http::message::is_grpc(&req));
             let in_flight = svc_activity.begin();
-            let draining = svc_stop.clone();
             // Boxed: see `outbound::http_server` (the connection's future
             // holds no room for a request while idle).
             Box::pin(
                 async move {
                     let mut resp = this.request(&ctx, &conn, req).await;
-                    drain::mark_last(ctx.version, &draining, &mut resp);
+                    drain::mark_last(ctx.version, in_flight.activity(), &mut resp);
                     drop(in_flight);
                     resp
                 }
@@ -270,7 +270,7 @@ impl InboundHttp {
                 };
                 let codec_stop = h1::Stop::default();
                 let conn = std::pin::pin!(h1::serve(tunnel, config, &codec_stop, handle));
-                drain::until_drained(conn, version, &activity, &stop, |_| codec_stop.ask())
+                drain::until_drained(conn, version, &activity, pending, |_| codec_stop.ask())
                     .await
                     .map_err(|e| e.to_string())
             }
@@ -286,7 +286,7 @@ impl InboundHttp {
                         .max_header_list_size(MAX_H2_HEADER_LIST)
                         .serve_connection(TokioIo::new(Coalesce::new(tunnel)), svc)
                 );
-                drain::until_drained(conn, version, &activity, &stop, |c| c.graceful_shutdown())
+                drain::until_drained(conn, version, &activity, pending, |c| c.graceful_shutdown())
                     .await
                     .map_err(|e| e.to_string())
             }

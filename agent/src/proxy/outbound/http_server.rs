@@ -30,7 +30,6 @@ use crate::telemetry::metrics::RefusedLabels;
 use crate::transport::coalesce::Coalesce;
 use crate::transport::h2_refused::{self, RefusedStreams};
 use crate::transport::idle::{Activity, IdleIo, expired};
-use crate::wake_gate::Gated;
 
 /// Largest HTTP/1 request head accepted: generous for real clients (64 KiB
 /// cookies exist), small enough that a header flood cannot grow memory.
@@ -74,9 +73,28 @@ pub fn serve(
         let bytes: Arc<Activity> = ctx.live.activity().clone();
         let io = IdleIo::new(stream, bytes.clone());
         let version = ctx.version;
-        // Streams refused by h2_max_concurrent_streams (HTTP/2 only, so that
-        // HTTP/1 pods get no series for them).
-        let refused = if version == Version::Http2 {
+        let (idle_timeout, h2_streams) = (
+            proxy.limits.idle_timeout,
+            proxy.limits.h2_max_concurrent_streams,
+        );
+        // The connection's own reason to wind down: its idle timeout. It
+        // names the pod from the connection's context when it fires, so an
+        // idle connection holds no copy of the name.
+        let (closed, idle_ctx) = (proxy.limit_closed.clone(), ctx.clone());
+        let idle = move || async move {
+            expired(&bytes, idle_timeout).await;
+            let pod = idle_ctx.pod();
+            closed
+                .get_or_create(&RefusedLabels {
+                    pod: pod.to_string(),
+                    limit: "idle_timeout",
+                })
+                .inc();
+            debug!(%pod, timeout = ?idle_timeout, "idle HTTP connection closing");
+        };
+        // Streams refused by h2_max_concurrent_streams (HTTP/2 only, so
+        // that HTTP/1 pods get no series, and hold no counter, for them).
+        let refused = (version == Version::Http2).then(|| {
             proxy
                 .limit_refused
                 .get_or_create(&RefusedLabels {
@@ -84,30 +102,10 @@ pub fn serve(
                     limit: h2_refused::LIMIT,
                 })
                 .clone()
-        } else {
-            Default::default()
-        };
-        let (idle_timeout, h2_streams) = (
-            proxy.limits.idle_timeout,
-            proxy.limits.h2_max_concurrent_streams,
-        );
-        // This connection's own drain: the agent's, or its idle timeout.
-        let draining = draining.child_token();
-        let (closed, pod) = (proxy.limit_closed.clone(), ctx.pod().to_string());
-        let idle = async move {
-            expired(&bytes, idle_timeout).await;
-            closed
-                .get_or_create(&RefusedLabels {
-                    pod: pod.clone(),
-                    limit: "idle_timeout",
-                })
-                .inc();
-            debug!(%pod, timeout = ?idle_timeout, "idle HTTP connection closing");
-        };
-        let requests = Arc::new(Requests::default());
-        // Shared by reference count: cloning a token takes its tree's lock,
-        // which every request would otherwise do.
-        let (svc_activity, svc_draining) = (requests.clone(), Arc::new(draining.clone()));
+        });
+        // The agent's drain and the idle timeout, one per connection.
+        let requests = Arc::new(Requests::new(draining));
+        let svc_activity = requests.clone();
         // The request future is boxed: the connection's future is sized for
         // the largest state it may be in, and a request in flight is large
         // (13 KiB unboxed); boxed, an idle keep-alive connection holds no room
@@ -116,12 +114,11 @@ pub fn serve(
             let proxy = proxy.clone();
             let ctx = ctx.clone();
             let in_flight = svc_activity.begin();
-            let draining = svc_draining.clone();
             ctx.live
                 .request(version == Version::Http2 && crate::http::message::is_grpc(&req));
             Box::pin(async move {
                 let mut resp = proxy.handle(&ctx, req).await;
-                drain::mark_last(ctx.version, &draining, &mut resp);
+                drain::mark_last(ctx.version, in_flight.activity(), &mut resp);
                 drop(in_flight);
                 resp
             })
@@ -129,7 +126,6 @@ pub fn serve(
         // Each protocol's connection is boxed on its own: the connection's
         // future would otherwise be sized for the larger of the two, and an
         // idle HTTP/1 connection would carry room for hyper's HTTP/2 state.
-        let (conn_requests, conn_draining) = (requests.clone(), draining.clone());
         let serve: std::pin::Pin<
             Box<dyn std::future::Future<Output = Result<(), ServeError>> + Send>,
         > = match version {
@@ -141,44 +137,34 @@ pub fn serve(
                     header_read_timeout: HEADER_READ_TIMEOUT,
                 };
                 let conn = std::pin::pin!(h1::serve(io, config, &stop, handle));
-                drain::until_drained(conn, version, &conn_requests, &conn_draining, |_| {
-                    stop.ask()
-                })
-                .await
-                .map_err(ServeError::H1)
+                drain::until_drained(conn, version, &requests, idle, |_| stop.ask())
+                    .await
+                    .map_err(ServeError::H1)
             }),
-            Version::Http2 => Box::pin(async move {
-                let svc = service_fn(move |req: Request<Incoming>| {
-                    let resp = handle(req.map(incoming));
-                    async move { Ok::<_, Infallible>(resp.await) }
-                });
-                let conn = std::pin::pin!(
-                    http2::Builder::new(TokioExecutor::new())
-                        .timer(TokioTimer::new())
-                        .max_concurrent_streams(h2_streams)
-                        .max_header_list_size(MAX_H2_HEADER_LIST)
-                        .serve_connection(
-                            TokioIo::new(Coalesce::new(RefusedStreams::new(io, refused))),
-                            svc,
-                        )
-                );
-                drain::until_drained(conn, version, &conn_requests, &conn_draining, |c| {
-                    c.graceful_shutdown()
+            Version::Http2 => {
+                let refused = refused.unwrap_or_default();
+                Box::pin(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let resp = handle(req.map(incoming));
+                        async move { Ok::<_, Infallible>(resp.await) }
+                    });
+                    let conn = std::pin::pin!(
+                        http2::Builder::new(TokioExecutor::new())
+                            .timer(TokioTimer::new())
+                            .max_concurrent_streams(h2_streams)
+                            .max_header_list_size(MAX_H2_HEADER_LIST)
+                            .serve_connection(
+                                TokioIo::new(Coalesce::new(RefusedStreams::new(io, refused))),
+                                svc,
+                            )
+                    );
+                    drain::until_drained(conn, version, &requests, idle, |c| c.graceful_shutdown())
+                        .await
+                        .map_err(ServeError::H2)
                 })
-                .await
-                .map_err(ServeError::H2)
-            }),
-        };
-        tokio::pin!(serve);
-        // The idle timer is gated: polled when it fires, not on every wake
-        // of the connection (see `crate::wake_gate`).
-        let result = tokio::select! {
-            r = &mut serve => r,
-            () = Gated::new(idle) => {
-                draining.cancel();
-                serve.await
             }
         };
+        let result = serve.await;
         if let Err(e) = result {
             debug!(error = %e, "HTTP connection ended with an error");
         }

@@ -466,88 +466,19 @@ impl Outbound {
         admission: Admission,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
         async move {
-            let _admission = admission;
-            let start = Instant::now();
-            let lookup = self.original_dst.take(pod.netns_cookie, peer);
-            let dst = match lookup {
-                Ok(Some(dst)) => dst,
-                Ok(None) | Err(_) => {
-                    self.metrics
-                        .no_original_dst_total
-                        .get_or_create(&PodLabels {
-                            pod: pod.name.clone(),
-                        })
-                        .inc();
-                    match lookup {
-                        Err(e) => {
-                            warn!(pod = %pod.name, src = %peer, error = %e, "original destination lookup failed; resetting the connection")
-                        }
-                        _ => {
-                            warn!(pod = %pod.name, src = %peer, "no original destination recorded for this connection; resetting it")
-                        }
-                    }
-                    reset(client);
-                    return;
-                }
+            // What is only needed to set the connection up lives in
+            // `set_up`'s frame, not here: a task's state keeps room for every
+            // local whose scope spans an await, and this state is what every
+            // open connection holds for its whole life.
+            let Some((dst, live)) = self.set_up(&pod, &client, peer, listener) else {
+                reset(client);
+                return;
             };
-            tracing::Span::current().record("dst", tracing::field::display(dst));
-            let reply_path = match self.original_dst.shortcut_replies(
-                pod.netns_cookie,
-                peer,
-                client.as_fd(),
-            ) {
-                Ok(path) => path,
-                // Nothing was written yet and nothing is lost: the replies take
-                // loopback TCP.
-                Err(e) => {
-                    debug!(pod = %pod.name, src = %peer, error = %e, "reply shortcut not set up; replies take loopback");
-                    ReplyPath::Loopback
-                }
-            };
-            if let ReplyPath::Sockmap { .. } = reply_path {
-                delay_acks(&client);
-            }
-            if reply_path != ReplyPath::Off {
-                self.metrics
-                    .reply_path_total
-                    .get_or_create(&ReplyPathLabels {
-                        path: match reply_path {
-                            ReplyPath::Sockmap { .. } => "sockmap",
-                            _ => "loopback",
-                        },
-                    })
-                    .inc();
-            }
-            let _ = client.set_nodelay(true);
-
             let mut opened = None;
-            let mut transferred = copy::Transferred::default();
-            let live = Arc::new(self.conns.open(NewConn {
-                direction: crate::telemetry::conns::filter::Direction::Out,
-                pod: Some(pod.name.clone()),
-                src: Some(source_addr(&pod, peer, dst).unwrap_or(peer)),
-                dst,
-                client_flow: listener.map(|l| (l, peer)),
-                protocol: ConnProtocol::Detecting,
-            }));
-            if let ReplyPath::Sockmap {
-                max_unanswered,
-                requests,
-            } = reply_path
-            {
-                live.activity().bound_replies(ReplyBudget::new(
-                    max_unanswered,
-                    requests,
-                    pod.netns_cookie,
-                    peer,
-                    pod.netns.clone().zip(listener),
-                    self.shortcut_exit.clone(),
-                ));
-            }
             let conn = Conn {
                 pod: &pod,
-                peer,
-                dst,
+                peer: &peer,
+                dst: &dst,
                 live: &live,
             };
             // The forced drain is gated: polled when it comes, not on every
@@ -555,7 +486,7 @@ impl Outbound {
             let (close, detail) = tokio::select! {
                 biased;
                 _ = Gated::new(self.drain.forced().cancelled()) => (Close::Drain, None),
-                r = self.dispatch(&conn, client, &mut opened, &mut transferred) => r,
+                r = self.dispatch(&conn, client, &mut opened) => r,
             };
             // A connection that ended before its path was known (the client
             // left during detection, no endpoints) is counted all the same.
@@ -564,7 +495,8 @@ impl Outbound {
                 None => self.open(&conn, TlsLabel::NoIdentity(NoTlsReason::NoConnection)),
             };
             gauge.dec();
-            let elapsed = start.elapsed();
+            // The connection table's entry was made as the task started.
+            let elapsed = live.activity().age();
             self.metrics.record_duration(&labels, elapsed);
             self.metrics
                 .close_total
@@ -601,7 +533,95 @@ impl Outbound {
                     "connection failed"
                 ),
             }
+            // Held until here: the pod's and the agent's connection counts.
+            drop(admission);
         }
+    }
+
+    /// What a redirected connection needs before it is carried: its
+    /// original destination, the reply shortcut, and its entry in the
+    /// connection table. `None` (counted and logged) when the kernel
+    /// recorded no destination for it: the caller resets it.
+    fn set_up(
+        &self,
+        pod: &Arc<PodInfo>,
+        client: &TcpStream,
+        peer: SocketAddr,
+        listener: Option<SocketAddr>,
+    ) -> Option<(SocketAddr, Arc<ConnGuard>)> {
+        let lookup = self.original_dst.take(pod.netns_cookie, peer);
+        let dst = match lookup {
+            Ok(Some(dst)) => dst,
+            Ok(None) | Err(_) => {
+                self.metrics
+                    .no_original_dst_total
+                    .get_or_create(&PodLabels {
+                        pod: pod.name.clone(),
+                    })
+                    .inc();
+                match lookup {
+                    Err(e) => {
+                        warn!(pod = %pod.name, src = %peer, error = %e, "original destination lookup failed; resetting the connection")
+                    }
+                    _ => {
+                        warn!(pod = %pod.name, src = %peer, "no original destination recorded for this connection; resetting it")
+                    }
+                }
+                return None;
+            }
+        };
+        tracing::Span::current().record("dst", tracing::field::display(dst));
+        let reply_path = match self.original_dst.shortcut_replies(
+            pod.netns_cookie,
+            peer,
+            client.as_fd(),
+        ) {
+            Ok(path) => path,
+            // Nothing was written yet and nothing is lost: the replies
+            // take loopback TCP.
+            Err(e) => {
+                debug!(pod = %pod.name, src = %peer, error = %e, "reply shortcut not set up; replies take loopback");
+                ReplyPath::Loopback
+            }
+        };
+        if let ReplyPath::Sockmap { .. } = reply_path {
+            delay_acks(client);
+        }
+        if reply_path != ReplyPath::Off {
+            self.metrics
+                .reply_path_total
+                .get_or_create(&ReplyPathLabels {
+                    path: match reply_path {
+                        ReplyPath::Sockmap { .. } => "sockmap",
+                        _ => "loopback",
+                    },
+                })
+                .inc();
+        }
+        let _ = client.set_nodelay(true);
+        let live = Arc::new(self.conns.open(NewConn {
+            direction: crate::telemetry::conns::filter::Direction::Out,
+            pod: Some(pod.name.clone()),
+            src: Some(source_addr(pod, peer, dst).unwrap_or(peer)),
+            dst,
+            client_flow: listener.map(|l| (l, peer)),
+            protocol: ConnProtocol::Detecting,
+        }));
+        if let ReplyPath::Sockmap {
+            max_unanswered,
+            requests,
+        } = reply_path
+        {
+            live.activity().bound_replies(ReplyBudget::new(
+                max_unanswered,
+                requests,
+                pod.netns_cookie,
+                peer,
+                pod.netns.clone().zip(listener),
+                self.shortcut_exit.clone(),
+            ));
+        }
+        Some((dst, live))
     }
 
     /// Counts the connection open under its path's `tls` label.
@@ -610,13 +630,13 @@ impl Outbound {
             direction: Direction::Outbound,
             peer: "dst",
             pod: conn.pod.name.clone(),
-            target_addr: self.metrics.target_label(conn.dst),
+            target_addr: self.metrics.target_label(*conn.dst),
             tls,
         };
         self.metrics.open_total.get_or_create(&labels).inc();
         let gauge = self.metrics.open_connections.get_or_create(&labels).clone();
         gauge.inc();
-        let _edge = self.metrics.open_edge(&labels, &self.discovery, conn.dst);
+        let _edge = self.metrics.open_edge(&labels, &self.discovery, *conn.dst);
         Opened {
             labels,
             gauge,
@@ -633,10 +653,9 @@ impl Outbound {
         conn: &Conn<'_>,
         client: TcpStream,
         opened: &mut Option<Opened>,
-        transferred: &mut copy::Transferred,
     ) -> (Close, Option<String>) {
         let table = self.discovery.current();
-        let Some(service) = table.by_addr(&conn.dst).cloned() else {
+        let Some(service) = table.by_addr(conn.dst).cloned() else {
             // Not a service: a meshed pod dialled by address still goes
             // through its node's tunnel (and its authorization).
             // Boxed (here and below), with the path moved in, in a scope
@@ -648,8 +667,10 @@ impl Outbound {
                 let path = self.upstreams.path(conn.pod.identity.as_ref(), node);
                 conn.live.set_protocol(ConnProtocol::Opaque);
                 let o = opened.insert(self.open(conn, path.tls()));
-                Box::pin(self.opaque(client, conn, path, conn.dst, &o.labels, transferred))
+                Box::pin(self.opaque(client, conn, path, *conn.dst, &o.labels))
             };
+            // Not held while the connection is carried (see below).
+            drop(table);
             return copy.await;
         };
         conn.live.set_service(&service.name);
@@ -691,19 +712,27 @@ impl Outbound {
                     let target = endpoint.addr;
                     Box::pin(async move {
                         let _pick = pick;
-                        self.opaque(client, conn, path, target, &o.labels, transferred)
-                            .await
+                        self.opaque(client, conn, path, target, &o.labels).await
                     })
                 };
+                // The pick borrows the service for the connection's life;
+                // the table is let go (see below).
+                drop(table);
                 return copy.await;
             }
         };
         opened.get_or_insert_with(|| self.open(conn, TlsLabel::PerRequest));
+        // The service table and the service are let go before the
+        // connection is carried: held, every connection would keep the
+        // table of its time (every service, balancer and endpoint then
+        // known) alive for as long as it stays open, long after discovery
+        // replaced it. Requests route on the table current when they come.
+        drop((service, table));
         let ctx = Arc::new(ConnCtx {
             pod_info: conn.pod.clone(),
-            client: conn.peer,
+            client: *conn.peer,
             source_addr: conn.source_addr(),
-            dst: conn.dst,
+            dst: *conn.dst,
             version,
             live: conn.live.clone(),
         });
@@ -729,17 +758,17 @@ impl Outbound {
         path: Path,
         target: SocketAddr,
         labels: &TcpLabels,
-        transferred: &mut copy::Transferred,
     ) -> (Close, Option<String>) {
         let start = Instant::now();
+        let mut transferred = copy::Transferred::default();
         conn.live
             .set_upstream(None, target, path.peer_identity(), None);
         let (close, detail) = self
-            .forward(&mut client, conn, &path, target, labels, transferred)
+            .forward(&mut client, conn, &path, target, labels, &mut transferred)
             .await;
         self.http.tap.tcp_closed(|| TcpClosed {
             pod: &labels.pod,
-            src: conn.peer,
+            src: *conn.peer,
             dst: target,
             duration: start.elapsed(),
             bytes_out: transferred.client_to_upstream,
@@ -874,15 +903,16 @@ impl Outbound {
 /// The connection being proxied.
 struct Conn<'a> {
     pod: &'a Arc<PodInfo>,
-    peer: SocketAddr,
-    dst: SocketAddr,
+    // By reference: the connection's task holds the addresses already.
+    peer: &'a SocketAddr,
+    dst: &'a SocketAddr,
     /// Its entry in the connection table.
     live: &'a Arc<ConnGuard>,
 }
 
 impl Conn<'_> {
     fn source_addr(&self) -> Option<SocketAddr> {
-        source_addr(self.pod, self.peer, self.dst)
+        source_addr(self.pod, *self.peer, *self.dst)
     }
 }
 
