@@ -51,8 +51,11 @@ pub struct Activity {
     last: AtomicU64,
     /// The agent's drain.
     draining: CancellationToken,
-    /// Set when the connection itself decided to wind down (idle timeout).
-    closing: AtomicBool,
+    /// Set once the connection winds down, for either reason (by
+    /// [`until_drained`], which watches both). Read per response: a flag of
+    /// the connection's own, where asking the agent's token would take its
+    /// lock, shared by every connection of the agent, for every response.
+    winding_down: AtomicBool,
 }
 
 /// A request in flight on its connection (until dropped).
@@ -79,14 +82,21 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             last: AtomicU64::new(0),
             draining,
-            closing: AtomicBool::new(false),
+            winding_down: AtomicBool::new(false),
         }
     }
 
     /// Whether the connection is winding down: the agent drains, or the
-    /// connection closes of its own accord (idle timeout).
+    /// connection closes of its own accord (idle timeout). Set as soon as
+    /// the connection's task sees it; a response that races the start of
+    /// the drain goes unmarked, as it would had it been a moment earlier
+    /// (the connection is only closed once idle, after a marked response).
     pub fn is_draining(&self) -> bool {
-        self.closing.load(Ordering::Relaxed) || self.draining.is_cancelled()
+        self.winding_down.load(Ordering::Relaxed)
+    }
+
+    fn wind_down(&self) {
+        self.winding_down.store(true, Ordering::Relaxed);
     }
 
     /// Counts a request that just arrived.
@@ -164,8 +174,9 @@ where
                 tokio::select! {
                     biased;
                     _ = activity.draining.cancelled() => {}
-                    _ = closing() => activity.closing.store(true, Ordering::Relaxed),
+                    _ = closing() => {}
                 }
+                activity.wind_down();
             }) => {}
         }
         // Boxed: every served connection waits in the select above for
@@ -203,15 +214,15 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::future::pending;
 
     #[test]
     fn only_http1_responses_while_draining_are_marked_last() {
-        let draining = CancellationToken::new();
-        let activity = Activity::new(draining.clone());
+        let activity = Activity::new(CancellationToken::new());
         let mut resp = Response::new(());
         mark_last(Version::Http1, &activity, &mut resp);
         assert!(resp.headers().get(header::CONNECTION).is_none());
-        draining.cancel();
+        activity.wind_down();
         mark_last(Version::Http2, &activity, &mut resp);
         assert!(resp.headers().get(header::CONNECTION).is_none());
         mark_last(Version::Http1, &activity, &mut resp);
@@ -263,6 +274,36 @@ mod tests {
         let mut resp = Response::new(());
         mark_last(Version::Http1, &one, &mut resp);
         assert_eq!(resp.headers()[header::CONNECTION], "close");
+    }
+
+    /// The agent's drain winds every connection down: its responses are
+    /// marked from then on, and an idle one ends.
+    #[tokio::test]
+    async fn the_agents_drain_marks_responses_and_ends_an_idle_connection() {
+        let agent = CancellationToken::new();
+        let activity = Activity::new(agent.clone());
+        let stopped = std::cell::Cell::new(false);
+        let conn = std::pin::pin!(std::future::poll_fn(|_| {
+            if stopped.get() {
+                std::task::Poll::Ready("stopped")
+            } else {
+                std::task::Poll::Pending
+            }
+        }));
+        let served = until_drained(conn, Version::Http1, &activity, pending, |_| {
+            stopped.set(true)
+        });
+        let mut served = std::pin::pin!(served);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), served.as_mut())
+                .await
+                .is_err()
+        );
+        assert!(!activity.is_draining());
+        agent.cancel();
+        let out = tokio::time::timeout(IDLE_CLOSE * 5, served).await;
+        assert_eq!(out, Ok("stopped"));
+        assert!(activity.is_draining());
     }
 
     #[test]
