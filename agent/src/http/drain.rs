@@ -233,55 +233,14 @@ mod tests {
         assert!(upgrade.headers().get(header::CONNECTION).is_none());
     }
 
-    /// The connection's own reason to close (its idle timeout) drains it
-    /// like the agent's drain, and only it: the agent's token stays as it
-    /// was, and a connection beside it is not marked.
-    #[tokio::test]
-    async fn closing_on_its_own_marks_responses_and_ends_an_idle_connection() {
-        let agent = CancellationToken::new();
-        let (one, other) = (Activity::new(agent.clone()), Activity::new(agent.clone()));
-        let stopped = std::cell::Cell::new(false);
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let conn = std::pin::pin!(async {
-            std::future::poll_fn(|_| {
-                if stopped.get() {
-                    std::task::Poll::Ready("stopped")
-                } else {
-                    std::task::Poll::Pending
-                }
-            })
-            .await
-        });
-        let closing = || async {
-            let _ = rx.await;
-        };
-        let served = until_drained(conn, Version::Http1, &one, closing, |_| stopped.set(true));
-        let mut served = std::pin::pin!(served);
-        // Neither reason yet: the connection is served on.
-        assert!(
-            tokio::time::timeout(Duration::from_millis(50), served.as_mut())
-                .await
-                .is_err()
-        );
-        assert!(!one.is_draining());
-        tx.send(()).unwrap();
-        // Idle since it began: closed once IDLE_CLOSE has passed.
-        let out = tokio::time::timeout(IDLE_CLOSE * 5, served).await;
-        assert_eq!(out, Ok("stopped"));
-        assert!(one.is_draining());
-        assert!(!other.is_draining());
-        assert!(!agent.is_cancelled());
-        let mut resp = Response::new(());
-        mark_last(Version::Http1, &one, &mut resp);
-        assert_eq!(resp.headers()[header::CONNECTION], "close");
-    }
-
-    /// The agent's drain winds every connection down: its responses are
-    /// marked from then on, and an idle one ends.
-    #[tokio::test]
-    async fn the_agents_drain_marks_responses_and_ends_an_idle_connection() {
-        let agent = CancellationToken::new();
-        let activity = Activity::new(agent.clone());
+    /// Serves a connection that does nothing until asked to stop: not
+    /// wound down until `wind` is called, then ended once idle for
+    /// `IDLE_CLOSE` (it has been idle since it began), marked draining.
+    async fn wound_down_once<M, S>(activity: &Activity, closing: M, wind: impl FnOnce())
+    where
+        M: FnOnce() -> S,
+        S: Future<Output = ()>,
+    {
         let stopped = std::cell::Cell::new(false);
         let conn = std::pin::pin!(std::future::poll_fn(|_| {
             if stopped.get() {
@@ -290,20 +249,52 @@ mod tests {
                 std::task::Poll::Pending
             }
         }));
-        let served = until_drained(conn, Version::Http1, &activity, pending, |_| {
+        let served = until_drained(conn, Version::Http1, activity, closing, |_| {
             stopped.set(true)
         });
         let mut served = std::pin::pin!(served);
         assert!(
             tokio::time::timeout(Duration::from_millis(50), served.as_mut())
                 .await
-                .is_err()
+                .is_err(),
+            "served on while there is no reason to wind down"
         );
         assert!(!activity.is_draining());
-        agent.cancel();
+        wind();
         let out = tokio::time::timeout(IDLE_CLOSE * 5, served).await;
         assert_eq!(out, Ok("stopped"));
         assert!(activity.is_draining());
+    }
+
+    /// The connection's own reason to close (its idle timeout) drains it
+    /// like the agent's drain, and only it: the agent's token stays as it
+    /// was, and a connection beside it is not marked.
+    #[tokio::test]
+    async fn closing_on_its_own_marks_responses_and_ends_an_idle_connection() {
+        let agent = CancellationToken::new();
+        let (one, other) = (Activity::new(agent.clone()), Activity::new(agent.clone()));
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let closing = || async {
+            let _ = rx.await;
+        };
+        wound_down_once(&one, closing, || tx.send(()).unwrap()).await;
+        assert!(!other.is_draining());
+        assert!(!agent.is_cancelled());
+        let mut resp = Response::new(());
+        mark_last(Version::Http1, &one, &mut resp);
+        assert_eq!(resp.headers()[header::CONNECTION], "close");
+    }
+
+    /// The agent's drain winds a connection down: its responses are marked
+    /// from then on, and an idle one ends.
+    #[tokio::test]
+    async fn the_agents_drain_marks_responses_and_ends_an_idle_connection() {
+        let agent = CancellationToken::new();
+        let activity = Activity::new(agent.clone());
+        wound_down_once(&activity, pending, || agent.cancel()).await;
+        let mut resp = Response::new(());
+        mark_last(Version::Http1, &activity, &mut resp);
+        assert_eq!(resp.headers()[header::CONNECTION], "close");
     }
 
     #[test]
