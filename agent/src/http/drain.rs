@@ -143,13 +143,13 @@ pub fn mark_last<B>(version: Version, activity: &Activity, resp: &mut Response<B
 /// holds it once (a connection's future is the largest part of what an
 /// idle connection costs).
 ///
-/// A plain function returning an `async move` block, not an `async fn`:
-/// an `async fn` keeps its arguments twice in its state.
-#[allow(clippy::manual_async_fn)] // on purpose: see above
-///
 /// `closing` makes the connection's own reason to wind down. It is made
 /// here, where it is polled, rather than passed in made: a future moved
 /// through nested `async` blocks keeps a copy in each of their states.
+///
+/// A plain function returning an `async move` block, not an `async fn`:
+/// an `async fn` keeps its arguments twice in its state.
+#[allow(clippy::manual_async_fn)] // on purpose: see above
 pub fn until_drained<'a, C, T, F, M, S>(
     mut conn: Pin<&'a mut C>,
     version: Version,

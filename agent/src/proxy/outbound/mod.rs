@@ -495,7 +495,8 @@ impl Outbound {
                 None => self.open(&conn, TlsLabel::NoIdentity(NoTlsReason::NoConnection)),
             };
             gauge.dec();
-            // The connection table's entry was made as the task started.
+            // Since the connection table's entry was made (`set_up`, the
+            // task's first step).
             let elapsed = live.activity().age();
             self.metrics.record_duration(&labels, elapsed);
             self.metrics
