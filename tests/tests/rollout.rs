@@ -450,7 +450,7 @@ fn rollout_under_load_loses_nothing_and_leaks_no_plaintext() {
     // ~8 MB/s when the machine is busy (a compile beside the tests); a
     // 20 s grace then reset the transfer before it was done. What the test
     // checks is that nothing is lost, not how fast the data moves.
-    let b = meshed_pair(world_name!(), 2, &rollout_services()).agent_config_extra(&format!(
+    let b = meshed_pair(world_name!(), 2, &rollout_services()).agent_config_extra(format!(
         "[shutdown]\ndrain_grace = \"{}s\"\n",
         ROLLOUT_GRACE.as_secs()
     ));
