@@ -1,6 +1,11 @@
 //! The waymark node agent and its operator CLI, as a library: the `waymark`
 //! binary (`main.rs`) is a thin command-line front end over it, and the
 //! benchmarks (`agent/benches`) measure its hot pieces directly.
+//!
+//! Its documentation is for the people who work on it (`cargo doc
+//! --document-private-items`, checked in CI), so a module's doc may point
+//! at the private pieces it is made of.
+#![allow(rustdoc::private_intra_doc_links)]
 
 pub mod admin;
 pub mod app;

@@ -102,7 +102,7 @@ enum Command {
         #[command(flatten)]
         args: cli::stat::StatArgs,
     },
-    /// The same golden metrics per route of one service, [DEFAULT] included.
+    /// The same golden metrics per route of one service, `[DEFAULT]` included.
     Routes {
         #[command(flatten)]
         admin: cli::AdminArgs,

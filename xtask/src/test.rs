@@ -1,9 +1,10 @@
 //! `cargo xtask test`: the whole test suite, as CI runs it.
 //!
-//! Installs what is missing, checks formatting and lints, builds the agent
-//! (the end-to-end tests run the real binary), then runs every test in the
-//! workspace: unit tests next to the code and the network-namespace world
-//! tests, which need root and eBPF and fail rather than skip under `CI`.
+//! Installs what is missing, checks formatting, lints and doc links,
+//! builds the agent (the end-to-end tests run the real binary), then runs
+//! every test in the workspace: unit tests next to the code and the
+//! network-namespace world tests, which need root and eBPF and fail rather
+//! than skip under `CI`.
 
 use std::process::Command;
 use std::time::Instant;
@@ -63,6 +64,19 @@ pub fn run(args: TestArgs) -> Result<()> {
         ]);
         kernel.env("RUSTC_BOOTSTRAP", "1");
         step("cargo clippy (kernel programs, BPF target)", kernel)?;
+        // The docs are the developers' map of the code: a link that no
+        // longer resolves (an item renamed or moved) fails here, as a
+        // lint would, instead of rotting unnoticed.
+        let mut doc = cargo(&[
+            "doc",
+            "--workspace",
+            "--exclude",
+            KERNEL_CRATE,
+            "--no-deps",
+            "--document-private-items",
+        ]);
+        doc.env("RUSTDOCFLAGS", "-D warnings");
+        step("cargo doc (broken links, private items included)", doc)?;
     }
     step(
         "build the agent and test peers",

@@ -46,7 +46,7 @@ impl<E> Balancer<E> {
     }
 
     /// Endpoints with existing statistics (kept from a previous balancer via
-    /// [`Balancer::stats_of`]), so estimates and ejections survive a reload.
+    /// [`Balancer::stats_where`]), so estimates and ejections survive a reload.
     /// The new config's decay and prior apply to them from now on.
     pub fn with_stats(endpoints: Vec<(E, Arc<EndpointStats>)>, config: BalanceConfig) -> Self {
         for (_, stats) in &endpoints {

@@ -46,7 +46,7 @@ pub fn fast_http(pod: &Pod, port: u16) -> Result<crate::Server> {
     http_app(pod, port, "app", &["--quiet"])
 }
 
-/// Starts the test application (`testpeer http`, see [`crate::http_app`])
+/// Starts the test application (`testpeer http`, see [`mod@crate::http_app`])
 /// on `port` in `pod`, answering as `name`; `extra` are more of its flags
 /// (`--fail alternate`, `--delay 50ms`).
 pub fn http_app(pod: &Pod, port: u16, name: &str, extra: &[&str]) -> Result<crate::Server> {

@@ -1,4 +1,4 @@
-//! Names, ids and the state a world records under /run/waymark-world/<name>/
+//! Names, ids and the state a world records under `/run/waymark-world/<name>/`
 //! so that `cargo xtask world down` can find it after a crash.
 
 use std::path::{Path, PathBuf};

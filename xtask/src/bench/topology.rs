@@ -12,8 +12,8 @@
 //! agent stopped) could not dial it directly.
 //! Peer proxies run in the node netns, one process per path and node, and
 //! the client dials them explicitly: node 0's pods-bridge address
-//! 10.1.0.1:<port>. A two-hop peer's first proxy forwards to node 1's fabric
-//! address 10.0.0.2:<port>, where the second one listens.
+//! `10.1.0.1:<port>`. A two-hop peer's first proxy forwards to node 1's fabric
+//! address `10.0.0.2:<port>`, where the second one listens.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 

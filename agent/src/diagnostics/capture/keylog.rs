@@ -11,7 +11,7 @@
 //! How the tunnel plugs in: the agent owns one sink (`Captures::key_log()`),
 //! and the tunnel's rustls configs take it before they are shared:
 //!
-//! ```ignore
+//! ```text
 //! let mut client = ClientConfig::builder_with_provider(provider)…;
 //! client.key_log = captures.key_log();          // Arc<KeyLogSink> as Arc<dyn KeyLog>
 //! let mut server = ServerConfig::builder_with_provider(provider)…;
