@@ -22,6 +22,7 @@ pub mod fuzzing;
 pub mod handover;
 pub mod http;
 pub mod identity;
+mod in_box;
 pub mod in_process;
 pub mod kernel;
 pub mod kube;

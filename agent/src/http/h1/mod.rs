@@ -179,8 +179,17 @@ where
                 return Ok(());
             };
             // Boxed: the exchange's state exists only while a request is in
-            // flight, so an idle connection's future holds no room for it.
-            match Box::pin(exchange(&conn, &mut buf, head, &config, stop, &mut service)).await? {
+            // flight, so an idle connection's future holds no room for it;
+            // written into its box, not copied in (`in_box`).
+            let exchange = crate::in_box::in_box!(exchange(
+                &conn,
+                &mut buf,
+                head,
+                &config,
+                stop,
+                &mut service
+            ));
+            match exchange.await? {
                 After::Next => {}
                 After::Close => {
                     let mut io = conn.0.into_inner().unwrap_or_else(|e| e.into_inner());

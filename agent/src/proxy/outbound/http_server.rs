@@ -116,16 +116,13 @@ pub fn serve(
             let in_flight = svc_activity.begin();
             ctx.live
                 .request(version == Version::Http2 && crate::http::message::is_grpc(&req));
-            // Allocated first, then written: `Box::pin(future)` makes the
-            // future on the stack and copies all of it into the box, its
-            // whole size although only the captured values are set yet.
-            let slot = Box::new_uninit();
-            Box::into_pin(Box::write(slot, async move {
+            // Written into its box, not copied in (`in_box`).
+            crate::in_box::in_box!(async move {
                 let mut resp = proxy.handle(&ctx, req).await;
                 drain::mark_last(ctx.version, in_flight.activity(), &mut resp);
                 drop(in_flight);
                 resp
-            }))
+            })
         };
         // Each protocol's connection is boxed on its own: the connection's
         // future would otherwise be sized for the larger of the two, and an
