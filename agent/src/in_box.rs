@@ -7,9 +7,11 @@
 //! request's future is sized for its deepest await (~6 KiB on the
 //! outbound side), so that copy was 0.9 % of the agent's CPU on one hop
 //! (`perf`, bench/README.md). Allocating first and writing the future
-//! into the allocation lets the compiler set the captured values in place.
-//! It is a macro because a function would take the future as an argument,
-//! built before the call: the order of evaluation is the point.
+//! into the allocation lets the compiler set the captured values in place
+//! — an optimisation, not a guarantee; for the outbound request future the
+//! copy's call site left the profile. It is a macro because a function
+//! would take the future as an argument, built before the call: the order
+//! of evaluation is the point.
 
 /// `in_box!(future)`: `Pin<Box<_>>` of `future`, allocated before the
 /// future is made.

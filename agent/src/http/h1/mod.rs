@@ -180,7 +180,7 @@ where
             };
             // Boxed: the exchange's state exists only while a request is in
             // flight, so an idle connection's future holds no room for it;
-            // written into its box, not copied in (`in_box`).
+            // allocated before the future is made (`in_box`).
             let exchange = crate::in_box::in_box!(exchange(
                 &conn,
                 &mut buf,

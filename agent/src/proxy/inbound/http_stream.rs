@@ -251,8 +251,8 @@ impl InboundHttp {
             svc_live.request(ctx.version == Version::Http2 && crate::http::message::is_grpc(&req));
             let in_flight = svc_activity.begin();
             // Boxed: see `outbound::http_server` (the connection's future
-            // holds no room for a request while idle); written into its box,
-            // not copied in (`in_box`).
+            // holds no room for a request while idle), allocated before the
+            // future is made (`in_box`).
             crate::in_box::in_box!(
                 async move {
                     let mut resp = this.request(&ctx, &conn, req).await;

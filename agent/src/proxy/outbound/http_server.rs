@@ -116,7 +116,7 @@ pub fn serve(
             let in_flight = svc_activity.begin();
             ctx.live
                 .request(version == Version::Http2 && crate::http::message::is_grpc(&req));
-            // Written into its box, not copied in (`in_box`).
+            // Its box is allocated before it is made (`in_box`).
             crate::in_box::in_box!(async move {
                 let mut resp = proxy.handle(&ctx, req).await;
                 drain::mark_last(ctx.version, in_flight.activity(), &mut resp);
