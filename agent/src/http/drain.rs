@@ -91,7 +91,7 @@ impl Activity {
     /// the connection's task sees it; a response that races the start of
     /// the drain goes unmarked, as it would had it been a moment earlier
     /// (the connection is only closed once idle, after a marked response).
-    pub fn is_draining(&self) -> bool {
+    pub fn is_winding_down(&self) -> bool {
         self.winding_down.load(Ordering::Relaxed)
     }
 
@@ -118,13 +118,14 @@ impl Activity {
     }
 }
 
-/// Marks an HTTP/1.1 response written while draining as the connection's
-/// last (`Connection: close`: hyper then closes after it, and the client
+/// Marks an HTTP/1.1 response written while its connection winds down
+/// (the agent's drain or the connection's idle timeout) as the connection's
+/// last (`Connection: close`: the codec then closes after it, and the client
 /// knows to reconnect). HTTP/2 forbids the header (GOAWAY does this job)
 /// and a `101` hands the connection over to another protocol.
 pub fn mark_last<B>(version: Version, activity: &Activity, resp: &mut Response<B>) {
     if version == Version::Http1
-        && activity.is_draining()
+        && activity.is_winding_down()
         && resp.status() != StatusCode::SWITCHING_PROTOCOLS
     {
         resp.headers_mut()
@@ -259,11 +260,11 @@ mod tests {
                 .is_err(),
             "served on while there is no reason to wind down"
         );
-        assert!(!activity.is_draining());
+        assert!(!activity.is_winding_down());
         wind();
         let out = tokio::time::timeout(IDLE_CLOSE * 5, served).await;
         assert_eq!(out, Ok("stopped"));
-        assert!(activity.is_draining());
+        assert!(activity.is_winding_down());
     }
 
     /// The connection's own reason to close (its idle timeout) drains it
@@ -278,7 +279,7 @@ mod tests {
             let _ = rx.await;
         };
         wound_down_once(&one, closing, || tx.send(()).unwrap()).await;
-        assert!(!other.is_draining());
+        assert!(!other.is_winding_down());
         assert!(!agent.is_cancelled());
         let mut resp = Response::new(());
         mark_last(Version::Http1, &one, &mut resp);
