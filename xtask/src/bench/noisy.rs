@@ -57,6 +57,13 @@ pub struct NoisyArgs {
     /// Fixed-rate runs before, while and after the connections are held.
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// Times the noisy pod opens its connections (each opening one
+    /// fixed-rate run; the connections are let go and the agent's side seen
+    /// closed before the next): a single opening's p99 varied 2.4–5.1× the
+    /// idle value between runs of the same binary, so the ratio is taken
+    /// from their median.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=5))]
+    open_reps: u64,
     /// The agent's data-path worker threads (`runtime.workers`; 2 is the
     /// agent's default, `cargo xtask bench` measures with 1).
     #[arg(long, default_value_t = 2)]
@@ -90,6 +97,20 @@ pub struct NoisyArgs {
     /// quiet pod's latency no proxy could remove. Prints; writes nothing.
     #[arg(long)]
     direct: bool,
+}
+
+/// One opening of the noisy pod's connections.
+struct Opening {
+    /// The quiet pod's fixed-rate run meanwhile.
+    during: RateResult,
+    /// Until the client held them all.
+    open_secs: f64,
+    /// Until the agent showed them all open.
+    taken_secs: f64,
+    /// The agent's CPU per connection taken, the quiet pod's share out.
+    cpu_per_conn_us: f64,
+    /// Connections that waited for the accept rate.
+    delayed: f64,
 }
 
 /// What the agent holds at one step.
@@ -217,26 +238,10 @@ endpoints = [{{ addr = "{}:{}" }}]
     let quiet_cpu_per_s =
         (cpu_seconds(&[pid]) - cpu_idle_start.1) / cpu_idle_start.0.elapsed().as_secs_f64();
 
-    // 2. The noisy pod opens its connections while the quiet pod's load runs.
+    // 2. The noisy pod opens its connections while the quiet pod's load
+    // runs, `--open-reps` times; all but the last are let go again.
     let echo = SocketAddr::new(pod_ip(1, 0).into(), ECHO_PORT);
-    let sampler = RssSampler::start(vec![pid]);
-    let opened_at = Instant::now();
-    let cpu_before_open = cpu_seconds(&[pid]);
-    let (mut hold, opening) = open_while(noisy, &bins, echo, conns, 0, || {
-        rate("while the noisy pod opens its connections")
-    })?;
-    let line = hold.wait_line("holding ", Duration::from_secs(1))?;
-    let open_secs = opened_at.elapsed().as_secs_f64();
-    let f: Vec<&str> = line.split_whitespace().collect();
-    let held: usize = f.get(1).and_then(|x| x.parse().ok()).unwrap_or(0);
-    let hold_failed: usize = f.get(3).and_then(|x| x.parse().ok()).unwrap_or(conns);
-    eprintln!("bench-noisy: {line} ({open_secs:.1} s)");
-    ensure!(
-        held == conns,
-        "the noisy pod holds {held} of {conns} connections ({hold_failed} failed)"
-    );
-    // The agent has dialled the upstream side of every one.
-    let metrics_deadline = Instant::now() + Duration::from_secs(60);
+    widen_port_range(noisy)?;
     let open_now = |text: &str| {
         metric_value(
             text,
@@ -244,35 +249,96 @@ endpoints = [{{ addr = "{}:{}" }}]
             &[("direction", "outbound"), ("pod", noisy.name())],
         )
     };
-    loop {
-        let text = node.metrics()?;
-        if open_now(&text).unwrap_or(0.0) as usize >= conns {
-            break;
+    let delayed_now = || -> Result<f64> {
+        Ok(metric_value(
+            &node.metrics()?,
+            "waymark_limit_delayed_total",
+            &[("pod", noisy.name()), ("limit", "accept_rate")],
+        )
+        .unwrap_or(0.0))
+    };
+    // Until the agent has closed every connection of the noisy pod.
+    let released = || -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while open_now(&node.metrics()?).unwrap_or(0.0) > 0.0 {
+            if Instant::now() > deadline {
+                bail!("the noisy pod's connections are still open a minute after it let them go");
+            }
+            std::thread::sleep(Duration::from_millis(500));
         }
-        if Instant::now() > metrics_deadline {
-            bail!(
-                "node 0's agent shows {:?} open connections of the noisy pod, not {conns}",
-                open_now(&text)
-            );
+        Ok(())
+    };
+    let sampler = RssSampler::start(vec![pid]);
+    let open_reps = a.open_reps as usize;
+    let mut openings: Vec<Opening> = Vec::with_capacity(open_reps);
+    let mut held_by = None;
+    for i in 0..open_reps {
+        let opened_at = Instant::now();
+        let cpu_before_open = cpu_seconds(&[pid]);
+        let delayed_before = delayed_now()?;
+        let (mut hold, during) = open_while(noisy, &bins, echo, conns, 0, || {
+            rate(&format!(
+                "while the noisy pod opens its connections {}/{open_reps}",
+                i + 1
+            ))
+        })?;
+        let line = hold.wait_line("holding ", Duration::from_secs(1))?;
+        let open_secs = opened_at.elapsed().as_secs_f64();
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let held: usize = f.get(1).and_then(|x| x.parse().ok()).unwrap_or(0);
+        let hold_failed: usize = f.get(3).and_then(|x| x.parse().ok()).unwrap_or(conns);
+        eprintln!("bench-noisy: {line} ({open_secs:.1} s)");
+        ensure!(
+            held == conns,
+            "the noisy pod holds {held} of {conns} connections ({hold_failed} failed)"
+        );
+        // The agent has dialled the upstream side of every one.
+        let metrics_deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let text = node.metrics()?;
+            if open_now(&text).unwrap_or(0.0) as usize >= conns {
+                break;
+            }
+            if Instant::now() > metrics_deadline {
+                bail!(
+                    "node 0's agent shows {:?} open connections of the noisy pod, not {conns}",
+                    open_now(&text)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(500));
         }
-        std::thread::sleep(Duration::from_millis(500));
+        let taken_secs = opened_at.elapsed().as_secs_f64();
+        // What taking one connection cost the agent, the quiet pod's share
+        // of the window taken out.
+        let cpu_per_conn_us =
+            ((cpu_seconds(&[pid]) - cpu_before_open) - quiet_cpu_per_s * taken_secs).max(0.0)
+                / conns as f64
+                * 1e6;
+        let delayed = delayed_now()? - delayed_before;
+        eprintln!(
+            "bench-noisy: the agent took all {conns} in {taken_secs:.1} s, {cpu_per_conn_us:.0} µs of CPU each; {delayed} waited for the accept rate"
+        );
+        openings.push(Opening {
+            during,
+            open_secs,
+            taken_secs,
+            cpu_per_conn_us,
+            delayed,
+        });
+        if i + 1 < open_reps {
+            drop(hold);
+            released()?;
+        } else {
+            held_by = Some(hold);
+        }
     }
-
-    let taken_secs = opened_at.elapsed().as_secs_f64();
-    // What taking one connection cost the agent, the quiet pod's share of
-    // the window taken out.
-    let cpu_per_conn_us = ((cpu_seconds(&[pid]) - cpu_before_open) - quiet_cpu_per_s * taken_secs)
-        .max(0.0)
-        / conns as f64
-        * 1e6;
-    let delayed = metric_value(
-        &node.metrics()?,
-        "waymark_limit_delayed_total",
-        &[("pod", noisy.name()), ("limit", "accept_rate")],
-    )
-    .unwrap_or(0.0);
-    eprintln!(
-        "bench-noisy: the agent took all {conns} in {taken_secs:.1} s, {cpu_per_conn_us:.0} µs of CPU each; {delayed} waited for the accept rate"
+    let hold = held_by.context("no opening was run")?;
+    let opening = |f: fn(&Opening) -> f64| median(openings.iter().map(f).collect());
+    let (open_secs, taken_secs, cpu_per_conn_us, delayed) = (
+        opening(|o| o.open_secs),
+        opening(|o| o.taken_secs),
+        opening(|o| o.cpu_per_conn_us),
+        opening(|o| o.delayed),
     );
 
     // 3. The same load while they are held.
@@ -297,13 +363,7 @@ endpoints = [{{ addr = "{}:{}" }}]
 
     // 4. The agent idle again: a second baseline, the machine's drift
     // between the two shows in their spread.
-    let gone_deadline = Instant::now() + Duration::from_secs(60);
-    while open_now(&node.metrics()?).unwrap_or(0.0) > 0.0 {
-        if Instant::now() > gone_deadline {
-            bail!("the noisy pod's connections are still open a minute after it let them go");
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    released()?;
     let after_idle: Vec<RateResult> = (0..a.reps)
         .map(|i| rate(&format!("idle agent again {}/{}", i + 1, a.reps)))
         .collect::<Result<_>>()?;
@@ -313,7 +373,7 @@ endpoints = [{{ addr = "{}:{}" }}]
         .iter()
         .chain(&after_idle)
         .chain(&holding)
-        .chain(std::iter::once(&opening))
+        .chain(openings.iter().map(|o| &o.during))
         .map(failed)
         .sum();
     let p99_idle = median(idle.iter().chain(&after_idle).map(p99_ms).collect());
@@ -324,7 +384,12 @@ endpoints = [{{ addr = "{}:{}" }}]
             .join(", ")
     };
     let p99_held = median(holding.iter().map(p99_ms).collect());
-    let p99_opening = p99_ms(&opening);
+    let p99_opening = opening(|o| p99_ms(&o.during));
+    let opening_runs = openings
+        .iter()
+        .map(|o| format!("{:.2}", p99_ms(&o.during)))
+        .collect::<Vec<_>>()
+        .join(", ");
     let per_conn_kib = (after.rss_kib.saturating_sub(before.rss_kib)) as f64 / conns as f64;
     let git = shell(
         "git",
@@ -347,7 +412,9 @@ endpoints = [{{ addr = "{}:{}" }}]
          (0,1) sends {} HTTP/1.1 GET/s over 16 keep-alive connections to an L7 service \
          (nginx on node 1) through the same agent, {} s per run (`testpeer http-rate`, \
          latency from when each request was due). Medians of {} runs ({} for the idle \
-         agent: before and after).\n",
+         agent: before and after); the connections are opened {open_reps} times, one run \
+         during each, all but the last let go again, and the opening's figures are their \
+         medians.\n",
         [
             a.debug.then(|| " --debug".to_string()),
             a.accept_rate.map(|r| format!(" --accept-rate {r}")),
@@ -384,8 +451,8 @@ endpoints = [{{ addr = "{}:{}" }}]
     );
     let _ = writeln!(
         md,
-        "| while {conns} connections open (the client's connects: {open_secs:.1} s; the agent took them all in {taken_secs:.1} s) | {p99_opening:.2} ms | {} | peak {:.1} MiB | — |",
-        failed(&opening),
+        "| while {conns} connections open (runs: {opening_runs}; the client's connects: {open_secs:.1} s; the agent took them all in {taken_secs:.1} s) | {p99_opening:.2} ms | {} | peak {:.1} MiB | — |",
+        openings.iter().map(|o| failed(&o.during)).sum::<u64>(),
         peak_kib as f64 / 1024.0
     );
     let _ = writeln!(
@@ -502,11 +569,29 @@ fn run_direct(a: &NoisyArgs, bins: &Bins) -> Result<()> {
     // Paced as the agent's accept rate would pace them (its default when
     // not given), so the opening overlaps the measured window alike.
     let pace = a.accept_rate.unwrap_or(DEFAULT_ACCEPT_RATE);
-    let (mut hold, opening) = open_while(noisy, bins, echo, conns, pace, || {
-        rate("while the noisy pod opens its connections")
-    })?;
-    let line = hold.wait_line("holding ", Duration::from_secs(1))?;
-    eprintln!("bench-noisy --direct: {line}");
+    widen_port_range(noisy)?;
+    let open_reps = a.open_reps as usize;
+    let mut openings = Vec::with_capacity(open_reps);
+    let mut held_by = None;
+    for i in 0..open_reps {
+        let (mut hold, opening) = open_while(noisy, bins, echo, conns, pace, || {
+            rate(&format!(
+                "while the noisy pod opens its connections {}/{open_reps}",
+                i + 1
+            ))
+        })?;
+        let line = hold.wait_line("holding ", Duration::from_secs(1))?;
+        eprintln!("bench-noisy --direct: {line}");
+        openings.push(opening);
+        if i + 1 < open_reps {
+            // No agent to wait for: the client's exit closes them.
+            drop(hold);
+        } else {
+            held_by = Some(hold);
+        }
+    }
+    let hold = held_by.context("no opening was run")?;
+    let opening = median(openings);
     let held: Vec<f64> = (0..a.reps)
         .map(|i| rate(&format!("{conns} connections held {}/{}", i + 1, a.reps)))
         .collect::<Result<_>>()?;
@@ -519,6 +604,20 @@ fn run_direct(a: &NoisyArgs, bins: &Bins) -> Result<()> {
         median(held) / p99_idle
     );
     Ok(())
+}
+
+/// Gives the noisy pod's namespace the source ports of a node
+/// (`1024 65535`, as the world's nodes have). Each opening the pod lets go
+/// leaves its ports in TIME_WAIT for a minute — the client's sockets and,
+/// with the agent, the agent's upstream sockets made in the same
+/// namespace — and the default range (32768–60999) holds three openings
+/// of 9,000 only just.
+fn widen_port_range(pod: &Pod) -> Result<()> {
+    waymark_tests::world::net::sysctl_in(
+        &pod.netns_path(),
+        "net.ipv4.ip_local_port_range",
+        "1024 65535",
+    )
 }
 
 /// The noisy pod opens `conns` connections to `echo` (`testpeer hold`, 256
