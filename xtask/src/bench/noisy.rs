@@ -97,6 +97,10 @@ pub struct NoisyArgs {
     /// quiet pod's latency no proxy could remove. Prints; writes nothing.
     #[arg(long)]
     direct: bool,
+    /// Do not follow the agent's steps with the same steps with no agent
+    /// (`--direct`), which the report otherwise shows beside them.
+    #[arg(long, conflicts_with = "direct")]
+    no_direct: bool,
 }
 
 /// One opening of the noisy pod's connections.
@@ -164,7 +168,7 @@ pub fn run(a: NoisyArgs) -> Result<()> {
         build(a.no_build, true)?
     };
     if a.direct {
-        return run_direct(&a, &bins);
+        return run_direct(&a, &bins).map(|_| ());
     }
     let conns = a.conns as usize;
     let mut accept_rate = String::new();
@@ -401,6 +405,16 @@ endpoints = [{{ addr = "{}:{}" }}]
             "--dirty",
         ],
     );
+    // The same steps with no agent, in a world of their own, once this
+    // one is gone: the share of the quiet pod's latency the machine makes
+    // by itself, measured in the same run.
+    drop(_servers);
+    drop(world);
+    let direct = if a.no_direct {
+        None
+    } else {
+        Some(run_direct(&a, &bins)?)
+    };
     let mut md = String::new();
     let _ = writeln!(md, "# Noisy neighbour: idle connections of one pod\n");
     let _ = writeln!(
@@ -490,6 +504,30 @@ endpoints = [{{ addr = "{}:{}" }}]
         a.accept_burst
             .map_or_else(|| "the default".to_string(), |b| b.to_string())
     );
+    if let Some(d) = &direct {
+        let list = |v: &[f64]| {
+            v.iter()
+                .map(|x| format!("{x:.2}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let _ = writeln!(
+            md,
+            "\nThe same steps with no agent (`--direct`: both pods dial directly, the quiet pod \
+             the nginx pod's address, the noisy pod's connects paced at {}/s), in a world of \
+             their own right after: p99 idle {:.2} ms (runs: {}), while the connections open \
+             {:.2} ms (runs: {}; **{:.2}×**), held {:.2} ms (runs: {}; {:.2}×).",
+            a.accept_rate.unwrap_or(DEFAULT_ACCEPT_RATE),
+            d.p99_idle(),
+            list(&d.idle),
+            median(d.openings.clone()),
+            list(&d.openings),
+            median(d.openings.clone()) / d.p99_idle(),
+            median(d.held.clone()),
+            list(&d.held),
+            median(d.held.clone()) / d.p99_idle(),
+        );
+    }
     print!("{md}");
     ensure!(
         all_failed == 0,
@@ -530,10 +568,24 @@ fn chrono_now() -> String {
     shell("date", &["-u", "+%Y-%m-%d %H:%M"])
 }
 
+/// The quiet pod's p99s (ms) with no agent: each run idle, while each
+/// opening, and while held.
+struct Direct {
+    idle: Vec<f64>,
+    openings: Vec<f64>,
+    held: Vec<f64>,
+}
+
+impl Direct {
+    fn p99_idle(&self) -> f64 {
+        median(self.idle.clone())
+    }
+}
+
 /// `--direct`: the quiet pod's p99 idle, while the noisy pod opens its
 /// connections and while it holds them, with no agent (stopped, its
 /// programs detached: `on_agent_down = "open"`).
-fn run_direct(a: &NoisyArgs, bins: &Bins) -> Result<()> {
+fn run_direct(a: &NoisyArgs, bins: &Bins) -> Result<Direct> {
     let conns = a.conns as usize;
     let world = World::builder("bench-noisy-direct")
         .nodes(2)
@@ -591,19 +643,26 @@ fn run_direct(a: &NoisyArgs, bins: &Bins) -> Result<()> {
         }
     }
     let hold = held_by.context("no opening was run")?;
-    let opening = median(openings);
     let held: Vec<f64> = (0..a.reps)
         .map(|i| rate(&format!("{conns} connections held {}/{}", i + 1, a.reps)))
         .collect::<Result<_>>()?;
     drop(hold);
-    let p99_idle = median(idle);
-    eprintln!(
-        "bench-noisy --direct: p99 idle {p99_idle:.2} ms; while opening {opening:.2} ms ({:.2}x); held {:.2} ms ({:.2}x)",
-        opening / p99_idle,
-        median(held.clone()),
-        median(held) / p99_idle
+    let d = Direct {
+        idle,
+        openings,
+        held,
+    };
+    let (p99_idle, opening, held) = (
+        d.p99_idle(),
+        median(d.openings.clone()),
+        median(d.held.clone()),
     );
-    Ok(())
+    eprintln!(
+        "bench-noisy --direct: p99 idle {p99_idle:.2} ms; while opening {opening:.2} ms ({:.2}x); held {held:.2} ms ({:.2}x)",
+        opening / p99_idle,
+        held / p99_idle
+    );
+    Ok(d)
 }
 
 /// Gives the noisy pod's namespace the source ports of a node
