@@ -150,6 +150,14 @@ fn client_side(r: &RateResult) -> String {
     format!("{sent:.2} ms from the send, {} sent late", r.late_sends)
 }
 
+/// Each run's figure, as the report lists them: `0.21, 0.25, 0.19`.
+fn listed(v: impl IntoIterator<Item = f64>) -> String {
+    v.into_iter()
+        .map(|x| format!("{x:.2}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     if v.is_empty() {
@@ -383,19 +391,10 @@ endpoints = [{{ addr = "{}:{}" }}]
         .map(failed)
         .sum();
     let p99_idle = median(idle.iter().chain(&after_idle).map(p99_ms).collect());
-    let runs = |v: &[RateResult]| {
-        v.iter()
-            .map(|r| format!("{:.2}", p99_ms(r)))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    let runs = |v: &[RateResult]| listed(v.iter().map(p99_ms));
     let p99_held = median(holding.iter().map(p99_ms).collect());
     let p99_opening = opening(|o| p99_ms(&o.during));
-    let opening_runs = openings
-        .iter()
-        .map(|o| format!("{:.2}", p99_ms(&o.during)))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let opening_runs = listed(openings.iter().map(|o| p99_ms(&o.during)));
     let per_conn_kib = (after.rss_kib.saturating_sub(before.rss_kib)) as f64 / conns as f64;
     let git = shell(
         "git",
@@ -507,12 +506,7 @@ endpoints = [{{ addr = "{}:{}" }}]
             .map_or_else(|| "the default".to_string(), |b| b.to_string())
     );
     if let Some(d) = &direct {
-        let list = |v: &[f64]| {
-            v.iter()
-                .map(|x| format!("{x:.2}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
+        let (idle, opening, held) = d.medians();
         let _ = writeln!(
             md,
             "\nThe same steps with no agent (`--direct`: both pods dial directly, the quiet pod \
@@ -520,14 +514,14 @@ endpoints = [{{ addr = "{}:{}" }}]
              their own right after: p99 idle {:.2} ms (runs: {}), while the connections open \
              {:.2} ms (runs: {}; **{:.2}×**), held {:.2} ms (runs: {}; {:.2}×).",
             a.accept_rate.unwrap_or(DEFAULT_ACCEPT_RATE),
-            d.p99_idle(),
-            list(&d.idle),
-            median(d.openings.clone()),
-            list(&d.openings),
-            median(d.openings.clone()) / d.p99_idle(),
-            median(d.held.clone()),
-            list(&d.held),
-            median(d.held.clone()) / d.p99_idle(),
+            idle,
+            listed(d.idle.iter().copied()),
+            opening,
+            listed(d.openings.iter().copied()),
+            opening / idle,
+            held,
+            listed(d.held.iter().copied()),
+            held / idle,
         );
     }
     print!("{md}");
@@ -579,8 +573,13 @@ struct Direct {
 }
 
 impl Direct {
-    fn p99_idle(&self) -> f64 {
-        median(self.idle.clone())
+    /// The medians: idle, while opening, held.
+    fn medians(&self) -> (f64, f64, f64) {
+        (
+            median(self.idle.clone()),
+            median(self.openings.clone()),
+            median(self.held.clone()),
+        )
     }
 }
 
@@ -654,11 +653,7 @@ fn run_direct(a: &NoisyArgs, bins: &Bins) -> Result<Direct> {
         openings,
         held,
     };
-    let (p99_idle, opening, held) = (
-        d.p99_idle(),
-        median(d.openings.clone()),
-        median(d.held.clone()),
-    );
+    let (p99_idle, opening, held) = d.medians();
     eprintln!(
         "bench-noisy --direct: p99 idle {p99_idle:.2} ms; while opening {opening:.2} ms ({:.2}x); held {held:.2} ms ({:.2}x)",
         opening / p99_idle,
