@@ -96,6 +96,7 @@ impl OriginalDst for KernelOriginalDst {
             Ok(Some(true)) => Ok(ReplyPath::Sockmap {
                 max_unanswered: self.max_unanswered,
                 requests: r.request_shortcut_on(),
+                delay_acks: r.acks_bounded(),
             }),
             Err(e) => Err(chain(e)),
         }
@@ -673,7 +674,10 @@ fn load_redirect(config: &Config, pins: Option<&Pins>) -> Result<Arc<RwLock<Redi
         // An optimisation: without it every reply takes loopback TCP, as
         // it would with the setting off, so a kernel that refuses it does
         // not stop the agent.
-        if let Err(e) = redirect.enable_reply_shortcut() {
+        let cgroup = agent_cgroup(config)
+            .inspect_err(|e| warn!(error = %format!("{e:#}"), "the agent's own cgroup is not usable for its sock_ops program; requests to it are acknowledged as they are read"))
+            .ok();
+        if let Err(e) = redirect.enable_reply_shortcut(cgroup.as_deref()) {
             warn!(error = %format!("{e:#}"), "the reply shortcut (redirect.reply_shortcut) is not available on this kernel; replies to pods take loopback TCP");
         }
     }

@@ -72,5 +72,13 @@ pub enum ReplyPath {
     /// client's first send), and reads from the socket must not take a
     /// short read as proof that it is drained (see
     /// [`crate::transport::idle::ReadWhole`]).
-    Sockmap { max_unanswered: u64, requests: bool },
+    ///
+    /// `delay_acks`: the kernel bounds the socket's delayed-ACK timer (see
+    /// `Redirect::acks_bounded`), so it may go in the interactive mode
+    /// that acknowledges fewer requests with bare ACKs.
+    Sockmap {
+        max_unanswered: u64,
+        requests: bool,
+        delay_acks: bool,
+    },
 }

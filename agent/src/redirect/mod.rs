@@ -174,6 +174,10 @@ struct ShortcutMaps {
     held: RwLock<std::collections::BTreeMap<u64, usize>>,
     /// Keeps `wm_reply_shortcut` attached to the agent map while held.
     _link: aya::programs::sk_msg::SkMsgLinkId,
+    /// `wm_agent_sock_ops` attached to the agent's own cgroup, which bounds
+    /// the delayed-ACK timer of its accepted sockets
+    /// ([`Redirect::acks_bounded`]); `None`: it could not be attached.
+    agent_sock_ops: Option<SockOpsLinkId>,
     /// With the request shortcut on as well.
     requests: Option<RequestMaps>,
 }
@@ -208,9 +212,10 @@ struct RequestMaps {
     /// Request bytes redirected, per pod netns cookie and CPU.
     bytes: PerCpuHashMap<MapData, u64, u64>,
     /// Keep `wm_request_shortcut` attached to the clients' map and
-    /// `wm_agent_sock_ops` to the agent's cgroup while held.
+    /// `wm_agent_sock_ops` to the agent's cgroup while held (`None`: the
+    /// reply shortcut had attached it already).
     _sk_msg: aya::programs::sk_msg::SkMsgLinkId,
-    _sock_ops: SockOpsLinkId,
+    _sock_ops: Option<SockOpsLinkId>,
 }
 
 struct Attachment {
@@ -356,7 +361,16 @@ impl Redirect {
     /// files new redirected client sockets for it, and
     /// [`Redirect::shortcut_replies`] puts an accepted socket on it. Call
     /// before [`Redirect::attach`] so that every connection has the choice.
-    pub fn enable_reply_shortcut(&mut self) -> Result<(), RedirectError> {
+    ///
+    /// `agent_cgroup`: the cgroup v2 directory of this process, where
+    /// `wm_agent_sock_ops` is attached to bound the delayed ACKs of the
+    /// agent's accepted sockets (`ebpf/kernel/src/shortcut.rs`,
+    /// `bound_delayed_acks`). Without it (`None`, or the attach refused)
+    /// the shortcut still runs, and [`Redirect::acks_bounded`] says false.
+    pub fn enable_reply_shortcut(
+        &mut self,
+        agent_cgroup: Option<&Path>,
+    ) -> Result<(), RedirectError> {
         if self.shortcut.is_some() {
             return Ok(());
         }
@@ -395,6 +409,11 @@ impl Redirect {
         update_settings(&mut self.ebpf, |current| {
             current.flags |= waymark_common::SETTING_REPLY_SHORTCUT;
         })?;
+        let agent_sock_ops = agent_cgroup.and_then(|cgroup| {
+            self.attach_agent_sock_ops(cgroup)
+                .inspect_err(|e| tracing::warn!(error = %e, "the agent's accepted sockets keep the kernel's delayed-ACK timer; requests are acknowledged as they are read"))
+                .ok()
+        });
         self.shortcut = Some(ShortcutMaps {
             ready,
             agent,
@@ -402,10 +421,45 @@ impl Redirect {
             bytes,
             held: RwLock::default(),
             _link: link,
+            agent_sock_ops,
             requests: None,
         });
         tracing::info!("reply shortcut on: replies to pods go socket to socket (sockmap)");
         Ok(())
+    }
+
+    /// Attaches `wm_agent_sock_ops` to the agent's own cgroup (its accepted
+    /// sockets belong to it: a socket takes the cgroup of its listener's
+    /// creator).
+    fn attach_agent_sock_ops(
+        &mut self,
+        agent_cgroup: &Path,
+    ) -> Result<SockOpsLinkId, RedirectError> {
+        let program = sock_ops_program(&mut self.ebpf, AGENT_SOCK_OPS)?;
+        if program.fd().is_err() {
+            program.load().map_err(program_error(AGENT_SOCK_OPS))?;
+        }
+        let dir = File::open(agent_cgroup).map_err(|source| RedirectError::Cgroup {
+            cgroup: agent_cgroup.to_path_buf(),
+            source,
+        })?;
+        sock_ops_program(&mut self.ebpf, AGENT_SOCK_OPS)?
+            .attach(&dir, CgroupAttachMode::Single)
+            .map_err(|source| RedirectError::Attach {
+                program: AGENT_SOCK_OPS,
+                cgroup: agent_cgroup.to_path_buf(),
+                source: Box::new(source),
+            })
+    }
+
+    /// Whether the agent's accepted sockets get a short delayed-ACK bound
+    /// when their handshake completes, so that putting them in the kernel's
+    /// interactive mode (fewer bare ACKs) cannot hold a client that uses
+    /// Nagle's algorithm for the default 40 ms.
+    pub fn acks_bounded(&self) -> bool {
+        self.shortcut
+            .as_ref()
+            .is_some_and(|s| s.agent_sock_ops.is_some())
     }
 
     /// Turns the request shortcut on (see `ebpf/kernel/src/request.rs`):
@@ -428,12 +482,10 @@ impl Redirect {
         if shortcut.requests.is_some() {
             return Ok(());
         }
+        let agent_sock_ops_attached = shortcut.agent_sock_ops.is_some();
         sk_msg_program(&mut self.ebpf, REQUEST_SHORTCUT)?
             .load()
             .map_err(program_error(REQUEST_SHORTCUT))?;
-        sock_ops_program(&mut self.ebpf, AGENT_SOCK_OPS)?
-            .load()
-            .map_err(program_error(AGENT_SOCK_OPS))?;
         let clients_fd = {
             let clients = map_mut(&mut self.ebpf, MAP_SHORTCUT_CLIENTS)?;
             aya::maps::SockHash::<_, FlowKey>::try_from(&*clients)
@@ -446,19 +498,13 @@ impl Redirect {
                     source,
                 })?
         };
-        let dir = File::open(agent_cgroup).map_err(|source| RedirectError::Cgroup {
-            cgroup: agent_cgroup.to_path_buf(),
-            source,
-        })?;
         // The sock_ops program first: with the sk_msg program attached and
         // no targets filed yet, connections only take TCP.
-        let sock_ops = sock_ops_program(&mut self.ebpf, AGENT_SOCK_OPS)?
-            .attach(&dir, CgroupAttachMode::Single)
-            .map_err(|source| RedirectError::Attach {
-                program: AGENT_SOCK_OPS,
-                cgroup: agent_cgroup.to_path_buf(),
-                source: Box::new(source),
-            })?;
+        let sock_ops = if agent_sock_ops_attached {
+            None
+        } else {
+            Some(self.attach_agent_sock_ops(agent_cgroup)?)
+        };
         let sk_msg = sk_msg_program(&mut self.ebpf, REQUEST_SHORTCUT)?
             .attach(&clients_fd)
             .map_err(program_error(REQUEST_SHORTCUT))?;

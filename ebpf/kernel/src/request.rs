@@ -6,9 +6,11 @@
 //! Two programs:
 //!
 //! * `wm_agent_sock_ops`, attached to the *agent's* own cgroup (an
-//!   accepted socket belongs to the cgroup of its listener's creator):
-//!   when the handshake of a connection to the agent's pod listener
-//!   completes on the agent's side, it puts the accepted socket in
+//!   accepted socket belongs to the cgroup of its listener's creator)
+//!   whenever the reply shortcut is on: when the handshake of a connection
+//!   to the agent's pod listener completes on the agent's side, it bounds
+//!   the socket's delayed ACKs (`shortcut::bound_delayed_acks`) and, with
+//!   the request shortcut on, puts the accepted socket in
 //!   [`REQUEST_TARGETS`] and marks the connection's [`REQUEST_FLOWS`] entry
 //!   (filed by `sock_ops` on the client's side) as having a target. On
 //!   loopback that happens before the application's `connect()` returns.
@@ -51,7 +53,7 @@ use waymark_common::{FlowKey, REQUEST_PENDING, REQUEST_REDIRECT, REQUEST_TCP};
 use crate::{
     addr::{context_remote_port, flow_addr, outbound_port, request_shortcut_limit},
     maps::{REQUEST_CONSUMED, REQUEST_FLOWS, REQUEST_HELD, REQUEST_TARGETS, SHORTCUT_BYTES_OUT},
-    shortcut::{AppEnd, app_key, count},
+    shortcut::{AppEnd, app_key, bound_delayed_acks, count},
     sock_ops::read_remote_ip6,
 };
 
@@ -111,6 +113,7 @@ pub fn wm_request_shortcut(ctx: SkMsgContext) -> u32 {
 #[sock_ops]
 pub fn wm_agent_sock_ops(ctx: SockOpsContext) -> u32 {
     if ctx.op() == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        bound_delayed_acks(&ctx);
         offer_target(&ctx);
     }
     OK

@@ -38,16 +38,16 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_F_INGRESS, BPF_NOEXIST, BPF_TCP_ESTABLISHED, sk_action::SK_PASS},
-    helpers::bpf_get_netns_cookie,
+    helpers::{bpf_get_netns_cookie, bpf_setsockopt},
     macros::sk_msg,
     maps::LruPerCpuHashMap,
-    programs::SkMsgContext,
+    programs::{SkMsgContext, SockOpsContext},
 };
 use core::ptr::{addr_of, read_volatile};
 use waymark_common::FlowKey;
 
 use crate::{
-    addr::{context_remote_port, flow_addr},
+    addr::{context_remote_port, flow_addr, outbound_port, reply_shortcut_on},
     maps::{REPLIES_LEFT, SHORTCUT_BYTES, SHORTCUT_CLIENTS},
 };
 
@@ -166,6 +166,51 @@ fn read_ip6(md: *mut aya_ebpf::bindings::sk_msg_md, end: AppEnd) -> [u32; 4] {
                 read_volatile(addr_of!((*md).local_ip6[2])),
                 read_volatile(addr_of!((*md).local_ip6[3])),
             ],
+        }
+    }
+}
+
+/// `setsockopt` level and option of `bpf_setsockopt`'s own TCP setting for
+/// the delayed-ACK timer's upper bound, in µs (`TCP_BPF_DELACK_MAX`, uapi
+/// `bpf.h`; Linux 5.10).
+const SOL_TCP: i32 = 6;
+const TCP_BPF_DELACK_MAX: i32 = 1004;
+
+/// Bounds the delayed-ACK timer of an accepted socket whose replies will
+/// take the shortcut (`wm_agent_sock_ops`, when its handshake completes).
+///
+/// Why: such a socket sends no TCP data for its acknowledgements to ride
+/// on, and the agent puts it in the kernel's interactive mode so that a
+/// read acknowledges only every second request (the first the delayed-ACK
+/// timer does). An application that leaves Nagle's algorithm on holds each
+/// small request until the one before is acknowledged, so it waits for
+/// that timer once per connection: 40 ms by default (`TCP_ATO_MIN`). The
+/// kernel takes its smallest bound, two ticks: 2 ms at `HZ=1000`, 8 ms at
+/// 250, 20 ms at 100; what it refuses is tried at the next size. The agent
+/// enters the interactive mode only where this program runs.
+pub fn bound_delayed_acks(ctx: &SockOpsContext) {
+    let Some(listener_port) = outbound_port() else {
+        return;
+    };
+    if !reply_shortcut_on() || ctx.local_port() != u32::from(listener_port) {
+        return;
+    }
+    for usecs in [2_000u32, 4_000, 8_000, 10_000, 20_000] {
+        let mut value = usecs as i32;
+        // SAFETY: the context is the kernel's `bpf_sock_ops` of a full,
+        // locked socket (a passive-established callback); `value` is a
+        // live int of the length given.
+        let ret = unsafe {
+            bpf_setsockopt(
+                ctx.as_ptr(),
+                SOL_TCP,
+                TCP_BPF_DELACK_MAX,
+                (&mut value as *mut i32).cast(),
+                core::mem::size_of::<i32>() as i32,
+            )
+        };
+        if ret == 0 {
+            return;
         }
     }
 }

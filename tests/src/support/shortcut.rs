@@ -12,11 +12,16 @@ use crate::{Pod, World, metric_value, python, testpeer};
 
 /// Bytes the pod's loopback has received so far.
 pub fn lo_rx_bytes(pod: &Pod) -> Result<u64> {
+    lo_rx(pod, "bytes")
+}
+
+/// `field` (`bytes`, `packets`) of the pod's `lo` receive counters.
+pub fn lo_rx(pod: &Pod, field: &str) -> Result<u64> {
     let out = pod.run_ok(Command::new("ip").args(["-s", "-j", "link", "show", "lo"]))?;
     let v: Value = serde_json::from_str(out.trim()).context("ip -j output")?;
-    v[0]["stats64"]["rx"]["bytes"]
+    v[0]["stats64"]["rx"][field]
         .as_u64()
-        .with_context(|| format!("no rx bytes in {out}"))
+        .with_context(|| format!("no rx {field} in {out}"))
 }
 
 /// The client pod (0,0)'s kernel-counted bytes in `direction` (`in` or

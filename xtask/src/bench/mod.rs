@@ -211,6 +211,20 @@ struct Ctx<'a> {
     waited: Duration,
     /// `--perf`: where the profiles go.
     perf: Option<PathBuf>,
+    /// Node 0's `outbound.dial_from` as configured (by `--agent-toml`, or
+    /// `None`: the agent's default), put back after a `DialNode` row.
+    dial_from: Option<toml::Value>,
+}
+
+/// The table `name` of an agent config, made if it is not there.
+fn section<'a>(config: &'a mut toml::Table, name: &str) -> &'a mut toml::Table {
+    let v = config
+        .entry(name)
+        .or_insert_with(|| toml::Value::Table(Default::default()));
+    if !v.is_table() {
+        *v = toml::Value::Table(Default::default());
+    }
+    v.as_table_mut().expect("made a table above")
 }
 
 impl Ctx<'_> {
@@ -219,8 +233,8 @@ impl Ctx<'_> {
     fn set_agent(&mut self, want: AgentState) -> Result<()> {
         let node = self.world.node(0);
         let running = node.agent_pid().is_some();
-        let workers = want.node0_workers();
-        let node0_ok = self.agent.node0_workers() == workers && running == workers.is_some();
+        let wanted = want.node0();
+        let node0_ok = self.agent.node0() == wanted && running == wanted.is_some();
         let far = self.world.node(1);
         let far_running = far.agent_pid().is_some();
         let far_wanted = matches!(want, AgentState::Mesh(_));
@@ -233,13 +247,21 @@ impl Ctx<'_> {
                 node.stop_agent(Signal::SIGTERM)
                     .context("stopping node0's agent")?;
             }
-            if let Some(w) = workers {
+            if let Some((w, dial_node)) = wanted {
+                let dial_from = &self.dial_from;
                 node.update_config(|c| {
-                    let rt = c
-                        .entry("runtime")
-                        .or_insert_with(|| toml::Value::Table(Default::default()));
-                    if let Some(t) = rt.as_table_mut() {
-                        t.insert("workers".into(), toml::Value::Integer(w as i64));
+                    section(c, "runtime").insert("workers".into(), toml::Value::Integer(w as i64));
+                    let outbound = section(c, "outbound");
+                    match (dial_node, dial_from) {
+                        (true, _) => {
+                            outbound.insert("dial_from".into(), "node".into());
+                        }
+                        (false, Some(v)) => {
+                            outbound.insert("dial_from".into(), v.clone());
+                        }
+                        (false, None) => {
+                            outbound.remove("dial_from");
+                        }
                     }
                 })?;
                 node.start_agent().context("starting node0's agent")?;
@@ -653,6 +675,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         builder = builder.agent_config_extra(toml.clone());
     }
     let mut world = builder.build().context("building the bench world")?;
+    let mut dial_from = None;
+    world.node(0).update_config(|c| {
+        dial_from = c.get("outbound").and_then(|o| o.get("dial_from")).cloned();
+    })?;
     // Node1's agent runs only for the mTLS rows (`AgentState::Mesh`).
     world.node(1).stop_agent(Signal::SIGTERM)?;
     let dir = world.dir().join("bench");
@@ -721,7 +747,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut peer_procs: Vec<Option<Proc>> = (0..plan.peers.len()).map(|_| None).collect();
     for &i in &needed {
         let spec = &plan.peers[i];
-        peer_procs[i] = Some(peers::start_peer(spec, world.node(spec.node), &dir)?);
+        peer_procs[i] = Some(peers::start_peer(
+            spec,
+            world.node(spec.node),
+            spec.pod.map(|j| world.pod(spec.node, j)),
+            &dir,
+        )?);
     }
     let netns: HashSet<u64> = world
         .netns_names()
@@ -750,6 +781,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         wait_quiet: Duration::from_secs(args.wait_quiet),
         perf: args.perf.clone(),
         waited: Duration::ZERO,
+        dial_from,
     };
     let mut results: Vec<PathResult> = selected.iter().map(PathResult::new).collect();
 

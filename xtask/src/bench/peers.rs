@@ -62,6 +62,9 @@ pub struct PeerSpec {
     pub software: Software,
     pub mode: Mode,
     pub node: usize,
+    /// Run in this pod of `node` (its network namespace and cgroup), as a
+    /// sidecar runs, instead of in the node's namespace.
+    pub pod: Option<usize>,
     pub listeners: Vec<Listener>,
     /// TLS between the two hops (`None`: plaintext).
     pub tls: Option<PeerTls>,
@@ -436,12 +439,15 @@ fn nginx_command(name: &str, dir: &Path, conf: &str) -> Result<Command> {
     Ok(c)
 }
 
-/// Starts a peer proxy in its node's netns and waits until it accepts.
-pub fn start_peer(spec: &PeerSpec, node: &Node, dir: &Path) -> Result<Proc> {
+/// Starts a peer proxy in its node's netns (or its pod's: `spec.pod`) and
+/// waits until it accepts; `node` must reach its listeners.
+pub fn start_peer(spec: &PeerSpec, node: &Node, pod: Option<&Pod>, dir: &Path) -> Result<Proc> {
     let (mut cmd, log) = command(spec, dir)?;
-    let child = node
-        .spawn(&mut cmd)
-        .with_context(|| format!("starting {}", spec.name))?;
+    let child = match pod {
+        Some(pod) => pod.spawn(&mut cmd),
+        None => node.spawn(&mut cmd),
+    }
+    .with_context(|| format!("starting {}", spec.name))?;
     let mut p = Proc {
         name: spec.name.clone(),
         child,
@@ -508,6 +514,7 @@ mod tests {
             software,
             mode,
             node: 0,
+            pod: None,
             listeners: vec![
                 Listener {
                     listen: "10.1.0.1:10001".parse().unwrap(),

@@ -111,6 +111,9 @@ pub struct Summary {
     pub quiet_n: usize,
     pub quiet_rps: Option<f64>,
     pub quiet_cpu_s_per_100k: Option<f64>,
+    /// Against [`PathResult::same_work`]: requests/s and CPU per request.
+    pub rps_vs_same_work: Option<f64>,
+    pub cpu_vs_same_work: Option<f64>,
 }
 
 /// A sample is "quiet" when other work on the machine used less than this
@@ -128,6 +131,8 @@ pub struct PathResult {
     pub agent: String,
     pub baseline: String,
     pub class: Option<String>,
+    /// The peer row doing the same work (see `PathSpec::same_work`).
+    pub same_work: Option<String>,
     pub http_target: String,
     pub bulk_target: Option<String>,
     pub saturation: Vec<SatSample>,
@@ -154,6 +159,7 @@ impl PathResult {
             agent: p.agent.describe(),
             baseline: p.baseline.into(),
             class: p.class.map(Into::into),
+            same_work: p.same_work.map(Into::into),
             http_target: p.http.to_string(),
             bulk_target: p.bulk.map(|b| b.to_string()),
             saturation: vec![],
@@ -347,6 +353,11 @@ pub fn summarize(paths: &mut [PathResult]) {
                 p.summary.added_p50_us = Some(a - b);
             }
         }
+        if let Some(peer) = p.same_work.as_deref().and_then(find) {
+            p.summary.rps_vs_same_work = ratio(p.summary.rps_median, peer.summary.rps_median);
+            p.summary.cpu_vs_same_work =
+                ratio(p.summary.cpu_s_per_100k, peer.summary.cpu_s_per_100k);
+        }
         let Some(class) = &p.class else { continue };
         // The best peer of the class: most requests/s (the peers are the
         // ones that are not waymark, i.e. run with the agents stopped).
@@ -475,6 +486,40 @@ fn http_rows(run: &Run) -> Vec<Vec<String>> {
                 ),
                 None => "— (0)".into(),
             },
+        ]);
+    }
+    rows
+}
+
+/// The waymark rows that name a peer doing the same work, beside it.
+fn same_work_rows(run: &Run) -> Vec<Vec<String>> {
+    let mut rows = vec![vec![
+        "waymark row".to_string(),
+        "peer doing the same work".into(),
+        "req/s".into(),
+        "CPU-s/100k".into(),
+        "req/s ×peer".into(),
+        "CPU ×peer".into(),
+    ]];
+    let find = |id: &str| run.paths.iter().find(|p| p.id == id);
+    for p in &run.paths {
+        let Some(peer) = p.same_work.as_deref().and_then(find) else {
+            continue;
+        };
+        let pair = |a: Option<f64>, b: Option<f64>, f: &dyn Fn(f64) -> String| {
+            format!("{} / {}", opt(a, f), opt(b, f))
+        };
+        rows.push(vec![
+            p.label.clone(),
+            peer.label.clone(),
+            pair(p.summary.rps_median, peer.summary.rps_median, &thousands),
+            pair(
+                p.summary.cpu_s_per_100k,
+                peer.summary.cpu_s_per_100k,
+                &|x| format!("{x:.2}"),
+            ),
+            opt(p.summary.rps_vs_same_work, times),
+            opt(p.summary.cpu_vs_same_work, times),
         ]);
     }
     rows
@@ -640,6 +685,14 @@ pub fn text(run: &Run) -> String {
         "HTTP/1.1 (wrk; `*-h2` rows: HTTP/2 h2c, h2load; `*-grpc` rows: gRPC unary calls, h2load), 100-byte body, keep-alive:"
     );
     s.push_str(&text_table(&http_rows(run)));
+    let same = same_work_rows(run);
+    if same.len() > 1 {
+        let _ = writeln!(
+            s,
+            "\nSame work (the upstream connection made in the pod's namespace, or the node's):"
+        );
+        s.push_str(&text_table(&same));
+    }
     let _ = writeln!(
         s,
         "\nMemory of the proxy processes (sum over the path's proxies):"
@@ -732,6 +785,19 @@ pub fn markdown(run: &Run) -> String {
         "## HTTP/1.1 (100-byte body, keep-alive, 64 connections; `*-h2` rows: HTTP/2 h2c, 64 streams; `*-grpc` rows: gRPC unary, 100-byte message, 64 calls in flight)\n"
     );
     s.push_str(&md_table(&http_rows(run)));
+    let same = same_work_rows(run);
+    if same.len() > 1 {
+        let _ = writeln!(
+            s,
+            "\n## Same work: where the upstream connection is made\n\n\
+             waymark makes a pod's upstream connection in the pod's network namespace (the \
+             default, so that it reaches only what the pod may reach), a per-node peer in the \
+             node's; the kernel's work per request differs between the two (`bench/README.md`, \
+             \"Dialling as the pod\"). Each waymark row here beside the peer row that dials the \
+             same way.\n"
+        );
+        s.push_str(&md_table(&same));
+    }
     let _ = writeln!(
         s,
         "\n## Memory of the proxy processes\n\nSum of VmRSS over the path's proxy processes \

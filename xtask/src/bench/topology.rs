@@ -139,6 +139,11 @@ pub enum AgentState {
     /// Node 0's agent running with this many data-path workers; node 1's
     /// stopped.
     Workers(usize),
+    /// The same, with `outbound.dial_from = "node"`: upstream connections
+    /// made in the node's network namespace, as the per-node peer proxies
+    /// make theirs, instead of in the client pod's (the default, which
+    /// keeps the agent from being a confused deputy).
+    DialNode(usize),
     /// Both agents running (node 0's with this many workers, node 1's with
     /// one): the mTLS tunnel rows.
     Mesh(usize),
@@ -149,15 +154,20 @@ impl AgentState {
         match self {
             AgentState::Stopped => "agents stopped".into(),
             AgentState::Workers(w) => format!("node0 agent, {w} worker(s)"),
+            AgentState::DialNode(w) => {
+                format!("node0 agent, {w} worker(s), dialling from the node")
+            }
             AgentState::Mesh(w) => format!("node0 agent ({w} worker(s)) + node1 agent (1), mTLS"),
         }
     }
 
-    /// Node 0's workers, if its agent runs.
-    pub fn node0_workers(self) -> Option<usize> {
+    /// Node 0's agent, if it runs: its workers, and whether it dials from
+    /// the node's namespace.
+    pub fn node0(self) -> Option<(usize, bool)> {
         match self {
             AgentState::Stopped => None,
-            AgentState::Workers(w) | AgentState::Mesh(w) => Some(w),
+            AgentState::Workers(w) | AgentState::Mesh(w) => Some((w, false)),
+            AgentState::DialNode(w) => Some((w, true)),
         }
     }
 }
@@ -225,6 +235,12 @@ pub struct PathSpec {
     /// requests counted must carry `tls="true"`.
     pub tunnel: bool,
     pub proto: Proto,
+    /// The peer row that does the same work as this one, where the
+    /// best peer of its class does not: waymark dials a pod's upstream
+    /// from the pod's own network namespace, a per-node peer from the
+    /// node's, and the two cost the kernel differently per request
+    /// (bench/README.md, "Dialling as the pod").
+    pub same_work: Option<&'static str>,
 }
 
 /// Everything the bench sets up: paths and the peer proxies they need.
@@ -360,6 +376,7 @@ pub fn plan() -> Plan {
             waymark: false,
             tunnel: false,
             proto: Proto::Http1,
+            same_work: None,
         },
         PathSpec {
             id: "direct-same-node".into(),
@@ -380,6 +397,7 @@ pub fn plan() -> Plan {
             waymark: false,
             tunnel: false,
             proto: Proto::Http1,
+            same_work: None,
         },
         PathSpec {
             id: "waymark".into(),
@@ -402,6 +420,7 @@ pub fn plan() -> Plan {
             waymark: true,
             tunnel: false,
             proto: Proto::Http1,
+            same_work: None,
         },
         PathSpec {
             id: "waymark-2w".into(),
@@ -420,6 +439,7 @@ pub fn plan() -> Plan {
             waymark: true,
             tunnel: false,
             proto: Proto::Http1,
+            same_work: None,
         },
         PathSpec {
             id: "waymark-l7".into(),
@@ -443,6 +463,31 @@ pub fn plan() -> Plan {
             waymark: true,
             tunnel: false,
             proto: Proto::Http1,
+            same_work: Some("haproxy-http-pod"),
+        },
+        PathSpec {
+            id: "waymark-l7-node".into(),
+            label: "waymark 1 hop (L7 HTTP/1.1 service), 1 worker, dialling from the node".into(),
+            what: "as `waymark-l7`, with `outbound.dial_from = \"node\"`: the agent makes the \
+                 upstream connection in node0's network namespace, as the per-node peers make \
+                 theirs, instead of in the client pod's (the default, which keeps the agent from \
+                 reaching what the pod cannot: SECURITY.md). The same work as the per-node peer rows. \
+                 `[runtime] workers = 1`"
+                .into(),
+            hops: 1,
+            layer: Layer::L7,
+            same_node: false,
+            agent: AgentState::DialNode(1),
+            http: SERVICE_ADDR.parse().expect("valid service address"),
+            bulk: None,
+            proxies: vec![ProxyRef::Agent(0)],
+            baseline: "direct",
+            class: Some("l7-1hop"),
+            quick: false,
+            waymark: true,
+            tunnel: false,
+            proto: Proto::Http1,
+            same_work: Some("haproxy-http-1hop"),
         },
         PathSpec {
             id: "waymark-same-node".into(),
@@ -464,6 +509,7 @@ pub fn plan() -> Plan {
             waymark: true,
             tunnel: false,
             proto: Proto::Http1,
+            same_work: None,
         },
         PathSpec {
             id: "waymark-l7-mtls".into(),
@@ -488,6 +534,7 @@ pub fn plan() -> Plan {
             waymark: true,
             tunnel: true,
             proto: Proto::Http1,
+            same_work: None,
         },
         PathSpec {
             id: "waymark-l4-mtls".into(),
@@ -511,6 +558,7 @@ pub fn plan() -> Plan {
             waymark: true,
             tunnel: true,
             proto: Proto::Http1,
+            same_work: None,
         },
     ];
     let mut peers = Vec::new();
@@ -544,6 +592,7 @@ pub fn plan() -> Plan {
                     software: k.software,
                     mode: k.mode,
                     node: 0,
+                    pod: None,
                     listeners,
                     tls: None,
                 });
@@ -578,6 +627,7 @@ pub fn plan() -> Plan {
                         software: k.software,
                         mode: k.mode,
                         node,
+                        pod: None,
                         listeners,
                         tls,
                     });
@@ -641,9 +691,49 @@ pub fn plan() -> Plan {
                 waymark: false,
                 tunnel: false,
                 proto: Proto::Http1,
+                same_work: None,
             });
         }
     }
+    // HAProxy as a sidecar would run it: in the client pod's own network
+    // namespace, so its upstream connection is the pod's, as waymark's is.
+    let sidecar = sa(pod_ip(0, 0), 10_009);
+    paths.push(PathSpec {
+        id: "haproxy-http-pod".into(),
+        label: "HAProxy HTTP mode 1 hop in the client pod (L7)".into(),
+        what: format!(
+            "client → {sidecar} (HAProxy `mode http` in the client pod's network namespace, the \
+             sidecar shape: the client reaches it over the pod's loopback, and it dials \
+             {server}:{HTTP_PORT} as the pod, as waymark does by default); one thread; L7: HTTP \
+             parsed, upstream keep-alive pool"
+        ),
+        hops: 1,
+        layer: Layer::L7,
+        same_node: false,
+        agent: AgentState::Stopped,
+        http: sidecar,
+        bulk: None,
+        proxies: vec![ProxyRef::Peer(peers.len())],
+        baseline: "direct",
+        class: Some("l7-1hop"),
+        quick: false,
+        waymark: false,
+        tunnel: false,
+        proto: Proto::Http1,
+        same_work: None,
+    });
+    peers.push(PeerSpec {
+        name: "haproxy-http-pod".into(),
+        software: Software::Haproxy,
+        mode: Mode::Http,
+        node: 0,
+        pod: Some(0),
+        listeners: vec![Listener {
+            listen: sidecar,
+            upstream: sa(server, HTTP_PORT),
+        }],
+        tls: None,
+    });
     paths.extend(h2_paths());
     paths.extend(grpc_paths());
     Plan { paths, peers }
@@ -675,6 +765,7 @@ fn h2_paths() -> Vec<PathSpec> {
         waymark: false,
         tunnel: false,
         proto: Proto::H2c,
+        same_work: None,
     };
     vec![
         base.clone(),
@@ -743,6 +834,7 @@ fn grpc_paths() -> Vec<PathSpec> {
         waymark: false,
         tunnel: false,
         proto: Proto::Grpc,
+        same_work: None,
     };
     vec![
         base.clone(),
@@ -798,6 +890,11 @@ mod tests {
         assert_eq!(ids.len(), n);
         for path in &p.paths {
             assert!(ids.contains(&path.baseline), "{}", path.id);
+            // A same-work peer is a peer row (not waymark) of the same layer.
+            if let Some(w) = path.same_work {
+                let peer = p.paths.iter().find(|q| q.id == w).expect("same-work row");
+                assert!(!peer.waymark && peer.layer == path.layer, "{}", path.id);
+            }
             if let Some(c) = path.class {
                 assert!(c.starts_with(if path.layer == Layer::L4 { "l4" } else { "l7" }));
             }
@@ -816,7 +913,7 @@ mod tests {
         listens.sort();
         listens.dedup();
         assert_eq!(listens.len(), m);
-        assert_eq!(p.paths.len(), 26);
+        assert_eq!(p.paths.len(), 28);
         assert!(agent_config_extra().parse::<toml::Table>().is_ok());
     }
 }

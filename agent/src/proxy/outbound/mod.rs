@@ -585,7 +585,10 @@ impl Outbound {
                 ReplyPath::Loopback
             }
         };
-        if let ReplyPath::Sockmap { .. } = reply_path {
+        if let ReplyPath::Sockmap {
+            delay_acks: true, ..
+        } = reply_path
+        {
             delay_acks(client);
         }
         if reply_path != ReplyPath::Off {
@@ -611,6 +614,7 @@ impl Outbound {
         if let ReplyPath::Sockmap {
             max_unanswered,
             requests,
+            ..
         } = reply_path
         {
             live.activity().bound_replies(ReplyBudget::new(
@@ -936,6 +940,12 @@ fn source_addr(pod: &PodInfo, peer: SocketAddr, dst: SocketAddr) -> Option<Socke
 /// acknowledge only every second segment or so and the delayed-ACK timer
 /// does the rest: measured on one hop, 1.2 → 0.64 bare ACKs per request. The
 /// kernel leaves the mode after an idle spell, which costs nothing then.
+///
+/// Only where the kernel also bounds the socket's delayed-ACK timer (a few
+/// ms; `wm_agent_sock_ops`): a client with Nagle's algorithm on holds each
+/// small request until the one before is acknowledged, and would otherwise
+/// wait for the default 40 ms timer once per connection
+/// (`reply_shortcut::a_client_with_nagle_on_is_not_held_by_delayed_acks`).
 fn delay_acks(client: &TcpStream) {
     let off: libc::c_int = 0;
     // SAFETY: setsockopt on a socket this function borrows, with a pointer
