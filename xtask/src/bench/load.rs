@@ -48,7 +48,7 @@ pub struct WrkErrors {
     pub timeout: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct WrkResult {
     pub requests: u64,
     pub duration_us: u64,

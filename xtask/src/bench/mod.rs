@@ -675,10 +675,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
         builder = builder.agent_config_extra(toml.clone());
     }
     let mut world = builder.build().context("building the bench world")?;
-    let mut dial_from = None;
-    world.node(0).update_config(|c| {
-        dial_from = c.get("outbound").and_then(|o| o.get("dial_from")).cloned();
-    })?;
+    let dial_from = world
+        .node(0)
+        .config()
+        .get("outbound")
+        .and_then(|o| o.get("dial_from"))
+        .cloned();
     // Node1's agent runs only for the mTLS rows (`AgentState::Mesh`).
     world.node(1).stop_agent(Signal::SIGTERM)?;
     let dir = world.dir().join("bench");

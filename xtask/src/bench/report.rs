@@ -493,6 +493,10 @@ fn http_rows(run: &Run) -> Vec<Vec<String>> {
 
 /// The waymark rows that name a peer doing the same work, beside it.
 fn same_work_rows(run: &Run) -> Vec<Vec<String>> {
+    same_work_rows_of(&run.paths)
+}
+
+fn same_work_rows_of(paths: &[PathResult]) -> Vec<Vec<String>> {
     let mut rows = vec![vec![
         "waymark row".to_string(),
         "peer doing the same work".into(),
@@ -501,8 +505,8 @@ fn same_work_rows(run: &Run) -> Vec<Vec<String>> {
         "req/s ×peer".into(),
         "CPU ×peer".into(),
     ]];
-    let find = |id: &str| run.paths.iter().find(|p| p.id == id);
-    for p in &run.paths {
+    let find = |id: &str| paths.iter().find(|p| p.id == id);
+    for p in paths {
         let Some(peer) = p.same_work.as_deref().and_then(find) else {
             continue;
         };
@@ -892,6 +896,50 @@ mod tests {
         assert_eq!(thousands(999.0), "999");
         assert_eq!(thousands(1234567.0), "1,234,567");
         assert_eq!(ratio(Some(1.0), Some(0.0)), None);
+    }
+
+    /// A path's same-work peer is found by id and its ratios are the
+    /// medians' quotients; a path naming none, or a missing row, gets none.
+    #[test]
+    fn same_work_ratios_are_against_the_named_row() {
+        let plan = super::super::topology::plan();
+        let row = |id: &str, cpu: &[f64], rps: f64| {
+            let spec = plan.paths.iter().find(|p| p.id == id).expect("plan row");
+            let mut r = PathResult::new(spec);
+            r.saturation = cpu
+                .iter()
+                .enumerate()
+                .map(|(rep, &c)| SatSample {
+                    rep,
+                    rps,
+                    wrk: Default::default(),
+                    proxy_cpu_s: 0.0,
+                    cpu_s_per_100k: Some(c),
+                    backend_cpu_s_per_100k: 0.0,
+                    rss_load_kib: None,
+                    rss_hwm_kib: None,
+                    cpu_use: Default::default(),
+                    loadavg: [0.0; 3],
+                    proxied_conns: None,
+                })
+                .collect();
+            r
+        };
+        let mut paths = vec![
+            row("waymark-l7", &[2.2, 2.4, 2.3], 40_000.0),
+            row("haproxy-http-pod", &[2.0, 2.1, 2.2], 50_000.0),
+            row("waymark-l7-node", &[2.0], 45_000.0),
+        ];
+        summarize(&mut paths);
+        let s = &paths[0].summary;
+        assert!((s.cpu_vs_same_work.unwrap() - 2.3 / 2.1).abs() < 1e-9);
+        assert!((s.rps_vs_same_work.unwrap() - 0.8).abs() < 1e-9);
+        // Its peer (HAProxy per node) is not in this run.
+        assert_eq!(paths[2].summary.cpu_vs_same_work, None);
+        assert_eq!(paths[1].summary.cpu_vs_same_work, None);
+        let run_rows = same_work_rows_of(&paths);
+        assert_eq!(run_rows.len(), 2, "a header and the one pair found");
+        assert_eq!(run_rows[1][4], "0.80×");
     }
 
     #[test]
