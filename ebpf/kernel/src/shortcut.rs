@@ -181,8 +181,9 @@ const TCP_BPF_DELACK_MAX: i32 = 1004;
 ///
 /// Why: such a socket sends no TCP data for its acknowledgements to ride
 /// on, and the agent puts it in the kernel's interactive mode so that a
-/// read acknowledges only every second request (the first the delayed-ACK
-/// timer does). An application that leaves Nagle's algorithm on holds each
+/// read acknowledges only every second request (a request's ACK waits for
+/// the next request, or for the delayed-ACK timer). An application that
+/// leaves Nagle's algorithm on holds each
 /// small request until the one before is acknowledged, so it waits for
 /// that timer once per connection: 40 ms by default (`TCP_ATO_MIN`). The
 /// kernel takes its smallest bound, two ticks: 2 ms at `HZ=1000`, 8 ms at
