@@ -670,24 +670,30 @@ fn load_redirect(config: &Config, pins: Option<&Pins>) -> Result<Arc<RwLock<Redi
     }
     .context("cannot load the redirect programs into the kernel (waymark agent needs root, or CAP_BPF + CAP_NET_ADMIN + CAP_SYS_ADMIN, and a kernel with BTF and cgroup v2)")?;
     let mut redirect = redirect;
+    // Where both shortcuts attach the agent's own `sock_ops` program.
+    let own_cgroup = agent_cgroup(config);
     if config.redirect.reply_shortcut {
         // An optimisation: without it every reply takes loopback TCP, as
         // it would with the setting off, so a kernel that refuses it does
         // not stop the agent.
-        let cgroup = agent_cgroup(config)
+        let cgroup = own_cgroup
+            .as_ref()
             .inspect_err(|e| warn!(error = %format!("{e:#}"), "the agent's own cgroup is not usable for its sock_ops program; requests to it are acknowledged as they are read"))
             .ok();
-        if let Err(e) = redirect.enable_reply_shortcut(cgroup.as_deref()) {
+        if let Err(e) = redirect.enable_reply_shortcut(cgroup.map(PathBuf::as_path)) {
             warn!(error = %format!("{e:#}"), "the reply shortcut (redirect.reply_shortcut) is not available on this kernel; replies to pods take loopback TCP");
         }
     }
     if config.redirect.request_shortcut {
         // An optimisation too: without it requests take loopback TCP.
-        let enabled = agent_cgroup(config).and_then(|cgroup| {
-            redirect
-                .enable_request_shortcut(config.redirect.request_shortcut_max_unread, &cgroup)
-                .map_err(anyhow::Error::from)
-        });
+        let enabled = own_cgroup
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("{e:#}"))
+            .and_then(|cgroup| {
+                redirect
+                    .enable_request_shortcut(config.redirect.request_shortcut_max_unread, cgroup)
+                    .map_err(anyhow::Error::from)
+            });
         if let Err(e) = enabled {
             warn!(error = %format!("{e:#}"), "the request shortcut (redirect.request_shortcut) is off; pods' requests take loopback TCP");
         }

@@ -749,12 +749,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut peer_procs: Vec<Option<Proc>> = (0..plan.peers.len()).map(|_| None).collect();
     for &i in &needed {
         let spec = &plan.peers[i];
-        peer_procs[i] = Some(peers::start_peer(
-            spec,
-            world.node(spec.node),
-            spec.pod.map(|j| world.pod(spec.node, j)),
-            &dir,
-        )?);
+        peer_procs[i] = Some(peers::start_peer(spec, &world, &dir)?);
     }
     let netns: HashSet<u64> = world
         .netns_names()

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use waymark_tests::{Node, Pod};
+use waymark_tests::{Node, Pod, World};
 
 /// nginx's stream module in Debian (package `libnginx-mod-stream`).
 pub const NGINX_STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
@@ -440,11 +440,12 @@ fn nginx_command(name: &str, dir: &Path, conf: &str) -> Result<Command> {
 }
 
 /// Starts a peer proxy in its node's netns (or its pod's: `spec.pod`) and
-/// waits until it accepts; `node` must reach its listeners.
-pub fn start_peer(spec: &PeerSpec, node: &Node, pod: Option<&Pod>, dir: &Path) -> Result<Proc> {
+/// waits until it accepts (its node reaches the pod's listeners too).
+pub fn start_peer(spec: &PeerSpec, world: &World, dir: &Path) -> Result<Proc> {
     let (mut cmd, log) = command(spec, dir)?;
-    let child = match pod {
-        Some(pod) => pod.spawn(&mut cmd),
+    let node = world.node(spec.node);
+    let child = match spec.pod {
+        Some(j) => world.pod(spec.node, j).spawn(&mut cmd),
         None => node.spawn(&mut cmd),
     }
     .with_context(|| format!("starting {}", spec.name))?;

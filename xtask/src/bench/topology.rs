@@ -355,6 +355,30 @@ pub fn plan() -> Plan {
     let server = server_ip();
     let mesh_server = mesh_server_ip();
     let local_server = same_node_server_ip();
+    let waymark_l7 = PathSpec {
+        id: "waymark-l7".into(),
+        label: "waymark 1 hop (L7 HTTP/1.1 service), 1 worker".into(),
+        what: format!(
+            "client dials the service address {SERVICE_ADDR} (`[[services]]` in the agent's \
+             config, protocol http1, one endpoint {server}:{HTTP_PORT}); node0's agent parses \
+             each request, routes it ([DEFAULT] route), picks the endpoint (P2C peak-EWMA) \
+             and forwards it. One hop. `[runtime] workers = 1`"
+        ),
+        hops: 1,
+        layer: Layer::L7,
+        same_node: false,
+        agent: AgentState::Workers(1),
+        http: SERVICE_ADDR.parse().expect("valid service address"),
+        bulk: None,
+        proxies: vec![ProxyRef::Agent(0)],
+        baseline: "direct",
+        class: Some("l7-1hop"),
+        quick: true,
+        waymark: true,
+        tunnel: false,
+        proto: Proto::Http1,
+        same_work: Some("haproxy-http-pod"),
+    };
     let mut paths = vec![
         PathSpec {
             id: "direct".into(),
@@ -441,30 +465,7 @@ pub fn plan() -> Plan {
             proto: Proto::Http1,
             same_work: None,
         },
-        PathSpec {
-            id: "waymark-l7".into(),
-            label: "waymark 1 hop (L7 HTTP/1.1 service), 1 worker".into(),
-            what: format!(
-                "client dials the service address {SERVICE_ADDR} (`[[services]]` in the agent's \
-                 config, protocol http1, one endpoint {server}:{HTTP_PORT}); node0's agent parses \
-                 each request, routes it ([DEFAULT] route), picks the endpoint (P2C peak-EWMA) \
-                 and forwards it. One hop. `[runtime] workers = 1`"
-            ),
-            hops: 1,
-            layer: Layer::L7,
-            same_node: false,
-            agent: AgentState::Workers(1),
-            http: SERVICE_ADDR.parse().expect("valid service address"),
-            bulk: None,
-            proxies: vec![ProxyRef::Agent(0)],
-            baseline: "direct",
-            class: Some("l7-1hop"),
-            quick: true,
-            waymark: true,
-            tunnel: false,
-            proto: Proto::Http1,
-            same_work: Some("haproxy-http-pod"),
-        },
+        waymark_l7.clone(),
         PathSpec {
             id: "waymark-l7-node".into(),
             label: "waymark 1 hop (L7 HTTP/1.1 service), 1 worker, dialling from the node".into(),
@@ -474,20 +475,10 @@ pub fn plan() -> Plan {
                  reaching what the pod cannot: SECURITY.md). The same work as the per-node peer rows. \
                  `[runtime] workers = 1`"
                 .into(),
-            hops: 1,
-            layer: Layer::L7,
-            same_node: false,
             agent: AgentState::DialNode(1),
-            http: SERVICE_ADDR.parse().expect("valid service address"),
-            bulk: None,
-            proxies: vec![ProxyRef::Agent(0)],
-            baseline: "direct",
-            class: Some("l7-1hop"),
             quick: false,
-            waymark: true,
-            tunnel: false,
-            proto: Proto::Http1,
             same_work: Some("haproxy-http-1hop"),
+            ..waymark_l7
         },
         PathSpec {
             id: "waymark-same-node".into(),
