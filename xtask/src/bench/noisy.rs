@@ -78,6 +78,13 @@ pub struct NoisyArgs {
     /// default when not given.
     #[arg(long)]
     accept_burst: Option<u32>,
+    /// Connects per second of the noisy pod's client itself (`testpeer hold
+    /// --rate`; 0, the default: as fast as its 256 concurrent connects
+    /// go, so the agent's accept rate paces them through its listener's
+    /// queue). With the client pacing itself at the same rate the other
+    /// pod's p99 rose much less (bench/README.md, "Who paces the opening").
+    #[arg(long, default_value_t = 0)]
+    client_rate: u32,
     /// `outbound.dial_from` of node 0's agent (`pod`: upstream sockets made
     /// in the pod's network namespace; `node`: in the node's); the agent's
     /// default when not given.
@@ -290,7 +297,7 @@ endpoints = [{{ addr = "{}:{}" }}]
         let opened_at = Instant::now();
         let cpu_before_open = cpu_seconds(&[pid]);
         let delayed_before = delayed_now()?;
-        let (mut hold, during) = open_while(noisy, &bins, echo, conns, 0, || {
+        let (mut hold, during) = open_while(noisy, &bins, echo, conns, a.client_rate, || {
             rate(&format!(
                 "while the noisy pod opens its connections {}/{open_reps}",
                 i + 1
@@ -417,13 +424,18 @@ endpoints = [{{ addr = "{}:{}" }}]
         Some(run_direct(&a, &bins)?)
     };
     let mut md = String::new();
+    let client_pace = if a.client_rate > 0 {
+        format!(", at most {}/s", a.client_rate)
+    } else {
+        String::new()
+    };
     let _ = writeln!(md, "# Noisy neighbour: idle connections of one pod\n");
     let _ = writeln!(
         md,
         "`cargo xtask bench-noisy{}` (commit `{git}`, {} build, node 0's agent on {} worker(s), \
          {} UTC; load average at start {:.2} {:.2} {:.2}, {:.0} s in all). The noisy pod \
          (0,0) opens {conns} idle opaque TCP connections through node 0's agent to an echo \
-         server on node 1 (`testpeer hold`, 256 at a time) and holds them; the quiet pod \
+         server on node 1 (`testpeer hold`, 256 at a time{client_pace}) and holds them; the quiet pod \
          (0,1) sends {} HTTP/1.1 GET/s over 16 keep-alive connections to an L7 service \
          (nginx on node 1) through the same agent, {} s per run (`testpeer http-rate`, \
          latency from when each request was due). Medians of {} runs ({} for the idle \
@@ -434,6 +446,7 @@ endpoints = [{{ addr = "{}:{}" }}]
             a.debug.then(|| " --debug".to_string()),
             a.accept_rate.map(|r| format!(" --accept-rate {r}")),
             a.accept_burst.map(|b| format!(" --accept-burst {b}")),
+            (a.client_rate > 0).then(|| format!(" --client-rate {}", a.client_rate)),
             a.dial_from.as_ref().map(|d| format!(" --dial-from {d}")),
         ]
         .into_iter()
