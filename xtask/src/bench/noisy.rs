@@ -101,8 +101,8 @@ pub struct NoisyArgs {
     no_results: bool,
     /// The same steps with no agent in the way (both pods dial directly,
     /// the quiet pod the nginx pod's address; the noisy pod's connects
-    /// paced at `--accept-rate`, the agent's default 1,000/s when not
-    /// given): what the machine itself makes of them, the share of the
+    /// paced at `--client-rate` when given, else at `--accept-rate`, the
+    /// agent's default 1,000/s when not given): what the machine itself makes of them, the share of the
     /// quiet pod's latency no proxy could remove. Prints; writes nothing.
     #[arg(long)]
     direct: bool,
@@ -526,7 +526,7 @@ endpoints = [{{ addr = "{}:{}" }}]
              the nginx pod's address, the noisy pod's connects paced at {}/s), in a world of \
              their own right after: p99 idle {:.2} ms (runs: {}), while the connections open \
              {:.2} ms (runs: {}; **{:.2}×**), held {:.2} ms (runs: {}; {:.2}×).",
-            a.accept_rate.unwrap_or(DEFAULT_ACCEPT_RATE),
+            direct_pace(&a),
             idle,
             listed(d.idle.iter().copied()),
             opening,
@@ -632,9 +632,7 @@ fn run_direct(a: &NoisyArgs, bins: &Bins) -> Result<Direct> {
         .map(|i| rate(&format!("idle {}/{}", i + 1, a.reps)))
         .collect::<Result<_>>()?;
     let echo = SocketAddr::new(pod_ip(1, 0).into(), ECHO_PORT);
-    // Paced as the agent's accept rate would pace them (its default when
-    // not given), so the opening overlaps the measured window alike.
-    let pace = a.accept_rate.unwrap_or(DEFAULT_ACCEPT_RATE);
+    let pace = direct_pace(a);
     widen_port_range(noisy)?;
     let open_reps = a.open_reps as usize;
     let mut openings = Vec::with_capacity(open_reps);
@@ -753,4 +751,16 @@ fn start_servers(
             .arg(format!("0.0.0.0:{ECHO_PORT}")),
     )?;
     Ok((nginx, echo))
+}
+
+/// The rate the `--direct` steps pace the noisy pod's connects at: the
+/// client's own (`--client-rate`) when given, else what the agent's accept
+/// rate would pace them at (its default when not given), so the opening
+/// overlaps the measured window alike.
+fn direct_pace(a: &NoisyArgs) -> u32 {
+    if a.client_rate > 0 {
+        a.client_rate
+    } else {
+        a.accept_rate.unwrap_or(DEFAULT_ACCEPT_RATE)
+    }
 }
