@@ -900,6 +900,8 @@ mod http_rate {
         latency: Vec<u32>,
         /// Sent → response complete, µs.
         service: Vec<u32>,
+        /// The second of the run each `latency` sample was due in.
+        second: Vec<u32>,
         ok: u64,
         non_2xx: u64,
         errors: u64,
@@ -998,6 +1000,7 @@ mod http_rate {
                     if r.latency.len() < MAX_SAMPLES {
                         r.latency.push(us(done - due));
                         r.service.push(us(done - sent));
+                        r.second.push(due_off.as_secs() as u32);
                     }
                 }
                 Err(e) => {
@@ -1021,6 +1024,31 @@ mod http_rate {
             "p50": at(0.50), "p90": at(0.90), "p99": at(0.99), "p999": at(0.999),
             "max": v[v.len() - 1], "mean": (mean * 10.0).round() / 10.0,
         })
+    }
+
+    /// Each second of the run (by when its requests were due): requests,
+    /// p99 and the slowest, in µs — when in the run the slow ones fell.
+    fn per_second(latency: &[u32], second: &[u32]) -> serde_json::Value {
+        let mut by: Vec<Vec<u32>> = Vec::new();
+        for (&l, &s) in latency.iter().zip(second) {
+            let s = s as usize;
+            if by.len() <= s {
+                by.resize_with(s + 1, Vec::new);
+            }
+            by[s].push(l);
+        }
+        by.into_iter()
+            .map(|mut v| {
+                v.sort_unstable();
+                let n = v.len();
+                let p99 = if n == 0 {
+                    0
+                } else {
+                    v[((0.99 * n as f64).ceil() as usize).clamp(1, n) - 1]
+                };
+                json!({ "requests": n, "p99": p99, "max": v.last().copied().unwrap_or(0) })
+            })
+            .collect()
     }
 
     pub fn run(
@@ -1058,6 +1086,7 @@ mod http_rate {
             });
             all.latency.extend(r.latency);
             all.service.extend(r.service);
+            all.second.extend(r.second);
             all.ok += r.ok;
             all.non_2xx += r.non_2xx;
             all.errors += r.errors;
@@ -1069,6 +1098,7 @@ mod http_rate {
         }
         let elapsed = start.elapsed().as_secs_f64();
         let done = all.ok + all.non_2xx;
+        let by_second = per_second(&all.latency, &all.second);
         super::say(json!({
             "target_rate": rate,
             "conns": conns,
@@ -1082,6 +1112,7 @@ mod http_rate {
             "achieved_rate": (done as f64 / elapsed.max(1e-9)).round(),
             "latency_us": percentiles(&mut all.latency),
             "service_us": percentiles(&mut all.service),
+            "per_second_us": by_second,
             "first_error": all.first_error,
         }));
         if all.errors > 0 || all.non_2xx > 0 {

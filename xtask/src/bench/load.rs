@@ -134,7 +134,18 @@ pub struct RateResult {
     pub latency_us: Option<Pct>,
     /// From when each request was actually sent.
     pub service_us: Option<Pct>,
+    /// Each second of the run: when the slow requests fell (read, not kept
+    /// in the bench's results).
+    #[serde(default, skip_serializing)]
+    pub per_second_us: Vec<SecondPct>,
     pub first_error: Option<String>,
+}
+
+/// One second of a fixed-rate run: its p99 in µs from when each request
+/// was due (testpeer also says how many requests and the slowest).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct SecondPct {
+    pub p99: u64,
 }
 
 /// `testpeer http-rate`: `rate` requests/s over 16 connections for `secs`.

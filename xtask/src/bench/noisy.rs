@@ -157,6 +157,17 @@ fn client_side(r: &RateResult) -> String {
     format!("{sent:.2} ms from the send, {} sent late", r.late_sends)
 }
 
+/// A fixed-rate run's p99 second by second, in ms (`1.20 0.45 0.41 …`):
+/// whether the slow requests of an opening fall at its start, where the
+/// client's connects burst into the agent's listener queue, or all along.
+fn by_second(r: &RateResult) -> String {
+    r.per_second_us
+        .iter()
+        .map(|s| format!("{:.2}", s.p99 as f64 / 1000.0))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Each run's figure, as the report lists them: `0.21, 0.25, 0.19`.
 fn listed(v: impl IntoIterator<Item = f64>) -> String {
     v.into_iter()
@@ -309,6 +320,10 @@ endpoints = [{{ addr = "{}:{}" }}]
         let held: usize = f.get(1).and_then(|x| x.parse().ok()).unwrap_or(0);
         let hold_failed: usize = f.get(3).and_then(|x| x.parse().ok()).unwrap_or(conns);
         eprintln!("bench-noisy: {line} ({open_secs:.1} s)");
+        eprintln!(
+            "bench-noisy: the quiet pod's p99 by second of that run, ms: {}",
+            by_second(&during)
+        );
         ensure!(
             held == conns,
             "the noisy pod holds {held} of {conns} connections ({hold_failed} failed)"
@@ -517,6 +532,17 @@ endpoints = [{{ addr = "{}:{}" }}]
         },
         a.accept_burst
             .map_or_else(|| "the default".to_string(), |b| b.to_string())
+    );
+    let _ = writeln!(
+        md,
+        "\nThe quiet pod's p99 second by second (ms, by when each request was due) during \
+         each opening: {}.",
+        openings
+            .iter()
+            .enumerate()
+            .map(|(i, o)| format!("{}: {}", i + 1, by_second(&o.during)))
+            .collect::<Vec<_>>()
+            .join("; ")
     );
     if let Some(d) = &direct {
         let (idle, opening, held) = d.medians();
