@@ -1013,12 +1013,17 @@ mod http_rate {
         r
     }
 
+    /// The `q` quantile of sorted, non-empty samples (nearest rank).
+    fn quantile(sorted: &[u32], q: f64) -> u32 {
+        sorted[((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1]
+    }
+
     fn percentiles(v: &mut [u32]) -> serde_json::Value {
         if v.is_empty() {
             return serde_json::Value::Null;
         }
         v.sort_unstable();
-        let at = |q: f64| v[((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
+        let at = |q: f64| quantile(v, q);
         let mean = v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
         json!({
             "p50": at(0.50), "p90": at(0.90), "p99": at(0.99), "p999": at(0.999),
@@ -1040,13 +1045,8 @@ mod http_rate {
         by.into_iter()
             .map(|mut v| {
                 v.sort_unstable();
-                let n = v.len();
-                let p99 = if n == 0 {
-                    0
-                } else {
-                    v[((0.99 * n as f64).ceil() as usize).clamp(1, n) - 1]
-                };
-                json!({ "requests": n, "p99": p99, "max": v.last().copied().unwrap_or(0) })
+                let p99 = if v.is_empty() { 0 } else { quantile(&v, 0.99) };
+                json!({ "requests": v.len(), "p99": p99, "max": v.last().copied().unwrap_or(0) })
             })
             .collect()
     }

@@ -102,8 +102,9 @@ pub struct NoisyArgs {
     /// The same steps with no agent in the way (both pods dial directly,
     /// the quiet pod the nginx pod's address; the noisy pod's connects
     /// paced at `--client-rate` when given, else at `--accept-rate`, the
-    /// agent's default 1,000/s when not given): what the machine itself makes of them, the share of the
-    /// quiet pod's latency no proxy could remove. Prints; writes nothing.
+    /// agent's default 1,000/s when not given): what the machine itself
+    /// makes of them, the share of the quiet pod's latency no proxy could
+    /// remove. Prints; writes nothing.
     #[arg(long)]
     direct: bool,
     /// Do not follow the agent's steps with the same steps with no agent
