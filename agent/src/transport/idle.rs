@@ -10,12 +10,15 @@
 //! The same place counts the bytes each way: the connection table
 //! (`waymark conns`) reads them while the connection runs, for the price
 //! of one relaxed add beside the timestamp the idle timeout already needed.
-//! And it bounds what the reply shortcut may leave unread ([`ReplyBudget`]).
+//! And it bounds what the reply shortcut may leave unread ([`ReplyBudget`])
+//! and keeps the client's socket acknowledging sparingly ([`Rearm`]).
 
 use std::io;
 use std::net::SocketAddr;
 
+use crate::transport::delayed_acks::Rearm;
 use crate::transport::netns::PodNetns;
+use std::os::fd::RawFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::OnceLock;
@@ -91,6 +94,9 @@ pub struct ReplyBudget {
     /// Request bytes read from the client as last told to the kernel
     /// (the request shortcut's bound).
     reported: AtomicU64,
+    /// The client's socket is kept in the kernel's interactive mode
+    /// (fewer bare ACKs): put back after each quiet spell.
+    acks: Option<Rearm>,
     exit: Arc<dyn ShortcutExit>,
 }
 
@@ -150,13 +156,26 @@ impl ReplyBudget {
             unread_at,
             requests,
             reported: AtomicU64::new(0),
+            acks: None,
             exit,
         }
     }
 
-    /// The client has sent; `total` bytes from it so far.
-    fn heard_from_client(&self, total: u64) {
+    /// Keeps the client's socket `fd` in the interactive mode the agent
+    /// put it in ([`Rearm`]). `fd` must be the connection's accepted
+    /// socket: [`Activity::moved_out`] uses it while its caller holds it.
+    pub fn keeping_acks_delayed(mut self, fd: RawFd) -> Self {
+        self.acks = Some(Rearm::new(fd));
+        self
+    }
+
+    /// The client has sent, at `now_us` on the connection's clock; `total`
+    /// bytes from it so far.
+    fn heard_from_client(&self, total: u64, now_us: u64) {
         self.unanswered.store(0, Ordering::Relaxed);
+        if let Some(acks) = &self.acks {
+            acks.heard(now_us);
+        }
         let reported = self.reported.load(Ordering::Relaxed);
         if self.requests && total - reported.min(total) >= UNREAD_CHECK_EVERY {
             self.reported.store(total, Ordering::Relaxed);
@@ -247,17 +266,25 @@ impl Activity {
     }
 
     pub fn touch(&self) {
-        let now = self.base.elapsed().as_millis() as u64;
-        self.last.fetch_max(now, Ordering::Relaxed);
+        self.touch_at(self.base.elapsed());
+    }
+
+    fn touch_at(&self, since_base: Duration) {
+        self.last
+            .fetch_max(since_base.as_millis() as u64, Ordering::Relaxed);
     }
 
     /// `n` bytes went from the client towards its destination.
+    ///
+    /// Called by the code that reads the client's socket, while it holds
+    /// it (what [`ReplyBudget::keeping_acks_delayed`] relies on).
     pub fn moved_out(&self, n: u64) {
         let total = self.outward.fetch_add(n, Ordering::Relaxed) + n;
+        let now = self.base.elapsed();
         if let Some(b) = self.replies.get() {
-            b.heard_from_client(total);
+            b.heard_from_client(total, now.as_micros() as u64);
         }
-        self.touch();
+        self.touch_at(now);
     }
 
     /// `n` bytes came back to the client.

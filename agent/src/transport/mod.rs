@@ -10,6 +10,7 @@
 
 pub mod coalesce;
 pub mod copy;
+pub mod delayed_acks;
 pub mod h2_refused;
 pub mod idle;
 pub mod netns;

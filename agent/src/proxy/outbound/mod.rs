@@ -6,7 +6,7 @@ pub mod forward;
 pub mod http_server;
 
 use std::net::SocketAddr;
-use std::os::fd::AsFd as _;
+use std::os::fd::{AsFd as _, AsRawFd as _};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -34,6 +34,7 @@ use crate::telemetry::metrics::{
     TcpMetrics, TlsLabel,
 };
 use crate::transport::copy::{self, Counters, Side};
+use crate::transport::delayed_acks;
 use crate::transport::idle::{ReplyBudget, ShortcutExit};
 use crate::transport::netns::PodNetns;
 use crate::transport::tunnel::{ConnectHeaders, TunnelError};
@@ -585,12 +586,25 @@ impl Outbound {
                 ReplyPath::Loopback
             }
         };
-        if let ReplyPath::Sockmap {
-            delay_acks: true, ..
-        } = reply_path
-        {
-            delay_acks(client);
-        }
+        // Fewer bare ACKs, only where the kernel also bounds the socket's
+        // delayed-ACK timer to a few ms (`wm_agent_sock_ops`): a client
+        // with Nagle's algorithm on holds each small request until the one
+        // before is acknowledged, and would otherwise wait for the default
+        // 40 ms timer once per connection
+        // (`reply_shortcut::a_client_with_nagle_on_is_not_held_by_delayed_acks`).
+        let acks_delayed = matches!(
+            reply_path,
+            ReplyPath::Sockmap {
+                delay_acks: true,
+                ..
+            }
+        ) && match delayed_acks::delay(client.as_fd()) {
+            Ok(()) => true,
+            Err(e) => {
+                debug!(error = %e, "TCP_QUICKACK off refused; the socket acknowledges each request");
+                false
+            }
+        };
         if reply_path != ReplyPath::Off {
             self.metrics
                 .reply_path_total
@@ -617,14 +631,19 @@ impl Outbound {
             ..
         } = reply_path
         {
-            live.activity().bound_replies(ReplyBudget::new(
+            let budget = ReplyBudget::new(
                 max_unanswered,
                 requests,
                 pod.netns_cookie,
                 peer,
                 pod.netns.clone().zip(listener),
                 self.shortcut_exit.clone(),
-            ));
+            );
+            live.activity().bound_replies(if acks_delayed {
+                budget.keeping_acks_delayed(client.as_raw_fd())
+            } else {
+                budget
+            });
         }
         Some((dst, live))
     }
@@ -930,38 +949,6 @@ fn source_addr(pod: &PodInfo, peer: SocketAddr, dst: SocketAddr) -> Option<Socke
         .find(|ip| ip.is_ipv4() == dst.is_ipv4())
         .or(ips.first())
         .map(|ip| SocketAddr::new(*ip, peer.port()))
-}
-
-/// Once replies take the shortcut, the accepted socket sends no TCP data
-/// that its acknowledgements could ride on, and the kernel acknowledges
-/// each request the moment it is read: a bare ACK down the pod's loopback,
-/// delivered on the agent's CPU, about one per request. `TCP_QUICKACK` off puts
-/// the socket in the kernel's interactive ("pingpong") mode, where reads
-/// acknowledge only every second segment or so and the delayed-ACK timer
-/// does the rest: measured on one hop, 1.2 → 0.64 bare ACKs per request. The
-/// kernel leaves the mode after an idle spell, which costs nothing then.
-///
-/// Only where the kernel also bounds the socket's delayed-ACK timer (a few
-/// ms; `wm_agent_sock_ops`): a client with Nagle's algorithm on holds each
-/// small request until the one before is acknowledged, and would otherwise
-/// wait for the default 40 ms timer once per connection
-/// (`reply_shortcut::a_client_with_nagle_on_is_not_held_by_delayed_acks`).
-fn delay_acks(client: &TcpStream) {
-    let off: libc::c_int = 0;
-    // SAFETY: setsockopt on a socket this function borrows, with a pointer
-    // to a live int and its size.
-    let ret = unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(client),
-            libc::IPPROTO_TCP,
-            libc::TCP_QUICKACK,
-            (&off as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if ret != 0 {
-        debug!(error = %std::io::Error::last_os_error(), "TCP_QUICKACK off refused; the socket acknowledges each request");
-    }
 }
 
 /// Closes with RST (SO_LINGER 0) instead of FIN.
