@@ -225,6 +225,52 @@ fn raise_open_files_limit() {
         Ok((soft, _)) => info!(limit = soft, "open files limit (already the hard limit)"),
         Err(e) => warn!(error = %e, "cannot read the open files limit"),
     }
+    if let Ok((soft, _)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        presize_fd_table(soft);
+    }
+}
+
+/// Descriptors the table is grown to at most: 512 KiB of the kernel's
+/// memory for its pointers.
+const PRESIZED_FDS_MAX: u64 = 1 << 16;
+
+/// Grows the process's descriptor table to the open files limit now, while
+/// the agent has one thread, instead of while it serves.
+///
+/// Why: the kernel grows a process's table by doubling it when a new
+/// descriptor does not fit (at 1,024, 2,048, 4,096, 8,192, 16,384 open),
+/// and in a process with more than one thread it waits for an RCU grace
+/// period before it frees the old table (`expand_fdtable`), with the
+/// table's lock held against every other thread that opens a descriptor.
+/// A pod opening thousands of connections took the agent through those
+/// sizes in a few seconds, each time holding up the worker that accepted
+/// (and every accept and connect behind it) for the grace period. A table
+/// never shrinks, so growing it once at start costs nothing later.
+fn presize_fd_table(limit: u64) {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let top = limit.min(PRESIZED_FDS_MAX).saturating_sub(1);
+    if top < 1024 {
+        return;
+    }
+    let null = match std::fs::File::open("/dev/null") {
+        Ok(f) => f,
+        Err(e) => {
+            warn!(error = %e, "cannot grow the descriptor table at start");
+            return;
+        }
+    };
+    // SAFETY: F_DUPFD_CLOEXEC on a descriptor this function owns; it
+    // returns a new descriptor (the lowest free one at or above `top`) or
+    // -1, and touches no memory.
+    let fd = unsafe { libc::fcntl(null.as_raw_fd(), libc::F_DUPFD_CLOEXEC, top as libc::c_int) };
+    if fd < 0 {
+        warn!(error = %std::io::Error::last_os_error(), "cannot grow the descriptor table at start");
+        return;
+    }
+    // SAFETY: `fd` was just returned to this function and nothing else
+    // holds it; dropping the `OwnedFd` closes it.
+    drop(unsafe { OwnedFd::from_raw_fd(fd) });
+    tracing::debug!(descriptors = top + 1, "descriptor table grown at start");
 }
 
 async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHandle) -> Result<()> {
