@@ -113,8 +113,9 @@ pub struct Rearm {
     state: AtomicU8,
 }
 
-/// The mode was just set; the read that set it was acknowledged at once,
-/// so the client's next request cannot be held by Nagle's algorithm.
+/// The mode was just set: at accept, before any request, or after a read
+/// that was acknowledged at once. Either way the client's next request
+/// cannot have been held by Nagle's algorithm.
 const SET: u8 = 0;
 /// The client's last request was read in the mode: if the timer fires
 /// before the next one, the client may be waiting for it.
