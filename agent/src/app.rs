@@ -213,21 +213,31 @@ fn strict_sources(config: &Config) -> Result<Vec<ipnet::IpNet>> {
 /// goes up to the hard one, which only the node's administrator sets.
 fn raise_open_files_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    match getrlimit(Resource::RLIMIT_NOFILE) {
+    let limit = match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-            Ok(()) => info!(
-                from = soft,
-                to = hard,
-                "open files limit raised to the hard limit"
-            ),
-            Err(e) => warn!(soft, hard, error = %e, "cannot raise the open files limit"),
+            Ok(()) => {
+                info!(
+                    from = soft,
+                    to = hard,
+                    "open files limit raised to the hard limit"
+                );
+                hard
+            }
+            Err(e) => {
+                warn!(soft, hard, error = %e, "cannot raise the open files limit");
+                soft
+            }
         },
-        Ok((soft, _)) => info!(limit = soft, "open files limit (already the hard limit)"),
-        Err(e) => warn!(error = %e, "cannot read the open files limit"),
-    }
-    if let Ok((soft, _)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        presize_fd_table(soft);
-    }
+        Ok((soft, _)) => {
+            info!(limit = soft, "open files limit (already the hard limit)");
+            soft
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot read the open files limit");
+            return;
+        }
+    };
+    presize_fd_table(limit);
 }
 
 /// Descriptors the table is grown to at most: 512 KiB of the kernel's
@@ -247,7 +257,8 @@ const PRESIZED_FDS_MAX: u64 = 1 << 16;
 /// (and every accept and connect behind it) for the grace period. A table
 /// never shrinks, so growing it once at start costs nothing later.
 fn presize_fd_table(limit: u64) {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use nix::fcntl::{FcntlArg, fcntl};
+    use std::os::fd::{FromRawFd, OwnedFd};
     let top = limit.min(PRESIZED_FDS_MAX).saturating_sub(1);
     if top < 1024 {
         return;
@@ -259,18 +270,17 @@ fn presize_fd_table(limit: u64) {
             return;
         }
     };
-    // SAFETY: F_DUPFD_CLOEXEC on a descriptor this function owns; it
-    // returns a new descriptor (the lowest free one at or above `top`) or
-    // -1, and touches no memory.
-    let fd = unsafe { libc::fcntl(null.as_raw_fd(), libc::F_DUPFD_CLOEXEC, top as libc::c_int) };
-    if fd < 0 {
-        warn!(error = %std::io::Error::last_os_error(), "cannot grow the descriptor table at start");
-        return;
+    // A copy at the lowest free descriptor at or above `top`: the table
+    // grows to hold it.
+    match fcntl(&null, FcntlArg::F_DUPFD_CLOEXEC(top as i32)) {
+        Ok(fd) => {
+            // SAFETY: `fd` was just returned to this function and nothing
+            // else holds it; dropping the `OwnedFd` closes it.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+            tracing::debug!(descriptors = top + 1, "descriptor table grown at start");
+        }
+        Err(e) => warn!(error = %e, "cannot grow the descriptor table at start"),
     }
-    // SAFETY: `fd` was just returned to this function and nothing else
-    // holds it; dropping the `OwnedFd` closes it.
-    drop(unsafe { OwnedFd::from_raw_fd(fd) });
-    tracing::debug!(descriptors = top + 1, "descriptor table grown at start");
 }
 
 async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHandle) -> Result<()> {

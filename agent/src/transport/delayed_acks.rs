@@ -30,8 +30,10 @@
 //! timer acknowledges each of its requests, in the mode or not.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+
+use socket2::SockRef;
 
 /// Quiet time after which the kernel is asked whether the socket is still
 /// in the mode. Below the smallest bound, so that no firing of the timer is
@@ -48,52 +50,13 @@ pub const HELD_AT_MOST_US: u64 = 50_000;
 
 /// Puts the socket in the kernel's interactive mode (`TCP_QUICKACK` off).
 pub fn delay(fd: BorrowedFd<'_>) -> io::Result<()> {
-    set_quickack(fd.as_raw_fd(), false)
+    SockRef::from(&fd).set_tcp_quickack(false)
 }
 
 /// Whether the socket is in the interactive mode (`TCP_QUICKACK` reads 0
 /// exactly then).
 pub fn delaying(fd: BorrowedFd<'_>) -> io::Result<bool> {
-    delaying_fd(fd.as_raw_fd())
-}
-
-fn delaying_fd(fd: RawFd) -> io::Result<bool> {
-    let mut val: libc::c_int = 1;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt into a live int with its size; the callers
-    // guarantee the socket is open (see `Rearm`).
-    let ret = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_QUICKACK,
-            (&mut val as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if ret != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(val == 0)
-}
-
-fn set_quickack(fd: RawFd, on: bool) -> io::Result<()> {
-    let val = libc::c_int::from(on);
-    // SAFETY: setsockopt from a live int with its size; the callers
-    // guarantee the socket is open (see `Rearm`).
-    let ret = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_QUICKACK,
-            (&val as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if ret != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    SockRef::from(&fd).tcp_quickack().map(|quick| !quick)
 }
 
 /// Puts a connection's accepted socket back in the interactive mode when
@@ -143,15 +106,18 @@ impl Rearm {
             return;
         }
         let quiet = now_us.saturating_sub(last);
+        // SAFETY: the caller holds the client's socket (see the type), so
+        // `fd` is open and that socket's while this call runs.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.fd) };
         // Back to back, the timer cannot have fired; after a pause, the
         // kernel says (an error: the socket is closing, nothing to keep).
-        let kept = quiet < LOOK_AFTER_US || delaying_fd(self.fd).unwrap_or(true);
+        let kept = quiet < LOOK_AFTER_US || delaying(fd).unwrap_or(true);
         let next = if kept {
             if state == SET { ON_TRIAL } else { HELD }
         } else if state == ON_TRIAL && quiet < HELD_AT_MOST_US {
             GAVE_UP
         } else {
-            let _ = set_quickack(self.fd, false);
+            let _ = delay(fd);
             SET
         };
         if next != state {
@@ -164,7 +130,7 @@ impl Rearm {
 mod tests {
     use super::*;
     use std::net::{TcpListener, TcpStream};
-    use std::os::fd::AsFd;
+    use std::os::fd::{AsFd, AsRawFd};
 
     fn accepted() -> (TcpStream, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -176,7 +142,7 @@ mod tests {
     /// What the kernel does when the delayed-ACK timer fires in the
     /// interactive mode; `TCP_QUICKACK` on is the one way to do it at will.
     fn leave(s: &TcpStream) {
-        set_quickack(s.as_raw_fd(), true).unwrap();
+        SockRef::from(s).set_tcp_quickack(true).unwrap();
         assert!(!delaying(s.as_fd()).unwrap());
     }
 

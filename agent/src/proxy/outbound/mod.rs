@@ -598,13 +598,11 @@ impl Outbound {
                 delay_acks: true,
                 ..
             }
-        ) && match delayed_acks::delay(client.as_fd()) {
-            Ok(()) => true,
-            Err(e) => {
+        ) && delayed_acks::delay(client.as_fd())
+            .inspect_err(|e| {
                 debug!(error = %e, "TCP_QUICKACK off refused; the socket acknowledges each request");
-                false
-            }
-        };
+            })
+            .is_ok();
         if reply_path != ReplyPath::Off {
             self.metrics
                 .reply_path_total
