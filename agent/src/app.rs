@@ -471,6 +471,10 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
             drain: drain.clone(),
         },
     );
+    conns.set_limits(crate::telemetry::conns::OutboundLimits {
+        per_pod: outbound.limits.per_pod,
+        total: outbound.limits.total,
+    });
     info!(
         per_pod = outbound.limits.per_pod,
         total = outbound.limits.total,

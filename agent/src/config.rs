@@ -177,12 +177,18 @@ pub struct OutboundConfig {
     pub dial_from: DialFrom,
     /// Connections one pod may have through the agent at once; more are
     /// reset at accept (`waymark_outbound_refused_total`), so one pod
-    /// cannot take the node's proxy from the others. 0: no limit.
-    #[serde(default = "default_max_connections_per_pod")]
-    pub max_connections_per_pod: usize,
-    /// Connections of all pods at once. 0 (the default): the agent's
-    /// open-files limit less 1,024 kept for listeners, the tunnel and the
-    /// admin API, read at start.
+    /// cannot take the node's proxy from the others. 0: no limit. Unset:
+    /// half of `max_connections`, at most 16,384, so that one pod can
+    /// never hold what the others need.
+    #[serde(default)]
+    pub max_connections_per_pod: Option<usize>,
+    /// Connections of all pods at once. 0 (the default): half of the
+    /// agent's open-files limit less 1,024 kept for listeners, the tunnel
+    /// and the admin API, read at start. Half, because a proxied
+    /// connection holds two descriptors (the pod's side and the upstream):
+    /// a bound counted in connections but paid in descriptors would let
+    /// the agent run out of descriptors first, and then every pod's new
+    /// connections wait, not only the greedy pod's.
     #[serde(default)]
     pub max_connections: usize,
     /// Connections one pod may open per second through the agent in the
@@ -197,10 +203,6 @@ pub struct OutboundConfig {
     /// while: the bucket's size.
     #[serde(default = "default_accept_burst_per_pod")]
     pub accept_burst_per_pod: u32,
-}
-
-fn default_max_connections_per_pod() -> usize {
-    16_384
 }
 
 fn default_accept_rate_per_pod() -> u32 {
@@ -276,7 +278,7 @@ impl Default for OutboundConfig {
             port: default_outbound_port(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             dial_from: DialFrom::default(),
-            max_connections_per_pod: default_max_connections_per_pod(),
+            max_connections_per_pod: None,
             max_connections: 0,
             accept_rate_per_pod: DEFAULT_ACCEPT_RATE_PER_POD,
             accept_burst_per_pod: DEFAULT_ACCEPT_BURST_PER_POD,

@@ -515,6 +515,44 @@ fn idle_tunnel_connections_are_closed_and_counted() {
     });
 }
 
+/// A script that starts the agent held to `files` open files, soft and hard
+/// (`prlimit`), so it cannot raise them; removed when dropped, also when the
+/// test fails.
+struct AgentWithFiles {
+    dir: std::path::PathBuf,
+    path: std::path::PathBuf,
+}
+
+impl AgentWithFiles {
+    fn new(files: u32) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("waymark-files-{files}-{}", std::process::id()));
+        let path = dir.join(format!("waymark-{files}-files"));
+        let made = (|| -> Result<()> {
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(
+                &path,
+                format!(
+                    "#!/bin/sh\nexec prlimit --nofile={files}:{files} {} \"$@\"\n",
+                    waymark_tests::world::agent::waymark_bin()?.display()
+                ),
+            )?;
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+            Ok(())
+        })();
+        let me = Self { dir, path };
+        made.unwrap_or_else(|e| panic!("{e:#}"));
+        me
+    }
+}
+
+impl Drop for AgentWithFiles {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// Counts the log lines of `log` (from byte `from`) that contain `what`.
 fn lines_with(log: &str, from: usize, what: &str) -> usize {
     log.get(from..)
@@ -535,31 +573,9 @@ fn lines_with(log: &str, from: usize, what: &str) -> usize {
 #[test]
 fn accept_loops_back_off_when_descriptors_run_out() {
     require_agent_or_skip!();
-    /// Removes the wrapper's directory, also when the test fails.
-    struct Dir(std::path::PathBuf);
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let dir = Dir(std::env::temp_dir().join(format!("waymark-emfile-{}", std::process::id())));
-    let wrapper = (|| -> Result<std::path::PathBuf> {
-        std::fs::create_dir_all(&dir.0)?;
-        let wrapper = dir.0.join("waymark-400-files");
-        std::fs::write(
-            &wrapper,
-            format!(
-                "#!/bin/sh\nexec prlimit --nofile=400:400 {} \"$@\"\n",
-                waymark_tests::world::agent::waymark_bin()?.display()
-            ),
-        )?;
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
-        Ok(wrapper)
-    })()
-    .unwrap_or_else(|e| panic!("{e:#}"));
+    let wrapper = AgentWithFiles::new(400);
     let b = meshed_pair(world_name!(), 2, &[])
-        .agent_bin(&wrapper)
+        .agent_bin(&wrapper.path)
         .agent_config_extra(
             "[outbound]\nmax_connections = 100000\nmax_connections_per_pod = 100000\n\
              [proxy]\nopaque_ports = [7000]\n",
@@ -660,6 +676,102 @@ fn accept_loops_back_off_when_descriptors_run_out() {
             ensure!(status == 200, "admin socket answered {status}");
             echo_ok(other, &echo)
         })?;
+        Ok(())
+    });
+}
+
+/// With the limits left unset, one pod cannot run the agent out of
+/// descriptors: an agent held to 3,072 open files takes 1,024 connections
+/// (two descriptors each, past 1,024 kept back) and a pod half of them, so
+/// a pod opening 1,800 holds 512, the rest are reset at accept and counted
+/// with the pod, no accept ever fails, and another pod still opens its
+/// connections and is served. Before the derived bounds counted
+/// descriptors, the agent took the pod's connections until `EMFILE` and the
+/// other pod's new connections waited in its listener's queue.
+#[test]
+fn with_the_default_limits_one_pod_cannot_use_up_the_agents_descriptors() {
+    require_agent_or_skip!();
+    let wrapper = AgentWithFiles::new(3072);
+    let b = World::builder(world_name!())
+        .nodes(2)
+        .pods_per_node(2)
+        .agent_bin(&wrapper.path);
+    with_world(b, |world| {
+        let (node, greedy, other) = (world.node(0), world.pod(0, 0), world.pod(0, 1));
+        let server = world.pod(1, 0);
+        let _echo = server.serve(&mut testpeer(["echo", "--listen", "0.0.0.0:7000"]))?;
+        let echo = format!("{}:7000", server.ip());
+        eventually(DEFAULT_PATIENCE, || {
+            ensure!(
+                node.agent_log()
+                    .contains("outbound connection limits per_pod=512 total=1024"),
+                "the agent has not logged the limits it derived from 3,072 files"
+            );
+            Ok(())
+        })?;
+        let hold = |pod: &Pod, count: &str| {
+            pod.serve_until(
+                &mut testpeer([
+                    "hold",
+                    "--connect",
+                    &echo,
+                    "--count",
+                    count,
+                    "--hold",
+                    "300s",
+                ]),
+                "holding ",
+                Duration::from_secs(60),
+            )
+        };
+        let open = |pod: &Pod| {
+            metric(
+                node,
+                "tcp_open_connections",
+                &[("direction", "outbound"), ("pod", pod.name())],
+            )
+        };
+        // `/conns` says what the agent derived, for `waymark trace`.
+        let (status, body) = node.admin_socket_get("/conns?direction=out")?;
+        ensure!(status == 200, "/conns answered {status}: {body}");
+        let report: serde_json::Value = serde_json::from_str(&body)?;
+        ensure!(
+            report["limits"] == serde_json::json!({"per_pod": 512, "total": 1024}),
+            "/conns reports the limits {}",
+            report["limits"]
+        );
+        let _greedy = hold(greedy, "1800")?;
+        let refused = [("pod", greedy.name()), ("limit", "pod_connections")];
+        await_metric(node, "waymark_outbound_refused_total", &refused, 1288.0)?;
+        ensure!(
+            open(greedy)? == 512.0,
+            "the greedy pod holds {}",
+            open(greedy)?
+        );
+        let _other = hold(other, "300")?;
+        eventually(DEFAULT_PATIENCE, || {
+            let n = open(other)?;
+            ensure!(n == 300.0, "the other pod holds {n} of its 300");
+            Ok(())
+        })?;
+        echo_ok(other, &echo)?;
+        let log = node.agent_log();
+        ensure!(
+            !log.contains("accept failed") && !log.contains("Too many open files"),
+            "the agent ran out of descriptors: {}",
+            log.lines()
+                .find(|l| l.contains("Too many open files") || l.contains("accept failed"))
+                .unwrap_or_default()
+        );
+        let other_refused = metric(
+            node,
+            "waymark_outbound_refused_total",
+            &[("pod", other.name())],
+        )?;
+        ensure!(
+            other_refused == 0.0,
+            "the other pod had {other_refused} refused"
+        );
         Ok(())
     });
 }

@@ -730,7 +730,8 @@ fn a_pod_over_its_connection_limit_is_refused_and_others_are_not() {
 }
 
 /// The agent-wide bound (`outbound.max_connections`) holds across pods:
-/// with 5 in all, a pod holding 4 leaves one for the next pod, whose second
+/// with 5 in all (and 4 per pod, as unset it would be half of 5), a pod
+/// holding 4 leaves one for the next pod, whose second
 /// connection is reset at accept and counted with that pod and
 /// `limit="agent_connections"`.
 #[test]
@@ -739,7 +740,7 @@ fn the_agent_wide_connection_limit_holds_across_pods() {
     let b = World::builder(world_name!())
         .nodes(2)
         .pods_per_node(2)
-        .agent_config_extra("[outbound]\nmax_connections = 5\n");
+        .agent_config_extra("[outbound]\nmax_connections = 5\nmax_connections_per_pod = 4\n");
     with_world(b, |world| {
         let (first, second, srv, node) = (
             world.pod(0, 0),
@@ -778,7 +779,7 @@ fn the_agent_wide_connection_limit_holds_across_pods() {
         )?;
         ensure!(
             node.agent_log()
-                .contains("outbound connection limits per_pod=16384 total=5")
+                .contains("outbound connection limits per_pod=4 total=5")
         );
         Ok(())
     });

@@ -37,6 +37,7 @@ pub fn report(state: &AdminState, raw: Option<&str>) -> Answer {
     json(&ConnsReport {
         open: all.len(),
         kernel_counters: kernel.is_some(),
+        limits: state.conns.limits(),
         connections,
     })
 }

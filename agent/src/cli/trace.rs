@@ -378,6 +378,12 @@ fn refused_at_a_limit(client: &AdminClient, pod: &str, limits: ConnLimits) -> Op
         crate::http::query::encode(pod)
     )))
     .ok()?;
+    // The agent's own figures: unset limits are derived at start (from the
+    // open-files limit), which the config does not show.
+    let limits = report.limits.map_or(limits, |l| ConnLimits {
+        per_pod: l.per_pod as u64,
+        total: l.total as u64,
+    });
     limit_verdict(
         pod,
         limits,

@@ -71,22 +71,48 @@ pub struct ConnLimits {
     pub accept_rate: AcceptRate,
 }
 
+/// Descriptors kept out of the connections' share of the open-files
+/// limit: listeners (two per enrolled pod), the tunnel, the admin API, the
+/// kernel maps and the log.
+const RESERVED_FDS: usize = 1024;
+
+/// A pod's share of the agent's connections when
+/// `outbound.max_connections_per_pod` is unset: half, so that the others
+/// always keep the rest.
+const POD_SHARE_DIVISOR: usize = 2;
+
+/// The per-pod bound when `outbound.max_connections_per_pod` is unset and
+/// the agent's own is larger: far above any pooled client.
+const PER_POD_DEFAULT_MAX: usize = 16_384;
+
 impl ConnLimits {
     /// From the config; a `max_connections` of 0 is derived from the
-    /// open-files limit in force.
-    pub fn new(per_pod: usize, total: usize, accept_rate: AcceptRate) -> Self {
+    /// open-files limit in force, and an unset per-pod limit from that.
+    pub fn new(per_pod: Option<usize>, total: usize, accept_rate: AcceptRate) -> Self {
         let total = if total > 0 {
             total
         } else {
             nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-                .map(|(soft, _)| (soft as usize).saturating_sub(1024).max(64))
+                .map(|(soft, _)| Self::total_for_open_files(soft))
                 .unwrap_or(8192)
         };
         Self {
-            per_pod,
+            per_pod: per_pod.unwrap_or_else(|| Self::per_pod_for_total(total)),
             total,
             accept_rate,
         }
+    }
+
+    /// Connections of all pods that fit `open_files` descriptors: two per
+    /// connection, past the reserve.
+    fn total_for_open_files(open_files: u64) -> usize {
+        let fds = usize::try_from(open_files).unwrap_or(usize::MAX);
+        (fds.saturating_sub(RESERVED_FDS) / 2).max(64)
+    }
+
+    /// One pod's default share of `total`.
+    fn per_pod_for_total(total: usize) -> usize {
+        (total / POD_SHARE_DIVISOR).clamp(1, PER_POD_DEFAULT_MAX)
     }
 }
 
@@ -953,4 +979,38 @@ fn source_addr(pod: &PodInfo, peer: SocketAddr, dst: SocketAddr) -> Option<Socke
 fn reset(stream: TcpStream) {
     let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
     drop(stream);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ConnLimits;
+
+    #[test]
+    fn the_derived_total_counts_two_descriptors_per_connection() {
+        // These machines' limit: 20,000 descriptors, 1,024 kept back.
+        assert_eq!(ConnLimits::total_for_open_files(20_000), 9_488);
+        assert_eq!(ConnLimits::total_for_open_files(1_048_576), 523_776);
+        // A limit below the reserve still takes a few connections.
+        assert_eq!(ConnLimits::total_for_open_files(1_024), 64);
+        // RLIM_INFINITY neither overflows nor wraps.
+        assert_eq!(
+            ConnLimits::total_for_open_files(u64::MAX),
+            (usize::MAX - 1024) / 2
+        );
+    }
+
+    #[test]
+    fn an_unset_per_pod_limit_is_half_the_total_at_most_16384() {
+        assert_eq!(ConnLimits::per_pod_for_total(9_488), 4_744);
+        assert_eq!(ConnLimits::per_pod_for_total(523_776), 16_384);
+        assert_eq!(ConnLimits::per_pod_for_total(1), 1);
+        let rate = super::AcceptRate {
+            per_second: 0,
+            burst: 0,
+        };
+        // Set, it is kept as it is, 0 (no limit) included.
+        assert_eq!(ConnLimits::new(Some(0), 10, rate).per_pod, 0);
+        assert_eq!(ConnLimits::new(Some(7), 10, rate).per_pod, 7);
+        assert_eq!(ConnLimits::new(None, 10, rate).per_pod, 5);
+    }
 }

@@ -20,7 +20,7 @@ pub mod filter;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -254,6 +254,19 @@ pub struct ConnTable {
     /// Whether the kernel diagnostics run: only then are the upstream
     /// sockets' local addresses (a `getsockname` each) worth asking.
     flows_wanted: AtomicBool,
+    /// The outbound connection limits in force, once the agent has derived
+    /// them (`/conns` reports them, so `waymark trace` can say which one a
+    /// refused connection met without re-deriving them from the config).
+    limits: OnceLock<OutboundLimits>,
+}
+
+/// How many outbound connections the agent takes, per pod and in all (0:
+/// no limit), as derived at start from `[outbound]` and the open-files
+/// limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboundLimits {
+    pub per_pod: usize,
+    pub total: usize,
 }
 
 impl Default for ConnTable {
@@ -262,6 +275,7 @@ impl Default for ConnTable {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             next_id: AtomicU64::new(1),
             flows_wanted: AtomicBool::new(false),
+            limits: OnceLock::new(),
         }
     }
 }
@@ -269,6 +283,16 @@ impl Default for ConnTable {
 impl ConnTable {
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
+    }
+
+    /// Records the outbound limits in force (the first call wins: they are
+    /// derived once, at start).
+    pub fn set_limits(&self, limits: OutboundLimits) {
+        let _ = self.limits.set(limits);
+    }
+
+    pub fn limits(&self) -> Option<OutboundLimits> {
+        self.limits.get().copied()
     }
 
     /// Enters a connection; it stays in the table until the guard drops.
@@ -361,6 +385,10 @@ pub struct ConnsReport {
     pub open: usize,
     /// Whether the kernel diagnostics run (else no `kernel` per row).
     pub kernel_counters: bool,
+    /// The outbound limits in force (absent from an agent that predates
+    /// them).
+    #[serde(default)]
+    pub limits: Option<OutboundLimits>,
     pub connections: Vec<ConnRow>,
 }
 
