@@ -230,7 +230,13 @@ pub fn run(a: NoisyArgs) -> Result<()> {
         build(a.no_build, true)?
     };
     if a.direct {
-        return run_direct(&a, &bins, (a.conns as usize).min(DIRECT_MAX)).map(|_| ());
+        return run_direct(
+            &a,
+            &bins,
+            (a.conns as usize).min(DIRECT_MAX),
+            direct_pace(&a),
+        )
+        .map(|_| ());
     }
     let conns = a.conns as usize;
     let mut accept_rate = String::new();
@@ -519,10 +525,19 @@ endpoints = [{{ addr = "{}:{}" }}]
     // by itself, measured in the same run.
     drop(_servers);
     drop(world);
+    // Twice when the noisy client is unpaced: its connects paced as the
+    // agent paced them (as many as it held), and as fast as they go (every
+    // connection it tries, up to what one echo process holds): what the
+    // pod's own opening costs the machine with no proxy at all.
     let direct = if a.no_direct {
         None
     } else {
-        Some(run_direct(&a, &bins, expected)?)
+        Some(run_direct(&a, &bins, expected, direct_pace(&a))?)
+    };
+    let direct_unpaced = if a.no_direct || a.client_rate > 0 {
+        None
+    } else {
+        Some(run_direct(&a, &bins, conns.min(DIRECT_MAX), 0)?)
     };
     let mut md = String::new();
     let client_pace = if a.client_rate > 0 {
@@ -654,6 +669,26 @@ endpoints = [{{ addr = "{}:{}" }}]
             held / idle,
         );
     }
+    if let Some(d) = &direct_unpaced {
+        let (idle, opening, held) = d.medians();
+        let _ = writeln!(
+            md,
+            "\nAnd with no agent and the noisy pod's client unpaced, as it ran through the \
+             agent (256 connects at a time per process, as fast as they go; it holds all {} \
+             it tries, with no limit in the way), in a world of their own: p99 idle {:.2} ms \
+             (runs: {}), while the connections open {:.2} ms (runs: {}; **{:.2}×**), held \
+             {:.2} ms (runs: {}; {:.2}×).",
+            conns.min(DIRECT_MAX),
+            idle,
+            listed(d.idle.iter().copied()),
+            opening,
+            listed(d.openings.iter().copied()),
+            opening / idle,
+            held,
+            listed(d.held.iter().copied()),
+            held / idle,
+        );
+    }
     print!("{md}");
     ensure!(
         all_failed == 0,
@@ -716,8 +751,9 @@ impl Direct {
 /// `--direct`: the quiet pod's p99 idle, while the noisy pod opens its
 /// connections and while it holds them, with no agent (stopped, its
 /// programs detached: `on_agent_down = "open"`). The noisy pod opens
-/// `conns`: as many as the agent held, when it follows the agent's steps.
-fn run_direct(a: &NoisyArgs, bins: &Bins, conns: usize) -> Result<Direct> {
+/// `conns` (as many as the agent held, or every one it tries), its connects
+/// paced at `pace` a second (0: as fast as they go).
+fn run_direct(a: &NoisyArgs, bins: &Bins, conns: usize, pace: u32) -> Result<Direct> {
     let world = World::builder("bench-noisy-direct")
         .nodes(2)
         .pods_per_node(2)
@@ -749,7 +785,6 @@ fn run_direct(a: &NoisyArgs, bins: &Bins, conns: usize) -> Result<Direct> {
         .map(|i| rate(&format!("idle {}/{}", i + 1, a.reps)))
         .collect::<Result<_>>()?;
     let echo = SocketAddr::new(pod_ip(1, 0).into(), ECHO_PORT);
-    let pace = direct_pace(a);
     widen_port_range(noisy)?;
     let open_reps = a.open_reps as usize;
     let mut openings = Vec::with_capacity(open_reps);
@@ -762,7 +797,9 @@ fn run_direct(a: &NoisyArgs, bins: &Bins, conns: usize) -> Result<Direct> {
             ))
         })?;
         let (connected, failed) = held_counts(&mut hold)?;
-        eprintln!("bench-noisy --direct: holding {connected} failed {failed}");
+        eprintln!(
+            "bench-noisy --direct: holding {connected} failed {failed} (paced at {pace}/s; 0: unpaced)"
+        );
         openings.push(opening);
         if i + 1 < open_reps {
             // No agent to wait for: the client's exit closes them.
