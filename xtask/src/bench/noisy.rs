@@ -651,42 +651,23 @@ endpoints = [{{ addr = "{}:{}" }}]
             .join("; ")
     );
     if let Some(d) = &direct {
-        let (idle, opening, held) = d.medians();
         let _ = writeln!(
             md,
             "\nThe same steps with no agent (`--direct`: both pods dial directly, the quiet pod \
              the nginx pod's address, the noisy pod opening the {expected} the agent held, its \
-             connects paced at {}/s), in a world of their own right after: p99 idle {:.2} ms (runs: {}), while the connections open \
-             {:.2} ms (runs: {}; **{:.2}×**), held {:.2} ms (runs: {}; {:.2}×).",
+             connects paced at {}/s), in a world of their own right after: {}.",
             direct_pace(&a),
-            idle,
-            listed(d.idle.iter().copied()),
-            opening,
-            listed(d.openings.iter().copied()),
-            opening / idle,
-            held,
-            listed(d.held.iter().copied()),
-            held / idle,
+            d.figures()
         );
     }
     if let Some(d) = &direct_unpaced {
-        let (idle, opening, held) = d.medians();
         let _ = writeln!(
             md,
             "\nAnd with no agent and the noisy pod's client unpaced, as it ran through the \
              agent (256 connects at a time per process, as fast as they go; it holds all {} \
-             it tries, with no limit in the way), in a world of their own: p99 idle {:.2} ms \
-             (runs: {}), while the connections open {:.2} ms (runs: {}; **{:.2}×**), held \
-             {:.2} ms (runs: {}; {:.2}×).",
+             it tries, with no limit in the way), in a world of their own: {}.",
             conns.min(DIRECT_MAX),
-            idle,
-            listed(d.idle.iter().copied()),
-            opening,
-            listed(d.openings.iter().copied()),
-            opening / idle,
-            held,
-            listed(d.held.iter().copied()),
-            held / idle,
+            d.figures()
         );
     }
     print!("{md}");
@@ -738,6 +719,21 @@ struct Direct {
 }
 
 impl Direct {
+    /// "p99 idle … (runs: …), while the connections open … (runs: …;
+    /// **N×**), held … (runs: …; N×)", for the report.
+    fn figures(&self) -> String {
+        let (idle, opening, held) = self.medians();
+        format!(
+            "p99 idle {idle:.2} ms (runs: {}), while the connections open {opening:.2} ms \
+             (runs: {}; **{:.2}×**), held {held:.2} ms (runs: {}; {:.2}×)",
+            listed(self.idle.iter().copied()),
+            listed(self.openings.iter().copied()),
+            opening / idle,
+            listed(self.held.iter().copied()),
+            held / idle,
+        )
+    }
+
     /// The medians: idle, while opening, held.
     fn medians(&self) -> (f64, f64, f64) {
         (
