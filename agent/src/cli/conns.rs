@@ -220,6 +220,21 @@ pub fn table(report: &ConnsReport, wide: bool) -> String {
         report.connections.len(),
         report.open
     );
+    if let Some(l) = report.limits {
+        let bound = |n: usize| {
+            if n == 0 {
+                "no limit".to_string()
+            } else {
+                n.to_string()
+            }
+        };
+        let _ = writeln!(
+            out,
+            "outbound limits: {} per pod (outbound.max_connections_per_pod), {} in all (outbound.max_connections)",
+            bound(l.per_pod),
+            bound(l.total)
+        );
+    }
     if !report.kernel_counters {
         out.push_str(
             "kernel counters: not available (the kernel diagnostics do not run on this agent; see `waymark drops`)\n",
@@ -254,6 +269,29 @@ mod tests {
             "/conns?pod=default/web&dst=%5Bfd00::5%5D:8080&proto=http"
         );
         assert_eq!(ConnsArgs::default().path().unwrap(), "/conns");
+    }
+
+    #[test]
+    fn the_limits_in_force_follow_the_count() {
+        let report = ConnsReport {
+            open: 3,
+            kernel_counters: true,
+            limits: Some(crate::telemetry::conns::OutboundLimits {
+                per_pod: 4_744,
+                total: 0,
+            }),
+            connections: Vec::new(),
+        };
+        let out = table(&report, false);
+        assert!(
+            out.contains("0 of 3 open connections\noutbound limits: 4744 per pod (outbound.max_connections_per_pod), no limit in all (outbound.max_connections)\n"),
+            "{out}"
+        );
+        let older = ConnsReport {
+            limits: None,
+            ..report
+        };
+        assert!(!table(&older, false).contains("outbound limits"));
     }
 
     #[test]
