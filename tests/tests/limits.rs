@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use waymark_tests::fixtures::{Endpoint, Service, meshed_pair, services_toml};
+use waymark_tests::support::open_files::AgentWithFiles;
 use waymark_tests::{
     DEFAULT_PATIENCE, Node, Pod, Server, World, await_metric, eventually, http_app, metric,
     require_agent_or_skip, tap, tap_events, testpeer, waymark, with_world, world_name,
@@ -515,44 +516,6 @@ fn idle_tunnel_connections_are_closed_and_counted() {
     });
 }
 
-/// A script that starts the agent held to `files` open files, soft and hard
-/// (`prlimit`), so it cannot raise them; removed when dropped, also when the
-/// test fails.
-struct AgentWithFiles {
-    dir: std::path::PathBuf,
-    path: std::path::PathBuf,
-}
-
-impl AgentWithFiles {
-    fn new(files: u32) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("waymark-files-{files}-{}", std::process::id()));
-        let path = dir.join(format!("waymark-{files}-files"));
-        let made = (|| -> Result<()> {
-            std::fs::create_dir_all(&dir)?;
-            std::fs::write(
-                &path,
-                format!(
-                    "#!/bin/sh\nexec prlimit --nofile={files}:{files} {} \"$@\"\n",
-                    waymark_tests::world::agent::waymark_bin()?.display()
-                ),
-            )?;
-            use std::os::unix::fs::PermissionsExt as _;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
-            Ok(())
-        })();
-        let me = Self { dir, path };
-        made.unwrap_or_else(|e| panic!("{e:#}"));
-        me
-    }
-}
-
-impl Drop for AgentWithFiles {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// Counts the log lines of `log` (from byte `from`) that contain `what`.
 fn lines_with(log: &str, from: usize, what: &str) -> usize {
     log.get(from..)
@@ -573,9 +536,9 @@ fn lines_with(log: &str, from: usize, what: &str) -> usize {
 #[test]
 fn accept_loops_back_off_when_descriptors_run_out() {
     require_agent_or_skip!();
-    let wrapper = AgentWithFiles::new(400);
+    let wrapper = AgentWithFiles::new(400).unwrap_or_else(|e| panic!("{e:#}"));
     let b = meshed_pair(world_name!(), 2, &[])
-        .agent_bin(&wrapper.path)
+        .agent_bin(wrapper.path())
         .agent_config_extra(
             "[outbound]\nmax_connections = 100000\nmax_connections_per_pod = 100000\n\
              [proxy]\nopaque_ports = [7000]\n",
@@ -691,11 +654,11 @@ fn accept_loops_back_off_when_descriptors_run_out() {
 #[test]
 fn with_the_default_limits_one_pod_cannot_use_up_the_agents_descriptors() {
     require_agent_or_skip!();
-    let wrapper = AgentWithFiles::new(3072);
+    let wrapper = AgentWithFiles::new(3072).unwrap_or_else(|e| panic!("{e:#}"));
     let b = World::builder(world_name!())
         .nodes(2)
         .pods_per_node(2)
-        .agent_bin(&wrapper.path);
+        .agent_bin(wrapper.path());
     with_world(b, |world| {
         let (node, greedy, other) = (world.node(0), world.pod(0, 0), world.pod(0, 1));
         let server = world.pod(1, 0);

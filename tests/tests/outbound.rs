@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
+use waymark_tests::support::open_files::{self, AgentWithFiles};
 use waymark_tests::world::{agent, cgroup, in_ci, topology};
 use waymark_tests::{
     DEFAULT_PATIENCE, Node, Pod, Signal, World, eventually, metric, metric_value,
@@ -568,38 +569,15 @@ fn same_node_pods_go_through_the_agent() {
 #[test]
 fn the_open_files_limit_is_raised_and_the_descriptor_table_sized_for_it() {
     require_agent_or_skip!();
-    /// Removes the wrapper's directory, also when the test fails.
-    struct Dir(std::path::PathBuf);
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let dir = Dir(std::env::temp_dir().join(format!("waymark-nofile-{}", std::process::id())));
-    let setup = || -> Result<(std::path::PathBuf, String)> {
-        std::fs::create_dir_all(&dir.0)?;
-        let wrapper = dir.0.join("waymark-low-nofile");
-        let hard = std::fs::read_to_string("/proc/self/limits")?
-            .lines()
-            .find(|l| l.starts_with("Max open files"))
-            .and_then(|l| l.split_whitespace().nth(4).map(str::to_string))
-            .context("no open files limit in /proc/self/limits")?;
-        std::fs::write(
-            &wrapper,
-            format!(
-                "#!/bin/sh\nexec prlimit --nofile=1024:{hard} {} \"$@\"\n",
-                waymark_tests::world::agent::waymark_bin()?.display()
-            ),
-        )?;
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
-        Ok((wrapper, hard))
-    };
-    let (wrapper, hard) = setup().unwrap_or_else(|e| panic!("{e:#}"));
+    let (wrapper, hard) = (|| -> Result<_> {
+        let hard = open_files::hard_limit()?;
+        Ok((AgentWithFiles::soft_hard(1024, hard)?, hard.to_string()))
+    })()
+    .unwrap_or_else(|e| panic!("{e:#}"));
     let b = World::builder(world_name!())
         .nodes(1)
         .pods_per_node(1)
-        .agent_bin(&wrapper);
+        .agent_bin(wrapper.path());
     with_world(b, |world| {
         let node = world.node(0);
         let pid = node.agent_pid().context("no agent")?;

@@ -3,6 +3,7 @@
 pub mod bpf;
 pub mod capture;
 pub mod curl;
+pub mod open_files;
 pub mod shortcut;
 pub mod tap;
 
