@@ -174,6 +174,18 @@ where
                             this.sent = s.copy.len();
                         }
                     }
+                    // The client's stream ended with this frame (a gRPC
+                    // call's one message, with END_STREAM): give it back
+                    // now, not at the next poll. The server may answer
+                    // before the attempt polls again — a gRPC server acts
+                    // on the whole message, a trailers-only UNAVAILABLE is
+                    // back at once — and the retry must find the body
+                    // replayable, not still held.
+                    if !s.overflowed && this.inner.as_ref().is_some_and(Body::is_end_stream) {
+                        s.ended = true;
+                        s.held = false;
+                        this.inner = None;
+                    }
                 } else if let Some(t) = frame.trailers_ref() {
                     s.trailers = Some(t.clone());
                     s.ended = true;
@@ -258,6 +270,28 @@ mod tests {
         let c = b.collect().await.unwrap();
         let t = c.trailers().cloned();
         (c.to_bytes().to_vec(), t)
+    }
+
+    /// A body whose last frame says it is the last (END_STREAM on a gRPC
+    /// call's message) is replayable as soon as that frame is read: a
+    /// response arriving before the attempt polls the body again must not
+    /// find it still held.
+    #[tokio::test]
+    async fn a_body_is_given_back_with_its_last_frame() {
+        let client = http_body_util::Full::new(Bytes::from_static(b"message"));
+        let first = ReplayBody::new(client, 1024, account(1 << 20));
+        let mut reader = first.replay();
+        let f = reader.frame().await.unwrap().unwrap();
+        assert_eq!(f.into_data().unwrap(), "message");
+        assert!(
+            first.can_replay(),
+            "the body is still held after its last frame"
+        );
+        assert!(reader.is_end_stream());
+        assert!(reader.frame().await.is_none());
+        let (again, trailers) = collect(first.replay()).await;
+        assert_eq!(again, b"message");
+        assert!(trailers.is_none());
     }
 
     #[tokio::test]
