@@ -50,6 +50,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::client::{AdminClient, block_on};
+use crate::telemetry::conns::OutboundLimits;
 use crate::telemetry::trace::ADD_CONTEXT_HEADERS;
 
 /// Most of a response body printed; the rest is counted.
@@ -150,13 +151,7 @@ struct Origin {
     description: String,
     /// The pod, and its agent's connection limits (`outbound.*`; 0: none
     /// or derived), to explain a connection the agent refused.
-    pod: Option<(String, ConnLimits)>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct ConnLimits {
-    per_pod: u64,
-    total: u64,
+    pod: Option<(String, OutboundLimits)>,
 }
 
 pub fn run(client: &AdminClient, args: TraceArgs) -> Result<()> {
@@ -351,8 +346,8 @@ fn enter_pod(client: &AdminClient, pod: &str, cgroup: Option<&Path>) -> Result<O
             entry.netns.display()
         )
     })?;
-    let limit = |key: &str| config["outbound"][key].as_u64().unwrap_or(0);
-    let limits = ConnLimits {
+    let limit = |key: &str| config["outbound"][key].as_u64().unwrap_or(0) as usize;
+    let limits = OutboundLimits {
         per_pod: limit("max_connections_per_pod"),
         total: limit("max_connections"),
     };
@@ -372,7 +367,7 @@ fn enter_pod(client: &AdminClient, pod: &str, cgroup: Option<&Path>) -> Result<O
 /// the CLI asks the agent's connection table (the admin socket is a path,
 /// reachable from inside the pod's network namespace) whether the pod, or
 /// the agent, is at its limit.
-fn refused_at_a_limit(client: &AdminClient, pod: &str, limits: ConnLimits) -> Option<String> {
+fn refused_at_a_limit(client: &AdminClient, pod: &str, limits: OutboundLimits) -> Option<String> {
     let report: crate::telemetry::conns::ConnsReport = block_on(client.get_json(&format!(
         "/conns?pod={}&direction=out",
         crate::http::query::encode(pod)
@@ -380,21 +375,18 @@ fn refused_at_a_limit(client: &AdminClient, pod: &str, limits: ConnLimits) -> Op
     .ok()?;
     // The agent's own figures: unset limits are derived at start (from the
     // open-files limit), which the config does not show.
-    let limits = report.limits.map_or(limits, |l| ConnLimits {
-        per_pod: l.per_pod as u64,
-        total: l.total as u64,
-    });
-    limit_verdict(
-        pod,
-        limits,
-        report.connections.len() as u64,
-        report.open as u64,
-    )
+    let limits = report.limits.unwrap_or(limits);
+    limit_verdict(pod, limits, report.connections.len(), report.open)
 }
 
 /// What to say when the pod holds `pod_open` connections and the agent
 /// `agent_open`, under `limits`.
-fn limit_verdict(pod: &str, limits: ConnLimits, pod_open: u64, agent_open: u64) -> Option<String> {
+fn limit_verdict(
+    pod: &str,
+    limits: OutboundLimits,
+    pod_open: usize,
+    agent_open: usize,
+) -> Option<String> {
     if limits.per_pod > 0 && pod_open >= limits.per_pod {
         return Some(format!(
             "source=proxy reason=limit: pod {pod} holds {pod_open} connections through the agent and outbound.max_connections_per_pod is {}; the agent resets new ones at accept (`waymark conns --pod {pod}` lists them)",
@@ -451,7 +443,7 @@ mod tests {
 
     #[test]
     fn a_pod_at_its_connection_limit_is_named() {
-        let limits = ConnLimits {
+        let limits = OutboundLimits {
             per_pod: 2,
             total: 0,
         };
@@ -462,7 +454,7 @@ mod tests {
             "{why}"
         );
         assert_eq!(limit_verdict("default/web-1", limits, 1, 7), None);
-        let total = ConnLimits {
+        let total = OutboundLimits {
             per_pod: 0,
             total: 7,
         };
@@ -473,7 +465,7 @@ mod tests {
         );
         // 0 is no limit (or one derived from the open-files limit, which
         // the config does not show): nothing to blame.
-        let none = ConnLimits {
+        let none = OutboundLimits {
             per_pod: 0,
             total: 0,
         };
