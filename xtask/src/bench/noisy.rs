@@ -322,20 +322,22 @@ endpoints = [{{ addr = "{}:{}" }}]
     // runs, `--open-reps` times; all but the last are let go again.
     let echo = SocketAddr::new(pod_ip(1, 0).into(), ECHO_PORT);
     widen_port_range(noisy)?;
-    let open_now = |text: &str| {
-        metric_value(
-            text,
-            "tcp_open_connections",
-            &[("direction", "outbound"), ("pod", noisy.name())],
-        )
+    // The noisy pod's series of `name` (with `more` labels) in one scrape
+    // of node 0's agent; 0 when it has none yet.
+    let of_noisy = |text: &str, name: &str, more: &[(&str, &str)]| {
+        let mut labels = vec![("pod", noisy.name())];
+        labels.extend_from_slice(more);
+        metric_value(text, name, &labels).unwrap_or(0.0)
     };
-    let refused_now = || -> Result<f64> {
-        Ok(metric_value(
-            &node.metrics()?,
-            "waymark_outbound_refused_total",
-            &[("pod", noisy.name())],
+    let open_in =
+        |text: &str| of_noisy(text, "tcp_open_connections", &[("direction", "outbound")]) as usize;
+    let refused_in = |text: &str| of_noisy(text, "waymark_outbound_refused_total", &[]);
+    let delayed_in = |text: &str| {
+        of_noisy(
+            text,
+            "waymark_limit_delayed_total",
+            &[("limit", "accept_rate")],
         )
-        .unwrap_or(0.0))
     };
     // What the agent takes of the noisy pod's connections: its limits as
     // it derived them (`/conns`).
@@ -348,18 +350,10 @@ endpoints = [{{ addr = "{}:{}" }}]
         "bench-noisy: node 0's agent takes {} per pod and {} in all; of the noisy pod's {conns} it should hold {expected}",
         limits.per_pod, limits.total
     );
-    let delayed_now = || -> Result<f64> {
-        Ok(metric_value(
-            &node.metrics()?,
-            "waymark_limit_delayed_total",
-            &[("pod", noisy.name()), ("limit", "accept_rate")],
-        )
-        .unwrap_or(0.0))
-    };
     // Until the agent has closed every connection of the noisy pod.
     let released = || -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
-        while open_now(&node.metrics()?).unwrap_or(0.0) > 0.0 {
+        while open_in(&node.metrics()?) > 0 {
             if Instant::now() > deadline {
                 bail!("the noisy pod's connections are still open a minute after it let them go");
             }
@@ -374,8 +368,8 @@ endpoints = [{{ addr = "{}:{}" }}]
     for i in 0..open_reps {
         let opened_at = Instant::now();
         let cpu_before_open = cpu_seconds(&[pid]);
-        let delayed_before = delayed_now()?;
-        let refused_before = refused_now()?;
+        let text = node.metrics()?;
+        let (delayed_before, refused_before) = (delayed_in(&text), refused_in(&text));
         let (mut hold, during) = open_while(noisy, &bins, echo, conns, a.client_rate, || {
             rate_for(
                 &format!(
@@ -412,8 +406,8 @@ endpoints = [{{ addr = "{}:{}" }}]
         let mut still = 0;
         let refused = loop {
             let text = node.metrics()?;
-            let open = open_now(&text).unwrap_or(0.0) as usize;
-            let refused = refused_now()? - refused_before;
+            let open = open_in(&text);
+            let refused = refused_in(&text) - refused_before;
             let now = (open, refused as usize);
             still = if last == Some(now) { still + 1 } else { 0 };
             if open == expected && (open + now.1 >= connected || still >= 3) {
@@ -428,12 +422,8 @@ endpoints = [{{ addr = "{}:{}" }}]
             std::thread::sleep(Duration::from_millis(1000));
         };
         let unseen = connected.saturating_sub(expected + refused as usize);
-        let no_dst = metric_value(
-            &node.metrics()?,
-            "waymark_outbound_no_original_dst_total",
-            &[("pod", noisy.name())],
-        )
-        .unwrap_or(0.0);
+        let text = node.metrics()?;
+        let no_dst = of_noisy(&text, "waymark_outbound_no_original_dst_total", &[]);
         eprintln!("bench-noisy: accepted without an original destination so far: {no_dst}");
         let taken_secs = opened_at.elapsed().as_secs_f64();
         // What taking (or refusing) one connection cost the agent, the
@@ -442,7 +432,7 @@ endpoints = [{{ addr = "{}:{}" }}]
             ((cpu_seconds(&[pid]) - cpu_before_open) - quiet_cpu_per_s * taken_secs).max(0.0)
                 / connected as f64
                 * 1e6;
-        let delayed = delayed_now()? - delayed_before;
+        let delayed = delayed_in(&text) - delayed_before;
         eprintln!(
             "bench-noisy: the agent took {expected} and refused {refused} in {taken_secs:.1} s ({unseen} connected never reached it), {cpu_per_conn_us:.0} µs of CPU each; {delayed} waited for the accept rate"
         );
