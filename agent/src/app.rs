@@ -48,6 +48,7 @@ use crate::kernel as kernel_diag;
 use crate::proxy::inbound::authz::InboundAuthz;
 use crate::proxy::inbound::http_stream::InboundHttp;
 use crate::proxy::inbound::{Inbound, StrictCollector, TunnelCollector};
+use crate::proxy::outbound::kernel_refusals::{KernelRefusals, RefusalCounts};
 use crate::proxy::{OriginalDst, ReplyPath};
 use crate::redirect::{Pins, Redirect};
 use crate::reload::{ReloadMetrics, Reloader, SharedConfig};
@@ -342,7 +343,16 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
             redirect: redirect.clone(),
             pods: strict_pods.clone(),
         }));
-    let before_scrape = scrape_hook(&metrics, &discovery, &redirect, mesh.identity.clone());
+    // Set once the pods' names are known (after enrolment); until then no
+    // pod can have been refused.
+    let kernel_refusals: Arc<std::sync::OnceLock<Arc<RefusalCounts>>> = Arc::default();
+    let before_scrape = scrape_hook(
+        &metrics,
+        &discovery,
+        &redirect,
+        mesh.identity.clone(),
+        kernel_refusals.clone(),
+    );
     let kernel = kernel_diag::load_if_enabled(&config.kernel);
     if let Some(k) = &kernel {
         conns.want_flows();
@@ -482,6 +492,16 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         accept_burst_per_pod = outbound.limits.accept_rate.burst,
         "outbound connection limits"
     );
+    // The same bounds in the kernel, counted at connect(): a pod at its
+    // bound is refused there, before it costs a handshake, an accept and
+    // a reset (see `proxy::outbound::kernel_refusals`).
+    let refusals = {
+        let mut r = redirect.write().unwrap_or_else(|e| e.into_inner());
+        r.set_connect_limits(outbound.limits.per_pod, outbound.limits.total)
+            .context("cannot give the kernel the connection limits")?;
+        r.take_refusals()
+            .context("cannot open the kernel's ring of refused connections")?
+    };
     let stop_accepting = CancellationToken::new();
     let acceptors = TaskTracker::new();
     let enrollment = Arc::new(Enrollment::new(EnrollmentParts {
@@ -503,6 +523,23 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         return Err(e).context("cannot enroll the pods of the config file");
     }
     readiness.set(READY_LISTENERS);
+    let refusal_counts = Arc::new(RefusalCounts::new(
+        redirect.clone(),
+        {
+            let enrollment = enrollment.clone();
+            Box::new(move || enrollment.names_by_cookie())
+        },
+        outbound.metrics.clone(),
+    ));
+    let _ = kernel_refusals.set(refusal_counts.clone());
+    tokio::spawn(
+        KernelRefusals {
+            counts: refusal_counts,
+            ring: refusals,
+            tap: tap.clone(),
+        }
+        .run(stop_background.clone()),
+    );
     let reloader = Reloader {
         path,
         base: std::sync::Mutex::new((*config).clone()),
@@ -768,6 +805,7 @@ fn scrape_hook(
     discovery: &Arc<Discovery>,
     redirect: &Arc<RwLock<Redirect>>,
     identity: Option<Arc<IdentityManager>>,
+    kernel_refusals: Arc<std::sync::OnceLock<Arc<RefusalCounts>>>,
 ) -> Box<dyn Fn() + Send + Sync> {
     let tcp = metrics.tcp.clone();
     let balancer_metrics = metrics.balancer.clone();
@@ -775,6 +813,9 @@ fn scrape_hook(
     let redirect = redirect.clone();
     Box::new(move || {
         balancer_metrics.sample(&discovery.current(), Instant::now());
+        if let Some(refusals) = kernel_refusals.get() {
+            refusals.sync();
+        }
         if let Some(m) = &identity {
             m.sample(std::time::SystemTime::now());
         }

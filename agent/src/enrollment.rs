@@ -163,6 +163,16 @@ impl Enrollment {
             .collect()
     }
 
+    /// The enrolled pods' names by network-namespace cookie.
+    pub fn names_by_cookie(&self) -> HashMap<u64, String> {
+        self.pods
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|e| (e.cookie, e.spec.name.clone()))
+            .collect()
+    }
+
     fn enroll(&self, spec: &PodSpec) -> Result<Enrolled, EnrollError> {
         let p = &self.parts;
         let pod = || spec.name.clone();

@@ -646,11 +646,14 @@ fn accept_loops_back_off_when_descriptors_run_out() {
 /// With the limits left unset, one pod cannot run the agent out of
 /// descriptors: an agent held to 3,072 open files takes 1,024 connections
 /// (two descriptors each, past 1,024 kept back) and a pod half of them, so
-/// a pod opening 1,800 holds 512, the rest are reset at accept and counted
-/// with the pod, no accept ever fails, and another pod still opens its
+/// a pod opening 1,800 holds 512 and the rest are refused and counted with
+/// the pod, no accept ever fails, and another pod still opens its
 /// connections and is served. Before the derived bounds counted
 /// descriptors, the agent took the pod's connections until `EMFILE` and the
-/// other pod's new connections waited in its listener's queue.
+/// other pod's new connections waited in its listener's queue. The
+/// refusals happen in the kernel, at `connect()` (`ECONNREFUSED`, before a
+/// SYN): all but the few that two CPUs let through at once, which the agent
+/// resets at accept.
 #[test]
 fn with_the_default_limits_one_pod_cannot_use_up_the_agents_descriptors() {
     require_agent_or_skip!();
@@ -703,9 +706,28 @@ fn with_the_default_limits_one_pod_cannot_use_up_the_agents_descriptors() {
             "/conns reports the limits {}",
             report["limits"]
         );
-        let _greedy = hold(greedy, "1800")?;
+        let mut greedy_client = hold(greedy, "1800")?;
         let refused = [("pod", greedy.name()), ("limit", "pod_connections")];
         await_metric(node, "waymark_outbound_refused_total", &refused, 1288.0)?;
+        // "holding N failed M refused R": connects that succeeded (held, or
+        // reset by the agent at accept), failed, and refused outright.
+        let line = greedy_client.wait_line("holding ", Duration::from_secs(1))?;
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let n = |i: usize| -> Result<usize> {
+            words
+                .get(i)
+                .and_then(|w| w.parse().ok())
+                .with_context(|| format!("testpeer hold said {line:?}"))
+        };
+        let (connected, failed, at_connect) = (n(1)?, n(3)?, n(5)?);
+        ensure!(
+            failed == at_connect && connected + at_connect == 1800,
+            "every connect either succeeded or was refused: {line:?}"
+        );
+        ensure!(
+            at_connect >= 1200,
+            "only {at_connect} of the 1,288 refusals were made at connect(): {line:?}"
+        );
         eventually(DEFAULT_PATIENCE, || {
             let n = open(greedy)?;
             ensure!(n == 512.0, "the greedy pod holds {n}");

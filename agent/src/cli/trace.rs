@@ -362,8 +362,9 @@ fn enter_pod(client: &AdminClient, pod: &str, cgroup: Option<&Path>) -> Result<O
     })
 }
 
-/// A connection over a pod's connection limit is reset by the agent at
-/// accept, before a byte of HTTP, so no hop can append a block saying why;
+/// A connection over a pod's connection limit is refused by the kernel at
+/// `connect()` (or, in a race, reset by the agent at accept), before a
+/// byte of HTTP, so no hop can append a block saying why;
 /// the CLI asks the agent's connection table (the admin socket is a path,
 /// reachable from inside the pod's network namespace) whether the pod, or
 /// the agent, is at its limit.
@@ -389,13 +390,13 @@ fn limit_verdict(
 ) -> Option<String> {
     if limits.per_pod > 0 && pod_open >= limits.per_pod {
         return Some(format!(
-            "source=proxy reason=limit: pod {pod} holds {pod_open} connections through the agent and outbound.max_connections_per_pod is {}; the agent resets new ones at accept (`waymark conns --pod {pod}` lists them)",
+            "source=proxy reason=limit: pod {pod} holds {pod_open} connections through the agent and outbound.max_connections_per_pod is {}; new ones are refused at connect() (ECONNREFUSED) (`waymark conns --pod {pod}` lists them)",
             limits.per_pod
         ));
     }
     if limits.total > 0 && agent_open >= limits.total {
         return Some(format!(
-            "source=proxy reason=limit: the agent holds {agent_open} connections and outbound.max_connections is {}; it resets new ones at accept (`waymark conns` lists them)",
+            "source=proxy reason=limit: the agent holds {agent_open} connections and outbound.max_connections is {}; new ones are refused at connect() (ECONNREFUSED) (`waymark conns` lists them)",
             limits.total
         ));
     }

@@ -67,8 +67,8 @@ use aya::{
     },
 };
 use waymark_common::{
-    ExcludePorts, FlowKey, MAX_ORIGINAL_DST_BY_COOKIE, MAX_ORIGINAL_DST_BY_FLOW, RedirectSettings,
-    SockAddr,
+    ConnectLimits, ExcludePorts, FlowKey, MAX_ORIGINAL_DST_BY_COOKIE, MAX_ORIGINAL_DST_BY_FLOW,
+    PodSockets, RedirectSettings, SockAddr,
 };
 
 pub use error::RedirectError;
@@ -118,6 +118,9 @@ const MAP_REPLIES_LEFT: &str = "REPLIES_LEFT";
 const MAP_SHORTCUT_BYTES_OUT: &str = "SHORTCUT_BYTES_OUT";
 const MAP_REQUEST_CONSUMED: &str = "REQUEST_CONSUMED";
 const MAP_REQUEST_HELD: &str = "REQUEST_HELD";
+const MAP_CONNECT_LIMITS: &str = "CONNECT_LIMITS";
+const MAP_POD_SOCKETS: &str = "POD_SOCKETS";
+const MAP_CONNECT_REFUSED: &str = "CONNECT_REFUSED";
 
 /// A destination the kernel never redirects.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -140,6 +143,48 @@ pub struct MapOccupancy {
     /// Established redirected connections the agent has not taken yet
     /// (bounded by [`MAX_ORIGINAL_DST_BY_FLOW`]).
     pub by_flow: usize,
+}
+
+/// A `connect()` the kernel refused at a connection limit (see
+/// [`Redirect::set_connect_limits`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectRefused {
+    pub netns_cookie: u64,
+    /// Where the pod meant to go.
+    pub dst: SocketAddr,
+    /// `pod_connections` or `agent_connections`, as the agent's own
+    /// refusals are labelled.
+    pub limit: &'static str,
+}
+
+/// Takes every refusal waiting in the ring from
+/// [`Redirect::take_refusals`], oldest first.
+pub fn drain_refusals(
+    ring: &mut aya::maps::RingBuf<MapData>,
+    mut each: impl FnMut(ConnectRefused),
+) {
+    while let Some(item) = ring.next() {
+        if item.len() < size_of::<waymark_common::ConnectRefusal>() {
+            continue;
+        }
+        // SAFETY: the kernel wrote a `ConnectRefusal` (length checked);
+        // read unaligned, the ring only promises 8-byte alignment.
+        let r = unsafe {
+            std::ptr::read_unaligned(item.as_ptr().cast::<waymark_common::ConnectRefusal>())
+        };
+        let Some(dst) = maps::socket_addr(&r.dst) else {
+            continue;
+        };
+        let limit = match r.limit {
+            waymark_common::REFUSED_TOTAL => "agent_connections",
+            _ => "pod_connections",
+        };
+        each(ConnectRefused {
+            netns_cookie: r.netns_cookie,
+            dst,
+            limit,
+        });
+    }
 }
 
 /// The loaded redirect programs and their maps. Dropping it detaches and
@@ -1055,15 +1100,62 @@ impl Redirect {
     }
 
     /// Stops redirecting a pod's new connections (it was deleted, or left
-    /// the mesh); connections already redirected carry on. Unknown cookies
-    /// are not an error.
+    /// the mesh); connections already redirected carry on. Its socket count
+    /// for the connect limits goes too (the releases of its sockets still
+    /// open then find nothing to take back). Unknown cookies are not an
+    /// error.
     pub fn unenroll(&mut self, netns_cookie: u64) -> Result<(), RedirectError> {
         let mut map = HashMap::<_, u64, u8>::try_from(map_mut(&mut self.ebpf, MAP_ENROLLED)?)
             .map_err(map_error(MAP_ENROLLED, "open"))?;
         match map.remove(&netns_cookie) {
             Err(e) if !is_not_found(&e) => Err(map_error(MAP_ENROLLED, "remove")(e)),
             _ => Ok(()),
+        }?;
+        let mut counts =
+            HashMap::<_, u64, PodSockets>::try_from(map_mut(&mut self.ebpf, MAP_POD_SOCKETS)?)
+                .map_err(map_error(MAP_POD_SOCKETS, "open"))?;
+        match counts.remove(&netns_cookie) {
+            Err(e) if !is_not_found(&e) => Err(map_error(MAP_POD_SOCKETS, "remove")(e)),
+            _ => Ok(()),
         }
+    }
+
+    /// Has the connect hooks refuse a pod's `connect()` with
+    /// `ECONNREFUSED` once it has `per_pod` redirected sockets open, or all
+    /// pods `total` (0: no limit), before a SYN leaves (see
+    /// `ebpf/kernel/src/limits.rs`). Values above `u32::MAX` are no limit
+    /// the kernel could reach anyway.
+    pub fn set_connect_limits(
+        &mut self,
+        per_pod: usize,
+        total: usize,
+    ) -> Result<(), RedirectError> {
+        let limits = ConnectLimits {
+            per_pod: u32::try_from(per_pod).unwrap_or(0),
+            total: u32::try_from(total).unwrap_or(0),
+        };
+        Array::<_, ConnectLimits>::try_from(map_mut(&mut self.ebpf, MAP_CONNECT_LIMITS)?)
+            .and_then(|mut array| array.set(0, limits, 0))
+            .map_err(map_error(MAP_CONNECT_LIMITS, "write"))
+    }
+
+    /// Each pod's redirected sockets and the `connect()`s the kernel
+    /// refused at a limit, by netns cookie.
+    pub fn pod_sockets(&self) -> Vec<(u64, PodSockets)> {
+        let Some(map) = self.ebpf.map(MAP_POD_SOCKETS) else {
+            return Vec::new();
+        };
+        let Ok(counts) = HashMap::<_, u64, PodSockets>::try_from(map) else {
+            return Vec::new();
+        };
+        counts.iter().filter_map(Result::ok).collect()
+    }
+
+    /// The ring the connect hooks report refusals on (one reader: the
+    /// first call takes it).
+    pub fn take_refusals(&mut self) -> Result<aya::maps::RingBuf<MapData>, RedirectError> {
+        aya::maps::RingBuf::try_from(take_map(&mut self.ebpf, MAP_CONNECT_REFUSED)?)
+            .map_err(map_error(MAP_CONNECT_REFUSED, "open"))
     }
 
     /// The netns cookies of the enrolled pods, as the kernel holds them.

@@ -109,6 +109,7 @@ fn redirects_pod_tcp_to_in_pod_listener() {
     t.closed_by_agent_without_take("10.99.0.1:80");
 
     t.eventually_empty();
+    connect_limits_refuse_before_a_syn(&mut redirect, &world, cookie);
     stale_flow_entry_is_never_used(&mut redirect, &world);
     // Unenrolled (the pod was deleted or left the mesh): direct again.
     redirect.unenroll(cookie).expect("unenroll the pod");
@@ -130,6 +131,112 @@ fn redirects_pod_tcp_to_in_pod_listener() {
         world: &world,
     };
     t.not_redirected_tcp("10.99.0.2:81");
+}
+
+/// With connection limits in the kernel, a pod's `connect()` past its
+/// bound fails at once with `ECONNREFUSED` and reaches no listener; the
+/// refusal is counted with the pod and put on the ring; a released socket
+/// gives its room back; the node-wide bound holds the same way.
+fn connect_limits_refuse_before_a_syn(redirect: &mut Redirect, world: &World, cookie: u64) {
+    let mut ring = redirect.take_refusals().expect("the refusal ring");
+    let dial: SocketAddr = "10.99.0.1:80".parse().unwrap();
+    let pod = |redirect: &Redirect| {
+        redirect
+            .pod_sockets()
+            .into_iter()
+            .find(|(c, _)| *c == cookie)
+            .map(|(_, counts)| counts)
+            .unwrap_or_default()
+    };
+    let eventually_open = |redirect: &Redirect, n: i64| {
+        let deadline = Instant::now() + PATIENCE;
+        while pod(redirect).open != n {
+            assert!(
+                Instant::now() < deadline,
+                "the pod's count stayed {:?}, not {n} open",
+                pod(redirect)
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    // Connects (and accepts, taking the destination) one held connection.
+    let hold = |redirect: &Redirect| {
+        let client = world.client("tcp", dial);
+        assert!(
+            matches!(client.outcome(), Outcome::Connected { .. }),
+            "within the limit: {:?}",
+            client.outcome
+        );
+        let listener = world.listener(Listener::V4);
+        let (stream, from) = accept_within(listener, PATIENCE).expect("accepted");
+        let original = redirect.take_original_dst(cookie, from).unwrap();
+        assert_eq!(original, Some(dial));
+        (client, stream)
+    };
+    let refused = || {
+        let mut client = world.client("tcp", dial);
+        match client.outcome() {
+            Outcome::Error { errno } => assert_eq!(errno, ECONNREFUSED),
+            other => panic!("past the limit: expected ECONNREFUSED, got {other:?}"),
+        }
+        client.finish();
+        for on in [Listener::V4, Listener::V6] {
+            let got = accept_within(world.listener(on), Duration::ZERO);
+            assert!(got.is_none(), "a refused connect reached {on:?}: {got:?}");
+        }
+    };
+
+    redirect.set_connect_limits(2, 0).unwrap();
+    let mut held = vec![hold(redirect), hold(redirect)];
+    eventually_open(redirect, 2);
+    refused();
+    refused();
+    assert_eq!(pod(redirect).refused_pod, 2);
+    assert_eq!(pod(redirect).refused_total, 0);
+    let mut events = Vec::new();
+    super::drain_refusals(&mut ring, |r| events.push(r));
+    assert_eq!(
+        events,
+        vec![
+            super::ConnectRefused {
+                netns_cookie: cookie,
+                dst: dial,
+                limit: "pod_connections",
+            };
+            2
+        ]
+    );
+    // One released: room for exactly one more.
+    let (mut client, stream) = held.pop().unwrap();
+    client.finish();
+    drop(stream);
+    eventually_open(redirect, 1);
+    held.push(hold(redirect));
+    refused();
+    assert_eq!(pod(redirect).refused_pod, 3);
+
+    // The node-wide bound, with no per-pod one.
+    redirect.set_connect_limits(0, 2).unwrap();
+    refused();
+    assert_eq!(pod(redirect).refused_total, 1);
+    events.clear();
+    super::drain_refusals(&mut ring, |r| events.push(r));
+    assert_eq!(
+        events.iter().map(|e| e.limit).collect::<Vec<_>>(),
+        ["pod_connections", "agent_connections"]
+    );
+
+    // No limit: nothing refused, and nothing more counted (the sockets
+    // counted before still leave the count when released).
+    redirect.set_connect_limits(0, 0).unwrap();
+    held.push(hold(redirect));
+    for (mut client, stream) in held {
+        client.finish();
+        drop(stream);
+    }
+    eventually_open(redirect, 0);
+    let t = Agent { redirect, world };
+    t.eventually_empty();
 }
 
 /// A flow entry left behind by an earlier connection from the same netns

@@ -151,7 +151,9 @@ pub struct TcpMetrics {
     /// sent the client `redirect.reply_shortcut_max_unanswered` bytes
     /// without hearing from it (see `transport::idle::ReplyBudget`).
     pub reply_shortcut_left_total: Counter,
-    /// Connections refused at accept because a limit was reached.
+    /// Connections refused because a limit was reached: by the kernel at
+    /// `connect()` (folded in from its counts, see
+    /// `proxy::outbound::kernel_refusals`) or by the agent at accept.
     pub refused_total: Family<RefusedLabels, Counter>,
     /// Connections the agent closed because a limit was reached while
     /// they were open (`limit="idle_timeout"`).
@@ -276,7 +278,7 @@ impl TcpMetrics {
         );
         registry.register(
             "waymark_outbound_refused",
-            "Pods' connections refused (reset) at accept because a connection limit was reached, by pod and limit",
+            "Pods' connections refused because a connection limit was reached (by the kernel at connect(), ECONNREFUSED; or reset at accept), by pod and limit",
             m.refused_total.clone(),
         );
         registry.register(

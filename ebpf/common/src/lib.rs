@@ -119,6 +119,62 @@ pub const MAX_ENROLLED_PODS: u32 = 4096;
 /// node's addresses and pods, loopback), per address family.
 pub const MAX_INBOUND_ALLOW: u32 = 1024;
 
+/// The connection limits the connect hooks enforce (`CONNECT_LIMITS`, one
+/// slot, written by the agent): a pod whose redirected sockets number
+/// `per_pod`, or a node whose pods' redirected sockets number `total`, has
+/// its next `connect()` fail at once with `ECONNREFUSED`, before a SYN
+/// leaves. 0: no limit. The agent's own bounds at accept stay in force
+/// behind these (sockets of a pod that connect on two CPUs at once can
+/// pass together).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnectLimits {
+    pub per_pod: u32,
+    pub total: u32,
+}
+
+/// One pod's redirected sockets as the connect and release hooks count
+/// them (`POD_SOCKETS`, by netns cookie). Written by the kernel only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodSockets {
+    /// Sockets redirected and not yet released, whatever their state (in
+    /// the handshake, in the agent's accept queue, held). Signed: an entry
+    /// made again while older sockets were still open counts their
+    /// releases below zero, which only ever loosens the bound.
+    pub open: i64,
+    /// `connect()`s refused at [`ConnectLimits::per_pod`].
+    pub refused_pod: u64,
+    /// `connect()`s refused at [`ConnectLimits::total`].
+    pub refused_total: u64,
+}
+
+/// A `connect()` the kernel refused at a limit, as the agent reads it from
+/// the `CONNECT_REFUSED` ring (for tap and the log; the counts in
+/// [`PodSockets`] are exact, the ring may drop).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnectRefusal {
+    pub netns_cookie: u64,
+    /// The destination the pod asked for.
+    pub dst: SockAddr,
+    /// [`REFUSED_PER_POD`] or [`REFUSED_TOTAL`].
+    pub limit: u32,
+}
+
+/// [`ConnectRefusal::limit`]: the pod's own bound.
+pub const REFUSED_PER_POD: u32 = 1;
+/// [`ConnectRefusal::limit`]: the node-wide bound.
+pub const REFUSED_TOTAL: u32 = 2;
+
+/// Redirected sockets the connect hooks count at once, node-wide (one
+/// entry each in `COUNTED_SOCKETS`); past it a socket is not counted and
+/// only the agent's own bounds apply to it.
+pub const MAX_COUNTED_SOCKETS: u32 = 65536;
+
+/// Bytes of the `CONNECT_REFUSED` ring.
+pub const CONNECT_REFUSED_RING_BYTES: u32 = 64 * 1024;
+
 /// Upper bounds of the maps; both sides need them (the agent reports
 /// occupancy against them).
 pub const MAX_ORIGINAL_DST_BY_COOKIE: u32 = 65536;
@@ -133,6 +189,9 @@ const _: () = {
     assert!(core::mem::size_of::<ExcludePorts>() == 4 + 2 * MAX_EXCLUDE_PORTS);
     assert!(core::mem::size_of::<RedirectSettings>() == 8);
     assert!(core::mem::size_of::<RequestFlow>() == 16);
+    assert!(core::mem::size_of::<ConnectLimits>() == 8);
+    assert!(core::mem::size_of::<PodSockets>() == 24);
+    assert!(core::mem::size_of::<ConnectRefusal>() == 32);
 };
 
 #[cfg(feature = "user")]
@@ -143,4 +202,7 @@ mod pod {
     unsafe impl aya::Pod for super::ExcludePorts {}
     unsafe impl aya::Pod for super::RedirectSettings {}
     unsafe impl aya::Pod for super::RequestFlow {}
+    unsafe impl aya::Pod for super::ConnectLimits {}
+    unsafe impl aya::Pod for super::PodSockets {}
+    unsafe impl aya::Pod for super::ConnectRefusal {}
 }

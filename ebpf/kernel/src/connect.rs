@@ -8,6 +8,9 @@
 //! keyed by socket cookie; if recording fails the connect goes ahead
 //! unredirected (fail open) rather than reaching the proxy with no way to
 //! know where it was going.
+//!
+//! A pod at its connection limit is refused here, before any of that (see
+//! [`crate::limits`]).
 
 use aya_ebpf::{
     EbpfContext,
@@ -20,11 +23,15 @@ use waymark_common::{FAMILY_V4, FAMILY_V6, SockAddr};
 
 use crate::{
     addr::*,
+    limits,
     maps::{ENROLLED, ORIGINAL_DST_BY_COOKIE},
 };
 
-/// connect hooks: 1 lets the `connect()` proceed (0 would fail it with EPERM).
+/// connect hooks: 1 lets the `connect()` proceed.
 const ALLOW: i32 = 1;
+/// Fails the `connect()`, with EPERM unless the program set another error
+/// (`bpf_set_retval`).
+const REFUSE: i32 = 0;
 
 /// Not an errno; "this socket is left alone because no port is configured".
 const NOT_CONFIGURED: i64 = -1;
@@ -47,9 +54,12 @@ pub fn wm_connect6(ctx: SockAddrContext) -> i32 {
 
 fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i64> {
     let sa = ctx.sock_addr;
-    if !is_tcp(sa) || !is_enrolled(ctx) {
+    if !is_tcp(sa) {
         return Ok(ALLOW);
     }
+    let Some(netns) = enrolled_netns(ctx) else {
+        return Ok(ALLOW);
+    };
     // SAFETY: `sa` is the context pointer the kernel passed in; the verifier
     // checks every field access against the context layout.
     let (ip, port) = unsafe { ((*sa).user_ip4, port_from_user((*sa).user_port)) };
@@ -62,6 +72,9 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i64> {
         port,
         family: FAMILY_V4,
     };
+    if !limits::admit(ctx, netns, &original) {
+        return Ok(REFUSE);
+    }
     record(ctx, &original)?;
     // SAFETY: as above; both fields are writable in connect4.
     unsafe {
@@ -73,9 +86,12 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i64> {
 
 fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i64> {
     let sa = ctx.sock_addr;
-    if !is_tcp(sa) || !is_enrolled(ctx) {
+    if !is_tcp(sa) {
         return Ok(ALLOW);
     }
+    let Some(netns) = enrolled_netns(ctx) else {
+        return Ok(ALLOW);
+    };
     let ip = read_user_ip6(sa);
     // SAFETY: context field read, checked by the verifier.
     let port = port_from_user(unsafe { (*sa).user_port });
@@ -99,6 +115,9 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i64> {
         port,
         family: FAMILY_V6,
     };
+    if !limits::admit(ctx, netns, &original) {
+        return Ok(REFUSE);
+    }
     record(ctx, &original)?;
     write_user_ip6(sa, &target_ip);
     // SAFETY: context field write, allowed in connect6.
@@ -106,13 +125,13 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i64> {
     Ok(ALLOW)
 }
 
-/// Whether the socket's network namespace belongs to an enrolled pod.
-fn is_enrolled(ctx: &SockAddrContext) -> bool {
+/// The socket's network namespace cookie, if it belongs to an enrolled pod.
+fn enrolled_netns(ctx: &SockAddrContext) -> Option<u64> {
     // SAFETY: the helper only reads the netns of the socket behind the
     // context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: the value is only tested for presence, never read.
-    unsafe { ENROLLED.get(netns).is_some() }
+    unsafe { ENROLLED.get(netns).is_some() }.then_some(netns)
 }
 
 fn record(ctx: &SockAddrContext, original: &SockAddr) -> Result<(), i64> {

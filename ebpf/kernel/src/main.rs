@@ -16,6 +16,9 @@
 //!   destination when it is released, also when its `connect()` failed
 //!   before `sock_ops` saw it (a pod churning failing connects cannot fill
 //!   the node-wide cookie map).
+//! * [`limits`]: a pod at its connection limit (or a node at the agent's)
+//!   has its `connect()` refused with `ECONNREFUSED` before a SYN leaves;
+//!   the release hook gives a socket back.
 //! * [`peername`]: `cgroup/getpeername4` and `cgroup/getpeername6` hand the
 //!   application the address it dialled, not the proxy's.
 //! * [`shortcut`] and [`request`]: `sk_msg` programs moving a redirected
@@ -36,6 +39,7 @@
 mod addr;
 mod connect;
 mod inbound;
+mod limits;
 mod maps;
 mod peername;
 mod release;

@@ -3,12 +3,13 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, SockHash},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, RingBuf, SockHash},
 };
 use waymark_common::{
-    ExcludePorts, FlowKey, MAX_ENROLLED_PODS, MAX_EXCLUDES, MAX_INBOUND_ALLOW,
-    MAX_ORIGINAL_DST_BY_COOKIE, MAX_ORIGINAL_DST_BY_FLOW, MAX_SHORTCUT_SOCKETS, MAX_STRICT_PODS,
-    RedirectSettings, RequestFlow, SockAddr,
+    CONNECT_REFUSED_RING_BYTES, ConnectLimits, ExcludePorts, FlowKey, MAX_COUNTED_SOCKETS,
+    MAX_ENROLLED_PODS, MAX_EXCLUDES, MAX_INBOUND_ALLOW, MAX_ORIGINAL_DST_BY_COOKIE,
+    MAX_ORIGINAL_DST_BY_FLOW, MAX_SHORTCUT_SOCKETS, MAX_STRICT_PODS, PodSockets, RedirectSettings,
+    RequestFlow, SockAddr,
 };
 
 /// The pods whose outbound TCP is redirected, by network-namespace cookie
@@ -150,6 +151,36 @@ pub static EXCLUDE_V6: LpmTrie<[u32; 4], ExcludePorts> = LpmTrie::with_max_entri
 /// attaches; a zero port means "not configured" and disables redirection.
 #[map(name = "SETTINGS")]
 pub static SETTINGS: Array<RedirectSettings> = Array::with_max_entries(1, 0);
+
+/// One slot: the connection limits the connect hooks enforce (see
+/// `limits.rs`). All zero (no limit) until the agent writes it.
+#[map(name = "CONNECT_LIMITS")]
+pub static CONNECT_LIMITS: Array<ConnectLimits> = Array::with_max_entries(1, 0);
+
+/// Each enrolled pod's redirected sockets, by netns cookie: made by the
+/// connect hook at the pod's first counted socket, removed by the agent
+/// when the pod leaves. Not LRU: an entry evicted and made again would
+/// forget sockets still open.
+#[map(name = "POD_SOCKETS")]
+pub static POD_SOCKETS: HashMap<u64, PodSockets> = HashMap::with_max_entries(MAX_ENROLLED_PODS, 0);
+
+/// One slot: the redirected sockets of all pods, against
+/// [`ConnectLimits::total`].
+#[map(name = "OPEN_SOCKETS")]
+pub static OPEN_SOCKETS: Array<i64> = Array::with_max_entries(1, 0);
+
+/// The sockets counted in [`POD_SOCKETS`], by socket cookie, with their
+/// pod's netns cookie: what the release hook takes back, exactly once. A
+/// socket enters when its `connect()` is redirected and leaves when it is
+/// released, so the map holds only open sockets.
+#[map(name = "COUNTED_SOCKETS")]
+pub static COUNTED_SOCKETS: HashMap<u64, u64> = HashMap::with_max_entries(MAX_COUNTED_SOCKETS, 0);
+
+/// `connect()`s refused at a limit, for tap and the log (the agent drains
+/// it on a timer: the programs never wake it, so a pod hammering its limit
+/// costs no wake-up per refusal).
+#[map(name = "CONNECT_REFUSED")]
+pub static CONNECT_REFUSED: RingBuf = RingBuf::with_byte_size(CONNECT_REFUSED_RING_BYTES, 0);
 
 /// A copy of the recorded original destination of the socket with this
 /// cookie. Copied out at once: an LRU entry can be evicted and its memory

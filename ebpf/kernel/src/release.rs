@@ -11,12 +11,15 @@
 //! the node-wide map (their `getpeername` and, in the window before the
 //! handshake completes, their routing). Releasing the socket deletes the
 //! entry instead: the map holds only sockets that are still open.
+//!
+//! Releasing is also when a socket stops counting against its pod's
+//! connection limit ([`crate::limits`]).
 
 use aya_ebpf::{
     EbpfContext, helpers::bpf_get_socket_cookie, macros::cgroup_sock, programs::SockContext,
 };
 
-use crate::maps::ORIGINAL_DST_BY_COOKIE;
+use crate::{limits, maps::ORIGINAL_DST_BY_COOKIE};
 
 /// cgroup/sock_release programs return 1 (the return value is ignored for
 /// this hook, but 0 would mean "deny" elsewhere).
@@ -28,5 +31,6 @@ pub fn wm_sock_release(ctx: SockContext) -> i32 {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // Most released sockets were never redirected: not an error.
     let _ = ORIGINAL_DST_BY_COOKIE.remove(cookie);
+    limits::release(cookie);
     OK
 }

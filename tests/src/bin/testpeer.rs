@@ -728,6 +728,9 @@ async fn hold_conns(
         (rate > 0).then(|| tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate))));
     let mut held = Vec::with_capacity(count);
     let mut first_error = None;
+    // Connects refused outright (`ECONNREFUSED`): by a destination, or by
+    // the kernel at a pod's connection limit.
+    let mut refused = 0usize;
     // Each finished connect is taken as it finishes, not all at the end:
     // thousands of finished tasks drained at once are a burst of this
     // client's own CPU (12 ms for 9,000 here) that the machine's other
@@ -735,6 +738,9 @@ async fn hold_conns(
     let mut collect = |r: Result<std::io::Result<Held>, tokio::task::JoinError>| match r {
         Ok(Ok(sock)) => held.push(sock),
         Ok(Err(e)) => {
+            if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                refused += 1;
+            }
             first_error.get_or_insert_with(|| describe(&e));
         }
         Err(e) => {
@@ -770,7 +776,10 @@ async fn hold_conns(
     if let Some(e) = &first_error {
         eprintln!("testpeer: hold: first error: {e}");
     }
-    say(format_args!("holding {} failed {failed}", held.len()));
+    say(format_args!(
+        "holding {} failed {failed} refused {refused}",
+        held.len()
+    ));
     tokio::time::sleep(hold).await;
     drop(held);
     0

@@ -17,9 +17,11 @@
 //! may have 20,000 open files here). Each proxied connection holds two of
 //! the agent's descriptors (the pod's side and the upstream), so the agent
 //! takes what its limits derived from those 20,000 files allow one pod
-//! (4,744 with the defaults) and resets the rest at accept; the bench reads
-//! the limits from `/conns` and checks that every connect that succeeded
-//! was held or reset, and counts both. A measurement, not a test: it
+//! (4,744 with the defaults); the kernel refuses the rest at `connect()`
+//! (`ECONNREFUSED`, before a SYN), and the agent resets at accept the few
+//! that two CPUs let through at once. The bench reads the limits from
+//! `/conns` and checks that every connect was held, refused or reset, and
+//! counts each. A measurement, not a test: it
 //! prints and records figures (`bench/results/noisy.md`); the functional
 //! side (the quiet pod's requests all succeed, a pod over its connection
 //! limit is refused and counted) is asserted by the world tests.
@@ -62,7 +64,7 @@ pub struct NoisyArgs {
     /// client processes as it takes at 10,000 each (a process may have
     /// 20,000 open files here). The agent holds what its limits allow (with
     /// the defaults and 20,000 open files, half of half: 4,744 for one pod)
-    /// and resets the rest at accept.
+    /// and the kernel refuses the rest at `connect()`.
     #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..=40_000))]
     conns: u64,
     /// `outbound.max_connections_per_pod` of node 0's agent; unset, the
@@ -150,8 +152,12 @@ struct Opening {
     cpu_per_conn_us: f64,
     /// Connections that waited for the accept rate.
     delayed: f64,
-    /// Connections the agent reset at a limit.
+    /// Connections refused at a limit: by the kernel at `connect()` and
+    /// by the agent at accept (`waymark_outbound_refused_total`).
     refused: f64,
+    /// Of those, the connects the client saw refused (`ECONNREFUSED`):
+    /// the kernel's.
+    at_connect: usize,
     /// Connects of the noisy pod that succeeded (held or refused after).
     connected: usize,
     /// Connects that succeeded at the client but never reached the agent
@@ -379,10 +385,10 @@ endpoints = [{{ addr = "{}:{}" }}]
                 a.open_secs,
             )
         })?;
-        let (connected, hold_failed) = held_counts(&mut hold)?;
+        let (connected, hold_failed, at_connect) = held_counts(&mut hold)?;
         let open_secs = opened_at.elapsed().as_secs_f64();
         eprintln!(
-            "bench-noisy: the noisy pod connected {connected} of {conns} ({hold_failed} failed) in {open_secs:.1} s"
+            "bench-noisy: the noisy pod connected {connected} of {conns} ({hold_failed} failed, {at_connect} of them refused at connect()) in {open_secs:.1} s"
         );
         eprintln!(
             "bench-noisy: the quiet pod's p99 by second of that run, ms: {}",
@@ -392,8 +398,9 @@ endpoints = [{{ addr = "{}:{}" }}]
             connected >= expected,
             "the noisy pod connected {connected} of {conns}, fewer than the {expected} the agent should hold ({hold_failed} failed)"
         );
-        // Every connect that succeeded is either held by the agent (its
-        // upstream dialled) or reset at a limit, or never reached it: while
+        // Every connect was refused at connect() by the kernel, or
+        // succeeded and is either held by the agent (its upstream dialled)
+        // or reset at a limit, or never reached it: while
         // the pod listener's queue is full the kernel drops a handshake's
         // last ACK (the client counts the connect done, the listener
         // retransmits its SYN-ACK a few times and then forgets it), as it
@@ -408,9 +415,10 @@ endpoints = [{{ addr = "{}:{}" }}]
             let text = node.metrics()?;
             let open = open_in(&text);
             let refused = refused_in(&text) - refused_before;
+            let reset = (refused as usize).saturating_sub(at_connect);
             let now = (open, refused as usize);
             still = if last == Some(now) { still + 1 } else { 0 };
-            if open == expected && (open + now.1 >= connected || still >= 3) {
+            if open == expected && (open + reset >= connected || still >= 3) {
                 break refused;
             }
             if Instant::now() > metrics_deadline {
@@ -421,7 +429,8 @@ endpoints = [{{ addr = "{}:{}" }}]
             last = Some(now);
             std::thread::sleep(Duration::from_millis(1000));
         };
-        let unseen = connected.saturating_sub(expected + refused as usize);
+        let unseen =
+            connected.saturating_sub(expected + (refused as usize).saturating_sub(at_connect));
         let text = node.metrics()?;
         let no_dst = of_noisy(&text, "waymark_outbound_no_original_dst_total", &[]);
         eprintln!("bench-noisy: accepted without an original destination so far: {no_dst}");
@@ -434,7 +443,7 @@ endpoints = [{{ addr = "{}:{}" }}]
                 * 1e6;
         let delayed = delayed_in(&text) - delayed_before;
         eprintln!(
-            "bench-noisy: the agent took {expected} and refused {refused} in {taken_secs:.1} s ({unseen} connected never reached it), {cpu_per_conn_us:.0} µs of CPU each; {delayed} waited for the accept rate"
+            "bench-noisy: the agent took {expected} and {refused} were refused ({at_connect} by the kernel at connect()) in {taken_secs:.1} s ({unseen} connected never reached it), {cpu_per_conn_us:.0} µs of CPU per connection that connected; {delayed} waited for the accept rate"
         );
         openings.push(Opening {
             during,
@@ -443,6 +452,7 @@ endpoints = [{{ addr = "{}:{}" }}]
             cpu_per_conn_us,
             delayed,
             refused,
+            at_connect,
             connected,
             unseen,
         });
@@ -456,6 +466,7 @@ endpoints = [{{ addr = "{}:{}" }}]
     let hold = held_by.context("no opening was run")?;
     let opening = |f: fn(&Opening) -> f64| median(openings.iter().map(f).collect());
     let unseen = opening(|o| o.unseen as f64);
+    let at_connect = opening(|o| o.at_connect as f64);
     let (open_secs, taken_secs, cpu_per_conn_us, delayed, refused, connected) = (
         opening(|o| o.open_secs),
         opening(|o| o.taken_secs),
@@ -543,7 +554,8 @@ endpoints = [{{ addr = "{}:{}" }}]
          (0,0) tries to open {conns} idle opaque TCP connections through node 0's agent to an \
          echo server on node 1 (`testpeer hold`, {} client process(es) of at most {PER_CLIENT}, \
          each 256 at a time{client_pace}) and holds them; node 0's agent holds {expected} of \
-         them (its limits in force: {} per pod, {} in all) and resets the rest at accept. The \
+         them (its limits in force: {} per pod, {} in all); the kernel refuses the rest at \
+         `connect()` and the agent resets at accept the few two CPUs let through at once. The \
          quiet pod (0,1) sends {} HTTP/1.1 GET/s over 16 keep-alive connections to an L7 \
          service (nginx on node 1) through the same agent, {} s per run ({} s during an \
          opening; `testpeer http-rate`, latency from when each request was due). Medians of \
@@ -591,7 +603,7 @@ endpoints = [{{ addr = "{}:{}" }}]
     );
     let _ = writeln!(
         md,
-        "| while the noisy pod opens {conns} (runs: {opening_runs}; {connected:.0} connected, in {open_secs:.1} s; the agent held {expected} and reset {refused:.0} within {taken_secs:.1} s; {unseen:.0} never reached it) | {p99_opening:.2} ms | {} | peak {:.1} MiB | — |",
+        "| while the noisy pod opens {conns} (runs: {opening_runs}; {connected:.0} connected, in {open_secs:.1} s; the agent held {expected}; {refused:.0} refused, {at_connect:.0} of them at connect(), within {taken_secs:.1} s; {unseen:.0} never reached it) | {p99_opening:.2} ms | {} | peak {:.1} MiB | — |",
         openings.iter().map(|o| failed(&o.during)).sum::<u64>(),
         peak_kib as f64 / 1024.0
     );
@@ -782,7 +794,7 @@ fn run_direct(a: &NoisyArgs, bins: &Bins, conns: usize, pace: u32) -> Result<Dir
                 i + 1
             ))
         })?;
-        let (connected, failed) = held_counts(&mut hold)?;
+        let (connected, failed, _) = held_counts(&mut hold)?;
         eprintln!(
             "bench-noisy --direct: holding {connected} failed {failed} (paced at {pace}/s; 0: unpaced)"
         );
@@ -891,11 +903,12 @@ fn open_while<T>(
 }
 
 /// What the holding clients said: connects that succeeded (each then held,
-/// or reset by the agent at a limit) and connects that failed.
-fn held_counts(clients: &mut [Server]) -> Result<(usize, usize)> {
-    let (mut connected, mut failed) = (0, 0);
+/// or reset by the agent at a limit), connects that failed, and of those
+/// the ones refused outright (`ECONNREFUSED`: by the kernel at a limit).
+fn held_counts(clients: &mut [Server]) -> Result<(usize, usize, usize)> {
+    let (mut connected, mut failed, mut refused) = (0, 0, 0);
     for c in clients {
-        // "holding N failed M"
+        // "holding N failed M refused R"
         let line = c.wait_line("holding ", Duration::from_secs(1))?;
         let f: Vec<&str> = line.split_whitespace().collect();
         let n = |i: usize| -> Result<usize> {
@@ -905,8 +918,9 @@ fn held_counts(clients: &mut [Server]) -> Result<(usize, usize)> {
         };
         connected += n(1)?;
         failed += n(3)?;
+        refused += n(5)?;
     }
-    Ok((connected, failed))
+    Ok((connected, failed, refused))
 }
 
 /// How many connections node 0's agent takes per pod and in all (0: no

@@ -4,6 +4,7 @@
 pub mod accept_rate;
 pub mod forward;
 pub mod http_server;
+pub mod kernel_refusals;
 
 use std::net::SocketAddr;
 use std::os::fd::{AsFd as _, AsRawFd as _};
@@ -113,6 +114,15 @@ impl ConnLimits {
     /// One pod's default share of `total`.
     fn per_pod_for_total(total: usize) -> usize {
         (total / POD_SHARE_DIVISOR).clamp(1, PER_POD_DEFAULT_MAX)
+    }
+}
+
+/// What a refused connection's tap event says of the limit it met
+/// (`pod_connections` or `agent_connections`).
+pub fn limit_message(limit: &str) -> &'static str {
+    match limit {
+        "pod_connections" => "the pod's connections reached outbound.max_connections_per_pod",
+        _ => "the agent's connections reached outbound.max_connections",
     }
 }
 
@@ -456,12 +466,7 @@ impl Outbound {
                 bytes_out: 0,
                 bytes_in: 0,
                 close: "refused",
-                error: Some(match limit {
-                    "pod_connections" => {
-                        "the pod's connections reached outbound.max_connections_per_pod"
-                    }
-                    _ => "the agent's connections reached outbound.max_connections",
-                }),
+                error: Some(limit_message(limit)),
                 proxy: Some(ProxyError::Limit),
             });
         }
