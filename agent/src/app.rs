@@ -306,6 +306,14 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         .then(|| captures.key_log() as Arc<dyn rustls::KeyLog>);
     let background = TaskTracker::new();
     let stop_background = CancellationToken::new();
+    // One descriptor budget for the node's connections: pods' outbound
+    // ones and the tunnel's inbound streams (see `proxy::descriptors`).
+    let descriptors =
+        crate::proxy::descriptors::Descriptors::from_config(config.limits.connection_descriptors);
+    info!(
+        budget = descriptors.limit(),
+        "descriptors for connections and tunnel streams (limits.connection_descriptors; 0: no bound)"
+    );
     let buffer_budget = crate::http::budget::BufferBudget::new(
         config.limits.buffer_memory_bytes,
         metrics.tcp.buffer_memory_bytes.clone(),
@@ -325,6 +333,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
             discovery: discovery.clone(),
             conns: conns.clone(),
             buffer_budget: buffer_budget.clone(),
+            descriptors: descriptors.clone(),
             drain: &drain,
             readiness: readiness.clone(),
             background: &background,
@@ -477,6 +486,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
             tap: tap.clone(),
             conns: conns.clone(),
             buffer_budget,
+            descriptors,
             kernel: kernel.clone(),
             drain: drain.clone(),
         },
@@ -633,6 +643,7 @@ struct MeshInputs<'a> {
     discovery: Arc<Discovery>,
     conns: Arc<crate::telemetry::conns::ConnTable>,
     buffer_budget: Arc<crate::http::budget::BufferBudget>,
+    descriptors: Arc<crate::proxy::descriptors::Descriptors>,
     drain: &'a Drain,
     readiness: Arc<Readiness>,
     background: &'a TaskTracker,
@@ -690,6 +701,11 @@ async fn start_mesh(
             handshake_timeout: config.inbound.handshake_timeout,
             max_handshakes: config.limits.tunnel_max_handshakes,
             max_concurrent_streams: config.limits.tunnel_max_concurrent_streams,
+            max_streams_per_peer: config
+                .limits
+                .tunnel_max_streams_per_peer
+                .unwrap_or_else(|| inputs.descriptors.limit() / 4),
+            descriptors: Some(inputs.descriptors.clone()),
             idle_timeout: config.limits.idle_timeout,
             connect_timeout: config.outbound.connect_timeout,
             key_log: inputs.key_log.clone(),

@@ -41,6 +41,8 @@ pub struct Shared<'a> {
     pub conns: Arc<ConnTable>,
     /// Shared with the inbound side: one bound for the node.
     pub buffer_budget: Arc<BufferBudget>,
+    /// Shared with the inbound side: the agent's descriptors.
+    pub descriptors: Arc<crate::proxy::descriptors::Descriptors>,
     pub kernel: Option<Arc<KernelDiag>>,
     /// The agent's drain, which the accept loops' connections join.
     pub drain: Drain,
@@ -64,6 +66,7 @@ impl DataPath {
             tap,
             conns,
             buffer_budget,
+            descriptors,
             kernel,
             drain,
         } = shared;
@@ -104,6 +107,7 @@ impl DataPath {
             ),
             idle_timeout: config.limits.idle_timeout,
             open_total: Arc::new(AtomicUsize::new(0)),
+            descriptors,
             conns,
         });
         Self {

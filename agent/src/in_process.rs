@@ -87,6 +87,7 @@ impl InProcess {
                     metrics.tcp.buffer_memory_bytes.clone(),
                     metrics.tcp.limit_refused_total.clone(),
                 ),
+                descriptors: crate::proxy::descriptors::Descriptors::for_open_files(),
                 kernel: None,
                 drain: Default::default(),
             },

@@ -541,6 +541,7 @@ fn accept_loops_back_off_when_descriptors_run_out() {
         .agent_bin(wrapper.path())
         .agent_config_extra(
             "[outbound]\nmax_connections = 100000\nmax_connections_per_pod = 100000\n\
+             [limits]\nconnection_descriptors = 0\n\
              [proxy]\nopaque_ports = [7000]\n",
         );
     with_world(b, |world| {
@@ -757,6 +758,112 @@ fn with_the_default_limits_one_pod_cannot_use_up_the_agents_descriptors() {
             other_refused == 0.0,
             "the other pod had {other_refused} refused"
         );
+        Ok(())
+    });
+}
+
+/// Pods' connections and the tunnel's inbound streams share one budget of
+/// the agent's descriptors (`limits.connection_descriptors`): with 40 on
+/// each agent, a pod of node 1 holding 15 connections through its agent
+/// (two descriptors each) leaves 10 for streams from other nodes; a pod of
+/// node 0 holds 10 through the tunnel, and then another pod's stream is
+/// answered 503 and counted (`result="limited"`) while a new connection of
+/// node 1's own pod is refused at accept (`limit="descriptors"`): neither
+/// side can run the agent out of descriptors for the other. Let go, both
+/// go through again.
+#[test]
+fn pods_connections_and_tunnel_streams_share_the_agents_descriptors() {
+    require_agent_or_skip!();
+    const ECHO: &str = "10.96.0.63:7000";
+    let echo = Service::new("echo", ECHO)
+        .protocol("opaque")
+        .endpoint(Endpoint::meshed(1, 1, 7000));
+    let b = meshed_pair(world_name!(), 2, &[echo]).agent_config_extra(
+        "[limits]\nconnection_descriptors = 40\ntunnel_max_streams_per_peer = 100\n",
+    );
+    with_world(b, |world| {
+        let n1 = world.node(1);
+        let (remote, remote_other) = (world.pod(0, 0), world.pod(0, 1));
+        let local = world.pod(1, 0);
+        let _echo = world
+            .pod(1, 1)
+            .serve(&mut testpeer(["echo", "--listen", "0.0.0.0:7000"]))?;
+        ensure!(
+            n1.agent_log()
+                .contains("descriptors for connections and tunnel streams")
+                && n1.agent_log().contains("budget=40"),
+            "node 1's agent did not log its budget of 40"
+        );
+        let hold = |pod: &Pod, count: &str| {
+            pod.serve_until(
+                &mut testpeer([
+                    "hold",
+                    "--connect",
+                    ECHO,
+                    "--count",
+                    count,
+                    "--hold",
+                    "300s",
+                ]),
+                "holding ",
+                Duration::from_secs(30),
+            )
+        };
+        let local_held = hold(local, "15")?;
+        let open_local = || {
+            metric(
+                n1,
+                "tcp_open_connections",
+                &[("direction", "outbound"), ("pod", local.name())],
+            )
+        };
+        eventually(DEFAULT_PATIENCE, || {
+            let n = open_local()?;
+            ensure!(n == 15.0, "node 1's pod holds {n} of 15");
+            Ok(())
+        })?;
+        let streams = |result: &str| {
+            metric(
+                n1,
+                "waymark_tunnel_streams_total",
+                &[("direction", "inbound"), ("result", result)],
+            )
+        };
+        let opened_before = streams("opened")?;
+        let remote_held = hold(remote, "10")?;
+        eventually(DEFAULT_PATIENCE, || {
+            let n = streams("opened")? - opened_before;
+            ensure!(n == 10.0, "{n} of node 0's 10 streams opened on node 1");
+            Ok(())
+        })?;
+        ensure!(streams("limited")? == 0.0, "a stream was refused too early");
+        // 30 + 10 of 40: nothing left for either side.
+        ensure!(
+            echo_ok(remote_other, ECHO).is_err(),
+            "a stream went through with every descriptor held"
+        );
+        await_metric(
+            n1,
+            "waymark_tunnel_streams_total",
+            &[("direction", "inbound"), ("result", "limited")],
+            1.0,
+        )?;
+        ensure!(
+            echo_ok(local, ECHO).is_err(),
+            "node 1's pod opened a connection with every descriptor held"
+        );
+        await_metric(
+            n1,
+            "waymark_outbound_refused_total",
+            &[("pod", local.name()), ("limit", "descriptors")],
+            1.0,
+        )?;
+        drop(remote_held);
+        drop(local_held);
+        eventually(DEFAULT_PATIENCE, || {
+            echo_ok(remote_other, ECHO)?;
+            echo_ok(local, ECHO)
+        })?;
         Ok(())
     });
 }

@@ -42,6 +42,25 @@ pub struct LimitsConfig {
     /// this one.
     #[serde(default = "default_tunnel_streams")]
     pub tunnel_max_concurrent_streams: u32,
+    /// Descriptors pods' outbound connections (two each) and the tunnel's
+    /// inbound streams (one each) may hold together; past it a pod's new
+    /// connection is refused at accept
+    /// (`waymark_outbound_refused_total{limit="descriptors"}`) and a new
+    /// stream answered 503. Unset: the open-files limit in force less
+    /// 1,024 (kept for listeners, the tunnel, the admin API and the kernel
+    /// maps). 0: no bound (the accept loops back off on `EMFILE`).
+    #[serde(default)]
+    pub connection_descriptors: Option<usize>,
+    /// Streams one peer (a workload identity of another node) may have
+    /// open at once through the tunnel to this agent, over all its tunnel
+    /// connections; past it a new stream is answered 503 and counted
+    /// (`waymark_tunnel_streams{direction="inbound",result="limited"}`).
+    /// Each stream holds one of the agent's descriptors (its dial to the
+    /// pod). Unset: a quarter of the descriptors the agent's open-files
+    /// limit leaves (4,744 with 20,000 files), so that one peer cannot take
+    /// them from the pods and other peers. 0: no limit.
+    #[serde(default)]
+    pub tunnel_max_streams_per_peer: Option<usize>,
     /// TLS handshakes in progress at once on the tunnel port; a connection
     /// arriving beyond them is reset at once and counted
     /// (`waymark_tunnel_handshake_failures_total{reason="too_many_handshakes"}`).
@@ -67,6 +86,8 @@ impl Default for LimitsConfig {
         Self {
             h2_max_concurrent_streams: DEFAULT_H2_MAX_CONCURRENT_STREAMS,
             tunnel_max_concurrent_streams: DEFAULT_TUNNEL_MAX_CONCURRENT_STREAMS,
+            tunnel_max_streams_per_peer: None,
+            connection_descriptors: None,
             tunnel_max_handshakes: DEFAULT_TUNNEL_MAX_HANDSHAKES,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             buffer_memory_bytes: DEFAULT_BUFFER_MEMORY_BYTES,

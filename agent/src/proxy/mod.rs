@@ -8,6 +8,7 @@
 //! tunnel to the endpoint node's agent, whose [`inbound`] side accepts the
 //! tunnel, authorizes the source and connects to the pod.
 
+pub mod descriptors;
 pub mod detect;
 pub mod inbound;
 pub mod listener;

@@ -11,6 +11,7 @@ pub mod authz;
 pub mod http_stream;
 mod request;
 pub mod server;
+mod stream_limits;
 mod tap;
 mod tcp;
 pub mod trace;
@@ -183,6 +184,7 @@ impl Collector for TunnelCollector {
             ));
             streams.push(("inbound", "opened", load(&s.streams_opened)));
             streams.push(("inbound", "denied", load(&s.streams_denied)));
+            streams.push(("inbound", "limited", load(&s.streams_limited)));
             streams.push(("inbound", "connect_failed", load(&s.connect_failed)));
             closed.push(("inbound", "idle_timeout", load(&s.idle_closed)));
             closed.push(("inbound", "untrusted", load(&s.untrusted_closed)));

@@ -33,6 +33,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span, info, info_span, warn};
 
+use super::stream_limits::PeerStreams;
 use crate::identity::{CertInfo, TlsFailure, peer_info};
 use crate::transport::coalesce::Coalesce;
 use crate::transport::copy;
@@ -49,6 +50,12 @@ pub struct ServerConfig {
     pub max_handshakes: usize,
     pub connect_timeout: Duration,
     pub max_concurrent_streams: u32,
+    /// Streams one peer identity may hold at once over all its tunnel
+    /// connections (`limits.tunnel_max_streams_per_peer`; 0: no bound).
+    pub max_streams_per_peer: usize,
+    /// The agent's descriptor budget, one per stream (`None`: not
+    /// counted, as in the unit tests that do not ask for it).
+    pub descriptors: Option<Arc<crate::proxy::descriptors::Descriptors>>,
     pub max_header_list_size: u32,
     /// HTTP/2 flow-control windows: large enough that one bulk stream is not
     /// throttled by round trips between nodes.
@@ -70,6 +77,8 @@ impl Default for ServerConfig {
             max_handshakes: crate::config::limits::DEFAULT_TUNNEL_MAX_HANDSHAKES,
             connect_timeout: Duration::from_secs(5),
             max_concurrent_streams: 1000,
+            max_streams_per_peer: 0,
+            descriptors: None,
             max_header_list_size: 16 * 1024,
             stream_window: 4 << 20,
             connection_window: 16 << 20,
@@ -127,6 +136,9 @@ pub struct ServerStats {
     handshake_failures: [AtomicU64; 6],
     pub streams_opened: AtomicU64,
     pub streams_denied: AtomicU64,
+    /// Streams answered 503 at `max_streams_per_peer` or for want of a
+    /// descriptor.
+    pub streams_limited: AtomicU64,
     pub connect_failed: AtomicU64,
     /// Connections closed (GOAWAY) after `idle_timeout` without a stream.
     pub idle_closed: AtomicU64,
@@ -225,6 +237,8 @@ struct Shared {
     stats: Arc<ServerStats>,
     handler: Arc<dyn StreamHandler>,
     drain: Drain,
+    /// Streams open per peer identity.
+    peers: Arc<PeerStreams>,
 }
 
 /// A stream that passed authorization and whose target is connected: the
@@ -295,6 +309,7 @@ impl TunnelServer {
             stats,
             handler: Arc::new(Splice),
             drain: Drain::default(),
+            peers: Arc::default(),
         });
         Self { listener, shared }
     }
@@ -516,6 +531,24 @@ impl Shared {
             warn!(peer_id = %peer.id, %target, reason = %deny, "tunnel stream denied");
             return reply(StatusCode::FORBIDDEN, DENY_REASON, &deny.0);
         }
+        let slot = match self.peers.admit(
+            &peer.id_text,
+            self.config.max_streams_per_peer,
+            self.config.descriptors.as_ref(),
+        ) {
+            Ok(slot) => slot,
+            Err(limit) => {
+                self.stats.streams_limited.fetch_add(1, Ordering::Relaxed);
+                // Debug only: a peer pressing on its bound must not flood
+                // the log; the counter has every one.
+                debug!(peer_id = %peer.id, %target, ?limit, per_peer = self.config.max_streams_per_peer, "tunnel stream refused: limit reached");
+                return reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ERROR_REASON,
+                    limit.reason(),
+                );
+            }
+        };
         let connect = tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(target));
         let upstream = match connect.await {
             Ok(Ok(s)) => s,
@@ -544,6 +577,7 @@ impl Shared {
         self.drain.inbound().spawn(
             async move {
                 let _open = open;
+                let _slot = slot;
                 match upgrade.await {
                     Ok(upgraded) => {
                         let stream = Admitted {

@@ -360,6 +360,58 @@ async fn unreachable_target_is_503() {
     }
 }
 
+/// A peer holding `limits.tunnel_max_streams_per_peer` streams has its
+/// next one answered 503 naming the limit, over any of its connections,
+/// while another peer's streams go through; a stream that ends gives its
+/// place back. The descriptor budget bounds all peers together the same
+/// way.
+#[tokio::test]
+async fn a_peers_streams_are_bounded_and_so_are_the_agents_descriptors() {
+    let fds = crate::proxy::descriptors::Descriptors::new(3);
+    let w = world(super::ServerConfig {
+        max_streams_per_peer: 2,
+        descriptors: Some(fds.clone()),
+        ..Default::default()
+    })
+    .await;
+    let (web, api) = (
+        w.pki.identity("default", "web"),
+        w.pki.identity("default", "api"),
+    );
+    let refused_for = |err: TunnelError, limit: &str| match err {
+        TunnelError::Refused { status, reason, .. } => {
+            assert_eq!(status, http::StatusCode::SERVICE_UNAVAILABLE);
+            assert!(reason.contains(limit), "{reason}");
+        }
+        other => panic!("expected a 503 naming {limit}, got {other}"),
+    };
+    let first = w.open(&w.pool(), &web).await.unwrap();
+    // A second pool: its own tunnel connection, the same peer.
+    let second = w.open(&w.pool(), &web).await.unwrap();
+    refused_for(
+        w.open(&w.pool(), &web).await.unwrap_err(),
+        "limits.tunnel_max_streams_per_peer",
+    );
+    let other = w.open(&w.pool(), &api).await.unwrap();
+    assert_eq!(fds.used(), 3);
+    // Every descriptor of the budget is held: api is under its own bound
+    // but there is no descriptor left for it.
+    refused_for(w.open(&w.pool(), &api).await.unwrap_err(), "descriptor");
+    assert_eq!(
+        w.stats
+            .streams_limited
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+    assert_eq!(round_trip(first, b"first").await, b"first");
+    eventually("the ended stream's descriptor back", || fds.used() == 2).await;
+    let third = w.open(&w.pool(), &web).await.unwrap();
+    assert_eq!(round_trip(third, b"third").await, b"third");
+    assert_eq!(round_trip(second, b"second").await, b"second");
+    assert_eq!(round_trip(other, b"other").await, b"other");
+    eventually("every descriptor back", || fds.used() == 0).await;
+}
+
 async fn read_until_closed(mut s: TcpStream) {
     let mut buf = [0u8; 4096];
     let closed = tokio::time::timeout(Duration::from_secs(10), async {

@@ -25,6 +25,7 @@ use crate::drain::Drain;
 use crate::http::errors::ProxyError;
 use crate::http::pool::Version;
 use crate::identity::SpiffeId;
+use crate::proxy::descriptors::{Descriptors, Held};
 use crate::proxy::detect::{self, Protocol};
 use crate::proxy::outbound::accept_rate::{AcceptBucket, AcceptRate};
 use crate::proxy::outbound::forward::{ConnCtx, HttpProxy};
@@ -72,10 +73,9 @@ pub struct ConnLimits {
     pub accept_rate: AcceptRate,
 }
 
-/// Descriptors kept out of the connections' share of the open-files
-/// limit: listeners (two per enrolled pod), the tunnel, the admin API, the
-/// kernel maps and the log.
-const RESERVED_FDS: usize = 1024;
+/// Descriptors a proxied connection holds: the pod's side and the
+/// upstream.
+const FDS_PER_CONNECTION: usize = 2;
 
 /// A pod's share of the agent's connections when
 /// `outbound.max_connections_per_pod` is unset: half, so that the others
@@ -105,10 +105,11 @@ impl ConnLimits {
     }
 
     /// Connections of all pods that fit `open_files` descriptors: two per
-    /// connection, past the reserve.
+    /// connection, past the reserve (the whole [`Descriptors`] budget, which
+    /// the tunnel's inbound streams share: it, not this, is what holds
+    /// when both are busy).
     fn total_for_open_files(open_files: u64) -> usize {
-        let fds = usize::try_from(open_files).unwrap_or(usize::MAX);
-        (fds.saturating_sub(RESERVED_FDS) / 2).max(64)
+        Descriptors::budget_for_open_files(open_files) / FDS_PER_CONNECTION
     }
 
     /// One pod's default share of `total`.
@@ -118,10 +119,13 @@ impl ConnLimits {
 }
 
 /// What a refused connection's tap event says of the limit it met
-/// (`pod_connections` or `agent_connections`).
+/// (`pod_connections`, `agent_connections` or `descriptors`).
 pub fn limit_message(limit: &str) -> &'static str {
     match limit {
         "pod_connections" => "the pod's connections reached outbound.max_connections_per_pod",
+        "descriptors" => {
+            "the agent's connections and tunnel streams hold every descriptor its open-files limit leaves"
+        }
         _ => "the agent's connections reached outbound.max_connections",
     }
 }
@@ -131,6 +135,8 @@ pub fn limit_message(limit: &str) -> &'static str {
 struct Admission {
     pod: Arc<PodInfo>,
     total: Arc<AtomicUsize>,
+    /// Its descriptors in the agent's budget (`None` until counted).
+    _fds: Option<Held>,
 }
 
 impl Drop for Admission {
@@ -161,6 +167,8 @@ pub struct Outbound {
     pub idle_timeout: Duration,
     /// Connections of all pods now.
     pub open_total: Arc<AtomicUsize>,
+    /// The agent's descriptors, shared with the tunnel's inbound streams.
+    pub descriptors: Arc<Descriptors>,
     /// Every open connection, for `waymark conns`.
     pub conns: Arc<ConnTable>,
     /// Takes connections off the reply shortcut (see [`ReplyBudget`]).
@@ -438,9 +446,10 @@ impl Outbound {
     fn admit(&self, pod: &Arc<PodInfo>) -> Result<Admission, &'static str> {
         let total = self.open_total.fetch_add(1, Ordering::Relaxed);
         let mine = pod.open.fetch_add(1, Ordering::Relaxed);
-        let admission = Admission {
+        let mut admission = Admission {
             pod: pod.clone(),
             total: self.open_total.clone(),
+            _fds: None,
         };
         if self.limits.per_pod > 0 && mine >= self.limits.per_pod {
             return Err("pod_connections");
@@ -448,6 +457,11 @@ impl Outbound {
         if self.limits.total > 0 && total >= self.limits.total {
             return Err("agent_connections");
         }
+        admission._fds = Some(
+            self.descriptors
+                .take(FDS_PER_CONNECTION)
+                .ok_or("descriptors")?,
+        );
         Ok(admission)
     }
 
