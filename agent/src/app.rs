@@ -310,8 +310,15 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
     // ones and the tunnel's inbound streams (see `proxy::descriptors`).
     let descriptors =
         crate::proxy::descriptors::Descriptors::from_config(config.limits.connection_descriptors);
+    let streams_per_peer = config
+        .limits
+        .tunnel_max_streams_per_peer
+        .unwrap_or_else(|| {
+            crate::proxy::inbound::stream_limits::default_per_peer(descriptors.limit())
+        });
     info!(
         budget = descriptors.limit(),
+        tunnel_streams_per_peer = streams_per_peer,
         "descriptors for connections and tunnel streams (limits.connection_descriptors; 0: no bound)"
     );
     let buffer_budget = crate::http::budget::BufferBudget::new(
@@ -334,6 +341,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
             conns: conns.clone(),
             buffer_budget: buffer_budget.clone(),
             descriptors: descriptors.clone(),
+            streams_per_peer,
             drain: &drain,
             readiness: readiness.clone(),
             background: &background,
@@ -644,6 +652,8 @@ struct MeshInputs<'a> {
     conns: Arc<crate::telemetry::conns::ConnTable>,
     buffer_budget: Arc<crate::http::budget::BufferBudget>,
     descriptors: Arc<crate::proxy::descriptors::Descriptors>,
+    /// `limits.tunnel_max_streams_per_peer`, or its default.
+    streams_per_peer: usize,
     drain: &'a Drain,
     readiness: Arc<Readiness>,
     background: &'a TaskTracker,
@@ -701,10 +711,7 @@ async fn start_mesh(
             handshake_timeout: config.inbound.handshake_timeout,
             max_handshakes: config.limits.tunnel_max_handshakes,
             max_concurrent_streams: config.limits.tunnel_max_concurrent_streams,
-            max_streams_per_peer: config
-                .limits
-                .tunnel_max_streams_per_peer
-                .unwrap_or_else(|| inputs.descriptors.limit() / 4),
+            max_streams_per_peer: inputs.streams_per_peer,
             descriptors: Some(inputs.descriptors.clone()),
             idle_timeout: config.limits.idle_timeout,
             connect_timeout: config.outbound.connect_timeout,

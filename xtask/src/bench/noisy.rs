@@ -117,6 +117,14 @@ pub struct NoisyArgs {
     /// default when not given.
     #[arg(long)]
     dial_from: Option<String>,
+    /// Bound the noisy pod's client processes to this many cores (e.g.
+    /// 1.0), as a pod's `resources.limits.cpu` would on a cluster; the
+    /// quiet pod stays unbounded. Unset: the client may take both cores
+    /// with its own connects, as with no proxy at all. Needs the cpu
+    /// controller of cgroup v1 (`/sys/fs/cgroup/cpu`, as on these hybrid
+    /// hosts). Applies to the no-agent steps too.
+    #[arg(long)]
+    noisy_cpu: Option<f64>,
     /// Use the debug build (target/debug) instead of a release build.
     #[arg(long)]
     debug: bool,
@@ -244,6 +252,8 @@ pub fn run(a: NoisyArgs) -> Result<()> {
         )
         .map(|_| ());
     }
+    // Before the world: dropped after it, once the clients are gone.
+    let cpu = a.noisy_cpu.map(CpuLimit::new).transpose()?;
     let conns = a.conns as usize;
     let mut accept_rate = String::new();
     if a.accept_rate.is_some()
@@ -376,15 +386,23 @@ endpoints = [{{ addr = "{}:{}" }}]
         let cpu_before_open = cpu_seconds(&[pid]);
         let text = node.metrics()?;
         let (delayed_before, refused_before) = (delayed_in(&text), refused_in(&text));
-        let (mut hold, during) = open_while(noisy, &bins, echo, conns, a.client_rate, || {
-            rate_for(
-                &format!(
-                    "while the noisy pod opens its connections {}/{open_reps}",
-                    i + 1
-                ),
-                a.open_secs,
-            )
-        })?;
+        let (mut hold, during) = open_while(
+            noisy,
+            &bins,
+            echo,
+            conns,
+            a.client_rate,
+            cpu.as_ref(),
+            || {
+                rate_for(
+                    &format!(
+                        "while the noisy pod opens its connections {}/{open_reps}",
+                        i + 1
+                    ),
+                    a.open_secs,
+                )
+            },
+        )?;
         let (connected, hold_failed, at_connect) = held_counts(&mut hold)?;
         let open_secs = opened_at.elapsed().as_secs_f64();
         eprintln!(
@@ -568,6 +586,7 @@ endpoints = [{{ addr = "{}:{}" }}]
             a.accept_burst.map(|b| format!(" --accept-burst {b}")),
             (a.client_rate > 0).then(|| format!(" --client-rate {}", a.client_rate)),
             a.dial_from.as_ref().map(|d| format!(" --dial-from {d}")),
+            a.noisy_cpu.map(|c| format!(" --noisy-cpu {c}")),
         ]
         .into_iter()
         .flatten()
@@ -752,6 +771,7 @@ impl Direct {
 /// `conns` (as many as the agent held, or every one it tries), its connects
 /// paced at `pace` a second (0: as fast as they go).
 fn run_direct(a: &NoisyArgs, bins: &Bins, conns: usize, pace: u32) -> Result<Direct> {
+    let cpu = a.noisy_cpu.map(CpuLimit::new).transpose()?;
     let world = World::builder("bench-noisy-direct")
         .nodes(2)
         .pods_per_node(2)
@@ -788,7 +808,7 @@ fn run_direct(a: &NoisyArgs, bins: &Bins, conns: usize, pace: u32) -> Result<Dir
     let mut openings = Vec::with_capacity(open_reps);
     let mut held_by = None;
     for i in 0..open_reps {
-        let (mut hold, opening) = open_while(noisy, bins, echo, conns, pace, || {
+        let (mut hold, opening) = open_while(noisy, bins, echo, conns, pace, cpu.as_ref(), || {
             rate(&format!(
                 "while the noisy pod opens its connections {}/{open_reps}",
                 i + 1
@@ -844,12 +864,14 @@ fn widen_port_range(pod: &Pod) -> Result<()> {
 /// a second unless 0) and holds them, while `during` runs on this thread:
 /// returns the holding clients, once each holds its share or gave up, and
 /// what `during` returned.
+#[allow(clippy::too_many_arguments)] // one call per step kind, each naming them
 fn open_while<T>(
     noisy: &Pod,
     bins: &Bins,
     echo: SocketAddr,
     conns: usize,
     rate: u32,
+    cpu: Option<&CpuLimit>,
     during: impl FnOnce() -> Result<T>,
 ) -> Result<(Vec<Server>, T)> {
     let clients = conns.div_ceil(PER_CLIENT);
@@ -868,7 +890,7 @@ fn open_while<T>(
             .map(|i| {
                 s.spawn(move || {
                     noisy.serve_until(
-                        Command::new(&bins.testpeer)
+                        CpuLimit::command(cpu, &bins.testpeer)
                             .arg("hold")
                             .arg("--connect")
                             .arg(echo.to_string())
@@ -900,6 +922,80 @@ fn open_while<T>(
         }
     }
     Ok((servers, result?))
+}
+
+/// A CPU bound for the noisy pod's clients: a cgroup v1 `cpu` directory of
+/// its own with a CFS quota, which each client joins before it execs (the
+/// pod's cgroup v2 membership, which the redirect depends on, is another
+/// hierarchy and stays as it is). Removed when dropped.
+struct CpuLimit {
+    dir: std::path::PathBuf,
+}
+
+/// The cgroup v1 `cpu` hierarchy of a hybrid host.
+const CPU_V1: &str = "/sys/fs/cgroup/cpu";
+
+impl CpuLimit {
+    fn new(cores: f64) -> Result<Self> {
+        ensure!(
+            cores > 0.0 && cores <= 64.0,
+            "--noisy-cpu {cores}: between 0 and 64 cores"
+        );
+        let root = std::path::Path::new(CPU_V1);
+        ensure!(
+            root.join("cpu.cfs_quota_us").exists(),
+            "--noisy-cpu needs the cgroup v1 cpu controller at {CPU_V1}; on a cgroup v2 host bound the pod's own cgroup (cpu.max)"
+        );
+        static MADE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = root.join(format!("waymark-bench-noisy-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let limit = Self { dir };
+        let period: u64 = std::fs::read_to_string(limit.dir.join("cpu.cfs_period_us"))?
+            .trim()
+            .parse()
+            .context("reading cpu.cfs_period_us")?;
+        let quota = (cores * period as f64).round() as u64;
+        std::fs::write(limit.dir.join("cpu.cfs_quota_us"), quota.to_string())
+            .with_context(|| format!("writing the quota {quota} µs of {period}"))?;
+        eprintln!(
+            "bench-noisy: the noisy pod's clients are held to {cores} core(s) ({} µs per {period} µs)",
+            quota
+        );
+        Ok(limit)
+    }
+
+    /// `program`, joining the cgroup first when there is a bound.
+    fn command(limit: Option<&Self>, program: &std::path::Path) -> Command {
+        match limit {
+            None => Command::new(program),
+            Some(l) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!(
+                        "echo $$ > '{}/cgroup.procs' && exec \"$@\"",
+                        l.dir.display()
+                    ))
+                    .arg("sh")
+                    .arg(program);
+                c
+            }
+        }
+    }
+}
+
+impl Drop for CpuLimit {
+    fn drop(&mut self) {
+        // The clients have exited by now; a directory with a process left
+        // in it cannot go, so try for a little while.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("bench-noisy: could not remove {}", self.dir.display());
+    }
 }
 
 /// What the holding clients said: connects that succeeded (each then held,

@@ -11,7 +11,7 @@ pub mod authz;
 pub mod http_stream;
 mod request;
 pub mod server;
-mod stream_limits;
+pub mod stream_limits;
 mod tap;
 mod tcp;
 pub mod trace;

@@ -18,6 +18,15 @@ use std::sync::{Arc, Mutex};
 
 use crate::proxy::descriptors::{Descriptors, Held};
 
+/// A peer's default share of the descriptor budget
+/// (`limits.tunnel_max_streams_per_peer` unset): a quarter, as a pod's
+/// outbound share is a quarter of it (half of the connections, at two
+/// descriptors each), so that one peer, like one pod, leaves the rest to
+/// the others.
+pub fn default_per_peer(budget: usize) -> usize {
+    budget / 4
+}
+
 /// Streams open per peer identity.
 #[derive(Debug, Default)]
 pub struct PeerStreams {
