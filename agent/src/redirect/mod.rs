@@ -285,6 +285,13 @@ impl Redirect {
         Self::load_with(outbound_port, excludes, None)
     }
 
+    /// [`Redirect::load`] as on a kernel without `bpf_set_retval` for
+    /// cgroup programs: refusals at a connection limit fail with `EPERM`.
+    #[cfg(test)]
+    fn load_without_set_retval(outbound_port: u16) -> Result<Self, RedirectError> {
+        Self::load_as(outbound_port, &[], None, false)
+    }
+
     /// [`Redirect::load`] against the maps pinned in `pins` (created and
     /// pinned when missing), so their entries are shared with any other
     /// agent using them and survive this one. `keep_links`: the links
@@ -304,6 +311,17 @@ impl Redirect {
         excludes: &[Exclude],
         pins: Option<(Pins, bool)>,
     ) -> Result<Self, RedirectError> {
+        Self::load_as(outbound_port, excludes, pins, kernel_sets_retval())
+    }
+
+    /// `set_retval`: whether the connect hooks may choose the error of a
+    /// refused `connect()` (`ECONNREFUSED`; otherwise the kernel's `EPERM`).
+    fn load_as(
+        outbound_port: u16,
+        excludes: &[Exclude],
+        pins: Option<(Pins, bool)>,
+        set_retval: bool,
+    ) -> Result<Self, RedirectError> {
         if OBJECT.is_empty() {
             return Err(RedirectError::StubObject);
         }
@@ -318,6 +336,8 @@ impl Redirect {
             None => Vec::new(),
         };
         let mut loader = EbpfLoader::new();
+        let set_retval = u8::from(set_retval);
+        loader.override_global("SET_RETVAL", &set_retval, true);
         for (name, path) in &map_paths {
             loader.map_pin_path(name.as_str(), path.as_path());
         }
@@ -1261,6 +1281,17 @@ impl Drop for Redirect {
     fn drop(&mut self) {
         self.detach();
     }
+}
+
+/// Whether this kernel has `bpf_set_retval` for cgroup programs (5.18).
+fn kernel_sets_retval() -> bool {
+    let Ok(uts) = nix::sys::utsname::uname() else {
+        return false;
+    };
+    let release = uts.release().to_string_lossy();
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let mut number = || parts.next().and_then(|p| p.parse::<u32>().ok());
+    matches!((number(), number()), (Some(major), Some(minor)) if (major, minor) >= (5, 18))
 }
 
 /// The network namespace cookie of a socket (`SO_NETNS_COOKIE`, Linux 5.14+):

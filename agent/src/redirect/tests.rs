@@ -133,6 +133,47 @@ fn redirects_pod_tcp_to_in_pod_listener() {
     t.not_redirected_tcp("10.99.0.2:81");
 }
 
+/// On a kernel without `bpf_set_retval` for cgroup programs (before 5.18)
+/// the programs load all the same, and a `connect()` past the limit fails
+/// with the kernel's `EPERM` instead of `ECONNREFUSED`, still before a SYN.
+#[test]
+fn without_set_retval_a_refused_connect_fails_with_eperm() {
+    if !running_as_root() {
+        return;
+    }
+    let world: World;
+    let mut redirect = match Redirect::load_without_set_retval(PORT) {
+        Err(RedirectError::StubObject) if std::env::var_os("CI").is_none() => {
+            eprintln!("skipping: agent built with WAYMARK_EBPF_STUB=1");
+            return;
+        }
+        other => other.expect("load redirect programs"),
+    };
+    world = World::create_as("-eperm");
+    redirect.attach(&world.cgroup.path).expect("attach");
+    let cookie = netns_cookie(world.listener(Listener::V4).as_fd()).unwrap();
+    redirect.enroll(cookie).expect("enroll the pod");
+    redirect.set_connect_limits(1, 0).unwrap();
+    let dial: SocketAddr = "10.99.0.1:80".parse().unwrap();
+    let mut held = world.client("tcp", dial);
+    assert!(
+        matches!(held.outcome(), Outcome::Connected { .. }),
+        "within the limit: {:?}",
+        held.outcome
+    );
+    let (stream, _) = accept_within(world.listener(Listener::V4), PATIENCE).expect("accepted");
+    let mut refused = world.client("tcp", dial);
+    match refused.outcome() {
+        Outcome::Error { errno } => assert_eq!(errno, libc::EPERM),
+        other => panic!("past the limit: expected EPERM, got {other:?}"),
+    }
+    refused.finish();
+    assert!(accept_within(world.listener(Listener::V4), Duration::ZERO).is_none());
+    held.finish();
+    drop(stream);
+    redirect.detach();
+}
+
 /// With connection limits in the kernel, a pod's `connect()` past its
 /// bound fails at once with `ECONNREFUSED` and reaches no listener; the
 /// refusal is counted with the pod and put on the ring; a released socket
@@ -640,7 +681,13 @@ struct World {
 
 impl World {
     fn create() -> Self {
-        let name = format!("wm-redir-test-{}", std::process::id());
+        Self::create_as("")
+    }
+
+    /// A world of its own for another test of this process (`suffix`
+    /// tells their netns and cgroup apart).
+    fn create_as(suffix: &str) -> Self {
+        let name = format!("wm-redir-test-{}{suffix}", std::process::id());
         let netns = Netns::create(&name);
         let cgroup = CgroupDir::create(&cgroup2_mount().join(&name));
         for args in [

@@ -20,7 +20,7 @@
 //! [`MAX_COUNTED_SOCKETS`]: waymark_common::MAX_COUNTED_SOCKETS
 
 use aya_ebpf::{
-    EbpfContext,
+    EbpfContext, Global,
     bindings::{BPF_NOEXIST, BPF_RB_NO_WAKEUP},
     helpers::{bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
@@ -33,6 +33,13 @@ use crate::maps::{CONNECT_LIMITS, CONNECT_REFUSED, COUNTED_SOCKETS, OPEN_SOCKETS
 /// `ECONNREFUSED`, what a client would get from a destination that
 /// refused it: the connection never existed, so retrying is safe.
 const ECONNREFUSED: i32 = 111;
+
+/// 1 when the kernel lets cgroup programs choose the error
+/// (`bpf_set_retval`, Linux 5.18), set by the agent at load. With 0 the
+/// call below is dead code the verifier removes, so the programs still
+/// load on 5.15–5.17, where a refused `connect()` fails with `EPERM`.
+#[unsafe(no_mangle)]
+static SET_RETVAL: Global<u8> = Global::new(0);
 
 /// Whether the socket behind `ctx`, about to be redirected for the pod
 /// `netns`, may connect; counts it if so. A refused one is counted with the
@@ -77,9 +84,11 @@ pub fn admit(ctx: &SockAddrContext, netns: u64, dst: &SockAddr) -> bool {
         // `lock xadd`.
         unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, 1) };
         report(netns, dst, limit);
-        // SAFETY: sets the error the refused `connect()` returns; no
-        // memory access.
-        unsafe { bpf_set_retval(-ECONNREFUSED) };
+        if SET_RETVAL.load() != 0 {
+            // SAFETY: sets the error the refused `connect()` returns; no
+            // memory access.
+            unsafe { bpf_set_retval(-ECONNREFUSED) };
+        }
         return false;
     }
     if COUNTED_SOCKETS
