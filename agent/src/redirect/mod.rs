@@ -1125,19 +1125,8 @@ impl Redirect {
     /// open then find nothing to take back). Unknown cookies are not an
     /// error.
     pub fn unenroll(&mut self, netns_cookie: u64) -> Result<(), RedirectError> {
-        let mut map = HashMap::<_, u64, u8>::try_from(map_mut(&mut self.ebpf, MAP_ENROLLED)?)
-            .map_err(map_error(MAP_ENROLLED, "open"))?;
-        match map.remove(&netns_cookie) {
-            Err(e) if !is_not_found(&e) => Err(map_error(MAP_ENROLLED, "remove")(e)),
-            _ => Ok(()),
-        }?;
-        let mut counts =
-            HashMap::<_, u64, PodSockets>::try_from(map_mut(&mut self.ebpf, MAP_POD_SOCKETS)?)
-                .map_err(map_error(MAP_POD_SOCKETS, "open"))?;
-        match counts.remove(&netns_cookie) {
-            Err(e) if !is_not_found(&e) => Err(map_error(MAP_POD_SOCKETS, "remove")(e)),
-            _ => Ok(()),
-        }
+        self.remove_pod::<u8>(MAP_ENROLLED, netns_cookie)?;
+        self.remove_pod::<PodSockets>(MAP_POD_SOCKETS, netns_cookie)
     }
 
     /// Has the connect hooks refuse a pod's `connect()` with
@@ -1162,13 +1151,34 @@ impl Redirect {
     /// Each pod's redirected sockets and the `connect()`s the kernel
     /// refused at a limit, by netns cookie.
     pub fn pod_sockets(&self) -> Vec<(u64, PodSockets)> {
-        let Some(map) = self.ebpf.map(MAP_POD_SOCKETS) else {
+        self.entries(MAP_POD_SOCKETS)
+    }
+
+    /// Every entry of the netns-cookie-keyed hash map `name` (none when
+    /// it cannot be read: these feed metrics and listings, not decisions).
+    fn entries<V: aya::Pod>(&self, name: &str) -> Vec<(u64, V)> {
+        let Some(map) = self.ebpf.map(name) else {
             return Vec::new();
         };
-        let Ok(counts) = HashMap::<_, u64, PodSockets>::try_from(map) else {
+        let Ok(map) = HashMap::<_, u64, V>::try_from(map) else {
             return Vec::new();
         };
-        counts.iter().filter_map(Result::ok).collect()
+        map.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Removes `key` from the netns-cookie-keyed hash map `name`; a key
+    /// that is not there is no error.
+    fn remove_pod<V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        key: u64,
+    ) -> Result<(), RedirectError> {
+        let mut map = HashMap::<_, u64, V>::try_from(map_mut(&mut self.ebpf, name)?)
+            .map_err(map_error(name, "open"))?;
+        match map.remove(&key) {
+            Err(e) if !is_not_found(&e) => Err(map_error(name, "remove")(e)),
+            _ => Ok(()),
+        }
     }
 
     /// The ring the connect hooks report refusals on (one reader: the
@@ -1180,13 +1190,10 @@ impl Redirect {
 
     /// The netns cookies of the enrolled pods, as the kernel holds them.
     pub fn enrolled(&self) -> Vec<u64> {
-        let Some(map) = self.ebpf.map(MAP_ENROLLED) else {
-            return Vec::new();
-        };
-        let Ok(map) = HashMap::<_, u64, u8>::try_from(map) else {
-            return Vec::new();
-        };
-        map.keys().filter_map(Result::ok).collect()
+        self.entries::<u8>(MAP_ENROLLED)
+            .into_iter()
+            .map(|(cookie, _)| cookie)
+            .collect()
     }
 
     /// Puts pods under strict inbound (`inbound.mode = "strict"`): a new
@@ -1236,24 +1243,12 @@ impl Redirect {
     /// Takes a pod out of strict inbound (it was removed). Unknown cookies
     /// are not an error.
     pub fn unset_strict(&mut self, netns_cookie: u64) -> Result<(), RedirectError> {
-        let mut strict =
-            HashMap::<_, u64, u64>::try_from(map_mut(&mut self.ebpf, MAP_STRICT_PODS)?)
-                .map_err(map_error(MAP_STRICT_PODS, "open"))?;
-        match strict.remove(&netns_cookie) {
-            Err(e) if !is_not_found(&e) => Err(map_error(MAP_STRICT_PODS, "remove")(e)),
-            _ => Ok(()),
-        }
+        self.remove_pod::<u64>(MAP_STRICT_PODS, netns_cookie)
     }
 
     /// Connection attempts refused by strict inbound, by pod netns cookie.
     pub fn strict_refused(&self) -> Vec<(u64, u64)> {
-        let Some(map) = self.ebpf.map(MAP_STRICT_PODS) else {
-            return Vec::new();
-        };
-        let Ok(strict) = HashMap::<_, u64, u64>::try_from(map) else {
-            return Vec::new();
-        };
-        strict.iter().filter_map(Result::ok).collect()
+        self.entries(MAP_STRICT_PODS)
     }
 
     /// Counts entries in both original-destination maps (for metrics and
