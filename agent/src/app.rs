@@ -550,6 +550,10 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         outbound.metrics.clone(),
     ));
     let _ = kernel_refusals.set(refusal_counts.clone());
+    conns.set_kernel_sockets(crate::telemetry::conns::KernelSockets({
+        let counts = refusal_counts.clone();
+        Box::new(move || counts.pod_sockets())
+    }));
     tokio::spawn(
         KernelRefusals {
             counts: refusal_counts,

@@ -372,6 +372,11 @@ fn a_connection_refused_at_a_limit_reads_source_proxy_reason_limit() {
                     .is_some_and(|c| c.iter().all(|c| c["dst"] == dst.as_str())),
             "{body}"
         );
+        // What the kernel's refusals go by: the pod's redirected sockets.
+        ensure!(
+            conns["pod_sockets"] == serde_json::json!({ client.name(): 2 }),
+            "{body}"
+        );
         Ok(())
     });
 }

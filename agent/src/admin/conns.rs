@@ -34,10 +34,17 @@ pub fn report(state: &AdminState, raw: Option<&str>) -> Answer {
             })
         })
         .collect();
+    let pod_sockets = state.conns.kernel_sockets().map(|counts| {
+        counts
+            .into_iter()
+            .filter(|(pod, _)| filter.pod.as_ref().is_none_or(|p| p == pod))
+            .collect()
+    });
     json(&ConnsReport {
         open: all.len(),
         kernel_counters: kernel.is_some(),
         limits: state.conns.limits(),
+        pod_sockets,
         connections,
     })
 }

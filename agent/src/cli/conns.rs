@@ -235,6 +235,15 @@ pub fn table(report: &ConnsReport, wide: bool) -> String {
             bound(l.total)
         );
     }
+    // Only pods with sockets: the kernel's count is what its refusals at
+    // connect() go by, and it may exceed the rows above (sockets not
+    // accepted yet, or closed by the agent and not yet by the pod).
+    for (pod, n) in report.pod_sockets.iter().flatten().filter(|(_, n)| **n > 0) {
+        let _ = writeln!(
+            out,
+            "kernel: pod {pod} has {n} sockets redirected to the agent"
+        );
+    }
     if !report.kernel_counters {
         out.push_str(
             "kernel counters: not available (the kernel diagnostics do not run on this agent; see `waymark drops`)\n",
@@ -280,9 +289,15 @@ mod tests {
                 per_pod: 4_744,
                 total: 0,
             }),
+            pod_sockets: Some([("default/a".to_string(), 5), ("default/b".to_string(), 0)].into()),
             connections: Vec::new(),
         };
         let out = table(&report, false);
+        assert!(
+            out.contains("kernel: pod default/a has 5 sockets redirected to the agent\n")
+                && !out.contains("default/b"),
+            "{out}"
+        );
         assert!(
             out.contains("0 of 3 open connections\noutbound limits: 4744 per pod (outbound.max_connections_per_pod), no limit in all (outbound.max_connections)\n"),
             "{out}"

@@ -377,7 +377,19 @@ fn refused_at_a_limit(client: &AdminClient, pod: &str, limits: OutboundLimits) -
     // The agent's own figures: unset limits are derived at start (from the
     // open-files limit), which the config does not show.
     let limits = report.limits.unwrap_or(limits);
-    limit_verdict(pod, limits, report.connections.len(), report.open)
+    // The kernel refuses at connect() by its own count of the pod's
+    // sockets, which can run ahead of the agent's connections.
+    let kernel = report.pod_sockets.unwrap_or_default();
+    let pod_open = kernel
+        .get(pod)
+        .map_or(0, |n| usize::try_from(*n).unwrap_or(0))
+        .max(report.connections.len());
+    let agent_open = kernel
+        .values()
+        .map(|n| usize::try_from(*n).unwrap_or(0))
+        .sum::<usize>()
+        .max(report.open);
+    limit_verdict(pod, limits, pod_open, agent_open)
 }
 
 /// What to say when the pod holds `pod_open` connections and the agent

@@ -60,6 +60,19 @@ impl RefusalCounts {
         }
     }
 
+    /// Each enrolled pod's redirected sockets as the kernel counts them,
+    /// by name (for `/conns`).
+    pub fn pod_sockets(&self) -> Vec<(String, i64)> {
+        let names = (self.names)();
+        self.redirect
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .pod_sockets()
+            .into_iter()
+            .filter_map(|(cookie, c)| Some((names.get(&cookie)?.clone(), c.open.max(0))))
+            .collect()
+    }
+
     /// Adds what the kernel refused since the last call to the metric.
     pub fn sync(&self) {
         self.sync_named(&(self.names)());

@@ -258,6 +258,19 @@ pub struct ConnTable {
     /// them (`/conns` reports them, so `waymark trace` can say which one a
     /// refused connection met without re-deriving them from the config).
     limits: OnceLock<OutboundLimits>,
+    /// Each pod's redirected sockets as the kernel counts them against its
+    /// connection limit (see `proxy::outbound::kernel_refusals`), once the
+    /// pods are known.
+    kernel_sockets: OnceLock<KernelSockets>,
+}
+
+/// Reads each pod's kernel socket count, by pod name.
+pub struct KernelSockets(pub Box<dyn Fn() -> Vec<(String, i64)> + Send + Sync>);
+
+impl std::fmt::Debug for KernelSockets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KernelSockets")
+    }
 }
 
 /// How many outbound connections the agent takes, per pod and in all (0:
@@ -276,6 +289,7 @@ impl Default for ConnTable {
             next_id: AtomicU64::new(1),
             flows_wanted: AtomicBool::new(false),
             limits: OnceLock::new(),
+            kernel_sockets: OnceLock::new(),
         }
     }
 }
@@ -293,6 +307,16 @@ impl ConnTable {
 
     pub fn limits(&self) -> Option<OutboundLimits> {
         self.limits.get().copied()
+    }
+
+    pub fn set_kernel_sockets(&self, read: KernelSockets) {
+        let _ = self.kernel_sockets.set(read);
+    }
+
+    /// Each pod's redirected sockets as the kernel counts them (`None`
+    /// before the pods are known, or without the redirect).
+    pub fn kernel_sockets(&self) -> Option<Vec<(String, i64)>> {
+        self.kernel_sockets.get().map(|read| (read.0)())
     }
 
     /// Enters a connection; it stays in the table until the guard drops.
@@ -389,6 +413,13 @@ pub struct ConnsReport {
     /// them).
     #[serde(default)]
     pub limits: Option<OutboundLimits>,
+    /// Each pod's redirected sockets as the kernel counts them against its
+    /// connection limit: from `connect()` to close, so also those not
+    /// accepted yet and those the agent has closed but the pod has not
+    /// (filtered by `pod=`). The kernel refuses the pod's next `connect()`
+    /// once this reaches the limit, whatever the agent holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_sockets: Option<std::collections::BTreeMap<String, i64>>,
     pub connections: Vec<ConnRow>,
 }
 
