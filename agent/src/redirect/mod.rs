@@ -41,6 +41,7 @@
 //! connects never wait on a listener that is not there while an agent runs.
 
 mod error;
+pub mod kernel_version;
 mod maps;
 pub mod pin;
 pub mod query;
@@ -311,7 +312,8 @@ impl Redirect {
         excludes: &[Exclude],
         pins: Option<(Pins, bool)>,
     ) -> Result<Self, RedirectError> {
-        Self::load_as(outbound_port, excludes, pins, kernel_sets_retval())
+        let set_retval = kernel_version::at_least(kernel_version::SET_RETVAL_SINCE);
+        Self::load_as(outbound_port, excludes, pins, set_retval)
     }
 
     /// `set_retval`: whether the connect hooks may choose the error of a
@@ -1276,17 +1278,6 @@ impl Drop for Redirect {
     fn drop(&mut self) {
         self.detach();
     }
-}
-
-/// Whether this kernel has `bpf_set_retval` for cgroup programs (5.18).
-fn kernel_sets_retval() -> bool {
-    let Ok(uts) = nix::sys::utsname::uname() else {
-        return false;
-    };
-    let release = uts.release().to_string_lossy();
-    let mut parts = release.split(|c: char| !c.is_ascii_digit());
-    let mut number = || parts.next().and_then(|p| p.parse::<u32>().ok());
-    matches!((number(), number()), (Some(major), Some(minor)) if (major, minor) >= (5, 18))
 }
 
 /// The network namespace cookie of a socket (`SO_NETNS_COOKIE`, Linux 5.14+):

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use super::Check;
+use crate::redirect::kernel_version as running_kernel;
 
 /// The oldest kernel the programs load on: `sock_ops` calls
 /// `bpf_get_netns_cookie` (5.15), the agent reads `SO_NETNS_COOKIE` (5.14)
@@ -24,7 +25,7 @@ const CAPS: [(u32, &str); 3] = [
 
 pub fn checks() -> Vec<Check> {
     vec![
-        kernel_version(&uname_release()),
+        kernel_version(&running_kernel::release()),
         btf(Path::new(BTF)),
         cgroup2(),
         bpffs(),
@@ -33,21 +34,9 @@ pub fn checks() -> Vec<Check> {
     ]
 }
 
-fn uname_release() -> String {
-    nix::sys::utsname::uname()
-        .map(|u| u.release().to_string_lossy().into_owned())
-        .unwrap_or_default()
-}
-
-/// `major.minor` of a release string such as `6.1.0-18-amd64`.
-fn parse_release(release: &str) -> Option<(u32, u32)> {
-    let mut parts = release.split(|c: char| !c.is_ascii_digit());
-    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
-}
-
 fn kernel_version(release: &str) -> Check {
     let (maj, min) = MIN_KERNEL;
-    match parse_release(release) {
+    match running_kernel::parse(release) {
         Some(v) if v >= MIN_KERNEL => Check::pass(format!(
             "kernel {release} is {maj}.{min} or later (sock_ops needs bpf_get_netns_cookie)"
         )),
@@ -198,9 +187,9 @@ mod tests {
 
     #[test]
     fn kernel_releases_compare_by_major_and_minor() {
-        assert_eq!(parse_release("6.1.0-18-amd64"), Some((6, 1)));
-        assert_eq!(parse_release("5.15.0"), Some((5, 15)));
-        assert_eq!(parse_release("garbage"), None);
+        assert_eq!(running_kernel::parse("6.1.0-18-amd64"), Some((6, 1)));
+        assert_eq!(running_kernel::parse("5.15.0"), Some((5, 15)));
+        assert_eq!(running_kernel::parse("garbage"), None);
         assert_eq!(
             kernel_version("5.15.0-91-generic").status,
             super::super::Status::Pass
