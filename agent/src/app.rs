@@ -360,15 +360,24 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
             redirect: redirect.clone(),
             pods: strict_pods.clone(),
         }));
-    // Set once the pods' names are known (after enrolment); until then no
-    // pod can have been refused.
-    let kernel_refusals: Arc<std::sync::OnceLock<Arc<RefusalCounts>>> = Arc::default();
+    // Every enrolled pod's name by netns cookie, filled as pods are
+    // enrolled: what names the kernel's per-pod counts.
+    let pod_names: Arc<RwLock<HashMap<u64, String>>> = Default::default();
+    let refusal_counts = Arc::new(RefusalCounts::new(
+        redirect.clone(),
+        pod_names.clone(),
+        metrics.tcp.clone(),
+    ));
+    conns.set_kernel_sockets(crate::telemetry::conns::KernelSockets({
+        let counts = refusal_counts.clone();
+        Box::new(move || counts.pod_sockets())
+    }));
     let before_scrape = scrape_hook(
         &metrics,
         &discovery,
         &redirect,
         mesh.identity.clone(),
-        kernel_refusals.clone(),
+        refusal_counts.clone(),
     );
     let kernel = kernel_diag::load_if_enabled(&config.kernel);
     if let Some(k) = &kernel {
@@ -532,6 +541,7 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         kernel: kernel.clone(),
         tap: tap.clone(),
         strict_pods: strict_pods.clone(),
+        names: pod_names,
         stop_accepting: stop_accepting.clone(),
         acceptors: acceptors.clone(),
     }));
@@ -541,19 +551,6 @@ async fn run_async(config: Config, path: Option<PathBuf>, log_level: LogLevelHan
         return Err(e).context("cannot enroll the pods of the config file");
     }
     readiness.set(READY_LISTENERS);
-    let refusal_counts = Arc::new(RefusalCounts::new(
-        redirect.clone(),
-        {
-            let enrollment = enrollment.clone();
-            Box::new(move || enrollment.names_by_cookie())
-        },
-        outbound.metrics.clone(),
-    ));
-    let _ = kernel_refusals.set(refusal_counts.clone());
-    conns.set_kernel_sockets(crate::telemetry::conns::KernelSockets({
-        let counts = refusal_counts.clone();
-        Box::new(move || counts.pod_sockets())
-    }));
     tokio::spawn(
         KernelRefusals {
             counts: refusal_counts,
@@ -832,7 +829,7 @@ fn scrape_hook(
     discovery: &Arc<Discovery>,
     redirect: &Arc<RwLock<Redirect>>,
     identity: Option<Arc<IdentityManager>>,
-    kernel_refusals: Arc<std::sync::OnceLock<Arc<RefusalCounts>>>,
+    kernel_refusals: Arc<RefusalCounts>,
 ) -> Box<dyn Fn() + Send + Sync> {
     let tcp = metrics.tcp.clone();
     let balancer_metrics = metrics.balancer.clone();
@@ -840,9 +837,7 @@ fn scrape_hook(
     let redirect = redirect.clone();
     Box::new(move || {
         balancer_metrics.sample(&discovery.current(), Instant::now());
-        if let Some(refusals) = kernel_refusals.get() {
-            refusals.sync();
-        }
+        kernel_refusals.sync();
         if let Some(m) = &identity {
             m.sample(std::time::SystemTime::now());
         }

@@ -88,6 +88,9 @@ pub struct EnrollmentParts {
     pub tap: Arc<TapHub>,
     /// Strict pods by netns cookie, for the refusal metric.
     pub strict_pods: Arc<RwLock<HashMap<u64, String>>>,
+    /// Every enrolled pod by netns cookie, to name what the kernel counts
+    /// per pod (its refusals at a connection limit, its sockets).
+    pub names: Arc<RwLock<HashMap<u64, String>>>,
     /// Ends every pod's accept loop (shutdown).
     pub stop_accepting: CancellationToken,
     pub acceptors: TaskTracker,
@@ -160,16 +163,6 @@ impl Enrollment {
             .unwrap_or_else(|e| e.into_inner())
             .values()
             .map(|e| e.spec.clone())
-            .collect()
-    }
-
-    /// The enrolled pods' names by network-namespace cookie.
-    pub fn names_by_cookie(&self) -> HashMap<u64, String> {
-        self.pods
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .map(|e| (e.cookie, e.spec.name.clone()))
             .collect()
     }
 
@@ -248,6 +241,7 @@ impl Enrollment {
             stop.cancel();
             return Err(EnrollError::Kernel { pod: pod(), source });
         }
+        write(&p.names).insert(cookie, spec.name.clone());
         info!(pod = %spec.name, netns = %spec.netns.display(), netns_cookie = cookie, port = p.port, "pod enrolled: outbound listener bound");
         Ok(Enrolled {
             spec: spec.clone(),
@@ -261,6 +255,7 @@ impl Enrollment {
         if let Err(err) = write(&p.redirect).unenroll(e.cookie) {
             warn!(pod = %e.spec.name, error = %err, "cannot remove the pod from the kernel's enrolled set");
         }
+        write(&p.names).remove(&e.cookie);
         if write(&p.strict_pods).remove(&e.cookie).is_some()
             && let Err(err) = write(&p.redirect).unset_strict(e.cookie)
         {

@@ -40,8 +40,8 @@ const LOG_EVERY: Duration = Duration::from_secs(60);
 /// timer, and before every scrape so that a scrape sees them all.
 pub struct RefusalCounts {
     pub redirect: Arc<RwLock<Redirect>>,
-    /// The enrolled pods' names by netns cookie.
-    pub names: Box<dyn Fn() -> HashMap<u64, String> + Send + Sync>,
+    /// The enrolled pods' names by netns cookie (kept by `enrollment`).
+    pub names: Arc<RwLock<HashMap<u64, String>>>,
     pub metrics: Arc<TcpMetrics>,
     folded: Mutex<Folded>,
 }
@@ -49,7 +49,7 @@ pub struct RefusalCounts {
 impl RefusalCounts {
     pub fn new(
         redirect: Arc<RwLock<Redirect>>,
-        names: Box<dyn Fn() -> HashMap<u64, String> + Send + Sync>,
+        names: Arc<RwLock<HashMap<u64, String>>>,
         metrics: Arc<TcpMetrics>,
     ) -> Self {
         Self {
@@ -63,11 +63,13 @@ impl RefusalCounts {
     /// Each enrolled pod's redirected sockets as the kernel counts them,
     /// by name (for `/conns`).
     pub fn pod_sockets(&self) -> Vec<(String, i64)> {
-        let names = (self.names)();
-        self.redirect
+        let counts = self
+            .redirect
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .pod_sockets()
+            .pod_sockets();
+        let names = self.names.read().unwrap_or_else(|e| e.into_inner());
+        counts
             .into_iter()
             .filter_map(|(cookie, c)| Some((names.get(&cookie)?.clone(), c.open.max(0))))
             .collect()
@@ -75,15 +77,12 @@ impl RefusalCounts {
 
     /// Adds what the kernel refused since the last call to the metric.
     pub fn sync(&self) {
-        self.sync_named(&(self.names)());
-    }
-
-    fn sync_named(&self, names: &HashMap<u64, String>) {
         let counts = self
             .redirect
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .pod_sockets();
+        let names = self.names.read().unwrap_or_else(|e| e.into_inner());
         let mut folded = self.folded.lock().unwrap_or_else(|e| e.into_inner());
         for (pod, limit, new) in folded.fold(&counts) {
             let Some(name) = names.get(&pod) else {
@@ -133,11 +132,13 @@ impl KernelRefusals {
                 continue;
             }
             counted_at = Instant::now();
-            let names = (self.counts.names)();
-            for r in &refused {
-                self.tap_event(&names, r);
+            if !refused.is_empty() {
+                let names = self.counts.names.read().unwrap_or_else(|e| e.into_inner());
+                for r in &refused {
+                    self.tap_event(&names, r);
+                }
             }
-            self.counts.sync_named(&names);
+            self.counts.sync();
         }
     }
 

@@ -259,8 +259,8 @@ pub struct ConnTable {
     /// refused connection met without re-deriving them from the config).
     limits: OnceLock<OutboundLimits>,
     /// Each pod's redirected sockets as the kernel counts them against its
-    /// connection limit (see `proxy::outbound::kernel_refusals`), once the
-    /// pods are known.
+    /// connection limit (see `proxy::outbound::kernel_refusals`), set by
+    /// the agent at start.
     kernel_sockets: OnceLock<KernelSockets>,
 }
 
@@ -314,7 +314,7 @@ impl ConnTable {
     }
 
     /// Each pod's redirected sockets as the kernel counts them (`None`
-    /// before the pods are known, or without the redirect).
+    /// where nothing reads them: a table outside the agent, as in tests).
     pub fn kernel_sockets(&self) -> Option<Vec<(String, i64)>> {
         self.kernel_sockets.get().map(|read| (read.0)())
     }
