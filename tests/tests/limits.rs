@@ -318,6 +318,15 @@ fn a_connection_refused_at_a_limit_reads_source_proxy_reason_limit() {
                     .is_some_and(|m| m.contains("outbound.max_connections_per_pod")),
             "{e}"
         );
+        // Who in the pod hit the limit, where the kernel tells cgroup
+        // programs (6.1 and later): the client's process and thread.
+        if kernel_at_least(6, 1) {
+            let error = e["error"].as_str().unwrap_or_default();
+            ensure!(
+                error.contains("(connect() by pid ") && error.ends_with(", thread testpeer)"),
+                "{e}"
+            );
+        }
         let out = tap(node, &["--from", client.name(), "--max", "1"], refused)?;
         ensure!(
             out.lines().any(|l| l.starts_with("tcp ")
@@ -871,4 +880,13 @@ fn pods_connections_and_tunnel_streams_share_the_agents_descriptors() {
         })?;
         Ok(())
     });
+}
+
+/// Whether the running kernel is `major.minor` or later.
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (major, minor)
 }

@@ -5,6 +5,10 @@
 /// error the program chose, not `EPERM`).
 pub const SET_RETVAL_SINCE: (u32, u32) = (5, 18);
 
+/// `bpf_get_current_pid_tgid` and `bpf_get_current_comm` for cgroup socket
+/// programs (a connect refused at a limit names its process).
+pub const PROCESS_INFO_SINCE: (u32, u32) = (6, 1);
+
 /// The release string of the running kernel (`uname -r`); empty if it
 /// cannot be read.
 pub fn release() -> String {
@@ -36,5 +40,7 @@ mod tests {
         assert_eq!(parse("garbage"), None);
         assert!(parse("5.18.0").is_some_and(|v| v >= SET_RETVAL_SINCE));
         assert!(parse("5.17.9").is_some_and(|v| v < SET_RETVAL_SINCE));
+        assert!(parse("6.1.0-18-amd64").is_some_and(|v| v >= PROCESS_INFO_SINCE));
+        assert!(parse("5.15.0").is_some_and(|v| v < PROCESS_INFO_SINCE));
     }
 }

@@ -156,6 +156,33 @@ pub struct ConnectRefused {
     /// `pod_connections` or `agent_connections`, as the agent's own
     /// refusals are labelled.
     pub limit: &'static str,
+    /// Who called `connect()`, where the kernel tells (Linux 6.1 and later).
+    pub process: Option<Caller>,
+}
+
+/// The process behind a refused `connect()`, as the kernel saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// In the node's pid namespace.
+    pub pid: u32,
+    /// The calling thread's name (`comm`).
+    pub thread: String,
+}
+
+impl std::fmt::Display for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "pid {}, thread {}", self.pid, self.thread)
+    }
+}
+
+/// What the kernel helpers the programs may call depend on.
+#[derive(Debug, Clone, Copy)]
+struct Helpers {
+    /// The connect hooks choose the error of a refused `connect()`
+    /// (`ECONNREFUSED`; otherwise the kernel's `EPERM`).
+    set_retval: bool,
+    /// The connect hooks report the calling process of a refusal.
+    process_info: bool,
 }
 
 /// Takes every refusal waiting in the ring from
@@ -180,10 +207,18 @@ pub fn drain_refusals(
             waymark_common::REFUSED_TOTAL => "agent_connections",
             _ => "pod_connections",
         };
+        let process = (r.pid != 0).then(|| {
+            let name = r.comm.split(|b| *b == 0).next().unwrap_or_default();
+            Caller {
+                pid: r.pid,
+                thread: String::from_utf8_lossy(name).into_owned(),
+            }
+        });
         each(ConnectRefused {
             netns_cookie: r.netns_cookie,
             dst,
             limit,
+            process,
         });
     }
 }
@@ -286,11 +321,16 @@ impl Redirect {
         Self::load_with(outbound_port, excludes, None)
     }
 
-    /// [`Redirect::load`] as on a kernel without `bpf_set_retval` for
-    /// cgroup programs: refusals at a connection limit fail with `EPERM`.
+    /// [`Redirect::load`] as on a 5.15 kernel, without `bpf_set_retval`
+    /// and the current-process helpers for cgroup programs: refusals at a
+    /// connection limit fail with `EPERM` and name no process.
     #[cfg(test)]
     fn load_without_set_retval(outbound_port: u16) -> Result<Self, RedirectError> {
-        Self::load_as(outbound_port, &[], None, false)
+        let helpers = Helpers {
+            set_retval: false,
+            process_info: false,
+        };
+        Self::load_as(outbound_port, &[], None, helpers)
     }
 
     /// [`Redirect::load`] against the maps pinned in `pins` (created and
@@ -312,17 +352,19 @@ impl Redirect {
         excludes: &[Exclude],
         pins: Option<(Pins, bool)>,
     ) -> Result<Self, RedirectError> {
-        let set_retval = kernel_version::at_least(kernel_version::SET_RETVAL_SINCE);
-        Self::load_as(outbound_port, excludes, pins, set_retval)
+        let helpers = Helpers {
+            set_retval: kernel_version::at_least(kernel_version::SET_RETVAL_SINCE),
+            process_info: kernel_version::at_least(kernel_version::PROCESS_INFO_SINCE),
+        };
+        Self::load_as(outbound_port, excludes, pins, helpers)
     }
 
-    /// `set_retval`: whether the connect hooks may choose the error of a
-    /// refused `connect()` (`ECONNREFUSED`; otherwise the kernel's `EPERM`).
+    /// `helpers`: what the running kernel lets the programs call.
     fn load_as(
         outbound_port: u16,
         excludes: &[Exclude],
         pins: Option<(Pins, bool)>,
-        set_retval: bool,
+        helpers: Helpers,
     ) -> Result<Self, RedirectError> {
         if OBJECT.is_empty() {
             return Err(RedirectError::StubObject);
@@ -338,8 +380,10 @@ impl Redirect {
             None => Vec::new(),
         };
         let mut loader = EbpfLoader::new();
-        let set_retval = u8::from(set_retval);
+        let set_retval = u8::from(helpers.set_retval);
         loader.override_global("SET_RETVAL", &set_retval, true);
+        let process_info = u8::from(helpers.process_info);
+        loader.override_global("PROCESS_INFO", &process_info, true);
         for (name, path) in &map_paths {
             loader.map_pin_path(name.as_str(), path.as_path());
         }

@@ -30,6 +30,8 @@ use super::{Exclude, MapOccupancy, Redirect, RedirectError, netns_cookie};
 
 const PORT: u16 = 15001;
 const CLIENT_ENV: &str = "WM_REDIR_CLIENT";
+/// The test that runs a client process (see `World::client_spec`).
+const CLIENT_TEST: &str = "redirect::tests::redirect_client_process";
 const RESULT_PREFIX: &str = "WMRESULT ";
 const PATIENCE: Duration = Duration::from_secs(5);
 const ECONNREFUSED: i32 = libc::ECONNREFUSED;
@@ -135,7 +137,9 @@ fn redirects_pod_tcp_to_in_pod_listener() {
 
 /// On a kernel without `bpf_set_retval` for cgroup programs (before 5.18)
 /// the programs load all the same, and a `connect()` past the limit fails
-/// with the kernel's `EPERM` instead of `ECONNREFUSED`, still before a SYN.
+/// with the kernel's `EPERM` instead of `ECONNREFUSED`, still before a SYN;
+/// without the current-process helpers (before 6.1) the refusal is
+/// reported without its process.
 #[test]
 fn without_set_retval_a_refused_connect_fails_with_eperm() {
     if !running_as_root() {
@@ -169,6 +173,20 @@ fn without_set_retval_a_refused_connect_fails_with_eperm() {
     }
     refused.finish();
     assert!(accept_within(world.listener(Listener::V4), Duration::ZERO).is_none());
+    // Reported all the same, without the process (its helpers are left
+    // out as they would be on 5.15).
+    let mut ring = redirect.take_refusals().expect("the refusal ring");
+    let mut events = Vec::new();
+    super::drain_refusals(&mut ring, |r| events.push(r));
+    assert_eq!(
+        events,
+        [super::ConnectRefused {
+            netns_cookie: cookie,
+            dst: dial,
+            limit: "pod_connections",
+            process: None,
+        }]
+    );
     held.finish();
     drop(stream);
     redirect.detach();
@@ -176,7 +194,8 @@ fn without_set_retval_a_refused_connect_fails_with_eperm() {
 
 /// With connection limits in the kernel, a pod's `connect()` past its
 /// bound fails at once with `ECONNREFUSED` and reaches no listener; the
-/// refusal is counted with the pod and put on the ring; a released socket
+/// refusal is counted with the pod and put on the ring with the process
+/// that made it; a released socket
 /// gives its room back; the node-wide bound holds the same way.
 fn connect_limits_refuse_before_a_syn(redirect: &mut Redirect, world: &World, cookie: u64) {
     let mut ring = redirect.take_refusals().expect("the refusal ring");
@@ -214,39 +233,49 @@ fn connect_limits_refuse_before_a_syn(redirect: &mut Redirect, world: &World, co
         assert_eq!(original, Some(dial));
         (client, stream)
     };
+    // Returns the refused process: its id and its threads' names.
     let refused = || {
         let mut client = world.client("tcp", dial);
         match client.outcome() {
             Outcome::Error { errno } => assert_eq!(errno, ECONNREFUSED),
             other => panic!("past the limit: expected ECONNREFUSED, got {other:?}"),
         }
+        let process = client.process();
         client.finish();
         for on in [Listener::V4, Listener::V6] {
             let got = accept_within(world.listener(on), Duration::ZERO);
             assert!(got.is_none(), "a refused connect reached {on:?}: {got:?}");
         }
+        process
+    };
+    // The ring names the process that called `connect()` where the kernel
+    // tells cgroup programs (6.1 and later).
+    let by = |(pid, threads): &(u32, Vec<String>), event: &super::ConnectRefused| {
+        if !super::kernel_version::at_least(super::kernel_version::PROCESS_INFO_SINCE) {
+            return event.process.is_none();
+        }
+        event
+            .process
+            .as_ref()
+            .is_some_and(|p| p.pid == *pid && threads.contains(&p.thread))
     };
 
     redirect.set_connect_limits(2, 0).unwrap();
     let mut held = vec![hold(redirect), hold(redirect)];
     eventually_open(redirect, 2);
-    refused();
-    refused();
+    let callers = [refused(), refused()];
     assert_eq!(pod(redirect).refused_pod, 2);
     assert_eq!(pod(redirect).refused_total, 0);
     let mut events = Vec::new();
     super::drain_refusals(&mut ring, |r| events.push(r));
-    assert_eq!(
-        events,
-        vec![
-            super::ConnectRefused {
-                netns_cookie: cookie,
-                dst: dial,
-                limit: "pod_connections",
-            };
-            2
-        ]
-    );
+    assert_eq!(events.len(), 2, "{events:?}");
+    for (event, caller) in events.iter().zip(&callers) {
+        assert_eq!(
+            (event.netns_cookie, event.dst, event.limit),
+            (cookie, dial, "pod_connections")
+        );
+        assert!(by(caller, event), "{event:?} was not made by {caller:?}");
+    }
     // One released: room for exactly one more.
     let (mut client, stream) = held.pop().unwrap();
     client.finish();
@@ -747,7 +776,7 @@ impl World {
         command
             .args([
                 "--exact",
-                "redirect::tests::redirect_client_process",
+                CLIENT_TEST,
                 "--nocapture",
                 "--test-threads=1",
                 "--quiet",
@@ -801,6 +830,20 @@ impl Client {
                 return;
             }
         }
+    }
+
+    /// The process's id and the names its threads may have had: those it
+    /// has now, and the test harness's thread that ran the client (named
+    /// after the test, cut to the kernel's 15 bytes), gone by now.
+    fn process(&self) -> (u32, Vec<String>) {
+        let pid = self.child.id();
+        let mut threads: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .expect("the client's threads")
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .map(|c| c.trim_end().to_string())
+            .collect();
+        threads.push(CLIENT_TEST[..15].to_string());
+        (pid, threads)
     }
 
     fn outcome(&self) -> Outcome {

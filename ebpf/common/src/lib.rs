@@ -160,6 +160,14 @@ pub struct ConnectRefusal {
     pub dst: SockAddr,
     /// [`REFUSED_PER_POD`] or [`REFUSED_TOTAL`].
     pub limit: u32,
+    /// The process that called `connect()`: its id in the node's pid
+    /// namespace (what `ps` on the node shows), 0 where the kernel does not
+    /// tell cgroup programs (before 6.1).
+    pub pid: u32,
+    /// The name of the calling thread (`comm`, as `ps -L` shows it),
+    /// NUL-padded; all zero where `pid` is 0.
+    pub comm: [u8; 16],
+    pub _pad: u32,
 }
 
 /// [`ConnectRefusal::limit`]: the pod's own bound.
@@ -191,7 +199,7 @@ const _: () = {
     assert!(core::mem::size_of::<RequestFlow>() == 16);
     assert!(core::mem::size_of::<ConnectLimits>() == 8);
     assert!(core::mem::size_of::<PodSockets>() == 24);
-    assert!(core::mem::size_of::<ConnectRefusal>() == 32);
+    assert!(core::mem::size_of::<ConnectRefusal>() == 56);
 };
 
 #[cfg(feature = "user")]

@@ -22,7 +22,9 @@
 use aya_ebpf::{
     EbpfContext, Global,
     bindings::{BPF_NOEXIST, BPF_RB_NO_WAKEUP},
-    helpers::{bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_socket_cookie, bpf_set_retval,
+    },
     programs::SockAddrContext,
 };
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
@@ -40,6 +42,12 @@ const ECONNREFUSED: i32 = 111;
 /// load on 5.15–5.17, where a refused `connect()` fails with `EPERM`.
 #[unsafe(no_mangle)]
 static SET_RETVAL: Global<u8> = Global::new(0);
+
+/// 1 when the kernel lets cgroup programs ask who is calling
+/// (`bpf_get_current_pid_tgid` and `bpf_get_current_comm`, Linux 6.1), set
+/// by the agent at load; with 0 a refusal is reported without its process.
+#[unsafe(no_mangle)]
+static PROCESS_INFO: Global<u8> = Global::new(0);
 
 /// Whether the socket behind `ctx`, about to be redirected for the pod
 /// `netns`, may connect; counts it if so. A refused one is counted with the
@@ -137,13 +145,24 @@ fn pod_entry(netns: u64) -> Option<*mut PodSockets> {
 }
 
 /// Puts the refusal on the ring without waking the agent (it drains the
-/// ring on a timer); a full ring drops it, the counts stay exact.
+/// ring on a timer); a full ring drops it, the counts stay exact. The
+/// calling process goes with it: which of a pod's processes is opening
+/// thousands of connections is the operator's next question, and only the
+/// kernel sees it (the connection never reaches the agent).
 #[inline(always)]
 fn report(netns: u64, dst: &SockAddr, limit: u32) {
-    let event = ConnectRefusal {
+    let mut event = ConnectRefusal {
         netns_cookie: netns,
         dst: *dst,
         limit,
+        pid: 0,
+        comm: [0; 16],
+        _pad: 0,
     };
+    if PROCESS_INFO.load() != 0 {
+        // The upper half is the thread group: the process.
+        event.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        event.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    }
     let _ = CONNECT_REFUSED.output::<ConnectRefusal>(&event, u64::from(BPF_RB_NO_WAKEUP));
 }

@@ -24,7 +24,7 @@ use waymark_common::PodSockets;
 
 use crate::diagnostics::tap::{TapHub, TcpClosed};
 use crate::http::errors::ProxyError;
-use crate::redirect::{ConnectRefused, Redirect, drain_refusals};
+use crate::redirect::{Caller, ConnectRefused, Redirect, drain_refusals};
 use crate::telemetry::metrics::{RefusedLabels, TcpMetrics};
 
 /// How often the ring is drained (the tap events' delay at most).
@@ -44,6 +44,8 @@ pub struct RefusalCounts {
     pub names: Arc<RwLock<HashMap<u64, String>>>,
     pub metrics: Arc<TcpMetrics>,
     folded: Mutex<Folded>,
+    /// The process of each pod's latest refusal on the ring, for the log.
+    callers: Mutex<HashMap<u64, Caller>>,
 }
 
 impl RefusalCounts {
@@ -57,6 +59,7 @@ impl RefusalCounts {
             names,
             metrics,
             folded: Mutex::default(),
+            callers: Mutex::default(),
         }
     }
 
@@ -96,10 +99,12 @@ impl RefusalCounts {
                 })
                 .inc_by(new);
             if folded.log_due(pod) {
+                let callers = self.callers.lock().unwrap_or_else(|e| e.into_inner());
                 info!(
                     pod = %name,
                     limit,
                     refused = new,
+                    process = callers.get(&pod).map(tracing::field::display),
                     "the pod is at its connection limit: the kernel refuses its new connect()s with ECONNREFUSED"
                 );
             }
@@ -137,6 +142,17 @@ impl KernelRefusals {
                 for r in &refused {
                     self.tap_event(&names, r);
                 }
+                let mut callers = self
+                    .counts
+                    .callers
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                callers.retain(|pod, _| names.contains_key(pod));
+                for r in refused {
+                    if let Some(p) = r.process {
+                        callers.insert(r.netns_cookie, p);
+                    }
+                }
             }
             self.counts.sync();
         }
@@ -156,6 +172,7 @@ impl KernelRefusals {
             },
             0,
         );
+        let error = refusal_message(r);
         self.tap.tcp_closed(|| TcpClosed {
             pod,
             src,
@@ -164,9 +181,19 @@ impl KernelRefusals {
             bytes_out: 0,
             bytes_in: 0,
             close: "refused",
-            error: Some(super::limit_message(r.limit)),
+            error: Some(&error),
             proxy: Some(ProxyError::Limit),
         });
+    }
+}
+
+/// What tap says of a refusal: the limit, and who in the pod hit it
+/// where the kernel tells.
+fn refusal_message(r: &ConnectRefused) -> String {
+    let limit = super::limit_message(r.limit);
+    match &r.process {
+        Some(p) => format!("{limit} (connect() by {p})"),
+        None => limit.to_string(),
     }
 }
 
@@ -244,6 +271,28 @@ mod tests {
         );
         // The pod left and came back: its entry starts again from zero.
         assert_eq!(f.fold(&[counts(7, 3, 2)]), vec![(7, "pod_connections", 3)]);
+    }
+
+    #[test]
+    fn a_refusal_names_its_process_when_the_kernel_tells() {
+        let mut r = ConnectRefused {
+            netns_cookie: 7,
+            dst: "10.0.0.1:80".parse().unwrap(),
+            limit: "pod_connections",
+            process: None,
+        };
+        assert_eq!(
+            refusal_message(&r),
+            "the pod's connections reached outbound.max_connections_per_pod"
+        );
+        r.process = Some(Caller {
+            pid: 4242,
+            thread: "java".into(),
+        });
+        assert_eq!(
+            refusal_message(&r),
+            "the pod's connections reached outbound.max_connections_per_pod (connect() by pid 4242, thread java)"
+        );
     }
 
     #[test]
