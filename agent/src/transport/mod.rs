@@ -13,6 +13,7 @@ pub mod copy;
 pub mod delayed_acks;
 pub mod h2_refused;
 pub mod idle;
+pub mod linger;
 pub mod netns;
 pub mod rewind;
 pub mod sock_diag;

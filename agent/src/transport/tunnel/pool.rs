@@ -34,6 +34,7 @@ use crate::identity::{
     with_client_key_log,
 };
 use crate::transport::coalesce::Coalesce;
+use crate::transport::linger::{Linger, TUNNEL_WAIT};
 use crate::transport::netns::{self, PodNetns};
 use crate::transport::tunnel::stream::{ActiveGuard, TunnelStream};
 use crate::transport::tunnel::{DENY_REASON, ERROR_REASON};
@@ -348,7 +349,9 @@ impl TunnelPool {
             failure: tls_failure.clone(),
         };
         let (sender, connection) = builder
-            .handshake(TokioIo::new(Coalesce::new(io)))
+            // Shut down, not just dropped, at its end, so that an upload
+            // still on its way is not reset away (see `Linger`).
+            .handshake(TokioIo::new(Coalesce::new(Linger::new(io, TUNNEL_WAIT))))
             .await
             .map_err(|source| TunnelError::Http2 { peer, source })?;
         let (tx, ended) = watch::channel(None);
