@@ -21,10 +21,11 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
-/// How long an ending tunnel connection waits for its peer to close after
-/// its own side is shut: a peer taking the last of a download at a few
-/// MB/s needs well under a second; one that never closes costs this.
-pub const TUNNEL_WAIT: Duration = Duration::from_secs(5);
+/// How long an ending HTTP/2 connection (the tunnel's, a pod's) waits for
+/// its peer to close after its own side is shut: a peer taking the last of
+/// a download at a few MB/s needs well under a second; one that never
+/// closes costs this.
+pub const PEER_WAIT: Duration = Duration::from_secs(5);
 
 /// An I/O object whose shutdown waits for the peer to close.
 pub struct Linger<T> {

@@ -38,7 +38,7 @@ use crate::identity::{CertInfo, TlsFailure, peer_info};
 use crate::transport::coalesce::Coalesce;
 use crate::transport::copy;
 use crate::transport::idle::{OpenStream, Streams, streams_expired};
-use crate::transport::linger::{Linger, TUNNEL_WAIT};
+use crate::transport::linger::{Linger, PEER_WAIT};
 use crate::transport::tunnel::{DENY_REASON, ERROR_REASON, SOURCE_WORKLOAD};
 
 const SOURCE_MISMATCH: &str = "source workload header does not match the client certificate";
@@ -460,7 +460,7 @@ impl Shared {
         // Many streams' frames leave in one record (see `Coalesce`).
         // Shut down, not just dropped, at its end: the peer gets what is
         // still on its way (see `Linger`).
-        let io = Coalesce::new(Linger::new(tls, TUNNEL_WAIT));
+        let io = Coalesce::new(Linger::new(tls, PEER_WAIT));
         let conn = h2.serve_connection(TokioIo::new(io), service);
         tokio::pin!(conn);
         let idle_timeout = self.config.idle_timeout;

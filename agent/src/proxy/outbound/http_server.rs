@@ -30,6 +30,7 @@ use crate::telemetry::metrics::RefusedLabels;
 use crate::transport::coalesce::Coalesce;
 use crate::transport::h2_refused::{self, RefusedStreams};
 use crate::transport::idle::{Activity, IdleIo, expired};
+use crate::transport::linger::{Linger, PEER_WAIT};
 
 /// Largest HTTP/1 request head accepted: generous for real clients (64 KiB
 /// cookies exist), small enough that a header flood cannot grow memory.
@@ -154,8 +155,14 @@ pub fn serve(
                             .timer(TokioTimer::new())
                             .max_concurrent_streams(h2_streams)
                             .max_header_list_size(MAX_H2_HEADER_LIST)
+                            // Shut down, not just dropped, at its end: a
+                            // download still on its way to the pod is not
+                            // reset away (see `Linger`).
                             .serve_connection(
-                                TokioIo::new(Coalesce::new(RefusedStreams::new(io, refused))),
+                                TokioIo::new(Coalesce::new(Linger::new(
+                                    RefusedStreams::new(io, refused),
+                                    PEER_WAIT,
+                                ))),
                                 svc,
                             )
                     );

@@ -34,7 +34,7 @@ use crate::identity::{
     with_client_key_log,
 };
 use crate::transport::coalesce::Coalesce;
-use crate::transport::linger::{Linger, TUNNEL_WAIT};
+use crate::transport::linger::{Linger, PEER_WAIT};
 use crate::transport::netns::{self, PodNetns};
 use crate::transport::tunnel::stream::{ActiveGuard, TunnelStream};
 use crate::transport::tunnel::{DENY_REASON, ERROR_REASON};
@@ -351,7 +351,7 @@ impl TunnelPool {
         let (sender, connection) = builder
             // Shut down, not just dropped, at its end, so that an upload
             // still on its way is not reset away (see `Linger`).
-            .handshake(TokioIo::new(Coalesce::new(Linger::new(io, TUNNEL_WAIT))))
+            .handshake(TokioIo::new(Coalesce::new(Linger::new(io, PEER_WAIT))))
             .await
             .map_err(|source| TunnelError::Http2 { peer, source })?;
         let (tx, ended) = watch::channel(None);
