@@ -63,15 +63,22 @@ impl RefusalCounts {
         }
     }
 
-    /// Each enrolled pod's redirected sockets as the kernel counts them,
-    /// by name (for `/conns`).
-    pub fn pod_sockets(&self) -> Vec<(String, i64)> {
+    /// The kernel's per-pod counts by netns cookie, and the names to read
+    /// them by (read after the counts: a pod enrolled in between has no
+    /// count yet).
+    fn counts(&self) -> (Vec<(u64, PodSockets)>, Names<'_>) {
         let counts = self
             .redirect
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .pod_sockets();
-        let names = self.names.read().unwrap_or_else(|e| e.into_inner());
+        (counts, self.names.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Each enrolled pod's redirected sockets as the kernel counts them,
+    /// by name (for `/conns`).
+    pub fn pod_sockets(&self) -> Vec<(String, i64)> {
+        let (counts, names) = self.counts();
         counts
             .into_iter()
             .filter_map(|(cookie, c)| Some((names.get(&cookie)?.clone(), c.open.max(0))))
@@ -80,12 +87,7 @@ impl RefusalCounts {
 
     /// Adds what the kernel refused since the last call to the metric.
     pub fn sync(&self) {
-        let counts = self
-            .redirect
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .pod_sockets();
-        let names = self.names.read().unwrap_or_else(|e| e.into_inner());
+        let (counts, names) = self.counts();
         let mut folded = self.folded.lock().unwrap_or_else(|e| e.into_inner());
         for (pod, limit, new) in folded.fold(&counts) {
             let Some(name) = names.get(&pod) else {
@@ -111,6 +113,9 @@ impl RefusalCounts {
         }
     }
 }
+
+/// The enrolled pods' names by netns cookie, read-locked.
+type Names<'a> = std::sync::RwLockReadGuard<'a, HashMap<u64, String>>;
 
 /// The task that drains the kernel's refusal ring into tap and keeps the
 /// counts folded.
