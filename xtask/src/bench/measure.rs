@@ -62,6 +62,24 @@ pub fn cpu_seconds(pids: &[i32]) -> f64 {
     ticks as f64 / clk_tck()
 }
 
+/// Times the processes' threads went to sleep of their own accord
+/// (`voluntary_ctxt_switches`, summed over every thread): for a backend
+/// that waits in `epoll_wait`, each is a wake-up some sender paid for
+/// (see bench/README.md, "waking the receiver").
+pub fn sleeps(pids: &[i32]) -> u64 {
+    pids.iter()
+        .filter_map(|p| std::fs::read_dir(format!("/proc/{p}/task")).ok())
+        .flatten()
+        .filter_map(|t| t.ok())
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .filter_map(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
 /// A `kB` field of `/proc/<pid>/status` (`VmRSS`, `VmHWM`).
 pub fn status_kib(pid: i32, field: &str) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

@@ -374,6 +374,7 @@ impl Ctx<'_> {
         };
         let window = self.window();
         let (cpu0, b0) = (cpu_seconds(&pids), cpu_seconds(&backend));
+        let (sleeps0, bsleeps0) = (measure::sleeps(&pids), measure::sleeps(&backend));
         let sampler = (!pids.is_empty()).then(|| RssSampler::start(pids.clone()));
         let recording = match &self.perf {
             Some(dir) if !pids.is_empty() => {
@@ -394,6 +395,7 @@ impl Ctx<'_> {
         };
         let rss = sampler.map(RssSampler::stop);
         let (cpu1, b1) = (cpu_seconds(&pids), cpu_seconds(&backend));
+        let (sleeps1, bsleeps1) = (measure::sleeps(&pids), measure::sleeps(&backend));
         if let Some(rec) = recording {
             rec.finish()?;
         }
@@ -434,6 +436,10 @@ impl Ctx<'_> {
             proxy_cpu_s: cpu1 - cpu0,
             cpu_s_per_100k: (!pids.is_empty()).then(|| per100k(cpu1 - cpu0)),
             backend_cpu_s_per_100k: per100k(b1 - b0),
+            backend_sleeps_per_request: bsleeps1.saturating_sub(bsleeps0) as f64
+                / r.requests as f64,
+            proxy_sleeps_per_request: (!pids.is_empty())
+                .then(|| sleeps1.saturating_sub(sleeps0) as f64 / r.requests as f64),
             rss_load_kib: rss,
             rss_hwm_kib: (!pids.is_empty()).then(|| measure::hwm_kib(&pids)),
             cpu_use,
@@ -826,12 +832,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
                         p,
                         generator,
                         &format!(
-                            "{:>9.0} req/s  p99 {:>6.2} ms  proxy CPU {} s/100k  others {:.2} cores  load {:.2}",
+                            "{:>9.0} req/s  p99 {:>6.2} ms  proxy CPU {} s/100k  sleeps/req proxy {} backend {:.3}  others {:.2} cores  load {:.2}",
                             s.rps,
                             s.wrk.lat_us.p99 / 1000.0,
                             s.cpu_s_per_100k
                                 .map(|c| format!("{c:.2}"))
                                 .unwrap_or_else(|| "—".into()),
+                            s.proxy_sleeps_per_request
+                                .map(|c| format!("{c:.3}"))
+                                .unwrap_or_else(|| "—".into()),
+                            s.backend_sleeps_per_request,
                             s.cpu_use.others_cores,
                             s.loadavg[0]
                         ),

@@ -20,6 +20,12 @@ pub struct SatSample {
     /// The backend nginx's CPU per 100k requests (the same work on every
     /// path: a check that the load was the same).
     pub backend_cpu_s_per_100k: f64,
+    /// The backend's sleeps per request ([`super::measure::sleeps`]): how
+    /// often a request found it idle and its sender paid to wake it.
+    pub backend_sleeps_per_request: f64,
+    /// The proxy's threads' sleeps per request (how often it ran out of
+    /// work and waited in `epoll_wait`).
+    pub proxy_sleeps_per_request: Option<f64>,
     /// Largest summed VmRSS of the proxy processes, sampled every 100 ms.
     pub rss_load_kib: Option<u64>,
     /// Summed VmHWM (peak RSS since each process started) after the run.
@@ -916,6 +922,8 @@ mod tests {
                     proxy_cpu_s: 0.0,
                     cpu_s_per_100k: Some(c),
                     backend_cpu_s_per_100k: 0.0,
+                    backend_sleeps_per_request: 0.0,
+                    proxy_sleeps_per_request: None,
                     rss_load_kib: None,
                     rss_hwm_kib: None,
                     cpu_use: Default::default(),
