@@ -566,10 +566,10 @@ impl Ctx<'_> {
                         s.fds_idle
                     ),
                 );
-                if s.failed > 0 {
+                if s.failed > 0 || s.held < s.requested {
                     errors.push(format!(
-                        "{what}: {} of {} connections failed",
-                        s.failed, s.requested
+                        "{what}: {} of {} connections held ({} failed)",
+                        s.held, s.requested, s.failed
                     ));
                 }
                 Some(s)
