@@ -21,11 +21,21 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
+use super::coalesce::Coalesce;
+
 /// How long an ending HTTP/2 connection (the tunnel's, a pod's) waits for
 /// its peer to close after its own side is shut: a peer taking the last of
 /// a download at a few MB/s needs well under a second; one that never
 /// closes costs this.
 pub const PEER_WAIT: Duration = Duration::from_secs(5);
+
+/// The I/O an HTTP/2 connection over a socket runs on: its streams'
+/// frames gathered into few writes ([`Coalesce`]), and shut down rather
+/// than dropped at its end, waiting at most [`PEER_WAIT`] for the peer
+/// ([`Linger`]), so that what is still on its way to the peer arrives.
+pub fn h2_io<T>(io: T) -> Coalesce<Linger<T>> {
+    Coalesce::new(Linger::new(io, PEER_WAIT))
+}
 
 /// An I/O object whose shutdown waits for the peer to close.
 pub struct Linger<T> {

@@ -35,10 +35,9 @@ use tracing::{Instrument, debug, debug_span, info, info_span, warn};
 
 use super::stream_limits::PeerStreams;
 use crate::identity::{CertInfo, TlsFailure, peer_info};
-use crate::transport::coalesce::Coalesce;
 use crate::transport::copy;
 use crate::transport::idle::{OpenStream, Streams, streams_expired};
-use crate::transport::linger::{Linger, PEER_WAIT};
+use crate::transport::linger::h2_io;
 use crate::transport::tunnel::{DENY_REASON, ERROR_REASON, SOURCE_WORKLOAD};
 
 const SOURCE_MISMATCH: &str = "source workload header does not match the client certificate";
@@ -457,11 +456,9 @@ impl Shared {
             .initial_stream_window_size(self.config.stream_window)
             .initial_connection_window_size(self.config.connection_window)
             .max_send_buf_size(1 << 20);
-        // Many streams' frames leave in one record (see `Coalesce`).
-        // Shut down, not just dropped, at its end: the peer gets what is
-        // still on its way (see `Linger`).
-        let io = Coalesce::new(Linger::new(tls, PEER_WAIT));
-        let conn = h2.serve_connection(TokioIo::new(io), service);
+        // Many streams' frames leave in one record, and the peer gets what
+        // is still on its way when the connection ends (see `h2_io`).
+        let conn = h2.serve_connection(TokioIo::new(h2_io(tls)), service);
         tokio::pin!(conn);
         let idle_timeout = self.config.idle_timeout;
         let result = tokio::select! {

@@ -27,10 +27,9 @@ use crate::http::h1;
 use crate::http::pool::Version;
 use crate::proxy::outbound::forward::{ConnCtx, HttpProxy};
 use crate::telemetry::metrics::RefusedLabels;
-use crate::transport::coalesce::Coalesce;
 use crate::transport::h2_refused::{self, RefusedStreams};
 use crate::transport::idle::{Activity, IdleIo, expired};
-use crate::transport::linger::{Linger, PEER_WAIT};
+use crate::transport::linger::h2_io;
 
 /// Largest HTTP/1 request head accepted: generous for real clients (64 KiB
 /// cookies exist), small enough that a header flood cannot grow memory.
@@ -155,14 +154,11 @@ pub fn serve(
                             .timer(TokioTimer::new())
                             .max_concurrent_streams(h2_streams)
                             .max_header_list_size(MAX_H2_HEADER_LIST)
-                            // Shut down, not just dropped, at its end: a
-                            // download still on its way to the pod is not
-                            // reset away (see `Linger`).
+                            // A download still on its way to the pod when
+                            // the connection ends is not reset away (see
+                            // `h2_io`).
                             .serve_connection(
-                                TokioIo::new(Coalesce::new(Linger::new(
-                                    RefusedStreams::new(io, refused),
-                                    PEER_WAIT,
-                                ))),
+                                TokioIo::new(h2_io(RefusedStreams::new(io, refused))),
                                 svc,
                             )
                     );

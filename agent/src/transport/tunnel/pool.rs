@@ -33,8 +33,7 @@ use crate::identity::{
     CertStore, SpiffeId, TlsConfigError, TlsFailure, TrustBundle, client_config,
     with_client_key_log,
 };
-use crate::transport::coalesce::Coalesce;
-use crate::transport::linger::{Linger, PEER_WAIT};
+use crate::transport::linger::h2_io;
 use crate::transport::netns::{self, PodNetns};
 use crate::transport::tunnel::stream::{ActiveGuard, TunnelStream};
 use crate::transport::tunnel::{DENY_REASON, ERROR_REASON};
@@ -349,9 +348,9 @@ impl TunnelPool {
             failure: tls_failure.clone(),
         };
         let (sender, connection) = builder
-            // Shut down, not just dropped, at its end, so that an upload
-            // still on its way is not reset away (see `Linger`).
-            .handshake(TokioIo::new(Coalesce::new(Linger::new(io, PEER_WAIT))))
+            // An upload still on its way when the connection ends is not
+            // reset away (see `h2_io`).
+            .handshake(TokioIo::new(h2_io(io)))
             .await
             .map_err(|source| TunnelError::Http2 { peer, source })?;
         let (tx, ended) = watch::channel(None);
