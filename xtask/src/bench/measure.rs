@@ -72,18 +72,20 @@ pub fn sleeps(pids: &[i32]) -> u64 {
         .flatten()
         .filter_map(|t| t.ok())
         .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
-        .filter_map(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        })
+        .filter_map(|s| status_field(&s, "voluntary_ctxt_switches"))
         .sum()
 }
 
 /// A `kB` field of `/proc/<pid>/status` (`VmRSS`, `VmHWM`).
 pub fn status_kib(pid: i32, field: &str) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
+    status_field(&s, field)
+}
+
+/// The number a field of a `status` file starts with (`VmRSS:  1234 kB`).
+fn status_field(status: &str, field: &str) -> Option<u64> {
+    status
+        .lines()
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
@@ -318,11 +320,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_status_field_is_its_first_number() {
+        let status = "Name:\tnginx\nVmRSS:\t   5120 kB\n\
+                      voluntary_ctxt_switches:\t41\nnonvoluntary_ctxt_switches:\t7\n";
+        assert_eq!(status_field(status, "VmRSS"), Some(5120));
+        assert_eq!(status_field(status, "voluntary_ctxt_switches"), Some(41));
+        assert_eq!(status_field(status, "nonvoluntary_ctxt_switches"), Some(7));
+        assert_eq!(status_field(status, "VmHWM"), None);
+    }
+
+    #[test]
     fn reads_own_process() {
         let me = std::process::id() as i32;
         assert!(stat(me).is_some());
         assert!(rss_kib(&[me]) > 0);
         assert!(hwm_kib(&[me]) >= rss_kib(&[me]) / 2);
+        assert!(sleeps(&[me]) > 0);
         assert!(cpu_seconds(&[me]) >= 0.0);
         assert!(with_descendants(&[me]).contains(&me));
         assert!(loadavg()[0] >= 0.0);
