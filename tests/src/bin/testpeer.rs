@@ -179,6 +179,10 @@ enum Cmd {
         /// Deadline of one response.
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         timeout: Duration,
+        /// Also count the requests slower than this many µs (from when
+        /// they were due): a p99 target as a share of requests.
+        #[arg(long)]
+        over_us: Option<u32>,
     },
 }
 
@@ -283,7 +287,8 @@ fn main() {
                 duration,
                 path,
                 timeout,
-            } => http_rate::run(connect, rate, conns, duration, &path, timeout),
+                over_us,
+            } => http_rate::run(connect, rate, conns, duration, &path, timeout, over_us),
         }
     });
     std::process::exit(code);
@@ -1075,6 +1080,7 @@ mod http_rate {
         duration: Duration,
         path: &str,
         timeout: Duration,
+        over_us: Option<u32>,
     ) -> i32 {
         if rate == 0 || conns == 0 || conns > 1000 || rate > 1_000_000 {
             eprintln!("testpeer: --rate must be 1..=1000000 and --conns 1..=1000");
@@ -1116,6 +1122,10 @@ mod http_rate {
         let elapsed = start.elapsed().as_secs_f64();
         let done = all.ok + all.non_2xx;
         let by_second = per_second(&all.latency, &all.second);
+        let over = over_us.map(|us| {
+            let count = all.latency.iter().filter(|&&l| l > us).count();
+            json!({ "us": us, "count": count })
+        });
         super::say(json!({
             "target_rate": rate,
             "conns": conns,
@@ -1130,6 +1140,7 @@ mod http_rate {
             "latency_us": percentiles(&mut all.latency),
             "service_us": percentiles(&mut all.service),
             "per_second_us": by_second,
+            "over": over,
             "first_error": all.first_error,
         }));
         if all.errors > 0 || all.non_2xx > 0 {

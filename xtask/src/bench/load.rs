@@ -138,7 +138,21 @@ pub struct RateResult {
     /// in the bench's results).
     #[serde(default, skip_serializing)]
     pub per_second_us: Vec<SecondPct>,
+    /// Requests slower than a threshold (`--over-us`), when one was given.
+    #[serde(default)]
+    pub over: Option<Over>,
     pub first_error: Option<String>,
+}
+
+/// How many requests of a fixed-rate run took longer than `us` (from when
+/// they were due): a p99 target read as a share of requests, which moves
+/// less from run to run than the p99 itself on a machine whose slowest
+/// percent is made of a few stalls (`bench/README.md`, "What the slowest
+/// percent is made of").
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Over {
+    pub us: u64,
+    pub count: u64,
 }
 
 /// One second of a fixed-rate run: its p99 in µs from when each request
@@ -148,27 +162,30 @@ pub struct SecondPct {
     pub p99: u64,
 }
 
-/// `testpeer http-rate`: `rate` requests/s over 16 connections for `secs`.
+/// `testpeer http-rate`: `rate` requests/s over 16 connections for `secs`;
+/// with `over_us`, also how many requests took longer than that.
 pub fn http_rate(
     client: &Pod,
     testpeer: &Path,
     addr: SocketAddr,
     rate: u64,
     secs: u64,
+    over_us: Option<u64>,
 ) -> Result<RateResult> {
-    let out = client.run_timeout(
-        Command::new(testpeer)
-            .arg("http-rate")
-            .arg("--connect")
-            .arg(addr.to_string())
-            .arg("--rate")
-            .arg(rate.to_string())
-            .arg("--conns")
-            .arg(RATE_CONNS.to_string())
-            .arg("--duration")
-            .arg(format!("{secs}s")),
-        Duration::from_secs(secs + 30),
-    )?;
+    let mut cmd = Command::new(testpeer);
+    cmd.arg("http-rate")
+        .arg("--connect")
+        .arg(addr.to_string())
+        .arg("--rate")
+        .arg(rate.to_string())
+        .arg("--conns")
+        .arg(RATE_CONNS.to_string())
+        .arg("--duration")
+        .arg(format!("{secs}s"));
+    if let Some(us) = over_us {
+        cmd.arg("--over-us").arg(us.to_string());
+    }
+    let out = client.run_timeout(&mut cmd, Duration::from_secs(secs + 30))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let r: RateResult = json_line(&stdout, "{", "testpeer http-rate").with_context(|| {
         format!(

@@ -18,7 +18,7 @@ mod report;
 mod tools;
 mod topology;
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -31,6 +31,7 @@ use crate::test::cargo;
 use load::{RATE_CONNS, WRK_CONNS};
 use measure::{CpuUse, RssSampler, Window, cpu_seconds, loadavg, with_descendants};
 use peers::Proc;
+use report::ADDED_P99_TARGET_US;
 use report::{BulkSample, IdleSample, LatSample, PathResult, Run, SatSample, Settings};
 use topology::{AgentState, IPERF_PORT, Layer, PathSpec, Proto, ProxyRef};
 
@@ -478,13 +479,26 @@ impl Ctx<'_> {
         }))
     }
 
-    fn latency(&mut self, p: &PathSpec, rate: u64, secs: u64) -> Result<LatSample> {
+    fn latency(
+        &mut self,
+        p: &PathSpec,
+        rate: u64,
+        secs: u64,
+        over_us: Option<u64>,
+    ) -> Result<LatSample> {
         self.check_alive(p)?;
         let pids = self.proxy_pids(p)?;
         let load = self.note_load();
         let window = self.window();
         let cpu0 = cpu_seconds(&pids);
-        let r = load::http_rate(self.client, &self.bins.testpeer, p.http, rate, secs);
+        let r = load::http_rate(
+            self.client,
+            &self.bins.testpeer,
+            p.http,
+            rate,
+            secs,
+            over_us,
+        );
         let cpu = cpu_seconds(&pids) - cpu0;
         let cpu_use = window.close();
         self.cpu_use.push(cpu_use);
@@ -909,26 +923,49 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 "bench: latency at a fixed {rate} requests/s, round {}/{reps}, {latency_secs} s per path",
                 round + 1
             );
+            // Each round's baselines (the direct rows) run first (their
+            // agent state sorts first): their p99 + 0.5 ms, the target, is
+            // counted against in the same round's other rows.
+            let mut baseline_p99: HashMap<&str, f64> = HashMap::new();
             for &i in &order {
                 if !ok(&results, i) || selected[i].proto != Proto::Http1 {
                     continue;
                 }
                 let p = &selected[i];
                 ctx.set_agent(p.agent)?;
-                match ctx.latency(p, rate, latency_secs) {
+                let over_us = (p.baseline != p.id)
+                    .then(|| baseline_p99.get(p.baseline))
+                    .flatten()
+                    .map(|b| (b + ADDED_P99_TARGET_US) as u64);
+                match ctx.latency(p, rate, latency_secs, over_us) {
                     Ok(l) => {
                         if let Some(lat) = &l.result.latency_us {
+                            let over = l
+                                .result
+                                .over
+                                .as_ref()
+                                .map(|o| {
+                                    format!(
+                                        "  {:.2} % over {:.2} ms",
+                                        o.count as f64 * 100.0 / l.result.requests.max(1) as f64,
+                                        o.us as f64 / 1000.0
+                                    )
+                                })
+                                .unwrap_or_default();
                             progress(
                                 p,
                                 "latency",
                                 &format!(
-                                    "p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  ({:.0} req/s achieved)",
+                                    "p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  ({:.0} req/s achieved){over}",
                                     lat.p50 / 1000.0,
                                     lat.p99 / 1000.0,
                                     lat.p999 / 1000.0,
                                     l.result.achieved_rate
                                 ),
                             );
+                            if p.baseline == p.id {
+                                baseline_p99.insert(p.baseline, lat.p99);
+                            }
                         }
                         results[i].latency.push(l);
                     }

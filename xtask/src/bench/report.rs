@@ -102,6 +102,10 @@ pub struct Summary {
     pub lat_p999_us: Option<f64>,
     pub added_p50_us: Option<f64>,
     pub added_p99_us: Option<f64>,
+    /// Median over the rounds of the share of requests (%) slower than
+    /// the same round's baseline p99 + [`ADDED_P99_TARGET_US`]: at most
+    /// 1 % when the p99 target is met.
+    pub over_target_pct: Option<f64>,
     pub rss_before_mib: Option<f64>,
     pub rss_idle_mib: Option<f64>,
     pub rss_idle_l7_mib: Option<f64>,
@@ -329,6 +333,15 @@ pub fn summarize(paths: &mut [PathResult]) {
         s.lat_p50_us = median(&lat.iter().map(|l| l.p50).collect::<Vec<_>>());
         s.lat_p99_us = median(&lat.iter().map(|l| l.p99).collect::<Vec<_>>());
         s.lat_p999_us = median(&lat.iter().map(|l| l.p999).collect::<Vec<_>>());
+        s.over_target_pct = median(
+            &p.latency
+                .iter()
+                .filter_map(|l| {
+                    let o = l.result.over.as_ref()?;
+                    Some(o.count as f64 * 100.0 / l.result.requests.max(1) as f64)
+                })
+                .collect::<Vec<_>>(),
+        );
         if let Some(i) = &p.idle {
             s.rss_before_mib = Some(i.rss_before_kib as f64 / MIB);
             s.rss_idle_mib = Some(i.rss_idle_kib as f64 / MIB);
@@ -417,6 +430,10 @@ fn times(x: f64) -> String {
     format!("{x:.2}×")
 }
 
+/// What a path may add to its direct baseline's p99 at half of
+/// saturation, µs: waymark's latency target (`bench/README.md`).
+pub const ADDED_P99_TARGET_US: f64 = 500.0;
+
 /// Rows of the HTTP/1.1 table, header first.
 fn http_rows(run: &Run) -> Vec<Vec<String>> {
     let rate = run
@@ -435,6 +452,10 @@ fn http_rows(run: &Run) -> Vec<Vec<String>> {
         "p50/p99 ms @sat".into(),
         format!("p50/p99/p99.9 ms @{rate}"),
         "+p99 ms vs direct".into(),
+        format!(
+            "% over direct's p99 + {} ms (target ≤ 1 %)",
+            ADDED_P99_TARGET_US / 1000.0
+        ),
         "others' CPU (cores)".into(),
         format!("quiet: req/s · CPU-s/100k (n, others < {QUIET_CORES})"),
     ]];
@@ -482,6 +503,7 @@ fn http_rows(run: &Run) -> Vec<Vec<String>> {
             },
             lat + behind,
             opt(s.added_p99_us, |x| format!("{:+.2}", x / 1000.0)),
+            opt(s.over_target_pct, |x| format!("{x:.2}")),
             opt(s.others_cores, |x| format!("{x:.2}")),
             match s.quiet_rps {
                 Some(r) => format!(
@@ -948,6 +970,51 @@ mod tests {
         let run_rows = same_work_rows_of(&paths);
         assert_eq!(run_rows.len(), 2, "a header and the one pair found");
         assert_eq!(run_rows[1][4], "0.80×");
+    }
+
+    /// The share over the target is each round's count over its
+    /// requests, the median over the rounds; a run without a baseline (no
+    /// threshold given) has none.
+    #[test]
+    fn share_over_the_p99_target_is_the_median_of_the_rounds() {
+        let plan = super::super::topology::plan();
+        let spec = plan
+            .paths
+            .iter()
+            .find(|p| p.id == "waymark-l7")
+            .expect("plan row");
+        let lat = |requests: u64, over: Option<u64>| {
+            let result: RateResult = serde_json::from_value(serde_json::json!({
+                "target_rate": 16_500, "conns": 16, "requests": requests, "ok": requests,
+                "non_2xx": 0, "errors": 0, "reconnects": 0, "late_sends": 0,
+                "achieved_rate": 16_500.0,
+                "latency_us": {"p50": 150.0, "p90": 300.0, "p99": 700.0, "p999": 3000.0,
+                               "max": 9000.0, "mean": 200.0},
+                "service_us": null,
+                "over": over.map(|c| serde_json::json!({"us": 650, "count": c})),
+                "first_error": null,
+            }))
+            .expect("a testpeer http-rate line");
+            LatSample {
+                result,
+                proxy_cpu_s: 0.0,
+                cpu_s_per_100k: None,
+                cpu_use: Default::default(),
+                loadavg: [0.0; 3],
+            }
+        };
+        let mut with = PathResult::new(spec);
+        with.latency = vec![
+            lat(100_000, Some(1_500)),
+            lat(100_000, Some(700)),
+            lat(50_000, Some(450)),
+        ];
+        let mut without = PathResult::new(spec);
+        without.latency = vec![lat(100_000, None)];
+        let mut paths = vec![with, without];
+        summarize(&mut paths);
+        assert!((paths[0].summary.over_target_pct.unwrap() - 0.9).abs() < 1e-9);
+        assert_eq!(paths[1].summary.over_target_pct, None);
     }
 
     #[test]
