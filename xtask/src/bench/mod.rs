@@ -31,8 +31,9 @@ use crate::test::cargo;
 use load::{RATE_CONNS, WRK_CONNS};
 use measure::{CpuUse, RssSampler, Window, cpu_seconds, loadavg, with_descendants};
 use peers::Proc;
-use report::ADDED_P99_TARGET_US;
-use report::{BulkSample, IdleSample, LatSample, PathResult, Run, SatSample, Settings};
+use report::{
+    ADDED_P99_TARGET_US, BulkSample, IdleSample, LatSample, PathResult, Run, SatSample, Settings,
+};
 use topology::{AgentState, IPERF_PORT, Layer, PathSpec, Proto, ProxyRef};
 
 #[derive(clap::Args)]
