@@ -183,6 +183,13 @@ enum Cmd {
         /// they were due): a p99 target as a share of requests.
         #[arg(long)]
         over_us: Option<u32>,
+        /// Write every request to this file, one line each (`conn due_us
+        /// latency_us service_us`, `due_us` from the start), after a
+        /// header with the start on `CLOCK_MONOTONIC` (the clock `perf
+        /// record -k CLOCK_MONOTONIC` stamps events with): when in the run
+        /// the slow ones fell, and what the machine did then.
+        #[arg(long)]
+        samples: Option<std::path::PathBuf>,
     },
 }
 
@@ -288,7 +295,17 @@ fn main() {
                 path,
                 timeout,
                 over_us,
-            } => http_rate::run(connect, rate, conns, duration, &path, timeout, over_us),
+                samples,
+            } => http_rate::run(
+                connect,
+                rate,
+                conns,
+                duration,
+                &path,
+                timeout,
+                over_us,
+                samples.as_deref(),
+            ),
         }
     });
     std::process::exit(code);
@@ -874,6 +891,7 @@ async fn fake_agent(config: &std::path::Path) -> i32 {
 /// one OS thread per connection, so that sends leave on time (a 1 ms timer
 /// wheel would add up to 1 ms to every sample).
 mod http_rate {
+    use std::fmt::Write as _;
     use std::io::{Read, Write};
     use std::net::{SocketAddr, TcpStream};
     use std::time::{Duration, Instant};
@@ -924,6 +942,8 @@ mod http_rate {
         service: Vec<u32>,
         /// The second of the run each `latency` sample was due in.
         second: Vec<u32>,
+        /// When each `latency` sample was due, µs from the start.
+        due: Vec<u64>,
         ok: u64,
         non_2xx: u64,
         errors: u64,
@@ -931,6 +951,21 @@ mod http_rate {
         /// Requests sent more than 1 ms after they were due.
         late: u64,
         first_error: Option<String>,
+    }
+
+    /// `at` on `CLOCK_MONOTONIC`, in ns (`Instant` is that clock on Linux,
+    /// but does not say its value).
+    fn monotonic_ns(at: Instant) -> i128 {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes the timespec it is given.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        let now = ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128;
+        let since = Instant::now().saturating_duration_since(at).as_nanos() as i128;
+        let until = at.saturating_duration_since(Instant::now()).as_nanos() as i128;
+        now - since + until
     }
 
     fn us(d: Duration) -> u32 {
@@ -1023,6 +1058,7 @@ mod http_rate {
                         r.latency.push(us(done - due));
                         r.service.push(us(done - sent));
                         r.second.push(due_off.as_secs() as u32);
+                        r.due.push(due_off.as_micros() as u64);
                     }
                 }
                 Err(e) => {
@@ -1073,6 +1109,7 @@ mod http_rate {
             .collect()
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub fn run(
         addr: SocketAddr,
         rate: u64,
@@ -1081,6 +1118,7 @@ mod http_rate {
         path: &str,
         timeout: Duration,
         over_us: Option<u32>,
+        samples: Option<&std::path::Path>,
     ) -> i32 {
         if rate == 0 || conns == 0 || conns > 1000 || rate > 1_000_000 {
             eprintln!("testpeer: --rate must be 1..=1000000 and --conns 1..=1000");
@@ -1101,12 +1139,18 @@ mod http_rate {
             })
             .collect();
         let mut all = ConnResult::default();
-        for h in handles {
+        let mut lines = String::new();
+        for (conn, h) in handles.into_iter().enumerate() {
             let r = h.join().unwrap_or_else(|_| ConnResult {
                 errors: 1,
                 first_error: Some("a connection thread panicked".into()),
                 ..Default::default()
             });
+            if samples.is_some() {
+                for ((due, lat), svc) in r.due.iter().zip(&r.latency).zip(&r.service) {
+                    let _ = writeln!(lines, "{conn} {due} {lat} {svc}");
+                }
+            }
             all.latency.extend(r.latency);
             all.service.extend(r.service);
             all.second.extend(r.second);
@@ -1117,6 +1161,16 @@ mod http_rate {
             all.late += r.late;
             if all.first_error.is_none() {
                 all.first_error = r.first_error;
+            }
+        }
+        if let Some(file) = samples {
+            let header = format!(
+                "# start_monotonic_ns={} rate={rate} conns={conns}\n# conn due_us latency_us service_us\n",
+                monotonic_ns(start)
+            );
+            if let Err(e) = std::fs::write(file, header + &lines) {
+                eprintln!("testpeer: cannot write {}: {e}", file.display());
+                return 2;
             }
         }
         let elapsed = start.elapsed().as_secs_f64();

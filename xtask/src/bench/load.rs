@@ -163,7 +163,9 @@ pub struct SecondPct {
 }
 
 /// `testpeer http-rate`: `rate` requests/s over 16 connections for `secs`;
-/// with `over_us`, also how many requests took longer than that.
+/// with `over_us`, also how many requests took longer than that; with
+/// `samples`, every request written to that file.
+#[allow(clippy::too_many_arguments)]
 pub fn http_rate(
     client: &Pod,
     testpeer: &Path,
@@ -171,6 +173,7 @@ pub fn http_rate(
     rate: u64,
     secs: u64,
     over_us: Option<u64>,
+    samples: Option<&Path>,
 ) -> Result<RateResult> {
     let mut cmd = Command::new(testpeer);
     cmd.arg("http-rate")
@@ -184,6 +187,9 @@ pub fn http_rate(
         .arg(format!("{secs}s"));
     if let Some(us) = over_us {
         cmd.arg("--over-us").arg(us.to_string());
+    }
+    if let Some(file) = samples {
+        cmd.arg("--samples").arg(file);
     }
     let out = client.run_timeout(&mut cmd, Duration::from_secs(secs + 30))?;
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -61,6 +61,12 @@ pub struct BenchArgs {
     /// saturation rate of the slowest path measured, rounded down to 100].
     #[arg(long)]
     rate: Option<u64>,
+    /// Write every request of the fixed-rate runs to
+    /// `DIR/<path>-round<N>.txt` (`testpeer http-rate --samples`): when the
+    /// slow ones fell, to lay beside a `perf record -k CLOCK_MONOTONIC` of
+    /// the machine (`bench/README.md`, "What the slowest percent is made of").
+    #[arg(long)]
+    latency_samples: Option<PathBuf>,
     /// Idle keep-alive connections for the memory measurement.
     #[arg(long, default_value_t = 1000)]
     idle_conns: usize,
@@ -486,6 +492,7 @@ impl Ctx<'_> {
         rate: u64,
         secs: u64,
         over_us: Option<u64>,
+        samples: Option<&Path>,
     ) -> Result<LatSample> {
         self.check_alive(p)?;
         let pids = self.proxy_pids(p)?;
@@ -499,6 +506,7 @@ impl Ctx<'_> {
             rate,
             secs,
             over_us,
+            samples,
         );
         let cpu = cpu_seconds(&pids) - cpu0;
         let cpu_use = window.close();
@@ -918,6 +926,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         (None, None) => (None, "none (no saturation result)".into()),
     };
+    if let Some(dir) = &args.latency_samples {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create --latency-samples {}", dir.display()))?;
+    }
     if let Some(rate) = rate {
         for round in 0..reps {
             eprintln!(
@@ -938,7 +950,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     .then(|| baseline_p99.get(p.baseline))
                     .flatten()
                     .map(|b| (b + ADDED_P99_TARGET_US) as u64);
-                match ctx.latency(p, rate, latency_secs, over_us) {
+                let samples = args
+                    .latency_samples
+                    .as_ref()
+                    .map(|d| d.join(format!("{}-round{}.txt", p.id, round + 1)));
+                match ctx.latency(p, rate, latency_secs, over_us, samples.as_deref()) {
                     Ok(l) => {
                         if let Some(lat) = &l.result.latency_us {
                             let over = l

@@ -308,7 +308,7 @@ endpoints = [{{ addr = "{}:{}" }}]
     let service: SocketAddr = QUIET_SERVICE.parse()?;
     load::probe(quiet, service, false)?;
     let rate_for = |what: &str, secs: u64| -> Result<RateResult> {
-        let r = load::http_rate(quiet, &bins.testpeer, service, a.rate, secs, None)?;
+        let r = load::http_rate(quiet, &bins.testpeer, service, a.rate, secs, None, None)?;
         eprintln!(
             "bench-noisy: {what}: p99 {:.2} ms ({}), {} of {} failed, {:.0} req/s",
             p99_ms(&r),
@@ -787,7 +787,7 @@ fn run_direct(a: &NoisyArgs, bins: &Bins, conns: usize, pace: u32) -> Result<Dir
     let target = SocketAddr::new(pod_ip(1, 1).into(), super::topology::HTTP_PORT);
     load::probe(quiet, target, false)?;
     let rate = |what: &str| -> Result<f64> {
-        let r = load::http_rate(quiet, &bins.testpeer, target, a.rate, a.secs, None)?;
+        let r = load::http_rate(quiet, &bins.testpeer, target, a.rate, a.secs, None, None)?;
         eprintln!(
             "bench-noisy --direct: {what}: p99 {:.2} ms ({}), {} of {} failed",
             p99_ms(&r),
