@@ -940,8 +940,6 @@ mod http_rate {
         latency: Vec<u32>,
         /// Sent → response complete, µs.
         service: Vec<u32>,
-        /// The second of the run each `latency` sample was due in.
-        second: Vec<u32>,
         /// When each `latency` sample was due, µs from the start.
         due: Vec<u64>,
         ok: u64,
@@ -953,8 +951,8 @@ mod http_rate {
         first_error: Option<String>,
     }
 
-    /// `at` on `CLOCK_MONOTONIC`, in ns (`Instant` is that clock on Linux,
-    /// but does not say its value).
+    /// `at`, a past instant, on `CLOCK_MONOTONIC` in ns (`Instant` is that
+    /// clock on Linux, but does not say its value).
     fn monotonic_ns(at: Instant) -> i128 {
         let mut ts = libc::timespec {
             tv_sec: 0,
@@ -963,9 +961,7 @@ mod http_rate {
         // SAFETY: clock_gettime writes the timespec it is given.
         unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
         let now = ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128;
-        let since = Instant::now().saturating_duration_since(at).as_nanos() as i128;
-        let until = at.saturating_duration_since(Instant::now()).as_nanos() as i128;
-        now - since + until
+        now - at.elapsed().as_nanos() as i128
     }
 
     fn us(d: Duration) -> u32 {
@@ -1057,7 +1053,6 @@ mod http_rate {
                     if r.latency.len() < MAX_SAMPLES {
                         r.latency.push(us(done - due));
                         r.service.push(us(done - sent));
-                        r.second.push(due_off.as_secs() as u32);
                         r.due.push(due_off.as_micros() as u64);
                     }
                 }
@@ -1091,10 +1086,10 @@ mod http_rate {
 
     /// Each second of the run (by when its requests were due): requests,
     /// p99 and the slowest, in µs — when in the run the slow ones fell.
-    fn per_second(latency: &[u32], second: &[u32]) -> serde_json::Value {
+    fn per_second(latency: &[u32], due_us: &[u64]) -> serde_json::Value {
         let mut by: Vec<Vec<u32>> = Vec::new();
-        for (&l, &s) in latency.iter().zip(second) {
-            let s = s as usize;
+        for (&l, &due) in latency.iter().zip(due_us) {
+            let s = (due / 1_000_000) as usize;
             if by.len() <= s {
                 by.resize_with(s + 1, Vec::new);
             }
@@ -1153,7 +1148,7 @@ mod http_rate {
             }
             all.latency.extend(r.latency);
             all.service.extend(r.service);
-            all.second.extend(r.second);
+            all.due.extend(r.due);
             all.ok += r.ok;
             all.non_2xx += r.non_2xx;
             all.errors += r.errors;
@@ -1175,7 +1170,7 @@ mod http_rate {
         }
         let elapsed = start.elapsed().as_secs_f64();
         let done = all.ok + all.non_2xx;
-        let by_second = per_second(&all.latency, &all.second);
+        let by_second = per_second(&all.latency, &all.due);
         let over = over_us.map(|us| {
             let count = all.latency.iter().filter(|&&l| l > us).count();
             json!({ "us": us, "count": count })

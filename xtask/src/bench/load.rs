@@ -144,6 +144,15 @@ pub struct RateResult {
     pub first_error: Option<String>,
 }
 
+impl RateResult {
+    /// The share of the requests (%) over the `--over-us` threshold, when
+    /// one was given.
+    pub fn over_pct(&self) -> Option<f64> {
+        let o = self.over.as_ref()?;
+        Some(o.count as f64 * 100.0 / self.requests.max(1) as f64)
+    }
+}
+
 /// How many requests of a fixed-rate run took longer than `us` (from when
 /// they were due): a p99 target read as a share of requests, which moves
 /// less from run to run than the p99 itself on a machine whose slowest

@@ -946,9 +946,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 }
                 let p = &selected[i];
                 ctx.set_agent(p.agent)?;
-                let over_us = (p.baseline != p.id)
-                    .then(|| baseline_p99.get(p.baseline))
-                    .flatten()
+                // None for a baseline itself: it is recorded after it ran.
+                let over_us = baseline_p99
+                    .get(p.baseline)
                     .map(|b| (b + ADDED_P99_TARGET_US) as u64);
                 let samples = args
                     .latency_samples
@@ -957,18 +957,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 match ctx.latency(p, rate, latency_secs, over_us, samples.as_deref()) {
                     Ok(l) => {
                         if let Some(lat) = &l.result.latency_us {
-                            let over = l
-                                .result
-                                .over
-                                .as_ref()
-                                .map(|o| {
-                                    format!(
-                                        "  {:.2} % over {:.2} ms",
-                                        o.count as f64 * 100.0 / l.result.requests.max(1) as f64,
-                                        o.us as f64 / 1000.0
-                                    )
-                                })
-                                .unwrap_or_default();
+                            let over = match (l.result.over_pct(), &l.result.over) {
+                                (Some(pct), Some(o)) => {
+                                    format!("  {pct:.2} % over {:.2} ms", o.us as f64 / 1000.0)
+                                }
+                                _ => String::new(),
+                            };
                             progress(
                                 p,
                                 "latency",

@@ -336,10 +336,7 @@ pub fn summarize(paths: &mut [PathResult]) {
         s.over_target_pct = median(
             &p.latency
                 .iter()
-                .filter_map(|l| {
-                    let o = l.result.over.as_ref()?;
-                    Some(o.count as f64 * 100.0 / l.result.requests.max(1) as f64)
-                })
+                .filter_map(|l| l.result.over_pct())
                 .collect::<Vec<_>>(),
         );
         if let Some(i) = &p.idle {
